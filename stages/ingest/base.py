@@ -1,0 +1,165 @@
+"""The adapter interface: one subclass per dataset turns its official layout into clips.
+
+An adapter knows three things about its dataset: where scenes are (``discover``), how many
+frames each has, and how to read frames ``[i0, i1, ...]`` of a scene into a :class:`Clip` in the
+d4s convention (``load_clip``). Everything else — planning, stages, shards — is generic.
+Adapters raise :class:`ClipError` naming the offending file for any bad input; the runner
+records that against the clip and moves on.
+"""
+from __future__ import annotations
+
+import io
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from pipeline.clip import Clip, ClipError, ClipMeta
+from pipeline.storage import Store
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the dataset provides; later stages decide from this what they must compute."""
+
+    dynamic: bool
+    has_depth: bool
+    has_tracks: bool
+    real: bool
+    metric_poses: bool = True
+    has_dynamic_mask: bool = False
+
+
+@dataclass(frozen=True)
+class AdapterDefaults:
+    """Per-dataset defaults, overridable per dataset in the config."""
+
+    clip_length: int = 16
+    frame_stride: int = 1
+    clip_stride: int = 16
+    repeat_weight: float = 1.0
+    loss_weights: dict = field(default_factory=lambda: {"depth": 1.0, "motion": 1.0, "photo": 1.0})
+    depth_source: str = "gt"  # gt | vda | vda_metric | megasam | sparse
+    track_source: str = "gt"  # gt | cotracker | depth_static | none
+    min_depth_m: float = 0.05
+    max_depth_m: float = 1000.0
+
+
+@dataclass(frozen=True)
+class SceneRef:
+    """One scene of a dataset: ``scene`` is its id relative to the root ('/'-separated)."""
+
+    dataset: str
+    scene: str
+    num_frames: int
+    extra: tuple = ()  # adapter-private, hashable (e.g. timestamps)
+
+
+class DatasetAdapter(ABC):
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    capabilities: ClassVar[Capabilities]
+    defaults: ClassVar[AdapterDefaults] = AdapterDefaults()
+
+    def __init__(self, root: str, options: dict[str, Any] | None = None):
+        self.store = Store(root)
+        self.options = dict(options or {})
+
+    # -- to implement ----------------------------------------------------------------------
+    @abstractmethod
+    def discover(self) -> list[SceneRef]:
+        """All scenes under the root, sorted by id (deterministic)."""
+
+    @abstractmethod
+    def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
+        """Read frames (positions in the scene's frame list) into a validated Clip."""
+
+    # -- shared helpers --------------------------------------------------------------------
+    def where(self, rel: str) -> str:
+        return self.store.display(rel)
+
+    def read(self, rel: str) -> bytes:
+        try:
+            return self.store.read_bytes(rel)
+        except FileNotFoundError:
+            raise ClipError("file is missing", self.where(rel)) from None
+        except IsADirectoryError:
+            raise ClipError("expected a file, found a directory", self.where(rel)) from None
+
+    def read_image(self, rel: str, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """RGB uint8 (H,W,3); a truncated or unreadable file is a ClipError naming it."""
+        data = self.read(rel)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                arr = np.asarray(im.convert("RGB"))
+        except Exception as exc:  # PIL raises several types for corrupt data
+            raise ClipError(f"unreadable or truncated image ({type(exc).__name__}: {exc})", self.where(rel)) from None
+        if expect_hw is not None and arr.shape[:2] != tuple(expect_hw):
+            raise ClipError(f"image is {arr.shape[1]}x{arr.shape[0]}, expected {expect_hw[1]}x{expect_hw[0]}", self.where(rel))
+        return arr
+
+    def read_png16(self, rel: str) -> np.ndarray:
+        """A 16-bit single-channel PNG as uint16 (H,W)."""
+        data = self.read(rel)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
+                    raise ValueError(f"expected a 16-bit single-channel PNG, got mode {im.mode}")
+                arr = np.asarray(im).astype(np.uint16)
+        except ClipError:
+            raise
+        except Exception as exc:
+            raise ClipError(f"unreadable 16-bit PNG ({type(exc).__name__}: {exc})", self.where(rel)) from None
+        return arr
+
+    def read_npy(self, rel: str) -> np.ndarray:
+        try:
+            return np.load(io.BytesIO(self.read(rel)), allow_pickle=False)
+        except ClipError:
+            raise
+        except Exception as exc:
+            raise ClipError(f"unreadable .npy ({type(exc).__name__}: {exc})", self.where(rel)) from None
+
+    def read_npz(self, rel: str) -> dict[str, np.ndarray]:
+        try:
+            with np.load(io.BytesIO(self.read(rel)), allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except ClipError:
+            raise
+        except Exception as exc:
+            raise ClipError(f"unreadable .npz ({type(exc).__name__}: {exc})", self.where(rel)) from None
+
+    def read_table(self, rel: str, ncols: int, skip_header: int = 0, comment: str = "#") -> np.ndarray:
+        """Whitespace-separated numbers; wrong column counts or non-numbers name the line."""
+        rows = []
+        text = self.read(rel).decode("utf-8", errors="replace")
+        for lineno, line in enumerate(text.splitlines()[skip_header:], start=skip_header + 1):
+            line = line.strip()
+            if not line or line.startswith(comment):
+                continue
+            parts = line.replace(",", " ").split()
+            if len(parts) != ncols:
+                raise ClipError(f"line {lineno}: expected {ncols} values, found {len(parts)}", self.where(rel))
+            try:
+                rows.append([float(p) for p in parts])
+            except ValueError:
+                raise ClipError(f"line {lineno}: not a number in {line[:60]!r}", self.where(rel)) from None
+        return np.asarray(rows, dtype=np.float64).reshape(-1, ncols)
+
+    def finite_or_fail(self, arr: np.ndarray, what: str, rel: str) -> np.ndarray:
+        if not np.all(np.isfinite(arr)):
+            raise ClipError(f"{what} contains NaN/inf", self.where(rel))
+        return arr
+
+    def depth_validity(self, depth: np.ndarray) -> np.ndarray:
+        lo = float(self.options.get("min_depth_m", self.defaults.min_depth_m))
+        hi = float(self.options.get("max_depth_m", self.defaults.max_depth_m))
+        return np.isfinite(depth) & (depth >= lo) & (depth <= hi)
+
+    def frame_window(self, scene: SceneRef, frames: list[int]) -> None:
+        if not frames or min(frames) < 0 or max(frames) >= scene.num_frames:
+            raise ClipError(f"frames {frames[:3]}... outside 0..{scene.num_frames - 1}", self.where(scene.scene))
