@@ -75,6 +75,9 @@ class Clip:
     depth_valid: np.ndarray | None = None
     tracks: np.ndarray | None = None
     track_visible: np.ndarray | None = None
+    # Intermediate arrays passed between stages and never written to a shard, e.g.
+    # "relative_depth" (the depth model's output before alignment), "dynamic_mask" (T,H,W).
+    aux: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_frames(self) -> int:
@@ -120,3 +123,22 @@ class Clip:
         if self.meta.track_source not in TRACK_SOURCES:
             raise ClipError(f"unknown track_source {self.meta.track_source!r}", where)
         return self
+
+
+@dataclass
+class ClipFailure:
+    """A clip that could not be made: recorded in the ledger, never written to a shard."""
+
+    clip_id: str
+    stage: str
+    reason: str
+    path: str | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_exception(cls, clip_id: str, stage: str, exc: BaseException) -> "ClipFailure":
+        if isinstance(exc, ClipError):
+            return cls(clip_id, stage, exc.reason, exc.path)
+        return cls(clip_id, stage, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,56 @@
+"""Arrow schemas of every manifest table (documented field by field in docs/MANIFESTS.md)."""
+import pyarrow as pa
+
+SCENE_SCHEMA = pa.schema([
+    ("dataset", pa.string()),
+    ("scene", pa.string()),
+    ("num_frames", pa.int64()),
+    ("num_clips", pa.int64()),
+    ("note", pa.string()),  # why a scene gave no clips (too short, discovery problem)
+])
+
+CLIP_SCHEMA = pa.schema([
+    ("clip_id", pa.string()),
+    ("ordinal", pa.int64()),  # position in the global plan order (stable)
+    ("dataset", pa.string()),
+    ("scene", pa.string()),
+    ("start", pa.int64()),
+    ("frames", pa.list_(pa.int64())),
+    ("shard_id", pa.string()),
+])
+
+SHARD_SCHEMA = pa.schema([
+    ("shard_id", pa.string()),
+    ("dataset", pa.string()),
+    ("path", pa.string()),  # relative to the output root
+    ("num_clips", pa.int64()),
+    ("clip_ids", pa.list_(pa.string())),
+])
+
+LEDGER_SCHEMA = pa.schema([
+    ("seq", pa.int64()),  # total order of events
+    ("shard_id", pa.string()),
+    ("state", pa.string()),  # pending | running | done | failed
+    ("attempt", pa.int64()),
+    ("error", pa.string()),
+    ("samples_written", pa.int64()),
+    ("clips_failed", pa.string()),  # JSON list of {clip_id, stage, reason, path}
+    ("bytes", pa.int64()),
+    ("sha256", pa.string()),
+    ("started_at", pa.float64()),
+    ("finished_at", pa.float64()),
+    ("timings", pa.string()),  # JSON {stage: seconds}
+    ("samples", pa.string()),  # JSON list of [key, byte offset, num_frames, dynamic] (done events)
+    ("host", pa.string()),
+    ("build_id", pa.string()),
+])
+
+INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("dataset", pa.string()),
+    ("shard_id", pa.string()),
+    ("shard_path", pa.string()),
+    ("offset", pa.int64()),  # byte offset of the sample's first tar member header
+    ("num_frames", pa.int64()),
+    ("dynamic", pa.bool_()),
+])

@@ -1,0 +1,179 @@
+"""The ``d4s`` command line. Every command exits non-zero with a one-line reason on bad input."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="d4s: build 4D scene datasets and train from them.")
+parity_app = typer.Typer(no_args_is_help=True, help="Check the project's models against recorded official outputs.")
+app.add_typer(parity_app, name="parity")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _print_summary(s) -> None:
+    console.print(f"{s.output}: {s.clips_written} clips written, {s.clips_failed} clips failed, "
+                  f"{s.shards_done} shards built, {s.shards_skipped} already done, {s.shards_failed} shards failed "
+                  f"({s.seconds:.1f} s)", highlight=False)
+    for f in s.failures[:20]:
+        console.print(f"  failed {f['clip_id']} at {f['stage']}: {f['reason']}" + (f" [{f['path']}]" if f.get("path") else ""),
+                      highlight=False, soft_wrap=True)
+    if len(s.failures) > 20:
+        console.print(f"  ... and {len(s.failures) - 20} more (d4s status {s.output})")
+
+
+@app.command()
+def build(
+    config: Optional[str] = typer.Argument(None, help="YAML build config (see docs/CONFIG.md)."),
+    demo: Optional[str] = typer.Option(None, "--demo", help="Generate demo scenes and build them into this output."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS or local)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Build shards from a config, or from generated demo data with --demo OUT."""
+    from pipeline.runner import build as run_build
+
+    try:
+        if demo:
+            from pipeline.demo.build_demo import demo_config
+
+            console.print(f"generating demo data under {Path(demo).resolve() / 'demo_data'} ...")
+            cfg = demo_config(demo)
+        elif config:
+            cfg = load_config(config)
+        else:
+            _fail("give a CONFIG.yaml or --demo OUT")
+        if address:
+            cfg.ray.address = address
+        summary = run_build(cfg, show_progress=progress)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _print_summary(summary)
+    console.print(f"next: d4s status {summary.output} | d4s verify {summary.output}")
+    raise typer.Exit(0 if summary.ok else 1)
+
+
+@app.command()
+def resume(output: str = typer.Argument(..., help="An output written by `d4s build`."),
+           address: Optional[str] = typer.Option(None, "--address"),
+           progress: bool = typer.Option(True, "--progress/--no-progress")):
+    """Re-run only what is missing or failed in OUTPUT (its recorded config and plan)."""
+    from pipeline.runner import resume as run_resume
+
+    try:
+        summary = run_resume(output, show_progress=progress, overrides={"ray": {"address": address}} if address else None)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _print_summary(summary)
+    raise typer.Exit(0 if summary.ok else 1)
+
+
+@app.command()
+def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")):
+    """Counts per dataset and state, shard states, and failures with their reasons."""
+    from pipeline.status import collect_status
+
+    try:
+        st = collect_status(output)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    if as_json:
+        out_console.print_json(json.dumps(st))
+        return
+    t = Table(title=f"d4s status: {output}")
+    for col in ("dataset", "clips done", "clips failed", "clips pending"):
+        t.add_column(col, justify="right" if col != "dataset" else "left")
+    for d, c in st["datasets"].items():
+        t.add_row(d, str(c["clips_done"]), str(c["clips_failed"]), str(c["clips_pending"]))
+    out_console.print(t)
+    s = st["shards"]
+    out_console.print(f"shards: {s['done']} done, {s['failed']} failed, {s['pending']} pending")
+    if st["stage_seconds"]:
+        out_console.print("stage time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in st["stage_seconds"].items()))
+    for f in st["failures"][:50]:
+        out_console.print(f"  failed {f['clip_id'] or f['shard_id']} at {f['stage']}: {f['reason']}"
+                          + (f" [{f['path']}]" if f.get("path") else ""), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def verify(output: str = typer.Argument(...)):
+    """Prove every planned clip is in exactly one intact shard (or recorded as failed)."""
+    from pipeline.verify import verify as run_verify
+
+    rep = run_verify(output)
+    for p in rep.problems:
+        out_console.print(f"[red]problem:[/red] {p}", highlight=False, soft_wrap=True)
+    verdict = "OK" if rep.ok else "FAILED"
+    out_console.print(f"verify {verdict}: {rep.shards_checked} shards, {rep.samples} samples, "
+                      f"{rep.clips_failed} clips recorded as failed, {len(rep.problems)} problems", highlight=False)
+    raise typer.Exit(0 if rep.ok else 1)
+
+
+@app.command()
+def inspect(dataset: str = typer.Argument(..., help="Dataset name, e.g. tartanair, realestate10k."),
+            path: str = typer.Argument(..., help="A scene folder (or a camera file such as a RealEstate10K .txt)."),
+            as_json: bool = typer.Option(False, "--json")):
+    """Read one scene with its adapter and report frames, cameras, modalities and problems."""
+    from stages.ingest.inspect import inspect_path
+
+    try:
+        rep = inspect_path(dataset, path)
+    except (KeyError, NotImplementedError, FileNotFoundError) as exc:
+        _fail(str(exc).strip("'\""))
+    if as_json:
+        out_console.print_json(json.dumps(rep))
+    else:
+        for k in ("dataset", "scene", "num_frames", "image_size", "path_length", "has_depth", "has_tracks"):
+            if k in rep:
+                out_console.print(f"{k}: {rep[k]}", highlight=False)
+        if rep.get("intrinsics"):
+            out_console.print(f"intrinsics[0]: {rep['intrinsics'][0]}" + (" (normalised)" if rep.get("intrinsics_normalized") else ""))
+        out_console.print(f"problems: {len(rep['problems'])}")
+        for p in rep["problems"]:
+            out_console.print(f"  - {p}", highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if not rep["problems"] else 1)
+
+
+def _parity(kind: str, fixture_dir: str, salt: str) -> None:
+    if not Path(fixture_dir).is_dir():
+        _fail(f"fixture folder not found: {fixture_dir}")
+    if kind == "vda":
+        from stages.depth.vda.parity import format_report, run_parity
+    else:
+        from stages.tracks.cotracker.parity import format_report, run_parity
+    cases = run_parity(fixture_dir, salt=salt)
+    out_console.print(format_report(cases), highlight=False)
+    raise typer.Exit(0 if cases and all(c.ok for c in cases) else 1)
+
+
+@parity_app.command("vda")
+def parity_vda(fixture_dir: str = typer.Argument(...), salt: str = typer.Option("", "--salt")):
+    """Video Depth Anything against a fixture folder laid out like shared/parity/vda."""
+    _parity("vda", fixture_dir, salt)
+
+
+@parity_app.command("cotracker3")
+def parity_cotracker3(fixture_dir: str = typer.Argument(...), salt: str = typer.Option("", "--salt")):
+    """CoTracker3 against a fixture folder laid out like shared/parity/cotracker3."""
+    _parity("cotracker3", fixture_dir, salt)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,200 @@
+"""The one typed configuration object, loaded from YAML, resolved, and recorded with the output.
+
+Everything a build does flows from :class:`BuildConfig`. ``resolved()`` fills per-dataset
+defaults from the adapters, so the copy saved in ``OUT/config.resolved.yaml`` is complete:
+``status``, ``resume`` and ``verify`` read it and need nothing but the output path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the CLI prints it as one line and exits non-zero."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetConfig(_Strict):
+    """One dataset to ingest. Unset fields take the adapter's defaults (see docs/DATASETS.md)."""
+
+    root: str
+    enabled: bool = True
+    clip_length: int | None = Field(None, ge=1)
+    frame_stride: int | None = Field(None, ge=1)
+    clip_stride: int | None = Field(None, ge=1)
+    max_scenes: int | None = Field(None, ge=1)
+    max_clips_per_scene: int | None = Field(None, ge=1)
+    repeat_weight: float | None = Field(None, gt=0)
+    loss_weights: dict[str, float] | None = None
+    depth_source: str | None = None
+    track_source: str | None = None
+    min_depth_m: float | None = Field(None, gt=0)
+    max_depth_m: float | None = Field(None, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class StageResources(_Strict):
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # per actor; 0 = use a GPU only if "auto" below finds one
+    actors: int = 1
+    auto_gpu: bool = True  # take one GPU per actor when the cluster has GPUs
+
+
+class DepthStageConfig(_Strict):
+    """Video Depth Anything for datasets without metric depth (see docs/MODELS.md)."""
+
+    checkpoint: str | None = None
+    encoder: Literal["vits", "vitb", "vitl"] = "vitl"
+    metric: bool = False
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    input_size: int = 518
+    compile: bool = False
+    allow_random_weights: bool = False  # only for demos/benchmarks; flagged in every sample
+    resources: StageResources = Field(default_factory=lambda: StageResources(num_gpus=1.0))
+
+
+class AlignStageConfig(_Strict):
+    """Scale/shift alignment of relative depth to a metric reference (docs/ALIGNMENT.md)."""
+
+    model: Literal["disparity_affine", "depth_affine", "scale_only"] = "disparity_affine"
+    per_frame: bool = False
+    robust: Literal["huber", "tukey", "none"] = "huber"
+    megasam_command: str | None = None  # template with {frames_dir} {out_npz} {clip_id}
+    megasam_timeout_s: float = 3600.0
+    megasam_retries: int = 1
+    cache_dir: str | None = None  # default OUT/cache/megasam
+    thresholds: dict[str, float] = Field(default_factory=dict)
+
+
+class TrackStageConfig(_Strict):
+    """CoTracker3 for datasets without ground-truth tracks (docs/MODELS.md)."""
+
+    checkpoint: str | None = None
+    variant: Literal["offline", "online"] = "offline"
+    grid_size: int = 16
+    query_frames: int = 3
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    allow_random_weights: bool = False
+    resources: StageResources = Field(default_factory=lambda: StageResources(num_gpus=1.0))
+
+
+class QCConfig(_Strict):
+    """Cheap geometric checks applied to every clip after ingest (reasons go to the manifest)."""
+
+    max_rotation_error: float = 1e-3
+    max_step_translation_m: float = 50.0  # a camera jumping further between frames is an outlier
+    max_step_rotation_deg: float = 60.0
+    max_track_reprojection_px: float = 2.0
+    min_valid_depth_fraction: float = 0.01
+
+
+class FaultConfig(_Strict):
+    """Fault-injection hooks for tests and chaos runs. Never set these in production."""
+
+    worker_exit_on_clip: int | None = None  # planned clip ordinal whose ingest worker os._exit()s once
+    driver_exit_after_shards: int | None = None  # the driver os._exit()s after this many shards
+    marker_dir: str | None = None  # where 'already crashed' markers live (default OUT/.faults)
+
+
+class RayConfig(_Strict):
+    address: str | None = None  # None: local Ray (or RAY_ADDRESS if set)
+    num_cpus: int | None = None  # local Ray only
+    num_gpus: int | None = None
+    task_retries: int = 3
+    actor_restarts: int = 3
+
+
+class StagesConfig(_Strict):
+    depth: DepthStageConfig = Field(default_factory=DepthStageConfig)
+    align: AlignStageConfig = Field(default_factory=AlignStageConfig)
+    tracks: TrackStageConfig = Field(default_factory=TrackStageConfig)
+
+
+class BuildConfig(_Strict):
+    output: str
+    datasets: dict[str, DatasetConfig]
+    shard_size: int = Field(8, ge=1, description="clips per shard")
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    max_inflight_shards: int = Field(4, ge=1)
+    seed: int = 0
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    qc: QCConfig = Field(default_factory=QCConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    fault: FaultConfig = Field(default_factory=FaultConfig)
+
+    @field_validator("datasets")
+    @classmethod
+    def _known(cls, v: dict[str, DatasetConfig]) -> dict[str, DatasetConfig]:
+        from stages.ingest import ADAPTERS
+
+        unknown = sorted(set(v) - set(ADAPTERS))
+        if unknown:
+            raise ValueError(f"unknown dataset(s) {unknown}; known: {sorted(ADAPTERS)}")
+        if not v:
+            raise ValueError("no datasets configured")
+        return v
+
+    # ------------------------------------------------------------------------------------
+    def resolved(self) -> "BuildConfig":
+        """A copy with every per-dataset default filled in from the adapters."""
+        from stages.ingest import adapter_class
+
+        out = self.model_copy(deep=True)
+        for name, ds in out.datasets.items():
+            d = adapter_class(name).defaults
+            for fld in ("clip_length", "frame_stride", "clip_stride", "repeat_weight", "loss_weights",
+                        "depth_source", "track_source", "min_depth_m", "max_depth_m"):
+                if getattr(ds, fld) is None:
+                    setattr(ds, fld, getattr(d, fld))
+        return out
+
+    def planning_hash(self) -> str:
+        """Hash of everything that decides clip ids and shard assignment (not resources)."""
+        keys = {name: ds.model_dump(include={"root", "enabled", "clip_length", "frame_stride", "clip_stride",
+                                             "max_scenes", "max_clips_per_scene"})
+                for name, ds in sorted(self.datasets.items())}
+        blob = json.dumps({"datasets": keys, "shard_size": self.shard_size}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def content_hash(self) -> str:
+        """Hash of everything that decides shard bytes (recorded as provenance in every sample)."""
+        d = self.model_dump(exclude={"ray", "fault", "max_inflight_shards", "output"})
+        for s in ("depth", "tracks"):
+            d["stages"][s].pop("resources", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path_or_text: str, is_text: bool = False) -> BuildConfig:
+    """Parse and validate a YAML config; every problem becomes one :class:`ConfigError`."""
+    try:
+        if is_text:
+            raw = yaml.safe_load(path_or_text)
+        else:
+            import fsspec
+
+            with fsspec.open(path_or_text, "r") as f:
+                raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path_or_text}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a YAML mapping")
+    try:
+        return BuildConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"config error at {loc or '<root>'}: {first['msg']}{more}") from None

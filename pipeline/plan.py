@@ -1,0 +1,88 @@
+"""Deterministic planning: scenes -> clips -> shards.
+
+The plan depends only on the dataset contents and the planning fields of the config, never on
+worker count or timing: datasets in name order, scenes in id order, clips by start frame, and
+shards are consecutive runs of ``shard_size`` clips of one dataset (per-dataset shards let the
+trainer weight datasets by choosing shards). Clip ids are ``dataset__scene__start`` with the
+scene id made key-safe; a collision after that mapping is a planning error, never a silent merge.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from pipeline.config import BuildConfig, ConfigError
+from stages.ingest import get_adapter
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def key_safe(scene: str) -> str:
+    """Scene id to a key fragment: no dots, no slashes (webdataset splits keys at dots)."""
+    s = _UNSAFE.sub("-", scene.replace("/", "-")).strip("-")
+    return s.replace("__", "_-")  # '__' separates key fields
+
+
+def clip_id(dataset: str, scene: str, start: int) -> str:
+    return f"{dataset}__{key_safe(scene)}__{start:06d}"
+
+
+def clip_starts(num_frames: int, length: int, stride: int, clip_stride: int) -> list[int]:
+    span = (length - 1) * stride + 1
+    return list(range(0, num_frames - span + 1, clip_stride)) if num_frames >= span else []
+
+
+@dataclass
+class Plan:
+    scenes: list[dict]
+    clips: list[dict]
+    shards: list[dict]
+    scene_refs: dict = field(default_factory=dict)  # (dataset, scene) -> SceneRef; not persisted
+
+
+def make_plan(cfg: BuildConfig) -> Plan:
+    cfg = cfg.resolved()
+    scenes_out, clips_out, shards_out = [], [], []
+    scene_refs = {}
+    ordinal = 0
+    for name in sorted(cfg.datasets):
+        ds = cfg.datasets[name]
+        if not ds.enabled:
+            continue
+        adapter = get_adapter(name, ds.root, {**ds.options, "min_depth_m": ds.min_depth_m, "max_depth_m": ds.max_depth_m})
+        try:
+            scenes = adapter.discover()
+        except FileNotFoundError as exc:
+            raise ConfigError(f"dataset {name}: root {ds.root} not readable ({exc})") from None
+        if not scenes:
+            raise ConfigError(f"dataset {name}: no scenes found under {ds.root} (see docs/DATASETS.md for the layout)")
+        if ds.max_scenes:
+            scenes = scenes[: ds.max_scenes]
+        seen: dict[str, str] = {}
+        ds_clips = []
+        for sc in scenes:
+            scene_refs[(name, sc.scene)] = sc
+            starts = clip_starts(sc.num_frames, ds.clip_length, ds.frame_stride, ds.clip_stride)
+            if ds.max_clips_per_scene:
+                starts = starts[: ds.max_clips_per_scene]
+            note = "" if starts else f"only {sc.num_frames} frames, a clip needs {(ds.clip_length - 1) * ds.frame_stride + 1}"
+            scenes_out.append({"dataset": name, "scene": sc.scene, "num_frames": sc.num_frames,
+                               "num_clips": len(starts), "note": note})
+            for s in starts:
+                cid = clip_id(name, sc.scene, s)
+                if cid in seen:
+                    raise ConfigError(f"dataset {name}: scenes {seen[cid]!r} and {sc.scene!r} map to the same clip id {cid}")
+                seen[cid] = sc.scene
+                ds_clips.append({"clip_id": cid, "dataset": name, "scene": sc.scene, "start": s,
+                                 "frames": [s + i * ds.frame_stride for i in range(ds.clip_length)]})
+        for k in range(0, len(ds_clips), cfg.shard_size):
+            group = ds_clips[k: k + cfg.shard_size]
+            sid = f"{name}-{k // cfg.shard_size:06d}"
+            for c in group:
+                c["shard_id"] = sid
+                c["ordinal"] = ordinal
+                ordinal += 1
+                clips_out.append(c)
+            shards_out.append({"shard_id": sid, "dataset": name, "path": f"shards/{name}/{sid}.tar",
+                               "num_clips": len(group), "clip_ids": [c["clip_id"] for c in group]})
+    return Plan(scenes_out, clips_out, shards_out, scene_refs)

@@ -1,0 +1,100 @@
+"""``d4s inspect DATASET PATH``: read one scene with its adapter and list every problem found.
+
+``PATH`` may be a scene folder, a dataset root holding one or more scenes, or (for datasets
+whose adapter supports it, e.g. RealEstate10K) a single camera file. The scene is read in
+chunks; a chunk that fails is re-read frame by frame so each problem names its frame and file.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+
+import numpy as np
+
+from pipeline.clip import ClipError, ClipMeta
+from pipeline.config import QCConfig
+from stages.ingest import adapter_class
+from stages.ingest.base import DatasetAdapter, SceneRef
+from stages.qc import geometric_qc
+
+CHUNK = 32
+
+
+def _find_scene(dataset: str, path: str) -> tuple[DatasetAdapter, list[SceneRef]]:
+    """Discover from PATH itself, else from its parents, keeping the scenes under PATH."""
+    cls = adapter_class(dataset)
+    target = os.path.abspath(path)
+    root = target
+    for _ in range(5):
+        adapter = cls(root)
+        scenes = adapter.discover()
+        if root == target and scenes:
+            return adapter, scenes
+        rel = os.path.relpath(target, root)
+        hits = [s for s in scenes if s.scene == rel or s.scene.startswith(rel + "/")]
+        if hits:
+            return adapter, hits
+        root = os.path.dirname(root)
+    raise FileNotFoundError(f"no {dataset} scene found at {path} (see docs/DATASETS.md for the layout)")
+
+
+def inspect_path(dataset: str, path: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if os.path.isfile(path):
+        if dataset == "realestate10k":
+            from stages.ingest.inspect_file import inspect_camera_file
+
+            return inspect_camera_file(path)
+        raise FileNotFoundError(f"{dataset}: give a scene folder, not a file")
+    adapter, scenes = _find_scene(dataset, path)
+    return inspect_scene(adapter, scenes[0])
+
+
+def inspect_scene(adapter: DatasetAdapter, scene: SceneRef) -> dict:
+    problems: list[str] = []
+    c2w, intr, size, has_depth, has_tracks = {}, {}, None, False, False
+
+    def load(frames):
+        meta = ClipMeta(adapter.name, scene.scene, "inspect", list(frames), adapter.capabilities.dynamic,
+                        adapter.capabilities.real)
+        return adapter.load_clip(scene, list(frames), meta)
+
+    for s in range(0, scene.num_frames, CHUNK):
+        frames = list(range(s, min(s + CHUNK, scene.num_frames)))
+        try:
+            clips = [(frames, load(frames))]
+        except ClipError:
+            clips = []
+            for i in frames:
+                try:
+                    clips.append(([i], load([i])))
+                except ClipError as exc:
+                    problems.append(f"frame {i}: {exc}")
+        for fr, clip in clips:
+            size = list(clip.rgb.shape[1:3][::-1])
+            has_depth |= clip.depth is not None
+            has_tracks |= clip.tracks is not None
+            for j, i in enumerate(fr):
+                c2w[i], intr[i] = clip.c2w[j], clip.intrinsics[j]
+    order = sorted(c2w)
+    if order and len(order) > 1:
+        from pipeline.clip import Clip
+
+        poses = np.stack([c2w[i] for i in order])
+        dummy = Clip(ClipMeta(adapter.name, scene.scene, "inspect", order, False, False),
+                     np.zeros((len(order), 1, 1, 3), np.uint8), np.stack([intr[i] for i in order]), poses)
+        try:
+            geometric_qc(dummy, QCConfig(), metric_poses=adapter.capabilities.metric_poses)
+        except ClipError as exc:
+            problems.append(exc.reason)
+    steps = [float(np.linalg.norm(c2w[b][:3, 3] - c2w[a][:3, 3])) for a, b in zip(order, order[1:])]
+    return {
+        "dataset": adapter.name, "scene": scene.scene, "num_frames": scene.num_frames,
+        "frames_read": len(order), "image_size": size,
+        "intrinsics": [list(map(float, intr[i])) for i in order], "intrinsics_normalized": False,
+        "c2w": [np.asarray(c2w[i]).tolist() for i in order],
+        "path_length": float(sum(steps)), "has_depth": has_depth, "has_tracks": has_tracks,
+        "problems": problems, "root": adapter.store.display(""),
+        "scene_path": posixpath.join(adapter.store.display(""), scene.scene),
+    }

@@ -1,0 +1,67 @@
+"""Ingest stage: one planned clip spec -> a validated, QC-checked Clip (or a ClipFailure)."""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from pipeline import __version__
+from pipeline.clip import Clip, ClipFailure, ClipMeta
+from pipeline.config import BuildConfig
+from stages.contract import StageContract
+from stages.ingest import get_adapter
+from stages.ingest.base import DatasetAdapter, SceneRef
+from stages.qc import geometric_qc
+
+CONTRACT = StageContract(
+    name="ingest",
+    inputs=("clip spec: dataset, scene, frames",),
+    outputs=("rgb", "intrinsics", "c2w", "depth? (gt)", "tracks? (gt)", "meta"),
+    runs_as="task (CPU, num_cpus=1)",
+    acts_when="always",
+    errors="unreadable/truncated/missing files, bad values, shape or count mismatches, geometric QC",
+)
+
+
+@lru_cache(maxsize=32)
+def _adapter(name: str, root: str, options_key: tuple) -> DatasetAdapter:
+    return get_adapter(name, root, dict(options_key))
+
+
+def adapter_for(cfg: BuildConfig, dataset: str) -> DatasetAdapter:
+    ds = cfg.datasets[dataset]
+    opts = {**ds.options, "min_depth_m": ds.min_depth_m, "max_depth_m": ds.max_depth_m}
+    return _adapter(dataset, ds.root, tuple(sorted((k, v) for k, v in opts.items() if isinstance(v, (str, int, float, bool, type(None))))))
+
+
+def ingest_clip(spec: dict, scene: SceneRef, cfg: BuildConfig) -> Clip | ClipFailure:
+    """Read one clip with its dataset's adapter and run geometric QC on it."""
+    _maybe_inject_fault(spec, cfg)
+    ds = cfg.datasets[spec["dataset"]]
+    try:
+        adapter = adapter_for(cfg, spec["dataset"])
+        meta = ClipMeta(
+            dataset=spec["dataset"], scene=spec["scene"], clip_id=spec["clip_id"], frame_indices=list(spec["frames"]),
+            dynamic=adapter.capabilities.dynamic, real=adapter.capabilities.real,
+            loss_weights=dict(ds.loss_weights), adapter_version=f"{adapter.name}/{adapter.version}",
+            config_hash=cfg.content_hash(), d4s_version=__version__,
+        )
+        clip = adapter.load_clip(scene, list(spec["frames"]), meta)
+        clip.meta.depth_source = "gt" if clip.depth is not None else "none"
+        clip.meta.track_source = "gt" if clip.tracks is not None else "none"
+        clip.meta.qc.update(geometric_qc(clip, cfg.qc, metric_poses=adapter.capabilities.metric_poses))
+        return clip.validate()
+    except Exception as exc:  # every failure is data about this clip, never a crash of the shard
+        return ClipFailure.from_exception(spec["clip_id"], "ingest", exc)
+
+
+def _maybe_inject_fault(spec: dict, cfg: BuildConfig) -> None:
+    """Test hook: the worker process dies (no exception, no cleanup) once on the k-th clip."""
+    k = cfg.fault.worker_exit_on_clip
+    if k is None or spec["ordinal"] != k:
+        return
+    marker_dir = cfg.fault.marker_dir or os.path.join(cfg.output, ".faults")
+    os.makedirs(marker_dir, exist_ok=True)
+    marker = os.path.join(marker_dir, f"worker_exit_{k}")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(17)

@@ -1,0 +1,80 @@
+"""Track stage: 3D point tracks for clips without ground-truth tracks.
+
+Two routes, chosen per dataset by ``track_source``:
+
+* ``depth_static`` (static scenes): exact tracks from metric depth and poses — a grid of
+  points unprojected in query frames and reprojected into every frame, visibility by a depth
+  test. CPU task.
+* ``cotracker``: CoTracker3 2D tracks from a model actor, lifted to world metres with the
+  clip's (aligned) metric depth and c2w, with an occlusion test (stages/tracks/lift.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.clip import Clip, ClipFailure
+from pipeline.config import BuildConfig
+from stages.contract import StageContract
+
+CONTRACT = StageContract(
+    name="tracks",
+    inputs=("rgb", "depth", "depth_valid", "intrinsics", "c2w"),
+    outputs=("tracks", "track_visible", "meta.track_source", "meta.qc"),
+    runs_as="actor pool for cotracker (GPU when present), CPU task for depth_static",
+    acts_when="the clip has no ground-truth tracks and the dataset's track_source is cotracker or depth_static",
+    errors="no metric depth to lift with; model failure",
+)
+
+
+def tracks_from_depth(clip, cfg: BuildConfig):
+    if isinstance(clip, ClipFailure) or clip.tracks is not None:
+        return clip
+    from stages.tracks.lift import tracks_from_depth_static
+
+    try:
+        if clip.depth is None:
+            raise ValueError("track_source 'depth_static' needs metric depth, and this clip has none")
+        tracks, vis = tracks_from_depth_static(clip.depth, clip.depth_valid, clip.intrinsics, clip.c2w,
+                                               grid=cfg.stages.tracks.grid_size)
+        clip.tracks, clip.track_visible = np.asarray(tracks, np.float32), np.asarray(vis, bool)
+        clip.meta.track_source = "depth_static"
+        return clip.validate()
+    except Exception as exc:
+        return ClipFailure.from_exception(clip.key, "tracks", exc)
+
+
+class TrackModelStage:
+    def __init__(self, cfg: BuildConfig, device: str):
+        from stages.tracks.cotracker.runner import CoTrackerRunner
+
+        t = cfg.stages.tracks
+        self.cfg = cfg
+        self.runner = CoTrackerRunner(variant=t.variant, checkpoint=t.checkpoint, device=device,
+                                      dtype=t.dtype if device != "cpu" else "fp32", grid_size=t.grid_size,
+                                      query_frames=t.query_frames, allow_random_weights=t.allow_random_weights)
+
+    def process(self, clips: list) -> list:
+        from stages.tracks.lift import lift_tracks
+
+        todo = [c for c in clips if isinstance(c, Clip) and c.tracks is None]
+        if not todo:
+            return clips
+        out = {}
+        try:
+            results = self.runner.track([c.rgb for c in todo])
+        except Exception:
+            results = None
+        for i, c in enumerate(todo):
+            try:
+                tr2d, vis2d = results[i] if results is not None else self.runner.track([c.rgb])[0]
+                if c.depth is None:
+                    raise ValueError("cannot lift 2D tracks: the clip has no metric depth (align stage output)")
+                world, vis = lift_tracks(tr2d, vis2d, c.depth, c.depth_valid, c.intrinsics, c.c2w)
+                c.tracks, c.track_visible = np.asarray(world, np.float32), np.asarray(vis, bool)
+                c.meta.track_source = "cotracker"
+                if self.runner.untrained and "cotracker3" not in c.meta.untrained_models:
+                    c.meta.untrained_models.append("cotracker3")
+                out[c.key] = c.validate()
+            except Exception as exc:
+                out[c.key] = ClipFailure.from_exception(c.key, "tracks", exc)
+        return [out.get(c.key, c) if isinstance(c, Clip) else c for c in clips]

@@ -1,0 +1,88 @@
+"""Write stage: encoded samples -> one shard tar, published atomically, byte-reproducible.
+
+The tar is assembled in plan order with fixed metadata (mtime 0, uid/gid 0, no user names), so
+two builds of the same inputs produce byte-identical shards and a retried write yields the same
+bytes as the first attempt. Publication goes through :meth:`Store.atomic_writer`: readers see
+the whole shard or none; the ledger commit that follows is what makes it count.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+
+import webdataset as wds
+
+from pipeline.storage import Store
+from stages.contract import StageContract
+
+CONTRACT = StageContract(
+    name="write",
+    inputs=("samples of one shard, in plan order",),
+    outputs=("shards/<dataset>/<shard_id>.tar", "sha256", "index rows"),
+    runs_as="task (CPU)",
+    acts_when="always (a shard whose clips all failed is written empty)",
+    errors="storage errors fail the shard (retried by resume), never a clip",
+)
+
+
+def shard_bytes(samples: list[dict]) -> tuple[bytes, list[tuple[str, int]]]:
+    """Tar bytes and (key, offset of the sample's first member) for every sample."""
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, encoder=False, mtime=0, user="", group="", mode=0o444) as sink:
+        for s in samples:
+            sink.write(s)
+    data = buf.getvalue()
+    # TarWriter streams through a buffer, so offsets are read back from the member headers.
+    first: dict[str, int] = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for m in tar.getmembers():
+            first.setdefault(m.name.split(".", 1)[0], m.offset)
+    return data, [(s["__key__"], first[s["__key__"]]) for s in samples]
+
+
+def publish_shard(store: Store, rel: str, data: bytes) -> str:
+    """Write atomically, read back, and return the sha256 of what is actually stored."""
+    store.write_bytes_atomic(rel, data)
+    digest = hashlib.sha256(data).hexdigest()
+    stored = store.sha256(rel)
+    if stored != digest:
+        raise IOError(f"shard {rel}: stored bytes differ from written bytes (sha256 {stored} != {digest})")
+    return digest
+
+
+def write_shard(shard: dict, clips: list, cfg) -> dict:
+    """Encode the shard's clips in plan order, publish the tar, and report for the ledger."""
+    import socket
+    import time
+
+    from pipeline.clip import Clip, ClipFailure
+    from stages.encode import encode
+
+    t0 = time.time()
+    samples, failures, timings, meta_rows = [], [], {}, {}
+    for clip in clips:
+        if isinstance(clip, Clip):
+            for k, v in clip.aux.get("timings", {}).items():
+                timings[k] = timings.get(k, 0.0) + v
+        enc = encode(clip, cfg.jpeg_quality)
+        if isinstance(enc, ClipFailure):
+            failures.append(enc.to_json())
+        else:
+            samples.append(enc)
+            meta_rows[clip.key] = (clip.num_frames, bool(clip.meta.dynamic))
+    t1 = time.time()
+    timings["encode"] = t1 - t0
+    data, offsets = shard_bytes(samples)
+    store = Store(cfg.output)
+    sha = publish_shard(store, shard["path"], data)
+    timings["write"] = time.time() - t1
+    log_lines = [f"shard {shard['shard_id']}: {len(samples)} samples, {len(failures)} failed clips, {len(data)} bytes"]
+    log_lines += [f"  stage {k}: {v:.3f} s" for k, v in sorted(timings.items())]
+    log_lines += [f"  FAILED {f['clip_id']} at {f['stage']}: {f['reason']}" + (f" ({f['path']})" if f.get("path") else "")
+                  for f in failures]
+    return {
+        "samples_written": len(samples), "clips_failed": failures, "bytes": len(data), "sha256": sha,
+        "samples": [[k, off, *meta_rows[k]] for k, off in offsets], "timings": timings,
+        "started_at": t0, "finished_at": time.time(), "host": socket.gethostname(), "log": "\n".join(log_lines) + "\n",
+    }
