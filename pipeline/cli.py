@@ -147,6 +147,58 @@ def inspect(dataset: str = typer.Argument(..., help="Dataset name, e.g. tartanai
     raise typer.Exit(0 if not rep["problems"] else 1)
 
 
+@app.command()
+def report(output: str = typer.Argument(...)):
+    """Write OUTPUT/report.html: a self-contained report with plots, and print its path."""
+    from pipeline.report import write_report
+
+    try:
+        path = write_report(output)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    out_console.print(str(path), highlight=False)
+
+
+@app.command()
+def plan(config: Optional[str] = typer.Argument(None), demo: bool = typer.Option(False, "--demo"),
+         as_json: bool = typer.Option(False, "--json")):
+    """Capacity model: scenes, clips, output bytes and GPU-hours per model stage for a config."""
+    from pipeline.capacity import capacity_report, format_capacity
+
+    try:
+        if demo:
+            import tempfile
+
+            from pipeline.demo.build_demo import demo_config
+
+            cfg = demo_config(tempfile.mkdtemp(prefix="d4s-plan-demo-"))
+        elif config:
+            cfg = load_config(config)
+        else:
+            _fail("give a CONFIG.yaml or --demo")
+        rep = capacity_report(cfg)
+    except ConfigError as exc:
+        _fail(str(exc))
+    out_console.print_json(json.dumps(rep)) if as_json else out_console.print(format_capacity(rep), highlight=False)
+
+
+@app.command()
+def train(config: Optional[str] = typer.Argument(None, help="Training config YAML (docs/TRAINING.md)."),
+          demo: Optional[str] = typer.Option(None, "--demo", help="Train the tiny CPU config on the shards of a demo build in this output."),
+          max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+          workdir: Optional[str] = typer.Option(None, "--workdir", help="Checkpoints and logs (resumed if present).")):
+    """Train Diff4Splat from shards with Ray Train (local Ray by default)."""
+    from training.cli import train_main
+
+    if not config and not demo:
+        _fail("give a CONFIG.yaml or --demo OUT")
+    try:
+        code = train_main(config, demo, max_steps, workdir)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
 def _parity(kind: str, fixture_dir: str, salt: str) -> None:
     if not Path(fixture_dir).is_dir():
         _fail(f"fixture folder not found: {fixture_dir}")

@@ -44,9 +44,10 @@ def _viewpoint(k: np.ndarray, c2w_cv: np.ndarray, h: int, w: int) -> dict:
     }
 
 
-def write(scene: RenderedScene, root: Path, scene_id: str = "train/demo000-3_obj_source_left") -> WrittenScene:
+def write(scene: RenderedScene, root: Path, scene_id: str | None = None) -> WrittenScene:
     import torch
 
+    scene_id = scene_id or default_scene_id(0)
     split, folder = scene_id.split("/", 1)
     if not folder.endswith("_source_left"):
         raise ValueError("Dynamic Replica scene ids look like <split>/<seq>_source_left")

@@ -37,7 +37,8 @@ def write_exr_depth(path: Path, depth_cm: np.ndarray) -> None:
         f.write(str(path))
 
 
-def write(scene: RenderedScene, root: Path, scene_id: str = "small_city/street/train/demo_block_0") -> WrittenScene:
+def write(scene: RenderedScene, root: Path, scene_id: str | None = None) -> WrittenScene:
+    scene_id = scene_id or default_scene_id(0)
     city, view, split, block = scene_id.split("/")
     out = Path(root) / scene_id
     dout = Path(root) / f"{city}_depth" / view / split / f"{block}_depth"

@@ -25,7 +25,8 @@ WORLD_FROM_RENDER = np.diag([1.0, -1.0, -1.0, 1.0])
 JPEG_QUALITY = 95  # 4:4:4 chroma: tiny high-contrast fixtures lose too much at 4:2:0
 
 
-def write(scene: RenderedScene, root: Path, scene_id: str = "train/demo_scene") -> WrittenScene:
+def write(scene: RenderedScene, root: Path, scene_id: str | None = None) -> WrittenScene:
+    scene_id = scene_id or default_scene_id(0)
     out = Path(root) / scene_id
     for sub in ("rgbs", "depths", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -64,10 +65,13 @@ def write(scene: RenderedScene, root: Path, scene_id: str = "train/demo_scene") 
 
 
 def demo_spec(index: int, seed: int):
-    """Dynamic scenes (moving objects, moving camera), 16:9 like the 960x540 release."""
+    """Dynamic scenes (moving objects, moving camera), 16:9 like the 960x540 release.
+
+    16 frames so that a demo clip of 8 frames at the default frame stride of 2 fits.
+    """
     from pipeline.demo.render import random_scene
 
-    spec = random_scene(f"pointodyssey_{index}", seed=seed, dynamic=True, num_frames=10, height=36, width=64,
+    spec = random_scene(f"pointodyssey_{index}", seed=seed, dynamic=True, num_frames=16, height=36, width=64,
                         num_tracks=96)
     spec.fov_x_deg = 70.0
     return spec

@@ -1,10 +1,10 @@
 """Encode a rendered scene in Spring's release layout (see stages/ingest/spring.py).
 
-``<split>/<NNNN>/frame_left/frame_left_NNNN.png`` (frames from 0001), ``disp1_left/
-disp1_left_NNNN.dsp5`` (HDF5, dataset ``"disparity"``, float32, gzip level 5 as the official
-``writeDsp5File``; rendered at twice the resolution per axis with values in pixels of the image
-resolution; sky = 0), ``cam_data/intrinsics.txt`` (``fx fy cx cy`` per frame),
-``cam_data/extrinsics.txt`` (16 numbers per frame, world-to-camera, row-major) and
+``<split>/<NNNN>/frame_left/frame_left_NNNN.png`` (frames from 0001);
+``disp1_left/disp1_left_NNNN.dsp5``: HDF5 with the dataset ``"disparity"`` (float32, gzip level 9
+as ``writeDsp5File`` in cv-stuttgart/flow_library), rendered at twice the resolution per axis,
+values in pixels of the image resolution, sky = 0; ``cam_data/intrinsics.txt`` (``fx fy cx cy``
+per frame), ``cam_data/extrinsics.txt`` (16 numbers per frame, world-to-camera, row-major) and
 ``cam_data/focaldistance.txt`` (one metric focus distance per frame; not read by d4s). Right
 camera, flow and scene-flow files are not written (d4s does not read them).
 """
@@ -33,8 +33,9 @@ def render_2x(scene: RenderedScene) -> RenderedScene:
     return render(spec)
 
 
-def write(scene: RenderedScene, root: Path, scene_id: str = "train/0001", hires: RenderedScene | None = None
+def write(scene: RenderedScene, root: Path, scene_id: str | None = None, hires: RenderedScene | None = None
           ) -> WrittenScene:
+    scene_id = scene_id or default_scene_id(0)
     out = Path(root) / scene_id
     for sub in ("frame_left", "disp1_left", "cam_data"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -50,7 +51,7 @@ def write(scene: RenderedScene, root: Path, scene_id: str = "train/0001", hires:
         z = hires.depth[t].astype(np.float64)
         disp = np.where(np.isfinite(z) & (z > 0), fx * BASELINE_M / np.where(z > 0, z, 1.0), 0.0).astype(np.float32)
         with h5py.File(out / "disp1_left" / f"disp1_left_{num:04d}.dsp5", "w") as f:
-            f.create_dataset("disparity", data=disp, compression="gzip", compression_opts=5)
+            f.create_dataset("disparity", data=disp, compression="gzip", compression_opts=9)
         intr_lines.append(" ".join(f"{v:.9g}" for v in scene.intrinsics[t]))
         w2c = geo.invert_pose(WORLD_FROM_RENDER @ scene.c2w[t])
         ext_lines.append(" ".join(f"{v:.9g}" for v in w2c.reshape(-1)))

@@ -41,8 +41,9 @@ def _right_camera(scene: RenderedScene) -> RenderedScene:
     return render(spec)
 
 
-def write(scene: RenderedScene, root: Path, scene_id: str = "Scene01/clone/Camera_0", cameras=(0, 1),
+def write(scene: RenderedScene, root: Path, scene_id: str | None = None, cameras=(0, 1),
           archives: bool = False) -> WrittenScene:
+    scene_id = scene_id or default_scene_id(0)
     variation_dir = re.sub(r"/Camera_\d+$", "", scene_id)
     root = Path(root)
     text_root = root / "vkitti_2.0.3_textgt" if archives else root

@@ -1,0 +1,243 @@
+"""Dynamic Replica (facebookresearch/dynamic_stereo): synthetic dynamic indoor scenes, depth, 3D tracks.
+
+Layout of the official release (docs/datasets/dynamic_replica.md has the sources)::
+
+    <root>/<split>/frame_annotations_<split>.jgz        gzip JSON list, one entry per frame and view
+    <root>/<split>/<seq>_source_<left|right>/images/<seq>_source_<view>-NNNN.png
+                                            depths/<seq>_source_<view>_NNNN.geometric.png
+                                            masks/..., flow_forward/..., trajectories/NNNNNN.pth
+
+Every file is located through the annotation entry (``image.path``, ``depth.path``,
+``trajectories.path``, all relative to ``<root>/<split>``), never by guessing names.
+
+Conversions (all exact):
+
+* Depth: a 16-bit PNG whose raw uint16 words are IEEE float16 depths in metres; decoded as
+  ``uint16 -> view float16 -> float32`` and multiplied by ``depth.scale_adjustment`` (PyTorch3D
+  implicitron semantics ``depth = png * scale_adjustment``; 1.0 in the release).
+* Cameras: PyTorch3D convention, row vectors ``X_cam = X_world @ R + T`` with camera axes x left,
+  y up, z forward. So the column-vector world-to-camera is ``[R^T | T]``; its inverse is the
+  PyTorch3D c2w and ``c2w_cv = c2w_p3d @ diag(-1, -1, 1, 1)``.
+* Intrinsics ``ndc_isotropic``: with ``s = min(W, H) / 2``, ``fx = f_ndc_x * s``,
+  ``fy = f_ndc_y * s``, ``cx = W/2 - p_ndc_x * s``, ``cy = H/2 - p_ndc_y * s`` (pixel centres at
+  j + 0.5, as in the PyTorch3D NDC grid). ``ndc_norm_image_bounds`` uses ``s = (W/2, H/2)``
+  per axis instead.
+* Tracks: ``trajectories/NNNNNN.pth`` per frame holds ``traj_3d_world`` (N,3) world positions of
+  the same N mesh vertices in every frame and ``verts_inds_vis`` (N,) visibility. They are loaded
+  with ``torch.load(weights_only=True)`` (dicts of tensors need no pickle code execution).
+
+The world frame is the dataset's own; only the camera axes are converted. Scenes are
+``<split>/<seq>_source_left`` (the left view carries the tracks; pass ``options={"views":
+["left", "right"]}`` to also get right-view scenes).
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import posixpath
+
+import numpy as np
+
+from pipeline import geometry as geo
+from pipeline.clip import Clip, ClipError, ClipMeta
+from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
+
+ANNOTATION_TEMPLATE = "frame_annotations_{split}.jgz"
+
+
+class DynamicReplicaAdapter(DatasetAdapter):
+    name = "dynamic_replica"
+    version = "1"
+    capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=True, real=False)
+    defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=1.0,
+                               depth_source="gt", track_source="gt", min_depth_m=0.01, max_depth_m=100.0)
+
+    def __init__(self, root, options=None):
+        super().__init__(root, options)
+        self._ann_cache: dict[str, dict[tuple[str, str], list[dict]]] = {}
+
+    # -- annotations -------------------------------------------------------------------------
+    def _splits(self) -> list[str]:
+        """Split folders ``<root>/<split>/frame_annotations_<split>.jgz`` (sorted).
+
+        The ``real`` split (real stereo captures without ground truth) is skipped unless named in
+        ``options["splits"]``.
+        """
+        wanted = self.options.get("splits")
+        out = []
+        for name in self.store.listdir(""):
+            if wanted is not None and name not in wanted:
+                continue
+            if wanted is None and name == "real":
+                continue
+            if self.store.exists(posixpath.join(name, ANNOTATION_TEMPLATE.format(split=name))):
+                out.append(name)
+        return out
+
+    def _annotations(self, split: str) -> dict[tuple[str, str], list[dict]]:
+        """(sequence_name, view) -> entries sorted by frame_number, parsed once per split."""
+        if split in self._ann_cache:
+            return self._ann_cache[split]
+        rel = posixpath.join(split, ANNOTATION_TEMPLATE.format(split=split))
+        raw = self.read(rel)
+        try:
+            entries = json.loads(gzip.decompress(raw).decode("utf-8"))
+        except Exception as exc:
+            raise ClipError(f"unreadable gzip JSON annotations ({type(exc).__name__}: {exc})", self.where(rel)) from None
+        if not isinstance(entries, list):
+            raise ClipError("annotations must be a JSON list of frame entries", self.where(rel))
+        seqs: dict[tuple[str, str], list[dict]] = {}
+        for k, e in enumerate(entries):
+            try:
+                key = (str(e["sequence_name"]), str(e.get("camera_name") or "left"))
+                int(e["frame_number"])
+                e["image"]["path"]
+            except (KeyError, TypeError, ValueError):
+                raise ClipError(f"entry {k} lacks sequence_name/frame_number/image.path", self.where(rel)) from None
+            seqs.setdefault(key, []).append(e)
+        for key, lst in seqs.items():
+            lst.sort(key=lambda e: int(e["frame_number"]))
+            nums = [int(e["frame_number"]) for e in lst]
+            if len(set(nums)) != len(nums):
+                raise ClipError(f"sequence {key[0]} ({key[1]}) has duplicate frame numbers", self.where(rel))
+        self._ann_cache[split] = seqs
+        return seqs
+
+    @staticmethod
+    def _scene_id(split: str, seq: str, view: str) -> str:
+        return f"{split}/{seq}_source_{view}"
+
+    def discover(self) -> list[SceneRef]:
+        views = list(self.options.get("views", ["left"]))
+        scenes = []
+        for split in self._splits():
+            for (seq, view), entries in self._annotations(split).items():
+                if view in views:
+                    scenes.append(SceneRef(self.name, self._scene_id(split, seq, view), len(entries),
+                                           extra=(split, seq, view)))
+        return sorted(scenes, key=lambda s: s.scene)
+
+    def _entries(self, scene: SceneRef) -> tuple[str, list[dict], str]:
+        if scene.extra:
+            split, seq, view = scene.extra
+        else:
+            split, rest = scene.scene.split("/", 1)
+            seq, view = rest.rsplit("_source_", 1)
+        ann_rel = posixpath.join(split, ANNOTATION_TEMPLATE.format(split=split))
+        entries = self._annotations(split).get((seq, view))
+        if entries is None:
+            raise ClipError(f"sequence {seq} ({view}) is not in the annotations", self.where(ann_rel))
+        if len(entries) != scene.num_frames:
+            raise ClipError(f"{len(entries)} annotated frames, expected {scene.num_frames}", self.where(ann_rel))
+        return split, entries, ann_rel
+
+    # -- decoding ----------------------------------------------------------------------------
+    def _depth(self, rel: str, scale: float, hw: tuple[int, int]) -> np.ndarray:
+        bits = self.read_png16(rel)
+        if bits.shape != hw:
+            raise ClipError(f"depth is {bits.shape[1]}x{bits.shape[0]}, image is {hw[1]}x{hw[0]}", self.where(rel))
+        return np.ascontiguousarray(bits, dtype="<u2").view("<f2").astype(np.float32) * np.float32(scale)
+
+    def _camera(self, e: dict, hw: tuple[int, int], ann_rel: str) -> tuple[np.ndarray, np.ndarray]:
+        """(fx fy cx cy), OpenCV c2w from one entry's PyTorch3D viewpoint."""
+        where = self.where(ann_rel)
+        vp = e.get("viewpoint")
+        tag = f"frame {e.get('frame_number')} of {e.get('sequence_name')}"
+        if not isinstance(vp, dict):
+            raise ClipError(f"{tag}: missing viewpoint", where)
+        try:
+            r = np.asarray(vp["R"], dtype=np.float64)
+            t = np.asarray(vp["T"], dtype=np.float64)
+            f = np.asarray(vp["focal_length"], dtype=np.float64).reshape(-1)
+            p = np.asarray(vp["principal_point"], dtype=np.float64).reshape(-1)
+        except (KeyError, TypeError, ValueError):
+            raise ClipError(f"{tag}: viewpoint needs numeric R, T, focal_length, principal_point", where) from None
+        if r.shape != (3, 3) or t.shape != (3,) or p.shape != (2,) or f.shape not in ((1,), (2,)):
+            raise ClipError(f"{tag}: viewpoint shapes R{r.shape} T{t.shape} f{f.shape} p{p.shape}", where)
+        for arr, what in ((r, "R"), (t, "T"), (f, "focal_length"), (p, "principal_point")):
+            if not np.all(np.isfinite(arr)):
+                raise ClipError(f"{tag}: viewpoint {what} contains NaN/inf", where)
+        if float(geo.rotation_error(r)) > 1e-4:
+            raise ClipError(f"{tag}: viewpoint R is not a rotation (error {float(geo.rotation_error(r)):.2e})", where)
+        f = np.broadcast_to(f, (2,))
+        h, w = hw
+        half = np.array([w / 2.0, h / 2.0])
+        fmt = str(vp.get("intrinsics_format", "ndc_norm_image_bounds")).lower()
+        if fmt == "ndc_isotropic":
+            s = np.array([min(half), min(half)])
+        elif fmt == "ndc_norm_image_bounds":
+            s = half
+        else:
+            raise ClipError(f"{tag}: unknown intrinsics_format {fmt!r}", where)
+        k = np.array([f[0] * s[0], f[1] * s[1], half[0] - p[0] * s[0], half[1] - p[1] * s[1]])
+        w2c_p3d = geo.make_pose(r.T, t)  # column-vector form of X_cam = X_world @ R + T
+        c2w = geo.invert_pose(w2c_p3d) @ geo.P3D_TO_CV
+        return k, c2w
+
+    def _tracks(self, rel: str, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        data = self.read(rel)
+        try:
+            # Dicts of tensors load without executing pickle code; options["trusted_pickles"]
+            # deliberately allows full unpickling for a trusted copy that needs it.
+            obj = torch.load(io.BytesIO(data), map_location="cpu",
+                             weights_only=not bool(self.options.get("trusted_pickles", False)))
+        except Exception as exc:
+            raise ClipError(f"unreadable trajectory file ({type(exc).__name__}: {str(exc)[:200]})", self.where(rel)) from None
+        if not isinstance(obj, dict) or "traj_3d_world" not in obj or "verts_inds_vis" not in obj:
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise ClipError(f"trajectory file needs traj_3d_world and verts_inds_vis, has {keys}", self.where(rel))
+        try:
+            pts = np.asarray(obj["traj_3d_world"].numpy() if hasattr(obj["traj_3d_world"], "numpy")
+                             else obj["traj_3d_world"], dtype=np.float64)
+            vis = np.asarray(obj["verts_inds_vis"].numpy() if hasattr(obj["verts_inds_vis"], "numpy")
+                             else obj["verts_inds_vis"]).astype(bool)
+        except Exception as exc:
+            raise ClipError(f"trajectory arrays unreadable ({type(exc).__name__})", self.where(rel)) from None
+        if pts.ndim != 2 or pts.shape[1] != 3 or vis.shape != (pts.shape[0],):
+            raise ClipError(f"traj_3d_world {pts.shape} / verts_inds_vis {vis.shape} are not (N,3)/(N,)", self.where(rel))
+        if not np.all(np.isfinite(pts[vis])):
+            raise ClipError("traj_3d_world contains NaN/inf at visible points", self.where(rel))
+        return pts, vis
+
+    # -- clips -------------------------------------------------------------------------------
+    def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
+        self.frame_window(scene, frames)
+        split, entries, ann_rel = self._entries(scene)
+        rgb, depth, ks, c2ws, tracks, vis = [], [], [], [], [], []
+        want_tracks = bool(self.options.get("tracks", True))
+        for i in frames:
+            e = entries[i]
+            img_rel = posixpath.join(split, e["image"]["path"])
+            img = self.read_image(img_rel, expect_hw=rgb[0].shape[:2] if rgb else None)
+            hw = img.shape[:2]
+            size = e["image"].get("size")
+            if size is not None and tuple(int(v) for v in size) != hw:
+                raise ClipError(f"image is {hw[1]}x{hw[0]} but annotated size (H,W) is {tuple(size)}", self.where(img_rel))
+            d_ann = e.get("depth")
+            if not isinstance(d_ann, dict) or "path" not in d_ann:
+                raise ClipError(f"frame {e['frame_number']} of {e['sequence_name']} has no depth path", self.where(ann_rel))
+            scale = float(d_ann.get("scale_adjustment") or 1.0)
+            depth.append(self._depth(posixpath.join(split, d_ann["path"]), scale, hw))
+            k, c2w = self._camera(e, hw, ann_rel)
+            rgb.append(img)
+            ks.append(k)
+            c2ws.append(c2w)
+            traj = e.get("trajectories")
+            if want_tracks and isinstance(traj, dict) and traj.get("path"):
+                t_rel = posixpath.join(split, traj["path"])
+                p, v = self._tracks(t_rel, hw)
+                if tracks and p.shape != tracks[0].shape:
+                    raise ClipError(f"{p.shape[0]} tracked points, earlier frames have {tracks[0].shape[0]}", self.where(t_rel))
+                tracks.append(p)
+                vis.append(v)
+        if tracks and len(tracks) != len(frames):
+            raise ClipError(f"only {len(tracks)} of {len(frames)} frames have trajectory files", self.where(ann_rel))
+        depth = np.stack(depth)
+        clip = Clip(meta=meta, rgb=np.stack(rgb), intrinsics=np.stack(ks), c2w=np.stack(c2ws), depth=depth,
+                    depth_valid=self.depth_validity(depth),
+                    tracks=np.stack(tracks).astype(np.float32) if tracks else None,
+                    track_visible=np.stack(vis) if tracks else None)
+        return clip.validate()

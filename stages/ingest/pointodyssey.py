@@ -1,0 +1,209 @@
+"""PointOdyssey: ``<split>/<scene>/`` with JPEG frames, 16-bit PNG depth and ``anno.npz``.
+
+Facts (``../shared/datasets/FORMATS.md`` §3, confirmed in docs/datasets/pointodyssey.md):
+
+- ``rgbs/rgb_<NNNNN>.jpg`` (960x540), frame numbers from 00000, five digits.
+- ``depths/depth_<NNNNN>.png`` 16-bit: the renderer's z-depth clipped to [0, 1000] m and stored
+  as ``uint16(d * 65535 / 1000)``, so metres = v / 65535 * 1000. v = 65535 is the clip value
+  (sky / anything at or beyond 1000 m) and v = 0 means no surface: both are invalid.
+- ``anno.npz``: ``trajs_2d`` (T,N,2) pixels, ``trajs_3d`` (T,N,3) world, ``valids`` (T,N),
+  ``visibs`` (T,N), ``intrinsics`` (T,3,3) pixel K, ``extrinsics`` (T,4,4) world-to-camera with
+  OpenCV camera axes (x right, y down, z forward; u = fx x/z + cx). A track is visible in d4s
+  when ``visibs & valids`` and its 3D position is finite (the release contains non-finite
+  positions for invalid points; those are marked not visible, not rejected).
+
+The world frame is PointOdyssey's own; c2w = inverse(extrinsics). The annotation file can be
+hundreds of MB, so the per-frame rows of each array are read straight out of the (uncompressed)
+npz member when possible instead of loading the whole file for every clip.
+"""
+from __future__ import annotations
+
+import posixpath
+import re
+import struct
+import zipfile
+
+import numpy as np
+
+from pipeline import geometry as geo
+from pipeline.clip import Clip, ClipError, ClipMeta
+from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
+
+DEPTH_SCALE_M = 1000.0 / 65535.0  # metres per depth unit
+DEPTH_CLIPPED = 65535  # the value written for depth >= 1000 m
+ANNO_KEYS = ("trajs_3d", "visibs", "valids", "intrinsics", "extrinsics")
+_RGB_RE = re.compile(r"^rgb_(\d{5})\.jpg$")
+# float16 annotations (older exports) leave rotations orthonormal only to ~1e-3.
+_ROT_TOL = 1e-2
+
+
+def _npy_header(f):
+    """(shape, fortran_order, dtype) of the .npy stream at ``f``'s position; None if not v1/v2."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    return None
+
+
+def _orthonormalize(r: np.ndarray) -> np.ndarray:
+    """Nearest rotation (polar decomposition); exact rotations come back unchanged."""
+    u, _, vt = np.linalg.svd(r)
+    return u @ vt
+
+
+class PointOdysseyAdapter(DatasetAdapter):
+    name = "pointodyssey"
+    version = "1"
+    capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=True, real=False)
+    defaults = AdapterDefaults(clip_length=16, frame_stride=2, clip_stride=64, repeat_weight=1.0,
+                               loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
+                               depth_source="gt", track_source="gt", min_depth_m=0.01, max_depth_m=1000.0)
+
+    # -- discovery ---------------------------------------------------------------------------
+    def discover(self) -> list[SceneRef]:
+        scenes = []
+        for p in self.store.fs.glob(self.store.path("*/*/anno.npz")):
+            rel = posixpath.relpath(posixpath.dirname(p), self.store.root)
+            n = len(self._frame_names(rel))
+            if n:
+                scenes.append(SceneRef(self.name, rel, n))
+        return sorted(set(scenes), key=lambda s: s.scene)
+
+    def _frame_names(self, scene_rel: str) -> list[str]:
+        names = [n for n in self.store.listdir(posixpath.join(scene_rel, "rgbs")) if _RGB_RE.match(n)]
+        return sorted(names)
+
+    # -- annotation access -------------------------------------------------------------------
+    def _anno_rows(self, rel: str, frames: list[int]) -> tuple[dict[str, np.ndarray], int]:
+        """Rows ``frames`` of each array in ANNO_KEYS, and the file's frame count."""
+        out: dict[str, np.ndarray] = {}
+        lengths = {}
+        try:
+            with self.store.open(rel, "rb") as f, zipfile.ZipFile(f) as zf:
+                members = {posixpath.splitext(n)[0]: n for n in zf.namelist()}
+                for key in ANNO_KEYS:
+                    if key not in members:
+                        raise ClipError(f"anno.npz has no {key!r} array (has {sorted(members)})", self.where(rel))
+                    arr, t = self._member_rows(f, zf, members[key], frames, rel, key)
+                    out[key], lengths[key] = arr, t
+        except ClipError:
+            raise
+        except FileNotFoundError:
+            raise ClipError("file is missing", self.where(rel)) from None
+        except Exception as exc:
+            raise ClipError(f"unreadable .npz ({type(exc).__name__}: {exc})", self.where(rel)) from None
+        if len(set(lengths.values())) != 1:
+            raise ClipError(f"arrays disagree on the frame count: {lengths}", self.where(rel))
+        return out, next(iter(lengths.values()))
+
+    def _member_rows(self, f, zf: zipfile.ZipFile, member: str, frames: list[int], rel: str, key: str):
+        info = zf.getinfo(member)
+        if info.compress_type == zipfile.ZIP_STORED:
+            # Stored member (np.savez): seek to each requested row in the raw file, no full read.
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise ClipError(f"{key}: bad zip local header", self.where(rel))
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            data_start = info.header_offset + 30 + name_len + extra_len
+            f.seek(data_start)
+            header = _npy_header(f)
+            if header is not None:
+                shape, fortran, dtype = header
+                t, row_shape, row_bytes = self._check_header(shape, dtype, frames, rel, key)
+                if not fortran:
+                    start = f.tell()
+                    if start - data_start + t * row_bytes > info.file_size:
+                        raise ClipError(f"{key} is truncated", self.where(rel))
+                    rows = []
+                    for i in frames:
+                        f.seek(start + i * row_bytes)
+                        buf = f.read(row_bytes)
+                        if len(buf) != row_bytes:
+                            raise ClipError(f"{key} is truncated", self.where(rel))
+                        rows.append(np.frombuffer(buf, dtype=dtype).reshape(row_shape))
+                    return np.stack(rows), t
+        with zf.open(member) as m:
+            arr = np.lib.format.read_array(m, allow_pickle=False)
+        t, _, _ = self._check_header(arr.shape, arr.dtype, frames, rel, key)
+        return arr[frames], t
+
+    def _check_header(self, shape, dtype, frames, rel, key):
+        if dtype.hasobject:
+            raise ClipError(f"{key} holds Python objects; refusing to unpickle", self.where(rel))
+        if not shape:
+            raise ClipError(f"{key} is a scalar, expected a per-frame array", self.where(rel))
+        t = int(shape[0])
+        if max(frames) >= t:
+            raise ClipError(f"{key} has {t} frames, frame {max(frames)} requested", self.where(rel))
+        row_shape = tuple(int(s) for s in shape[1:])
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+        return t, row_shape, row_bytes
+
+    # -- loading -----------------------------------------------------------------------------
+    def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
+        self.frame_window(scene, frames)
+        names = self._frame_names(scene.scene)
+        if len(names) != scene.num_frames:
+            raise ClipError(f"{len(names)} rgb frames, expected {scene.num_frames}",
+                            self.where(posixpath.join(scene.scene, "rgbs")))
+        anno_rel = posixpath.join(scene.scene, "anno.npz")
+        anno, t_anno = self._anno_rows(anno_rel, frames)
+        if t_anno != scene.num_frames:
+            raise ClipError(f"annotations cover {t_anno} frames but rgbs/ has {scene.num_frames}", self.where(anno_rel))
+        t = len(frames)
+
+        k = anno["intrinsics"].astype(np.float64)
+        if k.shape != (t, 3, 3):
+            raise ClipError(f"intrinsics must be (T,3,3), got {k.shape[1:]} per frame", self.where(anno_rel))
+        self.finite_or_fail(k, "intrinsics", anno_rel)
+        w2c = anno["extrinsics"].astype(np.float64)
+        if w2c.shape != (t, 4, 4):
+            raise ClipError(f"extrinsics must be (T,4,4), got {w2c.shape[1:]} per frame", self.where(anno_rel))
+        self.finite_or_fail(w2c, "extrinsics", anno_rel)
+        if np.abs(w2c[:, 3] - [0.0, 0.0, 0.0, 1.0]).max() > 1e-3:
+            raise ClipError("extrinsics bottom row is not [0 0 0 1]", self.where(anno_rel))
+        err = geo.rotation_error(w2c[:, :3, :3])
+        if np.any(err > _ROT_TOL):
+            raise ClipError(f"extrinsics rotation is not orthonormal (error {err.max():.2e})", self.where(anno_rel))
+        c2w = geo.invert_pose(geo.make_pose(_orthonormalize(w2c[:, :3, :3]), w2c[:, :3, 3]))
+        intr = geo.intrinsics_vector(k)
+
+        tracks = anno["trajs_3d"]
+        if tracks.ndim != 3 or tracks.shape[0] != t or tracks.shape[2] != 3:
+            raise ClipError(f"trajs_3d must be (T,N,3), got {tracks.shape[1:]} per frame", self.where(anno_rel))
+        n = tracks.shape[1]
+        for key in ("visibs", "valids"):
+            if anno[key].shape != (t, n):
+                raise ClipError(f"{key} must be (T,{n}), got {anno[key].shape[1:]} per frame", self.where(anno_rel))
+        tracks = tracks.astype(np.float32)
+        finite = np.all(np.isfinite(tracks), axis=-1)
+        visible = (anno["visibs"] > 0) & (anno["valids"] > 0) & finite
+        tracks = np.where(finite[..., None], tracks, 0.0).astype(np.float32)
+        max_tracks = self.options.get("max_tracks")
+        if max_tracks is not None and n > int(max_tracks):
+            keep = np.linspace(0, n - 1, int(max_tracks)).round().astype(int)
+            tracks, visible = tracks[:, keep], visible[:, keep]
+
+        rgb, depth, depth_ok = [], [], []
+        for i in frames:
+            img_rel = posixpath.join(scene.scene, "rgbs", f"rgb_{i:05d}.jpg")
+            if names[i] != f"rgb_{i:05d}.jpg":
+                raise ClipError(f"frame {i} is named {names[i]}; numbering must be contiguous from 00000",
+                                self.where(img_rel))
+            img = self.read_image(img_rel, expect_hw=rgb[0].shape[:2] if rgb else None)
+            d_rel = posixpath.join(scene.scene, "depths", f"depth_{i:05d}.png")
+            raw = self.read_png16(d_rel)
+            if raw.shape != img.shape[:2]:
+                raise ClipError(f"depth is {raw.shape[1]}x{raw.shape[0]}, image is {img.shape[1]}x{img.shape[0]}",
+                                self.where(d_rel))
+            d = raw.astype(np.float32) * np.float32(DEPTH_SCALE_M)
+            rgb.append(img)
+            depth.append(d)
+            depth_ok.append((raw > 0) & (raw < DEPTH_CLIPPED))
+        depth = np.stack(depth)
+        valid = np.stack(depth_ok) & self.depth_validity(depth)
+        return Clip(meta=meta, rgb=np.stack(rgb), intrinsics=intr, c2w=c2w, depth=depth, depth_valid=valid,
+                    tracks=tracks, track_visible=visible).validate()

@@ -1,0 +1,175 @@
+"""Dynamic Replica adapter: round trip through the fixture writer, and malformed inputs."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import geometry as geo
+from pipeline.clip import ClipError, ClipMeta
+from pipeline.demo.render import render
+from pipeline.demo.writers import dynamic_replica as writer
+from stages.ingest import get_adapter
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "samples" / "dynamic_replica"
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    return render(writer.demo_spec(0, seed=11))
+
+
+def _write(rendered, root: Path):
+    ws = writer.write(rendered, root, writer.default_scene_id(1))
+    adapter = get_adapter("dynamic_replica", str(root))
+    return ws, adapter
+
+
+def _load(adapter, scene, frames=None):
+    frames = list(range(scene.num_frames)) if frames is None else frames
+    meta = ClipMeta("dynamic_replica", scene.scene, "c", frames, dynamic=True, real=False)
+    return adapter.load_clip(scene, frames, meta)
+
+
+def test_round_trip(rendered, tmp_path):
+    ws, adapter = _write(rendered, tmp_path)
+    scenes = adapter.discover()
+    assert [s.scene for s in scenes] == [ws.scene_id]
+    assert scenes[0].num_frames == rendered.spec.num_frames
+    clip = _load(adapter, scenes[0])
+    assert np.abs(clip.c2w - ws.expected_c2w(rendered.c2w)).max() < 1e-5
+    assert np.abs(clip.intrinsics - rendered.intrinsics).max() < 1e-6
+    assert np.array_equal(clip.rgb, rendered.rgb)
+    # float16 storage: |error| <= 2^-11 relative (round to nearest, 10 mantissa bits).
+    assert np.all(np.abs(clip.depth - rendered.depth) <= rendered.depth * 2.0 ** -11 + 1e-7)
+    assert clip.depth_valid.all()
+    # Tracks equal the rendered truth in the dataset world.
+    assert np.abs(clip.tracks - ws.expected_points(rendered.tracks_world)).max() < 1e-5
+    assert np.array_equal(clip.track_visible, rendered.tracks_visible)
+    # ... and visible points project onto their pixel with the depth map's depth.
+    for t in range(clip.num_frames):
+        v = clip.track_visible[t]
+        uv, z = geo.project(clip.tracks[t, v], clip.intrinsics[t], clip.c2w[t])
+        j, i = np.floor(uv[:, 0]).astype(int), np.floor(uv[:, 1]).astype(int)
+        d = clip.depth[t, i, j]
+        assert np.median(np.abs(d - z) / z) < 0.02
+
+
+def test_sub_window_and_right_view_filter(rendered, tmp_path):
+    ws, adapter = _write(rendered, tmp_path)
+    # A right-view entry set (here duplicating the left files) must not create a default scene.
+    ann = tmp_path / "train" / "frame_annotations_train.jgz"
+    entries = json.loads(gzip.decompress(ann.read_bytes()))
+    right = [dict(e, camera_name="right") for e in entries]
+    ann.write_bytes(gzip.compress(json.dumps(entries + right).encode()))
+    adapter = get_adapter("dynamic_replica", str(tmp_path))
+    assert [s.scene for s in adapter.discover()] == [ws.scene_id]
+    both = get_adapter("dynamic_replica", str(tmp_path), {"views": ["left", "right"]}).discover()
+    assert [s.scene for s in both] == [ws.scene_id, ws.scene_id.replace("_left", "_right")]
+    clip = _load(adapter, adapter.discover()[0], [2, 4, 6])
+    assert np.abs(clip.c2w - ws.expected_c2w(rendered.c2w[[2, 4, 6]])).max() < 1e-5
+
+
+def test_trajectory_files_load_weights_only(rendered, tmp_path):
+    ws, _ = _write(rendered, tmp_path)
+    f = tmp_path / "train" / ws.scene_id.split("/")[1] / "trajectories" / "000000.pth"
+    obj = torch.load(f, weights_only=True)
+    assert set(obj) == {"traj_3d_world", "traj_2d", "verts_inds_vis", "img", "instances"}
+    assert obj["traj_2d"].shape == (rendered.spec.num_tracks, 3)
+
+
+def _scene_dir(tmp_path, ws):
+    return tmp_path / "train" / ws.scene_id.split("/")[1]
+
+
+def _edit_annotations(tmp_path, fn):
+    ann = tmp_path / "train" / "frame_annotations_train.jgz"
+    entries = json.loads(gzip.decompress(ann.read_bytes()))
+    fn(entries)
+    ann.write_bytes(gzip.compress(json.dumps(entries).encode()))
+
+
+def _expect_error(tmp_path, needle_path: str, needle_reason: str):
+    adapter = get_adapter("dynamic_replica", str(tmp_path))
+    with pytest.raises(ClipError) as err:
+        _load(adapter, adapter.discover()[0])
+    assert needle_path in str(err.value.path) and needle_reason in err.value.reason, str(err.value)
+
+
+def test_truncated_image(rendered, tmp_path):
+    ws, _ = _write(rendered, tmp_path)
+    p = _scene_dir(tmp_path, ws) / "images" / f"{ws.scene_id.split('/')[1]}-0003.png"
+    p.write_bytes(p.read_bytes()[:60])
+    _expect_error(tmp_path, p.name, "truncated")
+
+
+def test_nan_in_viewpoint(rendered, tmp_path):
+    ws, _ = _write(rendered, tmp_path)
+    _edit_annotations(tmp_path, lambda es: es[2]["viewpoint"]["T"].__setitem__(1, float("nan")))
+    _expect_error(tmp_path, "frame_annotations_train.jgz", "NaN")
+
+
+def test_unknown_intrinsics_format(rendered, tmp_path):
+    ws, _ = _write(rendered, tmp_path)
+    _edit_annotations(tmp_path, lambda es: es[0]["viewpoint"].__setitem__("intrinsics_format", "pixels"))
+    _expect_error(tmp_path, "frame_annotations_train.jgz", "intrinsics_format")
+
+
+def test_depth_size_mismatch(rendered, tmp_path):
+    ws, _ = _write(rendered, tmp_path)
+    p = _scene_dir(tmp_path, ws) / "depths" / f"{ws.scene_id.split('/')[1]}_0001.geometric.png"
+    Image.fromarray(np.zeros((10, 10), np.uint16)).save(p)
+    _expect_error(tmp_path, p.name, "depth is 10x10")
+
+
+def test_corrupt_trajectory(rendered, tmp_path):
+    ws, _ = _write(rendered, tmp_path)
+    p = _scene_dir(tmp_path, ws) / "trajectories" / "000004.pth"
+    p.write_bytes(p.read_bytes()[:100])
+    _expect_error(tmp_path, "000004.pth", "unreadable trajectory")
+
+
+def test_trajectory_point_count_mismatch(rendered, tmp_path):
+    ws, _ = _write(rendered, tmp_path)
+    p = _scene_dir(tmp_path, ws) / "trajectories" / "000005.pth"
+    obj = torch.load(p, weights_only=True)
+    obj["traj_3d_world"] = obj["traj_3d_world"][:-3]
+    obj["verts_inds_vis"] = obj["verts_inds_vis"][:-3]
+    torch.save(obj, p)
+    _expect_error(tmp_path, "000005.pth", "tracked points")
+
+
+def test_missing_frame_entry(rendered, tmp_path):
+    ws, adapter = _write(rendered, tmp_path)
+    scene = adapter.discover()[0]
+    _edit_annotations(tmp_path, lambda es: es.pop(3))
+    fresh = get_adapter("dynamic_replica", str(tmp_path))
+    with pytest.raises(ClipError) as err:
+        _load(fresh, scene)  # the scene was planned with 10 frames; the annotations now hold 9
+    assert "frame_annotations_train.jgz" in err.value.path and "annotated frames" in err.value.reason
+
+
+def test_unreadable_annotations(rendered, tmp_path):
+    _write(rendered, tmp_path)
+    (tmp_path / "train" / "frame_annotations_train.jgz").write_bytes(b"not gzip")
+    with pytest.raises(ClipError) as err:
+        get_adapter("dynamic_replica", str(tmp_path)).discover()
+    assert "frame_annotations_train.jgz" in err.value.path and "gzip JSON" in err.value.reason
+
+
+@pytest.mark.skipif(not SAMPLES.exists(), reason="no real Dynamic Replica sample in shared/datasets/samples")
+def test_real_sample():
+    adapter = get_adapter("dynamic_replica", str(SAMPLES))
+    scenes = adapter.discover()
+    assert scenes
+    s = scenes[0]
+    clip = _load(adapter, s, list(range(min(4, s.num_frames))))
+    assert np.all(geo.rotation_error(clip.c2w[:, :3, :3]) < 1e-4)
+    h, w = clip.rgb.shape[1:3]
+    assert np.all((clip.intrinsics[:, 0] > 0.3 * w) & (clip.intrinsics[:, 0] < 5 * w))
+    assert clip.depth_valid.mean() > 0.5

@@ -1,0 +1,253 @@
+"""PointOdyssey adapter: render -> official layout -> adapter, plus malformed inputs."""
+from __future__ import annotations
+
+import io
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import geometry as geo
+from pipeline.clip import ClipError, ClipMeta
+from pipeline.demo.render import render
+from pipeline.demo.writers import pointodyssey as writer
+from stages.ingest import get_adapter
+
+DEPTH_STEP = 1000.0 / 65535.0  # one depth unit; the exporter truncates, so error < one step
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    return render(writer.demo_spec(0, seed=3))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, rendered):
+    root = tmp_path_factory.mktemp("po")
+    ws = writer.write(rendered, root, writer.default_scene_id(0))
+    return root, ws
+
+
+def _meta(scene, frames):
+    return ClipMeta(dataset="pointodyssey", scene=scene, clip_id=f"{scene}:{frames[0]}", frame_indices=list(frames),
+                    dynamic=True, real=False, depth_source="gt", track_source="gt")
+
+
+def _load(root, frames, options=None):
+    adapter = get_adapter("pointodyssey", str(root), options)
+    (scene,) = adapter.discover()
+    return adapter.load_clip(scene, frames, _meta(scene.scene, frames))
+
+
+def _copy(written, tmp_path):
+    root, ws = written
+    dst = tmp_path / "copy"
+    shutil.copytree(root, dst)
+    return dst, dst / ws.scene_id
+
+
+def _rewrite_anno(scene_dir, **changes):
+    with np.load(scene_dir / "anno.npz") as z:
+        anno = {k: z[k] for k in z.files}
+    anno.update(changes)
+    np.savez(scene_dir / "anno.npz", **anno)
+    return anno
+
+
+# -- round trip ---------------------------------------------------------------------------------
+
+def test_discover_splits(tmp_path, rendered):
+    for i in range(3):
+        writer.write(rendered, tmp_path, writer.default_scene_id(i))
+    (tmp_path / "train" / "not_a_scene").mkdir()
+    scenes = get_adapter("pointodyssey", str(tmp_path)).discover()
+    assert [s.scene for s in scenes] == ["test/demo_scene_002", "train/demo_scene_000", "val/demo_scene_001"]
+    assert all(s.num_frames == rendered.spec.num_frames for s in scenes)
+
+
+def test_round_trip(written, rendered):
+    root, ws = written
+    frames = [0, 2, 3, 7, 9]
+    clip = _load(root, frames)
+    # Poses and intrinsics (the file stores float32).
+    np.testing.assert_allclose(clip.c2w, ws.expected_c2w(rendered.c2w[frames]), atol=1e-5)
+    np.testing.assert_allclose(clip.intrinsics, rendered.intrinsics[frames], atol=1e-4)
+    # Depth: 16-bit units of 1000/65535 m, truncated.
+    truth = rendered.depth[frames]
+    assert clip.depth_valid.all()
+    err = truth - clip.depth
+    assert err.min() >= -1e-5 and err.max() <= DEPTH_STEP + 1e-5
+    # JPEG (quality 95, 4:4:4): close, not exact.
+    diff = np.abs(clip.rgb.astype(int) - rendered.rgb[frames])
+    assert diff.mean() < 6 and diff.max() < 60
+    # Tracks: equal to the rendered truth in PointOdyssey's world, same visibility.
+    np.testing.assert_allclose(clip.tracks, ws.expected_points(rendered.tracks_world[frames]), atol=1e-5)
+    np.testing.assert_array_equal(clip.track_visible, rendered.tracks_visible[frames])
+    assert clip.track_visible.any()
+
+
+def test_visible_tracks_project_onto_depth(written):
+    root, _ = written
+    frames = list(range(16))
+    clip = _load(root, frames)
+    h, w = clip.depth.shape[1:]
+    hits = total = 0
+    for t in range(len(frames)):
+        vis = clip.track_visible[t]
+        uv, z = geo.project(clip.tracks[t, vis], clip.intrinsics[t], clip.c2w[t])
+        assert np.all(z > 0)
+        assert np.all((uv[:, 0] >= 0) & (uv[:, 0] < w) & (uv[:, 1] >= 0) & (uv[:, 1] < h))
+        col, row = np.floor(uv).astype(int).T
+        d = clip.depth[t, row, col]
+        hits += int(np.sum(np.abs(d - z) < 0.03 * z + 2 * DEPTH_STEP))
+        total += len(z)
+    assert total > 0 and hits / total > 0.9
+
+
+def test_compressed_anno_and_max_tracks(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    with np.load(scene_dir / "anno.npz") as z:
+        anno = {k: z[k] for k in z.files}
+    np.savez_compressed(scene_dir / "anno.npz", **anno)
+    ref = _load(written[0], [1, 4])
+    clip = _load(root, [1, 4])
+    np.testing.assert_array_equal(clip.tracks, ref.tracks)
+    np.testing.assert_array_equal(clip.c2w, ref.c2w)
+    assert _load(root, [1, 4], {"max_tracks": 10}).tracks.shape == (2, 10, 3)
+
+
+def test_nonfinite_track_points_become_invisible(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    with np.load(scene_dir / "anno.npz") as z:
+        trajs = z["trajs_3d"].copy()
+    trajs[2, :5] = np.inf
+    _rewrite_anno(scene_dir, trajs_3d=trajs)
+    clip = _load(root, [1, 2])
+    assert not clip.track_visible[1, :5].any()
+    assert np.all(np.isfinite(clip.tracks))
+
+
+# -- malformed inputs -----------------------------------------------------------------------
+
+def _expect(root, frames, *needles):
+    with pytest.raises(ClipError) as info:
+        _load(root, frames)
+    msg = str(info.value)
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+def test_truncated_jpeg(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    p = scene_dir / "rgbs" / "rgb_00003.jpg"
+    p.write_bytes(p.read_bytes()[:200])
+    _expect(root, [2, 3], "rgb_00003.jpg", "truncated")
+
+
+def test_nan_in_extrinsics(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    with np.load(scene_dir / "anno.npz") as z:
+        ext = z["extrinsics"].copy()
+    ext[4, 0, 3] = np.nan
+    _rewrite_anno(scene_dir, extrinsics=ext)
+    _expect(root, [3, 4], "anno.npz", "extrinsics contains NaN/inf")
+
+
+def test_annotation_frame_count_mismatch(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    with np.load(scene_dir / "anno.npz") as z:
+        anno = {k: z[k][:-1] for k in z.files}
+    np.savez(scene_dir / "anno.npz", **anno)
+    _expect(root, [0, 1], "anno.npz", "annotations cover 15 frames but rgbs/ has 16")
+
+
+def test_arrays_disagree_on_frames(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    with np.load(scene_dir / "anno.npz") as z:
+        vis = z["visibs"][:-2]
+    _rewrite_anno(scene_dir, visibs=vis)
+    _expect(root, [0], "anno.npz", "disagree")
+
+
+def test_wrong_extrinsics_shape(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    with np.load(scene_dir / "anno.npz") as z:
+        ext = z["extrinsics"][:, :3, :]
+    _rewrite_anno(scene_dir, extrinsics=ext)
+    _expect(root, [0], "anno.npz", "extrinsics must be (T,4,4)")
+
+
+def test_missing_key_and_not_a_zip(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    with np.load(scene_dir / "anno.npz") as z:
+        anno = {k: z[k] for k in z.files if k != "trajs_3d"}
+    np.savez(scene_dir / "anno.npz", **anno)
+    _expect(root, [0], "anno.npz", "no 'trajs_3d'")
+    (scene_dir / "anno.npz").write_bytes(b"garbage")
+    _expect(root, [0], "anno.npz", "unreadable .npz")
+
+
+def test_truncated_stored_member(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    data = (scene_dir / "anno.npz").read_bytes()
+    # Cut the archive inside its last member: the zip directory is lost, so it is unreadable.
+    (scene_dir / "anno.npz").write_bytes(data[: len(data) // 2])
+    _expect(root, [0], "anno.npz")
+
+
+def test_missing_depth_and_8bit_depth(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    p = scene_dir / "depths" / "depth_00005.png"
+    p.unlink()
+    _expect(root, [5], "depth_00005.png", "missing")
+    Image.fromarray(np.zeros((36, 64), np.uint8)).save(p)
+    _expect(root, [5], "depth_00005.png", "16-bit")
+
+
+def test_depth_size_mismatch(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    Image.fromarray(np.ones((10, 10), np.uint16)).save(scene_dir / "depths" / "depth_00001.png")
+    _expect(root, [1], "depth_00001.png", "10x10")
+
+
+def test_gap_in_frame_numbers(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    (scene_dir / "rgbs" / "rgb_00015.jpg").rename(scene_dir / "rgbs" / "rgb_00017.jpg")
+    _expect(root, [15], "rgb_00015.jpg", "contiguous")
+
+
+def test_saturated_and_zero_depth_invalid(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    p = scene_dir / "depths" / "depth_00000.png"
+    raw = np.asarray(Image.open(p)).astype(np.uint16).copy()
+    raw[0, :4] = 65535
+    raw[1, :4] = 0
+    Image.fromarray(raw).save(p)
+    clip = _load(root, [0])
+    assert not clip.depth_valid[0, 0, :4].any() and not clip.depth_valid[0, 1, :4].any()
+    assert clip.depth_valid[0, 2:].all()
+
+
+def test_stored_members_are_read_by_rows(written):
+    """The fixture's anno.npz is np.savez output (stored), which the row reader handles."""
+    root, ws = written
+    with zipfile.ZipFile(root / ws.scene_id / "anno.npz") as zf:
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
+    buf = io.BytesIO((root / ws.scene_id / "info.npz").read_bytes())
+    with np.load(buf) as info:
+        assert tuple(info["trajs_3d"]) == (16, 96, 3)
+
+
+def test_float16_annotations_load(written, tmp_path, rendered):
+    """Older exports stored annotations as float16: rotations are then only ~1e-3 orthonormal."""
+    root, scene_dir = _copy(written, tmp_path)
+    _, ws = written
+    with np.load(scene_dir / "anno.npz") as z:
+        anno = {k: (z[k].astype(np.float16) if z[k].dtype.kind == "f" else z[k]) for k in z.files}
+    np.savez(scene_dir / "anno.npz", **anno)
+    clip = _load(root, [0, 5])
+    assert np.all(geo.rotation_error(clip.c2w[:, :3, :3]) < 1e-9)  # projected back onto SO(3)
+    np.testing.assert_allclose(clip.c2w, ws.expected_c2w(rendered.c2w[[0, 5]]), atol=1e-2)

@@ -1,0 +1,67 @@
+"""The d4s command line: config errors, status --json, inspect."""
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from conftest import tartanair_config, write_tartanair
+from pipeline.cli import app
+
+runner = CliRunner()
+
+
+def test_config_errors_exit_nonzero_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output: /tmp/x\ndatasets:\n  nosuchset: {root: /tmp}\n")
+    r = runner.invoke(app, ["build", str(bad)])
+    assert r.exit_code == 2
+    assert "unknown dataset" in r.output and "nosuchset" in r.output
+    r = runner.invoke(app, ["build", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and "config file not found" in r.output
+    bad.write_text("output: /tmp/x\nshard_size: -1\ndatasets:\n  tartanair: {root: /tmp}\n")
+    r = runner.invoke(app, ["build", str(bad)])
+    assert r.exit_code == 2 and "shard_size" in r.output
+    r = runner.invoke(app, ["status", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "no plan recorded" in r.output
+
+
+def test_empty_root_is_a_config_error(tmp_path):
+    cfg = tartanair_config(tmp_path, tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    p = tmp_path / "c.yaml"
+    p.write_text(cfg.to_yaml())
+    r = runner.invoke(app, ["build", str(p)])
+    assert r.exit_code == 2 and "no scenes found" in r.output
+
+
+def test_status_json_and_verify_after_build(tmp_path, ray_local):
+    data = tmp_path / "data"
+    write_tartanair(data, n_scenes=1, frames=7)
+    cfg = tartanair_config(tmp_path, data)
+    p = tmp_path / "c.yaml"
+    p.write_text(cfg.to_yaml())
+    r = runner.invoke(app, ["build", str(p), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["status", str(tmp_path / "out"), "--json"])
+    st = json.loads(r.stdout)
+    assert st["datasets"]["tartanair"] == {"clips_done": 2, "clips_failed": 0, "clips_pending": 0}
+    assert st["shards"] == {"done": 1, "failed": 0, "pending": 0}
+    r = runner.invoke(app, ["verify", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "verify OK" in r.stdout
+
+
+def test_inspect_reports_scene_and_problems(tmp_path):
+    data = tmp_path / "data"
+    (r, ws), = write_tartanair(data, n_scenes=1, frames=6)
+    scene = data / ws.scene_id
+    res = runner.invoke(app, ["inspect", "tartanair", str(scene), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["num_frames"] == 6 and rep["image_size"] == [32, 24] and rep["problems"] == []
+    assert len(rep["c2w"]) == 6 and len(rep["intrinsics"][0]) == 4 and rep["has_depth"]
+    (scene / "image_left" / "000003_left.png").write_bytes(b"\x89PNG broken")
+    res = runner.invoke(app, ["inspect", "tartanair", str(scene), "--json"])
+    rep = json.loads(res.stdout)
+    assert res.exit_code == 1 and len(rep["problems"]) == 1 and "000003_left.png" in rep["problems"][0]
+    assert rep["frames_read"] == 5
