@@ -14,7 +14,6 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from pipeline import geometry as geo

@@ -1,0 +1,228 @@
+"""Stereo4D: per-clip ``.npz`` annotations plus the rectified left-eye perspective video.
+
+Facts (sources in docs/datasets/stereo4d.md; FORMATS.md §9 is corrected there): the released
+``<split>/<clip>.npz`` (clip = ``<youtube_id>_<first_timestamp_us>``) holds ``name``,
+``video_id``, ``timestamps`` (T,) in microseconds, ``camera2world`` (T,3,4) poses of the
+rectified left camera (OpenCV axes, metres), the 3D tracks packed as ``track_lengths`` (N,),
+``track_indices`` (sum of lengths,) frame indices and ``track_coordinates`` (sum, 3) world
+metres, and ``rectified2rig``/``fov_bounds`` (only needed to make the video). The official
+loader ``utils.load_dataset_npz`` unpacks the tracks into ``track3d`` (N,T,3) with NaN where a
+track has no point, and turns the poses into ``extrs_rectified`` = world-to-camera (T,3,4); a
+file already holding those two keys (a saved output of that loader) is read too.
+
+The video ``<clip>-left_rectified.mp4`` is made by the authors' ``rectify.py`` from the
+YouTube VR180 video: 512x512, 60 degree horizontal FOV, principal point at the image centre,
+pixel rays sampled at pixel centres (+0.5), i.e. exactly the d4s convention with
+fx = fy = (W/2)/tan(30 deg), cx = W/2, cy = H/2. It has one frame per timestamp. We look for it
+beside the npz (``<split>/<clip>-left_rectified.mp4``), in rectify.py's per-clip output folder
+(``<split>/<clip>/<clip>-left_rectified.mp4``) or ``processed/<clip>/...`` (rectify.py's
+default output folder next to ``npz/``); option ``video_pattern`` overrides this with a
+template relative to the root using ``{split}`` and ``{clip}``.
+
+Tracks: a point present in the file is one the authors kept as visible with valid stereo
+depth, so ``track_visible`` = present; absent entries are NaN in ``clip.tracks``. Only tracks
+with at least one point in the clip's frames are returned. There is no dense depth: a later
+stage projects the tracks for sparse metric depth (``depth_source = "sparse"``).
+"""
+from __future__ import annotations
+
+import io
+import posixpath
+
+import numpy as np
+
+from pipeline import geometry as geo
+from pipeline.clip import Clip, ClipError, ClipMeta
+from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
+
+HFOV_DEG = 60.0  # rectify.py NewCropFlags.output_hfov / --output_hfov default
+VIDEO_SUFFIX = "-left_rectified.mp4"
+ROTATION_TOL = 1e-3
+RAW_KEYS = ("timestamps", "camera2world", "track_lengths", "track_indices", "track_coordinates")
+DECODED_KEYS = ("timestamps", "extrs_rectified", "track3d")
+
+
+def stereo4d_intrinsics(width: int, height: int, hfov_deg: float = HFOV_DEG) -> np.ndarray:
+    """fx fy cx cy of the rectified perspective video (square pixels, centred principal point)."""
+    f = geo.fov_to_focal(np.deg2rad(hfov_deg), width)
+    return np.array([f, f, width / 2.0, height / 2.0])
+
+
+class Stereo4DAdapter(DatasetAdapter):
+    name = "stereo4d"
+    version = "1"
+    capabilities = Capabilities(dynamic=True, has_depth=False, has_tracks=True, real=True, metric_poses=True)
+    # Real, dynamic, metric cameras and sparse metric 3D tracks. Depth comes from projecting the
+    # tracks (sparse); GT tracks. Official tools treat depth beyond 20 m as invalid
+    # (utils.Track3d valid_depth_max=20): beyond that the 63 mm baseline gives < 1.5 px disparity.
+    defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=1.0,
+                               loss_weights={"depth": 0.5, "motion": 1.0, "photo": 1.0},
+                               depth_source="sparse", track_source="gt", min_depth_m=0.05, max_depth_m=20.0)
+
+    # -- discovery ---------------------------------------------------------------------------
+    def discover(self) -> list[SceneRef]:
+        scenes = []
+        for p in self.store.fs.glob(self.store.path("*/*.npz")):
+            rel = posixpath.relpath(p, self.store.root)
+            try:
+                with self.store.open(rel) as f, np.load(f, allow_pickle=False) as z:
+                    if "timestamps" not in z.files:
+                        continue  # not a Stereo4D annotation (e.g. a disparity npz)
+                    n = int(np.asarray(z["timestamps"]).reshape(-1).shape[0])
+            except Exception:
+                # An unreadable npz is still listed so that loading it reports the problem.
+                n = 0
+            if n:
+                scenes.append(SceneRef(self.name, rel[: -len(".npz")], n))
+            else:
+                scenes.append(SceneRef(self.name, rel[: -len(".npz")], 1, extra=("unreadable",)))
+        return sorted(set(scenes), key=lambda s: s.scene)
+
+    def video_candidates(self, scene: SceneRef) -> list[str]:
+        split, clip = posixpath.split(scene.scene)
+        pattern = self.options.get("video_pattern")
+        if pattern:
+            return [pattern.format(split=split, clip=clip)]
+        parent = posixpath.dirname(split)
+        return [
+            posixpath.join(split, clip + VIDEO_SUFFIX),
+            posixpath.join(split, clip, clip + VIDEO_SUFFIX),
+            posixpath.join(parent, "processed", clip, clip + VIDEO_SUFFIX),
+        ]
+
+    # -- annotations ---------------------------------------------------------------------------
+    def read_annotations(self, scene: SceneRef) -> dict:
+        """c2w (T,4,4), timestamps (T,), and the packed tracks, validated."""
+        rel = scene.scene + ".npz"
+        where = self.where(rel)
+        data = self.read(rel)
+        try:
+            z = np.load(io.BytesIO(data), allow_pickle=False)
+            files = set(z.files)
+        except Exception as exc:
+            raise ClipError(f"unreadable .npz ({type(exc).__name__}: {exc})", where) from None
+
+        def get(key):
+            try:
+                return np.asarray(z[key])
+            except Exception as exc:
+                raise ClipError(f"unreadable array {key!r} ({type(exc).__name__}: {exc})", where) from None
+
+        if set(RAW_KEYS) <= files:
+            form = "raw"
+        elif set(DECODED_KEYS) <= files:
+            form = "decoded"
+        else:
+            missing = [k for k in RAW_KEYS if k not in files]
+            raise ClipError(f"missing keys {missing} (has {sorted(files)})", where)
+        ts = get("timestamps").reshape(-1)
+        t = len(ts)
+        if t == 0:
+            raise ClipError("no frames: 'timestamps' is empty", where)
+        if not np.all(np.isfinite(ts.astype(np.float64))) or np.any(np.diff(ts.astype(np.float64)) <= 0):
+            raise ClipError("'timestamps' must be finite and strictly increasing", where)
+        if t != scene.num_frames:
+            raise ClipError(f"{t} timestamps, expected {scene.num_frames} (file changed since discovery?)", where)
+        out = {"timestamps": ts.astype(np.int64), "form": form}
+        for key in ("name", "video_id"):
+            if key in files:
+                try:
+                    out[key] = str(np.asarray(z[key]).reshape(-1)[0]) if np.asarray(z[key]).size else ""
+                except Exception:
+                    pass
+        if form == "raw":
+            pose = get("camera2world").astype(np.float64)
+            if pose.ndim != 3 or pose.shape[1:] not in ((3, 4), (4, 4)):
+                raise ClipError(f"'camera2world' must be (T,3,4), got {pose.shape}", where)
+            if len(pose) != t:
+                raise ClipError(f"'camera2world' has {len(pose)} poses for {t} timestamps", where)
+            c2w = geo.make_pose(pose[:, :3, :3], pose[:, :3, 3])
+        else:
+            pose = get("extrs_rectified").astype(np.float64)
+            if pose.ndim != 3 or pose.shape[1:] not in ((3, 4), (4, 4)):
+                raise ClipError(f"'extrs_rectified' must be (T,3,4), got {pose.shape}", where)
+            if len(pose) != t:
+                raise ClipError(f"'extrs_rectified' has {len(pose)} poses for {t} timestamps", where)
+            c2w = geo.invert_pose(geo.make_pose(pose[:, :3, :3], pose[:, :3, 3]))
+        if not np.all(np.isfinite(pose)):
+            bad = int(np.flatnonzero(~np.isfinite(pose).all(axis=(1, 2)))[0])
+            raise ClipError(f"camera pose of frame {bad} contains NaN/inf", where)
+        err = geo.rotation_error(pose[:, :3, :3])
+        if np.any(err > ROTATION_TOL):
+            bad = int(np.argmax(err))
+            raise ClipError(f"rotation of frame {bad} is not orthonormal (error {err[bad]:.2e})", where)
+        out["c2w"] = c2w
+        if form == "raw":
+            lengths = get("track_lengths").reshape(-1)
+            idx = get("track_indices").reshape(-1)
+            coords = get("track_coordinates")
+            if not (np.issubdtype(lengths.dtype, np.integer) and np.issubdtype(idx.dtype, np.integer)):
+                raise ClipError(f"'track_lengths'/'track_indices' must be integers, got {lengths.dtype}/{idx.dtype}",
+                                where)
+            if np.any(lengths < 0):
+                raise ClipError("'track_lengths' has negative entries", where)
+            total = int(lengths.sum())
+            if coords.ndim != 2 or coords.shape[1] != 3:
+                raise ClipError(f"'track_coordinates' must be (M,3), got {coords.shape}", where)
+            if len(idx) != total or len(coords) != total:
+                raise ClipError(f"track arrays disagree: sum(track_lengths) = {total}, {len(idx)} track_indices, "
+                                f"{len(coords)} track_coordinates", where)
+            if total and (idx.min() < 0 or idx.max() >= t):
+                raise ClipError(f"'track_indices' outside 0..{t - 1} (min {idx.min()}, max {idx.max()})", where)
+            if not np.all(np.isfinite(coords)):
+                raise ClipError("'track_coordinates' contains NaN/inf", where)
+            rows = np.repeat(np.arange(len(lengths)), lengths)
+            if total and len(np.unique(rows.astype(np.int64) * t + idx)) != total:
+                raise ClipError("a track has two points for the same frame in 'track_indices'", where)
+            out.update(track_rows=rows, track_frames=idx.astype(np.int64), track_xyz=coords, num_tracks=len(lengths))
+        else:
+            tracks = get("track3d")
+            if tracks.ndim != 3 or tracks.shape[1] != t or tracks.shape[2] != 3:
+                raise ClipError(f"'track3d' must be (N,{t},3), got {tracks.shape}", where)
+            present = np.isfinite(tracks).all(axis=2)
+            partial = np.isfinite(tracks).any(axis=2) & ~present
+            if np.any(partial) or np.any(np.isinf(tracks)):
+                raise ClipError("'track3d' has inf or partly-NaN points", where)
+            rows, frames_ = np.nonzero(present)
+            out.update(track_rows=rows, track_frames=frames_.astype(np.int64), track_xyz=tracks[rows, frames_],
+                       num_tracks=tracks.shape[0])
+        return out
+
+    # -- clip ----------------------------------------------------------------------------------
+    def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
+        if scene.extra == ("unreadable",):
+            self.read_annotations(scene)  # raises with the reason
+        self.frame_window(scene, frames)
+        ann = self.read_annotations(scene)
+        t = scene.num_frames
+        video_rel = next((c for c in self.video_candidates(scene) if self.store.exists(c)), None)
+        if video_rel is None:
+            tried = ", ".join(self.video_candidates(scene))
+            raise ClipError(f"rectified left video is missing (make it with the authors' rectify.py; looked for "
+                            f"{tried})", self.where(self.video_candidates(scene)[0]))
+        from stages.ingest.video import read_video
+
+        rgb = read_video(self.read(video_rel), self.where(video_rel), frames=frames, expect_frames=t)
+        h, w = rgb.shape[1:3]
+        hfov = float(self.options.get("hfov_deg", HFOV_DEG))
+        k = np.tile(stereo4d_intrinsics(w, h, hfov), (len(frames), 1))
+        c2w = ann["c2w"][frames]
+
+        # Tracks of the clip's frames: column j of the clip is scene frame frames[j].
+        col = np.full(t, -1, dtype=np.int64)
+        col[np.asarray(frames)] = np.arange(len(frames))
+        sel = col[ann["track_frames"]] >= 0
+        rows, cols, xyz = ann["track_rows"][sel], col[ann["track_frames"][sel]], ann["track_xyz"][sel]
+        keep, rows_c = np.unique(rows, return_inverse=True)
+        tracks = np.full((len(frames), len(keep), 3), np.nan, dtype=np.float32)
+        visible = np.zeros((len(frames), len(keep)), dtype=bool)
+        tracks[cols, rows_c] = xyz
+        visible[cols, rows_c] = True
+
+        meta.extra.setdefault("timestamps_us", [int(ann["timestamps"][i]) for i in frames])
+        meta.extra.setdefault("num_tracks_in_file", int(ann["num_tracks"]))
+        for key in ("name", "video_id"):
+            if key in ann:
+                meta.extra.setdefault(key, ann[key])
+        meta.extra.setdefault("hfov_deg", hfov)
+        return Clip(meta=meta, rgb=rgb, intrinsics=k, c2w=c2w, tracks=tracks, track_visible=visible).validate()
