@@ -25,7 +25,7 @@ class _Strict(BaseModel):
 class DatasetConfig(_Strict):
     """One dataset to ingest. Unset fields take the adapter's defaults (see docs/DATASETS.md)."""
 
-    root: str
+    root: str = Field(..., description="dataset root: local path or fsspec URL (s3://, gs://, file://)")
     enabled: bool = True
     clip_length: int | None = Field(None, ge=1)
     frame_stride: int | None = Field(None, ge=1)
@@ -38,14 +38,14 @@ class DatasetConfig(_Strict):
     track_source: str | None = None
     min_depth_m: float | None = Field(None, gt=0)
     max_depth_m: float | None = Field(None, gt=0)
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict, description="adapter-specific options (docs/datasets/)")
 
 
 class StageResources(_Strict):
     num_cpus: float = 1.0
-    num_gpus: float = 0.0  # per actor; 0 = use a GPU only if "auto" below finds one
-    actors: int = 1
-    auto_gpu: bool = True  # take one GPU per actor when the cluster has GPUs
+    num_gpus: float = Field(0.0, description="GPUs per actor; 0 with auto_gpu takes one GPU when the cluster has GPUs")
+    actors: int = Field(1, description="actors in the pool (one model each)")
+    auto_gpu: bool = Field(True, description="take one GPU per actor when the cluster has GPUs")
 
 
 class DepthStageConfig(_Strict):
@@ -57,7 +57,7 @@ class DepthStageConfig(_Strict):
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     input_size: int = 518
     compile: bool = False
-    allow_random_weights: bool = False  # only for demos/benchmarks; flagged in every sample
+    allow_random_weights: bool = Field(False, description="demos/benchmarks only: run without a checkpoint; every sample is flagged untrained")
     resources: StageResources = Field(default_factory=lambda: StageResources(num_gpus=1.0))
 
 
@@ -67,10 +67,10 @@ class AlignStageConfig(_Strict):
     model: Literal["disparity_affine", "depth_affine", "scale_only"] = "disparity_affine"
     per_frame: bool = False
     robust: Literal["huber", "tukey", "none"] = "huber"
-    megasam_command: str | None = None  # template with {frames_dir} {out_npz} {clip_id}
+    megasam_command: str | None = Field(None, description="MegaSaM command template with {frames_dir} {out_npz} {clip_id}")
     megasam_timeout_s: float = 3600.0
     megasam_retries: int = 1
-    cache_dir: str | None = None  # default OUT/cache/megasam
+    cache_dir: str | None = Field(None, description="MegaSaM output cache (default OUT/cache/megasam)")
     thresholds: dict[str, float] = Field(default_factory=dict)
 
 
@@ -90,7 +90,7 @@ class QCConfig(_Strict):
     """Cheap geometric checks applied to every clip after ingest (reasons go to the manifest)."""
 
     max_rotation_error: float = 1e-3
-    max_step_translation_m: float = 50.0  # a camera jumping further between frames is an outlier
+    max_step_translation_m: float = Field(50.0, description="a camera moving further between frames is an outlier")
     max_step_rotation_deg: float = 60.0
     max_track_reprojection_px: float = 2.0
     min_valid_depth_fraction: float = 0.01
@@ -99,17 +99,17 @@ class QCConfig(_Strict):
 class FaultConfig(_Strict):
     """Fault-injection hooks for tests and chaos runs. Never set these in production."""
 
-    worker_exit_on_clip: int | None = None  # planned clip ordinal whose ingest worker os._exit()s once
-    driver_exit_after_shards: int | None = None  # the driver os._exit()s after this many shards
-    marker_dir: str | None = None  # where 'already crashed' markers live (default OUT/.faults)
+    worker_exit_on_clip: int | None = Field(None, description="the ingest worker of this planned clip ordinal os._exit()s once")
+    driver_exit_after_shards: int | None = Field(None, description="the driver os._exit()s after this many shards finish")
+    marker_dir: str | None = Field(None, description="where 'already crashed' markers live (default OUT/.faults)")
 
 
 class RayConfig(_Strict):
-    address: str | None = None  # None: local Ray (or RAY_ADDRESS if set)
-    num_cpus: int | None = None  # local Ray only
-    num_gpus: int | None = None
-    task_retries: int = 3
-    actor_restarts: int = 3
+    address: str | None = Field(None, description="Ray address to join; None: RAY_ADDRESS if set, else a local Ray")
+    num_cpus: int | None = Field(None, description="CPUs of a local Ray (ignored when joining a cluster)")
+    num_gpus: int | None = Field(None, description="GPUs of a local Ray")
+    task_retries: int = Field(3, description="Ray retries of a task whose worker died")
+    actor_restarts: int = Field(3, description="restarts of a model actor whose process died")
 
 
 class StagesConfig(_Strict):
@@ -122,8 +122,8 @@ class BuildConfig(_Strict):
     output: str
     datasets: dict[str, DatasetConfig]
     shard_size: int = Field(8, ge=1, description="clips per shard")
-    jpeg_quality: int = Field(95, ge=1, le=100)
-    max_inflight_shards: int = Field(4, ge=1)
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of stored frames")
+    max_inflight_shards: int = Field(4, ge=1, description="shard pipelines in flight at once (bounds memory)")
     seed: int = 0
     stages: StagesConfig = Field(default_factory=StagesConfig)
     qc: QCConfig = Field(default_factory=QCConfig)
