@@ -66,12 +66,13 @@ class AlignStageConfig(_Strict):
 
     model: Literal["disparity_affine", "depth_affine", "scale_only"] = "disparity_affine"
     per_frame: bool = False
-    robust: Literal["huber", "tukey", "none"] = "huber"
+    robust: Literal["huber", "tukey", "none"] = "tukey"
+    drop_on_qc: bool = Field(True, description="drop clips failing alignment QC (False: keep them, QC recorded in meta)")
     megasam_command: str | None = Field(None, description="MegaSaM command template with {frames_dir} {out_npz} {clip_id}")
     megasam_timeout_s: float = 3600.0
     megasam_retries: int = 1
     cache_dir: str | None = Field(None, description="MegaSaM output cache (default OUT/cache/megasam)")
-    thresholds: dict[str, float] = Field(default_factory=dict)
+    thresholds: dict[str, float] = Field(default_factory=dict, description="AlignQCThresholds overrides (docs/ALIGNMENT.md)")
 
 
 class TrackStageConfig(_Strict):

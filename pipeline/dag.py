@@ -183,7 +183,16 @@ class ShardDAG:
         if res.auto_gpu and not res.num_gpus and _cluster_has_gpus():
             gpus = 1.0
         device = "cuda" if gpus > 0 else "cpu"
-        opts = dict(num_cpus=res.num_cpus if gpus else min(res.num_cpus, 1.0), num_gpus=gpus,
+        cpus = res.num_cpus
+        total_cpus = ray.cluster_resources().get("CPU", 0)
+        n_actors = sum(self.cfg.stages.depth.resources.actors if s == "depth" else self.cfg.stages.tracks.resources.actors
+                       for s in ("depth", "tracks") if (s == "depth" and self.needs_depth) or (s == "tracks" and self.needs_track_model))
+        if not gpus and cpus * n_actors >= total_cpus:
+            # On a small CPU-only cluster (a laptop) reserving CPUs for idle-most-of-the-time model
+            # actors would starve the ingest tasks that feed them: share the CPUs instead.
+            log.info("model actors share CPUs with tasks (%s CPUs for %s actors)", total_cpus, n_actors)
+            cpus = 0
+        opts = dict(num_cpus=cpus, num_gpus=gpus,
                     max_restarts=self.cfg.ray.actor_restarts, max_task_retries=self.cfg.ray.task_retries)
         return [ModelActor.options(**opts).remote(stage, self.cfg, device) for _ in range(max(1, res.actors))]
 

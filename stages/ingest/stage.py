@@ -48,6 +48,7 @@ def ingest_clip(spec: dict, scene: SceneRef, cfg: BuildConfig) -> Clip | ClipFai
         clip = adapter.load_clip(scene, list(spec["frames"]), meta)
         clip.meta.depth_source = "gt" if clip.depth is not None else "none"
         clip.meta.track_source = "gt" if clip.tracks is not None else "none"
+        clip.meta.extra.setdefault("metric_poses", adapter.capabilities.metric_poses)
         clip.meta.qc.update(geometric_qc(clip, cfg.qc, metric_poses=adapter.capabilities.metric_poses))
         return clip.validate()
     except Exception as exc:  # every failure is data about this clip, never a crash of the shard

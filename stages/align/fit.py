@@ -1,0 +1,390 @@
+"""Robust least-squares alignment of a relative depth prediction to a metric reference.
+
+Model (default): in disparity (inverse depth) space the metric disparity ``y = 1/d_ref`` is an
+affine function of the predicted relative disparity ``x``::
+
+    y ~= s * x + b          (one (s, b) per clip: temporally consistent)
+
+``s`` and ``b`` minimise ``sum_i w_i * rho(s x_i + b - y_i)`` where the weights ``w_i`` come from
+iteratively re-weighted least squares (IRLS) with a Huber or Tukey biweight function of the
+residual divided by a robust scale (1.4826 * median |r|). Each IRLS step is the closed-form
+solution of the weighted normal equations (centred form, so it is well conditioned):
+
+    s = sum w (x - xm)(y - ym) / sum w (x - xm)^2,     b = ym - s xm     (xm, ym weighted means)
+
+Options: per-frame pairs (``per_frame``), depth space (``space="depth"``: ``d_ref ~= s x + b``
+with ``x`` the predicted depth), scale only (``b = 0``), and a RANSAC initialisation over random
+two-point (one-point for scale-only) minimal subsets. Tukey IRLS is started from the Huber
+solution (Tukey is not convex and needs a good start). Everything is vectorised over frames;
+the fit sees at most ``max_fit_points`` random valid pixels per group, the result is applied to
+every pixel.
+
+Degenerate inputs raise :class:`AlignmentError` (a :class:`pipeline.clip.ClipError`) with the
+reason: too few valid points, a near-constant prediction, a singular system, a non-positive or
+non-finite scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.clip import ClipError
+
+_MAD = 1.4826  # median |r| -> standard deviation for Gaussian residuals
+
+
+class AlignmentError(ClipError):
+    """Alignment of one clip failed; ``reason`` says why. The runner records it and moves on."""
+
+
+class FitOptions(BaseModel):
+    """How :func:`fit_alignment` fits. Defaults: one disparity scale+shift per clip, Tukey IRLS."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    space: Literal["disparity", "depth"] = "disparity"
+    per_frame: bool = False
+    scale_only: bool = False
+    robust: Literal["tukey", "huber", "none"] = "tukey"
+    huber_c: float = Field(1.345, gt=0)  # in units of the robust sigma
+    tukey_c: float = Field(4.685, gt=0)
+    relative: bool = False  # residuals divided by |y| (weights 1/y^2): fit relative error
+    iters: int = Field(30, ge=1)
+    tol: float = 1e-8
+    ransac_iters: int = Field(64, ge=0)  # 0 disables the RANSAC initialisation
+    ransac_points: int = Field(4096, ge=16)  # points scored per hypothesis
+    ransac_thresh: float = Field(0.05, gt=0)  # relative residual |r|/|y| counted as inlier
+    inlier_k: float = Field(3.0, gt=0)  # final inlier: |r| <= inlier_k * sigma
+    sigma_floor: float = Field(1e-3, gt=0)  # robust sigma >= sigma_floor * median |y|
+    max_fit_points: int = Field(200_000, ge=16)  # random subsample per group for the fit
+    min_points: int = Field(64, ge=2)
+    min_rel_spread: float = Field(0.02, ge=0)  # std(x)/mean|x| below this: near-constant
+    min_depth: float = Field(1e-3, gt=0)  # metres; reference and output outside are invalid
+    max_depth: float = Field(1e3, gt=0)
+    seed: int = 0
+
+
+@dataclass
+class AlignResult:
+    """What :func:`fit_alignment` found, and the aligned metric depth.
+
+    ``scale``/``shift`` are floats for a per-clip fit and ``(T,)`` arrays for a per-frame fit
+    (in the fitting space: disparity ``1/m`` or depth ``m``). ``inlier_ratio`` is over the fitted
+    points; ``residual`` is the RMS relative residual ``(s x + b - y) / y`` over inliers;
+    ``abs_rel`` and ``delta_1_25`` compare the aligned depth with the reference on every pixel
+    valid in both (outliers of the reference included). ``depth`` (T,H,W) float32 metres is
+    valid where ``valid``; elsewhere it is 0.
+    """
+
+    scale: float | np.ndarray
+    shift: float | np.ndarray
+    inlier_ratio: float
+    residual: float
+    abs_rel: float
+    delta_1_25: float
+    n_points: int
+    depth: np.ndarray
+    valid: np.ndarray
+    space: str = "disparity"
+    per_frame: bool = False
+    sigma: float | np.ndarray = 0.0
+    valid_ratio: float = 1.0  # output-valid pixels / prediction-valid pixels
+    abs_rel_per_frame: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    iterations: int = 0
+
+    def scale_per_frame(self, num_frames: int) -> np.ndarray:
+        return np.broadcast_to(np.asarray(self.scale, dtype=np.float64), (num_frames,)).copy()
+
+    def shift_per_frame(self, num_frames: int) -> np.ndarray:
+        return np.broadcast_to(np.asarray(self.shift, dtype=np.float64), (num_frames,)).copy()
+
+    def summary(self) -> dict:
+        """JSON-serialisable numbers (no arrays of pixels)."""
+        def num(v):
+            a = np.asarray(v, dtype=np.float64)
+            return float(a) if a.ndim == 0 else [float(x) for x in a]
+        return {
+            "scale": num(self.scale), "shift": num(self.shift), "space": self.space,
+            "per_frame": self.per_frame, "inlier_ratio": float(self.inlier_ratio),
+            "residual": float(self.residual), "abs_rel": float(self.abs_rel),
+            "delta_1_25": float(self.delta_1_25), "n_points": int(self.n_points),
+            "valid_ratio": float(self.valid_ratio), "iterations": int(self.iterations),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _to_space(values: np.ndarray, kind: str, space: str) -> np.ndarray:
+    """Express a depth or disparity array in the fitting space (1/v where the kinds differ)."""
+    v = np.asarray(values, dtype=np.float64)
+    if kind == space:
+        return v
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(v > 0, 1.0 / v, np.nan)
+
+
+def _masked_median(a: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Median of ``a`` over ``m`` along axis 1 for (G, N) arrays."""
+    return np.nanmedian(np.where(m, a, np.nan), axis=1)
+
+
+def _solve(x, y, w, scale_only: bool):
+    """Weighted LS per group (rows). Returns s, b, sxx (the centred weighted spread)."""
+    sw = w.sum(axis=1)
+    if scale_only:
+        sxx = (w * x * x).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s = (w * x * y).sum(axis=1) / sxx
+        return s, np.zeros_like(s), sxx
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xm = (w * x).sum(axis=1) / sw
+        ym = (w * y).sum(axis=1) / sw
+        dx = x - xm[:, None]
+        sxx = (w * dx * dx).sum(axis=1)
+        s = (w * dx * (y - ym[:, None])).sum(axis=1) / sxx
+        b = ym - s * xm
+    return s, b, sxx
+
+
+def _weights(u: np.ndarray, kind: str) -> np.ndarray:
+    au = np.abs(u)
+    if kind == "huber":
+        with np.errstate(divide="ignore"):
+            return np.where(au <= 1.0, 1.0, 1.0 / np.maximum(au, 1e-300))
+    if kind == "tukey":
+        return np.where(au < 1.0, (1.0 - u * u) ** 2, 0.0)
+    return np.ones_like(u)
+
+
+def _where(g: int, per_frame: bool) -> str:
+    return f" in frame {g}" if per_frame else ""
+
+
+def _ransac_init(x, y, m, opts: FitOptions, rng) -> np.ndarray:
+    """Inlier masks (G, N) of the best minimal-subset hypothesis per group."""
+    g_count, n = x.shape
+    init = m.copy()
+    k = opts.ransac_iters
+    for g in range(g_count):
+        idx = np.flatnonzero(m[g])
+        if idx.size < 2:
+            continue
+        i1 = rng.choice(idx, size=k)
+        if opts.scale_only:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                s_h = y[g, i1] / x[g, i1]
+            b_h = np.zeros_like(s_h)
+        else:
+            i2 = rng.choice(idx, size=k)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                s_h = (y[g, i1] - y[g, i2]) / (x[g, i1] - x[g, i2])
+                b_h = y[g, i1] - s_h * x[g, i1]
+        ok = np.isfinite(s_h) & np.isfinite(b_h) & (s_h > 0)
+        if not np.any(ok):
+            continue
+        s_h, b_h = s_h[ok], b_h[ok]
+        score_idx = idx if idx.size <= opts.ransac_points else rng.choice(idx, opts.ransac_points, replace=False)
+        xs, ys = x[g, score_idx], y[g, score_idx]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.abs(s_h[:, None] * xs[None] + b_h[:, None] - ys[None]) / np.abs(ys[None])
+        count = (rel < opts.ransac_thresh).sum(axis=1)
+        best = int(np.argmax(count))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel_all = np.abs(s_h[best] * x[g] + b_h[best] - y[g]) / np.abs(y[g])
+        inl = m[g] & (rel_all < opts.ransac_thresh)
+        if inl.sum() >= max(opts.min_points, 2):
+            init[g] = inl
+    return init
+
+
+# ----------------------------------------------------------------------------------------------
+# The fit
+
+
+def fit_alignment(
+    prediction: np.ndarray,
+    ref_depth: np.ndarray,
+    ref_valid: np.ndarray | None = None,
+    *,
+    prediction_kind: Literal["disparity", "depth"] = "disparity",
+    prediction_valid: np.ndarray | None = None,
+    exclude: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    options: FitOptions | None = None,
+) -> AlignResult:
+    """Align a relative ``prediction`` (T,H,W) to metric ``ref_depth`` (T,H,W, metres).
+
+    ``prediction_kind`` says whether the prediction is a (relative) disparity or depth.
+    ``ref_valid`` marks usable reference pixels (sparse references: few True); non-finite,
+    ``<= min_depth`` or ``> max_depth`` reference values are ignored too. ``prediction_valid``
+    marks usable prediction pixels; ``exclude`` (sky, dynamic, ...) removes pixels from both the
+    fit and the output. ``weights`` are optional per-pixel confidences of the reference.
+    """
+    opts = options or FitOptions()
+    pred = np.asarray(prediction)
+    ref = np.asarray(ref_depth, dtype=np.float64)
+    if pred.ndim != 3:
+        raise AlignmentError(f"prediction must be (T,H,W), got {pred.shape}")
+    if ref.shape != pred.shape:
+        raise AlignmentError(f"reference depth {ref.shape} does not match prediction {pred.shape}")
+    t, h, w = pred.shape
+    shape = pred.shape
+
+    def mask(a, name):
+        if a is None:
+            return np.ones(shape, bool)
+        a = np.asarray(a, dtype=bool)
+        if a.shape != shape:
+            raise AlignmentError(f"{name} {a.shape} does not match prediction {shape}")
+        return a
+
+    x_full = _to_space(pred, prediction_kind, opts.space)
+    pred_ok = np.isfinite(x_full) & mask(prediction_valid, "prediction_valid") & ~(
+        mask(exclude, "exclude") if exclude is not None else np.zeros(shape, bool))
+    if opts.space == "depth" or prediction_kind == "depth":
+        pred_ok &= x_full > 0
+    with np.errstate(invalid="ignore"):
+        ref_ok = np.isfinite(ref) & (ref > opts.min_depth) & (ref <= opts.max_depth) & mask(ref_valid, "ref_valid")
+    y_full = _to_space(np.where(ref_ok, ref, 1.0), "depth", opts.space)
+    base_w = np.ones(shape) if weights is None else np.asarray(weights, dtype=np.float64)
+    if base_w.shape != shape:
+        raise AlignmentError(f"weights {base_w.shape} do not match prediction {shape}")
+    fit_ok = pred_ok & ref_ok & np.isfinite(base_w) & (base_w > 0)
+
+    # Gather at most max_fit_points random valid points per group into (G, N) arrays.
+    groups = t if opts.per_frame else 1
+    rng = np.random.default_rng(opts.seed)
+    xg_src = x_full.reshape(groups, -1)
+    yg_src = y_full.reshape(groups, -1)
+    wg_src = base_w.reshape(groups, -1)
+    mg_src = fit_ok.reshape(groups, -1)
+    counts = mg_src.sum(axis=1)
+    for g in range(groups):
+        if counts[g] < opts.min_points:
+            raise AlignmentError(f"too few valid points{_where(g, opts.per_frame)}: "
+                                 f"{int(counts[g])} < {opts.min_points}")
+    n_max = int(min(counts.max(), opts.max_fit_points))
+    x = np.zeros((groups, n_max))
+    y = np.ones((groups, n_max))
+    wb = np.zeros((groups, n_max))
+    m = np.zeros((groups, n_max), bool)
+    for g in range(groups):
+        idx = np.flatnonzero(mg_src[g])
+        if idx.size > n_max:
+            idx = np.sort(rng.choice(idx, n_max, replace=False))
+        k = idx.size
+        x[g, :k], y[g, :k], wb[g, :k], m[g, :k] = xg_src[g, idx], yg_src[g, idx], wg_src[g, idx], True
+    n_points = int(m.sum())
+
+    # Degeneracy: the prediction must vary (scale+shift) and be non-zero (scale only).
+    mx = _masked_median(np.abs(x), m)
+    spread = np.sqrt(np.nanmean(np.where(m, (x - np.nanmean(np.where(m, x, np.nan), axis=1)[:, None]) ** 2,
+                                         np.nan), axis=1))
+    for g in range(groups):
+        if not mx[g] > 0:
+            raise AlignmentError(f"prediction is zero on all valid points{_where(g, opts.per_frame)}")
+        if not opts.scale_only and spread[g] < opts.min_rel_spread * mx[g]:
+            raise AlignmentError(f"near-constant prediction{_where(g, opts.per_frame)}: relative spread "
+                                 f"{spread[g] / mx[g]:.2e} < {opts.min_rel_spread}; scale and shift are not identifiable")
+
+    y_abs = np.abs(y)
+    rnorm = np.where(m, 1.0 / np.maximum(y_abs, 1e-12), 0.0) if opts.relative else np.ones_like(y)
+    floor = opts.sigma_floor * (1.0 if opts.relative else _masked_median(y_abs, m))
+    floor = np.broadcast_to(floor, (groups,))
+
+
+    def step(weight_rows):
+        s_, b_, sxx_ = _solve(x, y, weight_rows * wb * rnorm ** 2, opts.scale_only)
+        r_ = (s_[:, None] * x + b_[:, None] - y) * rnorm
+        sig_ = np.maximum(_MAD * _masked_median(np.abs(r_), m), floor)
+        return s_, b_, sxx_, r_, sig_
+
+    # Huber is convex: from any start it reaches the same optimum, which high-leverage outliers
+    # (gross errors in the prediction) can still pull. Tukey is not convex: it needs a good start,
+    # the RANSAC consensus set when there is one, else the Huber optimum.
+    use_ransac = opts.ransac_iters > 0 and opts.robust != "none"
+    schedule = []
+    if opts.robust == "huber":
+        schedule = [("huber", opts.huber_c)] * opts.iters
+    elif opts.robust == "tukey":
+        schedule = ([] if use_ransac else [("huber", opts.huber_c)] * opts.iters) + [("tukey", opts.tukey_c)] * opts.iters
+    wt = (_ransac_init(x, y, m, opts, rng) if use_ransac else m).astype(np.float64)
+    s, b, sxx, r, sig = step(wt)
+    it_done = 0
+    prev_kind = None
+    for kind, c in schedule:
+        if kind != prev_kind:
+            prev_kind, converged = kind, False
+        elif converged:
+            continue
+        new_w = _weights(r / (c * sig[:, None]), kind) * m
+        if np.any((new_w > 0).sum(axis=1) < opts.min_points):
+            break  # keep the last well-posed solution
+        s_new, b_new, sxx, r, sig = step(new_w)
+        it_done += 1
+        ds = np.abs(s_new - s) / np.maximum(np.abs(s), 1e-300)
+        db = np.abs(b_new - b) / np.maximum(np.abs(s) * mx, 1e-300)
+        s, b, wt = s_new, b_new, new_w
+        converged = bool(np.all(ds < opts.tol) and np.all(db < opts.tol))
+
+    for g in range(groups):
+        if not np.isfinite(s[g]) or not np.isfinite(b[g]):
+            raise AlignmentError(f"singular alignment system{_where(g, opts.per_frame)}: non-finite scale/shift")
+        if not sxx[g] > 0:
+            raise AlignmentError(f"singular alignment system{_where(g, opts.per_frame)}")
+        if s[g] <= 0:
+            raise AlignmentError(f"non-positive scale {s[g]:.3g}{_where(g, opts.per_frame)}: the prediction is "
+                                 f"anti-correlated with the reference (wrong disparity/depth flag?)")
+
+    inl = m & (np.abs(r) <= opts.inlier_k * sig[:, None])
+    inlier_ratio = float(inl.sum() / max(n_points, 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_res = (s[:, None] * x + b[:, None] - y) / y
+    residual = float(np.sqrt(np.mean(rel_res[inl] ** 2))) if np.any(inl) else float("inf")
+
+    # Apply to every pixel.
+    s_t = np.repeat(s, t // groups)[:, None, None]
+    b_t = np.repeat(b, t // groups)[:, None, None]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        fitted = s_t * np.where(pred_ok, x_full, 0.0) + b_t
+        depth = 1.0 / fitted if opts.space == "disparity" else fitted
+        valid = pred_ok & np.isfinite(depth) & (depth > opts.min_depth) & (depth <= opts.max_depth)
+    depth = np.where(valid, depth, 0.0).astype(np.float32)
+    valid_ratio = float(valid.sum() / max(pred_ok.sum(), 1))
+
+    cmp = valid & ref_ok
+    if not np.any(cmp):
+        raise AlignmentError("no pixel is valid in both the aligned depth and the reference")
+    d = depth.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(cmp, np.abs(d - ref) / ref, 0.0)
+        ratio = np.where(cmp, np.maximum(d / ref, ref / d), np.inf)
+    cnt_t = cmp.sum(axis=(1, 2))
+    abs_rel_t = np.where(cnt_t > 0, rel.sum(axis=(1, 2)) / np.maximum(cnt_t, 1), np.nan)
+    abs_rel = float(rel.sum() / cmp.sum())
+    delta = float(((ratio < 1.25) & cmp).sum() / cmp.sum())
+
+    if opts.per_frame:
+        scale_out, shift_out, sigma_out = s.copy(), b.copy(), sig.copy()
+    else:
+        scale_out, shift_out, sigma_out = float(s[0]), float(b[0]), float(sig[0])
+    return AlignResult(scale=scale_out, shift=shift_out, inlier_ratio=inlier_ratio, residual=residual,
+                       abs_rel=abs_rel, delta_1_25=delta, n_points=n_points, depth=depth, valid=valid,
+                       space=opts.space, per_frame=opts.per_frame, sigma=sigma_out, valid_ratio=valid_ratio,
+                       abs_rel_per_frame=abs_rel_t, iterations=it_done)
+
+
+def depth_metrics(depth: np.ndarray, valid: np.ndarray, ref: np.ndarray, ref_valid: np.ndarray) -> dict:
+    """AbsRel and delta<1.25 of ``depth`` against ``ref`` over pixels valid in both."""
+    cmp = np.asarray(valid, bool) & np.asarray(ref_valid, bool) & np.isfinite(ref) & (ref > 0)
+    if not np.any(cmp):
+        return {"abs_rel": float("nan"), "delta_1_25": float("nan"), "n": 0}
+    d = np.asarray(depth, np.float64)[cmp]
+    r = np.asarray(ref, np.float64)[cmp]
+    return {"abs_rel": float(np.mean(np.abs(d - r) / r)),
+            "delta_1_25": float(np.mean(np.maximum(d / r, r / d) < 1.25)), "n": int(cmp.sum())}

@@ -1,0 +1,143 @@
+"""MegaSaMRunner end to end with a stand-in program (no MegaSaM needed)."""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from pipeline.clip import ClipError
+from stages.align.fit import AlignmentError
+from stages.align.megasam import MegaSaMConfigError, MegaSaMRunner, load_megasam_npz, resize_nearest
+from stages.align.references import reference_from_megasam
+
+STAND_IN = textwrap.dedent('''
+    import argparse, os, sys, time
+    import numpy as np
+    from PIL import Image
+    p = argparse.ArgumentParser()
+    p.add_argument("--frames"); p.add_argument("--out"); p.add_argument("--clip"); p.add_argument("--count")
+    a = p.parse_args()
+    with open(a.count, "a") as f:
+        f.write(a.clip + "\\n")
+    if "fail" in a.clip:
+        print("stand-in: simulated crash", file=sys.stderr)
+        sys.exit(3)
+    if "slow" in a.clip:
+        time.sleep(60)
+    names = sorted(os.listdir(a.frames))
+    imgs = np.stack([np.asarray(Image.open(os.path.join(a.frames, n))) for n in names])
+    t, h, w, _ = imgs.shape
+    h2, w2 = h // 2, w // 2  # MegaSaM working at half resolution
+    depths = np.stack([np.full((h2, w2), 2.0 + i, np.float32) for i in range(t)])
+    depths[:, :, : w2 // 2] = 1.0
+    k = np.array([[w2 * 0.8, 0, w2 / 2], [0, w2 * 0.8, h2 / 2], [0, 0, 1.0]])
+    c2w = np.tile(np.eye(4), (t, 1, 1)); c2w[:, 0, 3] = 0.1 * np.arange(t)
+    np.savez(a.out, images=imgs[:, ::2, ::2], depths=depths, intrinsic=k, cam_c2w=c2w)
+''')
+
+
+@pytest.fixture()
+def stand_in(tmp_path):
+    script = tmp_path / "megasam_stand_in.py"
+    script.write_text(STAND_IN)
+    counter = tmp_path / "invocations.txt"
+    template = (f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} --frames {{frames_dir}} "
+                f"--out {{out_npz}} --clip {{clip_id}} --count {shlex.quote(str(counter))}")
+    return template, counter
+
+
+def frames(t=4, h=24, w=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 255, (t, h, w, 3), dtype=np.uint8)
+
+
+def invocations(counter):
+    return counter.read_text().splitlines() if counter.exists() else []
+
+
+def test_end_to_end_and_cache(stand_in, tmp_path):
+    template, counter = stand_in
+    runner = MegaSaMRunner(template, tmp_path / "cache", timeout_s=60, retries=0)
+    clip_id = "re10k/abc 1;echo pwned $(x)"  # spaces and shell syntax stay one argument
+    out = runner.run(clip_id, frames())
+    assert out.depths.shape == (4, 12, 16) and out.cam_c2w.shape == (4, 4, 4) and not out.cached
+    assert invocations(counter) == [clip_id]
+    assert os.path.exists(out.path) and os.path.exists(runner.log_path(clip_id))
+    again = runner.run(clip_id, frames())
+    assert again.cached and invocations(counter) == [clip_id]  # second call did not run
+    np.testing.assert_array_equal(again.depths, out.depths)
+    # A new runner over the same cache also reuses it.
+    assert MegaSaMRunner(template, tmp_path / "cache").run(clip_id, frames()).cached
+    assert len(invocations(counter)) == 1
+
+    # Resized to the clip's resolution: nearest neighbour, intrinsics scaled by 2.
+    ref = reference_from_megasam(out, 24, 32, expected_frames=4)
+    assert ref.depth.shape == (4, 24, 32) and ref.kind == "megasam"
+    assert np.all(ref.depth[:, :, :16] == 1.0) and np.all(ref.depth[2, :, 16:] == 4.0)
+    np.testing.assert_allclose(ref.intrinsics[0], [2 * 16 * 0.8, 2 * 16 * 0.8, 16.0, 12.0])
+    assert ref.c2w.shape == (4, 4, 4)
+
+
+def test_failure_and_timeout_reported_per_clip(stand_in, tmp_path):
+    template, counter = stand_in
+    runner = MegaSaMRunner(template, tmp_path / "cache", timeout_s=1.0, retries=1)
+    results = runner.run_many({"good_clip": frames(), "fail_clip": frames(), "slow_clip": frames()})
+    assert not isinstance(results["good_clip"], Exception)
+    fail, slow = results["fail_clip"], results["slow_clip"]
+    assert isinstance(fail, AlignmentError) and isinstance(fail, ClipError)
+    assert "fail_clip" in str(fail) and "exit code 3" in str(fail) and str(runner.log_path("fail_clip")) in str(fail)
+    assert "simulated crash" in runner.log_path("fail_clip").read_text()
+    assert isinstance(slow, AlignmentError) and "timed out" in str(slow) and "slow_clip" in str(slow)
+    assert invocations(counter).count("fail_clip") == 2  # one retry
+    assert invocations(counter).count("slow_clip") == 2
+    assert not runner.cache_path("fail_clip").exists()
+    with pytest.raises(AlignmentError, match="exit code 3"):
+        runner.run("fail_clip", frames())
+
+
+def test_missing_executable_is_a_config_error(tmp_path):
+    with pytest.raises(MegaSaMConfigError, match="not found"):
+        MegaSaMRunner("/nonexistent/megasam_run --out {out_npz}", tmp_path)
+    with pytest.raises(MegaSaMConfigError, match="placeholder"):
+        MegaSaMRunner(f"{shlex.quote(sys.executable)} x.py {{out_npz}} {{bogus}}", tmp_path)
+    # Vanishes between construction and first use.
+    exe = tmp_path / "megasam_run"
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+    runner = MegaSaMRunner(f"{exe} {{frames_dir}} {{out_npz}}", tmp_path / "cache")
+    exe.unlink()
+    with pytest.raises(MegaSaMConfigError):
+        runner.run("clip", frames())
+    assert not issubclass(MegaSaMConfigError, ClipError)
+
+
+def test_option_like_clip_id_refused(stand_in, tmp_path):
+    template, _ = stand_in
+    runner = MegaSaMRunner(template, tmp_path / "cache")
+    with pytest.raises(AlignmentError, match="refusing"):
+        runner.run("--help", frames())
+
+
+def test_bad_npz_rejected(tmp_path):
+    p = tmp_path / "bad.npz"
+    np.savez(p, images=np.zeros((2, 4, 4, 3), np.uint8), depths=np.ones((3, 4, 4), np.float32),
+             intrinsic=np.eye(3), cam_c2w=np.tile(np.eye(4), (2, 1, 1)))
+    with pytest.raises(AlignmentError, match="images"):
+        load_megasam_npz(p)
+    np.savez(p, depths=np.ones((2, 4, 4), np.float32))
+    with pytest.raises(AlignmentError, match="lacks"):
+        load_megasam_npz(p)
+    obj = tmp_path / "pickle.npz"
+    np.savez(obj, images=np.array([{"a": 1}], dtype=object), depths=np.ones((1, 4, 4)), intrinsic=np.eye(3),
+             cam_c2w=np.eye(4)[None])
+    with pytest.raises(AlignmentError, match="cannot read"):
+        load_megasam_npz(obj)
+
+
+def test_resize_nearest_pixel_centres():
+    a = np.arange(4, dtype=np.float32).reshape(1, 2, 2)
+    up = resize_nearest(a, 4, 4)
+    np.testing.assert_array_equal(up[0], [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])

@@ -1,0 +1,139 @@
+"""Pose scale (trajectory / Umeyama / depth-based) and the depth-pose consistency check."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from pipeline import geometry as geo
+from pipeline.demo.render import random_scene, render
+from stages.align.consistency import check_consistency, track_drift
+from stages.align.fit import AlignmentError
+from stages.align.pose_scale import (StaticTrajectoryError, apply_pose_scale, apply_similarity,
+                                     estimate_pose_scale, scale_from_depth, umeyama)
+
+K_UNKNOWN = 0.37  # the dataset's SfM units: metric translations times this
+
+
+@functools.lru_cache(maxsize=None)
+def scene():
+    return render(random_scene("align_pose", seed=3, dynamic=False, num_frames=10, height=48, width=64,
+                               num_tracks=200))
+
+
+def world_change():
+    rot = geo.quat_xyzw_to_matrix(np.array([0.3, -0.2, 0.5, 0.8]))
+    return geo.make_pose(rot, np.array([1.0, -2.0, 0.5]))
+
+
+def sfm_version(c2w, k=K_UNKNOWN, rigid=True):
+    """The same trajectory in another world frame (rigid change) and unknown units (k)."""
+    out = (world_change() @ c2w) if rigid else np.array(c2w, copy=True)
+    out[:, :3, 3] *= k
+    return out
+
+
+def test_scale_from_reference_trajectory_is_frame_invariant():
+    r = scene()
+    src = sfm_version(r.c2w)
+    res = estimate_pose_scale(src, r.c2w)
+    assert abs(res.scale * K_UNKNOWN - 1) < 1e-6
+    assert res.method == "trajectory" and res.residual < 1e-6
+    # Noisy reference poses (MegaSaM-like, 1 cm jitter): still within 1 %.
+    rng = np.random.default_rng(0)
+    noisy = r.c2w.copy()
+    noisy[:, :3, 3] += 0.01 * rng.standard_normal((len(noisy), 3))
+    assert abs(estimate_pose_scale(src, noisy).scale * K_UNKNOWN - 1) < 0.01
+
+
+def test_umeyama_similarity_recovers_world_frame():
+    r = scene()
+    src = sfm_version(r.c2w)
+    res = estimate_pose_scale(src, r.c2w, similarity=True)
+    assert res.method == "umeyama"
+    assert abs(res.scale * K_UNKNOWN - 1) < 1e-6
+    assert res.rotation_error_deg < 1e-6
+    np.testing.assert_allclose(apply_similarity(src, res.scale, res.rotation, res.translation), r.c2w, atol=1e-9)
+    # Plain Umeyama on points.
+    pts = np.random.default_rng(1).normal(size=(20, 3))
+    g = world_change()
+    s, rot, t = umeyama(pts, 2.5 * pts @ g[:3, :3].T + g[:3, 3])
+    assert abs(s - 2.5) < 1e-9 and np.allclose(rot, g[:3, :3]) and np.allclose(t, g[:3, 3])
+
+
+def test_similarity_on_straight_line_uses_orientations():
+    eye = np.array([[0.1 * i, 0.0, 0.0] for i in range(8)])
+    c2w = np.stack([geo.look_at_c2w(e, e + np.array([0.2, 0.1, 1.0])) for e in eye])
+    src = sfm_version(c2w)
+    res = estimate_pose_scale(src, c2w, similarity=True)
+    assert res.method == "orientation+lsq"
+    np.testing.assert_allclose(apply_similarity(src, res.scale, res.rotation, res.translation), c2w, atol=1e-9)
+
+
+def test_near_static_trajectory_rejected():
+    r = scene()
+    static = np.repeat(r.c2w[:1], 10, axis=0)
+    static[:, 0, 3] += np.linspace(0, 0.01, 10)  # 1 cm in total
+    with pytest.raises(StaticTrajectoryError, match="near-static"):
+        estimate_pose_scale(sfm_version(static), static)
+    with pytest.raises(StaticTrajectoryError, match="near-static"):
+        scale_from_depth(r.depth, r.depth > 0, r.intrinsics, np.repeat(r.c2w[:1], 10, axis=0))
+    assert issubclass(StaticTrajectoryError, AlignmentError)
+
+
+def test_scale_from_metric_depth_reprojection():
+    r = scene()
+    src = sfm_version(r.c2w, rigid=False)
+    res = scale_from_depth(r.depth, r.depth > 0, r.intrinsics, src, rgb=r.rgb)
+    assert abs(res.scale * K_UNKNOWN - 1) < 0.01, res
+    # With 3 % noise on the metric depth (a metric-VDA-like reference).
+    noisy = r.depth * (1 + 0.03 * np.random.default_rng(0).standard_normal(r.depth.shape))
+    res = scale_from_depth(noisy, r.depth > 0, r.intrinsics, src, rgb=r.rgb)
+    assert abs(res.scale * K_UNKNOWN - 1) < 0.02, res
+
+
+def test_scale_from_depth_with_sparse_points():
+    r = scene()
+    src = sfm_version(r.c2w)
+    g = world_change()
+    pts = (r.tracks_world @ g[:3, :3].T + g[:3, 3]) * K_UNKNOWN  # SfM points, same frame as src
+    res = scale_from_depth(r.depth, r.depth > 0, r.intrinsics, src, points=pts, points_visible=r.tracks_visible)
+    assert res.method == "points"
+    assert abs(res.scale * K_UNKNOWN - 1) < 0.005
+
+
+def test_apply_pose_scale():
+    r = scene()
+    out = apply_pose_scale(r.c2w, 2.0)
+    np.testing.assert_allclose(out[:, :3, 3], 2 * r.c2w[:, :3, 3])
+    np.testing.assert_allclose(out[:, :3, :3], r.c2w[:, :3, :3])
+    with pytest.raises(AlignmentError):
+        apply_pose_scale(r.c2w, -1.0)
+
+
+def test_consistency_passes_correct_and_flags_wrong_scale():
+    r = scene()
+    valid = r.depth > 0
+    good = check_consistency(r.depth, valid, r.intrinsics, r.c2w, rgb=r.rgb)
+    assert not good.flagged, good.reasons
+    assert good.depth_error < 0.005 and good.pixel_error < 0.05
+    assert abs(good.scale_factor - 1) < 0.01
+    for wrong in (1.5, 0.6):
+        bad = check_consistency(r.depth, valid, r.intrinsics, apply_pose_scale(r.c2w, wrong), rgb=r.rgb)
+        assert bad.flagged, wrong
+        assert abs(bad.scale_factor * wrong - 1) < 0.02
+        assert any("disagree in scale" in s for s in bad.reasons)
+    # Wrongly scaled depth with correct poses is caught the same way.
+    bad_depth = check_consistency(r.depth * 1.5, valid, r.intrinsics, r.c2w, rgb=r.rgb)
+    assert bad_depth.flagged
+
+
+def test_track_drift_and_track_depth():
+    r = scene()
+    valid = r.depth > 0
+    res = check_consistency(r.depth, valid, r.intrinsics, r.c2w, rgb=r.rgb, tracks=r.tracks_world,
+                            track_visible=r.tracks_visible)
+    assert res.track_drift_m < 1e-9 and res.track_depth_error < 1e-3
+    drifting = r.tracks_world + np.arange(10)[:, None, None] * np.array([0.02, 0.0, 0.0])
+    assert track_drift(drifting, r.tracks_visible)["track_drift_m"] > 0.02
