@@ -1,0 +1,144 @@
+"""Video diffusion backbone: CogVideoX (diffusers) conditioned on the first frame and the camera path.
+
+* ``AutoencoderKLCogVideoX`` (frozen by default) encodes the clip (B,3,T,H,W) in [-1, 1] into latents
+  z0 (B,F',C,h,w), F' = 1 + (T-1)/f_t, h = H/f_s, scaled by the VAE's ``scaling_factor``.
+* ``CogVideoXTransformer3DModel`` predicts the flow-matching velocity. Its input channels are
+  [noisy latent z_t | first-frame latent (zeros after latent frame 0) | camera embedding]: the camera
+  embedding is the Plücker ray map of every frame, averaged over the frames each latent frame covers,
+  pixel-unshuffled to the latent grid and projected to ``camera_channels`` — so the camera trajectory is
+  injected into every latent token through the patch embedding.
+* Text: a learned "empty prompt" (``max_text_seq_length`` tokens) stands in for T5 embeddings.
+
+With ``pretrained_dir`` (a local CogVideoX checkpoint with ``vae/`` and ``transformer/``) the weights
+are loaded and the transformer's patch embedding is widened with zero-initialised input channels for
+whatever the checkpoint lacks (first-frame latent for T2V checkpoints, camera channels always).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from training.config import BackboneConfig
+from training.plucker import plucker_rays
+
+
+def latent_frame_groups(t: int, ft: int) -> list[list[int]]:
+    """Frames covered by each latent frame: [0], [1..ft], [ft+1..2ft], ... (CogVideoX causal VAE)."""
+    return [[0]] + [list(range(1 + k * ft, 1 + (k + 1) * ft)) for k in range((t - 1) // ft)]
+
+
+def _widen_patch_embed(transformer, new_in: int) -> None:
+    proj = transformer.patch_embed.proj
+    if not isinstance(proj, nn.Conv2d):
+        raise NotImplementedError("widening the patch embedding is implemented for CogVideoX 1.0 (Conv2d) only")
+    old_in = proj.in_channels
+    if new_in == old_in:
+        return
+    new = nn.Conv2d(new_in, proj.out_channels, proj.kernel_size, proj.stride, bias=proj.bias is not None)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :old_in] = proj.weight
+        if proj.bias is not None:
+            new.bias.copy_(proj.bias)
+    transformer.patch_embed.proj = new
+    transformer.register_to_config(in_channels=new_in)
+
+
+class CameraEncoder(nn.Module):
+    def __init__(self, fs: int, out_channels: int):
+        super().__init__()
+        self.fs = fs
+        self.proj = nn.Sequential(nn.Linear(6 * fs * fs, 4 * out_channels), nn.SiLU(),
+                                  nn.Linear(4 * out_channels, out_channels))
+
+    def forward(self, plucker_latent: torch.Tensor) -> torch.Tensor:
+        """(B,F',6*fs*fs,h,w) -> (B,F',C,h,w)."""
+        x = self.proj(plucker_latent.movedim(2, -1))
+        return x.movedim(-1, 2)
+
+
+class VideoBackbone(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+
+        self.cfg = cfg
+        if cfg.pretrained_dir:
+            self.vae = AutoencoderKLCogVideoX.from_pretrained(os.path.join(cfg.pretrained_dir, "vae"))
+            self.transformer = CogVideoXTransformer3DModel.from_pretrained(os.path.join(cfg.pretrained_dir, "transformer"))
+        else:
+            v = cfg.vae
+            n = len(v.block_out_channels)
+            self.vae = AutoencoderKLCogVideoX(
+                block_out_channels=tuple(v.block_out_channels), down_block_types=("CogVideoXDownBlock3D",) * n,
+                up_block_types=("CogVideoXUpBlock3D",) * n, latent_channels=v.latent_channels,
+                layers_per_block=v.layers_per_block, norm_num_groups=v.norm_num_groups,
+                temporal_compression_ratio=v.temporal_compression_ratio, scaling_factor=v.scaling_factor)
+            t = cfg.transformer
+            c = v.latent_channels
+            self.transformer = CogVideoXTransformer3DModel(
+                num_attention_heads=t.num_attention_heads, attention_head_dim=t.attention_head_dim,
+                in_channels=2 * c + cfg.camera_channels, out_channels=c, time_embed_dim=t.time_embed_dim,
+                text_embed_dim=t.text_embed_dim, num_layers=t.num_layers, patch_size=t.patch_size,
+                max_text_seq_length=t.max_text_seq_length, temporal_compression_ratio=v.temporal_compression_ratio)
+        vc = self.vae.config
+        self.latent_channels = vc.latent_channels
+        self.fs = 2 ** (len(vc.block_out_channels) - 1)
+        self.ft = 2 ** min(int(round(torch.log2(torch.tensor(float(vc.temporal_compression_ratio))).item())),
+                           len(vc.block_out_channels) - 1)
+        self.scaling = float(vc.scaling_factor)
+        _widen_patch_embed(self.transformer, 2 * self.latent_channels + cfg.camera_channels)
+        tc = self.transformer.config
+        self.null_text = nn.Parameter(torch.randn(tc.max_text_seq_length, tc.text_embed_dim) * 0.02)
+        self.camera = CameraEncoder(self.fs, cfg.camera_channels)
+        if cfg.freeze_vae:
+            self.vae.requires_grad_(False)
+            self.vae.eval()
+
+    # --- conditioning -------------------------------------------------------------------------
+    def pooled_plucker(self, intrinsics: torch.Tensor, c2w: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Plücker maps averaged over the frames each latent frame covers: (B,F',6,H,W)."""
+        pl = plucker_rays(intrinsics, c2w, h, w)
+        groups = latent_frame_groups(pl.shape[1], self.ft)
+        return torch.stack([pl[:, g].mean(1) for g in groups], 1)
+
+    def unshuffle(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B,F',6,H,W) -> (B,F',6*fs*fs,H/fs,W/fs) on the latent grid."""
+        b, f = pooled.shape[:2]
+        return F.pixel_unshuffle(pooled.flatten(0, 1), self.fs).unflatten(0, (b, f))
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """(B,T,3,H,W) in [-1,1] -> latents (B,F',C,h,w) (scaled)."""
+        z = self.vae.encode(video.transpose(1, 2).to(self.vae.dtype)).latent_dist.sample()
+        return (z * self.scaling).transpose(1, 2).float()
+
+    def velocity(self, z_t: torch.Tensor, t: torch.Tensor, first_latent: torch.Tensor,
+                 pooled_plucker: torch.Tensor) -> torch.Tensor:
+        """Velocity prediction. z_t (B,F',C,h,w), t (B,) in [0,1], pooled Plücker (B,F',6,H,W)."""
+        cond = torch.zeros_like(z_t)
+        cond[:, :1] = first_latent
+        x = torch.cat([z_t, cond, self.camera(self.unshuffle(pooled_plucker)).to(z_t.dtype)], dim=2)
+        text = self.null_text[None].expand(z_t.shape[0], -1, -1).to(x.dtype)
+        return self.transformer(x, text, t * 1000.0, return_dict=False)[0]
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        if on:
+            self.transformer.enable_gradient_checkpointing()
+        else:
+            self.transformer.disable_gradient_checkpointing()
+
+    @torch.no_grad()
+    def sample(self, first_latent: torch.Tensor, pooled_plucker: torch.Tensor, num_latent_frames: int,
+               steps: int = 25, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Euler integration of the flow from noise (t=1) to data (t=0); returns latents (B,F',C,h,w)."""
+        b, _, c, h, w = first_latent.shape
+        z = torch.randn(b, num_latent_frames, c, h, w, generator=generator, device=first_latent.device)
+        ts = torch.linspace(1.0, 0.0, steps + 1, device=z.device)
+        for i in range(steps):
+            v = self.velocity(z, ts[i].expand(b), first_latent, pooled_plucker)
+            z = z + (ts[i + 1] - ts[i]) * v
+        return z

@@ -1,0 +1,75 @@
+"""Entry point behind ``d4s train CONFIG.yaml`` and ``d4s train --demo OUT --max-steps N --workdir DIR``."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from training.config import TrainConfig, load_config, make_config
+
+
+def build_config(config_path: str | None, demo_out: str | None, max_steps: int | None,
+                 workdir: str | None) -> TrainConfig:
+    if config_path:
+        cfg = load_config(config_path)
+        if demo_out:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": demo_out})})
+    elif demo_out:
+        # the tiny CPU config on the demo build's shards, 2 gloo workers under a local Ray
+        cfg = make_config("tiny", data={"root": demo_out}, workdir=workdir or os.path.join(demo_out, "train"))
+    else:
+        raise ValueError("give a config file or --demo OUT")
+    upd = {}
+    if workdir:
+        upd["workdir"] = workdir
+    if max_steps is not None:
+        upd["max_steps"] = max_steps
+    return TrainConfig.model_validate({**cfg.model_dump(), **upd}) if upd else cfg
+
+
+def train_main(config_path: str | None = None, demo_out: str | None = None, max_steps: int | None = None,
+               workdir: str | None = None) -> int:
+    """Train (or resume) and return a process exit code; prints what it resumed from."""
+    from training.trainer import latest_checkpoint, load_checkpoint, train
+
+    try:
+        cfg = build_config(config_path, demo_out, max_steps, workdir)
+    except Exception as e:  # bad config: one clear line
+        print(f"d4s train: {e}", file=sys.stderr)
+        return 2
+    ck = latest_checkpoint(cfg.workdir)
+    if ck:
+        step = load_checkpoint(ck)["step"]
+        print(f"d4s train: resumed from checkpoint {ck} (step {step})", flush=True)
+        if step >= min(cfg.total_steps, cfg.max_steps or cfg.total_steps):
+            print(f"d4s train: nothing to do, already at step {step}", flush=True)
+            return 0
+    else:
+        print(f"d4s train: starting in {cfg.workdir} ({cfg.runtime.launcher}, {cfg.runtime.num_workers} worker(s), "
+              f"{cfg.total_steps} curriculum steps{f', stopping at {cfg.max_steps}' if cfg.max_steps else ''})",
+              flush=True)
+    try:
+        train(cfg)
+    except Exception as e:
+        traceback.print_exc()
+        print(f"d4s train: failed: {e}", file=sys.stderr)
+        return 1
+    ck = latest_checkpoint(cfg.workdir)
+    print(f"d4s train: done; last checkpoint {ck}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:  # python -m training.cli
+    import argparse
+
+    p = argparse.ArgumentParser("d4s train")
+    p.add_argument("config", nargs="?")
+    p.add_argument("--demo")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--workdir")
+    a = p.parse_args(argv)
+    return train_main(a.config, a.demo, a.max_steps, a.workdir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

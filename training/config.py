@@ -1,0 +1,236 @@
+"""Training configuration (pydantic): model, losses, curriculum stages, data, runtime.
+
+Three presets: ``tiny`` (CPU tests and ``d4s train --demo``), ``mid`` (benchmarks on one GPU),
+``full`` (the Diff4Splat recipe: CogVideoX backbone, 16 LDRM blocks, 40k/40k/20k curriculum).
+A YAML file is a partial override of a preset: ``preset: full`` plus any fields below.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VAEConfig(_Strict):
+    """``diffusers.AutoencoderKLCogVideoX`` kwargs when no pretrained directory is given."""
+
+    block_out_channels: list[int] = [128, 256, 256, 512]
+    layers_per_block: int = 3
+    latent_channels: int = 16
+    norm_num_groups: int = 32
+    temporal_compression_ratio: int = 4
+    scaling_factor: float = 1.15258426
+
+
+class TransformerConfig(_Strict):
+    """``diffusers.CogVideoXTransformer3DModel`` kwargs when no pretrained directory is given."""
+
+    num_attention_heads: int = 30
+    attention_head_dim: int = 64
+    num_layers: int = 30
+    time_embed_dim: int = 512
+    text_embed_dim: int = 4096
+    max_text_seq_length: int = 226
+    patch_size: int = 2
+
+
+class BackboneConfig(_Strict):
+    pretrained_dir: str | None = None  # local CogVideoX checkpoint dir (with vae/ and transformer/)
+    vae: VAEConfig = VAEConfig()
+    transformer: TransformerConfig = TransformerConfig()
+    camera_channels: int = 16  # Plücker embedding channels concatenated to the latent tokens
+    freeze_vae: bool = True
+
+
+class LDRMConfig(_Strict):
+    num_blocks: int = 16
+    dim: int = 1024
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    patch_size: int = 2  # latent patch per token
+    decoder_channels: int = 64
+    birth_frame_stride: int = 4  # Gaussians are born at the pixels of frames 0, s, 2s, ... (and T-1)
+    depth_min: float = 0.05
+    depth_max: float = 100.0
+    scale_min: float = 1e-4
+    scale_max_rel: float = 0.05  # max Gaussian scale relative to depth
+    deform_features: int = 16  # decoder channels beside the Gaussian maps feeding the deformation head
+    clean_latent_prob: float = 0.0  # prob. of decoding the VAE latents instead of the FM x0-prediction
+    prune_opacity: float = 0.005  # tau: Gaussians with opacity below are dropped (train and test)
+
+
+class LossConfig(_Strict):
+    lambda_photo: float = 1.0
+    lambda_geo: float = 0.5
+    lambda_motion: float = 2.0
+    lpips_weight: float = 0.5
+    lpips_enabled: bool = True
+    lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
+    lpips_torch_home: str | None = None  # dir holding hub/checkpoints/<backbone>.pth (no downloads)
+    tv_weight: float = 0.1
+    render_frames: int = 4  # frames rendered per sample per step (random subset, always incl. 0)
+    tracks_per_sample: int = 256
+
+
+class StageConfig(_Strict):
+    name: str
+    steps: int
+    resolution: int
+    num_frames: int
+    scenes: Literal["static", "dynamic", "any"] = "any"
+    mixture: dict[str, float] | None = None  # dataset -> weight; None: proportional to size
+    frozen: list[Literal["backbone", "vae", "ldrm", "deformation"]] = []
+    losses: list[Literal["fm", "photo", "geo", "motion"]] = ["fm", "photo", "geo", "motion"]
+    max_frame_stride: int = 4
+
+
+class DataConfig(_Strict):
+    shards: list[str] = []  # shard URLs/paths or globs (local or fsspec); or use ``root``
+    root: str | None = None  # a build's OUT: reads OUT/index.parquet and OUT/shards/**.tar
+    repeat: dict[str, float] = {}  # per-dataset repeat weight (multiplies the mixture weight)
+    shuffle_buffer: int = 64
+    num_workers: int = 0  # DataLoader workers per rank
+    seed: int = 0
+
+
+class OptimConfig(_Strict):
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+class RuntimeConfig(_Strict):
+    launcher: Literal["ray", "local"] = "ray"
+    num_workers: int = 1
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    bf16: bool = True  # autocast on GPU only
+    grad_checkpointing: bool = False
+    renderer: Literal["auto", "torch", "gsplat"] = "auto"
+    batch_size: int = 1  # per rank, per micro-step
+    ckpt_every: int = 1000
+    keep_ckpts: int = 2
+    log_every: int = 10
+    tensorboard: bool = True
+    seed: int = 0
+    deterministic: bool = False
+    ray_address: str | None = None  # None: start a local Ray
+    crash_at_step: int | None = None  # fault injection for tests: raise after this step, before checkpointing
+
+
+class TrainConfig(_Strict):
+    preset: str | None = None
+    workdir: str = "runs/train"
+    backbone: BackboneConfig = BackboneConfig()
+    ldrm: LDRMConfig = LDRMConfig()
+    loss: LossConfig = LossConfig()
+    stages: list[StageConfig] = Field(default_factory=list)
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    max_steps: int | None = None  # stop early (total step count), e.g. for smoke runs
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        tf = self.backbone.vae.temporal_compression_ratio
+        for s in self.stages:
+            if (s.num_frames - 1) % tf:
+                raise ValueError(f"stage {s.name}: num_frames must be 1 + k*{tf}, got {s.num_frames}")
+            down = 2 ** (len(self.backbone.vae.block_out_channels) - 1)
+            if s.resolution % (down * self.backbone.transformer.patch_size * self.ldrm.patch_size):
+                raise ValueError(f"stage {s.name}: resolution {s.resolution} not divisible by the latent patch grid")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+
+def _full_stages() -> list[dict]:
+    return [
+        dict(name="static256", steps=40_000, resolution=256, num_frames=13, scenes="static",
+             frozen=["deformation"], losses=["fm", "photo", "geo"]),
+        dict(name="static512", steps=40_000, resolution=512, num_frames=13, scenes="static",
+             frozen=["deformation"], losses=["fm", "photo", "geo"]),
+        dict(name="dynamic", steps=20_000, resolution=512, num_frames=13, scenes="dynamic",
+             frozen=[], losses=["fm", "photo", "geo", "motion"]),
+    ]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": dict(stages=_full_stages()),
+    "mid": dict(
+        backbone=dict(
+            vae=dict(block_out_channels=[32, 64, 64, 128], layers_per_block=1, latent_channels=16, norm_num_groups=16),
+            transformer=dict(num_attention_heads=8, attention_head_dim=64, num_layers=8, time_embed_dim=256,
+                             text_embed_dim=256, max_text_seq_length=16),
+        ),
+        ldrm=dict(num_blocks=8, dim=512, heads=8, decoder_channels=32),
+        loss=dict(lpips_enabled=False),
+        stages=[
+            dict(name="static256", steps=1000, resolution=256, num_frames=9, scenes="any", frozen=["deformation"],
+                 losses=["fm", "photo", "geo"]),
+            dict(name="static512", steps=1000, resolution=512, num_frames=9, scenes="any", frozen=["deformation"],
+                 losses=["fm", "photo", "geo"]),
+            dict(name="dynamic", steps=500, resolution=512, num_frames=9, scenes="any"),
+        ],
+        optim=dict(lr=1e-4, warmup_steps=20),
+    ),
+    "tiny": dict(
+        backbone=dict(
+            vae=dict(block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                     temporal_compression_ratio=2),
+            transformer=dict(num_attention_heads=2, attention_head_dim=8, num_layers=1, time_embed_dim=16,
+                             text_embed_dim=16, max_text_seq_length=4, patch_size=1),
+            camera_channels=4,
+        ),
+        ldrm=dict(num_blocks=2, dim=32, heads=2, decoder_channels=8, patch_size=2, birth_frame_stride=4,
+                  depth_max=20.0, deform_features=8),
+        loss=dict(lpips_enabled=False, render_frames=2, tracks_per_sample=32),
+        stages=[
+            dict(name="static", steps=4, resolution=24, num_frames=5, scenes="any", frozen=["deformation"],
+                 losses=["fm", "photo", "geo"], max_frame_stride=2),
+            dict(name="static_hi", steps=4, resolution=32, num_frames=5, scenes="any", frozen=["deformation"],
+                 losses=["fm", "photo", "geo"], max_frame_stride=2),
+            dict(name="dynamic", steps=4, resolution=32, num_frames=5, scenes="any", max_frame_stride=2),
+        ],
+        data=dict(shuffle_buffer=8),
+        optim=dict(lr=1e-3, warmup_steps=0),
+        runtime=dict(launcher="ray", num_workers=2, use_gpu=False, bf16=False, ckpt_every=4, log_every=1,
+                     tensorboard=True),
+    ),
+}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def make_config(preset: str | None = "tiny", **overrides: Any) -> TrainConfig:
+    """A preset with nested overrides, e.g. ``make_config("tiny", runtime={"num_workers": 1})``."""
+    base = dict(PRESETS[preset]) if preset else {}
+    if preset:
+        base["preset"] = preset
+    return TrainConfig.model_validate(_deep_merge(base, overrides))
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """YAML -> TrainConfig; a ``preset:`` key starts from that preset."""
+    import yaml
+
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    preset = raw.pop("preset", None)
+    return make_config(preset, **raw) if preset else TrainConfig.model_validate(raw)

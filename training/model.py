@@ -1,0 +1,129 @@
+"""Diff4Splat: video diffusion backbone + LDRM + deformable Gaussians + renderer, and the training loss."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from training import losses as L
+from training.backbone import VideoBackbone
+from training.config import StageConfig, TrainConfig
+from training.gaussians import gaussians_at, track_positions
+from training.ldrm import LDRM
+
+
+class Diff4Splat(nn.Module):
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = VideoBackbone(cfg.backbone)
+        max_frames = max((s.num_frames for s in cfg.stages), default=13)
+        self.ldrm = LDRM(cfg.ldrm, self.backbone.latent_channels, self.backbone.fs, self.backbone.ft, max_frames)
+
+    # --- freezing per curriculum stage -----------------------------------------------------------
+    def apply_stage(self, stage: StageConfig) -> None:
+        frozen = set(stage.frozen)
+        for name, p in self.named_parameters():
+            if name.startswith("backbone.vae."):
+                p.requires_grad_(not (self.cfg.backbone.freeze_vae or "vae" in frozen))
+            elif name.startswith("backbone."):
+                p.requires_grad_("backbone" not in frozen)
+            elif name.startswith("ldrm.deform_head."):
+                p.requires_grad_("deformation" not in frozen and "ldrm" not in frozen)
+            elif name.startswith("ldrm."):
+                p.requires_grad_("ldrm" not in frozen)
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        self.backbone.set_gradient_checkpointing(on)
+        self.ldrm.grad_checkpointing = on
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(self, batch: dict, stage: StageConfig, rasterize, lpips_fn=None, render_frames=None,
+                autocast: bool = False) -> tuple[torch.Tensor, dict]:
+        cfg, lc = self.cfg, self.cfg.loss
+        video = batch["video"]  # (B,T,3,H,W) [0,1]
+        intr, c2w = batch["intrinsics"], batch["c2w"]
+        b, t, _, h, w = video.shape
+        dev = video.device
+        ac = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        use = set(stage.losses)
+
+        z0 = self.backbone.encode(video * 2 - 1)
+        pooled = self.backbone.pooled_plucker(intr, c2w, h, w)
+        tt = torch.rand(b, device=dev)
+        noise = torch.randn_like(z0)
+        z_t = (1 - tt.view(b, 1, 1, 1, 1)) * z0 + tt.view(b, 1, 1, 1, 1) * noise
+        with ac:
+            v = self.backbone.velocity(z_t, tt, z0[:, :1], pooled).float()
+        metrics: dict[str, float] = {}
+        total = video.new_zeros(())
+        if "fm" in use:
+            l_fm = L.flow_matching_loss(v, z0, noise)
+            total = total + l_fm
+            metrics["fm"] = float(l_fm.detach())
+        z_hat = z_t - tt.view(b, 1, 1, 1, 1) * v
+        if cfg.ldrm.clean_latent_prob > 0:
+            clean = (torch.rand(b, device=dev) < cfg.ldrm.clean_latent_prob).view(b, 1, 1, 1, 1)
+            z_hat = torch.where(clean, z0, z_hat)
+        with_def = "deformation" not in stage.frozen and "ldrm" not in stage.frozen
+        with ac:
+            maps = self.ldrm(z_hat, pooled, intr, c2w, t, with_deformation=with_def)
+
+        if render_frames is None:
+            k = min(lc.render_frames, t)
+            render_frames = [0] + (torch.randperm(t - 1)[: k - 1] + 1).tolist() if k > 1 else [0]
+        frames = sorted(render_frames)
+        w_photo, w_depth, w_motion = batch["weights"].unbind(-1)
+        photo_terms, geo_terms, mot_terms, psnrs, n_g = [], [], [], [], []
+        for bi in range(b):
+            rgbs, deps, alps = [], [], []
+            if maps.deform is None:
+                g = gaussians_at(maps, bi, 0, cfg.ldrm.prune_opacity)
+                vm = torch.linalg.inv(c2w[bi, frames])
+                ks = _kmat(intr[bi, frames])
+                rgb, dep, alp = rasterize(g.means, g.quats, g.scales, g.opacities, g.colours, vm, ks, w, h)
+                n_g.append(len(g))
+            else:
+                rl = []
+                for tau in frames:
+                    g = gaussians_at(maps, bi, tau, cfg.ldrm.prune_opacity)
+                    vm = torch.linalg.inv(c2w[bi, tau])[None]
+                    rl.append(rasterize(g.means, g.quats, g.scales, g.opacities, g.colours, vm,
+                                        _kmat(intr[bi, tau][None]), w, h))
+                    n_g.append(len(g))
+                rgb, dep, alp = (torch.cat(x) for x in zip(*rl))
+            target = video[bi, frames].permute(0, 2, 3, 1)
+            if "photo" in use:
+                photo_terms.append(w_photo[bi] * L.photo_loss(rgb, target, lpips_fn, lc.lpips_weight))
+            with torch.no_grad():
+                mse = torch.mean((rgb.detach() - target) ** 2)
+                psnrs.append(float(-10 * torch.log10(mse.clamp_min(1e-10))))
+            if "geo" in use:
+                exp_depth = dep / alp.clamp_min(1e-4)
+                geo = lc.tv_weight * L.tv_loss(exp_depth)
+                if bool(batch["has_depth"][bi]):
+                    valid = batch["depth_valid"][bi, frames] & (alp.detach() > 0.5)
+                    geo = geo + w_depth[bi] * L.pearson_depth_loss(exp_depth, batch["depth"][bi, frames], valid)
+                geo_terms.append(geo)
+            if "motion" in use and bool(batch["has_tracks"][bi]) and maps.deform is not None:
+                pred, mask = track_positions(maps, bi, batch["tracks"][bi], batch["track_visible"][bi])
+                mot_terms.append(w_motion[bi] * L.motion_loss(pred, batch["tracks"][bi], mask))
+        for name, terms, lam in (("photo", photo_terms, lc.lambda_photo), ("geo", geo_terms, lc.lambda_geo),
+                                 ("motion", mot_terms, lc.lambda_motion)):
+            if terms:
+                val = torch.stack(terms).sum() / b
+                total = total + lam * val
+                metrics[name] = float(val.detach())
+        metrics["psnr"] = sum(psnrs) / len(psnrs)
+        metrics["gaussians"] = sum(n_g) / len(n_g)
+        metrics["loss"] = float(total.detach())
+        # keep every trainable parameter in the graph (DDP): add 0 x unused outputs
+        total = total + 0.0 * v.sum() + 0.0 * maps.depth.sum()
+        return total, metrics
+
+
+def _kmat(intr: torch.Tensor) -> torch.Tensor:
+    k = torch.zeros(intr.shape[0], 3, 3, dtype=intr.dtype, device=intr.device)
+    k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2], k[:, 2, 2] = intr[:, 0], intr[:, 1], intr[:, 2], intr[:, 3], 1
+    return k

@@ -1,0 +1,395 @@
+"""Distributed trainer: Ray Train ``TorchTrainer`` (DDP default, FSDP option) or in-process.
+
+Every rank runs :func:`train_loop_per_worker`. State lives in ``workdir`` (local path or fsspec URL):
+
+* ``ckpt/step-XXXXXXXX.pt`` — model, optimiser, scheduler, step, curriculum stage and data position
+  (batches consumed in the stage), every rank's RNG states, the config. Written by rank 0 to a
+  ``.tmp`` name and renamed; ``ckpt/latest`` (the file name) is replaced the same way afterwards, so a
+  crash at any point leaves the previous checkpoint intact and pointed to.
+* ``metrics.jsonl`` — one line per optimiser step (rank-averaged losses), ``tb/`` TensorBoard events.
+
+A run in a workdir that has a checkpoint resumes from it (model, optimiser, data position, RNG), so
+the losses after a resume equal those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from training.config import TrainConfig
+from training.curriculum import describe, stage_position
+
+
+# --- storage helpers (local or fsspec) ------------------------------------------------------------
+def _fs(url: str):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def _join(a: str, *b: str) -> str:
+    return "/".join([a.rstrip("/"), *b])
+
+
+def write_atomic(url: str, data: bytes) -> None:
+    fs, path = _fs(url)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    tmp = path + ".tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        os.replace(tmp, path)  # atomic on POSIX
+    else:
+        fs.mv(tmp, path)
+
+
+def latest_checkpoint(workdir: str) -> str | None:
+    fs, path = _fs(_join(workdir, "ckpt", "latest"))
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        name = f.read().decode().strip()
+    return _join(workdir, "ckpt", name)
+
+
+def load_checkpoint(url: str) -> dict:
+    fs, path = _fs(url)
+    with fs.open(path, "rb") as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+
+
+def save_checkpoint(workdir: str, state: dict, keep: int) -> str:
+    name = f"step-{state['step']:08d}.pt"
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(_join(workdir, "ckpt", name), buf.getvalue())
+    write_atomic(_join(workdir, "ckpt", "latest"), name.encode())
+    fs, path = _fs(_join(workdir, "ckpt"))
+    olds = sorted(p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith("step-")
+                  and p.endswith(".pt"))
+    for p in olds[:-keep] if keep > 0 else []:
+        fs.rm(p)
+    return _join(workdir, "ckpt", name)
+
+
+# --- RNG ------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+# --- the per-rank loop ----------------------------------------------------------------------------
+def train_loop_per_worker(config: dict) -> None:
+    from training.data import make_loader
+    from training.losses import LPIPSLoss
+    from training.model import Diff4Splat
+    from training.render_gsplat import get_rasterizer
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    rt = cfg.runtime
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    use_cuda = rt.use_gpu and torch.cuda.is_available()
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if rt.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed = rt.seed * 1000 + rank
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+    model = Diff4Splat(cfg).to(device)
+    model.set_gradient_checkpointing(rt.grad_checkpointing)
+    rasterize = get_rasterizer(rt.renderer if use_cuda else "torch")
+    lpips_fn = LPIPSLoss(cfg.loss.lpips_net, cfg.loss.lpips_torch_home).to(device) if cfg.loss.lpips_enabled else None
+
+    fsdp = rt.strategy == "fsdp" and distributed
+    wrapped = None
+    if fsdp:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        wrapped = FSDP(model, use_orig_params=True, device_id=device if use_cuda else None)
+    params = [p for n, p in (wrapped or model).named_parameters() if ".vae." not in f".{n}"]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    warm = cfg.optim.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+
+    step = 0
+    resumed_from = latest_checkpoint(cfg.workdir)
+    rng_to_restore = None
+    if resumed_from:
+        st = load_checkpoint(resumed_from)
+        _load_model(wrapped, model, st["model"], fsdp)
+        _load_optim(wrapped, opt, st["optim"], fsdp)
+        sched.load_state_dict(st["sched"])
+        step = st["step"]
+        rngs = st.get("rng", [])
+        rng_to_restore = rngs[rank] if rank < len(rngs) else None
+        if rank == 0:
+            print(f"[train] resumed from {resumed_from} at step {step} "
+                  f"(stage {st['stage_index']}, {st['batches_in_stage']} batches into it)", flush=True)
+    if rng_to_restore is not None:
+        set_rng_state(rng_to_restore)
+
+    max_steps = min(cfg.total_steps, cfg.max_steps or cfg.total_steps)
+    writer = None
+    if rank == 0 and rt.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb_dir = _join(cfg.workdir, "tb")
+            if "://" not in tb_dir:
+                writer = SummaryWriter(tb_dir)
+        except Exception:
+            writer = None
+    metrics_url = _join(cfg.workdir, "metrics.jsonl")
+    accum = cfg.optim.grad_accum
+    samples_per_step = rt.batch_size * accum * world
+
+    def checkpoint(stage_index: int, in_stage: int) -> None:
+        model_sd = _model_state(wrapped, model, fsdp)
+        optim_sd = _optim_state(wrapped, opt, fsdp)
+        rngs = [None] * world
+        if distributed:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if rank == 0:
+            state = {"model": model_sd, "optim": optim_sd, "sched": sched.state_dict(), "step": step,
+                     "stage_index": stage_index, "batches_in_stage": in_stage, "rng": rngs,
+                     "config": cfg.model_dump(mode="json"), "world": world}
+            path = save_checkpoint(cfg.workdir, state, rt.keep_ckpts)
+            print(f"[train] checkpoint {path}", flush=True)
+        if distributed:
+            dist.barrier()
+
+    stage_index, in_stage = stage_position(cfg, step)
+    t_last, step_last = time.perf_counter(), step
+    while step < max_steps and stage_index < len(cfg.stages):
+        stage = cfg.stages[stage_index]
+        model.apply_stage(stage)
+        if fsdp:
+            ddp = wrapped
+        elif distributed:
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if use_cuda else None, find_unused_parameters=False)
+        else:
+            ddp = model
+        ddp.train()
+        model.backbone.vae.eval()
+        loader = make_loader(cfg.data, stage, stage_index, cfg.loss.tracks_per_sample, rt.batch_size, rank, world,
+                             start_batches=in_stage * accum)
+        it = iter(loader)
+        if rank == 0:
+            print(f"[train] stage {stage_index} {describe(stage)}", flush=True)
+        while in_stage < stage.steps and step < max_steps:
+            agg: dict[str, float] = {}
+            for micro in range(accum):
+                batch = _to_device(next(it), device)
+                sync = micro == accum - 1 or not distributed
+                ctx = ddp.no_sync() if (not sync and hasattr(ddp, "no_sync")) else _null()
+                with ctx:
+                    loss, met = ddp(batch, stage=stage, rasterize=rasterize, lpips_fn=lpips_fn,
+                                    autocast=use_cuda and rt.bf16)
+                    (loss / accum).backward()
+                for k, v in met.items():
+                    agg[k] = agg.get(k, 0.0) + v / accum
+            if cfg.optim.grad_clip > 0:
+                if fsdp:
+                    wrapped.clip_grad_norm_(cfg.optim.grad_clip)
+                else:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                                   cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            in_stage += 1
+            keys = sorted(agg)
+            vals = torch.tensor([agg[k] for k in keys], dtype=torch.float64)
+            if distributed:
+                vals = vals.to(device) if use_cuda and dist.get_backend() == "nccl" else vals
+                dist.all_reduce(vals)
+                vals = vals.cpu() / world
+            mean = {k: float(v) for k, v in zip(keys, vals)}
+            if rank == 0:
+                row = {"step": step, "stage": stage.name, "lr": sched.get_last_lr()[0], "time": time.time(), **mean}
+                if use_cuda:
+                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                _append_jsonl(metrics_url, row)
+                if writer is not None:
+                    for k, v in mean.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                if step % rt.log_every == 0 or step == max_steps:
+                    now = time.perf_counter()
+                    its = (step - step_last) / max(now - t_last, 1e-9)
+                    t_last, step_last = now, step
+                    parts = " ".join(f"{k} {mean[k]:.4g}" for k in ("loss", "fm", "photo", "geo", "motion", "psnr")
+                                     if k in mean)
+                    print(f"[train] step {step}/{max_steps} stage {stage.name} {parts} | {its:.2f} it/s "
+                          f"{its * samples_per_step:.2f} samples/s", flush=True)
+            if rt.crash_at_step is not None and step == rt.crash_at_step:
+                raise RuntimeError(f"injected crash after step {step}")
+            end_of_stage = in_stage >= stage.steps
+            if step % rt.ckpt_every == 0 or step == max_steps or end_of_stage:
+                nxt = (stage_index + 1, 0) if end_of_stage else (stage_index, in_stage)
+                checkpoint(*nxt)
+        del it, loader
+        if in_stage >= stage.steps:
+            stage_index, in_stage = stage_index + 1, 0
+    if writer is not None:
+        writer.close()
+    try:
+        from ray import train as ray_train
+
+        if ray_train.get_context().get_world_size() >= 1 and config.get("_ray"):
+            ray_train.report({"step": step})
+    except Exception:
+        pass
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _append_jsonl(url: str, row: dict) -> None:
+    fs, path = _fs(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    mode = "ab" if fs.exists(path) else "wb"
+    try:
+        with fs.open(path, mode) as f:
+            f.write((json.dumps(row) + "\n").encode())
+    except (NotImplementedError, ValueError):  # object stores without append: rewrite
+        old = fs.cat_file(path) if fs.exists(path) else b""
+        with fs.open(path, "wb") as f:
+            f.write(old + (json.dumps(row) + "\n").encode())
+
+
+def _model_state(wrapped, model, fsdp: bool) -> dict:
+    if fsdp:
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True,
+                                                                                              rank0_only=True)):
+            return wrapped.state_dict()
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _optim_state(wrapped, opt, fsdp: bool) -> dict:
+    if fsdp:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.optim_state_dict(wrapped, opt)
+    return opt.state_dict()
+
+
+def _load_model(wrapped, model, sd: dict, fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+            wrapped.load_state_dict(sd)
+        return
+    model.load_state_dict(sd)
+
+
+def _load_optim(wrapped, opt, sd: dict, fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        sd = FSDP.optim_state_dict_to_load(wrapped, opt, sd)
+    opt.load_state_dict(sd)
+
+
+# --- launchers ------------------------------------------------------------------------------------
+def run_local(cfg: TrainConfig) -> None:
+    """One process, no process group (world size 1)."""
+    train_loop_per_worker({"cfg": cfg.model_dump(mode="json")})
+
+
+def run_ray(cfg: TrainConfig) -> None:
+    """Ray Train ``TorchTrainer`` with ``runtime.num_workers`` ranks (gloo on CPU, nccl on GPU)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    rt = cfg.runtime
+    started = False
+    if not ray.is_initialized():
+        kw = dict(address=rt.ray_address) if rt.ray_address else dict(
+            num_cpus=max(rt.num_workers, os.cpu_count() or 1), include_dashboard=False)
+        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), _repo_root(),
+                                                                       os.environ.get("PYTHONPATH", "")] if p)}}
+        ray.init(runtime_env=env, logging_level="ERROR", **kw)
+        started = True
+    backend = rt.backend if rt.backend != "auto" else ("nccl" if rt.use_gpu else "gloo")
+    storage = os.path.abspath(_join(cfg.workdir, "ray")) if "://" not in cfg.workdir else _join(cfg.workdir, "ray")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "_ray": True},
+        scaling_config=ScalingConfig(num_workers=rt.num_workers, use_gpu=rt.use_gpu,
+                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if rt.use_gpu else {})}),
+        torch_config=TorchConfig(backend=backend),
+        run_config=RunConfig(storage_path=storage, name="d4s"),
+    )
+    try:
+        trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train(cfg: TrainConfig) -> None:
+    if cfg.runtime.launcher == "local" or (cfg.runtime.num_workers <= 1 and cfg.runtime.launcher != "ray"):
+        run_local(cfg)
+    else:
+        run_ray(cfg)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from training.config import load_config
+
+    train(load_config(sys.argv[1]))
