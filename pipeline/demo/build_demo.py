@@ -53,10 +53,16 @@ def demo_config(out: str, datasets: list[str] | None = None, scenes: int = DEMO_
         "shard_size": 2,
         "jpeg_quality": 95,
         "max_inflight_shards": 4,
-        "datasets": {name: {"root": str(data_root / name), "clip_length": 8, "clip_stride": 4} for name in datasets},
+        "datasets": {name: {"root": str(data_root / name), "clip_length": 8, "frame_stride": 1, "clip_stride": 4,
+                            # No MegaSaM in the demo: RealEstate10K takes the metric VDA prediction as its reference.
+                            **({"depth_source": "vda_metric"} if name == "realestate10k" else {})}
+                     for name in datasets},
         "stages": {
-            "depth": {"encoder": "vits", "input_size": 112, "dtype": "fp32", "allow_random_weights": True,
+            "depth": {"encoder": "vits", "metric": True, "input_size": 112, "dtype": "fp32", "allow_random_weights": True,
                       "resources": {"num_gpus": 0, "actors": 1}},
+            # Random-weight models give meaningless depth: keep such clips (flagged untrained, QC
+            # recorded in meta) instead of dropping them, so the demo shows every layout end to end.
+            "align": {"drop_on_qc": False},
             "tracks": {"grid_size": 4, "dtype": "fp32", "allow_random_weights": True,
                        "resources": {"num_gpus": 0, "actors": 1}},
         },
