@@ -125,7 +125,9 @@ def sample_maps_at_pixels(x: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     """Bilinearly sample per-pixel maps x (H,W,C) at pixel coordinates uv (N,2) -> (N,C)."""
     h, w = x.shape[:2]
     grid = torch.stack([uv[:, 0] / w * 2 - 1, uv[:, 1] / h * 2 - 1], dim=-1)  # align_corners=False
-    out = F.grid_sample(x.permute(2, 0, 1)[None], grid[None, None], mode="bilinear", padding_mode="border",
+    # Sample in float32: under bf16 autocast the maps may be bf16 while track pixels stay float32,
+    # and grid_sample needs one dtype (found on the GPU run, bench/RESULTS.md).
+    out = F.grid_sample(x.float().permute(2, 0, 1)[None], grid.float()[None, None], mode="bilinear", padding_mode="border",
                         align_corners=False)
     return out[0, :, 0].T
 
