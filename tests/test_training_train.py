@@ -35,7 +35,11 @@ def test_curriculum_stages_ray_two_workers(shards, tmp_path):
     assert all("motion" in r for r in rows[4:]) and not any("motion" in r for r in rows[:4])
     assert all(r["loss"] == r["loss"] and r["loss"] < 1e3 for r in rows)  # finite
     assert latest_checkpoint(cfg.workdir).endswith("step-00000006.pt")
-    assert os.path.isdir(os.path.join(cfg.workdir, "tb"))
+    import importlib.util
+
+    # TensorBoard event files are written when the optional `tensorboard` package is installed
+    # (extra `[train]`); without it the trainer logs metrics.jsonl only.
+    assert os.path.isdir(os.path.join(cfg.workdir, "tb")) == (importlib.util.find_spec("tensorboard") is not None)
 
 
 def test_overfit_one_clip_photometric_loss_falls(tmp_path):
