@@ -90,7 +90,9 @@ def resolve_shards(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, int
             counts: dict[str, int] = {}
             keys = {}
             for r in tab:
-                url = r["shard"] if "://" in r["shard"] or os.path.isabs(r["shard"]) else f"{root}/{r['shard']}"
+                # index.parquet schema: manifests/schemas.py INDEX_SCHEMA (shard_path relative to the output)
+                rel = r["shard_path"]
+                url = rel if "://" in rel or os.path.isabs(rel) else f"{root}/{rel}"
                 lst = shards.setdefault(r["dataset"], [])
                 if url not in lst:
                     lst.append(url)

@@ -79,7 +79,7 @@ def write_shards(out: str, n_clips: int = 8, per_shard: int = 2, t: int = 9, siz
                 for i in ids[s0:s0 + per_shard]:
                     clip = make_clip(i, t=t, size=size, dynamic="dynamic" in ds, dataset=ds)
                     sink.write(ENCODE(clip))
-                    rows.append({"key": clip.key, "shard": os.path.relpath(path, out), "dataset": ds})
+                    rows.append({"key": clip.key, "shard_path": os.path.relpath(path, out), "dataset": ds})
             paths.append(path)
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(out, "index.parquet"))
     return paths
