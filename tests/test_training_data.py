@@ -74,3 +74,18 @@ def test_mixture_and_scene_filter(shards):
     data = cfg.data.model_copy(update={"repeat": {"synth_static": 9.0}})
     keys = _keys(ShardStream(data, st, 0, 8, 1), 40)
     assert sum(k.startswith("synth_static") for k in keys) > 28  # ~90 % static
+
+
+def test_reads_a_real_build_output(tmp_path, ray_local):
+    """The trainer's reader on what `d4s build` actually writes (index schema, shard layout)."""
+    from conftest import tartanair_config, write_tartanair
+    from pipeline.runner import build
+    from pipeline.sample_format import decode_sample
+
+    write_tartanair(tmp_path / "data", n_scenes=1, frames=7)
+    build(tartanair_config(tmp_path, tmp_path / "data"), show_progress=False)
+    by_ds, counts, keys = resolve_shards(make_config("tiny", data={"root": str(tmp_path / "out")}).data)
+    assert set(by_ds) == {"tartanair"} and counts == {"tartanair": 2}
+    sample = next(iter_tar(by_ds["tartanair"][0]))
+    assert keys[sample["__key__"]] == "tartanair"
+    assert decode_sample(sample).depth is not None
