@@ -84,6 +84,9 @@ class TrackStageConfig(_Strict):
     query_frames: int = 3
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     allow_random_weights: bool = False
+    max_rel_drift: float = Field(0.02, description="static scenes: a lifted track whose median drift exceeds this fraction of its camera distance is not kept")
+    min_kept_fraction: float = Field(0.5, description="static scenes: drop a clip when fewer of its tracks stay put")
+    drop_on_qc: bool = Field(True, description="drop clips failing track QC (False: keep them, QC recorded in meta)")
     resources: StageResources = Field(default_factory=lambda: StageResources(num_gpus=1.0))
 
 

@@ -63,7 +63,7 @@ def demo_config(out: str, datasets: list[str] | None = None, scenes: int = DEMO_
             # Random-weight models give meaningless depth: keep such clips (flagged untrained, QC
             # recorded in meta) instead of dropping them, so the demo shows every layout end to end.
             "align": {"drop_on_qc": False},
-            "tracks": {"grid_size": 4, "dtype": "fp32", "allow_random_weights": True,
+            "tracks": {"grid_size": 4, "dtype": "fp32", "allow_random_weights": True, "drop_on_qc": False,
                        "resources": {"num_gpus": 0, "actors": 1}},
         },
     }

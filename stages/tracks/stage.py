@@ -38,9 +38,29 @@ def tracks_from_depth(clip, cfg: BuildConfig):
                                                grid=cfg.stages.tracks.grid_size)
         clip.tracks, clip.track_visible = np.asarray(tracks, np.float32), np.asarray(vis, bool)
         clip.meta.track_source = "depth_static"
+        apply_static_track_qc(clip, cfg)
         return clip.validate()
     except Exception as exc:
         return ClipFailure.from_exception(clip.key, "tracks", exc)
+
+
+def apply_static_track_qc(clip: Clip, cfg: BuildConfig) -> None:
+    """Static scenes: lifted tracks of one physical point must stay put in the world.
+
+    Records median drift (metres and relative to the camera distance) and the share of tracks
+    that stay within ``max_rel_drift`` in ``meta.qc['tracks']``; below ``min_kept_fraction`` the
+    clip is dropped with the reason (unless ``drop_on_qc`` is off).
+    """
+    if clip.meta.dynamic:
+        return
+    from stages.tracks.lift import static_drift_qc
+
+    t = cfg.stages.tracks
+    qc = static_drift_qc(clip.tracks, clip.track_visible, clip.c2w, max_rel_drift=t.max_rel_drift)
+    clip.meta.qc["tracks"] = qc
+    if t.drop_on_qc and qc["kept_fraction"] < t.min_kept_fraction:
+        raise ValueError(f"track QC: only {qc['kept_fraction']:.0%} of lifted tracks stay put in this static scene "
+                         f"(median drift {qc['median_drift_m']:.3f} m, {qc['median_drift_rel']:.1%} of depth)")
 
 
 class TrackModelStage:
@@ -72,6 +92,7 @@ class TrackModelStage:
                 world, vis = lift_tracks(tr2d, vis2d, c.depth, c.depth_valid, c.intrinsics, c.c2w)
                 c.tracks, c.track_visible = np.asarray(world, np.float32), np.asarray(vis, bool)
                 c.meta.track_source = "cotracker"
+                apply_static_track_qc(c, self.cfg)
                 if self.runner.untrained and "cotracker3" not in c.meta.untrained_models:
                     c.meta.untrained_models.append("cotracker3")
                 out[c.key] = c.validate()
