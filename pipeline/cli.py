@@ -211,7 +211,7 @@ def _parity(kind: str, fixture_dir: str, salt: str) -> None:
     else:
         from stages.tracks.cotracker.parity import format_report, run_parity
     cases = run_parity(fixture_dir, salt=salt)
-    out_console.print(format_report(cases), highlight=False)
+    out_console.print(format_report(cases), highlight=False, soft_wrap=True)
     raise typer.Exit(0 if cases and all(c.ok for c in cases) else 1)
 
 
