@@ -41,6 +41,7 @@ LEDGER_SCHEMA = pa.schema([
     ("finished_at", pa.float64()),
     ("timings", pa.string()),  # JSON {stage: seconds}
     ("samples", pa.string()),  # JSON list of [key, byte offset, num_frames, dynamic] (done events)
+    ("clip_qc", pa.string()),  # JSON list of per-sample QC records (manifests/clip_qc.py; done events)
     ("host", pa.string()),
     ("build_id", pa.string()),
 ])

@@ -76,6 +76,7 @@ class ManifestStore:
             row["clips_failed"] = json.dumps(e.get("clips_failed") or [])
             row["timings"] = json.dumps(e.get("timings") or {})
             row["samples"] = json.dumps(e.get("samples") or [])
+            row["clip_qc"] = json.dumps(e.get("clip_qc") or [])
             rows.append(row)
         name = f"manifests/ledger/events-{rows[0]['seq']:024d}-{uuid.uuid4().hex[:8]}.parquet"
         self.store.write_bytes_atomic(name, _to_bytes(pa.Table.from_pylist(rows, LEDGER_SCHEMA)))
@@ -90,6 +91,7 @@ class ManifestStore:
             r["clips_failed"] = json.loads(r["clips_failed"] or "[]")
             r["timings"] = json.loads(r["timings"] or "{}")
             r["samples"] = json.loads(r["samples"] or "[]")
+            r["clip_qc"] = json.loads(r.get("clip_qc") or "[]")
         return rows
 
     def ledger(self) -> dict[str, dict]:
@@ -110,7 +112,8 @@ class ManifestStore:
         if len(names) <= 1:
             return
         tables = [_read(self.store, f"manifests/ledger/{n}") for n in names]
-        merged = pa.concat_tables(tables).sort_by("seq")
+        # promote: ledgers written before a column was added still fold in (missing -> null)
+        merged = pa.concat_tables(tables, promote_options="default").sort_by("seq")
         first_seq = merged.column("seq")[0].as_py()
         target = f"manifests/ledger/events-{first_seq:024d}-compact.parquet"
         self.store.write_bytes_atomic(target, _to_bytes(merged))

@@ -93,19 +93,59 @@ def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False
     if as_json:
         out_console.print_json(json.dumps(st))
         return
-    t = Table(title=f"d4s status: {output}")
-    for col in ("dataset", "clips done", "clips failed", "clips pending"):
-        t.add_column(col, justify="right" if col != "dataset" else "left")
-    for d, c in st["datasets"].items():
-        t.add_row(d, str(c["clips_done"]), str(c["clips_failed"]), str(c["clips_pending"]))
-    out_console.print(t)
+    out_console.print(_status_tables(st))
     s = st["shards"]
     out_console.print(f"shards: {s['done']} done, {s['failed']} failed, {s['pending']} pending")
+    tp = st["throughput"]
+    if tp["clips_per_s"]:
+        eta = tp["eta_s"]
+        out_console.print(f"latest build: {tp['clips']} clips in {tp['seconds']:.0f} s = {tp['clips_per_s']:.2f} clips/s; "
+                          + ("nothing left" if not eta else f"ETA {_duration(eta)} for what is pending"), highlight=False)
     if st["stage_seconds"]:
         out_console.print("stage time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in st["stage_seconds"].items()))
     for f in st["failures"][:50]:
         out_console.print(f"  failed {f['clip_id'] or f['shard_id']} at {f['stage']}: {f['reason']}"
                           + (f" [{f['path']}]" if f.get("path") else ""), highlight=False, soft_wrap=True)
+    if len(st["failures"]) > 50:
+        out_console.print(f"  ... and {len(st['failures']) - 50} more (d4s status --json)")
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _status_tables(st: dict):
+    """Rich renderables: clips per dataset and stage, QC distributions, drops by reason."""
+    from rich.console import Group
+
+    t = Table(title=f"d4s status: {st['output']}")
+    for col in ("dataset", "stage", "done", "failed", "pending", "skipped"):
+        t.add_column(col, justify="left" if col in ("dataset", "stage") else "right")
+    for d, c in st["datasets"].items():
+        t.add_row(f"[bold]{d}[/bold]", "clips", str(c["clips_done"]), str(c["clips_failed"]), str(c["clips_pending"]), "")
+        for name, sc in st["stages"].get(d, {}).items():
+            t.add_row("", name, str(sc["done"]), str(sc["failed"]), str(sc["pending"]), str(sc["skipped"]))
+    parts = [t]
+    if any(st["qc"].values()):
+        q = Table(title="QC distributions (written samples)")
+        for col in ("dataset", "measure", "n", "p5", "median", "p95"):
+            q.add_column(col, justify="left" if col in ("dataset", "measure") else "right")
+        for d, rows in st["qc"].items():
+            for i, (label, r) in enumerate(rows.items()):
+                vals = [f"{r[k]:.3g}" if k in r else "" for k in ("p5", "p50", "p95")]
+                q.add_row(d if i == 0 else "", label, str(r["n"]), *vals)
+        parts.append(q)
+    if st["drops"]:
+        dr = Table(title="Drops by reason")
+        for col in ("dataset", "reason", "clips"):
+            dr.add_column(col, justify="right" if col == "clips" else "left")
+        for d, cats in st["drops"].items():
+            for i, (cat, n) in enumerate(cats.items()):
+                dr.add_row(d if i == 0 else "", cat, str(n))
+        parts.append(dr)
+    return Group(*parts)
 
 
 @app.command()

@@ -86,3 +86,18 @@ def make_plan(cfg: BuildConfig) -> Plan:
             shards_out.append({"shard_id": sid, "dataset": name, "path": f"shards/{name}/{sid}.tar",
                                "num_clips": len(group), "clip_ids": [c["clip_id"] for c in group]})
     return Plan(scenes_out, clips_out, shards_out, scene_refs)
+
+
+def stages_for(cfg: BuildConfig, dataset: str) -> list[str]:
+    """The stages a clip of ``dataset`` passes through, in order (same rules as the DAG).
+
+    Ground-truth depth skips the depth model and alignment; tracks come from the track model
+    (``cotracker``), from depth for static scenes (``depth_static``), or from the dataset.
+    """
+    d = cfg.datasets[dataset]
+    out = ["ingest"]
+    if d.depth_source != "gt":
+        out += ["depth", "align"]
+    if d.track_source in ("cotracker", "depth_static"):
+        out.append("tracks")
+    return out + ["encode", "write"]

@@ -1,46 +1,147 @@
-"""``d4s status``: counts per dataset and state, shard states, failures with reasons."""
+"""``d4s status``: where a build stands, read from the manifests alone (never from shards).
+
+Per dataset and stage: clips done / failed / pending. Throughput of the latest build and the
+ETA of what is left. QC distributions (alignment scale, inliers, residual, AbsRel, pose scale,
+consistency, depth range, static-track drift) per dataset from the ledger's per-sample records,
+and drops counted per dataset and reason category.
+"""
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 
+import numpy as np
+
+from manifests.clip_qc import failure_categories
 from manifests.store import ManifestStore
 from pipeline.storage import Store
 
+# (label, path into a clip_qc record) of the distributions shown per dataset.
+QC_METRICS = (
+    ("depth median (m)", ("depth_median_m",)),
+    ("align scale", ("align", "scale")),
+    ("align inlier ratio", ("align", "inlier_ratio")),
+    ("align residual", ("align", "residual")),
+    ("align AbsRel", ("align", "abs_rel")),
+    ("align delta<1.25", ("align", "delta_1_25")),
+    ("pose scale", ("align", "pose_scale")),
+    ("consistency error", ("align", "consistency_error")),
+    ("static tracks kept", ("tracks", "kept_fraction")),
+)
+
+
+def _get(rec: dict, path: tuple[str, ...]):
+    for p in path:
+        if not isinstance(rec, dict) or rec.get(p) is None:
+            return None
+        rec = rec[p]
+    return rec if isinstance(rec, (int, float)) and not isinstance(rec, bool) and math.isfinite(rec) else None
+
+
+def qc_distributions(records: list[dict]) -> dict[str, dict[str, dict]]:
+    """{dataset: {metric: {n, p5, p50, p95}}} over the per-sample QC records."""
+    by_ds: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_ds[r.get("dataset", "?")].append(r)
+    out: dict[str, dict[str, dict]] = {}
+    for ds, recs in sorted(by_ds.items()):
+        rows = {}
+        for label, path in QC_METRICS:
+            vals = np.array([v for v in (_get(r, path) for r in recs) if v is not None], dtype=np.float64)
+            if vals.size:
+                p5, p50, p95 = np.percentile(vals, [5, 50, 95])
+                rows[label] = {"n": int(vals.size), "p5": float(p5), "p50": float(p50), "p95": float(p95)}
+        flagged = sum(1 for r in recs if isinstance(r.get("align"), dict) and r["align"].get("keep") is False)
+        if flagged:
+            rows["kept despite failed align QC"] = {"n": flagged}
+        out[ds] = rows
+    return out
+
+
+def _throughput(events: list[dict], clips_left: int) -> dict:
+    """Clips per second of the latest build (first submission to last finished shard) and ETA."""
+    builds = [e["build_id"] for e in events if e.get("build_id")]
+    if not builds:
+        return {"build_id": None, "clips": 0, "seconds": 0.0, "clips_per_s": None, "eta_s": None}
+    latest = builds[-1]
+    evs = [e for e in events if e.get("build_id") == latest]
+    starts = [e["started_at"] for e in evs if e["state"] == "running" and e.get("started_at")]
+    done = [e for e in evs if e["state"] in ("done", "failed") and e.get("finished_at")]
+    clips = sum((e.get("samples_written") or 0) + len(e.get("clips_failed") or []) for e in done if e["state"] == "done")
+    if not starts or not done:
+        return {"build_id": latest, "clips": clips, "seconds": 0.0, "clips_per_s": None, "eta_s": None}
+    secs = max(e["finished_at"] for e in done) - min(starts)
+    rate = clips / secs if secs > 0 else None
+    eta = (clips_left / rate) if rate else None
+    return {"build_id": latest, "clips": clips, "seconds": round(secs, 3), "clips_per_s": rate,
+            "eta_s": 0.0 if clips_left == 0 else eta}
+
 
 def collect_status(output: str) -> dict:
-    ms = ManifestStore(Store(output))
+    from pipeline.plan import stages_for
+    from pipeline.runner import load_output_config
+
+    store = Store(output)
+    ms = ManifestStore(store)
     if not ms.has_plan():
         raise FileNotFoundError(f"{output}: no plan recorded (run `d4s build` first)")
+    cfg = load_output_config(output)
+    events = ms.ledger_events()
     ledger = ms.ledger()
     datasets: dict[str, Counter] = defaultdict(Counter)
+    stages: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     shards = Counter()
-    failures = []
+    failures, qc_records = [], []
+    drops: dict[str, Counter] = defaultdict(Counter)
     for sh in ms.shards():
+        ds_name = sh["dataset"]
+        order = stages_for(cfg, ds_name) if ds_name in cfg.datasets else ["ingest", "encode", "write"]
         ev = ledger.get(sh["shard_id"])
         state = ev["state"] if ev else "pending"
         # a shard left "running" by a dead driver is pending work
         shards["pending" if state == "running" else state] += 1
-        ds = datasets[sh["dataset"]]
+        ds = datasets[ds_name]
+        st = stages[ds_name]
         if state == "done":
-            failed = {f["clip_id"] for f in ev["clips_failed"]}
+            failed = {f["clip_id"]: f for f in ev["clips_failed"]}
             ds["clips_done"] += sh["num_clips"] - len(failed)
             ds["clips_failed"] += len(failed)
-            failures.extend({**f, "dataset": sh["dataset"], "shard_id": sh["shard_id"]} for f in ev["clips_failed"])
+            for name in order:
+                st[name]["done"] += sh["num_clips"] - len(failed)
+            for f in failed.values():
+                at = order.index(f["stage"]) if f["stage"] in order else len(order) - 1
+                for name in order[:at]:
+                    st[name]["done"] += 1
+                st[order[at]]["failed"] += 1
+                for name in order[at + 1:]:
+                    st[name]["skipped"] += 1
+                for cat in failure_categories(f["stage"], f["reason"], f.get("clip_id")):
+                    drops[ds_name][cat] += 1
+            failures.extend({**f, "dataset": ds_name, "shard_id": sh["shard_id"]} for f in ev["clips_failed"])
+            qc_records.extend({**r, "dataset": r.get("dataset", ds_name)} for r in ev.get("clip_qc") or [])
         else:
             ds["clips_pending"] += sh["num_clips"]
+            for name in order:
+                st[name]["pending"] += sh["num_clips"]
             if state == "failed":
                 failures.append({"clip_id": None, "stage": "shard", "reason": ev["error"], "path": None,
-                                 "dataset": sh["dataset"], "shard_id": sh["shard_id"]})
+                                 "dataset": ds_name, "shard_id": sh["shard_id"]})
     timings = Counter()
     for ev in ledger.values():
         if ev["state"] == "done":
             for k, v in (ev.get("timings") or {}).items():
                 timings[k] += v
+    clips_left = sum(c["clips_pending"] for c in datasets.values())
     return {
         "output": output,
         "datasets": {d: {k: int(c.get(k, 0)) for k in ("clips_done", "clips_failed", "clips_pending")}
                      for d, c in sorted(datasets.items())},
+        "stages": {d: {name: {k: int(c.get(k, 0)) for k in ("done", "failed", "pending", "skipped")}
+                       for name, c in per.items()} for d, per in sorted(stages.items())},
         "shards": {k: int(shards.get(k, 0)) for k in ("done", "failed", "pending")},
         "stage_seconds": {k: round(v, 3) for k, v in sorted(timings.items())},
+        "throughput": _throughput(events, clips_left),
+        "qc": qc_distributions(qc_records),
+        "drops": {d: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for d, c in sorted(drops.items())},
         "failures": failures,
     }

@@ -19,7 +19,7 @@ from stages.contract import StageContract
 CONTRACT = StageContract(
     name="write",
     inputs=("samples of one shard, in plan order",),
-    outputs=("shards/<dataset>/<shard_id>.tar", "sha256", "index rows"),
+    outputs=("shards/<dataset>/<shard_id>.tar", "sha256", "index rows", "per-sample QC records"),
     runs_as="task (CPU)",
     acts_when="always (a shard whose clips all failed is written empty)",
     errors="storage errors fail the shard (retried by resume), never a clip",
@@ -60,7 +60,9 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
     from stages.encode import encode
 
     t0 = time.time()
-    samples, failures, timings, meta_rows = [], [], {}, {}
+    from manifests.clip_qc import sample_qc
+
+    samples, failures, timings, meta_rows, qc_rows = [], [], {}, {}, []
     for clip in clips:
         if isinstance(clip, Clip):
             for k, v in clip.aux.get("timings", {}).items():
@@ -71,6 +73,7 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
         else:
             samples.append(enc)
             meta_rows[clip.key] = (clip.num_frames, bool(clip.meta.dynamic))
+            qc_rows.append(sample_qc(clip, enc))
     t1 = time.time()
     timings["encode"] = t1 - t0
     data, offsets = shard_bytes(samples)
@@ -83,6 +86,6 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
                   for f in failures]
     return {
         "samples_written": len(samples), "clips_failed": failures, "bytes": len(data), "sha256": sha,
-        "samples": [[k, off, *meta_rows[k]] for k, off in offsets], "timings": timings,
+        "samples": [[k, off, *meta_rows[k]] for k, off in offsets], "clip_qc": qc_rows, "timings": timings,
         "started_at": t0, "finished_at": time.time(), "host": socket.gethostname(), "log": "\n".join(log_lines) + "\n",
     }

@@ -47,6 +47,14 @@ def test_status_json_and_verify_after_build(tmp_path, ray_local):
     st = json.loads(r.stdout)
     assert st["datasets"]["tartanair"] == {"clips_done": 2, "clips_failed": 0, "clips_pending": 0}
     assert st["shards"] == {"done": 1, "failed": 0, "pending": 0}
+    # tartanair with ground-truth depth and no tracks: no depth/align/tracks stages
+    assert list(st["stages"]["tartanair"]) == ["ingest", "encode", "write"]
+    assert st["stages"]["tartanair"]["write"] == {"done": 2, "failed": 0, "pending": 0, "skipped": 0}
+    assert st["throughput"]["clips"] == 2 and st["throughput"]["clips_per_s"] > 0 and st["throughput"]["eta_s"] == 0
+    depth = st["qc"]["tartanair"]["depth median (m)"]
+    assert depth["n"] == 2 and 0 < depth["p5"] <= depth["p50"] <= depth["p95"]
+    r = runner.invoke(app, ["status", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "clips/s" in r.stdout and "QC distributions" in r.stdout and "encode" in r.stdout
     r = runner.invoke(app, ["verify", str(tmp_path / "out")])
     assert r.exit_code == 0 and "verify OK" in r.stdout
 
