@@ -1,9 +1,13 @@
 """Benchmark: a model-heavy `d4s build` on one GPU machine, per stage, with GPU utilisation.
 
 Renders RealEstate10K-layout scenes (static, poses up to scale) at a realistic-ish size, then
-builds them through every model stage: ingest -> Video Depth Anything (metric head, random
-weights) -> align (metric VDA reference, pose scale, consistency) -> CoTracker3 -> encode ->
-write, with one depth actor and one track actor sharing the GPU. Reports clips/s and frames/s
+builds them through every model stage as RealEstate10K's default config does: ingest -> Video
+Depth Anything (random weights) -> align (MegaSaM reference, trajectory pose scale,
+consistency) -> CoTracker3 (random weights) -> encode -> write, with one depth actor and one
+track actor sharing the GPU. MegaSaM itself is not installed here: its place is taken by
+``pipeline/demo/megasam_stand_in.py`` (answers with the rendered truth; a Python start-up per
+clip), so MegaSaM's own GPU cost is NOT part of these figures. The scale-only fit keeps
+random-weight depth alignable (a positive scale always exists). Reports clips/s and frames/s
 of the whole build, each stage's summed busy seconds (from the ledger), GPU utilisation and
 memory sampled with nvidia-smi every 0.5 s. Rendering is parallel and not timed.
 
@@ -23,13 +27,17 @@ from pathlib import Path
 
 
 def _write_scene(args):
-    root, i, frames, height, width = args
+    root, truth, i, frames, height, width = args
+    from pipeline.demo.megasam_stand_in import save_truth
     from pipeline.demo.render import render
     from pipeline.demo.writers import realestate10k as w
+    from pipeline.plan import key_safe
 
     spec = w.demo_spec(i, seed=9000 + i)
     spec.num_frames, spec.height, spec.width = frames, height, width
-    w.write(render(spec), Path(root), w.default_scene_id(i))
+    rendered = render(spec)
+    ws = w.write(rendered, Path(root), w.default_scene_id(i))
+    save_truth(truth, key_safe(ws.scene_id), rendered)
     return i
 
 
@@ -74,7 +82,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     data = out / "data" / "realestate10k"
     t0 = time.time()
-    jobs = [(str(data), i, args.frames, args.height, args.width) for i in range(args.scenes)]
+    truth = out / "data" / "truth"
+    jobs = [(str(data), str(truth), i, args.frames, args.height, args.width) for i in range(args.scenes)]
     with ProcessPoolExecutor(max_workers=max(1, args.cpus)) as ex:
         list(ex.map(_write_scene, jobs))
     render_s = time.time() - t0
@@ -83,6 +92,7 @@ def main(argv=None) -> int:
     import ray
 
     from pipeline.config import BuildConfig
+    from pipeline.demo.megasam_stand_in import command_template
     from pipeline.runner import build
     from pipeline.status import collect_status
 
@@ -91,13 +101,14 @@ def main(argv=None) -> int:
     cfg = BuildConfig.model_validate({
         "output": str(out / "build"), "shard_size": args.shard_size, "max_inflight_shards": 8,
         "datasets": {"realestate10k": {"root": str(data), "clip_length": args.clip_length, "frame_stride": 1,
-                                       "clip_stride": args.clip_length // 2, "depth_source": "vda_metric",
+                                       "clip_stride": args.clip_length // 2, "depth_source": "megasam",
                                        "track_source": "cotracker"}},
         "stages": {
+            # the metric head: a random-weight relative head at vitl outputs all zeros (ReLU)
             "depth": {"encoder": args.encoder, "metric": True, "input_size": args.input_size,
                       "dtype": "fp16" if gpu else "fp32", "allow_random_weights": True,
                       "resources": {"num_gpus": share, "actors": 1}},
-            "align": {"drop_on_qc": False},
+            "align": {"drop_on_qc": False, "model": "scale_only", "megasam_command": command_template(truth)},
             "tracks": {"dtype": "bf16" if gpu else "fp32", "allow_random_weights": True, "drop_on_qc": False,
                        "resources": {"num_gpus": share, "actors": 1}},
         },

@@ -3,7 +3,8 @@
 RealEstate10K scenes are rendered (known metric depth and trajectory), written in the official
 layout (poses up to scale), and built through ingest -> depth (Video Depth Anything, random
 weights) -> align (MegaSaM reference) -> encode -> write. The stand-in "MegaSaM" answers with
-the scene's true metric depth and cameras in a world frame of its own; for one scene it crashes,
+the scene's true metric depth and cameras in a world frame of its own
+(``pipeline/demo/megasam_stand_in.py``); for one scene it crashes,
 for another it hangs past the timeout. Checks: the crash and the timeout fail only their clips,
 with reasons naming the clip, the exit code / timeout and the log; the good scene's samples
 carry MegaSaM-scaled metric poses; status counts drops by reason and shows the QC
@@ -11,17 +12,13 @@ distributions; a resume reuses the MegaSaM cache instead of re-running it.
 """
 from __future__ import annotations
 
-import io
-import json
-import shlex
-import sys
 import tarfile
-import textwrap
 
 import numpy as np
 import pytest
 
 from pipeline.config import BuildConfig
+from pipeline.demo.megasam_stand_in import command_template, save_truth
 from pipeline.demo.render import render
 from pipeline.demo.writers import realestate10k as writer
 from pipeline.plan import key_safe
@@ -29,33 +26,6 @@ from pipeline.runner import build, resume
 from pipeline.sample_format import decode_sample
 from pipeline.status import collect_status
 from pipeline.verify import verify
-
-STAND_IN = textwrap.dedent('''
-    """Stand-in for MegaSaM: answers with the rendered truth, in its own world frame."""
-    import argparse, os, sys, time
-    import numpy as np
-    p = argparse.ArgumentParser()
-    p.add_argument("--frames"); p.add_argument("--out"); p.add_argument("--clip")
-    p.add_argument("--truth"); p.add_argument("--log"); p.add_argument("--fail"); p.add_argument("--hang")
-    a = p.parse_args()
-    with open(a.log, "a") as f:
-        f.write(a.clip + "\\n")
-    dataset, scene, start = a.clip.split("__")
-    if scene == a.fail:
-        print("stand-in: simulated MegaSaM crash", file=sys.stderr)
-        sys.exit(3)
-    if scene == a.hang:
-        time.sleep(120)
-    truth = np.load(os.path.join(a.truth, scene + ".npz"))
-    n = len(os.listdir(a.frames))
-    sl = slice(int(start), int(start) + n)
-    # Its own world: the truth moved by a rigid transform (MegaSaM's world is arbitrary).
-    g = np.eye(4); g[:3, :3] = [[0, -1, 0], [1, 0, 0], [0, 0, 1]]; g[:3, 3] = [5.0, -2.0, 1.0]
-    k = truth["intrinsics"][0]
-    K = np.array([[k[0], 0, k[2]], [0, k[1], k[3]], [0, 0, 1.0]])
-    np.savez(a.out, images=truth["rgb"][sl], depths=truth["depth"][sl].astype(np.float32), intrinsic=K,
-             cam_c2w=g @ truth["c2w"][sl])
-''')
 
 N_SCENES = 3
 
@@ -69,19 +39,14 @@ def re10k(tmp_path_factory):
     for i in range(N_SCENES):
         rendered = render(writer.demo_spec(i, seed=700 + i))
         ws = writer.write(rendered, data, writer.default_scene_id(i))
-        np.savez(truth / f"{key_safe(ws.scene_id)}.npz", rgb=rendered.rgb, depth=rendered.depth,
-                 intrinsics=rendered.intrinsics, c2w=rendered.c2w)
+        save_truth(truth, key_safe(ws.scene_id), rendered)
         scenes.append((key_safe(ws.scene_id), rendered))
-    script = base / "megasam_stand_in.py"
-    script.write_text(STAND_IN)
-    return base, data, truth, script, scenes
+    return base, data, truth, scenes
 
 
-def config(base, data, truth, script, fail: str, hang: str, out: str = "out") -> BuildConfig:
+def config(base, data, truth, fail: str, hang: str, out: str = "out") -> BuildConfig:
     log = base / f"{out}-megasam-calls.txt"
-    template = (f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} --frames {{frames_dir}} --out {{out_npz}} "
-                f"--clip {{clip_id}} --truth {shlex.quote(str(truth))} --log {shlex.quote(str(log))} "
-                f"--fail {fail} --hang {hang}")
+    template = command_template(truth, log=log, fail=fail, hang=hang)
     return BuildConfig.model_validate({
         "output": str(base / out),
         "shard_size": 2,
@@ -111,9 +76,9 @@ def read_samples(out) -> dict[str, dict]:
 
 
 def test_megasam_reference_end_to_end(re10k, ray_local):
-    base, data, truth, script, scenes = re10k
+    base, data, truth, scenes = re10k
     (good, rendered), (bad, _), (slow, _) = scenes
-    cfg, log = config(base, data, truth, script, fail=bad, hang=slow)
+    cfg, log = config(base, data, truth, fail=bad, hang=slow)
     s = build(cfg, show_progress=False)
     assert s.shards_failed == 0  # a MegaSaM failure fails clips, never the run
     failed = {f["clip_id"]: f for f in s.failures}
