@@ -203,7 +203,8 @@ def report(output: str = typer.Argument(...)):
 
 @app.command()
 def plan(config: Optional[str] = typer.Argument(None), demo: bool = typer.Option(False, "--demo"),
-         as_json: bool = typer.Option(False, "--json")):
+         as_json: bool = typer.Option(False, "--json"),
+         costs: Optional[str] = typer.Option(None, "--costs", help="Per-frame costs YAML (default: pipeline/capacity_costs.yaml).")):
     """Capacity model: scenes, clips, output bytes and GPU-hours per model stage for a config."""
     try:
         from pipeline.capacity import capacity_report, format_capacity
@@ -220,7 +221,7 @@ def plan(config: Optional[str] = typer.Argument(None), demo: bool = typer.Option
             cfg = load_config(config)
         else:
             _fail("give a CONFIG.yaml or --demo")
-        rep = capacity_report(cfg)
+        rep = capacity_report(cfg, costs=costs)
     except ConfigError as exc:
         _fail(str(exc))
     out_console.print_json(json.dumps(rep)) if as_json else out_console.print(format_capacity(rep), highlight=False)
