@@ -3,12 +3,22 @@
 Every read of a dataset root and every write of an output goes through :class:`Store`, which
 also refuses relative paths that would escape its root (``..``, absolute parts) so a crafted
 scene or shard name can never reach outside the tree it belongs to.
+
+Object stores: credentials and the endpoint come from the environment of every process (driver
+and Ray workers), never from the config, so they are never written next to the output. For S3
+that is botocore's usual chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``,
+an instance profile) and ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) for an S3-compatible
+server such as MinIO. Remote stores are opened with fsspec's listing cache off: other processes
+(workers, another build, an operator) change the tree, and a stale listing would make a shard
+look missing or present when it is not.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
 from contextlib import contextmanager
 from typing import Iterator
@@ -33,6 +43,9 @@ class Store:
 
     def __init__(self, url: str, **storage_options):
         self.url = str(url)
+        proto, _ = fsspec.core.split_protocol(self.url)
+        if proto not in (None, "file", "local"):
+            storage_options.setdefault("use_listings_cache", False)
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
         self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         if self.is_local:
@@ -77,12 +90,23 @@ class Store:
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         """Readers see the old object or the whole new one, never a partial file."""
+        if not self.is_local:
+            # one PUT (or a multipart upload completed only after every part arrived)
+            self.fs.pipe_file(self.path(rel), bytes(data))
+            return
         with self.atomic_writer(rel) as f:
             f.write(data)
 
     @contextmanager
     def atomic_writer(self, rel: str) -> Iterator:
-        """Write to a temporary name then publish: rename locally, single PUT on object stores."""
+        """A file to write; published whole when the block ends without an exception, else never.
+
+        Locally: a ``.tmp-<uuid>`` sibling, fsynced and renamed. On object stores: a local
+        temporary file, uploaded after the block (one PUT, or a multipart upload that the store
+        makes visible only on completion and that s3fs aborts on error). Writing through
+        ``fs.open(final, "wb")`` would not do: fsspec files commit on close even when the block
+        raised, so an exception mid-write would publish a truncated object at the final key.
+        """
         final = self.path(rel)
         if self.is_local:
             os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -97,9 +121,14 @@ class Store:
                 if os.path.exists(tmp):
                     os.remove(tmp)
         else:
-            # An object PUT is atomic: the object appears whole or not at all.
-            with self.fs.open(final, "wb") as f:
-                yield f
+            tmpdir = tempfile.mkdtemp(prefix="d4s-upload-")
+            try:
+                tmp = os.path.join(tmpdir, "part")
+                with open(tmp, "wb") as f:
+                    yield f
+                self.fs.put_file(tmp, final)
+            finally:
+                shutil.rmtree(tmpdir, ignore_errors=True)
 
     def remove(self, rel: str) -> None:
         p = self.path(rel)
