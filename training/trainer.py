@@ -1,4 +1,4 @@
-"""Distributed trainer: Ray Train ``TorchTrainer`` (DDP default, FSDP option) or in-process.
+"""Distributed trainer: Ray Train ``TorchTrainer`` (DDP default, FSDP2 option) or in-process.
 
 Every rank runs :func:`train_loop_per_worker`. State lives in ``workdir`` (local path or fsspec URL):
 
@@ -10,10 +10,16 @@ Every rank runs :func:`train_loop_per_worker`. State lives in ``workdir`` (local
 
 A run in a workdir that has a checkpoint resumes from it (model, optimiser, data position, RNG), so
 the losses after a resume equal those of an uninterrupted run.
+
+``runtime.strategy: fsdp`` shards the model with FSDP2 (``torch.distributed.fsdp.fully_shard``): every
+CogVideoX transformer block and every LDRM block is its own shard group, the root group holds the rest;
+the frozen VAE is left out (``ignored_params``, replicated). Its checkpoints are gathered into the same
+full, unsharded state dicts as the DDP / local path, so either kind of run resumes from the other's.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
@@ -133,12 +139,9 @@ def train_loop_per_worker(config: dict) -> None:
     lpips_fn = LPIPSLoss(cfg.loss.lpips_net, cfg.loss.lpips_torch_home).to(device) if cfg.loss.lpips_enabled else None
 
     fsdp = rt.strategy == "fsdp" and distributed
-    wrapped = None
     if fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        wrapped = FSDP(model, use_orig_params=True, device_id=device if use_cuda else None)
-    params = [p for n, p in (wrapped or model).named_parameters() if ".vae." not in f".{n}"]
+        _shard_fsdp(model, device)  # in place: ``model`` is now an FSDPModule with DTensor parameters
+    params = [p for n, p in model.named_parameters() if ".vae." not in f".{n}"]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     warm = cfg.optim.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
@@ -148,8 +151,8 @@ def train_loop_per_worker(config: dict) -> None:
     rng_to_restore = None
     if resumed_from:
         st = load_checkpoint(resumed_from)
-        _load_model(wrapped, model, st["model"], fsdp)
-        _load_optim(wrapped, opt, st["optim"], fsdp)
+        _load_model(model, st["model"], fsdp)
+        _load_optim(model, opt, st["optim"], fsdp)
         sched.load_state_dict(st["sched"])
         step = st["step"]
         rngs = st.get("rng", [])
@@ -176,8 +179,8 @@ def train_loop_per_worker(config: dict) -> None:
     samples_per_step = rt.batch_size * accum * world
 
     def checkpoint(stage_index: int, in_stage: int) -> None:
-        model_sd = _model_state(wrapped, model, fsdp)
-        optim_sd = _optim_state(wrapped, opt, fsdp)
+        model_sd = _model_state(model, fsdp)  # collective under FSDP: every rank calls it
+        optim_sd = _optim_state(model, opt, fsdp)
         rngs = [None] * world
         if distributed:
             dist.all_gather_object(rngs, rng_state())
@@ -198,7 +201,9 @@ def train_loop_per_worker(config: dict) -> None:
         stage = cfg.stages[stage_index]
         model.apply_stage(stage)
         if fsdp:
-            ddp = wrapped
+            # FSDP2 reads requires_grad from the sharded parameters at every unshard, so the stage's
+            # freezing (set on them by apply_stage) takes effect without re-wrapping.
+            ddp = model
         elif distributed:
             ddp = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if use_cuda else None, find_unused_parameters=False)
@@ -216,19 +221,23 @@ def train_loop_per_worker(config: dict) -> None:
             for micro in range(accum):
                 batch = _to_device(next(it), device)
                 sync = micro == accum - 1 or not distributed
-                ctx = ddp.no_sync() if (not sync and hasattr(ddp, "no_sync")) else _null()
+                if fsdp:  # FSDP2 has no no_sync(): keep unsharded grads locally until the last micro-step
+                    model.set_requires_gradient_sync(sync)
+                    ctx = _null()
+                else:
+                    ctx = ddp.no_sync() if (not sync and hasattr(ddp, "no_sync")) else _null()
                 with ctx:
                     loss, met = ddp(batch, stage=stage, rasterize=rasterize, lpips_fn=lpips_fn,
                                     autocast=use_cuda and rt.bf16)
                     (loss / accum).backward()
                 for k, v in met.items():
                     agg[k] = agg.get(k, 0.0) + v / accum
+            grad_norm = None
             if cfg.optim.grad_clip > 0:
-                if fsdp:
-                    wrapped.clip_grad_norm_(cfg.optim.grad_clip)
-                else:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                                   cfg.optim.grad_clip)
+                # Under FSDP2 the grads are DTensor shards: the norm is reduced over ranks (a collective).
+                norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                                      cfg.optim.grad_clip)
+                grad_norm = float(_full_tensor(norm))  # pre-clip global norm, the same on every rank
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -243,6 +252,8 @@ def train_loop_per_worker(config: dict) -> None:
             mean = {k: float(v) for k, v in zip(keys, vals)}
             if rank == 0:
                 row = {"step": step, "stage": stage.name, "lr": sched.get_last_lr()[0], "time": time.time(), **mean}
+                if grad_norm is not None:
+                    row["grad_norm"] = grad_norm
                 if use_cuda:
                     row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
                 _append_jsonl(metrics_url, row)
@@ -302,41 +313,85 @@ def _append_jsonl(url: str, row: dict) -> None:
             f.write(old + (json.dumps(row) + "\n").encode())
 
 
-def _model_state(wrapped, model, fsdp: bool) -> dict:
-    if fsdp:
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
 
-        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True,
-                                                                                              rank0_only=True)):
-            return wrapped.state_dict()
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _shard_fsdp(model, device: torch.device) -> None:
+    """FSDP2: one shard group per transformer block (backbone and LDRM), the root group for the rest.
+
+    Ranks seed differently, so their freshly initialised weights differ: rank 0's are broadcast first
+    (what DDP's constructor does), otherwise every rank would keep its own slice of a different model.
+    The frozen VAE is ignored by FSDP: not sharded, not in the optimiser, replicated on every rank.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.no_grad():
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            dist.broadcast(t.data, src=0)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in itertools.chain(model.backbone.transformer.transformer_blocks, model.ldrm.blocks):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params=set(model.backbone.vae.parameters()))
+
+
+def _optim_fqns(model, opt) -> list[str]:
+    """Parameter names in the optimiser's order (= the integer keys of ``opt.state_dict()``)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def _model_state(model, fsdp: bool) -> dict:
+    if fsdp:  # gathered full tensors on rank 0 (CPU), {} elsewhere; keys as model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def _optim_state(wrapped, opt, fsdp: bool) -> dict:
+def _optim_state(model, opt, fsdp: bool) -> dict:
     if fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        # The helper keys state by parameter name; the checkpoint keeps torch's integer keys (the DDP and
+        # local format) so that any kind of run can load it.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return FSDP.optim_state_dict(wrapped, opt)
+        osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not osd:  # ranks other than 0
+            return {}
+        index = {n: i for i, n in enumerate(_optim_fqns(model, opt))}
+        return {"state": {index[n]: v for n, v in osd["state"].items()},
+                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]}
     return opt.state_dict()
 
 
-def _load_model(wrapped, model, sd: dict, fsdp: bool) -> None:
-    if fsdp:
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def _load_model(model, sd: dict, fsdp: bool) -> None:
+    if fsdp:  # every rank holds the full state dict; each keeps its shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
-            wrapped.load_state_dict(sd)
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
         return
     model.load_state_dict(sd)
 
 
-def _load_optim(wrapped, opt, sd: dict, fsdp: bool) -> None:
+def _load_optim(model, opt, sd: dict, fsdp: bool) -> None:
     if fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        sd = FSDP.optim_state_dict_to_load(wrapped, opt, sd)
+        fqns = _optim_fqns(model, opt)
+        named = {"state": {fqns[i]: v for i, v in sd["state"].items()},
+                 "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in sd["param_groups"]]}
+        # strict=False: parameters frozen so far (the deformation head before stage 3) have no saved state.
+        set_optimizer_state_dict(model, opt, named, options=StateDictOptions(full_state_dict=True, strict=False))
+        # The helper first runs a zero-lr step to create state for every trainable parameter; drop it where
+        # the checkpoint had none, so such a parameter starts fresh (AdamW step 0) as after a plain load.
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for p, n in zip(params, fqns):
+            if n not in named["state"]:
+                opt.state.pop(p, None)
+        return
     opt.load_state_dict(sd)
 
 
