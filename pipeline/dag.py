@@ -46,7 +46,8 @@ def ensure_ray(cfg: BuildConfig) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kwargs)
+        # address="local": always start our own Ray, never join one another process left running
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kwargs)
 
 
 def _cluster_has_gpus() -> bool:
