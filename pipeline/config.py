@@ -74,6 +74,14 @@ class AlignStageConfig(_Strict):
     cache_dir: str | None = Field(None, description="MegaSaM output cache (default OUT/cache/megasam)")
     thresholds: dict[str, float] = Field(default_factory=dict, description="AlignQCThresholds overrides (docs/ALIGNMENT.md)")
 
+    @field_validator("cache_dir")
+    @classmethod
+    def _local_cache(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v:
+            raise ValueError(f"cache_dir {v!r}: the MegaSaM cache must be a path on the node (shared filesystem "
+                             "or local disk); URLs are not supported")
+        return v
+
 
 class TrackStageConfig(_Strict):
     """CoTracker3 for datasets without ground-truth tracks (docs/MODELS.md)."""
@@ -106,6 +114,8 @@ class FaultConfig(_Strict):
     worker_exit_on_clip: int | None = Field(None, description="the ingest worker of this planned clip ordinal os._exit()s once")
     driver_exit_after_shards: int | None = Field(None, description="the driver os._exit()s after this many shards finish")
     marker_dir: str | None = Field(None, description="where 'already crashed' markers live (default OUT/.faults)")
+    trace_dir: str | None = Field(None, description="every ingest attempt leaves an empty file `<clip ordinal>.<Ray node id>.<pid>` here (which node ran which clip)")
+    ingest_delay_s: float = Field(0.0, ge=0, description="every ingest attempt sleeps this long first (keeps work in flight while a fault is injected)")
 
 
 class RayConfig(_Strict):

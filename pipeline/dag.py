@@ -235,3 +235,11 @@ class ShardDAG:
                 yield sh, ray.get(ready[0]), None
             except Exception as exc:
                 yield sh, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
+        # A write attempt whose worker or node died mid-publish leaves its ``.tmp-`` file behind (the
+        # retry publishes under a new one). Every shard of this run is settled now, so no attempt is
+        # still writing: remove the leftovers, or ``verify`` would flag them in a complete build.
+        from pipeline.runner import _remove_stray_temporaries
+        from pipeline.storage import Store
+
+        if _remove_stray_temporaries(Store(self.cfg.output)):
+            log.info("removed temporaries of write attempts that died mid-publish")

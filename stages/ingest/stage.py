@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from functools import lru_cache
 
 from pipeline import __version__
@@ -56,11 +57,24 @@ def ingest_clip(spec: dict, scene: SceneRef, cfg: BuildConfig) -> Clip | ClipFai
 
 
 def _maybe_inject_fault(spec: dict, cfg: BuildConfig) -> None:
-    """Test hook: the worker process dies (no exception, no cleanup) once on the k-th clip."""
-    k = cfg.fault.worker_exit_on_clip
+    """Test hooks: trace the node of every attempt, slow it down, and let the worker process die
+    (no exception, no cleanup) once on the k-th clip."""
+    fault = cfg.fault
+    if fault.trace_dir:
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        except Exception:
+            node = "local"
+        os.makedirs(fault.trace_dir, exist_ok=True)
+        open(os.path.join(fault.trace_dir, f"{spec['ordinal']}.{node}.{os.getpid()}"), "w").close()
+    if fault.ingest_delay_s:
+        time.sleep(fault.ingest_delay_s)
+    k = fault.worker_exit_on_clip
     if k is None or spec["ordinal"] != k:
         return
-    marker_dir = cfg.fault.marker_dir or os.path.join(cfg.output, ".faults")
+    marker_dir = fault.marker_dir or os.path.join(cfg.output, ".faults")
     os.makedirs(marker_dir, exist_ok=True)
     marker = os.path.join(marker_dir, f"worker_exit_{k}")
     if not os.path.exists(marker):
