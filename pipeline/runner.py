@@ -93,11 +93,14 @@ def build(cfg: BuildConfig, resume: bool = False, show_progress: bool = True) ->
                 raise ConfigError(f"{cfg.output} already holds a build with a different plan; "
                                   f"use `d4s resume {cfg.output}` or a new output")
         _check_plan_unchanged(ms, plan)
+        store.write_bytes_atomic(CONFIG_NAME, cfg.to_yaml().encode())
     else:
         if resume:
             raise ConfigError(f"{cfg.output} has no recorded plan; nothing to resume")
+        # config first, then the plan: an output that has a plan always has its config, so a
+        # driver killed between the two leaves something `d4s resume` can continue
+        store.write_bytes_atomic(CONFIG_NAME, cfg.to_yaml().encode())
         ms.write_plan(plan.scenes, plan.clips, plan.shards)
-    store.write_bytes_atomic(CONFIG_NAME, cfg.to_yaml().encode())
 
     ledger = ms.ledger()
     todo, skipped = [], 0
