@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         },
         "ray": {"num_cpus": args.cpus, "num_gpus": args.gpus},
     })
-    ray.init(num_cpus=args.cpus, num_gpus=args.gpus, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=args.cpus, num_gpus=args.gpus, include_dashboard=False, log_to_driver=True)
     sampler = GpuSampler()
     sampler.start()
     t1 = time.time()

@@ -46,7 +46,7 @@ def cluster():
         ray.shutdown()
         c.shutdown()
         if was_running:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 
 @pytest.fixture(scope="module")

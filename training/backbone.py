@@ -15,6 +15,8 @@ whatever the checkpoint lacks (first-frame latent for T2V checkpoints, camera ch
 """
 from __future__ import annotations
 
+import math
+
 import os
 
 import torch
@@ -87,8 +89,7 @@ class VideoBackbone(nn.Module):
         vc = self.vae.config
         self.latent_channels = vc.latent_channels
         self.fs = 2 ** (len(vc.block_out_channels) - 1)
-        self.ft = 2 ** min(int(round(torch.log2(torch.tensor(float(vc.temporal_compression_ratio))).item())),
-                           len(vc.block_out_channels) - 1)
+        self.ft = 2 ** min(int(round(math.log2(vc.temporal_compression_ratio))), len(vc.block_out_channels) - 1)
         self.scaling = float(vc.scaling_factor)
         _widen_patch_embed(self.transformer, 2 * self.latent_channels + cfg.camera_channels)
         tc = self.transformer.config

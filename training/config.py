@@ -111,6 +111,9 @@ class RuntimeConfig(_Strict):
     launcher: Literal["ray", "local"] = "ray"
     num_workers: int = 1
     use_gpu: bool = False
+    # GPUs per rank; below 1 packs ranks onto one GPU (a code-path check of the multi-rank GPU path on a
+    # one-GPU machine, with backend gloo: NCCL refuses two ranks on one device). Not a scaling setup.
+    gpus_per_worker: float = Field(1.0, gt=0.0, le=1.0)
     strategy: Literal["ddp", "fsdp"] = "ddp"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     bf16: bool = True  # autocast on GPU only
@@ -119,11 +122,12 @@ class RuntimeConfig(_Strict):
     batch_size: int = 1  # per rank, per micro-step
     ckpt_every: int = 1000
     keep_ckpts: int = 2
+    checkpoint_at_end: bool = True  # also at the end of every stage and of the run (benchmarks turn it off)
     log_every: int = 10
     tensorboard: bool = True
     seed: int = 0
     deterministic: bool = False
-    ray_address: str | None = None  # None: start a local Ray
+    ray_address: str | None = None  # None: RAY_ADDRESS if set, else start a new local Ray
     crash_at_step: int | None = None  # fault injection for tests: raise after this step, before checkpointing
 
 
@@ -141,6 +145,14 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
+        rt = self.runtime
+        if rt.use_gpu and rt.gpus_per_worker < 1 and rt.num_workers > 1 and rt.backend != "gloo":
+            raise ValueError("runtime.gpus_per_worker < 1 puts several ranks on one GPU, which NCCL refuses; "
+                             "set runtime.backend: gloo for such a run")
+        if rt.use_gpu and rt.gpus_per_worker < 1 and rt.num_workers > 1 and rt.strategy == "fsdp":
+            raise ValueError("runtime.strategy fsdp with several ranks on one GPU is not possible: it needs "
+                             "NCCL, which refuses two ranks on one device, and gloo crashes on FSDP's CUDA "
+                             "collectives (seen with torch 2.11); use ddp for such a run")
         tf = self.backbone.vae.temporal_compression_ratio
         for s in self.stages:
             if (s.num_frames - 1) % tf:

@@ -120,7 +120,8 @@ def train_loop_per_worker(config: dict) -> None:
     world = dist.get_world_size() if distributed else 1
     use_cuda = rt.use_gpu and torch.cuda.is_available()
     if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        # modulo: ranks packed onto one GPU (runtime.gpus_per_worker < 1) all see that one device
+        local = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())) % torch.cuda.device_count()
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     else:
@@ -133,12 +134,25 @@ def train_loop_per_worker(config: dict) -> None:
     np.random.seed(seed)
     random.seed(seed)
 
-    model = Diff4Splat(cfg).to(device)
+    if use_cuda and not cfg.backbone.pretrained_dir:
+        # Random initialisation on the GPU: a 2B-parameter model takes minutes to initialise on the one CPU
+        # thread a Ray worker gets (OMP_NUM_THREADS=1). Checkpoints load the usual way.
+        with torch.device(device):
+            model = Diff4Splat(cfg).to(device)
+    else:
+        model = Diff4Splat(cfg).to(device)
     model.set_gradient_checkpointing(rt.grad_checkpointing)
     rasterize = get_rasterizer(rt.renderer if use_cuda else "torch")
     lpips_fn = LPIPSLoss(cfg.loss.lpips_net, cfg.loss.lpips_torch_home).to(device) if cfg.loss.lpips_enabled else None
 
     fsdp = rt.strategy == "fsdp" and distributed
+    if rank == 0:
+        n_all = sum(p.numel() for p in model.parameters())
+        n_vae = sum(p.numel() for p in model.backbone.vae.parameters())
+        how = ("FSDP2" if fsdp else "DDP") if distributed else "single process"
+        print(f"[train] {world} rank(s) on {device.type}, {how}, {n_all / 1e6:.1f}M parameters "
+              f"({n_vae / 1e6:.1f}M in the frozen VAE), grad checkpointing {'on' if rt.grad_checkpointing else 'off'}",
+              flush=True)
     if fsdp:
         _shard_fsdp(model, device)  # in place: ``model`` is now an FSDPModule with DTensor parameters
     params = [p for n, p in model.named_parameters() if ".vae." not in f".{n}"]
@@ -271,7 +285,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rt.crash_at_step is not None and step == rt.crash_at_step:
                 raise RuntimeError(f"injected crash after step {step}")
             end_of_stage = in_stage >= stage.steps
-            if step % rt.ckpt_every == 0 or step == max_steps or end_of_stage:
+            if step % rt.ckpt_every == 0 or (rt.checkpoint_at_end and (step == max_steps or end_of_stage)):
                 nxt = (stage_index + 1, 0) if end_of_stage else (stage_index, in_stage)
                 checkpoint(*nxt)
         del it, loader
@@ -410,8 +424,11 @@ def run_ray(cfg: TrainConfig) -> None:
     rt = cfg.runtime
     started = False
     if not ray.is_initialized():
-        kw = dict(address=rt.ray_address) if rt.ray_address else dict(
-            num_cpus=max(rt.num_workers, os.cpu_count() or 1), include_dashboard=False)
+        address = rt.ray_address or os.environ.get("RAY_ADDRESS")
+        # address="local": start our own Ray; never join one that another process left running (that
+        # one would reject num_cpus, or worse, run this job among somebody else's).
+        kw = dict(address=address) if address else dict(
+            address="local", num_cpus=max(rt.num_workers, os.cpu_count() or 1), include_dashboard=False)
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), _repo_root(),
                                                                        os.environ.get("PYTHONPATH", "")] if p)}}
         ray.init(runtime_env=env, logging_level="ERROR", **kw)
@@ -422,7 +439,7 @@ def run_ray(cfg: TrainConfig) -> None:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "_ray": True},
         scaling_config=ScalingConfig(num_workers=rt.num_workers, use_gpu=rt.use_gpu,
-                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if rt.use_gpu else {})}),
+                                     resources_per_worker={"CPU": 1, **({"GPU": rt.gpus_per_worker} if rt.use_gpu else {})}),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(storage_path=storage, name="d4s"),
     )
@@ -437,7 +454,25 @@ def _repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def absolute_local_paths(cfg: TrainConfig) -> TrainConfig:
+    """Relative local paths made absolute against the driver's working directory.
+
+    Ray Train ranks run in other working directories (and on other machines), where a relative
+    ``data.root`` or ``workdir`` would name nothing or the wrong thing. URLs are left alone.
+    """
+    def fix(p: str | None) -> str | None:
+        return p if p is None or "://" in p or os.path.isabs(p) else os.path.abspath(p)
+
+    return cfg.model_copy(update={
+        "workdir": fix(cfg.workdir),
+        "data": cfg.data.model_copy(update={"root": fix(cfg.data.root), "shards": [fix(p) for p in cfg.data.shards]}),
+        "backbone": cfg.backbone.model_copy(update={"pretrained_dir": fix(cfg.backbone.pretrained_dir)}),
+        "loss": cfg.loss.model_copy(update={"lpips_torch_home": fix(cfg.loss.lpips_torch_home)}),
+    })
+
+
 def train(cfg: TrainConfig) -> None:
+    cfg = absolute_local_paths(cfg)
     if cfg.runtime.launcher == "local" or (cfg.runtime.num_workers <= 1 and cfg.runtime.launcher != "ray"):
         run_local(cfg)
     else:
