@@ -70,7 +70,8 @@ def _run_case(preset: str, res: int, frames: int, workers: int, steps: int, shar
             "strategy": strategy, "grad_ckpt": grad_ckpt, "shared_gpu": shared_gpu,
             "s_per_step": dt, "samples_per_s": samples / dt, "samples_per_s_per_gpu": samples / dt / workers,
             "peak_mem_gb_rank0": mem, "wall_s": wall, "final_loss": rows[-1]["loss"],
-            "losses": [r["loss"] for r in rows]}
+            "losses": [r["loss"] for r in rows], "photo": [r.get("photo") for r in rows],
+            "psnr": [r.get("psnr") for r in rows]}
 
 
 def resume_check(case: dict, frames: int, shards: str, out: str, steps: int = 8, crash: int = 6,
