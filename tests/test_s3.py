@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tarfile
 
 import pytest
@@ -236,6 +237,28 @@ def test_training_checkpoints_and_resumes_in_s3_workdir(s3, builds, capsys):
     rows = [json.loads(line) for line in s3.get("train/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert not [k for k in s3.objects("train/") if ".tmp" in k]
+
+
+def test_ray_train_two_ranks_checkpoint_and_resume_in_s3_workdir(s3, builds):
+    """Ray Train (2 gloo ranks) with an ``s3://`` workdir: checkpoints and metrics on the store, Ray
+    Train's own bookkeeping on the node, and a second call resumes from the store's checkpoint."""
+    from training.config import make_config
+    from training.trainer import latest_checkpoint, load_checkpoint, ray_storage_path, train
+
+    wd = s3.url("train_ray")
+    stage = dict(name="static", steps=3, resolution=16, num_frames=3, scenes="any", max_frame_stride=1,
+                 frozen=["deformation"], losses=["fm", "photo", "geo"])
+    base = dict(data={"root": builds["url"], "shuffle_buffer": 1}, workdir=wd, stages=[stage],
+                runtime={"launcher": "ray", "num_workers": 2, "ckpt_every": 1, "tensorboard": False})
+    train(make_config("tiny", max_steps=1, **base))
+    assert load_checkpoint(latest_checkpoint(wd))["step"] == 1
+    train(make_config("tiny", max_steps=3, **base))
+    st = load_checkpoint(latest_checkpoint(wd))
+    assert st["step"] == 3 and st["world"] == 2
+    rows = [json.loads(line) for line in s3.get("train_ray/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # the second call went on from step 1, not from 0
+    assert not [k for k in s3.objects("train_ray/") if "/ray/" in k or ".tmp" in k]
+    assert os.path.isdir(ray_storage_path(wd)) and "://" not in ray_storage_path(wd)
 
 
 def test_model_checkpoints_load_from_s3(s3):

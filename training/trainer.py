@@ -415,6 +415,23 @@ def run_local(cfg: TrainConfig) -> None:
     train_loop_per_worker({"cfg": cfg.model_dump(mode="json")})
 
 
+def ray_storage_path(workdir: str) -> str:
+    """Where Ray Train keeps its own run bookkeeping: ``workdir/ray`` for a local (or shared) workdir.
+
+    The training state is ours (checkpoints, metrics in ``workdir``, written through fsspec); this
+    function never passes Ray Train a checkpoint, so its storage holds only bookkeeping. For an
+    object-store workdir that goes to a node-local directory named after the workdir, which keeps
+    Ray Train's pyarrow filesystem layer off the object store: one writer per store, the fsspec one
+    that the tests prove against an S3 server.
+    """
+    if "://" not in workdir:
+        return os.path.abspath(_join(workdir, "ray"))
+    import hashlib
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), "d4s-ray-train", hashlib.sha1(workdir.encode()).hexdigest()[:16])
+
+
 def run_ray(cfg: TrainConfig) -> None:
     """Ray Train ``TorchTrainer`` with ``runtime.num_workers`` ranks (gloo on CPU, nccl on GPU)."""
     import ray
@@ -434,7 +451,7 @@ def run_ray(cfg: TrainConfig) -> None:
         ray.init(runtime_env=env, logging_level="ERROR", **kw)
         started = True
     backend = rt.backend if rt.backend != "auto" else ("nccl" if rt.use_gpu else "gloo")
-    storage = os.path.abspath(_join(cfg.workdir, "ray")) if "://" not in cfg.workdir else _join(cfg.workdir, "ray")
+    storage = ray_storage_path(cfg.workdir)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "_ray": True},
