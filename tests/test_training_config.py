@@ -64,3 +64,26 @@ def test_relative_local_paths_made_absolute_for_the_ranks(tmp_path, monkeypatch)
     assert fixed.loss.lpips_torch_home == str(tmp_path / "weights")
     assert fixed.backbone.pretrained_dir is None
     assert absolute_local_paths(make_config("tiny", workdir="s3://bucket/run")).workdir == "s3://bucket/run"
+
+
+class _Payload:  # a class the checkpoint loader must not instantiate
+    pass
+
+
+def test_checkpoints_load_without_unpickling_code(tmp_path):
+    """Checkpoints (RNG states included) load with ``weights_only``; one carrying an arbitrary object
+    is refused, so a workdir on shared storage cannot make the trainer run code."""
+    import numpy as np
+
+    from training.trainer import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+    np.random.seed(3)
+    state = {"step": 1, "rng": [rng_state()], "model": {"w": torch.ones(2)}}
+    expect = np.random.rand(4)
+    path = save_checkpoint(str(tmp_path / "w"), state, keep=1)
+    np.random.seed(99)
+    set_rng_state(load_checkpoint(path)["rng"][0])
+    assert np.array_equal(np.random.rand(4), expect)
+    bad = save_checkpoint(str(tmp_path / "w2"), {"step": 2, "obj": _Payload()}, keep=1)
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        load_checkpoint(bad)

@@ -73,7 +73,9 @@ def latest_checkpoint(workdir: str) -> str | None:
 def load_checkpoint(url: str) -> dict:
     fs, path = _fs(url)
     with fs.open(path, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+        # weights_only: a workdir on shared storage is not trusted to run code; the state holds only
+        # tensors and plain Python values (rng_state stores numpy's generator state as a tensor).
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
 
 
 def save_checkpoint(workdir: str, state: dict, keep: int) -> str:
@@ -92,7 +94,9 @@ def save_checkpoint(workdir: str, state: dict, keep: int) -> str:
 
 # --- RNG ------------------------------------------------------------------------------------------
 def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+         "python": random.getstate()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state()
     return s
@@ -100,7 +104,8 @@ def rng_state() -> dict:
 
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     random.setstate(s["python"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])

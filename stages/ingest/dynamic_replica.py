@@ -180,10 +180,8 @@ class DynamicReplicaAdapter(DatasetAdapter):
 
         data = self.read(rel)
         try:
-            # Dicts of tensors load without executing pickle code; options["trusted_pickles"]
-            # deliberately allows full unpickling for a trusted copy that needs it.
-            obj = torch.load(io.BytesIO(data), map_location="cpu",
-                             weights_only=not bool(self.options.get("trusted_pickles", False)))
+            # Dicts of tensors load without executing pickle code; anything needing more is refused.
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ClipError(f"unreadable trajectory file ({type(exc).__name__}: {str(exc)[:200]})", self.where(rel)) from None
         if not isinstance(obj, dict) or "traj_3d_world" not in obj or "verts_inds_vis" not in obj:
