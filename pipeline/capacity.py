@@ -36,6 +36,7 @@ import json
 import math
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -318,12 +319,11 @@ def dataset_row(name: str, cfg: BuildConfig, costs: Costs, *, scenes: int, clips
     }
 
 
-def _probe(cfg: BuildConfig, plan, name: str) -> tuple[tuple[int, int], int | None, str]:
-    """Image size and ground-truth track count of the dataset's first planned clip."""
+def _probe(cfg: BuildConfig, plan, name: str, first: dict | None) -> tuple[tuple[int, int], int | None, str]:
+    """Image size and ground-truth track count of the dataset's first planned clip (``first``)."""
     from pipeline.clip import ClipFailure
     from stages.ingest.stage import ingest_clip
 
-    first = next((c for c in plan.clips if c["dataset"] == name), None)
     if first is None:
         return None, None, "no clip planned"
     spec = {**first, "ordinal": -1}  # -1: never matches a fault-injection ordinal
@@ -388,14 +388,19 @@ def capacity_report(cfg: BuildConfig, costs: str | Path | dict | None = None, pr
     rcfg = cfg.resolved()
     plan = make_plan(rcfg)
     rows, notes = [], []
+    # one pass over the plan (it has a row per clip: ~10^6 at full scale), not one per dataset
+    n_scenes = Counter(s["dataset"] for s in plan.scenes)
+    n_clips = Counter(x["dataset"] for x in plan.clips)
+    n_shards = Counter(s["dataset"] for s in plan.shards)
+    first_clip: dict[str, dict] = {}
+    for x in plan.clips:
+        first_clip.setdefault(x["dataset"], x)
     for name in sorted(d for d, ds in rcfg.datasets.items() if ds.enabled):
-        scenes = sum(1 for s in plan.scenes if s["dataset"] == name)
-        clips = sum(1 for x in plan.clips if x["dataset"] == name)
-        shards = sum(1 for s in plan.shards if s["dataset"] == name)
+        scenes, clips, shards = n_scenes[name], n_clips[name], n_shards[name]
         hw = n_gt = None
         why = "probe disabled"
         if probe:
-            hw, n_gt, why = _probe(rcfg, plan, name)
+            hw, n_gt, why = _probe(rcfg, plan, name, first_clip.get(name))
         if hw is None:
             nhw, nn, src = _nominal(c, name)
             hw, n_gt, source = nhw, nn, f"nominal ({why})"

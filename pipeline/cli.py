@@ -190,10 +190,7 @@ def inspect(dataset: str = typer.Argument(..., help="Dataset name, e.g. tartanai
 @app.command()
 def report(output: str = typer.Argument(...)):
     """Write OUTPUT/report.html: a self-contained report with plots, and print its path."""
-    try:
-        from pipeline.report import write_report
-    except ModuleNotFoundError:
-        _fail("d4s report is not implemented yet (HTML report: open cluster-scale issue)")
+    from pipeline.report import write_report
     try:
         path = write_report(output)
     except FileNotFoundError as exc:
@@ -206,10 +203,7 @@ def plan(config: Optional[str] = typer.Argument(None), demo: bool = typer.Option
          as_json: bool = typer.Option(False, "--json"),
          costs: Optional[str] = typer.Option(None, "--costs", help="Per-frame costs YAML (default: pipeline/capacity_costs.yaml).")):
     """Capacity model: scenes, clips, output bytes and GPU-hours per model stage for a config."""
-    try:
-        from pipeline.capacity import capacity_report, format_capacity
-    except ModuleNotFoundError:
-        _fail("d4s plan is not implemented yet (capacity model: open cluster-scale issue)")
+    from pipeline.capacity import capacity_report, format_capacity
     try:
         if demo:
             import tempfile

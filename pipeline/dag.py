@@ -238,8 +238,8 @@ class ShardDAG:
         # A write attempt whose worker or node died mid-publish leaves its ``.tmp-`` file behind (the
         # retry publishes under a new one). Every shard of this run is settled now, so no attempt is
         # still writing: remove the leftovers, or ``verify`` would flag them in a complete build.
-        from pipeline.runner import _remove_stray_temporaries
+        from pipeline.runner import remove_stray_temporaries
         from pipeline.storage import Store
 
-        if _remove_stray_temporaries(Store(self.cfg.output)):
+        if remove_stray_temporaries(Store(self.cfg.output)):
             log.info("removed temporaries of write attempts that died mid-publish")

@@ -318,8 +318,8 @@ def _depth(records: list[dict], plots: _Plots) -> str:
     med = _by_dataset(records, "depth_median_m")
     if not med:
         return _section("depth-range", "Depth range", _note("No written sample has depth."))
-    p5 = _by_dataset([r for r in records if _get(r, "depth_median_m") is not None], "depth_p5_m")
-    p95 = _by_dataset([r for r in records if _get(r, "depth_median_m") is not None], "depth_p95_m")
+    p5 = _by_dataset(records, "depth_p5_m")  # written together with the median (manifests/clip_qc.py)
+    p95 = _by_dataset(records, "depth_p95_m")
     fig, (ax1, ax2) = plots.figure(10, max(3.2, 0.4 * len(med) + 1.4), ncols=2)
     allv = np.concatenate(list(med.values()))
     plots.stacked_hist(ax1, med, log_x=allv.min() > 0 and allv.max() / allv.min() > 20)

@@ -70,7 +70,7 @@ def _shard_is_intact(store: Store, rel: str, sha: str | None) -> bool:
     return bool(sha) and store.exists(rel) and store.sha256(rel) == sha
 
 
-def _remove_stray_temporaries(store: Store) -> int:
+def remove_stray_temporaries(store: Store) -> int:
     n = 0
     for rel in store.walk_files("shards"):
         if ".tmp-" in rel:
@@ -110,7 +110,7 @@ def build(cfg: BuildConfig, resume: bool = False, show_progress: bool = True) ->
             skipped += 1
         else:
             todo.append(sh)
-    _remove_stray_temporaries(store)
+    remove_stray_temporaries(store)
 
     clips_by_shard: dict[str, list[dict]] = {}
     for c in plan.clips:

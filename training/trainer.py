@@ -139,12 +139,9 @@ def train_loop_per_worker(config: dict) -> None:
     np.random.seed(seed)
     random.seed(seed)
 
-    if use_cuda and not cfg.backbone.pretrained_dir:
-        # Random initialisation on the GPU: a 2B-parameter model takes minutes to initialise on the one CPU
-        # thread a Ray worker gets (OMP_NUM_THREADS=1). Checkpoints load the usual way.
-        with torch.device(device):
-            model = Diff4Splat(cfg).to(device)
-    else:
+    # Random initialisation on the GPU: a 2B-parameter model takes minutes to initialise on the one CPU
+    # thread a Ray worker gets (OMP_NUM_THREADS=1). Pretrained weights load the usual way.
+    with torch.device(device) if use_cuda and not cfg.backbone.pretrained_dir else _null():
         model = Diff4Splat(cfg).to(device)
     model.set_gradient_checkpointing(rt.grad_checkpointing)
     rasterize = get_rasterizer(rt.renderer if use_cuda else "torch")
