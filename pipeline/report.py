@@ -119,32 +119,22 @@ def _by_dataset(records: list[dict], *path) -> dict[str, np.ndarray]:
 
 
 def _builds(events: list[dict]) -> list[dict]:
-    """Per build_id (in order of first appearance): start, end, shards, clips, cumulative curve."""
-    order: list[str] = []
-    per: dict[str, dict] = {}
+    """Per build_id (in order of first appearance): start, end, shards, clips (as ``d4s status``
+    counts them: :func:`pipeline.status.build_window`) and the cumulative curve of done shards."""
+    from pipeline.status import build_window
+
+    per: dict[str, list[dict]] = {}
     for e in events:
-        bid = e.get("build_id") or "?"
-        if bid not in per:
-            order.append(bid)
-            per[bid] = {"build_id": bid, "starts": [], "done": [], "failed_shards": 0}
-        b = per[bid]
-        if _num(e.get("started_at")):
-            b["starts"].append(e["started_at"])
-        if e["state"] == "done" and _num(e.get("finished_at")):
-            b["done"].append((e["finished_at"], (e.get("samples_written") or 0) + len(e.get("clips_failed") or [])))
-        elif e["state"] == "failed":
-            b["failed_shards"] += 1
+        per.setdefault(e.get("build_id") or "?", []).append(e)
     out = []
-    for bid in order:
-        b = per[bid]
-        b["done"].sort()
-        start = min(b["starts"]) if b["starts"] else (b["done"][0][0] if b["done"] else None)
-        end = b["done"][-1][0] if b["done"] else None
-        clips = sum(n for _, n in b["done"])
+    for bid, evs in per.items():
+        curve = sorted((e["finished_at"], (e.get("samples_written") or 0) + len(e.get("clips_failed") or []))
+                       for e in evs if e["state"] == "done" and _num(e.get("finished_at")))
+        start, end, clips = build_window(evs)
         secs = (end - start) if (start is not None and end is not None) else None
-        out.append({"build_id": bid, "start": start, "end": end, "shards_done": len(b["done"]),
-                    "shards_failed": b["failed_shards"], "clips": clips, "seconds": secs,
-                    "clips_per_s": clips / secs if secs and secs > 0 else None, "curve": b["done"]})
+        out.append({"build_id": bid, "start": start, "end": end, "shards_done": len(curve),
+                    "shards_failed": sum(1 for e in evs if e["state"] == "failed"), "clips": clips, "seconds": secs,
+                    "clips_per_s": clips / secs if secs and secs > 0 else None, "curve": curve})
     return out
 
 
@@ -414,12 +404,13 @@ def _throughput(builds: list[dict], plots: _Plots) -> str:
     curves = [b for b in builds if b["curve"]]
     if not curves:
         return _section("throughput", "Throughput over time", _note("No shard finished yet."))
-    t0 = min(b["start"] for b in curves if b["start"] is not None)
+    begin = {b["build_id"]: b["start"] if b["start"] is not None else b["curve"][0][0] for b in curves}
+    t0 = min(begin.values())
     span = max(b["curve"][-1][0] for b in curves) - t0
     unit, div = ("h", 3600.0) if span > 3 * 3600 else (("min", 60.0) if span > 180 else ("s", 1.0))
     fig, (ax,) = plots.figure(8, 3.4)
     for i, b in enumerate(curves):
-        xs = [(b["start"] - t0) / div] + [(t - t0) / div for t, _ in b["curve"]]
+        xs = [(begin[b["build_id"]] - t0) / div] + [(t - t0) / div for t, _ in b["curve"]]
         ys = [0] + list(np.cumsum([n for _, n in b["curve"]]))
         ax.step(xs, ys, where="post", label=_lbl(f"{b['build_id']} ({b['clips']} clips)"))
     ax.set_xlabel(f"time since first build started ({unit}); start {_utc(t0)}")

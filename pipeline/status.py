@@ -58,19 +58,27 @@ def qc_distributions(records: list[dict]) -> dict[str, dict[str, dict]]:
     return out
 
 
+def build_window(evs: list[dict]) -> tuple[float | None, float | None, int]:
+    """(start, end, clips) of one build's ledger events: the first submission, the last finished
+    shard (done or failed) and the clips its done shards settled. The one definition of a build's
+    throughput, shared by ``d4s status`` and ``d4s report``."""
+    starts = [e["started_at"] for e in evs if e["state"] == "running" and e.get("started_at")]
+    ends = [e["finished_at"] for e in evs if e["state"] in ("done", "failed") and e.get("finished_at")]
+    clips = sum((e.get("samples_written") or 0) + len(e.get("clips_failed") or [])
+                for e in evs if e["state"] == "done" and e.get("finished_at"))
+    return (min(starts) if starts else None), (max(ends) if ends else None), clips
+
+
 def _throughput(events: list[dict], clips_left: int) -> dict:
     """Clips per second of the latest build (first submission to last finished shard) and ETA."""
     builds = [e["build_id"] for e in events if e.get("build_id")]
     if not builds:
         return {"build_id": None, "clips": 0, "seconds": 0.0, "clips_per_s": None, "eta_s": None}
     latest = builds[-1]
-    evs = [e for e in events if e.get("build_id") == latest]
-    starts = [e["started_at"] for e in evs if e["state"] == "running" and e.get("started_at")]
-    done = [e for e in evs if e["state"] in ("done", "failed") and e.get("finished_at")]
-    clips = sum((e.get("samples_written") or 0) + len(e.get("clips_failed") or []) for e in done if e["state"] == "done")
-    if not starts or not done:
+    start, end, clips = build_window([e for e in events if e.get("build_id") == latest])
+    if start is None or end is None:
         return {"build_id": latest, "clips": clips, "seconds": 0.0, "clips_per_s": None, "eta_s": None}
-    secs = max(e["finished_at"] for e in done) - min(starts)
+    secs = end - start
     rate = clips / secs if secs > 0 else None
     eta = (clips_left / rate) if rate else None
     return {"build_id": latest, "clips": clips, "seconds": round(secs, 3), "clips_per_s": rate,
