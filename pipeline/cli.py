@@ -188,11 +188,13 @@ def inspect(dataset: str = typer.Argument(..., help="Dataset name, e.g. tartanai
 
 
 @app.command()
-def report(output: str = typer.Argument(...)):
-    """Write OUTPUT/report.html: a self-contained report with plots, and print its path."""
+def report(output: str = typer.Argument(...),
+           gallery_clips: int = typer.Option(2, "--gallery-clips", min=0,
+                                             help="Clips per dataset in the gallery, read from the shards (0: none).")):
+    """Write OUTPUT/report.html: a self-contained report with plots and a gallery, and print its path."""
     from pipeline.report import write_report
     try:
-        path = write_report(output)
+        path = write_report(output, gallery_clips=gallery_clips)
     except FileNotFoundError as exc:
         _fail(str(exc))
     out_console.print(str(path), highlight=False)
