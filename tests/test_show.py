@@ -131,3 +131,33 @@ def test_show_errors_are_one_line(output, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "rerun", None)
     r = runner.invoke(app, ["show", out, "--clip", KEY, "--rrd", str(tmp_path / "a.rrd")])
     assert r.exit_code == 2 and "pip install 'd4s[viz]'" in r.output
+
+
+def test_show_and_gallery_read_an_s3_output(tmp_path):
+    """Both readers seek into shards on an object store (ranged reads); the recording is written there too."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from rerun.chunk import RrdReader
+    from s3_server import LocalS3
+
+    from manifests.store import ManifestStore
+    from pipeline.gallery import render_gallery
+    from pipeline.storage import Store
+
+    srv = LocalS3().start()
+    try:
+        srv.create_bucket()
+        srv.apply_env()
+        out = write_output(srv.url("viz"))["output"]
+        r = runner.invoke(app, ["show", out, "--clip", KEY, "--rrd", f"{out}/views/clip.rrd"])
+        assert r.exit_code == 0 and r.stdout.strip() == f"{out}/views/clip.rrd", r.output
+        local = tmp_path / "clip.rrd"
+        local.write_bytes(Store(out).read_bytes("views/clip.rrd"))
+        frames = RrdReader(local).stream().collect().reader(index="frame").to_arrow_table()
+        assert frames.num_rows == 8
+        ms = ManifestStore(Store(out))
+        html, n_read = render_gallery(Store(out), ms.shards(), ms.ledger_events(), [], 2)
+        assert n_read == 3 and "could not read" not in html
+    finally:
+        srv.restore_env()
+        srv.stop()

@@ -30,12 +30,13 @@ def rendered_clip(dataset: str, scene: str, seed: int, frames: int = 8, qc: dict
                 r.tracks_visible)
 
 
-def write_output(root: Path) -> dict:
-    """Two datasets: ``pointodyssey`` (3 clips in 2 shards) and ``spring`` (1 clip written, 1 failed).
+def write_output(root: Path | str) -> dict:
+    """Two datasets: ``pointodyssey`` (3 clips in 2 shards) and ``spring`` (1 clip written, 1 failed),
+    under ``root/out`` (a folder, or an object-store URL).
 
     Returns ``{"output": path, "clips": {key: Clip}, "failed": clip_id}``.
     """
-    out = root / "out"
+    out = f"{root}/out" if "://" in str(root) else root / "out"
     store = Store(str(out))
     ms = ManifestStore(store)
     po = [rendered_clip("pointodyssey", f"scene{i}", seed=10 + i,
