@@ -21,7 +21,10 @@ out_console = Console()
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: reasons quote paths and "[...]", which rich would read as (broken) markup
+    console.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -188,14 +191,33 @@ def inspect(dataset: str = typer.Argument(..., help="Dataset name, e.g. tartanai
 
 
 @app.command()
-def report(output: str = typer.Argument(...)):
-    """Write OUTPUT/report.html: a self-contained report with plots, and print its path."""
+def report(output: str = typer.Argument(...),
+           gallery_clips: int = typer.Option(2, "--gallery-clips", min=0,
+                                             help="Clips per dataset in the gallery, read from the shards (0: none).")):
+    """Write OUTPUT/report.html: a self-contained report with plots and a gallery, and print its path."""
     from pipeline.report import write_report
     try:
-        path = write_report(output)
+        path = write_report(output, gallery_clips=gallery_clips)
     except FileNotFoundError as exc:
         _fail(str(exc))
     out_console.print(str(path), highlight=False)
+
+
+@app.command()
+def show(output: str = typer.Argument(..., help="An output written by `d4s build`."),
+         clip: str = typer.Option(..., "--clip", help="The clip's key (its clip id), e.g. tartanair__<scene>__000000."),
+         rrd: Optional[str] = typer.Option(None, "--rrd", help="Write the recording to this .rrd file."),
+         spawn: bool = typer.Option(False, "--spawn", help="Open the Rerun viewer and stream the clip to it.")):
+    """One clip to Rerun: frames, metric depth, pinhole cameras and poses, 3D tracks over time, QC."""
+    from pipeline.rerun_log import RerunMissing
+    from pipeline.shard_read import SampleReadError
+    from pipeline.show import ShowError, show_clip
+
+    try:
+        where = show_clip(output, clip, rrd=rrd, spawn=spawn)
+    except (FileNotFoundError, ShowError, RerunMissing, SampleReadError) as exc:
+        _fail(str(exc))
+    out_console.print(str(where), highlight=False)
 
 
 @app.command()

@@ -171,3 +171,21 @@ def look_at_c2w(eye: np.ndarray, target: np.ndarray, up: np.ndarray = (0.0, -1.0
     x /= np.linalg.norm(x)
     y = np.cross(z, x)
     return make_pose(np.stack([x, y, z], axis=1), eye)
+
+
+def world_up_from_cameras(c2w: np.ndarray) -> np.ndarray:
+    """The world's 'up' as seen by a clip's cameras: the mean of their -y axes, normalised.
+
+    The world frame of a clip is its dataset's own (NED, y-up, z-up, ...; docs/FORMAT.md), so
+    viewers cannot assume an up axis. Cameras are held roughly upright in every dataset d4s
+    reads, and the OpenCV camera's y axis points down, so ``-y`` averaged over the clip is the
+    best estimate available without the dataset's name. Falls back to the first camera's ``-y``
+    when the mean cancels out (a camera rolling through 180 degrees).
+    """
+    c2w = np.asarray(c2w, dtype=np.float64).reshape(-1, 4, 4)
+    ups = -c2w[:, :3, 1]
+    mean = ups.mean(axis=0)
+    n = np.linalg.norm(mean)
+    if n < 1e-3:
+        return ups[0] / np.linalg.norm(ups[0])
+    return mean / n

@@ -3,7 +3,8 @@
 The page (``OUT/report.html``) has a summary, clips per dataset, frames and bytes per clip,
 depth range, alignment residual / AbsRel, QC drops by reason, throughput over time, stage time
 and the failures table. Its data comes from :func:`pipeline.status.collect_status` and the
-ledger's events (their per-sample ``clip_qc`` records); no shard is ever opened. Plots are
+ledger's events (their per-sample ``clip_qc`` records); only the gallery (:mod:`pipeline.gallery`,
+a few clips per dataset) reads samples from the shards. Plots are
 drawn with matplotlib (Agg, no display needed) and embedded as base64 PNGs, the style is inline,
 and every string taken from the manifests is HTML-escaped, so the file can be mailed or opened
 from an object store as it is.
@@ -20,6 +21,7 @@ from collections import defaultdict
 import numpy as np
 
 from manifests.store import ManifestStore
+from pipeline.gallery import GALLERY_CLIPS_DEFAULT, render_gallery
 from pipeline.status import collect_status
 from pipeline.storage import Store
 
@@ -469,8 +471,9 @@ def _failures(st: dict) -> str:
 
 
 # -- entry points ---------------------------------------------------------------------------
-def render_report(st: dict, events: list[dict], display: str) -> str:
-    """The report's HTML from ``collect_status``'s dict and the ledger's events."""
+def render_report(st: dict, events: list[dict], display: str, gallery: str | None = None) -> str:
+    """The report's HTML from ``collect_status``'s dict and the ledger's events (and the gallery's
+    HTML from :func:`pipeline.gallery.render_gallery`, when given)."""
     done = _current_done_events(events)
     records = _qc_records(done)
     builds = _builds(events)
@@ -486,22 +489,24 @@ def render_report(st: dict, events: list[dict], display: str) -> str:
         _throughput(builds, plots),
         _stage_times(done, st, plots),
         _failures(st),
-    ]
+    ] + ([_section("gallery", "Gallery", gallery)] if gallery is not None else [])
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     nav = " | ".join(f'<a href="#{sid}">{_esc(t)}</a>' for sid, t in (
         ("summary", "summary"), ("clips-per-dataset", "clips"), ("frames-bytes", "frames & bytes"),
         ("depth-range", "depth"), ("alignment", "alignment"), ("qc-drops", "drops"),
-        ("throughput", "throughput"), ("stage-times", "stage time"), ("failures", "failures")))
+        ("throughput", "throughput"), ("stage-times", "stage time"), ("failures", "failures"))
+        + ((("gallery", "gallery"),) if gallery is not None else ()))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>d4s report: {_esc(display)}</title><style>{_CSS}</style></head>\n<body>"
             f"<h1>d4s report</h1><p class=\"meta\">Output <code>{_esc(display)}</code>; generated {now} "
-            f"from the manifests (no shard opened); {plots.count} figures.</p><nav>{nav}</nav>\n"
+            f"from the manifests{'' if gallery is not None else ' (no shard opened)'}; {plots.count} figures.</p><nav>{nav}</nav>\n"
             + "\n".join(sections)
             + f"\n<script>{_SCRIPT}</script>\n</body></html>\n")
 
 
-def write_report(output: str) -> str:
-    """Write ``OUTPUT/report.html`` and return where it is (a path, or a URL for object stores)."""
+def write_report(output: str, gallery_clips: int = GALLERY_CLIPS_DEFAULT) -> str:
+    """Write ``OUTPUT/report.html`` and return where it is (a path, or a URL for object stores).
+    ``gallery_clips``: clips shown per dataset in the gallery (0: no gallery section)."""
     store = Store(output)
     ms = ManifestStore(store)
     if not ms.has_plan():
@@ -510,6 +515,7 @@ def write_report(output: str) -> str:
         raise FileNotFoundError(f"{output} is not a d4s output (no config.resolved.yaml); run `d4s build` first")
     st = collect_status(output)
     events = ms.ledger_events()
-    page = render_report(st, events, store.display())
+    gallery = render_gallery(store, ms.shards(), events, st["failures"], gallery_clips)[0] if gallery_clips > 0 else None
+    page = render_report(st, events, store.display(), gallery)
     store.write_bytes_atomic(REPORT_NAME, page.encode("utf-8"))
     return store.display(REPORT_NAME)

@@ -17,9 +17,9 @@ from pipeline.cli import app
 
 runner = CliRunner()
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
-IMG_RE = re.compile(r'<img id="([^"]+)" alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
+IMG_RE = re.compile(r'<img id="([^"]+)" alt="([^"]+)" src="data:image/(?:png|jpeg);base64,([A-Za-z0-9+/=]+)">')
 SECTIONS = ("Summary", "Clips per dataset", "Frames and bytes per clip", "Depth range", "Alignment residual",
-            "QC drops by reason", "Throughput over time", "Stage time breakdown", "Failures")
+            "QC drops by reason", "Throughput over time", "Stage time breakdown", "Failures", "Gallery")
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -61,9 +61,9 @@ def test_report_html_sections_images_and_escaping(built, report):
     ids = {i for i, _, _ in imgs}
     assert {"fig-clips-per-dataset", "fig-frames-per-clip", "fig-bytes-per-clip", "fig-depth-range",
             "fig-qc-drops", "fig-throughput", "fig-stage-times"} <= ids
-    for _, alt, b64 in imgs:
+    for img_id, alt, b64 in imgs:
         raw = base64.b64decode(b64)
-        assert raw.startswith(PNG_SIG) and alt
+        assert (raw.startswith(b"\xff\xd8") if img_id.startswith("gallery-strip") else raw.startswith(PNG_SIG)) and alt
         with Image.open(io.BytesIO(raw)) as im:
             assert im.width > 100 and im.height > 100
     # tartanair has ground-truth depth: nothing aligned, a note instead of an empty plot
@@ -72,6 +72,10 @@ def test_report_html_sections_images_and_escaping(built, report):
     assert "data<b>&x" not in page and "data&lt;b&gt;&amp;x" in page
     assert "truncated" in failure["reason"] and "000001_left.png" in page
     assert failure["clip_id"] in page
+    # gallery: 2 of the 3 written clips, read from the shards, and the failed clip beside them
+    cards = re.findall(r'<div class="clip-card" id="clip-([^"]+)">', page)
+    assert len(cards) == 2 and {"gallery-strip-1", "gallery-path-1", "gallery-strip-2", "gallery-path-2"} <= ids
+    assert page.index(failure["clip_id"], page.index('id="gallery-tartanair"')) > 0
     # summary: 2 shards done; clips 3 done, 1 failed, 0 pending
     assert '<td>shards</td><td class="n">2</td><td class="n">0</td><td class="n">0</td>' in page
     assert '<td>clips</td><td class="n">3</td><td class="n">1</td><td class="n">0</td>' in page
@@ -146,3 +150,14 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         assert colours is None or len(colours) > 50  # a page of plots, not a blank canvas
         lo, hi = im.convert("L").getextrema()
         assert hi - lo > 100
+
+
+def test_report_gallery_clips_option(built):
+    out, _ = built
+    r = runner.invoke(app, ["report", str(out), "--gallery-clips", "1"])
+    assert r.exit_code == 0, r.output
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert len(re.findall(r'<div class="clip-card" id="clip-', page)) == 1
+    r = runner.invoke(app, ["report", str(out), "--gallery-clips", "0"])
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert r.exit_code == 0 and "<h2>Gallery</h2>" not in page and "(no shard opened)" in page
