@@ -153,6 +153,11 @@ class TrainConfig(_Strict):
             raise ValueError("runtime.strategy fsdp with several ranks on one GPU is not possible: it needs "
                              "NCCL, which refuses two ranks on one device, and gloo crashes on FSDP's CUDA "
                              "collectives (seen with torch 2.11); use ddp for such a run")
+        if self.ldrm.dim % 16:
+            raise ValueError(f"ldrm.dim must be a multiple of 16 (the LDRM's 3D sin-cos positional embedding), "
+                             f"got {self.ldrm.dim}")
+        if self.ldrm.dim % self.ldrm.heads:
+            raise ValueError(f"ldrm.dim {self.ldrm.dim} must be a multiple of ldrm.heads {self.ldrm.heads}")
         tf = self.backbone.vae.temporal_compression_ratio
         for s in self.stages:
             if (s.num_frames - 1) % tf:
