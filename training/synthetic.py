@@ -9,6 +9,7 @@ sample format of :mod:`pipeline.sample_format` (via :data:`training.data.ENCODE`
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 import torch
@@ -59,14 +60,26 @@ def make_clip(seed: int, t: int = 9, size: int = 64, dynamic: bool = False, data
 
 
 def write_shards(out: str, n_clips: int = 8, per_shard: int = 2, t: int = 9, size: int = 64,
-                 datasets: tuple[str, ...] = ("synth_static", "synth_dynamic")) -> list[str]:
-    """Write ``out/shards/shard-XXXXXX.tar`` and ``out/index.parquet``; returns shard paths."""
+                 datasets: tuple[str, ...] = ("synth_static", "synth_dynamic"),
+                 dynamic: Callable[[str, int], bool] | None = None,
+                 caption: Callable[[str, int], str | None] | None = None) -> list[str]:
+    """Write ``out/shards/shard-XXXXXX.tar`` and ``out/index.parquet``; returns shard paths.
+
+    Clip ``i`` goes to dataset ``datasets[i % len(datasets)]``; it is dynamic when ``dynamic(ds, i)``
+    (default: the dataset's name contains "dynamic") and carries ``caption(ds, i)`` in ``meta.json``
+    when that is not None. The index has a build's columns (key, dataset, shard_path, byte offset of
+    the sample's first member, num_frames, dynamic).
+    """
+    import json
+    import tarfile
+
     import pyarrow as pa
     import pyarrow.parquet as pq
     import webdataset as wds
 
     from training.data import ENCODE
 
+    dynamic = dynamic or (lambda ds, i: "dynamic" in ds)
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
     rows, paths = [], []
     by_ds = {ds: [i for i in range(n_clips) if i % len(datasets) == k] for k, ds in enumerate(datasets)}
@@ -75,11 +88,26 @@ def write_shards(out: str, n_clips: int = 8, per_shard: int = 2, t: int = 9, siz
         for s0 in range(0, len(ids), per_shard):
             path = os.path.join(out, "shards", f"shard-{shard_no:06d}.tar")
             shard_no += 1
+            written = []
             with wds.TarWriter(path) as sink:
                 for i in ids[s0:s0 + per_shard]:
-                    clip = make_clip(i, t=t, size=size, dynamic="dynamic" in ds, dataset=ds)
-                    sink.write(ENCODE(clip))
-                    rows.append({"key": clip.key, "shard_path": os.path.relpath(path, out), "dataset": ds})
+                    clip = make_clip(i, t=t, size=size, dynamic=dynamic(ds, i), dataset=ds)
+                    sample = ENCODE(clip)
+                    text = caption(ds, i) if caption else None
+                    if text is not None:
+                        meta = json.loads(sample["meta.json"])
+                        meta["caption"] = text
+                        sample["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+                    sink.write(sample)
+                    written.append(clip)
+            with tarfile.open(path) as tar:  # each sample's first member header
+                offsets: dict[str, int] = {}
+                for m in tar.getmembers():
+                    offsets.setdefault(m.name.split(".", 1)[0], m.offset)
+            for clip in written:
+                rows.append({"key": clip.key, "dataset": ds, "shard_path": os.path.relpath(path, out),
+                             "offset": offsets[clip.key], "num_frames": clip.rgb.shape[0],
+                             "dynamic": bool(clip.meta.dynamic)})
             paths.append(path)
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(out, "index.parquet"))
     return paths
