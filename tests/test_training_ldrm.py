@@ -95,3 +95,34 @@ def test_maps_float32_under_bf16_autocast():
 def test_dim_must_suit_the_3d_positional_embedding():
     with pytest.raises(ValueError, match="ldrm.dim"):
         make_config("tiny", ldrm={"dim": 40})
+
+
+@pytest.mark.parametrize("clean_first", [True, False])
+def test_ldrm_decodes_the_known_first_latent(clean_first):
+    """Latent frame 0 is the conditioning image's latent, known exactly: the LDRM decodes it rather than
+    its x0-prediction (``ldrm.clean_first_latent``, default on)."""
+    import numpy as np
+
+    from training.data import collate, process
+    from training.model import Diff4Splat
+    from training.render_torch import rasterize
+    from training.synthetic import make_clip
+
+    cfg = make_config("tiny", ldrm={"clean_first_latent": clean_first})
+    torch.manual_seed(0)
+    model = Diff4Splat(cfg)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args):
+            seen.setdefault(name, args[0])  # returns None: the inputs are left as they are
+        return hook
+
+    model.backbone.transformer.register_forward_pre_hook(keep("x"))
+    model.ldrm.register_forward_pre_hook(keep("z"))
+    batch = collate([process(make_clip(0, t=5, size=24), list(range(5)), 24, 8, np.random.default_rng(0))])
+    with torch.no_grad():
+        model(batch, stage=cfg.stages[0], rasterize=rasterize)
+    c = model.backbone.latent_channels
+    first = seen["x"][:, 0, c:2 * c]  # the transformer's first-frame conditioning channels = z0[:, 0]
+    assert torch.equal(seen["z"][:, 0], first) == clean_first

@@ -71,6 +71,8 @@ class Diff4Splat(nn.Module):
             total = total + l_fm
             metrics["fm"] = (float(l_fm.detach()), 1)
         z_hat = z_t - tt.view(b, 1, 1, 1, 1) * v
+        if cfg.ldrm.clean_first_latent:  # the conditioning frame's latent is known exactly
+            z_hat = torch.cat([z0[:, :1], z_hat[:, 1:]], 1)
         if cfg.ldrm.clean_latent_prob > 0:
             clean = (torch.rand(b, device=dev) < cfg.ldrm.clean_latent_prob).view(b, 1, 1, 1, 1)
             z_hat = torch.where(clean, z0, z_hat)
