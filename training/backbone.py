@@ -7,7 +7,8 @@
   embedding is the Plücker ray map of every frame, averaged over the frames each latent frame covers,
   pixel-unshuffled to the latent grid and projected to ``camera_channels`` — so the camera trajectory is
   injected into every latent token through the patch embedding.
-* Text: a learned "empty prompt" (``max_text_seq_length`` tokens) stands in for T5 embeddings.
+* Text: T5 embeddings of the sample's caption when given (:mod:`training.text`), a learned "empty
+  prompt" (``max_text_seq_length`` tokens) for samples without one.
 * Positions, as diffusers' CogVideoX pipelines give them: 3D rotary embeddings passed as
   ``image_rotary_emb`` when the transformer uses them (CogVideoX-5B, 5B-I2V), the patch embedding's
   own sin-cos embedding otherwise (2B). Learned positional embeddings (5B-I2V, trained at 480x720 and
@@ -192,12 +193,18 @@ class VideoBackbone(nn.Module):
         return (z * self.scaling).transpose(1, 2).float()
 
     def velocity(self, z_t: torch.Tensor, t: torch.Tensor, first_latent: torch.Tensor,
-                 pooled_plucker: torch.Tensor) -> torch.Tensor:
-        """Velocity prediction. z_t (B,F',C,h,w), t (B,) in [0,1], pooled Plücker (B,F',6,H,W)."""
+                 pooled_plucker: torch.Tensor, text: torch.Tensor | None = None,
+                 use_text: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity prediction. z_t (B,F',C,h,w), t (B,) in [0,1], pooled Plücker (B,F',6,H,W); optional
+        text embeddings (B,L,D) used where ``use_text`` (B,) is True, the learned empty prompt elsewhere."""
         cond = torch.zeros_like(z_t)
         cond[:, :1] = first_latent
         x = torch.cat([z_t, cond, self.camera(self.unshuffle(pooled_plucker)).to(z_t.dtype)], dim=2)
-        text = self.null_text[None].expand(z_t.shape[0], -1, -1).to(x.dtype)
+        null = self.null_text[None].expand(z_t.shape[0], -1, -1)
+        if text is not None:
+            use = use_text if use_text is not None else torch.ones(len(text), dtype=torch.bool, device=text.device)
+            null = torch.where(use.view(-1, 1, 1), text.to(null.dtype), null)
+        text = null.to(x.dtype)
         rope = self.rotary_embedding(z_t.shape[1], z_t.shape[-2], z_t.shape[-1], z_t.device)
         return self.transformer(x, text, t * 1000.0, image_rotary_emb=rope, return_dict=False)[0]
 
@@ -209,12 +216,13 @@ class VideoBackbone(nn.Module):
 
     @torch.no_grad()
     def sample(self, first_latent: torch.Tensor, pooled_plucker: torch.Tensor, num_latent_frames: int,
-               steps: int = 25, generator: torch.Generator | None = None) -> torch.Tensor:
+               steps: int = 25, generator: torch.Generator | None = None, text: torch.Tensor | None = None,
+               use_text: torch.Tensor | None = None) -> torch.Tensor:
         """Euler integration of the flow from noise (t=1) to data (t=0); returns latents (B,F',C,h,w)."""
         b, _, c, h, w = first_latent.shape
         z = torch.randn(b, num_latent_frames, c, h, w, generator=generator, device=first_latent.device)
         ts = torch.linspace(1.0, 0.0, steps + 1, device=z.device)
         for i in range(steps):
-            v = self.velocity(z, ts[i].expand(b), first_latent, pooled_plucker)
+            v = self.velocity(z, ts[i].expand(b), first_latent, pooled_plucker, text, use_text)
             z = z + (ts[i + 1] - ts[i]) * v
         return z

@@ -45,6 +45,11 @@ class BackboneConfig(_Strict):
     transformer: TransformerConfig = TransformerConfig()
     camera_channels: int = 16  # Plücker embedding channels concatenated to the latent tokens
     freeze_vae: bool = True
+    # T5 encoder for captions (meta.json ``caption``): a local dir with text_encoder/ + tokenizer/ (a
+    # CogVideoX checkpoint) or both directly; None: every sample gets the learned empty prompt
+    text_encoder_dir: str | None = None
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)  # captions replaced by the empty prompt (CFG)
+    text_cache_size: int = Field(1024, ge=1)  # distinct captions whose embeddings a rank keeps (LRU, CPU)
 
 
 class LDRMConfig(_Strict):

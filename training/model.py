@@ -63,7 +63,7 @@ class Diff4Splat(nn.Module):
         noise = torch.randn_like(z0)
         z_t = (1 - tt.view(b, 1, 1, 1, 1)) * z0 + tt.view(b, 1, 1, 1, 1) * noise
         with ac:
-            v = self.backbone.velocity(z_t, tt, z0[:, :1], pooled).float()
+            v = self.backbone.velocity(z_t, tt, z0[:, :1], pooled, batch.get("text"), batch.get("use_text")).float()
         metrics: dict[str, tuple[float, int]] = {k: (0.0, 0) for k in METRICS}
         total = video.new_zeros(())
         if "fm" in use:

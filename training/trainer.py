@@ -117,6 +117,7 @@ def train_loop_per_worker(config: dict) -> None:
     from training.losses import LPIPSLoss
     from training.model import Diff4Splat
     from training.render_gsplat import get_rasterizer
+    from training.text import embed_captions
 
     cfg = TrainConfig.model_validate(config["cfg"])
     rt = cfg.runtime
@@ -146,6 +147,13 @@ def train_loop_per_worker(config: dict) -> None:
     model.set_gradient_checkpointing(rt.grad_checkpointing)
     rasterize = get_rasterizer(rt.renderer if use_cuda else "torch")
     lpips_fn = LPIPSLoss(cfg.loss.lpips_net, cfg.loss.lpips_torch_home).to(device) if cfg.loss.lpips_enabled else None
+    text_encoder = None
+    if cfg.backbone.text_encoder_dir:  # frozen, beside the model (not in DDP/FSDP, optimiser or checkpoints)
+        from training.text import TextEncoder
+
+        tc = model.backbone.transformer.config
+        text_encoder = TextEncoder(cfg.backbone.text_encoder_dir, tc.max_text_seq_length, device,
+                                   cache_size=cfg.backbone.text_cache_size, expect_dim=tc.text_embed_dim)
 
     fsdp = rt.strategy == "fsdp" and distributed
     if rank == 0:
@@ -235,7 +243,10 @@ def train_loop_per_worker(config: dict) -> None:
         while in_stage < stage.steps and step < max_steps:
             agg: dict[str, list[float]] = {}
             for micro in range(accum):
-                batch = _to_device(next(it), device)
+                batch = next(it)
+                batch["text"], batch["use_text"] = embed_captions(text_encoder, batch["caption"],
+                                                                  cfg.backbone.caption_dropout)
+                batch = _to_device(batch, device)
                 sync = micro == accum - 1 or not distributed
                 if fsdp:  # FSDP2 has no no_sync(): keep unsharded grads locally until the last micro-step
                     model.set_requires_gradient_sync(sync)
@@ -503,7 +514,8 @@ def absolute_local_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update={
         "workdir": fix(cfg.workdir),
         "data": cfg.data.model_copy(update={"root": fix(cfg.data.root), "shards": [fix(p) for p in cfg.data.shards]}),
-        "backbone": cfg.backbone.model_copy(update={"pretrained_dir": fix(cfg.backbone.pretrained_dir)}),
+        "backbone": cfg.backbone.model_copy(update={"pretrained_dir": fix(cfg.backbone.pretrained_dir),
+                                                     "text_encoder_dir": fix(cfg.backbone.text_encoder_dir)}),
         "loss": cfg.loss.model_copy(update={"lpips_torch_home": fix(cfg.loss.lpips_torch_home)}),
     })
 
