@@ -15,7 +15,8 @@ from training.ldrm import LDRM
 # The metrics every forward returns, always all of them and in this order, each as (sum, count): the
 # trainer all-reduces one fixed-length vector of sums and counts, so ranks whose batches lack a term
 # (motion without tracks) still take part and the mean is over the samples that had it.
-METRICS = ("loss", "fm", "photo", "geo", "motion", "psnr", "gaussians")
+# ``psnr_first``: the render of frame 0 alone (the conditioning frame, decoded from the known first latent).
+METRICS = ("loss", "fm", "photo", "geo", "motion", "psnr", "psnr_first", "gaussians")
 
 
 class Diff4Splat(nn.Module):
@@ -85,7 +86,7 @@ class Diff4Splat(nn.Module):
             render_frames = [0] + (torch.randperm(t - 1)[: k - 1] + 1).tolist() if k > 1 else [0]
         frames = sorted(render_frames)
         w_photo, w_depth, w_motion = batch["weights"].unbind(-1)
-        photo_terms, geo_terms, mot_terms, psnrs, n_g = [], [], [], [], []
+        photo_terms, geo_terms, mot_terms, psnrs, psnr0, n_g = [], [], [], [], [], []
         for bi in range(b):
             rgbs, deps, alps = [], [], []
             if maps.deform is None:
@@ -109,6 +110,9 @@ class Diff4Splat(nn.Module):
             with torch.no_grad():
                 mse = torch.mean((rgb.detach() - target) ** 2)
                 psnrs.append(float(-10 * torch.log10(mse.clamp_min(1e-10))))
+                if frames[0] == 0:
+                    mse0 = torch.mean((rgb[0].detach() - target[0]) ** 2)
+                    psnr0.append(float(-10 * torch.log10(mse0.clamp_min(1e-10))))
             if "geo" in use:
                 exp_depth = dep / alp.clamp_min(1e-4)
                 geo = lc.tv_weight * L.tv_loss(exp_depth)
@@ -126,6 +130,7 @@ class Diff4Splat(nn.Module):
                 total = total + lam * val / b  # per-sample mean; a sample without the term adds 0
                 metrics[name] = (float(val.detach()), len(terms))
         metrics["psnr"] = (sum(psnrs), len(psnrs))
+        metrics["psnr_first"] = (sum(psnr0), len(psnr0))
         metrics["gaussians"] = (float(sum(n_g)), len(n_g))
         metrics["loss"] = (float(total.detach()), 1)
         # keep every trainable parameter in the graph (DDP): add 0 x unused outputs

@@ -19,7 +19,8 @@ from training.render_torch import rasterize
 
 
 def make_clip(seed: int, t: int = 9, size: int = 64, dynamic: bool = False, dataset: str = "synth",
-              n_fg: int = 12) -> Clip:
+              n_fg: int = 12, device: str = "cpu") -> Clip:
+    """One synthetic clip (module docs); ``device`` only says where it is rendered (same clip anywhere)."""
     g = torch.Generator().manual_seed(seed)
     gx, gy = torch.meshgrid(torch.linspace(-3, 3, 24), torch.linspace(-3, 3, 24), indexing="ij")
     wall = torch.stack([gx.reshape(-1), gy.reshape(-1), torch.full((576,), 5.0)], -1)
@@ -43,7 +44,8 @@ def make_clip(seed: int, t: int = 9, size: int = 64, dynamic: bool = False, data
         opac = torch.cat([torch.full((576,), 0.99), torch.full((n_fg,), 0.95)])
         cols = torch.cat([wall_col, fg_col])
         vm = torch.linalg.inv(torch.tensor(c2w[i], dtype=torch.float32))[None]
-        rgb, dep, alp = rasterize(means, quats, scales, opac, cols, vm, K, size, size)
+        rgb, dep, alp = (x.cpu() for x in rasterize(*(a.to(device) for a in (means, quats, scales, opac, cols, vm, K)),
+                                                     size, size))
         rgbs.append((rgb[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy())
         ed = (dep[0] / alp[0].clamp_min(1e-4)).numpy().astype(np.float32)
         valids.append(alp[0].numpy() > 0.9)
@@ -62,7 +64,7 @@ def make_clip(seed: int, t: int = 9, size: int = 64, dynamic: bool = False, data
 def write_shards(out: str, n_clips: int = 8, per_shard: int = 2, t: int = 9, size: int = 64,
                  datasets: tuple[str, ...] = ("synth_static", "synth_dynamic"),
                  dynamic: Callable[[str, int], bool] | None = None,
-                 caption: Callable[[str, int], str | None] | None = None) -> list[str]:
+                 caption: Callable[[str, int], str | None] | None = None, device: str = "cpu") -> list[str]:
     """Write ``out/shards/shard-XXXXXX.tar`` and ``out/index.parquet``; returns shard paths.
 
     Clip ``i`` goes to dataset ``datasets[i % len(datasets)]``; it is dynamic when ``dynamic(ds, i)``
@@ -91,7 +93,7 @@ def write_shards(out: str, n_clips: int = 8, per_shard: int = 2, t: int = 9, siz
             written = []
             with wds.TarWriter(path) as sink:
                 for i in ids[s0:s0 + per_shard]:
-                    clip = make_clip(i, t=t, size=size, dynamic=dynamic(ds, i), dataset=ds)
+                    clip = make_clip(i, t=t, size=size, dynamic=dynamic(ds, i), dataset=ds, device=device)
                     sample = ENCODE(clip)
                     text = caption(ds, i) if caption else None
                     if text is not None:
