@@ -74,7 +74,7 @@ def test_layouts_run_at_other_resolutions_and_know_positions(backbone):
 
 @torch.no_grad()
 def test_rotary_embedding_as_diffusers_pipelines_compute_it(backbone):
-    name, bb = backbone
+    _, bb = backbone
     if not bb.transformer.config.use_rotary_positional_embeddings:
         assert bb.rotary_embedding(3, 12, 10, torch.device("cpu")) is None
         return

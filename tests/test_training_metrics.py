@@ -65,7 +65,7 @@ def test_two_gloo_ranks_whose_batches_differ_in_tracks(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_rank, args=(port, str(tmp_path)), nprocs=2)
-    r = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(2)]
+    r = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert r[0]["mean"] == r[1]["mean"]  # every rank logs the same numbers
     mean = r[0]["mean"]
     # motion: rank 0's value alone (the only sample with tracks), not halved, not rank 1's loss

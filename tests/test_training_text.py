@@ -93,7 +93,7 @@ def test_training_with_captions(t5_dir, tmp_path):
                       backbone={"text_encoder_dir": t5_dir, "caption_dropout": 0.0},
                       runtime={"launcher": "local", "num_workers": 1, "tensorboard": False, "ckpt_every": 100})
     train(cfg)
-    rows = [json.loads(x) for x in open(tmp_path / "w" / "metrics.jsonl")]
+    rows = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
 
 

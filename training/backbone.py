@@ -44,10 +44,10 @@ def crop_region_for_grid(grid: tuple[int, int], base_w: int, base_h: int) -> tup
     diffusers' CogVideoX 1.0 pipelines give ``get_3d_rotary_pos_embed`` (``get_resize_crop_region_for_grid``)."""
     h, w = grid
     if h / w > base_h / base_w:
-        rh, rw = base_h, int(round(base_h / h * w))
+        rh, rw = base_h, round(base_h / h * w)
     else:
-        rw, rh = base_w, int(round(base_w / w * h))
-    top, left = int(round((base_h - rh) / 2.0)), int(round((base_w - rw) / 2.0))
+        rw, rh = base_w, round(base_w / w * h)
+    top, left = round((base_h - rh) / 2.0), round((base_w - rw) / 2.0)
     return (top, left), (top + rh, left + rw)
 
 
@@ -171,7 +171,7 @@ class VideoBackbone(nn.Module):
         return self._learned_cache[key]
 
     def _add_learned_positions(self, module, args, out):
-        b, f, _, h, w = args[1].shape  # patch_embed(text_embeds, image_embeds (B,F',C,h,w))
+        _, f, _, h, w = args[1].shape  # patch_embed(text_embeds, image_embeds (B,F',C,h,w))
         return out + self.learned_position_embedding(f, h, w, out.device, out.dtype)
 
     # --- conditioning -------------------------------------------------------------------------

@@ -9,7 +9,7 @@ sample format of :mod:`pipeline.sample_format` (via :data:`training.data.ENCODE`
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
