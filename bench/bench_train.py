@@ -41,7 +41,7 @@ def parse_case(spec: str) -> dict:
 def _run_case(preset: str, res: int, frames: int, workers: int, steps: int, shards: str, workdir: str,
               use_gpu: bool, renderer: str, strategy: str = "ddp", grad_ckpt: bool = False,
               shared_gpu: bool = False, crash_at_step: int | None = None, ckpt_every: int = 10 ** 9,
-              final_ckpt: bool = True) -> dict:
+              final_ckpt: bool = True, overrides: dict | None = None) -> dict:
     """Train ``steps`` steps at one resolution; samples/s from metrics.jsonl timing (excluding 2 warm-up steps)."""
     from training.config import make_config
     from training.trainer import train
@@ -54,8 +54,11 @@ def _run_case(preset: str, res: int, frames: int, workers: int, steps: int, shar
                "crash_at_step": crash_at_step, "checkpoint_at_end": final_ckpt}
     if shared_gpu:
         runtime.update(gpus_per_worker=1.0 / workers, backend="gloo")
-    cfg = make_config(preset, data={"root": shards}, workdir=workdir, stages=[stage], runtime=runtime,
-                      loss={"lpips_enabled": False}, optim={"warmup_steps": 0})
+    kw = dict(data={"root": shards}, workdir=workdir, stages=[stage], runtime=runtime,
+              loss={"lpips_enabled": False}, optim={"warmup_steps": 0})
+    for k, v in (overrides or {}).items():  # e.g. {"ldrm": {"clean_first_latent": False}}
+        kw[k] = {**kw[k], **v} if isinstance(v, dict) and isinstance(kw.get(k), dict) else v
+    cfg = make_config(preset, **kw)
     os.environ["D4S_BENCH_TIMING"] = "1"
     t0 = time.perf_counter()
     train(cfg)
@@ -71,7 +74,7 @@ def _run_case(preset: str, res: int, frames: int, workers: int, steps: int, shar
             "s_per_step": dt, "samples_per_s": samples / dt, "samples_per_s_per_gpu": samples / dt / workers,
             "peak_mem_gb_rank0": mem, "wall_s": wall, "final_loss": rows[-1]["loss"],
             "losses": [r["loss"] for r in rows], "photo": [r.get("photo") for r in rows],
-            "psnr": [r.get("psnr") for r in rows]}
+            "psnr": [r.get("psnr") for r in rows], "rows": rows}
 
 
 def resume_check(case: dict, frames: int, shards: str, out: str, steps: int = 8, crash: int = 6,

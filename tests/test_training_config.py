@@ -56,13 +56,14 @@ def test_relative_local_paths_made_absolute_for_the_ranks(tmp_path, monkeypatch)
 
     monkeypatch.chdir(tmp_path)
     cfg = make_config("tiny", workdir="runs/w", data={"root": "out", "shards": ["a/*.tar", "s3://b/c/*.tar"]},
-                      loss={"lpips_torch_home": "weights"})
+                      loss={"lpips_torch_home": "weights"}, backbone={"text_encoder_dir": "t5"})
     fixed = absolute_local_paths(cfg)
     assert fixed.workdir == str(tmp_path / "runs" / "w")
     assert fixed.data.root == str(tmp_path / "out")
     assert fixed.data.shards == [str(tmp_path / "a" / "*.tar"), "s3://b/c/*.tar"]
     assert fixed.loss.lpips_torch_home == str(tmp_path / "weights")
     assert fixed.backbone.pretrained_dir is None
+    assert fixed.backbone.text_encoder_dir == str(tmp_path / "t5")
     assert absolute_local_paths(make_config("tiny", workdir="s3://bucket/run")).workdir == "s3://bucket/run"
 
 

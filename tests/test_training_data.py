@@ -51,7 +51,7 @@ def test_deterministic_resumable_and_split(shards):
     assert _keys(ShardStream(cfg.data, st, 0, 8, 1, start_batches=4), 6) == full[4:]  # resume position
     b1 = next(iter(ShardStream(cfg.data, st, 0, 8, 1)))
     b2 = next(iter(ShardStream(cfg.data, st, 0, 8, 1)))
-    assert all(torch.equal(b1[k], b2[k]) for k in b1 if k != "key")  # same frames / crops / tracks
+    assert all(torch.equal(b1[k], b2[k]) for k in b1 if k not in ("key", "caption"))  # same frames / crops / tracks
     assert b1["video"].shape == (1, 5, 3, 24, 24) and b1["intrinsics"].shape == (1, 5, 4)
     assert torch.allclose(b1["c2w"][0, 0], torch.eye(4), atol=1e-6)  # world = first camera
     # split by node: within an epoch the parts' samples are disjoint and cover the dataset
@@ -89,3 +89,114 @@ def test_reads_a_real_build_output(tmp_path, ray_local):
     sample = next(iter_tar(by_ds["tartanair"][0]))
     assert keys[sample["__key__"]] == "tartanair"
     assert decode_sample(sample).depth is not None
+
+
+# --- mixtures follow the stage's filter; splitting; resume with workers; clips too short ---------------
+def _mixed(tmp):
+    """synth_mixed: 3 clips, only clip 0 static (one shard each); synth_static: 2 static clips (one shard)."""
+    out = str(tmp)
+    write_shards(out, n_clips=3, per_shard=1, t=5, size=24, datasets=("synth_mixed",),
+                 dynamic=lambda ds, i: i != 0)
+    write_shards(out + "/b", n_clips=2, per_shard=2, t=5, size=24, datasets=("synth_static",))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    a, b = pq.read_table(out + "/index.parquet"), pq.read_table(out + "/b/index.parquet")
+    b = b.set_column(b.schema.get_field_index("shard_path"), "shard_path",
+                     pa.array(["b/" + p for p in b.column("shard_path").to_pylist()]))
+    pq.write_table(pa.concat_tables([a, b]), out + "/index.parquet")
+    return out
+
+
+class _Reads:
+    """Counts the bytes read from every shard opened through fsspec."""
+
+    def __init__(self, monkeypatch):
+        import fsspec
+
+        self.bytes: dict[str, int] = {}
+        real = fsspec.open
+        reads = self
+
+        class Counted:
+            def __init__(self, f, url):
+                self.f, self.url = f, url
+
+            def read(self, n=-1):
+                b = self.f.read(n)
+                reads.bytes[self.url] = reads.bytes.get(self.url, 0) + len(b)
+                return b
+
+            def __getattr__(self, k):
+                return getattr(self.f, k)
+
+        class Opened:
+            def __init__(self, url, *a, **kw):
+                self.of, self.url = real(url, *a, **kw), url
+
+            def __enter__(self):
+                return Counted(self.of.__enter__(), self.url)
+
+            def __exit__(self, *a):
+                return self.of.__exit__(*a)
+
+        monkeypatch.setattr(fsspec, "open", Opened)
+
+
+def test_default_mixture_weights_count_clips_passing_the_stage_filter(tmp_path, monkeypatch):
+    out = _mixed(tmp_path)
+    cfg = make_config("tiny", data={"root": out, "shuffle_buffer": 1})
+    static = cfg.stages[0].model_copy(update={"scenes": "static"})
+    assert ShardStream(cfg.data, static, 0, 8, 1).weights() == {"synth_mixed": 1.0, "synth_static": 2.0}
+    keys = _keys(ShardStream(cfg.data, static, 0, 8, 1), 60)
+    share = sum(k.startswith("synth_mixed") for k in keys) / len(keys)
+    assert 0.15 < share < 0.5, share  # 1 clip of 3 static clips: ~1/3, not ~3/5 as by dataset size
+    # a dataset with no clip passing the filter is left out without reading any of its shards
+    dynamic = cfg.stages[0].model_copy(update={"scenes": "dynamic"})
+    reads = _Reads(monkeypatch)
+    assert set(_keys(ShardStream(cfg.data, dynamic, 0, 8, 1), 6)) <= {"synth_mixed__s1__0", "synth_mixed__s2__0"}
+    assert reads.bytes and not [u for u in reads.bytes if "/b/" in u]
+    assert ShardStream(cfg.data, dynamic, 0, 8, 1).weights() == {"synth_mixed": 2.0}
+
+
+def test_fewer_shards_than_streams_each_stream_reads_its_share(tmp_path, monkeypatch):
+    """One shard, four ranks: each rank reads its own sample, not the whole shard."""
+    import os
+
+    out = str(tmp_path)
+    write_shards(out, n_clips=4, per_shard=4, t=9, size=32, datasets=("synth_static",))
+    cfg = make_config("tiny", data={"root": out, "shuffle_buffer": 1})
+    (shard,) = resolve_shards(cfg.data)[0]["synth_static"]
+    reads = _Reads(monkeypatch)
+    first = [next(iter(ShardStream(cfg.data, cfg.stages[0], 0, 8, 1, rank=r, world=4)))["key"][0] for r in range(4)]
+    read = sum(n for u, n in reads.bytes.items() if u.endswith(".tar"))
+    assert read < 1.3 * os.path.getsize(shard), (read, os.path.getsize(shard))  # was 3.5 x: each read up to its sample
+    assert sorted(first) == sorted(s["__key__"] for s in iter_tar(shard))  # disjoint, covering
+
+
+def test_resume_with_loader_workers_gives_the_uninterrupted_stream(shards):
+    from training.data import make_loader
+
+    cfg = make_config("tiny", data={"root": shards, "num_workers": 2, "shuffle_buffer": 2})
+    st = cfg.stages[0]
+
+    def keys(start, n):
+        it = iter(make_loader(cfg.data, st, 0, 8, 1, 0, 1, start_batches=start))
+        return [next(it)["key"][0] for _ in range(n)]
+
+    full = keys(0, 8)
+    assert keys(3, 5) == full[3:]
+    assert keys(4, 4) == full[4:]
+
+
+@pytest.mark.timeout(120)
+def test_clips_shorter_than_the_stage_fail_clearly(tmp_path):
+    out = str(tmp_path)
+    write_shards(out, n_clips=2, per_shard=1, t=5, size=24)
+    cfg = make_config("tiny", data={"root": out})
+    long = cfg.stages[0].model_copy(update={"num_frames": 9})
+    with pytest.raises(ValueError, match="9 frames"):  # from the index, before reading a shard
+        next(iter(ShardStream(cfg.data, long, 0, 8, 1)))
+    glob = make_config("tiny", data={"shards": [out + "/shards/*.tar"]})  # no index: after one epoch
+    with pytest.raises(RuntimeError, match="9 frames"):
+        next(iter(ShardStream(glob.data, long, 0, 8, 1)))

@@ -109,7 +109,7 @@ def test_fsdp_curriculum_resume_and_freezing(chain):
         if k.startswith(("ldrm.blocks.", "backbone.transformer.transformer_blocks.")) and a.shape[0] >= 2:
             b, h = ck[2]["model"][k], a.shape[0] // 2
             assert not torch.equal(a[:h], b[:h]) and not torch.equal(a[h:], b[h:]), k
-    for k in ("ldrm.latent_in.weight", "backbone.null_text", "backbone.camera.proj.0.weight"):
+    for k in ("ldrm.token_in.weight", "backbone.null_text", "backbone.camera.proj.0.weight"):
         assert not torch.equal(ck[1]["model"][k], ck[2]["model"][k]), k
 
 

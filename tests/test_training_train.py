@@ -33,6 +33,9 @@ def test_curriculum_stages_ray_two_workers(shards, tmp_path):
     rows = _metrics(cfg.workdir)
     assert [r["stage"] for r in rows] == ["static"] * 2 + ["static_hi"] * 2 + ["dynamic"] * 2
     assert all("motion" in r for r in rows[4:]) and not any("motion" in r for r in rows[:4])
+    # the curriculum as described: static stages photometric + geometric only, the dynamic stage all four
+    assert all("photo" in r and "geo" in r for r in rows) and not any("fm" in r for r in rows[:4])
+    assert all("fm" in r for r in rows[4:])
     assert all(r["loss"] == r["loss"] and r["loss"] < 1e3 for r in rows)  # finite
     assert latest_checkpoint(cfg.workdir).endswith("step-00000006.pt")
     import importlib.util

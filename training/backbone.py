@@ -7,7 +7,14 @@
   embedding is the Plücker ray map of every frame, averaged over the frames each latent frame covers,
   pixel-unshuffled to the latent grid and projected to ``camera_channels`` — so the camera trajectory is
   injected into every latent token through the patch embedding.
-* Text: a learned "empty prompt" (``max_text_seq_length`` tokens) stands in for T5 embeddings.
+* Text: T5 embeddings of the sample's caption when given (:mod:`training.text`), a learned "empty
+  prompt" (``max_text_seq_length`` tokens) for samples without one.
+* Positions, as diffusers' CogVideoX pipelines give them: 3D rotary embeddings passed as
+  ``image_rotary_emb`` when the transformer uses them (CogVideoX-5B, 5B-I2V), the patch embedding's
+  own sin-cos embedding otherwise (2B). Learned positional embeddings (5B-I2V, trained at 480x720 and
+  49 frames only) are resampled to the clip's latent grid instead of being refused: the stored grid is
+  cropped to the region the rotary embedding assigns to the clip's aspect ratio (its centre) and
+  resized bicubically; its first latent frames are used as they are.
 
 With ``pretrained_dir`` (a local CogVideoX checkpoint with ``vae/`` and ``transformer/``) the weights
 are loaded and the transformer's patch embedding is widened with zero-initialised input channels for
@@ -16,7 +23,6 @@ whatever the checkpoint lacks (first-frame latent for T2V checkpoints, camera ch
 from __future__ import annotations
 
 import math
-
 import os
 
 import torch
@@ -30,6 +36,19 @@ from training.plucker import plucker_rays
 def latent_frame_groups(t: int, ft: int) -> list[list[int]]:
     """Frames covered by each latent frame: [0], [1..ft], [ft+1..2ft], ... (CogVideoX causal VAE)."""
     return [[0]] + [list(range(1 + k * ft, 1 + (k + 1) * ft)) for k in range((t - 1) // ft)]
+
+
+def crop_region_for_grid(grid: tuple[int, int], base_w: int, base_h: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where a (rows, cols) token grid sits in the transformer's base grid: the largest centred region of
+    the grid's aspect ratio, as ((top, left), (bottom, right)) in base-grid units — the crop that
+    diffusers' CogVideoX 1.0 pipelines give ``get_3d_rotary_pos_embed`` (``get_resize_crop_region_for_grid``)."""
+    h, w = grid
+    if h / w > base_h / base_w:
+        rh, rw = base_h, round(base_h / h * w)
+    else:
+        rw, rh = base_w, round(base_w / w * h)
+    top, left = round((base_h - rh) / 2.0), round((base_w - rw) / 2.0)
+    return (top, left), (top + rh, left + rw)
 
 
 def _widen_patch_embed(transformer, new_in: int) -> None:
@@ -98,6 +117,62 @@ class VideoBackbone(nn.Module):
         if cfg.freeze_vae:
             self.vae.requires_grad_(False)
             self.vae.eval()
+        self._rope_cache: dict = {}
+        self._learned_cache: dict = {}
+        pe = self.transformer.patch_embed
+        if getattr(pe, "use_learned_positional_embeddings", False):
+            # diffusers refuses any grid but the stored one; we add a resampled copy ourselves (forward hook)
+            # and keep the stored embedding (a persistent buffer, so checkpoints are unchanged)
+            pe.use_learned_positional_embeddings = False
+            pe.register_forward_hook(self._add_learned_positions)
+
+    # --- positions ----------------------------------------------------------------------------
+    def rotary_embedding(self, frames: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``image_rotary_emb`` for latents of ``frames`` x ``h`` x ``w`` (None when the transformer has
+        no rotary positions), computed as diffusers' CogVideoX 1.0 pipelines do."""
+        tc = self.transformer.config
+        if not tc.use_rotary_positional_embeddings:
+            return None
+        if tc.patch_size_t is not None:
+            raise NotImplementedError("CogVideoX 1.5 (patch_size_t) is not supported")
+        key = (frames, h, w, str(device))
+        if key not in self._rope_cache:
+            from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+            p = tc.patch_size
+            grid = (h // p, w // p)
+            crops = crop_region_for_grid(grid, tc.sample_width // p, tc.sample_height // p)
+            self._rope_cache[key] = get_3d_rotary_pos_embed(embed_dim=tc.attention_head_dim, crops_coords=crops,
+                                                            grid_size=grid, temporal_size=frames, device=device)
+        return self._rope_cache[key]
+
+    def learned_position_embedding(self, frames: int, h: int, w: int, device, dtype) -> torch.Tensor:
+        """The stored learned embedding (1, text + F0*H0*W0, D) resampled to ``frames`` latent frames of an
+        ``h`` x ``w`` latent grid -> (1, text + frames*(h/p)*(w/p), D). Identity at the stored grid."""
+        pe = self.transformer.patch_embed
+        stored = pe.pos_embedding
+        p, text = pe.patch_size, pe.max_text_seq_length
+        h0, w0 = pe.sample_height // p, pe.sample_width // p
+        f0 = (pe.sample_frames - 1) // pe.temporal_compression_ratio + 1
+        gh, gw = h // p, w // p
+        if frames > f0:
+            raise ValueError(f"the checkpoint's learned positional embedding covers {f0} latent frames "
+                             f"({pe.sample_frames} video frames); this clip has {frames} latent frames")
+        key = (frames, gh, gw, str(device), dtype, stored.data_ptr(), stored._version)
+        if key not in self._learned_cache:
+            grid = stored[0, text:].reshape(f0, h0, w0, -1)[:frames]
+            if (gh, gw) != (h0, w0):
+                (top, left), (bottom, right) = crop_region_for_grid((gh, gw), w0, h0)
+                g = grid[:, top:bottom, left:right].permute(0, 3, 1, 2).float()
+                grid = F.interpolate(g, size=(gh, gw), mode="bicubic", align_corners=False,
+                                     antialias=gh < g.shape[-2] or gw < g.shape[-1]).permute(0, 2, 3, 1)
+            emb = torch.cat([stored[0, :text].float(), grid.reshape(-1, grid.shape[-1]).float()])[None]
+            self._learned_cache = {key: emb.to(device=device, dtype=dtype)}  # one grid at a time
+        return self._learned_cache[key]
+
+    def _add_learned_positions(self, module, args, out):
+        _, f, _, h, w = args[1].shape  # patch_embed(text_embeds, image_embeds (B,F',C,h,w))
+        return out + self.learned_position_embedding(f, h, w, out.device, out.dtype)
 
     # --- conditioning -------------------------------------------------------------------------
     def pooled_plucker(self, intrinsics: torch.Tensor, c2w: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -118,13 +193,20 @@ class VideoBackbone(nn.Module):
         return (z * self.scaling).transpose(1, 2).float()
 
     def velocity(self, z_t: torch.Tensor, t: torch.Tensor, first_latent: torch.Tensor,
-                 pooled_plucker: torch.Tensor) -> torch.Tensor:
-        """Velocity prediction. z_t (B,F',C,h,w), t (B,) in [0,1], pooled Plücker (B,F',6,H,W)."""
+                 pooled_plucker: torch.Tensor, text: torch.Tensor | None = None,
+                 use_text: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity prediction. z_t (B,F',C,h,w), t (B,) in [0,1], pooled Plücker (B,F',6,H,W); optional
+        text embeddings (B,L,D) used where ``use_text`` (B,) is True, the learned empty prompt elsewhere."""
         cond = torch.zeros_like(z_t)
         cond[:, :1] = first_latent
         x = torch.cat([z_t, cond, self.camera(self.unshuffle(pooled_plucker)).to(z_t.dtype)], dim=2)
-        text = self.null_text[None].expand(z_t.shape[0], -1, -1).to(x.dtype)
-        return self.transformer(x, text, t * 1000.0, return_dict=False)[0]
+        null = self.null_text[None].expand(z_t.shape[0], -1, -1)
+        if text is not None:
+            use = use_text if use_text is not None else torch.ones(len(text), dtype=torch.bool, device=text.device)
+            null = torch.where(use.view(-1, 1, 1), text.to(null.dtype), null)
+        text = null.to(x.dtype)
+        rope = self.rotary_embedding(z_t.shape[1], z_t.shape[-2], z_t.shape[-1], z_t.device)
+        return self.transformer(x, text, t * 1000.0, image_rotary_emb=rope, return_dict=False)[0]
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         if on:
@@ -134,12 +216,13 @@ class VideoBackbone(nn.Module):
 
     @torch.no_grad()
     def sample(self, first_latent: torch.Tensor, pooled_plucker: torch.Tensor, num_latent_frames: int,
-               steps: int = 25, generator: torch.Generator | None = None) -> torch.Tensor:
+               steps: int = 25, generator: torch.Generator | None = None, text: torch.Tensor | None = None,
+               use_text: torch.Tensor | None = None) -> torch.Tensor:
         """Euler integration of the flow from noise (t=1) to data (t=0); returns latents (B,F',C,h,w)."""
         b, _, c, h, w = first_latent.shape
         z = torch.randn(b, num_latent_frames, c, h, w, generator=generator, device=first_latent.device)
         ts = torch.linspace(1.0, 0.0, steps + 1, device=z.device)
         for i in range(steps):
-            v = self.velocity(z, ts[i].expand(b), first_latent, pooled_plucker)
+            v = self.velocity(z, ts[i].expand(b), first_latent, pooled_plucker, text, use_text)
             z = z + (ts[i + 1] - ts[i]) * v
         return z

@@ -45,6 +45,11 @@ class BackboneConfig(_Strict):
     transformer: TransformerConfig = TransformerConfig()
     camera_channels: int = 16  # Plücker embedding channels concatenated to the latent tokens
     freeze_vae: bool = True
+    # T5 encoder for captions (meta.json ``caption``): a local dir with text_encoder/ + tokenizer/ (a
+    # CogVideoX checkpoint) or both directly; None: every sample gets the learned empty prompt
+    text_encoder_dir: str | None = None
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)  # captions replaced by the empty prompt (CFG)
+    text_cache_size: int = Field(1024, ge=1)  # distinct captions whose embeddings a rank keeps (LRU, CPU)
 
 
 class LDRMConfig(_Strict):
@@ -61,6 +66,9 @@ class LDRMConfig(_Strict):
     scale_max_rel: float = 0.05  # max Gaussian scale relative to depth
     deform_features: int = 16  # decoder channels beside the Gaussian maps feeding the deformation head
     clean_latent_prob: float = 0.0  # prob. of decoding the VAE latents instead of the FM x0-prediction
+    # latent frame 0 is the conditioning image's latent, known exactly at inference: decode it, not its
+    # x0-prediction (docs/TRAINING.md, "the first latent")
+    clean_first_latent: bool = True
     prune_opacity: float = 0.005  # tau: Gaussians with opacity below are dropped (train and test)
 
 
@@ -85,6 +93,7 @@ class StageConfig(_Strict):
     scenes: Literal["static", "dynamic", "any"] = "any"
     mixture: dict[str, float] | None = None  # dataset -> weight; None: proportional to size
     frozen: list[Literal["backbone", "vae", "ldrm", "deformation"]] = []
+    # active loss terms; the presets' static stages use ["photo", "geo"] (docs/TRAINING.md, curriculum)
     losses: list[Literal["fm", "photo", "geo", "motion"]] = ["fm", "photo", "geo", "motion"]
     max_frame_stride: int = 4
 
@@ -153,6 +162,11 @@ class TrainConfig(_Strict):
             raise ValueError("runtime.strategy fsdp with several ranks on one GPU is not possible: it needs "
                              "NCCL, which refuses two ranks on one device, and gloo crashes on FSDP's CUDA "
                              "collectives (seen with torch 2.11); use ddp for such a run")
+        if self.ldrm.dim % 16:
+            raise ValueError(f"ldrm.dim must be a multiple of 16 (the LDRM's 3D sin-cos positional embedding), "
+                             f"got {self.ldrm.dim}")
+        if self.ldrm.dim % self.ldrm.heads:
+            raise ValueError(f"ldrm.dim {self.ldrm.dim} must be a multiple of ldrm.heads {self.ldrm.heads}")
         tf = self.backbone.vae.temporal_compression_ratio
         for s in self.stages:
             if (s.num_frames - 1) % tf:
@@ -170,9 +184,9 @@ class TrainConfig(_Strict):
 def _full_stages() -> list[dict]:
     return [
         dict(name="static256", steps=40_000, resolution=256, num_frames=13, scenes="static",
-             frozen=["deformation"], losses=["fm", "photo", "geo"]),
+             frozen=["deformation"], losses=["photo", "geo"]),
         dict(name="static512", steps=40_000, resolution=512, num_frames=13, scenes="static",
-             frozen=["deformation"], losses=["fm", "photo", "geo"]),
+             frozen=["deformation"], losses=["photo", "geo"]),
         dict(name="dynamic", steps=20_000, resolution=512, num_frames=13, scenes="dynamic",
              frozen=[], losses=["fm", "photo", "geo", "motion"]),
     ]
@@ -190,9 +204,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         loss=dict(lpips_enabled=False),
         stages=[
             dict(name="static256", steps=1000, resolution=256, num_frames=9, scenes="any", frozen=["deformation"],
-                 losses=["fm", "photo", "geo"]),
+                 losses=["photo", "geo"]),
             dict(name="static512", steps=1000, resolution=512, num_frames=9, scenes="any", frozen=["deformation"],
-                 losses=["fm", "photo", "geo"]),
+                 losses=["photo", "geo"]),
             dict(name="dynamic", steps=500, resolution=512, num_frames=9, scenes="any"),
         ],
         optim=dict(lr=1e-4, warmup_steps=20),
@@ -210,9 +224,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         loss=dict(lpips_enabled=False, render_frames=2, tracks_per_sample=32),
         stages=[
             dict(name="static", steps=4, resolution=24, num_frames=5, scenes="any", frozen=["deformation"],
-                 losses=["fm", "photo", "geo"], max_frame_stride=2),
+                 losses=["photo", "geo"], max_frame_stride=2),
             dict(name="static_hi", steps=4, resolution=32, num_frames=5, scenes="any", frozen=["deformation"],
-                 losses=["fm", "photo", "geo"], max_frame_stride=2),
+                 losses=["photo", "geo"], max_frame_stride=2),
             dict(name="dynamic", steps=4, resolution=32, num_frames=5, scenes="any", max_frame_stride=2),
         ],
         data=dict(shuffle_buffer=8),

@@ -1,26 +1,40 @@
 """Streaming training data from WebDataset shards: deterministic, resumable, mixture-weighted.
 
 Shards are tar files (local paths or any fsspec URL). With ``data.root`` = a build's OUT, the shard
-list and each shard's dataset come from ``OUT/index.parquet`` (key, shard, dataset); otherwise
-``data.shards`` (paths, URLs or globs) are read as one dataset named ``all``.
+list, each shard's dataset and every sample's byte offset, frame count and static/dynamic flag come
+from ``OUT/index.parquet``; otherwise ``data.shards`` (paths, URLs or globs) are read as one dataset
+named ``all`` with nothing known before reading.
+
+A stage *accepts* a clip that passes its scene filter (static / dynamic / any) and has at least
+``num_frames`` frames. With the index this is decided before any shard is opened: a dataset with no
+accepted clip is left out, and the default mixture weight of a dataset is its number of accepted
+clips (not of all its clips: a mostly-dynamic dataset's few static clips would otherwise dominate the
+static stages). A stage where no dataset has an accepted clip is a ``ValueError`` naming the counts.
+Without the index, ``meta.json`` is read before decoding; a stream whose epoch yields no accepted clip
+ends, and a stage whose streams all end is a ``RuntimeError`` (never an endless loop).
 
 The stream of one *part* (= one DataLoader worker of one rank; ``n_parts = world * workers``):
 
 * per dataset, an endless sequence of epochs. Epoch ``e`` permutes the dataset's shards with
-  ``seed``; parts take every ``n_parts``-th shard (split by node, then by worker), or — when a dataset
-  has fewer shards than parts — every ``n_parts``-th sample of all shards. A shuffle buffer
-  (``shuffle_buffer`` samples, seeded per part and epoch, drained at the epoch's end) reorders them.
-  Samples failing the stage's scene filter (static/dynamic, read from ``meta.json``) are dropped
-  before decoding;
+  ``seed``; parts take every ``n_parts``-th shard (split by node, then by worker). When a dataset has
+  fewer shards (holding accepted clips) than parts, the accepted samples in epoch order are split
+  into ``n_parts`` contiguous ranges (part p reads only its range, seeking to the samples' byte
+  offsets; when there are fewer samples than parts, part p takes sample p mod N), so the dataset is
+  read about once per epoch in total, not once per part. Without an index that case falls back to
+  every part reading every shard and keeping every ``n_parts``-th sample. A shuffle buffer
+  (``shuffle_buffer`` samples, seeded per part and epoch, drained at the epoch's end) reorders them;
 * a mixture: each output sample's dataset is drawn with probability proportional to
-  ``stage.mixture[ds]`` (or the dataset's sample count when no mixture is set) x ``data.repeat[ds]``;
+  ``stage.mixture[ds]`` (or the dataset's accepted-clip count when no mixture is set) x ``data.repeat[ds]``;
 * per sample: ``T`` frames at a random stride (<= ``max_frame_stride``) and start, decoded, centre-cropped
   to a square and resized to the stage resolution (intrinsics follow exactly), the world re-expressed
-  in the first camera's frame, ``tracks_per_sample`` tracks drawn; all randomness seeded by
-  (seed, stage, part, sample number), so a sample never depends on where a run was resumed.
+  in the first camera's frame, ``tracks_per_sample`` tracks drawn, the ``caption`` of ``meta.json``
+  (empty when absent); all randomness seeded by (seed, stage, part, sample number), so a sample never
+  depends on where a run was resumed.
 
-The position is (stage index, batches consumed in the stage). Resuming replays the raw sample
-sequence without decoding (cost: reading the skipped bytes of the current stage).
+The position is (stage index, batches consumed in the stage). The DataLoader takes batch i from
+worker i mod W; a resumed loader's worker w therefore plays the part of worker (w + consumed) mod W,
+so the resumed stream equals the uninterrupted one with any number of workers. Resuming replays the
+raw sample sequence without decoding (cost: reading the skipped bytes of the current stage).
 """
 from __future__ import annotations
 
@@ -30,7 +44,8 @@ import io
 import json
 import os
 import tarfile
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -75,8 +90,25 @@ def _expand(pattern: str) -> list[str]:
     return [pattern]
 
 
-def resolve_shards(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, int], dict[str, str]]:
-    """-> (dataset -> shard URLs, dataset -> sample count, key -> dataset (may be empty))."""
+@dataclass(frozen=True)
+class SampleRef:
+    """One sample as ``index.parquet`` lists it."""
+
+    key: str
+    offset: int  # byte offset of its first tar member header
+    num_frames: int
+    dynamic: bool
+
+
+class Catalog(NamedTuple):
+    shards: dict[str, list[str]]  # dataset -> shard URLs (sorted)
+    counts: dict[str, int]  # dataset -> samples (shards when nothing is known about samples)
+    keys: dict[str, str]  # key -> dataset (empty without an index)
+    samples: dict[str, list[SampleRef]] | None  # shard URL -> its samples in file order (None: no index)
+
+
+def resolve_catalog(cfg: DataConfig) -> Catalog:
+    """Shards per dataset and, from a build's ``index.parquet``, what is in them."""
     if cfg.root:
         root = cfg.root.rstrip("/")
         index = f"{root}/index.parquet"
@@ -89,6 +121,7 @@ def resolve_shards(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, int
             shards: dict[str, list[str]] = {}
             counts: dict[str, int] = {}
             keys = {}
+            samples: dict[str, list[SampleRef]] | None = {}
             for r in tab:
                 # index.parquet schema: manifests/schemas.py INDEX_SCHEMA (shard_path relative to the output)
                 rel = r["shard_path"]
@@ -98,22 +131,55 @@ def resolve_shards(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, int
                     lst.append(url)
                 counts[r["dataset"]] = counts.get(r["dataset"], 0) + 1
                 keys[r["key"]] = r["dataset"]
-            return {k: sorted(v) for k, v in sorted(shards.items())}, counts, keys
+                if samples is not None and all(r.get(c) is not None for c in ("offset", "num_frames", "dynamic")):
+                    samples.setdefault(url, []).append(
+                        SampleRef(r["key"], int(r["offset"]), int(r["num_frames"]), bool(r["dynamic"])))
+                else:
+                    samples = None  # an index without per-sample columns: read shards to learn
+            if samples is not None:
+                samples = {u: sorted(v, key=lambda x: x.offset) for u, v in samples.items()}
+            return Catalog({k: sorted(v) for k, v in sorted(shards.items())}, counts, keys, samples)
         found = _expand(f"{root}/shards/**/*.tar")
         if not found:
             raise FileNotFoundError(f"no shards under {root}/shards and no {index}")
-        return {"all": found}, {"all": len(found)}, {}
+        return Catalog({"all": found}, {"all": len(found)}, {}, None)
     found = sorted({p for pat in cfg.shards for p in _expand(pat)})
     if not found:
         raise FileNotFoundError(f"no shards match {cfg.shards}")
-    return {"all": found}, {"all": len(found)}, {}
+    return Catalog({"all": found}, {"all": len(found)}, {}, None)
+
+
+def resolve_shards(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, int], dict[str, str]]:
+    """-> (dataset -> shard URLs, dataset -> sample count, key -> dataset (may be empty))."""
+    c = resolve_catalog(cfg)
+    return c.shards, c.counts, c.keys
 
 
 def iter_tar(url: str) -> Iterator[dict]:
     """Raw WebDataset samples of one tar: consecutive members grouped by key (name up to the first dot)."""
     import fsspec
 
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with fsspec.open(url, "rb") as f:
+        yield from _samples(f, url)
+
+
+def iter_tar_runs(url: str, runs: list[tuple[int, int]]) -> Iterator[dict]:
+    """The samples of ``runs`` = [(byte offset of a sample's first member, number of consecutive samples)]
+    of one tar, seeking to each run: only those samples' bytes are read."""
+    import fsspec
+
+    with fsspec.open(url, "rb") as f:
+        for offset, n in runs:
+            f.seek(offset)
+            for i, s in enumerate(_samples(f, url)):
+                yield s
+                if i + 1 == n:
+                    break
+
+
+def _samples(f, url: str) -> Iterator[dict]:
+    """Samples from the current position of an open tar file (stream mode: reads forward only)."""
+    with tarfile.open(fileobj=f, mode="r|*") as tar:
         cur: dict | None = None
         for m in tar:
             if not m.isfile():
@@ -143,16 +209,26 @@ def _ds_id(name: str) -> int:
 
 
 class DatasetStream:
-    """Endless raw-sample stream of one dataset for one part (see module docs)."""
+    """Endless raw-sample stream of one dataset for one part (see module docs).
+
+    ``samples`` (shard URL -> SampleRef list, from the index) and ``accept_ref`` (the stage's filter on
+    them) enable the index path: only accepted samples are read, by seeking to them.
+    """
 
     def __init__(self, name: str, shards: list[str], part: int, n_parts: int, seed: int, shuffle_buffer: int,
-                 accept: Callable[[dict], bool], keys: dict[str, str]):
+                 accept: Callable[[dict], bool], keys: dict[str, str],
+                 samples: dict[str, list[SampleRef]] | None = None,
+                 accept_ref: Callable[[SampleRef], bool] | None = None):
         self.name, self.shards, self.part, self.n_parts = name, shards, part, n_parts
         self.seed, self.buf_size, self.accept, self.keys = seed, shuffle_buffer, accept, keys
+        self.samples, self.accept_ref = samples, accept_ref or (lambda r: True)
 
     def _epoch(self, e: int) -> Iterator[dict]:
         order = _rng(self.seed, _ds_id(self.name), e).permutation(len(self.shards))
         shards = [self.shards[i] for i in order]
+        if self.samples is not None:
+            yield from self._epoch_indexed(shards)
+            return
         by_shard = len(shards) >= self.n_parts
         mine = shards[self.part::self.n_parts] if by_shard else shards
         n = 0
@@ -165,6 +241,44 @@ class DatasetStream:
                     continue
                 if self.accept(s):
                     yield s
+
+    def _epoch_indexed(self, shards: list[str]) -> Iterator[dict]:
+        """This part's accepted samples of the epoch, read by seeking (module docs: how parts split)."""
+        wanted = {u: [(i, r) for i, r in enumerate(self.samples.get(u, []))
+                      if self.keys.get(r.key, self.name) == self.name and self.accept_ref(r)] for u in shards}
+        shards = [u for u in shards if wanted[u]]
+        if len(shards) >= self.n_parts:
+            mine = [(u, wanted[u]) for u in shards[self.part::self.n_parts]]
+        else:
+            flat = [(u, ir) for u in shards for ir in wanted[u]]
+            n = len(flat)
+            if n == 0:
+                return
+            if n >= self.n_parts:
+                lo, hi = self.part * n // self.n_parts, (self.part + 1) * n // self.n_parts
+                picked = flat[lo:hi]
+            else:
+                picked = [flat[self.part % n]]
+            mine = []
+            for u, ir in picked:
+                if not mine or mine[-1][0] != u:
+                    mine.append((u, []))
+                mine[-1][1].append(ir)
+        for url, items in mine:
+            runs: list[tuple[int, int]] = []
+            prev = None
+            for i, r in items:  # consecutive samples of the shard are read as one run
+                if prev is not None and i == prev + 1:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                else:
+                    runs.append((r.offset, 1))
+                prev = i
+            keys = {r.key for _, r in items}
+            for s in iter_tar_runs(url, runs):
+                if s["__key__"] not in keys:
+                    raise ValueError(f"{url}: sample {s['__key__']!r} at an offset index.parquet gives to "
+                                     f"another sample; the index does not match the shard")
+                yield s
 
     def __iter__(self) -> Iterator[dict]:
         e = 0
@@ -184,12 +298,23 @@ class DatasetStream:
             e += 1
 
 
-def scene_filter(scenes: str) -> Callable[[dict], bool]:
+def scene_filter(scenes: str, min_frames: int = 1) -> Callable[[dict], bool]:
+    """The stage's filter on a raw sample (reads ``meta.json``): scene kind and at least ``min_frames``."""
     def accept(s: dict) -> bool:
+        meta = json.loads(s["meta.json"])
+        if (len(meta.get("frame_indices", [])) or _num_frames(s)) < min_frames:
+            return False
         if scenes == "any":
             return True
-        dyn = bool(json.loads(s["meta.json"]).get("dynamic", False))
+        dyn = bool(meta.get("dynamic", False))
         return dyn if scenes == "dynamic" else not dyn
+    return accept
+
+
+def ref_filter(scenes: str, min_frames: int) -> Callable[[SampleRef], bool]:
+    """The same filter on an index entry."""
+    def accept(r: SampleRef) -> bool:
+        return r.num_frames >= min_frames and (scenes == "any" or r.dynamic == (scenes == "dynamic"))
     return accept
 
 
@@ -258,7 +383,8 @@ def process(clip: Clip, frames: list[int] | None, res: int, n_tracks: int, rng: 
 
 
 def collate(items: list[dict]) -> dict:
-    return {k: ([it[k] for it in items] if k == "key" else torch.stack([it[k] for it in items])) for k in items[0]}
+    return {k: ([it[k] for it in items] if k in ("key", "caption") else torch.stack([it[k] for it in items]))
+            for k in items[0]}
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -269,28 +395,52 @@ class ShardStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.data, self.stage, self.stage_index, self.n_tracks = data, stage, stage_index, n_tracks
         self.batch_size, self.rank, self.world, self.start_batches = batch_size, rank, world, start_batches
-        self.shards, self.counts, self.keys = resolve_shards(data)
+        self.catalog = resolve_catalog(data)
+        self.shards, self.counts, self.keys = self.catalog.shards, self.catalog.counts, self.catalog.keys
+        self.accept_ref = ref_filter(stage.scenes, stage.num_frames)
+
+    def accepted(self) -> dict[str, int] | None:
+        """Per dataset, the clips the stage accepts (from the index; None without one)."""
+        if self.catalog.samples is None:
+            return None
+        return {ds: sum(self.accept_ref(r) for u in urls for r in self.catalog.samples.get(u, [])
+                        if self.keys.get(r.key, ds) == ds) for ds, urls in self.shards.items()}
 
     def weights(self) -> dict[str, float]:
+        """Mixture weight per dataset (module docs); datasets with no accepted clip get 0."""
+        accepted = self.accepted()
         out = {}
         for ds in self.shards:
-            base = self.stage.mixture.get(ds, 0.0) if self.stage.mixture is not None else float(self.counts[ds])
+            if self.stage.mixture is not None:
+                base = self.stage.mixture.get(ds, 0.0)
+            else:
+                base = float(accepted[ds] if accepted is not None else self.counts[ds])
+            if accepted is not None and accepted[ds] == 0:
+                base = 0.0
             out[ds] = base * self.data.repeat.get(ds, 1.0)
         if not any(v > 0 for v in out.values()):
+            what = f"'{self.stage.scenes}' clips of at least {self.stage.num_frames} frames"
+            if accepted is not None:
+                raise ValueError(f"stage {self.stage.name}: no dataset has {what} among those its mixture selects "
+                                 f"(accepted per dataset: {accepted}; mixture: {self.stage.mixture or 'by size'})")
             raise ValueError(f"stage {self.stage.name}: mixture selects no dataset among {list(self.shards)}")
-        return out
+        return {k: v for k, v in out.items() if v > 0}
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         nw, wid = (info.num_workers, info.id) if info else (1, 0)
+        # The DataLoader takes batch i from worker i mod nw, starting again at worker 0 when resumed: so
+        # this worker continues the stream of worker (wid + start_batches) mod nw of the first run.
+        wid = (wid + self.start_batches) % nw
         part, n_parts = self.rank * nw + wid, self.world * nw
-        mine = len(range(wid, self.start_batches, nw))  # batches this worker already produced
+        mine = len(range(wid, self.start_batches, nw))  # batches this (logical) worker already produced
         skip = mine * self.batch_size
         seed = self.data.seed * 1000 + self.stage_index
-        accept = scene_filter(self.stage.scenes)
-        weights = {k: v for k, v in self.weights().items() if v > 0}
+        accept = scene_filter(self.stage.scenes, self.stage.num_frames)
+        weights = self.weights()
         streams = {ds: iter(DatasetStream(ds, self.shards[ds], part, n_parts, seed, self.data.shuffle_buffer,
-                                          accept, self.keys)) for ds in weights}
+                                          accept, self.keys, self.catalog.samples, self.accept_ref))
+                   for ds in weights}
         mix = _rng(seed, part, 11)
         names = sorted(weights)
         n = emitted = 0
@@ -308,18 +458,22 @@ class ShardStream(torch.utils.data.IterableDataset):
             meta = json.loads(raw["meta.json"])
             t_clip = len(meta.get("frame_indices", [])) or _num_frames(raw)
             frames = choose_frames(t_clip, self.stage.num_frames, self.stage.max_frame_stride, srng)
-            if frames is None:
-                continue
+            if frames is None:  # the filters accept only clips long enough
+                raise RuntimeError(f"{raw.get('__url__')}: sample {raw['__key__']} has {t_clip} frames, fewer than "
+                                   f"stage {self.stage.name}'s {self.stage.num_frames}, yet passed the filter")
             emitted += 1
             if emitted <= skip:
                 continue
             clip = DECODE(raw, frames)
-            batch.append(process(clip, frames, self.stage.resolution, self.n_tracks, srng))
+            item = process(clip, frames, self.stage.resolution, self.n_tracks, srng)
+            item["caption"] = str(meta.get("caption") or "")
+            batch.append(item)
             if len(batch) == self.batch_size:
                 yield collate(batch)
                 batch = []
-        raise RuntimeError(f"stage {self.stage.name}: no sample passes the '{self.stage.scenes}' filter "
-                           f"for rank {self.rank}")
+        raise RuntimeError(f"stage {self.stage.name}: no sample of the datasets {sorted(weights)} passes the "
+                           f"stage's filter ('{self.stage.scenes}' clips of at least {self.stage.num_frames} frames) "
+                           f"for rank {self.rank}, worker {wid}")
 
 
 def _num_frames(raw: dict) -> int:

@@ -1,14 +1,23 @@
 """LDRM: latent dynamic reconstruction model — latents + cameras -> deformable Gaussian maps.
 
-Tokens: latent patches (p x p of the latent grid per latent frame) and camera-pose tokens (the
-Plücker ray map of the same footprint at pixel resolution, averaged over the frames the latent
-frame covers) are each projected to ``dim``, tagged with a learned type embedding and concatenated
-along the sequence. ``num_blocks`` (16) pre-norm transformer blocks run over the 2N tokens; the N
-latent-token outputs go through a light decoder (LayerNorm + MLP) and a 3D transposed convolution
-with kernel = stride = (f_t, f_s*p, f_s*p) back to source-video pixels (the first f_t - 1 output
-frames are dropped so latent frame 0 maps to frame 0 alone, as in the causal VAE). Per pixel:
-12 Gaussian channels (depth 1, scale 3, rotation 4, opacity 1, colour 3) and ``deform_features``
-channels that a zero-initialised 1x1 head turns into T x K_d raw deformations at the birth frames.
+Tokens: one per p x p latent patch of every latent frame. A token is the linear projection of the
+patch's latent channels concatenated with the Plücker ray map of the same footprint at pixel
+resolution (averaged over the frames the latent frame covers), plus a fixed 3D sin-cos positional
+embedding of (latent frame, row, column). So every token carries its own camera rays and its place
+in the grid: self-attention and the MLP are permutation-equivariant, and without both a latent patch
+could not be related to its ray (the earlier design kept camera tokens as separate sequence entries
+with a frame embedding only, so swapping two patches' rays changed nothing). Spatial positions are
+normalised to a grid ``POS_BASE_GRID`` tokens wide, so the 256² and 512² stages see the same
+embedding at the same place in the image.
+
+``num_blocks`` (16) pre-norm transformer blocks run over the N tokens; the outputs go through a light
+decoder (LayerNorm + MLP) and a 3D transposed convolution with kernel = stride = (f_t, f_s*p, f_s*p)
+back to source-video pixels (the first f_t - 1 output frames are dropped so latent frame 0 maps to
+frame 0 alone, as in the causal VAE). Per pixel: 12 Gaussian channels (depth 1, scale 3, rotation 4,
+opacity 1, colour 3) and ``deform_features`` channels that a zero-initialised 1x1 head turns into
+T x K_d raw deformations at the birth frames. The transposed convolution, the activations and the
+deformation head run in float32 with autocast off: Gaussian parameters and the deformation difference
+``raw[t] - raw[birth]`` are not rounded to bf16's 8-bit mantissa (a 1.5 % depth step at mid range).
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ from training.config import LDRMConfig
 from training.gaussians import K_D, GaussianMaps
 
 GAUSS_CH = 12
+POS_BASE_GRID = 16  # the spatial positional embedding spans this many units across the image at any resolution
 
 
 def birth_frames(t: int, stride: int) -> list[int]:
@@ -28,6 +38,19 @@ def birth_frames(t: int, stride: int) -> list[int]:
     if frames[-1] != t - 1:
         frames.append(t - 1)
     return frames
+
+
+def positional_embedding(dim: int, frames: int, gh: int, gw: int, device=None) -> torch.Tensor:
+    """Fixed 3D sin-cos embedding (frames*gh*gw, dim), row-major over (frame, row, column).
+
+    diffusers' ``get_3d_sincos_pos_embed`` (a quarter of the channels for the latent frame index, the
+    rest split between rows and columns), spatial positions scaled so the grid spans ``POS_BASE_GRID``.
+    """
+    from diffusers.models.embeddings import get_3d_sincos_pos_embed
+
+    emb = get_3d_sincos_pos_embed(dim, (gw, gh), frames, spatial_interpolation_scale=max(gh, gw) / POS_BASE_GRID,
+                                  device=device, output_type="pt")
+    return emb.reshape(frames * gh * gw, dim).float()
 
 
 class Block(nn.Module):
@@ -49,12 +72,8 @@ class LDRM(nn.Module):
         super().__init__()
         self.cfg, self.fs, self.ft, self.max_frames = cfg, fs, ft, max_frames
         p = cfg.patch_size
-        self.latent_in = nn.Linear(latent_channels * p * p, cfg.dim)
-        self.pose_in = nn.Linear(6 * (fs * p) ** 2, cfg.dim)
-        self.type_emb = nn.Parameter(torch.zeros(2, cfg.dim))
-        self.frame_emb = nn.Parameter(torch.zeros(1 + (max_frames - 1) // ft, cfg.dim))
-        nn.init.normal_(self.type_emb, std=0.02)
-        nn.init.normal_(self.frame_emb, std=0.02)
+        self.token_in = nn.Linear(latent_channels * p * p + 6 * (fs * p) ** 2, cfg.dim)  # [latent | rays] -> token
+        self._pos_cache: dict = {}
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.num_blocks))
         self.norm = nn.LayerNorm(cfg.dim)
         c = cfg.decoder_channels
@@ -69,32 +88,39 @@ class LDRM(nn.Module):
             self.deconv.bias.zero_()
             self.deconv.bias[4:8].copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
 
-    def tokens(self, z: torch.Tensor, pl: torch.Tensor) -> torch.Tensor:
-        """z (B,F',C,h,w), pl (B,F',6,H,W) per-latent-frame Plücker -> (B, 2N, dim)."""
+    def position(self, frames: int, gh: int, gw: int, device) -> torch.Tensor:
+        key = (frames, gh, gw, str(device))
+        if key not in self._pos_cache:
+            self._pos_cache[key] = positional_embedding(self.cfg.dim, frames, gh, gw, device)
+        return self._pos_cache[key]
+
+    def tokens(self, z: torch.Tensor, pl: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """z (B,F',C,h,w), pl (B,F',6,H,W) per-latent-frame Plücker -> (B, N, dim), N = F' (h/p) (w/p)."""
         p = self.cfg.patch_size
         b, f = z.shape[:2]
         zt = F.pixel_unshuffle(z.flatten(0, 1), p)  # (BF, C p p, h/p, w/p)
-        pt = F.pixel_unshuffle(pl.flatten(0, 1), self.fs * p)
+        pt = F.pixel_unshuffle(pl.flatten(0, 1).to(zt.dtype), self.fs * p)  # (BF, 6 (fs p)^2, h/p, w/p)
         gh, gw = zt.shape[-2:]
-        zt = zt.unflatten(0, (b, f)).permute(0, 1, 3, 4, 2).reshape(b, f * gh * gw, -1)
-        pt = pt.unflatten(0, (b, f)).permute(0, 1, 3, 4, 2).reshape(b, f * gh * gw, -1)
-        fe = self.frame_emb[:f].repeat_interleave(gh * gw, 0)[None]
-        lat = self.latent_in(zt) + self.type_emb[0] + fe
-        pose = self.pose_in(pt.to(lat.dtype)) + self.type_emb[1] + fe
-        return torch.cat([lat, pose], 1), (f, gh, gw)
+        x = torch.cat([zt, pt], 1).unflatten(0, (b, f)).permute(0, 1, 3, 4, 2).reshape(b, f * gh * gw, -1)
+        return self.token_in(x) + self.position(f, gh, gw, x.device), (f, gh, gw)
 
     def forward(self, z: torch.Tensor, pl_latent: torch.Tensor, intrinsics: torch.Tensor, c2w: torch.Tensor,
                 num_frames: int, with_deformation: bool) -> GaussianMaps:
         x, (f, gh, gw) = self.tokens(z, pl_latent)
-        n = f * gh * gw
         for blk in self.blocks:
             x = checkpoint(blk, x, use_reentrant=False) if (self.grad_checkpointing and self.training) else blk(x)
-        x = self.mlp(self.norm(x[:, :n]))
+        x = self.mlp(self.norm(x))
         b = x.shape[0]
         x = x.reshape(b, f, gh, gw, -1).permute(0, 4, 1, 2, 3)
-        out = self.deconv(x)[:, :, self.ft - 1:self.ft - 1 + num_frames]  # (B, C, T, H, W)
         births = birth_frames(num_frames, self.cfg.birth_frame_stride)
-        out = out[:, :, births].permute(0, 2, 3, 4, 1).float()  # (B, S, H, W, C)
+        with torch.autocast(x.device.type, enabled=False):  # float32 maps (module docstring)
+            out = self.deconv(x.float())[:, :, self.ft - 1:self.ft - 1 + num_frames]  # (B, C, T, H, W)
+            out = out[:, :, births].permute(0, 2, 3, 4, 1)  # (B, S, H, W, C)
+            return self._maps(out, births, intrinsics, c2w, num_frames, with_deformation)
+
+    def _maps(self, out: torch.Tensor, births: list[int], intrinsics: torch.Tensor, c2w: torch.Tensor,
+              num_frames: int, with_deformation: bool) -> GaussianMaps:
+        """Raw decoder channels (B,S,H,W,C) -> activated Gaussian maps (+ raw deformations)."""
         g, feat = out[..., :GAUSS_CH], out[..., GAUSS_CH:]
         cfg = self.cfg
         lo, hi = torch.log(torch.tensor(cfg.depth_min)), torch.log(torch.tensor(cfg.depth_max))

@@ -12,6 +12,12 @@ from training.config import StageConfig, TrainConfig
 from training.gaussians import gaussians_at, track_positions
 from training.ldrm import LDRM
 
+# The metrics every forward returns, always all of them and in this order, each as (sum, count): the
+# trainer all-reduces one fixed-length vector of sums and counts, so ranks whose batches lack a term
+# (motion without tracks) still take part and the mean is over the samples that had it.
+# ``psnr_first``: the render of frame 0 alone (the conditioning frame, decoded from the known first latent).
+METRICS = ("loss", "fm", "photo", "geo", "motion", "psnr", "psnr_first", "gaussians")
+
 
 class Diff4Splat(nn.Module):
     def __init__(self, cfg: TrainConfig):
@@ -40,7 +46,10 @@ class Diff4Splat(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, batch: dict, stage: StageConfig, rasterize, lpips_fn=None, render_frames=None,
-                autocast: bool = False) -> tuple[torch.Tensor, dict]:
+                autocast: bool = False) -> tuple[torch.Tensor, dict[str, tuple[float, int]]]:
+        """-> (loss, {metric: (sum, count)} for every name in :data:`METRICS`). ``loss`` and ``fm`` count
+        once per batch; ``photo``, ``geo``, ``motion`` and ``psnr`` once per sample that has the term;
+        ``gaussians`` once per render."""
         cfg, lc = self.cfg, self.cfg.loss
         video = batch["video"]  # (B,T,3,H,W) [0,1]
         intr, c2w = batch["intrinsics"], batch["c2w"]
@@ -55,14 +64,16 @@ class Diff4Splat(nn.Module):
         noise = torch.randn_like(z0)
         z_t = (1 - tt.view(b, 1, 1, 1, 1)) * z0 + tt.view(b, 1, 1, 1, 1) * noise
         with ac:
-            v = self.backbone.velocity(z_t, tt, z0[:, :1], pooled).float()
-        metrics: dict[str, float] = {}
+            v = self.backbone.velocity(z_t, tt, z0[:, :1], pooled, batch.get("text"), batch.get("use_text")).float()
+        metrics: dict[str, tuple[float, int]] = {k: (0.0, 0) for k in METRICS}
         total = video.new_zeros(())
         if "fm" in use:
             l_fm = L.flow_matching_loss(v, z0, noise)
             total = total + l_fm
-            metrics["fm"] = float(l_fm.detach())
+            metrics["fm"] = (float(l_fm.detach()), 1)
         z_hat = z_t - tt.view(b, 1, 1, 1, 1) * v
+        if cfg.ldrm.clean_first_latent:  # the conditioning frame's latent is known exactly
+            z_hat = torch.cat([z0[:, :1], z_hat[:, 1:]], 1)
         if cfg.ldrm.clean_latent_prob > 0:
             clean = (torch.rand(b, device=dev) < cfg.ldrm.clean_latent_prob).view(b, 1, 1, 1, 1)
             z_hat = torch.where(clean, z0, z_hat)
@@ -75,7 +86,7 @@ class Diff4Splat(nn.Module):
             render_frames = [0] + (torch.randperm(t - 1)[: k - 1] + 1).tolist() if k > 1 else [0]
         frames = sorted(render_frames)
         w_photo, w_depth, w_motion = batch["weights"].unbind(-1)
-        photo_terms, geo_terms, mot_terms, psnrs, n_g = [], [], [], [], []
+        photo_terms, geo_terms, mot_terms, psnrs, psnr0, n_g = [], [], [], [], [], []
         for bi in range(b):
             rgbs, deps, alps = [], [], []
             if maps.deform is None:
@@ -99,6 +110,9 @@ class Diff4Splat(nn.Module):
             with torch.no_grad():
                 mse = torch.mean((rgb.detach() - target) ** 2)
                 psnrs.append(float(-10 * torch.log10(mse.clamp_min(1e-10))))
+                if frames[0] == 0:
+                    mse0 = torch.mean((rgb[0].detach() - target[0]) ** 2)
+                    psnr0.append(float(-10 * torch.log10(mse0.clamp_min(1e-10))))
             if "geo" in use:
                 exp_depth = dep / alp.clamp_min(1e-4)
                 geo = lc.tv_weight * L.tv_loss(exp_depth)
@@ -112,12 +126,13 @@ class Diff4Splat(nn.Module):
         for name, terms, lam in (("photo", photo_terms, lc.lambda_photo), ("geo", geo_terms, lc.lambda_geo),
                                  ("motion", mot_terms, lc.lambda_motion)):
             if terms:
-                val = torch.stack(terms).sum() / b
-                total = total + lam * val
-                metrics[name] = float(val.detach())
-        metrics["psnr"] = sum(psnrs) / len(psnrs)
-        metrics["gaussians"] = sum(n_g) / len(n_g)
-        metrics["loss"] = float(total.detach())
+                val = torch.stack(terms).sum()
+                total = total + lam * val / b  # per-sample mean; a sample without the term adds 0
+                metrics[name] = (float(val.detach()), len(terms))
+        metrics["psnr"] = (sum(psnrs), len(psnrs))
+        metrics["psnr_first"] = (sum(psnr0), len(psnr0))
+        metrics["gaussians"] = (float(sum(n_g)), len(n_g))
+        metrics["loss"] = (float(total.detach()), 1)
         # keep every trainable parameter in the graph (DDP): add 0 x unused outputs
         total = total + 0.0 * v.sum() + 0.0 * maps.depth.sum()
         return total, metrics

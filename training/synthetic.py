@@ -9,6 +9,7 @@ sample format of :mod:`pipeline.sample_format` (via :data:`training.data.ENCODE`
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ from training.render_torch import rasterize
 
 
 def make_clip(seed: int, t: int = 9, size: int = 64, dynamic: bool = False, dataset: str = "synth",
-              n_fg: int = 12) -> Clip:
+              n_fg: int = 12, device: str = "cpu") -> Clip:
+    """One synthetic clip (module docs); ``device`` only says where it is rendered (same clip anywhere)."""
     g = torch.Generator().manual_seed(seed)
     gx, gy = torch.meshgrid(torch.linspace(-3, 3, 24), torch.linspace(-3, 3, 24), indexing="ij")
     wall = torch.stack([gx.reshape(-1), gy.reshape(-1), torch.full((576,), 5.0)], -1)
@@ -42,7 +44,8 @@ def make_clip(seed: int, t: int = 9, size: int = 64, dynamic: bool = False, data
         opac = torch.cat([torch.full((576,), 0.99), torch.full((n_fg,), 0.95)])
         cols = torch.cat([wall_col, fg_col])
         vm = torch.linalg.inv(torch.tensor(c2w[i], dtype=torch.float32))[None]
-        rgb, dep, alp = rasterize(means, quats, scales, opac, cols, vm, K, size, size)
+        rgb, dep, alp = (x.cpu() for x in rasterize(*(a.to(device) for a in (means, quats, scales, opac, cols, vm, K)),
+                                                     size, size))
         rgbs.append((rgb[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy())
         ed = (dep[0] / alp[0].clamp_min(1e-4)).numpy().astype(np.float32)
         valids.append(alp[0].numpy() > 0.9)
@@ -59,14 +62,26 @@ def make_clip(seed: int, t: int = 9, size: int = 64, dynamic: bool = False, data
 
 
 def write_shards(out: str, n_clips: int = 8, per_shard: int = 2, t: int = 9, size: int = 64,
-                 datasets: tuple[str, ...] = ("synth_static", "synth_dynamic")) -> list[str]:
-    """Write ``out/shards/shard-XXXXXX.tar`` and ``out/index.parquet``; returns shard paths."""
+                 datasets: tuple[str, ...] = ("synth_static", "synth_dynamic"),
+                 dynamic: Callable[[str, int], bool] | None = None,
+                 caption: Callable[[str, int], str | None] | None = None, device: str = "cpu") -> list[str]:
+    """Write ``out/shards/shard-XXXXXX.tar`` and ``out/index.parquet``; returns shard paths.
+
+    Clip ``i`` goes to dataset ``datasets[i % len(datasets)]``; it is dynamic when ``dynamic(ds, i)``
+    (default: the dataset's name contains "dynamic") and carries ``caption(ds, i)`` in ``meta.json``
+    when that is not None. The index has a build's columns (key, dataset, shard_path, byte offset of
+    the sample's first member, num_frames, dynamic).
+    """
+    import json
+    import tarfile
+
     import pyarrow as pa
     import pyarrow.parquet as pq
     import webdataset as wds
 
     from training.data import ENCODE
 
+    dynamic = dynamic or (lambda ds, i: "dynamic" in ds)
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
     rows, paths = [], []
     by_ds = {ds: [i for i in range(n_clips) if i % len(datasets) == k] for k, ds in enumerate(datasets)}
@@ -75,11 +90,26 @@ def write_shards(out: str, n_clips: int = 8, per_shard: int = 2, t: int = 9, siz
         for s0 in range(0, len(ids), per_shard):
             path = os.path.join(out, "shards", f"shard-{shard_no:06d}.tar")
             shard_no += 1
+            written = []
             with wds.TarWriter(path) as sink:
                 for i in ids[s0:s0 + per_shard]:
-                    clip = make_clip(i, t=t, size=size, dynamic="dynamic" in ds, dataset=ds)
-                    sink.write(ENCODE(clip))
-                    rows.append({"key": clip.key, "shard_path": os.path.relpath(path, out), "dataset": ds})
+                    clip = make_clip(i, t=t, size=size, dynamic=dynamic(ds, i), dataset=ds, device=device)
+                    sample = ENCODE(clip)
+                    text = caption(ds, i) if caption else None
+                    if text is not None:
+                        meta = json.loads(sample["meta.json"])
+                        meta["caption"] = text
+                        sample["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+                    sink.write(sample)
+                    written.append(clip)
+            with tarfile.open(path) as tar:  # each sample's first member header
+                offsets: dict[str, int] = {}
+                for m in tar.getmembers():
+                    offsets.setdefault(m.name.split(".", 1)[0], m.offset)
+            for clip in written:
+                rows.append({"key": clip.key, "dataset": ds, "shard_path": os.path.relpath(path, out),
+                             "offset": offsets[clip.key], "num_frames": clip.rgb.shape[0],
+                             "dynamic": bool(clip.meta.dynamic)})
             paths.append(path)
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(out, "index.parquet"))
     return paths

@@ -117,6 +117,7 @@ def train_loop_per_worker(config: dict) -> None:
     from training.losses import LPIPSLoss
     from training.model import Diff4Splat
     from training.render_gsplat import get_rasterizer
+    from training.text import embed_captions
 
     cfg = TrainConfig.model_validate(config["cfg"])
     rt = cfg.runtime
@@ -146,6 +147,13 @@ def train_loop_per_worker(config: dict) -> None:
     model.set_gradient_checkpointing(rt.grad_checkpointing)
     rasterize = get_rasterizer(rt.renderer if use_cuda else "torch")
     lpips_fn = LPIPSLoss(cfg.loss.lpips_net, cfg.loss.lpips_torch_home).to(device) if cfg.loss.lpips_enabled else None
+    text_encoder = None
+    if cfg.backbone.text_encoder_dir:  # frozen, beside the model (not in DDP/FSDP, optimiser or checkpoints)
+        from training.text import TextEncoder
+
+        tc = model.backbone.transformer.config
+        text_encoder = TextEncoder(cfg.backbone.text_encoder_dir, tc.max_text_seq_length, device,
+                                   cache_size=cfg.backbone.text_cache_size, expect_dim=tc.text_embed_dim)
 
     fsdp = rt.strategy == "fsdp" and distributed
     if rank == 0:
@@ -233,9 +241,12 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[train] stage {stage_index} {describe(stage)}", flush=True)
         while in_stage < stage.steps and step < max_steps:
-            agg: dict[str, float] = {}
+            agg: dict[str, list[float]] = {}
             for micro in range(accum):
-                batch = _to_device(next(it), device)
+                batch = next(it)
+                batch["text"], batch["use_text"] = embed_captions(text_encoder, batch["caption"],
+                                                                  cfg.backbone.caption_dropout)
+                batch = _to_device(batch, device)
                 sync = micro == accum - 1 or not distributed
                 if fsdp:  # FSDP2 has no no_sync(): keep unsharded grads locally until the last micro-step
                     model.set_requires_gradient_sync(sync)
@@ -246,8 +257,10 @@ def train_loop_per_worker(config: dict) -> None:
                     loss, met = ddp(batch, stage=stage, rasterize=rasterize, lpips_fn=lpips_fn,
                                     autocast=use_cuda and rt.bf16)
                     (loss / accum).backward()
-                for k, v in met.items():
-                    agg[k] = agg.get(k, 0.0) + v / accum
+                for k, (total, count) in met.items():
+                    a = agg.setdefault(k, [0.0, 0])
+                    a[0] += total
+                    a[1] += count
             grad_norm = None
             if cfg.optim.grad_clip > 0:
                 # Under FSDP2 the grads are DTensor shards: the norm is reduced over ranks (a collective).
@@ -259,13 +272,7 @@ def train_loop_per_worker(config: dict) -> None:
             opt.zero_grad(set_to_none=True)
             step += 1
             in_stage += 1
-            keys = sorted(agg)
-            vals = torch.tensor([agg[k] for k in keys], dtype=torch.float64)
-            if distributed:
-                vals = vals.to(device) if use_cuda and dist.get_backend() == "nccl" else vals
-                dist.all_reduce(vals)
-                vals = vals.cpu() / world
-            mean = {k: float(v) for k, v in zip(keys, vals)}
+            mean = reduce_metrics(agg, device)
             if rank == 0:
                 row = {"step": step, "stage": stage.name, "lr": sched.get_last_lr()[0], "time": time.time(), **mean}
                 if grad_norm is not None:
@@ -302,6 +309,28 @@ def train_loop_per_worker(config: dict) -> None:
             ray_train.report({"step": step})
     except Exception:
         pass
+
+
+def reduce_metrics(agg: dict[str, list[float]], device: torch.device) -> dict[str, float]:
+    """{metric: [sum, count]} of this rank's micro-steps -> {metric: mean over all ranks' counted entries}.
+
+    One all-reduce of a fixed-length vector (sums, then counts, in :data:`training.model.METRICS` order)
+    whatever terms this rank's batches had; a metric counted nowhere is left out, on every rank alike.
+    """
+    from training.model import METRICS
+
+    unknown = set(agg) - set(METRICS)
+    if unknown:
+        raise KeyError(f"metrics outside training.model.METRICS: {sorted(unknown)}")
+    vals = torch.tensor([agg.get(k, (0.0, 0))[0] for k in METRICS] + [agg.get(k, (0.0, 0))[1] for k in METRICS],
+                        dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        on_gpu = device.type == "cuda" and dist.get_backend() == "nccl"
+        vals = vals.to(device) if on_gpu else vals
+        dist.all_reduce(vals)
+        vals = vals.cpu()
+    n = len(METRICS)
+    return {k: float(vals[i] / vals[n + i]) for i, k in enumerate(METRICS) if vals[n + i] > 0}
 
 
 class _null:
@@ -485,7 +514,8 @@ def absolute_local_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update={
         "workdir": fix(cfg.workdir),
         "data": cfg.data.model_copy(update={"root": fix(cfg.data.root), "shards": [fix(p) for p in cfg.data.shards]}),
-        "backbone": cfg.backbone.model_copy(update={"pretrained_dir": fix(cfg.backbone.pretrained_dir)}),
+        "backbone": cfg.backbone.model_copy(update={"pretrained_dir": fix(cfg.backbone.pretrained_dir),
+                                                     "text_encoder_dir": fix(cfg.backbone.text_encoder_dir)}),
         "loss": cfg.loss.model_copy(update={"lpips_torch_home": fix(cfg.loss.lpips_torch_home)}),
     })
 
