@@ -169,6 +169,17 @@ def test_selfcheck_reaches_the_sample_records_status_and_report(tmp_path):
     assert f'<td>spring</td><td class="n">1</td><td class="n">{rec["selfcheck"]["agreement"]:.3f}' in page
 
 
+def test_inspect_runs_the_self_check(tmp_path):
+    from stages.ingest.inspect import inspect_path
+
+    _write_spring_with(tmp_path / "good", lambda w2c: w2c)
+    _write_spring_with(tmp_path / "bad", geo.invert_pose)
+    good = inspect_path("spring", str(tmp_path / "good" / "train" / "0001"))
+    bad = inspect_path("spring", str(tmp_path / "bad" / "train" / "0001"))
+    assert good["problems"] == [] and good["selfcheck_min_agreement"] >= QCConfig().selfcheck_min_agreement
+    assert any("pose/depth convention mismatch" in p and "poses were inverted" in p for p in bad["problems"])
+
+
 @pytest.mark.slow
 def test_build_with_inverted_spring_poses_writes_nothing_and_says_why(tmp_path, ray_local):
     """A wrong convention stops every clip of the dataset at ingest; status names the reason."""
