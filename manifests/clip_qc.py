@@ -2,8 +2,9 @@
 
 A done shard's ledger event carries one small record per written sample (``clip_qc``): its size,
 depth range, the alignment / track QC numbers, the ground-truth self-check's agreement and the
-counts of ground-truth track points the adapters' filters removed. ``d4s status`` and ``d4s report`` draw their
-distributions from these records alone, so they never have to open a shard.
+counts of ground-truth track points the adapters' filters removed. ``d4s status`` and
+``d4s report`` draw their distributions from these records alone, so they never have to open a
+shard.
 """
 from __future__ import annotations
 

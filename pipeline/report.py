@@ -1,8 +1,8 @@
 """``d4s report OUT``: one self-contained HTML page about a build, drawn from its manifests alone.
 
 The page (``OUT/report.html``) has a summary, clips per dataset, frames and bytes per clip,
-depth range, alignment residual / AbsRel, ground-truth self-check, QC drops by reason, throughput over time, stage time
-and the failures table. Its data comes from :func:`pipeline.status.collect_status` and the
+depth range, alignment residual / AbsRel, ground-truth self-check, QC drops by reason,
+throughput over time, stage time and the failures table. Its data comes from :func:`pipeline.status.collect_status` and the
 ledger's events (their per-sample ``clip_qc`` records); no shard is ever opened. Plots are
 drawn with matplotlib (Agg, no display needed) and embedded as base64 PNGs, the style is inline,
 and every string taken from the manifests is HTML-escaped, so the file can be mailed or opened

@@ -192,7 +192,7 @@ class PointOdysseyAdapter(DatasetAdapter):
 
     # -- tracks ------------------------------------------------------------------------------
     def _tracks(self, anno: dict[str, np.ndarray], anno_rel: str, frames: list[int],
-                meta: ClipMeta) -> tuple[np.ndarray | None, np.ndarray | None]:
+                meta: ClipMeta) -> tuple[np.ndarray, np.ndarray]:
         """World tracks (T,N,3) float32 and visibility (T,N) of the clip, after the filters."""
         tracks = anno["trajs_3d"]
         t = len(frames)
