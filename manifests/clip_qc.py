@@ -1,8 +1,10 @@
 """Per-sample QC summaries kept in the ledger, and failure reasons grouped into categories.
 
 A done shard's ledger event carries one small record per written sample (``clip_qc``): its size,
-depth range and the alignment / track QC numbers. ``d4s status`` and ``d4s report`` draw their
-distributions from these records alone, so they never have to open a shard.
+depth range, the alignment / track QC numbers, the ground-truth self-check's agreement and the
+counts of ground-truth track points the adapters' filters removed. ``d4s status`` and
+``d4s report`` draw their distributions from these records alone, so they never have to open a
+shard.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ import numpy as np
 ALIGN_FIELDS = ("scale", "shift", "inlier_ratio", "residual", "abs_rel", "delta_1_25", "pose_scale",
                 "consistency_error", "pixel_error", "keep")
 TRACK_FIELDS = ("kept_fraction", "median_drift_m", "median_drift_rel", "num_tracks")
+# From meta.qc['selfcheck'] (stages/selfcheck.py) and meta.qc['gt_tracks'] (the adapters' track filters).
+SELFCHECK_FIELDS = ("agreement", "overlap")
+GT_TRACK_FIELDS = ("dropped_jumps", "hidden_off_image")
 
 
 def _scalar(v):
@@ -52,9 +57,15 @@ def sample_qc(clip, sample: dict) -> dict:
     tracks = clip.meta.qc.get("tracks")
     if tracks:
         rec["tracks"] = {k: _scalar(tracks.get(k)) for k in TRACK_FIELDS if k in tracks}
+    for name, fields in (("selfcheck", SELFCHECK_FIELDS), ("gt_tracks", GT_TRACK_FIELDS)):
+        part = clip.meta.qc.get(name)
+        if isinstance(part, dict) and any(k in part for k in fields):
+            rec[name] = {k: _scalar(part.get(k)) for k in fields if k in part}
     return rec
 
 
+# Reasons whose leading words name their category (measures and hints follow in parentheses).
+NAMED_REASONS = ("pose/depth convention mismatch",)  # stages/selfcheck.py
 _NUMBER = re.compile(r"(?<![\w.])[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?%?(?![\w])")
 _PATHLIKE = re.compile(r"\S*/\S*")
 _PARENS = re.compile(r"\s*\([^()]*\)")
@@ -68,6 +79,9 @@ def failure_categories(stage: str, reason: str, clip_id: str | None = None) -> l
     so that the same problem in different clips counts once.
     """
     reason = reason or ""
+    for name in NAMED_REASONS:
+        if reason.startswith(name):
+            return [f"{stage}: {name}"]
     for prefix in ("align QC:", "track QC:"):
         if reason.startswith(prefix):
             parts = [p.strip() for p in reason[len(prefix):].split(";") if p.strip()]

@@ -106,6 +106,13 @@ class QCConfig(_Strict):
     max_step_rotation_deg: float = 60.0
     max_track_reprojection_px: float = 2.0
     min_valid_depth_fraction: float = 0.01
+    selfcheck: bool = Field(True, description="reproject ground-truth depth between frames with the clip's cameras and "
+                            "fail clips whose geometry disagrees with itself (stages/selfcheck.py)")
+    selfcheck_min_agreement: float = Field(0.78, ge=0, le=1, description="share of reprojected depth pixels that must "
+                                           "agree in depth and colour (docs/DATASETS.md, ground-truth self-check)")
+    selfcheck_min_overlap: float = Field(0.5, ge=0, le=1, description="share of a frame's depth pixels its neighbouring "
+                                         "frame must see under the clip's cameras")
+    selfcheck_pixels: int = Field(2048, ge=64, description="pixels sampled per frame (a regular grid)")
 
 
 class FaultConfig(_Strict):

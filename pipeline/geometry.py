@@ -142,6 +142,16 @@ def unproject(depth: np.ndarray, fxfycxcy: np.ndarray, c2w: np.ndarray) -> np.nd
     return cam @ c2w[:3, :3].T + c2w[:3, 3]
 
 
+def unproject_pixels(u: np.ndarray, v: np.ndarray, depth: np.ndarray, fxfycxcy: np.ndarray,
+                     c2w: np.ndarray) -> np.ndarray:
+    """Pixel coordinates ``(N,)`` (d4s convention: centres at +0.5) with z-depth ``(N,)`` to world
+    points ``(N, 3)``: :func:`unproject` for a sparse set of pixels."""
+    fx, fy, cx, cy = np.asarray(fxfycxcy, dtype=np.float64)
+    z = np.asarray(depth, dtype=np.float64)
+    cam = np.stack([(np.asarray(u) - cx) / fx * z, (np.asarray(v) - cy) / fy * z, z], axis=-1)
+    return cam @ np.asarray(c2w, dtype=np.float64)[:3, :3].T + np.asarray(c2w, dtype=np.float64)[:3, 3]
+
+
 def project(points_world: np.ndarray, fxfycxcy: np.ndarray, c2w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """World points ``(..., 3)`` to pixels ``(..., 2)`` and camera depth ``(...)``."""
     w2c = invert_pose(c2w)

@@ -1,10 +1,11 @@
 """``d4s report OUT``: one self-contained HTML page about a build, drawn from its manifests alone.
 
 The page (``OUT/report.html``) has a summary, clips per dataset, frames and bytes per clip,
-depth range, alignment residual / AbsRel, QC drops by reason, throughput over time, stage time
-and the failures table. Its data comes from :func:`pipeline.status.collect_status` and the
-ledger's events (their per-sample ``clip_qc`` records); only the gallery (:mod:`pipeline.gallery`,
-a few clips per dataset) reads samples from the shards. Plots are
+depth range, alignment residual / AbsRel, ground-truth self-check, QC drops by reason,
+throughput over time, stage time and the failures table. Its data comes from
+:func:`pipeline.status.collect_status` and the ledger's events (their per-sample ``clip_qc``
+records); only the gallery (:mod:`pipeline.gallery`, a few clips per dataset) reads samples from
+the shards. Plots are
 drawn with matplotlib (Agg, no display needed) and embedded as base64 PNGs, the style is inline,
 and every string taken from the manifests is HTML-escaped, so the file can be mailed or opened
 from an object store as it is.
@@ -370,6 +371,29 @@ def _alignment(records: list[dict], st: dict, plots: _Plots) -> str:
     return _section("alignment", "Alignment residual", "".join(body))
 
 
+def _selfcheck(records: list[dict], st: dict, plots: _Plots) -> str:
+    """Ground-truth self-check (stages/selfcheck.py): agreement per dataset and its drops."""
+    agree = _by_dataset(records, "selfcheck", "agreement")
+    dropped = {d: sum(n for c, n in cats.items() if "pose/depth convention mismatch" in c)
+               for d, cats in (st.get("drops") or {}).items()}
+    dropped = {d: n for d, n in dropped.items() if n}
+    if not agree and not dropped:
+        return _section("selfcheck", "Ground-truth self-check",
+                        _note("No written sample has a self-check (no ground-truth depth, or the check is off)."))
+    body = []
+    if agree:
+        fig, (ax,) = plots.figure(8, 3.2)
+        plots.stacked_hist(ax, agree)
+        ax.set_xlabel("share of reprojected depth pixels that agree between frames")
+        body.append(plots.img(fig, "fig-selfcheck", "Histogram of the ground-truth self-check agreement per clip"))
+    rows = [[d, agree[d].size if d in agree else 0,
+             f"{np.min(agree[d]):.3f}" if d in agree else "-", f"{np.median(agree[d]):.3f}" if d in agree else "-",
+             dropped.get(d, 0)] for d in sorted(set(agree) | set(dropped))]
+    body.append(_table(["dataset", "clips judged", "min agreement", "median agreement",
+                        "clips dropped: pose/depth convention mismatch"], rows, numeric={1, 2, 3, 4}))
+    return _section("selfcheck", "Ground-truth self-check", "".join(body))
+
+
 def _drops(st: dict, plots: _Plots) -> str:
     drops = st.get("drops") or {}
     totals: dict[str, int] = defaultdict(int)
@@ -485,6 +509,7 @@ def render_report(st: dict, events: list[dict], display: str, gallery: str | Non
         _frames_bytes(records, plots),
         _depth(records, plots),
         _alignment(records, st, plots),
+        _selfcheck(records, st, plots),
         _drops(st, plots),
         _throughput(builds, plots),
         _stage_times(done, st, plots),
@@ -493,7 +518,8 @@ def render_report(st: dict, events: list[dict], display: str, gallery: str | Non
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     nav = " | ".join(f'<a href="#{sid}">{_esc(t)}</a>' for sid, t in (
         ("summary", "summary"), ("clips-per-dataset", "clips"), ("frames-bytes", "frames & bytes"),
-        ("depth-range", "depth"), ("alignment", "alignment"), ("qc-drops", "drops"),
+        ("depth-range", "depth"), ("alignment", "alignment"), ("selfcheck", "self-check"),
+        ("qc-drops", "drops"),
         ("throughput", "throughput"), ("stage-times", "stage time"), ("failures", "failures"))
         + ((("gallery", "gallery"),) if gallery is not None else ()))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -2,7 +2,8 @@
 
 Per dataset and stage: clips done / failed / pending. Throughput of the latest build and the
 ETA of what is left. QC distributions (alignment scale, inliers, residual, AbsRel, pose scale,
-consistency, depth range, static-track drift) per dataset from the ledger's per-sample records,
+consistency, depth range, static-track drift, ground-truth self-check agreement, ground-truth
+track filters) per dataset from the ledger's per-sample records,
 and drops counted per dataset and reason category.
 """
 from __future__ import annotations
@@ -27,6 +28,10 @@ QC_METRICS = (
     ("pose scale", ("align", "pose_scale")),
     ("consistency error", ("align", "consistency_error")),
     ("static tracks kept", ("tracks", "kept_fraction")),
+    ("GT self-check agreement", ("selfcheck", "agreement")),
+    ("GT self-check overlap", ("selfcheck", "overlap")),
+    ("GT tracks: jumps dropped", ("gt_tracks", "dropped_jumps")),
+    ("GT points: off-image", ("gt_tracks", "hidden_off_image")),
 )
 
 

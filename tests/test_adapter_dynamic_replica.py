@@ -60,6 +60,33 @@ def test_round_trip(rendered, tmp_path):
         assert np.median(np.abs(d - z) / z) < 0.02
 
 
+def test_flagged_points_outside_the_image_or_behind_the_camera_are_invisible(rendered, tmp_path):
+    """Like the authors' loaders: ``verts_inds_vis`` counts only where the point is in view."""
+    ws, adapter = _write(rendered, tmp_path)
+    scene = adapter.discover()[0]
+    traj_dir = tmp_path / ws.scene_id / "trajectories"
+    written = [torch.load(traj_dir / f"{t:06d}.pth", weights_only=True) for t in range(scene.num_frames)]
+    off = sum(int((f["verts_inds_vis"].numpy() & ~rendered.tracks_visible[t]).sum()) for t, f in enumerate(written))
+    assert off > 0  # the writer flags points outside the image visible, as the release's flag does
+    clip = _load(adapter, scene)
+    assert np.array_equal(clip.track_visible, rendered.tracks_visible)
+    assert clip.meta.qc["gt_tracks"] == {"hidden_off_image": off}
+    # Every point flagged, and one moved 2 m behind the camera on its optical axis (it projects
+    # onto the principal point, inside the image, with negative depth).
+    c2w = ws.expected_c2w(rendered.c2w)
+    for t, f in enumerate(written):
+        f["verts_inds_vis"][:] = True
+        f["traj_3d_world"][0] = torch.from_numpy((c2w[t, :3, 3] - 2.0 * c2w[t, :3, 2]).astype(np.float32))
+        torch.save(f, traj_dir / f"{t:06d}.pth")
+    clip = _load(adapter, scene)
+    assert not clip.track_visible[:, 0].any()
+    for t in range(clip.num_frames):
+        uv, z = geo.project(clip.tracks[t].astype(np.float64), clip.intrinsics[t], clip.c2w[t])
+        h, w = clip.rgb.shape[1:3]
+        inside = (z > 0) & (uv[:, 0] >= 0) & (uv[:, 0] <= w) & (uv[:, 1] >= 0) & (uv[:, 1] <= h)
+        assert np.array_equal(clip.track_visible[t], inside)
+
+
 def test_sub_window_and_right_view_filter(rendered, tmp_path):
     ws, adapter = _write(rendered, tmp_path)
     # A right-view entry set (here duplicating the left files) must not create a default scene.

@@ -129,6 +129,47 @@ def test_nonfinite_track_points_become_invisible(written, tmp_path):
     assert np.all(np.isfinite(clip.tracks))
 
 
+# -- ground-truth hygiene (the filters of the authors' loaders) -------------------------------
+
+def test_tracks_with_impossible_jumps_are_dropped_and_counted(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    with np.load(scene_dir / "anno.npz") as z:
+        trajs, valids = z["trajs_3d"].copy(), z["valids"].copy()
+    trajs[5, 3] += [40.0, 0.0, 0.0]  # a one-frame glitch of 40 m
+    trajs[6:, 4] += [0.0, 0.0, 3.0]  # teleports 3 m between frames 5 and 6, stays there
+    trajs[3, 7] += [0.0, 60.0, 0.0]  # 60 m off where the point is flagged invalid: no claim, kept
+    valids[3, 7] = False
+    trajs[:, 8] += np.arange(len(trajs))[:, None] * [0.5, 0.0, 0.0]  # 0.5 m/frame (15 m/s): possible, kept
+    _rewrite_anno(scene_dir, trajs_3d=trajs, valids=valids)
+    n = trajs.shape[1]
+    clip = _load(root, list(range(10)))
+    assert clip.tracks.shape[1] == n - 2 and clip.meta.qc["gt_tracks"] == {"dropped_jumps": 2, "num_tracks": n}
+    kept = np.delete(np.arange(n), [3, 4])
+    np.testing.assert_allclose(clip.tracks, trajs[:10, kept], atol=1e-6)
+    # The rule is per source frame: frames 4 and 8 (gap 4) of track 4 are 3 m apart, 0.75 m/frame.
+    assert _load(root, [4, 8]).tracks.shape[1] == n
+    assert _load(root, [4, 8], {"max_track_jump_m": 0.5}).meta.qc["gt_tracks"]["dropped_jumps"] == 1
+
+
+@pytest.mark.parametrize("empty", [np.array([None], dtype=object), np.zeros((16, 0, 3), np.float32)],
+                         ids=["None-placeholder", "no-points"])
+def test_scene_with_empty_3d_tracks_loads_without_tracks(written, tmp_path, empty):
+    root, scene_dir = _copy(written, tmp_path)
+    changes = {"trajs_3d": empty}
+    if empty.dtype.hasobject:  # the release's placeholder scenes carry no usable track arrays at all
+        changes.update(visibs=np.array([None], dtype=object), valids=np.array([None], dtype=object))
+    _rewrite_anno(scene_dir, **changes)
+    clip = _load(root, [0, 3, 5])
+    assert clip.tracks is None and clip.track_visible is None and clip.meta.qc["gt_tracks"] == {"missing": True}
+    np.testing.assert_allclose(clip.c2w, _load(written[0], [0, 3, 5]).c2w)
+
+
+def test_object_track_array_with_content_is_still_refused(written, tmp_path):
+    root, scene_dir = _copy(written, tmp_path)
+    _rewrite_anno(scene_dir, trajs_3d=np.array([None, None], dtype=object))
+    _expect(root, [0, 1], "anno.npz", "refusing to unpickle")
+
+
 # -- malformed inputs -----------------------------------------------------------------------
 
 def _expect(root, frames, *needles):

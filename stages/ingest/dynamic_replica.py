@@ -25,6 +25,10 @@ Conversions (all exact):
 * Tracks: ``trajectories/NNNNNN.pth`` per frame holds ``traj_3d_world`` (N,3) world positions of
   the same N mesh vertices in every frame and ``verts_inds_vis`` (N,) visibility. They are loaded
   with ``torch.load(weights_only=True)`` (dicts of tensors need no pickle code execution).
+  ``verts_inds_vis`` does not apply the image bounds (the authors' loaders clear it for points
+  outside the image), so a point is visible in d4s only if it is flagged *and* projects, with
+  the frame's camera, in front of the camera and inside the image; the cleared point-frames are
+  counted in ``meta.qc["gt_tracks"]["hidden_off_image"]``.
 
 The world frame is the dataset's own; only the camera axes are converted. Scenes are
 ``<split>/<seq>_source_left`` (the left view carries the tracks; pass ``options={"views":
@@ -46,9 +50,21 @@ from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, Sc
 ANNOTATION_TEMPLATE = "frame_annotations_{split}.jgz"
 
 
+def in_view(points: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(T,N) points ``(T,N,3)`` that project in front of frame t's camera and inside its image
+    (the image area [0, W] x [0, H], pixel centres at +0.5)."""
+    h, w = hw
+    out = np.zeros(points.shape[:2], dtype=bool)
+    for i in range(points.shape[0]):
+        uv, z = geo.project(points[i], intrinsics[i], c2w[i])
+        with np.errstate(invalid="ignore"):
+            out[i] = (z > 0) & (uv[:, 0] >= 0) & (uv[:, 0] <= w) & (uv[:, 1] >= 0) & (uv[:, 1] <= h)
+    return out
+
+
 class DynamicReplicaAdapter(DatasetAdapter):
     name = "dynamic_replica"
-    version = "1"
+    version = "2"  # 2: visible only inside the image and in front of the camera
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=True, real=False)
     defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=1.0,
                                depth_source="gt", track_source="gt", min_depth_m=0.01, max_depth_m=100.0)
@@ -234,8 +250,13 @@ class DynamicReplicaAdapter(DatasetAdapter):
         if tracks and len(tracks) != len(frames):
             raise ClipError(f"only {len(tracks)} of {len(frames)} frames have trajectory files", self.where(ann_rel))
         depth = np.stack(depth)
-        clip = Clip(meta=meta, rgb=np.stack(rgb), intrinsics=np.stack(ks), c2w=np.stack(c2ws), depth=depth,
-                    depth_valid=self.depth_validity(depth),
-                    tracks=np.stack(tracks).astype(np.float32) if tracks else None,
-                    track_visible=np.stack(vis) if tracks else None)
+        ks, c2ws = np.stack(ks), np.stack(c2ws)
+        points = visible = None
+        if tracks:
+            points, flagged = np.stack(tracks), np.stack(vis)
+            seen = in_view(points, ks, c2ws, rgb[0].shape[:2])
+            meta.qc["gt_tracks"] = {"hidden_off_image": int((flagged & ~seen).sum())}
+            points, visible = points.astype(np.float32), flagged & seen
+        clip = Clip(meta=meta, rgb=np.stack(rgb), intrinsics=ks, c2w=c2ws, depth=depth,
+                    depth_valid=self.depth_validity(depth), tracks=points, track_visible=visible)
         return clip.validate()

@@ -16,6 +16,7 @@ from pipeline.config import QCConfig
 from stages.ingest import adapter_class
 from stages.ingest.base import DatasetAdapter, SceneRef
 from stages.qc import geometric_qc
+from stages.selfcheck import gt_self_check
 
 CHUNK = 32
 
@@ -54,6 +55,7 @@ def inspect_path(dataset: str, path: str) -> dict:
 def inspect_scene(adapter: DatasetAdapter, scene: SceneRef) -> dict:
     problems: list[str] = []
     c2w, intr, size, has_depth, has_tracks = {}, {}, None, False, False
+    agreements: list[float] = []
 
     def load(frames):
         meta = ClipMeta(adapter.name, scene.scene, "inspect", list(frames), adapter.capabilities.dynamic,
@@ -77,6 +79,13 @@ def inspect_scene(adapter: DatasetAdapter, scene: SceneRef) -> dict:
             has_tracks |= clip.tracks is not None
             for j, i in enumerate(fr):
                 c2w[i], intr[i] = clip.c2w[j], clip.intrinsics[j]
+            if clip.depth is not None and len(fr) > 1 and adapter.capabilities.metric_poses:
+                try:  # the build's ground-truth self-check (stages/selfcheck.py), per chunk of frames
+                    res = gt_self_check(clip, QCConfig())
+                    if res["agreement"] is not None:
+                        agreements.append(float(res["agreement"]))
+                except ClipError as exc:
+                    problems.append(f"frames {fr[0]}-{fr[-1]}: {exc.reason}")
     order = sorted(c2w)
     if order and len(order) > 1:
         from pipeline.clip import Clip
@@ -95,6 +104,7 @@ def inspect_scene(adapter: DatasetAdapter, scene: SceneRef) -> dict:
         "intrinsics": [list(map(float, intr[i])) for i in order], "intrinsics_normalized": False,
         "c2w": [np.asarray(c2w[i]).tolist() for i in order],
         "path_length": float(sum(steps)), "has_depth": has_depth, "has_tracks": has_tracks,
+        "selfcheck_min_agreement": min(agreements) if agreements else None,
         "problems": problems, "root": adapter.store.display(""),
         "scene_path": posixpath.join(adapter.store.display(""), scene.scene),
     }

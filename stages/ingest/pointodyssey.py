@@ -11,6 +11,12 @@ Facts (``../shared/datasets/FORMATS.md`` §3, confirmed in docs/datasets/pointod
   OpenCV camera axes (x right, y down, z forward; u = fx x/z + cx). A track is visible in d4s
   when ``visibs & valids`` and its 3D position is finite (the release contains non-finite
   positions for invalid points; those are marked not visible, not rejected).
+- Glitched tracks: a track whose world position jumps further than ``max_track_jump_m`` (option,
+  default 1 m) per source frame between two of the clip's frames where it is valid is dropped
+  (30 m/s at the release's 30 fps: faster than anything PointOdyssey animates, far slower than
+  the glitches); the count is ``meta.qc["gt_tracks"]["dropped_jumps"]``.
+- Scenes whose ``trajs_3d`` is empty (``array([None], dtype=object)`` in some releases, or no
+  points) load without tracks: detected from the array header, never unpickled.
 
 The world frame is PointOdyssey's own; c2w = inverse(extrinsics). The annotation file can be
 hundreds of MB, so the per-frame rows of each array are read straight out of the (uncompressed)
@@ -32,6 +38,8 @@ from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, Sc
 DEPTH_SCALE_M = 1000.0 / 65535.0  # metres per depth unit
 DEPTH_CLIPPED = 65535  # the value written for depth >= 1000 m
 ANNO_KEYS = ("trajs_3d", "visibs", "valids", "intrinsics", "extrinsics")
+TRACK_KEYS = ("trajs_3d", "visibs", "valids")  # skipped together when trajs_3d is empty
+MAX_TRACK_JUMP_M = 1.0  # metres per source frame (30 m/s at 30 fps)
 _RGB_RE = re.compile(r"^rgb_(\d{5})\.jpg$")
 # float16 annotations (older exports) leave rotations orthonormal only to ~1e-3.
 _ROT_TOL = 1e-2
@@ -47,6 +55,32 @@ def _npy_header(f):
     return None
 
 
+def _is_empty(shape: tuple, dtype: np.dtype) -> bool:
+    """An annotation array that holds no tracks: no elements, or the release's placeholder
+    ``array([None], dtype=object)`` (one object element; judged from the header alone)."""
+    size = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return size == 0 or (dtype.hasobject and size <= 1)
+
+
+def impossible_jumps(tracks: np.ndarray, usable: np.ndarray, frames: list[int], max_jump_m: float) -> np.ndarray:
+    """(N,) tracks that move further than ``max_jump_m`` per source frame between consecutive
+    clip frames where they are usable (a frame where a track is not usable is skipped: the next
+    usable position is compared with the last one, over the longer frame gap)."""
+    t, n, _ = tracks.shape
+    bad = np.zeros(n, dtype=bool)
+    last_pos = np.zeros((n, 3), dtype=np.float64)
+    last_frame = np.full(n, -1, dtype=np.int64)
+    for i in range(t):
+        ok = usable[i]
+        seen = ok & (last_frame >= 0)
+        gap = np.maximum(frames[i] - last_frame[seen], 1)
+        step = np.linalg.norm(tracks[i, seen].astype(np.float64) - last_pos[seen], axis=-1)
+        bad[np.flatnonzero(seen)[step > max_jump_m * gap]] = True
+        last_pos[ok] = tracks[i, ok]
+        last_frame[ok] = frames[i]
+    return bad
+
+
 def _orthonormalize(r: np.ndarray) -> np.ndarray:
     """Nearest rotation (polar decomposition); exact rotations come back unchanged."""
     u, _, vt = np.linalg.svd(r)
@@ -55,7 +89,7 @@ def _orthonormalize(r: np.ndarray) -> np.ndarray:
 
 class PointOdysseyAdapter(DatasetAdapter):
     name = "pointodyssey"
-    version = "1"
+    version = "2"  # 2: glitched-track filter, empty trajs_3d loads without tracks
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=True, real=False)
     defaults = AdapterDefaults(clip_length=16, frame_stride=2, clip_stride=64, repeat_weight=1.0,
                                loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
@@ -77,13 +111,17 @@ class PointOdysseyAdapter(DatasetAdapter):
 
     # -- annotation access -------------------------------------------------------------------
     def _anno_rows(self, rel: str, frames: list[int]) -> tuple[dict[str, np.ndarray], int]:
-        """Rows ``frames`` of each array in ANNO_KEYS, and the file's frame count."""
+        """Rows ``frames`` of each array in ANNO_KEYS, and the file's frame count. When
+        ``trajs_3d`` is empty (:func:`_is_empty`) the track arrays are left out."""
         out: dict[str, np.ndarray] = {}
         lengths = {}
         try:
             with self.store.open(rel, "rb") as f, zipfile.ZipFile(f) as zf:
                 members = {posixpath.splitext(n)[0]: n for n in zf.namelist()}
-                for key in ANNO_KEYS:
+                keys = ANNO_KEYS
+                if "trajs_3d" in members and _is_empty(*self._member_header(zf, members["trajs_3d"])):
+                    keys = tuple(k for k in ANNO_KEYS if k not in TRACK_KEYS)
+                for key in keys:
                     if key not in members:
                         raise ClipError(f"anno.npz has no {key!r} array (has {sorted(members)})", self.where(rel))
                     arr, t = self._member_rows(f, zf, members[key], frames, rel, key)
@@ -97,6 +135,16 @@ class PointOdysseyAdapter(DatasetAdapter):
         if len(set(lengths.values())) != 1:
             raise ClipError(f"arrays disagree on the frame count: {lengths}", self.where(rel))
         return out, next(iter(lengths.values()))
+
+    @staticmethod
+    def _member_header(zf: zipfile.ZipFile, member: str) -> tuple[tuple, np.dtype]:
+        """(shape, dtype) from a member's .npy header; reads the header only, never the data."""
+        with zf.open(member) as m:
+            header = _npy_header(m)
+        if header is None:
+            return (), np.dtype(np.float32)  # unknown version: left to the full read to report
+        shape, _, dtype = header
+        return tuple(shape), dtype
 
     def _member_rows(self, f, zf: zipfile.ZipFile, member: str, frames: list[int], rel: str, key: str):
         info = zf.getinfo(member)
@@ -142,6 +190,33 @@ class PointOdysseyAdapter(DatasetAdapter):
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
         return t, row_shape, row_bytes
 
+    # -- tracks ------------------------------------------------------------------------------
+    def _tracks(self, anno: dict[str, np.ndarray], anno_rel: str, frames: list[int],
+                meta: ClipMeta) -> tuple[np.ndarray, np.ndarray]:
+        """World tracks (T,N,3) float32 and visibility (T,N) of the clip, after the filters."""
+        tracks = anno["trajs_3d"]
+        t = len(frames)
+        if tracks.ndim != 3 or tracks.shape[0] != t or tracks.shape[2] != 3:
+            raise ClipError(f"trajs_3d must be (T,N,3), got {tracks.shape[1:]} per frame", self.where(anno_rel))
+        n = tracks.shape[1]
+        for key in ("visibs", "valids"):
+            if anno[key].shape != (t, n):
+                raise ClipError(f"{key} must be (T,{n}), got {anno[key].shape[1:]} per frame", self.where(anno_rel))
+        tracks = tracks.astype(np.float32)
+        finite = np.all(np.isfinite(tracks), axis=-1)
+        valid = (anno["valids"] > 0) & finite
+        visible = (anno["visibs"] > 0) & valid
+        tracks = np.where(finite[..., None], tracks, 0.0).astype(np.float32)
+        jumps = impossible_jumps(tracks, valid, frames, float(self.options.get("max_track_jump_m", MAX_TRACK_JUMP_M)))
+        tracks, visible = tracks[:, ~jumps], visible[:, ~jumps]
+        meta.qc["gt_tracks"] = {"dropped_jumps": int(jumps.sum()), "num_tracks": int(n)}
+        n = tracks.shape[1]
+        max_tracks = self.options.get("max_tracks")
+        if max_tracks is not None and n > int(max_tracks):
+            keep = np.linspace(0, n - 1, int(max_tracks)).round().astype(int)
+            tracks, visible = tracks[:, keep], visible[:, keep]
+        return tracks, visible
+
     # -- loading -----------------------------------------------------------------------------
     def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
         self.frame_window(scene, frames)
@@ -171,21 +246,9 @@ class PointOdysseyAdapter(DatasetAdapter):
         c2w = geo.invert_pose(geo.make_pose(_orthonormalize(w2c[:, :3, :3]), w2c[:, :3, 3]))
         intr = geo.intrinsics_vector(k)
 
-        tracks = anno["trajs_3d"]
-        if tracks.ndim != 3 or tracks.shape[0] != t or tracks.shape[2] != 3:
-            raise ClipError(f"trajs_3d must be (T,N,3), got {tracks.shape[1:]} per frame", self.where(anno_rel))
-        n = tracks.shape[1]
-        for key in ("visibs", "valids"):
-            if anno[key].shape != (t, n):
-                raise ClipError(f"{key} must be (T,{n}), got {anno[key].shape[1:]} per frame", self.where(anno_rel))
-        tracks = tracks.astype(np.float32)
-        finite = np.all(np.isfinite(tracks), axis=-1)
-        visible = (anno["visibs"] > 0) & (anno["valids"] > 0) & finite
-        tracks = np.where(finite[..., None], tracks, 0.0).astype(np.float32)
-        max_tracks = self.options.get("max_tracks")
-        if max_tracks is not None and n > int(max_tracks):
-            keep = np.linspace(0, n - 1, int(max_tracks)).round().astype(int)
-            tracks, visible = tracks[:, keep], visible[:, keep]
+        tracks, visible = self._tracks(anno, anno_rel, frames, meta) if "trajs_3d" in anno else (None, None)
+        if tracks is None:
+            meta.qc["gt_tracks"] = {"missing": True}
 
         rgb, depth, depth_ok = [], [], []
         for i in frames:

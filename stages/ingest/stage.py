@@ -12,6 +12,7 @@ from stages.contract import StageContract
 from stages.ingest import get_adapter
 from stages.ingest.base import DatasetAdapter, SceneRef
 from stages.qc import geometric_qc
+from stages.selfcheck import gt_self_check
 
 CONTRACT = StageContract(
     name="ingest",
@@ -19,7 +20,7 @@ CONTRACT = StageContract(
     outputs=("rgb", "intrinsics", "c2w", "depth? (gt)", "tracks? (gt)", "meta"),
     runs_as="task (CPU, num_cpus=1)",
     acts_when="always",
-    errors="unreadable/truncated/missing files, bad values, shape or count mismatches, geometric QC",
+    errors="unreadable/truncated/missing files, bad values, shape or count mismatches, ground-truth self-check, geometric QC",
 )
 
 
@@ -35,7 +36,7 @@ def adapter_for(cfg: BuildConfig, dataset: str) -> DatasetAdapter:
 
 
 def ingest_clip(spec: dict, scene: SceneRef, cfg: BuildConfig) -> Clip | ClipFailure:
-    """Read one clip with its dataset's adapter and run geometric QC on it."""
+    """Read one clip with its dataset's adapter, self-check its ground truth and run geometric QC on it."""
     _maybe_inject_fault(spec, cfg)
     ds = cfg.datasets[spec["dataset"]]
     try:
@@ -50,6 +51,9 @@ def ingest_clip(spec: dict, scene: SceneRef, cfg: BuildConfig) -> Clip | ClipFai
         clip.meta.depth_source = "gt" if clip.depth is not None else "none"
         clip.meta.track_source = "gt" if clip.tracks is not None else "none"
         clip.meta.extra.setdefault("metric_poses", adapter.capabilities.metric_poses)
+        if cfg.qc.selfcheck and clip.depth is not None and adapter.capabilities.metric_poses:
+            # First: a wrong convention is the root cause of the track and step checks failing too.
+            clip.meta.qc["selfcheck"] = gt_self_check(clip, cfg.qc)
         clip.meta.qc.update(geometric_qc(clip, cfg.qc, metric_poses=adapter.capabilities.metric_poses))
         return clip.validate()
     except Exception as exc:  # every failure is data about this clip, never a crash of the shard

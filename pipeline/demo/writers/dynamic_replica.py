@@ -11,6 +11,11 @@ Writes, for one sequence's left view::
 Cameras are stored as in the release: PyTorch3D row-vector R, T (X_cam = X_world @ R + T, camera
 x left / y up / z forward) and ``ndc_isotropic`` focal length / principal point. The right view,
 optical flow and instance maps of the release are not written (nothing in d4s reads them).
+
+``verts_inds_vis`` is written without the image bounds, as the release's flag behaves (the
+authors' loaders clear it for points outside the image: co-tracker ``dr_dataset.py``, the
+dataset's demo notebook): a point in front of the camera but outside the image is flagged
+visible, so every demo build exercises the adapter's in-view rule.
 """
 from __future__ import annotations
 
@@ -44,6 +49,11 @@ def _viewpoint(k: np.ndarray, c2w_cv: np.ndarray, h: int, w: int) -> dict:
     }
 
 
+def _off_image_in_front(uv: np.ndarray, z: np.ndarray, h: int, w: int) -> np.ndarray:
+    inside = (uv[:, 0] >= 0) & (uv[:, 0] <= w) & (uv[:, 1] >= 0) & (uv[:, 1] <= h)
+    return (z > 0) & ~inside
+
+
 def write(scene: RenderedScene, root: Path, scene_id: str | None = None) -> WrittenScene:
     import torch
 
@@ -75,7 +85,7 @@ def write(scene: RenderedScene, root: Path, scene_id: str | None = None) -> Writ
         traj = {
             "traj_3d_world": torch.from_numpy(tracks[t].copy()),
             "traj_2d": torch.from_numpy(np.concatenate([uv, z[:, None]], axis=1).astype(np.float32)),
-            "verts_inds_vis": torch.from_numpy(scene.tracks_visible[t].copy()),
+            "verts_inds_vis": torch.from_numpy(scene.tracks_visible[t] | _off_image_in_front(uv, z, h, w)),
             "img": torch.from_numpy(scene.rgb[t].copy()),
             "instances": torch.from_numpy(scene.tracks_object.astype(np.float32) * moving[scene.tracks_object]),
         }
