@@ -154,6 +154,10 @@ class BuildConfig(_Strict):
             raise ValueError(f"unknown dataset(s) {unknown}; known: {sorted(ADAPTERS)}")
         if not v:
             raise ValueError("no datasets configured")
+        from stages.ingest import adapter_class
+
+        for name, ds in v.items():  # typed adapter options: a typo fails here, naming the option
+            adapter_class(name).validate_options(ds.options)
         return v
 
     # ------------------------------------------------------------------------------------
