@@ -488,3 +488,15 @@ def test_demo_scenes_use_video_and_chunk(tmp_path):
         clip = adapter.load_clip(scene, [0, 1], _meta(scene.scene, [0, 1]))
         got[clip.meta.extra["frames_from"]] = clip.rgb.shape
     assert got == {"video": (2, 36, 64, 3), "chunk": (2, 36, 64, 3)}
+
+
+def test_ingest_stage_passes_list_options(written):
+    """The ingest stage built its adapters from scalar options only: a list (video_pattern) was dropped."""
+    from pipeline.config import BuildConfig
+    from stages.ingest.stage import adapter_for
+
+    root, _ = written
+    cfg = BuildConfig.model_validate({"output": "/tmp/unused", "datasets": {"realestate10k": {
+        "root": str(root), "options": {"video_pattern": ["dl/{video_id}.mp4"], "frames": "video"}}}})
+    adapter = adapter_for(cfg.resolved(), "realestate10k")
+    assert adapter.opts.video_pattern == ["dl/{video_id}.mp4"] and adapter.opts.frames == "video"
