@@ -172,7 +172,6 @@ class TorchCodecDecoder(FrameDecoder):
             raise ClipError(f"unreadable or truncated video ({type(exc).__name__}: {exc})", where) from None
         md = self.dec.metadata
         self.begin = float(md.begin_stream_seconds_from_header or 0.0)
-        self.end = float(md.end_stream_seconds or 0.0)
         fps = float(md.average_fps or 0.0)
         dur = md.duration_seconds_from_header or md.duration_seconds
         self.info = StreamInfo(width=int(md.width), height=int(md.height), fps=fps,
@@ -181,22 +180,23 @@ class TorchCodecDecoder(FrameDecoder):
                                backend="torchcodec", device=device)
 
     def frames(self, start_us: float, seek: bool) -> Iterator[tuple[float, Any]]:
+        # By index, in batches: consecutive index ranges continue decoding where the last one
+        # stopped (time ranges made torchcodec seek back to a keyframe for every batch). In
+        # approximate mode an index maps to a time through the nominal rate; the caller checks
+        # every frame's real timestamp.
         fps = self.info.fps or 30.0
-        t0 = self.begin + (max(start_us, 0.0) / 1e6 if seek else 0.0)
-        last = -np.inf
-        while t0 < self.end:
-            t1 = min(t0 + TORCHCODEC_BATCH / fps, self.end)
+        total = len(self.dec)
+        i = max(int(max(start_us, 0.0) / 1e6 * fps) - 1, 0) if seek else 0
+        while i < total:
+            j = min(i + TORCHCODEC_BATCH, total)
             try:
-                batch = self.dec.get_frames_played_in_range(t0, t1)
+                batch = self.dec.get_frames_in_range(i, j)
             except Exception as exc:
-                raise ClipError(f"corrupt video: decoding failed after {t0 - self.begin:.3f} s "
-                                f"({type(exc).__name__}: {exc})", self.where) from None
-            for i in range(int(batch.data.shape[0])):
-                pts = float(batch.pts_seconds[i])
-                if pts > last:  # a frame straddling t1 comes back in both ranges
-                    last = pts
-                    yield (pts - self.begin) * 1e6, batch.data[i]
-            t0 = t1
+                raise ClipError(f"corrupt or truncated video: decoding frames {i}-{j - 1} failed "
+                                f"({type(exc).__name__}: {str(exc)[:200]})", self.where) from None
+            for k in range(int(batch.data.shape[0])):
+                yield (float(batch.pts_seconds[k]) - self.begin) * 1e6, batch.data[k]
+            i = j
 
     def to_numpy(self, handle) -> np.ndarray:
         return handle.cpu().numpy()
