@@ -157,7 +157,11 @@ class BuildConfig(_Strict):
         from stages.ingest import adapter_class
 
         for name, ds in v.items():  # typed adapter options: a typo fails here, naming the option
-            adapter_class(name).validate_options(ds.options)
+            try:
+                cls = adapter_class(name)
+            except (NotImplementedError, ModuleNotFoundError):
+                continue  # reported where the adapter is first used
+            cls.validate_options(ds.options)
         return v
 
     # ------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ back in host memory). Install notes for torchcodec are in README.md ("Video deco
 from __future__ import annotations
 
 import io
+import os
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import lru_cache
@@ -216,6 +218,10 @@ def torchcodec_problem() -> str | None:
 
 
 def cuda_available() -> bool:
+    """A CUDA device is visible to this process (without importing torch on a machine with no
+    NVIDIA driver: CPU-only ingest workers would pay seconds for nothing)."""
+    if "torch" not in sys.modules and not os.path.exists("/proc/driver/nvidia/version"):
+        return False
     try:
         import torch
 

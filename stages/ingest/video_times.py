@@ -25,7 +25,7 @@ tolerance; corrupt data (the decoder's error).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,7 +43,6 @@ class TimedFrames:
     frame_times_us: np.ndarray  # presentation time of each chosen frame
     info: StreamInfo
     decoded: int = 0  # frames decoded in all (for benchmarks: decoded / wanted)
-    extra: dict = field(default_factory=dict)
 
 
 def _ms(us: float) -> str:
