@@ -138,3 +138,14 @@ def test_auto_backend_here():
     if torchcodec_problem() is not None:
         with pytest.raises(RuntimeError, match="torchcodec"):
             resolve("torchcodec", "cpu")
+
+
+def test_pyav_cuda_request_falls_back_to_the_cpu(video):
+    """device='cuda' without a usable GPU: PyAV decodes on the CPU, and says so, instead of
+    blaming the file."""
+    path, frames = video
+    with open_decoder(str(path), str(path), backend="pyav", device="cuda") as dec:
+        if dec.info.device == "cuda":
+            pytest.skip("a CUDA device is usable here")
+        got = frames_at_times(dec, [round(30 * PERIOD_US)])
+    assert _ident(frames, got.frames) == [30]

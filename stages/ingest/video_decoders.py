@@ -96,15 +96,22 @@ class PyAVDecoder(FrameDecoder):
             if not source:
                 raise ClipError("video file is empty", where)
             source = io.BytesIO(source)
-        hwaccel = None
+        self.container = None
         if device == "cuda":
             from av.codec.hwaccel import HWAccel
 
-            hwaccel = HWAccel(device_type="cuda", allow_software_fallback=True)
-        try:
-            self.container = av.open(source, mode="r", hwaccel=hwaccel) if hwaccel else av.open(source, mode="r")
-        except Exception as exc:  # av.error.* for truncated / non-video data
-            raise ClipError(f"unreadable or truncated video ({type(exc).__name__}: {exc})", where) from None
+            try:  # NVDEC through FFmpeg's CUDA hwaccel; frames come back in host memory
+                self.container = av.open(source, mode="r",
+                                         hwaccel=HWAccel(device_type="cuda", allow_software_fallback=True))
+            except Exception:  # no usable CUDA device here (or the file is bad: the CPU open below says)
+                if hasattr(source, "seek"):
+                    source.seek(0)
+                device = "cpu"
+        if self.container is None:
+            try:
+                self.container = av.open(source, mode="r")
+            except Exception as exc:  # av.error.* for truncated / non-video data
+                raise ClipError(f"unreadable or truncated video ({type(exc).__name__}: {exc})", where) from None
         if not self.container.streams.video:
             self.container.close()
             raise ClipError("file has no video stream", where)
