@@ -167,27 +167,30 @@ def verify(output: str = typer.Argument(...)):
 
 @app.command()
 def inspect(dataset: str = typer.Argument(..., help="Dataset name, e.g. tartanair, realestate10k."),
-            path: str = typer.Argument(..., help="A scene folder (or a camera file such as a RealEstate10K .txt)."),
+            path: str = typer.Argument(..., help="A scene folder, or a file: a RealEstate10K camera .txt or pixelSplat .torch chunk."),
             as_json: bool = typer.Option(False, "--json")):
     """Read one scene with its adapter and report frames, cameras, modalities and problems."""
+    from pipeline.clip import ClipError
     from stages.ingest.inspect import inspect_path
 
     try:
         rep = inspect_path(dataset, path)
-    except (KeyError, NotImplementedError, FileNotFoundError) as exc:
+    except (KeyError, NotImplementedError, FileNotFoundError, ClipError) as exc:
         _fail(str(exc).strip("'\""))
+    reps = rep if isinstance(rep, list) else [rep]  # a RealEstate10K chunk: one report per example
     if as_json:
         out_console.print_json(json.dumps(rep))
     else:
-        for k in ("dataset", "scene", "num_frames", "image_size", "path_length", "has_depth", "has_tracks"):
-            if k in rep:
-                out_console.print(f"{k}: {rep[k]}", highlight=False)
-        if rep.get("intrinsics"):
-            out_console.print(f"intrinsics[0]: {rep['intrinsics'][0]}" + (" (normalised)" if rep.get("intrinsics_normalized") else ""))
-        out_console.print(f"problems: {len(rep['problems'])}")
-        for p in rep["problems"]:
-            out_console.print(f"  - {p}", highlight=False, soft_wrap=True)
-    raise typer.Exit(0 if not rep["problems"] else 1)
+        for r in reps:
+            for k in ("dataset", "scene", "num_frames", "image_size", "path_length", "has_depth", "has_tracks"):
+                if k in r:
+                    out_console.print(f"{k}: {r[k]}", highlight=False)
+            if r.get("intrinsics"):
+                out_console.print(f"intrinsics[0]: {r['intrinsics'][0]}" + (" (normalised)" if r.get("intrinsics_normalized") else ""))
+            out_console.print(f"problems: {len(r['problems'])}")
+            for p in r["problems"]:
+                out_console.print(f"  - {p}", highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if not any(r["problems"] for r in reps) else 1)
 
 
 @app.command()

@@ -161,6 +161,14 @@ class BuildConfig(_Strict):
             raise ValueError(f"unknown dataset(s) {unknown}; known: {sorted(ADAPTERS)}")
         if not v:
             raise ValueError("no datasets configured")
+        from stages.ingest import adapter_class
+
+        for name, ds in v.items():  # typed adapter options: a typo fails here, naming the option
+            try:
+                cls = adapter_class(name)
+            except (NotImplementedError, ModuleNotFoundError):
+                continue  # reported where the adapter is first used
+            cls.validate_options(ds.options)
         return v
 
     # ------------------------------------------------------------------------------------

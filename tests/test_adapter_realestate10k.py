@@ -265,3 +265,238 @@ def test_inspect_with_frames(written, tmp_path, rendered):
     problems = inspect_camera_file(str(txt))["problems"]
     assert any("line 4: expected 19 values" in p for p in problems)
     assert any("1 of" in p and f"{ws.frame_ids[4]}.png" in p for p in problems)
+
+
+# -- from the downloaded YouTube video ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def youtube(tmp_path_factory, rendered):
+    """The camera file lists every 2nd frame of a 29.97 fps video 45 s in; the frames between are
+    colour-inverted, before is grey: only the exact frames match the render."""
+    root = tmp_path_factory.mktemp("re10k_yt")
+    ws = writer.write(rendered, root, SCENE, with_frames=False, with_youtube_video=True, video_step=2)
+    return root, ws
+
+
+def _video_path(root):
+    (path,) = (root / "videos").glob("*.mp4")
+    return path
+
+
+def test_round_trip_youtube_video_whole_scene(youtube, rendered):
+    root, ws = youtube
+    clip = _load(root, list(range(10)))  # the whole scene in one call
+    np.testing.assert_allclose(clip.c2w, ws.expected_c2w(rendered.c2w), atol=POSE_TOL)
+    np.testing.assert_allclose(clip.intrinsics, rendered.intrinsics, atol=INTR_TOL)
+    assert_lossy_close(clip.rgb, rendered.rgb, luma_tol=6.0)  # H.264 crf 18: measured ~4.2
+    per_frame = np.abs(_luma(clip.rgb) - _luma(rendered.rgb)).mean(axis=(1, 2))
+    assert per_frame.max() < 8  # an inverted neighbour or the grey lead-in would be > 40
+    assert clip.meta.extra["frames_from"] == "video"
+    np.testing.assert_allclose(clip.meta.extra["frame_times_us"], ws.frame_ids, atol=1)
+
+
+def test_youtube_video_subset_in_any_order(youtube, rendered):
+    root, _ = youtube
+    clip = _load(root, [9, 0, 5])
+    assert np.abs(_luma(clip.rgb) - _luma(rendered.rgb[[9, 0, 5]])).mean(axis=(1, 2)).max() < 8
+
+
+def test_video_map_and_video_root(youtube, tmp_path, rendered):
+    root, _ = youtube
+    dst = tmp_path / "data"
+    shutil.copytree(root, dst)
+    video = _video_path(dst)
+    store = tmp_path / "downloads"
+    store.mkdir()
+    video.rename(store / "walkthrough [dl].mp4")
+    vid = video.stem
+    with pytest.raises(ClipError, match="no frames"):
+        _load(dst, [0])
+    (dst / "map.csv").write_text(f"video_id,path\n{vid},walkthrough [dl].mp4\n")
+    opts = {"video_map": "map.csv", "video_root": str(store)}
+    adapter = get_adapter("realestate10k", str(dst), opts)
+    (scene,) = adapter.discover()
+    clip = adapter.load_clip(scene, [2, 3], _meta(scene.scene, [2, 3]))
+    assert np.abs(_luma(clip.rgb) - _luma(rendered.rgb[[2, 3]])).mean() < 6
+    (dst / "map.csv").write_text(f"{vid},../escape.mp4\n")
+    adapter = get_adapter("realestate10k", str(dst), opts)
+    with pytest.raises(ClipError, match="leaves the video root"):
+        adapter.load_clip(scene, [0], _meta(scene.scene, [0]))
+
+
+def test_options_are_typed(written):
+    root, _ = written
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ValueError, match="frmes"):
+        get_adapter("realestate10k", str(root), {"frmes": "video"})
+    with pytest.raises(ValueError, match="decoder"):
+        get_adapter("realestate10k", str(root), {"decoder": "ffmpeg"})
+    bad = f"output: /tmp/x\ndatasets:\n  realestate10k: {{root: {root}, options: {{video_patern: x}}}}\n"
+    with pytest.raises(ConfigError, match="video_patern"):
+        load_config(bad, is_text=True)
+    assert get_adapter("realestate10k", str(root), {"video_pattern": "v/{video_id}.mp4"}).opts.video_pattern == \
+        ["v/{video_id}.mp4"]
+
+
+def test_video_shorter_than_its_camera_file(youtube, tmp_path):
+    root, ws = youtube
+    dst = tmp_path / "c"
+    shutil.copytree(root, dst)
+    # A camera line a minute after the video ends: every clip of the scene fails, naming the video.
+    _edit_lines(dst / f"{SCENE}.txt", lambda ls: ls + [ls[-1].replace(str(ws.frame_ids[-1]), "106000000", 1)])
+    adapter = get_adapter("realestate10k", str(dst))
+    (scene,) = adapter.discover()
+    with pytest.raises(ClipError) as exc:
+        adapter.load_clip(scene, [0, 1], _meta(scene.scene, [0, 1]))
+    assert exc.value.path == str(_video_path(dst))
+    assert "video is shorter than its camera file" in exc.value.reason and "106.000 s" in exc.value.reason
+
+
+def test_truncated_and_variable_rate_youtube_video(youtube, tmp_path, rendered):
+    root, _ = youtube
+    dst = tmp_path / "t"
+    shutil.copytree(root, dst)
+    video = _video_path(dst)
+    data = video.read_bytes()
+    video.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ClipError, match="unreadable or truncated video"):
+        _load(dst, [0])
+    # Variable frame rate: the same frames, with a 20 ms hiccup halfway through the sequence.
+    period = writer.FRAME_PERIOD_US / 1e6
+    times = [k * period + (0.02 if k >= writer.FIRST_FRAME + 9 else 0.0)
+             for k in range(len(writer.youtube_frames(rendered.rgb, 2)))]
+    writer.write_youtube_video(rendered.rgb, video, 2, frame_times_s=times)
+    with pytest.raises(ClipError, match="variable frame rate"):
+        _load(dst, list(range(10)))
+
+
+def test_no_youtube_id_in_url(youtube, tmp_path):
+    root, _ = youtube
+    dst = tmp_path / "u"
+    shutil.copytree(root, dst)
+    _edit_lines(dst / f"{SCENE}.txt", lambda ls: ["https://example.com/walkthrough"] + ls[1:])
+    with pytest.raises(ClipError, match="no YouTube video id"):
+        _load(dst, [0])
+
+
+# -- from pixelSplat chunks ---------------------------------------------------------------------------
+
+OTHER = writer.default_scene_id(4)  # another train/ sequence
+# Chunks store cameras as float32 (as convert.py does): ~1e-7 relative.
+CHUNK_POSE_TOL = 2e-6
+
+
+@pytest.fixture(scope="module")
+def chunk(tmp_path_factory, rendered):
+    root = tmp_path_factory.mktemp("re10k_chunk")
+    other = render(writer.demo_spec(4, seed=9))
+    ws = writer.write_chunk([(rendered, SCENE), (other, OTHER)], root)
+    return root, ws, other
+
+
+def test_round_trip_chunk(chunk, rendered):
+    root, ws, other = chunk
+    adapter = get_adapter("realestate10k", str(root))
+    scenes = {s.scene: s for s in adapter.discover()}
+    assert set(scenes) == {SCENE, OTHER} and scenes[SCENE].extra == ("chunk", "train/000000.torch", 0)
+    clip = adapter.load_clip(scenes[SCENE], list(range(10)), _meta(SCENE, list(range(10))))
+    np.testing.assert_allclose(clip.c2w, ws[0].expected_c2w(rendered.c2w), atol=CHUNK_POSE_TOL)
+    np.testing.assert_allclose(clip.intrinsics, rendered.intrinsics, atol=1e-4)
+    assert_lossy_close(clip.rgb, rendered.rgb, luma_tol=3.0)  # JPEG q95
+    assert clip.meta.extra["frames_from"] == "chunk" and clip.meta.extra["timestamps_us"] == ws[0].frame_ids
+    sub = adapter.load_clip(scenes[OTHER], [7, 2], _meta(OTHER, [7, 2]))
+    assert_lossy_close(sub.rgb, other.rgb[[7, 2]], luma_tol=3.0)
+
+
+def _edit_chunk(path, fn):
+    import torch
+
+    examples = torch.load(path, weights_only=True)
+    fn(examples)
+    torch.save(examples, path)
+
+
+def test_chunk_bad_inputs(chunk, tmp_path):
+    import torch
+
+    root, ws, _ = chunk
+    dst = tmp_path / "c"
+    shutil.copytree(root, dst)
+    path = dst / "train" / "000000.torch"
+    # A corrupt JPEG fails the clips that need it, naming the chunk, the example and the image.
+    _edit_chunk(path, lambda ex: ex[0]["images"].__setitem__(3, ex[0]["images"][3][:100].clone()))
+    adapter = get_adapter("realestate10k", str(dst))
+    scene = next(s for s in adapter.discover() if s.scene == SCENE)
+    with pytest.raises(ClipError) as exc:
+        adapter.load_clip(scene, [2, 3], _meta(SCENE, [2, 3]))
+    assert exc.value.path == str(path) and f"image 3 (timestamp {ws[0].frame_ids[3]} us)" in exc.value.reason
+    adapter.load_clip(scene, [0, 1], _meta(SCENE, [0, 1]))
+    # A missing key: the scene is listed and fails with the reason.
+    _edit_chunk(path, lambda ex: ex[1].pop("cameras"))
+    scenes = {s.scene: s for s in get_adapter("realestate10k", str(dst)).discover()}
+    with pytest.raises(ClipError, match=r"is missing \['cameras'\]") as exc:
+        get_adapter("realestate10k", str(dst)).load_clip(scenes[OTHER], [0], _meta(OTHER, [0]))
+    assert exc.value.path == str(path)
+    # A chunk that needs arbitrary unpickling is refused.
+    torch.save([{"key": "abc", "payload": np.arange(3)}], dst / "train" / "000001.torch")
+    scenes = {s.scene: s for s in get_adapter("realestate10k", str(dst)).discover()}
+    with pytest.raises(ClipError, match="refused to load.*weights_only=True"):
+        get_adapter("realestate10k", str(dst)).load_clip(scenes["train/chunk-000001"], [0],
+                                                         _meta("train/chunk-000001", [0]))
+
+
+def test_same_sequence_in_two_places(chunk, tmp_path, rendered):
+    root, _, _ = chunk
+    dst = tmp_path / "d"
+    shutil.copytree(root, dst)
+    writer.write(rendered, dst, SCENE)  # the camera file + frames of a sequence also in the chunk
+    adapter = get_adapter("realestate10k", str(dst))
+    scene = next(s for s in adapter.discover() if s.scene == SCENE)
+    with pytest.raises(ClipError, match=r"appears more than once: train/\w+\.txt, train/000000\.torch"):
+        adapter.load_clip(scene, [0], _meta(SCENE, [0]))
+    only = get_adapter("realestate10k", str(dst), {"form": "camera_files"})
+    assert [s.extra for s in only.discover()] == [()]
+
+
+def test_inspect_chunk_cli(chunk, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    root, ws, _ = chunk
+    res = CliRunner().invoke(app, ["inspect", "realestate10k", str(root / "train" / "000000.torch"), "--json"])
+    assert res.exit_code == 0, res.output
+    reps = json.loads(res.output)
+    assert [r["scene"] for r in reps] == [SCENE.split("/")[1], OTHER.split("/")[1]]
+    like_txt = inspect_camera_file(SAMPLE)
+    assert all(set(r) == set(like_txt) for r in reps)
+    assert reps[0]["image_size"] == [64, 36] and reps[0]["problems"] == [] and reps[0]["num_frames"] == 10
+    assert reps[0]["timestamps_us"] == ws[0].frame_ids
+
+
+def test_demo_scenes_use_video_and_chunk(tmp_path):
+    from pipeline.demo.build_demo import write_demo_data
+
+    write_demo_data(tmp_path, ["realestate10k"], scenes=2)
+    adapter = get_adapter("realestate10k", str(tmp_path / "realestate10k"))
+    got = {}
+    for scene in adapter.discover():
+        clip = adapter.load_clip(scene, [0, 1], _meta(scene.scene, [0, 1]))
+        got[clip.meta.extra["frames_from"]] = clip.rgb.shape
+    assert got == {"video": (2, 36, 64, 3), "chunk": (2, 36, 64, 3)}
+
+
+def test_ingest_stage_passes_list_options(written):
+    """The ingest stage built its adapters from scalar options only: a list (video_pattern) was dropped."""
+    from pipeline.config import BuildConfig
+    from stages.ingest.stage import adapter_for
+
+    root, _ = written
+    cfg = BuildConfig.model_validate({"output": "/tmp/unused", "datasets": {"realestate10k": {
+        "root": str(root), "options": {"video_pattern": ["dl/{video_id}.mp4"], "frames": "video"}}}})
+    adapter = adapter_for(cfg.resolved(), "realestate10k")
+    assert adapter.opts.video_pattern == ["dl/{video_id}.mp4"] and adapter.opts.frames == "video"

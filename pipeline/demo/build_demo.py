@@ -39,7 +39,10 @@ def write_demo_data(root: Path, datasets: list[str], scenes: int = DEMO_SCENES_P
         w = writer_module(name)
         for i in range(scenes):
             spec = w.demo_spec(i, seed=seed * 1000 + di * 100 + i)
-            w.write(render(spec), droot, w.default_scene_id(i))
+            if hasattr(w, "demo_write"):  # writers whose demo scenes use several of the dataset's forms
+                w.demo_write(render(spec), droot, i)
+            else:
+                w.write(render(spec), droot, w.default_scene_id(i))
         marker.write_text("ok\n")
 
 
@@ -55,7 +58,8 @@ def demo_config(out: str, datasets: list[str] | None = None, scenes: int = DEMO_
         "max_inflight_shards": 4,
         "datasets": {name: {"root": str(data_root / name), "clip_length": 8, "frame_stride": 1, "clip_stride": 4,
                             # No MegaSaM in the demo: RealEstate10K takes the metric VDA prediction as its reference.
-                            **({"depth_source": "vda_metric"} if name == "realestate10k" else {})}
+                            **({"depth_source": "vda_metric"} if name == "realestate10k" else {}),
+                            "options": dict(getattr(writer_module(name), "DEMO_OPTIONS", {}))}
                      for name in datasets},
         "stages": {
             "depth": {"encoder": "vits", "metric": True, "input_size": 112, "dtype": "fp32", "allow_random_weights": True,

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.clip import Clip, ClipError, ClipMeta
 from pipeline.storage import Store
@@ -57,15 +58,39 @@ class SceneRef:
     extra: tuple = ()  # adapter-private, hashable (e.g. timestamps)
 
 
+class AdapterOptions(BaseModel):
+    """Typed adapter options (``datasets.<name>.options`` in the config): an adapter that declares
+    a subclass as ``options_model`` gets them validated, so a typo or a bad value fails when the
+    config is loaded, naming the option, instead of being ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Filled in from the dataset's config fields by the planner and the ingest stage.
+    min_depth_m: float | None = None
+    max_depth_m: float | None = None
+
+
 class DatasetAdapter(ABC):
     name: ClassVar[str]
     version: ClassVar[str] = "1"
     capabilities: ClassVar[Capabilities]
     defaults: ClassVar[AdapterDefaults] = AdapterDefaults()
+    options_model: ClassVar[type[AdapterOptions] | None] = None  # None: options stay an untyped dict
 
     def __init__(self, root: str, options: dict[str, Any] | None = None):
         self.store = Store(root)
         self.options = dict(options or {})
+        self.opts = self.validate_options(self.options)
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any] | None) -> AdapterOptions | None:
+        """The typed options, or a ValueError naming each bad option (None without a model)."""
+        if cls.options_model is None:
+            return None
+        try:
+            return cls.options_model.model_validate(dict(options or {}))
+        except ValidationError as exc:
+            bad = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"dataset {cls.name}: bad options ({bad}); see docs/datasets/{cls.name}.md") from None
 
     # -- to implement ----------------------------------------------------------------------
     @abstractmethod

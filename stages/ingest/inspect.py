@@ -1,7 +1,8 @@
 """``d4s inspect DATASET PATH``: read one scene with its adapter and list every problem found.
 
 ``PATH`` may be a scene folder, a dataset root holding one or more scenes, or (for datasets
-whose adapter supports it, e.g. RealEstate10K) a single camera file. The scene is read in
+whose adapter supports it, e.g. RealEstate10K) a single camera file, or a RealEstate10K
+pixelSplat chunk (then the result is a list with one report per example). The scene is read in
 chunks; a chunk that fails is re-read frame by frame so each problem names its frame and file.
 """
 from __future__ import annotations
@@ -39,10 +40,14 @@ def _find_scene(dataset: str, path: str) -> tuple[DatasetAdapter, list[SceneRef]
     raise FileNotFoundError(f"no {dataset} scene found at {path} (see docs/DATASETS.md for the layout)")
 
 
-def inspect_path(dataset: str, path: str) -> dict:
+def inspect_path(dataset: str, path: str) -> dict | list[dict]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
     if os.path.isfile(path):
+        if dataset == "realestate10k" and path.endswith(".torch"):
+            from stages.ingest.inspect_file import inspect_chunk
+
+            return inspect_chunk(path)  # a list: one report per example
         if dataset == "realestate10k":
             from stages.ingest.inspect_file import inspect_camera_file
 

@@ -1,10 +1,13 @@
-"""``d4s inspect realestate10k FILE.txt``: check one RealEstate10K camera file on its own.
+"""``d4s inspect realestate10k FILE.txt|CHUNK.torch``: check RealEstate10K files on their own.
 
-Reads the camera file (and, when they exist beside it, the extracted frames' headers or the
-clip video) and reports the cameras in the d4s convention plus every problem found, without
-raising for content problems. Poses stay in the dataset's (unknown) scale. Intrinsics are in
-pixels when the image size is known from frames beside the file, otherwise normalised
-(fx/W, fy/H, cx/W, cy/H) with ``intrinsics_normalized: true``.
+A camera file: reads it (and, when they exist beside it, the extracted frames' headers, the clip
+video, or the downloaded video of its URL under the default ``videos/`` places) and reports the
+cameras in the d4s convention plus every problem found, without raising for content problems.
+Poses stay in the dataset's (unknown) scale. Intrinsics are in pixels when the image size is
+known, otherwise normalised (fx/W, fy/H, cx/W, cy/H) with ``intrinsics_normalized: true``.
+
+A pixelSplat chunk: one report of the same shape per example (``scene`` = the example's key,
+``image_size`` from its JPEGs, every image decoded to find corrupt ones), as a list.
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ from PIL import Image
 
 from pipeline.clip import ClipError
 from pipeline.storage import Store
-from stages.ingest.realestate10k import IMAGE_EXTS, intrinsics_to_pixels, parse_camera_text
+from stages.ingest.realestate10k import IMAGE_EXTS, cameras_from_rows, intrinsics_to_pixels, parse_camera_text
+from stages.ingest.realestate10k_chunks import decode_image, example_problem, load_chunk, read_index
+from stages.ingest.realestate10k_videos import DEFAULT_PATTERNS, VideoLocator, youtube_id
 
 JUMP_FACTOR = 20.0  # a step this many times the median step is reported as a pose jump
 
@@ -57,6 +62,28 @@ def _frames_beside(store: Store, stem: str, timestamps: np.ndarray, problems: li
     return None
 
 
+def _downloaded_video(store: Store, split: str, seq: str, url: str, timestamps: np.ndarray, problems: list[str]):
+    """Image size (W, H) of the sequence's YouTube video in the default places under the dataset
+    root (the split folder's parent), after checking that it covers the camera file; else None."""
+    vid = youtube_id(url)
+    if vid is None or split not in ("train", "test"):
+        return None
+    root = Store(posixpath.dirname(store.root.rstrip("/")) or "/")
+    rel, _ = VideoLocator(root, None, None, DEFAULT_PATTERNS).locate(vid, split, seq)
+    if rel is None:
+        return None
+    from stages.ingest.video_decoders import open_decoder
+    from stages.ingest.video_times import check_covers
+
+    try:
+        with open_decoder(root.path(rel), root.display(rel), backend="pyav", device="cpu") as dec:
+            check_covers(dec.info, float(timestamps[-1]), root.display(rel), "its camera file")
+            return [dec.info.width, dec.info.height]
+    except ClipError as exc:
+        problems.append(str(exc))
+    return None
+
+
 def inspect_camera_file(path: str) -> dict:
     """Read one RealEstate10K ``<sequence_id>.txt`` and report cameras and problems."""
     path = str(path)
@@ -73,7 +100,15 @@ def inspect_camera_file(path: str) -> dict:
     stem = name[:-4] if name.endswith(".txt") else name
     split = posixpath.basename(store.root.rstrip("/"))
     scene = f"{split}/{stem}" if split in ("train", "test") else stem
-    image_size = _frames_beside(store, stem, cam.timestamps, problems) if cam.num_frames else None
+    image_size = None
+    if cam.num_frames:
+        image_size = (_frames_beside(store, stem, cam.timestamps, problems)
+                      or _downloaded_video(store, split, stem, cam.url, cam.timestamps, problems))
+    return camera_report(cam, scene, image_size, problems, store.display(name))
+
+
+def camera_report(cam, scene: str, image_size, problems: list[str], scene_path: str) -> dict:
+    """The inspect report of one sequence's cameras (a camera file or a chunk example)."""
     c2w = cam.c2w()
     if image_size is not None:
         intr = intrinsics_to_pixels(cam.intrinsics_norm, image_size[0], image_size[1])
@@ -111,5 +146,45 @@ def inspect_camera_file(path: str) -> dict:
         "has_depth": False,
         "has_tracks": False,
         "problems": problems,
-        "scene_path": store.display(name),
+        "scene_path": scene_path,
     }
+
+
+def inspect_chunk(path: str) -> list[dict]:
+    """One report per example of a pixelSplat chunk (``<split>/<NNNNNN>.torch``)."""
+    parent, name = posixpath.split(str(path).replace("\\", "/"))
+    store = Store(parent or ".")
+    where = store.display(name)
+    chunk = load_chunk(store, name)  # raises ClipError for a missing, unreadable or refused file
+    split = posixpath.basename(store.root.rstrip("/"))
+    index = read_index(store, "")
+    reports = []
+    for i, ex in enumerate(chunk):
+        problem = example_problem(ex, i)
+        if problem:
+            key = ex.get("key") if isinstance(ex, dict) and isinstance(ex.get("key"), str) else f"example{i:04d}"
+            reports.append({"dataset": "realestate10k", "scene": key, "num_frames": 0, "problems": [problem],
+                            "scene_path": f"{where}[{i}]", "image_size": None})
+            continue
+        key = ex["key"]
+        cam = cameras_from_rows(ex["url"], ex["timestamps"].numpy(), ex["cameras"].double().numpy(),
+                                label=lambda j, key=key: f"{key} camera {j}")
+        problems = [reason for _, reason in cam.problems]
+        sizes: dict[tuple, list[int]] = {}
+        for j, data in enumerate(ex["images"]):
+            try:
+                img = decode_image(data, where, f"image {j} (timestamp {int(cam.timestamps[j])} us)")
+                sizes.setdefault((img.shape[1], img.shape[0]), []).append(j)
+            except ClipError as exc:
+                problems.append(exc.reason)
+        if len(sizes) > 1:
+            problems.append("images have different sizes: " + ", ".join(f"{w}x{h} ({len(v)} images, e.g. {v[0]})"
+                                                                        for (w, h), v in sizes.items()))
+        if index is not None and index.get(key) != name:
+            problems.append(f"index.json maps {key} to {index.get(key)!r}, not {name}")
+        size = list(max(sizes, key=lambda s: len(sizes[s]))) if sizes else None
+        scene = f"{split}/{key}" if split in ("train", "test") else key
+        rep = camera_report(cam, scene, size, problems, f"{where}[{i}]")
+        rep["scene"] = key
+        reports.append(rep)
+    return reports

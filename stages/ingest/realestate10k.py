@@ -1,7 +1,9 @@
-"""RealEstate10K: ``{train,test}/<sequence_id>.txt`` camera files plus user-extracted frames.
+"""RealEstate10K in the three forms users hold it: camera files with frames, camera files with the
+downloaded YouTube videos, or pixelSplat/MVSplat chunks.
 
 Facts (``../shared/datasets/FORMATS.md`` §8; sources in docs/datasets/realestate10k.md): each
-camera file has the YouTube URL on line 1, then one line per frame of 19 numbers::
+camera file ``{train,test}/<sequence_id>.txt`` has the YouTube URL on line 1, then one line per
+frame of 19 numbers::
 
     timestamp_us fx fy cx cy k1 k2 r11 r12 r13 t1 r21 r22 r23 t2 r31 r32 r33 t3
 
@@ -11,22 +13,32 @@ SLAM + bundle adjustment and are known only up to one unknown scale per sequence
 them in the dataset's units (``capabilities.metric_poses = False``): c2w = inverse([R|t; 0 0 0 1]).
 Pixel intrinsics for the stored frames (W x H) are fx*W, fy*H, cx*W, cy*H.
 
-Frames are not distributed. d4s expects them extracted beside the camera file, one image per
-camera line named by its timestamp: ``<split>/<sequence_id>/<timestamp_us>.png`` (or ``.jpg``).
-A clip with missing frames fails with a ClipError naming the first missing file and listing how
-many are missing. Alternatively a clip video ``<split>/<sequence_id>.mp4`` holding exactly one
-frame per camera line, in order, is used when no frame folder exists.
+Where a camera file's frames come from (option ``frames``, default: the first that exists):
+
+- ``images``: extracted beside the camera file, ``<split>/<sequence_id>/<timestamp_us>.png|jpg``;
+- ``clip_video``: ``<split>/<sequence_id>.mp4`` holding exactly one frame per camera line, in order;
+- ``video``: the downloaded YouTube video of the URL (``realestate10k_videos``: ``video_map`` or
+  ``video_pattern``), each frame taken at its camera line's timestamp: the nearest displayed frame,
+  within ``timestamp_tolerance_us`` (``video_times``), seeking rather than decoding the whole video.
+
+Chunks (``<split>/*.torch``, ``realestate10k_chunks``) hold camera rows and JPEG frames together;
+their examples are scenes ``<split>/<key>`` like camera files. Option ``form`` picks camera files,
+chunks, or (``auto``) both; a sequence found in both forms, or in two chunks, fails with the reason.
 """
 from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.realestate10k_chunks import decode_image, example_problem, list_examples, load_chunk
+from stages.ingest.realestate10k_videos import DEFAULT_PATTERNS, VideoLocator, youtube_id
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 NUM_COLUMNS = 19
@@ -90,25 +102,40 @@ def parse_camera_text(text: str) -> CameraFile:
         line_numbers.append(lineno)
     arr = np.asarray(rows, dtype=np.float64).reshape(-1, NUM_COLUMNS)
     ts = np.asarray([int(float(r[0])) for r in rows], dtype=np.int64)
-    w2c = np.tile(np.eye(4), (len(rows), 1, 1))
-    w2c[:, :3, :] = arr[:, 7:].reshape(-1, 3, 4)
-    cam = CameraFile(url=url, timestamps=ts, line_numbers=line_numbers, intrinsics_norm=arr[:, 1:5].copy(),
-                     distortion=arr[:, 5:7].copy(), w2c=w2c, problems=problems)
+    cam = cameras_from_rows(url, ts, arr[:, 1:], problems, line_numbers, lambda i: f"line {line_numbers[i]}")
     if not rows:
         problems.append((max(len(lines), 1), "no valid camera lines after the URL"))
-    for i in range(len(rows)):
-        lineno = line_numbers[i]
+    return cam
+
+
+def cameras_from_rows(url: str, timestamps: np.ndarray, rows18: np.ndarray, problems: list | None = None,
+                      line_numbers: list[int] | None = None, label=lambda i: f"camera {i}") -> CameraFile:
+    """A CameraFile from timestamps and the 18 numbers after each (a camera line, a chunk row),
+    with every content problem recorded as (number, reason); ``label(i)`` names row ``i``."""
+    problems = [] if problems is None else problems
+    rows18 = np.asarray(rows18, dtype=np.float64).reshape(-1, NUM_COLUMNS - 1)
+    ts = np.asarray(timestamps, dtype=np.int64).reshape(-1)
+    numbers = line_numbers if line_numbers is not None else list(range(len(ts)))
+    w2c = np.tile(np.eye(4), (len(ts), 1, 1))
+    w2c[:, :3, :] = rows18[:, 6:].reshape(-1, 3, 4)
+    cam = CameraFile(url=url, timestamps=ts, line_numbers=list(numbers), intrinsics_norm=rows18[:, :4].copy(),
+                     distortion=rows18[:, 4:6].copy(), w2c=w2c, problems=problems)
+    for i in range(len(ts)):
+        where, num = label(i), numbers[i]
+        if not np.all(np.isfinite(rows18[i])):
+            problems.append((num, f"{where}: NaN/inf value"))
+            continue
         if i > 0 and ts[i] <= ts[i - 1]:
             what = "repeats" if ts[i] == ts[i - 1] else "goes back from"
-            problems.append((lineno, f"line {lineno}: timestamp {ts[i]} {what} the previous {ts[i - 1]}"))
+            problems.append((num, f"{where}: timestamp {ts[i]} {what} the previous {ts[i - 1]}"))
         if np.any(cam.intrinsics_norm[i, :2] <= 0):
-            problems.append((lineno, f"line {lineno}: non-positive focal length {cam.intrinsics_norm[i, :2].tolist()}"))
+            problems.append((num, f"{where}: non-positive focal length {cam.intrinsics_norm[i, :2].tolist()}"))
         if np.any(cam.distortion[i] != 0):
-            problems.append((lineno, f"line {lineno}: distortion k1 k2 = {cam.distortion[i].tolist()} (the format "
-                                     "defines them as 0; undistortion is not supported)"))
+            problems.append((num, f"{where}: distortion k1 k2 = {cam.distortion[i].tolist()} (the format "
+                                  "defines them as 0; undistortion is not supported)"))
         err = float(geo.rotation_error(w2c[i, :3, :3]))
         if err > ROTATION_TOL:
-            problems.append((lineno, f"line {lineno}: rotation is not orthonormal (error {err:.2e})"))
+            problems.append((num, f"{where}: rotation is not orthonormal (error {err:.2e})"))
     return cam
 
 
@@ -117,9 +144,30 @@ def intrinsics_to_pixels(k_norm: np.ndarray, width: int, height: int) -> np.ndar
     return np.asarray(k_norm, dtype=np.float64) * np.array([width, height, width, height], dtype=np.float64)
 
 
+class RealEstate10KOptions(AdapterOptions):
+    form: Literal["auto", "camera_files", "chunks"] = Field(
+        "auto", description="camera files (<split>/<id>.txt), pixelSplat chunks (<split>/*.torch), or both")
+    frames: Literal["auto", "images", "clip_video", "video"] = Field(
+        "auto", description="where a camera file's frames come from; auto: the first of these that exists")
+    video_pattern: list[str] = Field(list(DEFAULT_PATTERNS), description="where a YouTube id's video is, tried "
+                                     "in order, relative to video_root; {video_id} {split} {sequence}")
+    video_map: str | None = Field(None, description="CSV 'video_id,path' or JSON {video_id: path}; relative to "
+                                  "the dataset root, or absolute; replaces video_pattern")
+    video_root: str | None = Field(None, description="folder the video paths are relative to (default: root)")
+    timestamp_tolerance_us: float | None = Field(None, gt=0, description="largest |frame time - timestamp| "
+                                                 "accepted (default: a quarter of the frame period)")
+    decoder: Literal["auto", "pyav", "torchcodec"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("video_pattern", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
 class RealEstate10KAdapter(DatasetAdapter):
     name = "realestate10k"
-    version = "1"
+    version = "2"
     capabilities = Capabilities(dynamic=False, has_depth=False, has_tracks=False, real=True, metric_poses=False)
     # Real, static, camera-only: depth comes from MegaSaM (anchored by a metric prior) and
     # tracks from CoTracker. Camera files are at the video frame rate (~30 fps) with slow
@@ -128,9 +176,30 @@ class RealEstate10KAdapter(DatasetAdapter):
                                loss_weights={"depth": 0.5, "motion": 0.5, "photo": 1.0},
                                depth_source="megasam", track_source="cotracker",
                                min_depth_m=0.05, max_depth_m=100.0)
+    options_model = RealEstate10KOptions
+    opts: RealEstate10KOptions
 
+    # -- discovery ---------------------------------------------------------------------------
     def discover(self) -> list[SceneRef]:
-        scenes = []
+        found: dict[str, list[SceneRef]] = {}
+        if self.opts.form in ("auto", "camera_files"):
+            for ref in self._camera_scenes():
+                found.setdefault(ref.scene, []).append(ref)
+        if self.opts.form in ("auto", "chunks"):
+            for ref in self._chunk_scenes():
+                found.setdefault(ref.scene, []).append(ref)
+        out = []
+        for scene in sorted(found):
+            refs = found[scene]
+            if len(refs) == 1:
+                out.append(refs[0])
+            else:  # the same sequence twice: one failing scene naming every place it is in
+                places = tuple(r.extra[1] if r.extra[:1] in (("chunk",), ("bad",)) else r.scene + ".txt" for r in refs)
+                out.append(SceneRef(self.name, scene, max(r.num_frames for r in refs), extra=("dup", *places)))
+        return out
+
+    def _camera_scenes(self) -> list[SceneRef]:
+        out = []
         for p in self.store.fs.glob(self.store.path("*/*.txt")):
             rel = posixpath.relpath(p, self.store.root)
             try:
@@ -141,8 +210,24 @@ class RealEstate10KAdapter(DatasetAdapter):
             if not lines or not lines[0].strip().lower().startswith("http"):
                 continue  # not a camera file (README etc.)
             n = sum(1 for line in lines[1:] if line.strip())
-            scenes.append(SceneRef(self.name, rel[: -len(".txt")], n))
-        return sorted(set(scenes), key=lambda s: s.scene)
+            out.append(SceneRef(self.name, rel[: -len(".txt")], n))
+        return out
+
+    def _chunk_scenes(self) -> list[SceneRef]:
+        out = []
+        for p in sorted(self.store.fs.glob(self.store.path("*/*.torch"))):
+            rel = posixpath.relpath(p, self.store.root)
+            split = posixpath.dirname(rel)
+            try:
+                examples = list_examples(self.store, rel)
+            except ClipError as exc:  # the whole chunk is unreadable: one failing scene names it
+                stem = posixpath.basename(rel)[: -len(".torch")]
+                out.append(SceneRef(self.name, f"{split}/chunk-{stem}", 1, extra=("bad", rel, exc.reason)))
+                continue
+            for i, ex in enumerate(examples):
+                extra = ("chunk", rel, i) if not ex.problem else ("bad", rel, ex.problem)
+                out.append(SceneRef(self.name, f"{split}/{ex.key}", max(ex.num_frames, 1), extra=extra))
+        return out
 
     # -- reading -----------------------------------------------------------------------------
     def read_cameras(self, scene: SceneRef) -> CameraFile:
@@ -161,11 +246,9 @@ class RealEstate10KAdapter(DatasetAdapter):
                             "discovery?)", self.where(rel))
         return cam
 
-    def _frame_files(self, scene: SceneRef, cam: CameraFile, frames: list[int]) -> list[str] | None:
-        """Relative paths of the frames' images, or None when there is no frame folder."""
+    def _frame_files(self, scene: SceneRef, cam: CameraFile, frames: list[int]) -> list[str]:
+        """Relative paths of the frames' images in the sequence's frame folder."""
         folder = scene.scene
-        if not self.store.isdir(folder):
-            return None
         present = set(self.store.listdir(folder))
         out, missing = [], []
         for i in frames:
@@ -181,29 +264,124 @@ class RealEstate10KAdapter(DatasetAdapter):
                             self.where(posixpath.join(folder, missing[0])))
         return out
 
-    def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
-        self.frame_window(scene, frames)
-        cam = self.read_cameras(scene)
-        files = self._frame_files(scene, cam, frames)
-        if files is not None:
-            rgb = []
-            for rel in files:
-                rgb.append(self.read_image(rel, expect_hw=rgb[0].shape[:2] if rgb else None))
-            rgb = np.stack(rgb)
-        else:
-            video_rel = scene.scene + ".mp4"
-            if not self.store.exists(video_rel):
-                raise ClipError(f"no frames: neither the folder {posixpath.basename(scene.scene)}/ of images named "
-                                "<timestamp_us>.png|jpg nor a clip video exists beside the camera file",
-                                self.where(scene.scene))
-            from stages.ingest.video import read_video
+    def frames_source(self, scene: SceneRef, cam: CameraFile) -> tuple[str, str | None]:
+        """("images" | "clip_video" | "video", relative path or None) for a camera-file scene."""
+        want = self.opts.frames
+        if want in ("auto", "images") and self.store.isdir(scene.scene):
+            return "images", scene.scene
+        if want in ("auto", "clip_video") and self.store.exists(scene.scene + ".mp4"):
+            return "clip_video", scene.scene + ".mp4"
+        tried = []
+        if want in ("auto", "video"):
+            vid = youtube_id(cam.url)
+            if vid is None:
+                raise ClipError(f"line 1: no YouTube video id in the URL {cam.url[:80]!r}, so its video cannot be "
+                                "found", self.where(scene.scene + ".txt"))
+            split, seq = posixpath.split(scene.scene)
+            rel, tried = self._videos().locate(vid, split, seq)
+            if rel is not None:
+                return "video", rel
+        looked = {"images": f"the folder {posixpath.basename(scene.scene)}/ of images named <timestamp_us>.png|jpg",
+                  "clip_video": f"a clip video {posixpath.basename(scene.scene)}.mp4",
+                  "video": "the downloaded video (" + ", ".join(tried[:4]) + ")"}
+        kinds = [k for k in looked if want in ("auto", k)]
+        raise ClipError("no frames: found none of " + "; ".join(looked[k] for k in kinds), self.where(scene.scene))
 
-            rgb = read_video(self.read(video_rel), self.where(video_rel), frames=frames,
-                             expect_frames=cam.num_frames)
+    def _videos(self) -> VideoLocator:
+        if not hasattr(self, "_locator"):
+            self._locator = VideoLocator(self.store, self.opts.video_root, self.opts.video_map,
+                                         self.opts.video_pattern)
+        return self._locator
+
+    def _video_frames(self, rel: str, cam: CameraFile, frames: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Frames at the camera lines' timestamps from the downloaded video (seeking)."""
+        from stages.ingest.video_decoders import open_decoder
+        from stages.ingest.video_times import check_covers, frames_at_times
+
+        store = self._videos().store
+        where = store.display(rel)
+        source = store.path(rel) if store.is_local else store.open(rel)
+        try:
+            with open_decoder(source, where, backend=self.opts.decoder, device=self.opts.device) as dec:
+                check_covers(dec.info, cam.timestamps[-1], where, "its camera file", self.opts.timestamp_tolerance_us)
+                got = frames_at_times(dec, cam.timestamps[frames], tolerance_us=self.opts.timestamp_tolerance_us,
+                                      what="the camera file")
+        finally:
+            if not isinstance(source, str):
+                source.close()
+        return np.stack(got.frames), got.frame_times_us
+
+    # -- chunks ----------------------------------------------------------------------------------
+    def _chunk_example(self, scene: SceneRef, frames: list[int]) -> tuple[CameraFile, np.ndarray]:
+        _, rel, index = scene.extra
+        where = self.where(rel)
+        chunk = load_chunk(self.store, rel)
+        if index >= len(chunk):
+            raise ClipError(f"chunk has {len(chunk)} examples, expected example {index} (changed since discovery?)",
+                            where)
+        ex = chunk[index]
+        problem = example_problem(ex, index)
+        if problem:
+            raise ClipError(problem, where)
+        key = ex["key"]
+        if f"{posixpath.dirname(rel)}/{key}" != scene.scene:
+            raise ClipError(f"example {index} is {key!r}, expected {posixpath.basename(scene.scene)!r} (chunk changed "
+                            "since discovery?)", where)
+        ts = ex["timestamps"].numpy().astype(np.int64)
+        if len(ts) != scene.num_frames:
+            raise ClipError(f"example {key!r} has {len(ts)} timestamps, expected {scene.num_frames}", where)
+        cam = cameras_from_rows(ex["url"], ts, ex["cameras"].double().numpy(), label=lambda i: f"{key} camera {i}")
+        if cam.problems:
+            more = f" (+{len(cam.problems) - 1} more problems)" if len(cam.problems) > 1 else ""
+            raise ClipError(cam.problems[0][1] + more, where)
+        rgb = []
+        for i in frames:
+            img = decode_image(ex["images"][i], where, f"example {key!r} image {i} (timestamp {ts[i]} us)")
+            if rgb and img.shape != rgb[0].shape:
+                raise ClipError(f"example {key!r} image {i} is {img.shape[1]}x{img.shape[0]}, earlier images "
+                                f"{rgb[0].shape[1]}x{rgb[0].shape[0]}", where)
+            rgb.append(img)
+        return cam, np.stack(rgb)
+
+    # -- clip ---------------------------------------------------------------------------------------
+    def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
+        """Any list of the scene's frames (a clip, or the whole scene in one call); each needed
+        frame is read or decoded once."""
+        kind = scene.extra[:1]
+        if kind == ("bad",):
+            raise ClipError(scene.extra[2], self.where(scene.extra[1]))
+        if kind == ("dup",):
+            raise ClipError(f"sequence {posixpath.basename(scene.scene)} appears more than once: "
+                            f"{', '.join(scene.extra[1:])}; keep one, or choose with options.form",
+                            self.where(scene.scene))
+        self.frame_window(scene, frames)
+        extra = {}
+        if kind == ("chunk",):
+            cam, rgb = self._chunk_example(scene, frames)
+            extra["frames_from"] = "chunk"
+        else:
+            cam = self.read_cameras(scene)
+            source, rel = self.frames_source(scene, cam)
+            extra["frames_from"] = source
+            if source == "images":
+                rgb = []
+                for f in self._frame_files(scene, cam, frames):
+                    rgb.append(self.read_image(f, expect_hw=rgb[0].shape[:2] if rgb else None))
+                rgb = np.stack(rgb)
+            elif source == "clip_video":
+                from stages.ingest.video import read_video
+
+                rgb = read_video(self.read(rel), self.where(rel), frames=frames, expect_frames=cam.num_frames,
+                                 decoder=self.opts.decoder, device=self.opts.device)
+            else:
+                rgb, times = self._video_frames(rel, cam, frames)
+                extra["frame_times_us"] = [int(round(t)) for t in times]
         h, w = rgb.shape[1:3]
         k = intrinsics_to_pixels(cam.intrinsics_norm[frames], w, h)
         c2w = cam.c2w()[frames]
         meta.extra.setdefault("timestamps_us", [int(cam.timestamps[i]) for i in frames])
         meta.extra.setdefault("source_url", cam.url)
         meta.extra.setdefault("pose_scale", "unknown (SLAM up to scale)")
+        for key, value in extra.items():
+            meta.extra.setdefault(key, value)
         return Clip(meta=meta, rgb=rgb, intrinsics=k, c2w=c2w).validate()

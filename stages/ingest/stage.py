@@ -1,6 +1,7 @@
 """Ingest stage: one planned clip spec -> a validated, QC-checked Clip (or a ClipFailure)."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from functools import lru_cache
@@ -25,14 +26,15 @@ CONTRACT = StageContract(
 
 
 @lru_cache(maxsize=32)
-def _adapter(name: str, root: str, options_key: tuple) -> DatasetAdapter:
-    return get_adapter(name, root, dict(options_key))
+def _adapter(name: str, root: str, options_json: str) -> DatasetAdapter:
+    return get_adapter(name, root, json.loads(options_json))
 
 
 def adapter_for(cfg: BuildConfig, dataset: str) -> DatasetAdapter:
     ds = cfg.datasets[dataset]
     opts = {**ds.options, "min_depth_m": ds.min_depth_m, "max_depth_m": ds.max_depth_m}
-    return _adapter(dataset, ds.root, tuple(sorted((k, v) for k, v in opts.items() if isinstance(v, (str, int, float, bool, type(None))))))
+    # Every option reaches the adapter (lists too, e.g. video_pattern); JSON is the cache key.
+    return _adapter(dataset, ds.root, json.dumps(opts, sort_keys=True, default=str))
 
 
 def ingest_clip(spec: dict, scene: SceneRef, cfg: BuildConfig) -> Clip | ClipFailure:

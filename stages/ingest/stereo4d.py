@@ -10,14 +10,22 @@ loader ``utils.load_dataset_npz`` unpacks the tracks into ``track3d`` (N,T,3) wi
 track has no point, and turns the poses into ``extrs_rectified`` = world-to-camera (T,3,4); a
 file already holding those two keys (a saved output of that loader) is read too.
 
-The video ``<clip>-left_rectified.mp4`` is made by the authors' ``rectify.py`` from the
-YouTube VR180 video: 512x512, 60 degree horizontal FOV, principal point at the image centre,
-pixel rays sampled at pixel centres (+0.5), i.e. exactly the d4s convention with
-fx = fy = (W/2)/tan(30 deg), cx = W/2, cy = H/2. It has one frame per timestamp. We look for it
-beside the npz (``<split>/<clip>-left_rectified.mp4``), in rectify.py's per-clip output folder
-(``<split>/<clip>/<clip>-left_rectified.mp4``) or ``processed/<clip>/...`` (rectify.py's
-default output folder next to ``npz/``); option ``video_pattern`` overrides this with a
-template relative to the root using ``{split}`` and ``{clip}``.
+Frames, from one of two videos (option ``source``; ``auto`` takes the first found):
+
+- ``rectified``: ``<clip>-left_rectified.mp4``, made by the authors' ``rectify.py`` from the
+  YouTube VR180 video: 512x512, 60 degree horizontal FOV, principal point at the image centre,
+  pixel rays sampled at pixel centres (+0.5), i.e. exactly the d4s convention with
+  fx = fy = (W/2)/tan(30 deg), cx = W/2, cy = H/2, one frame per timestamp. Looked for beside the
+  npz (``<split>/<clip>-left_rectified.mp4``), in rectify.py's per-clip output folder
+  (``<split>/<clip>/<clip>-left_rectified.mp4``) or ``processed/<clip>/...`` (rectify.py's
+  default output folder next to ``npz/``); ``video_pattern`` overrides this with a template
+  relative to the root using ``{split}`` and ``{clip}``.
+- ``raw``: the side-by-side equirectangular VR180 video ``<video_id>.mp4`` as downloaded
+  (``raw_video_pattern``, default ``raw/{video_id}.mp4`` as in rectify.py's
+  ``stereo4d_dataset/raw``). d4s takes the frame nearest each timestamp (``video_times``) and
+  makes the rectified left view itself with the npz's ``rectified2rig`` and ``fov_bounds``, the
+  same two resamplings as rectify.py (``vr180``), on the GPU when there is one.
+  ``output_size`` (512) and ``hfov_deg`` (60) are rectify.py's ``imh = imw`` and ``--output_hfov``.
 
 Tracks: a point present in the file is one the authors kept as visible with valid stereo
 depth, so ``track_visible`` = present; absent entries are NaN in ``clip.tracks``. Only tracks
@@ -28,18 +36,41 @@ from __future__ import annotations
 
 import io
 import posixpath
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
 
 HFOV_DEG = 60.0  # rectify.py NewCropFlags.output_hfov / --output_hfov default
 VIDEO_SUFFIX = "-left_rectified.mp4"
 ROTATION_TOL = 1e-3
 RAW_KEYS = ("timestamps", "camera2world", "track_lengths", "track_indices", "track_coordinates")
 DECODED_KEYS = ("timestamps", "extrs_rectified", "track3d")
+
+
+class Stereo4DOptions(AdapterOptions):
+    source: Literal["auto", "rectified", "raw"] = Field(
+        "auto", description="the authors' rectified left video, or the raw VR180 video rectified by d4s")
+    video_pattern: str | None = Field(None, description="rectified video template ({split}, {clip}), relative "
+                                      "to the root; default: the rectify.py output places")
+    raw_video_pattern: list[str] = Field(["raw/{video_id}.mp4", "{split}/raw/{video_id}.mp4"],
+                                         description="raw VR180 video templates ({video_id}, {split}, {clip})")
+    hfov_deg: float = Field(HFOV_DEG, gt=0, lt=180, description="horizontal FOV of the rectified view")
+    output_size: int = Field(512, ge=8, le=4096, description="rectified view size (S x S) made from raw videos")
+    min_vr180_height: int = Field(1920, ge=0, description="refuse raw videos lower than this (as rectify.py)")
+    timestamp_tolerance_us: float | None = Field(None, gt=0, description="largest |frame time - timestamp| "
+                                                 "accepted (default: a quarter of the frame period)")
+    decoder: Literal["auto", "pyav", "torchcodec"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("raw_video_pattern", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
 
 
 def stereo4d_intrinsics(width: int, height: int, hfov_deg: float = HFOV_DEG) -> np.ndarray:
@@ -50,7 +81,7 @@ def stereo4d_intrinsics(width: int, height: int, hfov_deg: float = HFOV_DEG) -> 
 
 class Stereo4DAdapter(DatasetAdapter):
     name = "stereo4d"
-    version = "1"
+    version = "2"
     capabilities = Capabilities(dynamic=True, has_depth=False, has_tracks=True, real=True, metric_poses=True)
     # Real, dynamic, metric cameras and sparse metric 3D tracks. Depth comes from projecting the
     # tracks (sparse); GT tracks. Official tools treat depth beyond 20 m as invalid
@@ -58,6 +89,8 @@ class Stereo4DAdapter(DatasetAdapter):
     defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=1.0,
                                loss_weights={"depth": 0.5, "motion": 1.0, "photo": 1.0},
                                depth_source="sparse", track_source="gt", min_depth_m=0.05, max_depth_m=20.0)
+    options_model = Stereo4DOptions
+    opts: Stereo4DOptions
 
     # -- discovery ---------------------------------------------------------------------------
     def discover(self) -> list[SceneRef]:
@@ -80,7 +113,7 @@ class Stereo4DAdapter(DatasetAdapter):
 
     def video_candidates(self, scene: SceneRef) -> list[str]:
         split, clip = posixpath.split(scene.scene)
-        pattern = self.options.get("video_pattern")
+        pattern = self.opts.video_pattern
         if pattern:
             return [pattern.format(split=split, clip=clip)]
         parent = posixpath.dirname(split)
@@ -130,6 +163,9 @@ class Stereo4DAdapter(DatasetAdapter):
                     out[key] = str(np.asarray(z[key]).reshape(-1)[0]) if np.asarray(z[key]).size else ""
                 except Exception:
                     pass
+        for key in ("rectified2rig", "fov_bounds"):  # needed only to rectify a raw video
+            if key in files:
+                out[key] = get(key)
         if form == "raw":
             pose = get("camera2world").astype(np.float64)
             if pose.ndim != 3 or pose.shape[1:] not in ((3, 4), (4, 4)):
@@ -188,6 +224,72 @@ class Stereo4DAdapter(DatasetAdapter):
                        num_tracks=tracks.shape[0])
         return out
 
+    # -- frames ----------------------------------------------------------------------------------
+    def raw_video_candidates(self, scene: SceneRef, ann: dict) -> list[str]:
+        split, clip = posixpath.split(scene.scene)
+        video_id = ann.get("video_id") or clip.rpartition("_")[0] or clip
+        return [p.format(video_id=video_id, split=split, clip=clip) for p in self.opts.raw_video_pattern]
+
+    def _frames(self, scene: SceneRef, ann: dict, frames: list[int]) -> tuple[np.ndarray, np.ndarray, str]:
+        """(rgb, intrinsics, "rectified" | "raw") for the clip's frames."""
+        want = self.opts.source
+        tried = []
+        if want in ("auto", "rectified"):
+            cands = self.video_candidates(scene)
+            rel = next((c for c in cands if self.store.exists(c)), None)
+            if rel is not None:
+                from stages.ingest.video import read_video
+
+                rgb = read_video(self.read(rel), self.where(rel), frames=frames, expect_frames=scene.num_frames,
+                                 decoder=self.opts.decoder, device=self.opts.device)
+                h, w = rgb.shape[1:3]
+                return rgb, np.tile(stereo4d_intrinsics(w, h, self.opts.hfov_deg), (len(frames), 1)), "rectified"
+            tried += cands
+        if want in ("auto", "raw"):
+            cands = self.raw_video_candidates(scene, ann)
+            rel = next((c for c in cands if self.store.exists(c)), None)
+            if rel is not None:
+                rgb = self._rectify_raw(scene, ann, frames, rel)
+                s = self.opts.output_size
+                return rgb, np.tile(stereo4d_intrinsics(s, s, self.opts.hfov_deg), (len(frames), 1)), "raw"
+            tried += cands
+        what = {"auto": "rectified left video or raw VR180 video", "rectified": "rectified left video",
+                "raw": "raw VR180 video"}[want]
+        raise ClipError(f"{what} is missing (looked for {', '.join(tried)}; make the rectified one with the authors' "
+                        "rectify.py, or put the YouTube VR180 video where raw_video_pattern points)", self.where(tried[0]))
+
+    def _rectify_raw(self, scene: SceneRef, ann: dict, frames: list[int], rel: str) -> np.ndarray:
+        """Rectified left-eye views from the raw side-by-side VR180 video (see vr180.py)."""
+        from stages.ingest.video_decoders import open_decoder
+        from stages.ingest.video_times import check_covers, frames_at_times
+        from stages.ingest.vr180 import RectifySpec, check_calibration, check_layout, rectifier
+
+        npz_where = self.where(scene.scene + ".npz")
+        if "rectified2rig" not in ann or "fov_bounds" not in ann:
+            raise ClipError("the npz lacks 'rectified2rig'/'fov_bounds', which rectifying a raw VR180 video needs",
+                            npz_where)
+        check_calibration(ann["rectified2rig"], ann["fov_bounds"], npz_where)
+        where = self.where(rel)
+        source = self.store.path(rel) if self.store.is_local else self.store.open(rel)
+        try:
+            with open_decoder(source, where, backend=self.opts.decoder, device=self.opts.device) as dec:
+                eye_h, eye_w = check_layout(dec.info.width, dec.info.height, where, self.opts.min_vr180_height)
+                spec = RectifySpec(eye_hw=(eye_h, eye_w),
+                                   rectified2rig=tuple(np.asarray(ann["rectified2rig"][0], np.float64).reshape(-1)),
+                                   fov_bounds=tuple(np.asarray(ann["fov_bounds"], np.float64).reshape(-1)),
+                                   size=self.opts.output_size, hfov_deg=self.opts.hfov_deg)
+                on_gpu = dec.info.device == "cuda" and dec.info.backend == "torchcodec"
+                rect = rectifier(spec, "cuda" if on_gpu else self.opts.device)
+                check_covers(dec.info, float(ann["timestamps"][-1]), where, "the npz timestamps",
+                             self.opts.timestamp_tolerance_us)
+                got = frames_at_times(dec, ann["timestamps"][frames], tolerance_us=self.opts.timestamp_tolerance_us,
+                                      as_tensor=on_gpu, transform=lambda f: rect(f[None])[0],
+                                      what="the npz timestamps")
+        finally:
+            if not isinstance(source, str):
+                source.close()
+        return np.stack(got.frames)
+
     # -- clip ----------------------------------------------------------------------------------
     def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
         if scene.extra == ("unreadable",):
@@ -195,17 +297,8 @@ class Stereo4DAdapter(DatasetAdapter):
         self.frame_window(scene, frames)
         ann = self.read_annotations(scene)
         t = scene.num_frames
-        video_rel = next((c for c in self.video_candidates(scene) if self.store.exists(c)), None)
-        if video_rel is None:
-            tried = ", ".join(self.video_candidates(scene))
-            raise ClipError(f"rectified left video is missing (make it with the authors' rectify.py; looked for "
-                            f"{tried})", self.where(self.video_candidates(scene)[0]))
-        from stages.ingest.video import read_video
-
-        rgb = read_video(self.read(video_rel), self.where(video_rel), frames=frames, expect_frames=t)
-        h, w = rgb.shape[1:3]
-        hfov = float(self.options.get("hfov_deg", HFOV_DEG))
-        k = np.tile(stereo4d_intrinsics(w, h, hfov), (len(frames), 1))
+        rgb, k, source = self._frames(scene, ann, frames)
+        meta.extra.setdefault("frames_from", source)
         c2w = ann["c2w"][frames]
 
         # Tracks of the clip's frames: column j of the clip is scene frame frames[j].
@@ -224,5 +317,5 @@ class Stereo4DAdapter(DatasetAdapter):
         for key in ("name", "video_id"):
             if key in ann:
                 meta.extra.setdefault(key, ann[key])
-        meta.extra.setdefault("hfov_deg", hfov)
+        meta.extra.setdefault("hfov_deg", self.opts.hfov_deg)
         return Clip(meta=meta, rgb=rgb, intrinsics=k, c2w=c2w, tracks=tracks, track_visible=visible).validate()

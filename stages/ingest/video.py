@@ -1,32 +1,27 @@
-"""A small, strict video-frame reader (and writer for fixtures), built on PyAV (``av``).
+"""Whole short videos: a strict reader (one frame per annotation line) and an H.264 writer for fixtures.
 
-Real datasets that ship or produce videos (Stereo4D's rectified ``*-left_rectified.mp4``,
-optional RealEstate10K clip videos) are read here. The reader decodes the whole stream in
-presentation order, so frame ``i`` is the ``i``-th displayed frame, and it checks the number
-of frames it could decode against what the container declares and what the caller expects.
-A video that cannot be opened, fails mid-stream, is cut short or has the wrong frame count
-raises :class:`ClipError` naming the file, like every other bad input of an adapter.
+Stereo4D's pre-rectified ``*-left_rectified.mp4`` and RealEstate10K clip videos hold exactly one
+frame per annotation line, in order. ``read_video`` decodes the whole stream in presentation order
+(through ``video_decoders``: PyAV, or torchcodec on a GPU), so frame ``i`` is the ``i``-th displayed
+frame, and checks the number of frames it could decode against what the container declares and
+what the caller expects: a video that cannot be opened, fails mid-stream, is cut short or has the
+wrong frame count raises :class:`ClipError` naming the file. Long videos whose frames are named
+by timestamps (a downloaded YouTube video, a raw VR180 video) are read with
+``video_times.frames_at_times`` instead, which seeks.
 
 Package: ``av`` (PyAV, bundles FFmpeg with libx264; ``pip install av``).
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from pipeline.clip import ClipError
-
-
-def _av():
-    try:
-        import av  # noqa: PLC0415 - optional dependency, imported when a video is read
-    except ModuleNotFoundError:  # pragma: no cover - depends on the environment
-        raise ModuleNotFoundError("reading videos needs PyAV: pip install av") from None
-    return av
+from stages.ingest.video_decoders import STRICT_DECODER_OPTIONS, _av, open_decoder  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -38,109 +33,67 @@ class VideoInfo:
     fps: float
 
 
-# Decoder options for strict reading: report bitstream errors instead of concealing them, so
-# most corrupted packets become a ClipError rather than silently damaged frames. (Damage that
-# still parses as valid H.264 cannot be detected by any decoder.)
-STRICT_DECODER_OPTIONS = {"err_detect": "bitstream+explode"}
+def read_video(source, where: str, frames: Sequence[int] | None = None, expect_frames: int | None = None,
+               strict: bool = True, decoder: str = "auto", device: str = "auto") -> np.ndarray:
+    """Decode ``frames`` (all when None) of a video into (T, H, W, 3) uint8 RGB.
 
-
-def _open(data: bytes, where: str, strict: bool = True):
-    av = _av()
-    if not data:
-        raise ClipError("video file is empty", where)
-    try:
-        container = av.open(io.BytesIO(data), mode="r")
-    except Exception as exc:  # av.error.* (InvalidDataError, ...) for truncated / non-video data
-        raise ClipError(f"unreadable or truncated video ({type(exc).__name__}: {exc})", where) from None
-    if not container.streams.video:
-        container.close()
-        raise ClipError("file has no video stream", where)
-    if strict:
-        container.streams.video[0].codec_context.options = dict(STRICT_DECODER_OPTIONS)
-    return container
-
-
-def read_video(data: bytes, where: str, frames: Sequence[int] | None = None,
-               expect_frames: int | None = None, strict: bool = True) -> np.ndarray:
-    """Decode ``frames`` (all when None) of a video given as bytes into (T, H, W, 3) uint8 RGB.
-
-    ``where`` names the file in errors. The whole stream is decoded so that truncation is
-    detected even when only early frames are asked for; frame indices count displayed frames
-    from 0. With ``expect_frames`` the decoded count must equal it (e.g. one frame per pose).
-    ``strict`` turns decoder error concealment into errors (see STRICT_DECODER_OPTIONS).
+    ``source`` is bytes, a local path or a seekable binary file; ``where`` names the file in
+    errors. The whole stream is decoded so that truncation is detected even when only early
+    frames are asked for; frame indices count displayed frames from 0. With ``expect_frames``
+    the decoded count must equal it (e.g. one frame per pose). ``strict`` turns PyAV's error
+    concealment into errors (see video_decoders.STRICT_DECODER_OPTIONS).
     """
-    container = _open(data, where, strict)
-    try:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        declared = int(stream.frames or 0)
-        wanted = None if frames is None else {int(i) for i in frames}
-        if wanted is not None and any(i < 0 for i in wanted):
-            raise ClipError(f"negative frame index in {sorted(wanted)[:3]}", where)
-        got: dict[int, np.ndarray] = {}
-        n = 0
-        shape = None
-        try:
-            for frame in container.decode(stream):
+    wanted = None if frames is None else [int(i) for i in frames]
+    if wanted is not None and any(i < 0 for i in wanted):
+        raise ClipError(f"negative frame index in {sorted(wanted)[:3]}", where)
+    keep = None if wanted is None else set(wanted)
+    got: dict[int, np.ndarray] = {}
+    n, shape = 0, None
+    with open_decoder(source, where, backend=decoder, device=device, strict=strict) as dec:
+        declared = dec.info.declared_frames
+        for _, handle in dec.frames(0.0, seek=False):
+            if keep is None or n in keep:
+                got[n] = dec.to_numpy(handle)
                 if shape is None:
-                    shape = (frame.height, frame.width)
-                elif (frame.height, frame.width) != shape:
-                    raise ClipError(f"frame {n} is {frame.width}x{frame.height}, earlier frames "
+                    shape = got[n].shape
+                elif got[n].shape != shape:
+                    raise ClipError(f"frame {n} is {got[n].shape[1]}x{got[n].shape[0]}, earlier frames "
                                     f"{shape[1]}x{shape[0]}", where)
-                if wanted is None or n in wanted:
-                    got[n] = frame.to_ndarray(format="rgb24")
-                n += 1
-        except ClipError:
-            raise
-        except Exception as exc:
-            raise ClipError(f"corrupt video: decoding failed after {n} frames ({type(exc).__name__}: {exc})",
-                            where) from None
-    finally:
-        container.close()
+            n += 1
     if n == 0:
         raise ClipError("video has no decodable frames (truncated or corrupt)", where)
     if declared and n != declared:
         raise ClipError(f"truncated or corrupt video: decoded {n} frames, the container declares {declared}", where)
     if expect_frames is not None and n != expect_frames:
         raise ClipError(f"video has {n} frames, expected {expect_frames}", where)
-    if wanted is None:
-        order = list(range(n))
-    else:
-        order = [int(i) for i in frames]  # type: ignore[union-attr]
-        missing = [i for i in order if i >= n]
-        if missing:
-            raise ClipError(f"frames {missing[:3]} requested but the video has only {n} frames", where)
+    order = list(range(n)) if wanted is None else wanted
+    missing = [i for i in order if i >= n]
+    if missing:
+        raise ClipError(f"frames {missing[:3]} requested but the video has only {n} frames", where)
     return np.stack([got[i] for i in order])
 
 
-def probe_video(data: bytes, where: str, strict: bool = True) -> VideoInfo:
-    """Frame count (by decoding), size and declared count of a video given as bytes."""
-    container = _open(data, where, strict)
-    try:
-        stream = container.streams.video[0]
-        declared = int(stream.frames or 0)
-        fps = float(stream.average_rate) if stream.average_rate else 0.0
-        n, hw = 0, (0, 0)
-        try:
-            for frame in container.decode(stream):
-                hw = (frame.height, frame.width)
-                n += 1
-        except Exception as exc:
-            raise ClipError(f"corrupt video: decoding failed after {n} frames ({type(exc).__name__}: {exc})",
-                            where) from None
-    finally:
-        container.close()
+def probe_video(source, where: str, strict: bool = True) -> VideoInfo:
+    """Frame count (by decoding), size and declared count of a video (PyAV, CPU)."""
+    n, hw = 0, (0, 0)
+    with open_decoder(source, where, backend="pyav", device="cpu", strict=strict) as dec:
+        for _, frame in dec.frames(0.0, seek=False):
+            hw = (frame.height, frame.width)
+            n += 1
+        info = dec.info
     if n == 0:
         raise ClipError("video has no decodable frames (truncated or corrupt)", where)
-    return VideoInfo(num_frames=n, height=hw[0], width=hw[1], declared_frames=declared, fps=fps)
+    return VideoInfo(num_frames=n, height=hw[0], width=hw[1], declared_frames=info.declared_frames, fps=info.fps)
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 30, crf: int = 18,
-              codec: str = "libx264") -> None:
+def write_mp4(path: str | Path, frames: np.ndarray, fps: float | Fraction = 30, crf: int = 18,
+              codec: str = "libx264", gop: int | None = None, frame_times_s: Sequence[float] | None = None) -> None:
     """Write (T, H, W, 3) uint8 RGB as an H.264 yuv420p mp4 (what ffmpeg/mediapy produce).
 
-    Used by fixture writers. H and W must be even (4:2:0 chroma). Lossy: readers get the
-    frames back only approximately.
+    Used by fixture writers. H and W must be even (4:2:0 chroma). Lossy: readers get the frames
+    back only approximately. ``fps`` may be a Fraction (30000/1001 for NTSC video); ``gop`` sets
+    the keyframe interval; ``frame_times_s`` gives each frame its own presentation time (to
+    make variable-frame-rate fixtures).
     """
     av = _av()
     frames = np.asarray(frames)
@@ -149,14 +102,24 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 30, crf: int = 18
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"yuv420p needs even sizes, got {w}x{h}")
+    rate = Fraction(fps).limit_denominator(100000)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=fps)
+        stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
+        opts = {"crf": str(crf)}
+        if gop:
+            opts["g"] = str(gop)
+            opts["keyint_min"] = str(gop)
+        stream.options = opts
+        tb = Fraction(1, 90000) if frame_times_s is not None else 1 / rate
+        stream.codec_context.time_base = tb
         for i in range(t):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frames[i], format="rgb24")):
+            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+            frame.pts = round(Fraction(frame_times_s[i]) / tb) if frame_times_s is not None else i
+            frame.time_base = tb
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
