@@ -46,6 +46,9 @@ class AlignClipOptions(BaseModel):
     # "auto": reference trajectory if the reference has one (fallback: depth), else points/depth.
     pose_scale_method: Literal["auto", "trajectory", "depth"] = "auto"
     min_baseline_m: float = Field(0.05, gt=0)
+    # A reference trajectory's scale is used only when its relative standard error is below this
+    # (else: near-static, fall back to the depth-based scale).
+    max_pose_scale_uncertainty: float = Field(0.03, gt=0)
     consistency: bool = True
     consistency_max_points: int = Field(2000, ge=10)
     thresholds: AlignQCThresholds = Field(default_factory=AlignQCThresholds)
@@ -64,7 +67,8 @@ def _pose_scale(clip: Clip, depth, valid, reference: MetricReference, exclude, o
     fallback_note = None
     if opts.pose_scale_method in ("auto", "trajectory") and reference.c2w is not None:
         try:
-            return estimate_pose_scale(clip.c2w, reference.c2w, min_baseline_m=opts.min_baseline_m)
+            return estimate_pose_scale(clip.c2w, reference.c2w, min_baseline_m=opts.min_baseline_m,
+                                       max_scale_uncertainty=opts.max_pose_scale_uncertainty)
         except StaticTrajectoryError as e:
             fallback_note = e.reason
     elif opts.pose_scale_method == "trajectory":
