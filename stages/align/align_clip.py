@@ -116,7 +116,7 @@ def align_clip(clip: Clip, relative_depth: np.ndarray, reference: MetricReferenc
         # of the depth-based pose scale.
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.abs(fit.depth - reference.depth) / reference.depth
-        agree = fit.valid & ~(reference.valid & ~(rel <= max(3.0 * fit.residual, 0.05)))
+        agree = fit.valid & ~(reference.valid & ~(rel <= max(3.0 * fit.scatter, 0.05)))
         pose_res = _pose_scale(clip, fit.depth, agree, reference, exclude, opts)
         c2w = apply_pose_scale(clip.c2w, pose_res.scale)
         if tracks is not None:

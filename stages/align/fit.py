@@ -57,6 +57,7 @@ class FitOptions(BaseModel):
     ransac_iters: int = Field(64, ge=0)  # 0 disables the RANSAC initialisation
     ransac_points: int = Field(4096, ge=16)  # points scored per hypothesis
     ransac_thresh: float = Field(0.05, gt=0)  # relative residual |r|/|y| counted as inlier
+    residual_bins: int = Field(8, ge=1)  # prediction bins of the systematic residual (AlignResult)
     inlier_k: float = Field(3.0, gt=0)  # final inlier: |r| <= inlier_k * sigma
     sigma_floor: float = Field(1e-3, gt=0)  # robust sigma >= sigma_floor * median |y|
     max_fit_points: int = Field(200_000, ge=16)  # random subsample per group for the fit
@@ -73,7 +74,11 @@ class AlignResult:
 
     ``scale``/``shift`` are floats for a per-clip fit and ``(T,)`` arrays for a per-frame fit
     (in the fitting space: disparity ``1/m`` or depth ``m``). ``inlier_ratio`` is over the fitted
-    points; ``residual`` is the RMS relative residual ``(s x + b - y) / y`` over inliers;
+    points; ``residual`` is the fit's *systematic* relative error: the largest over bins of the
+    prediction of ``|mean(s x + b - y) / mean(s x + b)|`` over the bin's inliers (reference noise
+    averages out, a prediction that is not affine to the reference does not); ``scatter`` is the RMS
+    inlier residual in the noise space of the fit (absolute: divided by median ``|y|``; relative
+    fit: of ``r / y``), reported, not gated: it is mostly the reference's own noise;
     ``abs_rel`` and ``delta_1_25`` compare the aligned depth with the reference on every pixel
     valid in both (outliers of the reference included). ``depth`` (T,H,W) float32 metres is
     valid where ``valid``; elsewhere it is 0.
@@ -94,6 +99,7 @@ class AlignResult:
     valid_ratio: float = 1.0  # output-valid pixels / prediction-valid pixels
     abs_rel_per_frame: np.ndarray = field(default_factory=lambda: np.zeros(0))
     iterations: int = 0
+    scatter: float = 0.0
 
     def scale_per_frame(self, num_frames: int) -> np.ndarray:
         return np.broadcast_to(np.asarray(self.scale, dtype=np.float64), (num_frames,)).copy()
@@ -109,7 +115,7 @@ class AlignResult:
         return {
             "scale": num(self.scale), "shift": num(self.shift), "space": self.space,
             "per_frame": self.per_frame, "inlier_ratio": float(self.inlier_ratio),
-            "residual": float(self.residual), "abs_rel": float(self.abs_rel),
+            "residual": float(self.residual), "scatter": float(self.scatter), "abs_rel": float(self.abs_rel),
             "delta_1_25": float(self.delta_1_25), "n_points": int(self.n_points),
             "valid_ratio": float(self.valid_ratio), "iterations": int(self.iterations),
         }
@@ -159,6 +165,41 @@ def _weights(u: np.ndarray, kind: str) -> np.ndarray:
     if kind == "tukey":
         return np.where(au < 1.0, (1.0 - u * u) ** 2, 0.0)
     return np.ones_like(u)
+
+
+def _systematic_error(x, y, raw, inl, bins: int, min_bin: int = 32) -> float:
+    """Largest relative error of the fitted line against the reference over prediction bins.
+
+    Per group, the inliers are split into up to ``bins`` equal-count bins (at least ``min_bin``
+    points each) of the prediction ``x``; in each bin ``|mean(s x + b - y) / mean(s x + b)|`` is
+    the relative error of the fit there (to first order the relative depth error of that depth
+    band, in either fitting space; a bin whose fitted value is not positive counts as infinite).
+    Zero-mean noise of the reference averages out within a bin, a prediction that is not
+    affine to the reference does not. Binning on ``x``, not on the noisy ``y``, keeps
+    regression to the mean out of it.
+    """
+    worst = 0.0
+    for g in range(x.shape[0]):
+        idx = np.flatnonzero(inl[g])
+        if idx.size == 0:
+            return float("inf")
+        k = max(1, min(bins, idx.size // min_bin))
+        order = idx[np.argsort(x[g, idx], kind="stable")]
+        for part in np.array_split(order, k):
+            fitted = (raw[g, part] + y[g, part]).mean()
+            err = abs(raw[g, part].mean() / fitted) if fitted > 0 else float("inf")
+            worst = max(worst, err)
+    return float(worst)
+
+
+def _scatter(y, raw, inl, relative: bool) -> float:
+    """RMS inlier residual in the space the fit assumes the noise lives in: relative to ``y``
+    for a relative fit, else absolute, divided by the median ``|y|`` to make it dimensionless."""
+    if not np.any(inl):
+        return float("inf")
+    if relative:
+        return float(np.sqrt(np.mean((raw[inl] / y[inl]) ** 2)))
+    return float(np.sqrt(np.mean(raw[inl] ** 2)) / np.median(np.abs(y[inl])))
 
 
 def _where(g: int, per_frame: bool) -> str:
@@ -343,9 +384,9 @@ def fit_alignment(
 
     inl = m & (np.abs(r) <= opts.inlier_k * sig[:, None])
     inlier_ratio = float(inl.sum() / max(n_points, 1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel_res = (s[:, None] * x + b[:, None] - y) / y
-    residual = float(np.sqrt(np.mean(rel_res[inl] ** 2))) if np.any(inl) else float("inf")
+    raw = s[:, None] * x + b[:, None] - y
+    residual = _systematic_error(x, y, raw, inl, opts.residual_bins)
+    scatter = _scatter(y, raw, inl, opts.relative)
 
     # Apply to every pixel.
     s_t = np.repeat(s, t // groups)[:, None, None]
@@ -373,7 +414,7 @@ def fit_alignment(
         scale_out, shift_out, sigma_out = s.copy(), b.copy(), sig.copy()
     else:
         scale_out, shift_out, sigma_out = float(s[0]), float(b[0]), float(sig[0])
-    return AlignResult(scale=scale_out, shift=shift_out, inlier_ratio=inlier_ratio, residual=residual,
+    return AlignResult(scale=scale_out, shift=shift_out, inlier_ratio=inlier_ratio, residual=residual, scatter=scatter,
                        abs_rel=abs_rel, delta_1_25=delta, n_points=n_points, depth=depth, valid=valid,
                        space=opts.space, per_frame=opts.per_frame, sigma=sigma_out, valid_ratio=valid_ratio,
                        abs_rel_per_frame=abs_rel_t, iterations=it_done)

@@ -17,7 +17,9 @@ class AlignQCThresholds(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     min_inlier_ratio: float = Field(0.6, ge=0, le=1)  # share of fitted points within 3 sigma
-    max_residual: float = Field(0.15, ge=0)  # RMS relative residual of the inliers
+    # Largest systematic relative error of the fit over prediction bins (AlignResult.residual);
+    # the reference's own noise averages out of it (a stereo reference's does not out of an RMS).
+    max_residual: float = Field(0.15, ge=0)
     max_abs_rel: float = Field(0.25, ge=0)  # aligned vs reference, all common pixels
     min_delta_1_25: float = Field(0.7, ge=0, le=1)
     min_points: int = Field(64, ge=1)  # fitted points
@@ -45,13 +47,13 @@ def align_qc(result: AlignResult, *, pose_scale: PoseScaleResult | float | None 
              consistency: ConsistencyResult | None = None, thresholds: AlignQCThresholds | None = None) -> dict:
     """The per-clip QC dict (JSON-serialisable) with ``keep`` and ``reason`` (None when kept).
 
-    Keys: scale, shift, inlier_ratio, residual, abs_rel, delta_1_25, n_points, valid_ratio,
+    Keys: scale, shift, inlier_ratio, residual, scatter, abs_rel, delta_1_25, n_points, valid_ratio,
     pose_scale, pose_scale_method, pose_scale_residual, consistency_error, pixel_error,
     consistency_scale_factor, keep, reason, reasons.
     """
     th = thresholds or AlignQCThresholds()
     s = result.summary()
-    qc = {k: s[k] for k in ("scale", "shift", "space", "per_frame", "inlier_ratio", "residual", "abs_rel",
+    qc = {k: s[k] for k in ("scale", "shift", "space", "per_frame", "inlier_ratio", "residual", "scatter", "abs_rel",
                             "delta_1_25", "n_points", "valid_ratio")}
     reasons: list[str] = []
 
