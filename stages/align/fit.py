@@ -61,6 +61,8 @@ class FitOptions(BaseModel):
     inlier_k: float = Field(3.0, gt=0)  # final inlier: |r| <= inlier_k * sigma
     sigma_floor: float = Field(1e-3, gt=0)  # robust sigma >= sigma_floor * median |y|
     max_fit_points: int = Field(200_000, ge=16)  # random subsample per group for the fit
+    max_total_points: int = Field(2_000_000, ge=16)  # over all groups (per-frame fits of long scenes)
+    far_factor: float = Field(2.0, ge=1)  # output depth <= far_factor * the reference's 99th percentile
     min_points: int = Field(64, ge=2)
     min_rel_spread: float = Field(0.02, ge=0)  # std(x)/mean|x| below this: near-constant
     min_depth: float = Field(1e-3, gt=0)  # metres; reference and output outside are invalid
@@ -100,6 +102,8 @@ class AlignResult:
     abs_rel_per_frame: np.ndarray = field(default_factory=lambda: np.zeros(0))
     iterations: int = 0
     scatter: float = 0.0
+    far_limit_m: float = float("inf")  # aligned depth beyond this is not kept (far-field rule)
+    far_field_ratio: float = 0.0  # prediction-valid pixels beyond the reference's far end, left without depth
 
     def scale_per_frame(self, num_frames: int) -> np.ndarray:
         return np.broadcast_to(np.asarray(self.scale, dtype=np.float64), (num_frames,)).copy()
@@ -118,6 +122,7 @@ class AlignResult:
             "residual": float(self.residual), "scatter": float(self.scatter), "abs_rel": float(self.abs_rel),
             "delta_1_25": float(self.delta_1_25), "n_points": int(self.n_points),
             "valid_ratio": float(self.valid_ratio), "iterations": int(self.iterations),
+            "far_limit_m": float(self.far_limit_m), "far_field_ratio": float(self.far_field_ratio),
         }
 
 
@@ -132,6 +137,12 @@ def _to_space(values: np.ndarray, kind: str, space: str) -> np.ndarray:
         return v
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(v > 0, 1.0 / v, np.nan)
+
+
+def _frame_chunks(num_frames: int, pixels_per_frame: int, max_pixels: int = 4_000_000):
+    """Slices of whole frames holding at most ``max_pixels`` pixels (at least one frame)."""
+    step = max(1, max_pixels // max(pixels_per_frame, 1))
+    return [slice(i, min(i + step, num_frames)) for i in range(0, num_frames, step)]
 
 
 def _masked_median(a: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -268,7 +279,7 @@ def fit_alignment(
     """
     opts = options or FitOptions()
     pred = np.asarray(prediction)
-    ref = np.asarray(ref_depth, dtype=np.float64)
+    ref = np.asarray(ref_depth)
     if pred.ndim != 3:
         raise AlignmentError(f"prediction must be (T,H,W), got {pred.shape}")
     if ref.shape != pred.shape:
@@ -278,48 +289,67 @@ def fit_alignment(
 
     def mask(a, name):
         if a is None:
-            return np.ones(shape, bool)
+            return None
         a = np.asarray(a, dtype=bool)
         if a.shape != shape:
             raise AlignmentError(f"{name} {a.shape} does not match prediction {shape}")
         return a
 
-    x_full = _to_space(pred, prediction_kind, opts.space)
-    pred_ok = np.isfinite(x_full) & mask(prediction_valid, "prediction_valid") & ~(
-        mask(exclude, "exclude") if exclude is not None else np.zeros(shape, bool))
-    if opts.space == "depth" or prediction_kind == "depth":
-        pred_ok &= x_full > 0
-    with np.errstate(invalid="ignore"):
-        ref_ok = np.isfinite(ref) & (ref > opts.min_depth) & (ref <= opts.max_depth) & mask(ref_valid, "ref_valid")
-    y_full = _to_space(np.where(ref_ok, ref, 1.0), "depth", opts.space)
-    base_w = np.ones(shape) if weights is None else np.asarray(weights, dtype=np.float64)
-    if base_w.shape != shape:
+    pv, ex, rv = mask(prediction_valid, "prediction_valid"), mask(exclude, "exclude"), mask(ref_valid, "ref_valid")
+    base_w = None if weights is None else np.asarray(weights)
+    if base_w is not None and base_w.shape != shape:
         raise AlignmentError(f"weights {base_w.shape} do not match prediction {shape}")
-    fit_ok = pred_ok & ref_ok & np.isfinite(base_w) & (base_w > 0)
 
-    # Gather at most max_fit_points random valid points per group into (G, N) arrays.
+    # Masks in frame chunks: no full-size float64 copy of a scene-length video is ever made.
+    pred_ok = np.empty(shape, bool)
+    ref_ok = np.empty(shape, bool)
+    for sl in _frame_chunks(t, h * w):
+        xs = _to_space(pred[sl], prediction_kind, opts.space)
+        ok = np.isfinite(xs)
+        if pv is not None:
+            ok &= pv[sl]
+        if ex is not None:
+            ok &= ~ex[sl]
+        if opts.space == "depth" or prediction_kind == "depth":
+            ok &= xs > 0
+        pred_ok[sl] = ok
+        r = ref[sl].astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            rok = np.isfinite(r) & (r > opts.min_depth) & (r <= opts.max_depth)
+        ref_ok[sl] = rok if rv is None else rok & rv[sl]
+    fit_ok = pred_ok & ref_ok
+    if base_w is not None:
+        with np.errstate(invalid="ignore"):
+            fit_ok &= np.isfinite(base_w) & (base_w > 0)
+
+    # Gather at most max_fit_points random valid points per group into (G, N) arrays (and at most
+    # max_total_points over all groups: a per-frame fit of a long scene stays small).
     groups = t if opts.per_frame else 1
     rng = np.random.default_rng(opts.seed)
-    xg_src = x_full.reshape(groups, -1)
-    yg_src = y_full.reshape(groups, -1)
-    wg_src = base_w.reshape(groups, -1)
+    group_size = (t // groups) * h * w
     mg_src = fit_ok.reshape(groups, -1)
     counts = mg_src.sum(axis=1)
     for g in range(groups):
         if counts[g] < opts.min_points:
             raise AlignmentError(f"too few valid points{_where(g, opts.per_frame)}: "
                                  f"{int(counts[g])} < {opts.min_points}")
-    n_max = int(min(counts.max(), opts.max_fit_points))
+    per_group_cap = max(opts.min_points, opts.max_total_points // groups)
+    n_max = int(min(counts.max(), opts.max_fit_points, per_group_cap))
     x = np.zeros((groups, n_max))
     y = np.ones((groups, n_max))
     wb = np.zeros((groups, n_max))
     m = np.zeros((groups, n_max), bool)
+    pred_flat, ref_flat = pred.reshape(-1), ref.reshape(-1)
     for g in range(groups):
         idx = np.flatnonzero(mg_src[g])
         if idx.size > n_max:
             idx = np.sort(rng.choice(idx, n_max, replace=False))
         k = idx.size
-        x[g, :k], y[g, :k], wb[g, :k], m[g, :k] = xg_src[g, idx], yg_src[g, idx], wg_src[g, idx], True
+        gidx = g * group_size + idx
+        x[g, :k] = _to_space(pred_flat[gidx], prediction_kind, opts.space)
+        y[g, :k] = _to_space(ref_flat[gidx], "depth", opts.space)
+        wb[g, :k] = 1.0 if base_w is None else base_w.reshape(-1)[gidx]
+        m[g, :k] = True
     n_points = int(m.sum())
 
     # Degeneracy: the prediction must vary (scale+shift) and be non-zero (scale only).
@@ -388,27 +418,57 @@ def fit_alignment(
     residual = _systematic_error(x, y, raw, inl, opts.residual_bins)
     scatter = _scatter(y, raw, inl, opts.relative)
 
-    # Apply to every pixel.
-    s_t = np.repeat(s, t // groups)[:, None, None]
-    b_t = np.repeat(b, t // groups)[:, None, None]
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        fitted = s_t * np.where(pred_ok, x_full, 0.0) + b_t
-        depth = 1.0 / fitted if opts.space == "disparity" else fitted
-        valid = pred_ok & np.isfinite(depth) & (depth > opts.min_depth) & (depth <= opts.max_depth)
-    depth = np.where(valid, depth, 0.0).astype(np.float32)
-    valid_ratio = float(valid.sum() / max(pred_ok.sum(), 1))
+    # The far field: the reference supports depths up to its 99th percentile (inliers); aligned
+    # depth beyond far_factor times that, or beyond max_depth, is extrapolation (sky, a shift a
+    # hair too large) and is not kept. Pixels whose prediction lies beyond the fitted far end
+    # and get no depth are "far field" and do not count against valid_ratio.
+    y_inl = y[inl]
+    ref_depth_inl = 1.0 / y_inl if opts.space == "disparity" else y_inl
+    far_limit = float(min(opts.max_depth, opts.far_factor * np.percentile(ref_depth_inl, 99))) if y_inl.size else opts.max_depth
+    x_inl = x[inl]
+    far_is_low_x = opts.space == "disparity"
+    x_edge = float(np.percentile(x_inl, 1 if far_is_low_x else 99)) if x_inl.size else (-np.inf if far_is_low_x else np.inf)
 
-    cmp = valid & ref_ok
-    if not np.any(cmp):
+    # Apply to every pixel, frame chunk by frame chunk.
+    frames_per_group = t // groups
+    depth = np.zeros(shape, np.float32)
+    valid = np.zeros(shape, bool)
+    rel_sum_t = np.zeros(t)
+    cnt_t = np.zeros(t, np.int64)
+    delta_cnt = 0
+    far_count = 0
+    for sl in _frame_chunks(t, h * w):
+        frames = np.arange(t)[sl]
+        s_t = s[frames // frames_per_group][:, None, None]
+        b_t = b[frames // frames_per_group][:, None, None]
+        xs = _to_space(pred[sl], prediction_kind, opts.space)
+        ok = pred_ok[sl]
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            fitted = s_t * np.where(ok, xs, 0.0) + b_t
+            d = 1.0 / fitted if opts.space == "disparity" else fitted
+            v = ok & np.isfinite(d) & (d > opts.min_depth) & (d <= far_limit)
+            beyond = (xs < x_edge) if far_is_low_x else (xs > x_edge)
+        far_count += int((ok & ~v & beyond).sum())
+        d32 = np.where(v, d, 0.0).astype(np.float32)
+        depth[sl], valid[sl] = d32, v
+        cmp = v & ref_ok[sl]
+        r = np.where(cmp, ref[sl].astype(np.float64), 1.0)
+        d64 = d32.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(cmp, np.abs(d64 - r) / r, 0.0)
+            ratio = np.where(cmp, np.maximum(d64 / r, r / np.where(cmp, d64, 1.0)), np.inf)
+        rel_sum_t[sl] = rel.sum(axis=(1, 2))
+        cnt_t[sl] = cmp.sum(axis=(1, 2))
+        delta_cnt += int(((ratio < 1.25) & cmp).sum())
+    n_pred = int(pred_ok.sum())
+    far_field_ratio = far_count / max(n_pred, 1)
+    valid_ratio = float(valid.sum() / max(n_pred - far_count, 1))
+
+    if cnt_t.sum() == 0:
         raise AlignmentError("no pixel is valid in both the aligned depth and the reference")
-    d = depth.astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(cmp, np.abs(d - ref) / ref, 0.0)
-        ratio = np.where(cmp, np.maximum(d / ref, ref / d), np.inf)
-    cnt_t = cmp.sum(axis=(1, 2))
-    abs_rel_t = np.where(cnt_t > 0, rel.sum(axis=(1, 2)) / np.maximum(cnt_t, 1), np.nan)
-    abs_rel = float(rel.sum() / cmp.sum())
-    delta = float(((ratio < 1.25) & cmp).sum() / cmp.sum())
+    abs_rel_t = np.where(cnt_t > 0, rel_sum_t / np.maximum(cnt_t, 1), np.nan)
+    abs_rel = float(rel_sum_t.sum() / cnt_t.sum())
+    delta = float(delta_cnt / cnt_t.sum())
 
     if opts.per_frame:
         scale_out, shift_out, sigma_out = s.copy(), b.copy(), sig.copy()
@@ -417,7 +477,8 @@ def fit_alignment(
     return AlignResult(scale=scale_out, shift=shift_out, inlier_ratio=inlier_ratio, residual=residual, scatter=scatter,
                        abs_rel=abs_rel, delta_1_25=delta, n_points=n_points, depth=depth, valid=valid,
                        space=opts.space, per_frame=opts.per_frame, sigma=sigma_out, valid_ratio=valid_ratio,
-                       abs_rel_per_frame=abs_rel_t, iterations=it_done)
+                       abs_rel_per_frame=abs_rel_t, iterations=it_done, far_limit_m=far_limit,
+                       far_field_ratio=far_field_ratio)
 
 
 def depth_metrics(depth: np.ndarray, valid: np.ndarray, ref: np.ndarray, ref_valid: np.ndarray) -> dict:

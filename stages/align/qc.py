@@ -54,7 +54,7 @@ def align_qc(result: AlignResult, *, pose_scale: PoseScaleResult | float | None 
     th = thresholds or AlignQCThresholds()
     s = result.summary()
     qc = {k: s[k] for k in ("scale", "shift", "space", "per_frame", "inlier_ratio", "residual", "scatter", "abs_rel",
-                            "delta_1_25", "n_points", "valid_ratio")}
+                            "delta_1_25", "n_points", "valid_ratio", "far_limit_m", "far_field_ratio")}
     reasons: list[str] = []
 
     def check(bad: bool, text: str):

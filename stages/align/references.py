@@ -130,19 +130,29 @@ def reference_from_tracks(tracks: np.ndarray, intrinsics: np.ndarray, c2w: np.nd
                            meta={"n_projected": n_proj})
 
 
+# MegaSaM's consistent-video-depth step writes ``np.clip(depth, 1e-3, 1e2)`` (cvd_opt/cvd_opt.py,
+# the ``np.savez`` of ``*_sgd_cvd_hr.npz``): a depth at the ceiling is "100 m or farther" (sky, far
+# field), not a measurement.
+MEGASAM_DEPTH_CEILING_M = 100.0
+
+
 def reference_from_megasam(source: str | os.PathLike | MegaSaMOutput, height: int, width: int, *,
                            expected_frames: int | None = None, min_depth: float = 1e-3,
-                           max_depth: float = 1e3) -> MetricReference:
+                           max_depth: float = 1e3,
+                           saturation_m: float | None = MEGASAM_DEPTH_CEILING_M) -> MetricReference:
     """A MegaSaM result (path to its npz or a loaded :class:`MegaSaMOutput`) at the clip's size.
 
     The depth is resized by nearest neighbour at pixel centres when MegaSaM ran at another
     resolution (see :meth:`MegaSaMOutput.resized`); the intrinsics are scaled accordingly. The
     reference keeps MegaSaM's ``cam_c2w`` (metric scale, its own world frame) for pose scaling.
+    Depths at MegaSaM's clipping ceiling (``saturation_m``, within 0.1 %) are invalid: they mark
+    the far field, not a distance; ``min_depth``/``max_depth`` are the dataset's limits.
     """
     out = source if isinstance(source, MegaSaMOutput) else load_megasam_npz(source, expected_frames)
     if expected_frames is not None and out.num_frames != expected_frames:
         raise AlignmentError(f"MegaSaM output has {out.num_frames} frames for {expected_frames}", out.path)
     depth, k = out.resized(height, width)
-    d, ok = _clean(depth, None, min_depth, max_depth)
+    saturated = None if saturation_m is None else ~(np.asarray(depth) >= saturation_m * (1 - 1e-3))
+    d, ok = _clean(depth, saturated, min_depth, max_depth)
     return MetricReference(depth=d, valid=ok, kind="megasam", c2w=out.cam_c2w.copy(), intrinsics=k,
                            meta={"path": out.path, "source_size": list(out.depths.shape[1:])})
