@@ -139,10 +139,26 @@ def _to_space(values: np.ndarray, kind: str, space: str) -> np.ndarray:
         return np.where(v > 0, 1.0 / v, np.nan)
 
 
-def _frame_chunks(num_frames: int, pixels_per_frame: int, max_pixels: int = 4_000_000):
+def _frame_chunks(num_frames: int, pixels_per_frame: int, max_pixels: int = 262_144):
     """Slices of whole frames holding at most ``max_pixels`` pixels (at least one frame)."""
     step = max(1, max_pixels // max(pixels_per_frame, 1))
     return [slice(i, min(i + step, num_frames)) for i in range(0, num_frames, step)]
+
+
+def _sample_true(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted flat indices of ``n`` random True entries of ``mask`` (F, P) (all if fewer),
+    uniformly without replacement: how many come from each frame is one multivariate
+    hypergeometric draw, then each frame is sampled on its own, so no index array over every
+    valid pixel of a long video is ever built."""
+    per_frame = mask.sum(axis=1)
+    if int(per_frame.sum()) <= n:
+        return np.flatnonzero(mask)
+    take = rng.multivariate_hypergeometric(per_frame, n, method="marginals")
+    parts = []
+    for f in np.flatnonzero(take):
+        pos = np.flatnonzero(mask[f])
+        parts.append(f * mask.shape[1] + np.sort(rng.choice(pos, int(take[f]), replace=False)))
+    return np.concatenate(parts)
 
 
 def _masked_median(a: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -327,8 +343,7 @@ def fit_alignment(
     groups = t if opts.per_frame else 1
     rng = np.random.default_rng(opts.seed)
     group_size = (t // groups) * h * w
-    mg_src = fit_ok.reshape(groups, -1)
-    counts = mg_src.sum(axis=1)
+    counts = fit_ok.reshape(groups, -1).sum(axis=1)
     for g in range(groups):
         if counts[g] < opts.min_points:
             raise AlignmentError(f"too few valid points{_where(g, opts.per_frame)}: "
@@ -341,9 +356,7 @@ def fit_alignment(
     m = np.zeros((groups, n_max), bool)
     pred_flat, ref_flat = pred.reshape(-1), ref.reshape(-1)
     for g in range(groups):
-        idx = np.flatnonzero(mg_src[g])
-        if idx.size > n_max:
-            idx = np.sort(rng.choice(idx, n_max, replace=False))
+        idx = _sample_true(fit_ok.reshape(groups, t // groups, h * w)[g], n_max, rng)
         k = idx.size
         gidx = g * group_size + idx
         x[g, :k] = _to_space(pred_flat[gidx], prediction_kind, opts.space)
