@@ -231,3 +231,50 @@ def test_stereo_reference_still_catches_a_prediction_that_is_not_affine():
     out = align_clip(clip, hall_disparity(0, power=0.5), ref)  # disparity ~ 1/sqrt(depth): wrong shape
     qc = out.meta.qc["align"]
     assert not qc["keep"] and "residual" in qc["reason"]
+
+
+# ------------------------------------------------------------------------------------------------
+# MegaSaM's own focal length (issue #20 item 5)
+
+def megasam_with_focal(tmp_path, focal_ratio):
+    """MegaSaM's solution for a camera it believes has focal ``focal_ratio`` x the true one: its
+    depth is anchored by its metric depth prior (true depth, 2 % noise), so to explain the same
+    image motion its baselines shrink by that ratio (parallax = f B / z)."""
+    r = scene()
+    rng = np.random.default_rng(8)
+    g = geo.make_pose(geo.quat_xyzw_to_matrix(np.array([0.1, 0.7, -0.2, 0.6])), np.array([3.0, 0.0, -1.0]))
+    c2w = g @ r.c2w
+    c2w[:, :3, 3] /= focal_ratio
+    depth = (r.depth * (1 + 0.02 * rng.standard_normal(r.depth.shape))).astype(np.float32)
+    k = r.intrinsics[0].copy()
+    k[:2] *= focal_ratio
+    path = tmp_path / f"focal{focal_ratio}_sgd_cvd_hr.npz"
+    np.savez(path, images=r.rgb, depths=depth, intrinsic=geo.intrinsics_matrix(k), cam_c2w=c2w)
+    return path
+
+
+def test_megasam_focal_mismatch_is_corrected():
+    import tempfile
+    from pathlib import Path
+
+    clip = make_clip()
+    pred, bad = relative_disparity()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = megasam_with_focal(Path(tmp), 1.12)
+        ref = reference_from_megasam(path, 48, 64, expected_frames=8, clip_intrinsics=clip.intrinsics)
+        blind = reference_from_megasam(path, 48, 64, expected_frames=8)  # focal never compared
+    qc_blind = align_clip(clip, pred, blind).meta.qc["align"]
+    assert not qc_blind["keep"] and "disagree in scale" in qc_blind["reason"]
+    assert abs(ref.meta["focal_ratio"] - 1.12) < 1e-6
+    out = align_clip(clip, pred, ref)
+    qc = out.meta.qc["align"]
+    assert qc["keep"], qc["reason"]
+    assert abs(qc["megasam_focal_ratio"] - 1.12) < 1e-6
+    assert abs(qc["pose_scale"] * K_SFM - 1) < 0.01
+    assert abs(qc["consistency_scale_factor"] - 1) < 0.05
+
+
+def test_megasam_focal_far_off_is_refused(tmp_path):
+    clip = make_clip()
+    with pytest.raises(AlignmentError, match="focal length"):
+        reference_from_megasam(megasam_with_focal(tmp_path, 1.3), 48, 64, clip_intrinsics=clip.intrinsics)

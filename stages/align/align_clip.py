@@ -131,6 +131,8 @@ def align_clip(clip: Clip, relative_depth: np.ndarray, reference: MetricReferenc
                                  max_points=opts.consistency_max_points)
     qc = align_qc(fit, pose_scale=pose_res, consistency=cons, thresholds=opts.thresholds)
     qc["reference"] = reference.kind
+    if "focal_ratio" in reference.meta:
+        qc["megasam_focal_ratio"] = float(reference.meta["focal_ratio"])
     qc["prediction_kind"] = opts.prediction_kind
     if pose_res is not None and pose_res.extra.get("fallback_from_trajectory"):
         qc["pose_scale_fallback"] = pose_res.extra["fallback_from_trajectory"]

@@ -58,7 +58,8 @@ def reference_for(clip: Clip, cfg: BuildConfig) -> MetricReference:
     lo, hi = depth_limits(cfg, clip.meta.dataset)
     if src == "megasam":
         out = _megasam_runner(cfg).run(clip.key, clip.rgb)
-        return reference_from_megasam(out, h, w, expected_frames=t, min_depth=lo, max_depth=hi)
+        return reference_from_megasam(out, h, w, expected_frames=t, min_depth=lo, max_depth=hi,
+                                      clip_intrinsics=clip.intrinsics)
     if src == "sparse":
         if clip.tracks is None:
             raise AlignmentError("depth_source 'sparse' needs the dataset's metric 3D tracks; this clip has none", clip.key)
