@@ -81,6 +81,16 @@ class AlignResult:
     averages out, a prediction that is not affine to the reference does not); ``scatter`` is the RMS
     inlier residual in the noise space of the fit (absolute: divided by median ``|y|``; relative
     fit: of ``r / y``), reported, not gated: it is mostly the reference's own noise;
+    ``noise_abs_rel`` is the aligned-vs-reference error in the fit's space and noise model,
+    ``sum |s x + b - y| / sum |y|`` (``mean |s x + b - y| / |y|`` for a relative fit) over the
+    pixels valid in both: with disparity noise (stereo) the depth AbsRel is dominated by the
+    farthest, noisiest reference points, this is not; ``excess_abs_rel`` is what remains of it
+    beyond the reference's own noise (``noise_abs_rel - sqrt(2/pi) * sigma``, ``sigma`` the fit's
+    robust residual scale made relative): the part of the disagreement that is the alignment's;
+    ``noise_delta_1_25`` counts a pixel as agreeing when within 25 % of the reference *or* within
+    ``inlier_k`` sigmas of it in the fit's noise model (a stereo point at 18 m is +-50 %);
+    ``correlation`` is that of the fitted values with the reference over the inliers (the
+    noise-aware numbers trust the fit's sigma; an unrelated prediction inflates it, not this);
     ``abs_rel`` and ``delta_1_25`` compare the aligned depth with the reference on every pixel
     valid in both (outliers of the reference included). ``depth`` (T,H,W) float32 metres is
     valid where ``valid``; elsewhere it is 0.
@@ -104,6 +114,10 @@ class AlignResult:
     scatter: float = 0.0
     far_limit_m: float = float("inf")  # aligned depth beyond this is not kept (far-field rule)
     far_field_ratio: float = 0.0  # prediction-valid pixels beyond the reference's far end, left without depth
+    noise_abs_rel: float = 0.0  # abs_rel in the fit's space and noise model (see above)
+    excess_abs_rel: float = 0.0  # noise_abs_rel beyond what the reference's noise explains (QC gate)
+    noise_delta_1_25: float = 1.0  # share within 25 % of the reference or within its noise (QC gate)
+    correlation: float = 1.0  # fitted values vs reference over the inliers (QC gate)
 
     def scale_per_frame(self, num_frames: int) -> np.ndarray:
         return np.broadcast_to(np.asarray(self.scale, dtype=np.float64), (num_frames,)).copy()
@@ -120,6 +134,8 @@ class AlignResult:
             "scale": num(self.scale), "shift": num(self.shift), "space": self.space,
             "per_frame": self.per_frame, "inlier_ratio": float(self.inlier_ratio),
             "residual": float(self.residual), "scatter": float(self.scatter), "abs_rel": float(self.abs_rel),
+            "noise_abs_rel": float(self.noise_abs_rel), "excess_abs_rel": float(self.excess_abs_rel),
+            "noise_delta_1_25": float(self.noise_delta_1_25), "correlation": float(self.correlation),
             "delta_1_25": float(self.delta_1_25), "n_points": int(self.n_points),
             "valid_ratio": float(self.valid_ratio), "iterations": int(self.iterations),
             "far_limit_m": float(self.far_limit_m), "far_field_ratio": float(self.far_field_ratio),
@@ -219,6 +235,20 @@ def _systematic_error(x, y, raw, inl, bins: int, min_bin: int = 32) -> float:
     return float(worst)
 
 
+def _correlation(f, y, inl) -> float:
+    """Pearson correlation of the fitted values with the reference over the inliers (all groups).
+
+    The noise-aware checks measure the residuals against the fit's own robust sigma; a
+    prediction unrelated to the reference gives a flat fit whose sigma is the reference's whole
+    spread, and passes them. It does not pass this: the fit must reproduce the reference's
+    variation (with zero-mean reference noise the correlation is the share of the spread that
+    is signal, 0.96 for Stereo4D-like noise over 2-20 m)."""
+    fv, yv = f[inl], y[inl]
+    if fv.size < 3 or not (fv.std() > 0 and yv.std() > 0):
+        return 0.0
+    return float(np.corrcoef(fv, yv)[0, 1])
+
+
 def _scatter(y, raw, inl, relative: bool) -> float:
     """RMS inlier residual in the space the fit assumes the noise lives in: relative to ``y``
     for a relative fit, else absolute, divided by the median ``|y|`` to make it dimensionless."""
@@ -274,97 +304,9 @@ def _ransac_init(x, y, m, opts: FitOptions, rng) -> np.ndarray:
 # The fit
 
 
-def fit_alignment(
-    prediction: np.ndarray,
-    ref_depth: np.ndarray,
-    ref_valid: np.ndarray | None = None,
-    *,
-    prediction_kind: Literal["disparity", "depth"] = "disparity",
-    prediction_valid: np.ndarray | None = None,
-    exclude: np.ndarray | None = None,
-    weights: np.ndarray | None = None,
-    options: FitOptions | None = None,
-) -> AlignResult:
-    """Align a relative ``prediction`` (T,H,W) to metric ``ref_depth`` (T,H,W, metres).
-
-    ``prediction_kind`` says whether the prediction is a (relative) disparity or depth.
-    ``ref_valid`` marks usable reference pixels (sparse references: few True); non-finite,
-    ``<= min_depth`` or ``> max_depth`` reference values are ignored too. ``prediction_valid``
-    marks usable prediction pixels; ``exclude`` (sky, dynamic, ...) removes pixels from both the
-    fit and the output. ``weights`` are optional per-pixel confidences of the reference.
-    """
-    opts = options or FitOptions()
-    pred = np.asarray(prediction)
-    ref = np.asarray(ref_depth)
-    if pred.ndim != 3:
-        raise AlignmentError(f"prediction must be (T,H,W), got {pred.shape}")
-    if ref.shape != pred.shape:
-        raise AlignmentError(f"reference depth {ref.shape} does not match prediction {pred.shape}")
-    t, h, w = pred.shape
-    shape = pred.shape
-
-    def mask(a, name):
-        if a is None:
-            return None
-        a = np.asarray(a, dtype=bool)
-        if a.shape != shape:
-            raise AlignmentError(f"{name} {a.shape} does not match prediction {shape}")
-        return a
-
-    pv, ex, rv = mask(prediction_valid, "prediction_valid"), mask(exclude, "exclude"), mask(ref_valid, "ref_valid")
-    base_w = None if weights is None else np.asarray(weights)
-    if base_w is not None and base_w.shape != shape:
-        raise AlignmentError(f"weights {base_w.shape} do not match prediction {shape}")
-
-    # Masks in frame chunks: no full-size float64 copy of a scene-length video is ever made.
-    pred_ok = np.empty(shape, bool)
-    ref_ok = np.empty(shape, bool)
-    for sl in _frame_chunks(t, h * w):
-        xs = _to_space(pred[sl], prediction_kind, opts.space)
-        ok = np.isfinite(xs)
-        if pv is not None:
-            ok &= pv[sl]
-        if ex is not None:
-            ok &= ~ex[sl]
-        if opts.space == "depth" or prediction_kind == "depth":
-            ok &= xs > 0
-        pred_ok[sl] = ok
-        r = ref[sl].astype(np.float64)
-        with np.errstate(invalid="ignore"):
-            rok = np.isfinite(r) & (r > opts.min_depth) & (r <= opts.max_depth)
-        ref_ok[sl] = rok if rv is None else rok & rv[sl]
-    fit_ok = pred_ok & ref_ok
-    if base_w is not None:
-        with np.errstate(invalid="ignore"):
-            fit_ok &= np.isfinite(base_w) & (base_w > 0)
-
-    # Gather at most max_fit_points random valid points per group into (G, N) arrays (and at most
-    # max_total_points over all groups: a per-frame fit of a long scene stays small).
-    groups = t if opts.per_frame else 1
-    rng = np.random.default_rng(opts.seed)
-    group_size = (t // groups) * h * w
-    counts = fit_ok.reshape(groups, -1).sum(axis=1)
-    for g in range(groups):
-        if counts[g] < opts.min_points:
-            raise AlignmentError(f"too few valid points{_where(g, opts.per_frame)}: "
-                                 f"{int(counts[g])} < {opts.min_points}")
-    per_group_cap = max(opts.min_points, opts.max_total_points // groups)
-    n_max = int(min(counts.max(), opts.max_fit_points, per_group_cap))
-    x = np.zeros((groups, n_max))
-    y = np.ones((groups, n_max))
-    wb = np.zeros((groups, n_max))
-    m = np.zeros((groups, n_max), bool)
-    pred_flat, ref_flat = pred.reshape(-1), ref.reshape(-1)
-    for g in range(groups):
-        idx = _sample_true(fit_ok.reshape(groups, t // groups, h * w)[g], n_max, rng)
-        k = idx.size
-        gidx = g * group_size + idx
-        x[g, :k] = _to_space(pred_flat[gidx], prediction_kind, opts.space)
-        y[g, :k] = _to_space(ref_flat[gidx], "depth", opts.space)
-        wb[g, :k] = 1.0 if base_w is None else base_w.reshape(-1)[gidx]
-        m[g, :k] = True
-    n_points = int(m.sum())
-
+def _robust_fit(x, y, wb, m, opts: FitOptions, rng):
+    """RANSAC start + IRLS on the (G, N) samples; returns s, b, sxx, r, sig, iterations, mx."""
+    groups = x.shape[0]
     # Degeneracy: the prediction must vary (scale+shift) and be non-zero (scale only).
     mx = _masked_median(np.abs(x), m)
     spread = np.sqrt(np.nanmean(np.where(m, (x - np.nanmean(np.where(m, x, np.nan), axis=1)[:, None]) ** 2,
@@ -425,11 +367,120 @@ def fit_alignment(
             raise AlignmentError(f"non-positive scale {s[g]:.3g}{_where(g, opts.per_frame)}: the prediction is "
                                  f"anti-correlated with the reference (wrong disparity/depth flag?)")
 
+    return s, b, sxx, r, sig, it_done, mx
+
+
+def fit_alignment(
+    prediction: np.ndarray,
+    ref_depth: np.ndarray,
+    ref_valid: np.ndarray | None = None,
+    *,
+    prediction_kind: Literal["disparity", "depth"] = "disparity",
+    prediction_valid: np.ndarray | None = None,
+    exclude: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    options: FitOptions | None = None,
+) -> AlignResult:
+    """Align a relative ``prediction`` (T,H,W) to metric ``ref_depth`` (T,H,W, metres).
+
+    ``prediction_kind`` says whether the prediction is a (relative) disparity or depth.
+    ``ref_valid`` marks usable reference pixels (sparse references: few True); non-finite,
+    ``<= min_depth`` or ``> max_depth`` reference values are ignored too. ``prediction_valid``
+    marks usable prediction pixels; ``exclude`` (sky, dynamic, ...) removes pixels from both the
+    fit and the output. ``weights`` are optional per-pixel confidences of the reference.
+    """
+    opts = options or FitOptions()
+    pred = np.asarray(prediction)
+    ref = np.asarray(ref_depth)
+    if pred.ndim != 3:
+        raise AlignmentError(f"prediction must be (T,H,W), got {pred.shape}")
+    if ref.shape != pred.shape:
+        raise AlignmentError(f"reference depth {ref.shape} does not match prediction {pred.shape}")
+    t, h, w = pred.shape
+    shape = pred.shape
+
+    def mask(a, name):
+        if a is None:
+            return None
+        a = np.asarray(a, dtype=bool)
+        if a.shape != shape:
+            raise AlignmentError(f"{name} {a.shape} does not match prediction {shape}")
+        return a
+
+    pv, ex, rv = mask(prediction_valid, "prediction_valid"), mask(exclude, "exclude"), mask(ref_valid, "ref_valid")
+    base_w = None if weights is None else np.asarray(weights)
+    if base_w is not None and base_w.shape != shape:
+        raise AlignmentError(f"weights {base_w.shape} do not match prediction {shape}")
+
+    # Masks in frame chunks: no full-size float64 copy of a scene-length video is ever made.
+    pred_ok = np.empty(shape, bool)
+    ref_ok = np.empty(shape, bool)
+    for sl in _frame_chunks(t, h * w):
+        xs = _to_space(pred[sl], prediction_kind, opts.space)
+        ok = np.isfinite(xs)
+        if pv is not None:
+            ok &= pv[sl]
+        if ex is not None:
+            ok &= ~ex[sl]
+        if opts.space == "depth" or prediction_kind == "depth":
+            ok &= xs > 0
+        pred_ok[sl] = ok
+        r = ref[sl].astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            rok = np.isfinite(r) & (r > opts.min_depth)  # max_depth acts through the prediction (below)
+        ref_ok[sl] = rok if rv is None else rok & rv[sl]
+    fit_ok = pred_ok & ref_ok
+    if base_w is not None:
+        with np.errstate(invalid="ignore"):
+            fit_ok &= np.isfinite(base_w) & (base_w > 0)
+
+    # Gather at most max_fit_points random valid points per group into (G, N) arrays (and at most
+    # max_total_points over all groups: a per-frame fit of a long scene stays small).
+    groups = t if opts.per_frame else 1
+    rng = np.random.default_rng(opts.seed)
+    group_size = (t // groups) * h * w
+    counts = fit_ok.reshape(groups, -1).sum(axis=1)
+    for g in range(groups):
+        if counts[g] < opts.min_points:
+            raise AlignmentError(f"too few valid points{_where(g, opts.per_frame)}: "
+                                 f"{int(counts[g])} < {opts.min_points}")
+    per_group_cap = max(opts.min_points, opts.max_total_points // groups)
+    n_max = int(min(counts.max(), opts.max_fit_points, per_group_cap))
+    x = np.zeros((groups, n_max))
+    y = np.ones((groups, n_max))
+    wb = np.zeros((groups, n_max))
+    m = np.zeros((groups, n_max), bool)
+    pred_flat, ref_flat = pred.reshape(-1), ref.reshape(-1)
+    for g in range(groups):
+        idx = _sample_true(fit_ok.reshape(groups, t // groups, h * w)[g], n_max, rng)
+        k = idx.size
+        gidx = g * group_size + idx
+        x[g, :k] = _to_space(pred_flat[gidx], prediction_kind, opts.space)
+        y[g, :k] = _to_space(ref_flat[gidx], "depth", opts.space)
+        wb[g, :k] = 1.0 if base_w is None else base_w.reshape(-1)[gidx]
+        m[g, :k] = True
+    s, b, sxx, r, sig, it_done, mx = _robust_fit(x, y, wb, m, opts, rng)
+    # The dataset's depth limits act on the reference through the prediction: points the fit puts
+    # outside [min_depth, max_depth] leave it, and it is repeated. Cutting on the reference's own
+    # noisy value instead would select its errors (with stereo noise, constant in disparity,
+    # points near the limit survive only when their noise made them nearer: aligned depth 10 %
+    # short at 12-20 m for Stereo4D's 20 m limit).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fitted_pts = s[:, None] * x + b[:, None]
+        fd = 1.0 / fitted_pts if opts.space == "disparity" else fitted_pts
+        in_range = m & np.isfinite(fd) & (fd > opts.min_depth) & (fd <= opts.max_depth)
+    if np.any(in_range != m) and np.all(in_range.sum(axis=1) >= opts.min_points):
+        m = in_range
+        s, b, sxx, r, sig, it_done2, mx = _robust_fit(x, y, wb, m, opts, rng)
+        it_done += it_done2
+    n_points = int(m.sum())
+
     inl = m & (np.abs(r) <= opts.inlier_k * sig[:, None])
     inlier_ratio = float(inl.sum() / max(n_points, 1))
     raw = s[:, None] * x + b[:, None] - y
     residual = _systematic_error(x, y, raw, inl, opts.residual_bins)
     scatter = _scatter(y, raw, inl, opts.relative)
+    correlation = _correlation(s[:, None] * x + b[:, None], y, inl)
 
     # The far field: the reference supports depths up to its 99th percentile (inliers); aligned
     # depth beyond far_factor times that, or beyond max_depth, is extrapolation (sky, a shift a
@@ -450,6 +501,8 @@ def fit_alignment(
     cnt_t = np.zeros(t, np.int64)
     delta_cnt = 0
     far_count = 0
+    noise_num = noise_den = 0.0
+    noise_delta_cnt = 0
     for sl in _frame_chunks(t, h * w):
         frames = np.arange(t)[sl]
         s_t = s[frames // frames_per_group][:, None, None]
@@ -473,6 +526,20 @@ def fit_alignment(
         rel_sum_t[sl] = rel.sum(axis=(1, 2))
         cnt_t[sl] = cmp.sum(axis=(1, 2))
         delta_cnt += int(((ratio < 1.25) & cmp).sum())
+        # The same comparison in the fit's space and noise model (see AlignResult.noise_abs_rel).
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f_sp = np.where(cmp, fitted, 0.0)
+            y_sp = np.where(cmp, 1.0 / r if opts.space == "disparity" else r, 1.0)
+            dev = np.where(cmp, np.abs(f_sp - y_sp), 0.0)
+        sig_t = sig[frames // frames_per_group][:, None, None]
+        tol = opts.inlier_k * sig_t * (np.abs(y_sp) if opts.relative else 1.0)
+        noise_delta_cnt += int((((ratio < 1.25) | (dev <= tol)) & cmp).sum())
+        if opts.relative:
+            noise_num += float((dev / np.abs(y_sp)).sum())
+            noise_den += float(cmp.sum())
+        else:
+            noise_num += float(dev.sum())
+            noise_den += float(np.where(cmp, np.abs(y_sp), 0.0).sum())
     n_pred = int(pred_ok.sum())
     far_field_ratio = far_count / max(n_pred, 1)
     valid_ratio = float(valid.sum() / max(n_pred - far_count, 1))
@@ -482,6 +549,12 @@ def fit_alignment(
     abs_rel_t = np.where(cnt_t > 0, rel_sum_t / np.maximum(cnt_t, 1), np.nan)
     abs_rel = float(rel_sum_t.sum() / cnt_t.sum())
     delta = float(delta_cnt / cnt_t.sum())
+    noise_abs_rel = noise_num / noise_den if noise_den > 0 else float("inf")
+    # What the reference's own noise alone would give: E|n| = sqrt(2/pi) sigma for Gaussian noise,
+    # sigma the fit's robust residual scale (relative fit: already relative; else over mean |y|).
+    sigma_rel = float(np.mean(sig)) if opts.relative else float(np.mean(sig) / max(np.abs(y[inl]).mean(), 1e-300))
+    excess_abs_rel = max(0.0, noise_abs_rel - np.sqrt(2 / np.pi) * sigma_rel)
+    noise_delta = float(noise_delta_cnt / cnt_t.sum())
 
     if opts.per_frame:
         scale_out, shift_out, sigma_out = s.copy(), b.copy(), sig.copy()
@@ -491,6 +564,8 @@ def fit_alignment(
                        abs_rel=abs_rel, delta_1_25=delta, n_points=n_points, depth=depth, valid=valid,
                        space=opts.space, per_frame=opts.per_frame, sigma=sigma_out, valid_ratio=valid_ratio,
                        abs_rel_per_frame=abs_rel_t, iterations=it_done, far_limit_m=far_limit,
+                       noise_abs_rel=noise_abs_rel, excess_abs_rel=excess_abs_rel, noise_delta_1_25=noise_delta,
+                       correlation=correlation,
                        far_field_ratio=far_field_ratio)
 
 

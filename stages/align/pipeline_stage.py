@@ -55,16 +55,17 @@ def depth_limits(cfg: BuildConfig, dataset: str) -> tuple[float, float]:
 def reference_for(clip: Clip, cfg: BuildConfig) -> MetricReference:
     src = cfg.datasets[clip.meta.dataset].depth_source
     t, h, w = clip.rgb.shape[:3]
+    # The maximum depth is applied by the fit (options_for), through the prediction: cutting a
+    # noisy reference on its own values would select its errors (stages/align/fit.py).
     lo, hi = depth_limits(cfg, clip.meta.dataset)
     if src == "megasam":
         out = _megasam_runner(cfg).run(clip.key, clip.rgb)
-        return reference_from_megasam(out, h, w, expected_frames=t, min_depth=lo, max_depth=hi,
-                                      clip_intrinsics=clip.intrinsics)
+        return reference_from_megasam(out, h, w, expected_frames=t, min_depth=lo, clip_intrinsics=clip.intrinsics)
     if src == "sparse":
         if clip.tracks is None:
             raise AlignmentError("depth_source 'sparse' needs the dataset's metric 3D tracks; this clip has none", clip.key)
         return reference_from_tracks(clip.tracks, clip.intrinsics, clip.c2w, h, w, visible=clip.track_visible,
-                                     min_depth=lo, max_depth=hi)
+                                     min_depth=lo)
     if src == "vda_metric":
         if clip.aux.get("relative_kind") != "metric_depth":
             raise ConfigError("depth_source 'vda_metric' needs stages.depth.metric: true")
