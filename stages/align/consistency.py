@@ -72,11 +72,20 @@ def to_pixels(x_cam: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray,
         return fx * x_cam[..., 0] / z + cx, fy * x_cam[..., 1] / z + cy, z
 
 
-def default_pairs(num_frames: int, max_pairs: int = 24) -> list[tuple[int, int]]:
-    """Short, medium and long baselines: gaps 1, T/4, T/2 and T-1, evenly thinned to ``max_pairs``."""
+def default_pairs(num_frames: int, max_pairs: int = 24, max_gap: int = 16) -> list[tuple[int, int]]:
+    """Short, medium and long baselines: gaps 1, T/4, T/2 and T-1, evenly thinned to ``max_pairs``.
+
+    Gaps are capped at ``max_gap`` frames (with ``max_gap/2`` and ``max_gap/4`` added when a cap
+    applies): in a scene-length video frames half a scene apart rarely see the same surfaces,
+    and pairs without overlap carry no information. Clips of up to ``max_gap + 1`` frames are
+    unaffected."""
     if num_frames < 2:
         return []
-    gaps = sorted({1, max(1, num_frames // 4), max(1, num_frames // 2), num_frames - 1})
+    wanted = {1, max(1, num_frames // 4), max(1, num_frames // 2), num_frames - 1}
+    gaps = {min(g, max_gap) for g in wanted}
+    if max(wanted) > max_gap:
+        gaps |= {max(1, max_gap // 2), max(1, max_gap // 4)}
+    gaps = sorted(gaps)
     pairs = [(i, i + g) for g in gaps for i in range(num_frames - g)]
     if len(pairs) > max_pairs:
         pairs = [pairs[k] for k in np.linspace(0, len(pairs) - 1, max_pairs).round().astype(int)]

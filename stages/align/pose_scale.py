@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import geometry as geo
-from stages.align.consistency import ReprojectionCost, sample_bilinear
+from stages.align.consistency import ReprojectionCost, default_pairs, sample_bilinear
 from stages.align.fit import AlignmentError
 
 
@@ -267,9 +267,14 @@ def scale_from_depth(depth: np.ndarray, valid: np.ndarray, intrinsics: np.ndarra
     if points is not None:
         return _scale_from_points(points, points_visible, depth, valid, intrinsics, c2w)
     cs = camera_centres(c2w)
-    base_src = float(_pairs_distances(cs)[0].max()) if t > 1 else 0.0
-    if not base_src > 1e-9 * max(1.0, float(np.abs(cs).max())):
+    pairs = default_pairs(t) if pairs is None else pairs
+    # The baselines that matter are those of the frame pairs compared, not the whole path's
+    # extent: a scene-length walk is many depths long while each pair sees one stretch of it.
+    tiny = 1e-9 * max(1.0, float(np.abs(cs).max()))
+    bases = [b for b in (float(np.linalg.norm(cs[i] - cs[j])) for i, j in pairs) if b > tiny]
+    if not bases:
         raise StaticTrajectoryError("near-static trajectory: the camera centres coincide")
+    base_min, base_max = min(bases), max(bases)
     use = valid if exclude is None else valid & ~np.asarray(exclude, bool)
     med_depth = float(np.median(depth[use])) if np.any(use) else float("nan")
     if not np.isfinite(med_depth):
@@ -277,16 +282,20 @@ def scale_from_depth(depth: np.ndarray, valid: np.ndarray, intrinsics: np.ndarra
     cost = ReprojectionCost(depth, valid, intrinsics, c2w, rgb=rgb, exclude=exclude, pairs=pairs,
                             max_points=max_points, depth_trunc=depth_trunc, photo_trunc=photo_trunc,
                             photo_weight=photo_weight, seed=seed)
-    # Metric baselines from 1e-3 to 2 median depths are plausible for one clip.
-    s, best, edge = cost.search(1e-3 * med_depth / base_src, 2.0 * med_depth / base_src, grid)
+    # Plausible: the longest compared pair at least 1e-3 median depths, the shortest at most 2.
+    # The grid keeps its density per decade (``grid`` points over the 3.3 decades of a clip whose
+    # pairs' baselines are alike).
+    lo, hi = 1e-3 * med_depth / base_max, 2.0 * med_depth / base_min
+    n_grid = max(grid, int(np.ceil(grid * np.log10(hi / lo) / np.log10(2e3))))
+    s, best, edge = cost.search(lo, hi, n_grid)
     zero = cost(0.0)
     observability = float((zero - best) / max(zero, 1e-12))
     if observability < min_observability:
         raise StaticTrajectoryError(f"near-static trajectory: translation changes the reprojection cost by only "
                                     f"{observability:.3f} < {min_observability} of its value; scale not observable")
     if edge:
-        raise AlignmentError(f"depth-based pose scale hit the edge of its search range (metric baseline "
-                             f"{s * base_src:.3g} m vs median depth {med_depth:.3g} m)")
+        raise AlignmentError(f"depth-based pose scale hit the edge of its search range (metric baselines "
+                             f"{s * base_min:.3g}-{s * base_max:.3g} m vs median depth {med_depth:.3g} m)")
     return PoseScaleResult(scale=s, method="reprojection" + ("+photo" if rgb is not None else ""), n=cost.n_points,
-                           residual=float(best), baseline_m=s * base_src,
+                           residual=float(best), baseline_m=s * _extent(cs),
                            extra={"observability": observability, "cost_at_zero": float(zero)})
