@@ -19,6 +19,18 @@ solution (Tukey is not convex and needs a good start). Everything is vectorised 
 the fit sees at most ``max_fit_points`` random valid pixels per group, the result is applied to
 every pixel.
 
+Depth limits (``min_depth``, ``max_depth``: the dataset's) act on the reference through the
+prediction: after a first fit, reference points the fit places beyond them leave it and the fit
+is repeated (cutting on the reference's own noisy values would select its errors). The output
+keeps depth only up to ``far_factor`` times the reference's 99th percentile (and ``max_depth``):
+beyond is extrapolation, typically sky. Any number of frames: masks and output are built in
+chunks of whole frames and the fit sees a uniform subsample.
+
+The quality numbers of :class:`AlignResult` are measured in the space the reference's noise
+lives in (a stereo reference's noise is about constant in disparity): the systematic error per
+prediction bin, the disagreement beyond the reference's own noise, a noise-aware delta<1.25 and
+the correlation of the fit with the reference (docs/ALIGNMENT.md section 1).
+
 Degenerate inputs raise :class:`AlignmentError` (a :class:`pipeline.clip.ClipError`) with the
 reason: too few valid points, a near-constant prediction, a singular system, a non-positive or
 non-finite scale.
@@ -384,8 +396,9 @@ def fit_alignment(
     """Align a relative ``prediction`` (T,H,W) to metric ``ref_depth`` (T,H,W, metres).
 
     ``prediction_kind`` says whether the prediction is a (relative) disparity or depth.
-    ``ref_valid`` marks usable reference pixels (sparse references: few True); non-finite,
-    ``<= min_depth`` or ``> max_depth`` reference values are ignored too. ``prediction_valid``
+    ``ref_valid`` marks usable reference pixels (sparse references: few True); non-finite or
+    ``<= min_depth`` reference values are ignored too, and reference points that the fit places
+    beyond ``max_depth`` leave it (module docstring). Any number of frames. ``prediction_valid``
     marks usable prediction pixels; ``exclude`` (sky, dynamic, ...) removes pixels from both the
     fit and the output. ``weights`` are optional per-pixel confidences of the reference.
     """
@@ -518,18 +531,18 @@ def fit_alignment(
         d32 = np.where(v, d, 0.0).astype(np.float32)
         depth[sl], valid[sl] = d32, v
         cmp = v & ref_ok[sl]
-        r = np.where(cmp, ref[sl].astype(np.float64), 1.0)
+        ref_c = np.where(cmp, ref[sl].astype(np.float64), 1.0)
         d64 = d32.astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.where(cmp, np.abs(d64 - r) / r, 0.0)
-            ratio = np.where(cmp, np.maximum(d64 / r, r / np.where(cmp, d64, 1.0)), np.inf)
+            rel = np.where(cmp, np.abs(d64 - ref_c) / ref_c, 0.0)
+            ratio = np.where(cmp, np.maximum(d64 / ref_c, ref_c / np.where(cmp, d64, 1.0)), np.inf)
         rel_sum_t[sl] = rel.sum(axis=(1, 2))
         cnt_t[sl] = cmp.sum(axis=(1, 2))
         delta_cnt += int(((ratio < 1.25) & cmp).sum())
         # The same comparison in the fit's space and noise model (see AlignResult.noise_abs_rel).
         with np.errstate(divide="ignore", invalid="ignore"):
             f_sp = np.where(cmp, fitted, 0.0)
-            y_sp = np.where(cmp, 1.0 / r if opts.space == "disparity" else r, 1.0)
+            y_sp = np.where(cmp, 1.0 / ref_c if opts.space == "disparity" else ref_c, 1.0)
             dev = np.where(cmp, np.abs(f_sp - y_sp), 0.0)
         sig_t = sig[frames // frames_per_group][:, None, None]
         tol = opts.inlier_k * sig_t * (np.abs(y_sp) if opts.relative else 1.0)
