@@ -59,14 +59,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import geometry as geo  # noqa: E402
-from pipeline.clip import Clip, ClipMeta  # noqa: E402
-from pipeline.demo.render import SceneSpec, random_scene, render  # noqa: E402
-from stages.align.align_clip import AlignClipOptions, align_clip  # noqa: E402
-from stages.align.fit import AlignmentError, FitOptions  # noqa: E402
-from stages.align.megasam import MegaSaMOutput  # noqa: E402
-from stages.align.references import reference_from_megasam, reference_from_tracks  # noqa: E402
-from stages.tracks.lift import lift_tracks  # noqa: E402
+from pipeline import geometry as geo
+from pipeline.clip import Clip, ClipMeta
+from pipeline.demo.render import SceneSpec, random_scene, render
+from stages.align.align_clip import AlignClipOptions, align_clip
+from stages.align.fit import AlignmentError, FitOptions
+from stages.align.megasam import MegaSaMOutput
+from stages.align.references import reference_from_megasam, reference_from_tracks
+from stages.tracks.lift import lift_tracks
 
 FRAMES, HEIGHT, WIDTH = 16, 48, 64
 STEREO_SIGMA = 0.5 / (300.0 * 0.063)  # disparity noise in 1/m
@@ -383,11 +383,11 @@ def _pct(v, digits=1):
 
 def markdown(res: dict, command: str) -> str:
     s = res["summary"]
-    lines = [f"Command: `{command}` ({res['trials_per_scenario']} clips per scenario, seed {res['seed']}, "
-             f"{res['seconds']:.0f} s on {platform.machine()} with {os.cpu_count()} CPUs).", "",
-             f"**Good clips kept: {_pct(s['good_kept'])}** (goal >= 99 %). **Clips with a wrong scale "
-             f"(> {int(100 * WRONG_SCALE)} % off) dropped: {_pct(s['wrong_scale_dropped'])}** of "
-             f"{s['wrong_scale_clips']} (goal >= 99 %). Corrupted clips dropped: {_pct(s['corrupted_dropped'])}.", "",
+    lines = [(f"Command: `{command}` ({res['trials_per_scenario']} clips per scenario, seed {res['seed']}, "
+              f"{res['seconds']:.0f} s on {platform.machine()} with {os.cpu_count()} CPUs)."), "",
+             (f"**Good clips kept: {_pct(s['good_kept'])}** (goal >= 99 %). **Clips with a wrong scale "
+              f"(> {int(100 * WRONG_SCALE)} % off) dropped: {_pct(s['wrong_scale_dropped'])}** of "
+              f"{s['wrong_scale_clips']} (goal >= 99 %). Corrupted clips dropped: {_pct(s['corrupted_dropped'])}."), "",
              "| scenario | good? | kept | AbsRel | δ<1.25 | sky given depth | pose-scale bias | median abs pose-scale error | wrong scale (kept) | main drop reason |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, p in s["per_scenario"].items():
@@ -408,7 +408,8 @@ def markdown(res: dict, command: str) -> str:
 
 def replace_block(path: str, block: str) -> None:
     begin, end = "<!-- align-accuracy:begin -->", "<!-- align-accuracy:end -->"
-    text = open(path).read()
+    with open(path) as f:
+        text = f.read()
     if begin not in text or end not in text:
         raise SystemExit(f"{path} has no {begin} ... {end} block")
     head, rest = text.split(begin, 1)

@@ -6,10 +6,10 @@ import functools
 
 import numpy as np
 
+from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipMeta
 from pipeline.config import BuildConfig
 from pipeline.demo.render import random_scene, render
-from pipeline import geometry as geo
 from stages.align.align_clip import align_clip
 from stages.align.fit import fit_alignment
 from stages.align.pipeline_stage import align_for_pipeline, options_for, reference_for
@@ -18,7 +18,7 @@ from stages.align.references import reference_from_megasam
 MEGASAM_MAX_DEPTH = 100.0  # cvd_opt/cvd_opt.py clips its depths to [1e-3, 1e2]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def scene():
     return render(random_scene("limits", seed=8, dynamic=False, num_frames=8, height=48, width=64, num_tracks=400))
 

@@ -172,7 +172,7 @@ def test_wrapper_runs_megasams_steps_and_converts_to_the_frame_grid(tmp_path, fa
     np.testing.assert_array_equal(res.images, rgb)
     assert res.depths.shape == (T, H0, W0)
     np.testing.assert_allclose(res.intrinsic, [[F0, 0, W0 / 2], [0, F0, H0 / 2], [0, 0, 1]], rtol=1e-9)
-    h1, w1, hc, wc = working_size(H0, W0)
+    h1, w1, _, _ = working_size(H0, W0)
     v, u = np.meshgrid(np.arange(H0) + 0.5, np.arange(W0) + 0.5, indexing="ij")
     has = res.depths > 0
     # only the strip MegaSaM cropped off (bottom rows / right columns) has no depth
@@ -206,6 +206,7 @@ def test_failing_step_and_missing_checkpoint(tmp_path, fake_megasam, monkeypatch
     monkeypatch.setenv("FAKE_MEGASAM_FAIL", "flow")
     assert main([str(fdir), str(tmp_path / "o.npz"), "--megasam-root", str(root), "--python", sys.executable]) == 2
     assert "optical flow" in capsys.readouterr().err and not (tmp_path / "o.npz").exists()
+    assert [c["script"] for c in calls(log)] == ["depth_anything", "unidepth", "camera_tracking", "flow"]
     monkeypatch.delenv("FAKE_MEGASAM_FAIL")
     (root / "cvd_opt/raft-things.pth").unlink()
     assert main([str(fdir), str(tmp_path / "o.npz"), "--megasam-root", str(root), "--python", sys.executable]) == 2

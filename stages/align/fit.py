@@ -472,7 +472,7 @@ def fit_alignment(
         y[g, :k] = _to_space(ref_flat[gidx], "depth", opts.space)
         wb[g, :k] = 1.0 if base_w is None else base_w.reshape(-1)[gidx]
         m[g, :k] = True
-    s, b, sxx, r, sig, it_done, mx = _robust_fit(x, y, wb, m, opts, rng)
+    s, b, _, r, sig, it_done, _ = _robust_fit(x, y, wb, m, opts, rng)
     # The dataset's depth limits act on the reference through the prediction: points the fit puts
     # outside [min_depth, max_depth] leave it, and it is repeated. Cutting on the reference's own
     # noisy value instead would select its errors (with stereo noise, constant in disparity,
@@ -484,7 +484,7 @@ def fit_alignment(
         in_range = m & np.isfinite(fd) & (fd > opts.min_depth) & (fd <= opts.max_depth)
     if np.any(in_range != m) and np.all(in_range.sum(axis=1) >= opts.min_points):
         m = in_range
-        s, b, sxx, r, sig, it_done2, mx = _robust_fit(x, y, wb, m, opts, rng)
+        s, b, _, r, sig, it_done2, _ = _robust_fit(x, y, wb, m, opts, rng)
         it_done += it_done2
     n_points = int(m.sum())
 
