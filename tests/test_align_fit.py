@@ -50,7 +50,8 @@ def test_scale_shift_recovered_with_outliers():
     assert res.depth.shape == d.shape and res.depth.dtype == np.float32
     assert 0.55 < res.inlier_ratio < 0.75  # ~0.8 * 0.8 of the points are clean
     assert res.residual < 0.03
-    assert res.n_points == d.size
+    # prediction outliers that the fit puts beyond the depth limits leave it (second pass)
+    assert 0.9 * d.size < res.n_points <= d.size
 
 
 def test_huber_alone_is_pulled_by_leverage_outliers_tukey_is_not():

@@ -148,3 +148,73 @@ def test_tracks_from_depth_static(scene):
 def test_shape_errors(scene):
     with pytest.raises(ValueError):
         lift_tracks(scene["uv"][:3], np.ones((3, scene["uv"].shape[1]), bool), scene["depth"], scene["valid"], scene["intr"], scene["c2w"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Distant ground and noisy planes (issue #20 item 4): the depth-edge test must not fire on smooth
+# surfaces seen at a grazing angle, nor on per-pixel depth noise, yet still drop silhouettes.
+
+CAM_HEIGHT = 1.5  # metres above the ground plane y = +CAM_HEIGHT (OpenCV world: y points down)
+
+
+def _ground_scene(width, height, focal, frames=4, step_m=0.5, seed=0, n=4000):
+    """A camera moving forward over an infinite ground plane; sky (no depth) above the horizon.
+    Returns depth (T,H,W), valid, intrinsics, c2w, ground points (N,3) and their pixels (T,N,2)."""
+    k = np.array([focal, focal, width / 2.0, height / 2.0])
+    c2w = np.tile(np.eye(4), (frames, 1, 1))
+    c2w[:, 2, 3] = step_m * np.arange(frames)
+    v, u = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
+    dy = (v - k[3]) / k[1]  # camera y of the z=1 ray; the camera looks along +z, level
+    with np.errstate(divide="ignore"):
+        z = np.where(dy > 1e-9, CAM_HEIGHT / np.where(dy > 1e-9, dy, 1.0), 0.0)
+    depth = np.repeat(z[None].astype(np.float32), frames, axis=0)
+    valid = depth > 0
+    rng = np.random.default_rng(seed)
+    zs = np.exp(rng.uniform(np.log(2.0), np.log(200.0), n)) + step_m * frames
+    xs = rng.uniform(-1, 1, n) * 0.45 * zs * width / focal
+    pts = np.stack([xs, np.full(n, CAM_HEIGHT), zs], axis=-1)
+    uv = np.stack([project(pts, k, c2w[f])[0] for f in range(frames)])
+    return depth, valid, np.tile(k, (frames, 1)), c2w, pts, uv
+
+
+@pytest.mark.parametrize("width,height,focal", [(512, 288, 300.0), (1242, 375, 725.0)])
+def test_distant_ground_is_kept(width, height, focal):
+    depth, valid, intr, c2w, pts, uv = _ground_scene(width, height, focal)
+    inside = (uv[..., 0] > 2) & (uv[..., 0] < width - 2) & (uv[..., 1] > height / 2 + 2) & (uv[..., 1] < height - 2)
+    world, vis = lift_tracks(uv, inside, depth, valid, intr, c2w)
+    dist = pts[:, 2] - c2w[0, 2, 3]
+    for lo, hi in [(0, 10), (10, 20), (20, 40), (40, 80), (80, 160)]:
+        band = inside & ((dist >= lo) & (dist < hi))[None]
+        if band.sum() < 20:
+            continue
+        kept = (vis & band).sum() / band.sum()
+        assert kept > 0.97, f"{width}x{height}: only {kept:.0%} of ground tracks at {lo}-{hi} m kept"
+    err = np.linalg.norm(world - pts[None], axis=-1) / np.linalg.norm(pts[None] - c2w[:, None, :3, 3], axis=-1)
+    assert np.max(err[vis]) < 1e-3
+
+
+def test_noisy_plane_is_kept_and_silhouettes_still_dropped(scene):
+    rng = np.random.default_rng(1)
+    noisy = (scene["depth"] * (1 + 0.02 * rng.standard_normal(scene["depth"].shape))).astype(np.float32)
+    uv = scene["uv"]
+    gv = scene["gt_vis"]
+    world, vis = lift_tracks(uv, gv, noisy, scene["valid"], scene["intr"], scene["c2w"])
+    # wall points whose 4x4 neighbourhood sees only the wall: a noisy plane, all should be kept
+    n_wall = 13 * 7
+    z_true = np.stack([project(scene["pts"], K, scene["c2w"][f])[1] for f in range(T)])
+    v, u = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
+    on_plane = np.zeros_like(gv)
+    for f in range(T):
+        d = _rays(scene["c2w"][f], np.stack([u, v], axis=-1))
+        wall_px = np.abs(_ray_hit(scene["c2w"][f, :3, 3], d) * d[..., 2] - (WALL_Z - scene["c2w"][f, 2, 3])) < 1e-6
+        x0 = np.clip(np.floor(uv[f, :, 0] - 0.5).astype(int), 1, W - 3)
+        y0 = np.clip(np.floor(uv[f, :, 1] - 0.5).astype(int), 1, H - 3)
+        on_plane[f] = np.all([wall_px[y0 + dy, x0 + dx] for dy in (-1, 0, 1, 2) for dx in (-1, 0, 1, 2)], axis=0)
+    on_wall = on_plane.copy()
+    on_wall[:, n_wall:] = False
+    kept = (vis & on_wall & gv).sum() / (on_wall & gv).sum()
+    assert kept > 0.95, f"only {kept:.0%} of tracks on a flat wall with 2 % depth noise kept"
+    # where the bilinear sample would mix box and wall, the track must not be kept
+    lifted_z = np.stack([(world[f] - scene["c2w"][f, :3, 3]) @ scene["c2w"][f, :3, 2] for f in range(T)])
+    rel = np.abs(lifted_z - z_true) / z_true
+    assert np.all(rel[vis & gv] < 0.1), np.max(rel[vis & gv])

@@ -46,6 +46,9 @@ class AlignClipOptions(BaseModel):
     # "auto": reference trajectory if the reference has one (fallback: depth), else points/depth.
     pose_scale_method: Literal["auto", "trajectory", "depth"] = "auto"
     min_baseline_m: float = Field(0.05, gt=0)
+    # A reference trajectory's scale is used only when its relative standard error is below this
+    # (else: near-static, fall back to the depth-based scale).
+    max_pose_scale_uncertainty: float = Field(0.03, gt=0)
     consistency: bool = True
     consistency_max_points: int = Field(2000, ge=10)
     thresholds: AlignQCThresholds = Field(default_factory=AlignQCThresholds)
@@ -64,7 +67,8 @@ def _pose_scale(clip: Clip, depth, valid, reference: MetricReference, exclude, o
     fallback_note = None
     if opts.pose_scale_method in ("auto", "trajectory") and reference.c2w is not None:
         try:
-            return estimate_pose_scale(clip.c2w, reference.c2w, min_baseline_m=opts.min_baseline_m)
+            return estimate_pose_scale(clip.c2w, reference.c2w, min_baseline_m=opts.min_baseline_m,
+                                       max_scale_uncertainty=opts.max_pose_scale_uncertainty)
         except StaticTrajectoryError as e:
             fallback_note = e.reason
     elif opts.pose_scale_method == "trajectory":
@@ -112,7 +116,7 @@ def align_clip(clip: Clip, relative_depth: np.ndarray, reference: MetricReferenc
         # of the depth-based pose scale.
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.abs(fit.depth - reference.depth) / reference.depth
-        agree = fit.valid & ~(reference.valid & ~(rel <= max(3.0 * fit.residual, 0.05)))
+        agree = fit.valid & ~(reference.valid & ~(rel <= max(3.0 * fit.scatter, 0.05)))
         pose_res = _pose_scale(clip, fit.depth, agree, reference, exclude, opts)
         c2w = apply_pose_scale(clip.c2w, pose_res.scale)
         if tracks is not None:
@@ -127,6 +131,8 @@ def align_clip(clip: Clip, relative_depth: np.ndarray, reference: MetricReferenc
                                  max_points=opts.consistency_max_points)
     qc = align_qc(fit, pose_scale=pose_res, consistency=cons, thresholds=opts.thresholds)
     qc["reference"] = reference.kind
+    if "focal_ratio" in reference.meta:
+        qc["megasam_focal_ratio"] = float(reference.meta["focal_ratio"])
     qc["prediction_kind"] = opts.prediction_kind
     if pose_res is not None and pose_res.extra.get("fallback_from_trajectory"):
         qc["pose_scale_fallback"] = pose_res.extra["fallback_from_trajectory"]

@@ -72,11 +72,20 @@ def to_pixels(x_cam: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray,
         return fx * x_cam[..., 0] / z + cx, fy * x_cam[..., 1] / z + cy, z
 
 
-def default_pairs(num_frames: int, max_pairs: int = 24) -> list[tuple[int, int]]:
-    """Short, medium and long baselines: gaps 1, T/4, T/2 and T-1, evenly thinned to ``max_pairs``."""
+def default_pairs(num_frames: int, max_pairs: int = 24, max_gap: int = 16) -> list[tuple[int, int]]:
+    """Short, medium and long baselines: gaps 1, T/4, T/2 and T-1, evenly thinned to ``max_pairs``.
+
+    Gaps are capped at ``max_gap`` frames (with ``max_gap/2`` and ``max_gap/4`` added when a cap
+    applies): in a scene-length video frames half a scene apart rarely see the same surfaces,
+    and pairs without overlap carry no information. Clips of up to ``max_gap + 1`` frames are
+    unaffected."""
     if num_frames < 2:
         return []
-    gaps = sorted({1, max(1, num_frames // 4), max(1, num_frames // 2), num_frames - 1})
+    wanted = {1, max(1, num_frames // 4), max(1, num_frames // 2), num_frames - 1}
+    gaps = {min(g, max_gap) for g in wanted}
+    if max(wanted) > max_gap:
+        gaps |= {max(1, max_gap // 2), max(1, max_gap // 4)}
+    gaps = sorted(gaps)
     pairs = [(i, i + g) for g in gaps for i in range(num_frames - g)]
     if len(pairs) > max_pairs:
         pairs = [pairs[k] for k in np.linspace(0, len(pairs) - 1, max_pairs).round().astype(int)]
@@ -104,13 +113,15 @@ class ReprojectionCost:
     """
 
     def __init__(self, depth, valid, intrinsics, c2w, *, rgb=None, exclude=None, pairs=None, max_points=1000,
-                 depth_trunc=0.2, photo_trunc=0.15, photo_weight=3.0, seed=0):
+                 depth_trunc=0.2, photo_trunc=0.15, photo_weight=3.0, seed=0, landed_only=True,
+                 min_landed=0.25):
         self.depth = np.asarray(depth, np.float64)
         t = self.depth.shape[0]
         self.use = np.asarray(valid, bool) if exclude is None else np.asarray(valid, bool) & ~np.asarray(exclude, bool)
         self.intrinsics = np.asarray(intrinsics, np.float64)
         self.img = None if rgb is None else np.asarray(rgb, np.float64).mean(-1) / 255.0
         self.depth_trunc, self.photo_trunc, self.photo_weight = depth_trunc, photo_trunc, photo_weight
+        self.landed_only, self.min_landed = landed_only, min_landed
         rng = np.random.default_rng(seed)
         self.items = []
         for i0, j0 in (default_pairs(t) if pairs is None else pairs):
@@ -128,18 +139,25 @@ class ReprojectionCost:
         if self.n_points == 0:
             return float("nan")
         total = 0.0
+        landed = 0
         for j, a, t_ji, col in self.items:
             uj, vj, zj = to_pixels(a + s * t_ji, self.intrinsics[j])
             dj, ok = sample_bilinear(self.depth[j], uj, vj, self.use[j])
             ok &= zj > 0
+            landed += int(ok.sum())
             with np.errstate(divide="ignore", invalid="ignore"):
-                rd = np.where(ok, np.minimum(np.abs(zj - dj) / dj, self.depth_trunc), self.depth_trunc)
+                rd = np.where(ok, np.minimum(np.abs(zj - dj) / dj, self.depth_trunc), 0.0 if self.landed_only else self.depth_trunc)
             total += rd.sum() / self.depth_trunc
             if col is not None:
                 ij, _ = sample_bilinear(self.img[j], uj, vj)
-                rp = np.where(ok, np.minimum(np.abs(ij - col), self.photo_trunc), self.photo_trunc)
+                rp = np.where(ok, np.minimum(np.abs(ij - col), self.photo_trunc), 0.0 if self.landed_only else self.photo_trunc)
                 total += self.photo_weight * rp.sum() / self.photo_trunc
-        return float(total / self.n_points)
+        if not self.landed_only:
+            return float(total / self.n_points)
+        worst = 1.0 + (self.photo_weight if self.img is not None else 0.0)
+        if landed < self.min_landed * self.n_points:
+            return worst
+        return float(total / landed)
 
     def search(self, lo: float, hi: float, grid: int = 41, tol: float = 1e-4) -> tuple[float, float, bool]:
         """Minimiser of the cost over ``s`` in [lo, hi]: log grid, then golden section in log s.

@@ -17,9 +17,18 @@ class AlignQCThresholds(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     min_inlier_ratio: float = Field(0.6, ge=0, le=1)  # share of fitted points within 3 sigma
-    max_residual: float = Field(0.15, ge=0)  # RMS relative residual of the inliers
-    max_abs_rel: float = Field(0.25, ge=0)  # aligned vs reference, all common pixels
+    # Largest systematic relative error of the fit over prediction bins (AlignResult.residual);
+    # the reference's own noise averages out of it (a stereo reference's does not out of an RMS).
+    max_residual: float = Field(0.15, ge=0)
+    # Aligned vs reference, all common pixels, in the fit's noise space and beyond the reference's
+    # own noise (AlignResult.excess_abs_rel): depth AbsRel against a stereo reference measures
+    # mostly that reference's far-field noise.
+    max_abs_rel: float = Field(0.25, ge=0)
+    # Share of common pixels within 25 % of the reference or within its noise (noise_delta_1_25).
     min_delta_1_25: float = Field(0.7, ge=0, le=1)
+    # Correlation of the fitted values with the reference (inliers): the noise-aware checks trust
+    # the fit's own sigma, which an unrelated prediction inflates to the reference's whole spread.
+    min_correlation: float = Field(0.5, ge=-1, le=1)
     min_points: int = Field(64, ge=1)  # fitted points
     min_valid_ratio: float = Field(0.5, ge=0, le=1)  # aligned-valid / prediction-valid pixels
     max_consistency_error: float = Field(0.05, ge=0)  # median relative depth reprojection error
@@ -45,14 +54,14 @@ def align_qc(result: AlignResult, *, pose_scale: PoseScaleResult | float | None 
              consistency: ConsistencyResult | None = None, thresholds: AlignQCThresholds | None = None) -> dict:
     """The per-clip QC dict (JSON-serialisable) with ``keep`` and ``reason`` (None when kept).
 
-    Keys: scale, shift, inlier_ratio, residual, abs_rel, delta_1_25, n_points, valid_ratio,
+    Keys: scale, shift, inlier_ratio, residual, scatter, abs_rel, delta_1_25, n_points, valid_ratio,
     pose_scale, pose_scale_method, pose_scale_residual, consistency_error, pixel_error,
     consistency_scale_factor, keep, reason, reasons.
     """
     th = thresholds or AlignQCThresholds()
     s = result.summary()
-    qc = {k: s[k] for k in ("scale", "shift", "space", "per_frame", "inlier_ratio", "residual", "abs_rel",
-                            "delta_1_25", "n_points", "valid_ratio")}
+    qc = {k: s[k] for k in ("scale", "shift", "space", "per_frame", "inlier_ratio", "residual", "scatter", "abs_rel", "noise_abs_rel", "excess_abs_rel", "noise_delta_1_25", "correlation",
+                            "delta_1_25", "n_points", "valid_ratio", "far_limit_m", "far_field_ratio")}
     reasons: list[str] = []
 
     def check(bad: bool, text: str):
@@ -62,8 +71,12 @@ def align_qc(result: AlignResult, *, pose_scale: PoseScaleResult | float | None 
     check(qc["n_points"] < th.min_points, f"n_points {qc['n_points']} < {th.min_points}")
     check(not qc["inlier_ratio"] >= th.min_inlier_ratio, f"inlier_ratio {qc['inlier_ratio']:.3f} < {th.min_inlier_ratio}")
     check(not qc["residual"] <= th.max_residual, f"residual {qc['residual']:.3f} > {th.max_residual}")
-    check(not qc["abs_rel"] <= th.max_abs_rel, f"abs_rel {qc['abs_rel']:.3f} > {th.max_abs_rel}")
-    check(not qc["delta_1_25"] >= th.min_delta_1_25, f"delta_1_25 {qc['delta_1_25']:.3f} < {th.min_delta_1_25}")
+    check(not qc["excess_abs_rel"] <= th.max_abs_rel,
+          f"abs_rel beyond the reference's noise {qc['excess_abs_rel']:.3f} > {th.max_abs_rel}")
+    check(not qc["noise_delta_1_25"] >= th.min_delta_1_25,
+          f"delta_1_25 (or within the reference's noise) {qc['noise_delta_1_25']:.3f} < {th.min_delta_1_25}")
+    check(not qc["correlation"] >= th.min_correlation,
+          f"prediction explains little of the reference: correlation {qc['correlation']:.2f} < {th.min_correlation}")
     check(not qc["valid_ratio"] >= th.min_valid_ratio, f"valid_ratio {qc['valid_ratio']:.3f} < {th.min_valid_ratio}")
 
     qc.update(pose_scale=None, pose_scale_method=None, pose_scale_residual=None)

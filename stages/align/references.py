@@ -130,19 +130,60 @@ def reference_from_tracks(tracks: np.ndarray, intrinsics: np.ndarray, c2w: np.nd
                            meta={"n_projected": n_proj})
 
 
+# MegaSaM's consistent-video-depth step writes ``np.clip(depth, 1e-3, 1e2)`` (cvd_opt/cvd_opt.py,
+# the ``np.savez`` of ``*_sgd_cvd_hr.npz``): a depth at the ceiling is "100 m or farther" (sky, far
+# field), not a measurement.
+MEGASAM_DEPTH_CEILING_M = 100.0
+
+
 def reference_from_megasam(source: str | os.PathLike | MegaSaMOutput, height: int, width: int, *,
                            expected_frames: int | None = None, min_depth: float = 1e-3,
-                           max_depth: float = 1e3) -> MetricReference:
+                           max_depth: float = 1e3,
+                           saturation_m: float | None = MEGASAM_DEPTH_CEILING_M,
+                           clip_intrinsics: np.ndarray | None = None,
+                           max_focal_mismatch: float = 0.15) -> MetricReference:
     """A MegaSaM result (path to its npz or a loaded :class:`MegaSaMOutput`) at the clip's size.
 
     The depth is resized by nearest neighbour at pixel centres when MegaSaM ran at another
     resolution (see :meth:`MegaSaMOutput.resized`); the intrinsics are scaled accordingly. The
     reference keeps MegaSaM's ``cam_c2w`` (metric scale, its own world frame) for pose scaling.
+    Depths at MegaSaM's clipping ceiling (``saturation_m``, within 0.1 %) are invalid: they mark
+    the far field, not a distance; ``min_depth``/``max_depth`` are the dataset's limits.
+
+    With ``clip_intrinsics`` (T,4) at the clip's size, MegaSaM's focal length (it optimises its
+    own) is compared with the clip's: ``rho = median_t sqrt(fx_m fy_m / (fx_c fy_c))``. MegaSaM's
+    depth is anchored by its metric depth prior, and its translations explain the image motion
+    through its focal (parallax ``f B / z``), so under the clip's camera its baselines are
+    ``rho`` times too short: the reference's translations are multiplied by ``rho``
+    (``meta['focal_ratio']``). Beyond ``max_focal_mismatch`` (``|rho - 1|``) its solution does
+    not describe this camera and :class:`AlignmentError` says so.
     """
     out = source if isinstance(source, MegaSaMOutput) else load_megasam_npz(source, expected_frames)
     if expected_frames is not None and out.num_frames != expected_frames:
         raise AlignmentError(f"MegaSaM output has {out.num_frames} frames for {expected_frames}", out.path)
     depth, k = out.resized(height, width)
-    d, ok = _clean(depth, None, min_depth, max_depth)
-    return MetricReference(depth=d, valid=ok, kind="megasam", c2w=out.cam_c2w.copy(), intrinsics=k,
-                           meta={"path": out.path, "source_size": list(out.depths.shape[1:])})
+    saturated = None if saturation_m is None else ~(np.asarray(depth) >= saturation_m * (1 - 1e-3))
+    d, ok = _clean(depth, saturated, min_depth, max_depth)
+    c2w = out.cam_c2w.copy()
+    meta = {"path": out.path, "source_size": list(out.depths.shape[1:])}
+    if clip_intrinsics is not None:
+        rho, offset = _focal_ratio(k, clip_intrinsics)
+        meta.update(focal_ratio=rho, principal_point_offset_px=offset)
+        if not abs(rho - 1.0) <= max_focal_mismatch:
+            fm, fc = float(np.median(k[:, 0])), float(np.median(np.asarray(clip_intrinsics)[:, 0]))
+            raise AlignmentError(f"MegaSaM's focal length fx={fm:.1f} px differs from the clip's fx={fc:.1f} px by "
+                                 f"{rho - 1:+.1%} (more than {max_focal_mismatch:.0%}): its depth and poses do not "
+                                 f"describe this camera", out.path)
+        c2w[:, :3, 3] *= rho
+    return MetricReference(depth=d, valid=ok, kind="megasam", c2w=c2w, intrinsics=k, meta=meta)
+
+
+def _focal_ratio(k_ref: np.ndarray, k_clip: np.ndarray) -> tuple[float, float]:
+    """Median geometric-mean focal ratio reference / clip, and the largest principal-point
+    offset in pixels, for (T,4) fx fy cx cy at the same image size."""
+    kr, kc = np.asarray(k_ref, np.float64), np.asarray(k_clip, np.float64)
+    if kc.shape != kr.shape:
+        raise AlignmentError(f"clip intrinsics {kc.shape} do not match the reference's {kr.shape}")
+    rho = float(np.median(np.sqrt(kr[:, 0] * kr[:, 1] / (kc[:, 0] * kc[:, 1]))))
+    offset = float(np.max(np.hypot(kr[:, 2] - kc[:, 2], kr[:, 3] - kc[:, 3])))
+    return rho, offset
