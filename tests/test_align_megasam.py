@@ -83,7 +83,7 @@ def test_end_to_end_and_cache(stand_in, tmp_path):
 
 def test_failure_and_timeout_reported_per_clip(stand_in, tmp_path):
     template, counter = stand_in
-    runner = MegaSaMRunner(template, tmp_path / "cache", timeout_s=10.0, retries=1)
+    runner = MegaSaMRunner(template, tmp_path / "cache", timeout_s=4.0, retries=1)
     results = runner.run_many({"good_clip": frames(), "fail_clip": frames(), "slow_clip": frames()})
     assert not isinstance(results["good_clip"], Exception)
     fail, slow = results["fail_clip"], results["slow_clip"]
