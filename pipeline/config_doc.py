@@ -4,6 +4,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from pipeline import config as c
+from pipeline.contracts_doc import md_cell
 
 MODELS = [c.BuildConfig, c.DatasetConfig, c.StagesConfig, c.DepthStageConfig, c.AlignStageConfig,
           c.TrackStageConfig, c.StageResources, c.QCConfig, c.RayConfig, c.FaultConfig]
@@ -37,7 +38,7 @@ def render() -> str:
         parts.append(f"## {m.__name__}\n\n{doc}\n\n| field | type | default | description |\n|---|---|---|---|")
         for name, f in m.model_fields.items():
             ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
-            parts.append(f"| `{name}` | {ann.replace('|', 'or')} | {_default(f).replace('|', '/')} | {(f.description or '').replace('|', '/')} |")
+            parts.append(f"| `{name}` | {ann.replace('|', 'or')} | {md_cell(_default(f))} | {md_cell(f.description or '')} |")
         parts.append("")
     return "\n".join(parts) + "\n"
 
