@@ -13,6 +13,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.config_errors import FieldError, describe, one_line
+from stages.align.qc import AlignQCThresholds
+
+# Where a dataset's metric depth comes from: its own ground truth, the depth model aligned to a
+# reference (MegaSaM, the metric VDA model, or the dataset's sparse metric tracks), see docs/ALIGNMENT.md.
+DepthSource = Literal["gt", "vda", "vda_metric", "megasam", "sparse"]
+# Where its 3D tracks come from: ground truth, CoTracker3 lifted with depth, exact tracks from
+# depth and poses (static scenes only), or none.
+TrackSource = Literal["gt", "cotracker", "depth_static", "none"]
+LossTerm = Literal["depth", "motion", "photo"]  # the per-sample loss weights the trainer reads
+
 
 class ConfigError(ValueError):
     """A configuration problem; the CLI prints it as one line and exits non-zero."""
@@ -33,12 +44,12 @@ class DatasetConfig(_Strict):
     max_scenes: int | None = Field(None, ge=1)
     max_clips_per_scene: int | None = Field(None, ge=1)
     repeat_weight: float | None = Field(None, gt=0)
-    loss_weights: dict[str, float] | None = None
-    depth_source: str | None = None
-    track_source: str | None = None
+    loss_weights: dict[LossTerm, float] | None = Field(None, description="per-sample loss weights (missing terms: 1)")
+    depth_source: DepthSource | None = Field(None, description="where metric depth comes from (docs/ALIGNMENT.md)")
+    track_source: TrackSource | None = Field(None, description="where 3D tracks come from (docs/MODELS.md)")
     min_depth_m: float | None = Field(None, gt=0)
     max_depth_m: float | None = Field(None, gt=0)
-    options: dict[str, Any] = Field(default_factory=dict, description="adapter-specific options (docs/datasets/)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the adapter's options: datasets.<name>.options below")
 
 
 class StageResources(_Strict):
@@ -72,7 +83,7 @@ class AlignStageConfig(_Strict):
     megasam_timeout_s: float = 3600.0
     megasam_retries: int = 1
     cache_dir: str | None = Field(None, description="MegaSaM output cache (default OUT/cache/megasam)")
-    thresholds: dict[str, float] = Field(default_factory=dict, description="AlignQCThresholds overrides (docs/ALIGNMENT.md)")
+    thresholds: AlignQCThresholds = Field(default_factory=AlignQCThresholds, description="keep/drop thresholds of alignment QC (docs/ALIGNMENT.md)")
 
     @field_validator("cache_dir")
     @classmethod
@@ -154,6 +165,8 @@ class BuildConfig(_Strict):
             raise ValueError(f"unknown dataset(s) {unknown}; known: {sorted(ADAPTERS)}")
         if not v:
             raise ValueError("no datasets configured")
+        for name, ds in v.items():
+            _check_against_adapter(name, ds)
         return v
 
     # ------------------------------------------------------------------------------------
@@ -168,6 +181,7 @@ class BuildConfig(_Strict):
                         "depth_source", "track_source", "min_depth_m", "max_depth_m"):
                 if getattr(ds, fld) is None:
                     setattr(ds, fld, getattr(d, fld))
+            ds.options = adapter_class(name).Options.model_validate(ds.options).model_dump(mode="json")
         return out
 
     def planning_hash(self) -> str:
@@ -189,6 +203,33 @@ class BuildConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def _check_against_adapter(name: str, ds: DatasetConfig) -> None:
+    """Options valid for the dataset's adapter, and routing its data can serve (else a FieldError)."""
+    from stages.ingest import adapter_class
+
+    adapter = adapter_class(name)
+    try:
+        adapter.Options.model_validate(ds.options)
+    except ValidationError as exc:
+        loc, msg = describe(exc.errors()[0], adapter.Options)
+        raise FieldError(("datasets", name, "options", *loc), msg) from None
+    caps, d = adapter.capabilities, adapter.defaults
+    depth, tracks = ds.depth_source or d.depth_source, ds.track_source or d.track_source
+    if depth == "gt" and not caps.has_depth:
+        usable = ["vda", "vda_metric", "megasam"] + (["sparse"] if caps.has_tracks else [])
+        raise FieldError(("datasets", name, "depth_source"), "'gt', but the dataset has no ground-truth depth; use "
+                         + " or ".join(repr(u) for u in usable))
+    if depth == "sparse" and not caps.has_tracks:
+        raise FieldError(("datasets", name, "depth_source"),
+                         "'sparse' aligns to the dataset's metric 3D tracks, and it has no metric 3D tracks")
+    if tracks == "gt" and not caps.has_tracks:
+        raise FieldError(("datasets", name, "track_source"),
+                         "'gt', but the dataset has no ground-truth tracks; use 'cotracker', 'depth_static' or 'none'")
+    if tracks == "depth_static" and caps.dynamic:
+        raise FieldError(("datasets", name, "track_source"),
+                         "'depth_static' is only exact for static scenes and the dataset is dynamic; use 'cotracker'")
+
+
 def load_config(path_or_text: str, is_text: bool = False) -> BuildConfig:
     """Parse and validate a YAML config; every problem becomes one :class:`ConfigError`."""
     try:
@@ -208,7 +249,4 @@ def load_config(path_or_text: str, is_text: bool = False) -> BuildConfig:
     try:
         return BuildConfig.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"config error at {loc or '<root>'}: {first['msg']}{more}") from None
+        raise ConfigError(one_line(exc, BuildConfig)) from None

@@ -15,8 +15,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict
 
 from pipeline.clip import Clip, ClipError, ClipMeta
+from pipeline.config import DepthSource, TrackSource
 from pipeline.storage import Store
 
 
@@ -41,10 +43,19 @@ class AdapterDefaults:
     clip_stride: int = 16
     repeat_weight: float = 1.0
     loss_weights: dict = field(default_factory=lambda: {"depth": 1.0, "motion": 1.0, "photo": 1.0})
-    depth_source: str = "gt"  # gt | vda | vda_metric | megasam | sparse
-    track_source: str = "gt"  # gt | cotracker | depth_static | none
+    depth_source: DepthSource = "gt"
+    track_source: TrackSource = "gt"
     min_depth_m: float = 0.05
     max_depth_m: float = 1000.0
+
+
+class AdapterOptions(BaseModel):
+    """An adapter's options (``datasets.<name>.options``): none. An adapter that takes options
+    declares them as a subclass named ``Options`` in its class body; the config validates
+    ``options`` against it at load, so a misspelt option fails with its path and the allowed names,
+    and docs/CONFIG.md lists every adapter's options (pipeline/config_doc.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass(frozen=True)
@@ -62,10 +73,16 @@ class DatasetAdapter(ABC):
     version: ClassVar[str] = "1"
     capabilities: ClassVar[Capabilities]
     defaults: ClassVar[AdapterDefaults] = AdapterDefaults()
+    Options: ClassVar[type[AdapterOptions]] = AdapterOptions
 
-    def __init__(self, root: str, options: dict[str, Any] | None = None):
+    def __init__(self, root: str, options: dict[str, Any] | AdapterOptions | None = None, *,
+                 depth_range: tuple[float | None, float | None] = (None, None)):
         self.store = Store(root)
-        self.options = dict(options or {})
+        self.options = options if isinstance(options, self.Options) else self.Options.model_validate(options or {})
+        lo, hi = depth_range
+        # metres of valid depth: the dataset config's min/max_depth_m, else the adapter's defaults
+        self.depth_range = (self.defaults.min_depth_m if lo is None else float(lo),
+                            self.defaults.max_depth_m if hi is None else float(hi))
 
     # -- to implement ----------------------------------------------------------------------
     @abstractmethod
@@ -156,8 +173,7 @@ class DatasetAdapter(ABC):
         return arr
 
     def depth_validity(self, depth: np.ndarray) -> np.ndarray:
-        lo = float(self.options.get("min_depth_m", self.defaults.min_depth_m))
-        hi = float(self.options.get("max_depth_m", self.defaults.max_depth_m))
+        lo, hi = self.depth_range
         return np.isfinite(depth) & (depth >= lo) & (depth <= hi)
 
     def frame_window(self, scene: SceneRef, frames: list[int]) -> None:

@@ -36,12 +36,14 @@ import gzip
 import io
 import json
 import posixpath
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
 
 ANNOTATION_TEMPLATE = "frame_annotations_{split}.jgz"
 
@@ -49,12 +51,18 @@ ANNOTATION_TEMPLATE = "frame_annotations_{split}.jgz"
 class DynamicReplicaAdapter(DatasetAdapter):
     name = "dynamic_replica"
     version = "1"
+
+    class Options(AdapterOptions):
+        splits: list[str] | None = Field(None, description="split folders to read; None: all but 'real' (no ground truth)")
+        views: list[Literal["left", "right"]] = Field(["left"], description="views to read as scenes (the left one has the trajectories)")
+        tracks: bool = Field(True, description="read the ground-truth trajectories")
+
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=True, real=False)
     defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=1.0,
                                depth_source="gt", track_source="gt", min_depth_m=0.01, max_depth_m=100.0)
 
-    def __init__(self, root, options=None):
-        super().__init__(root, options)
+    def __init__(self, root, options=None, **kw):
+        super().__init__(root, options, **kw)
         self._ann_cache: dict[str, dict[tuple[str, str], list[dict]]] = {}
 
     # -- annotations -------------------------------------------------------------------------
@@ -64,7 +72,7 @@ class DynamicReplicaAdapter(DatasetAdapter):
         The ``real`` split (real stereo captures without ground truth) is skipped unless named in
         ``options["splits"]``.
         """
-        wanted = self.options.get("splits")
+        wanted = self.options.splits
         out = []
         for name in self.store.listdir(""):
             if wanted is not None and name not in wanted:
@@ -109,7 +117,7 @@ class DynamicReplicaAdapter(DatasetAdapter):
         return f"{split}/{seq}_source_{view}"
 
     def discover(self) -> list[SceneRef]:
-        views = list(self.options.get("views", ["left"]))
+        views = list(self.options.views)
         scenes = []
         for split in self._splits():
             for (seq, view), entries in self._annotations(split).items():
@@ -205,7 +213,7 @@ class DynamicReplicaAdapter(DatasetAdapter):
         self.frame_window(scene, frames)
         split, entries, ann_rel = self._entries(scene)
         rgb, depth, ks, c2ws, tracks, vis = [], [], [], [], [], []
-        want_tracks = bool(self.options.get("tracks", True))
+        want_tracks = self.options.tracks
         for i in frames:
             e = entries[i]
             img_rel = posixpath.join(split, e["image"]["path"])

@@ -24,10 +24,11 @@ import struct
 import zipfile
 
 import numpy as np
+from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
 
 DEPTH_SCALE_M = 1000.0 / 65535.0  # metres per depth unit
 DEPTH_CLIPPED = 65535  # the value written for depth >= 1000 m
@@ -56,6 +57,10 @@ def _orthonormalize(r: np.ndarray) -> np.ndarray:
 class PointOdysseyAdapter(DatasetAdapter):
     name = "pointodyssey"
     version = "1"
+
+    class Options(AdapterOptions):
+        max_tracks: int | None = Field(None, ge=1, description="keep this many evenly spaced trajectories; None: all")
+
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=True, real=False)
     defaults = AdapterDefaults(clip_length=16, frame_stride=2, clip_stride=64, repeat_weight=1.0,
                                loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
@@ -182,7 +187,7 @@ class PointOdysseyAdapter(DatasetAdapter):
         finite = np.all(np.isfinite(tracks), axis=-1)
         visible = (anno["visibs"] > 0) & (anno["valids"] > 0) & finite
         tracks = np.where(finite[..., None], tracks, 0.0).astype(np.float32)
-        max_tracks = self.options.get("max_tracks")
+        max_tracks = self.options.max_tracks
         if max_tracks is not None and n > int(max_tracks):
             keep = np.linspace(0, n - 1, int(max_tracks)).round().astype(int)
             tracks, visible = tracks[:, keep], visible[:, keep]

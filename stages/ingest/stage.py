@@ -9,7 +9,7 @@ from pipeline import __version__
 from pipeline.clip import Clip, ClipFailure, ClipMeta
 from pipeline.config import BuildConfig
 from stages.contract import StageContract
-from stages.ingest import get_adapter
+from stages.ingest import adapter_for_dataset
 from stages.ingest.base import DatasetAdapter, SceneRef
 from stages.qc import geometric_qc
 
@@ -24,14 +24,15 @@ CONTRACT = StageContract(
 
 
 @lru_cache(maxsize=32)
-def _adapter(name: str, root: str, options_key: tuple) -> DatasetAdapter:
-    return get_adapter(name, root, dict(options_key))
+def _adapter(name: str, dataset_json: str) -> DatasetAdapter:
+    from pipeline.config import DatasetConfig
+
+    return adapter_for_dataset(name, DatasetConfig.model_validate_json(dataset_json))
 
 
 def adapter_for(cfg: BuildConfig, dataset: str) -> DatasetAdapter:
-    ds = cfg.datasets[dataset]
-    opts = {**ds.options, "min_depth_m": ds.min_depth_m, "max_depth_m": ds.max_depth_m}
-    return _adapter(dataset, ds.root, tuple(sorted((k, v) for k, v in opts.items() if isinstance(v, (str, int, float, bool, type(None))))))
+    """The dataset's adapter, one per worker process and dataset config (adapters cache what they parse)."""
+    return _adapter(dataset, cfg.datasets[dataset].model_dump_json())
 
 
 def ingest_clip(spec: dict, scene: SceneRef, cfg: BuildConfig) -> Clip | ClipFailure:

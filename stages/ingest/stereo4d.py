@@ -30,10 +30,11 @@ import io
 import posixpath
 
 import numpy as np
+from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
 
 HFOV_DEG = 60.0  # rectify.py NewCropFlags.output_hfov / --output_hfov default
 VIDEO_SUFFIX = "-left_rectified.mp4"
@@ -51,6 +52,11 @@ def stereo4d_intrinsics(width: int, height: int, hfov_deg: float = HFOV_DEG) -> 
 class Stereo4DAdapter(DatasetAdapter):
     name = "stereo4d"
     version = "1"
+
+    class Options(AdapterOptions):
+        video_pattern: str | None = Field(None, description="video path template relative to the root, with {split} and {clip}")
+        hfov_deg: float = Field(HFOV_DEG, gt=0, lt=180, description="horizontal field of view the videos were rectified with")
+
     capabilities = Capabilities(dynamic=True, has_depth=False, has_tracks=True, real=True, metric_poses=True)
     # Real, dynamic, metric cameras and sparse metric 3D tracks. Depth comes from projecting the
     # tracks (sparse); GT tracks. Official tools treat depth beyond 20 m as invalid
@@ -80,7 +86,7 @@ class Stereo4DAdapter(DatasetAdapter):
 
     def video_candidates(self, scene: SceneRef) -> list[str]:
         split, clip = posixpath.split(scene.scene)
-        pattern = self.options.get("video_pattern")
+        pattern = self.options.video_pattern
         if pattern:
             return [pattern.format(split=split, clip=clip)]
         parent = posixpath.dirname(split)
@@ -204,7 +210,7 @@ class Stereo4DAdapter(DatasetAdapter):
 
         rgb = read_video(self.read(video_rel), self.where(video_rel), frames=frames, expect_frames=t)
         h, w = rgb.shape[1:3]
-        hfov = float(self.options.get("hfov_deg", HFOV_DEG))
+        hfov = self.options.hfov_deg
         k = np.tile(stereo4d_intrinsics(w, h, hfov), (len(frames), 1))
         c2w = ann["c2w"][frames]
 
