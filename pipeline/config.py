@@ -143,6 +143,11 @@ class StagesConfig(_Strict):
     tracks: TrackStageConfig = Field(default_factory=TrackStageConfig)
 
 
+# Where things live (dataset roots, the output, the MegaSaM cache), how the build runs (Ray,
+# resources, shards in flight) and test hooks never change a byte of a shard; everything else does.
+_NOT_CONTENT = {"output", "ray", "fault", "max_inflight_shards"}
+
+
 class BuildConfig(_Strict):
     output: str
     datasets: dict[str, DatasetConfig]
@@ -185,19 +190,34 @@ class BuildConfig(_Strict):
         return out
 
     def planning_hash(self) -> str:
-        """Hash of everything that decides clip ids and shard assignment (not resources)."""
-        keys = {name: ds.model_dump(include={"root", "enabled", "clip_length", "frame_stride", "clip_stride",
+        """Hash of everything that decides clip ids and shard assignment (not roots, not resources)."""
+        keys = {name: ds.model_dump(include={"enabled", "clip_length", "frame_stride", "clip_stride",
                                              "max_scenes", "max_clips_per_scene"})
                 for name, ds in sorted(self.datasets.items())}
         blob = json.dumps({"datasets": keys, "shard_size": self.shard_size}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def content_hash(self) -> str:
-        """Hash of everything that decides shard bytes (recorded as provenance in every sample)."""
-        d = self.model_dump(exclude={"ray", "fault", "max_inflight_shards", "output"})
+    def content_fields(self, dataset: str | None = None) -> dict:
+        """The settings that decide shard bytes, as plain data: the whole config less where the
+        inputs and the output live and how the build runs. With ``dataset``, only that dataset's
+        entry (another dataset's settings never change its shards). The one definition used by
+        :meth:`content_hash` (each sample's ``meta.config_hash``) and by whoever compares two
+        builds' settings: a build moved to other roots or another output has the same content.
+        Computed on the resolved config, so a recorded and a fresh copy of one config agree."""
+        d = self.resolved().model_dump(mode="json", exclude=_NOT_CONTENT)
+        for ds in d["datasets"].values():
+            ds.pop("root")
+        if dataset is not None:
+            d["datasets"] = {dataset: d["datasets"][dataset]}
         for s in ("depth", "tracks"):
-            d["stages"][s].pop("resources", None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            d["stages"][s].pop("resources")
+        d["stages"]["align"].pop("cache_dir")
+        return d
+
+    def content_hash(self, dataset: str | None = None) -> str:
+        """Hash of :meth:`content_fields` (recorded as provenance in every sample of ``dataset``)."""
+        blob = json.dumps(self.content_fields(dataset), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

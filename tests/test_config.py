@@ -141,3 +141,47 @@ def test_adapter_options_are_documented_in_config_md():
     for name in ("vkitti2", "spring", "dynamic_replica", "pointodyssey", "stereo4d"):
         assert f"## datasets.{name}.options" in text, name
     assert "`disparity_downsample`" in text and "'block_mean' or 'subsample'" in text
+
+
+# ------------------------------------------------------------------------------------------
+# what decides the bytes: content_fields / content_hash
+
+
+def _cfg(**over) -> BuildConfig:
+    raw = {"output": "/out/a", "datasets": {"tartanair": {"root": "/data/a/tartanair"},
+                                            "realestate10k": {"root": "s3://bucket/re10k"}}}
+    for k, v in over.items():
+        raw[k] = v
+    return BuildConfig.model_validate(raw).resolved()
+
+
+def test_content_hash_ignores_where_inputs_and_output_live():
+    base = _cfg()
+    moved = _cfg(output="s3://other/bucket", datasets={"tartanair": {"root": "/mnt/elsewhere/t"},
+                                                        "realestate10k": {"root": "/local/re10k"}},
+                 stages={"align": {"cache_dir": "/scratch/megasam"}, "depth": {"resources": {"actors": 8}}},
+                 ray={"address": "ray://head:10001"}, max_inflight_shards=32, fault={"ingest_delay_s": 1.0})
+    assert moved.content_hash() == base.content_hash()
+    assert moved.content_fields() == base.content_fields()
+    assert moved.planning_hash() == base.planning_hash()
+    assert "/data/a" not in str(base.content_fields()) and "/out/a" not in str(base.content_fields())
+
+
+@pytest.mark.parametrize("over", [
+    {"jpeg_quality": 90},
+    {"shard_size": 4},
+    {"datasets": {"tartanair": {"root": "/data/a/tartanair", "clip_length": 8}, "realestate10k": {"root": "s3://bucket/re10k"}}},
+    {"datasets": {"tartanair": {"root": "/data/a/tartanair"}, "realestate10k": {"root": "s3://bucket/re10k", "depth_source": "vda_metric"}}},
+    {"stages": {"align": {"thresholds": {"max_abs_rel": 0.1}}}},
+    {"stages": {"tracks": {"grid_size": 8}}},
+])
+def test_content_hash_follows_what_decides_the_bytes(over):
+    assert _cfg(**over).content_hash() != _cfg().content_hash()
+
+
+def test_a_datasets_hash_depends_on_its_own_entry_only():
+    base = _cfg()
+    other = _cfg(datasets={"tartanair": {"root": "/x"}, "realestate10k": {"root": "/y", "clip_length": 4},
+                           "vkitti2": {"root": "/z"}})
+    assert other.content_hash("tartanair") == base.content_hash("tartanair")
+    assert other.content_hash("realestate10k") != base.content_hash("realestate10k")

@@ -45,7 +45,7 @@ def ingest_clip(spec: dict, scene: SceneRef, cfg: BuildConfig) -> Clip | ClipFai
             dataset=spec["dataset"], scene=spec["scene"], clip_id=spec["clip_id"], frame_indices=list(spec["frames"]),
             dynamic=adapter.capabilities.dynamic, real=adapter.capabilities.real,
             loss_weights=dict(ds.loss_weights), adapter_version=f"{adapter.name}/{adapter.version}",
-            config_hash=cfg.content_hash(), d4s_version=__version__,
+            config_hash=cfg.content_hash(spec["dataset"]), d4s_version=__version__,
         )
         clip = adapter.load_clip(scene, list(spec["frames"]), meta)
         clip.meta.depth_source = "gt" if clip.depth is not None else "none"
