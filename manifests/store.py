@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.schemas import CLIP_SCHEMA, INDEX_SCHEMA, LEDGER_SCHEMA, SCENE_SCHEMA, SHARD_SCHEMA
+from pipeline import strict_json
 from pipeline.storage import Store
 
 SHARD_STATES = ("pending", "running", "done", "failed")
@@ -73,10 +74,10 @@ class ManifestStore:
             # strictly increasing within this process, time-ordered across processes
             self._seq = max(time.time_ns(), self._seq + 1)
             row["seq"] = self._seq
-            row["clips_failed"] = json.dumps(e.get("clips_failed") or [])
-            row["timings"] = json.dumps(e.get("timings") or {})
-            row["samples"] = json.dumps(e.get("samples") or [])
-            row["clip_qc"] = json.dumps(e.get("clip_qc") or [])
+            row["clips_failed"] = strict_json.dumps(e.get("clips_failed") or [])
+            row["timings"] = strict_json.dumps(e.get("timings") or {})
+            row["samples"] = strict_json.dumps(e.get("samples") or [])
+            row["clip_qc"] = strict_json.dumps(e.get("clip_qc") or [])
             rows.append(row)
         name = f"manifests/ledger/events-{rows[0]['seq']:024d}-{uuid.uuid4().hex[:8]}.parquet"
         self.store.write_bytes_atomic(name, _to_bytes(pa.Table.from_pylist(rows, LEDGER_SCHEMA)))

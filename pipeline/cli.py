@@ -1,7 +1,6 @@
 """The ``d4s`` command line. Every command exits non-zero with a one-line reason on bad input."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import strict_json
 from pipeline.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="d4s: build 4D scene datasets and train from them.")
@@ -91,7 +91,7 @@ def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False
     except FileNotFoundError as exc:
         _fail(str(exc))
     if as_json:
-        out_console.print_json(json.dumps(st))
+        out_console.print_json(strict_json.dumps(st))
         return
     out_console.print(_status_tables(st))
     s = st["shards"]
@@ -174,7 +174,7 @@ def inspect(dataset: str = typer.Argument(..., help="Dataset name, e.g. tartanai
     except (KeyError, NotImplementedError, FileNotFoundError) as exc:
         _fail(str(exc).strip("'\""))
     if as_json:
-        out_console.print_json(json.dumps(rep))
+        out_console.print_json(strict_json.dumps(rep))
     else:
         for k in ("dataset", "scene", "num_frames", "image_size", "path_length", "has_depth", "has_tracks"):
             if k in rep:
@@ -218,7 +218,7 @@ def plan(config: Optional[str] = typer.Argument(None), demo: bool = typer.Option
         rep = capacity_report(cfg, costs=costs)
     except ConfigError as exc:
         _fail(str(exc))
-    out_console.print_json(json.dumps(rep)) if as_json else out_console.print(format_capacity(rep), highlight=False)
+    out_console.print_json(strict_json.dumps(rep)) if as_json else out_console.print(format_capacity(rep), highlight=False)
 
 
 @app.command()
