@@ -78,6 +78,7 @@ class ManifestStore:
             row["timings"] = strict_json.dumps(e.get("timings") or {})
             row["samples"] = strict_json.dumps(e.get("samples") or [])
             row["clip_qc"] = strict_json.dumps(e.get("clip_qc") or [])
+            row["stage_counts"] = strict_json.dumps(e.get("stage_counts") or {})
             rows.append(row)
         name = f"manifests/ledger/events-{rows[0]['seq']:024d}-{uuid.uuid4().hex[:8]}.parquet"
         self.store.write_bytes_atomic(name, _to_bytes(pa.Table.from_pylist(rows, LEDGER_SCHEMA)))
@@ -93,19 +94,12 @@ class ManifestStore:
             r["timings"] = json.loads(r["timings"] or "{}")
             r["samples"] = json.loads(r["samples"] or "[]")
             r["clip_qc"] = json.loads(r.get("clip_qc") or "[]")
+            r["stage_counts"] = json.loads(r.get("stage_counts") or "{}")  # {}: written before the column existed
         return rows
 
     def ledger(self) -> dict[str, dict]:
         """Current state per shard_id: its latest event, with ``attempts`` counted over events."""
-        state: dict[str, dict] = {}
-        attempts: dict[str, int] = {}
-        for e in self.ledger_events():
-            if e["state"] == "running":
-                attempts[e["shard_id"]] = attempts.get(e["shard_id"], 0) + 1
-            state[e["shard_id"]] = e
-        for sid, e in state.items():
-            e["attempts"] = attempts.get(sid, 0)
-        return state
+        return current_states(self.ledger_events())
 
     def compact(self) -> None:
         """Fold the event files into one (keeps history; bounds the number of objects)."""
@@ -129,6 +123,20 @@ class ManifestStore:
 
     def index(self) -> list[dict]:
         return _read(self.store, "index.parquet").to_pylist() if self.store.exists("index.parquet") else []
+
+
+def current_states(events: list[dict]) -> dict[str, dict]:
+    """Latest event per shard_id of ``events`` (in ``seq`` order), with ``attempts`` counted over
+    them: for readers that already hold the events (one ledger read per command)."""
+    state: dict[str, dict] = {}
+    attempts: dict[str, int] = {}
+    for e in events:
+        if e["state"] == "running":
+            attempts[e["shard_id"]] = attempts.get(e["shard_id"], 0) + 1
+        state[e["shard_id"]] = e
+    for sid, e in state.items():
+        e["attempts"] = attempts.get(sid, 0)
+    return state
 
 
 def host_name() -> str:

@@ -250,6 +250,19 @@ def _check_against_adapter(name: str, ds: DatasetConfig) -> None:
                          "'depth_static' is only exact for static scenes and the dataset is dynamic; use 'cotracker'")
 
 
+OUTPUT_CONFIG_NAME = "config.resolved.yaml"  # the resolved config, recorded in every output
+
+
+def load_output_config(output: str) -> BuildConfig:
+    """The config an output was built with (``OUT/config.resolved.yaml``)."""
+    from pipeline.storage import Store
+
+    store = Store(output)
+    if not store.exists(OUTPUT_CONFIG_NAME):
+        raise ConfigError(f"{output} is not a d4s output (no {OUTPUT_CONFIG_NAME}); run `d4s build` first")
+    return load_config(store.read_text(OUTPUT_CONFIG_NAME), is_text=True)
+
+
 def load_config(path_or_text: str, is_text: bool = False) -> BuildConfig:
     """Parse and validate a YAML config; every problem becomes one :class:`ConfigError`."""
     try:

@@ -22,15 +22,14 @@ import uuid
 from dataclasses import dataclass, field
 
 from manifests.store import ManifestStore, host_name
-from pipeline.config import BuildConfig, ConfigError, load_config
+from pipeline.config import OUTPUT_CONFIG_NAME as CONFIG_NAME
+from pipeline.config import BuildConfig, ConfigError, load_config, load_output_config
 from pipeline.dag import ShardDAG
 from pipeline.plan import Plan, make_plan
 from pipeline.progress import BuildProgress
 from pipeline.storage import Store
 
 log = logging.getLogger("d4s")
-
-CONFIG_NAME = "config.resolved.yaml"
 
 
 @dataclass
@@ -48,13 +47,6 @@ class BuildSummary:
     @property
     def ok(self) -> bool:
         return self.shards_failed == 0
-
-
-def load_output_config(output: str) -> BuildConfig:
-    store = Store(output)
-    if not store.exists(CONFIG_NAME):
-        raise ConfigError(f"{output} is not a d4s output (no {CONFIG_NAME}); run `d4s build` first")
-    return load_config(store.read_text(CONFIG_NAME), is_text=True)
 
 
 def _check_plan_unchanged(ms: ManifestStore, plan: Plan) -> None:
