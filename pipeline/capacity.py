@@ -384,8 +384,11 @@ def capacity_report(cfg: BuildConfig, costs: str | Path | dict | None = None, pr
     """
     from pipeline.plan import make_plan
 
+    from pipeline.deps import build_needs, check
+
     c = load_costs(costs)
     rcfg = cfg.resolved()
+    check(build_needs(rcfg), "d4s plan")  # what the planned build will need, before reading any data
     plan = make_plan(rcfg)
     rows, notes = [], []
     # one pass over the plan (it has a row per clip: ~10^6 at full scale), not one per dataset

@@ -25,6 +25,8 @@ from manifests.store import ManifestStore, host_name
 from pipeline.config import OUTPUT_CONFIG_NAME as CONFIG_NAME
 from pipeline.config import BuildConfig, ConfigError, load_config, load_output_config
 from pipeline.dag import ShardDAG
+from pipeline.deps import build_needs
+from pipeline.deps import check as check_packages
 from pipeline.plan import Plan, make_plan
 from pipeline.progress import BuildProgress
 from pipeline.storage import Store
@@ -75,6 +77,7 @@ def build(cfg: BuildConfig, resume: bool = False, show_progress: bool = True) ->
     """Run (or continue) a build into ``cfg.output``. Safe to call again after any crash."""
     t0 = time.time()
     cfg = cfg.resolved()
+    check_packages(build_needs(cfg), "d4s build")  # before planning reads data and before Ray starts
     store = Store(cfg.output)
     ms = ManifestStore(store)
     plan = make_plan(cfg)
