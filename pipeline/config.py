@@ -23,6 +23,9 @@ DepthSource = Literal["gt", "vda", "vda_metric", "megasam", "sparse"]
 # depth and poses (static scenes only), or none.
 TrackSource = Literal["gt", "cotracker", "depth_static", "none"]
 LossTerm = Literal["depth", "motion", "photo"]  # the per-sample loss weights the trainer reads
+VDAEncoder = Literal["vits", "vitb", "vitl"]
+ModelDtype = Literal["fp32", "bf16", "fp16"]
+TrackerVariant = Literal["offline", "online"]
 
 
 class ConfigError(ValueError):
@@ -63,9 +66,9 @@ class DepthStageConfig(_Strict):
     """Video Depth Anything for datasets without metric depth (see docs/MODELS.md)."""
 
     checkpoint: str | None = None
-    encoder: Literal["vits", "vitb", "vitl"] = "vitl"
+    encoder: VDAEncoder = "vitl"
     metric: bool = False
-    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp16", description="GPU autocast dtype; fp16 measured within 0.15% AbsRel of fp32, bf16 1.8% (bench/RESULTS.md)")
+    dtype: ModelDtype = Field("fp16", description="GPU autocast dtype; fp16 measured within 0.15% AbsRel of fp32, bf16 1.8% (bench/RESULTS.md)")
     input_size: int = 518
     compile: bool = False
     allow_random_weights: bool = Field(False, description="demos/benchmarks only: run without a checkpoint; every sample is flagged untrained")
@@ -98,10 +101,10 @@ class TrackStageConfig(_Strict):
     """CoTracker3 for datasets without ground-truth tracks (docs/MODELS.md)."""
 
     checkpoint: str | None = None
-    variant: Literal["offline", "online"] = "offline"
+    variant: TrackerVariant = "offline"
     grid_size: int = 16
     query_frames: int = 3
-    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    dtype: ModelDtype = "bf16"
     allow_random_weights: bool = False
     max_rel_drift: float = Field(0.02, description="static scenes: a lifted track whose median drift exceeds this fraction of its camera distance is not kept")
     min_kept_fraction: float = Field(0.5, description="static scenes: drop a clip when fewer of its tracks stay put")

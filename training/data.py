@@ -37,7 +37,7 @@ from PIL import Image
 
 from pipeline.clip import Clip
 from pipeline.sample_format import decode_sample as DECODE  # the shard format: DECODE reads a sample
-from pipeline.sample_format import encode_clip as ENCODE  # ... and ENCODE writes one (training/synthetic.py)
+from pipeline.sample_format import encode_clip as ENCODE  # noqa: F401 - ENCODE writes one (training/synthetic.py)
 from training.config import DataConfig, StageConfig
 
 # --- shard discovery ------------------------------------------------------------------------------
