@@ -1,9 +1,11 @@
 """``d4s status``: where a build stands, read from the manifests alone (never from shards).
 
-Per dataset and stage: clips done / failed / pending. Throughput of the latest build and the
-ETA of what is left. QC distributions (alignment scale, inliers, residual, AbsRel, pose scale,
-consistency, depth range, static-track drift) per dataset from the ledger's per-sample records,
-and drops counted per dataset and reason category.
+Read-only by construction: the ledger is read once per command (``d4s report`` passes the events
+it read), and nothing here imports Ray. Per dataset and stage: clips done / failed / skipped
+(the counters the write stage recorded, manifests/stage_counts.py) and pending. Throughput of
+the latest build and the ETA of what is left. QC distributions (alignment scale, inliers,
+residual, AbsRel, pose scale, consistency, depth range, static-track drift) per dataset from the
+ledger's per-sample records, and drops counted per dataset and reason category.
 """
 from __future__ import annotations
 
