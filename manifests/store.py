@@ -37,7 +37,12 @@ def _to_bytes(table: pa.Table) -> bytes:
 
 
 def _read(store: Store, rel: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(store.read_bytes(rel)))
+    # Read on this thread (manifests are small). Arrow's reader threads (pq.read_table, or
+    # use_threads) can drop the last reference to the Python-owned bytes after the read has
+    # returned; one doing so while the interpreter exits cannot take the GIL, and the process
+    # aborts ("terminate called without an active exception") after the command has finished.
+    with pq.ParquetFile(pa.BufferReader(store.read_bytes(rel))) as f:
+        return f.read(use_threads=False)
 
 
 class ManifestStore:
