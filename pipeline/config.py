@@ -189,7 +189,7 @@ class BuildConfig(_Strict):
                         "depth_source", "track_source", "min_depth_m", "max_depth_m"):
                 if getattr(ds, fld) is None:
                     setattr(ds, fld, getattr(d, fld))
-            ds.options = adapter_class(name).Options.model_validate(ds.options).model_dump(mode="json")
+            ds.options = adapter_class(name).validate_options(ds.options).model_dump(mode="json")
         return out
 
     def planning_hash(self) -> str:
@@ -232,9 +232,9 @@ def _check_against_adapter(name: str, ds: DatasetConfig) -> None:
 
     adapter = adapter_class(name)
     try:
-        adapter.Options.model_validate(ds.options)
+        adapter.validate_options(ds.options)
     except ValidationError as exc:
-        loc, msg = describe(exc.errors()[0], adapter.Options)
+        loc, msg = describe(exc.errors()[0], adapter.options_model)
         raise FieldError(("datasets", name, "options", *loc), msg) from None
     caps, d = adapter.capabilities, adapter.defaults
     depth, tracks = ds.depth_source or d.depth_source, ds.track_source or d.track_source

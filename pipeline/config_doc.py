@@ -25,7 +25,7 @@ config, with every default filled in, is saved as `OUT/config.resolved.yaml`.
 ADAPTER_OPTIONS = """## Adapter options
 
 `datasets.<name>.options` is checked against the options the dataset's adapter declares (its
-`Options` model, stages/ingest/<name>.py); a dataset not listed here takes no options.
+`options_model`, stages/ingest/<name>.py); a dataset not listed here takes no options.
 
 """
 
@@ -77,7 +77,7 @@ def render() -> str:
         parts += _table(m.__name__, m, doc)
     parts.append(ADAPTER_OPTIONS)
     for name in sorted(ADAPTERS):
-        options = adapter_class(name).Options
+        options = adapter_class(name).options_model
         if options is not AdapterOptions:
             parts += _table(f"datasets.{name}.options", options, f"Options of the {name} adapter (docs/datasets/{name}.md).")
     return "\n".join(parts) + "\n"

@@ -130,7 +130,7 @@ def test_adapter_receives_its_typed_options_and_the_depth_range(tmp_path):
     rc = cfg.resolved()
     assert rc.datasets["vkitti2"].options == {"cameras": [1, 0], "variations": None}  # defaults recorded
     adapter = adapter_for_dataset("vkitti2", rc.datasets["vkitti2"])
-    assert adapter.options.cameras == [1, 0] and adapter.options.variations is None
+    assert adapter.opts.cameras == [1, 0] and adapter.opts.variations is None
     assert adapter.depth_range == (0.05, 80.0)
 
 

@@ -51,11 +51,12 @@ class AdapterDefaults:
 
 class AdapterOptions(BaseModel):
     """An adapter's options (``datasets.<name>.options``): none. An adapter that takes options
-    declares them as a subclass named ``Options`` in its class body; the config validates
-    ``options`` against it at load, so a misspelt option fails with its path and the allowed names,
-    and docs/CONFIG.md lists every adapter's options (pipeline/config_doc.py)."""
+    declares them in a subclass and names it in its class attribute ``options_model``; the config
+    validates ``options`` against it at load, so a misspelt option fails with its path and the
+    allowed names, the adapter reads them typed as ``self.opts``, and docs/CONFIG.md lists every
+    adapter's options (pipeline/config_doc.py)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass(frozen=True)
@@ -73,16 +74,24 @@ class DatasetAdapter(ABC):
     version: ClassVar[str] = "1"
     capabilities: ClassVar[Capabilities]
     defaults: ClassVar[AdapterDefaults] = AdapterDefaults()
-    Options: ClassVar[type[AdapterOptions]] = AdapterOptions
+    options_model: ClassVar[type[AdapterOptions]] = AdapterOptions
 
     def __init__(self, root: str, options: dict[str, Any] | AdapterOptions | None = None, *,
                  depth_range: tuple[float | None, float | None] = (None, None)):
         self.store = Store(root)
-        self.options = options if isinstance(options, self.Options) else self.Options.model_validate(options or {})
+        self.opts = self.validate_options(options)
+        self.options = self.opts.model_dump()  # the same values as a plain dict, defaults filled in
         lo, hi = depth_range
         # metres of valid depth: the dataset config's min/max_depth_m, else the adapter's defaults
         self.depth_range = (self.defaults.min_depth_m if lo is None else float(lo),
                             self.defaults.max_depth_m if hi is None else float(hi))
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any] | AdapterOptions | None) -> AdapterOptions:
+        """The typed options; a pydantic ``ValidationError`` names each bad one."""
+        if isinstance(options, cls.options_model):
+            return options
+        return cls.options_model.model_validate(dict(options or {}))
 
     # -- to implement ----------------------------------------------------------------------
     @abstractmethod

@@ -48,16 +48,19 @@ from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, Da
 ANNOTATION_TEMPLATE = "frame_annotations_{split}.jgz"
 
 
+class DynamicReplicaOptions(AdapterOptions):
+    """``datasets.dynamic_replica.options`` (docs/CONFIG.md)."""
+
+    splits: list[str] | None = Field(None, description="split folders to read; None: all but 'real' (no ground truth)")
+    views: list[Literal["left", "right"]] = Field(["left"], description="views to read as scenes (the left one has the trajectories)")
+    tracks: bool = Field(True, description="read the ground-truth trajectories")
+
+
 class DynamicReplicaAdapter(DatasetAdapter):
     name = "dynamic_replica"
     version = "1"
-
-    class Options(AdapterOptions):
-        splits: list[str] | None = Field(None, description="split folders to read; None: all but 'real' (no ground truth)")
-        views: list[Literal["left", "right"]] = Field(["left"], description="views to read as scenes (the left one has the trajectories)")
-        tracks: bool = Field(True, description="read the ground-truth trajectories")
-
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=True, real=False)
+    options_model = DynamicReplicaOptions
     defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=1.0,
                                depth_source="gt", track_source="gt", min_depth_m=0.01, max_depth_m=100.0)
 
@@ -72,7 +75,7 @@ class DynamicReplicaAdapter(DatasetAdapter):
         The ``real`` split (real stereo captures without ground truth) is skipped unless named in
         ``options["splits"]``.
         """
-        wanted = self.options.splits
+        wanted = self.opts.splits
         out = []
         for name in self.store.listdir(""):
             if wanted is not None and name not in wanted:
@@ -117,7 +120,7 @@ class DynamicReplicaAdapter(DatasetAdapter):
         return f"{split}/{seq}_source_{view}"
 
     def discover(self) -> list[SceneRef]:
-        views = list(self.options.views)
+        views = list(self.opts.views)
         scenes = []
         for split in self._splits():
             for (seq, view), entries in self._annotations(split).items():
@@ -213,7 +216,7 @@ class DynamicReplicaAdapter(DatasetAdapter):
         self.frame_window(scene, frames)
         split, entries, ann_rel = self._entries(scene)
         rgb, depth, ks, c2ws, tracks, vis = [], [], [], [], [], []
-        want_tracks = self.options.tracks
+        want_tracks = self.opts.tracks
         for i in frames:
             e = entries[i]
             img_rel = posixpath.join(split, e["image"]["path"])

@@ -63,14 +63,17 @@ def read_exr_depth(data: bytes, where: str) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+class MatrixCityOptions(AdapterOptions):
+    """``datasets.matrixcity.options`` (docs/CONFIG.md)."""
+
+    depth: bool = Field(True, description="read the depth maps (false: RGB and poses only)")
+
+
 class MatrixCityAdapter(DatasetAdapter):
     name = "matrixcity"
     version = "1"
-
-    class Options(AdapterOptions):
-        depth: bool = Field(True, description="read the depth maps (false: RGB and poses only)")
-
     capabilities = Capabilities(dynamic=False, has_depth=True, has_tracks=False, real=False)
+    options_model = MatrixCityOptions
     # float16 centimetres top out at 655.04 m: farther (and sky) pixels are invalid.
     defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=1.0,
                                depth_source="gt", track_source="depth_static", min_depth_m=0.05, max_depth_m=655.0)
@@ -165,7 +168,7 @@ class MatrixCityAdapter(DatasetAdapter):
         if len(all_frames) != scene.num_frames:
             raise ClipError(f"{len(all_frames)} frames listed, expected {scene.num_frames}", self.where(tj_rel))
         img_dir = self._image_dir(scene.scene)
-        depth_dir = self._depth_dir(scene.scene) if self.options.depth else None
+        depth_dir = self._depth_dir(scene.scene) if self.opts.depth else None
         rgb, depth, c2w = [], [], []
         for i in frames:
             fr = all_frames[i]

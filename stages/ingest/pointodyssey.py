@@ -54,14 +54,17 @@ def _orthonormalize(r: np.ndarray) -> np.ndarray:
     return u @ vt
 
 
+class PointOdysseyOptions(AdapterOptions):
+    """``datasets.pointodyssey.options`` (docs/CONFIG.md)."""
+
+    max_tracks: int | None = Field(None, ge=1, description="keep this many evenly spaced trajectories; None: all")
+
+
 class PointOdysseyAdapter(DatasetAdapter):
     name = "pointodyssey"
     version = "1"
-
-    class Options(AdapterOptions):
-        max_tracks: int | None = Field(None, ge=1, description="keep this many evenly spaced trajectories; None: all")
-
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=True, real=False)
+    options_model = PointOdysseyOptions
     defaults = AdapterDefaults(clip_length=16, frame_stride=2, clip_stride=64, repeat_weight=1.0,
                                loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
                                depth_source="gt", track_source="gt", min_depth_m=0.01, max_depth_m=1000.0)
@@ -187,7 +190,7 @@ class PointOdysseyAdapter(DatasetAdapter):
         finite = np.all(np.isfinite(tracks), axis=-1)
         visible = (anno["visibs"] > 0) & (anno["valids"] > 0) & finite
         tracks = np.where(finite[..., None], tracks, 0.0).astype(np.float32)
-        max_tracks = self.options.max_tracks
+        max_tracks = self.opts.max_tracks
         if max_tracks is not None and n > int(max_tracks):
             keep = np.linspace(0, n - 1, int(max_tracks)).round().astype(int)
             tracks, visible = tracks[:, keep], visible[:, keep]

@@ -49,15 +49,18 @@ def stereo4d_intrinsics(width: int, height: int, hfov_deg: float = HFOV_DEG) -> 
     return np.array([f, f, width / 2.0, height / 2.0])
 
 
+class Stereo4DOptions(AdapterOptions):
+    """``datasets.stereo4d.options`` (docs/CONFIG.md)."""
+
+    video_pattern: str | None = Field(None, description="video path template relative to the root, with {split} and {clip}")
+    hfov_deg: float = Field(HFOV_DEG, gt=0, lt=180, description="horizontal field of view the videos were rectified with")
+
+
 class Stereo4DAdapter(DatasetAdapter):
     name = "stereo4d"
     version = "1"
-
-    class Options(AdapterOptions):
-        video_pattern: str | None = Field(None, description="video path template relative to the root, with {split} and {clip}")
-        hfov_deg: float = Field(HFOV_DEG, gt=0, lt=180, description="horizontal field of view the videos were rectified with")
-
     capabilities = Capabilities(dynamic=True, has_depth=False, has_tracks=True, real=True, metric_poses=True)
+    options_model = Stereo4DOptions
     # Real, dynamic, metric cameras and sparse metric 3D tracks. Depth comes from projecting the
     # tracks (sparse); GT tracks. Official tools treat depth beyond 20 m as invalid
     # (utils.Track3d valid_depth_max=20): beyond that the 63 mm baseline gives < 1.5 px disparity.
@@ -86,7 +89,7 @@ class Stereo4DAdapter(DatasetAdapter):
 
     def video_candidates(self, scene: SceneRef) -> list[str]:
         split, clip = posixpath.split(scene.scene)
-        pattern = self.options.video_pattern
+        pattern = self.opts.video_pattern
         if pattern:
             return [pattern.format(split=split, clip=clip)]
         parent = posixpath.dirname(split)
@@ -210,7 +213,7 @@ class Stereo4DAdapter(DatasetAdapter):
 
         rgb = read_video(self.read(video_rel), self.where(video_rel), frames=frames, expect_frames=t)
         h, w = rgb.shape[1:3]
-        hfov = self.options.hfov_deg
+        hfov = self.opts.hfov_deg
         k = np.tile(stereo4d_intrinsics(w, h, hfov), (len(frames), 1))
         c2w = ann["c2w"][frames]
 

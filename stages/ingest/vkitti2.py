@@ -49,15 +49,18 @@ def _orthonormalize(r: np.ndarray) -> np.ndarray:
     return u @ vt
 
 
+class VKITTI2Options(AdapterOptions):
+    """``datasets.vkitti2.options`` (docs/CONFIG.md)."""
+
+    cameras: list[Literal[0, 1]] = Field([0], description="cameras to read; Camera_1 scenes are added as separate scenes")
+    variations: list[str] | None = Field(None, description="variation folders to read (e.g. clone, fog); None: all")
+
+
 class VKITTI2Adapter(DatasetAdapter):
     name = "vkitti2"
     version = "1"
-
-    class Options(AdapterOptions):
-        cameras: list[Literal[0, 1]] = Field([0], description="cameras to read; Camera_1 scenes are added as separate scenes")
-        variations: list[str] | None = Field(None, description="variation folders to read (e.g. clone, fog); None: all")
-
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=False, real=False)
+    options_model = VKITTI2Options
     # Ten variations re-render the same geometry (weather, time of day, small camera rotations):
     # weight each below 1 so the five driving scenes are not over-sampled.
     defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=0.5,
@@ -66,7 +69,7 @@ class VKITTI2Adapter(DatasetAdapter):
 
     # -- discovery ---------------------------------------------------------------------------
     def _cameras(self) -> list[int]:
-        cams = self.options.cameras
+        cams = self.opts.cameras
         return sorted({int(c) for c in cams})
 
     def _locate(self, base_candidates: list[str], scene: str, variation: str, kind: str, cam: int) -> str | None:
@@ -82,7 +85,7 @@ class VKITTI2Adapter(DatasetAdapter):
         bases = [""] + nested  # merged tree first, then side-by-side archive folders
         rgb_bases = [""] + [d for d in nested if "rgb" in d.lower()] + [d for d in nested if "rgb" not in d.lower()]
         depth_bases = [""] + [d for d in nested if "depth" in d.lower()] + [d for d in nested if "depth" not in d.lower()]
-        wanted_vars = self.options.variations
+        wanted_vars = self.opts.variations
         found: dict[str, SceneRef] = {}
         for base in bases:
             for scene in (s for s in self.store.listdir(base) if _SCENE_RE.match(s)):
