@@ -42,6 +42,7 @@ LEDGER_SCHEMA = pa.schema([
     ("timings", pa.string()),  # JSON {stage: seconds}
     ("samples", pa.string()),  # JSON list of [key, byte offset, num_frames, dynamic] (done events)
     ("clip_qc", pa.string()),  # JSON list of per-sample QC records (manifests/clip_qc.py; done events)
+    ("stage_counts", pa.string()),  # JSON {stage: {in, out, dropped_by_reason, seconds}} (manifests/stage_counts.py; done events)
     ("host", pa.string()),
     ("build_id", pa.string()),
 ])

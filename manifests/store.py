@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.schemas import CLIP_SCHEMA, INDEX_SCHEMA, LEDGER_SCHEMA, SCENE_SCHEMA, SHARD_SCHEMA
+from pipeline import strict_json
 from pipeline.storage import Store
 
 SHARD_STATES = ("pending", "running", "done", "failed")
@@ -36,7 +37,12 @@ def _to_bytes(table: pa.Table) -> bytes:
 
 
 def _read(store: Store, rel: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(store.read_bytes(rel)))
+    # Read on this thread (manifests are small). Arrow's reader threads (pq.read_table, or
+    # use_threads) can drop the last reference to the Python-owned bytes after the read has
+    # returned; one doing so while the interpreter exits cannot take the GIL, and the process
+    # aborts ("terminate called without an active exception") after the command has finished.
+    with pq.ParquetFile(pa.BufferReader(store.read_bytes(rel))) as f:
+        return f.read(use_threads=False)
 
 
 class ManifestStore:
@@ -73,10 +79,11 @@ class ManifestStore:
             # strictly increasing within this process, time-ordered across processes
             self._seq = max(time.time_ns(), self._seq + 1)
             row["seq"] = self._seq
-            row["clips_failed"] = json.dumps(e.get("clips_failed") or [])
-            row["timings"] = json.dumps(e.get("timings") or {})
-            row["samples"] = json.dumps(e.get("samples") or [])
-            row["clip_qc"] = json.dumps(e.get("clip_qc") or [])
+            row["clips_failed"] = strict_json.dumps(e.get("clips_failed") or [])
+            row["timings"] = strict_json.dumps(e.get("timings") or {})
+            row["samples"] = strict_json.dumps(e.get("samples") or [])
+            row["clip_qc"] = strict_json.dumps(e.get("clip_qc") or [])
+            row["stage_counts"] = strict_json.dumps(e.get("stage_counts") or {})
             rows.append(row)
         name = f"manifests/ledger/events-{rows[0]['seq']:024d}-{uuid.uuid4().hex[:8]}.parquet"
         self.store.write_bytes_atomic(name, _to_bytes(pa.Table.from_pylist(rows, LEDGER_SCHEMA)))
@@ -92,19 +99,12 @@ class ManifestStore:
             r["timings"] = json.loads(r["timings"] or "{}")
             r["samples"] = json.loads(r["samples"] or "[]")
             r["clip_qc"] = json.loads(r.get("clip_qc") or "[]")
+            r["stage_counts"] = json.loads(r.get("stage_counts") or "{}")  # {}: written before the column existed
         return rows
 
     def ledger(self) -> dict[str, dict]:
         """Current state per shard_id: its latest event, with ``attempts`` counted over events."""
-        state: dict[str, dict] = {}
-        attempts: dict[str, int] = {}
-        for e in self.ledger_events():
-            if e["state"] == "running":
-                attempts[e["shard_id"]] = attempts.get(e["shard_id"], 0) + 1
-            state[e["shard_id"]] = e
-        for sid, e in state.items():
-            e["attempts"] = attempts.get(sid, 0)
-        return state
+        return current_states(self.ledger_events())
 
     def compact(self) -> None:
         """Fold the event files into one (keeps history; bounds the number of objects)."""
@@ -128,6 +128,20 @@ class ManifestStore:
 
     def index(self) -> list[dict]:
         return _read(self.store, "index.parquet").to_pylist() if self.store.exists("index.parquet") else []
+
+
+def current_states(events: list[dict]) -> dict[str, dict]:
+    """Latest event per shard_id of ``events`` (in ``seq`` order), with ``attempts`` counted over
+    them: for readers that already hold the events (one ledger read per command)."""
+    state: dict[str, dict] = {}
+    attempts: dict[str, int] = {}
+    for e in events:
+        if e["state"] == "running":
+            attempts[e["shard_id"]] = attempts.get(e["shard_id"], 0) + 1
+        state[e["shard_id"]] = e
+    for sid, e in state.items():
+        e["attempts"] = attempts.get(sid, 0)
+    return state
 
 
 def host_name() -> str:

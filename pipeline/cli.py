@@ -1,7 +1,6 @@
 """The ``d4s`` command line. Every command exits non-zero with a one-line reason on bad input."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import strict_json
 from pipeline.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="d4s: build 4D scene datasets and train from them.")
@@ -94,7 +94,7 @@ def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False
     except FileNotFoundError as exc:
         _fail(str(exc))
     if as_json:
-        out_console.print_json(json.dumps(st))
+        out_console.print_json(strict_json.dumps(st))
         return
     out_console.print(_status_tables(st))
     s = st["shards"]
@@ -179,7 +179,7 @@ def inspect(dataset: str = typer.Argument(..., help="Dataset name, e.g. tartanai
         _fail(str(exc).strip("'\""))
     reps = rep if isinstance(rep, list) else [rep]  # a RealEstate10K chunk: one report per example
     if as_json:
-        out_console.print_json(json.dumps(rep))
+        out_console.print_json(strict_json.dumps(rep))
     else:
         for r in reps:
             for k in ("dataset", "scene", "num_frames", "image_size", "path_length", "has_depth", "has_tracks"):
@@ -224,26 +224,63 @@ def show(output: str = typer.Argument(..., help="An output written by `d4s build
 
 
 @app.command()
-def plan(config: Optional[str] = typer.Argument(None), demo: bool = typer.Option(False, "--demo"),
+def plan(config: Optional[str] = typer.Argument(None, help="Build config: its plan and a probe of its data (with "
+                                                             "--full-build / --counts only its clip and stage settings)."),
+         demo: bool = typer.Option(False, "--demo", help="Plan the demo build (renders its data to a temporary folder)."),
+         full_build: bool = typer.Option(False, "--full-build", help="Project the ~130k-scene build from its table of "
+                                         "counts (docs/CLUSTER.md); reads no data."),
+         counts: Optional[str] = typer.Option(None, "--counts", help="Project from this YAML list of {dataset, scenes, "
+                                              "frames_per_scene[, hw, label, gt_tracks, source]} rows; reads no data."),
+         costs: Optional[str] = typer.Option(None, "--costs", help="Per-frame costs YAML (default: pipeline/capacity/costs.yaml)."),
          as_json: bool = typer.Option(False, "--json"),
-         costs: Optional[str] = typer.Option(None, "--costs", help="Per-frame costs YAML (default: pipeline/capacity_costs.yaml).")):
-    """Capacity model: scenes, clips, output bytes and GPU-hours per model stage for a config."""
-    from pipeline.capacity import capacity_report, format_capacity
+         markdown: bool = typer.Option(False, "--markdown", help="With --full-build: the table of docs/CLUSTER.md.")):
+    """Capacity model: scenes, clips, output bytes and GPU-hours per model stage, before a build."""
+    from pipeline import capacity
+
     try:
-        if demo:
-            import tempfile
-
-            from pipeline.demo.build_demo import demo_config
-
-            cfg = demo_config(tempfile.mkdtemp(prefix="d4s-plan-demo-"))
-        elif config:
-            cfg = load_config(config)
+        if full_build or counts:
+            if demo:
+                _fail("--demo plans the demo data; a projection (--full-build, --counts) reads no data")
+            if markdown:
+                if counts or config:
+                    _fail("--markdown prints the docs table of the built-in full-build counts only")
+                typer.echo(capacity.full_build_markdown(costs))
+                return
+            rows = _counts_table(counts) if counts else capacity.FULL_BUILD_COUNTS
+            rep = capacity.projection_from_counts(rows, cfg=load_config(config) if config else None, costs=costs)
         else:
-            _fail("give a CONFIG.yaml or --demo")
-        rep = capacity_report(cfg, costs=costs)
+            if markdown:
+                _fail("--markdown goes with --full-build")
+            if demo:
+                import tempfile
+
+                from pipeline.demo.build_demo import demo_config
+
+                cfg = demo_config(tempfile.mkdtemp(prefix="d4s-plan-demo-"))
+            elif config:
+                cfg = load_config(config)
+            else:
+                _fail("give a CONFIG.yaml, --demo, --full-build or --counts FILE")
+            rep = capacity.capacity_report(cfg, costs=costs)
     except ConfigError as exc:
         _fail(str(exc))
-    out_console.print_json(json.dumps(rep)) if as_json else out_console.print(format_capacity(rep), highlight=False)
+    out_console.print_json(strict_json.dumps(rep)) if as_json else out_console.print(capacity.format_capacity(rep), highlight=False)
+
+
+def _counts_table(path: str) -> list[dict]:
+    """The rows of a ``--counts`` file, or a one-line error naming the file."""
+    import yaml
+
+    try:
+        rows = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        _fail(f"counts file not found: {path}")
+    except yaml.YAMLError as exc:
+        _fail(f"counts file {path} is not valid YAML: {exc}")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"dataset", "scenes", "frames_per_scene"} <= set(r)
+                                             for r in rows):
+        _fail(f"counts file {path}: expected a list of {{dataset, scenes, frames_per_scene}} rows")
+    return rows
 
 
 @app.command()

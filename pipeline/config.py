@@ -13,6 +13,20 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.config_errors import FieldError, describe, one_line
+from stages.align.qc import AlignQCThresholds
+
+# Where a dataset's metric depth comes from: its own ground truth, the depth model aligned to a
+# reference (MegaSaM, the metric VDA model, or the dataset's sparse metric tracks), see docs/ALIGNMENT.md.
+DepthSource = Literal["gt", "vda", "vda_metric", "megasam", "sparse"]
+# Where its 3D tracks come from: ground truth, CoTracker3 lifted with depth, exact tracks from
+# depth and poses (static scenes only), or none.
+TrackSource = Literal["gt", "cotracker", "depth_static", "none"]
+LossTerm = Literal["depth", "motion", "photo"]  # the per-sample loss weights the trainer reads
+VDAEncoder = Literal["vits", "vitb", "vitl"]
+ModelDtype = Literal["fp32", "bf16", "fp16"]
+TrackerVariant = Literal["offline", "online"]
+
 
 class ConfigError(ValueError):
     """A configuration problem; the CLI prints it as one line and exits non-zero."""
@@ -33,12 +47,12 @@ class DatasetConfig(_Strict):
     max_scenes: int | None = Field(None, ge=1)
     max_clips_per_scene: int | None = Field(None, ge=1)
     repeat_weight: float | None = Field(None, gt=0)
-    loss_weights: dict[str, float] | None = None
-    depth_source: str | None = None
-    track_source: str | None = None
+    loss_weights: dict[LossTerm, float] | None = Field(None, description="per-sample loss weights (missing terms: 1)")
+    depth_source: DepthSource | None = Field(None, description="where metric depth comes from (docs/ALIGNMENT.md)")
+    track_source: TrackSource | None = Field(None, description="where 3D tracks come from (docs/MODELS.md)")
     min_depth_m: float | None = Field(None, gt=0)
     max_depth_m: float | None = Field(None, gt=0)
-    options: dict[str, Any] = Field(default_factory=dict, description="adapter-specific options (docs/datasets/)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the adapter's options: datasets.<name>.options below")
 
 
 class StageResources(_Strict):
@@ -52,9 +66,9 @@ class DepthStageConfig(_Strict):
     """Video Depth Anything for datasets without metric depth (see docs/MODELS.md)."""
 
     checkpoint: str | None = None
-    encoder: Literal["vits", "vitb", "vitl"] = "vitl"
+    encoder: VDAEncoder = "vitl"
     metric: bool = False
-    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp16", description="GPU autocast dtype; fp16 measured within 0.15% AbsRel of fp32, bf16 1.8% (bench/RESULTS.md)")
+    dtype: ModelDtype = Field("fp16", description="GPU autocast dtype; fp16 measured within 0.15% AbsRel of fp32, bf16 1.8% (bench/RESULTS.md)")
     input_size: int = 518
     compile: bool = False
     allow_random_weights: bool = Field(False, description="demos/benchmarks only: run without a checkpoint; every sample is flagged untrained")
@@ -72,7 +86,7 @@ class AlignStageConfig(_Strict):
     megasam_timeout_s: float = 3600.0
     megasam_retries: int = 1
     cache_dir: str | None = Field(None, description="MegaSaM output cache (default OUT/cache/megasam)")
-    thresholds: dict[str, float] = Field(default_factory=dict, description="AlignQCThresholds overrides (docs/ALIGNMENT.md)")
+    thresholds: AlignQCThresholds = Field(default_factory=AlignQCThresholds, description="keep/drop thresholds of alignment QC (docs/ALIGNMENT.md)")
 
     @field_validator("cache_dir")
     @classmethod
@@ -87,10 +101,10 @@ class TrackStageConfig(_Strict):
     """CoTracker3 for datasets without ground-truth tracks (docs/MODELS.md)."""
 
     checkpoint: str | None = None
-    variant: Literal["offline", "online"] = "offline"
+    variant: TrackerVariant = "offline"
     grid_size: int = 16
     query_frames: int = 3
-    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    dtype: ModelDtype = "bf16"
     allow_random_weights: bool = False
     max_rel_drift: float = Field(0.02, description="static scenes: a lifted track whose median drift exceeds this fraction of its camera distance is not kept")
     min_kept_fraction: float = Field(0.5, description="static scenes: drop a clip when fewer of its tracks stay put")
@@ -139,6 +153,11 @@ class StagesConfig(_Strict):
     tracks: TrackStageConfig = Field(default_factory=TrackStageConfig)
 
 
+# Where things live (dataset roots, the output, the MegaSaM cache), how the build runs (Ray,
+# resources, shards in flight) and test hooks never change a byte of a shard; everything else does.
+_NOT_CONTENT = {"output", "ray", "fault", "max_inflight_shards"}
+
+
 class BuildConfig(_Strict):
     output: str
     datasets: dict[str, DatasetConfig]
@@ -161,14 +180,8 @@ class BuildConfig(_Strict):
             raise ValueError(f"unknown dataset(s) {unknown}; known: {sorted(ADAPTERS)}")
         if not v:
             raise ValueError("no datasets configured")
-        from stages.ingest import adapter_class
-
-        for name, ds in v.items():  # typed adapter options: a typo fails here, naming the option
-            try:
-                cls = adapter_class(name)
-            except (NotImplementedError, ModuleNotFoundError):
-                continue  # reported where the adapter is first used
-            cls.validate_options(ds.options)
+        for name, ds in v.items():
+            _check_against_adapter(name, ds)
         return v
 
     # ------------------------------------------------------------------------------------
@@ -183,25 +196,81 @@ class BuildConfig(_Strict):
                         "depth_source", "track_source", "min_depth_m", "max_depth_m"):
                 if getattr(ds, fld) is None:
                     setattr(ds, fld, getattr(d, fld))
+            ds.options = adapter_class(name).validate_options(ds.options).model_dump(mode="json")
         return out
 
     def planning_hash(self) -> str:
-        """Hash of everything that decides clip ids and shard assignment (not resources)."""
-        keys = {name: ds.model_dump(include={"root", "enabled", "clip_length", "frame_stride", "clip_stride",
+        """Hash of everything that decides clip ids and shard assignment (not roots, not resources)."""
+        keys = {name: ds.model_dump(include={"enabled", "clip_length", "frame_stride", "clip_stride",
                                              "max_scenes", "max_clips_per_scene"})
                 for name, ds in sorted(self.datasets.items())}
         blob = json.dumps({"datasets": keys, "shard_size": self.shard_size}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def content_hash(self) -> str:
-        """Hash of everything that decides shard bytes (recorded as provenance in every sample)."""
-        d = self.model_dump(exclude={"ray", "fault", "max_inflight_shards", "output"})
+    def content_fields(self, dataset: str | None = None) -> dict:
+        """The settings that decide shard bytes, as plain data: the whole config less where the
+        inputs and the output live and how the build runs. With ``dataset``, only that dataset's
+        entry (another dataset's settings never change its shards). The one definition used by
+        :meth:`content_hash` (each sample's ``meta.config_hash``) and by whoever compares two
+        builds' settings: a build moved to other roots or another output has the same content.
+        Computed on the resolved config, so a recorded and a fresh copy of one config agree."""
+        d = self.resolved().model_dump(mode="json", exclude=_NOT_CONTENT)
+        for ds in d["datasets"].values():
+            ds.pop("root")
+        if dataset is not None:
+            d["datasets"] = {dataset: d["datasets"][dataset]}
         for s in ("depth", "tracks"):
-            d["stages"][s].pop("resources", None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            d["stages"][s].pop("resources")
+        d["stages"]["align"].pop("cache_dir")
+        return d
+
+    def content_hash(self, dataset: str | None = None) -> str:
+        """Hash of :meth:`content_fields` (recorded as provenance in every sample of ``dataset``)."""
+        blob = json.dumps(self.content_fields(dataset), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_against_adapter(name: str, ds: DatasetConfig) -> None:
+    """Options valid for the dataset's adapter, and routing its data can serve (else a FieldError)."""
+    from stages.ingest import adapter_class
+
+    adapter = adapter_class(name)
+    try:
+        adapter.validate_options(ds.options)
+    except ValidationError as exc:
+        loc, msg = describe(exc.errors()[0], adapter.options_model)
+        raise FieldError(("datasets", name, "options", *loc), msg) from None
+    caps, d = adapter.capabilities, adapter.defaults
+    depth, tracks = ds.depth_source or d.depth_source, ds.track_source or d.track_source
+    if depth == "gt" and not caps.has_depth:
+        usable = ["vda", "vda_metric", "megasam"] + (["sparse"] if caps.has_tracks else [])
+        raise FieldError(("datasets", name, "depth_source"), "'gt', but the dataset has no ground-truth depth; use "
+                         + " or ".join(repr(u) for u in usable))
+    if depth == "sparse" and not caps.has_tracks:
+        raise FieldError(("datasets", name, "depth_source"),
+                         "'sparse' aligns to the dataset's metric 3D tracks, and it has no metric 3D tracks")
+    if tracks == "gt" and not caps.has_tracks:
+        raise FieldError(("datasets", name, "track_source"),
+                         "'gt', but the dataset has no ground-truth tracks; use 'cotracker', 'depth_static' or 'none'")
+    if tracks == "depth_static" and caps.dynamic:
+        raise FieldError(("datasets", name, "track_source"),
+                         "'depth_static' is only exact for static scenes and the dataset is dynamic; use 'cotracker'")
+
+
+OUTPUT_CONFIG_NAME = "config.resolved.yaml"  # the resolved config, recorded in every output
+
+
+def load_output_config(output: str) -> BuildConfig:
+    """The config an output was built with (``OUT/config.resolved.yaml``)."""
+    from pipeline.storage import Store
+
+    store = Store(output)
+    if not store.exists(OUTPUT_CONFIG_NAME):
+        raise ConfigError(f"{output} is not a d4s output (no {OUTPUT_CONFIG_NAME}); run `d4s build` first")
+    return load_config(store.read_text(OUTPUT_CONFIG_NAME), is_text=True)
 
 
 def load_config(path_or_text: str, is_text: bool = False) -> BuildConfig:
@@ -223,7 +292,4 @@ def load_config(path_or_text: str, is_text: bool = False) -> BuildConfig:
     try:
         return BuildConfig.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"config error at {loc or '<root>'}: {first['msg']}{more}") from None
+        raise ConfigError(one_line(exc, BuildConfig)) from None

@@ -22,11 +22,17 @@ depth) is not scheduled for its shards. `?` marks optional fields.
 """
 
 
+def md_cell(text: str) -> str:
+    """Text for one Markdown table cell: a bare ``|`` would end the cell (and split the row)."""
+    return text.replace("|", "\\|")
+
+
 def render() -> str:
     rows = ["| stage | inputs | outputs | runs as | acts when | fails a clip on |", "|---|---|---|---|---|---|"]
     for name in STAGE_MODULES:
         c = importlib.import_module(name).CONTRACT
-        rows.append(f"| {c.name} | {', '.join(c.inputs)} | {', '.join(c.outputs)} | {c.runs_as} | {c.acts_when} | {c.errors} |")
+        cells = (c.name, ", ".join(c.inputs), ", ".join(c.outputs), c.runs_as, c.acts_when, c.errors)
+        rows.append("| " + " | ".join(md_cell(x) for x in cells) + " |")
     return HEADER + "\n".join(rows) + "\n"
 
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from pipeline.config import BuildConfig, ConfigError
-from stages.ingest import get_adapter
+from stages.ingest import adapter_for_dataset
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -49,7 +49,7 @@ def make_plan(cfg: BuildConfig) -> Plan:
         ds = cfg.datasets[name]
         if not ds.enabled:
             continue
-        adapter = get_adapter(name, ds.root, {**ds.options, "min_depth_m": ds.min_depth_m, "max_depth_m": ds.max_depth_m})
+        adapter = adapter_for_dataset(name, ds)
         try:
             scenes = adapter.discover()
         except FileNotFoundError as exc:

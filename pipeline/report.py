@@ -539,8 +539,8 @@ def write_report(output: str, gallery_clips: int = GALLERY_CLIPS_DEFAULT) -> str
         raise FileNotFoundError(f"{output} is not a d4s output (no manifests/shards.parquet); run `d4s build` first")
     if not store.exists("config.resolved.yaml"):
         raise FileNotFoundError(f"{output} is not a d4s output (no config.resolved.yaml); run `d4s build` first")
-    st = collect_status(output)
-    events = ms.ledger_events()
+    events = ms.ledger_events()  # the one ledger read of the command
+    st = collect_status(output, events)
     gallery = render_gallery(store, ms.shards(), events, st["failures"], gallery_clips)[0] if gallery_clips > 0 else None
     page = render_report(st, events, store.display(), gallery)
     store.write_bytes_atomic(REPORT_NAME, page.encode("utf-8"))

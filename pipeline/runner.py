@@ -22,15 +22,16 @@ import uuid
 from dataclasses import dataclass, field
 
 from manifests.store import ManifestStore, host_name
-from pipeline.config import BuildConfig, ConfigError, load_config
+from pipeline.config import OUTPUT_CONFIG_NAME as CONFIG_NAME
+from pipeline.config import BuildConfig, ConfigError, load_config, load_output_config
 from pipeline.dag import ShardDAG
+from pipeline.deps import build_needs
+from pipeline.deps import check as check_packages
 from pipeline.plan import Plan, make_plan
 from pipeline.progress import BuildProgress
 from pipeline.storage import Store
 
 log = logging.getLogger("d4s")
-
-CONFIG_NAME = "config.resolved.yaml"
 
 
 @dataclass
@@ -48,13 +49,6 @@ class BuildSummary:
     @property
     def ok(self) -> bool:
         return self.shards_failed == 0
-
-
-def load_output_config(output: str) -> BuildConfig:
-    store = Store(output)
-    if not store.exists(CONFIG_NAME):
-        raise ConfigError(f"{output} is not a d4s output (no {CONFIG_NAME}); run `d4s build` first")
-    return load_config(store.read_text(CONFIG_NAME), is_text=True)
 
 
 def _check_plan_unchanged(ms: ManifestStore, plan: Plan) -> None:
@@ -83,6 +77,7 @@ def build(cfg: BuildConfig, resume: bool = False, show_progress: bool = True) ->
     """Run (or continue) a build into ``cfg.output``. Safe to call again after any crash."""
     t0 = time.time()
     cfg = cfg.resolved()
+    check_packages(build_needs(cfg), "d4s build")  # before planning reads data and before Ray starts
     store = Store(cfg.output)
     ms = ManifestStore(store)
     plan = make_plan(cfg)

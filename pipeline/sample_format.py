@@ -9,7 +9,7 @@ Entries of a sample with key ``dataset__scene__start`` (no dots in keys):
 ``c2w.npy``          (T,4,4) float64 OpenCV camera-to-world, metres
 ``tracks.npy``       optional (T,N,3) float32 world metres (NaN where not visible)
 ``track_vis.npy``    optional (T,N) bool
-``meta.json``        :class:`pipeline.clip.ClipMeta` as JSON
+``meta.json``        :class:`pipeline.clip.ClipMeta` as strict JSON (a non-finite number is null)
 ===================  =======================================================================
 
 Depth precision: log-depth quantised to 16 bits over [0.01 m, 2000 m]; the quantisation step
@@ -24,6 +24,7 @@ import json
 import numpy as np
 from PIL import Image
 
+from pipeline import strict_json
 from pipeline.clip import Clip, ClipError, ClipMeta
 
 DEPTH_MIN_M = 0.01
@@ -83,7 +84,7 @@ def encode_clip(clip: Clip, jpeg_quality: int = 95) -> dict[str, bytes]:
         tracks = np.where(clip.track_visible[..., None], clip.tracks, np.nan).astype(np.float32)
         sample["tracks.npy"] = _npy(tracks)
         sample["track_vis.npy"] = _npy(clip.track_visible.astype(bool))
-    sample["meta.json"] = json.dumps(clip.meta.to_json(), sort_keys=True).encode()
+    sample["meta.json"] = strict_json.dumps(clip.meta.to_json(), sort_keys=True).encode()
     return sample
 
 

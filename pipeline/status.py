@@ -1,10 +1,12 @@
 """``d4s status``: where a build stands, read from the manifests alone (never from shards).
 
-Per dataset and stage: clips done / failed / pending. Throughput of the latest build and the
-ETA of what is left. QC distributions (alignment scale, inliers, residual, AbsRel, pose scale,
-consistency, depth range, static-track drift, ground-truth self-check agreement, ground-truth
-track filters) per dataset from the ledger's per-sample records,
-and drops counted per dataset and reason category.
+Read-only by construction: the ledger is read once per command (``d4s report`` passes the events
+it read), and nothing here imports Ray. Per dataset and stage: clips done / failed / skipped
+(the counters the write stage recorded, manifests/stage_counts.py) and pending. Throughput of
+the latest build and the ETA of what is left. QC distributions (alignment scale, inliers,
+residual, AbsRel, pose scale, consistency, depth range, static-track drift, ground-truth
+self-check agreement, ground-truth track filters) per dataset from the ledger's per-sample
+records, and drops counted per dataset and reason category.
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from manifests.clip_qc import failure_categories
-from manifests.store import ManifestStore
+from manifests.stage_counts import stage_counts
+from manifests.store import ManifestStore, current_states
 from pipeline.storage import Store
 
 # (label, path into a clip_qc record) of the distributions shown per dataset.
@@ -90,22 +92,33 @@ def _throughput(events: list[dict], clips_left: int) -> dict:
             "eta_s": 0.0 if clips_left == 0 else eta}
 
 
-def collect_status(output: str) -> dict:
+def _counters(ev: dict, order: list[str], num_clips: int) -> dict[str, dict]:
+    """A done event's per-stage counters; events written before they were recorded get them
+    computed from the same fields by the same function the write stage uses."""
+    if ev.get("stage_counts"):
+        return ev["stage_counts"]
+    return stage_counts(order, num_clips, ev.get("clips_failed") or [], ev.get("timings") or {})
+
+
+def collect_status(output: str, events: list[dict] | None = None) -> dict:
+    """Everything ``d4s status`` shows, from the manifests alone. ``events``: the ledger's events
+    when the caller has read them already (``d4s report``), so the ledger is read once."""
+    from pipeline.config import load_output_config
     from pipeline.plan import stages_for
-    from pipeline.runner import load_output_config
 
     store = Store(output)
     ms = ManifestStore(store)
     if not ms.has_plan():
         raise FileNotFoundError(f"{output}: no plan recorded (run `d4s build` first)")
     cfg = load_output_config(output)
-    events = ms.ledger_events()
-    ledger = ms.ledger()
+    events = ms.ledger_events() if events is None else events
+    ledger = current_states(events)
     datasets: dict[str, Counter] = defaultdict(Counter)
     stages: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     shards = Counter()
     failures, qc_records = [], []
     drops: dict[str, Counter] = defaultdict(Counter)
+    timings = Counter()
     for sh in ms.shards():
         ds_name = sh["dataset"]
         order = stages_for(cfg, ds_name) if ds_name in cfg.datasets else ["ingest", "encode", "write"]
@@ -116,20 +129,15 @@ def collect_status(output: str) -> dict:
         ds = datasets[ds_name]
         st = stages[ds_name]
         if state == "done":
-            failed = {f["clip_id"]: f for f in ev["clips_failed"]}
-            ds["clips_done"] += sh["num_clips"] - len(failed)
-            ds["clips_failed"] += len(failed)
-            for name in order:
-                st[name]["done"] += sh["num_clips"] - len(failed)
-            for f in failed.values():
-                at = order.index(f["stage"]) if f["stage"] in order else len(order) - 1
-                for name in order[:at]:
-                    st[name]["done"] += 1
-                st[order[at]]["failed"] += 1
-                for name in order[at + 1:]:
-                    st[name]["skipped"] += 1
-                for cat in failure_categories(f["stage"], f["reason"], f.get("clip_id")):
-                    drops[ds_name][cat] += 1
+            n_failed = len(ev["clips_failed"])
+            ds["clips_done"] += sh["num_clips"] - n_failed
+            ds["clips_failed"] += n_failed
+            for name, c in _counters(ev, order, sh["num_clips"]).items():
+                st[name]["done"] += c["out"]
+                st[name]["failed"] += c["in"] - c["out"]
+                st[name]["skipped"] += sh["num_clips"] - c["in"]
+                drops[ds_name].update(c["dropped_by_reason"])
+                timings[name] += c["seconds"]
             failures.extend({**f, "dataset": ds_name, "shard_id": sh["shard_id"]} for f in ev["clips_failed"])
             qc_records.extend({**r, "dataset": r.get("dataset", ds_name)} for r in ev.get("clip_qc") or [])
         else:
@@ -139,11 +147,6 @@ def collect_status(output: str) -> dict:
             if state == "failed":
                 failures.append({"clip_id": None, "stage": "shard", "reason": ev["error"], "path": None,
                                  "dataset": ds_name, "shard_id": sh["shard_id"]})
-    timings = Counter()
-    for ev in ledger.values():
-        if ev["state"] == "done":
-            for k, v in (ev.get("timings") or {}).items():
-                timings[k] += v
     clips_left = sum(c["clips_pending"] for c in datasets.values())
     return {
         "output": output,

@@ -19,7 +19,7 @@ from stages.contract import StageContract
 CONTRACT = StageContract(
     name="write",
     inputs=("samples of one shard, in plan order",),
-    outputs=("shards/<dataset>/<shard_id>.tar", "sha256", "index rows", "per-sample QC records"),
+    outputs=("shards/<dataset>/<shard_id>.tar", "sha256", "index rows", "per-sample QC records", "per-stage counters"),
     runs_as="task (CPU)",
     acts_when="always (a shard whose clips all failed is written empty)",
     errors="storage errors fail the shard (retried by resume), never a clip",
@@ -80,6 +80,10 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
     store = Store(cfg.output)
     sha = publish_shard(store, shard["path"], data)
     timings["write"] = time.time() - t1
+    from manifests.stage_counts import stage_counts
+    from pipeline.plan import stages_for
+
+    counts = stage_counts(stages_for(cfg, shard["dataset"]), len(clips), failures, timings)
     log_lines = [f"shard {shard['shard_id']}: {len(samples)} samples, {len(failures)} failed clips, {len(data)} bytes"]
     log_lines += [f"  stage {k}: {v:.3f} s" for k, v in sorted(timings.items())]
     log_lines += [f"  FAILED {f['clip_id']} at {f['stage']}: {f['reason']}" + (f" ({f['path']})" if f.get("path") else "")
@@ -87,5 +91,6 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
     return {
         "samples_written": len(samples), "clips_failed": failures, "bytes": len(data), "sha256": sha,
         "samples": [[k, off, *meta_rows[k]] for k, off in offsets], "clip_qc": qc_rows, "timings": timings,
+        "stage_counts": counts,
         "started_at": t0, "finished_at": time.time(), "host": socket.gethostname(), "log": "\n".join(log_lines) + "\n",
     }

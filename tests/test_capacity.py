@@ -1,4 +1,4 @@
-"""The capacity model behind `d4s plan` (pipeline/capacity.py, pipeline/capacity_costs.yaml)."""
+"""The capacity model behind `d4s plan` (pipeline/capacity/, its costs file pipeline/capacity/costs.yaml)."""
 from __future__ import annotations
 
 import json
@@ -323,13 +323,42 @@ def test_full_build_counts_total_130k_and_docs_table_is_current():
     section = doc.split("## Capacity planning (`d4s plan`)", 1)
     assert len(section) == 2, "docs/CLUSTER.md lacks its capacity planning section"
     assert full_build_markdown() in section[1], \
-        "docs/CLUSTER.md full-build table is stale: regenerate with python -m pipeline.capacity full-build --format markdown"
+        "docs/CLUSTER.md full-build table is stale: regenerate with d4s plan --full-build --markdown"
 
 
-def test_module_cli_full_build_json(capsys):
-    from pipeline.capacity import main
+def test_plan_full_build_and_counts_from_the_d4s_command(tmp_path):
+    from pipeline.cli import app
 
-    assert main(["full-build", "--format", "json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
-    assert rep["totals"]["scenes"] == sum(r["scenes"] for r in FULL_BUILD_COUNTS)
-    assert rep["mode"] == "projection"
+    res = runner.invoke(app, ["plan", "--full-build", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["totals"]["scenes"] == sum(r["scenes"] for r in FULL_BUILD_COUNTS) and rep["mode"] == "projection"
+    res = runner.invoke(app, ["plan", "--full-build", "--markdown"])
+    assert res.exit_code == 0 and res.stdout.strip() == full_build_markdown()
+    counts = tmp_path / "counts.yaml"
+    counts.write_text(yaml.safe_dump([{"dataset": "kubric_movi_f", "scenes": 10, "frames_per_scene": 24}]))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"output": "x", "datasets": {"kubric_movi_f": {"root": "/not/read"}},
+                                   "stages": {"tracks": {"grid_size": 8}}}))
+    res = runner.invoke(app, ["plan", str(cfg), "--counts", str(counts), "--json"])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.stdout)["datasets"]
+    assert row["clips"] == 10 and row["tracks_per_clip"] == 3 * 8 ** 2  # the config's grid, 3 query frames
+    counts.write_text("- {dataset: kubric_movi_f}\n")
+    res = runner.invoke(app, ["plan", "--counts", str(counts)])
+    assert res.exit_code == 2 and "expected a list of {dataset, scenes, frames_per_scene} rows" in res.output
+
+
+def test_costs_file_typos_and_unknown_datasets_fail_at_load(tmp_path):
+    raw = costs_raw()
+    raw["depth"]["frames_per_s"]["vitll"] = raw["depth"]["frames_per_s"].pop("vitl")
+    with pytest.raises(CostsError, match=r"depth\.frames_per_s\.vitll.*not allowed.*did you mean 'vitl'"):
+        projection_from_counts([{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 40}], costs=_write(tmp_path, raw))
+    raw = costs_raw()
+    raw["cpu"]["ms_per_frame"]["ingset"] = raw["cpu"]["ms_per_frame"].pop("ingest")
+    with pytest.raises(CostsError, match=r"cpu\.ms_per_frame\.(ingset|ingest)"):
+        projection_from_counts([{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 40}], costs=_write(tmp_path, raw))
+    raw = costs_raw()
+    raw["datasets"]["vkitti"] = raw["datasets"]["vkitti2"]
+    with pytest.raises(CostsError, match=r"field 'datasets'.*vkitti"):
+        projection_from_counts([{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 40}], costs=_write(tmp_path, raw))

@@ -22,3 +22,49 @@ def test_config_doc_is_current():
     from pipeline.config_doc import render as render_config
 
     assert (ROOT / "docs" / "CONFIG.md").read_text() == render_config(), "run: python -m pipeline.config_doc > docs/CONFIG.md"
+
+
+def _tables(markdown: str) -> list[list[list[str]]]:
+    """The body rows (cell texts) of every table, as a GFM renderer splits them (markdown-it-py)."""
+    from markdown_it import MarkdownIt
+
+    tables, rows, cells, in_body = [], None, None, False
+    for tok in MarkdownIt("commonmark").enable("table").parse(markdown):
+        if tok.type == "table_open":
+            rows = []
+        elif tok.type == "tbody_open":
+            in_body = True
+        elif tok.type == "tr_open":
+            cells = []
+        elif tok.type == "inline" and cells is not None:
+            cells.append(tok.content)
+        elif tok.type == "tr_close":
+            if in_body:
+                rows.append(cells)
+            cells = None
+        elif tok.type == "table_close":
+            tables.append(rows)
+            in_body = False
+    return tables
+
+
+def test_generated_tables_read_back_cell_by_cell():
+    """A `|` inside a cell must be escaped: unescaped, it splits the row and a GFM renderer drops the
+    excess cells. Every generated row must read back (markdown-it-py) exactly as the code declares it."""
+    import importlib
+
+    from pipeline import config_doc
+    from pipeline.contracts_doc import STAGE_MODULES
+
+    (stage_rows,) = _tables(render())
+    rows = {cells[0]: cells for cells in stage_rows}
+    for module in STAGE_MODULES:
+        c = importlib.import_module(module).CONTRACT
+        assert rows[c.name] == [c.name, ", ".join(c.inputs), ", ".join(c.outputs), c.runs_as, c.acts_when, c.errors]
+    assert any("|" in cell for cells in rows.values() for cell in cells)  # the align row's reference list
+    tables = _tables(config_doc.render())
+    assert len(tables) > len(config_doc.MODELS)  # and the thresholds and every adapter's options
+    for model, table in zip(config_doc.MODELS, tables):
+        described = {cells[0].strip("`"): cells[3] for cells in table}
+        for name, f in model.model_fields.items():
+            assert described[name] == (f.description or ""), f"{model.__name__}.{name}"

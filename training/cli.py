@@ -37,6 +37,13 @@ def train_main(config_path: str | None = None, demo_out: str | None = None, max_
     except Exception as e:  # bad config: one clear line
         print(f"d4s train: {e}", file=sys.stderr)
         return 2
+    from pipeline.deps import MissingPackages, check, train_needs
+
+    try:
+        check(train_needs(cfg), "d4s train")
+    except MissingPackages as e:  # every missing package at once, before any work
+        print(f"d4s train: {e}", file=sys.stderr)
+        return 2
     ck = latest_checkpoint(cfg.workdir)
     if ck:
         step = load_checkpoint(ck)["step"]

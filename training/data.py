@@ -39,7 +39,6 @@ raw sample sequence without decoding (cost: reading the skipped bytes of the cur
 from __future__ import annotations
 
 import glob
-import inspect
 import io
 import json
 import os
@@ -52,31 +51,9 @@ import torch
 from PIL import Image
 
 from pipeline.clip import Clip
+from pipeline.sample_format import decode_sample as DECODE  # the shard format: DECODE reads a sample
+from pipeline.sample_format import encode_clip as ENCODE  # noqa: F401 - ENCODE writes one (training/synthetic.py)
 from training.config import DataConfig, StageConfig
-
-# --- the one place where the sample format is chosen --------------------------------------------
-try:  # the real shard format (pipeline/sample_format.py)
-    from pipeline.sample_format import decode_sample as _decode
-    from pipeline.sample_format import encode_clip as ENCODE
-except ImportError:  # pragma: no cover - only before the format landed
-    _decode = ENCODE = None
-
-_DECODE_TAKES_FRAMES = _decode is not None and "frames" in inspect.signature(_decode).parameters
-
-
-def DECODE(sample: dict, frames: list[int] | None = None) -> Clip:
-    """Raw WebDataset sample -> Clip (optionally only ``frames``)."""
-    if _DECODE_TAKES_FRAMES:
-        return _decode(sample, frames=frames)
-    clip = _decode(sample)
-    if frames is None:
-        return clip
-    from dataclasses import replace
-    sel = lambda a: None if a is None else a[frames]  # noqa: E731
-    return replace(clip, rgb=clip.rgb[frames], intrinsics=clip.intrinsics[frames], c2w=clip.c2w[frames],
-                   depth=sel(clip.depth), depth_valid=sel(clip.depth_valid), tracks=sel(clip.tracks),
-                   track_visible=sel(clip.track_visible))
-
 
 # --- shard discovery ------------------------------------------------------------------------------
 def _expand(pattern: str) -> list[str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import os
 import random
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline import strict_json
 from training.config import TrainConfig
 from training.curriculum import describe, stage_position
 
@@ -351,11 +351,11 @@ def _append_jsonl(url: str, row: dict) -> None:
     mode = "ab" if fs.exists(path) else "wb"
     try:
         with fs.open(path, mode) as f:
-            f.write((json.dumps(row) + "\n").encode())
+            f.write((strict_json.dumps(row) + "\n").encode())
     except (NotImplementedError, ValueError):  # object stores without append: rewrite
         old = fs.cat_file(path) if fs.exists(path) else b""
         with fs.open(path, "wb") as f:
-            f.write(old + (json.dumps(row) + "\n").encode())
+            f.write(old + (strict_json.dumps(row) + "\n").encode())
 
 
 def _full_tensor(t: torch.Tensor) -> torch.Tensor:

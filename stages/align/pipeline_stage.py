@@ -16,7 +16,6 @@ from pipeline.clip import Clip
 from pipeline.config import BuildConfig, ConfigError
 from stages.align.align_clip import AlignClipOptions, align_clip
 from stages.align.fit import AlignmentError, FitOptions
-from stages.align.qc import AlignQCThresholds
 from stages.align.references import (MetricReference, reference_from_megasam, reference_from_metric_depth,
                                      reference_from_tracks)
 
@@ -81,7 +80,7 @@ def options_for(cfg: BuildConfig, relative_kind: str, *, dataset: str | None = N
     fit = FitOptions(space=space, per_frame=a.per_frame, scale_only=a.model == "scale_only", robust=a.robust,
                      **limits)
     return AlignClipOptions(prediction_kind="depth" if relative_kind == "metric_depth" else "disparity", fit=fit,
-                            thresholds=AlignQCThresholds(**a.thresholds))
+                            thresholds=a.thresholds)
 
 
 def align_for_pipeline(clip: Clip, cfg: BuildConfig) -> Clip:

@@ -35,5 +35,12 @@ def adapter_class(name: str) -> type[DatasetAdapter]:
     return getattr(mod, cls)
 
 
-def get_adapter(name: str, root: str, options: dict | None = None) -> DatasetAdapter:
-    return adapter_class(name)(root, options)
+def get_adapter(name: str, root: str, options: dict | None = None,
+                depth_range: tuple[float | None, float | None] = (None, None)) -> DatasetAdapter:
+    return adapter_class(name)(root, options, depth_range=depth_range)
+
+
+def adapter_for_dataset(name: str, ds) -> DatasetAdapter:
+    """The adapter of one configured dataset (a ``pipeline.config.DatasetConfig``): its root, its
+    options and its valid depth range."""
+    return get_adapter(name, ds.root, ds.options, (ds.min_depth_m, ds.max_depth_m))

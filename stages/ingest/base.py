@@ -15,9 +15,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from pipeline.clip import Clip, ClipError, ClipMeta
+from pipeline.config import DepthSource, TrackSource
 from pipeline.storage import Store
 
 
@@ -42,10 +43,20 @@ class AdapterDefaults:
     clip_stride: int = 16
     repeat_weight: float = 1.0
     loss_weights: dict = field(default_factory=lambda: {"depth": 1.0, "motion": 1.0, "photo": 1.0})
-    depth_source: str = "gt"  # gt | vda | vda_metric | megasam | sparse
-    track_source: str = "gt"  # gt | cotracker | depth_static | none
+    depth_source: DepthSource = "gt"
+    track_source: TrackSource = "gt"
     min_depth_m: float = 0.05
     max_depth_m: float = 1000.0
+
+
+class AdapterOptions(BaseModel):
+    """An adapter's options (``datasets.<name>.options``): none. An adapter that takes options
+    declares them in a subclass and names it in its class attribute ``options_model``; the config
+    validates ``options`` against it at load, so a misspelt option fails with its path and the
+    allowed names, the adapter reads them typed as ``self.opts``, and docs/CONFIG.md lists every
+    adapter's options (pipeline/config_doc.py)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass(frozen=True)
@@ -58,39 +69,29 @@ class SceneRef:
     extra: tuple = ()  # adapter-private, hashable (e.g. timestamps)
 
 
-class AdapterOptions(BaseModel):
-    """Typed adapter options (``datasets.<name>.options`` in the config): an adapter that declares
-    a subclass as ``options_model`` gets them validated, so a typo or a bad value fails when the
-    config is loaded, naming the option, instead of being ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-    # Filled in from the dataset's config fields by the planner and the ingest stage.
-    min_depth_m: float | None = None
-    max_depth_m: float | None = None
-
-
 class DatasetAdapter(ABC):
     name: ClassVar[str]
     version: ClassVar[str] = "1"
     capabilities: ClassVar[Capabilities]
     defaults: ClassVar[AdapterDefaults] = AdapterDefaults()
-    options_model: ClassVar[type[AdapterOptions] | None] = None  # None: options stay an untyped dict
+    options_model: ClassVar[type[AdapterOptions]] = AdapterOptions
 
-    def __init__(self, root: str, options: dict[str, Any] | None = None):
+    def __init__(self, root: str, options: dict[str, Any] | AdapterOptions | None = None, *,
+                 depth_range: tuple[float | None, float | None] = (None, None)):
         self.store = Store(root)
-        self.options = dict(options or {})
-        self.opts = self.validate_options(self.options)
+        self.opts = self.validate_options(options)
+        self.options = self.opts.model_dump()  # the same values as a plain dict, defaults filled in
+        lo, hi = depth_range
+        # metres of valid depth: the dataset config's min/max_depth_m, else the adapter's defaults
+        self.depth_range = (self.defaults.min_depth_m if lo is None else float(lo),
+                            self.defaults.max_depth_m if hi is None else float(hi))
 
     @classmethod
-    def validate_options(cls, options: dict[str, Any] | None) -> AdapterOptions | None:
-        """The typed options, or a ValueError naming each bad option (None without a model)."""
-        if cls.options_model is None:
-            return None
-        try:
-            return cls.options_model.model_validate(dict(options or {}))
-        except ValidationError as exc:
-            bad = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors())
-            raise ValueError(f"dataset {cls.name}: bad options ({bad}); see docs/datasets/{cls.name}.md") from None
+    def validate_options(cls, options: dict[str, Any] | AdapterOptions | None) -> AdapterOptions:
+        """The typed options; a pydantic ``ValidationError`` names each bad one."""
+        if isinstance(options, cls.options_model):
+            return options
+        return cls.options_model.model_validate(dict(options or {}))
 
     # -- to implement ----------------------------------------------------------------------
     @abstractmethod
@@ -181,8 +182,7 @@ class DatasetAdapter(ABC):
         return arr
 
     def depth_validity(self, depth: np.ndarray) -> np.ndarray:
-        lo = float(self.options.get("min_depth_m", self.defaults.min_depth_m))
-        hi = float(self.options.get("max_depth_m", self.defaults.max_depth_m))
+        lo, hi = self.depth_range
         return np.isfinite(depth) & (depth >= lo) & (depth <= hi)
 
     def frame_window(self, scene: SceneRef, frames: list[int]) -> None:

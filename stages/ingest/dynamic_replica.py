@@ -40,16 +40,24 @@ import gzip
 import io
 import json
 import posixpath
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
 
 ANNOTATION_TEMPLATE = "frame_annotations_{split}.jgz"
 
 
+class DynamicReplicaOptions(AdapterOptions):
+    """``datasets.dynamic_replica.options`` (docs/CONFIG.md)."""
+
+    splits: list[str] | None = Field(None, description="split folders to read; None: all but 'real' (no ground truth)")
+    views: list[Literal["left", "right"]] = Field(["left"], description="views to read as scenes (the left one has the trajectories)")
+    tracks: bool = Field(True, description="read the ground-truth trajectories")
 def in_view(points: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """(T,N) points ``(T,N,3)`` that project in front of frame t's camera and inside its image
     (the image area [0, W] x [0, H], pixel centres at +0.5)."""
@@ -66,11 +74,12 @@ class DynamicReplicaAdapter(DatasetAdapter):
     name = "dynamic_replica"
     version = "2"  # 2: visible only inside the image and in front of the camera
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=True, real=False)
+    options_model = DynamicReplicaOptions
     defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=1.0,
                                depth_source="gt", track_source="gt", min_depth_m=0.01, max_depth_m=100.0)
 
-    def __init__(self, root, options=None):
-        super().__init__(root, options)
+    def __init__(self, root, options=None, **kw):
+        super().__init__(root, options, **kw)
         self._ann_cache: dict[str, dict[tuple[str, str], list[dict]]] = {}
 
     # -- annotations -------------------------------------------------------------------------
@@ -80,7 +89,7 @@ class DynamicReplicaAdapter(DatasetAdapter):
         The ``real`` split (real stereo captures without ground truth) is skipped unless named in
         ``options["splits"]``.
         """
-        wanted = self.options.get("splits")
+        wanted = self.opts.splits
         out = []
         for name in self.store.listdir(""):
             if wanted is not None and name not in wanted:
@@ -125,7 +134,7 @@ class DynamicReplicaAdapter(DatasetAdapter):
         return f"{split}/{seq}_source_{view}"
 
     def discover(self) -> list[SceneRef]:
-        views = list(self.options.get("views", ["left"]))
+        views = list(self.opts.views)
         scenes = []
         for split in self._splits():
             for (seq, view), entries in self._annotations(split).items():
@@ -221,7 +230,7 @@ class DynamicReplicaAdapter(DatasetAdapter):
         self.frame_window(scene, frames)
         split, entries, ann_rel = self._entries(scene)
         rgb, depth, ks, c2ws, tracks, vis = [], [], [], [], [], []
-        want_tracks = bool(self.options.get("tracks", True))
+        want_tracks = self.opts.tracks
         for i in frames:
             e = entries[i]
             img_rel = posixpath.join(split, e["image"]["path"])

@@ -34,11 +34,12 @@ import posixpath
 import struct
 
 import numpy as np
+from pydantic import Field
 from PIL import Image
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
 
 # -- CRC32C (Castagnoli) ---------------------------------------------------------------------------
 
@@ -198,10 +199,17 @@ def build_example(features: dict[str, tuple[str, list]]) -> bytes:
 
 # -- adapter ----------------------------------------------------------------------------------------
 
+class KubricMoviFOptions(AdapterOptions):
+    """``datasets.kubric_movi_f.options`` (docs/CONFIG.md)."""
+
+    verify_crc: bool = Field(True, description="check every TFRecord payload's CRC32C")
+
+
 class KubricMoviFAdapter(DatasetAdapter):
     name = "kubric_movi_f"
     version = "1"
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=False, real=False)
+    options_model = KubricMoviFOptions
     defaults = AdapterDefaults(clip_length=24, frame_stride=1, clip_stride=24, repeat_weight=1.0,
                                depth_source="gt", track_source="cotracker", min_depth_m=0.01, max_depth_m=1000.0)
 
@@ -248,7 +256,7 @@ class KubricMoviFAdapter(DatasetAdapter):
             off, length = offsets[int(k)]
         where = self.where(shard)
         with self.store.open(shard) as f:
-            payload = read_record(f, off, length, where, verify=bool(self.options.get("verify_crc", True)))
+            payload = read_record(f, off, length, where, verify=self.opts.verify_crc)
         return parse_example(payload, where), shard
 
     def _floats(self, ex: dict, key: str, shape: tuple, where: str) -> np.ndarray:

@@ -30,10 +30,11 @@ import json
 import posixpath
 
 import numpy as np
+from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
 
 CITIES = ("small_city", "big_city")
 VIEWS = ("aerial", "street")
@@ -62,10 +63,17 @@ def read_exr_depth(data: bytes, where: str) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+class MatrixCityOptions(AdapterOptions):
+    """``datasets.matrixcity.options`` (docs/CONFIG.md)."""
+
+    depth: bool = Field(True, description="read the depth maps (false: RGB and poses only)")
+
+
 class MatrixCityAdapter(DatasetAdapter):
     name = "matrixcity"
     version = "1"
     capabilities = Capabilities(dynamic=False, has_depth=True, has_tracks=False, real=False)
+    options_model = MatrixCityOptions
     # float16 centimetres top out at 655.04 m: farther (and sky) pixels are invalid.
     defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=1.0,
                                depth_source="gt", track_source="depth_static", min_depth_m=0.05, max_depth_m=655.0)
@@ -160,7 +168,7 @@ class MatrixCityAdapter(DatasetAdapter):
         if len(all_frames) != scene.num_frames:
             raise ClipError(f"{len(all_frames)} frames listed, expected {scene.num_frames}", self.where(tj_rel))
         img_dir = self._image_dir(scene.scene)
-        depth_dir = self._depth_dir(scene.scene) if self.options.get("depth", True) else None
+        depth_dir = self._depth_dir(scene.scene) if self.opts.depth else None
         rgb, depth, c2w = [], [], []
         for i in frames:
             fr = all_frames[i]

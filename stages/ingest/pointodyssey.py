@@ -30,10 +30,11 @@ import struct
 import zipfile
 
 import numpy as np
+from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
 
 DEPTH_SCALE_M = 1000.0 / 65535.0  # metres per depth unit
 DEPTH_CLIPPED = 65535  # the value written for depth >= 1000 m
@@ -87,10 +88,19 @@ def _orthonormalize(r: np.ndarray) -> np.ndarray:
     return u @ vt
 
 
+class PointOdysseyOptions(AdapterOptions):
+    """``datasets.pointodyssey.options`` (docs/CONFIG.md)."""
+
+    max_tracks: int | None = Field(None, ge=1, description="keep this many evenly spaced trajectories; None: all")
+    max_track_jump_m: float = Field(MAX_TRACK_JUMP_M, gt=0, description="drop a track moving further than this "
+                                    "per source frame between valid frames (glitched ground truth)")
+
+
 class PointOdysseyAdapter(DatasetAdapter):
     name = "pointodyssey"
     version = "2"  # 2: glitched-track filter, empty trajs_3d loads without tracks
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=True, real=False)
+    options_model = PointOdysseyOptions
     defaults = AdapterDefaults(clip_length=16, frame_stride=2, clip_stride=64, repeat_weight=1.0,
                                loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
                                depth_source="gt", track_source="gt", min_depth_m=0.01, max_depth_m=1000.0)
@@ -207,11 +217,11 @@ class PointOdysseyAdapter(DatasetAdapter):
         valid = (anno["valids"] > 0) & finite
         visible = (anno["visibs"] > 0) & valid
         tracks = np.where(finite[..., None], tracks, 0.0).astype(np.float32)
-        jumps = impossible_jumps(tracks, valid, frames, float(self.options.get("max_track_jump_m", MAX_TRACK_JUMP_M)))
+        jumps = impossible_jumps(tracks, valid, frames, self.opts.max_track_jump_m)
         tracks, visible = tracks[:, ~jumps], visible[:, ~jumps]
         meta.qc["gt_tracks"] = {"dropped_jumps": int(jumps.sum()), "num_tracks": int(n)}
         n = tracks.shape[1]
-        max_tracks = self.options.get("max_tracks")
+        max_tracks = self.opts.max_tracks
         if max_tracks is not None and n > int(max_tracks):
             keep = np.linspace(0, n - 1, int(max_tracks)).round().astype(int)
             tracks, visible = tracks[:, keep], visible[:, keep]

@@ -145,6 +145,8 @@ def intrinsics_to_pixels(k_norm: np.ndarray, width: int, height: int) -> np.ndar
 
 
 class RealEstate10KOptions(AdapterOptions):
+    """``datasets.realestate10k.options`` (docs/CONFIG.md)."""
+
     form: Literal["auto", "camera_files", "chunks"] = Field(
         "auto", description="camera files (<split>/<id>.txt), pixelSplat chunks (<split>/*.torch), or both")
     frames: Literal["auto", "images", "clip_video", "video"] = Field(

@@ -27,12 +27,14 @@ from __future__ import annotations
 import io
 import posixpath
 import re
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
 
 BASELINE_M = 0.065
 DSP5_KEY = "disparity"
@@ -49,10 +51,18 @@ def _orthonormalize(r: np.ndarray) -> np.ndarray:
     return u @ vt
 
 
+class SpringOptions(AdapterOptions):
+    """``datasets.spring.options`` (docs/CONFIG.md)."""
+
+    disparity_downsample: Literal["block_mean", "subsample"] = Field(
+        "block_mean", description="2x disparity grid to image pixels: planar 2x2 blocks averaged, or the official [::2, ::2]")
+
+
 class SpringAdapter(DatasetAdapter):
     name = "spring"
     version = "1"
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=False, real=False)
+    options_model = SpringOptions
     # Small (37 train sequences, ~5k frames) and high quality: overlapping clips.
     defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=8, repeat_weight=1.0,
                                loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
@@ -100,11 +110,8 @@ class SpringAdapter(DatasetAdapter):
     def _downsample(self, disp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(H, W) disparity at the image pixel centres and its validity, from the (2H, 2W) grid."""
         ok = np.isfinite(disp) & (disp > 0)
-        mode = self.options.get("disparity_downsample", "block_mean")
-        if mode == "subsample":
+        if self.opts.disparity_downsample == "subsample":
             return np.where(ok, disp, 0)[::2, ::2], ok[::2, ::2]
-        if mode != "block_mean":
-            raise ValueError(f"disparity_downsample must be 'block_mean' or 'subsample', got {mode!r}")
         d00, d01, d10, d11 = (np.where(ok, disp, 0)[a::2, b::2] for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)))
         all_ok = ok[0::2, 0::2] & ok[0::2, 1::2] & ok[1::2, 0::2] & ok[1::2, 1::2]
         mean = 0.25 * (d00 + d01 + d10 + d11)

@@ -1,7 +1,6 @@
 """Ingest stage: one planned clip spec -> a validated, QC-checked Clip (or a ClipFailure)."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from functools import lru_cache
@@ -10,7 +9,7 @@ from pipeline import __version__
 from pipeline.clip import Clip, ClipFailure, ClipMeta
 from pipeline.config import BuildConfig
 from stages.contract import StageContract
-from stages.ingest import get_adapter
+from stages.ingest import adapter_for_dataset
 from stages.ingest.base import DatasetAdapter, SceneRef
 from stages.qc import geometric_qc
 from stages.selfcheck import gt_self_check
@@ -26,15 +25,15 @@ CONTRACT = StageContract(
 
 
 @lru_cache(maxsize=32)
-def _adapter(name: str, root: str, options_json: str) -> DatasetAdapter:
-    return get_adapter(name, root, json.loads(options_json))
+def _adapter(name: str, dataset_json: str) -> DatasetAdapter:
+    from pipeline.config import DatasetConfig
+
+    return adapter_for_dataset(name, DatasetConfig.model_validate_json(dataset_json))
 
 
 def adapter_for(cfg: BuildConfig, dataset: str) -> DatasetAdapter:
-    ds = cfg.datasets[dataset]
-    opts = {**ds.options, "min_depth_m": ds.min_depth_m, "max_depth_m": ds.max_depth_m}
-    # Every option reaches the adapter (lists too, e.g. video_pattern); JSON is the cache key.
-    return _adapter(dataset, ds.root, json.dumps(opts, sort_keys=True, default=str))
+    """The dataset's adapter, one per worker process and dataset config (adapters cache what they parse)."""
+    return _adapter(dataset, cfg.datasets[dataset].model_dump_json())
 
 
 def ingest_clip(spec: dict, scene: SceneRef, cfg: BuildConfig) -> Clip | ClipFailure:
@@ -47,7 +46,7 @@ def ingest_clip(spec: dict, scene: SceneRef, cfg: BuildConfig) -> Clip | ClipFai
             dataset=spec["dataset"], scene=spec["scene"], clip_id=spec["clip_id"], frame_indices=list(spec["frames"]),
             dynamic=adapter.capabilities.dynamic, real=adapter.capabilities.real,
             loss_weights=dict(ds.loss_weights), adapter_version=f"{adapter.name}/{adapter.version}",
-            config_hash=cfg.content_hash(), d4s_version=__version__,
+            config_hash=cfg.content_hash(spec["dataset"]), d4s_version=__version__,
         )
         clip = adapter.load_clip(scene, list(spec["frames"]), meta)
         clip.meta.depth_source = "gt" if clip.depth is not None else "none"

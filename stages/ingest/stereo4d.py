@@ -53,6 +53,8 @@ DECODED_KEYS = ("timestamps", "extrs_rectified", "track3d")
 
 
 class Stereo4DOptions(AdapterOptions):
+    """``datasets.stereo4d.options`` (docs/CONFIG.md)."""
+
     source: Literal["auto", "rectified", "raw"] = Field(
         "auto", description="the authors' rectified left video, or the raw VR180 video rectified by d4s")
     video_pattern: str | None = Field(None, description="rectified video template ({split}, {clip}), relative "

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import posixpath
 import re
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
 
 DEPTH_SCALE_M = 0.01  # metres per unit (centimetres)
 DEPTH_SKY = 65535
@@ -47,10 +49,18 @@ def _orthonormalize(r: np.ndarray) -> np.ndarray:
     return u @ vt
 
 
+class VKITTI2Options(AdapterOptions):
+    """``datasets.vkitti2.options`` (docs/CONFIG.md)."""
+
+    cameras: list[Literal[0, 1]] = Field([0], description="cameras to read; Camera_1 scenes are added as separate scenes")
+    variations: list[str] | None = Field(None, description="variation folders to read (e.g. clone, fog); None: all")
+
+
 class VKITTI2Adapter(DatasetAdapter):
     name = "vkitti2"
     version = "1"
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=False, real=False)
+    options_model = VKITTI2Options
     # Ten variations re-render the same geometry (weather, time of day, small camera rotations):
     # weight each below 1 so the five driving scenes are not over-sampled.
     defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=0.5,
@@ -59,7 +69,7 @@ class VKITTI2Adapter(DatasetAdapter):
 
     # -- discovery ---------------------------------------------------------------------------
     def _cameras(self) -> list[int]:
-        cams = self.options.get("cameras", [0])
+        cams = self.opts.cameras
         return sorted({int(c) for c in cams})
 
     def _locate(self, base_candidates: list[str], scene: str, variation: str, kind: str, cam: int) -> str | None:
@@ -75,7 +85,7 @@ class VKITTI2Adapter(DatasetAdapter):
         bases = [""] + nested  # merged tree first, then side-by-side archive folders
         rgb_bases = [""] + [d for d in nested if "rgb" in d.lower()] + [d for d in nested if "rgb" not in d.lower()]
         depth_bases = [""] + [d for d in nested if "depth" in d.lower()] + [d for d in nested if "depth" not in d.lower()]
-        wanted_vars = self.options.get("variations")
+        wanted_vars = self.opts.variations
         found: dict[str, SceneRef] = {}
         for base in bases:
             for scene in (s for s in self.store.listdir(base) if _SCENE_RE.match(s)):
