@@ -39,6 +39,7 @@ class DatasetConfig(_Strict):
     min_depth_m: float | None = Field(None, gt=0)
     max_depth_m: float | None = Field(None, gt=0)
     options: dict[str, Any] = Field(default_factory=dict, description="adapter-specific options (docs/datasets/)")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the scenes held out for validation, chosen by scene id (pipeline/split.py); recorded as split 'val' in index.parquet, never read by training")
 
 
 class StageResources(_Strict):
@@ -181,6 +182,8 @@ class BuildConfig(_Strict):
     def content_hash(self) -> str:
         """Hash of everything that decides shard bytes (recorded as provenance in every sample)."""
         d = self.model_dump(exclude={"ray", "fault", "max_inflight_shards", "output"})
+        for ds in d["datasets"].values():
+            ds.pop("val_fraction", None)  # the split is recorded in index.parquet only; no shard byte depends on it
         for s in ("depth", "tracks"):
             d["stages"][s].pop("resources", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
