@@ -64,4 +64,4 @@ def load_lpips(net: str = "vgg", torch_home: str | None = None, device: torch.de
     try:
         return LPIPSLoss(net, torch_home).to(device).eval(), None
     except RuntimeError as exc:
-        return None, str(exc)
+        return None, f"LPIPS not measured: {exc}"

@@ -47,7 +47,7 @@ class Diff4Splat(nn.Module):
     # --- forward ------------------------------------------------------------------------------
     def forward(self, batch: dict, stage: StageConfig | None = None, rasterize=None, lpips_fn=None, render_frames=None,
                 autocast: bool = False, predict: str | None = None, sample_steps: int = 10,
-                seed: int = 0) -> tuple[torch.Tensor, dict[str, tuple[float, int]]] | GaussianMaps:
+                seed: int = 0, timings: dict | None = None) -> tuple[torch.Tensor, dict[str, tuple[float, int]]] | GaussianMaps:
         """-> (loss, {metric: (sum, count)} for every name in :data:`METRICS`). ``loss`` and ``fm`` count
         once per batch; ``photo``, ``geo``, ``motion`` and ``psnr`` once per sample that has the term;
         ``gaussians`` once per render.
@@ -57,7 +57,8 @@ class Diff4Splat(nn.Module):
         parameters the way it does for a training step (validation runs on the sharded model).
         """
         if predict is not None:
-            return self.predict_maps(batch, predict, sample_steps=sample_steps, seed=seed, autocast=autocast)
+            return self.predict_maps(batch, predict, sample_steps=sample_steps, seed=seed, autocast=autocast,
+                                     timings=timings)
         cfg, lc = self.cfg, self.cfg.loss
         video = batch["video"]  # (B,T,3,H,W) [0,1]
         intr, c2w = batch["intrinsics"], batch["c2w"]
@@ -148,7 +149,7 @@ class Diff4Splat(nn.Module):
 
     @torch.no_grad()
     def predict_maps(self, batch: dict, how: str, sample_steps: int = 10, seed: int = 0,
-                     autocast: bool = False) -> GaussianMaps:
+                     autocast: bool = False, timings: dict | None = None) -> GaussianMaps:
         """Deformable Gaussian maps for the batch's cameras (inference, deformation head applied).
 
         ``how="reconstruct"``: from the clip's own latents z0 (the VAE encoding of all of ``video``).
@@ -157,8 +158,10 @@ class Diff4Splat(nn.Module):
         ``video[:, 0]`` is read, and with ``ldrm.clean_first_latent`` latent frame 0 is the known latent of
         that frame. ``batch``: ``video`` (B,T or 1,3,H,W) in [0,1], ``intrinsics`` (B,T,4), ``c2w``
         (B,T,4,4) in the first camera's frame, optional ``text`` / ``use_text``. The VAE's posterior is
-        sampled from the global RNG (callers fork it to be deterministic).
+        sampled from the global RNG (callers fork it to be deterministic). ``timings``, when given, receives
+        the seconds of ``encode``, ``sample`` and ``ldrm`` (the device synchronised around each).
         """
+        clock = _Clock(timings, batch["video"].device)
         video, intr, c2w = batch["video"], batch["intrinsics"], batch["c2w"]
         t = intr.shape[1]
         h, w = video.shape[-2:]
@@ -167,20 +170,44 @@ class Diff4Splat(nn.Module):
         if how == "reconstruct":
             if video.shape[1] != t:
                 raise ValueError(f"reconstruct needs all {t} frames, got {video.shape[1]}")
-            z = self.backbone.encode(video * 2 - 1)
+            with clock("encode"):
+                z = self.backbone.encode(video * 2 - 1)
         elif how == "sample":
-            first = self.backbone.encode(video[:, :1] * 2 - 1)
+            with clock("encode"):
+                first = self.backbone.encode(video[:, :1] * 2 - 1)
             n_latent = len(latent_frame_groups(t, self.backbone.ft))
             gen = torch.Generator(device=video.device).manual_seed(int(seed))
-            with ac:
+            with ac, clock("sample"):
                 z = self.backbone.sample(first, pooled, n_latent, steps=sample_steps, generator=gen,
                                          text=batch.get("text"), use_text=batch.get("use_text")).float()
             if self.cfg.ldrm.clean_first_latent:
                 z = torch.cat([first, z[:, 1:]], 1)
         else:
             raise ValueError(f"predict must be 'reconstruct' or 'sample', got {how!r}")
-        with ac:
+        with ac, clock("ldrm"):
             return self.ldrm(z, pooled, intr, c2w, t, with_deformation=True)
+
+
+class _Clock:
+    """``with clock(name):`` adds the block's seconds to ``timings[name]`` (nothing when timings is None)."""
+
+    def __init__(self, timings: dict | None, device: torch.device):
+        self.timings, self.device = timings, device
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.timings is None:
+            yield
+            return
+        import time
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 def _kmat(intr: torch.Tensor) -> torch.Tensor:
