@@ -24,6 +24,8 @@ class Diff4Splat(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = VideoBackbone(cfg.backbone)
+        if cfg.backbone.pretrained_dir:
+            _check_pretrained_layout(cfg, self.backbone)
         max_frames = max((s.num_frames for s in cfg.stages), default=13)
         self.ldrm = LDRM(cfg.ldrm, self.backbone.latent_channels, self.backbone.fs, self.backbone.ft, max_frames)
 
@@ -186,6 +188,25 @@ class Diff4Splat(nn.Module):
             raise ValueError(f"predict must be 'reconstruct' or 'sample', got {how!r}")
         with ac, clock("ldrm"):
             return self.ldrm(z, pooled, intr, c2w, t, with_deformation=True)
+
+
+def _check_pretrained_layout(cfg: TrainConfig, backbone: VideoBackbone) -> None:
+    """The config's VAE and patch fields decide which resolutions and frame counts it accepts (TrainConfig's
+    checks); with a pretrained backbone they must describe the loaded one, or those checks are wrong."""
+    import math
+
+    v = cfg.backbone.vae
+    fs = 2 ** (len(v.block_out_channels) - 1)
+    ft = 2 ** min(int(round(math.log2(v.temporal_compression_ratio))), len(v.block_out_channels) - 1)
+    p = backbone.transformer.config.patch_size
+    got = (backbone.fs, backbone.ft, p)
+    if got != (fs, ft, cfg.backbone.transformer.patch_size):
+        raise ValueError(
+            f"backbone.pretrained_dir {cfg.backbone.pretrained_dir}: its VAE compresses space by {got[0]} and time by "
+            f"{got[1]} and its transformer patch is {got[2]}, but the config's backbone.vae / backbone.transformer say "
+            f"{fs}, {ft}, {cfg.backbone.transformer.patch_size}: set backbone.vae.block_out_channels (length "
+            f"{int(math.log2(got[0])) + 1}), backbone.vae.temporal_compression_ratio ({got[1]}) and "
+            f"backbone.transformer.patch_size ({got[2]}) to match (they decide the resolutions and frame counts accepted)")
 
 
 class _Clock:
