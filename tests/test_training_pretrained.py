@@ -54,7 +54,7 @@ def test_pretrained_backbone_loads_widens_trains_and_resumes(layout, shards, tmp
     train(cfg.model_copy(update={"max_steps": 2}))  # resumes from the checkpoint
     state = load_checkpoint(latest_checkpoint(cfg.workdir))
     assert state["step"] == 2
-    rows = [json.loads(x) for x in open(tmp_path / "w" / "metrics.jsonl")]
+    rows = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
     # the frozen VAE is the pretrained one still; the transformer trained
     assert all(torch.equal(state["model"][f"backbone.vae.{k}"], v) for k, v in vae.state_dict().items())

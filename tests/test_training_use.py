@@ -151,7 +151,7 @@ def test_ply_stores_the_3dgs_layout_with_activations_inverted(tmp_path):
     (tmp_path / "a.ply").write_bytes(ply_bytes(gs))
     el = PlyData.read(str(tmp_path / "a.ply"))["vertex"]
     assert tuple(p.name for p in el.properties) == PROPERTIES and len(el) == 50
-    col = lambda *names: np.stack([el[n] for n in names], -1)  # noqa: E731
+    col = lambda *names: np.stack([el[n] for n in names], -1)
     assert np.allclose(col("x", "y", "z"), gs.means.numpy(), atol=1e-6)
     assert np.allclose(1 / (1 + np.exp(-el["opacity"])), gs.opacities.numpy(), atol=1e-5)
     assert np.allclose(np.exp(col("scale_0", "scale_1", "scale_2")), gs.scales.numpy(), rtol=1e-5)

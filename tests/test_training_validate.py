@@ -3,6 +3,7 @@ checkpoint kept, the report drawn; ranks split the clips and agree with one rank
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_validation_rows_best_checkpoint_and_report(shards, tmp_path):
     source, split = validation_source(cfg)
     assert {c.key for c in load_clips(source, split, None)} == VAL_KEYS  # only held-out scenes
     train(cfg)
-    rows = [json.loads(x) for x in open(tmp_path / "w" / "metrics.jsonl")]
+    rows = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if r.get("kind") == "val"]
     assert [r["step"] for r in val] == [2, 3]  # every 2 steps, and at the stage's (and run's) end
     assert [r["step"] for r in rows if r.get("kind") != "val"] == [1, 2, 3]
@@ -55,7 +56,7 @@ def test_validation_rows_best_checkpoint_and_report(shards, tmp_path):
     from training.report import write_training_report
 
     assert not (tmp_path / "w" / "report.html").exists()  # validation.report off
-    page = open(write_training_report(str(tmp_path / "w"))).read()
+    page = Path(write_training_report(str(tmp_path / "w"))).read_text()
     assert page.count("data:image/png;base64,") == 2 and "Best checkpoint" in page
 
 
@@ -66,7 +67,7 @@ def test_no_held_out_clips_skips_validation(tmp_path, capsys):
     write_shards(str(out), n_clips=2, per_shard=2, t=5, size=16, datasets=("synth",))
     train(_cfg(str(out), tmp_path / "w").model_copy(update={"max_steps": 1}))
     assert "validation skipped: no held-out clips" in capsys.readouterr().out
-    rows = [json.loads(x) for x in open(tmp_path / "w" / "metrics.jsonl")]
+    rows = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert not any(r.get("kind") == "val" for r in rows) and not (tmp_path / "w" / "ckpt" / "best.pt").exists()
 
 
@@ -92,8 +93,7 @@ def _validate(rank, world, port, shards, out):
     torch.manual_seed(0)
     model = Diff4Splat(cfg)
     res = Validator(cfg, rank, world, torch.device("cpu")).run(model, cfg.stages[0], rasterize, False)
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump(res, f)
+    Path(f"{out}.{rank}").write_text(json.dumps(res))
     if world > 1:
         dist.destroy_process_group()
 

@@ -38,6 +38,7 @@ from training.media import colourise_depth, depth_range, png_data_uri, strip, to
 
 MEASURES = ("psnr", "ssim", "lpips", "depth_abs_rel", "depth_delta_1_25", "track_epe_m")
 GRID_FRAMES = 8
+PAGE_FRAME_PX = 128  # frames in eval.html are shrunk to at most this width
 
 
 class EvalError(ValueError):
@@ -173,9 +174,19 @@ def _fmt(v) -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4g}"
 
 
+def _small(img: np.ndarray) -> np.ndarray:
+    """Frames (N,H,W,3) shrunk by an integer factor to at most PAGE_FRAME_PX wide (keeps the page small)."""
+    k = max(1, -(-img.shape[2] // PAGE_FRAME_PX))
+    if k == 1:
+        return img
+    n, h, w, c = img.shape
+    h2, w2 = h // k, w // k
+    return img[:, :h2 * k, :w2 * k].reshape(n, h2, k, w2, k, c).mean((2, 4)).round().astype(np.uint8)
+
+
 def _card(key: str, batch: dict, renders: dict, vals: dict) -> str:
     t = batch["video"].shape[1]
-    cols = sorted({int(round(x)) for x in np.linspace(0, t - 1, min(GRID_FRAMES, t))})
+    cols = sorted({round(float(x)) for x in np.linspace(0, t - 1, min(GRID_FRAMES, t))})
     gt = to_uint8(batch["video"][0].permute(0, 2, 3, 1))[cols]
     has_depth = bool(batch["has_depth"][0])
     gd, gv = batch["depth"][0].cpu().numpy(), batch["depth_valid"][0].cpu().numpy()
@@ -189,7 +200,8 @@ def _card(key: str, batch: dict, renders: dict, vals: dict) -> str:
     for tag, name in (("recon", "reconstruction depth"), ("sample", "sampled depth")):
         if tag in renders:
             rows.append((name, colourise_depth(renders[tag]["depth"].numpy()[cols], lo, hi)))
-    body = "".join(f"<tr><th>{html.escape(n)}</th><td><img src='{png_data_uri(strip(img))}'></td></tr>" for n, img in rows)
+    body = "".join(f"<tr><th>{html.escape(n)}</th><td><img src='{png_data_uri(strip(_small(img)))}'></td></tr>"
+                   for n, img in rows)
     line = " · ".join(f"{html.escape(k)} {_fmt(v)}" for k, v in vals.items())
     return (f"<div class='card'><h3>{html.escape(key)}</h3><p class='m'>{line}</p><p class='m'>frames {cols}; depth "
             f"colours log-scaled {lo:.3g}–{hi:.3g} m (near warm), black: no ground-truth depth</p><table>{body}</table></div>")

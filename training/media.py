@@ -59,7 +59,7 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 8) -> None:
 
     Odd sizes are padded by one pixel (yuv420p needs even ones).
     """
-    t, h, w, _ = frames.shape
+    _, h, w, _ = frames.shape
     if h % 2 or w % 2:
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
         h, w = frames.shape[1:3]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import json
 
 TRAIN_TERMS = ("loss", "fm", "photo", "geo", "motion")
@@ -47,12 +48,18 @@ def _png(fig) -> str:
 
 
 def _stage_lines(ax, train: list[dict]) -> None:
-    for a, b in zip(train, train[1:]):
+    for a, b in itertools.pairwise(train):
         if a.get("stage") != b.get("stage"):
             ax.axvline(a["step"] + 0.5, color="#999", lw=0.8, ls="--")
 
 
 def plots(train: list[dict], val: list[dict]) -> list[str]:
+    """The figures as inline ``<img>`` tags."""
+    return [_png(fig) for _, fig in figures(train, val)]
+
+
+def figures(train: list[dict], val: list[dict]) -> list[tuple[str, object]]:
+    """[(name, matplotlib figure)]: ``training`` (loss terms, render PSNR), ``validation`` (every measure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,7 +81,7 @@ def plots(train: list[dict], val: list[dict]) -> list[str]:
         for ax in axes:
             ax.set_xlabel("step")
             _stage_lines(ax, train)
-        out.append(_png(fig))
+        out.append(("training", fig))
     if val:
         fig, axes = plt.subplots(2, 3, figsize=(12, 5.5))
         for ax, (fam, title) in zip(axes.ravel(), VAL_FAMILIES):
@@ -85,10 +92,10 @@ def plots(train: list[dict], val: list[dict]) -> list[str]:
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             _stage_lines(ax, train)
-            if ax.lines:
+            if any(not ln.get_label().startswith("_") for ln in ax.lines):
                 ax.legend(fontsize=7)
         fig.suptitle("validation (held-out clips): recon = own latents, sample = latents sampled from frame 0 + cameras")
-        out.append(_png(fig))
+        out.append(("validation", fig))
     return out
 
 
