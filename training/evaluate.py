@@ -18,7 +18,8 @@ and cameras (``sampled``; ``--sample-steps 0`` skips it). Writes, through
 * ``--rrd FILE``: a Rerun recording with, per clip, the ground truth under ``KEY/gt`` and each render
   under ``KEY/recon`` / ``KEY/sample`` (:func:`pipeline.rerun_log.log_clip`: frames, depth, cameras,
   the Gaussians' track points), plus the deformed Gaussians' centres per frame
-  (``KEY/recon/gaussians``, the most opaque ``--rrd-gaussians``), on the same ``frame`` timeline.
+  (``KEY/recon/gaussians``, the most opaque ``rrd_gaussians``, 20000), on the same ``frame`` timeline;
+  the clip's measures are the recording property ``KEY``.
 """
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def evaluate(ckpt: str, data: list[str], out: str, split: str = "val", clips: in
         rows.append({"key": raw.key, "dataset": raw.dataset, **vals})
         cards.append(_card(raw.key, batch, renders, vals))
         if rec is not None:
-            log_eval_clip(rec, raw.key, raw.dataset, batch, renders, cfg.ldrm.prune_opacity, rrd_gaussians)
+            log_eval_clip(rec, raw.key, raw.dataset, batch, renders, cfg.ldrm.prune_opacity, rrd_gaussians, vals)
     if not rows:
         raise EvalError(f"no clip of {what} has {nf} frames ({len(skipped)} skipped): give --frames")
     result = {**_summary(rows, "recon"), "clips": len(rows),
@@ -252,7 +253,8 @@ def _save_recording(rec, tmp: str, rrd: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def log_eval_clip(rec, key: str, dataset: str, batch: dict, renders: dict, prune: float, max_gaussians: int) -> None:
+def log_eval_clip(rec, key: str, dataset: str, batch: dict, renders: dict, prune: float, max_gaussians: int,
+                  vals: dict | None = None) -> None:
     """One evaluated clip into the recording: ground truth and renders side by side (module docs)."""
     from pipeline.clip import Clip, ClipMeta
     from pipeline.rerun_log import import_rerun, log_clip
@@ -276,6 +278,8 @@ def log_eval_clip(rec, key: str, dataset: str, batch: dict, renders: dict, prune
               batch["depth_valid"][0].cpu().numpy() if has_d else None,
               batch["tracks"][0].cpu().numpy() if has_t else None)
     log_clip(rec, gt, prefix=f"{key}/gt")
+    if vals:  # the clip's measures as a recording property named after it
+        rec.send_property(key, rr.AnyValues(**{k: float(v) for k, v in vals.items()}))
     for tag, r in renders.items():
         tracks = r["tracks"].numpy() if (has_t and r["tracks"] is not None) else None
         log_clip(rec, clip(to_uint8(r["rgb"]), r["depth"].numpy().astype(np.float32), r["alpha"].numpy() > 0.5, tracks),
