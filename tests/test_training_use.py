@@ -184,3 +184,22 @@ def test_trajectories_presets_files_and_bad_rows(tmp_path):
     np.savez(tmp_path / "n.npz", c2w=np.tile(np.eye(4), (5, 1, 1)), intrinsics=np.full((5, 4), np.nan))
     with pytest.raises(tj.TrajectoryError, match="camera 0: intrinsics"):
         tj.load(str(tmp_path / "n.npz"), 5, (16, 16), 16)
+
+
+def test_generate_along_a_build_clips_cameras(setup, tmp_path):
+    from viz_output import write_output
+
+    root, _, _ = setup
+    built = write_output(tmp_path)
+    key = "pointodyssey__scene1__000000"
+    r = runner.invoke(app, ["generate", str(root / "ckpt.pt"), "--image", str(root / "img.png"), "--trajectory",
+                            built["output"], "--clip", key, "--out", str(tmp_path / "g"), "--steps", "1", "--no-ply"])
+    assert r.exit_code == 0, r.output
+    clip = built["clips"][key]
+    idx = np.round(np.linspace(0, clip.num_frames - 1, 5)).astype(int)  # 8 cameras taken evenly for 5 frames
+    want = np.linalg.inv(clip.c2w[idx[0]])[None] @ clip.c2w[idx]
+    cams = json.loads((tmp_path / "g" / "cameras.json").read_text())
+    assert np.allclose(cams["trajectory"]["c2w"], want, atol=1e-5)
+    fx = clip.intrinsics[0, 0] * 16 / 32  # the clip's 32x24 pixel intrinsics, for the 16x16 image
+    assert cams["trajectory"]["intrinsics"][0][0] == pytest.approx(fx, rel=1e-5)
+    assert not (tmp_path / "g" / "ply").exists()
