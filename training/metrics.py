@@ -58,9 +58,24 @@ def track_epe(pred: torch.Tensor, tracks: torch.Tensor, mask: torch.Tensor) -> t
 
 
 def load_lpips(net: str = "vgg", torch_home: str | None = None, device: torch.device | str = "cpu"):
-    """(LPIPS module, None) when the package and its backbone weights are there, else (None, why not)."""
-    from training.losses import LPIPSLoss
+    """(LPIPS module, None) when the package and its backbone weights are there, else (None, why not).
 
+    Nothing is downloaded: the ``lpips`` package and torchvision must be installed and the ImageNet
+    backbone checkpoint be in ``<torch_home>/hub/checkpoints/`` (torch's hub cache by default).
+    """
+    import importlib.util
+    import os
+
+    from training.losses import _LPIPS_BACKBONE_FILES, LPIPSLoss
+
+    for pkg in ("torchvision", "lpips"):
+        if importlib.util.find_spec(pkg) is None:
+            return None, (f"LPIPS not measured: the {pkg} package is missing (pip install --no-deps lpips beside a "
+                          "torchvision built for your torch)")
+    hub = os.path.join(torch_home, "hub") if torch_home else torch.hub.get_dir()
+    ckpt = os.path.join(hub, "checkpoints", _LPIPS_BACKBONE_FILES[net])
+    if not os.path.exists(ckpt):
+        return None, f"LPIPS not measured: no '{net}' backbone weights at {ckpt} (nothing is downloaded)"
     try:
         return LPIPSLoss(net, torch_home).to(device).eval(), None
     except RuntimeError as exc:

@@ -94,7 +94,10 @@ def figures(train: list[dict], val: list[dict]) -> list[tuple[str, object]]:
             _stage_lines(ax, train)
             if any(not ln.get_label().startswith("_") for ln in ax.lines):
                 ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#888")
         fig.suptitle("validation (held-out clips): recon = own latents, sample = latents sampled from frame 0 + cameras")
+        fig.tight_layout()
         out.append(("validation", fig))
     return out
 
