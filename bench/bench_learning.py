@@ -1,6 +1,6 @@
 """Learning check (issue #16 item 6) and the ``d4s generate`` timing, in one command on one GPU.
 
-    python bench/bench_learning.py --out DIR                      # GPU: ~6-7 minutes on one H200
+    python bench/bench_learning.py --out DIR                      # GPU: ~7 minutes on one H200
     python bench/bench_learning.py --out DIR --preset tiny --resolution 32 --frames 5 \\
         --train-seconds 60 --clips 12 --val-clips 4 --no-generate  # CPU smoke
 
@@ -8,6 +8,7 @@
    random weights (the paper-sized model: CogVideoX-2B-shaped backbone, 16-block LDRM), one 512x512
    image, an orbit path of 13 frames, 25 flow steps, bf16, gsplat; a warm-up run without .ply files,
    then a timed run writing everything (``scene_s`` = image to rendered trajectory, the paper's ~30 s).
+   The warm-up also pays gsplat's one-time CUDA compilation (~85 s on a fresh machine).
 2. A synthetic set whose answer is known (training/synthetic.py: rendered scenes with exact depth,
    cameras and 3D tracks; half static, half with moving objects), ``--clips`` scenes for training and
    ``--val-clips`` held out (index.parquet split ``val``), at ``--resolution``.
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clean-latent-prob", type=float, default=0.5,
                     help="ldrm.clean_latent_prob (the preset's is 0): how often the LDRM decodes the clip's own "
                          "latents rather than the x0-prediction of a still-random backbone")
-    ap.add_argument("--train-seconds", type=float, default=230.0)
+    ap.add_argument("--train-seconds", type=float, default=200.0)
     ap.add_argument("--probe-steps", type=int, default=40)
     ap.add_argument("--stage-split", default="0.4,0.3,0.3")
     ap.add_argument("--val-every", type=int, default=100)
