@@ -246,21 +246,25 @@ def render_md(res: dict) -> str:
               f"ldrm.clean_latent_prob {res['args']['clean_latent_prob']}, stages "
               f"{tr['stage_steps']} steps ({tr['total_steps']} in all, {tr['s_per_step_probe']:.3f} s/step probed), "
               f"{tr.get('seconds', 0):.0f} s of training.", "",
-              "| step | stage | recon PSNR | recon SSIM | recon depth AbsRel | recon δ<1.25 | recon EPE (m) | sample PSNR | sample AbsRel |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| step | stage | recon PSNR | recon SSIM | recon depth AbsRel | median-scaled | recon δ<1.25 | recon EPE (m) "
+              "| sample PSNR | sample AbsRel |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in tr["curves"]["val"]:
         lines.append(f"| {r['step']} | {r['stage']} | {f(r.get('recon_psnr'))} | {f(r.get('recon_ssim'))} | "
-                     f"{f(r.get('recon_depth_abs_rel'))} | {f(r.get('recon_depth_delta_1_25'))} | "
+                     f"{f(r.get('recon_depth_abs_rel'))} | {f(r.get('recon_depth_abs_rel_scaled'))} | "
+                     f"{f(r.get('recon_depth_delta_1_25'))} | "
                      f"{f(r.get('recon_track_epe_m'))} | {f(r.get('sample_psnr'))} | {f(r.get('sample_depth_abs_rel'))} |")
     ev = res["eval"]
     lines += ["", f"d4s eval of the best checkpoint ({f((tr['best'] or {}).get('metric'))} at step "
                   f"{f((tr['best'] or {}).get('step'))}), {ev['clips']} held-out clips:", "",
-              "| | PSNR | SSIM | depth AbsRel | δ<1.25 | track EPE (m) |", "|---|---|---|---|---|---|",
+              "| | PSNR | SSIM | depth AbsRel | median-scaled | δ<1.25 | track EPE (m) |", "|---|---|---|---|---|---|---|",
               f"| reconstruction | {f(ev['psnr'])} | {f(ev['ssim'])} | {f(ev['depth_abs_rel'])} | "
+              f"{f(ev['depth_abs_rel_scaled'])} | "
               f"{f(ev['depth_delta_1_25'])} | {f(ev['track_epe_m'])} |"]
     if ev.get("sampled"):
         s = ev["sampled"]
         lines.append(f"| sampled latents | {f(s['psnr'])} | {f(s['ssim'])} | {f(s['depth_abs_rel'])} | "
+                     f"{f(s['depth_abs_rel_scaled'])} | "
                      f"{f(s['depth_delta_1_25'])} | {f(s['track_epe_m'])} |")
     lines += ["", f"Goals (PSNR ≥ {GOALS['recon_psnr']}, AbsRel ≤ {GOALS['recon_depth_abs_rel']}): "
                   f"{res['goals_met']}"]

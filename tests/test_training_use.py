@@ -53,7 +53,7 @@ def test_eval_metrics_page_and_recording_beside_ground_truth(setup, tmp_path):
     assert m["lpips"] is None and "LPIPS not measured" in m["lpips_note"]  # no weights here
     assert [c["key"] for c in m["per_clip"]] == ["synth__s1__0"]  # the first held-out clip, never a training one
     assert 0 < m["ssim"] <= 1 and m["psnr"] > 0 and m["depth_abs_rel"] > 0 and m["track_epe_m"] > 0
-    assert set(m["sampled"]) == set(REQUIRED) - {"clips"} and m["sampled"]["psnr"] > 0
+    assert set(m["sampled"]) == set(REQUIRED) - {"clips"} | {"depth_abs_rel_scaled"} and m["sampled"]["psnr"] > 0
     page = (tmp_path / "e" / "eval.html").read_text()
     assert page.count("data:image/png;base64,") == 6  # gt, recon, sampled; their depths
 
@@ -203,3 +203,25 @@ def test_generate_along_a_build_clips_cameras(setup, tmp_path):
     fx = clip.intrinsics[0, 0] * 16 / 32  # the clip's 32x24 pixel intrinsics, for the 16x16 image
     assert cams["trajectory"]["intrinsics"][0][0] == pytest.approx(fx, rel=1e-5)
     assert not (tmp_path / "g" / "ply").exists()
+
+
+def test_depth_and_image_measures_on_known_values():
+    from training.metrics import depth_errors, psnr, ssim, track_epe
+
+    gt = torch.linspace(1, 5, 64).reshape(8, 8)
+    valid = torch.ones(8, 8, dtype=torch.bool)
+    valid[0] = False
+    abs_rel, delta, scaled, n = depth_errors(2 * gt, gt, valid)  # twice too far: right shape, wrong scale
+    assert (abs_rel, delta, n) == (pytest.approx(1.0), 0.0, 56) and scaled == pytest.approx(0.0, abs=1e-6)
+    abs_rel, delta, _, _ = depth_errors(gt * 1.1, gt, valid)
+    assert abs_rel == pytest.approx(0.1, rel=1e-5) and delta == 1.0
+    img = torch.rand(2, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    assert psnr(img.clamp(0, 0.9) * 0 + 0.5, torch.full_like(img, 0.6)).tolist() == pytest.approx([20.0, 20.0])
+    assert ssim(img, img).tolist() == pytest.approx([1.0, 1.0]) and float(ssim(img, 1 - img).mean()) < 0.5
+    tracks = torch.zeros(3, 4, 3)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[:, 0] = False
+    pred = tracks.clone()
+    pred[..., 0] = 0.3
+    pred[:, 0] = 100.0  # invisible: not counted
+    assert track_epe(pred, tracks, mask) == (pytest.approx(0.3), 9)

@@ -141,7 +141,8 @@ class RuntimeConfig(_Strict):
 
 
 VALIDATION_MEASURES = tuple(f"{how}_{m}" for how in ("recon", "sample") for m in
-                            ("psnr", "ssim", "lpips", "depth_abs_rel", "depth_delta_1_25", "track_epe_m"))
+                            ("psnr", "ssim", "lpips", "depth_abs_rel", "depth_delta_1_25", "track_epe_m",
+                             "depth_abs_rel_scaled"))
 
 
 class ValidationConfig(_Strict):

@@ -10,7 +10,8 @@ and cameras (``sampled``; ``--sample-steps 0`` skips it). Writes, through
 
 * ``DIR/metrics.json``: ``psnr``, ``ssim``, ``lpips`` (null when its weights are absent, with
   ``lpips_note`` saying why), ``depth_abs_rel``, ``depth_delta_1_25``, ``track_epe_m`` (means over the
-  clips that have each, of the reconstruction), ``clips``; ``sampled`` holds the same measures for
+  clips that have each, of the reconstruction), ``clips``, and ``depth_abs_rel_scaled`` (AbsRel after
+  median scaling, a diagnostic of depth shape versus metric scale); ``sampled`` holds the same measures for
   sampled latents; ``per_clip`` every clip's values; ``skipped`` clips too short for ``frames``; and
   what was evaluated (checkpoint, step, data, split, resolution, frames, sample_steps, device).
 * ``DIR/eval.html``: self-contained; per clip, rows of frames: ground truth, reconstruction, sampled,
@@ -37,7 +38,7 @@ import torch
 
 from training.media import colourise_depth, depth_range, png_data_uri, strip, to_uint8
 
-MEASURES = ("psnr", "ssim", "lpips", "depth_abs_rel", "depth_delta_1_25", "track_epe_m")
+MEASURES = ("psnr", "ssim", "lpips", "depth_abs_rel", "depth_delta_1_25", "track_epe_m", "depth_abs_rel_scaled")
 GRID_FRAMES = 8
 PAGE_FRAME_PX = 128  # frames in eval.html are shrunk to at most this width
 

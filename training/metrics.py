@@ -10,6 +10,9 @@
   ``depth_delta_1_25`` = the fraction with max(d / d*, d* / d) < 1.25. No scale is fitted: the model
   predicts metric depth and the data is metric. ``d`` is the rendered expected depth (depth / alpha),
   so a pixel the Gaussians do not cover counts as depth ~0 (AbsRel 1 there), not as missing.
+  ``depth_abs_rel_scaled`` is AbsRel after scaling the prediction by median(d*) / median(d) (the usual
+  median scaling of monocular depth evaluation): a diagnostic separating the depth's shape from its
+  metric scale, which the scale-free geometric loss (Pearson correlation) does not teach.
 * ``track_epe_m``: mean Euclidean distance in metres between the deformed Gaussians that correspond to
   the clip's 3D tracks (:func:`training.gaussians.track_positions`) and the tracks, over visible entries.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 import torch
 
 # Which way is better, per validation measure (best-checkpoint selection, report plots).
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "depth_abs_rel": False,
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "depth_abs_rel": False, "depth_abs_rel_scaled": False,
                     "depth_delta_1_25": True, "track_epe_m": False}
 
 
@@ -37,16 +40,17 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
 
 
-def depth_errors(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> tuple[float, float, int]:
-    """(abs_rel, delta_1_25, pixel count) over ``valid`` pixels (target > 0 there)."""
+def depth_errors(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> tuple[float, float, float, int]:
+    """(abs_rel, delta_1_25, median-scaled abs_rel, pixel count) over ``valid`` pixels (target > 0 there)."""
     m = valid & (target > 0)
     n = int(m.sum())
     if n == 0:
-        return float("nan"), float("nan"), 0
+        return float("nan"), float("nan"), float("nan"), 0
     p, t = pred.float()[m].clamp_min(1e-6), target.float()[m]
     abs_rel = float(((p - t).abs() / t).mean())
     delta = float((torch.maximum(p / t, t / p) < 1.25).float().mean())
-    return abs_rel, delta, n
+    ps = p * (t.median() / p.median())
+    return abs_rel, delta, float(((ps - t).abs() / t).mean()), n
 
 
 def track_epe(pred: torch.Tensor, tracks: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:

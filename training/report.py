@@ -85,10 +85,13 @@ def figures(train: list[dict], val: list[dict]) -> list[tuple[str, object]]:
     if val:
         fig, axes = plt.subplots(2, 3, figsize=(12, 5.5))
         for ax, (fam, title) in zip(axes.ravel(), VAL_FAMILIES):
-            for how, style in (("recon", "-o"), ("sample", "--s")):
-                pts = [(r["step"], r[f"{how}_{fam}"]) for r in val if f"{how}_{fam}" in r]
+            series = [(how, fam, style) for how, style in (("recon", "-o"), ("sample", "--s"))]
+            if fam == "depth_abs_rel":  # with the median-scaled diagnostic beside it
+                series += [("recon", "depth_abs_rel_scaled", ":^")]
+            for how, name, style in series:
+                pts = [(r["step"], r[f"{how}_{name}"]) for r in val if f"{how}_{name}" in r]
                 if pts:
-                    ax.plot(*zip(*pts), style, ms=3, lw=1, label=how)
+                    ax.plot(*zip(*pts), style, ms=3, lw=1, label=how + (" (median-scaled)" if name != fam else ""))
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             _stage_lines(ax, train)

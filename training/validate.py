@@ -15,7 +15,7 @@ What is measured per clip (each a ``(sum, count)`` over clips that have it):
 * ``sample_*``: the same from latents that the flow samples from the first frame and the cameras only
   (``validation.sample_steps`` Euler steps; 0 leaves these out), which is what generation does;
 * for both: PSNR, SSIM, LPIPS (when its weights are there) of all frames, depth AbsRel / delta < 1.25
-  where the clip's depth is valid, and the end-point error of the Gaussians tied to the clip's tracks.
+  where the clip's depth is valid (and AbsRel after median scaling, a diagnostic), and the end-point error of the Gaussians tied to the clip's tracks.
 
 Ranks split the clips (clip i on rank i mod world) and all-reduce one fixed-length vector of sums and
 counts, as training metrics are reduced. Every rank runs the same number of forwards (a rank with fewer
@@ -165,9 +165,10 @@ def measure(model, batch: dict, rasterize, lpips_fn, sample_steps: int, seed: in
             out[f"{tag}_lpips"] = float(lpips_fn(rgb, target))
         exp_depth = dep / alp.clamp_min(1e-4)
         if bool(batch["has_depth"][0]):
-            abs_rel, delta, n = M.depth_errors(exp_depth, batch["depth"][0], batch["depth_valid"][0])
+            abs_rel, delta, scaled, n = M.depth_errors(exp_depth, batch["depth"][0], batch["depth_valid"][0])
             if n:
                 out[f"{tag}_depth_abs_rel"], out[f"{tag}_depth_delta_1_25"] = abs_rel, delta
+                out[f"{tag}_depth_abs_rel_scaled"] = scaled
         pred_tracks = None
         if bool(batch["has_tracks"][0]):
             pred_tracks, mask = track_positions(maps, 0, batch["tracks"][0], batch["track_visible"][0])
