@@ -41,6 +41,8 @@ def setup(tmp_path_factory):
 
 
 def test_eval_metrics_page_and_recording_beside_ground_truth(setup, tmp_path):
+    pytest.importorskip("rerun", reason="d4s eval --rrd needs rerun-sdk (pip install -e '.[dev]')")
+    pytest.importorskip("datafusion", reason="reading a recording back needs rerun-sdk[catalog] (in the dev extra)")
     from rerun.chunk import RrdReader
 
     root, _, _ = setup
