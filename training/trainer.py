@@ -232,7 +232,8 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"[train] validation at step {step} ({res['clips']} clips): "
                   + " ".join(f"{k} {v:.4g}" for k, v in res.items() if k != "clips"), flush=True)
         if best is not None and best.improves(res):
-            model_sd = _model_state(model, fsdp)  # collective under FSDP: every rank takes this branch alike
+            # a collective under FSDP (every rank takes this branch alike); otherwise only rank 0 copies the weights
+            model_sd = _model_state(model, fsdp) if (fsdp or rank == 0) else None
             if rank == 0:
                 path = best.save({"model": model_sd, "config": cfg.model_dump(mode="json"), "step": step,
                                   "stage_index": stage_index}, res[best.metric])
