@@ -227,3 +227,12 @@ def test_depth_and_image_measures_on_known_values():
     pred[..., 0] = 0.3
     pred[:, 0] = 100.0  # invisible: not counted
     assert track_epe(pred, tracks, mask) == (pytest.approx(0.3), 9)
+
+
+def test_eval_of_shard_files_reads_every_sample(setup, tmp_path):
+    root, _, _ = setup
+    r = runner.invoke(app, ["eval", str(root / "ckpt.pt"), str(root / "data" / "shards" / "*.tar"), "--out",
+                            str(tmp_path / "e"), "--sample-steps", "0", "--split", "val"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["split"] == "all" and m["clips"] == 3 and m["sampled"] is None  # no index: training scenes too

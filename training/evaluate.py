@@ -69,7 +69,7 @@ def check_shape(cfg, resolution: int, frames: int) -> None:
 
 
 def data_clips(data: list[str], split: str, limit: int | None):
-    """The clips to evaluate: (RawClips, what DATA is)."""
+    """The clips to evaluate: (RawClips, what DATA is, the split read: ``val`` / ``train`` of a build, ``all``)."""
     import fsspec
 
     from training.config import DataConfig
@@ -87,12 +87,12 @@ def data_clips(data: list[str], split: str, limit: int | None):
             raise EvalError(f"{root}: no '{split}' clips in index.parquet"
                             + (" (build with datasets.<name>.val_fraction > 0 to hold scenes out, or --split train)"
                                if split == "val" else ""))
-        return clips, f"build {root}, split {split}"
+        return clips, f"build {root}, split {split}", split
     try:
         clips = load_clips(DataConfig(shards=list(data)), "all", limit)
     except FileNotFoundError as exc:
         raise EvalError(str(exc)) from None
-    return clips, f"shards {', '.join(data)}"
+    return clips, f"shards {', '.join(data)}", "all"
 
 
 def _summary(rows: list[dict], prefix: str) -> dict:
@@ -121,7 +121,7 @@ def evaluate(ckpt: str, data: list[str], out: str, split: str = "val", clips: in
     last = cfg.stages[-1]
     res, nf = resolution or last.resolution, frames or last.num_frames
     check_shape(cfg, res, nf)
-    raws, what = data_clips(data, split, clips)
+    raws, what, split = data_clips(data, split, clips)
     lpips_fn, lpips_note = load_lpips(cfg.loss.lpips_net, lpips_torch_home or cfg.loss.lpips_torch_home, dev)
     rasterize = get_rasterizer(cfg.runtime.renderer if dev.type == "cuda" else "torch")
     autocast = dev.type == "cuda" and cfg.runtime.bf16
@@ -149,7 +149,7 @@ def evaluate(ckpt: str, data: list[str], out: str, split: str = "val", clips: in
     result = {**_summary(rows, "recon"), "clips": len(rows),
               "sampled": _summary(rows, "sample") if sample_steps > 0 else None,
               "lpips_note": lpips_note, "checkpoint": info["checkpoint"], "step": info["step"], "data": what,
-              "split": split if len(data) == 1 else "all", "resolution": res, "frames": nf,
+              "split": split, "resolution": res, "frames": nf,
               "sample_steps": sample_steps, "device": str(dev), "seconds": round(time.perf_counter() - t0, 3),
               "per_clip": rows, "skipped": skipped}
     store = Store(out)
