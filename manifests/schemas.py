@@ -55,4 +55,6 @@ INDEX_SCHEMA = pa.schema([
     ("offset", pa.int64()),  # byte offset of the sample's first tar member header
     ("num_frames", pa.int64()),
     ("dynamic", pa.bool_()),
+    ("scene", pa.string()),
+    ("split", pa.string()),  # train | val: held-out scenes (pipeline/split.py), never read by training
 ])

@@ -300,6 +300,80 @@ def train(config: Optional[str] = typer.Argument(None, help="Training config YAM
     raise typer.Exit(code)
 
 
+@app.command("train-report")
+def train_report(workdir: str = typer.Argument(..., help="A training workdir (metrics.jsonl).")):
+    """Write WORKDIR/report.html: loss and validation curves, the best checkpoint; print its path."""
+    from training.report import write_training_report
+
+    try:
+        out_console.print(write_training_report(workdir), highlight=False)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+
+
+@app.command("eval")
+def eval_cmd(ckpt: str = typer.Argument(..., help="A checkpoint file, or a training workdir (its best, else latest)."),
+             data: list[str] = typer.Argument(..., help="A build's output (its held-out split), or shard files/globs."),
+             out: str = typer.Option(..., "--out", help="Writes metrics.json and eval.html here."),
+             split: str = typer.Option("val", "--split", help="Of a build: val (held-out scenes) or train."),
+             clips: Optional[int] = typer.Option(None, "--clips", min=1, help="At most this many clips."),
+             resolution: Optional[int] = typer.Option(None, "--resolution", help="Default: the last stage's."),
+             frames: Optional[int] = typer.Option(None, "--frames", help="Default: the last stage's."),
+             sample_steps: int = typer.Option(10, "--sample-steps", min=0, help="Flow steps for the sampled measures (0: none)."),
+             lpips_torch_home: Optional[str] = typer.Option(None, "--lpips-torch-home", help="Dir with hub/checkpoints/<backbone>.pth for LPIPS."),
+             device: str = typer.Option("auto", "--device"),
+             rrd: Optional[str] = typer.Option(None, "--rrd", help="Also write renders, Gaussians and ground truth to this Rerun file."),
+             config: Optional[str] = typer.Option(None, "--config", help="Training config the checkpoint must match.")):
+    """Measure a checkpoint on held-out clips: PSNR, SSIM, LPIPS, depth AbsRel and delta, track EPE."""
+    from training.evaluate import EvalError, evaluate
+    from training.load import CheckpointError
+
+    if split not in ("val", "train"):
+        _fail(f"--split must be val or train, got {split!r}")
+    try:
+        res = evaluate(ckpt, data, out, split=split, clips=clips, resolution=resolution, frames=frames,
+                       sample_steps=sample_steps, lpips_torch_home=lpips_torch_home, device=device, rrd=rrd,
+                       config=config)
+    except (EvalError, CheckpointError, ConfigError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    keys = ("psnr", "ssim", "lpips", "depth_abs_rel", "depth_delta_1_25", "track_epe_m")
+    out_console.print(f"{res['clips']} clips: " + ", ".join(f"{k} {res[k]:.4g}" if res[k] is not None else f"{k} -"
+                                                           for k in keys), highlight=False)
+    out_console.print(f"{out}/metrics.json, {out}/eval.html" + (f", {rrd}" if rrd else ""), highlight=False)
+
+
+@app.command("generate")
+def generate_cmd(ckpt: str = typer.Argument(..., help="A checkpoint file, or a training workdir (its best, else latest)."),
+                 image: str = typer.Option(..., "--image", help="The first frame (resolution x resolution, or --resize)."),
+                 trajectory: str = typer.Option(..., "--trajectory", help="RealEstate10K .txt, .json/.npz cameras, a build OUT with --clip, or orbit[:R] / dolly[:D] / pan[:D] (metres)."),
+                 out: str = typer.Option(..., "--out", help="Writes mp4s, ply/, cameras.json and timings.json here."),
+                 prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (needs a T5 encoder)."),
+                 steps: int = typer.Option(25, "--steps", min=1, help="Flow-matching sampling steps."),
+                 seed: int = typer.Option(0, "--seed"),
+                 frames: Optional[int] = typer.Option(None, "--frames", help="Default: the last stage's."),
+                 resolution: Optional[int] = typer.Option(None, "--resolution", help="Default: the last stage's."),
+                 resize: bool = typer.Option(False, "--resize", help="Centre-crop and resize an image of another size."),
+                 fov: float = typer.Option(60.0, "--fov", help="Field of view (degrees) of presets and of files without intrinsics."),
+                 clip: Optional[str] = typer.Option(None, "--clip", help="With --trajectory OUT: the cameras of this clip."),
+                 text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="T5 encoder dir for --prompt."),
+                 ply: bool = typer.Option(True, "--ply/--no-ply", help="Write per-frame Gaussians as .ply."),
+                 device: str = typer.Option("auto", "--device"),
+                 config: Optional[str] = typer.Option(None, "--config", help="Training config the checkpoint must match.")):
+    """One image + a camera path -> deformable Gaussians rendered to videos (RGB, depth), novel views, .ply files."""
+    from training.evaluate import EvalError
+    from training.generate import GenerateError, generate
+    from training.load import CheckpointError
+
+    try:
+        res = generate(ckpt, image, trajectory, out, prompt=prompt, steps=steps, seed=seed, frames=frames,
+                       resolution=resolution, resize=resize, fov_deg=fov, clip=clip, device=device,
+                       text_encoder=text_encoder, write_ply=ply, config=config)
+    except (GenerateError, EvalError, CheckpointError, ConfigError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    out_console.print(f"{res['frames']} frames at {res['resolution']}x{res['resolution']}: {res['scene_s']:.2f} s per scene "
+                      f"({res['device']}), {res['gaussians_per_frame']} Gaussians per frame; {out}", highlight=False)
+
+
 def _parity(kind: str, fixture_dir: str, salt: str) -> None:
     if not Path(fixture_dir).is_dir():
         _fail(f"fixture folder not found: {fixture_dir}")

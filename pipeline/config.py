@@ -53,6 +53,7 @@ class DatasetConfig(_Strict):
     min_depth_m: float | None = Field(None, gt=0)
     max_depth_m: float | None = Field(None, gt=0)
     options: dict[str, Any] = Field(default_factory=dict, description="the adapter's options: datasets.<name>.options below")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the scenes held out for validation, chosen by scene id (pipeline/split.py); recorded as split 'val' in index.parquet, never read by training")
 
 
 class StageResources(_Strict):
@@ -217,6 +218,7 @@ class BuildConfig(_Strict):
         d = self.resolved().model_dump(mode="json", exclude=_NOT_CONTENT)
         for ds in d["datasets"].values():
             ds.pop("root")
+            ds.pop("val_fraction")  # the split is recorded in index.parquet only; no shard byte depends on it
         if dataset is not None:
             d["datasets"] = {dataset: d["datasets"][dataset]}
         for s in ("depth", "tracks"):

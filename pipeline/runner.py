@@ -29,6 +29,7 @@ from pipeline.deps import build_needs
 from pipeline.deps import check as check_packages
 from pipeline.plan import Plan, make_plan
 from pipeline.progress import BuildProgress
+from pipeline.split import TRAIN, split_of_clips
 from pipeline.storage import Store
 
 log = logging.getLogger("d4s")
@@ -142,15 +143,18 @@ def build(cfg: BuildConfig, resume: bool = False, show_progress: bool = True) ->
                                         len(result["clips_failed"]) if error is None else len(clips_by_shard[sh["shard_id"]]))
                 if cfg.fault.driver_exit_after_shards is not None and done + failed >= cfg.fault.driver_exit_after_shards:
                     os._exit(19)  # test hook: the driver dies between shards
-    write_index(ms, plan)
+    write_index(ms, plan, {name: ds.val_fraction for name, ds in cfg.datasets.items()})
     ms.compact()
     return BuildSummary(cfg.output, len(plan.shards), done, failed, skipped, written, clips_failed,
                         time.time() - t0, failures)
 
 
-def write_index(ms: ManifestStore, plan: Plan) -> None:
-    """The training index: every written sample's key -> shard and byte offset, from the ledger."""
+def write_index(ms: ManifestStore, plan: Plan, val_fractions: dict[str, float] | None = None) -> None:
+    """The training index: every written sample's key -> shard and byte offset, from the ledger, with its
+    scene and split (``train`` | ``val``, by scene: :mod:`pipeline.split`)."""
     ledger = ms.ledger()
+    split = split_of_clips(plan.clips, val_fractions or {})
+    scene = {c["clip_id"]: c["scene"] for c in plan.clips}
     rows = []
     for sh in plan.shards:
         ev = ledger.get(sh["shard_id"])
@@ -158,7 +162,8 @@ def write_index(ms: ManifestStore, plan: Plan) -> None:
             continue
         for key, offset, num_frames, dynamic in ev["samples"]:
             rows.append({"key": key, "dataset": sh["dataset"], "shard_id": sh["shard_id"], "shard_path": sh["path"],
-                         "offset": offset, "num_frames": num_frames, "dynamic": dynamic})
+                         "offset": offset, "num_frames": num_frames, "dynamic": dynamic,
+                         "scene": scene.get(key, ""), "split": split.get(key, TRAIN)})
     ms.write_index(rows)
 
 

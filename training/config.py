@@ -140,6 +140,30 @@ class RuntimeConfig(_Strict):
     crash_at_step: int | None = None  # fault injection for tests: raise after this step, before checkpointing
 
 
+VALIDATION_MEASURES = tuple(f"{how}_{m}" for how in ("recon", "sample") for m in
+                            ("psnr", "ssim", "lpips", "depth_abs_rel", "depth_delta_1_25", "track_epe_m",
+                             "depth_abs_rel_scaled"))
+
+
+class ValidationConfig(_Strict):
+    """Validation while training (training/validate.py, docs/TRAINING.md): held-out clips measured every
+    ``every`` steps and at the end of each stage; the best checkpoint is kept by ``best_metric``."""
+
+    every: int = Field(1000, ge=0)  # steps between validations; 0: never (not even at stage ends)
+    at_stage_end: bool = True  # also after the last step of every curriculum stage (and of the run)
+    clips: int = Field(8, ge=1)  # fixed held-out clips (the first in a deterministic order), split over ranks
+    # None: data.root's index.parquet 'val' split (build with datasets.<name>.val_fraction > 0);
+    # root: that build's 'val' split; shards: every sample of these shards (paths, URLs, globs)
+    root: str | None = None
+    shards: list[str] = []
+    sample_steps: int = Field(10, ge=0)  # flow steps for the measures of sampled latents; 0: reconstruction only
+    tracks: int = Field(256, ge=0)  # tracks per clip for the end-point error
+    seed: int = 0
+    best_metric: Literal[VALIDATION_MEASURES] = "recon_psnr"  # type: ignore[valid-type]
+    keep_best: bool = True  # ckpt/best.pt (weights + config) whenever best_metric improves
+    report: bool = True  # rewrite WORKDIR/report.html (loss and validation curves) after every validation
+
+
 class TrainConfig(_Strict):
     preset: str | None = None
     workdir: str = "runs/train"
@@ -150,6 +174,7 @@ class TrainConfig(_Strict):
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    validation: ValidationConfig = ValidationConfig()
     max_steps: int | None = None  # stop early (total step count), e.g. for smoke runs
 
     @model_validator(mode="after")
@@ -233,6 +258,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         optim=dict(lr=1e-3, warmup_steps=0),
         runtime=dict(launcher="ray", num_workers=2, use_gpu=False, bf16=False, ckpt_every=4, log_every=1,
                      tensorboard=True),
+        validation=dict(clips=2, sample_steps=2, tracks=32),
     ),
 }
 

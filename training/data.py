@@ -84,8 +84,13 @@ class Catalog(NamedTuple):
     samples: dict[str, list[SampleRef]] | None  # shard URL -> its samples in file order (None: no index)
 
 
-def resolve_catalog(cfg: DataConfig) -> Catalog:
-    """Shards per dataset and, from a build's ``index.parquet``, what is in them."""
+def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
+    """Shards per dataset and, from a build's ``index.parquet``, what is in them.
+
+    ``split``: the index's ``split`` column selects ``train`` samples (for training: held-out scenes are
+    never read) or ``val`` ones (validation, ``d4s eval``); an index without the column is all ``train``.
+    Without an index there is no split: every shard is ``train`` and ``val`` is empty.
+    """
     if cfg.root:
         root = cfg.root.rstrip("/")
         index = f"{root}/index.parquet"
@@ -103,6 +108,13 @@ def resolve_catalog(cfg: DataConfig) -> Catalog:
                 # index.parquet schema: manifests/schemas.py INDEX_SCHEMA (shard_path relative to the output)
                 rel = r["shard_path"]
                 url = rel if "://" in rel or os.path.isabs(rel) else f"{root}/{rel}"
+                if (r.get("split") or "train") != split:
+                    # kept in ``samples`` (the shard's layout: runs of consecutive samples are read in one
+                    # go), but not in ``keys``, so no stream ever yields it
+                    if samples is not None and r.get("offset") is not None:
+                        samples.setdefault(url, []).append(
+                            SampleRef(r["key"], int(r["offset"]), int(r["num_frames"] or 0), bool(r["dynamic"])))
+                    continue
                 lst = shards.setdefault(r["dataset"], [])
                 if url not in lst:
                     lst.append(url)
@@ -117,10 +129,14 @@ def resolve_catalog(cfg: DataConfig) -> Catalog:
                 samples = {u: sorted(v, key=lambda x: x.offset) for u, v in samples.items()}
             return Catalog({k: sorted(v) for k, v in sorted(shards.items())}, counts, keys, samples)
         found = _expand(f"{root}/shards/**/*.tar")
+        if split != "train":
+            return Catalog({}, {}, {}, None)
         if not found:
             raise FileNotFoundError(f"no shards under {root}/shards and no {index}")
         return Catalog({"all": found}, {"all": len(found)}, {}, None)
     found = sorted({p for pat in cfg.shards for p in _expand(pat)})
+    if split != "train":
+        return Catalog({}, {}, {}, None)
     if not found:
         raise FileNotFoundError(f"no shards match {cfg.shards}")
     return Catalog({"all": found}, {"all": len(found)}, {}, None)
@@ -211,7 +227,8 @@ class DatasetStream:
         n = 0
         for url in mine:
             for s in iter_tar(url):
-                if self.keys and self.keys.get(s["__key__"], self.name) != self.name:
+                # with an index, only the samples it lists for this dataset and split (held-out ones are absent)
+                if self.keys and self.keys.get(s["__key__"]) != self.name:
                     continue
                 n += 1
                 if not by_shard and (n - 1) % self.n_parts != self.part:
@@ -222,7 +239,7 @@ class DatasetStream:
     def _epoch_indexed(self, shards: list[str]) -> Iterator[dict]:
         """This part's accepted samples of the epoch, read by seeking (module docs: how parts split)."""
         wanted = {u: [(i, r) for i, r in enumerate(self.samples.get(u, []))
-                      if self.keys.get(r.key, self.name) == self.name and self.accept_ref(r)] for u in shards}
+                      if self.keys.get(r.key) == self.name and self.accept_ref(r)] for u in shards}
         shards = [u for u in shards if wanted[u]]
         if len(shards) >= self.n_parts:
             mine = [(u, wanted[u]) for u in shards[self.part::self.n_parts]]
@@ -381,7 +398,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.catalog.samples is None:
             return None
         return {ds: sum(self.accept_ref(r) for u in urls for r in self.catalog.samples.get(u, [])
-                        if self.keys.get(r.key, ds) == ds) for ds, urls in self.shards.items()}
+                        if self.keys.get(r.key) == ds) for ds, urls in self.shards.items()}
 
     def weights(self) -> dict[str, float]:
         """Mixture weight per dataset (module docs); datasets with no accepted clip get 0."""

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from training import losses as L
-from training.backbone import VideoBackbone
+from training.backbone import VideoBackbone, latent_frame_groups
 from training.config import StageConfig, TrainConfig
-from training.gaussians import gaussians_at, track_positions
+from training.gaussians import GaussianMaps, gaussians_at, track_positions
 from training.ldrm import LDRM
 
 # The metrics every forward returns, always all of them and in this order, each as (sum, count): the
@@ -24,6 +24,8 @@ class Diff4Splat(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = VideoBackbone(cfg.backbone)
+        if cfg.backbone.pretrained_dir:
+            _check_pretrained_layout(cfg, self.backbone)
         max_frames = max((s.num_frames for s in cfg.stages), default=13)
         self.ldrm = LDRM(cfg.ldrm, self.backbone.latent_channels, self.backbone.fs, self.backbone.ft, max_frames)
 
@@ -45,11 +47,20 @@ class Diff4Splat(nn.Module):
         self.ldrm.grad_checkpointing = on
 
     # --- forward ------------------------------------------------------------------------------
-    def forward(self, batch: dict, stage: StageConfig, rasterize, lpips_fn=None, render_frames=None,
-                autocast: bool = False) -> tuple[torch.Tensor, dict[str, tuple[float, int]]]:
+    def forward(self, batch: dict, stage: StageConfig | None = None, rasterize=None, lpips_fn=None, render_frames=None,
+                autocast: bool = False, predict: str | None = None, sample_steps: int = 10,
+                seed: int = 0, timings: dict | None = None) -> tuple[torch.Tensor, dict[str, tuple[float, int]]] | GaussianMaps:
         """-> (loss, {metric: (sum, count)} for every name in :data:`METRICS`). ``loss`` and ``fm`` count
         once per batch; ``photo``, ``geo``, ``motion`` and ``psnr`` once per sample that has the term;
-        ``gaussians`` once per render."""
+        ``gaussians`` once per render.
+
+        With ``predict`` (``"reconstruct"`` or ``"sample"``) it is inference instead: see
+        :meth:`predict_maps`. That goes through ``forward`` so that an FSDP-wrapped model gathers its
+        parameters the way it does for a training step (validation runs on the sharded model).
+        """
+        if predict is not None:
+            return self.predict_maps(batch, predict, sample_steps=sample_steps, seed=seed, autocast=autocast,
+                                     timings=timings)
         cfg, lc = self.cfg, self.cfg.loss
         video = batch["video"]  # (B,T,3,H,W) [0,1]
         intr, c2w = batch["intrinsics"], batch["c2w"]
@@ -136,6 +147,88 @@ class Diff4Splat(nn.Module):
         # keep every trainable parameter in the graph (DDP): add 0 x unused outputs
         total = total + 0.0 * v.sum() + 0.0 * maps.depth.sum()
         return total, metrics
+
+
+    @torch.no_grad()
+    def predict_maps(self, batch: dict, how: str, sample_steps: int = 10, seed: int = 0,
+                     autocast: bool = False, timings: dict | None = None) -> GaussianMaps:
+        """Deformable Gaussian maps for the batch's cameras (inference, deformation head applied).
+
+        ``how="reconstruct"``: from the clip's own latents z0 (the VAE encoding of all of ``video``).
+        ``how="sample"``: from latents that the flow samples (Euler, ``sample_steps`` steps, noise seeded
+        by ``seed``) from the first frame's latent and the cameras alone, as at generation time; only
+        ``video[:, 0]`` is read, and with ``ldrm.clean_first_latent`` latent frame 0 is the known latent of
+        that frame. ``batch``: ``video`` (B,T or 1,3,H,W) in [0,1], ``intrinsics`` (B,T,4), ``c2w``
+        (B,T,4,4) in the first camera's frame, optional ``text`` / ``use_text``. The VAE's posterior is
+        sampled from the global RNG (callers fork it to be deterministic). ``timings``, when given, receives
+        the seconds of ``encode``, ``sample`` and ``ldrm`` (the device synchronised around each).
+        """
+        clock = _Clock(timings, batch["video"].device)
+        video, intr, c2w = batch["video"], batch["intrinsics"], batch["c2w"]
+        t = intr.shape[1]
+        h, w = video.shape[-2:]
+        ac = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        pooled = self.backbone.pooled_plucker(intr, c2w, h, w)
+        if how == "reconstruct":
+            if video.shape[1] != t:
+                raise ValueError(f"reconstruct needs all {t} frames, got {video.shape[1]}")
+            with clock("encode"):
+                z = self.backbone.encode(video * 2 - 1)
+        elif how == "sample":
+            with clock("encode"):
+                first = self.backbone.encode(video[:, :1] * 2 - 1)
+            n_latent = len(latent_frame_groups(t, self.backbone.ft))
+            gen = torch.Generator(device=video.device).manual_seed(int(seed))
+            with ac, clock("sample"):
+                z = self.backbone.sample(first, pooled, n_latent, steps=sample_steps, generator=gen,
+                                         text=batch.get("text"), use_text=batch.get("use_text")).float()
+            if self.cfg.ldrm.clean_first_latent:
+                z = torch.cat([first, z[:, 1:]], 1)
+        else:
+            raise ValueError(f"predict must be 'reconstruct' or 'sample', got {how!r}")
+        with ac, clock("ldrm"):
+            return self.ldrm(z, pooled, intr, c2w, t, with_deformation=True)
+
+
+def _check_pretrained_layout(cfg: TrainConfig, backbone: VideoBackbone) -> None:
+    """The config's VAE and patch fields decide which resolutions and frame counts it accepts (TrainConfig's
+    checks); with a pretrained backbone they must describe the loaded one, or those checks are wrong."""
+    import math
+
+    v = cfg.backbone.vae
+    fs = 2 ** (len(v.block_out_channels) - 1)
+    ft = 2 ** min(int(round(math.log2(v.temporal_compression_ratio))), len(v.block_out_channels) - 1)
+    p = backbone.transformer.config.patch_size
+    got = (backbone.fs, backbone.ft, p)
+    if got != (fs, ft, cfg.backbone.transformer.patch_size):
+        raise ValueError(
+            f"backbone.pretrained_dir {cfg.backbone.pretrained_dir}: its VAE compresses space by {got[0]} and time by "
+            f"{got[1]} and its transformer patch is {got[2]}, but the config's backbone.vae / backbone.transformer say "
+            f"{fs}, {ft}, {cfg.backbone.transformer.patch_size}: set backbone.vae.block_out_channels (length "
+            f"{int(math.log2(got[0])) + 1}), backbone.vae.temporal_compression_ratio ({got[1]}) and "
+            f"backbone.transformer.patch_size ({got[2]}) to match (they decide the resolutions and frame counts accepted)")
+
+
+class _Clock:
+    """``with clock(name):`` adds the block's seconds to ``timings[name]`` (nothing when timings is None)."""
+
+    def __init__(self, timings: dict | None, device: torch.device):
+        self.timings, self.device = timings, device
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.timings is None:
+            yield
+            return
+        import time
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 def _kmat(intr: torch.Tensor) -> torch.Tensor:

@@ -64,13 +64,15 @@ def make_clip(seed: int, t: int = 9, size: int = 64, dynamic: bool = False, data
 def write_shards(out: str, n_clips: int = 8, per_shard: int = 2, t: int = 9, size: int = 64,
                  datasets: tuple[str, ...] = ("synth_static", "synth_dynamic"),
                  dynamic: Callable[[str, int], bool] | None = None,
-                 caption: Callable[[str, int], str | None] | None = None, device: str = "cpu") -> list[str]:
+                 caption: Callable[[str, int], str | None] | None = None, device: str = "cpu",
+                 val: Callable[[str, int], bool] | None = None, seed_offset: int = 0) -> list[str]:
     """Write ``out/shards/shard-XXXXXX.tar`` and ``out/index.parquet``; returns shard paths.
 
     Clip ``i`` goes to dataset ``datasets[i % len(datasets)]``; it is dynamic when ``dynamic(ds, i)``
     (default: the dataset's name contains "dynamic") and carries ``caption(ds, i)`` in ``meta.json``
     when that is not None. The index has a build's columns (key, dataset, shard_path, byte offset of
-    the sample's first member, num_frames, dynamic).
+    the sample's first member, num_frames, dynamic, scene, split): clip ``i`` is a held-out scene (split
+    ``val``) when ``val(ds, i)``. Clip ``i`` is rendered from seed ``seed_offset + i``.
     """
     import json
     import tarfile
@@ -93,7 +95,7 @@ def write_shards(out: str, n_clips: int = 8, per_shard: int = 2, t: int = 9, siz
             written = []
             with wds.TarWriter(path) as sink:
                 for i in ids[s0:s0 + per_shard]:
-                    clip = make_clip(i, t=t, size=size, dynamic=dynamic(ds, i), dataset=ds, device=device)
+                    clip = make_clip(seed_offset + i, t=t, size=size, dynamic=dynamic(ds, i), dataset=ds, device=device)
                     sample = ENCODE(clip)
                     text = caption(ds, i) if caption else None
                     if text is not None:
@@ -101,15 +103,16 @@ def write_shards(out: str, n_clips: int = 8, per_shard: int = 2, t: int = 9, siz
                         meta["caption"] = text
                         sample["meta.json"] = json.dumps(meta, sort_keys=True).encode()
                     sink.write(sample)
-                    written.append(clip)
+                    written.append((i, clip))
             with tarfile.open(path) as tar:  # each sample's first member header
                 offsets: dict[str, int] = {}
                 for m in tar.getmembers():
                     offsets.setdefault(m.name.split(".", 1)[0], m.offset)
-            for clip in written:
+            for i, clip in written:
                 rows.append({"key": clip.key, "dataset": ds, "shard_path": os.path.relpath(path, out),
                              "offset": offsets[clip.key], "num_frames": clip.rgb.shape[0],
-                             "dynamic": bool(clip.meta.dynamic)})
+                             "dynamic": bool(clip.meta.dynamic), "scene": clip.meta.scene,
+                             "split": "val" if val is not None and val(ds, i) else "train"})
             paths.append(path)
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(out, "index.parquet"))
     return paths

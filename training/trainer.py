@@ -219,6 +219,28 @@ def train_loop_per_worker(config: dict) -> None:
         if distributed:
             dist.barrier()
 
+    validator, best = _validation_setup(cfg, rank, world, device, lpips_fn, text_encoder)
+
+    def validate(stage, stage_index: int) -> None:
+        """Measure the held-out clips (every rank), log them, keep the best checkpoint, redraw the report."""
+        res = validator.run(model, stage, rasterize, use_cuda and rt.bf16)
+        if rank == 0:
+            _append_jsonl(metrics_url, {"step": step, "stage": stage.name, "kind": "val", "time": time.time(), **res})
+            if writer is not None:
+                for k, v in res.items():
+                    writer.add_scalar(f"val/{k}", v, step)
+            print(f"[train] validation at step {step} ({res['clips']} clips): "
+                  + " ".join(f"{k} {v:.4g}" for k, v in res.items() if k != "clips"), flush=True)
+        if best is not None and best.improves(res):
+            # a collective under FSDP (every rank takes this branch alike); otherwise only rank 0 copies the weights
+            model_sd = _model_state(model, fsdp) if (fsdp or rank == 0) else None
+            if rank == 0:
+                path = best.save({"model": model_sd, "config": cfg.model_dump(mode="json"), "step": step,
+                                  "stage_index": stage_index}, res[best.metric])
+                print(f"[train] best {best.metric} {res[best.metric]:.4g}: {path}", flush=True)
+        if rank == 0 and cfg.validation.report:
+            _write_report(cfg.workdir)
+
     stage_index, in_stage = stage_position(cfg, step)
     t_last, step_last = time.perf_counter(), step
     while step < max_steps and stage_index < len(cfg.stages):
@@ -294,6 +316,8 @@ def train_loop_per_worker(config: dict) -> None:
             if rt.crash_at_step is not None and step == rt.crash_at_step:
                 raise RuntimeError(f"injected crash after step {step}")
             end_of_stage = in_stage >= stage.steps
+            if validator.due(step, end_of_stage, step == max_steps):
+                validate(stage, stage_index)
             if step % rt.ckpt_every == 0 or (rt.checkpoint_at_end and (step == max_steps or end_of_stage)):
                 nxt = (stage_index + 1, 0) if end_of_stage else (stage_index, in_stage)
                 checkpoint(*nxt)
@@ -309,6 +333,32 @@ def train_loop_per_worker(config: dict) -> None:
             ray_train.report({"step": step})
     except Exception:
         pass
+
+
+def _validation_setup(cfg: TrainConfig, rank: int, world: int, device, lpips_fn, text_encoder):
+    """(Validator, BestCheckpoint or None); says once when there is nothing held out to validate on."""
+    from training.validate import BestCheckpoint, Validator
+
+    if lpips_fn is None and cfg.validation.every > 0:  # measured even when not a loss, if its weights are there
+        from training.metrics import load_lpips
+
+        lpips_fn = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_torch_home, device)[0]
+    validator = Validator(cfg, rank, world, device, lpips_fn, text_encoder)
+    if rank == 0 and cfg.validation.every > 0 and not validator.enabled:
+        print("[train] validation skipped: no held-out clips (build with datasets.<name>.val_fraction > 0, "
+              "or set validation.root / validation.shards)", flush=True)
+    keep = validator.enabled and cfg.validation.keep_best
+    return validator, (BestCheckpoint(cfg.workdir, cfg.validation.best_metric) if keep else None)
+
+
+def _write_report(workdir: str) -> None:
+    """WORKDIR/report.html; a failure to draw it is reported, never fatal to training."""
+    try:
+        from training.report import write_training_report
+
+        write_training_report(workdir)
+    except Exception as exc:  # noqa: BLE001 - the report is a convenience
+        print(f"[train] could not write the training report: {type(exc).__name__}: {exc}", flush=True)
 
 
 def reduce_metrics(agg: dict[str, list[float]], device: torch.device) -> dict[str, float]:
@@ -517,6 +567,8 @@ def absolute_local_paths(cfg: TrainConfig) -> TrainConfig:
         "backbone": cfg.backbone.model_copy(update={"pretrained_dir": fix(cfg.backbone.pretrained_dir),
                                                      "text_encoder_dir": fix(cfg.backbone.text_encoder_dir)}),
         "loss": cfg.loss.model_copy(update={"lpips_torch_home": fix(cfg.loss.lpips_torch_home)}),
+        "validation": cfg.validation.model_copy(update={"root": fix(cfg.validation.root),
+                                                         "shards": [fix(p) for p in cfg.validation.shards]}),
     })
 
 
