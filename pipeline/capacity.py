@@ -11,15 +11,19 @@ How each cost is modelled (docs/CLUSTER.md, "Capacity planning", has the derivat
 
 * **depth** (Video Depth Anything, datasets whose ``depth_source`` is not ``gt``): the measured
   whole-video frames/s at 518x518 is split into a per-distinct-frame part (encoder) and a
-  per-window-frame part (temporal head) in the proportion of the measured profile; a clip of T
-  frames costs ``a*T + b*32*windows(T)`` (short clips still fill a 32-frame window) and both parts
+  per-window-frame part (temporal head) in the proportion of the measured profile; a pass of T
+  frames costs ``a*T + b*32*windows(T)`` (short passes still fill a 32-frame window) and both parts
   scale with the network input pixels (:func:`stages.depth.vda.infer.network_size` of the
   image size and ``input_size``) to the power fitted through the two measured resolutions.
 * **tracks** (CoTracker3, ``track_source: cotracker``): cost proportional to point-frames
   (``len(query_frames) * grid_size**2`` points x T frames, twice for the offline model's backward
   pass) at the measured point-frames/s. The model always resizes to 384x512, so the image size
   does not enter.
-* **megasam** (``depth_source: megasam``): GPU-seconds per frame; *not measured* in this project.
+  A pass is a scene's frame sequence with scene passes (``pipeline/stage_routes.py``; each
+  segment of a long scene), else a clip.
+* **megasam** (``depth_source: megasam``): GPU-seconds per frame of its passes; *not measured* in
+  this project. Its cache in the output store is counted at its bound
+  (:func:`stages.align.megasam.cache_entry_bytes`: 2 bytes per cached depth pixel, 136 per frame).
 * **CPU** (ingest, encode, write per frame, scaled linearly with the stored pixels; align per
   frame for depth-model datasets).
 * **output bytes**: JPEG and depth-PNG bytes per pixel measured at several sizes (interpolated
@@ -258,16 +262,29 @@ def clip_bytes(num_frames: int, image_hw: tuple[int, int], num_tracks: int, cost
 # Rows
 
 
-def model_stages(ds) -> list[str]:
-    """GPU model stages a (resolved) dataset config needs: the same rules as the DAG (pipeline/dag.py)."""
-    out = []
-    if ds.depth_source != "gt":
-        out.append("depth")
-    if ds.track_source == "cotracker":
-        out.append("tracks")
-    if ds.depth_source == "megasam":
-        out.append("megasam")
-    return out
+def model_stages(cfg: BuildConfig, name: str) -> list[str]:
+    """Model stages of a (resolved) dataset: read from the stage declarations (pipeline/stage_routes.py)."""
+    from pipeline.stage_routes import model_stages as declared
+
+    return declared(cfg, name)
+
+
+def pass_frames(cfg: BuildConfig, name: str, scene_clip_frames: list[list[list[int]]]) -> list[int]:
+    """Frames of each model pass (the depth model's, MegaSaM's) over a dataset's scenes, given each
+    scene's clips' frame lists: the union per scene with scene passes, else every clip's own."""
+    from pipeline.stage_routes import step
+
+    depth = step(cfg, name, "depth")
+    if depth is not None and depth.granularity == "scene":
+        return [len(set().union(*map(set, clips))) for clips in scene_clip_frames if clips]
+    return [len(f) for clips in scene_clip_frames for f in clips]
+
+
+def _segment_lengths(n: int, cfg: BuildConfig) -> list[int]:
+    from stages.scene.segments import plan_segments
+
+    sc = cfg.stages.scene
+    return [b - a for a, b in plan_segments(n, sc.max_frames, sc.overlap_frames)]
 
 
 def _nominal(costs: Costs, name: str) -> tuple[tuple[int, int], int, str]:
@@ -283,17 +300,27 @@ def _nominal(costs: Costs, name: str) -> tuple[tuple[int, int], int, str]:
 
 
 def dataset_row(name: str, cfg: BuildConfig, costs: Costs, *, scenes: int, clips: int, shards: int,
-                image_hw: tuple[int, int], gt_tracks: int, hw_source: str, label: str | None = None) -> dict:
-    """Projected costs of ``clips`` clips of dataset ``name`` (cfg must be resolved)."""
+                image_hw: tuple[int, int], gt_tracks: int, hw_source: str, label: str | None = None,
+                passes: list[int] | None = None) -> dict:
+    """Projected costs of ``clips`` clips of dataset ``name`` (cfg must be resolved). ``passes``: the
+    frames of each depth/MegaSaM pass (:func:`pass_frames`; default one pass per clip)."""
+    from stages.align.megasam import cache_entry_bytes
+
     ds = cfg.datasets[name]
     t = int(ds.clip_length)
     frames = clips * t
-    stages = model_stages(ds)
+    stages = model_stages(cfg, name)
+    passes = passes if passes is not None else [t] * clips
+    segments = [n for p in passes for n in _segment_lengths(p, cfg)]
     gpu = {k: 0.0 for k in GPU_STAGES}
+    cache_bytes = 0
     if "depth" in stages:
-        gpu["depth"] = clips * vda_seconds_per_clip(t, image_hw, cfg.stages.depth, costs) / 3600.0
+        per = {n: vda_seconds_per_clip(n, image_hw, cfg.stages.depth, costs) for n in set(segments)}
+        gpu["depth"] = sum(per[n] for n in segments) / 3600.0
     if "megasam" in stages:
-        gpu["megasam"] = frames * costs.pos("megasam.gpu_s_per_frame") / 3600.0
+        gpu["megasam"] = sum(segments) * costs.pos("megasam.gpu_s_per_frame") / 3600.0
+        a = cfg.stages.align
+        cache_bytes = sum(cache_entry_bytes(n, image_hw[0], image_hw[1], a.megasam_cache_max_side) for n in segments)
     if ds.track_source == "cotracker":
         sec, tracks = cotracker_seconds_per_clip(t, cfg.stages.tracks, costs)
         gpu["tracks"] = clips * sec / 3600.0
@@ -313,7 +340,10 @@ def dataset_row(name: str, cfg: BuildConfig, costs: Costs, *, scenes: int, clips
         "dataset": name, "label": label or name, "scenes": int(scenes), "clips": int(clips), "frames": int(frames),
         "shards": int(shards), "clip_length": t, "image_hw": [int(image_hw[0]), int(image_hw[1])], "image_hw_source": hw_source,
         "depth_source": ds.depth_source, "track_source": ds.track_source, "model_stages": stages,
+        "model_passes": len(passes) if "depth" in stages else 0,
+        "model_frames": sum(segments) if "depth" in stages else 0,
         "tracks_per_clip": int(tracks), "output_bytes": int(round(out_bytes)),
+        "megasam_cache_bytes": int(cache_bytes),
         "gpu_hours": {**gpu, "total": sum(gpu.values())},
         "cpu_core_hours": {**cpu, "total": sum(cpu.values())},
     }
@@ -338,7 +368,8 @@ def _probe(cfg: BuildConfig, plan, name: str, first: dict | None) -> tuple[tuple
 
 
 def _totals(rows: list[dict]) -> dict:
-    tot = {k: sum(r[k] for r in rows) for k in ("scenes", "clips", "frames", "shards", "output_bytes")}
+    tot = {k: sum(r[k] for r in rows) for k in ("scenes", "clips", "frames", "shards", "output_bytes",
+                                                 "model_frames", "megasam_cache_bytes")}
     tot["gpu_hours"] = {k: sum(r["gpu_hours"][k] for r in rows) for k in (*GPU_STAGES, "total")}
     tot["cpu_core_hours"] = {k: sum(r["cpu_core_hours"][k] for r in rows) for k in (*CPU_STAGES, "total")}
     return tot
@@ -349,7 +380,8 @@ def _general_assumptions(cfg: BuildConfig, costs: Costs, rows: list[dict]) -> li
     out = [
         f"GPU-hours are for {gpu}, one model per GPU, from isolated benchmarks of the model stages "
         f"(costs file {costs.source}); a CPU-only build is far slower.",
-        "Depth (Video Depth Anything): cost per clip = a*T + b*32*windows(T) at 518x518, split between "
+        "Depth (Video Depth Anything): cost per pass of T frames (a scene's frames with scene passes, "
+        "else a clip) = a*T + b*32*windows(T) at 518x518, split between "
         "encoder and temporal head as profiled, scaled by (network pixels / 518^2)^%.2f; the network size "
         "follows the image size and stages.depth.input_size." % vda_pixel_exponent(costs),
         "Tracks (CoTracker3): cost proportional to point-frames (query frames x grid_size^2 points x T, x2 "
@@ -393,8 +425,10 @@ def capacity_report(cfg: BuildConfig, costs: str | Path | dict | None = None, pr
     n_clips = Counter(x["dataset"] for x in plan.clips)
     n_shards = Counter(s["dataset"] for s in plan.shards)
     first_clip: dict[str, dict] = {}
+    scene_clips: dict[str, dict[str, list]] = {}
     for x in plan.clips:
         first_clip.setdefault(x["dataset"], x)
+        scene_clips.setdefault(x["dataset"], {}).setdefault(x["scene"], []).append(x["frames"])
     for name in sorted(d for d, ds in rcfg.datasets.items() if ds.enabled):
         scenes, clips, shards = n_scenes[name], n_clips[name], n_shards[name]
         hw = n_gt = None
@@ -409,7 +443,8 @@ def capacity_report(cfg: BuildConfig, costs: str | Path | dict | None = None, pr
         else:
             source = why
         rows.append(dataset_row(name, rcfg, c, scenes=scenes, clips=clips, shards=shards, image_hw=hw,
-                                gt_tracks=n_gt or 0, hw_source=source))
+                                gt_tracks=n_gt or 0, hw_source=source,
+                                passes=pass_frames(rcfg, name, list(scene_clips.get(name, {}).values()))))
     return _report(rcfg, c, rows, notes, mode="plan")
 
 
@@ -471,6 +506,7 @@ def projection_from_counts(counts: list[dict], cfg: BuildConfig | None = None, c
     is given (its datasets must include every row's dataset; its roots are not read).
     """
     from pipeline.plan import clip_starts
+    from pipeline.stage_routes import whole_scene_shards
 
     c = load_costs(costs)
     names = sorted({r["dataset"] for r in counts})
@@ -489,14 +525,19 @@ def projection_from_counts(counts: list[dict], cfg: BuildConfig | None = None, c
         n_scenes = int(r["scenes"])
         if ds.max_scenes:
             n_scenes = min(n_scenes, ds.max_scenes)
-        per_scene = len(clip_starts(int(r["frames_per_scene"]), ds.clip_length, ds.frame_stride, ds.clip_stride))
+        starts = clip_starts(int(r["frames_per_scene"]), ds.clip_length, ds.frame_stride, ds.clip_stride)
         if ds.max_clips_per_scene:
-            per_scene = min(per_scene, ds.max_clips_per_scene)
+            starts = starts[: ds.max_clips_per_scene]
+        per_scene = len(starts)
         clips = n_scenes * per_scene
-        rows.append(dataset_row(name, cfg, c, scenes=n_scenes, clips=clips, shards=-(-clips // cfg.shard_size),
+        one_scene = [[s + i * ds.frame_stride for i in range(ds.clip_length)] for s in starts]
+        shards = -(-clips // cfg.shard_size)
+        if whole_scene_shards(cfg, name) and per_scene:  # whole scenes per shard (pipeline/plan.py)
+            shards = -(-n_scenes // max(1, cfg.shard_size // per_scene))
+        rows.append(dataset_row(name, cfg, c, scenes=n_scenes, clips=clips, shards=shards,
                                 image_hw=hw, gt_tracks=int(r.get("gt_tracks", nn)),
                                 hw_source="counts table" if r.get("hw") else "nominal (counts table)",
-                                label=r.get("label")))
+                                label=r.get("label"), passes=pass_frames(cfg, name, [one_scene] * n_scenes)))
     notes = [f"Counts are a table of estimates, not read from data: " +
              "; ".join(f"{r.get('label', r['dataset'])}: {r['scenes']:,} scenes x {r['frames_per_scene']:,} frames"
                        + (f" ({r['source']})" if r.get("source") else "") for r in counts)]
@@ -558,7 +599,9 @@ def format_capacity(rep: dict) -> str:
     summary = (f"total: {human_hours(g['total'])} of GPU time"
                + (f" ({human_hours(g['megasam'])} of it MegaSaM, an assumption)" if g["megasam"] else "")
                + f", {human_hours(tot['cpu_core_hours']['total'])} of CPU core time, {human_bytes(tot['output_bytes'])} "
-               f"in {tot['shards']:,} shards.")
+               f"in {tot['shards']:,} shards"
+               + (f", at most {human_bytes(tot['megasam_cache_bytes'])} of MegaSaM cache (OUT/cache/megasam)"
+                  if tot.get("megasam_cache_bytes") else "") + ".")
     out += [""] + textwrap.wrap(summary, width=78) + ["", "assumptions:"]
     for a in rep["assumptions"]:
         out += textwrap.wrap(a.replace("[", "(").replace("]", ")"), width=78, initial_indent="  - ", subsequent_indent="    ")
@@ -569,7 +612,7 @@ def full_build_markdown(costs: str | Path | dict | None = None) -> str:
     """The docs/CLUSTER.md table of the ~130k-scene projection (``python -m pipeline.capacity full-build``)."""
     rep = projection_from_counts(FULL_BUILD_COUNTS, costs=costs)
     lines = ["| dataset | scenes | frames/scene | image | clips | frames | output | depth GPU-h | tracks GPU-h "
-             "| MegaSaM GPU-h | CPU core-h |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| MegaSaM GPU-h | MegaSaM cache | CPU core-h |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fps = {r.get("label", r["dataset"]): r["frames_per_scene"] for r in FULL_BUILD_COUNTS}
 
     def num(x):
@@ -581,12 +624,15 @@ def full_build_markdown(costs: str | Path | dict | None = None) -> str:
     for r in rep["datasets"]:
         lines.append(f"| {r['label']} | {r['scenes']:,} | {fps[r['label']]:,} | {r['image_hw'][1]}x{r['image_hw'][0]} "
                      f"| {r['clips']:,} | {r['frames']:,} | {human_bytes(r['output_bytes'])} | {h(r, 'depth')} "
-                     f"| {h(r, 'tracks')} | {h(r, 'megasam')} | {num(r['cpu_core_hours']['total'])} |")
+                     f"| {h(r, 'tracks')} | {h(r, 'megasam')} "
+                     f"| {human_bytes(r['megasam_cache_bytes']) if r['megasam_cache_bytes'] else '-'} "
+                     f"| {num(r['cpu_core_hours']['total'])} |")
     t = rep["totals"]
     g = t["gpu_hours"]
     lines.append(f"| **total** | **{t['scenes']:,}** | | | **{t['clips']:,}** | **{t['frames']:,}** "
                  f"| **{human_bytes(t['output_bytes'])}** | **{num(g['depth'])}** | **{num(g['tracks'])}** "
-                 f"| **{num(g['megasam'])}** | **{num(t['cpu_core_hours']['total'])}** |")
+                 f"| **{num(g['megasam'])}** | **{human_bytes(t['megasam_cache_bytes'])}** "
+                 f"| **{num(t['cpu_core_hours']['total'])}** |")
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ from pydantic import BaseModel
 from pipeline import config as c
 
 MODELS = [c.BuildConfig, c.DatasetConfig, c.StagesConfig, c.DepthStageConfig, c.AlignStageConfig,
-          c.TrackStageConfig, c.StageResources, c.QCConfig, c.RayConfig, c.FaultConfig]
+          c.TrackStageConfig, c.ScenePassConfig, c.StageResources, c.QCConfig, c.RayConfig, c.FaultConfig]
 
 HEADER = """# Configuration reference
 
