@@ -3,7 +3,10 @@ under ``OUT/demo_data/<dataset>/``, and return a config that builds them into ``
 
 The demo exercises the same adapters and stages as a real build. Where a dataset needs a model
 (depth or tracks for the real datasets) the demo opts into random weights explicitly; every such
-sample says so in ``meta.untrained_models``.
+sample says so in ``meta.untrained_models``. Clips stay small (8 frames); the RealEstate10K and
+Stereo4D scenes give two overlapping clips each, so their scene passes (one depth pass and one
+metric fit per scene) show in ``meta.json``: ``qc.align.scale`` (and RealEstate10K's
+``extra.pose_scale``) are equal over the clips of a scene.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pipeline.demo.render import render
 from pipeline.demo.writers import WRITERS, writer_module
 
 DEMO_SCENES_PER_DATASET = 2
+SCENE_PASS_DEMOS = ("realestate10k", "stereo4d")
 
 
 def available_demo_datasets() -> list[str]:
@@ -53,7 +57,10 @@ def demo_config(out: str, datasets: list[str] | None = None, scenes: int = DEMO_
         "shard_size": 2,
         "jpeg_quality": 95,
         "max_inflight_shards": 4,
-        "datasets": {name: {"root": str(data_root / name), "clip_length": 8, "frame_stride": 1, "clip_stride": 4,
+        "datasets": {name: {"root": str(data_root / name), "clip_length": 8, "frame_stride": 1,
+                            # the two real datasets plan two overlapping clips per scene, so the demo shows
+                            # one scene pass (one metric scale) shared by the clips of a scene
+                            "clip_stride": 2 if name in SCENE_PASS_DEMOS else 4,
                             # No MegaSaM in the demo: RealEstate10K takes the metric VDA prediction as its reference.
                             **({"depth_source": "vda_metric"} if name == "realestate10k" else {})}
                      for name in datasets},
