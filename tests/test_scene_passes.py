@@ -298,3 +298,100 @@ def test_gpu_demand_beyond_a_local_cluster_is_refused(monkeypatch):
     monkeypatch.setattr(dag.ray, "cluster_resources", lambda: {"CPU": 16.0})
     d.cfg = cfg
     d._check_gpus()  # CPU-only: every stage runs on CPUs
+
+
+# ------------------------------------------------------------------------------------------
+# One alignment per scene
+
+
+def _rendered_clips(starts=(0, 2), length=8):
+    """Two overlapping RealEstate10K clips of one rendered scene (poses up to scale), ingested."""
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.demo.render import render
+    from pipeline.demo.writers import realestate10k as w
+    from pipeline.plan import clip_id
+    from stages.ingest.stage import ingest_clip
+
+    root = Path(tempfile.mkdtemp())
+    rendered = render(w.demo_spec(0, seed=5))
+    ws = w.write(rendered, root, w.default_scene_id(0))
+    cfg = BuildConfig.model_validate({"output": str(root / "out"), "datasets": {"realestate10k": {
+        "root": str(root), "clip_length": length, "frame_stride": 1, "clip_stride": 2, "depth_source": "vda_metric"}},
+        "stages": {"depth": {"metric": True}, "align": {"drop_on_qc": False}}}).resolved()
+    from stages.ingest import get_adapter
+
+    (sc,) = get_adapter("realestate10k", str(root)).discover()
+    clips = [ingest_clip({"clip_id": clip_id("realestate10k", ws.scene_id, s), "dataset": "realestate10k",
+                          "scene": ws.scene_id, "frames": list(range(s, s + length)), "ordinal": -1}, sc, cfg)
+             for s in starts]
+    return cfg, clips, rendered
+
+
+def test_a_scene_is_aligned_once_and_every_clip_carries_its_scale():
+    from stages.align.stage import align
+
+    cfg, clips, rendered = _rendered_clips()
+    rng = np.random.default_rng(0)
+    for c in clips:  # a metric prediction: the truth x 1.3 with 2 % noise (scene frames share it)
+        d = rendered.depth[c.meta.frame_indices].astype(np.float64)
+        c.aux["relative_depth"] = (1.3 * d * np.exp(rng.normal(0, 0.02, d.shape))).astype(np.float32)
+        c.aux["relative_kind"] = "metric_depth"
+    out = align(clips, cfg)
+    assert all(isinstance(c, Clip) for c in out), out
+    qa, qb = out[0].meta.qc["align"], out[1].meta.qc["align"]
+    assert qa["scale"] == qb["scale"] and out[0].meta.extra["pose_scale"] == out[1].meta.extra["pose_scale"]
+    assert qa["scene"]["clips"] == 2 and qa["scene"]["frames"] == 10 and qa["scene"] == qb["scene"]
+    assert qa["scale"] == pytest.approx(1.0, abs=0.02)  # metric VDA is its own reference
+    # each clip's own checks: its consistency differs from the other clip's and from the scene's
+    assert len({qa["consistency_error"], qb["consistency_error"], qa["scene"]["consistency_error"]}) == 3
+    # shared frames carry the same depth and camera in both clips
+    np.testing.assert_array_equal(out[0].depth[2:], out[1].depth[:6])
+    np.testing.assert_array_equal(out[0].c2w[2:], out[1].c2w[:6])
+    assert all(c.meta.depth_source == "aligned" and "relative_depth" not in c.aux for c in out)
+
+
+def test_a_scene_whose_fit_fails_fails_all_its_clips_with_the_reason():
+    from stages.align.stage import align
+
+    cfg, clips, _ = _rendered_clips()
+    for c in clips:  # a constant prediction: scale and shift cannot be identified
+        c.aux["relative_depth"] = np.full(c.rgb.shape[:3], 2.0, np.float32)
+        c.aux["relative_kind"] = "disparity"
+    cfg = BuildConfig.model_validate({**cfg.model_dump(), "datasets": {"realestate10k": {
+        **cfg.datasets["realestate10k"].model_dump(), "depth_source": "sparse"}}}).resolved()
+    for c in clips:
+        c.tracks = np.full((c.num_frames, 1, 3), np.nan, np.float32)
+        c.track_visible = np.zeros((c.num_frames, 1), bool)
+    out = align(clips, cfg)
+    assert all(isinstance(f, ClipFailure) and f.stage == "align" for f in out)
+    assert len({f.reason for f in out}) == 1 and f"(scene {clips[0].meta.scene}, 2 clips)" in out[0].reason
+
+
+def test_track_stage_runs_on_the_same_loop_per_clip_with_fallback():
+    """CoTracker on the model-stage loop: one pass per clip, a failing batch retried clip by clip."""
+    from stages.tracks.stage import TrackModelStage
+
+    class FakeTracker:
+        untrained = True
+
+        def __init__(self):
+            self.batches = []
+
+        def track(self, videos):
+            self.batches.append(len(videos))
+            if any(v[0, 0, 0, 0] == 100 for v in videos):
+                raise RuntimeError("tracker broke on this clip")
+            return [(np.zeros((len(v), 2, 2), np.float32), np.zeros((len(v), 2), bool)) for v in videos]
+
+    cfg = BuildConfig.model_validate({**cfg_for(realestate10k={}).model_dump(), "stages": {"tracks": {"drop_on_qc": False}}})
+    st = TrackModelStage(cfg, "cpu", runner=FakeTracker())
+    a, bad = clip("s", [0, 1, 2]), clip("t", [100, 101, 102])
+    for c in (a, bad):
+        c.depth = np.full(c.rgb.shape[:3], 2.0, np.float32)
+        c.depth_valid = np.ones(c.rgb.shape[:3], bool)
+    out = st.process([a, bad])
+    assert st.runner.batches == [2, 1, 1]  # the batch, then each clip alone
+    assert isinstance(out[0], Clip) and out[0].meta.track_source == "cotracker" and out[0].meta.untrained_models == ["cotracker3"]
+    assert isinstance(out[1], ClipFailure) and out[1].stage == "tracks" and "tracker broke" in out[1].reason

@@ -33,25 +33,42 @@ def available_demo_datasets() -> list[str]:
     return out
 
 
-def write_demo_data(root: Path, datasets: list[str], scenes: int = DEMO_SCENES_PER_DATASET, seed: int = 0) -> None:
-    """Render and write each dataset's scenes once; a marker makes re-runs skip finished ones."""
+def write_demo_data(root: Path, datasets: list[str], scenes: int = DEMO_SCENES_PER_DATASET, seed: int = 0,
+                    truth_dir: Path | None = None) -> None:
+    """Render and write each dataset's scenes once; a marker makes re-runs skip finished ones.
+
+    ``truth_dir``: also keep each RealEstate10K scene's rendered truth there, where the MegaSaM
+    stand-in (``pipeline/demo/megasam_stand_in.py``) finds it."""
+    from pipeline.demo.megasam_stand_in import save_truth
+    from pipeline.plan import key_safe
+
     for di, name in enumerate(datasets):
         droot = root / name
         marker = droot / ".d4s-demo-complete"
-        if marker.exists():
+        keep_truth = truth_dir is not None and name == "realestate10k"
+        if marker.exists() and (not keep_truth or (truth_dir / f".{name}-complete").exists()):
             continue
         w = writer_module(name)
         for i in range(scenes):
             spec = w.demo_spec(i, seed=seed * 1000 + di * 100 + i)
-            w.write(render(spec), droot, w.default_scene_id(i))
+            rendered = render(spec)
+            ws = w.write(rendered, droot, w.default_scene_id(i))
+            if keep_truth:
+                save_truth(truth_dir, key_safe(ws.scene_id), rendered)
         marker.write_text("ok\n")
+        if keep_truth:
+            (truth_dir / f".{name}-complete").write_text("ok\n")
 
 
-def demo_config(out: str, datasets: list[str] | None = None, scenes: int = DEMO_SCENES_PER_DATASET) -> BuildConfig:
+def demo_config(out: str, datasets: list[str] | None = None, scenes: int = DEMO_SCENES_PER_DATASET,
+                megasam_stand_in: bool = False) -> BuildConfig:
+    """The demo's config. ``megasam_stand_in``: RealEstate10K takes MegaSaM as its reference, played
+    by the stand-in program answering the rendered truth (for chaos runs and benchmarks)."""
     out_path = Path(out).resolve()
     datasets = datasets or available_demo_datasets()
     data_root = out_path / "demo_data"
-    write_demo_data(data_root, datasets, scenes)
+    truth = out_path / "demo_truth" if megasam_stand_in else None
+    write_demo_data(data_root, datasets, scenes, truth_dir=truth)
     raw = {
         "output": str(out_path),
         "shard_size": 2,
@@ -74,4 +91,10 @@ def demo_config(out: str, datasets: list[str] | None = None, scenes: int = DEMO_
                        "resources": {"num_gpus": 0, "actors": 1}},
         },
     }
+    if megasam_stand_in:
+        from pipeline.demo.megasam_stand_in import command_template
+
+        if "realestate10k" in raw["datasets"]:
+            raw["datasets"]["realestate10k"]["depth_source"] = "megasam"
+        raw["stages"]["align"].update(megasam_command=command_template(truth), megasam_retries=1, megasam_num_gpus=0.0)
     return BuildConfig.model_validate(raw)
