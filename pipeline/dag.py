@@ -237,9 +237,9 @@ class ShardDAG:
         self.cfg_ref = ray.put(cfg)
         self.pools = {}
         if self.needs_depth:
-            self.pools["depth"] = self._pool("depth", cfg.stages.depth.resources)
+            self.pools["depth"] = self._pool("depth")
         if self.needs_track_model:
-            self.pools["tracks"] = self._pool("tracks", cfg.stages.tracks.resources)
+            self.pools["tracks"] = self._pool("tracks")
         self._rr = {k: 0 for k in self.pools}
 
     def _preflight(self) -> None:
@@ -269,16 +269,22 @@ class ShardDAG:
             if adapter_class(d).capabilities.dynamic:
                 raise ConfigError(f"dataset {d} is dynamic: track_source 'depth_static' is only exact for static scenes")
 
+    def _step(self, stage: str, runs_as: str | None = None):
+        """The declared step of ``stage`` (the same for every dataset that runs it)."""
+        return next(r[stage] for r in self.routes.values()
+                    if stage in r and (runs_as is None or r[stage].runs_as == runs_as))
+
+    def _actor_steps(self) -> list:
+        return [self._step(s, "actor") for s, need in (("depth", self.needs_depth), ("tracks", self.needs_track_model)) if need]
+
     def _check_gpus(self) -> None:
         """The model actors and one MegaSaM run must fit the cluster's GPUs together, or a stage
         waits for a GPU that never frees (a local Ray: an error; a cluster may still grow: a warning)."""
         total = ray.cluster_resources().get("GPU", 0)
         if not total:
             return
-        pools = [r for s, r in (("depth", self.cfg.stages.depth.resources), ("tracks", self.cfg.stages.tracks.resources))
-                 if (s == "depth" and self.needs_depth) or (s == "tracks" and self.needs_track_model)]
-        actors = sum((r.num_gpus or (1.0 if r.auto_gpu else 0.0)) * max(1, r.actors) for r in pools)
-        megasam = self.cfg.stages.align.megasam_num_gpus if self.needs_megasam else 0.0
+        actors = sum(st.num_gpus * st.actors for st in self._actor_steps())
+        megasam = self._step("megasam").num_gpus if self.needs_megasam else 0.0
         if actors + megasam > total + 1e-9:
             msg = (f"the model actors take {actors:g} GPUs" + (f" and a MegaSaM run {megasam:g}" if megasam else "")
                    + f", but the cluster has {total:g}: lower stages.depth/tracks.resources.num_gpus (fractions share a "
@@ -288,15 +294,13 @@ class ShardDAG:
             else:
                 raise ConfigError(msg)
 
-    def _pool(self, stage: str, res) -> list:
-        gpus = res.num_gpus if (res.num_gpus and _cluster_has_gpus()) else 0.0
-        if res.auto_gpu and not res.num_gpus and _cluster_has_gpus():
-            gpus = 1.0
+    def _pool(self, stage: str) -> list:
+        st = self._step(stage, "actor")
+        gpus = st.num_gpus if _cluster_has_gpus() else 0.0
         device = "cuda" if gpus > 0 else "cpu"
-        cpus = res.num_cpus
+        cpus = st.num_cpus
         total_cpus = ray.cluster_resources().get("CPU", 0)
-        n_actors = sum(self.cfg.stages.depth.resources.actors if s == "depth" else self.cfg.stages.tracks.resources.actors
-                       for s in ("depth", "tracks") if (s == "depth" and self.needs_depth) or (s == "tracks" and self.needs_track_model))
+        n_actors = sum(s.actors for s in self._actor_steps())
         if not gpus and cpus * n_actors >= total_cpus:
             # On a small CPU-only cluster (a laptop) reserving CPUs for idle-most-of-the-time model
             # actors would starve the ingest tasks that feed them: share the CPUs instead.
@@ -305,7 +309,7 @@ class ShardDAG:
         opts = dict(num_cpus=cpus, num_gpus=gpus, max_concurrency=2,
                     max_restarts=self.cfg.ray.actor_restarts, max_task_retries=self.cfg.ray.task_retries)
         self._actor_opts = {**getattr(self, "_actor_opts", {}), stage: (opts, device)}
-        return [ModelActor.options(**opts).remote(stage, self.cfg, device) for _ in range(max(1, res.actors))]
+        return [ModelActor.options(**opts).remote(stage, self.cfg, device) for _ in range(st.actors)]
 
     def _actor(self, stage: str):
         pool = self.pools[stage]
@@ -313,9 +317,9 @@ class ShardDAG:
         return pool[self._rr[stage]]
 
     def _megasam_options(self) -> dict:
-        a = self.cfg.stages.align
-        gpus = a.megasam_num_gpus if _cluster_has_gpus() else 0.0
-        return dict(num_cpus=a.megasam_num_cpus, num_gpus=gpus, max_retries=self.cfg.ray.task_retries)
+        st = self._step("megasam")
+        gpus = st.num_gpus if _cluster_has_gpus() else 0.0
+        return dict(num_cpus=st.num_cpus, num_gpus=gpus, max_retries=self.cfg.ray.task_retries)
 
     def submit(self, shard: dict, clips: list[dict]) -> _Inflight:
         cfg, retries = self.cfg_ref, self.cfg.ray.task_retries

@@ -283,6 +283,7 @@ def test_gpu_demand_beyond_a_local_cluster_is_refused(monkeypatch):
     cfg = cfg_for(realestate10k={})
     d = dag.ShardDAG.__new__(dag.ShardDAG)
     d.cfg, d.needs_depth, d.needs_track_model, d.needs_megasam = cfg, {"realestate10k"}, {"realestate10k"}, {"realestate10k"}
+    d.routes = {"realestate10k": {s.name: s for s in route(cfg, "realestate10k")}}
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(dag.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
     with pytest.raises(ConfigError, match="model actors take 2 GPUs and a MegaSaM run 1"):
@@ -293,10 +294,10 @@ def test_gpu_demand_beyond_a_local_cluster_is_refused(monkeypatch):
         "depth": {"resources": {"num_gpus": 0.4}}, "tracks": {"resources": {"num_gpus": 0.4}},
         "align": {"megasam_num_gpus": 0.2}}})
     d.cfg = shared
+    d.routes = {"realestate10k": {s.name: s for s in route(shared.resolved(), "realestate10k")}}
     monkeypatch.setattr(dag.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
     d._check_gpus()
     monkeypatch.setattr(dag.ray, "cluster_resources", lambda: {"CPU": 16.0})
-    d.cfg = cfg
     d._check_gpus()  # CPU-only: every stage runs on CPUs
 
 
@@ -395,3 +396,27 @@ def test_track_stage_runs_on_the_same_loop_per_clip_with_fallback():
     assert st.runner.batches == [2, 1, 1]  # the batch, then each clip alone
     assert isinstance(out[0], Clip) and out[0].meta.track_source == "cotracker" and out[0].meta.untrained_models == ["cotracker3"]
     assert isinstance(out[1], ClipFailure) and out[1].stage == "tracks" and "tracker broke" in out[1].reason
+
+
+def test_megasam_pass_runs_once_per_scene_with_dataset_scene_frame_run_ids(megasam_cmd, tmp_path):
+    """One run per scene (per clip on the per-clip path), ids ``dataset__scene__<first frame>``
+    (MegaSaM wrappers and the stand-in parse them); the reference covers the scene's frames."""
+    from stages.align.megasam_stage import PassFailure, SceneReference, megasam_pass
+
+    cmd, counter = megasam_cmd
+    clips = [clip("s", [0, 2, 4, 6]), clip("s", [4, 6, 8, 10])]
+    for gran, want in (("scene", ["realestate10k__s__000000"]),
+                       ("clip", ["realestate10k__s__000000", "realestate10k__s__000004"])):
+        counter.unlink(missing_ok=True)
+        cfg = BuildConfig.model_validate({"output": str(tmp_path / gran), "datasets": {"realestate10k": {"root": "/x"}},
+                                          "stages": {"align": {"megasam_command": cmd}, "scene": {"granularity": gran}}})
+        groups = [clips] if gran == "scene" else [[c] for c in clips]
+        refs = [megasam_pass(g, g[0].key, cfg, gpu_ids=[0]) for g in groups]
+        assert [line.split()[0] for line in counter.read_text().splitlines()] == want
+        assert all(isinstance(r, SceneReference) for r in refs)
+        assert refs[0].frames.tolist() == ([0, 2, 4, 6, 8, 10] if gran == "scene" else [0, 2, 4, 6])
+        assert refs[0].stats["megasam.runs"] == 1 and refs[0].output.depths.shape[0] == len(refs[0].frames)
+    bad = BuildConfig.model_validate({"output": str(tmp_path / "bad"), "datasets": {"realestate10k": {"root": "/x"}},
+                                      "stages": {"align": {"megasam_command": "/bin/false {out_npz}", "megasam_retries": 0}}})
+    fail = megasam_pass(clips, "realestate10k__s", bad)
+    assert isinstance(fail, PassFailure) and fail.stage == "megasam" and "exit code 1" in fail.reason

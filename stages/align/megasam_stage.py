@@ -85,10 +85,11 @@ def megasam_pass(clips: list, key: str, cfg: BuildConfig, gpu_ids=()) -> SceneRe
         if gpu_ids:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
         segs = plan_segments(seq.num_frames, sc.max_frames, sc.overlap_frames)
+        scene_part = members[0].key.rsplit("__", 1)[0]  # run ids: dataset__scene__<first frame>
         parts, stats = [], {"megasam.passes": 1, "megasam.runs": 0, "megasam.cached": 0, "megasam.cache_bytes": 0,
                             "megasam.frames": 0}
         for s, e in segs:
-            run = run_cached(runner, cache, f"{key}__{int(seq.frames[s]):06d}", rgb[s:e], frame_ids=seq.frames[s:e],
+            run = run_cached(runner, cache, f"{scene_part}__{int(seq.frames[s]):06d}", rgb[s:e], frame_ids=seq.frames[s:e],
                              version=a.megasam_version, env=env)
             parts.append(run.output)
             stats["megasam.cached" if run.cached else "megasam.runs"] += 1
