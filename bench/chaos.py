@@ -15,8 +15,8 @@ and Ray temp dir, and follows a fault plan drawn from ``random.Random(f"{seed}:{
 * ``raylet``: SIGKILL the trial's raylet (the whole local node is lost; the driver dies).
 
 With ``--megasam`` RealEstate10K takes MegaSaM as its metric reference (the stand-in program,
-answering the rendered truth; one retry per run) and runs in scene passes, and two more kinds
-aim at the scene passes:
+answering the rendered truth after 6 s, about a real run's start-up; one retry per run) and runs
+in scene passes, and two more kinds aim at the scene passes:
 
 * ``megasam``: SIGKILL a running MegaSaM command (the stand-in process itself);
 * ``scene``: SIGKILL a busy worker of a scene pass (the depth actor, a MegaSaM task, an align task).
@@ -200,7 +200,7 @@ def plan_faults(rng: random.Random, run_index: int, fault_runs: int, scene_fault
         faults.append(("work", rng.uniform(0.1, 0.8), "raylet"))
     if first and not faults:  # every trial's build gets at least one fault
         faults.append(("work", rng.uniform(0.0, 0.7), "worker"))
-    if scene_faults and (first or rng.random() < 0.3):  # a kill aimed at a scene pass
+    if scene_faults:  # every faulted run also gets a kill aimed at a scene pass
         faults.append(("work", rng.uniform(0.0, 0.6), rng.choice(["megasam", "scene"])))
     return faults
 
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.megasam and "realestate10k" not in datasets:
         datasets.append("realestate10k")
     base = demo_config(str(work / "data"), datasets=datasets, scenes=args.scenes,  # renders once
-                       megasam_stand_in=args.megasam).model_dump(mode="json")
+                       megasam_stand_in=args.megasam, megasam_delay_s=6.0).model_dump(mode="json")
     base["ray"]["num_cpus"] = args.num_cpus
     ref = references(base, work, args.run_timeout)
     print(f"reference: {ref['accounting']['planned']} clips in {len(ref['digests'])} shards, {ref['seconds']:.1f} s "

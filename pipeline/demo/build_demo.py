@@ -61,9 +61,10 @@ def write_demo_data(root: Path, datasets: list[str], scenes: int = DEMO_SCENES_P
 
 
 def demo_config(out: str, datasets: list[str] | None = None, scenes: int = DEMO_SCENES_PER_DATASET,
-                megasam_stand_in: bool = False) -> BuildConfig:
+                megasam_stand_in: bool = False, megasam_delay_s: float = 0.0) -> BuildConfig:
     """The demo's config. ``megasam_stand_in``: RealEstate10K takes MegaSaM as its reference, played
-    by the stand-in program answering the rendered truth (for chaos runs and benchmarks)."""
+    by the stand-in program answering the rendered truth (for chaos runs and benchmarks), each
+    run taking ``megasam_delay_s``."""
     out_path = Path(out).resolve()
     datasets = datasets or available_demo_datasets()
     data_root = out_path / "demo_data"
@@ -96,5 +97,6 @@ def demo_config(out: str, datasets: list[str] | None = None, scenes: int = DEMO_
 
         if "realestate10k" in raw["datasets"]:
             raw["datasets"]["realestate10k"]["depth_source"] = "megasam"
-        raw["stages"]["align"].update(megasam_command=command_template(truth), megasam_retries=1, megasam_num_gpus=0.0)
+        raw["stages"]["align"].update(megasam_command=command_template(truth, delay_s=megasam_delay_s),
+                                    megasam_retries=1, megasam_num_gpus=0.0)
     return BuildConfig.model_validate(raw)

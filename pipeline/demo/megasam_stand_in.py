@@ -5,7 +5,7 @@ It speaks MegaSaM's interface as d4s calls it (a frames folder in, an npz with `
 rendered truth of a demo scene (``save_truth``) for the frames it was given (their file names
 are the source frame indices), expressed in a world frame of its own as MegaSaM would.
 ``--fail SCENE`` / ``--hang SCENE`` make it crash or hang for one scene so tests can check
-error handling. ``--noise`` adds relative per-pixel depth noise and ``--scale-jitter`` one
+error handling; ``--delay`` makes each run take that long. ``--noise`` adds relative per-pixel depth noise and ``--scale-jitter`` one
 metric-scale error per run (seeded by the run id), as a real MegaSaM run has: with it, passes
 over different frames of one scene disagree about its size. Nothing in a real build uses it: a
 real config names the real MegaSaM command in ``stages.align.megasam_command``.
@@ -36,12 +36,14 @@ def save_truth(truth_dir, scene_key: str, rendered) -> None:
 
 
 def command_template(truth_dir, log=None, fail: str = "-", hang: str = "-", noise: float = 0.0,
-                     scale_jitter: float = 0.0) -> str:
+                     scale_jitter: float = 0.0, delay_s: float = 0.0) -> str:
     """The ``stages.align.megasam_command`` that runs this stand-in."""
     cmd = (f"{shlex.quote(sys.executable)} -m pipeline.demo.megasam_stand_in --frames {{frames_dir}} "
            f"--out {{out_npz}} --clip {{clip_id}} --truth {shlex.quote(str(truth_dir))} --fail {fail} --hang {hang}")
     if noise or scale_jitter:
         cmd += f" --noise {noise:g} --scale-jitter {scale_jitter:g}"
+    if delay_s:
+        cmd += f" --delay {delay_s:g}"
     return cmd + (f" --log {shlex.quote(str(log))}" if log else "")
 
 
@@ -56,6 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--hang", default="-")
     p.add_argument("--noise", type=float, default=0.0, help="relative per-pixel depth noise (std)")
     p.add_argument("--scale-jitter", type=float, default=0.0, help="relative std of one scale error per run")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds to take before answering (a run's duration)")
     a = p.parse_args(argv)
     if a.log:
         with open(a.log, "a") as f:
@@ -66,6 +69,7 @@ def main(argv=None) -> int:
         return 3
     if scene == a.hang:
         time.sleep(600)
+    time.sleep(a.delay)
     names = sorted(os.listdir(a.frames))
     idx = [int(os.path.splitext(n)[0]) for n in names]  # d4s names frames by their source index
     with np.load(os.path.join(a.truth, scene + ".npz"), allow_pickle=False) as truth:
