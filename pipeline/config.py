@@ -201,7 +201,7 @@ class BuildConfig(_Strict):
         d = self.model_dump(exclude={"ray", "fault", "max_inflight_shards", "shard_deadline_s", "output"})
         for s in ("depth", "tracks"):
             d["stages"][s].pop("resources", None)
-        for k in ("megasam_num_gpus", "megasam_num_cpus"):
+        for k in ("megasam_num_gpus", "megasam_num_cpus", "cache_dir"):  # where and on what, not what
             d["stages"]["align"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

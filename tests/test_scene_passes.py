@@ -420,3 +420,12 @@ def test_megasam_pass_runs_once_per_scene_with_dataset_scene_frame_run_ids(megas
                                       "stages": {"align": {"megasam_command": "/bin/false {out_npz}", "megasam_retries": 0}}})
     fail = megasam_pass(clips, "realestate10k__s", bad)
     assert isinstance(fail, PassFailure) and fail.stage == "megasam" and "exit code 1" in fail.reason
+
+
+def test_content_hash_ignores_where_and_on_what_megasam_runs():
+    base = cfg_for(realestate10k={})
+    other = BuildConfig.model_validate({**base.model_dump(), "stages": {"align": {
+        "cache_dir": "s3://elsewhere/cache", "megasam_num_gpus": 0.5}}}).resolved()
+    assert base.content_hash() == other.content_hash()
+    versioned = BuildConfig.model_validate({**base.model_dump(), "stages": {"align": {"megasam_version": "v2"}}})
+    assert versioned.content_hash() != base.content_hash()
