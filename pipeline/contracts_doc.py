@@ -52,9 +52,10 @@ default; `clip` runs them per clip):
   them. A cached scene takes at most `2·h·w + 136` bytes per frame (16-bit log depth at most
   `megasam_cache_max_side` pixels on its long side, cameras); `d4s plan` counts them.
 * **One metric fit per scene** (`stages/align/pipeline_stage.py`): every clip of a scene carries
-  the same `qc.align.scale` and `extra.pose_scale`; `meta.qc.align` holds the clip's own checks
-  and, under `scene`, the scene's; a clip is kept when both pass. A scene whose MegaSaM run or
-  fit fails fails its clips with the reason (ledger, `d4s status`, `d4s report`).
+  the same `qc.align` (the scene's fit and QC: `scale`, ...) and `extra.pose_scale`;
+  `qc.align.clip` holds the clip's own checks (valid ratio, consistency, agreement with the
+  reference); a clip is kept when both pass. A scene whose MegaSaM run or fit fails fails its
+  clips with the reason (ledger, `d4s status`, `d4s report`).
 * Counters of the passes (frames through the depth model, MegaSaM runs and cache hits) are
   summed per shard into the write result and the per-shard log, and per build into
   `BuildSummary.stats`.

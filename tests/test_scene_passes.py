@@ -345,8 +345,12 @@ def test_a_scene_is_aligned_once_and_every_clip_carries_its_scale():
     assert qa["scale"] == qb["scale"] and out[0].meta.extra["pose_scale"] == out[1].meta.extra["pose_scale"]
     assert qa["scene"]["clips"] == 2 and qa["scene"]["frames"] == 10 and qa["scene"] == qb["scene"]
     assert qa["scale"] == pytest.approx(1.0, abs=0.02)  # metric VDA is its own reference
-    # each clip's own checks: its consistency differs from the other clip's and from the scene's
-    assert len({qa["consistency_error"], qb["consistency_error"], qa["scene"]["consistency_error"]}) == 3
+    # qc.align is the scene's fit (the same in both clips); qc.align.clip each clip's own checks
+    assert {k: v for k, v in qa.items() if k not in ("clip", "keep", "reason", "reasons")} == \
+        {k: v for k, v in qb.items() if k not in ("clip", "keep", "reason", "reasons")}
+    assert qa["clip"]["frames"] == qb["clip"]["frames"] == 8
+    assert len({qa["clip"]["consistency_error"], qb["clip"]["consistency_error"], qa["consistency_error"]}) == 3
+    assert qa["keep"] == (qa["scene"]["keep"] and qa["clip"]["keep"])
     # shared frames carry the same depth and camera in both clips
     np.testing.assert_array_equal(out[0].depth[2:], out[1].depth[:6])
     np.testing.assert_array_equal(out[0].c2w[2:], out[1].c2w[:6])
@@ -429,3 +433,19 @@ def test_content_hash_ignores_where_and_on_what_megasam_runs():
     assert base.content_hash() == other.content_hash()
     versioned = BuildConfig.model_validate({**base.model_dump(), "stages": {"align": {"megasam_version": "v2"}}})
     assert versioned.content_hash() != base.content_hash()
+
+
+def test_clip_and_scene_checks_both_decide_and_are_named_in_the_reason():
+    from stages.align.stage import align
+
+    cfg, clips, rendered = _rendered_clips()
+    cfg = BuildConfig.model_validate({**cfg.model_dump(), "stages": {**cfg.model_dump()["stages"], "align": {
+        "drop_on_qc": True, "thresholds": {"max_consistency_error": 1e-9}}}}).resolved()
+    for c in clips:
+        c.aux["relative_depth"] = rendered.depth[c.meta.frame_indices].astype(np.float32) * 1.3
+        c.aux["relative_kind"] = "metric_depth"
+    out = align(clips, cfg)
+    assert all(isinstance(f, ClipFailure) and f.stage == "align" for f in out)
+    for f in out:
+        assert f.reason.startswith("align QC:") and "clip consistency_error" in f.reason
+        assert "scene consistency_error" in f.reason

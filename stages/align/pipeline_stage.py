@@ -16,13 +16,15 @@ The align stage receives the clips of one pass (a scene, or a clip with
    up-to-scale trajectories, the consistency check, QC): every clip of a scene carries the same
    ``qc.align.scale`` and ``extra.pose_scale``;
 4. cuts the scene's metric depth and (scaled) cameras into its clips and checks each clip too
-   (:func:`clip_qc`): ``meta.qc.align`` holds the clip's numbers and, under ``scene``, the
-   scene's; a clip is kept only when both pass. A scene whose fit fails fails its clips.
+   (:func:`clip_qc`): ``meta.qc.align`` holds the scene's fit and QC numbers (identical in every
+   clip of the scene), ``qc.align.scene`` its size and verdict, ``qc.align.clip`` the clip's own
+   checks; a clip is kept only when both pass. A scene whose fit fails fails its clips.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import numpy as np
 
@@ -30,22 +32,36 @@ from pipeline.clip import Clip, ClipFailure, ClipMeta
 from pipeline.config import BuildConfig, ConfigError
 from stages.align.align_clip import AlignClipOptions, align_clip
 from stages.align.consistency import check_consistency
-from stages.align.fit import AlignmentError, AlignResult, FitOptions, depth_metrics
-from stages.align.qc import AlignQCThresholds, align_qc
+from stages.align.fit import AlignmentError, FitOptions, depth_metrics
+from stages.align.qc import AlignQCThresholds
 from stages.align.references import (MetricReference, reference_from_megasam, reference_from_metric_depth,
                                      reference_from_tracks)
 from stages.model_stage import add_stats
 from stages.scene.sequence import SceneSequence, group_key
 
-#: scene numbers kept under ``qc.align.scene`` in every clip of the scene
-SCENE_QC_FIELDS = ("abs_rel", "delta_1_25", "valid_ratio", "consistency_error", "pixel_error",
-                   "consistency_scale_factor", "keep", "reason")
+#: a clip's own numbers (``qc.align.clip``); the rest of ``qc.align`` is its scene's fit and QC
+CLIP_QC_FIELDS = ("abs_rel", "delta_1_25", "valid_ratio", "consistency_error", "pixel_error",
+                  "consistency_scale_factor")
 
 
-def options_for(cfg: BuildConfig, relative_kind: str) -> AlignClipOptions:
+def depth_limits(cfg: BuildConfig, dataset: str) -> tuple[float, float]:
+    """The dataset's (min_depth_m, max_depth_m): its config, else its adapter's defaults."""
+    from stages.ingest import adapter_class
+
+    ds = cfg.datasets[dataset]
+    d = adapter_class(dataset).defaults
+    lo = ds.min_depth_m if ds.min_depth_m is not None else d.min_depth_m
+    hi = ds.max_depth_m if ds.max_depth_m is not None else d.max_depth_m
+    return float(lo), float(hi)
+
+
+def options_for(cfg: BuildConfig, relative_kind: str, *, dataset: str | None = None) -> AlignClipOptions:
+    """Fit options from the config; with ``dataset`` its depth limits bound the fit and output."""
     a = cfg.stages.align
     space = "depth" if a.model == "depth_affine" else "disparity"
-    fit = FitOptions(space=space, per_frame=a.per_frame, scale_only=a.model == "scale_only", robust=a.robust)
+    limits = {} if dataset is None else dict(zip(("min_depth", "max_depth"), depth_limits(cfg, dataset)))
+    fit = FitOptions(space=space, per_frame=a.per_frame, scale_only=a.model == "scale_only", robust=a.robust,
+                     **limits)
     return AlignClipOptions(prediction_kind="depth" if relative_kind == "metric_depth" else "disparity", fit=fit,
                             thresholds=AlignQCThresholds(**a.thresholds))
 
@@ -55,17 +71,21 @@ def reference_for(seq: SceneSequence, members: list[Clip], relative: np.ndarray,
     """The scene's metric reference (see the module docstring)."""
     src = cfg.datasets[seq.dataset].depth_source
     t, h, w = relative.shape
+    # The maximum depth is applied by the fit (options_for), through the prediction: cutting a
+    # noisy reference on its own values would select its errors (stages/align/fit.py).
+    lo, hi = depth_limits(cfg, seq.dataset)
     if src == "megasam":
         if megasam is None:
             raise AlignmentError("depth_source 'megasam' but the MegaSaM stage gave no result", seq.key)
         out = megasam.for_frames(seq.frames, seq.subset_positions(megasam.frames))
-        return reference_from_megasam(out, h, w, expected_frames=t)
+        return reference_from_megasam(out, h, w, expected_frames=t, min_depth=lo)
     if src == "sparse":
         refs = {}
         for c in members:
             if c.tracks is None:
                 raise AlignmentError("depth_source 'sparse' needs the dataset's metric 3D tracks; this clip has none", c.key)
-            refs[c.key] = reference_from_tracks(c.tracks, c.intrinsics, c.c2w, h, w, visible=c.track_visible)
+            refs[c.key] = reference_from_tracks(c.tracks, c.intrinsics, c.c2w, h, w, visible=c.track_visible,
+                                                min_depth=lo)
         depth = seq.gather(lambda c: refs[c.key].depth)
         valid = seq.gather(lambda c: refs[c.key].valid)
         return MetricReference(depth=depth, valid=valid, kind="tracks",
@@ -73,7 +93,7 @@ def reference_for(seq: SceneSequence, members: list[Clip], relative: np.ndarray,
     if src == "vda_metric":
         if members[0].aux.get("relative_kind") != "metric_depth":
             raise ConfigError("depth_source 'vda_metric' needs stages.depth.metric: true")
-        return reference_from_metric_depth(relative)
+        return reference_from_metric_depth(relative, min_depth=lo, max_depth=min(hi, 80.0))
     raise ConfigError(f"dataset {seq.dataset}: depth_source {src!r} has no alignment reference")
 
 
@@ -92,7 +112,7 @@ def align_pass(members: list[Clip], cfg: BuildConfig, megasam=None) -> dict[str,
     seq = SceneSequence.from_clips(group_key(members[0], cfg.stages.scene.granularity), members)
     kind = members[0].aux.get("relative_kind", "disparity")
     relative = seq.gather(lambda c: c.aux["relative_depth"])
-    opts = options_for(cfg, kind)
+    opts = options_for(cfg, kind, dataset=seq.dataset)
     ref = reference_for(seq, members, relative, cfg, megasam)
     if len(members) == 1:  # the pass is one clip (or a scene of one clip): its fit is the scene's
         return {members[0].key: _single(members[0], relative, ref, opts, cfg)}
@@ -111,7 +131,9 @@ def align_pass(members: list[Clip], cfg: BuildConfig, megasam=None) -> dict[str,
 def _single(c: Clip, relative: np.ndarray, ref: MetricReference, opts: AlignClipOptions, cfg: BuildConfig) -> Clip:
     out = align_clip(c, relative, ref, opts)
     qc = out.meta.qc["align"]
-    qc["scene"] = {"frames": c.num_frames, "clips": 1, **{k: qc.get(k) for k in SCENE_QC_FIELDS}}
+    qc["scene"] = {"frames": c.num_frames, "clips": 1}
+    qc["clip"] = {"frames": c.num_frames, **{k: qc.get(k) for k in CLIP_QC_FIELDS}, "keep": qc["keep"],
+                  "reasons": list(qc.get("reasons", []))}
     out.aux.pop("relative_depth", None)
     out.validate()
     if not qc["keep"] and cfg.stages.align.drop_on_qc:
@@ -126,8 +148,11 @@ def _cut(c: Clip, seq: SceneSequence, scene: Clip, ref: MetricReference, relativ
     tracks = c.tracks
     if pose_scale is not None and tracks is not None:
         tracks = (tracks.astype(np.float64) * float(pose_scale)).astype(c.tracks.dtype)
-    qc = clip_qc(c, depth, valid, c2w, ref.depth[pos], ref.valid[pos], relative[pos], sq, pos, opts.thresholds)
-    qc["scene"] = {"frames": seq.num_frames, "clips": n_clips, **{k: sq.get(k) for k in SCENE_QC_FIELDS}}
+    own = clip_qc(c, depth, valid, c2w, ref.depth[pos], ref.valid[pos], relative[pos], opts.thresholds)
+    reasons = own["reasons"] + [f"scene {r}" for r in sq.get("reasons", [])]
+    qc = {**copy.deepcopy(sq), "scene": {"frames": seq.num_frames, "clips": n_clips, "keep": sq.get("keep"),
+                                         "reason": sq.get("reason")},
+          "clip": own, "keep": not reasons, "reason": "; ".join(reasons) if reasons else None, "reasons": reasons}
     meta = copy.deepcopy(c.meta)
     meta.depth_source = "aligned"
     meta.qc = {**meta.qc, "align": qc}
@@ -141,34 +166,37 @@ def _cut(c: Clip, seq: SceneSequence, scene: Clip, ref: MetricReference, relativ
     return clip
 
 
-def _rows(v, pos):
-    return [v[i] for i in pos] if isinstance(v, list) else v
-
-
-def clip_qc(c: Clip, depth, valid, c2w, ref_depth, ref_valid, relative, sq: dict, pos,
-            thresholds: AlignQCThresholds) -> dict:
-    """One clip's alignment QC: the scene's fit (scale, shift, inliers, residual, pose scale) with
-    this clip's own depth agreement, valid ratio and consistency; its reasons include the
-    scene's (prefixed ``scene``), so a clip is kept only when both pass."""
+def clip_qc(c: Clip, depth, valid, c2w, ref_depth, ref_valid, relative, thresholds: AlignQCThresholds) -> dict:
+    """One clip's own checks on its rows of the scene's alignment: the share of its predicted
+    pixels left with metric depth and its own reprojection consistency (the scene's thresholds),
+    plus its agreement with the reference (reported; the fit's noise-aware gates belong to the
+    scene's fit, ``align_qc``)."""
+    th = thresholds
     m = depth_metrics(depth, valid, ref_depth, ref_valid)
     usable = int((np.isfinite(relative) & (relative > 0)).sum())
-    res = AlignResult(scale=_rows(sq["scale"], pos), shift=_rows(sq["shift"], pos), inlier_ratio=sq["inlier_ratio"],
-                      residual=sq["residual"], abs_rel=m["abs_rel"], delta_1_25=m["delta_1_25"],
-                      n_points=sq["n_points"], depth=depth, valid=valid, space=sq["space"], per_frame=sq["per_frame"],
-                      valid_ratio=float(valid.sum()) / max(usable, 1))
-    cons = None
+    out = {"frames": int(depth.shape[0]), "abs_rel": m["abs_rel"], "delta_1_25": m["delta_1_25"],
+           "valid_ratio": float(valid.sum()) / max(usable, 1), "consistency_error": None, "pixel_error": None,
+           "consistency_scale_factor": None}
+    reasons = []
+    if not out["valid_ratio"] >= th.min_valid_ratio:
+        reasons.append(f"clip valid_ratio {out['valid_ratio']:.3f} < {th.min_valid_ratio}")
     if depth.shape[0] > 1:
-        th = thresholds
         cons = check_consistency(depth, valid, c.intrinsics, c2w, rgb=c.rgb, max_depth_error=th.max_consistency_error,
                                  max_pixel_error=th.max_pixel_error, max_scale_factor=th.max_scale_factor,
                                  max_points=AlignClipOptions().consistency_max_points)
-    qc = align_qc(res, pose_scale=sq.get("pose_scale"), consistency=cons, thresholds=thresholds)
-    for k in ("pose_scale_method", "pose_scale_residual", "reference", "prediction_kind", "pose_scale_fallback"):
-        if k in sq:
-            qc[k] = sq[k]
-    reasons = qc["reasons"] + [f"scene {r}" for r in sq.get("reasons", [])]
-    qc.update(keep=not reasons, reason="; ".join(reasons) if reasons else None, reasons=reasons)
-    return qc
+        ce, pe, k = cons.depth_error, cons.pixel_error, cons.scale_factor
+        out.update(consistency_error=float(ce), pixel_error=float(pe), consistency_scale_factor=k)
+        if cons.n_points == 0 or math.isnan(ce):
+            reasons.append("clip consistency: no reprojected point landed on valid depth")
+        else:
+            if ce > th.max_consistency_error:
+                reasons.append(f"clip consistency_error {ce:.3f} > {th.max_consistency_error}")
+            if pe > th.max_pixel_error:
+                reasons.append(f"clip pixel_error {pe:.2f} > {th.max_pixel_error}")
+        if k is not None and max(k, 1 / k) > th.max_scale_factor:
+            reasons.append(f"clip poses and depth disagree in scale: translations fit best x{k:.3f}")
+    out.update(keep=not reasons, reasons=reasons)
+    return out
 
 
 def align_group(clips: list, cfg: BuildConfig, megasam=None) -> list:
