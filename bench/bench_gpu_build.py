@@ -108,7 +108,8 @@ def main(argv=None) -> int:
             "depth": {"encoder": args.encoder, "metric": True, "input_size": args.input_size,
                       "dtype": "fp16" if gpu else "fp32", "allow_random_weights": True,
                       "resources": {"num_gpus": share, "actors": 1}},
-            "align": {"drop_on_qc": False, "model": "scale_only", "megasam_command": command_template(truth)},
+            "align": {"drop_on_qc": False, "model": "scale_only", "megasam_command": command_template(truth),
+                      "megasam_num_gpus": 0.0},  # the stand-in uses no GPU
             "tracks": {"dtype": "bf16" if gpu else "fp32", "allow_random_weights": True, "drop_on_qc": False,
                        "resources": {"num_gpus": share, "actors": 1}},
         },

@@ -2,7 +2,7 @@
 and its resumes; every trial must end with ``verify`` passing and shards byte-identical to a clean
 build, no clip lost and none duplicated.
 
-Usage: python bench/chaos.py --trials N --seed S [--out DIR] [--datasets a,b] [--scenes K]
+Usage: python bench/chaos.py --trials N --seed S [--out DIR] [--datasets a,b] [--scenes K] [--megasam]
 
 Per run: the demo data is rendered once and built twice without faults (the reference; the two
 must agree byte for byte, and the faster one's timings aim the faults). Each
@@ -13,6 +13,13 @@ and Ray temp dir, and follows a fault plan drawn from ``random.Random(f"{seed}:{
 * ``worker``: SIGKILL one busy Ray worker process (``ray::<task or actor method>``) of this
   trial's Ray, found among the driver's descendants in ``/proc``;
 * ``raylet``: SIGKILL the trial's raylet (the whole local node is lost; the driver dies).
+
+With ``--megasam`` RealEstate10K takes MegaSaM as its metric reference (the stand-in program,
+answering the rendered truth after 6 s, about a real run's start-up; one retry per run) and runs
+in scene passes, and two more kinds aim at the scene passes:
+
+* ``megasam``: SIGKILL a running MegaSaM command (the stand-in process itself);
+* ``scene``: SIGKILL a busy worker of a scene pass (the depth actor, a MegaSaM task, an align task).
 
 Kills are aimed relative to the run's own first busy Ray worker, at random fractions of the
 reference's work phase (a third of the driver kills instead fall in Ray start-up and planning). When a run ends with a non-zero status
@@ -45,7 +52,9 @@ from collections import Counter
 from pathlib import Path
 
 DEFAULT_DATASETS = "tartanair,pointodyssey,dynamic_replica,matrixcity"
-FAULT_KINDS = ("driver", "worker", "raylet")
+FAULT_KINDS = ("driver", "worker", "raylet", "megasam", "scene")
+SCENE_PASS_WORKERS = ("ray::_ModelActor", "ray::megasam_task", "ray::align_task")
+MEGASAM_COMMAND = "pipeline.demo.megasam_stand_in"
 
 
 # ------------------------------------------------------------------------------------------
@@ -170,7 +179,7 @@ class Driver:
 # fault plans
 
 
-def plan_faults(rng: random.Random, run_index: int, fault_runs: int) -> list[tuple[str, float, str]]:
+def plan_faults(rng: random.Random, run_index: int, fault_runs: int, scene_faults: bool = False) -> list[tuple[str, float, str]]:
     """(anchor, fraction, kind) for one run; runs past ``fault_runs`` get none.
 
     Anchor ``work``: at ``fraction`` of the reference's work phase (first to last busy worker seen)
@@ -191,6 +200,8 @@ def plan_faults(rng: random.Random, run_index: int, fault_runs: int) -> list[tup
         faults.append(("work", rng.uniform(0.1, 0.8), "raylet"))
     if first and not faults:  # every trial's build gets at least one fault
         faults.append(("work", rng.uniform(0.0, 0.7), "worker"))
+    if scene_faults:  # every faulted run also gets a kill aimed at a scene pass
+        faults.append(("work", rng.uniform(0.0, 0.6), rng.choice(["megasam", "scene"])))
     return faults
 
 
@@ -202,6 +213,14 @@ def _raylet(drv: Driver) -> list[tuple[tuple[int, int], str]]:
     return [(k, c) for k, c in drv.live_children().items() if "/raylet" in c.split(" ", 1)[0]]
 
 
+def _megasam_runs(drv: Driver) -> list[tuple[tuple[int, int], str]]:
+    return [(k, c) for k, c in drv.live_children().items() if MEGASAM_COMMAND in c]
+
+
+def _scene_pass_workers(drv: Driver) -> list[tuple[tuple[int, int], str]]:
+    return [(k, c) for k, c in _busy_workers(drv) if c.startswith(SCENE_PASS_WORKERS)]
+
+
 def inject(drv: Driver, kind: str, rng: random.Random, patience_s: float = 3.0) -> dict | None:
     """Carry out one fault now; a worker fault waits up to ``patience_s`` for a busy worker."""
     if kind == "driver":
@@ -209,14 +228,15 @@ def inject(drv: Driver, kind: str, rng: random.Random, patience_s: float = 3.0) 
             return None
         os.kill(drv.proc.pid, signal.SIGKILL)
         return {"kind": "driver", "target": "driver"}
-    pick = _busy_workers if kind == "worker" else _raylet
+    pick = {"worker": _busy_workers, "raylet": _raylet, "megasam": _megasam_runs, "scene": _scene_pass_workers}[kind]
     deadline = time.time() + patience_s
     while drv.alive() and time.time() < deadline:
         cands = pick(drv)
         if cands:
             (pid, start), cmd = rng.choice(sorted(cands))
             if _kill(pid, start):
-                return {"kind": kind, "target": cmd.split(" ", 1)[0] if kind == "worker" else "raylet"}
+                target = {"raylet": "raylet", "megasam": "megasam command"}.get(kind, cmd.split(" ", 1)[0])
+                return {"kind": kind, "target": target}
         time.sleep(0.05)
     return None
 
@@ -260,7 +280,7 @@ def _env(ray_tmp: str) -> dict:
 
 
 def run_trial(trial: int, seed: int, base: dict, work: Path, ref: dict, max_runs: int,
-              fault_runs: int, run_timeout_s: float) -> dict:
+              fault_runs: int, run_timeout_s: float, scene_faults: bool = False) -> dict:
     from pipeline.verify import verify
 
     rng = random.Random(f"{seed}:{trial}")  # the fault plans: what, and when
@@ -280,7 +300,7 @@ def run_trial(trial: int, seed: int, base: dict, work: Path, ref: dict, max_runs
         for run_index in range(max_runs):
             recorded = (out / "config.resolved.yaml").exists() and (out / "manifests" / "shards.parquet").exists()
             args = (["resume", str(out)] if recorded else ["build", str(cfg_path)]) + ["--no-progress"]
-            plan = plan_faults(rng, run_index, fault_runs)
+            plan = plan_faults(rng, run_index, fault_runs, scene_faults)
             planned += len(plan)
             drv = Driver(args, _env(ray_tmp), work / f"trial-{trial:03d}.log")
             done_faults, pending = [], list(plan)
@@ -315,7 +335,7 @@ def run_trial(trial: int, seed: int, base: dict, work: Path, ref: dict, max_runs
         return {
             "trial": trial, "finished": finished, "runs": len(runs), "resumes": max(0, len(runs) - 1),
             "run_log": runs, "faults_planned": planned, "faults": faults, "faults_by_kind": dict(Counter(f["kind"] for f in faults)),
-            "worker_targets": dict(Counter(f["target"] for f in faults if f["kind"] == "worker")),
+            "worker_targets": dict(Counter(f["target"] for f in faults if f["kind"] in ("worker", "scene"))),
             "verify_ok": bool(rep and rep.ok), "verify_problems": rep.problems[:10] if rep else ["no output"],
             "identical": digests == ref["digests"] and acc is not None and acc["index"] == ref["accounting"]["index"],
             "failed_as_reference": acc is not None and acc["failed"] == ref["accounting"]["failed"],
@@ -372,7 +392,8 @@ def summarize(args, datasets: list[str], ref: dict, trials: list[dict], wall_s: 
     return {
         "command": f"python bench/chaos.py --trials {args.trials} --seed {args.seed}"
                    + (f" --datasets {args.datasets}" if args.datasets != DEFAULT_DATASETS else "")
-                   + (f" --scenes {args.scenes}" if args.scenes != 2 else ""),
+                   + (f" --scenes {args.scenes}" if args.scenes != 2 else "")
+                   + (" --megasam" if args.megasam else ""),
         "seed": args.seed, "datasets": datasets, "scenes_per_dataset": args.scenes, "ray_cpus": args.num_cpus,
         "reference": {"seconds": round(ref["seconds"], 1), "work_phase_s": round(ref["work_s"], 1), "clips_planned": ref["accounting"]["planned"],
                       "clips_written": ref["accounting"]["written"], "clips_failed": len(ref["accounting"]["failed"]),
@@ -419,6 +440,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--fault-runs", type=int, default=3, help="runs of a trial that get faults (later runs none)")
     ap.add_argument("--run-timeout", type=float, default=300.0, help="a driver running longer counts as hung")
     ap.add_argument("--keep", action="store_true", help="keep the trial outputs")
+    ap.add_argument("--megasam", action="store_true",
+                    help="RealEstate10K with MegaSaM (the stand-in) in scene passes; adds kills of MegaSaM runs and "
+                         "of scene-pass workers")
     args = ap.parse_args(argv)
 
     from pipeline.demo.build_demo import demo_config
@@ -427,7 +451,10 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.out or tempfile.mkdtemp(prefix="d4s-chaos-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     datasets = [d for d in args.datasets.split(",") if d]
-    base = demo_config(str(work / "data"), datasets=datasets, scenes=args.scenes).model_dump(mode="json")  # renders once
+    if args.megasam and "realestate10k" not in datasets:
+        datasets.append("realestate10k")
+    base = demo_config(str(work / "data"), datasets=datasets, scenes=args.scenes,  # renders once
+                       megasam_stand_in=args.megasam, megasam_delay_s=6.0).model_dump(mode="json")
     base["ray"]["num_cpus"] = args.num_cpus
     ref = references(base, work, args.run_timeout)
     print(f"reference: {ref['accounting']['planned']} clips in {len(ref['digests'])} shards, {ref['seconds']:.1f} s "
@@ -435,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
     trials = []
     for i in range(args.trials):
         t = run_trial(i, args.seed, base, work, ref, max_runs=args.max_runs,
-                      fault_runs=args.fault_runs, run_timeout_s=args.run_timeout)
+                      fault_runs=args.fault_runs, run_timeout_s=args.run_timeout, scene_faults=args.megasam)
         trials.append(t)
         print(f"trial {i}: faults {[(f['run'], f['kind'], f['at_s']) for f in t['faults']]}, runs {t['runs']}, "
               f"verify {'ok' if t['verify_ok'] else t['verify_problems']}, identical {t['identical']}, "

@@ -32,6 +32,12 @@ def _print_summary(s) -> None:
     console.print(f"{s.output}: {s.clips_written} clips written, {s.clips_failed} clips failed, "
                   f"{s.shards_done} shards built, {s.shards_skipped} already done, {s.shards_failed} shards failed "
                   f"({s.seconds:.1f} s)", highlight=False)
+    st = getattr(s, "stats", {}) or {}
+    if st.get("depth.passes"):
+        console.print(f"  depth model: {st['depth.passes']:g} passes over {st.get('depth.source_frames', 0):g} source frames "
+                      f"({st.get('depth.model_frames', 0):g} model frames for {st.get('depth.clip_frames', 0):g} clip frames)"
+                      + (f"; MegaSaM: {st.get('megasam.runs', 0):g} runs, {st.get('megasam.cached', 0):g} from the cache"
+                         if st.get("megasam.passes") else ""), highlight=False)
     for f in s.failures[:20]:
         console.print(f"  failed {f['clip_id']} at {f['stage']}: {f['reason']}" + (f" [{f['path']}]" if f.get("path") else ""),
                       highlight=False, soft_wrap=True)

@@ -133,9 +133,17 @@ class ClipFailure:
     stage: str
     reason: str
     path: str | None = None
+    # counters of work done for the clip before it failed (``Clip.aux['stats']``): still counted
+    # in the shard's write result, never written to the ledger's failure record
+    stats: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"clip_id": self.clip_id, "stage": self.stage, "reason": self.reason, "path": self.path}
+
+    def carrying(self, clip: "Clip") -> "ClipFailure":
+        """This failure with the counters ``clip`` had gathered (see ``stats``)."""
+        self.stats = dict(clip.aux.get("stats", {}))
+        return self
 
     @classmethod
     def from_exception(cls, clip_id: str, stage: str, exc: BaseException) -> "ClipFailure":

@@ -11,7 +11,7 @@ import json
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.config_errors import FieldError, describe, one_line
 from stages.align.qc import AlignQCThresholds
@@ -83,19 +83,15 @@ class AlignStageConfig(_Strict):
     per_frame: bool = False
     robust: Literal["huber", "tukey", "none"] = "tukey"
     drop_on_qc: bool = Field(True, description="drop clips failing alignment QC (False: keep them, QC recorded in meta)")
-    megasam_command: str | None = Field(None, description="MegaSaM command template with {frames_dir} {out_npz} {clip_id}")
-    megasam_timeout_s: float = 3600.0
-    megasam_retries: int = 1
-    cache_dir: str | None = Field(None, description="MegaSaM output cache (default OUT/cache/megasam)")
+    megasam_command: str | None = Field(None, description="MegaSaM command template with {frames_dir} {out_npz} {clip_id} (one run per scene or segment; {clip_id} is the run id)")
+    megasam_timeout_s: float = Field(3600.0, gt=0)
+    megasam_retries: int = Field(1, ge=0)
+    megasam_num_gpus: float = Field(1.0, ge=0, description="GPUs reserved per MegaSaM run when the cluster has GPUs (the assigned GPU is the command's CUDA_VISIBLE_DEVICES)")
+    megasam_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per MegaSaM run")
+    megasam_version: str = Field("", description="part of the MegaSaM cache key: change it when the MegaSaM installation or checkpoints change")
+    megasam_cache_max_side: int = Field(256, ge=0, description="cached MegaSaM depth is stored at most this many pixels on its long side (0: as MegaSaM wrote it)")
+    cache_dir: str | None = Field(None, description="MegaSaM result cache: a path or store URL (default OUT/cache/megasam)")
     thresholds: AlignQCThresholds = Field(default_factory=AlignQCThresholds, description="keep/drop thresholds of alignment QC (docs/ALIGNMENT.md)")
-
-    @field_validator("cache_dir")
-    @classmethod
-    def _local_cache(cls, v: str | None) -> str | None:
-        if v is not None and "://" in v:
-            raise ValueError(f"cache_dir {v!r}: the MegaSaM cache must be a path on the node (shared filesystem "
-                             "or local disk); URLs are not supported")
-        return v
 
 
 class TrackStageConfig(_Strict):
@@ -138,6 +134,8 @@ class FaultConfig(_Strict):
     marker_dir: str | None = Field(None, description="where 'already crashed' markers live (default OUT/.faults)")
     trace_dir: str | None = Field(None, description="every ingest attempt leaves an empty file `<clip ordinal>.<Ray node id>.<pid>` here (which node ran which clip)")
     ingest_delay_s: float = Field(0.0, ge=0, description="every ingest attempt sleeps this long first (keeps work in flight while a fault is injected)")
+    hang_stage: Literal["ingest", "depth"] | None = Field(None, description="this stage hangs (once, marker in marker_dir) on the clip of ordinal hang_on_clip")
+    hang_on_clip: int | None = Field(None, description="planned clip ordinal that hang_stage hangs on")
 
 
 class RayConfig(_Strict):
@@ -148,15 +146,30 @@ class RayConfig(_Strict):
     actor_restarts: int = Field(3, description="restarts of a model actor whose process died")
 
 
+class ScenePassConfig(_Strict):
+    """Whole-scene passes of the depth model, MegaSaM and the alignment (docs/STAGES.md)."""
+
+    granularity: Literal["scene", "clip"] = Field("scene", description="'scene': the depth model, MegaSaM and the metric fit run once over every scene's frame sequence; 'clip': once per clip (the older path)")
+    max_frames: int = Field(512, ge=48, description="a longer scene sequence is cut into overlapping segments, joined like Video Depth Anything joins its windows")
+    overlap_frames: int = Field(32, ge=4, description="frames shared by consecutive segments")
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> "ScenePassConfig":
+        if self.overlap_frames * 2 > self.max_frames:
+            raise ValueError(f"overlap_frames {self.overlap_frames} must be at most half of max_frames {self.max_frames}")
+        return self
+
+
 class StagesConfig(_Strict):
     depth: DepthStageConfig = Field(default_factory=DepthStageConfig)
     align: AlignStageConfig = Field(default_factory=AlignStageConfig)
     tracks: TrackStageConfig = Field(default_factory=TrackStageConfig)
+    scene: ScenePassConfig = Field(default_factory=ScenePassConfig)
 
 
 # Where things live (dataset roots, the output, the MegaSaM cache), how the build runs (Ray,
 # resources, shards in flight) and test hooks never change a byte of a shard; everything else does.
-_NOT_CONTENT = {"output", "ray", "fault", "max_inflight_shards"}
+_NOT_CONTENT = {"output", "ray", "fault", "max_inflight_shards", "shard_deadline_s"}
 
 
 class BuildConfig(_Strict):
@@ -165,6 +178,7 @@ class BuildConfig(_Strict):
     shard_size: int = Field(8, ge=1, description="clips per shard")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of stored frames")
     max_inflight_shards: int = Field(4, ge=1, description="shard pipelines in flight at once (bounds memory)")
+    shard_deadline_s: float | None = Field(21600.0, gt=0, description="a shard pipeline none of whose tasks finishes for this long (a stage hangs) is cancelled and recorded failed; resume redoes it. Longer than any one stage (a MegaSaM run with its retries). None: no deadline")
     seed: int = 0
     stages: StagesConfig = Field(default_factory=StagesConfig)
     qc: QCConfig = Field(default_factory=QCConfig)
@@ -202,8 +216,12 @@ class BuildConfig(_Strict):
 
     def planning_hash(self) -> str:
         """Hash of everything that decides clip ids and shard assignment (not roots, not resources)."""
-        keys = {name: ds.model_dump(include={"enabled", "clip_length", "frame_stride", "clip_stride",
-                                             "max_scenes", "max_clips_per_scene"})
+        from pipeline.stage_routes import whole_scene_shards
+
+        res = self.resolved()
+        keys = {name: {**ds.model_dump(include={"enabled", "clip_length", "frame_stride", "clip_stride",
+                                                "max_scenes", "max_clips_per_scene"}),
+                       "whole_scene_shards": whole_scene_shards(res, name)}
                 for name, ds in sorted(self.datasets.items())}
         blob = json.dumps({"datasets": keys, "shard_size": self.shard_size}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -223,7 +241,8 @@ class BuildConfig(_Strict):
             d["datasets"] = {dataset: d["datasets"][dataset]}
         for s in ("depth", "tracks"):
             d["stages"][s].pop("resources")
-        d["stages"]["align"].pop("cache_dir")
+        for k in ("cache_dir", "megasam_num_gpus", "megasam_num_cpus"):  # where and on what, not what
+            d["stages"]["align"].pop(k)
         return d
 
     def content_hash(self, dataset: str | None = None) -> str:

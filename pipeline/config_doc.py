@@ -10,7 +10,7 @@ from pipeline import config as c
 from pipeline.contracts_doc import md_cell
 
 MODELS = [c.BuildConfig, c.DatasetConfig, c.StagesConfig, c.DepthStageConfig, c.AlignStageConfig,
-          c.TrackStageConfig, c.StageResources, c.QCConfig, c.RayConfig, c.FaultConfig]
+          c.TrackStageConfig, c.ScenePassConfig, c.StageResources, c.QCConfig, c.RayConfig, c.FaultConfig]
 
 HEADER = """# Configuration reference
 

@@ -1,11 +1,15 @@
-"""The Ray DAG: ingest -> depth -> align -> tracks -> encode+write, one pipeline per shard.
+"""The Ray DAG: ingest -> depth | megasam -> align -> tracks -> encode+write, one pipeline per shard.
 
-Shape of the work, per shard of N clips::
+A dataset's stages, their granularity and resources come from ``pipeline/stage_routes.py``.
+Shape of the work, per shard of N clips in S scene passes (S = N with
+``stages.scene.granularity: clip``)::
 
-    ingest (N CPU tasks) -> depth (1 call to a model actor, N clips batched)
-        -> align (N CPU tasks) -> tracks (1 model-actor call, or N CPU tasks) -> write (1 CPU task)
+    ingest (N CPU tasks) -> depth (1 call to a model actor: S passes, each scene's frames once)
+                         -> megasam (S GPU tasks, beside depth, reading the ingested clips)
+        -> align (S CPU tasks: one metric fit per scene, cut into its clips)
+        -> tracks (1 model-actor call, or N CPU tasks) -> write (1 CPU task)
 
-Every stage call returns one object ref per clip (``num_returns=N``) and receives the previous
+Every stage call returns one object ref per clip (``num_returns``) and receives the previous
 refs wrapped in a list, so it resolves them one by one: a clip whose worker died even after
 Ray's retries becomes a :class:`ClipFailure` instead of failing the shard. Stages whose data a
 dataset already has (e.g. ground-truth depth) are not called at all for its shards.
@@ -13,7 +17,12 @@ dataset already has (e.g. ground-truth depth) are not called at all for its shar
 Memory is bounded by ``max_inflight_shards``: the driver submits a new shard pipeline only
 when one finishes, so at most that many shards' clips exist in the object store.
 Model stages are actor pools (``num_gpus`` per actor when the cluster has GPUs, CPU
-otherwise); CPU stages are tasks with retries for worker crashes.
+otherwise; two calls in flight per actor, so the next shard's inputs arrive while the model
+runs); MegaSaM runs as tasks with their GPUs reserved; CPU stages are tasks with retries for
+worker crashes. A shard pipeline none of whose tasks finishes for ``shard_deadline_s`` (a stage
+hangs) is cancelled (a model actor it still occupies is replaced) and recorded failed;
+``resume`` redoes it. The clock restarts whenever one of its tasks finishes, so a shard waiting
+for the cluster behind other shards is not cut, and no stage may take longer than the deadline.
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ import logging
 import os
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import ray
@@ -28,6 +38,7 @@ import ray
 from pipeline.clip import Clip, ClipFailure
 from pipeline.config import BuildConfig, ConfigError
 from pipeline.plan import Plan
+from pipeline.stage_routes import route
 from stages.ingest import adapter_class
 
 log = logging.getLogger("d4s")
@@ -82,13 +93,39 @@ def ingest_task(spec: dict, scene, cfg: BuildConfig):
     return _timed(ingest_clip(spec, scene, cfg), "ingest", t0)
 
 
+def _returns(out: list):
+    return out[0] if len(out) == 1 else tuple(out)
+
+
 @ray.remote
-def align_task(refs: list, clip_id: str, cfg: BuildConfig):
+def megasam_task(refs: list, key: str, clip_ids: list[str], cfg: BuildConfig):
+    """MegaSaM for one scene pass, on the GPU Ray reserved for it (stages/align/megasam_stage.py)."""
+    from stages.align.megasam_stage import megasam_pass
+
+    clips = _resolve(refs, "megasam", clip_ids)
+    return megasam_pass(clips, key, cfg, gpu_ids=ray.get_gpu_ids())
+
+
+@ray.remote
+def align_task(refs: list, clip_ids: list[str], megasam_refs: list, cfg: BuildConfig):
+    """One metric alignment over a pass's clips (a scene, or one clip); one return per clip."""
+    from stages.align.megasam_stage import PassFailure
     from stages.align.stage import align
 
-    (clip,) = _resolve(refs, "align", [clip_id])
+    clips = _resolve(refs, "align", clip_ids)
+    megasam = None
+    if megasam_refs:
+        try:
+            megasam = ray.get(megasam_refs[0])
+        except Exception as exc:  # the MegaSaM task's worker died even after retries
+            megasam = PassFailure("megasam", f"worker failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     t0 = time.time()
-    return _timed(align(clip, cfg), "align", t0)
+    out = align(clips, cfg, megasam)
+    per = (time.time() - t0) / max(1, len(out))
+    for c in out:
+        if isinstance(c, Clip):
+            c.aux.setdefault("timings", {})["align"] = c.aux.get("timings", {}).get("align", 0.0) + per
+    return _returns(out)
 
 
 @ray.remote
@@ -109,10 +146,18 @@ def write_task(shard: dict, clip_ids: list[str], refs: list, cfg: BuildConfig) -
 
 
 class _ModelActor:
-    """Holds one model stage's runner; ``process`` takes a shard's clips as one batch."""
+    """Holds one model stage's runner; ``process`` takes a shard's clips as one batch.
+
+    Two calls may be in the actor at once (``max_concurrency=2``): one resolves its inputs
+    while the other holds the model (a lock), so the GPU does not wait for the object store.
+    """
 
     def __init__(self, stage: str, cfg: BuildConfig, device: str):
+        import threading
+
         self.stage = stage
+        self.cfg = cfg
+        self.lock = threading.Lock()
         if stage == "depth":
             from stages.depth.stage import DepthModelStage
 
@@ -122,22 +167,57 @@ class _ModelActor:
 
             self.impl = TrackModelStage(cfg, device)
 
-    def process(self, refs: list, clip_ids: list[str]):
+    def process(self, refs: list, clip_ids: list[str], hang: bool = False):
         clips = _resolve(refs, self.stage, clip_ids)
-        t0 = time.time()
-        out = self.impl.process(clips)
-        per = (time.time() - t0) / max(1, len(out))
+        if hang:
+            _hang_once(self.cfg, self.stage)
+        with self.lock:
+            t0 = time.time()
+            out = self.impl.process(clips)
+            per = (time.time() - t0) / max(1, len(out))
         for c in out:
             if isinstance(c, Clip):
                 c.aux.setdefault("timings", {})[self.stage] = per
-        return out[0] if len(out) == 1 else tuple(out)
+        return _returns(out)
 
 
 ModelActor = ray.remote(_ModelActor)
 
 
+def _hang_once(cfg: BuildConfig, stage: str) -> None:
+    """Test hook (``fault.hang_stage``): hang for good, once per output (a marker file)."""
+    marker_dir = cfg.fault.marker_dir or os.path.join(cfg.output, ".faults")
+    os.makedirs(marker_dir, exist_ok=True)
+    marker = os.path.join(marker_dir, f"hang_{stage}_{cfg.fault.hang_on_clip}")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(10 ** 6)
+
+
 # ------------------------------------------------------------------------------------------
 # The per-shard DAG
+
+
+@dataclass
+class _Inflight:
+    """One submitted shard pipeline: its progress, and what to cancel when it stalls."""
+
+    shard: dict
+    submitted: float
+    tasks: list = field(default_factory=list)  # refs of its tasks
+    actor_calls: list = field(default_factory=list)  # (stage, actor handle, refs)
+    finished: int = 0  # refs of it seen finished
+    progressed: float = 0.0  # when one last finished (or when it was submitted)
+
+    def refs(self) -> list:
+        return self.tasks + [r for _, _, refs in self.actor_calls for r in refs]
+
+    def check(self, now: float) -> None:
+        """Note the time when more of its refs have finished than at the last check."""
+        refs = self.refs()
+        n = len(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+        if n > self.finished or not self.progressed:
+            self.finished, self.progressed = n, now
 
 
 class ShardDAG:
@@ -146,17 +226,20 @@ class ShardDAG:
         self.plan = plan
         self.scene_refs = plan.scene_refs
         datasets = sorted({c["dataset"] for c in todo_clips})
-        self.needs_depth = {d for d in datasets if cfg.datasets[d].depth_source != "gt"}
-        self.needs_track_model = {d for d in datasets if cfg.datasets[d].track_source == "cotracker"}
-        self.needs_static_tracks = {d for d in datasets if cfg.datasets[d].track_source == "depth_static"}
+        self.routes = {d: {s.name: s for s in route(cfg, d)} for d in datasets}
+        self.needs_depth = {d for d in datasets if "depth" in self.routes[d]}
+        self.needs_megasam = {d for d in datasets if "megasam" in self.routes[d]}
+        self.needs_track_model = {d for d in datasets if self.routes[d].get("tracks") and self.routes[d]["tracks"].runs_as == "actor"}
+        self.needs_static_tracks = {d for d in datasets if self.routes[d].get("tracks") and self.routes[d]["tracks"].runs_as == "task"}
         self._preflight()
         ensure_ray(cfg)
+        self._check_gpus()
         self.cfg_ref = ray.put(cfg)
         self.pools = {}
         if self.needs_depth:
-            self.pools["depth"] = self._pool("depth", cfg.stages.depth.resources)
+            self.pools["depth"] = self._pool("depth")
         if self.needs_track_model:
-            self.pools["tracks"] = self._pool("tracks", cfg.stages.tracks.resources)
+            self.pools["tracks"] = self._pool("tracks")
         self._rr = {k: 0 for k in self.pools}
 
     def _preflight(self) -> None:
@@ -175,66 +258,140 @@ class ShardDAG:
                                   f"(docs/ALIGNMENT.md)")
             if src == "vda_metric" and not dcfg.metric:
                 raise ConfigError(f"dataset {d} wants metric VDA depth but stages.depth.metric is false")
+        if self.needs_megasam:
+            from stages.align.megasam import MegaSaMConfigError, MegaSaMRunner
+
+            try:  # the template parses and its executable exists here (the driver's node)
+                MegaSaMRunner(self.cfg.stages.align.megasam_command)
+            except MegaSaMConfigError as exc:
+                raise ConfigError(f"stages.align.megasam_command: {exc}") from None
         for d in self.needs_static_tracks:
             if adapter_class(d).capabilities.dynamic:
                 raise ConfigError(f"dataset {d} is dynamic: track_source 'depth_static' is only exact for static scenes")
 
-    def _pool(self, stage: str, res) -> list:
-        gpus = res.num_gpus if (res.num_gpus and _cluster_has_gpus()) else 0.0
-        if res.auto_gpu and not res.num_gpus and _cluster_has_gpus():
-            gpus = 1.0
+    def _step(self, stage: str, runs_as: str | None = None):
+        """The declared step of ``stage`` (the same for every dataset that runs it)."""
+        return next(r[stage] for r in self.routes.values()
+                    if stage in r and (runs_as is None or r[stage].runs_as == runs_as))
+
+    def _actor_steps(self) -> list:
+        return [self._step(s, "actor") for s, need in (("depth", self.needs_depth), ("tracks", self.needs_track_model)) if need]
+
+    def _check_gpus(self) -> None:
+        """The model actors and one MegaSaM run must fit the cluster's GPUs together, or a stage
+        waits for a GPU that never frees (a local Ray: an error; a cluster may still grow: a warning)."""
+        total = ray.cluster_resources().get("GPU", 0)
+        if not total:
+            return
+        actors = sum(st.num_gpus * st.actors for st in self._actor_steps())
+        megasam = self._step("megasam").num_gpus if self.needs_megasam else 0.0
+        if actors + megasam > total + 1e-9:
+            msg = (f"the model actors take {actors:g} GPUs" + (f" and a MegaSaM run {megasam:g}" if megasam else "")
+                   + f", but the cluster has {total:g}: lower stages.depth/tracks.resources.num_gpus (fractions share a "
+                   f"GPU) or stages.align.megasam_num_gpus, or add GPUs")
+            if self.cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+                log.warning(msg)
+            else:
+                raise ConfigError(msg)
+
+    def _pool(self, stage: str) -> list:
+        st = self._step(stage, "actor")
+        gpus = st.num_gpus if _cluster_has_gpus() else 0.0
         device = "cuda" if gpus > 0 else "cpu"
-        cpus = res.num_cpus
+        cpus = st.num_cpus
         total_cpus = ray.cluster_resources().get("CPU", 0)
-        n_actors = sum(self.cfg.stages.depth.resources.actors if s == "depth" else self.cfg.stages.tracks.resources.actors
-                       for s in ("depth", "tracks") if (s == "depth" and self.needs_depth) or (s == "tracks" and self.needs_track_model))
+        n_actors = sum(s.actors for s in self._actor_steps())
         if not gpus and cpus * n_actors >= total_cpus:
             # On a small CPU-only cluster (a laptop) reserving CPUs for idle-most-of-the-time model
             # actors would starve the ingest tasks that feed them: share the CPUs instead.
             log.info("model actors share CPUs with tasks (%s CPUs for %s actors)", total_cpus, n_actors)
             cpus = 0
-        opts = dict(num_cpus=cpus, num_gpus=gpus,
+        opts = dict(num_cpus=cpus, num_gpus=gpus, max_concurrency=2,
                     max_restarts=self.cfg.ray.actor_restarts, max_task_retries=self.cfg.ray.task_retries)
-        return [ModelActor.options(**opts).remote(stage, self.cfg, device) for _ in range(max(1, res.actors))]
+        self._actor_opts = {**getattr(self, "_actor_opts", {}), stage: (opts, device)}
+        return [ModelActor.options(**opts).remote(stage, self.cfg, device) for _ in range(st.actors)]
 
     def _actor(self, stage: str):
         pool = self.pools[stage]
         self._rr[stage] = (self._rr[stage] + 1) % len(pool)
         return pool[self._rr[stage]]
 
-    def submit(self, shard: dict, clips: list[dict]):
+    def _megasam_options(self) -> dict:
+        st = self._step("megasam")
+        gpus = st.num_gpus if _cluster_has_gpus() else 0.0
+        return dict(num_cpus=st.num_cpus, num_gpus=gpus, max_retries=self.cfg.ray.task_retries)
+
+    def submit(self, shard: dict, clips: list[dict]) -> _Inflight:
         cfg, retries = self.cfg_ref, self.cfg.ray.task_retries
+        rec = _Inflight(shard, time.time())
         ids = [c["clip_id"] for c in clips]
         dataset = shard["dataset"]
+        steps = self.routes.get(dataset, {})
         refs = [ingest_task.options(max_retries=retries).remote(c, self.scene_refs[(c["dataset"], c["scene"])], cfg)
                 for c in clips]
-        if clips and dataset in self.needs_depth:
-            refs = self._model_call("depth", refs, ids)
-            refs = [align_task.options(max_retries=retries).remote([r], cid, cfg) for r, cid in zip(refs, ids)]
+        rec.tasks += refs
+        if clips and "depth" in steps:
+            passes = _passes(clips, steps["depth"].granularity)
+            megasam = {}
+            if "megasam" in steps:
+                for key, idx in passes.items():
+                    megasam[key] = megasam_task.options(**self._megasam_options()).remote(
+                        [refs[i] for i in idx], key, [ids[i] for i in idx], cfg)
+                    rec.tasks.append(megasam[key])
+            refs = self._model_call("depth", refs, ids, rec, hang=self._hangs("depth", clips))
+            aligned = list(refs)
+            for key, idx in passes.items():
+                out = align_task.options(max_retries=retries, num_returns=len(idx)).remote(
+                    [refs[i] for i in idx], [ids[i] for i in idx], [megasam[key]] if key in megasam else [], cfg)
+                out = [out] if len(idx) == 1 else list(out)
+                rec.tasks += out
+                for i, r in zip(idx, out):
+                    aligned[i] = r
+            refs = aligned
         if clips and dataset in self.needs_track_model:
-            refs = self._model_call("tracks", refs, ids)
+            refs = self._model_call("tracks", refs, ids, rec)
         elif clips and dataset in self.needs_static_tracks:
             refs = [static_tracks_task.options(max_retries=retries).remote([r], cid, cfg) for r, cid in zip(refs, ids)]
-        return write_task.options(max_retries=retries).remote(shard, ids, refs, cfg)
+            rec.tasks += refs
+        rec.tasks.append(write_task.options(max_retries=retries).remote(shard, ids, refs, cfg))
+        return rec
 
-    def _model_call(self, stage: str, refs: list, ids: list[str]) -> list:
-        out = self._actor(stage).process.options(num_returns=len(refs)).remote(refs, ids)
-        return [out] if len(refs) == 1 else list(out)
+    def _hangs(self, stage: str, clips: list[dict]) -> bool:
+        f = self.cfg.fault
+        return f.hang_stage == stage and any(c.get("ordinal") == f.hang_on_clip for c in clips)
+
+    def _model_call(self, stage: str, refs: list, ids: list[str], rec: _Inflight, hang: bool = False) -> list:
+        actor = self._actor(stage)
+        out = actor.process.options(num_returns=len(refs)).remote(refs, ids, hang)
+        out = [out] if len(refs) == 1 else list(out)
+        rec.actor_calls.append((stage, actor, out))
+        return out
 
     def run(self, shards: list[dict], clips_by_shard: dict[str, list[dict]]) -> Iterator[tuple[dict, dict | None, str | None]]:
         """Yield (shard, result, error) as shards finish; at most max_inflight_shards at once."""
         queue = deque(shards)
         inflight: dict = {}
+        deadline = self.cfg.shard_deadline_s
         while queue or inflight:
             while queue and len(inflight) < self.cfg.max_inflight_shards:
                 sh = queue.popleft()
-                inflight[self.submit(sh, clips_by_shard[sh["shard_id"]])] = sh
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            sh = inflight.pop(ready[0])
+                rec = self.submit(sh, clips_by_shard[sh["shard_id"]])
+                inflight[rec.tasks[-1]] = rec
+            timeout = None
+            if deadline is not None:
+                now = time.time()
+                for r in inflight.values():
+                    r.check(now)
+                timeout = max(0.0, min(r.progressed for r in inflight.values()) + deadline - now)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=timeout)
+            if not ready:
+                yield from self._expire(inflight, deadline)
+                continue
+            rec = inflight.pop(ready[0])
             try:
-                yield sh, ray.get(ready[0]), None
+                yield rec.shard, ray.get(ready[0]), None
             except Exception as exc:
-                yield sh, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
+                yield rec.shard, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
         # A write attempt whose worker or node died mid-publish leaves its ``.tmp-`` file behind (the
         # retry publishes under a new one). Every shard of this run is settled now, so no attempt is
         # still writing: remove the leftovers, or ``verify`` would flag them in a complete build.
@@ -243,3 +400,58 @@ class ShardDAG:
 
         if remove_stray_temporaries(Store(self.cfg.output)):
             log.info("removed temporaries of write attempts that died mid-publish")
+
+    def _expire(self, inflight: dict, deadline: float) -> Iterator[tuple[dict, None, str]]:
+        """Cancel the shard pipelines that made no progress (no task of theirs finishing) for
+        ``deadline`` seconds, and replace a model actor one of them
+        still occupies (a hung model never frees it). Shards with calls queued on a replaced actor
+        lose them: they are cancelled too, with that reason; ``resume`` redoes all of them."""
+        now = time.time()
+        for r in inflight.values():
+            r.check(now)
+        late = [k for k, r in inflight.items() if now - r.progressed >= deadline]
+        replaced = []
+        for k in late:
+            rec = inflight.pop(k)
+            for stage, actor, refs in rec.actor_calls:
+                pending = ray.wait(refs, num_returns=len(refs), timeout=0)[1]
+                if pending and self._replace_actor(stage, actor):
+                    replaced.append((stage, actor, rec.shard["shard_id"]))
+            self._cancel(rec)
+            yield rec.shard, None, (f"deadline: no task of the shard pipeline finished within shard_deadline_s = "
+                                    f"{deadline:g} s (a stage hangs); cancelled")
+        for stage, actor, sid in replaced:
+            for k, rec in list(inflight.items()):
+                if any(a is actor and ray.wait(r, num_returns=len(r), timeout=0)[1] for _, a, r in rec.actor_calls):
+                    del inflight[k]
+                    self._cancel(rec)
+                    yield rec.shard, None, (f"cancelled: its {stage} model actor was replaced after shard {sid} "
+                                            f"exceeded shard_deadline_s")
+
+    def _replace_actor(self, stage: str, actor) -> bool:
+        pool = self.pools.get(stage, [])
+        for i, a in enumerate(pool):
+            if a is actor:
+                ray.kill(actor, no_restart=True)
+                opts, device = self._actor_opts[stage]
+                pool[i] = ModelActor.options(**opts).remote(stage, self.cfg, device)
+                log.warning("replaced a %s model actor held by a shard past its deadline", stage)
+                return True
+        return False
+
+    @staticmethod
+    def _cancel(rec: _Inflight) -> None:
+        for r in rec.tasks:
+            try:
+                ray.cancel(r, force=True)
+            except Exception:  # noqa: BLE001 - finished, or an actor call (ended with its actor)
+                pass
+
+
+def _passes(clips: list[dict], granularity: str) -> dict[str, list[int]]:
+    """Positions of the shard's clips per pass: per scene (``dataset__scene``) or per clip."""
+    out: dict[str, list[int]] = {}
+    for i, c in enumerate(clips):
+        key = c["clip_id"] if granularity == "clip" else c["clip_id"].rsplit("__", 1)[0]
+        out.setdefault(key, []).append(i)
+    return out

@@ -5,6 +5,12 @@ worker count or timing: datasets in name order, scenes in id order, clips by sta
 shards are consecutive runs of ``shard_size`` clips of one dataset (per-dataset shards let the
 trainer weight datasets by choosing shards). Clip ids are ``dataset__scene__start`` with the
 scene id made key-safe; a collision after that mapping is a planning error, never a silent merge.
+
+Datasets with a scene pass (``pipeline.stage_routes.whole_scene_shards``) get shards that hold
+whole scenes: scenes are added in order while the shard has room for all of a scene's clips; a
+scene never splits, so a scene with more clips than ``shard_size`` fills a shard of its own (cap
+it with ``max_clips_per_scene``). Each scene pass then runs in exactly one shard pipeline, and
+a shard that is redone redoes only its own scenes.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 
 from pipeline.config import BuildConfig, ConfigError
+from pipeline.stage_routes import stage_names, whole_scene_shards
 from stages.ingest import adapter_for_dataset
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -59,7 +66,7 @@ def make_plan(cfg: BuildConfig) -> Plan:
         if ds.max_scenes:
             scenes = scenes[: ds.max_scenes]
         seen: dict[str, str] = {}
-        ds_clips = []
+        by_scene: list[list[dict]] = []
         for sc in scenes:
             scene_refs[(name, sc.scene)] = sc
             starts = clip_starts(sc.num_frames, ds.clip_length, ds.frame_stride, ds.clip_stride)
@@ -73,11 +80,10 @@ def make_plan(cfg: BuildConfig) -> Plan:
                 if cid in seen:
                     raise ConfigError(f"dataset {name}: scenes {seen[cid]!r} and {sc.scene!r} map to the same clip id {cid}")
                 seen[cid] = sc.scene
-                ds_clips.append({"clip_id": cid, "dataset": name, "scene": sc.scene, "start": s,
-                                 "frames": [s + i * ds.frame_stride for i in range(ds.clip_length)]})
-        for k in range(0, len(ds_clips), cfg.shard_size):
-            group = ds_clips[k: k + cfg.shard_size]
-            sid = f"{name}-{k // cfg.shard_size:06d}"
+            by_scene.append([{"clip_id": clip_id(name, sc.scene, s), "dataset": name, "scene": sc.scene, "start": s,
+                              "frames": [s + i * ds.frame_stride for i in range(ds.clip_length)]} for s in starts])
+        for k, group in enumerate(shard_groups(by_scene, cfg.shard_size, whole_scene_shards(cfg, name))):
+            sid = f"{name}-{k:06d}"
             for c in group:
                 c["shard_id"] = sid
                 c["ordinal"] = ordinal
@@ -88,16 +94,25 @@ def make_plan(cfg: BuildConfig) -> Plan:
     return Plan(scenes_out, clips_out, shards_out, scene_refs)
 
 
-def stages_for(cfg: BuildConfig, dataset: str) -> list[str]:
-    """The stages a clip of ``dataset`` passes through, in order (same rules as the DAG).
+def shard_groups(by_scene: list[list[dict]], shard_size: int, whole_scenes: bool) -> list[list[dict]]:
+    """Clips (grouped per scene, in plan order) cut into shards: runs of ``shard_size`` clips, or,
+    with ``whole_scenes``, runs of whole scenes holding at most ``shard_size`` clips (a bigger
+    scene alone)."""
+    if not whole_scenes:
+        flat = [c for sc in by_scene for c in sc]
+        return [flat[k: k + shard_size] for k in range(0, len(flat), shard_size)]
+    out: list[list[dict]] = []
+    cur: list[dict] = []
+    for sc in by_scene:
+        if cur and len(cur) + len(sc) > shard_size:
+            out.append(cur)
+            cur = []
+        cur = cur + sc
+    if cur:
+        out.append(cur)
+    return out
 
-    Ground-truth depth skips the depth model and alignment; tracks come from the track model
-    (``cotracker``), from depth for static scenes (``depth_static``), or from the dataset.
-    """
-    d = cfg.datasets[dataset]
-    out = ["ingest"]
-    if d.depth_source != "gt":
-        out += ["depth", "align"]
-    if d.track_source in ("cotracker", "depth_static"):
-        out.append("tracks")
-    return out + ["encode", "write"]
+
+def stages_for(cfg: BuildConfig, dataset: str) -> list[str]:
+    """The stages a clip of ``dataset`` passes through, in order (``pipeline/stage_routes.py``)."""
+    return stage_names(cfg, dataset)

@@ -23,13 +23,13 @@ import numpy as np
 
 from manifests.store import ManifestStore
 from pipeline.gallery import GALLERY_CLIPS_DEFAULT, render_gallery
+from pipeline.stage_routes import STAGE_ORDER
 from pipeline.status import collect_status
 from pipeline.storage import Store
 
 REPORT_NAME = "report.html"
 MAX_FAILURE_ROWS = 500
 MAX_DROP_CATEGORIES = 40
-STAGE_ORDER = ("ingest", "depth", "align", "tracks", "encode", "write")
 
 _CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}

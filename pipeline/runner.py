@@ -46,6 +46,9 @@ class BuildSummary:
     clips_failed: int
     seconds: float
     failures: list[dict] = field(default_factory=list)
+    # counters the stages reported (frames through each model, MegaSaM runs and cache hits, ...),
+    # summed over the shards written by this call
+    stats: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -115,6 +118,7 @@ def build(cfg: BuildConfig, resume: bool = False, show_progress: bool = True) ->
     build_id = uuid.uuid4().hex[:12]
     done = failed = written = clips_failed = 0
     failures: list[dict] = []
+    stats: dict = {}
     progress = BuildProgress(total_shards=len(plan.shards), total_clips=len(plan.clips), enabled=show_progress,
                              already_shards=skipped,
                              already_clips=sum(len(clips_by_shard[s["shard_id"]]) for s in plan.shards) - sum(len(clips_by_shard[s["shard_id"]]) for s in todo))
@@ -131,6 +135,8 @@ def build(cfg: BuildConfig, resume: bool = False, show_progress: bool = True) ->
                     written += result["samples_written"]
                     clips_failed += len(result["clips_failed"])
                     failures.extend(result["clips_failed"])
+                    for k, v in (result.get("stats") or {}).items():
+                        stats[k] = stats.get(k, 0) + v
                     event = {"shard_id": sh["shard_id"], "state": "done", "build_id": build_id, **result}
                     if result.get("log"):
                         store.write_bytes_atomic(f"logs/{sh['shard_id']}.log", result["log"].encode())
@@ -146,7 +152,7 @@ def build(cfg: BuildConfig, resume: bool = False, show_progress: bool = True) ->
     write_index(ms, plan, {name: ds.val_fraction for name, ds in cfg.datasets.items()})
     ms.compact()
     return BuildSummary(cfg.output, len(plan.shards), done, failed, skipped, written, clips_failed,
-                        time.time() - t0, failures)
+                        time.time() - t0, failures, stats)
 
 
 def write_index(ms: ManifestStore, plan: Plan, val_fractions: dict[str, float] | None = None) -> None:

@@ -62,11 +62,13 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
     t0 = time.time()
     from manifests.clip_qc import sample_qc
 
-    samples, failures, timings, meta_rows, qc_rows = [], [], {}, {}, []
+    samples, failures, timings, meta_rows, qc_rows, stats = [], [], {}, {}, [], {}
     for clip in clips:
         if isinstance(clip, Clip):
             for k, v in clip.aux.get("timings", {}).items():
                 timings[k] = timings.get(k, 0.0) + v
+        for k, v in (clip.aux.get("stats", {}) if isinstance(clip, Clip) else getattr(clip, "stats", {})).items():
+            stats[k] = stats.get(k, 0) + v
         enc = encode(clip, cfg.jpeg_quality)
         if isinstance(enc, ClipFailure):
             failures.append(enc.to_json())
@@ -86,11 +88,13 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
     counts = stage_counts(stages_for(cfg, shard["dataset"]), len(clips), failures, timings)
     log_lines = [f"shard {shard['shard_id']}: {len(samples)} samples, {len(failures)} failed clips, {len(data)} bytes"]
     log_lines += [f"  stage {k}: {v:.3f} s" for k, v in sorted(timings.items())]
+    log_lines += [f"  {k}: {v:g}" for k, v in sorted(stats.items())]
     log_lines += [f"  FAILED {f['clip_id']} at {f['stage']}: {f['reason']}" + (f" ({f['path']})" if f.get("path") else "")
                   for f in failures]
     return {
         "samples_written": len(samples), "clips_failed": failures, "bytes": len(data), "sha256": sha,
         "samples": [[k, off, *meta_rows[k]] for k, off in offsets], "clip_qc": qc_rows, "timings": timings,
         "stage_counts": counts,
+        "stats": stats,
         "started_at": t0, "finished_at": time.time(), "host": socket.gethostname(), "log": "\n".join(log_lines) + "\n",
     }

@@ -12,8 +12,9 @@ from pipeline.config import BuildConfig
 from pipeline.demo.render import random_scene, render
 from stages.align.align_clip import align_clip
 from stages.align.fit import fit_alignment
-from stages.align.pipeline_stage import align_for_pipeline, options_for, reference_for
+from stages.align.pipeline_stage import align_pass, options_for, reference_for
 from stages.align.references import reference_from_megasam
+from stages.scene.sequence import SceneSequence
 
 MEGASAM_MAX_DEPTH = 100.0  # cvd_opt/cvd_opt.py clips its depths to [1e-3, 1e2]
 
@@ -103,7 +104,8 @@ def test_dataset_depth_limits_reach_reference_and_output(tmp_path):
     clip.tracks = (clip.tracks.astype(np.float64) * 4.0).astype(np.float32)  # the room, 4x larger
     clip.c2w = clip.c2w.copy()
     clip.c2w[:, :3, 3] *= 4.0
-    ref = reference_for(clip, cfg)
+    seq = SceneSequence.from_clips("stereo4d/s", [clip])  # the stage's reference for a pass of this one clip
+    ref = reference_for(seq, [clip], np.zeros(clip.rgb.shape[:3]), cfg)
     assert ref.valid.any() and ref.depth[ref.valid].max() > 20.0
     opts = options_for(cfg, "disparity", dataset="stereo4d")
     assert opts.fit.max_depth == 20.0
@@ -112,7 +114,7 @@ def test_dataset_depth_limits_reach_reference_and_output(tmp_path):
     fit = fit_alignment(clip.aux["relative_depth"], ref.depth, ref.valid, options=opts.fit)
     within = int((ref.valid & (ref.depth <= 20.0)).sum())  # exact data: the same points, but for the
     assert abs(fit.n_points - within) <= 0.01 * within      # few whose pixel straddles 20 m
-    out = align_for_pipeline(clip, cfg)
+    out = align_pass([clip], cfg)[clip.key]
     assert out.depth_valid.any() and out.depth[out.depth_valid].max() <= 20.0
     assert (truth > 20.5).any() and not np.any(out.depth_valid & (truth > 20.5))
 

@@ -189,8 +189,13 @@ def test_megasam_hours_follow_the_per_frame_figure_of_the_costs(demo):
     c["megasam"]["gpu_s_per_frame"] = 3.6  # 1 hour per 1000 frames
     rep = capacity_report(with_datasets(cfg, realestate10k={"depth_source": "megasam"}), costs=c)
     r = rep["datasets"][0]
-    assert r["frames"] > 0
-    assert r["gpu_hours"]["megasam"] == pytest.approx(r["frames"] / 1000.0)
+    # scene passes: MegaSaM runs over each scene's frames once (2 scenes of 10 frames), not the
+    # clips' overlapping 32 frames
+    assert r["model_frames"] == 20 < r["frames"] == 32 and r["model_passes"] == 2
+    assert r["gpu_hours"]["megasam"] == pytest.approx(r["model_frames"] / 1000.0)
+    assert r["megasam_cache_bytes"] >= 20 * 2 * r["image_hw"][0] * r["image_hw"][1]  # demo frames are tiny: full size
+    assert rep["totals"]["megasam_cache_bytes"] == r["megasam_cache_bytes"]
+    assert "of MegaSaM cache" in format_capacity(rep)
     assert not any("megasam.gpu_s_per_frame" in a and "assumption" in a for a in rep["assumptions"])
     default = capacity_report(with_datasets(cfg, realestate10k={"depth_source": "megasam"}))
     assert any("megasam.gpu_s_per_frame" in a and "not a measurement" in a for a in default["assumptions"])
@@ -205,7 +210,7 @@ def test_depth_cost_follows_the_network_size_and_tracks_ignore_image_size():
         (pts[1]["hw"][0] * pts[1]["hw"][1]) / (pts[0]["hw"][0] * pts[0]["hw"][1]))
 
     def hours(hw):
-        rep = projection_from_counts([{"dataset": "realestate10k", "scenes": 100, "frames_per_scene": 64, "hw": hw}])
+        rep = projection_from_counts([{"dataset": "realestate10k", "scenes": 100, "frames_per_scene": 200, "hw": hw}])
         return rep["datasets"][0]
 
     a, b, wide = hours([360, 640]), hours([720, 1280]), hours([512, 1024])
@@ -281,7 +286,7 @@ def test_bad_costs_file_names_the_field(tmp_path, edit, field, what):
     path = _write(tmp_path, raw)
     cfg = BuildConfig.model_validate({"output": "x", "datasets": {"realestate10k": {"root": "x"}}})
     with pytest.raises(CostsError) as exc:
-        projection_from_counts([{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 40}], cfg=cfg, costs=path)
+        projection_from_counts([{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 120}], cfg=cfg, costs=path)
     msg = str(exc.value)
     assert field in msg and what in msg and str(path) in msg
     assert isinstance(exc.value, ConfigError)  # the CLI prints ConfigErrors as one line
@@ -292,7 +297,7 @@ def test_costs_missing_entry_for_the_configured_model(tmp_path, demo):
     del raw["depth"]["frames_per_s"]["vitl"]
     cfg = BuildConfig.model_validate({"output": "x", "datasets": {"realestate10k": {"root": "x"}}})  # default encoder vitl
     with pytest.raises(CostsError, match=r"depth\.frames_per_s\.vitl\.fp16' is missing"):
-        projection_from_counts([{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 40}], cfg=cfg,
+        projection_from_counts([{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 120}], cfg=cfg,
                                costs=_write(tmp_path, raw))
     with pytest.raises(CostsError, match="costs file not found"):
         capacity_report(demo[1], costs=tmp_path / "nope.yaml")

@@ -43,3 +43,11 @@ def test_chaos_more_trials(tmp_path):
     s = _chaos().main(["--trials", "6", "--seed", "11", "--out", str(tmp_path)])
     _check(s, 6)
     assert set(s["faults_by_kind"]) >= {"driver", "worker"}
+
+
+@pytest.mark.slow
+def test_chaos_with_scene_passes_and_megasam(tmp_path):
+    """Kills during scene passes (depth actor, MegaSaM tasks, align tasks) and of MegaSaM runs."""
+    s = _chaos().main(["--trials", "3", "--seed", "5", "--datasets", "tartanair", "--megasam", "--out", str(tmp_path)])
+    _check(s, 3)
+    assert set(s["faults_by_kind"]) & {"megasam", "scene"}, s["faults_by_kind"]

@@ -60,7 +60,7 @@ def test_every_string_field_is_free_text_or_typed():
     from pipeline import config_doc
 
     free_text = {"root", "output", "checkpoint", "megasam_command", "cache_dir", "marker_dir", "trace_dir",
-                 "address"}
+                 "address", "megasam_version"}  # megasam_version: the user's label of their MegaSaM install
     for model in config_doc.MODELS:
         for name, f in model.model_fields.items():
             ann = f.annotation

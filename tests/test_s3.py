@@ -275,13 +275,34 @@ def test_model_checkpoints_load_from_s3(s3):
         assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
 
 
-def test_megasam_cache_url_is_refused_up_front():
-    from pipeline.config import ConfigError, load_config
+def test_megasam_cache_in_s3_is_reused_by_another_runner(s3, tmp_path):
+    """The MegaSaM cache lives in the output store: a second node (another runner, another work
+    dir) finds the result in S3 and does not run the command again; the log is in S3 too."""
+    import shlex
+    import sys
 
-    text = ("output: s3://bucket/out\ndatasets: {realestate10k: {root: s3://bucket/re10k, depth_source: megasam}}\n"
-            "stages: {align: {megasam_command: 'run {frames_dir} {out_npz}', cache_dir: 's3://bucket/cache'}}\n")
-    with pytest.raises(ConfigError, match="cache_dir"):
-        load_config(text, is_text=True)
+    import numpy as np
+
+    from stages.align.megasam import MegaSaMCache, MegaSaMRunner, run_cached
+
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "fake_megasam.py"
+    script.write_text(
+        "import os, sys, numpy as np\n"
+        "frames, out, run = sys.argv[1:4]\n"
+        f"open({str(calls)!r}, 'a').write(run + '\\n')\n"
+        "t = len(os.listdir(frames))\n"
+        "np.savez(out, images=np.zeros((t, 8, 8, 3), np.uint8), depths=np.full((t, 8, 8), 3.0, np.float32),\n"
+        "         intrinsic=np.array([[8.0, 0, 4], [0, 8, 4], [0, 0, 1]]), cam_c2w=np.tile(np.eye(4), (t, 1, 1)))\n")
+    cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} {{frames_dir}} {{out_npz}} {{clip_id}}"
+    frames = np.random.default_rng(1).integers(0, 255, (4, 8, 8, 3), np.uint8)
+    url = s3.url("out/cache/megasam")
+    first = run_cached(MegaSaMRunner(cmd, tmp_path / "node1"), MegaSaMCache(url), "re__s__000000", frames)
+    second = run_cached(MegaSaMRunner(cmd, tmp_path / "node2"), MegaSaMCache(url), "re__s__000000", frames)
+    assert not first.cached and second.cached and calls.read_text().split() == ["re__s__000000"]
+    np.testing.assert_array_equal(first.output.depths, second.output.depths)
+    keys = s3.objects("out/cache/megasam")
+    assert any(k.endswith(f"{first.key}.npz") for k in keys) and any("/logs/" in k for k in keys)
 
 
 def test_verify_catches_damage_and_resume_repairs_exactly_once(s3, builds):

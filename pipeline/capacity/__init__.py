@@ -23,15 +23,18 @@ How each cost is modelled (docs/CLUSTER.md, "Capacity planning", has the derivat
 
 * **depth** (Video Depth Anything, datasets whose ``depth_source`` is not ``gt``): the measured
   whole-video frames/s at 518x518 is split into a per-distinct-frame part (encoder) and a
-  per-window-frame part (temporal head) in the proportion of the measured profile; a clip of T
-  frames costs ``a*T + b*32*windows(T)`` (short clips still fill a 32-frame window) and both parts
+  per-window-frame part (temporal head) in the proportion of the measured profile; a pass of T
+  frames costs ``a*T + b*32*windows(T)`` (short passes still fill a 32-frame window) and both parts
   scale with the network input pixels (:func:`stages.depth.vda.infer.network_size` of the
   image size and ``input_size``) to the power fitted through the two measured resolutions.
 * **tracks** (CoTracker3, ``track_source: cotracker``): cost proportional to point-frames
   (``len(query_frames) * grid_size**2`` points x T frames, twice for the offline model's backward
   pass) at the measured point-frames/s. The model always resizes to 384x512, so the image size
-  does not enter.
-* **megasam** (``depth_source: megasam``): GPU-seconds per frame; *not measured* in this project.
+  does not enter. A pass is a scene's frame sequence with scene passes (``pipeline/stage_routes.py``;
+  each segment of a long scene), else a clip.
+* **megasam** (``depth_source: megasam``): GPU-seconds per frame of its passes; *not measured* in
+  this project. Its cache in the output store is counted at its bound
+  (:func:`stages.align.megasam.cache_entry_bytes`: 2 bytes per cached depth pixel, 136 per frame).
 * **CPU** (ingest, encode, write per frame, scaled linearly with the stored pixels; align per
   frame for depth-model datasets).
 * **output bytes**: JPEG and depth-PNG bytes per pixel measured at several sizes (interpolated

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.capacity.costs import load_costs
-from pipeline.capacity.rows import assemble_report, dataset_row
+from pipeline.capacity.rows import assemble_report, dataset_row, pass_frames
 from pipeline.config import BuildConfig
 
 
@@ -52,8 +52,10 @@ def capacity_report(cfg: BuildConfig, costs: str | Path | dict | None = None, pr
     n_clips = Counter(x["dataset"] for x in plan.clips)
     n_shards = Counter(s["dataset"] for s in plan.shards)
     first_clip: dict[str, dict] = {}
+    scene_clips: dict[str, dict[str, list]] = {}
     for x in plan.clips:
         first_clip.setdefault(x["dataset"], x)
+        scene_clips.setdefault(x["dataset"], {}).setdefault(x["scene"], []).append(x["frames"])
     for name in sorted(d for d, ds in rcfg.datasets.items() if ds.enabled):
         scenes, clips, shards = n_scenes[name], n_clips[name], n_shards[name]
         hw = n_gt = None
@@ -68,5 +70,6 @@ def capacity_report(cfg: BuildConfig, costs: str | Path | dict | None = None, pr
         else:
             source = why
         rows.append(dataset_row(name, rcfg, c, scenes=scenes, clips=clips, shards=shards, image_hw=hw,
-                                gt_tracks=n_gt or 0, hw_source=source))
+                                gt_tracks=n_gt or 0, hw_source=source,
+                                passes=pass_frames(rcfg, name, list(scene_clips.get(name, {}).values()))))
     return assemble_report(rcfg, c, rows, notes, mode="plan")

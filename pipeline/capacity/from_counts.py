@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.capacity.costs import load_costs
-from pipeline.capacity.rows import assemble_report, dataset_row
+from pipeline.capacity.rows import assemble_report, dataset_row, pass_frames
 from pipeline.capacity.text import human_bytes
 from pipeline.config import BuildConfig, ConfigError
 
@@ -54,6 +54,7 @@ def projection_from_counts(counts: list[dict], cfg: BuildConfig | None = None, c
     is given (its datasets must include every row's dataset; its roots are not read).
     """
     from pipeline.plan import clip_starts
+    from pipeline.stage_routes import whole_scene_shards
 
     c = load_costs(costs)
     names = sorted({r["dataset"] for r in counts})
@@ -72,14 +73,19 @@ def projection_from_counts(counts: list[dict], cfg: BuildConfig | None = None, c
         n_scenes = int(r["scenes"])
         if ds.max_scenes:
             n_scenes = min(n_scenes, ds.max_scenes)
-        per_scene = len(clip_starts(int(r["frames_per_scene"]), ds.clip_length, ds.frame_stride, ds.clip_stride))
+        starts = clip_starts(int(r["frames_per_scene"]), ds.clip_length, ds.frame_stride, ds.clip_stride)
         if ds.max_clips_per_scene:
-            per_scene = min(per_scene, ds.max_clips_per_scene)
+            starts = starts[: ds.max_clips_per_scene]
+        per_scene = len(starts)
         clips = n_scenes * per_scene
-        rows.append(dataset_row(name, cfg, c, scenes=n_scenes, clips=clips, shards=-(-clips // cfg.shard_size),
+        one_scene = [[s + i * ds.frame_stride for i in range(ds.clip_length)] for s in starts]
+        shards = -(-clips // cfg.shard_size)
+        if whole_scene_shards(cfg, name) and per_scene:  # whole scenes per shard (pipeline/plan.py)
+            shards = -(-n_scenes // max(1, cfg.shard_size // per_scene))
+        rows.append(dataset_row(name, cfg, c, scenes=n_scenes, clips=clips, shards=shards,
                                 image_hw=hw, gt_tracks=int(r.get("gt_tracks", nn)),
                                 hw_source="counts table" if r.get("hw") else "nominal (counts table)",
-                                label=r.get("label")))
+                                label=r.get("label"), passes=pass_frames(cfg, name, [one_scene] * n_scenes)))
     notes = ["Counts are a table of estimates, not read from data: " +
              "; ".join(f"{r.get('label', r['dataset'])}: {r['scenes']:,} scenes x {r['frames_per_scene']:,} frames"
                        + (f" ({r['source']})" if r.get("source") else "") for r in counts)]
@@ -90,7 +96,7 @@ def full_build_markdown(costs: str | Path | dict | None = None) -> str:
     """The docs/CLUSTER.md table of the ~130k-scene projection (``d4s plan --full-build --markdown``)."""
     rep = projection_from_counts(FULL_BUILD_COUNTS, costs=costs)
     lines = ["| dataset | scenes | frames/scene | image | clips | frames | output | depth GPU-h | tracks GPU-h "
-             "| MegaSaM GPU-h | CPU core-h |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| MegaSaM GPU-h | MegaSaM cache | CPU core-h |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fps = {r.get("label", r["dataset"]): r["frames_per_scene"] for r in FULL_BUILD_COUNTS}
 
     def num(x):
@@ -102,10 +108,13 @@ def full_build_markdown(costs: str | Path | dict | None = None) -> str:
     for r in rep["datasets"]:
         lines.append(f"| {r['label']} | {r['scenes']:,} | {fps[r['label']]:,} | {r['image_hw'][1]}x{r['image_hw'][0]} "
                      f"| {r['clips']:,} | {r['frames']:,} | {human_bytes(r['output_bytes'])} | {h(r, 'depth')} "
-                     f"| {h(r, 'tracks')} | {h(r, 'megasam')} | {num(r['cpu_core_hours']['total'])} |")
+                     f"| {h(r, 'tracks')} | {h(r, 'megasam')} "
+                     f"| {human_bytes(r['megasam_cache_bytes']) if r['megasam_cache_bytes'] else '-'} "
+                     f"| {num(r['cpu_core_hours']['total'])} |")
     t = rep["totals"]
     g = t["gpu_hours"]
     lines.append(f"| **total** | **{t['scenes']:,}** | | | **{t['clips']:,}** | **{t['frames']:,}** "
                  f"| **{human_bytes(t['output_bytes'])}** | **{num(g['depth'])}** | **{num(g['tracks'])}** "
-                 f"| **{num(g['megasam'])}** | **{num(t['cpu_core_hours']['total'])}** |")
+                 f"| **{num(g['megasam'])}** | **{human_bytes(t['megasam_cache_bytes'])}** "
+                 f"| **{num(t['cpu_core_hours']['total'])}** |")
     return "\n".join(lines)

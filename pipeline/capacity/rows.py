@@ -13,30 +13,53 @@ GPU_STAGES = ("depth", "tracks", "megasam")
 CPU_STAGES = ("ingest", "encode", "write", "align")
 
 
-def model_stages(ds) -> list[str]:
-    """GPU model stages a (resolved) dataset config needs: the same rules as the DAG (pipeline/dag.py)."""
-    out = []
-    if ds.depth_source != "gt":
-        out.append("depth")
-    if ds.track_source == "cotracker":
-        out.append("tracks")
-    if ds.depth_source == "megasam":
-        out.append("megasam")
-    return out
+def model_stages(cfg: BuildConfig, name: str) -> list[str]:
+    """Model stages of a (resolved) dataset: read from the stage declarations (pipeline/stage_routes.py)."""
+    from pipeline.stage_routes import model_stages as declared
+
+    return declared(cfg, name)
+
+
+def pass_frames(cfg: BuildConfig, name: str, scene_clip_frames: list[list[list[int]]]) -> list[int]:
+    """Frames of each model pass (the depth model's, MegaSaM's) over a dataset's scenes, given each
+    scene's clips' frame lists: the union per scene with scene passes, else every clip's own."""
+    from pipeline.stage_routes import step
+
+    depth = step(cfg, name, "depth")
+    if depth is not None and depth.granularity == "scene":
+        return [len(set().union(*map(set, clips))) for clips in scene_clip_frames if clips]
+    return [len(f) for clips in scene_clip_frames for f in clips]
+
+
+def _segment_lengths(n: int, cfg: BuildConfig) -> list[int]:
+    from stages.scene.segments import plan_segments
+
+    sc = cfg.stages.scene
+    return [b - a for a, b in plan_segments(n, sc.max_frames, sc.overlap_frames)]
 
 
 def dataset_row(name: str, cfg: BuildConfig, costs: Costs, *, scenes: int, clips: int, shards: int,
-                image_hw: tuple[int, int], gt_tracks: int, hw_source: str, label: str | None = None) -> dict:
-    """Projected costs of ``clips`` clips of dataset ``name`` (cfg must be resolved)."""
+                image_hw: tuple[int, int], gt_tracks: int, hw_source: str, label: str | None = None,
+                passes: list[int] | None = None) -> dict:
+    """Projected costs of ``clips`` clips of dataset ``name`` (cfg must be resolved). ``passes``: the
+    frames of each depth/MegaSaM pass (:func:`pass_frames`; default one pass per clip)."""
+    from stages.align.megasam import cache_entry_bytes
+
     ds = cfg.datasets[name]
     t = int(ds.clip_length)
     frames = clips * t
-    stages = model_stages(ds)
+    stages = model_stages(cfg, name)
+    passes = passes if passes is not None else [t] * clips
+    segments = [n for p in passes for n in _segment_lengths(p, cfg)]
     gpu = {k: 0.0 for k in GPU_STAGES}
+    cache_bytes = 0
     if "depth" in stages:
-        gpu["depth"] = clips * vda_seconds_per_clip(t, image_hw, cfg.stages.depth, costs) / 3600.0
+        per = {n: vda_seconds_per_clip(n, image_hw, cfg.stages.depth, costs) for n in set(segments)}
+        gpu["depth"] = sum(per[n] for n in segments) / 3600.0
     if "megasam" in stages:
-        gpu["megasam"] = frames * costs.figure("megasam.gpu_s_per_frame") / 3600.0
+        gpu["megasam"] = sum(segments) * costs.figure("megasam.gpu_s_per_frame") / 3600.0
+        a = cfg.stages.align
+        cache_bytes = sum(cache_entry_bytes(n, image_hw[0], image_hw[1], a.megasam_cache_max_side) for n in segments)
     if ds.track_source == "cotracker":
         sec, tracks = cotracker_seconds_per_clip(t, cfg.stages.tracks, costs)
         gpu["tracks"] = clips * sec / 3600.0
@@ -56,14 +79,18 @@ def dataset_row(name: str, cfg: BuildConfig, costs: Costs, *, scenes: int, clips
         "dataset": name, "label": label or name, "scenes": int(scenes), "clips": int(clips), "frames": int(frames),
         "shards": int(shards), "clip_length": t, "image_hw": [int(image_hw[0]), int(image_hw[1])], "image_hw_source": hw_source,
         "depth_source": ds.depth_source, "track_source": ds.track_source, "model_stages": stages,
+        "model_passes": len(passes) if "depth" in stages else 0,
+        "model_frames": sum(segments) if "depth" in stages else 0,
         "tracks_per_clip": int(tracks), "output_bytes": int(round(out_bytes)),
+        "megasam_cache_bytes": int(cache_bytes),
         "gpu_hours": {**gpu, "total": sum(gpu.values())},
         "cpu_core_hours": {**cpu, "total": sum(cpu.values())},
     }
 
 
 def _totals(rows: list[dict]) -> dict:
-    tot = {k: sum(r[k] for r in rows) for k in ("scenes", "clips", "frames", "shards", "output_bytes")}
+    tot = {k: sum(r[k] for r in rows) for k in ("scenes", "clips", "frames", "shards", "output_bytes",
+                                                 "model_frames", "megasam_cache_bytes")}
     tot["gpu_hours"] = {k: sum(r["gpu_hours"][k] for r in rows) for k in (*GPU_STAGES, "total")}
     tot["cpu_core_hours"] = {k: sum(r["cpu_core_hours"][k] for r in rows) for k in (*CPU_STAGES, "total")}
     return tot
@@ -74,7 +101,8 @@ def _general_assumptions(cfg: BuildConfig, costs: Costs, rows: list[dict]) -> li
     out = [
         f"GPU-hours are for {gpu}, one model per GPU, from isolated benchmarks of the model stages "
         f"(costs file {costs.source}); a CPU-only build is far slower.",
-        "Depth (Video Depth Anything): cost per clip = a*T + b*32*windows(T) at 518x518, split between "
+        "Depth (Video Depth Anything): cost per pass of T frames (a scene's frames with scene passes, "
+        "else a clip) = a*T + b*32*windows(T) at 518x518, split between "
         "encoder and temporal head as profiled, scaled by (network pixels / 518^2)^%.2f; the network size "
         "follows the image size and stages.depth.input_size." % vda_pixel_exponent(costs),
         "Tracks (CoTracker3): cost proportional to point-frames (query frames x grid_size^2 points x T, x2 "

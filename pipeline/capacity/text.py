@@ -55,7 +55,9 @@ def format_capacity(rep: dict) -> str:
     summary = (f"total: {human_hours(g['total'])} of GPU time"
                + (f" ({human_hours(g['megasam'])} of it MegaSaM, an assumption)" if g["megasam"] else "")
                + f", {human_hours(tot['cpu_core_hours']['total'])} of CPU core time, {human_bytes(tot['output_bytes'])} "
-               f"in {tot['shards']:,} shards.")
+               f"in {tot['shards']:,} shards"
+               + (f", at most {human_bytes(tot['megasam_cache_bytes'])} of MegaSaM cache (OUT/cache/megasam)"
+                  if tot.get("megasam_cache_bytes") else "") + ".")
     out += [""] + textwrap.wrap(summary, width=78) + ["", "assumptions:"]
     for a in rep["assumptions"]:
         out += textwrap.wrap(a.replace("[", "(").replace("]", ")"), width=78, initial_indent="  - ", subsequent_indent="    ")

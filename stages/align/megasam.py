@@ -1,24 +1,36 @@
-"""Running MegaSaM (an external program with its own environment) and reading its output.
+"""Running MegaSaM (an external program with its own environment), reading its output, caching it.
 
-d4s does not import MegaSaM: it runs it as a command per clip and reads the ``.npz`` it writes
+d4s does not import MegaSaM: it runs it as a command per scene (or per segment of a long scene,
+or per clip with ``stages.scene.granularity: clip``) and reads the ``.npz`` it writes
 (``images`` (T,H,W,3) uint8, ``depths`` (T,H,W) float32, ``intrinsic`` (3,3) pixels, ``cam_c2w``
 (T,4,4) OpenCV camera-to-world; see ``FORMATS.md``, "MegaSaM outputs").
 
 :class:`MegaSaMRunner` takes a command template with the placeholders ``{frames_dir}``,
-``{out_npz}`` and ``{clip_id}``. Safety: the *template* is split with :func:`shlex.split` once,
-then each argument is formatted on its own, so a value (a clip id with spaces, quotes or ``;``)
-always stays inside one argv element; no shell is involved. A clip id starting with ``-`` is
-refused (it could be read as an option). The command must write the npz to ``{out_npz}``
-(a wrapper script can rename MegaSaM's ``<name>_sgd_cvd_hr.npz``).
+``{out_npz}`` and ``{clip_id}`` (the run id: ``dataset__scene__first-frame``). Safety: the
+*template* is split with :func:`shlex.split` once, then each argument is formatted on its own,
+so a value (an id with spaces, quotes or ``;``) always stays inside one argv element; no shell
+is involved. A run id starting with ``-`` is refused (it could be read as an option). The
+command must write the npz to ``{out_npz}`` (a wrapper script can rename MegaSaM's
+``<name>_sgd_cvd_hr.npz``). Frames are written as ``<source frame index>.png`` (zero-padded, so
+name order is frame order).
+
+:class:`MegaSaMCache` keeps results in the output store (a local path or ``s3://``...), keyed
+by content (the frames' pixels, the command template, ``megasam_version``, the cache format), so
+a resume, another node or a second build reuses them; :func:`run_cached` is lookup, run, store.
+A cached result is compact and bounded: depth as the shard format's 16-bit log code
+(``pipeline/sample_format.py``, relative error <= 9.3e-5) at most ``max_side`` pixels on its long
+side, plus poses and K: at most ``2 * h * w + 136`` bytes per frame before compression. What a
+run returns is always the cached form, so a fresh run and a cache hit give the same bytes.
 
 Errors: a missing executable or a bad template is a configuration error
 (:class:`MegaSaMConfigError`, *not* a :class:`ClipError`: the run should stop, not skip every
-clip). A failing command, a timeout or an unreadable output is an :class:`AlignmentError` for
-that clip naming the clip, the exit code and the log file.
+clip). A failing command, a timeout or an unreadable output is an :class:`AlignmentError`
+naming the run, the exit code and the log file.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shlex
@@ -48,7 +60,7 @@ class MegaSaMConfigError(RuntimeError):
 class MegaSaMOutput:
     """A validated MegaSaM result. ``intrinsics`` is (T,4) fx fy cx cy for the depth's size."""
 
-    images: np.ndarray  # (T,H,W,3) uint8
+    images: np.ndarray | None  # (T,H,W,3) uint8; None for a cached result (d4s has the frames)
     depths: np.ndarray  # (T,H,W) float32, metres (metric-ish)
     intrinsic: np.ndarray  # (3,3)
     cam_c2w: np.ndarray  # (T,4,4)
@@ -128,19 +140,18 @@ def _safe_name(clip_id: str) -> str:
 
 
 class MegaSaMRunner:
-    """Run MegaSaM per clip through ``command_template``; cache results by clip id.
+    """Run MegaSaM through ``command_template`` on a sequence of frames (no caching here).
 
-    ``cache_dir`` holds ``<safe id>.npz`` (the result) and ``logs/<safe id>.log`` (stdout and
-    stderr of every attempt). ``timeout_s`` bounds one attempt; ``retries`` extra attempts follow
-    a failure or a timeout. A cached, readable npz is returned without running anything.
+    ``work_dir`` holds the temporary frame folders (and default logs); ``timeout_s`` bounds one
+    attempt; ``retries`` extra attempts follow a failure or a timeout.
     """
 
-    def __init__(self, command_template: str, cache_dir: str | os.PathLike, timeout_s: float = 3600.0,
+    def __init__(self, command_template: str, work_dir: str | os.PathLike | None = None, timeout_s: float = 3600.0,
                  retries: int = 1):
         if timeout_s <= 0 or retries < 0:
             raise MegaSaMConfigError(f"timeout_s must be > 0 and retries >= 0, got {timeout_s}, {retries}")
         self.command_template = command_template
-        self.cache_dir = Path(cache_dir)
+        self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir()) / "d4s-megasam"
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
         try:
@@ -169,47 +180,41 @@ class MegaSaMRunner:
                                      f"(command template {self.command_template!r})")
         return found
 
-    def cache_path(self, clip_id: str) -> Path:
-        return self.cache_dir / f"{_safe_name(clip_id)}.npz"
+    def log_path(self, run_id: str) -> Path:
+        return self.work_dir / "logs" / f"{_safe_name(run_id)}.log"
 
-    def log_path(self, clip_id: str) -> Path:
-        return self.cache_dir / "logs" / f"{_safe_name(clip_id)}.log"
-
-    def argv(self, frames_dir: str, out_npz: str, clip_id: str) -> list[str]:
+    def argv(self, frames_dir: str, out_npz: str, run_id: str) -> list[str]:
         """The argument vector: each template token formatted separately (values never re-split)."""
-        values = {"frames_dir": str(frames_dir), "out_npz": str(out_npz), "clip_id": clip_id}
+        values = {"frames_dir": str(frames_dir), "out_npz": str(out_npz), "clip_id": run_id}
         return [self.executable] + [a.format(**values) for a in self._argv_template[1:]]
 
-    def run(self, clip_id: str, frames: np.ndarray) -> MegaSaMOutput:
-        """MegaSaM's result for ``frames`` (T,H,W,3) uint8 of clip ``clip_id`` (cached)."""
-        if not clip_id or clip_id.startswith("-"):
-            raise AlignmentError(f"refusing clip id {clip_id!r} for MegaSaM (empty or starts with '-')")
+    def run(self, run_id: str, frames: np.ndarray, *, frame_ids=None, env: dict | None = None,
+            log: str | os.PathLike | None = None) -> MegaSaMOutput:
+        """MegaSaM's result for ``frames`` (T,H,W,3) uint8 (``frame_ids``: their source indices,
+        the frame files' names). ``env``: the command's environment (default: this process's)."""
+        if not run_id or run_id.startswith("-"):
+            raise AlignmentError(f"refusing run id {run_id!r} for MegaSaM (empty or starts with '-')")
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise AlignmentError(f"clip {clip_id}: frames must be (T,H,W,3) uint8, got {frames.shape} {frames.dtype}")
-        out = self.cache_path(clip_id)
-        if out.exists():
-            try:
-                res = load_megasam_npz(out, expected_frames=frames.shape[0], clip_id=clip_id)
-                res.cached = True
-                return res
-            except AlignmentError:
-                out.unlink(missing_ok=True)  # a broken cache entry is recomputed
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path(clip_id)
+            raise AlignmentError(f"run {run_id}: frames must be (T,H,W,3) uint8, got {frames.shape} {frames.dtype}")
+        ids = list(range(len(frames))) if frame_ids is None else [int(i) for i in frame_ids]
+        if len(ids) != len(frames) or len(set(ids)) != len(ids) or ids != sorted(ids):
+            raise AlignmentError(f"run {run_id}: frame ids must be {len(frames)} increasing indices")
+        log = Path(log) if log is not None else self.log_path(run_id)
         log.parent.mkdir(parents=True, exist_ok=True)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         attempts = self.retries + 1
         last = ""
-        with tempfile.TemporaryDirectory(prefix="megasam-", dir=self.cache_dir) as tmp:
+        with tempfile.TemporaryDirectory(prefix="megasam-", dir=self.work_dir) as tmp:
             frames_dir = Path(tmp) / "frames"
             frames_dir.mkdir()
-            for i, f in enumerate(frames):
+            for i, f in zip(ids, frames):
                 Image.fromarray(f).save(frames_dir / f"{i:06d}.png")
             partial = Path(tmp) / "out.npz"
             for attempt in range(1, attempts + 1):
                 partial.unlink(missing_ok=True)
-                argv = self.argv(str(frames_dir), str(partial), clip_id)
-                rc, timed_out = self._run_once(argv, log, attempt, attempts)
+                argv = self.argv(str(frames_dir), str(partial), run_id)
+                rc, timed_out = self._run_once(argv, log, attempt, attempts, env)
                 if timed_out:
                     last = f"timed out after {self.timeout_s:g} s (attempt {attempt}/{attempts})"
                     continue
@@ -220,34 +225,24 @@ class MegaSaMRunner:
                     last = f"exit code 0 but no output at {{out_npz}} (attempt {attempt}/{attempts})"
                     continue
                 try:
-                    res = load_megasam_npz(partial, expected_frames=frames.shape[0], clip_id=clip_id)
+                    return load_megasam_npz(partial, expected_frames=frames.shape[0], clip_id=run_id)
                 except AlignmentError as e:
                     last = f"exit code 0 but bad output: {e.reason} (attempt {attempt}/{attempts})"
                     continue
-                os.replace(partial, out)  # atomic: the cache never holds a half-written file
-                res.path = str(out)
-                return res
-        raise AlignmentError(f"MegaSaM failed for clip {clip_id}: {last}; log: {log}", str(log))
+        raise AlignmentError(f"MegaSaM failed (run {run_id}): {last}; log: {log}", str(log))
 
-    def run_many(self, items: dict[str, np.ndarray]) -> dict[str, "MegaSaMOutput | AlignmentError"]:
-        """Run several clips; a clip's failure is its entry (an :class:`AlignmentError`), not a raise."""
-        results: dict[str, MegaSaMOutput | AlignmentError] = {}
-        for clip_id, frames in items.items():
-            try:
-                results[clip_id] = self.run(clip_id, frames)
-            except AlignmentError as e:
-                results[clip_id] = e
-        return results
-
-    def _run_once(self, argv: list[str], log: Path, attempt: int, attempts: int) -> tuple[int | None, bool]:
+    def _run_once(self, argv: list[str], log: Path, attempt: int, attempts: int,
+                  env: dict | None) -> tuple[int | None, bool]:
         self.invocations += 1
         with open(log, "ab") as lf:
             lf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt}/{attempts}: "
                      f"{shlex.join(argv)}\n".encode())
+            if env is not None and "CUDA_VISIBLE_DEVICES" in env:
+                lf.write(f"=== CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}\n".encode())
             lf.flush()
             try:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, env=env)
             except (FileNotFoundError, PermissionError) as e:
                 raise MegaSaMConfigError(f"cannot start MegaSaM executable {argv[0]!r}: {e}") from e
             try:
@@ -267,3 +262,140 @@ def _kill_group(proc: subprocess.Popen) -> None:
     except (ProcessLookupError, PermissionError):
         proc.kill()
     proc.wait()
+
+
+# ------------------------------------------------------------------------------------------
+# The cache in the output store
+
+CACHE_FORMAT = 1
+CACHE_BYTES_PER_PIXEL = 2  # 16-bit log depth code
+CACHE_BYTES_PER_FRAME = 136  # c2w (128) + frame index (8); K (72) once per entry
+
+
+def cache_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """The depth grid a cached result keeps for MegaSaM output of ``height x width``."""
+    long = max(height, width)
+    if not max_side or long <= max_side:
+        return height, width
+    f = max_side / long
+    return max(1, round(height * f)), max(1, round(width * f))
+
+
+def cache_entry_bytes(num_frames: int, height: int, width: int, max_side: int) -> int:
+    """Upper bound of one cached result's bytes (before zlib): what ``d4s plan`` counts."""
+    h, w = cache_size(height, width, max_side)
+    return num_frames * (CACHE_BYTES_PER_PIXEL * h * w + CACHE_BYTES_PER_FRAME) + 72 + 1024  # K, npz headers
+
+
+def compact(out: MegaSaMOutput, max_side: int) -> MegaSaMOutput:
+    """The cached form of a result: depth at most ``max_side`` on its long side (nearest, K
+    scaled), quantised to the 16-bit log code and decoded again; no images."""
+    from pipeline.sample_format import decode_depth, encode_depth
+
+    h, w = cache_size(*out.depths.shape[1:], max_side)
+    depth, k = out.resized(h, w)
+    depth = np.asarray(depth, np.float32)
+    code = encode_depth(depth, np.isfinite(depth) & (depth > 0))
+    dec, ok = decode_depth(code)
+    return MegaSaMOutput(images=None, depths=np.where(ok, dec, 0.0).astype(np.float32),
+                         intrinsic=geo.intrinsics_matrix(k[0]), cam_c2w=np.asarray(out.cam_c2w, np.float64),
+                         path=out.path, cached=out.cached)
+
+
+class MegaSaMCache:
+    """MegaSaM results under ``url`` (``<key[:2]>/<key>.npz``, logs under ``logs/``), any store."""
+
+    def __init__(self, url: str, max_side: int = 256):
+        from pipeline.storage import Store
+
+        self.store = Store(url)
+        self.max_side = int(max_side)
+
+    def key(self, frames: np.ndarray, command: str, version: str) -> str:
+        """Content key: the frames' pixels and shape, the command template, the version, the format."""
+        h = hashlib.sha256()
+        h.update(f"d4s-megasam-cache/{CACHE_FORMAT}\0{command}\0{version}\0{self.max_side}\0{frames.shape}\0".encode())
+        h.update(np.ascontiguousarray(frames).data)
+        return h.hexdigest()
+
+    @staticmethod
+    def rel(key: str) -> str:
+        return f"{key[:2]}/{key}.npz"
+
+    @staticmethod
+    def log_rel(run_id: str, key: str) -> str:
+        return f"logs/{_safe_name(run_id)}-{key[:12]}.log"
+
+    def get(self, key: str, expected_frames: int) -> MegaSaMOutput | None:
+        """The cached result, or None (absent, or unreadable: then it is removed and recomputed)."""
+        from pipeline.sample_format import decode_depth
+
+        rel = self.rel(key)
+        if not self.store.exists(rel):
+            return None
+        try:
+            with np.load(io.BytesIO(self.store.read_bytes(rel)), allow_pickle=False) as z:
+                code, k, c2w = z["depth_code"], z["intrinsic"], z["cam_c2w"]
+            if code.ndim != 3 or code.shape[0] != expected_frames or c2w.shape != (expected_frames, 4, 4):
+                raise ValueError(f"holds {code.shape[0]} frames, expected {expected_frames}")
+            dec, ok = decode_depth(code)
+        except Exception:  # noqa: BLE001 - a damaged entry is recomputed, never trusted
+            self.store.remove(rel)
+            return None
+        return MegaSaMOutput(images=None, depths=np.where(ok, dec, 0.0).astype(np.float32), intrinsic=k,
+                             cam_c2w=c2w, path=self.store.display(rel), cached=True)
+
+    def put(self, key: str, out: MegaSaMOutput) -> int:
+        """Store a compact result (atomically); returns its bytes."""
+        from pipeline.sample_format import encode_depth
+
+        buf = io.BytesIO()
+        d = out.depths
+        np.savez_compressed(buf, depth_code=encode_depth(d, np.isfinite(d) & (d > 0)), intrinsic=out.intrinsic,
+                            cam_c2w=out.cam_c2w)
+        data = buf.getvalue()
+        self.store.write_bytes_atomic(self.rel(key), data)
+        return len(data)
+
+
+@dataclass
+class CachedRun:
+    output: MegaSaMOutput
+    cached: bool
+    key: str
+    bytes: int = 0
+
+
+def run_cached(runner: MegaSaMRunner, cache: MegaSaMCache, run_id: str, frames: np.ndarray, *, frame_ids=None,
+               version: str = "", env: dict | None = None) -> CachedRun:
+    """The cached result for ``frames``, else run MegaSaM, store the compact result and return it.
+
+    The run's log goes to the cache store (``logs/``) whether it succeeded or not, so the reason
+    of a failure names a log that any node can read.
+    """
+    key = cache.key(frames, runner.command_template, version)
+    hit = cache.get(key, len(frames))
+    if hit is not None:
+        return CachedRun(hit, True, key)
+    log_rel = cache.log_rel(run_id, key)
+    local_log = runner.log_path(f"{run_id}-{key[:12]}")
+    local_log.unlink(missing_ok=True)
+    try:
+        out = runner.run(run_id, frames, frame_ids=frame_ids, env=env, log=local_log)
+    except AlignmentError as e:
+        where = _publish_log(cache, local_log, log_rel)
+        raise AlignmentError(e.reason.split("; log: ")[0] + f"; log: {where}", where) from None
+    _publish_log(cache, local_log, log_rel)
+    small = compact(out, cache.max_side)
+    n = cache.put(key, small)
+    small.path = cache.store.display(cache.rel(key))
+    return CachedRun(small, False, key, n)
+
+
+def _publish_log(cache: MegaSaMCache, local: Path, rel: str) -> str:
+    try:
+        cache.store.write_bytes_atomic(rel, local.read_bytes() if local.exists() else b"")
+        local.unlink(missing_ok=True)
+        return cache.store.display(rel)
+    except OSError:
+        return str(local)

@@ -1,28 +1,22 @@
-"""Align stage: make the depth stage's relative prediction metric (docs/ALIGNMENT.md)."""
+"""Align stage: make the depth stage's relative prediction metric, one fit per scene (docs/ALIGNMENT.md)."""
 from __future__ import annotations
 
-from pipeline.clip import Clip, ClipFailure
 from pipeline.config import BuildConfig
 from stages.contract import StageContract
 
 CONTRACT = StageContract(
     name="align",
-    inputs=("aux.relative_depth", "c2w", "intrinsics", "reference: gt | megasam | vda_metric | sparse tracks"),
-    outputs=("depth", "depth_valid", "c2w (rescaled where poses are up to scale)", "meta.qc.align"),
-    runs_as="task (CPU; MegaSaM runs as an external command)",
+    inputs=("aux.relative_depth (all clips of a scene)", "c2w", "intrinsics",
+            "reference: megasam, vda_metric or sparse tracks"),
+    outputs=("depth", "depth_valid", "c2w (rescaled where poses are up to scale)", "meta.qc.align (clip and scene)"),
+    runs_as="task (CPU), one per scene (or per clip)",
     acts_when="the clip carries a relative depth prediction",
-    errors="degenerate fit, QC thresholds, MegaSaM failure/timeout",
+    errors="degenerate scene fit (fails the scene's clips), scene or clip QC thresholds",
 )
 
 
-def align(clip, cfg: BuildConfig):
-    if isinstance(clip, ClipFailure) or "relative_depth" not in clip.aux:
-        return clip
-    from stages.align.pipeline_stage import align_for_pipeline
+def align(clips: list, cfg: BuildConfig, megasam=None) -> list:
+    """The clips of one pass (a scene, or one clip), aligned; failures pass through."""
+    from stages.align.pipeline_stage import align_group
 
-    try:
-        out = align_for_pipeline(clip, cfg)
-        out.aux.pop("relative_depth", None)
-        return out.validate()
-    except Exception as exc:
-        return ClipFailure.from_exception(clip.key, "align", exc)
+    return align_group(clips, cfg, megasam)

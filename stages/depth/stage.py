@@ -1,53 +1,95 @@
-"""Depth stage: Video Depth Anything on clips that carry no metric depth.
+"""Depth stage: Video Depth Anything on clips that carry no metric depth, once per scene.
 
-Runs in a model actor (one model per actor, loaded once). All clips of a shard go to the model
-together, so their windows share forward passes. The output is not yet metric: it is stored in
-``clip.aux['relative_depth']`` (with ``aux['relative_kind']``: 'disparity' for the relative
-model, 'metric_depth' for the metric one) for the align stage, which makes it metric.
+Runs in a model actor (one model per actor, loaded once) on the :class:`ModelStage` loop. With
+scene passes (``stages.scene.granularity: scene``, the default) the clips of one scene form one
+pass: the model sees the scene's frame sequence (every frame any of its clips uses, once, in
+order; ``stages/scene/sequence.py``), so VDA's 32-frame windows are full and its temporal
+consistency spans the scene. Scenes longer than ``stages.scene.max_frames`` run as overlapping
+segments joined like VDA joins its windows (``stages/scene/segments.py``). All passes of a shard
+go to the model together, so their windows share forward passes. Each clip then gets its frames'
+rows of the scene's prediction.
+
+The output is not yet metric: it is stored in ``clip.aux['relative_depth']`` (with
+``aux['relative_kind']``: 'disparity' for the relative model, 'metric_depth' for the metric one)
+for the align stage, which makes it metric.
 """
 from __future__ import annotations
 
-from pipeline.clip import Clip, ClipFailure
+from pipeline.clip import Clip
 from pipeline.config import BuildConfig
 from stages.contract import StageContract
+from stages.model_stage import ModelStage
+from stages.scene.segments import join_maps, plan_segments
+from stages.scene.sequence import SceneSequence, group_key
 
 CONTRACT = StageContract(
     name="depth",
-    inputs=("rgb",),
+    inputs=("rgb (all clips of a scene)",),
     outputs=("aux.relative_depth", "aux.relative_kind", "meta.untrained_models"),
-    runs_as="actor pool (GPU per actor when present, else CPU)",
+    runs_as="actor pool (GPU per actor when present, else CPU); one pass per scene (or per clip)",
     acts_when="the dataset's depth_source is not 'gt' and the clip has no depth",
-    errors="model failure on the clip's frames",
+    errors="model failure on the scene's frames (fails the scene's clips)",
 )
 
 
-class DepthModelStage:
-    def __init__(self, cfg: BuildConfig, device: str):
-        from stages.depth.vda.runner import VDARunner
+class DepthModelStage(ModelStage):
+    name = "depth"
+    untrained_tag = "vda"
 
+    def __init__(self, cfg: BuildConfig, device: str, runner=None):
         d = cfg.stages.depth
         self.metric = d.metric
-        self.runner = VDARunner(encoder=d.encoder, checkpoint=d.checkpoint, metric=d.metric, device=device,
-                                dtype=d.dtype if device != "cpu" else "fp32", input_size=d.input_size,
-                                compile=d.compile, allow_random_weights=d.allow_random_weights)
+        self.granularity = cfg.stages.scene.granularity
+        self.max_frames = cfg.stages.scene.max_frames
+        self.overlap = cfg.stages.scene.overlap_frames
+        if runner is None:
+            from stages.depth.vda.runner import VDARunner
 
-    def process(self, clips: list) -> list:
-        todo = [c for c in clips if isinstance(c, Clip) and c.depth is None]
-        if not todo:
-            return clips
-        try:
-            preds = self.runner.predict([c.rgb for c in todo])
-        except Exception:
-            preds = None  # isolate the bad clip below instead of failing the batch
-        out_by_id = {}
-        for i, c in enumerate(todo):
+            runner = VDARunner(encoder=d.encoder, checkpoint=d.checkpoint, metric=d.metric, device=device,
+                               dtype=d.dtype if device != "cpu" else "fp32", input_size=d.input_size,
+                               compile=d.compile, allow_random_weights=d.allow_random_weights)
+        self.runner = runner
+
+    @property
+    def untrained(self) -> bool:
+        return bool(self.runner.untrained)
+
+    def wants(self, clip: Clip) -> bool:
+        return clip.depth is None
+
+    def group_of(self, clip: Clip) -> str:
+        return group_key(clip, self.granularity)
+
+    def infer(self, passes: list[list[Clip]]) -> list:
+        """Every segment of every pass through the model in one call; joined per pass."""
+        seqs, videos, spans = [], [], []
+        for members in passes:
             try:
-                p = preds[i] if preds is not None else self.runner.predict([c.rgb])[0]
-                c.aux["relative_depth"] = p
-                c.aux["relative_kind"] = "metric_depth" if self.metric else "disparity"
-                if self.runner.untrained and "vda" not in c.meta.untrained_models:
-                    c.meta.untrained_models.append("vda")
-                out_by_id[c.key] = c
-            except Exception as exc:
-                out_by_id[c.key] = ClipFailure.from_exception(c.key, "depth", exc)
-        return [out_by_id.get(c.key, c) if isinstance(c, Clip) else c for c in clips]
+                seq = SceneSequence.from_clips(group_key(members[0], self.granularity), members)
+            except Exception as exc:  # noqa: BLE001 - this pass fails, the others run
+                seqs.append(exc)
+                continue
+            rgb = seq.rgb()
+            segs = plan_segments(seq.num_frames, self.max_frames, self.overlap)
+            spans.append((len(seqs), len(videos), segs))
+            seqs.append(seq)
+            videos += [rgb[a:b] for a, b in segs]
+        preds = self.runner.predict(videos) if videos else []
+        out: list = list(seqs)
+        for i, first, segs in spans:
+            parts = preds[first:first + len(segs)]
+            depth = parts[0] if len(parts) == 1 else join_maps(parts, segs, "scale" if self.metric else "affine")[0]
+            out[i] = (seqs[i], depth, segs)
+        return out
+
+    def finish(self, clip: Clip, result, members: list[Clip]) -> Clip:
+        seq, depth, _ = result
+        clip.aux["relative_depth"] = seq.cut(clip.key, depth)
+        clip.aux["relative_kind"] = "metric_depth" if self.metric else "disparity"
+        return clip
+
+    def stats(self, members: list[Clip], result) -> dict[str, float]:
+        seq, _, segs = result
+        return {"depth.passes": 1, "depth.source_frames": seq.num_frames,
+                "depth.model_frames": sum(b - a for a, b in segs),
+                "depth.clip_frames": sum(c.num_frames for c in members)}

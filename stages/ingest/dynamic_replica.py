@@ -75,7 +75,7 @@ class DynamicReplicaAdapter(DatasetAdapter):
     version = "2"  # 2: visible only inside the image and in front of the camera
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=True, real=False)
     options_model = DynamicReplicaOptions
-    defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=1.0,
+    defaults = AdapterDefaults(clip_length=49, frame_stride=1, clip_stride=49, repeat_weight=1.0,
                                depth_source="gt", track_source="gt", min_depth_m=0.01, max_depth_m=100.0)
 
     def __init__(self, root, options=None, **kw):

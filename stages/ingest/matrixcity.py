@@ -75,7 +75,7 @@ class MatrixCityAdapter(DatasetAdapter):
     capabilities = Capabilities(dynamic=False, has_depth=True, has_tracks=False, real=False)
     options_model = MatrixCityOptions
     # float16 centimetres top out at 655.04 m: farther (and sky) pixels are invalid.
-    defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=1.0,
+    defaults = AdapterDefaults(clip_length=49, frame_stride=1, clip_stride=49, repeat_weight=1.0,
                                depth_source="gt", track_source="depth_static", min_depth_m=0.05, max_depth_m=655.0)
 
     def discover(self) -> list[SceneRef]:

@@ -101,7 +101,7 @@ class PointOdysseyAdapter(DatasetAdapter):
     version = "2"  # 2: glitched-track filter, empty trajs_3d loads without tracks
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=True, real=False)
     options_model = PointOdysseyOptions
-    defaults = AdapterDefaults(clip_length=16, frame_stride=2, clip_stride=64, repeat_weight=1.0,
+    defaults = AdapterDefaults(clip_length=49, frame_stride=2, clip_stride=128, repeat_weight=1.0,
                                loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
                                depth_source="gt", track_source="gt", min_depth_m=0.01, max_depth_m=1000.0)
 

@@ -173,8 +173,10 @@ class RealEstate10KAdapter(DatasetAdapter):
     capabilities = Capabilities(dynamic=False, has_depth=False, has_tracks=False, real=True, metric_poses=False)
     # Real, static, camera-only: depth comes from MegaSaM (anchored by a metric prior) and
     # tracks from CoTracker. Camera files are at the video frame rate (~30 fps) with slow
-    # walkthrough motion, hence a stride of 2. Pseudo-depth gets a lower weight than GT.
-    defaults = AdapterDefaults(clip_length=16, frame_stride=2, clip_stride=32, repeat_weight=1.0,
+    # walkthrough motion, hence a stride of 2; 49-frame clips (1 + 4k, what the trainer consumes)
+    # span 97 camera lines; consecutive clips share half of them (stride 48): the scene passes
+    # run each frame once however many clips use it. Pseudo-depth gets a lower weight than GT.
+    defaults = AdapterDefaults(clip_length=49, frame_stride=2, clip_stride=48, repeat_weight=1.0,
                                loss_weights={"depth": 0.5, "motion": 0.5, "photo": 1.0},
                                depth_source="megasam", track_source="cotracker",
                                min_depth_m=0.05, max_depth_m=100.0)

@@ -64,7 +64,7 @@ class SpringAdapter(DatasetAdapter):
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=False, real=False)
     options_model = SpringOptions
     # Small (37 train sequences, ~5k frames) and high quality: overlapping clips.
-    defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=8, repeat_weight=1.0,
+    defaults = AdapterDefaults(clip_length=49, frame_stride=1, clip_stride=24, repeat_weight=1.0,
                                loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
                                depth_source="gt", track_source="cotracker", min_depth_m=0.05, max_depth_m=1000.0)
 

@@ -62,8 +62,8 @@ def ingest_clip(spec: dict, scene: SceneRef, cfg: BuildConfig) -> Clip | ClipFai
 
 
 def _maybe_inject_fault(spec: dict, cfg: BuildConfig) -> None:
-    """Test hooks: trace the node of every attempt, slow it down, and let the worker process die
-    (no exception, no cleanup) once on the k-th clip."""
+    """Test hooks: trace the node of every attempt, slow it down, let the worker process die
+    (no exception, no cleanup) once on the k-th clip, or hang once on it."""
     fault = cfg.fault
     if fault.trace_dir:
         try:
@@ -76,6 +76,12 @@ def _maybe_inject_fault(spec: dict, cfg: BuildConfig) -> None:
         open(os.path.join(fault.trace_dir, f"{spec['ordinal']}.{node}.{os.getpid()}"), "w").close()
     if fault.ingest_delay_s:
         time.sleep(fault.ingest_delay_s)
+    if fault.hang_stage == "ingest" and spec["ordinal"] == fault.hang_on_clip:
+        marker = os.path.join(fault.marker_dir or os.path.join(cfg.output, ".faults"), f"hang_ingest_{spec['ordinal']}")
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            time.sleep(10 ** 6)  # hangs once: the shard deadline must cancel it
     k = fault.worker_exit_on_clip
     if k is None or spec["ordinal"] != k:
         return

@@ -88,7 +88,9 @@ class Stereo4DAdapter(DatasetAdapter):
     # Real, dynamic, metric cameras and sparse metric 3D tracks. Depth comes from projecting the
     # tracks (sparse); GT tracks. Official tools treat depth beyond 20 m as invalid
     # (utils.Track3d valid_depth_max=20): beyond that the 63 mm baseline gives < 1.5 px disparity.
-    defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=1.0,
+    # 49-frame clips (1 + 4k, what the trainer consumes), overlapping by 9 (stride 40): the depth
+    # model and the metric fit run once per scene however many clips use a frame.
+    defaults = AdapterDefaults(clip_length=49, frame_stride=1, clip_stride=40, repeat_weight=1.0,
                                loss_weights={"depth": 0.5, "motion": 1.0, "photo": 1.0},
                                depth_source="sparse", track_source="gt", min_depth_m=0.05, max_depth_m=20.0)
     options_model = Stereo4DOptions

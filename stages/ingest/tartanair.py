@@ -24,7 +24,8 @@ class TartanAirAdapter(DatasetAdapter):
     name = "tartanair"
     version = "1"
     capabilities = Capabilities(dynamic=False, has_depth=True, has_tracks=False, real=False)
-    defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, depth_source="gt",
+    # 49 = 1 + 4*12 frames, what CogVideoX-based trainers consume; trajectories have thousands.
+    defaults = AdapterDefaults(clip_length=49, frame_stride=1, clip_stride=49, depth_source="gt",
                                track_source="depth_static", max_depth_m=1000.0)
 
     def discover(self) -> list[SceneRef]:

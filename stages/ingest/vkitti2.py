@@ -63,7 +63,7 @@ class VKITTI2Adapter(DatasetAdapter):
     options_model = VKITTI2Options
     # Ten variations re-render the same geometry (weather, time of day, small camera rotations):
     # weight each below 1 so the five driving scenes are not over-sampled.
-    defaults = AdapterDefaults(clip_length=16, frame_stride=1, clip_stride=16, repeat_weight=0.5,
+    defaults = AdapterDefaults(clip_length=49, frame_stride=1, clip_stride=49, repeat_weight=0.5,
                                loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
                                depth_source="gt", track_source="cotracker", min_depth_m=0.05, max_depth_m=655.0)
 

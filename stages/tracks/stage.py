@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.clip import Clip, ClipFailure
 from pipeline.config import BuildConfig
 from stages.contract import StageContract
+from stages.model_stage import ModelStage
 
 CONTRACT = StageContract(
     name="tracks",
@@ -41,7 +42,7 @@ def tracks_from_depth(clip, cfg: BuildConfig):
         apply_static_track_qc(clip, cfg)
         return clip.validate()
     except Exception as exc:
-        return ClipFailure.from_exception(clip.key, "tracks", exc)
+        return ClipFailure.from_exception(clip.key, "tracks", exc).carrying(clip)
 
 
 def apply_static_track_qc(clip: Clip, cfg: BuildConfig) -> None:
@@ -63,39 +64,44 @@ def apply_static_track_qc(clip: Clip, cfg: BuildConfig) -> None:
                          f"(median drift {qc['median_drift_m']:.3f} m, {qc['median_drift_rel']:.1%} of depth)")
 
 
-class TrackModelStage:
-    def __init__(self, cfg: BuildConfig, device: str):
-        from stages.tracks.cotracker.runner import CoTrackerRunner
+class TrackModelStage(ModelStage):
+    """CoTracker3 per clip on the :class:`ModelStage` loop: the clips of a shard in one batch."""
 
+    name = "tracks"
+    untrained_tag = "cotracker3"
+
+    def __init__(self, cfg: BuildConfig, device: str, runner=None):
         t = cfg.stages.tracks
         self.cfg = cfg
-        self.runner = CoTrackerRunner(variant=t.variant, checkpoint=t.checkpoint, device=device,
-                                      dtype=t.dtype if device != "cpu" else "fp32", grid_size=t.grid_size,
-                                      query_frames=t.query_frames, allow_random_weights=t.allow_random_weights)
+        if runner is None:
+            from stages.tracks.cotracker.runner import CoTrackerRunner
 
-    def process(self, clips: list) -> list:
+            runner = CoTrackerRunner(variant=t.variant, checkpoint=t.checkpoint, device=device,
+                                     dtype=t.dtype if device != "cpu" else "fp32", grid_size=t.grid_size,
+                                     query_frames=t.query_frames, allow_random_weights=t.allow_random_weights)
+        self.runner = runner
+
+    @property
+    def untrained(self) -> bool:
+        return bool(self.runner.untrained)
+
+    def wants(self, clip: Clip) -> bool:
+        return clip.tracks is None
+
+    def infer(self, passes: list[list[Clip]]) -> list:
+        return self.runner.track([members[0].rgb for members in passes])
+
+    def finish(self, clip: Clip, result, members: list[Clip]) -> Clip:
         from stages.tracks.lift import lift_tracks
 
-        todo = [c for c in clips if isinstance(c, Clip) and c.tracks is None]
-        if not todo:
-            return clips
-        out = {}
-        try:
-            results = self.runner.track([c.rgb for c in todo])
-        except Exception:
-            results = None
-        for i, c in enumerate(todo):
-            try:
-                tr2d, vis2d = results[i] if results is not None else self.runner.track([c.rgb])[0]
-                if c.depth is None:
-                    raise ValueError("cannot lift 2D tracks: the clip has no metric depth (align stage output)")
-                world, vis = lift_tracks(tr2d, vis2d, c.depth, c.depth_valid, c.intrinsics, c.c2w)
-                c.tracks, c.track_visible = np.asarray(world, np.float32), np.asarray(vis, bool)
-                c.meta.track_source = "cotracker"
-                apply_static_track_qc(c, self.cfg)
-                if self.runner.untrained and "cotracker3" not in c.meta.untrained_models:
-                    c.meta.untrained_models.append("cotracker3")
-                out[c.key] = c.validate()
-            except Exception as exc:
-                out[c.key] = ClipFailure.from_exception(c.key, "tracks", exc)
-        return [out.get(c.key, c) if isinstance(c, Clip) else c for c in clips]
+        tr2d, vis2d = result
+        if clip.depth is None:
+            raise ValueError("cannot lift 2D tracks: the clip has no metric depth (align stage output)")
+        world, vis = lift_tracks(tr2d, vis2d, clip.depth, clip.depth_valid, clip.intrinsics, clip.c2w)
+        clip.tracks, clip.track_visible = np.asarray(world, np.float32), np.asarray(vis, bool)
+        clip.meta.track_source = "cotracker"
+        apply_static_track_qc(clip, self.cfg)
+        return clip.validate()
+
+    def stats(self, members: list[Clip], result) -> dict[str, float]:
+        return {"tracks.model_frames": sum(c.num_frames for c in members)}

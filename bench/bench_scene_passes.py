@@ -1,0 +1,401 @@
+"""Benchmark: scene passes against the per-clip path, side by side, on one GPU machine (issue #14).
+
+Renders RealEstate10K-layout scenes of ``--min-frames`` to ``--max-frames`` frames (default
+150-300) at 360x640 (parallel, not timed) and builds them with RealEstate10K's default clips
+(49 frames at stride 2, clip stride 48), Video Depth Anything (random weights, metric head,
+fp16) and the MegaSaM stand-in (``pipeline/demo/megasam_stand_in.py``: the rendered truth with
+2 % depth noise and a 5 % metric-scale error per run, as real MegaSaM runs have). Parts
+(``--parts``, all by default):
+
+* ``clip``, ``scene``: the build with ``stages.scene.granularity: clip`` (the per-clip path)
+  and ``scene``, tracks off so the GPU runs Video Depth Anything alone. Per build: wall time,
+  clips/s, VDA frames/s inside the build (distinct source frames / the depth actor's busy
+  seconds from the ledger), VDA model input frames and VDA window slots (32 per window) per
+  source frame, MegaSaM calls per scene, GPU utilisation over the steady state (nvidia-smi every
+  0.5 s, mean between the first and the last sample above 5 %), and the spread of
+  ``qc.align.scale`` and ``extra.pose_scale`` over the clips of each scene.
+* ``standalone``: whole-video VDA (``VDARunner.predict``) on every scene's frame sequence (the
+  frames the scene pass runs on), on the same GPU: frames/s; the ratio to the scene build's.
+* ``full``: the scene-pass build with CoTracker3 too (RealEstate10K's whole chain): clips/s and
+  GPU utilisation.
+* ``accuracy`` (CPU, no Ray, not in the default parts; the align and MegaSaM stages' own code,
+  one process per scene; run it at a small size): with a relative
+  prediction made from the truth (disparity ``2.5/d + 0.3`` with 1 % noise) instead of
+  random-weight VDA, per-clip against per-scene: spread of the metric scale over the clips of a
+  scene and AbsRel of the aligned depth against the rendered truth.
+* ``scene2``: with two or more GPUs, the scene-pass build on 2 GPUs (two depth actors) and its
+  scaling against ``scene``.
+
+Usage (repo root, kit sourced, PYTHONPATH=$PWD):
+    python bench/bench_scene_passes.py --out DIR [--scenes 8] [--parts clip,scene,standalone,full,scene2]
+    python bench/bench_scene_passes.py --out DIR --parts accuracy --scenes 6 --height 90 --width 160 --gpus 0
+CPU smoke test: --gpus 0 --encoder vits --input-size 56 --height 36 --width 64 --scenes 2 --min-frames 100 --max-frames 110
+Writes DIR/bench_scene_passes.json and DIR/bench_scene_passes.md after every part.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu_build import GpuSampler  # noqa: E402
+
+CLIP_LENGTH, FRAME_STRIDE, CLIP_STRIDE = 49, 2, 48  # RealEstate10K's defaults
+NOISE, SCALE_JITTER = 0.02, 0.05
+
+
+def _spec(i: int, frames: int, height: int, width: int):
+    from pipeline.demo.writers import realestate10k as w
+
+    spec = w.demo_spec(i, seed=9100 + i)
+    spec.num_frames, spec.height, spec.width = frames, height, width
+    return spec
+
+
+def _render_chunk(job):
+    """Frames [a, b) of scene i: the scenes are static, so a slice of the camera path renders the
+    same frames as the whole scene would (rendering in chunks uses every core)."""
+    from pipeline.demo.render import default_camera_path, render
+
+    i, frames, height, width, a, b = job
+    spec = _spec(i, frames, height, width)
+    path = default_camera_path(spec)
+    spec.num_frames, spec.camera_path, spec.num_tracks = b - a, path[a:b], 1
+    r = render(spec)
+    return i, a, r.rgb, r.depth, r.intrinsics, r.c2w
+
+
+def render_scenes(a, frames: list[int]) -> None:
+    from types import SimpleNamespace
+
+    from pipeline.demo.megasam_stand_in import save_truth
+    from pipeline.demo.writers import realestate10k as w
+    from pipeline.plan import key_safe
+
+    jobs = [(i, n, a.height, a.width, s, min(s + 20, n)) for i, n in enumerate(frames) for s in range(0, n, 20)]
+    with ProcessPoolExecutor(max_workers=max(1, a.cpus)) as ex:
+        parts = sorted(ex.map(_render_chunk, jobs), key=lambda p: (p[0], p[1]))
+    for i, n in enumerate(frames):
+        mine = [p for p in parts if p[0] == i]
+        scene = SimpleNamespace(**{k: np.concatenate([p[j] for p in mine]) for j, k in
+                                   ((2, "rgb"), (3, "depth"), (4, "intrinsics"), (5, "c2w"))})
+        ws = w.write(scene, Path(a.data), w.default_scene_id(i))
+        save_truth(a.truth, key_safe(ws.scene_id), scene)
+
+
+def build_config(a, out: Path, granularity: str, gpus: int, tracks: bool, log: Path):
+    from pipeline.config import BuildConfig
+    from pipeline.demo.megasam_stand_in import command_template
+
+    gpu = gpus > 0
+    share = (0.45 if tracks else 0.9) if gpu else 0.0
+    return BuildConfig.model_validate({
+        "output": str(out), "shard_size": 8, "max_inflight_shards": 8, "shard_deadline_s": 1800,
+        "datasets": {"realestate10k": {"root": str(a.data), "clip_length": CLIP_LENGTH, "frame_stride": FRAME_STRIDE,
+                                       "clip_stride": CLIP_STRIDE, "depth_source": "megasam",
+                                       "track_source": "cotracker" if tracks else "none"}},
+        "stages": {
+            "depth": {"encoder": a.encoder, "metric": True, "input_size": a.input_size,
+                      "dtype": "fp16" if gpu else "fp32", "allow_random_weights": True,
+                      "resources": {"num_gpus": share, "actors": max(1, gpus)}},
+            "align": {"drop_on_qc": False, "model": "scale_only", "megasam_num_gpus": 0.1 if gpu else 0.0,
+                      "megasam_command": command_template(a.truth, log=log, noise=NOISE, scale_jitter=SCALE_JITTER)},
+            "tracks": {"dtype": "bf16" if gpu else "fp32", "allow_random_weights": True, "drop_on_qc": False,
+                       "resources": {"num_gpus": share, "actors": max(1, gpus)}},
+            "scene": {"granularity": granularity},
+        },
+        "ray": {"num_cpus": a.cpus, "num_gpus": gpus},
+    })
+
+
+def plan_frames(cfg) -> dict:
+    """Distinct source frames, model input frames and VDA window slots of the plan, per path."""
+    from pipeline.plan import make_plan
+    from stages.depth.vda.infer import INFER_LEN, num_windows
+
+    plan = make_plan(cfg)
+    scenes: dict[str, list] = {}
+    for c in plan.clips:
+        scenes.setdefault(c["scene"], []).append(c["frames"])
+    distinct = sum(len(set().union(*map(set, fr))) for fr in scenes.values())
+    if cfg.stages.scene.granularity == "scene":
+        passes = [len(set().union(*map(set, fr))) for fr in scenes.values()]
+    else:
+        passes = [len(f) for fr in scenes.values() for f in fr]
+    return {"scenes": len(scenes), "clips": len(plan.clips), "distinct_frames": distinct, "model_frames": sum(passes),
+            "window_slots": sum(INFER_LEN * num_windows(n) for n in passes)}
+
+
+def scale_spread(out: Path) -> dict:
+    """Relative spread (max - min) / mean of qc.align.scale and extra.pose_scale over each scene's clips."""
+    import tarfile
+
+    per: dict[str, list] = {}
+    for p in sorted((out / "shards").rglob("*.tar")):
+        with tarfile.open(p) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".meta.json"):
+                    meta = json.loads(tar.extractfile(m).read())
+                    per.setdefault(meta["scene"], []).append((meta["qc"]["align"]["scale"], meta["extra"].get("pose_scale")))
+    out_ = {"scale": [], "pose_scale": []}
+    for vals in per.values():
+        if len(vals) < 2:
+            continue
+        for k, col in (("scale", [v[0] for v in vals]), ("pose_scale", [v[1] for v in vals])):
+            col = np.asarray(col, dtype=np.float64)
+            out_[k].append(float((col.max() - col.min()) / abs(col.mean())))
+    return {f"{k}_spread_max": (max(v) if v else None) for k, v in out_.items()} | {
+        f"{k}_spread_mean": (float(np.mean(v)) if v else None) for k, v in out_.items()}
+
+
+def steady_util(samples: list) -> dict:
+    busy = [i for i, s in enumerate(samples) if s[2] > 5]
+    if not busy:
+        return {"gpu_util_steady": None, "gpu_util_mean": None, "gpu_mem_max_mib": None}
+    win = samples[busy[0]: busy[-1] + 1]
+    return {"gpu_util_steady": float(np.mean([s[2] for s in win])), "gpu_util_mean": float(np.mean([s[2] for s in samples])),
+            "gpu_steady_s": round(win[-1][0] - win[0][0], 1), "gpu_mem_max_mib": max(s[3] for s in samples)}
+
+
+def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
+    import ray
+
+    from pipeline.runner import build
+    from pipeline.status import collect_status
+
+    out = a.out / name
+    log = a.out / f"{name}-megasam-calls.txt"
+    cfg = build_config(a, out, granularity, gpus, tracks, log)
+    pf = plan_frames(cfg)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=a.cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    sampler = GpuSampler()
+    sampler.start()
+    t0 = time.time()
+    s = build(cfg, show_progress=False)
+    wall = time.time() - t0
+    sampler.stop()
+    ray.shutdown()
+    st = collect_status(cfg.output)
+    depth_s = st["stage_seconds"].get("depth", 0.0)
+    calls = log.read_text().split() if log.exists() else []
+    res = {
+        "granularity": granularity, "gpus": gpus, "tracks": tracks, **pf,
+        "build_s": round(wall, 1), "clips_written": s.clips_written, "clips_failed": s.clips_failed,
+        "clips_per_s": s.clips_written / wall, "depth_busy_s": round(depth_s, 2),
+        "vda_frames_per_s_in_build": pf["distinct_frames"] / depth_s if depth_s else None,
+        "vda_model_frames_per_source_frame": pf["model_frames"] / pf["distinct_frames"],
+        "vda_window_slots_per_source_frame": pf["window_slots"] / pf["distinct_frames"],
+        "stats": s.stats, "megasam_calls": len(calls), "megasam_calls_per_scene": len(calls) / pf["scenes"],
+        "stage_busy_s": st["stage_seconds"], **steady_util(sampler.samples), **scale_spread(out),
+        "failures": s.failures[:3],
+    }
+    return res
+
+
+def standalone_vda(a) -> dict:
+    """Whole-video VDA on each scene's frame sequence (the scene pass's frames), one process."""
+    import torch
+
+    from pipeline.plan import key_safe, make_plan
+    from stages.depth.vda.runner import VDARunner
+
+    cfg = build_config(a, a.out / "standalone-plan", "scene", 1, False, a.out / "unused.txt")
+    plan = make_plan(cfg)
+    frames: dict[str, set] = {}
+    for c in plan.clips:
+        frames.setdefault(c["scene"], set()).update(c["frames"])
+    device = "cuda" if torch.cuda.is_available() and a.gpus else "cpu"
+    runner = VDARunner(encoder=a.encoder, metric=True, device=device, dtype="fp16" if device == "cuda" else "fp32",
+                       input_size=a.input_size, allow_random_weights=True)
+    videos = []
+    for scene, fr in sorted(frames.items()):
+        with np.load(a.truth / f"{key_safe(scene)}.npz", allow_pickle=False) as z:
+            videos.append(np.ascontiguousarray(z["rgb"][sorted(fr)]))
+    runner.predict([videos[0][:40]])  # warm-up (kernels, autotuning)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.time()
+    for v in videos:  # one video at a time, as a standalone user runs it
+        runner.predict([v])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    secs = time.time() - t0
+    n = sum(len(v) for v in videos)
+    return {"frames": n, "seconds": round(secs, 2), "frames_per_s": n / secs}
+
+
+def _accuracy_scene(job) -> dict:
+    """Per-clip against per-scene alignment of one scene, with the stages' own code (no Ray)."""
+    data, truth_dir, scene, specs, cfg_raw = job
+    from pipeline.clip import Clip
+    from pipeline.config import BuildConfig
+    from pipeline.plan import key_safe
+    from stages.align.megasam_stage import megasam_pass
+    from stages.align.pipeline_stage import align_group
+    from stages.ingest.stage import ingest_clip
+    from stages.ingest import get_adapter
+
+    with np.load(Path(truth_dir) / f"{key_safe(scene)}.npz", allow_pickle=False) as z:
+        true_depth = z["depth"]
+    rng = np.random.default_rng(0)
+    out = {}
+    for gran in ("clip", "scene"):
+        cfg = BuildConfig.model_validate({**cfg_raw, "stages": {**cfg_raw["stages"], "scene": {"granularity": gran}}}).resolved()
+        sc = next(s for s in get_adapter("realestate10k", cfg.datasets["realestate10k"].root).discover() if s.scene == scene)
+        clips = [ingest_clip(s, sc, cfg) for s in specs]
+        for c in clips:
+            d = true_depth[c.meta.frame_indices].astype(np.float64)
+            c.aux["relative_depth"] = ((2.5 / d + 0.3) * np.exp(rng.normal(0, 0.01, d.shape))).astype(np.float32)
+            c.aux["relative_kind"] = "disparity"
+        groups = [[c] for c in clips] if gran == "clip" else [clips]
+        aligned = []
+        for g in groups:
+            key = g[0].key if gran == "clip" else g[0].key.rsplit("__", 1)[0]
+            aligned += align_group(g, cfg, megasam_pass(g, key, cfg))
+        scales, pose, absrel, failed = [], [], [], []
+        for c in aligned:
+            if not isinstance(c, Clip):
+                failed.append(f"{c.stage}: {c.reason}"[:300])
+                continue
+            t = true_depth[c.meta.frame_indices]
+            v = c.depth_valid & (t > 0)
+            absrel.append(float(np.mean(np.abs(c.depth[v] - t[v]) / t[v])))
+            scales.append(c.meta.qc["align"]["scale"])
+            pose.append(c.meta.extra.get("pose_scale"))
+        out[gran] = {"clips": len(scales), "scale_spread": float((max(scales) - min(scales)) / np.mean(scales)) if scales else None,
+                     "pose_scale_spread": float((max(pose) - min(pose)) / np.mean(pose)) if pose else None,
+                     "abs_rel": absrel, "failed": failed}
+    return out
+
+
+def accuracy(a) -> dict:
+    from pipeline.plan import make_plan
+
+    cfg = build_config(a, a.out / "accuracy", "scene", 0, False, a.out / "accuracy-megasam-calls.txt")
+    cfg_raw = cfg.model_dump(mode="json")
+    cfg_raw["stages"]["align"]["model"] = "disparity_affine"  # the default fit, for a relative prediction
+    cfg_raw["stages"]["align"]["cache_dir"] = str(a.out / "accuracy-cache")
+    plan = make_plan(cfg)
+    by_scene: dict[str, list] = {}
+    for c in plan.clips:
+        by_scene.setdefault(c["scene"], []).append({**c, "ordinal": -1})
+    jobs = [(str(a.data), str(a.truth), s, specs, cfg_raw) for s, specs in sorted(by_scene.items())]
+    with ProcessPoolExecutor(max_workers=max(1, min(len(jobs), a.cpus))) as ex:
+        per = list(ex.map(_accuracy_scene, jobs))
+    res = {}
+    for gran in ("clip", "scene"):
+        rows = [p[gran] for p in per]
+        failed = [f for r in rows for f in r["failed"]]
+        if not any(r["abs_rel"] for r in rows):
+            raise RuntimeError(f"accuracy, per {gran}: no clip aligned; first failures: {failed[:3]}")
+        res[gran] = {"scale_spread_max": max(r["scale_spread"] or 0 for r in rows),
+                     "pose_scale_spread_max": max(r["pose_scale_spread"] or 0 for r in rows),
+                     "abs_rel_mean": float(np.mean([x for r in rows for x in r["abs_rel"]])),
+                     "abs_rel_max": float(np.max([x for r in rows for x in r["abs_rel"]])),
+                     "clips": sum(r["clips"] for r in rows), "failed": len(failed), "first_failures": failed[:3]}
+    return res
+
+
+def markdown(res: dict) -> str:
+    lines = [f"scenes {res['setup']['scenes']} of {res['setup']['frames']} frames at {res['setup']['size']}, "
+             f"clips {CLIP_LENGTH} frames at stride {FRAME_STRIDE}, clip stride {CLIP_STRIDE}; {res['setup']['encoder']}",
+             "", "| build | clips | wall s | clips/s | VDA frames/s in build | model frames / source frame | "
+             "window slots / source frame | MegaSaM calls / scene | GPU util steady | scale spread max | pose-scale spread max |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in ("clip", "scene", "full", "scene2"):
+        r = res.get(k)
+        if not r:
+            continue
+        f = (lambda x, p=2: "-" if x is None else f"{x:.{p}f}")
+        lines.append(f"| {k} | {r['clips_written']} | {r['build_s']} | {f(r['clips_per_s'])} | "
+                     f"{f(r['vda_frames_per_s_in_build'], 1)} | {f(r['vda_model_frames_per_source_frame'])} | "
+                     f"{f(r['vda_window_slots_per_source_frame'])} | {f(r['megasam_calls_per_scene'])} | "
+                     f"{f(r['gpu_util_steady'], 0)} % | {f(r['scale_spread_max'], 4)} | {f(r['pose_scale_spread_max'], 4)} |")
+    if res.get("standalone"):
+        sa = res["standalone"]
+        ratio = (res["scene"]["vda_frames_per_s_in_build"] / sa["frames_per_s"]) if res.get("scene") else None
+        lines += ["", f"standalone whole-video VDA: {sa['frames_per_s']:.1f} frames/s over {sa['frames']} frames; "
+                      f"scene build / standalone = {ratio:.1%}" if ratio else ""]
+    if res.get("scene2") and res.get("scene"):
+        lines += ["", f"2 GPUs: {res['scene2']['clips_per_s'] / res['scene']['clips_per_s']:.2f}x the clips/s of 1 GPU"]
+    if res.get("accuracy"):
+        lines += ["", "| alignment (CPU) | clips | scale spread max | pose-scale spread max | AbsRel mean | AbsRel max |",
+                  "|---|---|---|---|---|---|"]
+        for k, r in res["accuracy"].items():
+            lines.append(f"| per {k} | {r['clips']} | {r['scale_spread_max']:.4f} | {r['pose_scale_spread_max']:.4f} | "
+                         f"{r['abs_rel_mean']:.4f} | {r['abs_rel_max']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--scenes", type=int, default=8)
+    ap.add_argument("--min-frames", type=int, default=150)
+    ap.add_argument("--max-frames", type=int, default=300)
+    ap.add_argument("--height", type=int, default=360)
+    ap.add_argument("--width", type=int, default=640)
+    ap.add_argument("--encoder", default="vitl")
+    ap.add_argument("--input-size", type=int, default=518)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count())
+    ap.add_argument("--gpus", type=int, default=None, help="GPUs for the 1-GPU builds (default: 1 if CUDA else 0)")
+    ap.add_argument("--parts", default="clip,scene,standalone,full,scene2",
+                    help="also 'accuracy' (CPU-bound: run it at a small size, e.g. --height 90 --width 160)")
+    a = ap.parse_args(argv)
+    import torch
+
+    n_gpus = torch.cuda.device_count()
+    a.gpus = (1 if n_gpus else 0) if a.gpus is None else a.gpus
+    a.out = a.out.resolve()
+    a.data, a.truth = a.out / "data" / "realestate10k", a.out / "data" / "truth"
+    parts = [p for p in a.parts.split(",") if p]
+    frames = np.linspace(a.min_frames, a.max_frames, a.scenes).round().astype(int).tolist()
+    res = {"setup": {"scenes": a.scenes, "frames": f"{min(frames)}-{max(frames)}", "size": f"{a.height}x{a.width}",
+                     "encoder": f"VDA {a.encoder} input {a.input_size} random weights", "cpus": a.cpus, "gpus_seen": n_gpus,
+                     "gpu": torch.cuda.get_device_name(0) if n_gpus else None, "megasam": f"stand-in, noise {NOISE}, "
+                     f"scale jitter {SCALE_JITTER}"}}
+
+    def save():
+        (a.out / "bench_scene_passes.json").write_text(json.dumps(res, indent=1, default=str))
+        (a.out / "bench_scene_passes.md").write_text(markdown(res))
+
+    t0 = time.time()
+    if not (a.data / ".rendered").exists():
+        render_scenes(a, frames)
+        (a.data / ".rendered").write_text("ok\n")
+    res["setup"]["render_s"] = round(time.time() - t0, 1)
+    save()
+    print(f"rendered {a.scenes} scenes in {res['setup']['render_s']} s", flush=True)
+    todo = [("clip", "clip", a.gpus, False), ("scene", "scene", a.gpus, False), ("full", "scene", a.gpus, True)]
+    for name, gran, gpus, tracks in todo:
+        if name in parts:
+            res[name] = run_build(a, name, gran, gpus, tracks)
+            save()
+            print(name, json.dumps({k: v for k, v in res[name].items() if k not in ("stats", "failures")}), flush=True)
+        if name == "scene" and "standalone" in parts:
+            res["standalone"] = standalone_vda(a)
+            save()
+            print("standalone", res["standalone"], flush=True)
+    if "accuracy" in parts:
+        res["accuracy"] = accuracy(a)
+        save()
+        print("accuracy", res["accuracy"], flush=True)
+    if "scene2" in parts and n_gpus >= 2:
+        res["scene2"] = run_build(a, "scene2", "scene", 2, False)
+        save()
+    print(markdown(res))
+    print(f"total {time.time() - t0:.0f} s; written {a.out / 'bench_scene_passes.json'}, {a.out / 'bench_scene_passes.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""MegaSaM stage: the metric reference of a scene (or of a clip), from the MegaSaM command.
+
+One Ray task per scene pass, with the GPUs of ``stages.align.megasam_num_gpus`` reserved when
+the cluster has GPUs; the GPU ids Ray assigned are the command's ``CUDA_VISIBLE_DEVICES``. The
+task assembles the scene's frame sequence from its ingested clips (``stages/scene/sequence.py``),
+runs the command once per segment (one segment unless the scene is longer than
+``stages.scene.max_frames``), each through the cache in the output store
+(:func:`stages.align.megasam.run_cached`), joins the segments (``stages/scene/segments.py``) and
+returns a :class:`SceneReference` for the align stage. It runs beside the depth stage, both
+reading the ingested clips. A failure of the command is returned as a :class:`PassFailure`:
+the align stage fails the scene's clips with its reason.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.clip import Clip, ClipError
+from pipeline.config import BuildConfig
+from stages.align.megasam import MegaSaMCache, MegaSaMOutput, MegaSaMRunner, run_cached
+from stages.contract import StageContract
+from stages.scene.segments import join_maps, join_trajectories, plan_segments
+from stages.scene.sequence import SceneSequence
+
+CONTRACT = StageContract(
+    name="megasam",
+    inputs=("rgb (all clips of a scene)",),
+    outputs=("metric reference of the scene: depth, cameras",),
+    runs_as="task with GPUs reserved (stages.align.megasam_num_gpus), the MegaSaM command once per scene "
+            "or segment; results cached in the output store",
+    acts_when="the dataset's depth_source is 'megasam'",
+    errors="command crash, timeout or bad output (fails the scene's clips)",
+)
+
+
+@dataclass
+class SceneReference:
+    """MegaSaM's answer for the frames ``frames`` (source indices) of one pass."""
+
+    key: str
+    frames: np.ndarray
+    output: MegaSaMOutput
+    stats: dict = field(default_factory=dict)
+
+    def for_frames(self, frames: np.ndarray, positions: np.ndarray) -> MegaSaMOutput:
+        """The result restricted to sequence positions ``positions`` (of the frames ``frames``)."""
+        o = self.output
+        return MegaSaMOutput(images=None, depths=o.depths[positions], intrinsic=o.intrinsic,
+                             cam_c2w=o.cam_c2w[positions], path=o.path, cached=o.cached)
+
+
+@dataclass
+class PassFailure:
+    """A scene pass that failed: every clip of the pass fails with this stage and reason."""
+
+    stage: str
+    reason: str
+    path: str | None = None
+
+
+def cache_url(cfg: BuildConfig) -> str:
+    """Where MegaSaM results are cached: ``stages.align.cache_dir`` or ``OUT/cache/megasam``."""
+    a = cfg.stages.align
+    if a.cache_dir:
+        return a.cache_dir
+    return cfg.output.rstrip("/") + "/cache/megasam"
+
+
+def megasam_pass(clips: list, key: str, cfg: BuildConfig, gpu_ids=()) -> SceneReference | PassFailure:
+    """MegaSaM for the frames of the ingested ``clips`` of pass ``key`` (failures are skipped)."""
+    members = [c for c in clips if isinstance(c, Clip)]
+    if not members:
+        return PassFailure("megasam", "no clip of this scene was ingested")
+    a, sc = cfg.stages.align, cfg.stages.scene
+    try:
+        seq = SceneSequence.from_clips(key, members)
+        rgb = seq.rgb()
+        runner = MegaSaMRunner(a.megasam_command, os.path.join(tempfile.gettempdir(), "d4s-megasam"),
+                               timeout_s=a.megasam_timeout_s, retries=a.megasam_retries)
+        cache = MegaSaMCache(cache_url(cfg), a.megasam_cache_max_side)
+        env = dict(os.environ)
+        if gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+        segs = plan_segments(seq.num_frames, sc.max_frames, sc.overlap_frames)
+        scene_part = members[0].key.rsplit("__", 1)[0]  # run ids: dataset__scene__<first frame>
+        parts, stats = [], {"megasam.passes": 1, "megasam.runs": 0, "megasam.cached": 0, "megasam.cache_bytes": 0,
+                            "megasam.frames": 0}
+        for s, e in segs:
+            run = run_cached(runner, cache, f"{scene_part}__{int(seq.frames[s]):06d}", rgb[s:e], frame_ids=seq.frames[s:e],
+                             version=a.megasam_version, env=env)
+            parts.append(run.output)
+            stats["megasam.cached" if run.cached else "megasam.runs"] += 1
+            stats["megasam.cache_bytes"] += run.bytes
+            stats["megasam.frames"] += e - s
+        out = parts[0] if len(parts) == 1 else _join(parts, segs)
+        return SceneReference(key, seq.frames, out, stats)
+    except ClipError as exc:  # AlignmentError: crash, timeout, bad output
+        return PassFailure("megasam", exc.reason, exc.path)
+    except Exception as exc:  # noqa: BLE001 - e.g. a bad template: the scene's clips fail with it
+        return PassFailure("megasam", f"{type(exc).__name__}: {exc}")
+
+
+def _join(parts: list[MegaSaMOutput], segs: list[tuple[int, int]]) -> MegaSaMOutput:
+    depth, coeffs = join_maps([p.depths for p in parts], segs, "scale")
+    c2w = join_trajectories([p.cam_c2w for p in parts], segs, [s for s, _ in coeffs])
+    return MegaSaMOutput(images=None, depths=depth, intrinsic=parts[0].intrinsic, cam_c2w=c2w,
+                         path=parts[0].path, cached=all(p.cached for p in parts))

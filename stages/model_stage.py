@@ -1,0 +1,98 @@
+"""The one loop every model stage runs on a shard's clips: select, group, batch, fall back, mark.
+
+A model stage (Video Depth Anything, CoTracker3, ...) receives a shard's clips (some already
+:class:`ClipFailure` s) and returns them in the same order. :meth:`ModelStage.process`:
+
+1. selects the clips that need work (:meth:`wants`); the others pass through untouched;
+2. groups them into passes (:meth:`group_of`): a scene for scene passes, else the clip itself;
+3. runs the model once over all passes (:meth:`infer`, batched as the stage likes); when that
+   batch fails, every pass is retried alone, so one bad input cannot fail its neighbours;
+4. hands each clip its part of its pass's result (:meth:`finish`); an exception there fails
+   that clip only, an exception of its pass fails the pass's clips, each with the reason;
+5. marks clips whose model ran with random weights (``meta.untrained_models``);
+6. leaves counters (``aux['stats']``: e.g. frames through the model) on the first clip of each
+   pass (carried on by the clip's failure if it fails later), for the shard's write result.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from pipeline.clip import Clip, ClipFailure
+
+
+class ModelStage(ABC):
+    #: stage name recorded with failures
+    name: str = "model"
+    #: the tag ``meta.untrained_models`` gets when the model has random weights
+    untrained_tag: str = ""
+
+    @property
+    def untrained(self) -> bool:
+        return False
+
+    # -- what a stage implements -----------------------------------------------------------------
+    @abstractmethod
+    def wants(self, clip: Clip) -> bool:
+        """Whether this clip needs the stage (e.g. has no depth yet)."""
+
+    def group_of(self, clip: Clip) -> str:
+        """The pass a clip belongs to; default: each clip is its own pass."""
+        return clip.key
+
+    @abstractmethod
+    def infer(self, passes: list[list[Clip]]) -> list[Any]:
+        """One result per pass (same order); may batch across passes. Raising fails the batch (then
+        each pass is retried alone); an exception *returned* for a pass fails that pass only."""
+
+    @abstractmethod
+    def finish(self, clip: Clip, result: Any, members: list[Clip]) -> Clip:
+        """Put the clip's part of its pass's ``result`` into it; raising fails this clip."""
+
+    def stats(self, members: list[Clip], result: Any) -> dict[str, float]:
+        """Counters of one pass (summed into the shard's write result)."""
+        return {}
+
+    # -- the loop --------------------------------------------------------------------------------
+    def process(self, clips: list) -> list:
+        todo = [c for c in clips if isinstance(c, Clip) and self.wants(c)]
+        if not todo:
+            return clips
+        passes: dict[str, list[Clip]] = {}
+        for c in todo:
+            passes.setdefault(self.group_of(c), []).append(c)
+        groups = list(passes.values())
+        try:
+            results: list | None = self.infer(groups)
+            if len(results) != len(groups):
+                raise RuntimeError(f"{self.name}: {len(results)} results for {len(groups)} passes")
+        except Exception:  # noqa: BLE001 - retried pass by pass below, so the bad input is isolated
+            results = None
+        out: dict[str, Clip | ClipFailure] = {}
+        for i, members in enumerate(groups):
+            try:
+                res = results[i] if results is not None else self.infer([members])[0]
+                if isinstance(res, BaseException):
+                    raise res
+            except Exception as exc:  # noqa: BLE001 - the pass's failure is each of its clips' failure
+                for c in members:
+                    out[c.key] = ClipFailure.from_exception(c.key, self.name, exc).carrying(c)
+                continue
+            for c in members:
+                try:
+                    done = self.finish(c, res, members)
+                    if self.untrained and self.untrained_tag not in done.meta.untrained_models:
+                        done.meta.untrained_models.append(self.untrained_tag)
+                    out[c.key] = done
+                except Exception as exc:  # noqa: BLE001 - this clip's failure only
+                    out[c.key] = ClipFailure.from_exception(c.key, self.name, exc).carrying(c)
+            add_stats(out[members[0].key], self.stats(members, res))
+        return [out.get(c.key, c) if isinstance(c, Clip) else c for c in clips]
+
+
+def add_stats(clip: Clip | ClipFailure, stats: dict[str, float]) -> None:
+    """Add counters to ``clip.aux['stats']`` (or a failure's ``stats``), summed per shard by the
+    write stage."""
+    acc = clip.aux.setdefault("stats", {}) if isinstance(clip, Clip) else clip.stats
+    for k, v in stats.items():
+        acc[k] = acc.get(k, 0) + v

@@ -1,0 +1,62 @@
+"""The per-shard deadline: a shard pipeline with a stage that hangs is cancelled and recorded failed
+with the reason; the rest of the build goes on; ``resume`` redoes it (the hang happens once)."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import tartanair_config
+from manifests.store import ManifestStore
+from pipeline.config import BuildConfig
+from pipeline.runner import build, resume
+from pipeline.storage import Store
+from pipeline.verify import verify
+
+
+def _failed(out) -> dict[str, str]:
+    return {sid: e["error"] for sid, e in ManifestStore(Store(str(out))).ledger().items() if e["state"] == "failed"}
+
+
+def test_hung_ingest_task_is_cancelled_at_the_deadline_and_resume_redoes_it(tmp_path, tartan_data, ray_local):
+    data, _ = tartan_data
+    cfg = tartanair_config(tmp_path, data, shard_deadline_s=8.0,
+                           fault={"hang_stage": "ingest", "hang_on_clip": 0, "marker_dir": str(tmp_path / "faults")})
+    s = build(cfg, show_progress=False)
+    out = tmp_path / "out"
+    failed = _failed(out)
+    assert "tartanair-000000" in failed and s.shards_failed == len(failed) < s.shards_total
+    assert "deadline" in failed["tartanair-000000"] and "shard_deadline_s = 8 s" in failed["tartanair-000000"]
+    assert (tmp_path / "faults" / "hang_ingest_0").exists()
+    assert not verify(str(out)).ok
+    r = resume(str(out), show_progress=False)
+    assert r.ok and r.shards_done == len(failed) and r.clips_written == 2 * len(failed)
+    assert verify(str(out)).ok
+
+
+@pytest.mark.slow
+def test_hung_model_actor_is_replaced_and_its_shards_redone(tmp_path, ray_local):
+    """A depth actor that never returns: its shard is cancelled, the actor replaced (a hung model
+    never frees it), other shards waiting on it cancelled with that reason; resume completes."""
+    from pipeline.demo.render import render
+    from pipeline.demo.writers import realestate10k as w
+
+    data = tmp_path / "data"
+    for i in range(3):
+        w.write(render(w.demo_spec(i, seed=40 + i)), data, w.default_scene_id(i))
+    cfg = BuildConfig.model_validate({
+        "output": str(tmp_path / "out"), "shard_size": 2, "shard_deadline_s": 25.0, "max_inflight_shards": 3,
+        "datasets": {"realestate10k": {"root": str(data), "clip_length": 8, "clip_stride": 2, "frame_stride": 1,
+                                       "depth_source": "vda_metric", "track_source": "none"}},
+        "stages": {"depth": {"encoder": "vits", "metric": True, "input_size": 56, "dtype": "fp32",
+                             "allow_random_weights": True, "resources": {"num_gpus": 0, "actors": 1}},
+                   "align": {"drop_on_qc": False}},
+        "fault": {"hang_stage": "depth", "hang_on_clip": 0, "marker_dir": str(tmp_path / "faults")},
+        "ray": {"num_cpus": 2},
+    })
+    s = build(cfg, show_progress=False)
+    failed = _failed(tmp_path / "out")
+    assert "deadline" in failed["realestate10k-000000"]
+    assert all("deadline" in e or "model actor was replaced" in e for e in failed.values())
+    assert s.shards_failed == len(failed)
+    r = resume(str(tmp_path / "out"), show_progress=False)
+    assert r.ok and r.shards_done == len(failed)
+    assert verify(str(tmp_path / "out")).ok
