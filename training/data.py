@@ -481,11 +481,13 @@ def _num_frames(raw: dict) -> int:
 
 
 def make_loader(data: DataConfig, stage: StageConfig, stage_index: int, n_tracks: int, batch_size: int,
-                rank: int, world: int, start_batches: int = 0) -> torch.utils.data.DataLoader:
+                rank: int, world: int, start_batches: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """``pin_memory`` (on a GPU): batches in page-locked memory, so their copy to the device is queued
+    without the host waiting for it."""
     ds = ShardStream(data, stage, stage_index, n_tracks, batch_size, rank, world, start_batches)
-    kw = {}
+    kw = {"pin_memory": pin_memory}
     if data.num_workers > 0:
-        kw = dict(prefetch_factor=2, persistent_workers=False)
+        kw.update(prefetch_factor=2, persistent_workers=False)
     # a private generator: creating the iterator must not consume the global torch RNG (resume determinism)
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=data.num_workers,
                                        generator=torch.Generator().manual_seed(data.seed), **kw)
