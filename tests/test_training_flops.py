@@ -23,9 +23,9 @@ def test_attention_is_quadratic_and_training_is_three_forwards():
     assert 2.9 * fwd < flops.formula(cfg, stage, 9, 256)["backbone"] <= 3 * fwd
     # doubling the side: 4x the tokens; linear layers 4x, attention 16x
     t = cfg.backbone.transformer
-    n = lambda res: 3 * (res // 8 // 2) ** 2 + t.max_text_seq_length  # noqa: E731  (9 frames -> 3 latent)
+    n = lambda res: 3 * (res // 8 // 2) ** 2 + t.max_text_seq_length  # 9 frames -> 3 latent
     d = t.num_attention_heads * t.attention_head_dim
-    attn = lambda res: t.num_layers * 4.0 * n(res) ** 2 * d  # noqa: E731
+    attn = lambda res: t.num_layers * 4.0 * n(res) ** 2 * d
     lin = flops.backbone_flops(cfg, 9, 256) - attn(256)
     assert flops.backbone_flops(cfg, 9, 512) - attn(512) == pytest.approx(4 * lin, rel=0.02)
     assert flops.vae_chunks(49) == [9, 8, 8, 8, 8, 8] and flops.vae_chunks(13) == [13] and flops.vae_chunks(5) == [5]

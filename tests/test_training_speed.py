@@ -32,7 +32,7 @@ def _loss_and_grads(model, cfg, batch, seed=1, frames=(0, 2)):
     model.zero_grad(set_to_none=True)
     loss, met = model(batch, stage=cfg.stages[-1], rasterize=rasterize, render_frames=list(frames))
     loss.backward()
-    return float(loss), met, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), met, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _close(a, b, rtol):
@@ -224,3 +224,21 @@ def test_training_step_reads_nothing_back_from_the_device(setup):
     assert not mode.seen, "".join(f"\n{op}:\n" + "".join(stack) for op, stack in mode.seen[:3])
     assert torch.is_tensor(norm) and all(torch.is_tensor(s) for s, _ in agg.values())
     assert agg["motion"][1] == 1 and float(agg["motion"][0]) > 0  # the motion term ran (synthetic tracks)
+
+
+def test_loader_frames_travel_as_uint8_and_arrive_as_the_same_floats(tmp_path):
+    """The training loader ships uint8 frames (a quarter of the bytes); the trainer's device copy makes them
+    the floats that ``process`` gives, exactly."""
+    from training.config import DataConfig
+    from training.data import DECODE, iter_tar, make_loader, process
+    from training.synthetic import write_shards
+    from training.trainer import _to_device
+
+    write_shards(str(tmp_path), n_clips=1, per_shard=1, t=T, size=RES, datasets=("synth_dynamic",))
+    stage = make_config("tiny").stages[-1]
+    batch = next(iter(make_loader(DataConfig(root=str(tmp_path), shuffle_buffer=1), stage, 0, 16, 1, 0, 1)))
+    assert batch["video"].dtype == torch.uint8
+    ref = process(DECODE(next(iter_tar(str(next(tmp_path.glob("shards/*.tar")))))), None, stage.resolution, 16,
+                  np.random.default_rng(0))["video"]
+    got = _to_device(batch, torch.device("cpu"))["video"][0]  # all T frames of a T-frame clip (stride 1)
+    assert got.dtype == torch.float32 and torch.equal(got, ref)

@@ -56,7 +56,7 @@ def vae_chunks(frames: int, batch: int = 8) -> list[int]:
 def vae_encode_flops(vae_cfg, frames: int, height: int, width: int) -> float:
     """Convolution FLOPs of one clip through CogVideoX's encoder (module docs)."""
     chans = list(vae_cfg.block_out_channels)
-    n_time = int(round(math.log2(vae_cfg.temporal_compression_ratio)))
+    n_time = round(math.log2(vae_cfg.temporal_compression_ratio))
     total = 0.0
     for f in vae_chunks(frames):
         h, w = height, width
@@ -82,7 +82,7 @@ def latent_grid(cfg, frames: int, res: int) -> tuple[int, int]:
     """(latent frames F', latent side R / f_s) for the config's VAE."""
     v = cfg.backbone.vae
     fs = 2 ** (len(v.block_out_channels) - 1)
-    ft = 2 ** min(int(round(math.log2(v.temporal_compression_ratio))), len(v.block_out_channels) - 1)
+    ft = 2 ** min(round(math.log2(v.temporal_compression_ratio)), len(v.block_out_channels) - 1)
     return 1 + (frames - 1) // ft, res // fs
 
 
@@ -123,7 +123,7 @@ def ldrm_flops(cfg, frames: int, res: int, deformation: bool) -> float:
     c = cfg.backbone.vae.latent_channels
     f_lat, side = latent_grid(cfg, frames, res)
     fs = 2 ** (len(cfg.backbone.vae.block_out_channels) - 1)
-    ft = 2 ** min(int(round(math.log2(cfg.backbone.vae.temporal_compression_ratio))),
+    ft = 2 ** min(round(math.log2(cfg.backbone.vae.temporal_compression_ratio)),
                   len(cfg.backbone.vae.block_out_channels) - 1)
     p, dim = lc.patch_size, lc.dim
     n = f_lat * (side // p) ** 2

@@ -164,7 +164,7 @@ def track_positions(maps: GaussianMaps, b: int, tracks: torch.Tensor, visible: t
     h, w = maps.depth.shape[-2:]
     birth = maps.birth.tolist()  # host list (GaussianMaps.birth stays on the CPU)
     s_count = len(birth)
-    at_birth = lambda x: torch.stack([x[s] for s in birth])  # noqa: E731  (views: no index tensor to upload)
+    at_birth = lambda x: torch.stack([x[s] for s in birth])  # views: no index tensor to upload
     intr, c2w = at_birth(maps.intrinsics[b]), at_birth(maps.c2w[b])  # (S,4), (S,4,4)
     w2c = torch.linalg.inv_ex(c2w)[0]  # inv_ex: no error check, which would read the device
     cam = at_birth(tracks) @ w2c[:, :3, :3].transpose(1, 2) + w2c[:, None, :3, 3]  # (S,N,3)

@@ -103,7 +103,7 @@ class Diff4Splat(nn.Module):
             k = min(lc.render_frames, t)
             render_frames = [0] + (torch.randperm(t - 1)[: k - 1] + 1).tolist() if k > 1 else [0]
         frames = sorted(render_frames)
-        take = lambda x: torch.stack([x[f] for f in frames])  # noqa: E731  (views: no index tensor to upload)
+        take = lambda x: torch.stack([x[f] for f in frames])  # views: no index tensor to upload
         w_photo, w_depth, w_motion = batch["weights"].unbind(-1)
         photo_terms, geo_terms, mot_terms, psnrs, psnr0, n_g = [], [], [], [], [], []
         tau_p = cfg.ldrm.prune_opacity

@@ -12,7 +12,7 @@ import contextlib
 import math
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 # runtime.attention_backend -> torch.nn.attention.SDPBackend member names
 _SDPA = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
