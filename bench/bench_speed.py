@@ -10,7 +10,7 @@ What it runs, in order, each phase skipped (and said so) when the time budget ca
    (bench/bench_loader.py: 8 clips of 49 frames at 512², photograph-like JPEG texture);
 2. the bf16 (and TF32) matmul peak of this GPU; F.scaled_dot_product_attention forward + backward at the
    backbone's shape per kernel (flash, cuDNN, memory-efficient); the frozen VAE's encode of 49 x 512²
-   in float32 and bfloat16;
+   in float32 and bfloat16; while gsplat still builds, the backbone and the LDRM alone (forward + backward);
 3. case "512 off": the full preset, 49 frames at 512², the curriculum's dynamic stage (every loss,
    deformation trained), every speed switch off; case "512 on": the same with them on (bf16 VAE,
    compiled blocks, fused AdamW, the fastest attention kernel of step 2). The same initial weights,
@@ -152,6 +152,49 @@ def vae_bench(cfg, frames: int, res: int, device, iters: int) -> dict:
     z32, z16 = out["float32"].pop("z"), out["bfloat16"].pop("z")
     out["rel_diff_bf16"] = float((z16 - z32).norm() / z32.norm())
     return out  # the 2B-parameter backbone goes with this frame (the caller empties the CUDA cache)
+
+
+def components_bench(cfg, stage, device, attention: str, iters: int) -> dict:
+    """Forward + backward of the backbone alone and of the LDRM alone (bf16 autocast, eager, the given
+    attention kernel) at the stage's size: their own TFLOP/s, apart from the VAE, maps and renderer."""
+    from training import flops
+    from training.model import Diff4Splat
+    from training.speed import attention_context
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Diff4Splat(cfg).to(device)
+    model.apply_stage(stage)
+    model.train()
+    t, res = stage.num_frames, stage.resolution
+    video = torch.rand(1, t, 3, res, res, device=device) * 2 - 1
+    intr = torch.tensor([1.1 * res, 1.1 * res, res / 2, res / 2], device=device).expand(1, t, 4)
+    c2w = torch.eye(4, device=device).expand(1, t, 4, 4).clone()
+    c2w[0, :, 0, 3] = torch.linspace(0, 0.5, t, device=device)
+    z0 = model.backbone.encode(video)
+    pooled = model.backbone.pooled_plucker(intr, c2w, res, res)
+    tt = torch.rand(1, device=device)
+    ac = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def backbone():
+        with attention_context(attention), ac:
+            v = model.backbone.velocity(z0, tt, z0[:, :1], pooled)
+        v.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    def ldrm():
+        z = z0.clone().requires_grad_(True)
+        with attention_context(attention), ac:
+            maps = model.ldrm(z, pooled, intr, c2w, t, with_deformation=True)
+        (maps.depth.mean() + maps.colour.mean() + maps.deform.float().square().mean()).backward()
+        model.zero_grad(set_to_none=True)
+
+    f = flops.formula(cfg, stage)
+    out = {"frames": t, "res": res, "attention": attention}
+    for name, fn in (("backbone", backbone), ("ldrm", ldrm)):
+        dt = _timed(fn, device, iters)
+        out[name] = {"ms": dt * 1e3, "tflops": f[name] / dt / 1e12}
+    return out
 
 
 # --- training cases -------------------------------------------------------------------------------
@@ -435,6 +478,11 @@ def render_md(r: dict) -> str:
     if v:
         L += [f"VAE encode of {v['frames']} x {v['res']}²: float32 {v['float32']['ms']:.0f} ms, bfloat16 "
               f"{v['bfloat16']['ms']:.0f} ms; latents differ by {v['rel_diff_bf16']:.2e} (relative norm).", ""]
+    comp = r.get("components")
+    if comp:
+        L += [f"The transformers alone at {comp['frames']} x {comp['res']}² (forward + backward, bf16, eager, attention "
+              f"{comp['attention']}): backbone {comp['backbone']['ms']:.0f} ms = {comp['backbone']['tflops']:.0f} "
+              f"TFLOP/s, LDRM {comp['ldrm']['ms']:.0f} ms = {comp['ldrm']['tflops']:.0f} TFLOP/s.", ""]
     cases = r.get("cases", [])
     if cases:
         L += ["| case | frames x res | stage | s/step | samples/s | TFLOP/s | MFU | peak mem (GB) | syncs/step | "
@@ -609,11 +657,25 @@ def main(argv=None) -> int:
     r["sdpa"] = phase("sdpa", lambda: sdpa_bench(device, tc.num_attention_heads, tokens, tc.attention_head_dim,
                                                  2 if smoke else 10), 30)
     log(f"sdpa {r['sdpa']}")
+    best = "auto"
+    if r.get("sdpa"):
+        ok = {k: v["ms"] for k, v in r["sdpa"].items() if isinstance(v, dict) and "ms" in v and k not in ("auto", "math")}
+        best = min(ok, key=ok.get) if ok else "auto"
+    want = set(a.phases.split(","))
     r["vae"] = phase("vae", lambda: vae_bench(full, frames, hi, device, 1 if smoke else 3), 40)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     log(f"vae {r['vae']}")
+    if want & {"hi", "gains", "profile"}:  # made while gsplat builds
+        batches_hi = phase("batches", lambda: make_batches(frames, src, hi, device), 30)
+    if smoke or (gsplat_proc is not None and gsplat_proc.poll() is None):  # the GPU is free while gsplat builds
+        cfg_hi = case_config(a, frames, hi, stages[0], {**SWITCHES_OFF, "vae": "bfloat16"})
+        r["components"] = phase("components", lambda: components_bench(cfg_hi, cfg_hi.stages[0], device, best, 3), 40)
+        log(f"components {r['components']}")
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if gsplat_proc is not None:  # gsplat must be built before a GPU case renders
         t = time.perf_counter()
         rc = gsplat_proc.wait()
@@ -622,13 +684,8 @@ def main(argv=None) -> int:
             r["notes"].append(f"gsplat build failed: {gsplat_proc.stderr.read().decode()[-400:]}")
         log(f"gsplat ready (waited {r['gsplat_build_wait_s']:.0f} s, rc {rc})")
 
-    best = "auto"
-    if r.get("sdpa"):
-        ok = {k: v["ms"] for k, v in r["sdpa"].items() if isinstance(v, dict) and "ms" in v and k not in ("auto", "math")}
-        best = min(ok, key=ok.get) if ok else "auto"
     on = dict(vae="bfloat16", attention=best, compile=True, fused=True, cudnn=True, ckpt=None)
     r["switches_on"] = on
-    want = set(a.phases.split(","))
 
     def case(name, res, stage, sw, batches, keep=False):
         if batches is None:
@@ -636,6 +693,11 @@ def main(argv=None) -> int:
             return None
         got = phase(f"case {name}", lambda: run_case(a, name, frames, res, stage, sw, batches, peak, warm, timed,
                                                      keep=keep), 60 if res == hi else 40)
+        if got is None and sw["compile"] and budget.fits(60):  # keep the profile and gains if compiling failed
+            sw = {**sw, "compile": False}
+            got = phase(f"case {name} (not compiled)", lambda: run_case(
+                a, f"{name} (not compiled: compile failed)", frames, res, stage, sw, batches, peak, warm, timed,
+                keep=keep), 60)
         if got is None:
             r["cases"].append({"name": name, "skipped": "time budget or failure (notes)"})
             save()
@@ -645,7 +707,6 @@ def main(argv=None) -> int:
         return got[1]
 
     if want & {"hi", "gains", "profile"}:
-        batches_hi = phase("batches", lambda: make_batches(frames, src, hi, device), 30)
         case(f"{hi} off", hi, stages[0], SWITCHES_OFF, batches_hi)
         last = r["cases"][-1]
         if "checkpointed" in last.get("name", ""):

@@ -52,7 +52,7 @@ class Diff4Splat(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, batch: dict, stage: StageConfig, rasterize, lpips_fn=None, render_frames=None,
-                autocast: bool = False) -> tuple[torch.Tensor, dict[str, tuple[float, int]]]:
+                autocast: bool = False) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]]:
         """-> (loss, {metric: (sum, count)} for every name in :data:`METRICS`). ``loss`` and ``fm`` count
         once per batch; ``photo``, ``geo``, ``motion`` and ``psnr`` once per sample that has the term;
         ``gaussians`` once per render.
