@@ -52,8 +52,9 @@ def _rank(rank, port, out):
     try:
         _, met = _forward(tracks=rank == 0)  # only rank 0's batch has tracks
         mean = reduce_metrics({k: list(v) for k, v in met.items()}, torch.device("cpu"))
+        local = {k: [float(s), c] for k, (s, c) in met.items()}  # sums are tensors (no device read in the step)
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump({"local": met, "mean": mean}, f)
+            json.dump({"local": local, "mean": mean}, f)
     finally:
         dist.destroy_process_group()
 

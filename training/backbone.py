@@ -22,12 +22,14 @@ whatever the checkpoint lacks (first-frame latent for T2V checkpoints, camera ch
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from training.config import BackboneConfig
 from training.plucker import plucker_rays
@@ -188,8 +190,19 @@ class VideoBackbone(nn.Module):
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """(B,T,3,H,W) in [-1,1] -> latents (B,F',C,h,w) (scaled)."""
-        z = self.vae.encode(video.transpose(1, 2).to(self.vae.dtype)).latent_dist.sample()
+        """(B,T,3,H,W) in [-1,1] -> latents (B,F',C,h,w) (scaled), one encoder pass per call.
+
+        ``vae_precision: bfloat16`` runs the encoder under bf16 autocast; the posterior's mean and
+        log-variance are taken back to float32 before sampling, so the sampling noise (and the RNG it
+        draws from) is the float32 path's.
+        """
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        x = video.transpose(1, 2).to(self.vae.dtype)
+        bf16 = self.cfg.vae_precision == "bfloat16" and x.device.type in ("cuda", "cpu")
+        with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            moments = self.vae.encode(x).latent_dist.parameters
+        z = DiagonalGaussianDistribution(moments.float()).sample()
         return (z * self.scaling).transpose(1, 2).float()
 
     def velocity(self, z_t: torch.Tensor, t: torch.Tensor, first_latent: torch.Tensor,
@@ -208,11 +221,19 @@ class VideoBackbone(nn.Module):
         rope = self.rotary_embedding(z_t.shape[1], z_t.shape[-2], z_t.shape[-1], z_t.device)
         return self.transformer(x, text, t * 1000.0, image_rotary_emb=rope, return_dict=False)[0]
 
-    def set_gradient_checkpointing(self, on: bool) -> None:
-        if on:
-            self.transformer.enable_gradient_checkpointing()
-        else:
+    def set_gradient_checkpointing(self, on: bool, mask: list[bool] | None = None) -> None:
+        """Recompute the activations of the transformer blocks where ``mask`` (default: all) is True."""
+        if not on:
             self.transformer.disable_gradient_checkpointing()
+            return
+        chosen = {id(b) for b, m in zip(self.transformer.transformer_blocks, mask or [True] * 10 ** 6) if m}
+
+        def selective(block, *args):  # diffusers calls this for every block when checkpointing is on
+            if id(block) in chosen:
+                return checkpoint(block.__call__, *args, use_reentrant=False)
+            return block(*args)
+
+        self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=selective)
 
     @torch.no_grad()
     def sample(self, first_latent: torch.Tensor, pooled_plucker: torch.Tensor, num_latent_frames: int,

@@ -50,6 +50,9 @@ class BackboneConfig(_Strict):
     text_encoder_dir: str | None = None
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)  # captions replaced by the empty prompt (CFG)
     text_cache_size: int = Field(1024, ge=1)  # distinct captions whose embeddings a rank keeps (LRU, CPU)
+    # precision of the frozen VAE encoder (docs/TRAINING.md, speed): "bfloat16" runs it under bf16 autocast
+    # on the GPU (about half the time of float32/TF32 convolutions; latents differ by bf16 rounding)
+    vae_precision: Literal["float32", "bfloat16"] = "float32"
 
 
 class LDRMConfig(_Strict):
@@ -114,6 +117,7 @@ class OptimConfig(_Strict):
     warmup_steps: int = 500
     grad_clip: float = 1.0
     grad_accum: int = 1
+    fused: bool = True  # AdamW's fused kernel (one launch for all parameters; same update to float rounding)
 
 
 class RuntimeConfig(_Strict):
@@ -127,6 +131,15 @@ class RuntimeConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     bf16: bool = True  # autocast on GPU only
     grad_checkpointing: bool = False
+    # with grad_checkpointing: the share of transformer blocks (backbone and LDRM, spread evenly) whose
+    # activations are recomputed in the backward pass; size it to memory (docs/TRAINING.md, speed)
+    checkpoint_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    # scaled-dot-product attention kernel for both transformers; "auto" lets PyTorch choose per call
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    compile: bool = False  # torch.compile every transformer block's forward (backbone and LDRM)
+    # cuDNN tries its convolution algorithms on the first call of each shape and keeps the fastest (the
+    # VAE's 3D convolutions, the LDRM's deconvolution); shapes are fixed within a stage
+    cudnn_benchmark: bool = False
     renderer: Literal["auto", "torch", "gsplat"] = "auto"
     batch_size: int = 1  # per rank, per micro-step
     ckpt_every: int = 1000
@@ -218,7 +231,10 @@ def _full_stages() -> list[dict]:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": dict(stages=_full_stages()),
+    # speed (docs/TRAINING.md "Speed"): the frozen VAE in bf16, cuDNN's fastest convolutions, 8 loader workers
+    # per rank (measured to keep ahead of the model); runtime.compile stays opt-in
+    "full": dict(stages=_full_stages(), backbone=dict(vae_precision="bfloat16"), data=dict(num_workers=8),
+                 runtime=dict(cudnn_benchmark=True)),
     "mid": dict(
         backbone=dict(
             vae=dict(block_out_channels=[32, 64, 64, 128], layers_per_block=1, latent_channels=16, norm_num_groups=16),

@@ -337,19 +337,26 @@ def crop_resize(clip: Clip, res: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     depth = valid = None
     if clip.depth is not None:
         idx = np.clip(((np.arange(res) + 0.5) / sc - 0.5).round().astype(int), 0, side - 1)
-        depth = clip.depth[:, y0:y0 + side, x0:x0 + side][:, idx][:, :, idx]
-        valid = clip.depth_valid[:, y0:y0 + side, x0:x0 + side][:, idx][:, :, idx]
+        rows, cols = y0 + idx[:, None], x0 + idx[None, :]  # nearest pixels, one gather per array
+        depth, valid = clip.depth[:, rows, cols], clip.depth_valid[:, rows, cols]
     return rgb, intr, depth, valid
 
 
-def process(clip: Clip, frames: list[int] | None, res: int, n_tracks: int, rng: np.random.Generator) -> dict:
-    """A decoded (already frame-subsampled) clip -> tensors for the model."""
+def process(clip: Clip, frames: list[int] | None, res: int, n_tracks: int, rng: np.random.Generator,
+            video_uint8: bool = False) -> dict:
+    """A decoded (already frame-subsampled) clip -> tensors for the model.
+
+    ``video`` is (T,3,H,W) float in [0, 1], or with ``video_uint8`` the same frames as uint8 (the training
+    loader: a quarter of the bytes through the workers' shared memory and the host-to-GPU copy, and
+    no float conversion on the CPU; the trainer divides by 255 on the GPU, which gives the same values).
+    """
     rgb, intr, depth, valid = crop_resize(clip, res)
     t = rgb.shape[0]
     w2c0 = np.linalg.inv(clip.c2w[0])
     c2w = w2c0[None] @ clip.c2w  # world := first camera frame
+    video = torch.from_numpy(rgb).permute(0, 3, 1, 2)
     out = {
-        "video": torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255.0,
+        "video": video if video_uint8 else video.float() / 255.0,
         "intrinsics": torch.from_numpy(intr).float(),
         "c2w": torch.from_numpy(c2w).float(),
         "has_depth": torch.tensor(depth is not None),
@@ -459,7 +466,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             if emitted <= skip:
                 continue
             clip = DECODE(raw, frames)
-            item = process(clip, frames, self.stage.resolution, self.n_tracks, srng)
+            item = process(clip, frames, self.stage.resolution, self.n_tracks, srng, video_uint8=True)
             item["caption"] = str(meta.get("caption") or "")
             batch.append(item)
             if len(batch) == self.batch_size:
@@ -475,11 +482,13 @@ def _num_frames(raw: dict) -> int:
 
 
 def make_loader(data: DataConfig, stage: StageConfig, stage_index: int, n_tracks: int, batch_size: int,
-                rank: int, world: int, start_batches: int = 0) -> torch.utils.data.DataLoader:
+                rank: int, world: int, start_batches: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """``pin_memory`` (on a GPU): batches in page-locked memory, so their copy to the device is queued
+    without the host waiting for it."""
     ds = ShardStream(data, stage, stage_index, n_tracks, batch_size, rank, world, start_batches)
-    kw = {}
+    kw = {"pin_memory": pin_memory}
     if data.num_workers > 0:
-        kw = dict(prefetch_factor=2, persistent_workers=False)
+        kw.update(prefetch_factor=2, persistent_workers=False)
     # a private generator: creating the iterator must not consume the global torch RNG (resume determinism)
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=data.num_workers,
                                        generator=torch.Generator().manual_seed(data.seed), **kw)

@@ -73,8 +73,9 @@ class GaussianMaps:
     def means(self) -> torch.Tensor:
         """(B,S,H,W,3) pixel-aligned centres at birth time."""
         b, s, h, w = self.depth.shape
-        idx = self.birth.to(self.c2w.device)
-        o, d = camera_rays(self.intrinsics[:, idx], self.c2w[:, idx], h, w)
+        births = self.birth.tolist()  # on the host: indexing by views uploads no index tensor (no sync)
+        o, d = camera_rays(torch.stack([self.intrinsics[:, i] for i in births], 1),
+                           torch.stack([self.c2w[:, i] for i in births], 1), h, w)
         return o + self.depth[..., None] * d
 
 
@@ -95,23 +96,37 @@ class Gaussians:
 def apply_deformation(means, quats, scales, raw_tau, raw_birth):
     """Deform Gaussians with raw deformations at time tau and at their birth time (..., K_D)."""
     d = raw_tau - raw_birth
-    dq = F.normalize(d[..., 3:7] + d.new_tensor([1.0, 0.0, 0.0, 0.0]), dim=-1)
+    dq = F.normalize(torch.cat([d[..., 3:4] + 1.0, d[..., 4:7]], -1), dim=-1)  # (1,0,0,0) + d_rot, no host tensor
     return means + d[..., 0:3], F.normalize(quat_multiply(dq, quats), dim=-1), scales * torch.exp(d[..., 7:10])
 
 
-def gaussians_at(maps: GaussianMaps, b: int, tau: int, prune_opacity: float = 0.005) -> Gaussians:
-    """Sample ``b``'s Gaussians (all birth frames) deformed to time ``tau`` and pruned."""
+def gaussians_at(maps: GaussianMaps, b: int, tau: int, prune_opacity: float = 0.005, drop: bool = True) -> Gaussians:
+    """Sample ``b``'s Gaussians (all birth frames) deformed to time ``tau`` and pruned.
+
+    ``drop=False`` (training) keeps every Gaussian and sets the opacity of the pruned ones to 0 instead of
+    removing them: renders and gradients are the same (a zero-opacity Gaussian contributes nothing, and
+    gsplat culls opacities below 1/255 before tiling), but no host-device sync is needed to learn how
+    many remain (:func:`prune` does one).
+    """
     means = maps.means[b]  # (S,H,W,3)
     quats, scales = maps.quat[b], maps.scale[b]
     if maps.deform is not None:
         raw = maps.deform[b]  # (S,H,W,T,K)
-        s_idx = maps.birth.to(raw.device)
         raw_tau = raw[..., tau, :]
-        raw_birth = torch.stack([raw[i, :, :, int(s_idx[i]), :] for i in range(raw.shape[0])])
+        # birth indices come from the host (GaussianMaps.birth stays on the CPU): no device read
+        raw_birth = torch.stack([raw[i, :, :, int(s), :] for i, s in enumerate(maps.birth.tolist())])
         means, quats, scales = apply_deformation(means, quats, scales, raw_tau, raw_birth)
     g = Gaussians(means.reshape(-1, 3), quats.reshape(-1, 4), scales.reshape(-1, 3),
                   maps.opacity[b].reshape(-1), maps.colour[b].reshape(-1, 3))
-    return prune(g, prune_opacity)
+    if drop:
+        return prune(g, prune_opacity)
+    opac = torch.where(g.opacities >= prune_opacity, g.opacities, torch.zeros_like(g.opacities))
+    return Gaussians(g.means, g.quats, g.scales, opac, g.colours)
+
+
+def kept(g: Gaussians, prune_opacity: float) -> torch.Tensor:
+    """How many of ``g``'s Gaussians survive pruning, as a tensor on their device (no sync)."""
+    return (g.opacities >= prune_opacity).sum()
 
 
 def prune(g: Gaussians, tau: float) -> Gaussians:
@@ -135,43 +150,53 @@ def sample_maps_at_pixels(x: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
 def track_positions(maps: GaussianMaps, b: int, tracks: torch.Tensor, visible: torch.Tensor):
     """Positions over time of the Gaussians that correspond to sample ``b``'s tracks.
 
-    Correspondence: a track is assigned to the first birth frame ``s`` at which it is visible; its
-    world point at ``s`` is projected into camera ``s`` and the per-pixel maps of birth frame ``s``
-    (depth, deformation) are sampled bilinearly at that pixel. That pixel-aligned Gaussian, deformed
-    to every time step, is compared with the track. Returns (pred (T,N,3), mask (T,N)): ``mask`` is
-    the track's visibility and excludes tracks with no visible birth frame or off-image projections.
+    Correspondence: a track is assigned to the first birth frame ``s`` at which it is visible and its
+    world point projects in front of camera ``s`` and inside the image; the per-pixel maps of birth frame
+    ``s`` (depth, deformation) are sampled bilinearly at that pixel. That pixel-aligned Gaussian, deformed
+    to every time step, is compared with the track. Returns (pred (T,N,3), mask (T,N)): ``mask`` is the
+    track's visibility and excludes tracks with no such birth frame.
+
+    Every birth frame is tried for every track at once (projections of S x N points, S x N bilinear
+    samples of the maps) and the first that qualifies is picked, so nothing depends on values read back
+    to the host: no device syncs.
     """
     t_count, n = tracks.shape[:2]
     h, w = maps.depth.shape[-2:]
-    birth = [int(s) for s in maps.birth]
-    pred = tracks.new_zeros(t_count, n, 3)
-    assigned = torch.zeros(n, dtype=torch.bool, device=tracks.device)
-    intr, c2w = maps.intrinsics[b], maps.c2w[b]
-    for si, s in enumerate(birth):
-        sel = visible[s] & ~assigned
-        if not bool(sel.any()):
-            continue
-        p = tracks[s, sel]
-        w2c = torch.linalg.inv(c2w[s])
-        cam = p @ w2c[:3, :3].T + w2c[:3, 3]
-        z = cam[:, 2].clamp_min(1e-6)
-        uv = torch.stack([intr[s, 0] * cam[:, 0] / z + intr[s, 2], intr[s, 1] * cam[:, 1] / z + intr[s, 3]], -1)
-        inside = (cam[:, 2] > 1e-3) & (uv[:, 0] >= 0) & (uv[:, 0] <= w) & (uv[:, 1] >= 0) & (uv[:, 1] <= h)
-        idx = sel.nonzero().squeeze(1)[inside]
-        uv = uv[inside]
-        if idx.numel() == 0:
-            continue
-        assigned[idx] = True
-        depth = sample_maps_at_pixels(maps.depth[b, si][..., None], uv)[:, 0]
-        fx, fy, cx, cy = intr[s]
-        ray = torch.stack([(uv[:, 0] - cx) / fx, (uv[:, 1] - cy) / fy, torch.ones_like(uv[:, 0])], -1)
-        mean = c2w[s, :3, 3] + (ray * depth[:, None]) @ c2w[s, :3, :3].T
-        if maps.deform is not None:
-            raw = maps.deform[b, si]  # (H,W,T,K)
-            hh, ww, tt, kk = raw.shape
-            raw_s = sample_maps_at_pixels(raw.reshape(hh, ww, tt * kk), uv).reshape(-1, tt, kk)
-            disp = raw_s[..., 0:3] - raw_s[:, s:s + 1, 0:3]  # (n,T,3)
-            pred[:, idx] = (mean[:, None] + disp).transpose(0, 1)
-        else:
-            pred[:, idx] = mean[None].expand(t_count, -1, -1)
+    birth = maps.birth.tolist()  # host list (GaussianMaps.birth stays on the CPU)
+    s_count = len(birth)
+    at_birth = lambda x: torch.stack([x[s] for s in birth])  # views: no index tensor to upload
+    intr, c2w = at_birth(maps.intrinsics[b]), at_birth(maps.c2w[b])  # (S,4), (S,4,4)
+    w2c = torch.linalg.inv_ex(c2w)[0]  # inv_ex: no error check, which would read the device
+    cam = at_birth(tracks) @ w2c[:, :3, :3].transpose(1, 2) + w2c[:, None, :3, 3]  # (S,N,3)
+    z = cam[..., 2].clamp_min(1e-6)
+    fx, fy, cx, cy = (intr[:, i, None] for i in range(4))
+    uv = torch.stack([fx * cam[..., 0] / z + cx, fy * cam[..., 1] / z + cy], -1)  # (S,N,2)
+    ok = at_birth(visible) & (cam[..., 2] > 1e-3) & (uv[..., 0] >= 0) & (uv[..., 0] <= w) \
+        & (uv[..., 1] >= 0) & (uv[..., 1] <= h)  # (S,N)
+    assigned = ok.any(0)
+    first = ok.to(torch.uint8).argmax(0)  # the first qualifying birth frame (0 where none)
+    grid = torch.stack([uv[..., 0] / w * 2 - 1, uv[..., 1] / h * 2 - 1], -1).float()[:, None]  # (S,1,N,2)
+
+    def pick(x):  # (S, ...) -> (...): every track's entry of its own birth frame
+        idx = first.view(1, *([1] * (x.dim() - 2)), n).expand(1, *x.shape[1:])
+        return x.gather(0, idx)[0]
+
+    def sample(x):  # maps x (S,C,H,W) -> (S,C,N): every birth frame's map at every track's pixel there
+        return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[:, :, 0]
+
+    depth = pick(sample(maps.depth[b][:, None]))[0]  # (N,)
+    uv_s, c2w_s, intr_s = pick(uv.transpose(1, 2)).T, c2w[first], intr[first]
+    ray = torch.stack([(uv_s[:, 0] - intr_s[:, 2]) / intr_s[:, 0], (uv_s[:, 1] - intr_s[:, 3]) / intr_s[:, 1],
+                       torch.ones_like(uv_s[:, 0])], -1)
+    mean = c2w_s[:, :3, 3] + ((ray * depth[:, None])[:, None, :] @ c2w_s[:, :3, :3].transpose(1, 2))[:, 0]
+    if maps.deform is not None:
+        raw = maps.deform[b]  # (S,H,W,T,K); a view of the LDRM's (S,T,K,H,W) output: sampled without a copy
+        tt, kk = raw.shape[-2:]
+        raw_s = sample(raw.permute(0, 3, 4, 1, 2).reshape(s_count, tt * kk, h, w)).reshape(s_count, tt, kk, n)
+        # displacement from each birth frame's own time: raw[tau] - raw[s]
+        disp = torch.stack([raw_s[i, :, 0:3] - raw_s[i, s:s + 1, 0:3] for i, s in enumerate(birth)])  # (S,T,3,N)
+        pos = mean[:, None] + pick(disp).permute(2, 0, 1)  # (N,T,3)
+    else:
+        pos = mean[:, None].expand(n, t_count, 3)
+    pred = torch.where(assigned[:, None, None], pos, torch.zeros_like(pos)).transpose(0, 1)
     return pred, visible & assigned[None]

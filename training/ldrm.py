@@ -83,7 +83,7 @@ class LDRM(nn.Module):
         self.deform_head = nn.Conv2d(cfg.deform_features, max_frames * K_D, 1)
         nn.init.zeros_(self.deform_head.weight)
         nn.init.zeros_(self.deform_head.bias)
-        self.grad_checkpointing = False
+        self.checkpointed: list[bool] = [False] * cfg.num_blocks  # blocks whose activations are recomputed
         with torch.no_grad():  # start near mid-range depth, half-transparent grey, small scales
             self.deconv.bias.zero_()
             self.deconv.bias[4:8].copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
@@ -107,13 +107,14 @@ class LDRM(nn.Module):
     def forward(self, z: torch.Tensor, pl_latent: torch.Tensor, intrinsics: torch.Tensor, c2w: torch.Tensor,
                 num_frames: int, with_deformation: bool) -> GaussianMaps:
         x, (f, gh, gw) = self.tokens(z, pl_latent)
-        for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if (self.grad_checkpointing and self.training) else blk(x)
+        for blk, ckpt in zip(self.blocks, self.checkpointed):
+            x = checkpoint(blk, x, use_reentrant=False) if (ckpt and self.training) else blk(x)
         x = self.mlp(self.norm(x))
         b = x.shape[0]
         x = x.reshape(b, f, gh, gw, -1).permute(0, 4, 1, 2, 3)
         births = birth_frames(num_frames, self.cfg.birth_frame_stride)
-        with torch.autocast(x.device.type, enabled=False):  # float32 maps (module docstring)
+        # float32 maps (module docstring); "meta" tensors (FLOP counting, training/flops.py) have no autocast
+        with torch.autocast(x.device.type if x.device.type in ("cuda", "cpu") else "cpu", enabled=False):
             out = self.deconv(x.float())[:, :, self.ft - 1:self.ft - 1 + num_frames]  # (B, C, T, H, W)
             out = out[:, :, births].permute(0, 2, 3, 4, 1)  # (B, S, H, W, C)
             return self._maps(out, births, intrinsics, c2w, num_frames, with_deformation)

@@ -22,17 +22,18 @@ def flow_matching_loss(v_pred: torch.Tensor, z0: torch.Tensor, noise: torch.Tens
 
 def pearson_depth_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
                        eps: float = 1e-8) -> torch.Tensor:
-    """1 - Pearson correlation of ``pred`` and ``target`` over ``valid`` (flattened). Zero for affine relations."""
+    """1 - Pearson correlation of ``pred`` and ``target`` over ``valid`` (flattened). Zero for affine relations.
+
+    The mask weights the sums instead of selecting elements, so the value is computed without reading
+    the mask back to the host (no device sync); fewer than 2 valid entries give 0.
+    """
     p, t = pred.reshape(-1).float(), target.reshape(-1).float()
-    if valid is not None:
-        m = valid.reshape(-1)
-        p, t = p[m], t[m]
-    if p.numel() < 2:
-        return pred.sum() * 0.0
-    p = p - p.mean()
-    t = t - t.mean()
+    m = torch.ones_like(p) if valid is None else valid.reshape(-1).to(p.dtype)
+    n = m.sum()
+    p = (p - (p * m).sum() / n.clamp_min(1)) * m
+    t = (t - (t * m).sum() / n.clamp_min(1)) * m
     r = (p * t).sum() / (p.norm() * t.norm() + eps)
-    return 1.0 - r
+    return torch.where(n >= 2, 1.0 - r, pred.sum() * 0.0)
 
 
 def tv_loss(depth: torch.Tensor, normalise: bool = True) -> torch.Tensor:
@@ -44,11 +45,12 @@ def tv_loss(depth: torch.Tensor, normalise: bool = True) -> torch.Tensor:
 
 
 def motion_loss(pred: torch.Tensor, tracks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """L2 + L1 over the masked (visible) entries of (T,N,3) positions."""
-    if not bool(mask.any()):
-        return pred.sum() * 0.0
-    diff = (pred - tracks)[mask]
-    return diff.norm(dim=-1).mean() + diff.abs().mean()
+    """L2 + L1 over the masked (visible) entries of (T,N,3) positions (0 when none); a masked mean, so
+    nothing is read back to the host."""
+    m = mask.to(pred.dtype)
+    n = m.sum()
+    diff = (pred - tracks) * m[..., None]  # zero where masked out (their norm's gradient is 0, not NaN)
+    return (diff.norm(dim=-1).sum() + diff.abs().sum() / 3) / n.clamp_min(1)
 
 
 _LPIPS_BACKBONE_FILES = {

@@ -5,11 +5,12 @@ import contextlib
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from training import losses as L
 from training.backbone import VideoBackbone, latent_frame_groups
 from training.config import StageConfig, TrainConfig
-from training.gaussians import GaussianMaps, gaussians_at, track_positions
+from training.gaussians import GaussianMaps, gaussians_at, kept, track_positions
 from training.ldrm import LDRM
 
 # The metrics every forward returns, always all of them and in this order, each as (sum, count): the
@@ -42,17 +43,29 @@ class Diff4Splat(nn.Module):
             elif name.startswith("ldrm."):
                 p.requires_grad_("ldrm" not in frozen)
 
-    def set_gradient_checkpointing(self, on: bool) -> None:
-        self.backbone.set_gradient_checkpointing(on)
-        self.ldrm.grad_checkpointing = on
+    def set_gradient_checkpointing(self, on: bool, fraction: float = 1.0) -> None:
+        """Recompute in backward the activations of ``fraction`` of each transformer's blocks (spread
+        evenly, :func:`training.speed.checkpoint_mask`): 1 saves the most memory, 0 none."""
+        from training.speed import checkpoint_mask
+
+        n_bb = len(self.backbone.transformer.transformer_blocks)
+        self.backbone.set_gradient_checkpointing(on, checkpoint_mask(n_bb, fraction))
+        self.ldrm.checkpointed = checkpoint_mask(len(self.ldrm.blocks), fraction if on else 0.0)
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, batch: dict, stage: StageConfig | None = None, rasterize=None, lpips_fn=None, render_frames=None,
                 autocast: bool = False, predict: str | None = None, sample_steps: int = 10,
-                seed: int = 0, timings: dict | None = None) -> tuple[torch.Tensor, dict[str, tuple[float, int]]] | GaussianMaps:
+                seed: int = 0, timings: dict | None = None) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]] | GaussianMaps:
         """-> (loss, {metric: (sum, count)} for every name in :data:`METRICS`). ``loss`` and ``fm`` count
         once per batch; ``photo``, ``geo``, ``motion`` and ``psnr`` once per sample that has the term;
         ``gaussians`` once per render.
+
+        Sums are 0-dim tensors on the batch's device and counts are host ints: nothing in the step reads
+        a value back from the device (the trainer reduces the metrics at log time). For that the per-sample
+        flags ``has_depth`` / ``has_tracks`` are read from the host when the batch keeps them there (the
+        trainer does); pruned Gaussians get opacity 0 rather than being removed. The renderer may still
+        sync (gsplat sizes its tile lists on the host). Phases are labelled for torch.profiler
+        (``d4s/...``, bench/bench_speed.py).
 
         With ``predict`` (``"reconstruct"`` or ``"sample"``) it is inference instead: see
         :meth:`predict_maps`. That goes through ``forward`` so that an FSDP-wrapped model gathers its
@@ -68,20 +81,24 @@ class Diff4Splat(nn.Module):
         dev = video.device
         ac = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         use = set(stage.losses)
+        has_depth, has_tracks = _host_flags(batch["has_depth"]), _host_flags(batch["has_tracks"])
 
-        z0 = self.backbone.encode(video * 2 - 1)
-        pooled = self.backbone.pooled_plucker(intr, c2w, h, w)
-        tt = torch.rand(b, device=dev)
-        noise = torch.randn_like(z0)
-        z_t = (1 - tt.view(b, 1, 1, 1, 1)) * z0 + tt.view(b, 1, 1, 1, 1) * noise
-        with ac:
-            v = self.backbone.velocity(z_t, tt, z0[:, :1], pooled, batch.get("text"), batch.get("use_text")).float()
-        metrics: dict[str, tuple[float, int]] = {k: (0.0, 0) for k in METRICS}
-        total = video.new_zeros(())
+        with record_function("d4s/vae_encode"):
+            z0 = self.backbone.encode(video * 2 - 1)
+        with record_function("d4s/backbone"):
+            pooled = self.backbone.pooled_plucker(intr, c2w, h, w)
+            tt = torch.rand(b, device=dev)
+            noise = torch.randn_like(z0)
+            z_t = (1 - tt.view(b, 1, 1, 1, 1)) * z0 + tt.view(b, 1, 1, 1, 1) * noise
+            with ac:
+                v = self.backbone.velocity(z_t, tt, z0[:, :1], pooled, batch.get("text"), batch.get("use_text")).float()
+        zero = video.new_zeros(())
+        metrics: dict[str, tuple[torch.Tensor, int]] = {k: (zero, 0) for k in METRICS}
+        total = zero
         if "fm" in use:
             l_fm = L.flow_matching_loss(v, z0, noise)
             total = total + l_fm
-            metrics["fm"] = (float(l_fm.detach()), 1)
+            metrics["fm"] = (l_fm.detach(), 1)
         z_hat = z_t - tt.view(b, 1, 1, 1, 1) * v
         if cfg.ldrm.clean_first_latent:  # the conditioning frame's latent is known exactly
             z_hat = torch.cat([z0[:, :1], z_hat[:, 1:]], 1)
@@ -89,61 +106,65 @@ class Diff4Splat(nn.Module):
             clean = (torch.rand(b, device=dev) < cfg.ldrm.clean_latent_prob).view(b, 1, 1, 1, 1)
             z_hat = torch.where(clean, z0, z_hat)
         with_def = "deformation" not in stage.frozen and "ldrm" not in stage.frozen
-        with ac:
+        with record_function("d4s/ldrm"), ac:
             maps = self.ldrm(z_hat, pooled, intr, c2w, t, with_deformation=with_def)
 
         if render_frames is None:
             k = min(lc.render_frames, t)
             render_frames = [0] + (torch.randperm(t - 1)[: k - 1] + 1).tolist() if k > 1 else [0]
         frames = sorted(render_frames)
+        take = lambda x: torch.stack([x[f] for f in frames])  # views: no index tensor to upload
         w_photo, w_depth, w_motion = batch["weights"].unbind(-1)
         photo_terms, geo_terms, mot_terms, psnrs, psnr0, n_g = [], [], [], [], [], []
+        tau_p = cfg.ldrm.prune_opacity
         for bi in range(b):
-            rgbs, deps, alps = [], [], []
-            if maps.deform is None:
-                g = gaussians_at(maps, bi, 0, cfg.ldrm.prune_opacity)
-                vm = torch.linalg.inv(c2w[bi, frames])
-                ks = _kmat(intr[bi, frames])
-                rgb, dep, alp = rasterize(g.means, g.quats, g.scales, g.opacities, g.colours, vm, ks, w, h)
-                n_g.append(len(g))
-            else:
-                rl = []
-                for tau in frames:
-                    g = gaussians_at(maps, bi, tau, cfg.ldrm.prune_opacity)
-                    vm = torch.linalg.inv(c2w[bi, tau])[None]
-                    rl.append(rasterize(g.means, g.quats, g.scales, g.opacities, g.colours, vm,
-                                        _kmat(intr[bi, tau][None]), w, h))
-                    n_g.append(len(g))
-                rgb, dep, alp = (torch.cat(x) for x in zip(*rl))
-            target = video[bi, frames].permute(0, 2, 3, 1)
-            if "photo" in use:
-                photo_terms.append(w_photo[bi] * L.photo_loss(rgb, target, lpips_fn, lc.lpips_weight))
-            with torch.no_grad():
-                mse = torch.mean((rgb.detach() - target) ** 2)
-                psnrs.append(float(-10 * torch.log10(mse.clamp_min(1e-10))))
-                if frames[0] == 0:
-                    mse0 = torch.mean((rgb[0].detach() - target[0]) ** 2)
-                    psnr0.append(float(-10 * torch.log10(mse0.clamp_min(1e-10))))
-            if "geo" in use:
-                exp_depth = dep / alp.clamp_min(1e-4)
-                geo = lc.tv_weight * L.tv_loss(exp_depth)
-                if bool(batch["has_depth"][bi]):
-                    valid = batch["depth_valid"][bi, frames] & (alp.detach() > 0.5)
-                    geo = geo + w_depth[bi] * L.pearson_depth_loss(exp_depth, batch["depth"][bi, frames], valid)
-                geo_terms.append(geo)
-            if "motion" in use and bool(batch["has_tracks"][bi]) and maps.deform is not None:
-                pred, mask = track_positions(maps, bi, batch["tracks"][bi], batch["track_visible"][bi])
-                mot_terms.append(w_motion[bi] * L.motion_loss(pred, batch["tracks"][bi], mask))
+            with record_function("d4s/render"):
+                if maps.deform is None:
+                    g = gaussians_at(maps, bi, 0, tau_p, drop=False)
+                    vm = torch.linalg.inv_ex(take(c2w[bi]))[0]  # inv_ex: no error check (a device read)
+                    ks = _kmat(take(intr[bi]))
+                    rgb, dep, alp = rasterize(g.means, g.quats, g.scales, g.opacities, g.colours, vm, ks, w, h)
+                    n_g.append(kept(g, tau_p))
+                else:
+                    rl = []
+                    for tau in frames:
+                        g = gaussians_at(maps, bi, tau, tau_p, drop=False)
+                        vm = torch.linalg.inv_ex(c2w[bi, tau])[0][None]
+                        rl.append(rasterize(g.means, g.quats, g.scales, g.opacities, g.colours, vm,
+                                            _kmat(intr[bi, tau][None]), w, h))
+                        n_g.append(kept(g, tau_p))
+                    rgb, dep, alp = (torch.cat(x) for x in zip(*rl))
+            with record_function("d4s/losses"):
+                target = take(video[bi]).permute(0, 2, 3, 1)
+                if "photo" in use:
+                    photo_terms.append(w_photo[bi] * L.photo_loss(rgb, target, lpips_fn, lc.lpips_weight))
+                with torch.no_grad():
+                    mse = torch.mean((rgb.detach() - target) ** 2)
+                    psnrs.append(-10 * torch.log10(mse.clamp_min(1e-10)))
+                    if frames[0] == 0:
+                        mse0 = torch.mean((rgb[0].detach() - target[0]) ** 2)
+                        psnr0.append(-10 * torch.log10(mse0.clamp_min(1e-10)))
+                if "geo" in use:
+                    exp_depth = dep / alp.clamp_min(1e-4)
+                    geo = lc.tv_weight * L.tv_loss(exp_depth)
+                    if has_depth[bi]:
+                        valid = take(batch["depth_valid"][bi]) & (alp.detach() > 0.5)
+                        geo = geo + w_depth[bi] * L.pearson_depth_loss(exp_depth, take(batch["depth"][bi]), valid)
+                    geo_terms.append(geo)
+                if "motion" in use and has_tracks[bi] and maps.deform is not None:
+                    pred, mask = track_positions(maps, bi, batch["tracks"][bi], batch["track_visible"][bi])
+                    mot_terms.append(w_motion[bi] * L.motion_loss(pred, batch["tracks"][bi], mask))
         for name, terms, lam in (("photo", photo_terms, lc.lambda_photo), ("geo", geo_terms, lc.lambda_geo),
                                  ("motion", mot_terms, lc.lambda_motion)):
             if terms:
                 val = torch.stack(terms).sum()
                 total = total + lam * val / b  # per-sample mean; a sample without the term adds 0
-                metrics[name] = (float(val.detach()), len(terms))
-        metrics["psnr"] = (sum(psnrs), len(psnrs))
-        metrics["psnr_first"] = (sum(psnr0), len(psnr0))
-        metrics["gaussians"] = (float(sum(n_g)), len(n_g))
-        metrics["loss"] = (float(total.detach()), 1)
+                metrics[name] = (val.detach(), len(terms))
+        metrics["psnr"] = (torch.stack(psnrs).sum(), len(psnrs))
+        if psnr0:
+            metrics["psnr_first"] = (torch.stack(psnr0).sum(), len(psnr0))
+        metrics["gaussians"] = (torch.stack(n_g).sum().to(zero.dtype), len(n_g))
+        metrics["loss"] = (total.detach(), 1)
         # keep every trainable parameter in the graph (DDP): add 0 x unused outputs
         total = total + 0.0 * v.sum() + 0.0 * maps.depth.sum()
         return total, metrics
@@ -229,6 +250,11 @@ class _Clock:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _host_flags(x) -> list[bool]:
+    """Per-sample booleans as a host list: free for a CPU tensor or a list, one device read otherwise."""
+    return [bool(v) for v in (x.tolist() if torch.is_tensor(x) else x)]
 
 
 def _kmat(intr: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from pipeline import strict_json
 from training.config import TrainConfig
@@ -117,7 +118,7 @@ def train_loop_per_worker(config: dict) -> None:
     from training.losses import LPIPSLoss
     from training.model import Diff4Splat
     from training.render_gsplat import get_rasterizer
-    from training.text import embed_captions
+    from training.speed import compile_blocks, make_optimizer
 
     cfg = TrainConfig.model_validate(config["cfg"])
     rt = cfg.runtime
@@ -130,6 +131,7 @@ def train_loop_per_worker(config: dict) -> None:
         local = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())) % torch.cuda.device_count()
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = rt.cudnn_benchmark
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -144,7 +146,9 @@ def train_loop_per_worker(config: dict) -> None:
     # thread a Ray worker gets (OMP_NUM_THREADS=1). Pretrained weights load the usual way.
     with torch.device(device) if use_cuda and not cfg.backbone.pretrained_dir else _null():
         model = Diff4Splat(cfg).to(device)
-    model.set_gradient_checkpointing(rt.grad_checkpointing)
+    model.set_gradient_checkpointing(rt.grad_checkpointing, rt.checkpoint_fraction)
+    if rt.compile:  # before sharding: FSDP2's hooks stay outside the compiled forwards
+        compile_blocks(model)
     rasterize = get_rasterizer(rt.renderer if use_cuda else "torch")
     lpips_fn = LPIPSLoss(cfg.loss.lpips_net, cfg.loss.lpips_torch_home).to(device) if cfg.loss.lpips_enabled else None
     text_encoder = None
@@ -166,7 +170,7 @@ def train_loop_per_worker(config: dict) -> None:
     if fsdp:
         _shard_fsdp(model, device)  # in place: ``model`` is now an FSDPModule with DTensor parameters
     params = [p for n, p in model.named_parameters() if ".vae." not in f".{n}"]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    opt = make_optimizer(params, cfg.optim)
     warm = cfg.optim.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
 
@@ -219,10 +223,34 @@ def train_loop_per_worker(config: dict) -> None:
         if distributed:
             dist.barrier()
 
+    pending: list[dict] = []  # steps whose metrics are still on the device
+
+    def flush_metrics() -> dict[str, float]:
+        """Reduce and write the pending steps' metrics: one all-reduce and one device read for all of
+        them; returns the last step's means."""
+        if not pending:
+            return {}
+        means = reduce_metrics_steps([r.pop("agg") for r in pending], device)
+        norms = [r.pop("grad_norm") for r in pending]
+        if any(n is not None for n in norms):
+            norms = torch.stack([n.float() for n in norms]).tolist()
+        for row, mean, norm in zip(pending, means, norms):
+            row.update(mean)
+            if norm is not None:
+                row["grad_norm"] = norm
+            if rank == 0:
+                _append_jsonl(metrics_url, row)
+                if writer is not None:
+                    for k, v in mean.items():
+                        writer.add_scalar(f"train/{k}", v, row["step"])
+        pending.clear()
+        return means[-1]
+
     validator, best = _validation_setup(cfg, rank, world, device, lpips_fn, text_encoder)
 
     def validate(stage, stage_index: int) -> None:
         """Measure the held-out clips (every rank), log them, keep the best checkpoint, redraw the report."""
+        flush_metrics()  # the training rows of the steps before it land first in metrics.jsonl
         res = validator.run(model, stage, rasterize, use_cuda and rt.bf16)
         if rank == 0:
             _append_jsonl(metrics_url, {"step": step, "stage": stage.name, "kind": "val", "time": time.time(), **res})
@@ -258,54 +286,26 @@ def train_loop_per_worker(config: dict) -> None:
         ddp.train()
         model.backbone.vae.eval()
         loader = make_loader(cfg.data, stage, stage_index, cfg.loss.tracks_per_sample, rt.batch_size, rank, world,
-                             start_batches=in_stage * accum)
+                             start_batches=in_stage * accum, pin_memory=use_cuda)
         it = iter(loader)
         if rank == 0:
             print(f"[train] stage {stage_index} {describe(stage)}", flush=True)
         while in_stage < stage.steps and step < max_steps:
-            agg: dict[str, list[float]] = {}
-            for micro in range(accum):
-                batch = next(it)
-                batch["text"], batch["use_text"] = embed_captions(text_encoder, batch["caption"],
-                                                                  cfg.backbone.caption_dropout)
-                batch = _to_device(batch, device)
-                sync = micro == accum - 1 or not distributed
-                if fsdp:  # FSDP2 has no no_sync(): keep unsharded grads locally until the last micro-step
-                    model.set_requires_gradient_sync(sync)
-                    ctx = _null()
-                else:
-                    ctx = ddp.no_sync() if (not sync and hasattr(ddp, "no_sync")) else _null()
-                with ctx:
-                    loss, met = ddp(batch, stage=stage, rasterize=rasterize, lpips_fn=lpips_fn,
-                                    autocast=use_cuda and rt.bf16)
-                    (loss / accum).backward()
-                for k, (total, count) in met.items():
-                    a = agg.setdefault(k, [0.0, 0])
-                    a[0] += total
-                    a[1] += count
-            grad_norm = None
-            if cfg.optim.grad_clip > 0:
-                # Under FSDP2 the grads are DTensor shards: the norm is reduced over ranks (a collective).
-                norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                                      cfg.optim.grad_clip)
-                grad_norm = float(_full_tensor(norm))  # pre-clip global norm, the same on every rank
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            agg, grad_norm = train_step(ddp, model, opt, sched, it, stage, cfg, device, rasterize=rasterize,
+                                        lpips_fn=lpips_fn, text_encoder=text_encoder, fsdp=fsdp,
+                                        distributed=distributed, autocast=use_cuda and rt.bf16)
             step += 1
             in_stage += 1
-            mean = reduce_metrics(agg, device)
-            if rank == 0:
-                row = {"step": step, "stage": stage.name, "lr": sched.get_last_lr()[0], "time": time.time(), **mean}
-                if grad_norm is not None:
-                    row["grad_norm"] = grad_norm
-                if use_cuda:
-                    row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                _append_jsonl(metrics_url, row)
-                if writer is not None:
-                    for k, v in mean.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-                if step % rt.log_every == 0 or step == max_steps:
+            # kept on the device until log time: reading a metric back every step would stall the GPU
+            pending.append({"step": step, "stage": stage.name, "lr": sched.get_last_lr()[0], "time": time.time(),
+                            "agg": agg, "grad_norm": grad_norm,
+                            **({"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30} if use_cuda else {})})
+            end_of_stage = in_stage >= stage.steps
+            crash = rt.crash_at_step is not None and step == rt.crash_at_step
+            ckpt_due = step % rt.ckpt_every == 0 or (rt.checkpoint_at_end and (step == max_steps or end_of_stage))
+            if step % rt.log_every == 0 or step == max_steps or end_of_stage or ckpt_due or crash:
+                mean = flush_metrics()
+                if rank == 0 and (step % rt.log_every == 0 or step == max_steps):
                     now = time.perf_counter()
                     its = (step - step_last) / max(now - t_last, 1e-9)
                     t_last, step_last = now, step
@@ -313,12 +313,11 @@ def train_loop_per_worker(config: dict) -> None:
                                      if k in mean)
                     print(f"[train] step {step}/{max_steps} stage {stage.name} {parts} | {its:.2f} it/s "
                           f"{its * samples_per_step:.2f} samples/s", flush=True)
-            if rt.crash_at_step is not None and step == rt.crash_at_step:
+            if crash:
                 raise RuntimeError(f"injected crash after step {step}")
-            end_of_stage = in_stage >= stage.steps
             if validator.due(step, end_of_stage, step == max_steps):
                 validate(stage, stage_index)
-            if step % rt.ckpt_every == 0 or (rt.checkpoint_at_end and (step == max_steps or end_of_stage)):
+            if ckpt_due:
                 nxt = (stage_index + 1, 0) if end_of_stage else (stage_index, in_stage)
                 checkpoint(*nxt)
         del it, loader
@@ -361,26 +360,88 @@ def _write_report(workdir: str) -> None:
         print(f"[train] could not write the training report: {type(exc).__name__}: {exc}", flush=True)
 
 
-def reduce_metrics(agg: dict[str, list[float]], device: torch.device) -> dict[str, float]:
+def train_step(ddp, model, opt, sched, it, stage, cfg: TrainConfig, device: torch.device, *, rasterize,
+               lpips_fn=None, text_encoder=None, fsdp: bool = False, distributed: bool = False,
+               autocast: bool = False) -> tuple[dict[str, list], torch.Tensor | None]:
+    """One optimiser step over ``optim.grad_accum`` micro-batches drawn from ``it``.
+
+    -> ({metric: [sum, count]} over the micro-steps, sums as device tensors; the pre-clip global gradient
+    norm as a device tensor, or None without clipping). Nothing is read back from the device here (the
+    caller reduces the metrics at log time), so the host can queue the next step's work while the GPU
+    runs this one. Phases are labelled for torch.profiler (``d4s/...``). ``bench/bench_speed.py`` times
+    this same function.
+    """
+    from training.speed import attention_context
+    from training.text import embed_captions
+
+    accum = cfg.optim.grad_accum
+    agg: dict[str, list] = {}
+    with attention_context(cfg.runtime.attention_backend):
+        for micro in range(accum):
+            with record_function("d4s/loader"):
+                batch = next(it)
+            batch["text"], batch["use_text"] = embed_captions(text_encoder, batch["caption"],
+                                                              cfg.backbone.caption_dropout)
+            batch = _to_device(batch, device)
+            sync = micro == accum - 1 or not distributed
+            if fsdp:  # FSDP2 has no no_sync(): keep unsharded grads locally until the last micro-step
+                model.set_requires_gradient_sync(sync)
+                ctx = _null()
+            else:
+                ctx = ddp.no_sync() if (not sync and hasattr(ddp, "no_sync")) else _null()
+            with ctx:
+                loss, met = ddp(batch, stage=stage, rasterize=rasterize, lpips_fn=lpips_fn, autocast=autocast)
+                with record_function("d4s/backward"):
+                    (loss / accum).backward()
+            for k, (total, count) in met.items():
+                a = agg.setdefault(k, [0.0, 0])
+                a[0] = a[0] + total
+                a[1] += count
+    grad_norm = None
+    with record_function("d4s/optimizer"):
+        if cfg.optim.grad_clip > 0:
+            # Under FSDP2 the grads are DTensor shards: the norm is reduced over ranks (a collective).
+            norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                                  cfg.optim.grad_clip)
+            grad_norm = _full_tensor(norm).detach()  # pre-clip global norm, the same on every rank
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return agg, grad_norm
+
+
+def reduce_metrics(agg: dict[str, list], device: torch.device) -> dict[str, float]:
     """{metric: [sum, count]} of this rank's micro-steps -> {metric: mean over all ranks' counted entries}.
 
     One all-reduce of a fixed-length vector (sums, then counts, in :data:`training.model.METRICS` order)
     whatever terms this rank's batches had; a metric counted nowhere is left out, on every rank alike.
+    Sums may be floats or tensors (on any device).
     """
+    return reduce_metrics_steps([agg], device)[0]
+
+
+def reduce_metrics_steps(aggs: list[dict[str, list]], device: torch.device) -> list[dict[str, float]]:
+    """:func:`reduce_metrics` for several steps at once: one all-reduce of a (steps, 2 x metrics) matrix
+    and one read back to the host, instead of one of each per step."""
     from training.model import METRICS
 
-    unknown = set(agg) - set(METRICS)
-    if unknown:
-        raise KeyError(f"metrics outside training.model.METRICS: {sorted(unknown)}")
-    vals = torch.tensor([agg.get(k, (0.0, 0))[0] for k in METRICS] + [agg.get(k, (0.0, 0))[1] for k in METRICS],
-                        dtype=torch.float64)
+    rows = []
+    for agg in aggs:
+        unknown = set(agg) - set(METRICS)
+        if unknown:
+            raise KeyError(f"metrics outside training.model.METRICS: {sorted(unknown)}")
+        sums = [agg.get(k, (0.0, 0))[0] for k in METRICS]
+        sums = [torch.as_tensor(x).to(device=device, dtype=torch.float64) for x in sums]
+        counts = torch.tensor([agg.get(k, (0.0, 0))[1] for k in METRICS], dtype=torch.float64, device=device)
+        rows.append(torch.cat([torch.stack(sums), counts]))
+    vals = torch.stack(rows)
     if dist.is_available() and dist.is_initialized():
         on_gpu = device.type == "cuda" and dist.get_backend() == "nccl"
-        vals = vals.to(device) if on_gpu else vals
+        vals = vals if on_gpu else vals.cpu()
         dist.all_reduce(vals)
-        vals = vals.cpu()
+    vals = vals.cpu()
     n = len(METRICS)
-    return {k: float(vals[i] / vals[n + i]) for i, k in enumerate(METRICS) if vals[n + i] > 0}
+    return [{k: float(v[i] / v[n + i]) for i, k in enumerate(METRICS) if v[n + i] > 0} for v in vals]
 
 
 class _null:
@@ -391,8 +452,18 @@ class _null:
         return False
 
 
+# per-sample flags the model reads as Python booleans: left on the host, where reading them costs no sync
+HOST_KEYS = ("has_depth", "has_tracks")
+
+
 def _to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    """The batch on ``device``, flags in :data:`HOST_KEYS` left on the host; uint8 video (the loader's) is
+    made float in [0, 1] there, after the copy (a quarter of the bytes moved)."""
+    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_KEYS else v)
+           for k, v in batch.items()}
+    if out["video"].dtype == torch.uint8:
+        out["video"] = out["video"].float() / 255.0
+    return out
 
 
 def _append_jsonl(url: str, row: dict) -> None:
