@@ -99,6 +99,8 @@ def build_config(a, out: Path, granularity: str, gpus: int, tracks: bool, log: P
     return BuildConfig.model_validate({
         "output": str(out), "shard_size": 8, "max_inflight_shards": 8, "shard_deadline_s": 1800,
         "datasets": {"realestate10k": {"root": str(a.data), "clip_length": CLIP_LENGTH, "frame_stride": FRAME_STRIDE,
+                                       # extracted frames: no video decoder needed (the GPU image has no PyAV)
+                                       "options": {"form": "camera_files", "frames": "images"},
                                        "clip_stride": CLIP_STRIDE, "depth_source": "megasam",
                                        "track_source": "cotracker" if tracks else "none"}},
         "stages": {

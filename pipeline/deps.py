@@ -96,7 +96,8 @@ def build_needs(cfg: BuildConfig) -> list[Need]:
         if not ds.enabled:
             continue
         who = f"dataset {name}"
-        out += [Need(r, who) for r in NEEDS.get(f"dataset:{name}", ())]
+        if not _reads_no_video(name, ds.options):
+            out += [Need(r, who) for r in NEEDS.get(f"dataset:{name}", ())]
         if ds.options.get("decoder") == "torchcodec":
             out += [Need(r, f"{who} (options.decoder)") for r in NEEDS["decoder:torchcodec"]]
         if ds.depth_source != "gt":
@@ -105,6 +106,12 @@ def build_needs(cfg: BuildConfig) -> list[Need]:
             out += [Need(r, f"{who} (track_source cotracker)") for r in NEEDS["stage:cotracker"]]
         out += storage_needs(ds.root, f"{who} (root)")
     return out
+
+
+def _reads_no_video(name: str, options: dict) -> bool:
+    """RealEstate10K configured to read extracted frames only (``form: camera_files``, ``frames:
+    images``) decodes no video, so it needs no video decoder."""
+    return name == "realestate10k" and options.get("frames") == "images" and options.get("form") == "camera_files"
 
 
 def train_needs(tcfg) -> list[Need]:
