@@ -104,3 +104,13 @@ def test_declared_pip_requirements_are_the_projects_own():
             if r.pip in ("lpips", "torchvision", "torchcodec"):  # installed by hand against the torch build
                 continue
             assert r.pip in pinned or names.get(r.pip.split("[")[0].lower()) == r.pip, (key, r.pip)
+
+
+def test_a_video_decoder_only_where_the_dataset_can_read_videos(tmp_path):
+    """RealEstate10K read from extracted frames decodes no video: the preflight must not ask for PyAV
+    there (it stopped the scene-pass benchmark on a GPU image without PyAV); from videos it must."""
+    frames = {"depth_source": "vda_metric", "options": {"form": "camera_files", "frames": "images"}}
+    assert "av" not in {n.req.module for n in build_needs(_cfg(tmp_path, realestate10k=frames))}
+    auto = {"depth_source": "vda_metric"}
+    assert "av" in {n.req.module for n in build_needs(_cfg(tmp_path, realestate10k=auto))}
+    assert "av" in {n.req.module for n in build_needs(_cfg(tmp_path, stereo4d={}))}
