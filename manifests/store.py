@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import uuid
 from typing import Callable
 
@@ -37,6 +38,7 @@ EPOCH_SHIFT = 40  # seq = epoch << 40 | the event's number within its epoch
 COMPACT_EVERY = 256  # event files a driver adds before it folds the ledger
 READ_ROUNDS = 20  # listings a reader retries while compactions delete what it listed
 _EVENT_IDENTITY = ("seq", "build_id", "shard_id", "state")
+_NAME_SEQ = re.compile(r"^(?:events|compacted)-(\d{20})-[0-9a-f]{8}\.parquet$")
 
 
 def _unique_events(table: pa.Table) -> pa.Table:
@@ -94,9 +96,24 @@ class ManifestStore:
         self._epoch, self._counter = int(epoch), 0
 
     def max_epoch(self) -> int:
-        """The largest epoch among recorded events (0 for an empty ledger)."""
-        seqs = [e["seq"] for e in self.ledger_events()]
-        return (max(seqs) >> EPOCH_SHIFT) if seqs else 0
+        """The largest epoch among recorded events (0 for an empty ledger). Read from the file
+        names (an append file is named after its first event, all of one epoch; a compacted file
+        after its last); only files named otherwise (written by older versions) are opened."""
+        best, legacy = 0, []
+        for n in self._event_files():
+            m = _NAME_SEQ.match(n)
+            if m:
+                best = max(best, int(m.group(1)) >> EPOCH_SHIFT)
+            else:
+                legacy.append(n)
+        for rel, data in self.store.read_many([f"{LEDGER_DIR}/{n}" for n in legacy]).items():
+            if isinstance(data, FileNotFoundError):  # folded by a compaction meanwhile: read it all
+                return max(best, *(e["seq"] >> EPOCH_SHIFT for e in self.ledger_events()))
+            if isinstance(data, BaseException):
+                raise data
+            seqs = pq.read_table(io.BytesIO(data), columns=["seq"]).column("seq").to_pylist()
+            best = max([best] + [q >> EPOCH_SHIFT for q in seqs if q is not None])
+        return best
 
     def _next_seq(self) -> int:
         if self._epoch is None:  # a writer without a lease (tools, tests): after everything recorded
@@ -178,10 +195,10 @@ class ManifestStore:
             e["attempts"] = attempts.get(sid, 0)
         return state
 
-    def maybe_compact(self, every: int = COMPACT_EVERY) -> None:
+    def maybe_compact(self, every: int = COMPACT_EVERY, after_write: Callable[[], None] | None = None) -> None:
         """Compact once this writer has added ``every`` files since its last compaction."""
         if self.files_since_compaction >= every:
-            self.compact()
+            self.compact(after_write=after_write)
 
     def compact(self, after_write: Callable[[], None] | None = None) -> int:
         """Fold the event files into one; returns how many it replaced.

@@ -28,7 +28,7 @@ def _fail(msg: str, code: int = 2) -> None:
 def _print_summary(s) -> None:
     console.print(f"{s.output}: {s.clips_written} clips written, {s.clips_failed} clips failed, "
                   f"{s.shards_done} shards built, {s.shards_skipped} already done, {s.shards_failed} shards failed "
-                  f"({s.seconds:.1f} s)", highlight=False)
+                  f"({s.shards_failed_transient} transient: `d4s resume` rebuilds them) ({s.seconds:.1f} s)", highlight=False)
     for f in s.failures[:20]:
         console.print(f"  failed {f['clip_id']} at {f['stage']}: {f['reason']}" + (f" [{f['path']}]" if f.get("path") else ""),
                       highlight=False, soft_wrap=True)
@@ -36,12 +36,38 @@ def _print_summary(s) -> None:
         console.print(f"  ... and {len(s.failures) - 20} more (d4s status {s.output})")
 
 
+def _fault_overrides(fault: Optional[str]) -> dict:
+    """The hidden ``--fault JSON`` option (tests and bench/chaos.py): fault hooks for this run only."""
+    if not fault:
+        return {}
+    try:
+        hooks = json.loads(fault)
+    except json.JSONDecodeError as exc:
+        _fail(f"--fault must be a JSON object of fault settings: {exc}")
+    if not isinstance(hooks, dict):
+        _fail("--fault must be a JSON object of fault settings")
+    return {"fault": hooks}
+
+
+def _run_or_fail(fn, *args, **kwargs):
+    from manifests.lease import LeaseHeldError
+
+    try:
+        return fn(*args, **kwargs)
+    except LeaseHeldError as exc:
+        _fail(str(exc), code=3)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
 @app.command()
 def build(
     config: Optional[str] = typer.Argument(None, help="YAML build config (see docs/CONFIG.md)."),
     demo: Optional[str] = typer.Option(None, "--demo", help="Generate demo scenes and build them into this output."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS or local)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for this run (default: RAY_ADDRESS or local); not recorded."),
+    new_version: bool = typer.Option(False, "--new-version", help="The output holds a build with other content settings: rebuild every shard with these."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    fault: Optional[str] = typer.Option(None, "--fault", hidden=True),
 ):
     """Build shards from a config, or from generated demo data with --demo OUT."""
     from pipeline.runner import build as run_build
@@ -56,11 +82,10 @@ def build(
             cfg = load_config(config)
         else:
             _fail("give a CONFIG.yaml or --demo OUT")
-        if address:
-            cfg.ray.address = address
-        summary = run_build(cfg, show_progress=progress)
     except ConfigError as exc:
         _fail(str(exc))
+    overrides = {**({"ray": {"address": address}} if address else {}), **_fault_overrides(fault)}
+    summary = _run_or_fail(run_build, cfg, show_progress=progress, overrides=overrides, new_version=new_version)
     _print_summary(summary)
     console.print(f"next: d4s status {summary.output} | d4s verify {summary.output}")
     raise typer.Exit(0 if summary.ok else 1)
@@ -68,15 +93,15 @@ def build(
 
 @app.command()
 def resume(output: str = typer.Argument(..., help="An output written by `d4s build`."),
-           address: Optional[str] = typer.Option(None, "--address"),
-           progress: bool = typer.Option(True, "--progress/--no-progress")):
+           address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for this run; not recorded."),
+           full_check: bool = typer.Option(False, "--full-check", help="Re-hash every finished shard (default: only those whose stored object changed)."),
+           progress: bool = typer.Option(True, "--progress/--no-progress"),
+           fault: Optional[str] = typer.Option(None, "--fault", hidden=True)):
     """Re-run only what is missing or failed in OUTPUT (its recorded config and plan)."""
     from pipeline.runner import resume as run_resume
 
-    try:
-        summary = run_resume(output, show_progress=progress, overrides={"ray": {"address": address}} if address else None)
-    except ConfigError as exc:
-        _fail(str(exc))
+    overrides = {**({"ray": {"address": address}} if address else {}), **_fault_overrides(fault)}
+    summary = _run_or_fail(run_resume, output, show_progress=progress, overrides=overrides or None, full_check=full_check)
     _print_summary(summary)
     raise typer.Exit(0 if summary.ok else 1)
 
@@ -103,8 +128,12 @@ def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False
                           + ("nothing left" if not eta else f"ETA {_duration(eta)} for what is pending"), highlight=False)
     if st["stage_seconds"]:
         out_console.print("stage time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in st["stage_seconds"].items()))
+    fc = st.get("failure_classes") or {}
+    if fc.get("transient") or fc.get("permanent"):
+        out_console.print(f"failures: {fc.get('transient', 0)} transient (shards `d4s resume` rebuilds), "
+                          f"{fc.get('permanent', 0)} permanent (bad input, recorded once)", highlight=False)
     for f in st["failures"][:50]:
-        out_console.print(f"  failed {f['clip_id'] or f['shard_id']} at {f['stage']}: {f['reason']}"
+        out_console.print(f"  failed ({f.get('class', 'permanent')}) {f['clip_id'] or f['shard_id']} at {f['stage']}: {f['reason']}"
                           + (f" [{f['path']}]" if f.get("path") else ""), highlight=False, soft_wrap=True)
     if len(st["failures"]) > 50:
         out_console.print(f"  ... and {len(st['failures']) - 50} more (d4s status --json)")

@@ -133,12 +133,17 @@ class ClipFailure:
     stage: str
     reason: str
     path: str | None = None
+    # a lost worker or node, out of memory, a timeout, an unreachable store (pipeline/failures.py):
+    # the shard is re-run, never published without the clip
+    transient: bool = False
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_exception(cls, clip_id: str, stage: str, exc: BaseException) -> "ClipFailure":
+        from pipeline.failures import is_transient
+
         if isinstance(exc, ClipError):
-            return cls(clip_id, stage, exc.reason, exc.path)
-        return cls(clip_id, stage, f"{type(exc).__name__}: {exc}")
+            return cls(clip_id, stage, exc.reason, exc.path, transient=is_transient(exc))
+        return cls(clip_id, stage, f"{type(exc).__name__}: {exc}", transient=is_transient(exc))

@@ -11,7 +11,7 @@ import json
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -42,10 +42,19 @@ class DatasetConfig(_Strict):
 
 
 class StageResources(_Strict):
+    """Where a model stage runs: each actor requests `num_gpus` whatever the cluster has at start (an autoscaler adds GPU nodes for it); `num_gpus: 0` is the explicit choice of CPU (fp32, slow)."""
+
     num_cpus: float = 1.0
-    num_gpus: float = Field(0.0, description="GPUs per actor; 0 with auto_gpu takes one GPU when the cluster has GPUs")
-    actors: int = Field(1, description="actors in the pool (one model each)")
-    auto_gpu: bool = Field(True, description="take one GPU per actor when the cluster has GPUs")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per actor, requested from Ray (fractions share a GPU); 0: run on CPU")
+    actors: int = Field(1, ge=1, description="actors in the pool (one model each)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_auto_gpu(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "auto_gpu" in v:
+            raise ValueError("auto_gpu was removed: model actors now always request num_gpus GPUs (default 1) and "
+                             "the cluster's autoscaler provides them; set num_gpus: 0 to run the model on CPU")
+        return v
 
 
 class DepthStageConfig(_Strict):
@@ -114,16 +123,28 @@ class FaultConfig(_Strict):
     worker_exit_on_clip: int | None = Field(None, description="the ingest worker of this planned clip ordinal os._exit()s once")
     driver_exit_after_shards: int | None = Field(None, description="the driver os._exit()s after this many shards finish")
     marker_dir: str | None = Field(None, description="where 'already crashed' markers live (default OUT/.faults)")
-    trace_dir: str | None = Field(None, description="every ingest attempt leaves an empty file `<clip ordinal>.<Ray node id>.<pid>` here (which node ran which clip)")
+    trace_dir: str | None = Field(None, description="every ingest attempt leaves an empty file `<clip ordinal>.<Ray node id>.<pid>` here (which node ran which clip), every model actor `actors/<stage>.<Ray node id>.<pid>`")
     ingest_delay_s: float = Field(0.0, ge=0, description="every ingest attempt sleeps this long first (keeps work in flight while a fault is injected)")
+    clock_skew_s: float = Field(0.0, description="the driver's wall clock (time.time) runs this many seconds off, as on a host without NTP")
+    driver_exit_in_compaction: bool = Field(False, description="the driver os._exit()s inside its first ledger compaction, after writing the output and before deleting the inputs")
+    gpus_are_simulated: bool = Field(False, description="the cluster's GPUs are simulated Ray resources: a model actor holding one runs on CPU")
 
 
 class RayConfig(_Strict):
     address: str | None = Field(None, description="Ray address to join; None: RAY_ADDRESS if set, else a local Ray")
     num_cpus: int | None = Field(None, description="CPUs of a local Ray (ignored when joining a cluster)")
     num_gpus: int | None = Field(None, description="GPUs of a local Ray")
-    task_retries: int = Field(3, description="Ray retries of a task whose worker died")
-    actor_restarts: int = Field(3, description="restarts of a model actor whose process died")
+    task_retries: int = Field(3, ge=0, description="Ray retries of a task whose worker died")
+    actor_restarts: int = Field(3, ge=0, description="restarts of a model actor whose process died")
+    shard_retries: int = Field(2, ge=0, description="re-runs of a shard that failed transiently (worker or node lost, out of memory, timeout, storage unreachable) before it is left failed for resume")
+    retry_backoff_s: float = Field(30.0, ge=0, description="wait before the first re-run of such a shard; doubles with each re-run")
+
+
+class LeaseConfig(_Strict):
+    """The driver's lease on the output (docs/CLUSTER.md): one driver per output at a time."""
+
+    ttl_s: float = Field(300.0, gt=0, description="a lease not renewed for this long (on the store's clock) may be taken over by another driver")
+    heartbeat_s: float | None = Field(None, gt=0, description="renewal period (default ttl_s / 5)")
 
 
 class StagesConfig(_Strict):
@@ -142,6 +163,7 @@ class BuildConfig(_Strict):
     stages: StagesConfig = Field(default_factory=StagesConfig)
     qc: QCConfig = Field(default_factory=QCConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    lease: LeaseConfig = Field(default_factory=LeaseConfig)
     fault: FaultConfig = Field(default_factory=FaultConfig)
 
     @field_validator("datasets")
@@ -178,15 +200,67 @@ class BuildConfig(_Strict):
         blob = json.dumps({"datasets": keys, "shard_size": self.shard_size}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def content_hash(self) -> str:
-        """Hash of everything that decides shard bytes (recorded as provenance in every sample)."""
-        d = self.model_dump(exclude={"ray", "fault", "max_inflight_shards", "output"})
+    def content_fields(self) -> dict[str, Any]:
+        """The settings that decide shard bytes, as flat dotted paths: everything except where the
+        inputs and the output live and how the work runs (roots, output, ray, lease, fault,
+        resources, in-flight limit, the MegaSaM cache location). The one definition used by
+        :meth:`content_hash` and by the config-drift check of a resume."""
+        d = self.model_dump(mode="json", exclude=RUN_TIME_FIELDS)
+        for ds in d["datasets"].values():
+            ds.pop("root", None)
         for s in ("depth", "tracks"):
             d["stages"][s].pop("resources", None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        d["stages"]["align"].pop("cache_dir", None)
+        return _flatten(d)
+
+    def content_hash(self) -> str:
+        """Hash of everything that decides shard bytes (recorded as provenance in every sample)."""
+        return hashlib.sha256(json.dumps(self.content_fields(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def content_diff(self, other: "BuildConfig") -> list[str]:
+        """``path: mine -> other`` for every content setting that differs (empty when none does)."""
+        a, b = self.content_fields(), other.content_fields()
+        return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+                for k in sorted(set(a) | set(b)) if a.get(k, _MISSING) != b.get(k, _MISSING)]
+
+    def with_overrides(self, overrides: dict | None) -> "BuildConfig":
+        """A copy with ``overrides`` merged in field by field (``{"ray": {"address": X}}`` changes
+        the address and keeps every other ``ray`` setting)."""
+        if not overrides:
+            return self.model_copy(deep=True)
+        return BuildConfig.model_validate(_deep_merge(self.model_dump(mode="json"), overrides))
+
+    def recorded(self) -> "BuildConfig":
+        """What ``config.resolved.yaml`` keeps: the config without fault-injection hooks, which
+        belong to one run and must never come back on a resume."""
+        out = self.model_copy(deep=True)
+        out.fault = FaultConfig()
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+RUN_TIME_FIELDS = {"output", "ray", "lease", "fault", "max_inflight_shards"}
+_MISSING = object()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and v else v
+    return out
 
 
 def load_config(path_or_text: str, is_text: bool = False) -> BuildConfig:

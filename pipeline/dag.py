@@ -12,21 +12,30 @@ dataset already has (e.g. ground-truth depth) are not called at all for its shar
 
 Memory is bounded by ``max_inflight_shards``: the driver submits a new shard pipeline only
 when one finishes, so at most that many shards' clips exist in the object store.
-Model stages are actor pools (``num_gpus`` per actor when the cluster has GPUs, CPU
-otherwise); CPU stages are tasks with retries for worker crashes.
+Model stages are actor pools whose actors request ``resources.num_gpus`` GPUs each whatever the
+cluster has when the build starts, so an autoscaling cluster adds GPU nodes for them (a local
+Ray, which cannot grow, is refused up front when it lacks them); ``num_gpus: 0`` runs the model
+on CPU, by explicit choice. CPU stages are tasks with retries for worker crashes.
+
+Failures are classified (``pipeline/failures.py``): a clip lost to a transient cause (worker or
+node death, out of memory, a timeout) keeps its shard from being published; the shard is run
+again after a backoff and, when the failure persists, reported failed-transient for resume.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Iterator
 
 import ray
 
 from pipeline.clip import Clip, ClipFailure
 from pipeline.config import BuildConfig, ConfigError
+from pipeline.failures import ShardFailure, describe, is_transient
 from pipeline.plan import Plan
 from stages.ingest import adapter_class
 
@@ -50,8 +59,9 @@ def ensure_ray(cfg: BuildConfig) -> None:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kwargs)
 
 
-def _cluster_has_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
+def _joined_cluster(cfg: BuildConfig) -> bool:
+    """Whether the driver joined a cluster (which may autoscale) rather than starting its own Ray."""
+    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -63,8 +73,8 @@ def _resolve(refs: list, stage: str, clip_ids: list[str]) -> list[Clip | ClipFai
     for ref, cid in zip(refs, clip_ids):
         try:
             out.append(ray.get(ref))
-        except Exception as exc:  # worker death after retries, or a bug: fail this clip only
-            out.append(ClipFailure(cid, stage, f"worker failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"))
+        except Exception as exc:  # worker or node lost after Ray's retries (transient), or a bug (permanent)
+            out.append(ClipFailure(cid, stage, f"worker failed: {describe(exc, 300)}", transient=is_transient(exc)))
     return out
 
 
@@ -113,6 +123,16 @@ class _ModelActor:
 
     def __init__(self, stage: str, cfg: BuildConfig, device: str):
         self.stage = stage
+        if cfg.fault.trace_dir:  # test hook: which node each model actor landed on
+            where = os.path.join(cfg.fault.trace_dir, "actors")
+            os.makedirs(where, exist_ok=True)
+            open(os.path.join(where, f"{stage}.{ray.get_runtime_context().get_node_id()}.{os.getpid()}"), "w").close()
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():  # a broken GPU node: fail the actor (transient), never fall back
+                raise RuntimeError(f"{stage} actor was given GPUs {ray.get_gpu_ids()} but CUDA is not available "
+                                   f"on node {ray.get_runtime_context().get_node_id()}")
         if stage == "depth":
             from stages.depth.stage import DepthModelStage
 
@@ -180,10 +200,12 @@ class ShardDAG:
                 raise ConfigError(f"dataset {d} is dynamic: track_source 'depth_static' is only exact for static scenes")
 
     def _pool(self, stage: str, res) -> list:
-        gpus = res.num_gpus if (res.num_gpus and _cluster_has_gpus()) else 0.0
-        if res.auto_gpu and not res.num_gpus and _cluster_has_gpus():
-            gpus = 1.0
-        device = "cuda" if gpus > 0 else "cpu"
+        """The stage's actors. They request ``res.num_gpus`` each from Ray, whatever the cluster
+        has right now: on an autoscaling cluster that demand is what brings GPU nodes up."""
+        gpus = float(res.num_gpus)
+        if gpus > 0:
+            self._check_gpus_can_come(stage, gpus, res.actors)
+        device = "cuda" if gpus > 0 and not self.cfg.fault.gpus_are_simulated else "cpu"
         cpus = res.num_cpus
         total_cpus = ray.cluster_resources().get("CPU", 0)
         n_actors = sum(self.cfg.stages.depth.resources.actors if s == "depth" else self.cfg.stages.tracks.resources.actors
@@ -196,6 +218,17 @@ class ShardDAG:
         opts = dict(num_cpus=cpus, num_gpus=gpus,
                     max_restarts=self.cfg.ray.actor_restarts, max_task_retries=self.cfg.ray.task_retries)
         return [ModelActor.options(**opts).remote(stage, self.cfg, device) for _ in range(max(1, res.actors))]
+
+    def _check_gpus_can_come(self, stage: str, gpus: float, actors: int) -> None:
+        have = ray.cluster_resources().get("GPU", 0.0)
+        if have >= gpus:
+            return
+        if not _joined_cluster(self.cfg):
+            raise ConfigError(f"stages.{stage}.resources.num_gpus is {gpus:g} but this local Ray has {have:g} GPUs and "
+                              f"cannot gain any: set stages.{stage}.resources.num_gpus: 0 to run the {stage} model on CPU "
+                              f"(fp32, slow), or join a cluster with GPU nodes (--address)")
+        log.warning("%s: %d actor(s) request %g GPU(s) each and the cluster has %g now: they start when GPU nodes "
+                    "join (an autoscaler adds them for this demand)", stage, actors, gpus, have)
 
     def _actor(self, stage: str):
         pool = self.pools[stage]
@@ -221,25 +254,47 @@ class ShardDAG:
         out = self._actor(stage).process.options(num_returns=len(refs)).remote(refs, ids)
         return [out] if len(refs) == 1 else list(out)
 
-    def run(self, shards: list[dict], clips_by_shard: dict[str, list[dict]]) -> Iterator[tuple[dict, dict | None, str | None]]:
-        """Yield (shard, result, error) as shards finish; at most max_inflight_shards at once."""
+    def run(self, shards: list[dict], clips_by_shard: dict[str, list[dict]]
+            ) -> Iterator[tuple[dict, dict | None, ShardFailure | None]]:
+        """Yield (shard, result, failure) as shards finish; at most max_inflight_shards at once.
+
+        A shard that fails transiently is run again after ``ray.retry_backoff_s`` (doubling), up
+        to ``ray.shard_retries`` times, before its failure is yielded; a permanent failure is
+        yielded at once. Other shards keep flowing while one waits for its re-run.
+        """
         queue = deque(shards)
         inflight: dict = {}
-        while queue or inflight:
+        waiting: list[tuple[float, int, dict]] = []  # (due on the monotonic clock, tie-break, shard)
+        runs: Counter = Counter()
+        tick = itertools.count()
+        retries, backoff = self.cfg.ray.shard_retries, self.cfg.ray.retry_backoff_s
+        while queue or inflight or waiting:
+            now = time.monotonic()
+            while waiting and waiting[0][0] <= now:
+                queue.appendleft(heapq.heappop(waiting)[2])
             while queue and len(inflight) < self.cfg.max_inflight_shards:
                 sh = queue.popleft()
                 inflight[self.submit(sh, clips_by_shard[sh["shard_id"]])] = sh
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            if not inflight:
+                time.sleep(max(0.0, min(1.0, waiting[0][0] - time.monotonic())))
+                continue
+            timeout = max(0.0, waiting[0][0] - time.monotonic()) if waiting else None
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=timeout)
+            if not ready:
+                continue
             sh = inflight.pop(ready[0])
+            runs[sh["shard_id"]] += 1
             try:
-                yield sh, ray.get(ready[0]), None
+                result = ray.get(ready[0])
             except Exception as exc:
-                yield sh, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
-        # A write attempt whose worker or node died mid-publish leaves its ``.tmp-`` file behind (the
-        # retry publishes under a new one). Every shard of this run is settled now, so no attempt is
-        # still writing: remove the leftovers, or ``verify`` would flag them in a complete build.
-        from pipeline.runner import remove_stray_temporaries
-        from pipeline.storage import Store
-
-        if remove_stray_temporaries(Store(self.cfg.output)):
-            log.info("removed temporaries of write attempts that died mid-publish")
+                n = runs[sh["shard_id"]]
+                failure = ShardFailure(describe(exc), is_transient(exc), n)
+                if failure.transient and n <= retries:
+                    delay = backoff * 2 ** (n - 1)
+                    log.warning("shard %s failed transiently (%s); run %d of %d in %.1f s", sh["shard_id"],
+                                failure.message, n + 1, retries + 1, delay)
+                    heapq.heappush(waiting, (time.monotonic() + delay, next(tick), sh))
+                    continue
+                yield sh, None, failure
+                continue
+            yield sh, result, None

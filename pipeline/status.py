@@ -125,7 +125,8 @@ def collect_status(output: str) -> dict:
                     st[name]["skipped"] += 1
                 for cat in failure_categories(f["stage"], f["reason"], f.get("clip_id")):
                     drops[ds_name][cat] += 1
-            failures.extend({**f, "dataset": ds_name, "shard_id": sh["shard_id"]} for f in ev["clips_failed"])
+            failures.extend({**f, "dataset": ds_name, "shard_id": sh["shard_id"], "class": "permanent"}
+                            for f in ev["clips_failed"])
             qc_records.extend({**r, "dataset": r.get("dataset", ds_name)} for r in ev.get("clip_qc") or [])
         else:
             ds["clips_pending"] += sh["num_clips"]
@@ -133,7 +134,8 @@ def collect_status(output: str) -> dict:
                 st[name]["pending"] += sh["num_clips"]
             if state == "failed":
                 failures.append({"clip_id": None, "stage": "shard", "reason": ev["error"], "path": None,
-                                 "dataset": ds_name, "shard_id": sh["shard_id"]})
+                                 "dataset": ds_name, "shard_id": sh["shard_id"],
+                                 "class": ev.get("error_class") or "permanent"})
     timings = Counter()
     for ev in ledger.values():
         if ev["state"] == "done":
@@ -152,4 +154,7 @@ def collect_status(output: str) -> dict:
         "qc": qc_distributions(qc_records),
         "drops": {d: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for d, c in sorted(drops.items())},
         "failures": failures,
+        # transient: shards left failed by a lost worker/node, OOM or timeout, rebuilt by `d4s resume`;
+        # permanent: clips of bad input (and shards failing for a non-transient reason), recorded once
+        "failure_classes": {c: sum(f["class"] == c for f in failures) for c in ("transient", "permanent")},
     }

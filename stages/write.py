@@ -74,11 +74,19 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
             samples.append(enc)
             meta_rows[clip.key] = (clip.num_frames, bool(clip.meta.dynamic))
             qc_rows.append(sample_qc(clip, enc))
+    transient = [f for f in failures if f.get("transient")]
+    if transient:  # publish the shard whole later (a re-run, or resume), never without these clips
+        from pipeline.failures import TransientShardError
+
+        f = transient[0]
+        raise TransientShardError(f"{len(transient)} clip(s) failed transiently; first {f['clip_id']} at "
+                                  f"{f['stage']}: {f['reason']}")
     t1 = time.time()
     timings["encode"] = t1 - t0
     data, offsets = shard_bytes(samples)
     store = Store(cfg.output)
     sha = publish_shard(store, shard["path"], data)
+    fingerprint = store.fingerprint_of(shard["path"])
     timings["write"] = time.time() - t1
     log_lines = [f"shard {shard['shard_id']}: {len(samples)} samples, {len(failures)} failed clips, {len(data)} bytes"]
     log_lines += [f"  stage {k}: {v:.3f} s" for k, v in sorted(timings.items())]
@@ -86,6 +94,7 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
                   for f in failures]
     return {
         "samples_written": len(samples), "clips_failed": failures, "bytes": len(data), "sha256": sha,
+        "fingerprint": fingerprint,
         "samples": [[k, off, *meta_rows[k]] for k, off in offsets], "clip_qc": qc_rows, "timings": timings,
         "started_at": t0, "finished_at": time.time(), "host": socket.gethostname(), "log": "\n".join(log_lines) + "\n",
     }
