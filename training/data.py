@@ -109,11 +109,75 @@ def resolve_shards(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, int
     return {"all": found}, {"all": len(found)}, {}
 
 
-def iter_tar(url: str) -> Iterator[dict]:
-    """Raw WebDataset samples of one tar: consecutive members grouped by key (name up to the first dot)."""
+class ShardChecksumError(ValueError):
+    """A shard's bytes are not the ones its build recorded: the loader refuses to use it."""
+
+
+def shard_checksums(cfg: DataConfig) -> dict[str, str]:
+    """Shard URL -> the sha256 its build recorded, for ``data.root`` outputs: from
+    ``index.parquet`` (``shard_sha256``), else from the ledger's ``done`` events. Empty for
+    ``data.shards`` lists, which have no record to check against."""
+    if not cfg.root:
+        return {}
+    import fsspec
+    import pyarrow.parquet as pq
+
+    root = cfg.root.rstrip("/")
+    url_of = lambda rel: rel if "://" in rel or os.path.isabs(rel) else f"{root}/{rel}"  # noqa: E731
+    index = f"{root}/index.parquet"
+    fs, _, _ = fsspec.get_fs_token_paths(index)
+    if fs.exists(index):
+        with fsspec.open(index, "rb") as f:
+            tab = pq.read_table(f)
+        if "shard_sha256" in tab.column_names:
+            return {url_of(r["shard_path"]): r["shard_sha256"]
+                    for r in tab.select(["shard_path", "shard_sha256"]).to_pylist() if r["shard_sha256"]}
+    from manifests.store import ManifestStore
+    from pipeline.storage import Store
+
+    ms = ManifestStore(Store(root))
+    if not ms.has_plan():
+        return {}
+    ledger = ms.ledger()
+    return {url_of(sh["path"]): ledger[sh["shard_id"]]["sha256"] for sh in ms.shards()
+            if ledger.get(sh["shard_id"], {}).get("state") == "done" and ledger[sh["shard_id"]].get("sha256")}
+
+
+SPOOL_IN_MEMORY = 512 << 20  # a checked shard is held in memory up to this size, beyond on local disk
+
+
+def _checked_copy(url: str, expected_sha256: str):
+    """The shard's bytes in a local spool, read once and hashed on the way (before any sample is
+    used); raises :class:`ShardChecksumError` when they are not the recorded ones."""
+    import hashlib
+    import tempfile
+
     import fsspec
 
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    h = hashlib.sha256()
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+    with fsspec.open(url, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+            spool.write(chunk)
+    if h.hexdigest() != expected_sha256:
+        spool.close()
+        raise ShardChecksumError(f"{url}: sha256 {h.hexdigest()} is not the {expected_sha256} its build recorded "
+                                 f"(changed after publication); refusing it - run `d4s verify` and `d4s resume` on the output")
+    spool.seek(0)
+    return spool
+
+
+def iter_tar(url: str, expected_sha256: str | None = None) -> Iterator[dict]:
+    """Raw WebDataset samples of one tar: consecutive members grouped by key (name up to the first dot).
+    With ``expected_sha256`` the whole shard is checked first, and refused on a mismatch."""
+    import contextlib
+
+    import fsspec
+
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(_checked_copy(url, expected_sha256) if expected_sha256 else fsspec.open(url, "rb"))
+        tar = stack.enter_context(tarfile.open(fileobj=f, mode="r|*"))
         cur: dict | None = None
         for m in tar:
             if not m.isfile():
@@ -146,9 +210,10 @@ class DatasetStream:
     """Endless raw-sample stream of one dataset for one part (see module docs)."""
 
     def __init__(self, name: str, shards: list[str], part: int, n_parts: int, seed: int, shuffle_buffer: int,
-                 accept: Callable[[dict], bool], keys: dict[str, str]):
+                 accept: Callable[[dict], bool], keys: dict[str, str], checksums: dict[str, str] | None = None):
         self.name, self.shards, self.part, self.n_parts = name, shards, part, n_parts
         self.seed, self.buf_size, self.accept, self.keys = seed, shuffle_buffer, accept, keys
+        self.checksums = checksums or {}  # shard URL -> recorded sha256, checked before the shard is used
 
     def _epoch(self, e: int) -> Iterator[dict]:
         order = _rng(self.seed, _ds_id(self.name), e).permutation(len(self.shards))
@@ -157,7 +222,7 @@ class DatasetStream:
         mine = shards[self.part::self.n_parts] if by_shard else shards
         n = 0
         for url in mine:
-            for s in iter_tar(url):
+            for s in iter_tar(url, self.checksums.get(url)):
                 if self.keys and self.keys.get(s["__key__"], self.name) != self.name:
                     continue
                 n += 1
@@ -270,6 +335,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.data, self.stage, self.stage_index, self.n_tracks = data, stage, stage_index, n_tracks
         self.batch_size, self.rank, self.world, self.start_batches = batch_size, rank, world, start_batches
         self.shards, self.counts, self.keys = resolve_shards(data)
+        self.checksums = shard_checksums(data)
 
     def weights(self) -> dict[str, float]:
         out = {}
@@ -290,7 +356,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         accept = scene_filter(self.stage.scenes)
         weights = {k: v for k, v in self.weights().items() if v > 0}
         streams = {ds: iter(DatasetStream(ds, self.shards[ds], part, n_parts, seed, self.data.shuffle_buffer,
-                                          accept, self.keys)) for ds in weights}
+                                          accept, self.keys, self.checksums)) for ds in weights}
         mix = _rng(seed, part, 11)
         names = sorted(weights)
         n = emitted = 0
