@@ -140,16 +140,17 @@ class Lease:
     def _age_on_store_clock(self) -> float:
         return self.store.clock("manifests") - self.store.modified_time(LEASE_PATH)
 
-    def _stale_reason(self, rec: LeaseRecord) -> str | None:
+    def _stale_reason(self, rec: LeaseRecord) -> tuple[str | None, float | None]:
+        """(why the lease is free to take, or None; its age on the store's clock when measured)."""
         if rec.released:
-            return "released"
+            return "released", None
         if (self.same_host_shortcut and rec.host == socket.gethostname() and rec.boot_id and rec.boot_id == _boot_id()
                 and rec.pid != os.getpid() and _process_gone(rec.pid, rec.pid_start)):
-            return f"its driver (pid {rec.pid} on this host) is gone"
+            return f"its driver (pid {rec.pid} on this host) is gone", None
         age = self._age_on_store_clock()
         if age > rec.ttl_s:
-            return f"not renewed for {age:.0f} s (TTL {rec.ttl_s:g} s, on the store's clock)"
-        return None
+            return f"not renewed for {age:.0f} s (TTL {rec.ttl_s:g} s, on the store's clock)", age
+        return None, age
 
     # -- acquiring -------------------------------------------------------------------------
     def _new_record(self, epoch: int) -> LeaseRecord:
@@ -168,9 +169,9 @@ class Lease:
                     return self._won(rec, "created")
                 continue
             old = LeaseRecord.from_bytes(cur[0])
-            why = self._stale_reason(old)
+            why, age = self._stale_reason(old)
             if why is None:
-                raise LeaseHeldError(self._held_message(old))
+                raise LeaseHeldError(self._held_message(old, age))
             rec = self._new_record(max(old.epoch, min_epoch) + 1)
             if self.store.replace_if_version(LEASE_PATH, rec.to_bytes(), cur[1]):
                 if not old.released:
@@ -192,11 +193,11 @@ class Lease:
         log.info("lease on %s %s: owner %s, epoch %d", self.store.display(), how, self.owner, rec.epoch)
         return rec
 
-    def _held_message(self, rec: LeaseRecord) -> str:
-        ago = max(0.0, time.time() - rec.renewed_at)
+    def _held_message(self, rec: LeaseRecord, age: float | None = None) -> str:
+        beat = f"last renewed {max(0.0, age):.0f} s ago" if age is not None else "renewed"
         return (f"{self.store.display()} is held by another driver: `d4s {rec.command}` {rec.owner} on host "
-                f"{rec.host} (pid {rec.pid}), epoch {rec.epoch}, since {_when(rec.acquired_at)}, last heartbeat "
-                f"{ago:.0f} s ago by its clock (TTL {rec.ttl_s:g} s). Wait for it to finish, or stop it; a lease whose "
+                f"{rec.host} (pid {rec.pid}), epoch {rec.epoch}, since {_when(rec.acquired_at)} (its clock), {beat} "
+                f"(TTL {rec.ttl_s:g} s). Wait for it to finish, or stop it; a lease whose "
                 f"driver died is taken over once it is {rec.ttl_s:g} s old on the store's clock "
                 f"(at once on the same host)")
 

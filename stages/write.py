@@ -51,6 +51,30 @@ def publish_shard(store: Store, rel: str, data: bytes) -> str:
     return digest
 
 
+def software_stack() -> str:
+    """The libraries shard bytes depend on (docs/FORMAT.md), for the per-shard log."""
+    import platform
+
+    import numpy as np
+    import PIL
+    from PIL import features
+
+    try:
+        blas = np.__config__.CONFIG["Build Dependencies"]["blas"]
+        blas = f"{blas.get('name')} {blas.get('version')}"
+    except Exception:  # noqa: BLE001 - older numpy: no build record
+        blas = "unknown"
+    parts = [f"python {platform.python_version()}", f"numpy {np.__version__} ({blas})",
+             f"Pillow {PIL.__version__} (zlib {features.version('zlib')}, libjpeg-turbo {features.version('libjpeg_turbo')})",
+             f"cpu {platform.machine()}"]
+    import sys
+
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        parts.append(f"torch {torch.__version__}")
+    return ", ".join(parts)
+
+
 def write_shard(shard: dict, clips: list, cfg) -> dict:
     """Encode the shard's clips in plan order, publish the tar, and report for the ledger."""
     import socket
@@ -88,7 +112,8 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
     sha = publish_shard(store, shard["path"], data)
     fingerprint = store.fingerprint_of(shard["path"])
     timings["write"] = time.time() - t1
-    log_lines = [f"shard {shard['shard_id']}: {len(samples)} samples, {len(failures)} failed clips, {len(data)} bytes"]
+    log_lines = [f"shard {shard['shard_id']}: {len(samples)} samples, {len(failures)} failed clips, {len(data)} bytes",
+                 f"  written on {socket.gethostname()} with {software_stack()}"]
     log_lines += [f"  stage {k}: {v:.3f} s" for k, v in sorted(timings.items())]
     log_lines += [f"  FAILED {f['clip_id']} at {f['stage']}: {f['reason']}" + (f" ({f['path']})" if f.get("path") else "")
                   for f in failures]
