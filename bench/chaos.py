@@ -583,6 +583,7 @@ def summarize(args, datasets: list[str], ref: dict, trials: list[dict], wall_s: 
         "command": f"python bench/chaos.py --trials {args.trials} --seed {args.seed}"
                    + (f" --datasets {args.datasets}" if args.datasets != DEFAULT_DATASETS else "")
                    + (f" --scenes {args.scenes}" if args.scenes != 2 else "")
+                   + (f" --num-cpus {args.num_cpus}" if args.num_cpus != 2 else "")
                    + (f" --nodes {args.nodes}" if args.nodes else "") + (" --s3" if args.s3 else "")
                    + (f" --kinds {args.kinds}" if args.kinds else ""),
         "seed": args.seed, "datasets": datasets, "scenes_per_dataset": args.scenes, "ray_cpus": args.num_cpus,

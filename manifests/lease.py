@@ -273,3 +273,14 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lease_status(store: Store) -> dict | None:
+    """The lease record of an output for ``d4s status`` (read only; None when none was ever taken):
+    who holds it, since when, and whether it was released. Times are the holder's clock."""
+    got = store.read_versioned(LEASE_PATH)
+    if got is None:
+        return None
+    rec = LeaseRecord.from_bytes(got[0])
+    return {"owner": rec.owner, "command": rec.command, "host": rec.host, "pid": rec.pid, "epoch": rec.epoch,
+            "acquired_at": rec.acquired_at, "renewed_at": rec.renewed_at, "ttl_s": rec.ttl_s, "released": rec.released}

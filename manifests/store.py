@@ -108,7 +108,7 @@ class ManifestStore:
                 legacy.append(n)
         for rel, data in self.store.read_many([f"{LEDGER_DIR}/{n}" for n in legacy]).items():
             if isinstance(data, FileNotFoundError):  # folded by a compaction meanwhile: read it all
-                return max(best, *(e["seq"] >> EPOCH_SHIFT for e in self.ledger_events()))
+                return max([best] + [e["seq"] >> EPOCH_SHIFT for e in self.ledger_events()])
             if isinstance(data, BaseException):
                 raise data
             seqs = pq.read_table(io.BytesIO(data), columns=["seq"]).column("seq").to_pylist()

@@ -50,12 +50,15 @@ def _fault_overrides(fault: Optional[str]) -> dict:
 
 
 def _run_or_fail(fn, *args, **kwargs):
-    from manifests.lease import LeaseHeldError
+    """Run a build or resume; another driver's lease exits 3, a lease lost mid-run 4, a config error 2."""
+    from manifests.lease import LeaseHeldError, LeaseLostError
 
     try:
         return fn(*args, **kwargs)
     except LeaseHeldError as exc:
         _fail(str(exc), code=3)
+    except LeaseLostError as exc:
+        _fail(f"stopped: {exc}; nothing more was written by this driver (`d4s resume` continues)", code=4)
     except ConfigError as exc:
         _fail(str(exc))
 
@@ -121,6 +124,15 @@ def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False
     out_console.print(_status_tables(st))
     s = st["shards"]
     out_console.print(f"shards: {s['done']} done, {s['failed']} failed, {s['pending']} pending")
+    lease = st.get("lease")
+    if lease:
+        from datetime import datetime, timezone
+
+        when = lambda t: datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")  # noqa: E731
+        who = f"`d4s {lease['command']}` {lease['owner']} on {lease['host']} (pid {lease['pid']})"
+        out_console.print(f"lease: released by {who} at {when(lease['renewed_at'])}" if lease["released"] else
+                          f"lease: held by {who} since {when(lease['acquired_at'])}, last renewed "
+                          f"{when(lease['renewed_at'])} (its clock; TTL {lease['ttl_s']:g} s)", highlight=False)
     tp = st["throughput"]
     if tp["clips_per_s"]:
         eta = tp["eta_s"]

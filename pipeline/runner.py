@@ -73,10 +73,27 @@ class BuildSummary:
 
 
 def load_output_config(output: str) -> BuildConfig:
+    """The recorded config of ``output`` (as its build recorded it; older recordings migrated)."""
     store = Store(output)
     if not store.exists(CONFIG_NAME):
         raise ConfigError(f"{output} is not a d4s output (no {CONFIG_NAME}); run `d4s build` first")
-    return load_config(store.read_text(CONFIG_NAME), is_text=True)
+    return load_config(_migrate_recorded(store.read_text(CONFIG_NAME)), is_text=True)
+
+
+def _migrate_recorded(text: str) -> str:
+    """Configs recorded before GPU placement became explicit carry ``resources.auto_gpu``: drop it
+    and keep the recorded ``num_gpus`` (0 = CPU, as such demo outputs ran on a machine without GPUs)."""
+    import yaml
+
+    raw = yaml.safe_load(text)
+    stages = raw.get("stages") if isinstance(raw, dict) else None
+    changed = False
+    for st in (stages or {}).values():
+        res = st.get("resources") if isinstance(st, dict) else None
+        if isinstance(res, dict) and "auto_gpu" in res:
+            res.pop("auto_gpu")
+            changed = True
+    return yaml.safe_dump(raw, sort_keys=False) if changed else text
 
 
 def _check_plan_unchanged(ms: ManifestStore, plan: Plan) -> None:
@@ -153,7 +170,7 @@ def _check_recorded(store: Store, ms: ManifestStore, cfg: BuildConfig, run: Buil
     """Refuse a different plan or (without ``new_version``) different content settings."""
     if not store.exists(CONFIG_NAME):
         raise ConfigError(f"{cfg.output} has a plan but no {CONFIG_NAME}; it was not written by d4s")
-    recorded = load_config(store.read_text(CONFIG_NAME), is_text=True)
+    recorded = load_output_config(run.output)
     if recorded.planning_hash() != run.planning_hash():
         raise ConfigError(f"{cfg.output} already holds a build with a different plan; "
                           f"use `d4s resume {cfg.output}` or a new output")

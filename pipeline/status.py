@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from manifests.clip_qc import failure_categories
+from manifests.lease import lease_status
 from manifests.store import ManifestStore
 from pipeline.storage import Store
 
@@ -157,4 +158,5 @@ def collect_status(output: str) -> dict:
         # transient: shards left failed by a lost worker/node, OOM or timeout, rebuilt by `d4s resume`;
         # permanent: clips of bad input (and shards failing for a non-transient reason), recorded once
         "failure_classes": {c: sum(f["class"] == c for f in failures) for c in ("transient", "permanent")},
+        "lease": lease_status(store),  # the driver that holds (or last held) the output
     }

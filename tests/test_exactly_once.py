@@ -108,6 +108,7 @@ def test_transient_failure_is_retried_then_left_for_resume(tmp_path, tartan_data
     assert st["shards"]["failed"] == 1 and st["failure_classes"] == {"transient": 1, "permanent": 0}
     [f] = [f for f in st["failures"] if f["shard_id"]]
     assert f["class"] == "transient" and "WorkerCrashedError" in f["reason"]
+    assert st["lease"]["released"] and st["lease"]["command"] == "build"
     s = resume(str(tmp_path / "a"), show_progress=False)
     assert s.ok and s.shards_done == 1 and s.shards_skipped == 2
     assert sorted(all_keys(tmp_path / "a")) == sorted(planned_ids(tmp_path / "a"))
@@ -153,3 +154,20 @@ def test_refused_driver_leaves_a_held_lease_alone(tmp_path, tartan_data):
     assert not (tmp_path / "out" / CONFIG_NAME).exists()
     assert holder.check() is None
     holder.release()
+
+
+def test_config_recorded_before_explicit_gpu_placement_still_loads(tmp_path):
+    from pipeline.runner import load_output_config
+
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / CONFIG_NAME).write_text(
+        "output: %s\nshard_size: 2\ndatasets:\n  tartanair: {root: /data}\nstages:\n"
+        "  depth: {resources: {num_cpus: 1.0, num_gpus: 0.0, actors: 1, auto_gpu: true}}\n"
+        "  tracks: {resources: {num_cpus: 1.0, num_gpus: 1.0, actors: 2, auto_gpu: true}}\n" % out)
+    cfg = load_output_config(str(out))
+    assert cfg.stages.depth.resources.num_gpus == 0 and cfg.stages.tracks.resources.num_gpus == 1
+    with pytest.raises(ConfigError, match="auto_gpu was removed"):  # in a new config it is an error
+        from pipeline.config import load_config
+
+        load_config((out / CONFIG_NAME).read_text(), is_text=True)

@@ -188,3 +188,35 @@ def test_readers_and_compactions_in_threads(tmp_path):
     ms.compact()
     final = ManifestStore(store).ledger_events()
     assert len(final) == len(set(_ids(final))) > 0
+
+
+def test_a_ledger_from_before_driver_sequences_is_continued_and_compacted(tmp_path):
+    """Events numbered by the old nanosecond clock (here a host a day ahead), in files named the old
+    way and without the newer columns, are still ordered before every new event."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = Store(str(tmp_path))
+    old_schema = pa.schema([("seq", pa.int64()), ("shard_id", pa.string()), ("state", pa.string()),
+                            ("attempt", pa.int64()), ("error", pa.string()), ("sha256", pa.string()),
+                            ("clips_failed", pa.string()), ("timings", pa.string()), ("samples", pa.string()),
+                            ("host", pa.string()), ("build_id", pa.string())])
+    ahead = time.time_ns() + 86_400 * 10**9
+    for i, (state, name) in enumerate([("running", "events-{:024d}-abcdef12.parquet"),
+                                       ("failed", "events-{:024d}-compact.parquet")]):
+        rows = [{"seq": ahead + i, "shard_id": "s0", "state": state, "attempt": 1, "error": "boom" if i else None,
+                 "sha256": None, "clips_failed": "[]", "timings": "{}", "samples": "[]", "host": "h", "build_id": "old"}]
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, old_schema), buf)
+        store.write_bytes_atomic(f"manifests/ledger/{name.format(ahead + i)}", buf.getvalue())
+    ms = ManifestStore(store)
+    assert ms.max_epoch() == (ahead + 1) >> 40
+    ms.append_events([_event("s0", "running", build_id="new")])
+    ms.append_events([_event("s0", "done", build_id="new", sha256="ab" * 32)])
+    led = ManifestStore(store).ledger()
+    assert led["s0"]["state"] == "done" and led["s0"]["attempts"] == 2
+    ManifestStore(store).compact()
+    events = ManifestStore(store).ledger_events()
+    assert [e["state"] for e in events] == ["running", "failed", "running", "done"]
