@@ -35,7 +35,8 @@ from pipeline.storage import Store
 SHARD_STATES = ("pending", "running", "done", "failed")
 LEDGER_DIR = "manifests/ledger"
 EPOCH_SHIFT = 40  # seq = epoch << 40 | the event's number within its epoch
-COMPACT_EVERY = 256  # event files a driver adds before it folds the ledger
+COMPACT_EVERY = 256  # event files a driver adds before it folds them
+MAX_COMPACTED = 16  # a periodic compaction that would leave this many compacted files folds them all
 READ_ROUNDS = 20  # listings a reader retries while compactions delete what it listed
 _EVENT_IDENTITY = ("seq", "build_id", "shard_id", "state")
 _NAME_SEQ = re.compile(r"^(?:events|compacted)-(\d{20})-[0-9a-f]{8}\.parquet$")
@@ -196,12 +197,17 @@ class ManifestStore:
         return state
 
     def maybe_compact(self, every: int = COMPACT_EVERY, after_write: Callable[[], None] | None = None) -> None:
-        """Compact once this writer has added ``every`` files since its last compaction."""
+        """Fold this writer's recent files once it has added ``every`` of them (cheap: the files
+        already compacted are left alone until they would number ``MAX_COMPACTED``)."""
         if self.files_since_compaction >= every:
-            self.compact(after_write=after_write)
+            self.compact(after_write=after_write, full=False)
 
-    def compact(self, after_write: Callable[[], None] | None = None) -> int:
-        """Fold the event files into one; returns how many it replaced.
+    def compact(self, after_write: Callable[[], None] | None = None, full: bool = True) -> int:
+        """Fold event files into one; returns how many it replaced.
+
+        ``full`` folds every file; otherwise only the small ``events-*`` files, unless its output
+        would make ``MAX_COMPACTED`` compacted files (a periodic compaction during a long build
+        then costs the few hundred files written since the last one, not the whole ledger).
 
         Never loses or duplicates an event: the output has a name of its own (two compactions at
         once write two files, neither overwrites the other), it is durable before any input is
@@ -210,7 +216,22 @@ class ManifestStore:
         between the output's publication and the first deletion.
         """
         self.files_since_compaction = 0
-        tables = self._read_event_files()
+        names = self._event_files()
+        if not full:
+            small = [n for n in names if n.startswith("events-")]
+            if len(names) - len(small) + 1 < MAX_COMPACTED:  # the output would not make the pile MAX_COMPACTED
+                names = small
+        if len(names) <= 1:
+            return 0
+        data = self.store.read_many([f"{LEDGER_DIR}/{n}" for n in names])
+        tables = {}
+        for n in names:
+            v = data[f"{LEDGER_DIR}/{n}"]
+            if isinstance(v, FileNotFoundError):
+                continue  # folded by another compaction meanwhile: its events are in that one's output
+            if isinstance(v, BaseException):
+                raise v
+            tables[n] = pq.read_table(io.BytesIO(v))
         if len(tables) <= 1:
             return 0
         merged = _unique_events(pa.concat_tables(list(tables.values()), promote_options="default"))

@@ -26,9 +26,10 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def _print_summary(s) -> None:
+    transient = f" ({s.shards_failed_transient} transient: `d4s resume` rebuilds them)" if s.shards_failed else ""
     console.print(f"{s.output}: {s.clips_written} clips written, {s.clips_failed} clips failed, "
-                  f"{s.shards_done} shards built, {s.shards_skipped} already done, {s.shards_failed} shards failed "
-                  f"({s.shards_failed_transient} transient: `d4s resume` rebuilds them) ({s.seconds:.1f} s)", highlight=False)
+                  f"{s.shards_done} shards built, {s.shards_skipped} already done, {s.shards_failed} shards failed"
+                  f"{transient} ({s.seconds:.1f} s)", highlight=False)
     for f in s.failures[:20]:
         console.print(f"  failed {f['clip_id']} at {f['stage']}: {f['reason']}" + (f" [{f['path']}]" if f.get("path") else ""),
                       highlight=False, soft_wrap=True)

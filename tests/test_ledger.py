@@ -220,3 +220,25 @@ def test_a_ledger_from_before_driver_sequences_is_continued_and_compacted(tmp_pa
     ManifestStore(store).compact()
     events = ManifestStore(store).ledger_events()
     assert [e["state"] for e in events] == ["running", "failed", "running", "done"]
+
+
+def test_periodic_compaction_folds_recent_files_and_compacted_ones_only_when_they_pile_up(tmp_path):
+    from manifests.store import MAX_COMPACTED
+
+    store = Store(str(tmp_path))
+    ms = ManifestStore(store)
+
+    def files():
+        names = [n for n in store.listdir("manifests/ledger") if n.endswith(".parquet")]
+        return sum(n.startswith("compacted-") for n in names), sum(n.startswith("events-") for n in names)
+
+    for i in range(4 * (MAX_COMPACTED - 1)):
+        ms.append_events([_event(f"s{i:04d}", "done", sha256="ab" * 32)])
+        ms.maybe_compact(every=4)
+    assert files() == (MAX_COMPACTED - 1, 0)  # each periodic compaction folded only its 4 new files
+    for i in range(4):
+        ms.append_events([_event(f"t{i}", "done", sha256="ab" * 32)])
+        ms.maybe_compact(every=4)
+    assert files() == (1, 0)  # the pile reached MAX_COMPACTED: everything folded into one
+    events = ManifestStore(store).ledger_events()
+    assert len(events) == 4 * MAX_COMPACTED and len(set(_ids(events))) == len(events)
