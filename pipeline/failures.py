@@ -8,7 +8,9 @@ with backoff (``ray.shard_retries``, ``ray.retry_backoff_s``) and, if the failur
 
 *Permanent*: the input itself is bad (a :class:`pipeline.clip.ClipError`: corrupt or missing
 file, NaN pose, wrong shape, failed QC) or the code raised something that running it again
-would raise again. The clip is recorded once, with its reason, inside its ``done`` shard.
+would raise again. The clip is recorded once, with its reason, inside its ``done`` shard. A
+MegaSaM run that still times out after its own ``stages.align.megasam_retries`` is an
+``AlignmentError`` of the clip, hence permanent: an hour-long run is not repeated blindly.
 
 Classification walks the exception, the exception a Ray task error wraps, and its
 ``__cause__`` / ``__context__`` chain, by class name (Ray, torch and botocore need not be
