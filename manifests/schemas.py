@@ -28,15 +28,18 @@ SHARD_SCHEMA = pa.schema([
 ])
 
 LEDGER_SCHEMA = pa.schema([
-    ("seq", pa.int64()),  # total order of events
+    ("seq", pa.int64()),  # total order of events: lease epoch << 40 | counter (manifests/store.py)
     ("shard_id", pa.string()),
     ("state", pa.string()),  # pending | running | done | failed
     ("attempt", pa.int64()),
     ("error", pa.string()),
+    ("error_class", pa.string()),  # failed events: transient (resume retries) | permanent
     ("samples_written", pa.int64()),
     ("clips_failed", pa.string()),  # JSON list of {clip_id, stage, reason, path}
     ("bytes", pa.int64()),
     ("sha256", pa.string()),
+    ("fingerprint", pa.string()),  # the stored object's identity (size + ETag, or size + mtime + inode)
+    ("content_hash", pa.string()),  # BuildConfig.content_hash() the shard was built with
     ("started_at", pa.float64()),
     ("finished_at", pa.float64()),
     ("timings", pa.string()),  # JSON {stage: seconds}
@@ -52,6 +55,7 @@ INDEX_SCHEMA = pa.schema([
     ("dataset", pa.string()),
     ("shard_id", pa.string()),
     ("shard_path", pa.string()),
+    ("shard_sha256", pa.string()),  # of the whole shard; the training loader checks it before use
     ("offset", pa.int64()),  # byte offset of the sample's first tar member header
     ("num_frames", pa.int64()),
     ("dynamic", pa.bool_()),

@@ -1,6 +1,7 @@
 """The ``d4s`` command line. Every command exits non-zero with a one-line reason on bad input."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -29,9 +30,10 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def _print_summary(s) -> None:
+    transient = f" ({s.shards_failed_transient} transient: `d4s resume` rebuilds them)" if s.shards_failed else ""
     console.print(f"{s.output}: {s.clips_written} clips written, {s.clips_failed} clips failed, "
-                  f"{s.shards_done} shards built, {s.shards_skipped} already done, {s.shards_failed} shards failed "
-                  f"({s.seconds:.1f} s)", highlight=False)
+                  f"{s.shards_done} shards built, {s.shards_skipped} already done, {s.shards_failed} shards failed"
+                  f"{transient} ({s.seconds:.1f} s)", highlight=False)
     st = getattr(s, "stats", {}) or {}
     if st.get("depth.passes"):
         console.print(f"  depth model: {st['depth.passes']:g} passes over {st.get('depth.source_frames', 0):g} source frames "
@@ -45,12 +47,41 @@ def _print_summary(s) -> None:
         console.print(f"  ... and {len(s.failures) - 20} more (d4s status {s.output})")
 
 
+def _fault_overrides(fault: Optional[str]) -> dict:
+    """The hidden ``--fault JSON`` option (tests and bench/chaos.py): fault hooks for this run only."""
+    if not fault:
+        return {}
+    try:
+        hooks = json.loads(fault)
+    except json.JSONDecodeError as exc:
+        _fail(f"--fault must be a JSON object of fault settings: {exc}")
+    if not isinstance(hooks, dict):
+        _fail("--fault must be a JSON object of fault settings")
+    return {"fault": hooks}
+
+
+def _run_or_fail(fn, *args, **kwargs):
+    """Run a build or resume; another driver's lease exits 3, a lease lost mid-run 4, a config error 2."""
+    from manifests.lease import LeaseHeldError, LeaseLostError
+
+    try:
+        return fn(*args, **kwargs)
+    except LeaseHeldError as exc:
+        _fail(str(exc), code=3)
+    except LeaseLostError as exc:
+        _fail(f"stopped: {exc}; nothing more was written by this driver (`d4s resume` continues)", code=4)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
 @app.command()
 def build(
     config: Optional[str] = typer.Argument(None, help="YAML build config (see docs/CONFIG.md)."),
     demo: Optional[str] = typer.Option(None, "--demo", help="Generate demo scenes and build them into this output."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS or local)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for this run (default: RAY_ADDRESS or local); not recorded."),
+    new_version: bool = typer.Option(False, "--new-version", help="The output holds a build with other content settings: rebuild the shards they change with these."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    fault: Optional[str] = typer.Option(None, "--fault", hidden=True),
 ):
     """Build shards from a config, or from generated demo data with --demo OUT."""
     from pipeline.runner import build as run_build
@@ -65,11 +96,10 @@ def build(
             cfg = load_config(config)
         else:
             _fail("give a CONFIG.yaml or --demo OUT")
-        if address:
-            cfg.ray.address = address
-        summary = run_build(cfg, show_progress=progress)
     except ConfigError as exc:
         _fail(str(exc))
+    overrides = {**({"ray": {"address": address}} if address else {}), **_fault_overrides(fault)}
+    summary = _run_or_fail(run_build, cfg, show_progress=progress, overrides=overrides, new_version=new_version)
     _print_summary(summary)
     console.print(f"next: d4s status {summary.output} | d4s verify {summary.output}")
     raise typer.Exit(0 if summary.ok else 1)
@@ -77,15 +107,15 @@ def build(
 
 @app.command()
 def resume(output: str = typer.Argument(..., help="An output written by `d4s build`."),
-           address: Optional[str] = typer.Option(None, "--address"),
-           progress: bool = typer.Option(True, "--progress/--no-progress")):
+           address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for this run; not recorded."),
+           full_check: bool = typer.Option(False, "--full-check", help="Re-hash every finished shard (default: only those whose stored object changed)."),
+           progress: bool = typer.Option(True, "--progress/--no-progress"),
+           fault: Optional[str] = typer.Option(None, "--fault", hidden=True)):
     """Re-run only what is missing or failed in OUTPUT (its recorded config and plan)."""
     from pipeline.runner import resume as run_resume
 
-    try:
-        summary = run_resume(output, show_progress=progress, overrides={"ray": {"address": address}} if address else None)
-    except ConfigError as exc:
-        _fail(str(exc))
+    overrides = {**({"ray": {"address": address}} if address else {}), **_fault_overrides(fault)}
+    summary = _run_or_fail(run_resume, output, show_progress=progress, overrides=overrides or None, full_check=full_check)
     _print_summary(summary)
     raise typer.Exit(0 if summary.ok else 1)
 
@@ -105,6 +135,15 @@ def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False
     out_console.print(_status_tables(st))
     s = st["shards"]
     out_console.print(f"shards: {s['done']} done, {s['failed']} failed, {s['pending']} pending")
+    lease = st.get("lease")
+    if lease:
+        from datetime import datetime, timezone
+
+        when = lambda t: datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")  # noqa: E731
+        who = f"`d4s {lease['command']}` {lease['owner']} on {lease['host']} (pid {lease['pid']})"
+        out_console.print(f"lease: released by {who} at {when(lease['renewed_at'])}" if lease["released"] else
+                          f"lease: held by {who} since {when(lease['acquired_at'])}, last renewed "
+                          f"{when(lease['renewed_at'])} (its clock; TTL {lease['ttl_s']:g} s)", highlight=False)
     tp = st["throughput"]
     if tp["clips_per_s"]:
         eta = tp["eta_s"]
@@ -112,8 +151,12 @@ def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False
                           + ("nothing left" if not eta else f"ETA {_duration(eta)} for what is pending"), highlight=False)
     if st["stage_seconds"]:
         out_console.print("stage time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in st["stage_seconds"].items()))
+    fc = st.get("failure_classes") or {}
+    if fc.get("transient") or fc.get("permanent"):
+        out_console.print(f"failures: {fc.get('transient', 0)} transient (shards `d4s resume` rebuilds), "
+                          f"{fc.get('permanent', 0)} permanent (bad input, recorded once)", highlight=False)
     for f in st["failures"][:50]:
-        out_console.print(f"  failed {f['clip_id'] or f['shard_id']} at {f['stage']}: {f['reason']}"
+        out_console.print(f"  failed ({f.get('class', 'permanent')}) {f['clip_id'] or f['shard_id']} at {f['stage']}: {f['reason']}"
                           + (f" [{f['path']}]" if f.get("path") else ""), highlight=False, soft_wrap=True)
     if len(st["failures"]) > 50:
         out_console.print(f"  ... and {len(st['failures']) - 50} more (d4s status --json)")

@@ -136,9 +136,15 @@ class ClipFailure:
     # counters of work done for the clip before it failed (``Clip.aux['stats']``): still counted
     # in the shard's write result, never written to the ledger's failure record
     stats: dict = field(default_factory=dict, repr=False, compare=False)
+    # a lost worker or node, out of memory, a timeout, an unreachable store (pipeline/failures.py):
+    # the shard is re-run, never published without the clip
+    transient: bool = False
 
     def to_json(self) -> dict:
-        return {"clip_id": self.clip_id, "stage": self.stage, "reason": self.reason, "path": self.path}
+        rec = {"clip_id": self.clip_id, "stage": self.stage, "reason": self.reason, "path": self.path}
+        if self.transient:  # never in a published shard's record: such a shard is re-run (stages/write.py)
+            rec["transient"] = True
+        return rec
 
     def carrying(self, clip: "Clip") -> "ClipFailure":
         """This failure with the counters ``clip`` had gathered (see ``stats``)."""
@@ -147,6 +153,8 @@ class ClipFailure:
 
     @classmethod
     def from_exception(cls, clip_id: str, stage: str, exc: BaseException) -> "ClipFailure":
+        from pipeline.failures import is_transient
+
         if isinstance(exc, ClipError):
-            return cls(clip_id, stage, exc.reason, exc.path)
-        return cls(clip_id, stage, f"{type(exc).__name__}: {exc}")
+            return cls(clip_id, stage, exc.reason, exc.path, transient=is_transient(exc))
+        return cls(clip_id, stage, f"{type(exc).__name__}: {exc}", transient=is_transient(exc))

@@ -57,10 +57,19 @@ class DatasetConfig(_Strict):
 
 
 class StageResources(_Strict):
+    """Where a model stage runs: each actor requests `num_gpus` whatever the cluster has at start (an autoscaler adds GPU nodes for it); `num_gpus: 0` is the explicit choice of CPU (fp32, slow)."""
+
     num_cpus: float = 1.0
-    num_gpus: float = Field(0.0, description="GPUs per actor; 0 with auto_gpu takes one GPU when the cluster has GPUs")
-    actors: int = Field(1, description="actors in the pool (one model each)")
-    auto_gpu: bool = Field(True, description="take one GPU per actor when the cluster has GPUs")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per actor, requested from Ray (fractions share a GPU); 0: run on CPU")
+    actors: int = Field(1, ge=1, description="actors in the pool (one model each)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_auto_gpu(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "auto_gpu" in v:
+            raise ValueError("auto_gpu was removed: model actors now always request num_gpus GPUs (default 1) and "
+                             "the cluster's autoscaler provides them; set num_gpus: 0 to run the model on CPU")
+        return v
 
 
 class DepthStageConfig(_Strict):
@@ -86,7 +95,7 @@ class AlignStageConfig(_Strict):
     megasam_command: str | None = Field(None, description="MegaSaM command template with {frames_dir} {out_npz} {clip_id} (one run per scene or segment; {clip_id} is the run id)")
     megasam_timeout_s: float = Field(3600.0, gt=0)
     megasam_retries: int = Field(1, ge=0)
-    megasam_num_gpus: float = Field(1.0, ge=0, description="GPUs reserved per MegaSaM run when the cluster has GPUs (the assigned GPU is the command's CUDA_VISIBLE_DEVICES)")
+    megasam_num_gpus: float = Field(1.0, ge=0, description="GPUs requested per MegaSaM run whatever the cluster has at start (the assigned GPU is the command's CUDA_VISIBLE_DEVICES); 0: run it without one")
     megasam_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per MegaSaM run")
     megasam_version: str = Field("", description="part of the MegaSaM cache key: change it when the MegaSaM installation or checkpoints change")
     megasam_cache_max_side: int = Field(256, ge=0, description="cached MegaSaM depth is stored at most this many pixels on its long side (0: as MegaSaM wrote it)")
@@ -132,18 +141,30 @@ class FaultConfig(_Strict):
     worker_exit_on_clip: int | None = Field(None, description="the ingest worker of this planned clip ordinal os._exit()s once")
     driver_exit_after_shards: int | None = Field(None, description="the driver os._exit()s after this many shards finish")
     marker_dir: str | None = Field(None, description="where 'already crashed' markers live (default OUT/.faults)")
-    trace_dir: str | None = Field(None, description="every ingest attempt leaves an empty file `<clip ordinal>.<Ray node id>.<pid>` here (which node ran which clip)")
+    trace_dir: str | None = Field(None, description="every ingest attempt leaves an empty file `<clip ordinal>.<Ray node id>.<pid>` here (which node ran which clip), every model actor `actors/<stage>.<Ray node id>.<pid>`")
     ingest_delay_s: float = Field(0.0, ge=0, description="every ingest attempt sleeps this long first (keeps work in flight while a fault is injected)")
     hang_stage: Literal["ingest", "depth"] | None = Field(None, description="this stage hangs (once, marker in marker_dir) on the clip of ordinal hang_on_clip")
     hang_on_clip: int | None = Field(None, description="planned clip ordinal that hang_stage hangs on")
+    clock_skew_s: float = Field(0.0, description="the driver's wall clock (time.time) runs this many seconds off, as on a host without NTP")
+    driver_exit_in_compaction: bool = Field(False, description="the driver os._exit()s inside its first ledger compaction, after writing the output and before deleting the inputs")
+    gpus_are_simulated: bool = Field(False, description="the cluster's GPUs are simulated Ray resources: a model actor holding one runs on CPU")
 
 
 class RayConfig(_Strict):
     address: str | None = Field(None, description="Ray address to join; None: RAY_ADDRESS if set, else a local Ray")
     num_cpus: int | None = Field(None, description="CPUs of a local Ray (ignored when joining a cluster)")
     num_gpus: int | None = Field(None, description="GPUs of a local Ray")
-    task_retries: int = Field(3, description="Ray retries of a task whose worker died")
-    actor_restarts: int = Field(3, description="restarts of a model actor whose process died")
+    task_retries: int = Field(3, ge=0, description="Ray retries of a task whose worker died")
+    actor_restarts: int = Field(3, ge=0, description="restarts of a model actor whose process died")
+    shard_retries: int = Field(2, ge=0, description="re-runs of a shard that failed transiently (worker or node lost, out of memory, timeout, storage unreachable) before it is left failed for resume")
+    retry_backoff_s: float = Field(30.0, ge=0, description="wait before the first re-run of such a shard; doubles with each re-run")
+
+
+class LeaseConfig(_Strict):
+    """The driver's lease on the output (docs/CLUSTER.md): one driver per output at a time."""
+
+    ttl_s: float = Field(300.0, gt=0, description="a lease not renewed for this long (on the store's clock) may be taken over by another driver")
+    heartbeat_s: float | None = Field(None, gt=0, description="renewal period (default ttl_s / 5)")
 
 
 class ScenePassConfig(_Strict):
@@ -168,8 +189,9 @@ class StagesConfig(_Strict):
 
 
 # Where things live (dataset roots, the output, the MegaSaM cache), how the build runs (Ray,
-# resources, shards in flight) and test hooks never change a byte of a shard; everything else does.
-_NOT_CONTENT = {"output", "ray", "fault", "max_inflight_shards", "shard_deadline_s"}
+# the lease, resources, shards in flight, the deadline) and test hooks never change a byte of a
+# shard; everything else does.
+_NOT_CONTENT = {"output", "ray", "lease", "fault", "max_inflight_shards", "shard_deadline_s"}
 
 
 class BuildConfig(_Strict):
@@ -183,6 +205,7 @@ class BuildConfig(_Strict):
     stages: StagesConfig = Field(default_factory=StagesConfig)
     qc: QCConfig = Field(default_factory=QCConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    lease: LeaseConfig = Field(default_factory=LeaseConfig)
     fault: FaultConfig = Field(default_factory=FaultConfig)
 
     @field_validator("datasets")
@@ -250,6 +273,28 @@ class BuildConfig(_Strict):
         blob = json.dumps(self.content_fields(dataset), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def content_diff(self, other: "BuildConfig") -> list[str]:
+        """``path: mine -> other`` for every content setting (:meth:`content_fields`, flattened to
+        dotted paths) that differs; empty when none does. A moved dataset root, another output or
+        other resources are not content, so they never show here."""
+        a, b = _flatten(self.content_fields()), _flatten(other.content_fields())
+        return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+                for k in sorted(set(a) | set(b)) if a.get(k, _MISSING) != b.get(k, _MISSING)]
+
+    def with_overrides(self, overrides: dict | None) -> "BuildConfig":
+        """A copy with ``overrides`` merged in field by field (``{"ray": {"address": X}}`` changes
+        the address and keeps every other ``ray`` setting)."""
+        if not overrides:
+            return self.model_copy(deep=True)
+        return BuildConfig.model_validate(_deep_merge(self.model_dump(mode="json"), overrides))
+
+    def recorded(self) -> "BuildConfig":
+        """What ``config.resolved.yaml`` keeps: the config without fault-injection hooks, which
+        belong to one run and must never come back on a resume."""
+        out = self.model_copy(deep=True)
+        out.fault = FaultConfig()
+        return out
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -285,13 +330,48 @@ OUTPUT_CONFIG_NAME = "config.resolved.yaml"  # the resolved config, recorded in 
 
 
 def load_output_config(output: str) -> BuildConfig:
-    """The config an output was built with (``OUT/config.resolved.yaml``)."""
+    """The config an output was built with (``OUT/config.resolved.yaml``; older recordings migrated)."""
     from pipeline.storage import Store
 
     store = Store(output)
     if not store.exists(OUTPUT_CONFIG_NAME):
         raise ConfigError(f"{output} is not a d4s output (no {OUTPUT_CONFIG_NAME}); run `d4s build` first")
-    return load_config(store.read_text(OUTPUT_CONFIG_NAME), is_text=True)
+    return load_config(_migrate_recorded(store.read_text(OUTPUT_CONFIG_NAME)), is_text=True)
+
+
+def _migrate_recorded(text: str) -> str:
+    """Configs recorded before GPU placement became explicit carry ``resources.auto_gpu``: drop it
+    and keep the recorded ``num_gpus`` (0 = CPU, as such demo outputs ran on a machine without GPUs)."""
+    raw = yaml.safe_load(text)
+    stages = raw.get("stages") if isinstance(raw, dict) else None
+    changed = False
+    for st in (stages or {}).values():
+        res = st.get("resources") if isinstance(st, dict) else None
+        if isinstance(res, dict) and "auto_gpu" in res:
+            res.pop("auto_gpu")
+            changed = True
+    return yaml.safe_dump(raw, sort_keys=False) if changed else text
+
+
+_MISSING = object()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and v else v
+    return out
 
 
 def load_config(path_or_text: str, is_text: bool = False) -> BuildConfig:

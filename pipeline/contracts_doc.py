@@ -45,9 +45,9 @@ default; `clip` runs them per clip):
   of the next segment on the shared frames (scale and shift for relative disparity, scale for
   metric depth and MegaSaM), then a linear blend across them; MegaSaM's cameras are mapped by
   the similarity that puts the shared cameras on the joined ones (`stages/scene/segments.py`).
-* **MegaSaM** is a Ray task per scene (or segment) with `stages.align.megasam_num_gpus` GPUs
-  reserved when the cluster has GPUs (the assigned ids are the command's `CUDA_VISIBLE_DEVICES`),
-  beside the depth stage; its results are cached in the output store
+* **MegaSaM** is a Ray task per scene (or segment) requesting `stages.align.megasam_num_gpus` GPUs
+  whatever the cluster has at start, like the model actors (the assigned ids are the command's
+  `CUDA_VISIBLE_DEVICES`; 0 runs it without a GPU), beside the depth stage; its results are cached in the output store
   (`OUT/cache/megasam/<key[:2]>/<key>.npz`, keyed by the frames' pixels, the command and
   `megasam_version`), so a resume, another node or a second build into the same output reuses
   them. A cached scene takes at most `2·h·w + 136` bytes per frame (16-bit log depth at most
@@ -61,8 +61,9 @@ default; `clip` runs them per clip):
   summed per shard into the write result and the per-shard log, and per build into
   `BuildSummary.stats`.
 * **Deadline:** a shard pipeline none of whose tasks finishes for `shard_deadline_s` (a stage
-  hangs) is cancelled and recorded failed with the reason; a model actor it still occupies is
-  replaced (shards with calls queued on it are cancelled too); `resume` redoes them.
+  hangs) is cancelled and recorded failed (transient) with the reason; `resume` redoes it. A
+  model actor it still occupies is replaced; shards with calls queued on it are cancelled too and
+  re-run with backoff like other transient failures (`ray.shard_retries`).
 
 ## Which stages run per dataset (adapter defaults)
 
@@ -75,7 +76,7 @@ def _routes_table() -> str:
     from stages.ingest import ADAPTERS
 
     cfg = BuildConfig.model_validate({"output": "<doc>", "datasets": {n: {"root": "<doc>"} for n in ADAPTERS}}).resolved()
-    rows = ["| dataset | stages (granularity; GPUs per actor or run when the cluster has GPUs) |", "|---|---|"]
+    rows = ["| dataset | stages (granularity; GPUs requested per actor or run) |", "|---|---|"]
     for name in sorted(ADAPTERS):
         steps = []
         for s in route(cfg, name):

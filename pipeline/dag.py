@@ -16,20 +16,31 @@ dataset already has (e.g. ground-truth depth) are not called at all for its shar
 
 Memory is bounded by ``max_inflight_shards``: the driver submits a new shard pipeline only
 when one finishes, so at most that many shards' clips exist in the object store.
-Model stages are actor pools (``num_gpus`` per actor when the cluster has GPUs, CPU
-otherwise; two calls in flight per actor, so the next shard's inputs arrive while the model
-runs); MegaSaM runs as tasks with their GPUs reserved; CPU stages are tasks with retries for
-worker crashes. A shard pipeline none of whose tasks finishes for ``shard_deadline_s`` (a stage
-hangs) is cancelled (a model actor it still occupies is replaced) and recorded failed;
-``resume`` redoes it. The clock restarts whenever one of its tasks finishes, so a shard waiting
-for the cluster behind other shards is not cut, and no stage may take longer than the deadline.
+Model stages are actor pools (two calls in flight per actor, so the next shard's inputs arrive
+while the model runs) whose actors request their declared ``num_gpus`` each, and MegaSaM runs
+as tasks requesting ``stages.align.megasam_num_gpus``, whatever the cluster has when the build
+starts: an autoscaling cluster adds GPU nodes for that demand (a local Ray, which cannot grow,
+is refused up front when it lacks them). ``num_gpus: 0`` runs a model on CPU, by explicit
+choice. CPU stages are tasks with retries for worker crashes.
+
+Failures are classified (``pipeline/failures.py``): a clip lost to a transient cause (worker or
+node death, out of memory, a timeout) keeps its shard from being published; the shard is run
+again after a backoff and, when the failure persists, reported failed-transient for resume.
+A shard pipeline none of whose tasks finishes for ``shard_deadline_s`` (a stage hangs) is
+cancelled (a model actor it still occupies is replaced) and recorded failed (transient: it is
+not re-run in this build, which already waited that long, but ``resume`` redoes it); shards
+that lose their calls on a replaced actor are re-run like other transient failures. The clock
+restarts whenever one of its tasks finishes, so a shard waiting for the cluster behind other
+shards is not cut, and no stage may take longer than the deadline.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -37,6 +48,7 @@ import ray
 
 from pipeline.clip import Clip, ClipFailure
 from pipeline.config import BuildConfig, ConfigError
+from pipeline.failures import ShardFailure, describe, is_transient
 from pipeline.plan import Plan
 from pipeline.stage_routes import route
 from stages.ingest import adapter_class
@@ -61,8 +73,9 @@ def ensure_ray(cfg: BuildConfig) -> None:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kwargs)
 
 
-def _cluster_has_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
+def _joined_cluster(cfg: BuildConfig) -> bool:
+    """Whether the driver joined a cluster (which may autoscale) rather than starting its own Ray."""
+    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -74,8 +87,8 @@ def _resolve(refs: list, stage: str, clip_ids: list[str]) -> list[Clip | ClipFai
     for ref, cid in zip(refs, clip_ids):
         try:
             out.append(ray.get(ref))
-        except Exception as exc:  # worker death after retries, or a bug: fail this clip only
-            out.append(ClipFailure(cid, stage, f"worker failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"))
+        except Exception as exc:  # worker or node lost after Ray's retries (transient), or a bug (permanent)
+            out.append(ClipFailure(cid, stage, f"worker failed: {describe(exc, 300)}", transient=is_transient(exc)))
     return out
 
 
@@ -117,8 +130,8 @@ def align_task(refs: list, clip_ids: list[str], megasam_refs: list, cfg: BuildCo
     if megasam_refs:
         try:
             megasam = ray.get(megasam_refs[0])
-        except Exception as exc:  # the MegaSaM task's worker died even after retries
-            megasam = PassFailure("megasam", f"worker failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        except Exception as exc:  # the MegaSaM task's worker or node died even after retries
+            megasam = PassFailure("megasam", f"worker failed: {describe(exc, 300)}", transient=is_transient(exc))
     t0 = time.time()
     out = align(clips, cfg, megasam)
     per = (time.time() - t0) / max(1, len(out))
@@ -158,6 +171,16 @@ class _ModelActor:
         self.stage = stage
         self.cfg = cfg
         self.lock = threading.Lock()
+        if cfg.fault.trace_dir:  # test hook: which node each model actor landed on
+            where = os.path.join(cfg.fault.trace_dir, "actors")
+            os.makedirs(where, exist_ok=True)
+            open(os.path.join(where, f"{stage}.{ray.get_runtime_context().get_node_id()}.{os.getpid()}"), "w").close()
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():  # a broken GPU node: fail the actor (transient), never fall back
+                raise RuntimeError(f"{stage} actor was given GPUs {ray.get_gpu_ids()} but CUDA is not available "
+                                   f"on node {ray.get_runtime_context().get_node_id()}")
         if stage == "depth":
             from stages.depth.stage import DepthModelStage
 
@@ -278,9 +301,27 @@ class ShardDAG:
         return [self._step(s, "actor") for s, need in (("depth", self.needs_depth), ("tracks", self.needs_track_model)) if need]
 
     def _check_gpus(self) -> None:
-        """The model actors and one MegaSaM run must fit the cluster's GPUs together, or a stage
-        waits for a GPU that never frees (a local Ray: an error; a cluster may still grow: a warning)."""
-        total = ray.cluster_resources().get("GPU", 0)
+        """Every model stage requests its declared GPUs whatever the cluster has now: on a joined
+        cluster that demand is what an autoscaler answers with GPU nodes (a warning says the
+        stage waits for them). A local Ray cannot grow, so one that cannot give each stage its
+        GPUs, or the model actors and one MegaSaM run theirs together (a stage would wait for a
+        GPU that never frees), is refused. Running a model on CPU is ``num_gpus: 0``."""
+        total = ray.cluster_resources().get("GPU", 0.0)
+        joined = _joined_cluster(self.cfg)
+        wanted = [(st, f"stages.{st.name}.resources.num_gpus", st.actors) for st in self._actor_steps()]
+        if self.needs_megasam:
+            wanted.append((self._step("megasam"), "stages.align.megasam_num_gpus", 1))
+        for st, key, n in wanted:
+            if st.num_gpus <= 0 or st.num_gpus <= total + 1e-9:
+                continue
+            what = "MegaSaM" if st.name == "megasam" else f"the {st.name} model"
+            if not joined:
+                raise ConfigError(f"{key} is {st.num_gpus:g} but this local Ray has {total:g} GPUs and cannot gain "
+                                  f"any: set {key}: 0 to run {what} on CPU (slow), or join a cluster with GPU nodes "
+                                  f"(--address)")
+            log.warning("%s: %d %s request %g GPU(s) each and the cluster has %g now: they start when GPU nodes join "
+                        "(an autoscaler adds them for this demand)", st.name, n,
+                        "run(s)" if st.name == "megasam" else "actor(s)", st.num_gpus, total)
         if not total:
             return
         actors = sum(st.num_gpus * st.actors for st in self._actor_steps())
@@ -289,15 +330,17 @@ class ShardDAG:
             msg = (f"the model actors take {actors:g} GPUs" + (f" and a MegaSaM run {megasam:g}" if megasam else "")
                    + f", but the cluster has {total:g}: lower stages.depth/tracks.resources.num_gpus (fractions share a "
                    f"GPU) or stages.align.megasam_num_gpus, or add GPUs")
-            if self.cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+            if joined:
                 log.warning(msg)
             else:
                 raise ConfigError(msg)
 
     def _pool(self, stage: str) -> list:
+        """The stage's actors. They request the declared GPUs each from Ray, whatever the cluster
+        has right now (``_check_gpus``): on an autoscaling cluster that demand brings GPU nodes up."""
         st = self._step(stage, "actor")
-        gpus = st.num_gpus if _cluster_has_gpus() else 0.0
-        device = "cuda" if gpus > 0 else "cpu"
+        gpus = float(st.num_gpus)
+        device = "cuda" if gpus > 0 and not self.cfg.fault.gpus_are_simulated else "cpu"
         cpus = st.num_cpus
         total_cpus = ray.cluster_resources().get("CPU", 0)
         n_actors = sum(s.actors for s in self._actor_steps())
@@ -317,9 +360,8 @@ class ShardDAG:
         return pool[self._rr[stage]]
 
     def _megasam_options(self) -> dict:
-        st = self._step("megasam")
-        gpus = st.num_gpus if _cluster_has_gpus() else 0.0
-        return dict(num_cpus=st.num_cpus, num_gpus=gpus, max_retries=self.cfg.ray.task_retries)
+        st = self._step("megasam")  # its declared GPUs, whatever the cluster has now (see _check_gpus)
+        return dict(num_cpus=st.num_cpus, num_gpus=st.num_gpus, max_retries=self.cfg.ray.task_retries)
 
     def submit(self, shard: dict, clips: list[dict]) -> _Inflight:
         cfg, retries = self.cfg_ref, self.cfg.ray.task_retries
@@ -367,45 +409,81 @@ class ShardDAG:
         rec.actor_calls.append((stage, actor, out))
         return out
 
-    def run(self, shards: list[dict], clips_by_shard: dict[str, list[dict]]) -> Iterator[tuple[dict, dict | None, str | None]]:
-        """Yield (shard, result, error) as shards finish; at most max_inflight_shards at once."""
+    def run(self, shards: list[dict], clips_by_shard: dict[str, list[dict]]
+            ) -> Iterator[tuple[dict, dict | None, ShardFailure | None]]:
+        """Yield (shard, result, failure) as shards finish; at most max_inflight_shards at once.
+
+        A shard that fails transiently is run again after ``ray.retry_backoff_s`` (doubling), up
+        to ``ray.shard_retries`` times, before its failure is yielded; a permanent failure is
+        yielded at once. Other shards keep flowing while one waits for its re-run. A shard past
+        ``shard_deadline_s`` is cancelled and yielded failed at once (see :meth:`_expire`).
+        """
         queue = deque(shards)
         inflight: dict = {}
         deadline = self.cfg.shard_deadline_s
-        while queue or inflight:
+        waiting: list[tuple[float, int, dict]] = []  # (due on the monotonic clock, tie-break, shard)
+        runs: Counter = Counter()
+        tick = itertools.count()
+        retries, backoff = self.cfg.ray.shard_retries, self.cfg.ray.retry_backoff_s
+
+        def retry_or_fail(sh: dict, failure: ShardFailure):
+            """None when the shard is queued for a re-run, else the failure to yield."""
+            if failure.transient and failure.attempts <= retries:
+                delay = backoff * 2 ** (failure.attempts - 1)
+                log.warning("shard %s failed transiently (%s); run %d of %d in %.1f s", sh["shard_id"],
+                            failure.message, failure.attempts + 1, retries + 1, delay)
+                heapq.heappush(waiting, (time.monotonic() + delay, next(tick), sh))
+                return None
+            return failure
+
+        while queue or inflight or waiting:
+            now = time.monotonic()
+            while waiting and waiting[0][0] <= now:
+                queue.appendleft(heapq.heappop(waiting)[2])
             while queue and len(inflight) < self.cfg.max_inflight_shards:
                 sh = queue.popleft()
                 rec = self.submit(sh, clips_by_shard[sh["shard_id"]])
                 inflight[rec.tasks[-1]] = rec
-            timeout = None
+            if not inflight:
+                time.sleep(max(0.0, min(1.0, waiting[0][0] - time.monotonic())))
+                continue
+            timeout = max(0.0, waiting[0][0] - time.monotonic()) if waiting else None
             if deadline is not None:
                 now = time.time()
                 for r in inflight.values():
                     r.check(now)
-                timeout = max(0.0, min(r.progressed for r in inflight.values()) + deadline - now)
+                left = max(0.0, min(r.progressed for r in inflight.values()) + deadline - now)
+                timeout = left if timeout is None else min(timeout, left)
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=timeout)
             if not ready:
-                yield from self._expire(inflight, deadline)
+                if deadline is not None:
+                    for sh, failure, rerun in self._expire(inflight, deadline):
+                        runs[sh["shard_id"]] += 1
+                        failure.attempts = runs[sh["shard_id"]]
+                        if not rerun:  # it waited shard_deadline_s already: left for resume
+                            yield sh, None, failure
+                        elif (f := retry_or_fail(sh, failure)) is not None:
+                            yield sh, None, f
                 continue
             rec = inflight.pop(ready[0])
+            sh = rec.shard
+            runs[sh["shard_id"]] += 1
             try:
-                yield rec.shard, ray.get(ready[0]), None
+                result = ray.get(ready[0])
             except Exception as exc:
-                yield rec.shard, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
-        # A write attempt whose worker or node died mid-publish leaves its ``.tmp-`` file behind (the
-        # retry publishes under a new one). Every shard of this run is settled now, so no attempt is
-        # still writing: remove the leftovers, or ``verify`` would flag them in a complete build.
-        from pipeline.runner import remove_stray_temporaries
-        from pipeline.storage import Store
+                f = retry_or_fail(sh, ShardFailure(describe(exc), is_transient(exc), runs[sh["shard_id"]]))
+                if f is not None:
+                    yield sh, None, f
+                continue
+            yield sh, result, None
 
-        if remove_stray_temporaries(Store(self.cfg.output)):
-            log.info("removed temporaries of write attempts that died mid-publish")
-
-    def _expire(self, inflight: dict, deadline: float) -> Iterator[tuple[dict, None, str]]:
+    def _expire(self, inflight: dict, deadline: float) -> Iterator[tuple[dict, ShardFailure, bool]]:
         """Cancel the shard pipelines that made no progress (no task of theirs finishing) for
-        ``deadline`` seconds, and replace a model actor one of them
-        still occupies (a hung model never frees it). Shards with calls queued on a replaced actor
-        lose them: they are cancelled too, with that reason; ``resume`` redoes all of them."""
+        ``deadline`` seconds, and replace a model actor one of them still occupies (a hung model
+        never frees it). Shards with calls queued on a replaced actor lose them: they are
+        cancelled too, with that reason. Yields (shard, failure, whether to re-run it in this
+        build): the late shard is not (it may hang again; ``resume`` redoes it), the others are
+        re-run like any transient failure."""
         now = time.time()
         for r in inflight.values():
             r.check(now)
@@ -418,15 +496,15 @@ class ShardDAG:
                 if pending and self._replace_actor(stage, actor):
                     replaced.append((stage, actor, rec.shard["shard_id"]))
             self._cancel(rec)
-            yield rec.shard, None, (f"deadline: no task of the shard pipeline finished within shard_deadline_s = "
-                                    f"{deadline:g} s (a stage hangs); cancelled")
+            yield rec.shard, ShardFailure(f"deadline: no task of the shard pipeline finished within shard_deadline_s = "
+                                          f"{deadline:g} s (a stage hangs); cancelled", transient=True), False
         for stage, actor, sid in replaced:
             for k, rec in list(inflight.items()):
                 if any(a is actor and ray.wait(r, num_returns=len(r), timeout=0)[1] for _, a, r in rec.actor_calls):
                     del inflight[k]
                     self._cancel(rec)
-                    yield rec.shard, None, (f"cancelled: its {stage} model actor was replaced after shard {sid} "
-                                            f"exceeded shard_deadline_s")
+                    yield rec.shard, ShardFailure(f"cancelled: its {stage} model actor was replaced after shard {sid} "
+                                                  f"exceeded shard_deadline_s", transient=True), True
 
     def _replace_actor(self, stage: str, actor) -> bool:
         pool = self.pools.get(stage, [])

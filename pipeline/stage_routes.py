@@ -9,10 +9,10 @@ and ``pipeline/capacity.py`` costs its GPU stages. The rules, from a dataset's r
 stage         runs when                              granularity  runs as
 ============  =====================================  ===========  ==================================
 ingest        always                                 clip         CPU task
-depth         ``depth_source`` is not ``gt``         scene [*]_   model actor (GPU when present)
+depth         ``depth_source`` is not ``gt``         scene [*]_   model actor (its declared GPUs)
 megasam       ``depth_source`` is ``megasam``        scene [*]_   GPU task running the MegaSaM command
 align         ``depth_source`` is not ``gt``         scene [*]_   CPU task (one metric fit per scene)
-tracks        ``track_source`` ``cotracker``         clip         model actor (GPU when present)
+tracks        ``track_source`` ``cotracker``         clip         model actor (its declared GPUs)
 tracks        ``track_source`` ``depth_static``      clip         CPU task
 encode/write  always                                 shard        CPU task
 ============  =====================================  ===========  ==================================
@@ -37,8 +37,9 @@ Granularity = Literal["clip", "scene", "shard"]
 class StageStep:
     """One stage of a dataset's route.
 
-    ``num_gpus`` is what the stage takes per actor or per run *when the cluster has GPUs*
-    (a CPU-only cluster runs everything on CPUs); ``actors`` is the pool size of actor stages.
+    ``num_gpus`` is what the stage requests per actor or per run, whatever the cluster has when
+    the build starts (an autoscaler adds GPU nodes for it; 0 is the explicit choice of CPU);
+    ``actors`` is the pool size of actor stages.
     ``variant`` says which form of the stage runs (the track source, the alignment reference);
     ``model`` marks the stages that run a model (costed in GPU-hours by ``d4s plan``).
     """
@@ -57,10 +58,6 @@ class StageStep:
         return self.num_gpus > 0
 
 
-def _actor_gpus(res) -> float:
-    return res.num_gpus if res.num_gpus else (1.0 if res.auto_gpu else 0.0)
-
-
 def route(cfg: "BuildConfig", dataset: str) -> tuple[StageStep, ...]:
     """The stages a clip of ``dataset`` passes through, in order (``cfg`` resolved)."""
     d = cfg.datasets[dataset]
@@ -69,14 +66,14 @@ def route(cfg: "BuildConfig", dataset: str) -> tuple[StageStep, ...]:
     steps = [StageStep("ingest", "clip", "task")]
     if d.depth_source != "gt":
         r = st.depth.resources
-        steps.append(StageStep("depth", model_gran, "actor", r.num_cpus, _actor_gpus(r), max(1, r.actors), model=True))
+        steps.append(StageStep("depth", model_gran, "actor", r.num_cpus, r.num_gpus, max(1, r.actors), model=True))
         if d.depth_source == "megasam":
             a = st.align
             steps.append(StageStep("megasam", model_gran, "task", a.megasam_num_cpus, a.megasam_num_gpus, model=True))
         steps.append(StageStep("align", model_gran, "task", variant=str(d.depth_source)))
     if d.track_source == "cotracker":
         r = st.tracks.resources
-        steps.append(StageStep("tracks", "clip", "actor", r.num_cpus, _actor_gpus(r), max(1, r.actors), "cotracker",
+        steps.append(StageStep("tracks", "clip", "actor", r.num_cpus, r.num_gpus, max(1, r.actors), "cotracker",
                                model=True))
     elif d.track_source == "depth_static":
         steps.append(StageStep("tracks", "clip", "task", variant="depth_static"))

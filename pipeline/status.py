@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
+from manifests.lease import lease_status
 from manifests.stage_counts import stage_counts
 from manifests.store import ManifestStore, current_states
 from pipeline.storage import Store
@@ -138,7 +139,10 @@ def collect_status(output: str, events: list[dict] | None = None) -> dict:
                 st[name]["skipped"] += sh["num_clips"] - c["in"]
                 drops[ds_name].update(c["dropped_by_reason"])
                 timings[name] += c["seconds"]
-            failures.extend({**f, "dataset": ds_name, "shard_id": sh["shard_id"]} for f in ev["clips_failed"])
+            # clips recorded inside a done shard are permanent (bad input): a transient clip failure
+            # keeps its shard from being published (pipeline/failures.py)
+            failures.extend({**f, "dataset": ds_name, "shard_id": sh["shard_id"], "class": "permanent"}
+                            for f in ev["clips_failed"])
             qc_records.extend({**r, "dataset": r.get("dataset", ds_name)} for r in ev.get("clip_qc") or [])
         else:
             ds["clips_pending"] += sh["num_clips"]
@@ -146,7 +150,8 @@ def collect_status(output: str, events: list[dict] | None = None) -> dict:
                 st[name]["pending"] += sh["num_clips"]
             if state == "failed":
                 failures.append({"clip_id": None, "stage": "shard", "reason": ev["error"], "path": None,
-                                 "dataset": ds_name, "shard_id": sh["shard_id"]})
+                                 "dataset": ds_name, "shard_id": sh["shard_id"],
+                                 "class": ev.get("error_class") or "permanent"})
     clips_left = sum(c["clips_pending"] for c in datasets.values())
     return {
         "output": output,
@@ -160,4 +165,8 @@ def collect_status(output: str, events: list[dict] | None = None) -> dict:
         "qc": qc_distributions(qc_records),
         "drops": {d: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for d, c in sorted(drops.items())},
         "failures": failures,
+        # transient: shards left failed by a lost worker/node, OOM or timeout, rebuilt by `d4s resume`;
+        # permanent: clips of bad input (and shards failing for a non-transient reason), recorded once
+        "failure_classes": {c: sum(f["class"] == c for f in failures) for c in ("transient", "permanent")},
+        "lease": lease_status(store),  # the driver that holds (or last held) the output
     }

@@ -11,9 +11,19 @@ an instance profile) and ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) for a
 server such as MinIO. Remote stores are opened with fsspec's listing cache off: other processes
 (workers, another build, an operator) change the tree, and a stale listing would make a shard
 look missing or present when it is not.
+
+Conditional writes (the driver's lease, ``manifests/lease.py``): :meth:`Store.create_exclusive`
+publishes an object only if none exists, :meth:`Store.replace_if_version` only if it is still the
+version the caller read. On S3 they are the ``If-None-Match: *`` / ``If-Match: <ETag>`` PUT
+preconditions; on a filesystem, ``link(2)`` (fails when the name exists) and a compare-and-rename
+under an ``flock`` on a sibling ``.lock`` file (works on local disks and on NFS, whose clients map
+``flock`` to byte-range locks). Other stores (``gs://``, ...) have no such precondition through
+fsspec: there the two calls check first and then write, and a race between two writers within the
+same second is not excluded (``conditional_writes`` is False; docs/CLUSTER.md).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
@@ -28,6 +38,9 @@ import fsspec
 
 class PathEscapeError(ValueError):
     pass
+
+
+CONDITIONAL_PROTOCOLS = ("file", "local", "s3", "s3a")
 
 
 def safe_join(root: str, rel: str) -> str:
@@ -117,6 +130,7 @@ class Store:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, final)
+                _fsync_dir(os.path.dirname(final))
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
@@ -145,6 +159,133 @@ class Store:
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))
 
+    @property
+    def protocol(self) -> str:
+        return self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol
+
+    @property
+    def conditional_writes(self) -> bool:
+        """Whether create-if-absent and replace-if-unchanged are atomic on this store."""
+        return self.is_local or self.protocol in CONDITIONAL_PROTOCOLS
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Publish ``data`` at ``rel`` only if nothing is there; False when something is."""
+        final = self.path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, final)  # atomic, and fails if the name exists (also on NFS)
+                _fsync_dir(os.path.dirname(final))
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+        if self.conditional_writes:
+            try:
+                self.fs.pipe_file(final, bytes(data), mode="create")
+                return True
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if _precondition_failed(exc):
+                    return False
+                raise
+        if self.fs.exists(final):
+            return False
+        self.fs.pipe_file(final, bytes(data))
+        return True
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str] | None:
+        """(bytes, version) of an object, or None when absent. The version changes whenever the
+        object is rewritten (S3: its ETag; filesystem: a hash of the bytes)."""
+        p = self.path(rel)
+        try:
+            if self.is_local or not self.conditional_writes:
+                with self.fs.open(p, "rb") as f:
+                    data = f.read()
+                return data, hashlib.sha256(data).hexdigest()
+            with self.fs.open(p, "rb") as f:  # s3fs reads with If-Match on the ETag it saw at open
+                return f.read(), str(f.details["ETag"])
+        except FileNotFoundError:
+            return None
+
+    def replace_if_version(self, rel: str, data: bytes, version: str) -> bool:
+        """Overwrite ``rel`` with ``data`` only if it is still at ``version``; False otherwise."""
+        final = self.path(rel)
+        if self.is_local:
+            with _flocked(f"{final}.lock"):
+                cur = self.read_versioned(rel)
+                if cur is None or cur[1] != version:
+                    return False
+                self.write_bytes_atomic(rel, data)
+                return True
+        if self.conditional_writes:
+            try:
+                self.fs.pipe_file(final, bytes(data), IfMatch=version)
+                return True
+            except (FileNotFoundError, FileExistsError):
+                return False
+            except OSError as exc:
+                if _precondition_failed(exc):
+                    return False
+                raise
+        cur = self.read_versioned(rel)
+        if cur is None or cur[1] != version:
+            return False
+        self.fs.pipe_file(final, bytes(data))
+        return True
+
+    def modified_time(self, rel: str) -> float:
+        """The store's own modification time of ``rel`` (epoch seconds, the store's clock)."""
+        return _mtime(self.fs.info(self.path(rel)))
+
+    def clock(self, rel_dir: str = "") -> float:
+        """The store's clock now: the modification time of a probe object written and removed
+        here. Lets two hosts whose clocks disagree compare an object's age on one clock."""
+        probe = posixpath.join(rel_dir, f".clock-probe-{uuid.uuid4().hex}")
+        self.write_bytes_atomic(probe, b"")
+        try:
+            return self.modified_time(probe)
+        finally:
+            self.remove(probe)
+
+    def files_detail(self, rel: str = "") -> dict[str, dict]:
+        """Every file under ``rel`` with its listing entry (size, mtime or ETag): one recursive
+        listing, a few requests per thousand objects on an object store."""
+        base = self.path(rel)
+        if not self.fs.exists(base):
+            return {}
+        return {posixpath.relpath(p, self.root): info for p, info in self.fs.find(base, detail=True).items()
+                if info.get("type", "file") != "directory"}
+
+    @staticmethod
+    def fingerprint(info: dict) -> str:
+        """Identity of one stored version of an object, from a listing or ``info`` entry: it
+        changes when the object is rewritten (S3: size and ETag; filesystem: size, mtime, inode)."""
+        etag = info.get("ETag") or info.get("etag")
+        if etag:
+            return f"{info.get('size')}:{str(etag).strip(chr(34))}"
+        return f"{info.get('size')}:{info.get('mtime')}:{info.get('ino')}"
+
+    def fingerprint_of(self, rel: str) -> str:
+        return self.fingerprint(self.fs.info(self.path(rel)))
+
+    def read_many(self, rels: list[str]) -> dict[str, bytes | Exception]:
+        """Several objects at once (concurrent requests on object stores); a failed read is
+        returned as its exception, e.g. FileNotFoundError for an object deleted meanwhile."""
+        if not rels:
+            return {}
+        paths = {self.path(r): r for r in rels}
+        got = self.fs.cat(list(paths), on_error="return")
+        return {paths[p]: v for p, v in got.items()}
+
     def walk_files(self, rel: str = "") -> list[str]:
         """All files under ``rel``, as paths relative to the store root, sorted."""
         base = self.path(rel)
@@ -154,3 +295,49 @@ class Store:
         for p in self.fs.find(base):
             out.append(posixpath.relpath(p, self.root))
         return sorted(out)
+
+
+def _precondition_failed(exc: OSError) -> bool:
+    text = str(exc)
+    return "PreconditionFailed" in text or "pre-conditions" in text or "412" in text
+
+
+def _mtime(info: dict) -> float:
+    m = info.get("LastModified") or info.get("mtime") or info.get("updated") or info.get("last_modified")
+    if m is None:
+        raise OSError(f"{info.get('name')}: the store gives no modification time")
+    if hasattr(m, "timestamp"):
+        return float(m.timestamp())
+    if isinstance(m, str):
+        from datetime import datetime
+
+        return datetime.fromisoformat(m.replace("Z", "+00:00")).timestamp()
+    return float(m)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename or link in ``path`` durable (the new name survives a power loss)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _flocked(lock_path: str) -> Iterator[None]:
+    import fcntl
+
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -22,7 +22,8 @@ CONTRACT = StageContract(
     outputs=("shards/<dataset>/<shard_id>.tar", "sha256", "index rows", "per-sample QC records", "per-stage counters"),
     runs_as="task (CPU)",
     acts_when="always (a shard whose clips all failed is written empty)",
-    errors="storage errors fail the shard (retried by resume), never a clip",
+    errors="storage errors fail the shard (retried by resume), never a clip; a clip that failed transiently "
+           "(pipeline/failures.py) fails the shard too, which is re-run, never published without it",
 )
 
 
@@ -51,6 +52,30 @@ def publish_shard(store: Store, rel: str, data: bytes) -> str:
     return digest
 
 
+def software_stack() -> str:
+    """The libraries shard bytes depend on (docs/FORMAT.md), for the per-shard log."""
+    import platform
+
+    import numpy as np
+    import PIL
+    from PIL import features
+
+    try:
+        blas = np.__config__.CONFIG["Build Dependencies"]["blas"]
+        blas = f"{blas.get('name')} {blas.get('version')}"
+    except Exception:  # noqa: BLE001 - older numpy: no build record
+        blas = "unknown"
+    parts = [f"python {platform.python_version()}", f"numpy {np.__version__} ({blas})",
+             f"Pillow {PIL.__version__} (zlib {features.version('zlib')}, libjpeg-turbo {features.version('libjpeg_turbo')})",
+             f"cpu {platform.machine()}"]
+    import sys
+
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        parts.append(f"torch {torch.__version__}")
+    return ", ".join(parts)
+
+
 def write_shard(shard: dict, clips: list, cfg) -> dict:
     """Encode the shard's clips in plan order, publish the tar, and report for the ledger."""
     import socket
@@ -76,23 +101,33 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
             samples.append(enc)
             meta_rows[clip.key] = (clip.num_frames, bool(clip.meta.dynamic))
             qc_rows.append(sample_qc(clip, enc))
+    transient = [f for f in failures if f.get("transient")]
+    if transient:  # publish the shard whole later (a re-run, or resume), never without these clips
+        from pipeline.failures import TransientShardError
+
+        f = transient[0]
+        raise TransientShardError(f"{len(transient)} clip(s) failed transiently; first {f['clip_id']} at "
+                                  f"{f['stage']}: {f['reason']}")
     t1 = time.time()
     timings["encode"] = t1 - t0
     data, offsets = shard_bytes(samples)
     store = Store(cfg.output)
     sha = publish_shard(store, shard["path"], data)
+    fingerprint = store.fingerprint_of(shard["path"])
     timings["write"] = time.time() - t1
     from manifests.stage_counts import stage_counts
     from pipeline.plan import stages_for
 
     counts = stage_counts(stages_for(cfg, shard["dataset"]), len(clips), failures, timings)
-    log_lines = [f"shard {shard['shard_id']}: {len(samples)} samples, {len(failures)} failed clips, {len(data)} bytes"]
+    log_lines = [f"shard {shard['shard_id']}: {len(samples)} samples, {len(failures)} failed clips, {len(data)} bytes",
+                 f"  written on {socket.gethostname()} with {software_stack()}"]
     log_lines += [f"  stage {k}: {v:.3f} s" for k, v in sorted(timings.items())]
     log_lines += [f"  {k}: {v:g}" for k, v in sorted(stats.items())]
     log_lines += [f"  FAILED {f['clip_id']} at {f['stage']}: {f['reason']}" + (f" ({f['path']})" if f.get("path") else "")
                   for f in failures]
     return {
         "samples_written": len(samples), "clips_failed": failures, "bytes": len(data), "sha256": sha,
+        "fingerprint": fingerprint,
         "samples": [[k, off, *meta_rows[k]] for k, off in offsets], "clip_qc": qc_rows, "timings": timings,
         "stage_counts": counts,
         "stats": stats,

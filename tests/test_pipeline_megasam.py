@@ -60,7 +60,7 @@ def config(base, data, truth, fail: str, hang: str, out: str = "out", jitter: fl
                       "resources": {"num_gpus": 0, "actors": 1}},
             # random-weight relative depth fails depth QC; keep the clips so poses can be checked
             "align": {"model": "scale_only", "megasam_command": template, "megasam_timeout_s": 4.0, "megasam_retries": 0,
-                      "drop_on_qc": False},
+                      "drop_on_qc": False, "megasam_num_gpus": 0},  # the stand-in needs no GPU
         },
         "ray": {"num_cpus": 2},
     }), log

@@ -297,8 +297,20 @@ def test_gpu_demand_beyond_a_local_cluster_is_refused(monkeypatch):
     d.routes = {"realestate10k": {s.name: s for s in route(shared.resolved(), "realestate10k")}}
     monkeypatch.setattr(dag.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
     d._check_gpus()
+    # a local Ray without GPUs cannot gain any: refused (running a model on CPU is num_gpus: 0) ...
     monkeypatch.setattr(dag.ray, "cluster_resources", lambda: {"CPU": 16.0})
-    d._check_gpus()  # CPU-only: every stage runs on CPUs
+    with pytest.raises(ConfigError, match="stages.depth.resources.num_gpus: 0"):
+        d._check_gpus()
+    cpu = BuildConfig.model_validate({**cfg.model_dump(), "stages": {
+        "depth": {"resources": {"num_gpus": 0}}, "tracks": {"resources": {"num_gpus": 0}}}})
+    d.cfg = cpu
+    d.routes = {"realestate10k": {s.name: s for s in route(cpu.resolved(), "realestate10k")}}
+    with pytest.raises(ConfigError, match="stages.align.megasam_num_gpus: 0"):
+        d._check_gpus()
+    # ... a joined cluster may still grow: its autoscaler answers the GPUs the stages request
+    d.cfg, d.routes = shared, {"realestate10k": {s.name: s for s in route(shared.resolved(), "realestate10k")}}
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    d._check_gpus()
 
 
 # ------------------------------------------------------------------------------------------

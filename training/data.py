@@ -31,6 +31,13 @@ The stream of one *part* (= one DataLoader worker of one rank; ``n_parts = world
   (empty when absent); all randomness seeded by (seed, stage, part, sample number), so a sample never
   depends on where a run was resumed.
 
+Every shard of a ``data.root`` output is checked against the sha256 its build recorded
+(``index.parquet``'s ``shard_sha256``, else the ledger) before any of its samples is used, and
+refused with :class:`ShardChecksumError` when it changed (e.g. a zombie write attempt published
+after the ledger committed): a process reads a shard whole once to check it, into a local spool
+the samples are then read from, and afterwards compares only the stored object's fingerprint
+(size and ETag, or size, mtime and inode), hashing it again when that changed.
+
 The position is (stage index, batches consumed in the stage). The DataLoader takes batch i from
 worker i mod W; a resumed loader's worker w therefore plays the part of worker (w + consumed) mod W,
 so the resumed stream equals the uninterrupted one with any number of workers. Resuming replays the
@@ -38,6 +45,7 @@ raw sample sequence without decoding (cost: reading the skipped bytes of the cur
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -82,6 +90,9 @@ class Catalog(NamedTuple):
     counts: dict[str, int]  # dataset -> samples (shards when nothing is known about samples)
     keys: dict[str, str]  # key -> dataset (empty without an index)
     samples: dict[str, list[SampleRef]] | None  # shard URL -> its samples in file order (None: no index)
+    # shard URL -> the sha256 its build recorded (index.parquet's shard_sha256; None: the index has
+    # no such column, or there is no index: see shard_checksums)
+    checksums: dict[str, str] | None = None
 
 
 def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
@@ -104,10 +115,13 @@ def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
             counts: dict[str, int] = {}
             keys = {}
             samples: dict[str, list[SampleRef]] | None = {}
+            sums: dict[str, str] | None = {} if tab and "shard_sha256" in tab[0] else None
             for r in tab:
                 # index.parquet schema: manifests/schemas.py INDEX_SCHEMA (shard_path relative to the output)
                 rel = r["shard_path"]
                 url = rel if "://" in rel or os.path.isabs(rel) else f"{root}/{rel}"
+                if sums is not None and r.get("shard_sha256"):
+                    sums[url] = r["shard_sha256"]
                 if (r.get("split") or "train") != split:
                     # kept in ``samples`` (the shard's layout: runs of consecutive samples are read in one
                     # go), but not in ``keys``, so no stream ever yields it
@@ -127,7 +141,7 @@ def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
                     samples = None  # an index without per-sample columns: read shards to learn
             if samples is not None:
                 samples = {u: sorted(v, key=lambda x: x.offset) for u, v in samples.items()}
-            return Catalog({k: sorted(v) for k, v in sorted(shards.items())}, counts, keys, samples)
+            return Catalog({k: sorted(v) for k, v in sorted(shards.items())}, counts, keys, samples, sums)
         found = _expand(f"{root}/shards/**/*.tar")
         if split != "train":
             return Catalog({}, {}, {}, None)
@@ -148,20 +162,120 @@ def resolve_shards(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, int
     return c.shards, c.counts, c.keys
 
 
-def iter_tar(url: str) -> Iterator[dict]:
-    """Raw WebDataset samples of one tar: consecutive members grouped by key (name up to the first dot)."""
+class ShardChecksumError(ValueError):
+    """A shard's bytes are not the ones its build recorded: the loader refuses to use it."""
+
+
+def shard_checksums(cfg: DataConfig, catalog: Catalog | None = None) -> dict[str, str]:
+    """Shard URL -> the sha256 its build recorded, for ``data.root`` outputs: from
+    ``index.parquet`` (``shard_sha256``; ``catalog``'s when given), else from the ledger's ``done``
+    events. Empty for ``data.shards`` lists, which have no record to check against."""
+    if not cfg.root:
+        return {}
+    if catalog is not None and catalog.checksums is not None:
+        return catalog.checksums
+    import fsspec
+    import pyarrow.parquet as pq
+
+    root = cfg.root.rstrip("/")
+    url_of = lambda rel: rel if "://" in rel or os.path.isabs(rel) else f"{root}/{rel}"  # noqa: E731
+    index = f"{root}/index.parquet"
+    fs, _, _ = fsspec.get_fs_token_paths(index)
+    if fs.exists(index):
+        with fsspec.open(index, "rb") as f:
+            tab = pq.read_table(f)
+        if "shard_sha256" in tab.column_names:
+            return {url_of(r["shard_path"]): r["shard_sha256"]
+                    for r in tab.select(["shard_path", "shard_sha256"]).to_pylist() if r["shard_sha256"]}
+    from manifests.store import ManifestStore
+    from pipeline.storage import Store
+
+    ms = ManifestStore(Store(root))
+    if not ms.has_plan():
+        return {}
+    ledger = ms.ledger()
+    return {url_of(sh["path"]): ledger[sh["shard_id"]]["sha256"] for sh in ms.shards()
+            if ledger.get(sh["shard_id"], {}).get("state") == "done" and ledger[sh["shard_id"]].get("sha256")}
+
+
+SPOOL_IN_MEMORY = 512 << 20  # a checked shard is held in memory up to this size, beyond on local disk
+
+
+def _checked_copy(url: str, expected_sha256: str):
+    """The shard's bytes in a local spool, read once and hashed on the way (before any sample is
+    used); raises :class:`ShardChecksumError` when they are not the recorded ones."""
+    import hashlib
+    import tempfile
+
     import fsspec
 
+    h = hashlib.sha256()
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
     with fsspec.open(url, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+            spool.write(chunk)
+    if h.hexdigest() != expected_sha256:
+        spool.close()
+        raise ShardChecksumError(f"{url}: sha256 {h.hexdigest()} is not the {expected_sha256} its build recorded "
+                                 f"(changed after publication); refusing it - run `d4s verify` and `d4s resume` on the output")
+    spool.seek(0)
+    return spool
+
+
+def _fingerprint(url: str) -> str | None:
+    """The stored object's identity (size and ETag, or size, mtime and inode); None if unknown."""
+    import fsspec
+
+    from pipeline.storage import Store
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return Store.fingerprint(fs.info(path))
+    except Exception:  # noqa: BLE001 - no identity: the shard is hashed again
+        return None
+
+
+# shard URL -> fingerprint of the stored object this process has hashed and found intact: a later
+# read (the next epoch, another run of samples) compares the fingerprint, one metadata request,
+# and hashes the shard again only when it changed
+_VERIFIED: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def _open_shard(url: str, expected_sha256: str | None = None):
+    """An open shard. With ``expected_sha256``: checked before any sample is used, the first time
+    this process reads it by reading it whole into a local spool (hashed on the way, then read
+    from the spool); later only its fingerprint is compared with the one it had when checked."""
+    import fsspec
+
+    if expected_sha256:
+        fp = _fingerprint(url)
+        if fp is None or _VERIFIED.get(url) != fp:
+            spool = _checked_copy(url, expected_sha256)
+            try:
+                if fp is not None and _fingerprint(url) == fp:
+                    _VERIFIED[url] = fp
+                yield spool
+            finally:
+                spool.close()
+            return
+    with fsspec.open(url, "rb") as f:
+        yield f
+
+
+def iter_tar(url: str, expected_sha256: str | None = None) -> Iterator[dict]:
+    """Raw WebDataset samples of one tar: consecutive members grouped by key (name up to the first dot).
+    With ``expected_sha256`` the shard is checked first (:func:`_open_shard`), and refused on a mismatch."""
+    with _open_shard(url, expected_sha256) as f:
         yield from _samples(f, url)
 
 
-def iter_tar_runs(url: str, runs: list[tuple[int, int]]) -> Iterator[dict]:
+def iter_tar_runs(url: str, runs: list[tuple[int, int]], expected_sha256: str | None = None) -> Iterator[dict]:
     """The samples of ``runs`` = [(byte offset of a sample's first member, number of consecutive samples)]
-    of one tar, seeking to each run: only those samples' bytes are read."""
-    import fsspec
-
-    with fsspec.open(url, "rb") as f:
+    of one tar, seeking to each run: only those samples' bytes are read (with ``expected_sha256``, the
+    whole shard once per process, to check it: :func:`_open_shard`)."""
+    with _open_shard(url, expected_sha256) as f:
         for offset, n in runs:
             f.seek(offset)
             for i, s in enumerate(_samples(f, url)):
@@ -211,10 +325,11 @@ class DatasetStream:
     def __init__(self, name: str, shards: list[str], part: int, n_parts: int, seed: int, shuffle_buffer: int,
                  accept: Callable[[dict], bool], keys: dict[str, str],
                  samples: dict[str, list[SampleRef]] | None = None,
-                 accept_ref: Callable[[SampleRef], bool] | None = None):
+                 accept_ref: Callable[[SampleRef], bool] | None = None, checksums: dict[str, str] | None = None):
         self.name, self.shards, self.part, self.n_parts = name, shards, part, n_parts
         self.seed, self.buf_size, self.accept, self.keys = seed, shuffle_buffer, accept, keys
         self.samples, self.accept_ref = samples, accept_ref or (lambda r: True)
+        self.checksums = checksums or {}  # shard URL -> recorded sha256, checked before the shard is used
 
     def _epoch(self, e: int) -> Iterator[dict]:
         order = _rng(self.seed, _ds_id(self.name), e).permutation(len(self.shards))
@@ -226,7 +341,7 @@ class DatasetStream:
         mine = shards[self.part::self.n_parts] if by_shard else shards
         n = 0
         for url in mine:
-            for s in iter_tar(url):
+            for s in iter_tar(url, self.checksums.get(url)):
                 # with an index, only the samples it lists for this dataset and split (held-out ones are absent)
                 if self.keys and self.keys.get(s["__key__"]) != self.name:
                     continue
@@ -268,7 +383,7 @@ class DatasetStream:
                     runs.append((r.offset, 1))
                 prev = i
             keys = {r.key for _, r in items}
-            for s in iter_tar_runs(url, runs):
+            for s in iter_tar_runs(url, runs, self.checksums.get(url)):
                 if s["__key__"] not in keys:
                     raise ValueError(f"{url}: sample {s['__key__']!r} at an offset index.parquet gives to "
                                      f"another sample; the index does not match the shard")
@@ -399,6 +514,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.catalog = resolve_catalog(data)
         self.shards, self.counts, self.keys = self.catalog.shards, self.catalog.counts, self.catalog.keys
         self.accept_ref = ref_filter(stage.scenes, stage.num_frames)
+        self.checksums = shard_checksums(data, self.catalog)
 
     def accepted(self) -> dict[str, int] | None:
         """Per dataset, the clips the stage accepts (from the index; None without one)."""
@@ -440,7 +556,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         accept = scene_filter(self.stage.scenes, self.stage.num_frames)
         weights = self.weights()
         streams = {ds: iter(DatasetStream(ds, self.shards[ds], part, n_parts, seed, self.data.shuffle_buffer,
-                                          accept, self.keys, self.catalog.samples, self.accept_ref))
+                                          accept, self.keys, self.catalog.samples, self.accept_ref, self.checksums))
                    for ds in weights}
         mix = _rng(seed, part, 11)
         names = sorted(weights)

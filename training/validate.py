@@ -58,7 +58,7 @@ def load_clips(source: DataConfig, split: str, limit: int | None) -> list[RawCli
     in turn and keys in order within each, read by seeking to them when the index gives offsets."""
     import json
 
-    from training.data import iter_tar, iter_tar_runs, resolve_catalog
+    from training.data import iter_tar, iter_tar_runs, resolve_catalog, shard_checksums
 
     if split == "all":
         out = []
@@ -73,6 +73,7 @@ def load_clips(source: DataConfig, split: str, limit: int | None) -> list[RawCli
     cat = resolve_catalog(source, split=split)
     if not cat.keys:
         return []
+    sums = shard_checksums(source, cat)  # each shard checked against its recorded sha256 before use
     where = {r.key: (url, r) for url, refs in (cat.samples or {}).items() for r in refs if r.key in cat.keys}
     by_ds: dict[str, list[str]] = {}
     for key in sorted(cat.keys):
@@ -84,9 +85,9 @@ def load_clips(source: DataConfig, split: str, limit: int | None) -> list[RawCli
     for key in order:
         if key in where:
             url, ref = where[key]
-            (s,) = list(iter_tar_runs(url, [(ref.offset, 1)]))
+            (s,) = list(iter_tar_runs(url, [(ref.offset, 1)], sums.get(url)))
         else:  # an index without offsets: scan the dataset's shards
-            s = next(x for url in cat.shards[cat.keys[key]] for x in iter_tar(url) if x["__key__"] == key)
+            s = next(x for url in cat.shards[cat.keys[key]] for x in iter_tar(url, sums.get(url)) if x["__key__"] == key)
         if s["__key__"] != key:
             raise ValueError(f"{s.get('__url__')}: found sample {s['__key__']!r} where index.parquet puts {key!r}")
         meta = json.loads(s["meta.json"])

@@ -1,14 +1,17 @@
 """MegaSaM stage: the metric reference of a scene (or of a clip), from the MegaSaM command.
 
-One Ray task per scene pass, with the GPUs of ``stages.align.megasam_num_gpus`` reserved when
-the cluster has GPUs; the GPU ids Ray assigned are the command's ``CUDA_VISIBLE_DEVICES``. The
+One Ray task per scene pass, requesting the GPUs of ``stages.align.megasam_num_gpus`` whatever
+the cluster has at start (an autoscaler adds GPU nodes for it; 0 runs it without a GPU, by
+explicit choice); the GPU ids Ray assigned are the command's ``CUDA_VISIBLE_DEVICES``. The
 task assembles the scene's frame sequence from its ingested clips (``stages/scene/sequence.py``),
 runs the command once per segment (one segment unless the scene is longer than
 ``stages.scene.max_frames``), each through the cache in the output store
 (:func:`stages.align.megasam.run_cached`), joins the segments (``stages/scene/segments.py``) and
 returns a :class:`SceneReference` for the align stage. It runs beside the depth stage, both
 reading the ingested clips. A failure of the command is returned as a :class:`PassFailure`:
-the align stage fails the scene's clips with its reason.
+the align stage fails the scene's clips with its reason (transiently when the cause was, e.g. a
+cache store that did not answer; a MegaSaM run that fails or times out after its own retries is
+permanent, pipeline/failures.py).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ CONTRACT = StageContract(
     name="megasam",
     inputs=("rgb (all clips of a scene)",),
     outputs=("metric reference of the scene: depth, cameras",),
-    runs_as="task with GPUs reserved (stages.align.megasam_num_gpus), the MegaSaM command once per scene "
+    runs_as="task requesting GPUs (stages.align.megasam_num_gpus), the MegaSaM command once per scene "
             "or segment; results cached in the output store",
     acts_when="the dataset's depth_source is 'megasam'",
     errors="command crash, timeout or bad output (fails the scene's clips)",
@@ -59,6 +62,9 @@ class PassFailure:
     stage: str
     reason: str
     path: str | None = None
+    # a lost worker or node, out of memory, an unreachable cache store (pipeline/failures.py): the
+    # scene's clips fail transiently, so their shard is re-run rather than published without them
+    transient: bool = False
 
 
 def cache_url(cfg: BuildConfig) -> str:
@@ -100,7 +106,9 @@ def megasam_pass(clips: list, key: str, cfg: BuildConfig, gpu_ids=()) -> SceneRe
     except ClipError as exc:  # AlignmentError: crash, timeout, bad output
         return PassFailure("megasam", exc.reason, exc.path)
     except Exception as exc:  # noqa: BLE001 - e.g. a bad template: the scene's clips fail with it
-        return PassFailure("megasam", f"{type(exc).__name__}: {exc}")
+        from pipeline.failures import is_transient
+
+        return PassFailure("megasam", f"{type(exc).__name__}: {exc}", transient=is_transient(exc))
 
 
 def _join(parts: list[MegaSaMOutput], segs: list[tuple[int, int]]) -> MegaSaMOutput:

@@ -208,14 +208,15 @@ def align_group(clips: list, cfg: BuildConfig, megasam=None) -> list:
     if not members:
         return clips
     if isinstance(megasam, PassFailure):
-        res = {c.key: ClipFailure(c.key, megasam.stage, megasam.reason, megasam.path).carrying(c) for c in members}
+        res = {c.key: ClipFailure(c.key, megasam.stage, megasam.reason, megasam.path,
+                                  transient=megasam.transient).carrying(c) for c in members}
     else:
         try:
             res = align_pass(members, cfg, megasam)
         except Exception as exc:  # noqa: BLE001 - the scene's fit failed: each of its clips fails with it
             f = ClipFailure.from_exception(members[0].key, "align", exc)
             where = f" (scene {members[0].meta.scene}, {len(members)} clips)" if len(members) > 1 else ""
-            res = {c.key: ClipFailure(c.key, "align", f.reason + where, f.path) for c in members}
+            res = {c.key: ClipFailure(c.key, "align", f.reason + where, f.path, transient=f.transient) for c in members}
         for c in members:
             if isinstance(res[c.key], ClipFailure):
                 res[c.key].carrying(c)

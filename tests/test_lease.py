@@ -1,0 +1,140 @@
+"""One driver per output: the lease in the output store, on a filesystem and on S3 (moto's server).
+
+A second driver is refused with who holds the output and since when; a stale lease (no heartbeat
+for its TTL, judged on the store's clock, so a host with a wrong clock cannot take it early) is
+taken over with a larger epoch; a holder that lost its lease finds out before it writes again; a
+lease whose driver died on this host is taken at once; of many drivers racing, exactly one wins.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from manifests.lease import LEASE_PATH, Lease, LeaseHeldError, LeaseLostError
+from pipeline.storage import Store
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from s3_server import LocalS3
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    srv = LocalS3().start()
+    srv.create_bucket()
+    srv.apply_env()
+    try:
+        yield srv
+    finally:
+        srv.restore_env()
+        srv.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return Store(str(tmp_path / "out"))
+    srv = request.getfixturevalue("s3_env")
+    return Store(srv.url(f"out-{tmp_path.name}"))
+
+
+def test_second_driver_is_refused_with_holder_and_since(store):
+    a = Lease(store, command="build", ttl_s=60)
+    rec = a.acquire()
+    assert rec.epoch == 1 and a.check() is None
+    b = Lease(store, command="resume", ttl_s=60)
+    with pytest.raises(LeaseHeldError) as err:
+        b.acquire()
+    msg = str(err.value)
+    assert rec.host in msg and f"pid {rec.pid}" in msg and "since" in msg and a.owner in msg
+    a.release()
+    assert b.acquire().epoch == 2  # a released lease is free at once, with the next epoch
+
+
+def _past_ttl(store: Store, ttl: float) -> None:
+    """Sleep until a lease written now is older than ``ttl`` on the store's clock (S3 stamps whole seconds)."""
+    time.sleep(ttl + (0.3 if store.is_local else 1.2))
+
+
+def test_stale_lease_is_taken_over_after_its_ttl_on_the_stores_clock(store, monkeypatch):
+    a = Lease(store, ttl_s=1)
+    a.acquire()
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600.0)  # the second host's clock is an hour ahead
+    b = Lease(store, ttl_s=1, same_host_shortcut=False)
+    with pytest.raises(LeaseHeldError):
+        b.acquire()  # still fresh on the store's clock: a wrong host clock does not expire it
+    _past_ttl(store, 1)  # no heartbeat for longer than the TTL
+    rec = b.acquire()
+    assert rec.epoch == 2 and rec.owner == b.owner
+    assert a.renew() is False  # the old holder cannot renew a lease that is no longer its own
+    with pytest.raises(LeaseLostError):
+        a.check()
+
+
+def test_heartbeat_keeps_a_lease_and_the_holder_fences_itself(tmp_path):
+    store = Store(str(tmp_path / "out"))
+    a = Lease(store, ttl_s=1.0, heartbeat_s=0.2)
+    a.acquire()
+    a.start_heartbeat()
+    try:
+        time.sleep(1.6)  # longer than the TTL, renewed all along
+        with pytest.raises(LeaseHeldError):
+            Lease(store, ttl_s=1.0, same_host_shortcut=False).acquire()
+        assert a.check() is None and a.record.beats >= 3
+    finally:
+        a.stop_heartbeat()
+    time.sleep(0.9)  # no renewal for most of the TTL: the holder stops trusting its lease
+    with pytest.raises(LeaseLostError):
+        a.check()
+
+
+def test_lease_of_a_dead_driver_on_this_host_is_taken_at_once(store):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    Lease(store, ttl_s=3600).acquire()
+    data, version = store.read_versioned(LEASE_PATH)
+    rec = json.loads(data)
+    rec["pid"], rec["pid_start"] = dead.pid, ""  # as if a driver with that (now gone) pid held it
+    assert store.replace_if_version(LEASE_PATH, json.dumps(rec).encode(), version)
+    rec = Lease(store, ttl_s=3600).acquire()
+    assert rec.epoch == 2
+
+
+def test_min_epoch_puts_the_lease_after_the_ledger(store):
+    assert Lease(store).acquire(min_epoch=41).epoch == 42
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_racing_drivers_exactly_one_wins(store, stale):
+    if stale:
+        Lease(store, ttl_s=1).acquire()
+        _past_ttl(store, 1)
+    wins, refusals, errors = [], [], []
+    barrier = threading.Barrier(6)
+
+    def contend():
+        lease = Lease(store, ttl_s=600, same_host_shortcut=False)
+        barrier.wait()
+        try:
+            wins.append(lease.acquire())
+        except LeaseHeldError:
+            refusals.append(lease)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=contend) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert len(wins) == 1 and len(refusals) == 5
+    assert Lease(store, same_host_shortcut=False).holder().owner == wins[0].owner
