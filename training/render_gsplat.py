@@ -3,6 +3,7 @@ the renderer dispatch used by the model, and a gsplat-vs-reference comparison.""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -35,6 +36,26 @@ def rasterize(means, quats, scales, opacities, colours, viewmats, Ks, width: int
         render_mode="RGB+D", backgrounds=bg, packed=False,
     )
     return out[..., :3], out[..., 3], alphas[..., 0]
+
+
+def _import_backend() -> None:
+    from gsplat.cuda._backend import _C  # noqa: F401 - importing it is what builds/loads the extension
+
+
+def build_backend_once(is_builder: bool, barrier: Callable[[], None], import_backend=_import_backend) -> None:
+    """Build gsplat's CUDA extension in one process per node before the others load it.
+
+    gsplat JIT-compiles its extension on first import, and when no finished ``gsplat_cuda.so`` is in
+    the build directory its loader deletes that directory and starts over: ranks of one fresh node
+    importing it at once delete each other's build (2 H200s, bench/RESULTS.md §4c: every rank failed
+    with ``ImportError: .../gsplat_cuda.so: cannot open shared object file``). So the node's builder
+    (local rank 0) imports first; everyone meets at ``barrier``; then the others load the finished .so.
+    """
+    if is_builder:
+        import_backend()
+    barrier()
+    if not is_builder:
+        import_backend()
 
 
 def get_rasterizer(name: str):

@@ -117,7 +117,8 @@ def train_loop_per_worker(config: dict) -> None:
     from training.data import make_loader
     from training.losses import LPIPSLoss
     from training.model import Diff4Splat
-    from training.render_gsplat import get_rasterizer
+    from training.render_gsplat import build_backend_once, get_rasterizer
+    from training.render_gsplat import rasterize as rasterize_gsplat
     from training.speed import compile_blocks, make_optimizer
 
     cfg = TrainConfig.model_validate(config["cfg"])
@@ -150,6 +151,8 @@ def train_loop_per_worker(config: dict) -> None:
     if rt.compile:  # before sharding: FSDP2's hooks stay outside the compiled forwards
         compile_blocks(model)
     rasterize = get_rasterizer(rt.renderer if use_cuda else "torch")
+    if distributed and rasterize is rasterize_gsplat:
+        build_backend_once(int(os.environ.get("LOCAL_RANK", rank)) == 0, dist.barrier)
     lpips_fn = LPIPSLoss(cfg.loss.lpips_net, cfg.loss.lpips_torch_home).to(device) if cfg.loss.lpips_enabled else None
     text_encoder = None
     if cfg.backbone.text_encoder_dir:  # frozen, beside the model (not in DDP/FSDP, optimiser or checkpoints)
