@@ -140,6 +140,21 @@ def test_auto_backend_here():
             resolve("torchcodec", "cpu")
 
 
+def test_auto_never_picks_pyav_nvdec(monkeypatch):
+    """On a GPU box without torchcodec, auto decodes with PyAV on the CPU: PyAV's NVDEC path was slower
+    than PyAV on the CPU cores for 360p, 720p and 4K (bench/RESULTS.md §6) and still costs 10-44 CPU
+    ms/frame. Asking for it explicitly still works."""
+    from stages.ingest import video_decoders as vd
+
+    monkeypatch.setattr(vd, "cuda_available", lambda: True)
+    monkeypatch.setattr(vd, "torchcodec_problem", lambda: "No module named 'torchcodec'")
+    assert vd.resolve("auto", "auto") == ("pyav", "cpu")
+    assert vd.resolve("auto", "cuda") == ("pyav", "cpu")
+    assert vd.resolve("pyav", "cuda") == ("pyav", "cuda")
+    monkeypatch.setattr(vd, "torchcodec_problem", lambda: None)
+    assert vd.resolve("auto", "auto") == ("torchcodec", "cuda")
+
+
 def test_pyav_cuda_request_falls_back_to_the_cpu(video):
     """device='cuda' without a usable GPU: PyAV decodes on the CPU, and says so, instead of
     blaming the file."""

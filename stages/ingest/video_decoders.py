@@ -8,7 +8,8 @@ RealEstate10K and Stereo4D timestamps were taken on). ``video_times.frames_at_ti
 timestamp -> frame choice on top; ``video.read_video`` reads whole short videos.
 
 Choice (``open_decoder``): ``decoder="auto"`` takes torchcodec with CUDA when torchcodec imports
-and a CUDA device is visible, PyAV otherwise. On the CPU PyAV is the default because it can
+and a CUDA device is visible, PyAV on the CPU otherwise (never PyAV's NVDEC: slower than PyAV on the
+CPU cores for 360p, 720p and 4K on an H200 host, bench/RESULTS.md §6). On the CPU PyAV is the default because it can
 decode strictly (``err_detect=bitstream+explode``: a corrupt packet is an error, not a silently
 concealed frame); torchcodec exposes no such switch. ``decoder="torchcodec"`` forces it (CPU too),
 ``decoder="pyav"`` forces PyAV (with ``device="cuda"`` it asks FFmpeg for NVDEC and gets frames
@@ -242,6 +243,8 @@ def resolve(backend: Backend = "auto", device: Device = "auto") -> tuple[str, st
     dev = ("cuda" if cuda_available() else "cpu") if device == "auto" else device
     if backend == "auto":
         backend = "torchcodec" if dev == "cuda" and torchcodec_problem() is None else "pyav"
+        if backend == "pyav":  # PyAV's NVDEC lost to PyAV on the CPU at every size (bench/RESULTS.md §6)
+            dev = "cpu"
     elif backend == "torchcodec" and torchcodec_problem() is not None:
         raise RuntimeError(f"decoder 'torchcodec' was asked for but does not import: {torchcodec_problem()} "
                            "(README.md, 'Video decoding', says what to install)")
