@@ -250,7 +250,7 @@ def rectify_test(video: str, device: str, frames: int) -> dict:
     import torch
 
     from stages.ingest.video import read_video
-    from stages.ingest.vr180 import RectifySpec, Rectifier
+    from stages.ingest.vr180 import Rectifier, RectifySpec
 
     sbs = read_video(video, video, frames=list(range(frames)), decoder="pyav", device="cpu")
     h = sbs.shape[1]

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     }
     (out / "bench_gpu_build.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
-    lines = [f"| clips | frames | build s | clips/s | frames/s | GPU util mean / p90 | GPU mem max |",
+    lines = ["| clips | frames | build s | clips/s | frames/s | GPU util mean / p90 | GPU mem max |",
              "|---|---|---|---|---|---|---|",
              f"| {res['clips']} | {frames} | {build_s:.1f} | {res['clips_per_s']:.2f} | {res['frames_per_s']:.1f} | "
              f"{res['gpu_util_mean'] or 0:.0f}% / {res['gpu_util_p90'] or 0:.0f}% | {res['gpu_mem_max_mib'] or 0:.0f} MiB |",

@@ -127,8 +127,7 @@ def breakdown(root: str, frames: int, res: int, n: int = 3) -> dict:
     from PIL import Image
 
     from pipeline.sample_format import decode_depth
-    from training.data import crop_resize, iter_tar, process, resolve_catalog
-    from training.data import DECODE
+    from training.data import DECODE, crop_resize, iter_tar, process, resolve_catalog
 
     urls = [u for us in resolve_catalog(type("D", (), {"root": root, "shards": []})()).shards.values() for u in us][:n]
     acc: dict[str, float] = {}

@@ -82,7 +82,7 @@ def render_scenes(a, frames: list[int]) -> None:
     jobs = [(i, n, a.height, a.width, s, min(s + 20, n)) for i, n in enumerate(frames) for s in range(0, n, 20)]
     with ProcessPoolExecutor(max_workers=max(1, a.cpus)) as ex:
         parts = sorted(ex.map(_render_chunk, jobs), key=lambda p: (p[0], p[1]))
-    for i, n in enumerate(frames):
+    for i, _n in enumerate(frames):
         mine = [p for p in parts if p[0] == i]
         scene = SimpleNamespace(**{k: np.concatenate([p[j] for p in mine]) for j, k in
                                    ((2, "rgb"), (3, "depth"), (4, "intrinsics"), (5, "c2w"))})
@@ -243,8 +243,8 @@ def _accuracy_scene(job) -> dict:
     from pipeline.plan import key_safe
     from stages.align.megasam_stage import megasam_pass
     from stages.align.pipeline_stage import align_group
-    from stages.ingest.stage import ingest_clip
     from stages.ingest import get_adapter
+    from stages.ingest.stage import ingest_clip
 
     with np.load(Path(truth_dir) / f"{key_safe(scene)}.npz", allow_pickle=False) as z:
         true_depth = z["depth"]

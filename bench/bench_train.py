@@ -23,7 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-
 PRESET_FRAMES = {"tiny": 5, "mid": 9, "full": 13}
 
 

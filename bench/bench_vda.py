@@ -267,7 +267,7 @@ def main(argv=None) -> int:
                 extra[f"{enc}_video_compiled_{low[0]}_vs_fp32_absrel"] = absrel(out, ref)[0]
                 extra[f"{enc}_video_compiled_{low[0]}_vs_fp32_rel_l1"] = rel_l1(out, ref)
             model.channels_last = False
-        del model, outs
+        model = outs = None  # free the GPU memory before the next encoder
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -353,7 +353,7 @@ def plan_faults(rng: random.Random, run_index: int, fault_runs: int,
 def run_fault_args(plan: list[tuple[str, float, str]]) -> list[str]:
     """The ``--fault`` option for the run-wide faults of a plan."""
     hooks = {}
-    for anchor, value, kind in plan:
+    for _anchor, value, kind in plan:
         if kind == "clock_skew":
             hooks["clock_skew_s"] = round(value, 1)
         elif kind == "compaction":

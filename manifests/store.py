@@ -117,7 +117,7 @@ class ManifestStore:
                 best = max(best, int(m.group(1)) >> EPOCH_SHIFT)
             else:
                 legacy.append(n)
-        for rel, data in self.store.read_many([f"{LEDGER_DIR}/{n}" for n in legacy]).items():
+        for _rel, data in self.store.read_many([f"{LEDGER_DIR}/{n}" for n in legacy]).items():
             if isinstance(data, FileNotFoundError):  # folded by a compaction meanwhile: read it all
                 return max([best] + [e["seq"] >> EPOCH_SHIFT for e in self.ledger_events()])
             if isinstance(data, BaseException):

@@ -435,7 +435,7 @@ def _throughput(builds: list[dict], plots: _Plots) -> str:
     span = max(b["curve"][-1][0] for b in curves) - t0
     unit, div = ("h", 3600.0) if span > 3 * 3600 else (("min", 60.0) if span > 180 else ("s", 1.0))
     fig, (ax,) = plots.figure(8, 3.4)
-    for i, b in enumerate(curves):
+    for _i, b in enumerate(curves):
         xs = [(begin[b["build_id"]] - t0) / div] + [(t - t0) / div for t, _ in b["curve"]]
         ys = [0] + list(np.cumsum([n for _, n in b["curve"]]))
         ax.step(xs, ys, where="post", label=_lbl(f"{b['build_id']} ({b['clips']} clips)"))

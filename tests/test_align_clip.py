@@ -13,8 +13,12 @@ from pipeline.demo.render import random_scene, render
 from stages.align.align_clip import AlignClipOptions, align_clip
 from stages.align.fit import AlignmentError, FitOptions
 from stages.align.qc import AlignQCThresholds
-from stages.align.references import (reference_from_gt, reference_from_megasam, reference_from_metric_depth,
-                                     reference_from_tracks)
+from stages.align.references import (
+    reference_from_gt,
+    reference_from_megasam,
+    reference_from_metric_depth,
+    reference_from_tracks,
+)
 
 K_SFM = 0.37  # RealEstate10K-like poses: metric translations times an unknown factor
 

@@ -10,8 +10,14 @@ from pipeline import geometry as geo
 from pipeline.demo.render import random_scene, render
 from stages.align.consistency import check_consistency, track_drift
 from stages.align.fit import AlignmentError
-from stages.align.pose_scale import (StaticTrajectoryError, apply_pose_scale, apply_similarity,
-                                     estimate_pose_scale, scale_from_depth, umeyama)
+from stages.align.pose_scale import (
+    StaticTrajectoryError,
+    apply_pose_scale,
+    apply_similarity,
+    estimate_pose_scale,
+    scale_from_depth,
+    umeyama,
+)
 
 K_UNKNOWN = 0.37  # the dataset's SfM units: metric translations times this
 
@@ -234,7 +240,7 @@ def test_consistency_scale_factor_unbiased_with_image_exits_and_sky():
     poses that are right), with their aligned depth: many reprojected points leave the image or
     land on the sky. Counting those as full cost favoured shorter translations (x0.79 and x0.84
     here, a false 'disagree in scale' drop); only points that land count now."""
-    from bench.align_accuracy import FitOptions, AlignClipOptions, align_clip, make_trial
+    from bench.align_accuracy import AlignClipOptions, FitOptions, align_clip, make_trial
 
     for seed in (0, 3):
         tr = make_trial("stereo4d_tracks", seed)

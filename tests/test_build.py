@@ -1,7 +1,6 @@
 """End-to-end builds on local Ray: exactly-once, determinism, faults, resume, verify, bad input."""
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
@@ -11,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-
 from conftest import tartanair_config, write_tartanair
+
 from manifests.store import ManifestStore
 from pipeline.runner import build, resume
 from pipeline.sample_format import DEPTH_REL_ERROR_BOUND, decode_sample

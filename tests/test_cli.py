@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 
+from conftest import tartanair_config, write_tartanair
 from typer.testing import CliRunner
 
-from conftest import tartanair_config, write_tartanair
 from pipeline.cli import app
 
 runner = CliRunner()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,7 @@ def test_weights_only_roundtrip(tmp_path, offline_sd):
 def test_weights_only_rejects_pickled_objects(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {"x": torch.zeros(1)}, "obj": _Opaque()}, path)
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         read_checkpoint(path)
 
 

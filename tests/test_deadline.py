@@ -3,8 +3,8 @@ with the reason; the rest of the build goes on; ``resume`` redoes it (the hang h
 from __future__ import annotations
 
 import pytest
-
 from conftest import tartanair_config
+
 from manifests.store import ManifestStore
 from pipeline.config import BuildConfig
 from pipeline.runner import build, resume

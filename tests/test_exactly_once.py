@@ -13,8 +13,9 @@ import time
 
 import pytest
 import webdataset as wds
-
 from conftest import tartanair_config
+from test_build import all_keys, planned_ids, shard_files
+
 from manifests.lease import Lease, LeaseHeldError
 from manifests.store import ManifestStore
 from pipeline.config import ConfigError
@@ -22,7 +23,6 @@ from pipeline.runner import CONFIG_NAME, build, resume
 from pipeline.status import collect_status
 from pipeline.storage import Store
 from pipeline.verify import verify
-from test_build import all_keys, planned_ids, shard_files
 
 
 def test_second_driver_is_refused_while_a_build_runs(tmp_path, tartan_data, ray_local):

@@ -7,9 +7,9 @@ import errno
 import pytest
 import ray.exceptions as rex
 import torch
+from conftest import tartanair_config
 from PIL import UnidentifiedImageError
 
-from conftest import tartanair_config
 from pipeline.clip import ClipError, ClipFailure
 from pipeline.failures import TransientShardError, describe, is_transient
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import tartanair_config
+
 from manifests.store import ManifestStore
 from pipeline.config import ConfigError
 from pipeline.runner import build

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import tartanair_config, write_tartanair
+from test_build import all_keys, planned_ids, shard_files
+
 from manifests.store import ManifestStore
 from pipeline.runner import build
 from pipeline.storage import Store
 from pipeline.verify import verify
-from test_build import all_keys, planned_ids, shard_files
 
 # Quick death detection of a killed raylet (the defaults take ~15 s to declare a node dead).
 SYSTEM_CONFIG = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 3}

@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import tartanair_config, write_tartanair
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import tartanair_config, write_tartanair
 from pipeline.cli import app
 
 runner = CliRunner()

@@ -170,7 +170,7 @@ def test_each_source_frame_goes_through_the_depth_model_once_per_scene():
     clips = [clip("s", [0, 1, 2, 3]), clip("s", [2, 3, 4, 5]), clip("s", [4, 5, 6, 7]), clip("t", [0, 1, 2, 3])]
     out = st.process(clips)
     assert sorted(st.runner.seen) == sorted([0, 1, 2, 3, 4, 5, 6, 7] + [0, 1, 2, 3]) and st.runner.calls == 1
-    for c, o in zip(clips, out):
+    for _c, o in zip(clips, out):
         np.testing.assert_array_equal(o.aux["relative_depth"][:, 0, 0], np.array(o.meta.frame_indices) + 1)
         assert o.meta.untrained_models == ["vda"]
     assert out[0].aux["stats"] == {"depth.passes": 1, "depth.source_frames": 8, "depth.model_frames": 8,

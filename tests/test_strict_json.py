@@ -20,9 +20,10 @@ def strict_loads(text):
 
 def test_meta_json_of_a_clip_without_kept_tracks_is_strict():
     """Static-track QC of a clip whose tracks are never visible twice has no drift to report."""
+    from test_sample_format import _clip
+
     from pipeline.sample_format import decode_sample, encode_clip
     from stages.tracks.lift import static_drift_qc
-    from test_sample_format import _clip
 
     clip = _clip()
     qc = static_drift_qc(clip.tracks, np.zeros_like(clip.track_visible), clip.c2w)

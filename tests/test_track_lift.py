@@ -45,7 +45,7 @@ def scene():
     bx, by = np.meshgrid(np.linspace(-0.4, 0.4, 5), np.linspace(-0.4, 0.4, 5))
     face = np.stack([bx.ravel(), by.ravel(), np.full(bx.size, BOX_LO[2])], axis=-1)
     pts = np.concatenate([wall, face])
-    uvs, zs, gt_vis = [], [], []
+    uvs, _zs, gt_vis = [], [], []
     for f in range(T):
         p, z = project(pts, K, c2w[f])
         t_hit = _ray_hit(c2w[f, :3, 3], _rays(c2w[f], p))

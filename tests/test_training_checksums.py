@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import tartanair_config
 
 import training.data as data_mod
-
-from conftest import tartanair_config
 from pipeline.runner import build
 from training.config import make_config
 from training.data import ShardChecksumError, ShardStream, iter_tar, resolve_shards, shard_checksums

@@ -79,6 +79,7 @@ def test_mixture_and_scene_filter(shards):
 def test_reads_a_real_build_output(tmp_path, ray_local):
     """The trainer's reader on what `d4s build` actually writes (index schema, shard layout)."""
     from conftest import tartanair_config, write_tartanair
+
     from pipeline.runner import build
     from pipeline.sample_format import decode_sample
 

@@ -44,7 +44,7 @@ def _maps(seed=0, t=3, h=6, w=8, deform=True):
 
 def test_motion_loss_zero_when_deformations_match_tracks():
     maps = _maps()
-    t, (h, w) = 3, maps.depth.shape[-2:]
+    t, (_h, _w) = 3, maps.depth.shape[-2:]
     means = maps.means[0]  # (S,H,W,3)
     # tracks = the deformed centres of birth-frame-0 Gaussians at some pixels, visible from frame 0
     pix = [(1, 2), (3, 5), (4, 0), (5, 7)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def test_weights_only_checkpoint_roundtrip(tmp_path, tiny_model):
     # weights_only refuses pickled code
     bad = tmp_path / "bad.pth"
     torch.save({"x": _Evil()}, bad)
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_checkpoint(bad)
 
 

@@ -63,6 +63,7 @@ from pipeline.sample_format import decode_sample as DECODE  # the shard format: 
 from pipeline.sample_format import encode_clip as ENCODE  # noqa: F401 - ENCODE writes one (training/synthetic.py)
 from training.config import DataConfig, StageConfig
 
+
 # --- shard discovery ------------------------------------------------------------------------------
 def _expand(pattern: str) -> list[str]:
     if any(c in pattern for c in "*?[") and "://" not in pattern:

@@ -10,7 +10,6 @@ from pipeline.capacity.rows import assemble_report, dataset_row, pass_frames
 from pipeline.capacity.text import human_bytes
 from pipeline.config import BuildConfig, ConfigError
 
-
 #: Estimated composition of a ~130k-scene build (the size of the Diff4Splat training set): the
 #: full releases as documented in docs/datasets/*.md and shared/datasets/FORMATS.md, with
 #: Stereo4D taking the remainder up to 130,000 scenes (the paper's own split is not known here).

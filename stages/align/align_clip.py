@@ -28,8 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.clip import Clip
 from stages.align.consistency import check_consistency
 from stages.align.fit import AlignmentError, FitOptions, fit_alignment
-from stages.align.pose_scale import (PoseScaleResult, StaticTrajectoryError, apply_pose_scale,
-                                     estimate_pose_scale, scale_from_depth)
+from stages.align.pose_scale import (
+    PoseScaleResult,
+    StaticTrajectoryError,
+    apply_pose_scale,
+    estimate_pose_scale,
+    scale_from_depth,
+)
 from stages.align.qc import AlignQCThresholds, align_qc
 from stages.align.references import MetricReference
 
@@ -80,7 +85,7 @@ def _pose_scale(clip: Clip, depth, valid, reference: MetricReference, exclude, o
         res = scale_from_depth(depth, valid, clip.intrinsics, clip.c2w, rgb=clip.rgb, points=points,
                                points_visible=vis, exclude=exclude)
     except StaticTrajectoryError as e:
-        raise StaticTrajectoryError(e.reason + (f" (reference trajectory: {fallback_note})" if fallback_note else ""))
+        raise StaticTrajectoryError(e.reason + (f" (reference trajectory: {fallback_note})" if fallback_note else "")) from e
     if fallback_note:
         res.extra["fallback_from_trajectory"] = fallback_note
     return res

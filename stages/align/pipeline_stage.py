@@ -34,8 +34,12 @@ from stages.align.align_clip import AlignClipOptions, align_clip
 from stages.align.consistency import check_consistency
 from stages.align.fit import AlignmentError, FitOptions, depth_metrics
 from stages.align.qc import AlignQCThresholds
-from stages.align.references import (MetricReference, reference_from_megasam, reference_from_metric_depth,
-                                     reference_from_tracks)
+from stages.align.references import (
+    MetricReference,
+    reference_from_megasam,
+    reference_from_metric_depth,
+    reference_from_tracks,
+)
 from stages.model_stage import add_stats
 from stages.scene.sequence import SceneSequence, group_key
 

@@ -34,8 +34,8 @@ import posixpath
 import struct
 
 import numpy as np
-from pydantic import Field
 from PIL import Image
+from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta

@@ -36,7 +36,6 @@ import numpy as np
 
 from pipeline.geometry import invert_pose
 
-
 _NOISE_K = 3.5  # a jump counts as an edge only beyond this many noise sigmas of the map
 
 

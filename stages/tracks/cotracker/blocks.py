@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 # --------------------------------------------------------------------------------- encoder
 
 

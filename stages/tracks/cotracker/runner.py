@@ -146,7 +146,7 @@ class CoTrackerRunner:
         by_len: dict[int, list[int]] = defaultdict(list)
         for i, v in enumerate(videos):
             by_len[int(v.shape[0])].append(i)
-        for t, idx in by_len.items():
+        for _t, idx in by_len.items():
             for s in range(0, len(idx), self.max_batch):
                 batch = idx[s : s + self.max_batch]
                 outs = self._track_batch([videos[i] for i in batch])
