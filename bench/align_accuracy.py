@@ -44,6 +44,7 @@ median ratio to the truth minus 1 ("wrong scale" above 10 %); QC keep rates. Tra
 share of ground tracks kept per depth band on an infinite ground plane (512x288, f = 300 and
 1242x375, f = 725), exact and with 2 % per-pixel depth noise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -120,8 +121,16 @@ def _path(rng, kind: str, path_m: float) -> np.ndarray:
 def scene(kind: str, seed: int, path_cm: int):
     """Rendered scene (cached): truth depth with sky = inf, and its sky mask."""
     rng = np.random.default_rng(seed)
-    spec = random_scene(f"{kind}{seed}", seed=seed, dynamic=False, num_frames=FRAMES, height=HEIGHT, width=WIDTH,
-                        num_boxes=4 if kind == "room" else 6, num_tracks=600)
+    spec = random_scene(
+        f"{kind}{seed}",
+        seed=seed,
+        dynamic=False,
+        num_frames=FRAMES,
+        height=HEIGHT,
+        width=WIDTH,
+        num_boxes=4 if kind == "room" else 6,
+        num_tracks=600,
+    )
     if kind == "hall":
         spec = SceneSpec(**{**spec.__dict__, "room_half": (6.0, 3.0, 12.0)})
         for b in spec.boxes:  # stand the boxes on the hall's floor, spread along it
@@ -133,8 +142,17 @@ def scene(kind: str, seed: int, path_cm: int):
     if kind == "hall":  # the ceiling (room, y = -3) is sky
         u, v = geo.pixel_grid(HEIGHT, WIDTH)
         for t in range(FRAMES):
-            dirs = np.stack([(u - r.intrinsics[t, 2]) / r.intrinsics[t, 0], (v - r.intrinsics[t, 3]) / r.intrinsics[t, 1],
-                             np.ones_like(u)], -1) @ r.c2w[t, :3, :3].T
+            dirs = (
+                np.stack(
+                    [
+                        (u - r.intrinsics[t, 2]) / r.intrinsics[t, 0],
+                        (v - r.intrinsics[t, 3]) / r.intrinsics[t, 1],
+                        np.ones_like(u),
+                    ],
+                    -1,
+                )
+                @ r.c2w[t, :3, :3].T
+            )
             y = r.c2w[t, 1, 3] + depth[t] * dirs[..., 1]
             sky[t] = (r.object_id[t] == 0) & (y < -3.0 + 1e-3)
         depth[sky] = np.inf
@@ -203,15 +221,21 @@ def make_trial(scenario: str, seed: int) -> Trial:
     elif corruption == "pose_scale":
         c2w[:, :3, 3] *= factor
         pose_factor = factor
-    meta = ClipMeta(dataset=dataset, scene=f"{kind}", clip_id=f"{dataset}/{scenario}/{seed}",
-                    frame_indices=list(range(FRAMES)), dynamic=False, real=True,
-                    extra={} if up_to_scale else {"metric_poses": True})
+    meta = ClipMeta(
+        dataset=dataset,
+        scene=f"{kind}",
+        clip_id=f"{dataset}/{scenario}/{seed}",
+        frame_indices=list(range(FRAMES)),
+        dynamic=False,
+        real=True,
+        extra={} if up_to_scale else {"metric_poses": True},
+    )
     clip = Clip(meta=meta, rgb=r.rgb, intrinsics=r.intrinsics.copy(), c2w=c2w)
     lo, hi = LIMITS[dataset]
     pred = _prediction(rng, depth, sky)
     if corruption == "region":  # the model fails on a third of the frame: that part looks 1.6x nearer
         h0, w0 = int(rng.integers(0, HEIGHT // 3)), int(rng.integers(0, WIDTH // 3))
-        pred[:, h0:h0 + 2 * HEIGHT // 3, w0:w0 + WIDTH // 2] *= 1.6
+        pred[:, h0 : h0 + 2 * HEIGHT // 3, w0 : w0 + WIDTH // 2] *= 1.6
     if ref_kind == "megasam":
         try:
             ref = _megasam_reference(rng, r, depth, sky, corruption, factor, clip, lo)
@@ -225,9 +249,17 @@ def make_trial(scenario: str, seed: int) -> Trial:
 
 
 def _megasam_reference(rng, r, depth, sky, corruption, factor, clip, lo):
-    rho = 1 + float(rng.choice([-1, 1]) * rng.uniform(0.2, 0.3)) if corruption == "focal" else 1 + rng.uniform(-0.03, 0.03)
+    rho = (
+        1 + float(rng.choice([-1, 1]) * rng.uniform(0.2, 0.3))
+        if corruption == "focal"
+        else 1 + rng.uniform(-0.03, 0.03)
+    )
     prior = 1.15 if corruption == "prior_scale" else 1.0
-    d = np.where(sky, 100.0, depth) * (1 + 0.02 * rng.standard_normal(depth.shape)) * _smooth_field(rng, depth.shape, 0.02)
+    d = (
+        np.where(sky, 100.0, depth)
+        * (1 + 0.02 * rng.standard_normal(depth.shape))
+        * _smooth_field(rng, depth.shape, 0.02)
+    )
     junk = rng.random(depth.shape) < 0.05
     d = np.where(junk, d * rng.uniform(0.5, 2.0, depth.shape), d)
     d = np.where(sky, 100.0, np.clip(d * prior, 1e-3, 100.0)).astype(np.float32)
@@ -245,8 +277,9 @@ def _megasam_reference(rng, r, depth, sky, corruption, factor, clip, lo):
     k = r.intrinsics[0].copy()
     k[:2] *= rho
     out = MegaSaMOutput(images=r.rgb, depths=d, intrinsic=geo.intrinsics_matrix(k), cam_c2w=c2w, path="synthetic")
-    return reference_from_megasam(out, HEIGHT, WIDTH, expected_frames=FRAMES, min_depth=lo,
-                                  clip_intrinsics=clip.intrinsics)
+    return reference_from_megasam(
+        out, HEIGHT, WIDTH, expected_frames=FRAMES, min_depth=lo, clip_intrinsics=clip.intrinsics
+    )
 
 
 def _stereo_reference(rng, tracks, vis, c2w, intrinsics, lo):
@@ -280,11 +313,19 @@ def run_trial(trial: Trial) -> dict:
     delta = float(np.mean(np.maximum(d / t, t / d) < 1.25)) if d.size else float("nan")
     depth_scale_err = float(np.median(d / t) - 1) if d.size else float("nan")
     pose_err = (qc["pose_scale"] * trial.k_sfm - 1) if trial.k_sfm is not None else trial.pose_factor - 1
-    return {**row, "kept": bool(qc["keep"]), "reason": qc["reason"], "failed": False, "abs_rel": abs_rel,
-            "delta_1_25": delta, "sky_with_depth": float((out.depth_valid & trial.sky).sum() / max(trial.sky.sum(), 1)),
-            "pose_scale_error": float(pose_err), "depth_scale_error": depth_scale_err,
-            "scale_error": float(max(abs(pose_err), abs(depth_scale_err))),
-            "pose_scale_method": qc.get("pose_scale_method")}
+    return {
+        **row,
+        "kept": bool(qc["keep"]),
+        "reason": qc["reason"],
+        "failed": False,
+        "abs_rel": abs_rel,
+        "delta_1_25": delta,
+        "sky_with_depth": float((out.depth_valid & trial.sky).sum() / max(trial.sky.sum(), 1)),
+        "pose_scale_error": float(pose_err),
+        "depth_scale_error": depth_scale_err,
+        "scale_error": float(max(abs(pose_err), abs(depth_scale_err))),
+        "pose_scale_method": qc.get("pose_scale_method"),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,10 +369,23 @@ def run(trials: int, seed: int = 0, scenarios=None, lifting: bool = True) -> dic
             rows.append(run_trial(make_trial(name, seed * 100_000 + i)))
     elapsed = time.time() - t0
     summary = summarise(rows)
-    lift = {f"{w}x{h}, f={f:g}, noise {int(100 * nz)} %": ground_tracks_kept(w, h, f, nz)
-            for (w, h, f) in [(512, 288, 300.0), (1242, 375, 725.0)] for nz in (0.0, 0.02)} if lifting else {}
-    return {"trials_per_scenario": trials, "seed": seed, "seconds": round(elapsed, 1), "summary": summary,
-            "lifting": lift, "rows": rows}
+    lift = (
+        {
+            f"{w}x{h}, f={f:g}, noise {int(100 * nz)} %": ground_tracks_kept(w, h, f, nz)
+            for (w, h, f) in [(512, 288, 300.0), (1242, 375, 725.0)]
+            for nz in (0.0, 0.02)
+        }
+        if lifting
+        else {}
+    )
+    return {
+        "trials_per_scenario": trials,
+        "seed": seed,
+        "seconds": round(elapsed, 1),
+        "summary": summary,
+        "lifting": lift,
+        "rows": rows,
+    }
 
 
 def _mean(rows, key):
@@ -347,8 +401,11 @@ def summarise(rows: list[dict]) -> dict:
         aligned = [r for r in rs if not r["failed"]]
         pose = [r["pose_scale_error"] for r in aligned if SCENARIOS[name][1] == "realestate10k"]
         per[name] = {
-            "clips": len(rs), "good": SCENARIOS[name][4], "kept": len(kept) / len(rs),
-            "abs_rel": _mean(aligned, "abs_rel"), "delta_1_25": _mean(aligned, "delta_1_25"),
+            "clips": len(rs),
+            "good": SCENARIOS[name][4],
+            "kept": len(kept) / len(rs),
+            "abs_rel": _mean(aligned, "abs_rel"),
+            "delta_1_25": _mean(aligned, "delta_1_25"),
             "sky_with_depth": _mean(aligned, "sky_with_depth"),
             "pose_scale_bias": float(np.mean(pose)) if pose else None,
             "pose_scale_abs_median": float(np.median(np.abs(pose))) if pose else None,
@@ -360,13 +417,15 @@ def summarise(rows: list[dict]) -> dict:
     judged = [r for r in rows if SCENARIOS[r["scenario"]][4] is not None]
     corrupted = [r for r in judged if not SCENARIOS[r["scenario"]][4]]
     wrong = [r for r in judged if not r["failed"] and r["scale_error"] > WRONG_SCALE]
-    wrong_dropped = (sum(1 for r in wrong if not r["kept"]) + sum(1 for r in corrupted if r["failed"]))
+    wrong_dropped = sum(1 for r in wrong if not r["kept"]) + sum(1 for r in corrupted if r["failed"])
     wrong_total = len(wrong) + sum(1 for r in corrupted if r["failed"])
-    return {"per_scenario": per,
-            "good_kept": sum(r["kept"] for r in good) / max(len(good), 1),
-            "corrupted_dropped": sum(not r["kept"] for r in corrupted) / max(len(corrupted), 1),
-            "wrong_scale_clips": wrong_total,
-            "wrong_scale_dropped": wrong_dropped / max(wrong_total, 1)}
+    return {
+        "per_scenario": per,
+        "good_kept": sum(r["kept"] for r in good) / max(len(good), 1),
+        "corrupted_dropped": sum(not r["kept"] for r in corrupted) / max(len(corrupted), 1),
+        "wrong_scale_clips": wrong_total,
+        "wrong_scale_dropped": wrong_dropped / max(wrong_total, 1),
+    }
 
 
 def _top_reasons(rows, n=2):
@@ -383,24 +442,38 @@ def _pct(v, digits=1):
 
 def markdown(res: dict, command: str) -> str:
     s = res["summary"]
-    lines = [(f"Command: `{command}` ({res['trials_per_scenario']} clips per scenario, seed {res['seed']}, "
-              f"{res['seconds']:.0f} s on {platform.machine()} with {os.cpu_count()} CPUs)."), "",
-             (f"**Good clips kept: {_pct(s['good_kept'])}** (goal >= 99 %). **Clips with a wrong scale "
-              f"(> {int(100 * WRONG_SCALE)} % off) dropped: {_pct(s['wrong_scale_dropped'])}** of "
-              f"{s['wrong_scale_clips']} (goal >= 99 %). Corrupted clips dropped: {_pct(s['corrupted_dropped'])}."), "",
-             "| scenario | good? | kept | AbsRel | δ<1.25 | sky given depth | pose-scale bias | median abs pose-scale error | wrong scale (kept) | main drop reason |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"Command: `{command}` ({res['trials_per_scenario']} clips per scenario, seed {res['seed']}, "
+            f"{res['seconds']:.0f} s on {platform.machine()} with {os.cpu_count()} CPUs)."
+        ),
+        "",
+        (
+            f"**Good clips kept: {_pct(s['good_kept'])}** (goal >= 99 %). **Clips with a wrong scale "
+            f"(> {int(100 * WRONG_SCALE)} % off) dropped: {_pct(s['wrong_scale_dropped'])}** of "
+            f"{s['wrong_scale_clips']} (goal >= 99 %). Corrupted clips dropped: {_pct(s['corrupted_dropped'])}."
+        ),
+        "",
+        "| scenario | good? | kept | AbsRel | δ<1.25 | sky given depth | pose-scale bias | median abs pose-scale error | wrong scale (kept) | main drop reason |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, p in s["per_scenario"].items():
         good = {True: "good", False: "corrupted", None: "undetectable"}[p["good"]]
         reason = p["reasons"][0][0] if p["reasons"] else ""
-        lines.append(f"| {name} | {good} | {_pct(p['kept'])} | {_pct(p['abs_rel'], 2)} | {_pct(p['delta_1_25'])} | "
-                     f"{_pct(p['sky_with_depth'], 2)} | {_pct(p['pose_scale_bias'], 2)} | "
-                     f"{_pct(p['pose_scale_abs_median'], 2)} | {p['wrong_scale']} ({p['wrong_scale_kept']}) | {reason} |")
+        lines.append(
+            f"| {name} | {good} | {_pct(p['kept'])} | {_pct(p['abs_rel'], 2)} | {_pct(p['delta_1_25'])} | "
+            f"{_pct(p['sky_with_depth'], 2)} | {_pct(p['pose_scale_bias'], 2)} | "
+            f"{_pct(p['pose_scale_abs_median'], 2)} | {p['wrong_scale']} ({p['wrong_scale_kept']}) | {reason} |"
+        )
     if not res["lifting"]:
         return "\n".join(lines) + "\n"
-    lines += ["", "Ground tracks kept by depth band (lifting, `stages/tracks/lift.py`):", "",
-              "| camera | " + " | ".join(next(iter(res["lifting"].values())).keys()) + " |",
-              "|---" * (1 + len(next(iter(res["lifting"].values())))) + "|"]
+    lines += [
+        "",
+        "Ground tracks kept by depth band (lifting, `stages/tracks/lift.py`):",
+        "",
+        "| camera | " + " | ".join(next(iter(res["lifting"].values())).keys()) + " |",
+        "|---" * (1 + len(next(iter(res["lifting"].values())))) + "|",
+    ]
     for cam, bands in res["lifting"].items():
         lines.append(f"| {cam} | " + " | ".join(_pct(v, 0) for v in bands.values()) + " |")
     return "\n".join(lines) + "\n"

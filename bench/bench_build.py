@@ -5,6 +5,7 @@ Demo data is generated once (not timed); each build runs in a fresh process with
 local Ray (started inside the timing, as a user's `d4s build` would pay it; Ray start-up time
 is reported separately).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,9 @@ def main() -> None:
         print(json.dumps(res))
     print("\n| Ray CPUs | clips | build s | clips/s | bytes/clip | Ray start s |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['cpus']} | {r['clips']} | {r['build_s']:.1f} | {r['clips_per_s']:.2f} | {r['bytes_per_clip']:.0f} | {r['ray_start_s']:.1f} |")
+        print(
+            f"| {r['cpus']} | {r['clips']} | {r['build_s']:.1f} | {r['clips_per_s']:.2f} | {r['bytes_per_clip']:.0f} | {r['ray_start_s']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ with fp32 (pixels, on the same clips). Writes ``bench_cotracker.md`` and
   python bench/bench_cotracker.py --out DIR                   # GPU, ~1-3 minutes on an H100
   python bench/bench_cotracker.py --quick --out DIR           # CPU smoke run, tiny settings
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,9 +64,17 @@ def run_config(name, variant, clips, args, dtype, batch, attn, checkpoint):
     device = args.device
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # off by default: fp32 means fp32
     runner = CoTrackerRunner(
-        variant, checkpoint, device, dtype, grid_size=args.grid, query_frames=1,
-        allow_random_weights=checkpoint is None, max_batch=batch, iters=args.iters,
-        model_resolution=tuple(args.resolution), attn_impl=attn,
+        variant,
+        checkpoint,
+        device,
+        dtype,
+        grid_size=args.grid,
+        query_frames=1,
+        allow_random_weights=checkpoint is None,
+        max_batch=batch,
+        iters=args.iters,
+        model_resolution=tuple(args.resolution),
+        attn_impl=attn,
     )
     runner.track(clips[:batch])  # warm-up (kernels, cudnn autotune, allocator)
     _sync(device)
@@ -82,9 +91,16 @@ def run_config(name, variant, clips, args, dtype, batch, attn, checkpoint):
     n_pts = sum(tr.shape[0] * tr.shape[1] for tr, _ in out)
     best = min(times)
     row = {
-        "config": name, "variant": variant, "dtype": dtype, "batch": batch, "attention": attn,
-        "clips": len(clips), "frames": clips[0].shape[0], "points": out[0][0].shape[1],
-        "seconds_best": best, "seconds_all": times,
+        "config": name,
+        "variant": variant,
+        "dtype": dtype,
+        "batch": batch,
+        "attention": attn,
+        "clips": len(clips),
+        "frames": clips[0].shape[0],
+        "points": out[0][0].shape[1],
+        "seconds_best": best,
+        "seconds_all": times,
         "point_frames_per_s": n_pts / best,
         "clips_per_s": len(clips) / best,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
@@ -102,9 +118,13 @@ def agreement(a, b) -> dict:
     both = np.concatenate([(x[1] & y[1]).ravel() for x, y in zip(a, b)])
     vis = np.mean(np.concatenate([(x[1] == y[1]).ravel() for x, y in zip(a, b)]))
     dv = d[both]
-    return {"median_px": float(np.median(d)), "p95_px": float(np.percentile(d, 95)), "max_px": float(d.max()),
-            "median_px_visible": float(np.median(dv)) if dv.size else float("nan"),
-            "visibility_agree": float(vis)}
+    return {
+        "median_px": float(np.median(d)),
+        "p95_px": float(np.percentile(d, 95)),
+        "max_px": float(d.max()),
+        "median_px_visible": float(np.median(dv)) if dv.size else float("nan"),
+        "visibility_agree": float(vis),
+    }
 
 
 def main(argv=None) -> int:
@@ -155,8 +175,11 @@ def main(argv=None) -> int:
             row, out = run_config(name, variant, clips, args, dtype, batch, attn, ckpt)
             rows.append(row)
             outs[name] = out
-            print(f"{variant:8s} {name:11s} {row['point_frames_per_s']:12.0f} point-frames/s  "
-                  f"({row['seconds_best']:.3f} s for {len(clips)} clips)", flush=True)
+            print(
+                f"{variant:8s} {name:11s} {row['point_frames_per_s']:12.0f} point-frames/s  "
+                f"({row['seconds_best']:.3f} s for {len(clips)} clips)",
+                flush=True,
+            )
         base = next(r for r in rows if r["variant"] == variant and r["config"] == "baseline")
         for r in rows:
             if r["variant"] == variant:
@@ -168,19 +191,28 @@ def main(argv=None) -> int:
         }
     meta = {
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__, "quick": args.quick, "random_weights": {
-            "offline": args.checkpoint_offline is None, "online": args.checkpoint_online is None},
-        "model_resolution": args.resolution, "input": [args.frames, args.height, args.width],
-        "grid": args.grid, "iters": args.iters, "threads": torch.get_num_threads(),
-        "total_seconds": time.perf_counter() - t_start, "host": platform.node(), "pid": os.getpid(),
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "random_weights": {"offline": args.checkpoint_offline is None, "online": args.checkpoint_online is None},
+        "model_resolution": args.resolution,
+        "input": [args.frames, args.height, args.width],
+        "grid": args.grid,
+        "iters": args.iters,
+        "threads": torch.get_num_threads(),
+        "total_seconds": time.perf_counter() - t_start,
+        "host": platform.node(),
+        "pid": os.getpid(),
     }
-    (out_dir / "bench_cotracker.json").write_text(json.dumps({"meta": meta, "rows": rows, "agreement": agree}, indent=1))
+    (out_dir / "bench_cotracker.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "agreement": agree}, indent=1)
+    )
     lines = [
         f"# CoTracker3 throughput ({meta['device']}, torch {meta['torch']})",
         "",
         f"Clips {args.clips} x {args.frames} frames of {args.height}x{args.width}, model input "
         f"{args.resolution[0]}x{args.resolution[1]}, grid {args.grid}x{args.grid} at frame 0, {args.iters} iterations"
-        + (", random weights" if args.checkpoint_offline is None else "") + ".",
+        + (", random weights" if args.checkpoint_offline is None else "")
+        + ".",
         "",
         "| variant | config | dtype | batch | attention | point-frames/s | clips/s | speed-up | peak GiB |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -191,12 +223,17 @@ def main(argv=None) -> int:
             f"| {r['variant']} | {r['config']} | {r['dtype']} | {r['batch']} | {r['attention']} | "
             f"{r['point_frames_per_s']:,.0f} | {r['clips_per_s']:.2f} | {r['speedup_vs_baseline']:.2f}x | {mem} |"
         )
-    lines += ["", "| variant | comparison | median px | p95 px | max px | median px (both visible) | visibility agree |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| variant | comparison | median px | p95 px | max px | median px (both visible) | visibility agree |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v, comps in agree.items():
         for k, a in comps.items():
-            lines.append(f"| {v} | {k} | {a['median_px']:.3g} | {a['p95_px']:.3g} | {a['max_px']:.3g} | "
-                         f"{a['median_px_visible']:.3g} | {a['visibility_agree']:.4f} |")
+            lines.append(
+                f"| {v} | {k} | {a['median_px']:.3g} | {a['p95_px']:.3g} | {a['max_px']:.3g} | "
+                f"{a['median_px_visible']:.3g} | {a['visibility_agree']:.4f} |"
+            )
     lines += ["", f"Total benchmark time {meta['total_seconds']:.0f} s."]
     (out_dir / "bench_cotracker.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -28,6 +28,7 @@ PyAV wheel bundles (soname links in a temporary folder on LD_LIBRARY_PATH); it u
 version that decodes on CUDA (and one that decodes on the CPU), and reports each version's error.
 Writes OUT_DIR/decode.json and OUT_DIR/decode.md. ``--quick`` shrinks everything (CPU check).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,14 +85,21 @@ def make_video(path: Path, h: int, w: int, n: int, gop: int, seed: int = 0) -> d
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.options = {"crf": "23", "preset": "veryfast", "g": str(gop), "keyint_min": str(gop)}
         for i in range(n):
-            frame = tex[:, 3 * i: 3 * i + w].copy()
+            frame = tex[:, 3 * i : 3 * i + w].copy()
             frame[::7, ::5] = rng.integers(0, 255, frame[::7, ::5].shape, dtype=np.uint8)
             for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
-    return {"path": str(path), "height": h, "width": w, "frames": n, "gop": gop,
-            "mbit_s": round(path.stat().st_size * 8 / (n / float(RATE)) / 1e6, 2), "encode_s": round(time.time() - t0, 1)}
+    return {
+        "path": str(path),
+        "height": h,
+        "width": w,
+        "frames": n,
+        "gop": gop,
+        "mbit_s": round(path.stat().st_size * 8 / (n / float(RATE)) / 1e6, 2),
+        "encode_s": round(time.time() - t0, 1),
+    }
 
 
 # -- torchcodec setup ------------------------------------------------------------------------------------
@@ -126,15 +134,36 @@ def cuda_lib_dirs() -> list[str]:
 def torchcodec_candidates(tmp: Path) -> list[dict]:
     """Each .whl/torchcodec-*.whl installed in its own folder (newest first), after any folders
     named in D4S_BENCH_TORCHCODEC (colon-separated, for a check run elsewhere)."""
-    out = [{"version": f"dir:{p}", "path": p, "install_error": ""}
-           for p in os.environ.get("D4S_BENCH_TORCHCODEC", "").split(":") if p]
-    wheels = sorted(glob.glob(str(REPO / ".whl" / "torchcodec-*.whl")),
-                    key=lambda p: [int(x) for x in re.findall(r"torchcodec-(\d+)\.(\d+)\.(\d+)", p)[0]], reverse=True)
+    out = [
+        {"version": f"dir:{p}", "path": p, "install_error": ""}
+        for p in os.environ.get("D4S_BENCH_TORCHCODEC", "").split(":")
+        if p
+    ]
+    wheels = sorted(
+        glob.glob(str(REPO / ".whl" / "torchcodec-*.whl")),
+        key=lambda p: [int(x) for x in re.findall(r"torchcodec-(\d+)\.(\d+)\.(\d+)", p)[0]],
+        reverse=True,
+    )
     for whl in wheels:
         ver = re.findall(r"torchcodec-([\d.]+)-", whl)[0]
         target = tmp / f"tc-{ver}"
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                            "--target", str(target), whl], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--target",
+                str(target),
+                whl,
+            ],
+            capture_output=True,
+            text=True,
+        )
         out.append({"version": ver, "path": str(target), "install_error": r.stderr[-500:] if r.returncode else ""})
     return out
 
@@ -144,14 +173,21 @@ def child_env(tc_path: str | None, shim: Path | None) -> dict:
     paths = [str(REPO)] + ([tc_path] if tc_path else []) + [p for p in env.get("PYTHONPATH", "").split(":") if p]
     env["PYTHONPATH"] = ":".join(paths)
     if shim is not None:
-        env["LD_LIBRARY_PATH"] = ":".join([str(shim)] + cuda_lib_dirs() + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p])
+        env["LD_LIBRARY_PATH"] = ":".join(
+            [str(shim)] + cuda_lib_dirs() + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
+        )
     return env
 
 
 def run_child(task: dict, env: dict, timeout: int = 300) -> dict:
     try:
-        r = subprocess.run([sys.executable, __file__, "--child", json.dumps(task)], capture_output=True, text=True,
-                           env=env, timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(task)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     for line in reversed(r.stdout.splitlines()):
@@ -224,7 +260,12 @@ def decode_all(video: str, how: str) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         wall, cpu = time.perf_counter() - t0, cpu_s() - c0
-    return {"frames": n, "wall_s": round(wall, 3), "fps": round(n / wall, 1), "cpu_ms_per_frame": round(1e3 * cpu / n, 2)}
+    return {
+        "frames": n,
+        "wall_s": round(wall, 3),
+        "fps": round(n / wall, 1),
+        "cpu_ms_per_frame": round(1e3 * cpu / n, 2),
+    }
 
 
 def seek_test(video: str, first: int, count: int, how: str) -> dict:
@@ -233,8 +274,11 @@ def seek_test(video: str, first: int, count: int, how: str) -> dict:
 
     period = 1e6 / float(RATE)
     times = [round((first + i) * period) for i in range(count)]
-    backend, device = {"pyav": ("pyav", "cpu"), "torchcodec-cpu": ("torchcodec", "cpu"),
-                       "torchcodec-cuda": ("torchcodec", "cuda")}[how]
+    backend, device = {
+        "pyav": ("pyav", "cpu"),
+        "torchcodec-cpu": ("torchcodec", "cpu"),
+        "torchcodec-cuda": ("torchcodec", "cuda"),
+    }[how]
     with open_decoder(video, video, backend=backend, device=device) as dec:  # warm-up: imports, CUDA context
         frames_at_times(dec, times[:1], as_tensor=(device == "cuda"))
     c0, t0 = cpu_s(), time.perf_counter()
@@ -242,8 +286,13 @@ def seek_test(video: str, first: int, count: int, how: str) -> dict:
         got = frames_at_times(dec, times, as_tensor=(device == "cuda"))
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
     err = float(np.abs(np.asarray(got.frame_times_us) - np.asarray(times)).max())
-    return {"wanted": count, "decoded": got.decoded, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-            "max_time_error_us": round(err, 2)}
+    return {
+        "wanted": count,
+        "decoded": got.decoded,
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "max_time_error_us": round(err, 2),
+    }
 
 
 def rectify_test(video: str, device: str, frames: int) -> dict:
@@ -266,12 +315,16 @@ def rectify_test(video: str, device: str, frames: int) -> dict:
         torch.cuda.synchronize()
     c0, t0 = cpu_s(), time.perf_counter()
     for i in range(frames):
-        rect(src[i: i + 1])
+        rect(src[i : i + 1])
     if device == "cuda":
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
-    return {"frames": frames, "maps_s": round(maps_s, 3), "fps": round(frames / wall, 1),
-            "cpu_ms_per_frame": round(1e3 * cpu / frames, 2)}
+    return {
+        "frames": frames,
+        "maps_s": round(maps_s, 3),
+        "fps": round(frames / wall, 1),
+        "cpu_ms_per_frame": round(1e3 * cpu / frames, 2),
+    }
 
 
 def clip_cpu(clip_kind: str, root: str, decoder: str, device: str) -> dict:
@@ -297,8 +350,11 @@ def clip_cpu(clip_kind: str, root: str, decoder: str, device: str) -> dict:
     from stages.ingest.video_times import frames_at_times
 
     video = next(Path(root).rglob("*.mp4"))
-    times = adapter.read_annotations(scene)["timestamps"][frames] if kind == "stereo4d" else \
-        adapter.read_cameras(scene).timestamps[frames]
+    times = (
+        adapter.read_annotations(scene)["timestamps"][frames]
+        if kind == "stereo4d"
+        else adapter.read_cameras(scene).timestamps[frames]
+    )
     c0 = cpu_s()
     with open_decoder(str(video), str(video), backend=decoder, device=device) as dec:
         frames_at_times(dec, times, as_tensor=(device == "cuda" and decoder == "torchcodec"))
@@ -313,18 +369,32 @@ def clip_cpu(clip_kind: str, root: str, decoder: str, device: str) -> dict:
     c0 = cpu_s()
     sample = encode_clip(clip, 95)
     encode = cpu_s() - c0
-    return {"clip": kind, "decoder": decoder, "device": device, "decoded_on": decoded_on, "frame_hw": [h, w],
-            "ingest_cpu_s": round(ingest, 3), "ingest_wall_s": round(ingest_wall, 3), "decode_cpu_s": round(decode, 3),
-            "encode_cpu_s": round(encode, 3), "sample_bytes": sum(len(v) for v in sample.values() if isinstance(v, bytes)),
-            "decode_share": round(decode / (ingest + encode), 3)}
+    return {
+        "clip": kind,
+        "decoder": decoder,
+        "device": device,
+        "decoded_on": decoded_on,
+        "frame_hw": [h, w],
+        "ingest_cpu_s": round(ingest, 3),
+        "ingest_wall_s": round(ingest_wall, 3),
+        "decode_cpu_s": round(decode, 3),
+        "encode_cpu_s": round(encode, 3),
+        "sample_bytes": sum(len(v) for v in sample.values() if isinstance(v, bytes)),
+        "decode_share": round(decode / (ingest + encode), 3),
+    }
 
 
 def child(task: dict) -> dict:
     import av  # noqa: F401 - first: loads the FFmpeg libraries that the shim's soname links point at
 
     kind = task.pop("kind")
-    return {"probe": probe_torchcodec, "decode": decode_all, "seek": seek_test, "rectify": rectify_test,
-            "clip": clip_cpu}[kind](**task)
+    return {
+        "probe": probe_torchcodec,
+        "decode": decode_all,
+        "seek": seek_test,
+        "rectify": rectify_test,
+        "clip": clip_cpu,
+    }[kind](**task)
 
 
 # -- fixtures for the clip test --------------------------------------------------------------------------
@@ -351,8 +421,14 @@ def clip_fixtures(tmp: Path, quick: bool) -> dict:
     re_root = tmp / "re10k"
     re10k.write(render(spec), re_root, re10k.default_scene_id(0), with_frames=False, with_youtube_video=True)
     (video,) = (re_root / "videos").glob("*.mp4")
-    make_video(video, 360 if quick else 720, 640 if quick else 1280, re10k.FIRST_FRAME + n + re10k.TAIL_FRAMES,
-               re10k.GOP, seed=4)
+    make_video(
+        video,
+        360 if quick else 720,
+        640 if quick else 1280,
+        re10k.FIRST_FRAME + n + re10k.TAIL_FRAMES,
+        re10k.GOP,
+        seed=4,
+    )
     return {"stereo4d": str(s4d_root), "realestate10k": str(re_root), "stereo4d_scene": ws.scene_id}
 
 
@@ -366,16 +442,25 @@ def main(out_dir: str, quick: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="d4s-decode-"))
     t_start = time.time()
-    res: dict = {"machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
-                             "cuda": torch.cuda.is_available(),
-                             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                             "av": __import__("av").__version__, "quick": quick}}
+    res: dict = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "av": __import__("av").__version__,
+            "quick": quick,
+        }
+    }
     n = 60 if quick else 300
-    videos = {"360p": make_video(tmp / "360p.mp4", 360, 640, n, 60),
-              "720p": make_video(tmp / "720p.mp4", 720, 1280, n, 60),
-              "vr180_4k": make_video(tmp / "vr180.mp4", 480 if quick else 1920, 960 if quick else 3840,
-                                     20 if quick else 120, 30),
-              "720p_60s": make_video(tmp / "720p_60s.mp4", 720, 1280, 300 if quick else 1800, 60)}
+    videos = {
+        "360p": make_video(tmp / "360p.mp4", 360, 640, n, 60),
+        "720p": make_video(tmp / "720p.mp4", 720, 1280, n, 60),
+        "vr180_4k": make_video(
+            tmp / "vr180.mp4", 480 if quick else 1920, 960 if quick else 3840, 20 if quick else 120, 30
+        ),
+        "720p_60s": make_video(tmp / "720p_60s.mp4", 720, 1280, 300 if quick else 1800, 60),
+    }
     res["videos"] = {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in videos.items()}
     print("videos made", round(time.time() - t_start), "s", flush=True)
 
@@ -389,8 +474,11 @@ def main(out_dir: str, quick: bool) -> None:
     except Exception:
         cands = []
     for cand in cands + torchcodec_candidates(tmp):
-        probe = run_child({"kind": "probe", "video": videos["360p"]["path"]}, child_env(cand["path"], shim), 120) \
-            if not cand["install_error"] else {"error": cand["install_error"]}
+        probe = (
+            run_child({"kind": "probe", "video": videos["360p"]["path"]}, child_env(cand["path"], shim), 120)
+            if not cand["install_error"]
+            else {"error": cand["install_error"]}
+        )
         res["torchcodec"].append({"candidate": cand["version"], **probe})
         if probe.get("cpu") and tc_cpu is None:
             tc_cpu = cand
@@ -409,39 +497,51 @@ def main(out_dir: str, quick: bool) -> None:
     for how, cand in configs:
         env = child_env(cand["path"] if cand else None, shim)
         for key in ("360p", "720p", "vr180_4k"):
-            r = run_child({"kind": "decode", "video": videos[key]["path"], "how": how if how != "pyav-cpu" else "pyav"},
-                          env)
+            r = run_child(
+                {"kind": "decode", "video": videos[key]["path"], "how": how if how != "pyav-cpu" else "pyav"}, env
+            )
             res["decode"].setdefault(key, {})[how] = r
             print(how, key, r, flush=True)
 
     first, count = (150, 60) if quick else (1200, 150)
     res["seek"] = {"first_frame": first, "count": count, "video_frames": videos["720p_60s"]["frames"]}
     res["seek"]["decode_everything_up_to_the_end"] = run_child(
-        {"kind": "decode", "video": videos["720p_60s"]["path"], "how": "pyav"}, child_env(None, shim))
-    seek_cfgs = [("pyav", None)] + ([("torchcodec-cpu", tc_cpu)] if tc_cpu else []) + \
-        ([("torchcodec-cuda", tc_cuda)] if tc_cuda else [])
+        {"kind": "decode", "video": videos["720p_60s"]["path"], "how": "pyav"}, child_env(None, shim)
+    )
+    seek_cfgs = (
+        [("pyav", None)]
+        + ([("torchcodec-cpu", tc_cpu)] if tc_cpu else [])
+        + ([("torchcodec-cuda", tc_cuda)] if tc_cuda else [])
+    )
     for how, cand in seek_cfgs:
-        res["seek"][how] = run_child({"kind": "seek", "video": videos["720p_60s"]["path"], "first": first,
-                                      "count": count, "how": how}, child_env(cand["path"] if cand else None, shim))
+        res["seek"][how] = run_child(
+            {"kind": "seek", "video": videos["720p_60s"]["path"], "first": first, "count": count, "how": how},
+            child_env(cand["path"] if cand else None, shim),
+        )
     print("seek", res["seek"], flush=True)
 
     res["rectify"] = {}
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        res["rectify"][device] = run_child({"kind": "rectify", "video": videos["vr180_4k"]["path"], "device": device,
-                                            "frames": 8 if quick else 32}, child_env(None, shim))
+        res["rectify"][device] = run_child(
+            {"kind": "rectify", "video": videos["vr180_4k"]["path"], "device": device, "frames": 8 if quick else 32},
+            child_env(None, shim),
+        )
     print("rectify", res["rectify"], flush=True)
 
     roots = clip_fixtures(tmp, quick)
     res["clip_cpu"] = []
-    after = ("torchcodec", "cuda", tc_cuda) if tc_cuda else (("pyav", "cuda", None) if torch.cuda.is_available()
-                                                           else None)
+    after = (
+        ("torchcodec", "cuda", tc_cuda) if tc_cuda else (("pyav", "cuda", None) if torch.cuda.is_available() else None)
+    )
     for kind in ("stereo4d", "realestate10k"):
         for label, setting in (("before", ("pyav", "cpu", None)), ("after", after)):
             if setting is None:
                 continue
             decoder, device, cand = setting
-            r = run_child({"kind": "clip", "clip_kind": kind, "root": roots[kind], "decoder": decoder, "device": device},
-                          child_env(cand["path"] if cand else None, shim))
+            r = run_child(
+                {"kind": "clip", "clip_kind": kind, "root": roots[kind], "decoder": decoder, "device": device},
+                child_env(cand["path"] if cand else None, shim),
+            )
             res["clip_cpu"].append({"when": label, **r})
             print("clip", label, r, flush=True)
     res["total_s"] = round(time.time() - t_start, 1)
@@ -453,36 +553,64 @@ def main(out_dir: str, quick: bool) -> None:
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    lines = [f"Machine: {m['cpu_count']} CPUs, GPU {m['gpu']}, torch {m['torch']}, PyAV {m['av']}"
-             + (" (QUICK run)" if m["quick"] else ""), ""]
-    lines += ["torchcodec candidates: " + "; ".join(
-        f"{t['candidate']}: cpu {t.get('cpu')}, cuda {t.get('cuda')}"
-        + (f" ({t.get('cuda_error') or t.get('cpu_error') or t.get('error', '')[:160]})"
-           if not (t.get("cpu") and t.get("cuda")) else "") for t in res["torchcodec"]), ""]
+    lines = [
+        f"Machine: {m['cpu_count']} CPUs, GPU {m['gpu']}, torch {m['torch']}, PyAV {m['av']}"
+        + (" (QUICK run)" if m["quick"] else ""),
+        "",
+    ]
+    lines += [
+        "torchcodec candidates: "
+        + "; ".join(
+            f"{t['candidate']}: cpu {t.get('cpu')}, cuda {t.get('cuda')}"
+            + (
+                f" ({t.get('cuda_error') or t.get('cpu_error') or t.get('error', '')[:160]})"
+                if not (t.get("cpu") and t.get("cuda"))
+                else ""
+            )
+            for t in res["torchcodec"]
+        ),
+        "",
+    ]
     lines += ["| video | Mbit/s | decoder | frames/s | CPU ms/frame |", "|---|---|---|---|---|"]
     for key, cfgs in res["decode"].items():
         for how, r in cfgs.items():
-            lines.append(f"| {key} | {res['videos'][key]['mbit_s']} | {how} | {r.get('fps', r.get('error', '')[:80])} "
-                         f"| {r.get('cpu_ms_per_frame', '')} |")
+            lines.append(
+                f"| {key} | {res['videos'][key]['mbit_s']} | {how} | {r.get('fps', r.get('error', '')[:80])} "
+                f"| {r.get('cpu_ms_per_frame', '')} |"
+            )
     s = res["seek"]
-    lines += ["", f"Seek: {s['count']} frames from frame {s['first_frame']} of a {s['video_frames']}-frame 720p video",
-              "", "| reader | frames decoded | wall s | CPU s | max time error us |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Seek: {s['count']} frames from frame {s['first_frame']} of a {s['video_frames']}-frame 720p video",
+        "",
+        "| reader | frames decoded | wall s | CPU s | max time error us |",
+        "|---|---|---|---|---|",
+    ]
     full = s["decode_everything_up_to_the_end"]
     lines.append(f"| decode the whole file (PyAV) | {full.get('frames')} | {full.get('wall_s')} | | |")
     for how in ("pyav", "torchcodec-cpu", "torchcodec-cuda"):
         if how in s:
             r = s[how]
-            lines.append(f"| d4s frames_at_times, {how} | {r.get('decoded', r.get('error', '')[:80])} | {r.get('wall_s')} "
-                         f"| {r.get('cpu_s')} | {r.get('max_time_error_us')} |")
+            lines.append(
+                f"| d4s frames_at_times, {how} | {r.get('decoded', r.get('error', '')[:80])} | {r.get('wall_s')} "
+                f"| {r.get('cpu_s')} | {r.get('max_time_error_us')} |"
+            )
     lines += ["", "| VR180 rectification (to 512x512) | frames/s | CPU ms/frame | maps s |", "|---|---|---|---|"]
     for dev, r in res["rectify"].items():
-        lines.append(f"| {dev} | {r.get('fps', r.get('error', '')[:80])} | {r.get('cpu_ms_per_frame')} | {r.get('maps_s')} |")
-    lines += ["", "| 16-frame clip | decode | ingest CPU s | of which decode | encode CPU s | decode share |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {dev} | {r.get('fps', r.get('error', '')[:80])} | {r.get('cpu_ms_per_frame')} | {r.get('maps_s')} |"
+        )
+    lines += [
+        "",
+        "| 16-frame clip | decode | ingest CPU s | of which decode | encode CPU s | decode share |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res["clip_cpu"]:
-        lines.append(f"| {r.get('clip')} {r.get('frame_hw')} ({r['when']}) | {r.get('decoded_on')} "
-                     f"| {r.get('ingest_cpu_s', r.get('error', '')[:80])} | {r.get('decode_cpu_s')} | "
-                     f"{r.get('encode_cpu_s')} | {r.get('decode_share')} |")
+        lines.append(
+            f"| {r.get('clip')} {r.get('frame_hw')} ({r['when']}) | {r.get('decoded_on')} "
+            f"| {r.get('ingest_cpu_s', r.get('error', '')[:80])} | {r.get('decode_cpu_s')} | "
+            f"{r.get('encode_cpu_s')} | {r.get('decode_share')} |"
+        )
     lines += ["", f"Total {res['total_s']} s."]
     return "\n".join(lines) + "\n"
 

@@ -14,6 +14,7 @@ memory sampled with nvidia-smi every 0.5 s. Rendering is parallel and not timed.
 Usage: python bench/bench_gpu_build.py --out DIR [--scenes 48 --frames 32 --height 288 --width 512]
        [--encoder vitl] [--cpus N] [--gpus 1]   (on a CPU-only box: --gpus 0 --encoder vits, small sizes)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,12 @@ class GpuSampler(threading.Thread):
     def run(self):
         while not self._halt.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5).stdout
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
                 for gi, line in enumerate(out.strip().splitlines()):
                     u, m = (float(x) for x in line.split(","))
                     self.samples.append((time.time(), gi, u, m))
@@ -98,23 +103,47 @@ def main(argv=None) -> int:
 
     gpu = args.gpus > 0
     share = 0.5 if gpu else 0.0
-    cfg = BuildConfig.model_validate({
-        "output": str(out / "build"), "shard_size": args.shard_size, "max_inflight_shards": 8,
-        "datasets": {"realestate10k": {"root": str(data), "clip_length": args.clip_length, "frame_stride": 1,
-                                       "clip_stride": args.clip_length // 2, "depth_source": "megasam",
-                                       "track_source": "cotracker"}},
-        "stages": {
-            # the metric head: a random-weight relative head at vitl outputs all zeros (ReLU)
-            "depth": {"encoder": args.encoder, "metric": True, "input_size": args.input_size,
-                      "dtype": "fp16" if gpu else "fp32", "allow_random_weights": True,
-                      "resources": {"num_gpus": share, "actors": 1}},
-            "align": {"drop_on_qc": False, "model": "scale_only", "megasam_command": command_template(truth),
-                      "megasam_num_gpus": 0.0},  # the stand-in uses no GPU
-            "tracks": {"dtype": "bf16" if gpu else "fp32", "allow_random_weights": True, "drop_on_qc": False,
-                       "resources": {"num_gpus": share, "actors": 1}},
-        },
-        "ray": {"num_cpus": args.cpus, "num_gpus": args.gpus},
-    })
+    cfg = BuildConfig.model_validate(
+        {
+            "output": str(out / "build"),
+            "shard_size": args.shard_size,
+            "max_inflight_shards": 8,
+            "datasets": {
+                "realestate10k": {
+                    "root": str(data),
+                    "clip_length": args.clip_length,
+                    "frame_stride": 1,
+                    "clip_stride": args.clip_length // 2,
+                    "depth_source": "megasam",
+                    "track_source": "cotracker",
+                }
+            },
+            "stages": {
+                # the metric head: a random-weight relative head at vitl outputs all zeros (ReLU)
+                "depth": {
+                    "encoder": args.encoder,
+                    "metric": True,
+                    "input_size": args.input_size,
+                    "dtype": "fp16" if gpu else "fp32",
+                    "allow_random_weights": True,
+                    "resources": {"num_gpus": share, "actors": 1},
+                },
+                "align": {
+                    "drop_on_qc": False,
+                    "model": "scale_only",
+                    "megasam_command": command_template(truth),
+                    "megasam_num_gpus": 0.0,
+                },  # the stand-in uses no GPU
+                "tracks": {
+                    "dtype": "bf16" if gpu else "fp32",
+                    "allow_random_weights": True,
+                    "drop_on_qc": False,
+                    "resources": {"num_gpus": share, "actors": 1},
+                },
+            },
+            "ray": {"num_cpus": args.cpus, "num_gpus": args.gpus},
+        }
+    )
     ray.init(address="local", num_cpus=args.cpus, num_gpus=args.gpus, include_dashboard=False, log_to_driver=True)
     sampler = GpuSampler()
     sampler.start()
@@ -127,24 +156,39 @@ def main(argv=None) -> int:
     util = [u for _, _, u, _ in sampler.samples]
     mem = [m for _, _, _, m in sampler.samples]
     res = {
-        "scenes": args.scenes, "frames_per_scene": args.frames, "size": [args.height, args.width],
-        "encoder": args.encoder, "input_size": args.input_size, "cpus": args.cpus, "gpus": args.gpus,
-        "render_s": render_s, "build_s": build_s, "clips": s.clips_written, "clips_failed": s.clips_failed,
-        "frames": frames, "clips_per_s": s.clips_written / build_s, "frames_per_s": frames / build_s,
+        "scenes": args.scenes,
+        "frames_per_scene": args.frames,
+        "size": [args.height, args.width],
+        "encoder": args.encoder,
+        "input_size": args.input_size,
+        "cpus": args.cpus,
+        "gpus": args.gpus,
+        "render_s": render_s,
+        "build_s": build_s,
+        "clips": s.clips_written,
+        "clips_failed": s.clips_failed,
+        "frames": frames,
+        "clips_per_s": s.clips_written / build_s,
+        "frames_per_s": frames / build_s,
         "stage_busy_s": st["stage_seconds"],
         "stage_ms_per_frame": {k: 1000 * v / max(frames, 1) for k, v in st["stage_seconds"].items()},
         "gpu_util_mean": sum(util) / len(util) if util else None,
         "gpu_util_p90": sorted(util)[int(0.9 * (len(util) - 1))] if util else None,
-        "gpu_mem_max_mib": max(mem) if mem else None, "gpu_samples": len(util),
+        "gpu_mem_max_mib": max(mem) if mem else None,
+        "gpu_samples": len(util),
         "failures": s.failures[:5],
     }
     (out / "bench_gpu_build.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
-    lines = ["| clips | frames | build s | clips/s | frames/s | GPU util mean / p90 | GPU mem max |",
-             "|---|---|---|---|---|---|---|",
-             f"| {res['clips']} | {frames} | {build_s:.1f} | {res['clips_per_s']:.2f} | {res['frames_per_s']:.1f} | "
-             f"{res['gpu_util_mean'] or 0:.0f}% / {res['gpu_util_p90'] or 0:.0f}% | {res['gpu_mem_max_mib'] or 0:.0f} MiB |",
-             "", "| stage | busy s (summed over clips) | ms per frame |", "|---|---|---|"]
+    lines = [
+        "| clips | frames | build s | clips/s | frames/s | GPU util mean / p90 | GPU mem max |",
+        "|---|---|---|---|---|---|---|",
+        f"| {res['clips']} | {frames} | {build_s:.1f} | {res['clips_per_s']:.2f} | {res['frames_per_s']:.1f} | "
+        f"{res['gpu_util_mean'] or 0:.0f}% / {res['gpu_util_p90'] or 0:.0f}% | {res['gpu_mem_max_mib'] or 0:.0f} MiB |",
+        "",
+        "| stage | busy s (summed over clips) | ms per frame |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {v:.1f} | {res['stage_ms_per_frame'][k]:.2f} |" for k, v in st["stage_seconds"].items()]
     (out / "bench_gpu_build.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -27,6 +27,7 @@ tables), ``training.png`` and ``validation.png`` (curves, as in the training rep
 ``eval.html`` (renders of the held-out scenes). Workdirs, shards and the generated scene go to
 ``--work`` (a temporary directory by default).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,18 +75,35 @@ def time_generate(work: str, resolution: int, steps: int, cuda: bool, preset: st
     info = {"checkpoint": f"random weights ({preset} preset)", "step": 0}
     runs = []
     for i, ply in enumerate((False, True)):
-        r = run_generation(model, cfg, info, img, "orbit:1.0", os.path.join(work, f"generate{i}"), steps=steps,
-                           resolution=resolution, write_ply=ply)
+        r = run_generation(
+            model,
+            cfg,
+            info,
+            img,
+            "orbit:1.0",
+            os.path.join(work, f"generate{i}"),
+            steps=steps,
+            resolution=resolution,
+            write_ply=ply,
+        )
         runs.append(r)
-        print(f"[bench_learning] generate run {i} (ply {ply}): scene {r['scene_s']:.2f} s, total {r['total_s']:.2f} s",
-              flush=True)
+        print(
+            f"[bench_learning] generate run {i} (ply {ply}): scene {r['scene_s']:.2f} s, total {r['total_s']:.2f} s",
+            flush=True,
+        )
     params = sum(p.numel() for p in model.parameters())
-    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if cuda else None
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None
     del model
     if cuda:
         torch.cuda.empty_cache()
-    return {"preset": preset, "parameters_m": params / 1e6, "init_s": init_s, "warmup": runs[0], "timed": runs[1],
-            "peak_mem_gb": peak}
+    return {
+        "preset": preset,
+        "parameters_m": params / 1e6,
+        "init_s": init_s,
+        "warmup": runs[0],
+        "timed": runs[1],
+        "peak_mem_gb": peak,
+    }
 
 
 def stage_list(preset: str, steps: list[int], resolution: int, frames: int) -> list[dict]:
@@ -109,9 +127,13 @@ def main(argv=None) -> int:
     ap.add_argument("--val-clips", type=int, default=8, help="held-out scenes")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--lr", type=float, default=None, help="default: the preset's")
-    ap.add_argument("--clean-latent-prob", type=float, default=0.5,
-                    help="ldrm.clean_latent_prob (the preset's is 0): how often the LDRM decodes the clip's own "
-                         "latents rather than the x0-prediction of a still-random backbone")
+    ap.add_argument(
+        "--clean-latent-prob",
+        type=float,
+        default=0.5,
+        help="ldrm.clean_latent_prob (the preset's is 0): how often the LDRM decodes the clip's own "
+        "latents rather than the x0-prediction of a still-random backbone",
+    )
     ap.add_argument("--train-seconds", type=float, default=200.0)
     ap.add_argument("--probe-steps", type=int, default=40)
     ap.add_argument("--stage-split", default="0.4,0.3,0.3")
@@ -127,8 +149,13 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     cuda = torch.cuda.is_available()
     t_all = time.perf_counter()
-    res: dict = {"host": platform.node(), "torch": torch.__version__,
-                 "device": torch.cuda.get_device_name(0) if cuda else "cpu", "args": vars(a), "goals": GOALS}
+    res: dict = {
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "args": vars(a),
+        "goals": GOALS,
+    }
 
     if not a.no_generate:
         res["generate"] = time_generate(work, a.generate_resolution, a.generate_steps, cuda, a.generate_preset)
@@ -141,11 +168,23 @@ def main(argv=None) -> int:
     data = os.path.join(work, "data")
     shutil.rmtree(data, ignore_errors=True)
     n = a.clips + a.val_clips
-    write_shards(data, n_clips=n, per_shard=8, t=a.clip_frames, size=a.resolution,
-                 datasets=("synth_static", "synth_dynamic"), val=lambda ds, i: i >= a.clips,
-                 device="cuda" if cuda else "cpu")
-    res["data"] = {"train_clips": a.clips, "val_clips": a.val_clips, "frames": a.clip_frames,
-                   "resolution": a.resolution, "seconds": time.perf_counter() - t0}
+    write_shards(
+        data,
+        n_clips=n,
+        per_shard=8,
+        t=a.clip_frames,
+        size=a.resolution,
+        datasets=("synth_static", "synth_dynamic"),
+        val=lambda ds, i: i >= a.clips,
+        device="cuda" if cuda else "cpu",
+    )
+    res["data"] = {
+        "train_clips": a.clips,
+        "val_clips": a.val_clips,
+        "frames": a.clip_frames,
+        "resolution": a.resolution,
+        "seconds": time.perf_counter() - t0,
+    }
     print(f"[bench_learning] data: {n} clips in {res['data']['seconds']:.1f} s", flush=True)
 
     # --- training, sized by time -------------------------------------------------------------------
@@ -158,12 +197,25 @@ def main(argv=None) -> int:
     split = [float(x) for x in a.stage_split.split(",")]
 
     def cfg_for(steps: list[int], max_steps: int):
-        over = dict(data={"root": data, "num_workers": 4 if cuda else 0, "shuffle_buffer": 16}, workdir=wd,
-                    stages=stage_list(a.preset, steps, a.resolution, a.frames), max_steps=max_steps,
-                    validation={"every": a.val_every, "clips": a.val_clips, "sample_steps": a.sample_steps},
-                    runtime={"launcher": "local", "num_workers": 1, "use_gpu": cuda, "batch_size": a.batch,
-                             "ckpt_every": 10 ** 9, "log_every": 20, "tensorboard": False, "keep_ckpts": 1},
-                    loss={"lpips_enabled": False}, ldrm={"clean_latent_prob": a.clean_latent_prob})
+        over = dict(
+            data={"root": data, "num_workers": 4 if cuda else 0, "shuffle_buffer": 16},
+            workdir=wd,
+            stages=stage_list(a.preset, steps, a.resolution, a.frames),
+            max_steps=max_steps,
+            validation={"every": a.val_every, "clips": a.val_clips, "sample_steps": a.sample_steps},
+            runtime={
+                "launcher": "local",
+                "num_workers": 1,
+                "use_gpu": cuda,
+                "batch_size": a.batch,
+                "ckpt_every": 10**9,
+                "log_every": 20,
+                "tensorboard": False,
+                "keep_ckpts": 1,
+            },
+            loss={"lpips_enabled": False},
+            ldrm={"clean_latent_prob": a.clean_latent_prob},
+        )
         if a.lr is not None:
             over["optim"] = {"lr": a.lr}
         return make_config(a.preset, **over)
@@ -180,18 +232,31 @@ def main(argv=None) -> int:
     total = a.probe_steps + max(int(0.85 * left / s_per_step), 3)
     steps = [max(int(total * f), 1) for f in split]
     steps[0] = max(steps[0], a.probe_steps + 1)
-    res["training"] = {"probe_steps": a.probe_steps, "probe_s": probe_s, "s_per_step_probe": s_per_step,
-                       "stage_steps": steps, "total_steps": sum(steps), "batch": a.batch}
+    res["training"] = {
+        "probe_steps": a.probe_steps,
+        "probe_s": probe_s,
+        "s_per_step_probe": s_per_step,
+        "stage_steps": steps,
+        "total_steps": sum(steps),
+        "batch": a.batch,
+    }
     print(f"[bench_learning] probe: {s_per_step:.3f} s/step; stages {steps}", flush=True)
     _dump(a.out, res)
     t1 = time.perf_counter()
     train(cfg_for(steps, sum(steps)))
     res["training"]["seconds"] = probe_s + time.perf_counter() - t1
     train_rows, val_rows = read_metrics(wd)
-    res["training"]["curves"] = {"train": [{k: r[k] for k in ("step", "stage", "loss", "photo", "geo", "fm", "motion",
-                                                               "psnr", "psnr_first", "time") if k in r}
-                                           for r in train_rows],
-                                 "val": val_rows}
+    res["training"]["curves"] = {
+        "train": [
+            {
+                k: r[k]
+                for k in ("step", "stage", "loss", "photo", "geo", "fm", "motion", "psnr", "psnr_first", "time")
+                if k in r
+            }
+            for r in train_rows
+        ],
+        "val": val_rows,
+    }
     best_json = os.path.join(wd, "ckpt", "best.json")
     best = None
     if os.path.exists(best_json):
@@ -212,8 +277,10 @@ def main(argv=None) -> int:
     res["eval"]["per_clip"] = ev["per_clip"]
     shutil.copy(os.path.join(ev_dir, "eval.html"), os.path.join(a.out, "eval.html"))
     res["seconds"] = time.perf_counter() - t_all
-    res["goals_met"] = {"recon_psnr": (ev["psnr"] or 0) >= GOALS["recon_psnr"],
-                        "recon_depth_abs_rel": (ev["depth_abs_rel"] or 9) <= GOALS["recon_depth_abs_rel"]}
+    res["goals_met"] = {
+        "recon_psnr": (ev["psnr"] or 0) >= GOALS["recon_psnr"],
+        "recon_depth_abs_rel": (ev["depth_abs_rel"] or 9) <= GOALS["recon_depth_abs_rel"],
+    }
     _dump(a.out, res)
     md = render_md(res)
     with open(os.path.join(a.out, "bench_learning.md"), "w") as f:
@@ -229,45 +296,63 @@ def render_md(res: dict) -> str:
     if "generate" in res:
         g = res["generate"]
         t = g["timed"]
-        lines += ["## d4s generate", "",
-                  f"{g['preset']} preset ({g['parameters_m']:.0f}M parameters, random weights), {t['resolution']}², "
-                  f"{t['frames']} frames, {t['steps']} steps, peak {f(g['peak_mem_gb'])} GB", "",
-                  "| run | encode | sample | ldrm | render | scene_s | novel render | write | Gaussians/frame |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## d4s generate",
+            "",
+            f"{g['preset']} preset ({g['parameters_m']:.0f}M parameters, random weights), {t['resolution']}², "
+            f"{t['frames']} frames, {t['steps']} steps, peak {f(g['peak_mem_gb'])} GB",
+            "",
+            "| run | encode | sample | ldrm | render | scene_s | novel render | write | Gaussians/frame |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for name in ("warmup", "timed"):
             r = g[name]
-            lines.append(f"| {name}{' (+ply)' if r['ply'] else ''} | {f(r.get('encode_s'))} | {f(r.get('sample_s'))} | "
-                         f"{f(r.get('ldrm_s'))} | {f(r.get('render_s'))} | **{f(r['scene_s'])}** | "
-                         f"{f(r.get('novel_render_s'))} | {f(r.get('write_s'))} | {r['gaussians_per_frame']} |")
+            lines.append(
+                f"| {name}{' (+ply)' if r['ply'] else ''} | {f(r.get('encode_s'))} | {f(r.get('sample_s'))} | "
+                f"{f(r.get('ldrm_s'))} | {f(r.get('render_s'))} | **{f(r['scene_s'])}** | "
+                f"{f(r.get('novel_render_s'))} | {f(r.get('write_s'))} | {r['gaussians_per_frame']} |"
+            )
         lines.append("")
-    lines += ["## Learning check", "",
-              f"{res['data']['train_clips']} training + {res['data']['val_clips']} held-out synthetic scenes at "
-              f"{res['data']['resolution']}², {res['args']['preset']} preset, batch {tr['batch']}, "
-              f"ldrm.clean_latent_prob {res['args']['clean_latent_prob']}, stages "
-              f"{tr['stage_steps']} steps ({tr['total_steps']} in all, {tr['s_per_step_probe']:.3f} s/step probed), "
-              f"{tr.get('seconds', 0):.0f} s of training.", "",
-              "| step | stage | recon PSNR | recon SSIM | recon depth AbsRel | median-scaled | recon δ<1.25 | recon EPE (m) "
-              "| sample PSNR | sample AbsRel |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Learning check",
+        "",
+        f"{res['data']['train_clips']} training + {res['data']['val_clips']} held-out synthetic scenes at "
+        f"{res['data']['resolution']}², {res['args']['preset']} preset, batch {tr['batch']}, "
+        f"ldrm.clean_latent_prob {res['args']['clean_latent_prob']}, stages "
+        f"{tr['stage_steps']} steps ({tr['total_steps']} in all, {tr['s_per_step_probe']:.3f} s/step probed), "
+        f"{tr.get('seconds', 0):.0f} s of training.",
+        "",
+        "| step | stage | recon PSNR | recon SSIM | recon depth AbsRel | median-scaled | recon δ<1.25 | recon EPE (m) "
+        "| sample PSNR | sample AbsRel |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in tr["curves"]["val"]:
-        lines.append(f"| {r['step']} | {r['stage']} | {f(r.get('recon_psnr'))} | {f(r.get('recon_ssim'))} | "
-                     f"{f(r.get('recon_depth_abs_rel'))} | {f(r.get('recon_depth_abs_rel_scaled'))} | "
-                     f"{f(r.get('recon_depth_delta_1_25'))} | "
-                     f"{f(r.get('recon_track_epe_m'))} | {f(r.get('sample_psnr'))} | {f(r.get('sample_depth_abs_rel'))} |")
+        lines.append(
+            f"| {r['step']} | {r['stage']} | {f(r.get('recon_psnr'))} | {f(r.get('recon_ssim'))} | "
+            f"{f(r.get('recon_depth_abs_rel'))} | {f(r.get('recon_depth_abs_rel_scaled'))} | "
+            f"{f(r.get('recon_depth_delta_1_25'))} | "
+            f"{f(r.get('recon_track_epe_m'))} | {f(r.get('sample_psnr'))} | {f(r.get('sample_depth_abs_rel'))} |"
+        )
     ev = res["eval"]
-    lines += ["", f"d4s eval of the best checkpoint ({f((tr['best'] or {}).get('metric'))} at step "
-                  f"{f((tr['best'] or {}).get('step'))}), {ev['clips']} held-out clips:", "",
-              "| | PSNR | SSIM | depth AbsRel | median-scaled | δ<1.25 | track EPE (m) |", "|---|---|---|---|---|---|---|",
-              f"| reconstruction | {f(ev['psnr'])} | {f(ev['ssim'])} | {f(ev['depth_abs_rel'])} | "
-              f"{f(ev['depth_abs_rel_scaled'])} | "
-              f"{f(ev['depth_delta_1_25'])} | {f(ev['track_epe_m'])} |"]
+    lines += [
+        "",
+        f"d4s eval of the best checkpoint ({f((tr['best'] or {}).get('metric'))} at step "
+        f"{f((tr['best'] or {}).get('step'))}), {ev['clips']} held-out clips:",
+        "",
+        "| | PSNR | SSIM | depth AbsRel | median-scaled | δ<1.25 | track EPE (m) |",
+        "|---|---|---|---|---|---|---|",
+        f"| reconstruction | {f(ev['psnr'])} | {f(ev['ssim'])} | {f(ev['depth_abs_rel'])} | "
+        f"{f(ev['depth_abs_rel_scaled'])} | "
+        f"{f(ev['depth_delta_1_25'])} | {f(ev['track_epe_m'])} |",
+    ]
     if ev.get("sampled"):
         s = ev["sampled"]
-        lines.append(f"| sampled latents | {f(s['psnr'])} | {f(s['ssim'])} | {f(s['depth_abs_rel'])} | "
-                     f"{f(s['depth_abs_rel_scaled'])} | "
-                     f"{f(s['depth_delta_1_25'])} | {f(s['track_epe_m'])} |")
-    lines += ["", f"Goals (PSNR ≥ {GOALS['recon_psnr']}, AbsRel ≤ {GOALS['recon_depth_abs_rel']}): "
-                  f"{res['goals_met']}"]
+        lines.append(
+            f"| sampled latents | {f(s['psnr'])} | {f(s['ssim'])} | {f(s['depth_abs_rel'])} | "
+            f"{f(s['depth_abs_rel_scaled'])} | "
+            f"{f(s['depth_delta_1_25'])} | {f(s['track_epe_m'])} |"
+        )
+    lines += ["", f"Goals (PSNR ≥ {GOALS['recon_psnr']}, AbsRel ≤ {GOALS['recon_depth_abs_rel']}): {res['goals_met']}"]
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ breakdown (read, JPEG decode, depth decode, crop + resize, tracks) comes from on
 
 Writes DIR/bench_loader.json and DIR/bench_loader.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def pink_texture(size: int, seed: int) -> np.ndarray:
     f[0, 0] = 1.0
 
     def field():
-        img = np.real(np.fft.ifft2((rng.normal(size=(size, size)) + 1j * rng.normal(size=(size, size))) / f ** 1.3))
+        img = np.real(np.fft.ifft2((rng.normal(size=(size, size)) + 1j * rng.normal(size=(size, size))) / f**1.3))
         return (img - img.mean()) / (img.std() + 1e-9)
 
     lum = field()
@@ -51,7 +52,7 @@ def textured_clip(seed: int, t: int, size: int, n_tracks: int = 1024):
 
     tex = pink_texture(2 * size, seed)
     shift = np.linspace(0, size - 1, t).astype(int)
-    rgb = np.stack([tex[s // 2:s // 2 + size, s:s + size] for s in shift])
+    rgb = np.stack([tex[s // 2 : s // 2 + size, s : s + size] for s in shift])
     yy, xx = np.mgrid[0:size, 0:size] / size
     depth = np.stack([(2.0 + 3.0 * yy + 0.5 * np.sin(6 * xx + 0.1 * i)).astype(np.float32) for i in range(t)])
     f = 1.1 * size
@@ -61,10 +62,26 @@ def textured_clip(seed: int, t: int, size: int, n_tracks: int = 1024):
     rng = np.random.default_rng(seed)
     tracks = (rng.normal(size=(1, n_tracks, 3)) * [1.0, 1.0, 0.5] + [0, 0, 4]).astype(np.float32).repeat(t, 0)
     vis = rng.random((t, n_tracks)) < 0.8
-    meta = ClipMeta(dataset="bench", scene=f"s{seed}", clip_id=f"bench__s{seed}__0", frame_indices=list(range(t)),
-                    dynamic=True, real=False, depth_source="gt", track_source="gt")
-    return Clip(meta=meta, rgb=rgb, intrinsics=intr, c2w=c2w, depth=depth, depth_valid=np.ones_like(depth, bool),
-                tracks=tracks, track_visible=vis)
+    meta = ClipMeta(
+        dataset="bench",
+        scene=f"s{seed}",
+        clip_id=f"bench__s{seed}__0",
+        frame_indices=list(range(t)),
+        dynamic=True,
+        real=False,
+        depth_source="gt",
+        track_source="gt",
+    )
+    return Clip(
+        meta=meta,
+        rgb=rgb,
+        intrinsics=intr,
+        c2w=c2w,
+        depth=depth,
+        depth_valid=np.ones_like(depth, bool),
+        tracks=tracks,
+        track_visible=vis,
+    )
 
 
 def write_shards(out: str, clips: int, t: int, size: int) -> dict:
@@ -89,17 +106,30 @@ def write_shards(out: str, clips: int, t: int, size: int) -> dict:
             sink.write(sample)
         with tarfile.open(path) as tar:
             offset = tar.getmembers()[0].offset
-        rows.append({"key": clip.key, "dataset": "bench", "shard_path": os.path.relpath(path, out), "offset": offset,
-                     "num_frames": t, "dynamic": True})
+        rows.append(
+            {
+                "key": clip.key,
+                "dataset": "bench",
+                "shard_path": os.path.relpath(path, out),
+                "offset": offset,
+                "num_frames": t,
+                "dynamic": True,
+            }
+        )
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(out, "index.parquet"))
-    return {"clips": clips, "frames": t, "src": size, "jpeg_kb_mean": float(np.mean(jpeg)) / 1e3,
-            "depth_png_kb_mean": float(np.mean(png)) / 1e3}
+    return {
+        "clips": clips,
+        "frames": t,
+        "src": size,
+        "jpeg_kb_mean": float(np.mean(jpeg)) / 1e3,
+        "depth_png_kb_mean": float(np.mean(png)) / 1e3,
+    }
 
 
 def _stage(frames: int, res: int):
     from training.config import StageConfig
 
-    return StageConfig(name="bench", steps=10 ** 9, resolution=res, num_frames=frames, scenes="any", max_frame_stride=1)
+    return StageConfig(name="bench", steps=10**9, resolution=res, num_frames=frames, scenes="any", max_frame_stride=1)
 
 
 def measure(root: str, frames: int, res: int, workers: int, seconds: float, tracks: int = 256) -> dict:
@@ -141,26 +171,39 @@ def breakdown(root: str, frames: int, res: int, n: int = 3) -> dict:
     for url in urls:
         raw = timed("read tar", lambda: next(iter_tar(url)))
         idx = list(range(frames))
-        timed("jpeg decode", lambda: [np.asarray(Image.open(io.BytesIO(raw[f"rgb.{i:03d}.jpg"])).convert("RGB"))
-                                      for i in idx])
-        timed("depth png decode", lambda: [decode_depth(np.asarray(Image.open(io.BytesIO(raw[f"depth.{i:03d}.png"]))))
-                                           for i in idx])
+        timed(
+            "jpeg decode",
+            lambda: [np.asarray(Image.open(io.BytesIO(raw[f"rgb.{i:03d}.jpg"])).convert("RGB")) for i in idx],
+        )
+        timed(
+            "depth png decode",
+            lambda: [decode_depth(np.asarray(Image.open(io.BytesIO(raw[f"depth.{i:03d}.png"])))) for i in idx],
+        )
         clip = timed("decode_sample (all)", lambda: DECODE(raw, idx))
         timed("crop + resize", lambda: crop_resize(clip, res))
-        timed("process (all: crop, resize, tracks, tensors)", lambda: process(clip, idx, res, 256,
-                                                                              np.random.default_rng(0)))
+        timed(
+            "process (all: crop, resize, tracks, tensors)",
+            lambda: process(clip, idx, res, 256, np.random.default_rng(0)),
+        )
     return {k: v / len(urls) for k, v in acc.items()}
 
 
 def render_md(res: dict) -> str:
     s = res["shards"]
-    lines = [f"# bench_loader ({res['host']}, {res['cpus']} CPUs, torch {res['torch']})", "",
-             f"{s['clips']} clips of {s['frames']} frames at {s['src']}², JPEG {s['jpeg_kb_mean']:.0f} kB and depth PNG "
-             f"{s['depth_png_kb_mean']:.0f} kB per frame; loader output {res['frames']} x {res['res']}², batch 1, one rank.", "",
-             "| workers | samples/s | s per sample per worker | first batch (s) |", "|---|---|---|---|"]
+    lines = [
+        f"# bench_loader ({res['host']}, {res['cpus']} CPUs, torch {res['torch']})",
+        "",
+        f"{s['clips']} clips of {s['frames']} frames at {s['src']}², JPEG {s['jpeg_kb_mean']:.0f} kB and depth PNG "
+        f"{s['depth_png_kb_mean']:.0f} kB per frame; loader output {res['frames']} x {res['res']}², batch 1, one rank.",
+        "",
+        "| workers | samples/s | s per sample per worker | first batch (s) |",
+        "|---|---|---|---|",
+    ]
     for r in res["runs"]:
-        lines.append(f"| {r['workers']} | {r['samples_per_s']:.2f} | {max(r['workers'], 1) / r['samples_per_s']:.2f} | "
-                     f"{r['first_batch_s']:.1f} |")
+        lines.append(
+            f"| {r['workers']} | {r['samples_per_s']:.2f} | {max(r['workers'], 1) / r['samples_per_s']:.2f} | "
+            f"{r['first_batch_s']:.1f} |"
+        )
     lines += ["", "| step (one process) | s per sample |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in res["breakdown"].items()]
     return "\n".join(lines) + "\n"
@@ -190,8 +233,16 @@ def main(argv=None) -> int:
     else:
         shards = write_shards(root, a.clips, a.frames, a.src)
         json.dump(shards, open(os.path.join(root, "shards.json"), "w"))
-    res = {"host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__, "frames": a.frames,
-           "res": a.res, "shards": shards, "write_s": time.perf_counter() - t0, "runs": []}
+    res = {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "frames": a.frames,
+        "res": a.res,
+        "shards": shards,
+        "write_s": time.perf_counter() - t0,
+        "runs": [],
+    }
     res["breakdown"] = breakdown(root, a.frames, a.res)
     for w in (int(x) for x in a.workers.split(",")):
         res["runs"].append(measure(root, a.frames, a.res, w, a.seconds))

@@ -20,6 +20,7 @@ killed driver leaves them. Then it times what a resume does before it starts Ray
 Planning (listing the datasets) and Ray's start are the same as for a fresh build and not part of
 this figure. Writes ``bench_resume.json`` and ``bench_resume.md`` under ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,17 +47,35 @@ def _synthetic_output(store, n: int, kib: int) -> tuple[list[dict], float]:
 
     t0 = time.time()
     ms = ManifestStore(store)
-    shards = [{"shard_id": f"synth-{i:06d}", "dataset": "synth", "path": f"shards/synth/synth-{i:06d}.tar",
-               "num_clips": 1, "clip_ids": [f"synth__s__{i:06d}"]} for i in range(n)]
-    clips = [{"clip_id": sh["clip_ids"][0], "ordinal": i, "dataset": "synth", "scene": "s", "start": i, "frames": [i],
-              "shard_id": sh["shard_id"]} for i, sh in enumerate(shards)]
+    shards = [
+        {
+            "shard_id": f"synth-{i:06d}",
+            "dataset": "synth",
+            "path": f"shards/synth/synth-{i:06d}.tar",
+            "num_clips": 1,
+            "clip_ids": [f"synth__s__{i:06d}"],
+        }
+        for i in range(n)
+    ]
+    clips = [
+        {
+            "clip_id": sh["clip_ids"][0],
+            "ordinal": i,
+            "dataset": "synth",
+            "scene": "s",
+            "start": i,
+            "frames": [i],
+            "shard_id": sh["shard_id"],
+        }
+        for i, sh in enumerate(shards)
+    ]
     ms.write_plan([{"dataset": "synth", "scene": "s", "num_frames": n, "num_clips": n, "note": None}], clips, shards)
     payload = {}
     for sh in shards:
         body = hashlib.sha256(sh["shard_id"].encode()).digest() * (kib * 32)  # kib KiB, distinct per shard
         payload[store.path(sh["path"])] = body
     for start in range(0, n, 500):  # concurrent PUTs, 500 at a time
-        keys = list(payload)[start:start + 500]
+        keys = list(payload)[start : start + 500]
         store.fs.pipe({k: payload[k] for k in keys})
     listing = store.files_detail("shards")
     rows = []
@@ -64,15 +83,39 @@ def _synthetic_output(store, n: int, kib: int) -> tuple[list[dict], float]:
     for i, sh in enumerate(shards):
         body = payload[store.path(sh["path"])]
         seq += 1
-        rows.append({"seq": seq, "shard_id": sh["shard_id"], "state": "running", "attempt": 1, "build_id": "bench",
-                     "clips_failed": "[]", "timings": "{}", "samples": "[]", "clip_qc": "[]"})
+        rows.append(
+            {
+                "seq": seq,
+                "shard_id": sh["shard_id"],
+                "state": "running",
+                "attempt": 1,
+                "build_id": "bench",
+                "clips_failed": "[]",
+                "timings": "{}",
+                "samples": "[]",
+                "clip_qc": "[]",
+            }
+        )
         if i % 100 == 99:
             continue  # 1 %: left running by a killed driver
         seq += 1
-        rows.append({"seq": seq, "shard_id": sh["shard_id"], "state": "done", "attempt": 1, "build_id": "bench",
-                     "samples_written": 1, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest(),
-                     "fingerprint": store.fingerprint(listing[sh["path"]]), "clips_failed": "[]", "timings": "{}",
-                     "samples": json.dumps([[sh["clip_ids"][0], 0, 1, False]]), "clip_qc": "[]"})
+        rows.append(
+            {
+                "seq": seq,
+                "shard_id": sh["shard_id"],
+                "state": "done",
+                "attempt": 1,
+                "build_id": "bench",
+                "samples_written": 1,
+                "bytes": len(body),
+                "sha256": hashlib.sha256(body).hexdigest(),
+                "fingerprint": store.fingerprint(listing[sh["path"]]),
+                "clips_failed": "[]",
+                "timings": "{}",
+                "samples": json.dumps([[sh["clip_ids"][0], 0, 1, False]]),
+                "clip_qc": "[]",
+            }
+        )
     table = pa.Table.from_pylist(rows, LEDGER_SCHEMA)
     store.write_bytes_atomic(f"{LEDGER_DIR}/compacted-{seq:020d}-00000000.parquet", _to_bytes(table))
     return shards, time.time() - t0
@@ -83,7 +126,13 @@ def _old_serial_check(store, shards: list[dict], ledger: dict) -> int:
     ok = 0
     for sh in shards:
         ev = ledger.get(sh["shard_id"])
-        if ev and ev["state"] == "done" and ev["sha256"] and store.exists(sh["path"]) and store.sha256(sh["path"]) == ev["sha256"]:
+        if (
+            ev
+            and ev["state"] == "done"
+            and ev["sha256"]
+            and store.exists(sh["path"])
+            and store.sha256(sh["path"]) == ev["sha256"]
+        ):
             ok += 1
     return ok
 
@@ -143,19 +192,31 @@ def main(argv: list[str] | None = None) -> dict:
     new_total = t["lease"] + t["ledger"] + t["settle"]
     res = {
         "command": f"python bench/bench_resume.py --shards {args.shards} --shard-kib {args.shard_kib} --old-sample {args.old_sample}",
-        "shards": args.shards, "shard_kib": args.shard_kib, "done": len(done), "seconds": {k: round(v, 2) for k, v in t.items()},
-        "resume_start_s": round(new_total, 2), "old_sample": len(sample), "old_sample_s": round(old_sample_s, 2),
+        "shards": args.shards,
+        "shard_kib": args.shard_kib,
+        "done": len(done),
+        "seconds": {k: round(v, 2) for k, v in t.items()},
+        "resume_start_s": round(new_total, 2),
+        "old_sample": len(sample),
+        "old_sample_s": round(old_sample_s, 2),
         "cpus": os.cpu_count(),
     }
-    md = "\n".join([
-        "| step | seconds |", "|---|---|",
-        f"| lease | {t['lease']:.2f} |", f"| ledger read ({args.shards * 2 - args.shards // 100} events) | {t['ledger']:.2f} |",
-        f"| settle: one listing, fingerprints compared, {len(done)} shards trusted | {t['settle']:.2f} |",
-        f"| **resume start-up (lease + ledger + settle)** | **{new_total:.2f}** |",
-        f"| full check: every shard hashed, 16 at a time (`--full-check`) | {t['full_check']:.2f} |",
-        f"| old serial check (exists + hash per shard), {len(sample)} shards timed, scaled to {args.shards} | "
-        f"{t['old_serial_check_scaled']:.1f} |",
-    ]) + "\n"
+    md = (
+        "\n".join(
+            [
+                "| step | seconds |",
+                "|---|---|",
+                f"| lease | {t['lease']:.2f} |",
+                f"| ledger read ({args.shards * 2 - args.shards // 100} events) | {t['ledger']:.2f} |",
+                f"| settle: one listing, fingerprints compared, {len(done)} shards trusted | {t['settle']:.2f} |",
+                f"| **resume start-up (lease + ledger + settle)** | **{new_total:.2f}** |",
+                f"| full check: every shard hashed, 16 at a time (`--full-check`) | {t['full_check']:.2f} |",
+                f"| old serial check (exists + hash per shard), {len(sample)} shards timed, scaled to {args.shards} | "
+                f"{t['old_serial_check_scaled']:.1f} |",
+            ]
+        )
+        + "\n"
+    )
     (out / "bench_resume.json").write_text(json.dumps(res, indent=1))
     (out / "bench_resume.md").write_text(md)
     print(md)

@@ -32,6 +32,7 @@ Usage (repo root, kit sourced, PYTHONPATH=$PWD):
 CPU smoke test: --gpus 0 --encoder vits --input-size 56 --height 36 --width 64 --scenes 2 --min-frames 100 --max-frames 110
 Writes DIR/bench_scene_passes.json and DIR/bench_scene_passes.md after every part.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,12 @@ def render_scenes(a, frames: list[int]) -> None:
         parts = sorted(ex.map(_render_chunk, jobs), key=lambda p: (p[0], p[1]))
     for i, _n in enumerate(frames):
         mine = [p for p in parts if p[0] == i]
-        scene = SimpleNamespace(**{k: np.concatenate([p[j] for p in mine]) for j, k in
-                                   ((2, "rgb"), (3, "depth"), (4, "intrinsics"), (5, "c2w"))})
+        scene = SimpleNamespace(
+            **{
+                k: np.concatenate([p[j] for p in mine])
+                for j, k in ((2, "rgb"), (3, "depth"), (4, "intrinsics"), (5, "c2w"))
+            }
+        )
         ws = w.write(scene, Path(a.data), w.default_scene_id(i))
         save_truth(a.truth, key_safe(ws.scene_id), scene)
 
@@ -96,25 +101,50 @@ def build_config(a, out: Path, granularity: str, gpus: int, tracks: bool, log: P
 
     gpu = gpus > 0
     share = (0.45 if tracks else 0.9) if gpu else 0.0
-    return BuildConfig.model_validate({
-        "output": str(out), "shard_size": 8, "max_inflight_shards": 8, "shard_deadline_s": 1800,
-        "datasets": {"realestate10k": {"root": str(a.data), "clip_length": CLIP_LENGTH, "frame_stride": FRAME_STRIDE,
-                                       # extracted frames: no video decoder needed (the GPU image has no PyAV)
-                                       "options": {"form": "camera_files", "frames": "images"},
-                                       "clip_stride": CLIP_STRIDE, "depth_source": "megasam",
-                                       "track_source": "cotracker" if tracks else "none"}},
-        "stages": {
-            "depth": {"encoder": a.encoder, "metric": True, "input_size": a.input_size,
-                      "dtype": "fp16" if gpu else "fp32", "allow_random_weights": True,
-                      "resources": {"num_gpus": share, "actors": max(1, gpus)}},
-            "align": {"drop_on_qc": False, "model": "scale_only", "megasam_num_gpus": 0.1 if gpu else 0.0,
-                      "megasam_command": command_template(a.truth, log=log, noise=NOISE, scale_jitter=SCALE_JITTER)},
-            "tracks": {"dtype": "bf16" if gpu else "fp32", "allow_random_weights": True, "drop_on_qc": False,
-                       "resources": {"num_gpus": share, "actors": max(1, gpus)}},
-            "scene": {"granularity": granularity},
-        },
-        "ray": {"num_cpus": a.cpus, "num_gpus": gpus},
-    })
+    return BuildConfig.model_validate(
+        {
+            "output": str(out),
+            "shard_size": 8,
+            "max_inflight_shards": 8,
+            "shard_deadline_s": 1800,
+            "datasets": {
+                "realestate10k": {
+                    "root": str(a.data),
+                    "clip_length": CLIP_LENGTH,
+                    "frame_stride": FRAME_STRIDE,
+                    # extracted frames: no video decoder needed (the GPU image has no PyAV)
+                    "options": {"form": "camera_files", "frames": "images"},
+                    "clip_stride": CLIP_STRIDE,
+                    "depth_source": "megasam",
+                    "track_source": "cotracker" if tracks else "none",
+                }
+            },
+            "stages": {
+                "depth": {
+                    "encoder": a.encoder,
+                    "metric": True,
+                    "input_size": a.input_size,
+                    "dtype": "fp16" if gpu else "fp32",
+                    "allow_random_weights": True,
+                    "resources": {"num_gpus": share, "actors": max(1, gpus)},
+                },
+                "align": {
+                    "drop_on_qc": False,
+                    "model": "scale_only",
+                    "megasam_num_gpus": 0.1 if gpu else 0.0,
+                    "megasam_command": command_template(a.truth, log=log, noise=NOISE, scale_jitter=SCALE_JITTER),
+                },
+                "tracks": {
+                    "dtype": "bf16" if gpu else "fp32",
+                    "allow_random_weights": True,
+                    "drop_on_qc": False,
+                    "resources": {"num_gpus": share, "actors": max(1, gpus)},
+                },
+                "scene": {"granularity": granularity},
+            },
+            "ray": {"num_cpus": a.cpus, "num_gpus": gpus},
+        }
+    )
 
 
 def plan_frames(cfg) -> dict:
@@ -131,8 +161,13 @@ def plan_frames(cfg) -> dict:
         passes = [len(set().union(*map(set, fr))) for fr in scenes.values()]
     else:
         passes = [len(f) for fr in scenes.values() for f in fr]
-    return {"scenes": len(scenes), "clips": len(plan.clips), "distinct_frames": distinct, "model_frames": sum(passes),
-            "window_slots": sum(INFER_LEN * num_windows(n) for n in passes)}
+    return {
+        "scenes": len(scenes),
+        "clips": len(plan.clips),
+        "distinct_frames": distinct,
+        "model_frames": sum(passes),
+        "window_slots": sum(INFER_LEN * num_windows(n) for n in passes),
+    }
 
 
 def scale_spread(out: Path) -> dict:
@@ -145,7 +180,9 @@ def scale_spread(out: Path) -> dict:
             for m in tar.getmembers():
                 if m.name.endswith(".meta.json"):
                     meta = json.loads(tar.extractfile(m).read())
-                    per.setdefault(meta["scene"], []).append((meta["qc"]["align"]["scale"], meta["extra"].get("pose_scale")))
+                    per.setdefault(meta["scene"], []).append(
+                        (meta["qc"]["align"]["scale"], meta["extra"].get("pose_scale"))
+                    )
     out_ = {"scale": [], "pose_scale": []}
     for vals in per.values():
         if len(vals) < 2:
@@ -154,16 +191,21 @@ def scale_spread(out: Path) -> dict:
             col = np.asarray(col, dtype=np.float64)
             out_[k].append(float((col.max() - col.min()) / abs(col.mean())))
     return {f"{k}_spread_max": (max(v) if v else None) for k, v in out_.items()} | {
-        f"{k}_spread_mean": (float(np.mean(v)) if v else None) for k, v in out_.items()}
+        f"{k}_spread_mean": (float(np.mean(v)) if v else None) for k, v in out_.items()
+    }
 
 
 def steady_util(samples: list) -> dict:
     busy = [i for i, s in enumerate(samples) if s[2] > 5]
     if not busy:
         return {"gpu_util_steady": None, "gpu_util_mean": None, "gpu_mem_max_mib": None}
-    win = samples[busy[0]: busy[-1] + 1]
-    return {"gpu_util_steady": float(np.mean([s[2] for s in win])), "gpu_util_mean": float(np.mean([s[2] for s in samples])),
-            "gpu_steady_s": round(win[-1][0] - win[0][0], 1), "gpu_mem_max_mib": max(s[3] for s in samples)}
+    win = samples[busy[0] : busy[-1] + 1]
+    return {
+        "gpu_util_steady": float(np.mean([s[2] for s in win])),
+        "gpu_util_mean": float(np.mean([s[2] for s in samples])),
+        "gpu_steady_s": round(win[-1][0] - win[0][0], 1),
+        "gpu_mem_max_mib": max(s[3] for s in samples),
+    }
 
 
 def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
@@ -190,14 +232,24 @@ def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
     depth_s = st["stage_seconds"].get("depth", 0.0)
     calls = log.read_text().split() if log.exists() else []
     res = {
-        "granularity": granularity, "gpus": gpus, "tracks": tracks, **pf,
-        "build_s": round(wall, 1), "clips_written": s.clips_written, "clips_failed": s.clips_failed,
-        "clips_per_s": s.clips_written / wall, "depth_busy_s": round(depth_s, 2),
+        "granularity": granularity,
+        "gpus": gpus,
+        "tracks": tracks,
+        **pf,
+        "build_s": round(wall, 1),
+        "clips_written": s.clips_written,
+        "clips_failed": s.clips_failed,
+        "clips_per_s": s.clips_written / wall,
+        "depth_busy_s": round(depth_s, 2),
         "vda_frames_per_s_in_build": pf["distinct_frames"] / depth_s if depth_s else None,
         "vda_model_frames_per_source_frame": pf["model_frames"] / pf["distinct_frames"],
         "vda_window_slots_per_source_frame": pf["window_slots"] / pf["distinct_frames"],
-        "stats": s.stats, "megasam_calls": len(calls), "megasam_calls_per_scene": len(calls) / pf["scenes"],
-        "stage_busy_s": st["stage_seconds"], **steady_util(sampler.samples), **scale_spread(out),
+        "stats": s.stats,
+        "megasam_calls": len(calls),
+        "megasam_calls_per_scene": len(calls) / pf["scenes"],
+        "stage_busy_s": st["stage_seconds"],
+        **steady_util(sampler.samples),
+        **scale_spread(out),
         "failures": s.failures[:3],
     }
     return res
@@ -216,8 +268,14 @@ def standalone_vda(a) -> dict:
     for c in plan.clips:
         frames.setdefault(c["scene"], set()).update(c["frames"])
     device = "cuda" if torch.cuda.is_available() and a.gpus else "cpu"
-    runner = VDARunner(encoder=a.encoder, metric=True, device=device, dtype="fp16" if device == "cuda" else "fp32",
-                       input_size=a.input_size, allow_random_weights=True)
+    runner = VDARunner(
+        encoder=a.encoder,
+        metric=True,
+        device=device,
+        dtype="fp16" if device == "cuda" else "fp32",
+        input_size=a.input_size,
+        allow_random_weights=True,
+    )
     videos = []
     for scene, fr in sorted(frames.items()):
         with np.load(a.truth / f"{key_safe(scene)}.npz", allow_pickle=False) as z:
@@ -251,8 +309,12 @@ def _accuracy_scene(job) -> dict:
     rng = np.random.default_rng(0)
     out = {}
     for gran in ("clip", "scene"):
-        cfg = BuildConfig.model_validate({**cfg_raw, "stages": {**cfg_raw["stages"], "scene": {"granularity": gran}}}).resolved()
-        sc = next(s for s in get_adapter("realestate10k", cfg.datasets["realestate10k"].root).discover() if s.scene == scene)
+        cfg = BuildConfig.model_validate(
+            {**cfg_raw, "stages": {**cfg_raw["stages"], "scene": {"granularity": gran}}}
+        ).resolved()
+        sc = next(
+            s for s in get_adapter("realestate10k", cfg.datasets["realestate10k"].root).discover() if s.scene == scene
+        )
         clips = [ingest_clip(s, sc, cfg) for s in specs]
         for c in clips:
             d = true_depth[c.meta.frame_indices].astype(np.float64)
@@ -273,9 +335,13 @@ def _accuracy_scene(job) -> dict:
             absrel.append(float(np.mean(np.abs(c.depth[v] - t[v]) / t[v])))
             scales.append(c.meta.qc["align"]["scale"])
             pose.append(c.meta.extra.get("pose_scale"))
-        out[gran] = {"clips": len(scales), "scale_spread": float((max(scales) - min(scales)) / np.mean(scales)) if scales else None,
-                     "pose_scale_spread": float((max(pose) - min(pose)) / np.mean(pose)) if pose else None,
-                     "abs_rel": absrel, "failed": failed}
+        out[gran] = {
+            "clips": len(scales),
+            "scale_spread": float((max(scales) - min(scales)) / np.mean(scales)) if scales else None,
+            "pose_scale_spread": float((max(pose) - min(pose)) / np.mean(pose)) if pose else None,
+            "abs_rel": absrel,
+            "failed": failed,
+        }
     return out
 
 
@@ -299,42 +365,61 @@ def accuracy(a) -> dict:
         failed = [f for r in rows for f in r["failed"]]
         if not any(r["abs_rel"] for r in rows):
             raise RuntimeError(f"accuracy, per {gran}: no clip aligned; first failures: {failed[:3]}")
-        res[gran] = {"scale_spread_max": max(r["scale_spread"] or 0 for r in rows),
-                     "pose_scale_spread_max": max(r["pose_scale_spread"] or 0 for r in rows),
-                     "abs_rel_mean": float(np.mean([x for r in rows for x in r["abs_rel"]])),
-                     "abs_rel_max": float(np.max([x for r in rows for x in r["abs_rel"]])),
-                     "clips": sum(r["clips"] for r in rows), "failed": len(failed), "first_failures": failed[:3]}
+        res[gran] = {
+            "scale_spread_max": max(r["scale_spread"] or 0 for r in rows),
+            "pose_scale_spread_max": max(r["pose_scale_spread"] or 0 for r in rows),
+            "abs_rel_mean": float(np.mean([x for r in rows for x in r["abs_rel"]])),
+            "abs_rel_max": float(np.max([x for r in rows for x in r["abs_rel"]])),
+            "clips": sum(r["clips"] for r in rows),
+            "failed": len(failed),
+            "first_failures": failed[:3],
+        }
     return res
 
 
 def markdown(res: dict) -> str:
-    lines = [f"scenes {res['setup']['scenes']} of {res['setup']['frames']} frames at {res['setup']['size']}, "
-             f"clips {CLIP_LENGTH} frames at stride {FRAME_STRIDE}, clip stride {CLIP_STRIDE}; {res['setup']['encoder']}",
-             "", "| build | clips | wall s | clips/s | VDA frames/s in build | model frames / source frame | "
-             "window slots / source frame | MegaSaM calls / scene | GPU util steady | scale spread max | pose-scale spread max |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"scenes {res['setup']['scenes']} of {res['setup']['frames']} frames at {res['setup']['size']}, "
+        f"clips {CLIP_LENGTH} frames at stride {FRAME_STRIDE}, clip stride {CLIP_STRIDE}; {res['setup']['encoder']}",
+        "",
+        "| build | clips | wall s | clips/s | VDA frames/s in build | model frames / source frame | "
+        "window slots / source frame | MegaSaM calls / scene | GPU util steady | scale spread max | pose-scale spread max |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for k in ("clip", "scene", "full", "scene2"):
         r = res.get(k)
         if not r:
             continue
-        f = (lambda x, p=2: "-" if x is None else f"{x:.{p}f}")
-        lines.append(f"| {k} | {r['clips_written']} | {r['build_s']} | {f(r['clips_per_s'])} | "
-                     f"{f(r['vda_frames_per_s_in_build'], 1)} | {f(r['vda_model_frames_per_source_frame'])} | "
-                     f"{f(r['vda_window_slots_per_source_frame'])} | {f(r['megasam_calls_per_scene'])} | "
-                     f"{f(r['gpu_util_steady'], 0)} % | {f(r['scale_spread_max'], 4)} | {f(r['pose_scale_spread_max'], 4)} |")
+        f = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"
+        lines.append(
+            f"| {k} | {r['clips_written']} | {r['build_s']} | {f(r['clips_per_s'])} | "
+            f"{f(r['vda_frames_per_s_in_build'], 1)} | {f(r['vda_model_frames_per_source_frame'])} | "
+            f"{f(r['vda_window_slots_per_source_frame'])} | {f(r['megasam_calls_per_scene'])} | "
+            f"{f(r['gpu_util_steady'], 0)} % | {f(r['scale_spread_max'], 4)} | {f(r['pose_scale_spread_max'], 4)} |"
+        )
     if res.get("standalone"):
         sa = res["standalone"]
         ratio = (res["scene"]["vda_frames_per_s_in_build"] / sa["frames_per_s"]) if res.get("scene") else None
-        lines += ["", f"standalone whole-video VDA: {sa['frames_per_s']:.1f} frames/s over {sa['frames']} frames; "
-                      f"scene build / standalone = {ratio:.1%}" if ratio else ""]
+        lines += [
+            "",
+            f"standalone whole-video VDA: {sa['frames_per_s']:.1f} frames/s over {sa['frames']} frames; "
+            f"scene build / standalone = {ratio:.1%}"
+            if ratio
+            else "",
+        ]
     if res.get("scene2") and res.get("scene"):
         lines += ["", f"2 GPUs: {res['scene2']['clips_per_s'] / res['scene']['clips_per_s']:.2f}x the clips/s of 1 GPU"]
     if res.get("accuracy"):
-        lines += ["", "| alignment (CPU) | clips | scale spread max | pose-scale spread max | AbsRel mean | AbsRel max |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| alignment (CPU) | clips | scale spread max | pose-scale spread max | AbsRel mean | AbsRel max |",
+            "|---|---|---|---|---|---|",
+        ]
         for k, r in res["accuracy"].items():
-            lines.append(f"| per {k} | {r['clips']} | {r['scale_spread_max']:.4f} | {r['pose_scale_spread_max']:.4f} | "
-                         f"{r['abs_rel_mean']:.4f} | {r['abs_rel_max']:.4f} |")
+            lines.append(
+                f"| per {k} | {r['clips']} | {r['scale_spread_max']:.4f} | {r['pose_scale_spread_max']:.4f} | "
+                f"{r['abs_rel_mean']:.4f} | {r['abs_rel_max']:.4f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -350,8 +435,11 @@ def main(argv=None) -> int:
     ap.add_argument("--input-size", type=int, default=518)
     ap.add_argument("--cpus", type=int, default=os.cpu_count())
     ap.add_argument("--gpus", type=int, default=None, help="GPUs for the 1-GPU builds (default: 1 if CUDA else 0)")
-    ap.add_argument("--parts", default="clip,scene,standalone,full,scene2",
-                    help="also 'accuracy' (CPU-bound: run it at a small size, e.g. --height 90 --width 160)")
+    ap.add_argument(
+        "--parts",
+        default="clip,scene,standalone,full,scene2",
+        help="also 'accuracy' (CPU-bound: run it at a small size, e.g. --height 90 --width 160)",
+    )
     a = ap.parse_args(argv)
     import torch
 
@@ -361,10 +449,18 @@ def main(argv=None) -> int:
     a.data, a.truth = a.out / "data" / "realestate10k", a.out / "data" / "truth"
     parts = [p for p in a.parts.split(",") if p]
     frames = np.linspace(a.min_frames, a.max_frames, a.scenes).round().astype(int).tolist()
-    res = {"setup": {"scenes": a.scenes, "frames": f"{min(frames)}-{max(frames)}", "size": f"{a.height}x{a.width}",
-                     "encoder": f"VDA {a.encoder} input {a.input_size} random weights", "cpus": a.cpus, "gpus_seen": n_gpus,
-                     "gpu": torch.cuda.get_device_name(0) if n_gpus else None, "megasam": f"stand-in, noise {NOISE}, "
-                     f"scale jitter {SCALE_JITTER}"}}
+    res = {
+        "setup": {
+            "scenes": a.scenes,
+            "frames": f"{min(frames)}-{max(frames)}",
+            "size": f"{a.height}x{a.width}",
+            "encoder": f"VDA {a.encoder} input {a.input_size} random weights",
+            "cpus": a.cpus,
+            "gpus_seen": n_gpus,
+            "gpu": torch.cuda.get_device_name(0) if n_gpus else None,
+            "megasam": f"stand-in, noise {NOISE}, scale jitter {SCALE_JITTER}",
+        }
+    }
 
     def save():
         (a.out / "bench_scene_passes.json").write_text(json.dumps(res, indent=1, default=str))
@@ -395,7 +491,9 @@ def main(argv=None) -> int:
         res["scene2"] = run_build(a, "scene2", "scene", 2, False)
         save()
     print(markdown(res))
-    print(f"total {time.time() - t0:.0f} s; written {a.out / 'bench_scene_passes.json'}, {a.out / 'bench_scene_passes.md'}")
+    print(
+        f"total {time.time() - t0:.0f} s; written {a.out / 'bench_scene_passes.json'}, {a.out / 'bench_scene_passes.md'}"
+    )
     return 0
 
 

@@ -30,6 +30,7 @@ Batches are two synthetic dynamic clips (training/synthetic.py, rendered on the 
 through the loader's own processing; the step is ``training.trainer.train_step``, the trainer's. LPIPS off
 (no VGG weights on the machine). Writes DIR/bench_speed.json and DIR/bench_speed.md (after every phase).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,12 +78,19 @@ def start_background(out_shards: str, frames: int, src: int, clips: int, smoke: 
     if not smoke and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         genv = {**env, "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}", "MAX_JOBS": str(max(4, (os.cpu_count() or 8) - 2))}
-        gsplat = subprocess.Popen([sys.executable, "-c", "from gsplat.cuda._backend import _C; assert _C is not None"],
-                                  env=genv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    code = (f"from bench.bench_loader import write_shards; import json; "
-            f"json.dump(write_shards({out_shards!r}, {clips}, {frames}, {src}), open({out_shards!r} + '/shards.json', 'w'))")
-    writer = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
+        gsplat = subprocess.Popen(
+            [sys.executable, "-c", "from gsplat.cuda._backend import _C; assert _C is not None"],
+            env=genv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+    code = (
+        f"from bench.bench_loader import write_shards; import json; "
+        f"json.dump(write_shards({out_shards!r}, {clips}, {frames}, {src}), open({out_shards!r} + '/shards.json', 'w'))"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     return gsplat, writer
 
 
@@ -108,7 +116,7 @@ def matmul_peak(device, n: int, iters: int) -> dict:
         prev = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
         try:
-            out[f"{name}_tflops"] = 2 * n ** 3 / _timed(lambda: a @ b, device, iters) / 1e12
+            out[f"{name}_tflops"] = 2 * n**3 / _timed(lambda: a @ b, device, iters) / 1e12
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
     out["n"] = n
@@ -120,13 +128,17 @@ def sdpa_bench(device, heads: int, tokens: int, head_dim: int, iters: int) -> di
     from training.speed import attention_context
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(1, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
+    )
     flops = 3 * 4.0 * tokens * tokens * head_dim * heads  # forward 4 N^2 d, backward twice that
     out = {"shape": [1, heads, tokens, head_dim]}
-    for backend in (("auto", "flash", "cudnn", "efficient") if device.type == "cuda" else ("auto", "flash", "math")):
+    for backend in ("auto", "flash", "cudnn", "efficient") if device.type == "cuda" else ("auto", "flash", "math"):
+
         def run():
             with attention_context(backend):
                 torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+
         try:
             dt = _timed(run, device, iters)
             out[backend] = {"ms": dt * 1e3, "tflops": flops / dt / 1e12}
@@ -206,14 +218,24 @@ def case_config(a, frames: int, res: int, stage_name: str, on: dict):
 
     base = make_config(a.preset)
     stage = next(s for s in base.stages if s.name == stage_name).model_copy(
-        update={"num_frames": frames, "resolution": res})
+        update={"num_frames": frames, "resolution": res}
+    )
     return make_config(
-        a.preset, stages=[stage.model_dump()], loss={"lpips_enabled": False},
-        backbone={"vae_precision": on["vae"]}, optim={"fused": on["fused"], "warmup_steps": 0},
-        runtime={"compile": on["compile"], "attention_backend": on["attention"], "use_gpu": a.device == "cuda",
-                 "cudnn_benchmark": on["cudnn"],
-                 "bf16": True, "grad_checkpointing": on["ckpt"] is not None,
-                 "checkpoint_fraction": on["ckpt"] if on["ckpt"] is not None else 1.0})
+        a.preset,
+        stages=[stage.model_dump()],
+        loss={"lpips_enabled": False},
+        backbone={"vae_precision": on["vae"]},
+        optim={"fused": on["fused"], "warmup_steps": 0},
+        runtime={
+            "compile": on["compile"],
+            "attention_backend": on["attention"],
+            "use_gpu": a.device == "cuda",
+            "cudnn_benchmark": on["cudnn"],
+            "bf16": True,
+            "grad_checkpointing": on["ckpt"] is not None,
+            "checkpoint_fraction": on["ckpt"] if on["ckpt"] is not None else 1.0,
+        },
+    )
 
 
 def make_batches(frames: int, src: int, res: int, device, n: int = 2) -> list[dict]:
@@ -283,8 +305,18 @@ class Case:
         for _ in range(k):
             torch.manual_seed(1000 + self.n)  # the same draws (t, noise, frames) in every case at step n
             batch = copy.copy(self.batches[self.n % len(self.batches)])
-            agg, _ = train_step(self.model, self.model, self.opt, self.sched, iter([batch]), self.stage, self.cfg,
-                                self.device, rasterize=self.rasterize, autocast=self.device.type == "cuda")
+            agg, _ = train_step(
+                self.model,
+                self.model,
+                self.opt,
+                self.sched,
+                iter([batch]),
+                self.stage,
+                self.cfg,
+                self.device,
+                rasterize=self.rasterize,
+                autocast=self.device.type == "cuda",
+            )
             losses.append(agg["loss"][0].detach())
             self.n += 1
         self._sync()
@@ -298,8 +330,9 @@ class Case:
         if "vae" in change:
             self.model.backbone.cfg = self.model.backbone.cfg.model_copy(update={"vae_precision": change["vae"]})
         if "attention" in change:
-            self.cfg = self.cfg.model_copy(update={"runtime": self.cfg.runtime.model_copy(
-                update={"attention_backend": change["attention"]})})
+            self.cfg = self.cfg.model_copy(
+                update={"runtime": self.cfg.runtime.model_copy(update={"attention_backend": change["attention"]})}
+            )
         if "compile" in change:
             for b in self.blocks:
                 if change["compile"] and b in self.compiled:
@@ -328,14 +361,25 @@ class Case:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_step(self.model, self.model, self.opt, self.sched, iter([batch]), self.stage, self.cfg,
-                           self.device, rasterize=self.rasterize, autocast=True)
+                train_step(
+                    self.model,
+                    self.model,
+                    self.opt,
+                    self.sched,
+                    iter([batch]),
+                    self.stage,
+                    self.cfg,
+                    self.device,
+                    rasterize=self.rasterize,
+                    autocast=True,
+                )
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         self.n += 1
         self._sync()
-        sites = collections.Counter(f"{os.path.relpath(w.filename, REPO)}:{w.lineno}" for w in got
-                                    if "synchroniz" in str(w.message))
+        sites = collections.Counter(
+            f"{os.path.relpath(w.filename, REPO)}:{w.lineno}" for w in got if "synchroniz" in str(w.message)
+        )
         return {"count": sum(sites.values()), "sites": dict(sites.most_common(12))}
 
     def free(self) -> None:
@@ -346,7 +390,7 @@ class Case:
 
 
 def peak_gb(device) -> float:
-    return torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
 def run_case(a, name, frames, res, stage_name, on, batches, peak, warm: int, timed: int, keep=False):
@@ -371,16 +415,41 @@ def run_case(a, name, frames, res, stage_name, on, batches, peak, warm: int, tim
     if oom:
         c.free()
         log(f"case {name}: out of memory, again with every block checkpointed")
-        return run_case(a, name + " (checkpointed: OOM without)", frames, res, stage_name, {**on, "ckpt": 1.0}, batches,
-                        peak, warm, timed, keep)
+        return run_case(
+            a,
+            name + " (checkpointed: OOM without)",
+            frames,
+            res,
+            stage_name,
+            {**on, "ckpt": 1.0},
+            batches,
+            peak,
+            warm,
+            timed,
+            keep,
+        )
     f = flops.formula(c.cfg, c.stage)
-    res_ = {"name": name, "frames": frames, "res": res, "stage": stage_name, "switches": dict(on), "build_s": build,
-            "warmup_s": warm_s, "s_per_step": dt, "samples_per_s": 1 / dt, "flops_per_sample": f,
-            "tflops": f["total"] / dt / 1e12, "mfu": f["total"] / dt / peak if peak else None,
-            "peak_mem_gb": peak_gb(c.device), "losses": warm_losses + losses}
+    res_ = {
+        "name": name,
+        "frames": frames,
+        "res": res,
+        "stage": stage_name,
+        "switches": dict(on),
+        "build_s": build,
+        "warmup_s": warm_s,
+        "s_per_step": dt,
+        "samples_per_s": 1 / dt,
+        "flops_per_sample": f,
+        "tflops": f["total"] / dt / 1e12,
+        "mfu": f["total"] / dt / peak if peak else None,
+        "peak_mem_gb": peak_gb(c.device),
+        "losses": warm_losses + losses,
+    }
     res_["syncs"] = c.syncs()
-    log(f"case {name}: {dt:.3f} s/step, MFU {res_['mfu'] or 0:.3f}, peak {res_['peak_mem_gb']:.1f} GB, "
-        f"syncs/step {res_['syncs'].get('count')}")
+    log(
+        f"case {name}: {dt:.3f} s/step, MFU {res_['mfu'] or 0:.3f}, peak {res_['peak_mem_gb']:.1f} GB, "
+        f"syncs/step {res_['syncs'].get('count')}"
+    )
     if keep:
         return res_, c
     c.free()
@@ -394,7 +463,10 @@ KERNEL_CLASSES = [  # first match wins
     ("gsplat (projection, tiling, rasterisation)", r"rasteriz|projection|isect|intersect|gsplat|tile"),
     ("optimiser", r"adam|multi_tensor|foreach"),
     ("convolution (VAE, LDRM deconvolution, patch embedding)", r"conv|fprop|dgrad|wgrad|implicit|winograd"),
-    ("GEMM (linear layers: QKV/out projections, MLPs)", r"gemm|matmul|xmma|cutlass|cublas|nvjet|sm90|sm80|ampere|hopper"),
+    (
+        "GEMM (linear layers: QKV/out projections, MLPs)",
+        r"gemm|matmul|xmma|cutlass|cublas|nvjet|sm90|sm80|ampere|hopper",
+    ),
     ("memory copies", r"memcpy|memset"),
 ]
 
@@ -423,8 +495,10 @@ def profile(case: Case, steps: int = 2) -> dict:
     phases = {}
     for e in ka:
         if e.key.startswith("d4s/") and getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU:
-            phases[e.key[4:]] = {"cpu_ms": e.cpu_time_total / 1e3 / steps,
-                                 "gpu_ms": (e.device_time_total / 1e3 / steps) if dev else None}
+            phases[e.key[4:]] = {
+                "cpu_ms": e.cpu_time_total / 1e3 / steps,
+                "gpu_ms": (e.device_time_total / 1e3 / steps) if dev else None,
+            }
     kernels: dict[str, float] = collections.defaultdict(float)
     top: dict[str, float] = collections.defaultdict(float)
     for e in ka:
@@ -438,9 +512,14 @@ def profile(case: Case, steps: int = 2) -> dict:
     if dev:  # the backward runs on autograd's device thread, outside the forward phases' ranges
         fwd = sum((p["gpu_ms"] or 0) for k, p in phases.items() if k not in ("backward",))
         phases["backward (GPU time not in the ranges above)"] = {"cpu_ms": None, "gpu_ms": max(busy - fwd, 0.0)}
-    return {"steps": steps, "wall_ms_per_step": wall * 1e3, "gpu_busy_ms_per_step": busy if dev else None,
-            "phases": phases, "kernel_classes": dict(sorted(kernels.items(), key=lambda x: -x[1])),
-            "top_kernels": dict(sorted(top.items(), key=lambda x: -x[1])[:15])}
+    return {
+        "steps": steps,
+        "wall_ms_per_step": wall * 1e3,
+        "gpu_busy_ms_per_step": busy if dev else None,
+        "phases": phases,
+        "kernel_classes": dict(sorted(kernels.items(), key=lambda x: -x[1])),
+        "top_kernels": dict(sorted(top.items(), key=lambda x: -x[1])[:15]),
+    }
 
 
 # --- loader ---------------------------------------------------------------------------------------
@@ -464,37 +543,55 @@ def render_md(r: dict) -> str:
     L = [f"# bench_speed ({r['device']}, torch {r['torch']}, {r.get('cpus')} CPUs)", ""]
     p = r.get("peak", {})
     if p:
-        L += [f"Matmul peak ({p['n']}³): bf16 **{p['bf16_tflops']:.0f} TFLOP/s**, TF32 {p['tf32_tflops']:.0f} TFLOP/s "
-              "(MFU below is against the bf16 figure).", ""]
+        L += [
+            f"Matmul peak ({p['n']}³): bf16 **{p['bf16_tflops']:.0f} TFLOP/s**, TF32 {p['tf32_tflops']:.0f} TFLOP/s "
+            "(MFU below is against the bf16 figure).",
+            "",
+        ]
     s = r.get("sdpa")
     if s:
-        L += [f"Attention forward + backward, shape {s['shape']} (the backbone's at {r.get('size', '')}):", "",
-              "| kernel | ms | TFLOP/s |", "|---|---|---|"]
+        L += [
+            f"Attention forward + backward, shape {s['shape']} (the backbone's at {r.get('size', '')}):",
+            "",
+            "| kernel | ms | TFLOP/s |",
+            "|---|---|---|",
+        ]
         for k, v in s.items():
             if isinstance(v, dict):
                 L.append(f"| {k} | {v['ms']:.1f} | {v['tflops']:.0f} |" if "ms" in v else f"| {k} | {v['error']} | |")
         L.append("")
     v = r.get("vae")
     if v:
-        L += [f"VAE encode of {v['frames']} x {v['res']}²: float32 {v['float32']['ms']:.0f} ms, bfloat16 "
-              f"{v['bfloat16']['ms']:.0f} ms; latents differ by {v['rel_diff_bf16']:.2e} (relative norm).", ""]
+        L += [
+            f"VAE encode of {v['frames']} x {v['res']}²: float32 {v['float32']['ms']:.0f} ms, bfloat16 "
+            f"{v['bfloat16']['ms']:.0f} ms; latents differ by {v['rel_diff_bf16']:.2e} (relative norm).",
+            "",
+        ]
     comp = r.get("components")
     if comp:
-        L += [f"The transformers alone at {comp['frames']} x {comp['res']}² (forward + backward, bf16, eager, attention "
-              f"{comp['attention']}): backbone {comp['backbone']['ms']:.0f} ms = {comp['backbone']['tflops']:.0f} "
-              f"TFLOP/s, LDRM {comp['ldrm']['ms']:.0f} ms = {comp['ldrm']['tflops']:.0f} TFLOP/s.", ""]
+        L += [
+            f"The transformers alone at {comp['frames']} x {comp['res']}² (forward + backward, bf16, eager, attention "
+            f"{comp['attention']}): backbone {comp['backbone']['ms']:.0f} ms = {comp['backbone']['tflops']:.0f} "
+            f"TFLOP/s, LDRM {comp['ldrm']['ms']:.0f} ms = {comp['ldrm']['tflops']:.0f} TFLOP/s.",
+            "",
+        ]
     cases = r.get("cases", [])
     if cases:
-        L += ["| case | frames x res | stage | s/step | samples/s | TFLOP/s | MFU | peak mem (GB) | syncs/step | "
-              "first steps (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        L += [
+            "| case | frames x res | stage | s/step | samples/s | TFLOP/s | MFU | peak mem (GB) | syncs/step | "
+            "first steps (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for c in cases:
             if "s_per_step" not in c:
                 L.append(f"| {c['name']} | | | {c.get('skipped') or c.get('error')} | | | | | | |")
                 continue
             mfu = f"{100 * c['mfu']:.1f} %" if c.get("mfu") else ""
-            L.append(f"| {c['name']} | {c['frames']} x {c['res']}² | {c['stage']} | {c['s_per_step']:.3f} | "
-                     f"{c['samples_per_s']:.2f} | {c['tflops']:.0f} | {mfu} | {c['peak_mem_gb']:.1f} | "
-                     f"{c['syncs'].get('count', '')} | {', '.join(f'{x:.1f}' for x in c['warmup_s'])} |")
+            L.append(
+                f"| {c['name']} | {c['frames']} x {c['res']}² | {c['stage']} | {c['s_per_step']:.3f} | "
+                f"{c['samples_per_s']:.2f} | {c['tflops']:.0f} | {mfu} | {c['peak_mem_gb']:.1f} | "
+                f"{c['syncs'].get('count', '')} | {', '.join(f'{x:.1f}' for x in c['warmup_s'])} |"
+            )
         L += [""]
         for c in cases:
             if "flops_per_sample" in c:
@@ -509,28 +606,42 @@ def render_md(r: dict) -> str:
             if len(d) == 2:
                 (na, la), (nb, lb) = d.items()
                 rel = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(la, lb)]
-                L += [f"Losses at {res}², step by step ({na} / {nb}; max relative difference {max(rel):.2e}): "
-                      + "; ".join(f"{x:.5f} / {y:.5f}" for x, y in zip(la, lb)), ""]
+                L += [
+                    f"Losses at {res}², step by step ({na} / {nb}; max relative difference {max(rel):.2e}): "
+                    + "; ".join(f"{x:.5f} / {y:.5f}" for x, y in zip(la, lb)),
+                    "",
+                ]
         for c in cases:
             if c.get("syncs", {}).get("sites"):
                 L.append(f"Sync sites, {c['name']}: " + ", ".join(f"{k} x{v}" for k, v in c["syncs"]["sites"].items()))
         L.append("")
     g = r.get("gains")
     if g:
-        L += [f"Each switch's gain, from the all-on case at {r.get('size', '')}:", "",
-              "| variant | s/step | vs all on | peak mem (GB) |", "|---|---|---|---|"]
+        L += [
+            f"Each switch's gain, from the all-on case at {r.get('size', '')}:",
+            "",
+            "| variant | s/step | vs all on | peak mem (GB) |",
+            "|---|---|---|---|",
+        ]
         base = g[0].get("s_per_step")
         for v in g:
             if "s_per_step" in v:
-                L.append(f"| {v['variant']} | {v['s_per_step']:.3f} | {v['s_per_step'] / base:.2f}x | "
-                         f"{v['peak_mem_gb']:.1f} |")
+                L.append(
+                    f"| {v['variant']} | {v['s_per_step']:.3f} | {v['s_per_step'] / base:.2f}x | "
+                    f"{v['peak_mem_gb']:.1f} |"
+                )
             else:
                 L.append(f"| {v['variant']} | {v.get('skipped') or v.get('error')} | | |")
         L.append("")
     pr = r.get("profile")
     if pr and "phases" in pr:
-        L += [f"Profile of {pr['steps']} all-on steps at {r.get('size', '')}: {pr['wall_ms_per_step']:.0f} ms wall per step, GPU busy "
-              f"{pr['gpu_busy_ms_per_step'] or 0:.0f} ms.", "", "| phase | GPU ms/step | host ms/step |", "|---|---|---|"]
+        L += [
+            f"Profile of {pr['steps']} all-on steps at {r.get('size', '')}: {pr['wall_ms_per_step']:.0f} ms wall per step, GPU busy "
+            f"{pr['gpu_busy_ms_per_step'] or 0:.0f} ms.",
+            "",
+            "| phase | GPU ms/step | host ms/step |",
+            "|---|---|---|",
+        ]
         for k, v in pr["phases"].items():
             gpu = "" if v["gpu_ms"] is None else f"{v['gpu_ms']:.1f}"
             cpu = "" if v["cpu_ms"] is None else f"{v['cpu_ms']:.1f}"
@@ -542,8 +653,12 @@ def render_md(r: dict) -> str:
         L.append("")
     lo = r.get("loader")
     if lo:
-        L += [f"Loader (one rank, batch 1, {lo.get('shards', {}).get('jpeg_kb_mean', 0):.0f} kB JPEG frames):", "",
-              "| res | workers | samples/s | vs model consumption |", "|---|---|---|---|"]
+        L += [
+            f"Loader (one rank, batch 1, {lo.get('shards', {}).get('jpeg_kb_mean', 0):.0f} kB JPEG frames):",
+            "",
+            "| res | workers | samples/s | vs model consumption |",
+            "|---|---|---|---|",
+        ]
         cons = {c["res"]: c["samples_per_s"] for c in cases if "samples_per_s" in c and c["name"].endswith("on")}
         for x in lo.get("runs", []):
             if "samples_per_s" in x:
@@ -554,11 +669,14 @@ def render_md(r: dict) -> str:
         L.append("")
     proj = projection(r)
     if proj:
-        L += [f"Projection (docs/TRAINING.md): the paper's curriculum, {proj['steps_256']:,} steps at 256² and "
-              f"{proj['steps_512']:,} at 512², global batch {proj['batch']} (one {proj['frames']}-frame clip per GPU), "
-              f"at the all-on step times ({proj['s_256']:.3f} / {proj['s_512']:.3f} s per sample), perfect scaling: "
-              f"**{proj['gpu_days']:.1f} H200-days** ({proj['days_on_32']:.1f} days on 32 H200s), against the paper's "
-              f"32 A100 x 7 days = 224 A100-days.", ""]
+        L += [
+            f"Projection (docs/TRAINING.md): the paper's curriculum, {proj['steps_256']:,} steps at 256² and "
+            f"{proj['steps_512']:,} at 512², global batch {proj['batch']} (one {proj['frames']}-frame clip per GPU), "
+            f"at the all-on step times ({proj['s_256']:.3f} / {proj['s_512']:.3f} s per sample), perfect scaling: "
+            f"**{proj['gpu_days']:.1f} H200-days** ({proj['days_on_32']:.1f} days on 32 H200s), against the paper's "
+            f"32 A100 x 7 days = 224 A100-days.",
+            "",
+        ]
     if r.get("notes"):
         L += ["Notes: " + " ".join(r["notes"]), ""]
     return "\n".join(L) + "\n"
@@ -589,9 +707,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny preset at tiny sizes on the CPU: every code path")
     ap.add_argument("--frames", type=int, default=49)
     ap.add_argument("--work", help="scratch directory (default: a temporary one)")
-    ap.add_argument("--phases", default="hi,profile,gains,loader,lo",
-                    help="what to run after the micro-benchmarks: hi (49 x 512² off/on), profile, gains, loader, "
-                         "lo (49 x 256² off/on)")
+    ap.add_argument(
+        "--phases",
+        default="hi,profile,gains,loader,lo",
+        help="what to run after the micro-benchmarks: hi (49 x 512² off/on), profile, gains, loader, "
+        "lo (49 x 256² off/on)",
+    )
     a = ap.parse_args(argv)
     smoke = a.cpu_smoke
     a.device = "cpu" if smoke or not torch.cuda.is_available() else "cuda"
@@ -615,9 +736,16 @@ def main(argv=None) -> int:
     shards = os.path.join(work, "loader_shards")
     os.makedirs(shards, exist_ok=True)
     gsplat_proc, shard_proc = start_background(shards, frames, src, 4 if smoke else 8, smoke)
-    r = {"host": platform.node(), "torch": torch.__version__, "cpus": os.cpu_count(), "budget_s": a.budget,
-         "size": f"{frames} x {hi}²",
-         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "cases": [], "notes": []}
+    r = {
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "budget_s": a.budget,
+        "size": f"{frames} x {hi}²",
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "cases": [],
+        "notes": [],
+    }
 
     def save():
         r["elapsed_s"] = time.perf_counter() - T0
@@ -654,12 +782,17 @@ def main(argv=None) -> int:
     log(f"peak {r['peak']}")
     f_lat = 1 + (frames - 1) // 4
     tokens = f_lat * (hi // 16) ** 2 + tc.max_text_seq_length
-    r["sdpa"] = phase("sdpa", lambda: sdpa_bench(device, tc.num_attention_heads, tokens, tc.attention_head_dim,
-                                                 2 if smoke else 10), 30)
+    r["sdpa"] = phase(
+        "sdpa",
+        lambda: sdpa_bench(device, tc.num_attention_heads, tokens, tc.attention_head_dim, 2 if smoke else 10),
+        30,
+    )
     log(f"sdpa {r['sdpa']}")
     best = "auto"
     if r.get("sdpa"):
-        ok = {k: v["ms"] for k, v in r["sdpa"].items() if isinstance(v, dict) and "ms" in v and k not in ("auto", "math")}
+        ok = {
+            k: v["ms"] for k, v in r["sdpa"].items() if isinstance(v, dict) and "ms" in v and k not in ("auto", "math")
+        }
         best = min(ok, key=ok.get) if ok else "auto"
     want = set(a.phases.split(","))
     r["vae"] = phase("vae", lambda: vae_bench(full, frames, hi, device, 1 if smoke else 3), 40)
@@ -691,13 +824,30 @@ def main(argv=None) -> int:
         if batches is None:
             r["cases"].append({"name": name, "skipped": "no batches"})
             return None
-        got = phase(f"case {name}", lambda: run_case(a, name, frames, res, stage, sw, batches, peak, warm, timed,
-                                                     keep=keep), 60 if res == hi else 40)
+        got = phase(
+            f"case {name}",
+            lambda: run_case(a, name, frames, res, stage, sw, batches, peak, warm, timed, keep=keep),
+            60 if res == hi else 40,
+        )
         if got is None and sw["compile"] and budget.fits(60):  # keep the profile and gains if compiling failed
             sw = {**sw, "compile": False}
-            got = phase(f"case {name} (not compiled)", lambda: run_case(
-                a, f"{name} (not compiled: compile failed)", frames, res, stage, sw, batches, peak, warm, timed,
-                keep=keep), 60)
+            got = phase(
+                f"case {name} (not compiled)",
+                lambda: run_case(
+                    a,
+                    f"{name} (not compiled: compile failed)",
+                    frames,
+                    res,
+                    stage,
+                    sw,
+                    batches,
+                    peak,
+                    warm,
+                    timed,
+                    keep=keep,
+                ),
+                60,
+            )
         if got is None:
             r["cases"].append({"name": name, "skipped": "time budget or failure (notes)"})
             save()
@@ -711,16 +861,24 @@ def main(argv=None) -> int:
         last = r["cases"][-1]
         if "checkpointed" in last.get("name", ""):
             on["ckpt"] = 1.0
-            r["notes"].append("the all-off case ran out of memory without checkpointing: the all-on case checkpoints too.")
+            r["notes"].append(
+                "the all-off case ran out of memory without checkpointing: the all-on case checkpoints too."
+            )
         keep = case(f"{hi} on", hi, stages[0], on, batches_hi, keep=True)
         if keep is not None:
             if "profile" in want:
                 r["profile"] = phase("profile", lambda: profile(keep), 30)
             if "gains" in want:
-                variants = [("all on", {}), ("VAE float32", {"vae": "float32"}), ("attention auto", {"attention": "auto"}),
-                            ("not compiled", {"compile": False}), ("AdamW not fused", {"fused": False}),
-                            ("cuDNN not benchmarked", {"cudnn": False}),
-                            ("checkpoint half the blocks", {"ckpt": 0.5}), ("checkpoint every block", {"ckpt": 1.0})]
+                variants = [
+                    ("all on", {}),
+                    ("VAE float32", {"vae": "float32"}),
+                    ("attention auto", {"attention": "auto"}),
+                    ("not compiled", {"compile": False}),
+                    ("AdamW not fused", {"fused": False}),
+                    ("cuDNN not benchmarked", {"cudnn": False}),
+                    ("checkpoint half the blocks", {"ckpt": 0.5}),
+                    ("checkpoint every block", {"ckpt": 1.0}),
+                ]
                 r["gains"] = []
                 for name, change in variants:
                     if change.get("ckpt", 0) == on["ckpt"] and "ckpt" in change:
@@ -737,6 +895,7 @@ def main(argv=None) -> int:
                         finally:
                             keep.set(**undo)
                         return {"variant": name, "s_per_step": dt, "peak_mem_gb": peak_gb(device)}
+
                     got = phase(f"gain {name}", one, 20)
                     r["gains"].append(got or {"variant": name, "skipped": "time budget or failure (notes)"})
                     save()
@@ -748,8 +907,9 @@ def main(argv=None) -> int:
         info = os.path.join(shards, "shards.json")
         r["loader"] = {"shards": json.load(open(info)) if os.path.exists(info) else {}}
         plan = [(hi, 1), (lo, 1)] if smoke else [(hi, 8), (hi, 16), (lo, 8)]
-        r["loader"]["runs"] = phase("loader", lambda: loader_runs(shards, frames, plan, 2 if smoke else 10, budget),
-                                    30) or []
+        r["loader"]["runs"] = (
+            phase("loader", lambda: loader_runs(shards, frames, plan, 2 if smoke else 10, budget), 30) or []
+        )
         save()
     if "lo" in want:
         batches_lo = phase("batches 256", lambda: make_batches(frames, src, lo, device), 20)

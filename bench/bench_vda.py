@@ -10,6 +10,7 @@ whole-video output; and a breakdown of where the time goes. Random weights (scal
 GPU:  python bench/bench_vda.py --device cuda --encoders vits,vitl --out results.json
 CPU:  python bench/bench_vda.py --quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -126,15 +127,23 @@ def main(argv=None) -> int:
     dtypes = args.dtypes.split(",")
     machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
     info = {
-        "machine": machine, "torch": torch.__version__, "device": str(dev), "threads": torch.get_num_threads(),
-        "video": [t, h, w], "network_input": [nh, nw], "windows": n_win, "command": " ".join(sys.argv),
+        "machine": machine,
+        "torch": torch.__version__,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "video": [t, h, w],
+        "network_input": [nh, nw],
+        "windows": n_win,
+        "command": " ".join(sys.argv),
     }
     print(json.dumps(info))
     from stages.depth.vda.infer import preprocess
+
     x_dev = preprocess(torch.from_numpy(frames[:4]).to(dev), (nh, nw)).cpu().numpy()
     x_cpu = np.stack([preprocess_frame_cpu(f, (nh, nw)) for f in frames[:4]])
     try:
         import cv2  # noqa: F401
+
         info["preprocess_device_vs_cv2_maxabs"] = float(np.abs(x_dev - x_cpu).max())
     except ImportError:
         info["preprocess_device_vs_cpu_torch_maxabs"] = float(np.abs(x_dev - x_cpu).max())
@@ -142,8 +151,17 @@ def main(argv=None) -> int:
     rows, extra = [], {}
 
     def record(enc, path, dtype, bsz, secs, peak, **kw):
-        row = dict(encoder=enc, path=path, dtype=dtype, windows_per_batch=bsz, seconds=round(secs, 4),
-                   fps=round(t / secs, 2), net_fps=round(32 * n_win / secs, 2), peak_gib=round(peak, 3), **kw)
+        row = dict(
+            encoder=enc,
+            path=path,
+            dtype=dtype,
+            windows_per_batch=bsz,
+            seconds=round(secs, 4),
+            fps=round(t / secs, 2),
+            net_fps=round(32 * n_win / secs, 2),
+            peak_gib=round(peak, 3),
+            **kw,
+        )
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -169,22 +187,28 @@ def main(argv=None) -> int:
         bmax = max(batches)
         fp32_batches = [int(b) for b in args.fp32_batches.split(",")] if args.fp32_batches else [bmax]
         for dt in dtypes:
-            for cl in ([False, True] if dev.type == "cuda" and dt != "fp32" else [False]):
+            for cl in [False, True] if dev.type == "cuda" and dt != "fp32" else [False]:
                 model.channels_last = cl
-                for bsz in (fp32_batches if dt == "fp32" else batches):
-                    infer_video_depth(model, frames[: 22 * min(bsz, n_win)], args.input_size, dtype=dt,
-                                      windows_per_batch=bsz)  # warm-up (cudnn autotune for this shape)
+                for bsz in fp32_batches if dt == "fp32" else batches:
+                    infer_video_depth(
+                        model, frames[: 22 * min(bsz, n_win)], args.input_size, dtype=dt, windows_per_batch=bsz
+                    )  # warm-up (cudnn autotune for this shape)
                     peak_reset(dev)
-                    secs, out = timed(lambda: infer_video_depth(model, frames, args.input_size, dtype=dt,
-                                                                windows_per_batch=bsz), dev)
+                    secs, out = timed(
+                        lambda: infer_video_depth(model, frames, args.input_size, dtype=dt, windows_per_batch=bsz), dev
+                    )
                     outs[("opt", dt, bsz, cl)] = out
                     record(enc, "optimised", dt, bsz, secs, peak_gib(dev), channels_last=cl)
             model.channels_last = False
         # no-dedup ablation (full windows through the encoder)
         for dt in dtypes[-1:]:
             peak_reset(dev)
-            secs, _ = timed(lambda: infer_video_depth(model, frames, args.input_size, dtype=dt,
-                                                      windows_per_batch=bmax, dedup=False), dev)
+            secs, _ = timed(
+                lambda: infer_video_depth(
+                    model, frames, args.input_size, dtype=dt, windows_per_batch=bmax, dedup=False
+                ),
+                dev,
+            )
             record(enc, "optimised-no-dedup", dt, bmax, secs, peak_gib(dev))
         # accuracy: low precision vs fp32 (whole video, same path), optimised vs official-style fp32
         ref = outs.get(("opt", "fp32", fp32_batches[-1], False))
@@ -199,7 +223,9 @@ def main(argv=None) -> int:
             for bd in ("fp32", "fp16"):
                 if ("official", bd) in outs:
                     extra[f"{enc}_video_official_{bd}_vs_opt_fp32_absrel"] = absrel(outs[("official", bd)], ref)[0]
-                    extra[f"{enc}_video_official_{bd}_vs_opt_fp32_maxabs"] = float(np.abs(outs[("official", bd)] - ref).max())
+                    extra[f"{enc}_video_official_{bd}_vs_opt_fp32_maxabs"] = float(
+                        np.abs(outs[("official", bd)] - ref).max()
+                    )
         # network-only accuracy (one batch of windows, no stitching): which part loses precision
         g = torch.Generator().manual_seed(1)
         xw = torch.randn(min(bmax, 2), 32, 3, nh, nw, generator=g).to(dev)
@@ -216,25 +242,37 @@ def main(argv=None) -> int:
         x = torch.randn(bmax * 22 + 10, 3, nh, nw, device=dev)
         idx = torch.stack([torch.arange(32, device=dev) + 22 * k for k in range(bmax)])
         from stages.depth.vda.infer import _autocast
+
         with torch.inference_mode(), _autocast(dev, low[0]):
+
             def enc_only():
                 return model.pretrained.intermediate(x)
+
             def frame_stage():
                 return model.frame_features(x)
+
             feats = model.frame_features(x)
             g = [f.index_select(0, idx.reshape(-1)) for f in feats]
+
             def window_stage():
                 return model.window_depth(g, 32, (nh, nw))
+
             def whole():
                 return model(x, idx)
-            for name, fn in [("encoder", enc_only), ("frame_stage", frame_stage), ("window_stage", window_stage),
-                             ("network_total", whole)]:
+
+            for name, fn in [
+                ("encoder", enc_only),
+                ("frame_stage", frame_stage),
+                ("window_stage", window_stage),
+                ("network_total", whole),
+            ]:
                 fn()
                 secs, _ = timed(fn, dev, repeats=3)
                 extra[f"{enc}_{low[0]}_b{bmax}_{name}_s"] = secs
         print(json.dumps({k: v for k, v in extra.items() if k.startswith(enc)}), flush=True)
         if args.profile and dev.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
+
             with torch.inference_mode(), _autocast(dev, low[0]), profile(activities=[ProfilerActivity.CUDA]) as prof:
                 model(x, idx)
                 sync(dev)
@@ -243,12 +281,22 @@ def main(argv=None) -> int:
             eh, ew = (int(v) for v in args.extra_hw.split("x"))
             frames2 = synthetic_video(t, eh, ew, seed=3)
             model.channels_last = dev.type == "cuda"
-            infer_video_depth(model, frames2[: 22 * min(bmax, n_win)], args.input_size, dtype=low[0], windows_per_batch=bmax)
+            infer_video_depth(
+                model, frames2[: 22 * min(bmax, n_win)], args.input_size, dtype=low[0], windows_per_batch=bmax
+            )
             peak_reset(dev)
-            secs, _ = timed(lambda: infer_video_depth(model, frames2, args.input_size, dtype=low[0],
-                                                      windows_per_batch=bmax), dev)
-            record(enc, f"optimised {eh}x{ew}->{'x'.join(map(str, network_size(eh, ew, args.input_size)))}",
-                   low[0], bmax, secs, peak_gib(dev), channels_last=model.channels_last)
+            secs, _ = timed(
+                lambda: infer_video_depth(model, frames2, args.input_size, dtype=low[0], windows_per_batch=bmax), dev
+            )
+            record(
+                enc,
+                f"optimised {eh}x{ew}->{'x'.join(map(str, network_size(eh, ew, args.input_size)))}",
+                low[0],
+                bmax,
+                secs,
+                peak_gib(dev),
+                channels_last=model.channels_last,
+            )
             del frames2
         if args.compile:
             low = [args.compile_dtype or low[0]]
@@ -260,8 +308,9 @@ def main(argv=None) -> int:
             extra[f"{enc}_compile_warmup_s"] = time.perf_counter() - t0
             print(json.dumps({"compile_warmup_s": extra[f"{enc}_compile_warmup_s"]}), flush=True)
             peak_reset(dev)
-            secs, out = timed(lambda: infer_video_depth(cm, frames, args.input_size, dtype=low[0],
-                                                        windows_per_batch=bmax), dev)
+            secs, out = timed(
+                lambda: infer_video_depth(cm, frames, args.input_size, dtype=low[0], windows_per_batch=bmax), dev
+            )
             record(enc, "optimised+compile", low[0], bmax, secs, peak_gib(dev), channels_last=model.channels_last)
             if ref is not None:
                 extra[f"{enc}_video_compiled_{low[0]}_vs_fp32_absrel"] = absrel(out, ref)[0]
@@ -276,7 +325,9 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         tag = r["path"] + (" (NHWC)" if r.get("channels_last") else "")
-        print(f"| {r['encoder']} | {tag} | {r['dtype']} | {r['windows_per_batch']} | {r['fps']} | {r['net_fps']} | {r['peak_gib']} |")
+        print(
+            f"| {r['encoder']} | {tag} | {r['dtype']} | {r['windows_per_batch']} | {r['fps']} | {r['net_fps']} | {r['peak_gib']} |"
+        )
     print(json.dumps(extra, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps({"info": info, "rows": rows, "extra": extra}, indent=1))

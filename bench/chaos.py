@@ -52,6 +52,7 @@ final compaction every event must be stored once).
 
 Writes ``chaos.json`` and ``chaos.md`` under ``--out`` and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,18 @@ from collections import Counter
 from pathlib import Path
 
 DEFAULT_DATASETS = "tartanair,pointodyssey,dynamic_replica,matrixcity"
-FAULT_KINDS = ("driver", "worker", "raylet", "node", "second_driver", "clock_skew", "compaction", "s3_outage",
-               "megasam", "scene")
+FAULT_KINDS = (
+    "driver",
+    "worker",
+    "raylet",
+    "node",
+    "second_driver",
+    "clock_skew",
+    "compaction",
+    "s3_outage",
+    "megasam",
+    "scene",
+)
 RUN_FAULTS = ("clock_skew", "compaction")  # given to the driver as --fault for the whole run
 SCENE_FAULTS = ("megasam", "scene")  # kills aimed at the scene passes (--megasam)
 SCENE_PASS_WORKERS = ("ray::_ModelActor", "ray::megasam_task", "ray::align_task")
@@ -135,7 +146,9 @@ def _kill(pid: int, start: int) -> bool:
 
 def _is_busy_worker(cmdline: str) -> bool:
     """A Ray worker process running a task or an actor method (not an idle worker, not Ray's agents)."""
-    return cmdline.startswith("ray::") and not cmdline.startswith("ray::IDLE") and "Agent" not in cmdline.split(" ", 1)[0]
+    return (
+        cmdline.startswith("ray::") and not cmdline.startswith("ray::IDLE") and "Agent" not in cmdline.split(" ", 1)[0]
+    )
 
 
 class Driver:
@@ -143,8 +156,13 @@ class Driver:
 
     def __init__(self, args: list[str], env: dict, log_path: Path, busy_root: int | None = None):
         self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.t0 = time.time()
         # where its Ray workers live: under the driver (its own local Ray), or under the cluster's raylets
         self.busy_root = busy_root
@@ -229,9 +247,15 @@ class World:
             self.ray_tmp = tempfile.mkdtemp(prefix="d4scc", dir="/tmp")
             os.environ["RAY_TMPDIR"] = self.ray_tmp
             # quick death detection of a removed node (the default takes ~15 s)
-            system = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 3}
-            self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                                         "_system_config": system})
+            system = {
+                "health_check_initial_delay_ms": 0,
+                "health_check_period_ms": 500,
+                "health_check_failure_threshold": 3,
+            }
+            self.cluster = Cluster(
+                initialize_head=True,
+                head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": system},
+            )
             for _ in range(nodes):
                 self.cluster.add_node(num_cpus=num_cpus)
             self.cluster.wait_for_nodes()
@@ -306,8 +330,9 @@ class World:
 # fault plans
 
 
-def plan_faults(rng: random.Random, run_index: int, fault_runs: int,
-                kinds: tuple[str, ...] = ("driver", "worker", "raylet")) -> list[tuple[str, float, str]]:
+def plan_faults(
+    rng: random.Random, run_index: int, fault_runs: int, kinds: tuple[str, ...] = ("driver", "worker", "raylet")
+) -> list[tuple[str, float, str]]:
     """(anchor, value, kind) for one run; runs past ``fault_runs`` get none.
 
     Anchor ``work``: at ``value`` times the reference's work phase (first to last busy worker seen)
@@ -326,10 +351,15 @@ def plan_faults(rng: random.Random, run_index: int, fault_runs: int,
     lose_node = "raylet" if "raylet" in kinds else ("node" if "node" in kinds else None)
     faults = []
     if "worker" in kinds:
-        faults += [("work", rng.uniform(0.0, 0.9), "worker") for _ in range(rng.choice([0, 1, 1, 2] if first else [0, 1]))]
+        faults += [
+            ("work", rng.uniform(0.0, 0.9), "worker") for _ in range(rng.choice([0, 1, 1, 2] if first else [0, 1]))
+        ]
     if "driver" in kinds and rng.random() < (0.4 if first else 0.25):
-        faults.append(("start", rng.uniform(0.3, 1.0), "driver") if rng.random() < 1 / 3
-                      else ("work", rng.uniform(0.0, 1.1), "driver"))
+        faults.append(
+            ("start", rng.uniform(0.3, 1.0), "driver")
+            if rng.random() < 1 / 3
+            else ("work", rng.uniform(0.0, 1.1), "driver")
+        )
     elif lose_node and rng.random() < (0.3 if first else 0.1):
         faults.append(("work", rng.uniform(0.1, 0.8), lose_node))
     if first and not faults and "worker" in kinds:  # every trial's build gets at least one fault
@@ -379,8 +409,14 @@ def _scene_pass_workers(drv: Driver) -> list[tuple[tuple[int, int], str]]:
     return [(k, c) for k, c in _busy_workers(drv) if c.startswith(SCENE_PASS_WORKERS)]
 
 
-def inject(drv: Driver, kind: str, rng: random.Random, patience_s: float = 3.0, world: World | None = None,
-           second: dict | None = None) -> dict | None:
+def inject(
+    drv: Driver,
+    kind: str,
+    rng: random.Random,
+    patience_s: float = 3.0,
+    world: World | None = None,
+    second: dict | None = None,
+) -> dict | None:
     """Carry out one fault now; a worker fault waits up to ``patience_s`` for a busy worker.
     ``second`` (for ``second_driver``): what starting another driver needs (args, env, log)."""
     if kind == "driver":
@@ -436,13 +472,21 @@ def clip_accounting(out: str | Path) -> dict:
                 keys.update({m.name.split(".", 1)[0] for m in tar.getmembers()})
     events = ms.ledger_events()
     failed = {f["clip_id"] for e in ms.ledger(events).values() if e["state"] == "done" for f in e["clips_failed"]}
-    stored_rows = sum(_parse(store.read_bytes(f"{LEDGER_DIR}/{n}"), columns=["seq"]).num_rows
-                      for n in store.listdir(LEDGER_DIR) if n.endswith(".parquet") and ".tmp-" not in n)
+    stored_rows = sum(
+        _parse(store.read_bytes(f"{LEDGER_DIR}/{n}"), columns=["seq"]).num_rows
+        for n in store.listdir(LEDGER_DIR)
+        if n.endswith(".parquet") and ".tmp-" not in n
+    )
     index = sorted((r["key"], r["shard_path"], r["offset"]) for r in ms.index())
-    return {"planned": len(planned), "written": sum(keys.values()), "failed": sorted(failed),
-            "lost": sorted(set(planned) - set(keys) - failed),
-            "duplicated": sorted(k for k, n in keys.items() if n > 1) + sorted(set(keys) & failed),
-            "ledger_rows_twice": stored_rows - len(events), "index": index}
+    return {
+        "planned": len(planned),
+        "written": sum(keys.values()),
+        "failed": sorted(failed),
+        "lost": sorted(set(planned) - set(keys) - failed),
+        "duplicated": sorted(k for k, n in keys.items() if n > 1) + sorted(set(keys) & failed),
+        "ledger_rows_twice": stored_rows - len(events),
+        "index": index,
+    }
 
 
 def _recorded(out: str) -> bool:
@@ -456,9 +500,18 @@ def _recorded(out: str) -> bool:
 # trials
 
 
-def run_trial(trial: int, seed: int, base: dict, work: Path, ref: dict, max_runs: int,
-              fault_runs: int, run_timeout_s: float, world: World | None = None,
-              kinds: tuple[str, ...] | None = None) -> dict:
+def run_trial(
+    trial: int,
+    seed: int,
+    base: dict,
+    work: Path,
+    ref: dict,
+    max_runs: int,
+    fault_runs: int,
+    run_timeout_s: float,
+    world: World | None = None,
+    kinds: tuple[str, ...] | None = None,
+) -> dict:
     from pipeline.storage import Store
     from pipeline.verify import verify
 
@@ -487,12 +540,21 @@ def run_trial(trial: int, seed: int, base: dict, work: Path, ref: dict, max_runs
             planned += len(plan)
             run_wide = [f for f in plan if f[0] == "run"]
             timed = [f for f in plan if f[0] != "run"]
-            drv = Driver(args + world.address_args() + run_fault_args(run_wide), world.env(ray_tmp), log,
-                         busy_root=world.busy_root())
-            done_faults = [{"kind": k, "target": f"{v:+.0f} s" if k == "clock_skew" else "driver", "run": run_index,
-                            "at_s": 0.0} for _, v, k in run_wide]
-            second = {"args": ["resume", out, "--no-progress"] + world.address_args(), "env": world.env(ray_tmp),
-                      "log": log}
+            drv = Driver(
+                args + world.address_args() + run_fault_args(run_wide),
+                world.env(ray_tmp),
+                log,
+                busy_root=world.busy_root(),
+            )
+            done_faults = [
+                {"kind": k, "target": f"{v:+.0f} s" if k == "clock_skew" else "driver", "run": run_index, "at_s": 0.0}
+                for _, v, k in run_wide
+            ]
+            second = {
+                "args": ["resume", out, "--no-progress"] + world.address_args(),
+                "env": world.env(ray_tmp),
+                "log": log,
+            }
             pending = list(timed)
             while pending and drv.alive():
                 now = time.time() - drv.t0
@@ -519,10 +581,19 @@ def run_trial(trial: int, seed: int, base: dict, work: Path, ref: dict, max_runs
                 leftovers += left2
                 for f in done_faults:
                     if f["kind"] == "second_driver":
-                        f["outcome"] = {3: "refused", 0: "ran after the first ended"}.get(second_rc, f"exit {second_rc}")
+                        f["outcome"] = {3: "refused", 0: "ran after the first ended"}.get(
+                            second_rc, f"exit {second_rc}"
+                        )
             faults += done_faults
-            runs.append({"cmd": args[0], "rc": rc, "faults": [f["kind"] for f in done_faults], "second_rc": second_rc,
-                         "seconds": round(time.time() - drv.t0, 1)})
+            runs.append(
+                {
+                    "cmd": args[0],
+                    "rc": rc,
+                    "faults": [f["kind"] for f in done_faults],
+                    "second_rc": second_rc,
+                    "seconds": round(time.time() - drv.t0, 1),
+                }
+            )
             seconds.append(time.time() - drv.t0)
             if rc == 0 and second_rc in (None, 0, 3):
                 break
@@ -536,23 +607,34 @@ def run_trial(trial: int, seed: int, base: dict, work: Path, ref: dict, max_runs
         digests = shard_digests(out) if has_plan else {}
         second_outcomes = [f.get("outcome") for f in faults if f["kind"] == "second_driver"]
         return {
-            "trial": trial, "finished": finished, "runs": len(runs), "resumes": max(0, len(runs) - 1),
-            "run_log": runs, "faults_planned": planned, "faults": faults, "faults_by_kind": dict(Counter(f["kind"] for f in faults)),
+            "trial": trial,
+            "finished": finished,
+            "runs": len(runs),
+            "resumes": max(0, len(runs) - 1),
+            "run_log": runs,
+            "faults_planned": planned,
+            "faults": faults,
+            "faults_by_kind": dict(Counter(f["kind"] for f in faults)),
             "worker_targets": dict(Counter(f["target"] for f in faults if f["kind"] in ("worker", "scene"))),
             "second_drivers": dict(Counter(second_outcomes)),
-            "verify_ok": bool(rep and rep.ok), "verify_problems": rep.problems[:10] if rep else ["no output"],
+            "verify_ok": bool(rep and rep.ok),
+            "verify_problems": rep.problems[:10] if rep else ["no output"],
             "identical": digests == ref["digests"] and acc is not None and acc["index"] == ref["accounting"]["index"],
             "failed_as_reference": acc is not None and acc["failed"] == ref["accounting"]["failed"],
-            "lost": len(acc["lost"]) if acc else None, "duplicated": len(acc["duplicated"]) if acc else None,
+            "lost": len(acc["lost"]) if acc else None,
+            "duplicated": len(acc["duplicated"]) if acc else None,
             "ledger_rows_twice": acc["ledger_rows_twice"] if acc else None,
-            "hangs": hangs, "leftover_processes_killed": leftovers, "seconds": round(time.time() - t0, 1),
+            "hangs": hangs,
+            "leftover_processes_killed": leftovers,
+            "seconds": round(time.time() - t0, 1),
         }
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def reference_build(base: dict, work: Path, run_timeout_s: float, name: str = "reference",
-                    world: World | None = None) -> dict:
+def reference_build(
+    base: dict, work: Path, run_timeout_s: float, name: str = "reference", world: World | None = None
+) -> dict:
     """A clean build without faults: the bytes every trial must reproduce, and its timing."""
     import yaml
 
@@ -567,8 +649,12 @@ def reference_build(base: dict, work: Path, run_timeout_s: float, name: str = "r
     (work / f"{name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     ray_tmp = tempfile.mkdtemp(prefix="d4sc", dir="/tmp")
     try:
-        drv = Driver(["build", str(work / f"{name}.yaml"), "--no-progress"] + world.address_args(), world.env(ray_tmp),
-                     work / f"{name}.log", busy_root=world.busy_root())
+        drv = Driver(
+            ["build", str(work / f"{name}.yaml"), "--no-progress"] + world.address_args(),
+            world.env(ray_tmp),
+            work / f"{name}.log",
+            busy_root=world.busy_root(),
+        )
         rc, _ = drv.finish(run_timeout_s)
         seconds = time.time() - drv.t0
         busy = (drv.first_busy, drv.last_busy) if drv.first_busy is not None else (0.5 * seconds, seconds)
@@ -578,7 +664,13 @@ def reference_build(base: dict, work: Path, run_timeout_s: float, name: str = "r
     if rc != 0 or not rep.ok:
         raise RuntimeError(f"the clean build {name} failed (rc {rc}, {rep.problems[:3]}); see {work / f'{name}.log'}")
     acc = clip_accounting(out)
-    return {"seconds": seconds, "first_busy_s": busy[0], "work_s": max(1.0, busy[1] - busy[0]), "digests": shard_digests(out), "accounting": acc}
+    return {
+        "seconds": seconds,
+        "first_busy_s": busy[0],
+        "work_s": max(1.0, busy[1] - busy[0]),
+        "digests": shard_digests(out),
+        "accounting": acc,
+    }
 
 
 def references(base: dict, work: Path, run_timeout_s: float, world: World | None = None) -> dict:
@@ -605,21 +697,36 @@ def summarize(args, datasets: list[str], ref: dict, trials: list[dict], wall_s: 
         seconds.update(t.get("second_drivers") or {})
     return {
         "command": f"python bench/chaos.py --trials {args.trials} --seed {args.seed}"
-                   + (f" --datasets {args.datasets}" if args.datasets != DEFAULT_DATASETS else "")
-                   + (f" --scenes {args.scenes}" if args.scenes != 2 else "")
-                   + (" --megasam" if args.megasam else "")
-                   + (f" --num-cpus {args.num_cpus}" if args.num_cpus != 2 else "")
-                   + (f" --nodes {args.nodes}" if args.nodes else "") + (" --s3" if args.s3 else "")
-                   + (f" --kinds {args.kinds}" if args.kinds else ""),
-        "seed": args.seed, "datasets": datasets, "scenes_per_dataset": args.scenes, "ray_cpus": args.num_cpus,
-        "nodes": args.nodes, "s3": args.s3, "kinds": list(kinds),
-        "reference": {"seconds": round(ref["seconds"], 1), "work_phase_s": round(ref["work_s"], 1), "clips_planned": ref["accounting"]["planned"],
-                      "clips_written": ref["accounting"]["written"], "clips_failed": len(ref["accounting"]["failed"]),
-                      "shards": len(ref["digests"])},
+        + (f" --datasets {args.datasets}" if args.datasets != DEFAULT_DATASETS else "")
+        + (f" --scenes {args.scenes}" if args.scenes != 2 else "")
+        + (" --megasam" if args.megasam else "")
+        + (f" --num-cpus {args.num_cpus}" if args.num_cpus != 2 else "")
+        + (f" --nodes {args.nodes}" if args.nodes else "")
+        + (" --s3" if args.s3 else "")
+        + (f" --kinds {args.kinds}" if args.kinds else ""),
+        "seed": args.seed,
+        "datasets": datasets,
+        "scenes_per_dataset": args.scenes,
+        "ray_cpus": args.num_cpus,
+        "nodes": args.nodes,
+        "s3": args.s3,
+        "kinds": list(kinds),
+        "reference": {
+            "seconds": round(ref["seconds"], 1),
+            "work_phase_s": round(ref["work_s"], 1),
+            "clips_planned": ref["accounting"]["planned"],
+            "clips_written": ref["accounting"]["written"],
+            "clips_failed": len(ref["accounting"]["failed"]),
+            "shards": len(ref["digests"]),
+        },
         "trials": len(trials),
-        "faults_planned": sum(t["faults_planned"] for t in trials), "faults_injected": sum(by_kind.values()), "faults_by_kind": dict(by_kind), "worker_targets": dict(targets),
+        "faults_planned": sum(t["faults_planned"] for t in trials),
+        "faults_injected": sum(by_kind.values()),
+        "faults_by_kind": dict(by_kind),
+        "worker_targets": dict(targets),
         "second_drivers": dict(seconds),
-        "runs": sum(t["runs"] for t in trials), "resumes": sum(t["resumes"] for t in trials),
+        "runs": sum(t["runs"] for t in trials),
+        "resumes": sum(t["resumes"] for t in trials),
         "all_finished": all(t["finished"] for t in trials),
         "verify_failures": sum(not t["verify_ok"] for t in trials),
         "not_identical": sum(not t["identical"] for t in trials),
@@ -633,19 +740,26 @@ def summarize(args, datasets: list[str], ref: dict, trials: list[dict], wall_s: 
 
 
 def markdown(s: dict) -> str:
-    lines = ["| trial | faults (run: kinds) | runs | resumes | verify | identical | lost | duplicated | s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| trial | faults (run: kinds) | runs | resumes | verify | identical | lost | duplicated | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for t in s["per_trial"]:
         per_run = "; ".join(f"{i}: {'+'.join(r['faults'])}" for i, r in enumerate(t["run_log"]) if r["faults"]) or "-"
-        lines.append(f"| {t['trial']} | {per_run} | {t['runs']} | {t['resumes']} | {'ok' if t['verify_ok'] else 'FAIL'} | "
-                     f"{'yes' if t['identical'] else 'NO'} | {t['lost']} | {t['duplicated']} | {t['seconds']} |")
+        lines.append(
+            f"| {t['trial']} | {per_run} | {t['runs']} | {t['resumes']} | {'ok' if t['verify_ok'] else 'FAIL'} | "
+            f"{'yes' if t['identical'] else 'NO'} | {t['lost']} | {t['duplicated']} | {t['seconds']} |"
+        )
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["faults_by_kind"].items()))
     second = ", ".join(f"{k} {v}" for k, v in sorted(s.get("second_drivers", {}).items())) or "none"
-    lines += ["", f"trials {s['trials']}, faults injected {s['faults_injected']} ({kinds}; {s['faults_planned']} planned: "
-                  f"the others fell after the run had ended or found no busy worker), runs {s['runs']} "
-                  f"({s['resumes']} resumes), second drivers: {second}, verify failures {s['verify_failures']}, "
-                  f"not identical {s['not_identical']}, clips lost {s['clips_lost']}, duplicated {s['clips_duplicated']}, "
-                  f"ledger rows stored twice {s['ledger_rows_twice']}, hangs {s['hangs']}, wall {s['wall_s']} s"]
+    lines += [
+        "",
+        f"trials {s['trials']}, faults injected {s['faults_injected']} ({kinds}; {s['faults_planned']} planned: "
+        f"the others fell after the run had ended or found no busy worker), runs {s['runs']} "
+        f"({s['resumes']} resumes), second drivers: {second}, verify failures {s['verify_failures']}, "
+        f"not identical {s['not_identical']}, clips lost {s['clips_lost']}, duplicated {s['clips_duplicated']}, "
+        f"ledger rows stored twice {s['ledger_rows_twice']}, hangs {s['hangs']}, wall {s['wall_s']} s",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -656,13 +770,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="work directory (default: a new temporary one)")
     ap.add_argument("--datasets", default=DEFAULT_DATASETS)
     ap.add_argument("--scenes", type=int, default=2, help="demo scenes per dataset")
-    ap.add_argument("--megasam", action="store_true",
-                    help="RealEstate10K with MegaSaM (the stand-in) in scene passes; adds kills of MegaSaM runs and "
-                         "of scene-pass workers")
-    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of each trial's local Ray (of each worker node with --nodes)")
-    ap.add_argument("--nodes", type=int, default=0, help="run every driver on one multi-node cluster of this many worker nodes")
+    ap.add_argument(
+        "--megasam",
+        action="store_true",
+        help="RealEstate10K with MegaSaM (the stand-in) in scene passes; adds kills of MegaSaM runs and "
+        "of scene-pass workers",
+    )
+    ap.add_argument(
+        "--num-cpus", type=int, default=2, help="CPUs of each trial's local Ray (of each worker node with --nodes)"
+    )
+    ap.add_argument(
+        "--nodes", type=int, default=0, help="run every driver on one multi-node cluster of this many worker nodes"
+    )
     ap.add_argument("--s3", action="store_true", help="outputs on an S3 server (moto) started by this script")
-    ap.add_argument("--kinds", default="", help=f"fault kinds, comma-separated (default: all the setting supports: {','.join(FAULT_KINDS)})")
+    ap.add_argument(
+        "--kinds",
+        default="",
+        help=f"fault kinds, comma-separated (default: all the setting supports: {','.join(FAULT_KINDS)})",
+    )
     ap.add_argument("--max-runs", type=int, default=8, help="build + resumes per trial at most")
     ap.add_argument("--fault-runs", type=int, default=3, help="runs of a trial that get faults (later runs none)")
     ap.add_argument("--run-timeout", type=float, default=300.0, help="a driver running longer counts as hung")
@@ -678,8 +803,13 @@ def main(argv: list[str] | None = None) -> dict:
     datasets = [d for d in args.datasets.split(",") if d]
     if args.megasam and "realestate10k" not in datasets:
         datasets.append("realestate10k")
-    base = demo_config(str(work / "data"), datasets=datasets, scenes=args.scenes,  # renders once
-                       megasam_stand_in=args.megasam, megasam_delay_s=6.0).model_dump(mode="json")
+    base = demo_config(
+        str(work / "data"),
+        datasets=datasets,
+        scenes=args.scenes,  # renders once
+        megasam_stand_in=args.megasam,
+        megasam_delay_s=6.0,
+    ).model_dump(mode="json")
     base["ray"]["num_cpus"] = args.num_cpus
     # a transient failure (a node or the store gone for seconds) is re-run after 1 s, not 30
     base["ray"].update(shard_retries=2, retry_backoff_s=1.0)
@@ -688,19 +818,37 @@ def main(argv: list[str] | None = None) -> dict:
         kinds = tuple(k for k in args.kinds.split(",") if k) if args.kinds else world.kinds
         unknown = set(kinds) - set(world.kinds)
         if unknown:
-            raise SystemExit(f"fault kinds {sorted(unknown)} do not apply here (this setting supports {list(world.kinds)})")
+            raise SystemExit(
+                f"fault kinds {sorted(unknown)} do not apply here (this setting supports {list(world.kinds)})"
+            )
         ref = references(base, work, args.run_timeout, world)
-        print(f"reference: {ref['accounting']['planned']} clips in {len(ref['digests'])} shards, {ref['seconds']:.1f} s "
-              f"(workers busy for {ref['work_s']:.1f} s); fault kinds {list(kinds)}", flush=True)
+        print(
+            f"reference: {ref['accounting']['planned']} clips in {len(ref['digests'])} shards, {ref['seconds']:.1f} s "
+            f"(workers busy for {ref['work_s']:.1f} s); fault kinds {list(kinds)}",
+            flush=True,
+        )
         trials = []
         for i in range(args.trials):
-            t = run_trial(i, args.seed, base, work, ref, max_runs=args.max_runs, fault_runs=args.fault_runs,
-                          run_timeout_s=args.run_timeout, world=world, kinds=kinds)
+            t = run_trial(
+                i,
+                args.seed,
+                base,
+                work,
+                ref,
+                max_runs=args.max_runs,
+                fault_runs=args.fault_runs,
+                run_timeout_s=args.run_timeout,
+                world=world,
+                kinds=kinds,
+            )
             trials.append(t)
-            print(f"trial {i}: faults {[(f['run'], f['kind'], f['at_s']) for f in t['faults']]}, runs {t['runs']}, "
-                  f"verify {'ok' if t['verify_ok'] else t['verify_problems']}, identical {t['identical']}, "
-                  f"lost {t['lost']}, duplicated {t['duplicated']}, ledger rows twice {t['ledger_rows_twice']}, "
-                  f"{t['seconds']} s", flush=True)
+            print(
+                f"trial {i}: faults {[(f['run'], f['kind'], f['at_s']) for f in t['faults']]}, runs {t['runs']}, "
+                f"verify {'ok' if t['verify_ok'] else t['verify_problems']}, identical {t['identical']}, "
+                f"lost {t['lost']}, duplicated {t['duplicated']}, ledger rows twice {t['ledger_rows_twice']}, "
+                f"{t['seconds']} s",
+                flush=True,
+            )
             if not args.keep and t["verify_ok"] and t["identical"]:
                 Store(world.output(f"trial-{i:03d}")).remove("")
         s = summarize(args, datasets, ref, trials, time.time() - t0, kinds)
@@ -715,6 +863,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     summary = main()
-    ok = (summary["all_finished"] and not summary["verify_failures"] and not summary["not_identical"]
-          and not summary["clips_lost"] and not summary["clips_duplicated"] and not summary["ledger_rows_twice"])
+    ok = (
+        summary["all_finished"]
+        and not summary["verify_failures"]
+        and not summary["not_identical"]
+        and not summary["clips_lost"]
+        and not summary["clips_duplicated"]
+        and not summary["ledger_rows_twice"]
+    )
     sys.exit(0 if ok else 1)

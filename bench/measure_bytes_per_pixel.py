@@ -6,14 +6,16 @@ model's costs file (pipeline/capacity/costs.yaml): rendered demo scenes (pipelin
 
 Usage: python bench/measure_bytes_per_pixel.py [--quality 95]   (one JSON line per size)
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 
 
-def measure_bytes_per_pixel(sizes=((48, 64), (240, 320), (480, 640), (720, 1280)), frames: int = 4,
-                            seeds=(3, 4), jpeg_quality: int = 95) -> list[dict]:
+def measure_bytes_per_pixel(
+    sizes=((48, 64), (240, 320), (480, 640), (720, 1280)), frames: int = 4, seeds=(3, 4), jpeg_quality: int = 95
+) -> list[dict]:
     """Encode rendered demo scenes (pipeline/demo/render.py) at each size with the shard encoder."""
     import numpy as np
 
@@ -29,8 +31,14 @@ def measure_bytes_per_pixel(sizes=((48, 64), (240, 320), (480, 640), (720, 1280)
                 rgb_b += len(_jpeg(r.rgb[i], jpeg_quality))
                 dep_b += len(_png16(encode_depth(r.depth[i], np.isfinite(r.depth[i]))))
                 n += 1
-        out.append({"hw": [h, w], "pixels": h * w, "rgb_bytes_per_pixel": rgb_b / n / (h * w),
-                    "depth_bytes_per_pixel": dep_b / n / (h * w)})
+        out.append(
+            {
+                "hw": [h, w],
+                "pixels": h * w,
+                "rgb_bytes_per_pixel": rgb_b / n / (h * w),
+                "depth_bytes_per_pixel": dep_b / n / (h * w),
+            }
+        )
     return out
 
 

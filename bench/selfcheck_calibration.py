@@ -10,6 +10,7 @@ wrong unit). The printed table is what ``QCConfig.selfcheck_min_agreement`` was 
 
 Usage: python bench/selfcheck_calibration.py [--seeds 4] [--out DIR]   (CPU, about a minute)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,14 +98,29 @@ def main() -> None:
                     c2w, depth = fix(clip.c2w, clip.depth)
                     t1 = time.perf_counter()
                     res = agreement(clip.rgb, depth, clip.depth_valid, clip.intrinsics, c2w, cfg.selfcheck_pixels)
-                    rows.append({"dataset": ds, "case": name, "clip": clip.meta.clip_id, **res,
-                                 "flagged": verdict(res, cfg) is not None, "ms": 1000 * (time.perf_counter() - t1)})
+                    rows.append(
+                        {
+                            "dataset": ds,
+                            "case": name,
+                            "clip": clip.meta.clip_id,
+                            **res,
+                            "flagged": verdict(res, cfg) is not None,
+                            "ms": 1000 * (time.perf_counter() - t1),
+                        }
+                    )
     secs = time.time() - t0
-    head = (f"{n_clips} demo clips ({CLIP_LENGTH} frames), {args.seeds} scenes per dataset; thresholds: agreement >= "
-            f"{cfg.selfcheck_min_agreement}, overlap >= {cfg.selfcheck_min_overlap}; {secs:.1f} s in all.")
-    md = [head, "",
-          "Agreement min / median / max (`-` not judged), flagged clips / clips:", "",
-          "| dataset | " + " | ".join(cases) + " |", "|---|" + "---|" * len(cases)]
+    head = (
+        f"{n_clips} demo clips ({CLIP_LENGTH} frames), {args.seeds} scenes per dataset; thresholds: agreement >= "
+        f"{cfg.selfcheck_min_agreement}, overlap >= {cfg.selfcheck_min_overlap}; {secs:.1f} s in all."
+    )
+    md = [
+        head,
+        "",
+        "Agreement min / median / max (`-` not judged), flagged clips / clips:",
+        "",
+        "| dataset | " + " | ".join(cases) + " |",
+        "|---|" + "---|" * len(cases),
+    ]
     for ds in SYNTHETIC:
         cells = []
         for name in cases:
@@ -118,15 +134,26 @@ def main() -> None:
     ga = np.array([r["agreement"] for r in good if r["agreement"] is not None])
     go = np.array([r["overlap"] for r in good])
     missed = [r["agreement"] or 0.0 for r in bad if not r["flagged"]]
-    read_line = (f"As read: agreement min {ga.min():.3f} (5th percentile {np.percentile(ga, 5):.3f}), neighbour "
-                 f"overlap min {go.min():.3f}; flagged {sum(r['flagged'] for r in good)}/{len(good)}.")
-    broken_line = (f"Broken conventions: flagged {sum(r['flagged'] for r in bad)}/{len(bad)}; highest agreement of an "
-                   f"unflagged one: {max(missed):.3f}." if missed else
-                   f"Broken conventions: flagged {len(bad)}/{len(bad)}.")
-    md += ["", read_line, broken_line,
-           f"Time per check (one convention, as read): median {np.median([r['ms'] for r in good]):.1f} ms."]
-    md.append(f"Time of one check on a 16-frame 1280x720 clip (release size of Dynamic Replica): "
-              f"{release_size_ms(cfg.selfcheck_pixels):.1f} ms (median of 5).")
+    read_line = (
+        f"As read: agreement min {ga.min():.3f} (5th percentile {np.percentile(ga, 5):.3f}), neighbour "
+        f"overlap min {go.min():.3f}; flagged {sum(r['flagged'] for r in good)}/{len(good)}."
+    )
+    broken_line = (
+        f"Broken conventions: flagged {sum(r['flagged'] for r in bad)}/{len(bad)}; highest agreement of an "
+        f"unflagged one: {max(missed):.3f}."
+        if missed
+        else f"Broken conventions: flagged {len(bad)}/{len(bad)}."
+    )
+    md += [
+        "",
+        read_line,
+        broken_line,
+        f"Time per check (one convention, as read): median {np.median([r['ms'] for r in good]):.1f} ms.",
+    ]
+    md.append(
+        f"Time of one check on a 16-frame 1280x720 clip (release size of Dynamic Replica): "
+        f"{release_size_ms(cfg.selfcheck_pixels):.1f} ms (median of 5)."
+    )
     text = "\n".join(md) + "\n"
     print(text)
     if args.out:

@@ -6,6 +6,7 @@ counts of ground-truth track points the adapters' filters removed. ``d4s status`
 ``d4s report`` draw their distributions from these records alone, so they never have to open a
 shard.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,18 @@ import numpy as np
 
 # Scalar fields copied from meta.qc['align'] / meta.qc['tracks'] (see stages/align/qc.py,
 # stages/tracks/lift.py); anything else in those dicts stays in the sample's meta.json only.
-ALIGN_FIELDS = ("scale", "shift", "inlier_ratio", "residual", "abs_rel", "delta_1_25", "pose_scale",
-                "consistency_error", "pixel_error", "keep")
+ALIGN_FIELDS = (
+    "scale",
+    "shift",
+    "inlier_ratio",
+    "residual",
+    "abs_rel",
+    "delta_1_25",
+    "pose_scale",
+    "consistency_error",
+    "pixel_error",
+    "keep",
+)
 TRACK_FIELDS = ("kept_fraction", "median_drift_m", "median_drift_rel", "num_tracks")
 # From meta.qc['selfcheck'] (stages/selfcheck.py) and meta.qc['gt_tracks'] (the adapters' track filters).
 SELFCHECK_FIELDS = ("agreement", "overlap")
@@ -42,14 +53,20 @@ def sample_qc(clip, sample: dict) -> dict:
         "key": clip.key,
         "dataset": clip.meta.dataset,
         "frames": int(clip.num_frames),
-        "bytes": int(sum(len(v) for k, v in sample.items() if not k.startswith("__") and isinstance(v, (bytes, bytearray)))),
+        "bytes": int(
+            sum(len(v) for k, v in sample.items() if not k.startswith("__") and isinstance(v, (bytes, bytearray)))
+        ),
         "depth_source": clip.meta.depth_source,
     }
     if clip.depth is not None and clip.depth_valid is not None and clip.depth_valid.any():
         d = np.asarray(clip.depth[clip.depth_valid], dtype=np.float64)
         p5, p50, p95 = np.percentile(d, [5, 50, 95])
-        rec.update(depth_p5_m=float(p5), depth_median_m=float(p50), depth_p95_m=float(p95),
-                   valid_depth_fraction=float(clip.depth_valid.mean()))
+        rec.update(
+            depth_p5_m=float(p5),
+            depth_median_m=float(p50),
+            depth_p95_m=float(p95),
+            valid_depth_fraction=float(clip.depth_valid.mean()),
+        )
     align = clip.meta.qc.get("align")
     if align:
         rec["align"] = {k: _scalar(align.get(k)) for k in ALIGN_FIELDS if k in align}
@@ -84,8 +101,12 @@ def failure_categories(stage: str, reason: str, clip_id: str | None = None) -> l
             return [f"{stage}: {name}"]
     for prefix in ("align QC:", "track QC:"):
         if reason.startswith(prefix):
-            parts = [p.strip() for p in reason[len(prefix):].split(";") if p.strip()]
-            names = sorted({re.split(r"[:<>]|\s[-+x]?\d", p)[0].strip() for p in parts}) if prefix == "align QC:" else ["static drift"]
+            parts = [p.strip() for p in reason[len(prefix) :].split(";") if p.strip()]
+            names = (
+                sorted({re.split(r"[:<>]|\s[-+x]?\d", p)[0].strip() for p in parts})
+                if prefix == "align QC:"
+                else ["static drift"]
+            )
             return [f"{prefix} {n}" for n in names] or [prefix.rstrip(":")]
     text = reason.split("; log:")[0]
     if clip_id:

@@ -25,6 +25,7 @@ The epoch grows by one with every acquisition (and is larger than every epoch al
 ledger, ``min_epoch``): the ledger numbers a driver's events in its epoch, so the events of a
 driver that lost its lease sort before those of the one that took it over.
 """
+
 from __future__ import annotations
 
 import json
@@ -114,8 +115,15 @@ def _when(t: float) -> str:
 class Lease:
     """The lease of one driver on one output store (see the module docs)."""
 
-    def __init__(self, store: Store, command: str = "build", ttl_s: float = 300.0, heartbeat_s: float | None = None,
-                 owner: str | None = None, same_host_shortcut: bool = True):
+    def __init__(
+        self,
+        store: Store,
+        command: str = "build",
+        ttl_s: float = 300.0,
+        heartbeat_s: float | None = None,
+        owner: str | None = None,
+        same_host_shortcut: bool = True,
+    ):
         if ttl_s <= 0:
             raise ValueError(f"lease ttl_s must be > 0, got {ttl_s}")
         self.store = store
@@ -144,8 +152,14 @@ class Lease:
         """(why the lease is free to take, or None; its age on the store's clock when measured)."""
         if rec.released:
             return "released", None
-        if (self.same_host_shortcut and rec.host == socket.gethostname() and rec.boot_id and rec.boot_id == _boot_id()
-                and rec.pid != os.getpid() and _process_gone(rec.pid, rec.pid_start)):
+        if (
+            self.same_host_shortcut
+            and rec.host == socket.gethostname()
+            and rec.boot_id
+            and rec.boot_id == _boot_id()
+            and rec.pid != os.getpid()
+            and _process_gone(rec.pid, rec.pid_start)
+        ):
             return f"its driver (pid {rec.pid} on this host) is gone", None
         age = self._age_on_store_clock()
         if age > rec.ttl_s:
@@ -155,9 +169,18 @@ class Lease:
     # -- acquiring -------------------------------------------------------------------------
     def _new_record(self, epoch: int) -> LeaseRecord:
         now = time.time()
-        return LeaseRecord(owner=self.owner, epoch=epoch, host=socket.gethostname(), pid=os.getpid(),
-                           pid_start=_pid_start(os.getpid()), boot_id=_boot_id(), command=self.command,
-                           ttl_s=self.ttl_s, acquired_at=now, renewed_at=now)
+        return LeaseRecord(
+            owner=self.owner,
+            epoch=epoch,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            pid_start=_pid_start(os.getpid()),
+            boot_id=_boot_id(),
+            command=self.command,
+            ttl_s=self.ttl_s,
+            acquired_at=now,
+            renewed_at=now,
+        )
 
     def acquire(self, min_epoch: int = 0) -> LeaseRecord:
         """Take the lease or raise :class:`LeaseHeldError`; returns the record now stored."""
@@ -175,8 +198,14 @@ class Lease:
             rec = self._new_record(max(old.epoch, min_epoch) + 1)
             if self.store.replace_if_version(LEASE_PATH, rec.to_bytes(), cur[1]):
                 if not old.released:
-                    log.warning("took over the lease of %s from %s (pid %s, %s): %s",
-                                self.store.display(), old.host, old.pid, old.owner, why)
+                    log.warning(
+                        "took over the lease of %s from %s (pid %s, %s): %s",
+                        self.store.display(),
+                        old.host,
+                        old.pid,
+                        old.owner,
+                        why,
+                    )
                 return self._won(rec, f"taken over ({why})")
         raise LeaseHeldError(f"{self.store.display()}: other drivers keep changing the lease; try again")
 
@@ -185,7 +214,9 @@ class Lease:
         if got is None or LeaseRecord.from_bytes(got[0]).owner != self.owner:
             # only stores without conditional writes get here: two writers raced and the other won
             holder = LeaseRecord.from_bytes(got[0]) if got else None
-            raise LeaseHeldError(self._held_message(holder) if holder else f"{self.store.display()}: lost the lease race")
+            raise LeaseHeldError(
+                self._held_message(holder) if holder else f"{self.store.display()}: lost the lease race"
+            )
         with self._lock:
             self.record, self._version = rec, got[1]
             self._renewed_mono = time.monotonic()
@@ -195,11 +226,13 @@ class Lease:
 
     def _held_message(self, rec: LeaseRecord, age: float | None = None) -> str:
         beat = f"last renewed {max(0.0, age):.0f} s ago" if age is not None else "renewed"
-        return (f"{self.store.display()} is held by another driver: `d4s {rec.command}` {rec.owner} on host "
-                f"{rec.host} (pid {rec.pid}), epoch {rec.epoch}, since {_when(rec.acquired_at)} (its clock), {beat} "
-                f"(TTL {rec.ttl_s:g} s). Wait for it to finish, or stop it; a lease whose "
-                f"driver died is taken over once it is {rec.ttl_s:g} s old on the store's clock "
-                f"(at once on the same host)")
+        return (
+            f"{self.store.display()} is held by another driver: `d4s {rec.command}` {rec.owner} on host "
+            f"{rec.host} (pid {rec.pid}), epoch {rec.epoch}, since {_when(rec.acquired_at)} (its clock), {beat} "
+            f"(TTL {rec.ttl_s:g} s). Wait for it to finish, or stop it; a lease whose "
+            f"driver died is taken over once it is {rec.ttl_s:g} s old on the store's clock "
+            f"(at once on the same host)"
+        )
 
     # -- holding ---------------------------------------------------------------------------
     def renew(self) -> bool:
@@ -216,8 +249,9 @@ class Lease:
                 return True
             if not ok:
                 holder = self.holder()
-                self._lost = (f"the lease on {self.store.display()} was taken over by "
-                              + (f"{holder.owner} on {holder.host} (pid {holder.pid})" if holder else "another driver"))
+                self._lost = f"the lease on {self.store.display()} was taken over by " + (
+                    f"{holder.owner} on {holder.host} (pid {holder.pid})" if holder else "another driver"
+                )
                 log.error(self._lost)
                 return False
             got = self.store.read_versioned(LEASE_PATH)
@@ -236,8 +270,10 @@ class Lease:
                 raise LeaseLostError(self._lost)
             idle = time.monotonic() - self._renewed_mono
             if idle > FENCE_FRACTION * self.ttl_s:
-                raise LeaseLostError(f"the lease on {self.store.display()} was not renewed for {idle:.0f} s "
-                                     f"(TTL {self.ttl_s:g} s): another driver may take it over")
+                raise LeaseLostError(
+                    f"the lease on {self.store.display()} was not renewed for {idle:.0f} s "
+                    f"(TTL {self.ttl_s:g} s): another driver may take it over"
+                )
 
     def start_heartbeat(self) -> None:
         self._stop.clear()
@@ -282,5 +318,14 @@ def lease_status(store: Store) -> dict | None:
     if got is None:
         return None
     rec = LeaseRecord.from_bytes(got[0])
-    return {"owner": rec.owner, "command": rec.command, "host": rec.host, "pid": rec.pid, "epoch": rec.epoch,
-            "acquired_at": rec.acquired_at, "renewed_at": rec.renewed_at, "ttl_s": rec.ttl_s, "released": rec.released}
+    return {
+        "owner": rec.owner,
+        "command": rec.command,
+        "host": rec.host,
+        "pid": rec.pid,
+        "epoch": rec.epoch,
+        "acquired_at": rec.acquired_at,
+        "renewed_at": rec.renewed_at,
+        "ttl_s": rec.ttl_s,
+        "released": rec.released,
+    }

@@ -8,6 +8,7 @@ per stage (``Clip.aux['timings']``), a dropped one is a ``ClipFailure`` naming t
 reason. The write stage, which receives all of them, folds them into these counters, so
 ``d4s status`` and ``d4s report`` only add them up.
 """
+
 from __future__ import annotations
 
 from manifests.clip_qc import failure_categories

@@ -17,6 +17,7 @@ epoch already in the ledger) in the high bits and a counter in the low 40. Only 
 holds the lease writes the ledger; workers return results to it. Compaction and reading are safe
 against each other and against a compaction killed half-way (see :meth:`ManifestStore.compact`).
 """
+
 from __future__ import annotations
 
 import io
@@ -45,8 +46,9 @@ _NAME_SEQ = re.compile(r"^(?:events|compacted)-(\d{20})-[0-9a-f]{8}\.parquet$")
 
 def _unique_events(table: pa.Table) -> pa.Table:
     """One row per event (the first copy), sorted by ``seq``."""
-    cols = [table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
-            for c in _EVENT_IDENTITY]
+    cols = [
+        table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows for c in _EVENT_IDENTITY
+    ]
     seen: set = set()
     keep = []
     for i, key in enumerate(zip(*cols)):

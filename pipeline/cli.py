@@ -1,4 +1,5 @@
 """The ``d4s`` command line. Every command exits non-zero with a one-line reason on bad input."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,12 @@ from rich.table import Table
 from pipeline import strict_json
 from pipeline.config import ConfigError, load_config
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="d4s: build 4D scene datasets and train from them.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="d4s: build 4D scene datasets and train from them.",
+)
 parity_app = typer.Typer(no_args_is_help=True, help="Check the project's models against recorded official outputs.")
 app.add_typer(parity_app, name="parity")
 console = Console(stderr=True)
@@ -30,18 +36,30 @@ def _fail(msg: str, code: int = 2) -> None:
 
 def _print_summary(s) -> None:
     transient = f" ({s.shards_failed_transient} transient: `d4s resume` rebuilds them)" if s.shards_failed else ""
-    console.print(f"{s.output}: {s.clips_written} clips written, {s.clips_failed} clips failed, "
-                  f"{s.shards_done} shards built, {s.shards_skipped} already done, {s.shards_failed} shards failed"
-                  f"{transient} ({s.seconds:.1f} s)", highlight=False)
+    console.print(
+        f"{s.output}: {s.clips_written} clips written, {s.clips_failed} clips failed, "
+        f"{s.shards_done} shards built, {s.shards_skipped} already done, {s.shards_failed} shards failed"
+        f"{transient} ({s.seconds:.1f} s)",
+        highlight=False,
+    )
     st = getattr(s, "stats", {}) or {}
     if st.get("depth.passes"):
-        console.print(f"  depth model: {st['depth.passes']:g} passes over {st.get('depth.source_frames', 0):g} source frames "
-                      f"({st.get('depth.model_frames', 0):g} model frames for {st.get('depth.clip_frames', 0):g} clip frames)"
-                      + (f"; MegaSaM: {st.get('megasam.runs', 0):g} runs, {st.get('megasam.cached', 0):g} from the cache"
-                         if st.get("megasam.passes") else ""), highlight=False)
+        console.print(
+            f"  depth model: {st['depth.passes']:g} passes over {st.get('depth.source_frames', 0):g} source frames "
+            f"({st.get('depth.model_frames', 0):g} model frames for {st.get('depth.clip_frames', 0):g} clip frames)"
+            + (
+                f"; MegaSaM: {st.get('megasam.runs', 0):g} runs, {st.get('megasam.cached', 0):g} from the cache"
+                if st.get("megasam.passes")
+                else ""
+            ),
+            highlight=False,
+        )
     for f in s.failures[:20]:
-        console.print(f"  failed {f['clip_id']} at {f['stage']}: {f['reason']}" + (f" [{f['path']}]" if f.get("path") else ""),
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"  failed {f['clip_id']} at {f['stage']}: {f['reason']}" + (f" [{f['path']}]" if f.get("path") else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
     if len(s.failures) > 20:
         console.print(f"  ... and {len(s.failures) - 20} more (d4s status {s.output})")
 
@@ -77,8 +95,14 @@ def _run_or_fail(fn, *args, **kwargs):
 def build(
     config: Optional[str] = typer.Argument(None, help="YAML build config (see docs/CONFIG.md)."),
     demo: Optional[str] = typer.Option(None, "--demo", help="Generate demo scenes and build them into this output."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for this run (default: RAY_ADDRESS or local); not recorded."),
-    new_version: bool = typer.Option(False, "--new-version", help="The output holds a build with other content settings: rebuild the shards they change with these."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray cluster address for this run (default: RAY_ADDRESS or local); not recorded."
+    ),
+    new_version: bool = typer.Option(
+        False,
+        "--new-version",
+        help="The output holds a build with other content settings: rebuild the shards they change with these.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     fault: Optional[str] = typer.Option(None, "--fault", hidden=True),
 ):
@@ -105,16 +129,22 @@ def build(
 
 
 @app.command()
-def resume(output: str = typer.Argument(..., help="An output written by `d4s build`."),
-           address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for this run; not recorded."),
-           full_check: bool = typer.Option(False, "--full-check", help="Re-hash every finished shard (default: only those whose stored object changed)."),
-           progress: bool = typer.Option(True, "--progress/--no-progress"),
-           fault: Optional[str] = typer.Option(None, "--fault", hidden=True)):
+def resume(
+    output: str = typer.Argument(..., help="An output written by `d4s build`."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for this run; not recorded."),
+    full_check: bool = typer.Option(
+        False, "--full-check", help="Re-hash every finished shard (default: only those whose stored object changed)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    fault: Optional[str] = typer.Option(None, "--fault", hidden=True),
+):
     """Re-run only what is missing or failed in OUTPUT (its recorded config and plan)."""
     from pipeline.runner import resume as run_resume
 
     overrides = {**({"ray": {"address": address}} if address else {}), **_fault_overrides(fault)}
-    summary = _run_or_fail(run_resume, output, show_progress=progress, overrides=overrides or None, full_check=full_check)
+    summary = _run_or_fail(
+        run_resume, output, show_progress=progress, overrides=overrides or None, full_check=full_check
+    )
     _print_summary(summary)
     raise typer.Exit(0 if summary.ok else 1)
 
@@ -140,23 +170,37 @@ def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False
 
         when = lambda t: datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")  # noqa: E731
         who = f"`d4s {lease['command']}` {lease['owner']} on {lease['host']} (pid {lease['pid']})"
-        out_console.print(f"lease: released by {who} at {when(lease['renewed_at'])}" if lease["released"] else
-                          f"lease: held by {who} since {when(lease['acquired_at'])}, last renewed "
-                          f"{when(lease['renewed_at'])} (its clock; TTL {lease['ttl_s']:g} s)", highlight=False)
+        out_console.print(
+            f"lease: released by {who} at {when(lease['renewed_at'])}"
+            if lease["released"]
+            else f"lease: held by {who} since {when(lease['acquired_at'])}, last renewed "
+            f"{when(lease['renewed_at'])} (its clock; TTL {lease['ttl_s']:g} s)",
+            highlight=False,
+        )
     tp = st["throughput"]
     if tp["clips_per_s"]:
         eta = tp["eta_s"]
-        out_console.print(f"latest build: {tp['clips']} clips in {tp['seconds']:.0f} s = {tp['clips_per_s']:.2f} clips/s; "
-                          + ("nothing left" if not eta else f"ETA {_duration(eta)} for what is pending"), highlight=False)
+        out_console.print(
+            f"latest build: {tp['clips']} clips in {tp['seconds']:.0f} s = {tp['clips_per_s']:.2f} clips/s; "
+            + ("nothing left" if not eta else f"ETA {_duration(eta)} for what is pending"),
+            highlight=False,
+        )
     if st["stage_seconds"]:
         out_console.print("stage time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in st["stage_seconds"].items()))
     fc = st.get("failure_classes") or {}
     if fc.get("transient") or fc.get("permanent"):
-        out_console.print(f"failures: {fc.get('transient', 0)} transient (shards `d4s resume` rebuilds), "
-                          f"{fc.get('permanent', 0)} permanent (bad input, recorded once)", highlight=False)
+        out_console.print(
+            f"failures: {fc.get('transient', 0)} transient (shards `d4s resume` rebuilds), "
+            f"{fc.get('permanent', 0)} permanent (bad input, recorded once)",
+            highlight=False,
+        )
     for f in st["failures"][:50]:
-        out_console.print(f"  failed ({f.get('class', 'permanent')}) {f['clip_id'] or f['shard_id']} at {f['stage']}: {f['reason']}"
-                          + (f" [{f['path']}]" if f.get("path") else ""), highlight=False, soft_wrap=True)
+        out_console.print(
+            f"  failed ({f.get('class', 'permanent')}) {f['clip_id'] or f['shard_id']} at {f['stage']}: {f['reason']}"
+            + (f" [{f['path']}]" if f.get("path") else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
     if len(st["failures"]) > 50:
         out_console.print(f"  ... and {len(st['failures']) - 50} more (d4s status --json)")
 
@@ -175,7 +219,9 @@ def _status_tables(st: dict):
     for col in ("dataset", "stage", "done", "failed", "pending", "skipped"):
         t.add_column(col, justify="left" if col in ("dataset", "stage") else "right")
     for d, c in st["datasets"].items():
-        t.add_row(f"[bold]{d}[/bold]", "clips", str(c["clips_done"]), str(c["clips_failed"]), str(c["clips_pending"]), "")
+        t.add_row(
+            f"[bold]{d}[/bold]", "clips", str(c["clips_done"]), str(c["clips_failed"]), str(c["clips_pending"]), ""
+        )
         for name, sc in st["stages"].get(d, {}).items():
             t.add_row("", name, str(sc["done"]), str(sc["failed"]), str(sc["pending"]), str(sc["skipped"]))
     parts = [t]
@@ -208,15 +254,22 @@ def verify(output: str = typer.Argument(...)):
     for p in rep.problems:
         out_console.print(f"[red]problem:[/red] {p}", highlight=False, soft_wrap=True)
     verdict = "OK" if rep.ok else "FAILED"
-    out_console.print(f"verify {verdict}: {rep.shards_checked} shards, {rep.samples} samples, "
-                      f"{rep.clips_failed} clips recorded as failed, {len(rep.problems)} problems", highlight=False)
+    out_console.print(
+        f"verify {verdict}: {rep.shards_checked} shards, {rep.samples} samples, "
+        f"{rep.clips_failed} clips recorded as failed, {len(rep.problems)} problems",
+        highlight=False,
+    )
     raise typer.Exit(0 if rep.ok else 1)
 
 
 @app.command()
-def inspect(dataset: str = typer.Argument(..., help="Dataset name, e.g. tartanair, realestate10k."),
-            path: str = typer.Argument(..., help="A scene folder, or a file: a RealEstate10K camera .txt or pixelSplat .torch chunk."),
-            as_json: bool = typer.Option(False, "--json")):
+def inspect(
+    dataset: str = typer.Argument(..., help="Dataset name, e.g. tartanair, realestate10k."),
+    path: str = typer.Argument(
+        ..., help="A scene folder, or a file: a RealEstate10K camera .txt or pixelSplat .torch chunk."
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+):
     """Read one scene with its adapter and report frames, cameras, modalities and problems."""
     from pipeline.clip import ClipError
     from stages.ingest.inspect import inspect_path
@@ -234,7 +287,9 @@ def inspect(dataset: str = typer.Argument(..., help="Dataset name, e.g. tartanai
                 if k in r:
                     out_console.print(f"{k}: {r[k]}", highlight=False)
             if r.get("intrinsics"):
-                out_console.print(f"intrinsics[0]: {r['intrinsics'][0]}" + (" (normalised)" if r.get("intrinsics_normalized") else ""))
+                out_console.print(
+                    f"intrinsics[0]: {r['intrinsics'][0]}" + (" (normalised)" if r.get("intrinsics_normalized") else "")
+                )
             out_console.print(f"problems: {len(r['problems'])}")
             for p in r["problems"]:
                 out_console.print(f"  - {p}", highlight=False, soft_wrap=True)
@@ -242,11 +297,15 @@ def inspect(dataset: str = typer.Argument(..., help="Dataset name, e.g. tartanai
 
 
 @app.command()
-def report(output: str = typer.Argument(...),
-           gallery_clips: int = typer.Option(2, "--gallery-clips", min=0,
-                                             help="Clips per dataset in the gallery, read from the shards (0: none).")):
+def report(
+    output: str = typer.Argument(...),
+    gallery_clips: int = typer.Option(
+        2, "--gallery-clips", min=0, help="Clips per dataset in the gallery, read from the shards (0: none)."
+    ),
+):
     """Write OUTPUT/report.html: a self-contained report with plots and a gallery, and print its path."""
     from pipeline.report import write_report
+
     try:
         path = write_report(output, gallery_clips=gallery_clips)
     except FileNotFoundError as exc:
@@ -255,10 +314,12 @@ def report(output: str = typer.Argument(...),
 
 
 @app.command()
-def show(output: str = typer.Argument(..., help="An output written by `d4s build`."),
-         clip: str = typer.Option(..., "--clip", help="The clip's key (its clip id), e.g. tartanair__<scene>__000000."),
-         rrd: Optional[str] = typer.Option(None, "--rrd", help="Write the recording to this .rrd file."),
-         spawn: bool = typer.Option(False, "--spawn", help="Open the Rerun viewer and stream the clip to it.")):
+def show(
+    output: str = typer.Argument(..., help="An output written by `d4s build`."),
+    clip: str = typer.Option(..., "--clip", help="The clip's key (its clip id), e.g. tartanair__<scene>__000000."),
+    rrd: Optional[str] = typer.Option(None, "--rrd", help="Write the recording to this .rrd file."),
+    spawn: bool = typer.Option(False, "--spawn", help="Open the Rerun viewer and stream the clip to it."),
+):
     """One clip to Rerun: frames, metric depth, pinhole cameras and poses, 3D tracks over time, QC."""
     from pipeline.rerun_log import RerunMissing
     from pipeline.shard_read import SampleReadError
@@ -272,16 +333,30 @@ def show(output: str = typer.Argument(..., help="An output written by `d4s build
 
 
 @app.command()
-def plan(config: Optional[str] = typer.Argument(None, help="Build config: its plan and a probe of its data (with "
-                                                             "--full-build / --counts only its clip and stage settings)."),
-         demo: bool = typer.Option(False, "--demo", help="Plan the demo build (renders its data to a temporary folder)."),
-         full_build: bool = typer.Option(False, "--full-build", help="Project the ~130k-scene build from its table of "
-                                         "counts (docs/CLUSTER.md); reads no data."),
-         counts: Optional[str] = typer.Option(None, "--counts", help="Project from this YAML list of {dataset, scenes, "
-                                              "frames_per_scene[, hw, label, gt_tracks, source]} rows; reads no data."),
-         costs: Optional[str] = typer.Option(None, "--costs", help="Per-frame costs YAML (default: pipeline/capacity/costs.yaml)."),
-         as_json: bool = typer.Option(False, "--json"),
-         markdown: bool = typer.Option(False, "--markdown", help="With --full-build: the table of docs/CLUSTER.md.")):
+def plan(
+    config: Optional[str] = typer.Argument(
+        None,
+        help="Build config: its plan and a probe of its data (with "
+        "--full-build / --counts only its clip and stage settings).",
+    ),
+    demo: bool = typer.Option(False, "--demo", help="Plan the demo build (renders its data to a temporary folder)."),
+    full_build: bool = typer.Option(
+        False,
+        "--full-build",
+        help="Project the ~130k-scene build from its table of counts (docs/CLUSTER.md); reads no data.",
+    ),
+    counts: Optional[str] = typer.Option(
+        None,
+        "--counts",
+        help="Project from this YAML list of {dataset, scenes, "
+        "frames_per_scene[, hw, label, gt_tracks, source]} rows; reads no data.",
+    ),
+    costs: Optional[str] = typer.Option(
+        None, "--costs", help="Per-frame costs YAML (default: pipeline/capacity/costs.yaml)."
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+    markdown: bool = typer.Option(False, "--markdown", help="With --full-build: the table of docs/CLUSTER.md."),
+):
     """Capacity model: scenes, clips, output bytes and GPU-hours per model stage, before a build."""
     from pipeline import capacity
 
@@ -312,7 +387,9 @@ def plan(config: Optional[str] = typer.Argument(None, help="Build config: its pl
             rep = capacity.capacity_report(cfg, costs=costs)
     except ConfigError as exc:
         _fail(str(exc))
-    out_console.print_json(strict_json.dumps(rep)) if as_json else out_console.print(capacity.format_capacity(rep), highlight=False)
+    out_console.print_json(strict_json.dumps(rep)) if as_json else out_console.print(
+        capacity.format_capacity(rep), highlight=False
+    )
 
 
 def _counts_table(path: str) -> list[dict]:
@@ -325,17 +402,22 @@ def _counts_table(path: str) -> list[dict]:
         _fail(f"counts file not found: {path}")
     except yaml.YAMLError as exc:
         _fail(f"counts file {path} is not valid YAML: {exc}")
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"dataset", "scenes", "frames_per_scene"} <= set(r)
-                                             for r in rows):
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and {"dataset", "scenes", "frames_per_scene"} <= set(r) for r in rows
+    ):
         _fail(f"counts file {path}: expected a list of {{dataset, scenes, frames_per_scene}} rows")
     return rows
 
 
 @app.command()
-def train(config: Optional[str] = typer.Argument(None, help="Training config YAML (docs/TRAINING.md)."),
-          demo: Optional[str] = typer.Option(None, "--demo", help="Train the tiny CPU config on the shards of a demo build in this output."),
-          max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-          workdir: Optional[str] = typer.Option(None, "--workdir", help="Checkpoints and logs (resumed if present).")):
+def train(
+    config: Optional[str] = typer.Argument(None, help="Training config YAML (docs/TRAINING.md)."),
+    demo: Optional[str] = typer.Option(
+        None, "--demo", help="Train the tiny CPU config on the shards of a demo build in this output."
+    ),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+    workdir: Optional[str] = typer.Option(None, "--workdir", help="Checkpoints and logs (resumed if present)."),
+):
     """Train Diff4Splat from shards with Ray Train (local Ray by default)."""
     from training.cli import train_main
 
@@ -360,18 +442,26 @@ def train_report(workdir: str = typer.Argument(..., help="A training workdir (me
 
 
 @app.command("eval")
-def eval_cmd(ckpt: str = typer.Argument(..., help="A checkpoint file, or a training workdir (its best, else latest)."),
-             data: list[str] = typer.Argument(..., help="A build's output (its held-out split), or shard files/globs."),
-             out: str = typer.Option(..., "--out", help="Writes metrics.json and eval.html here."),
-             split: str = typer.Option("val", "--split", help="Of a build: val (held-out scenes) or train."),
-             clips: Optional[int] = typer.Option(None, "--clips", min=1, help="At most this many clips."),
-             resolution: Optional[int] = typer.Option(None, "--resolution", help="Default: the last stage's."),
-             frames: Optional[int] = typer.Option(None, "--frames", help="Default: the last stage's."),
-             sample_steps: int = typer.Option(10, "--sample-steps", min=0, help="Flow steps for the sampled measures (0: none)."),
-             lpips_torch_home: Optional[str] = typer.Option(None, "--lpips-torch-home", help="Dir with hub/checkpoints/<backbone>.pth for LPIPS."),
-             device: str = typer.Option("auto", "--device"),
-             rrd: Optional[str] = typer.Option(None, "--rrd", help="Also write renders, Gaussians and ground truth to this Rerun file."),
-             config: Optional[str] = typer.Option(None, "--config", help="Training config the checkpoint must match.")):
+def eval_cmd(
+    ckpt: str = typer.Argument(..., help="A checkpoint file, or a training workdir (its best, else latest)."),
+    data: list[str] = typer.Argument(..., help="A build's output (its held-out split), or shard files/globs."),
+    out: str = typer.Option(..., "--out", help="Writes metrics.json and eval.html here."),
+    split: str = typer.Option("val", "--split", help="Of a build: val (held-out scenes) or train."),
+    clips: Optional[int] = typer.Option(None, "--clips", min=1, help="At most this many clips."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Default: the last stage's."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Default: the last stage's."),
+    sample_steps: int = typer.Option(
+        10, "--sample-steps", min=0, help="Flow steps for the sampled measures (0: none)."
+    ),
+    lpips_torch_home: Optional[str] = typer.Option(
+        None, "--lpips-torch-home", help="Dir with hub/checkpoints/<backbone>.pth for LPIPS."
+    ),
+    device: str = typer.Option("auto", "--device"),
+    rrd: Optional[str] = typer.Option(
+        None, "--rrd", help="Also write renders, Gaussians and ground truth to this Rerun file."
+    ),
+    config: Optional[str] = typer.Option(None, "--config", help="Training config the checkpoint must match."),
+):
     """Measure a checkpoint on held-out clips: PSNR, SSIM, LPIPS, depth AbsRel and delta, track EPE."""
     from training.evaluate import EvalError, evaluate
     from training.load import CheckpointError
@@ -379,47 +469,86 @@ def eval_cmd(ckpt: str = typer.Argument(..., help="A checkpoint file, or a train
     if split not in ("val", "train"):
         _fail(f"--split must be val or train, got {split!r}")
     try:
-        res = evaluate(ckpt, data, out, split=split, clips=clips, resolution=resolution, frames=frames,
-                       sample_steps=sample_steps, lpips_torch_home=lpips_torch_home, device=device, rrd=rrd,
-                       config=config)
+        res = evaluate(
+            ckpt,
+            data,
+            out,
+            split=split,
+            clips=clips,
+            resolution=resolution,
+            frames=frames,
+            sample_steps=sample_steps,
+            lpips_torch_home=lpips_torch_home,
+            device=device,
+            rrd=rrd,
+            config=config,
+        )
     except (EvalError, CheckpointError, ConfigError, FileNotFoundError) as exc:
         _fail(str(exc))
     keys = ("psnr", "ssim", "lpips", "depth_abs_rel", "depth_delta_1_25", "track_epe_m")
-    out_console.print(f"{res['clips']} clips: " + ", ".join(f"{k} {res[k]:.4g}" if res[k] is not None else f"{k} -"
-                                                           for k in keys), highlight=False)
+    out_console.print(
+        f"{res['clips']} clips: " + ", ".join(f"{k} {res[k]:.4g}" if res[k] is not None else f"{k} -" for k in keys),
+        highlight=False,
+    )
     out_console.print(f"{out}/metrics.json, {out}/eval.html" + (f", {rrd}" if rrd else ""), highlight=False)
 
 
 @app.command("generate")
-def generate_cmd(ckpt: str = typer.Argument(..., help="A checkpoint file, or a training workdir (its best, else latest)."),
-                 image: str = typer.Option(..., "--image", help="The first frame (resolution x resolution, or --resize)."),
-                 trajectory: str = typer.Option(..., "--trajectory", help="RealEstate10K .txt, .json/.npz cameras, a build OUT with --clip, or orbit[:R] / dolly[:D] / pan[:D] (metres)."),
-                 out: str = typer.Option(..., "--out", help="Writes mp4s, ply/, cameras.json and timings.json here."),
-                 prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (needs a T5 encoder)."),
-                 steps: int = typer.Option(25, "--steps", min=1, help="Flow-matching sampling steps."),
-                 seed: int = typer.Option(0, "--seed"),
-                 frames: Optional[int] = typer.Option(None, "--frames", help="Default: the last stage's."),
-                 resolution: Optional[int] = typer.Option(None, "--resolution", help="Default: the last stage's."),
-                 resize: bool = typer.Option(False, "--resize", help="Centre-crop and resize an image of another size."),
-                 fov: float = typer.Option(60.0, "--fov", help="Field of view (degrees) of presets and of files without intrinsics."),
-                 clip: Optional[str] = typer.Option(None, "--clip", help="With --trajectory OUT: the cameras of this clip."),
-                 text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="T5 encoder dir for --prompt."),
-                 ply: bool = typer.Option(True, "--ply/--no-ply", help="Write per-frame Gaussians as .ply."),
-                 device: str = typer.Option("auto", "--device"),
-                 config: Optional[str] = typer.Option(None, "--config", help="Training config the checkpoint must match.")):
+def generate_cmd(
+    ckpt: str = typer.Argument(..., help="A checkpoint file, or a training workdir (its best, else latest)."),
+    image: str = typer.Option(..., "--image", help="The first frame (resolution x resolution, or --resize)."),
+    trajectory: str = typer.Option(
+        ...,
+        "--trajectory",
+        help="RealEstate10K .txt, .json/.npz cameras, a build OUT with --clip, or orbit[:R] / dolly[:D] / pan[:D] (metres).",
+    ),
+    out: str = typer.Option(..., "--out", help="Writes mp4s, ply/, cameras.json and timings.json here."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (needs a T5 encoder)."),
+    steps: int = typer.Option(25, "--steps", min=1, help="Flow-matching sampling steps."),
+    seed: int = typer.Option(0, "--seed"),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Default: the last stage's."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Default: the last stage's."),
+    resize: bool = typer.Option(False, "--resize", help="Centre-crop and resize an image of another size."),
+    fov: float = typer.Option(
+        60.0, "--fov", help="Field of view (degrees) of presets and of files without intrinsics."
+    ),
+    clip: Optional[str] = typer.Option(None, "--clip", help="With --trajectory OUT: the cameras of this clip."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="T5 encoder dir for --prompt."),
+    ply: bool = typer.Option(True, "--ply/--no-ply", help="Write per-frame Gaussians as .ply."),
+    device: str = typer.Option("auto", "--device"),
+    config: Optional[str] = typer.Option(None, "--config", help="Training config the checkpoint must match."),
+):
     """One image + a camera path -> deformable Gaussians rendered to videos (RGB, depth), novel views, .ply files."""
     from training.evaluate import EvalError
     from training.generate import GenerateError, generate
     from training.load import CheckpointError
 
     try:
-        res = generate(ckpt, image, trajectory, out, prompt=prompt, steps=steps, seed=seed, frames=frames,
-                       resolution=resolution, resize=resize, fov_deg=fov, clip=clip, device=device,
-                       text_encoder=text_encoder, write_ply=ply, config=config)
+        res = generate(
+            ckpt,
+            image,
+            trajectory,
+            out,
+            prompt=prompt,
+            steps=steps,
+            seed=seed,
+            frames=frames,
+            resolution=resolution,
+            resize=resize,
+            fov_deg=fov,
+            clip=clip,
+            device=device,
+            text_encoder=text_encoder,
+            write_ply=ply,
+            config=config,
+        )
     except (GenerateError, EvalError, CheckpointError, ConfigError, FileNotFoundError) as exc:
         _fail(str(exc))
-    out_console.print(f"{res['frames']} frames at {res['resolution']}x{res['resolution']}: {res['scene_s']:.2f} s per scene "
-                      f"({res['device']}), {res['gaussians_per_frame']} Gaussians per frame; {out}", highlight=False)
+    out_console.print(
+        f"{res['frames']} frames at {res['resolution']}x{res['resolution']}: {res['scene_s']:.2f} s per scene "
+        f"({res['device']}), {res['gaussians_per_frame']} Gaussians per frame; {out}",
+        highlight=False,
+    )
 
 
 def _parity(kind: str, fixture_dir: str, salt: str) -> None:

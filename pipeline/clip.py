@@ -5,6 +5,7 @@ camera-to-world 4x4, metres, pixel intrinsics fx fy cx cy for the stored image s
 :meth:`Clip.validate` is the single check of that contract; every stage calls it on what it
 emits so a broken clip fails where it was broken, with the reason.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,6 +4,7 @@ Everything a build does flows from :class:`BuildConfig`. ``resolved()`` fills pe
 defaults from the adapters, so the copy saved in ``OUT/config.resolved.yaml`` is complete:
 ``status``, ``resume`` and ``verify`` read it and need nothing but the output path.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,23 +53,34 @@ class DatasetConfig(_Strict):
     track_source: TrackSource | None = Field(None, description="where 3D tracks come from (docs/MODELS.md)")
     min_depth_m: float | None = Field(None, gt=0)
     max_depth_m: float | None = Field(None, gt=0)
-    options: dict[str, Any] = Field(default_factory=dict, description="the adapter's options: datasets.<name>.options below")
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the scenes held out for validation, chosen by scene id (pipeline/split.py); recorded as split 'val' in index.parquet, never read by training")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the adapter's options: datasets.<name>.options below"
+    )
+    val_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of the scenes held out for validation, chosen by scene id (pipeline/split.py); recorded as split 'val' in index.parquet, never read by training",
+    )
 
 
 class StageResources(_Strict):
     """Where a model stage runs: each actor requests `num_gpus` whatever the cluster has at start (an autoscaler adds GPU nodes for it); `num_gpus: 0` is the explicit choice of CPU (fp32, slow)."""
 
     num_cpus: float = 1.0
-    num_gpus: float = Field(1.0, ge=0, description="GPUs per actor, requested from Ray (fractions share a GPU); 0: run on CPU")
+    num_gpus: float = Field(
+        1.0, ge=0, description="GPUs per actor, requested from Ray (fractions share a GPU); 0: run on CPU"
+    )
     actors: int = Field(1, ge=1, description="actors in the pool (one model each)")
 
     @model_validator(mode="before")
     @classmethod
     def _no_auto_gpu(cls, v: Any) -> Any:
         if isinstance(v, dict) and "auto_gpu" in v:
-            raise ValueError("auto_gpu was removed: model actors now always request num_gpus GPUs (default 1) and "
-                             "the cluster's autoscaler provides them; set num_gpus: 0 to run the model on CPU")
+            raise ValueError(
+                "auto_gpu was removed: model actors now always request num_gpus GPUs (default 1) and "
+                "the cluster's autoscaler provides them; set num_gpus: 0 to run the model on CPU"
+            )
         return v
 
 
@@ -78,10 +90,15 @@ class DepthStageConfig(_Strict):
     checkpoint: str | None = None
     encoder: VDAEncoder = "vitl"
     metric: bool = False
-    dtype: ModelDtype = Field("fp16", description="GPU autocast dtype; fp16 measured within 0.15% AbsRel of fp32, bf16 1.8% (bench/RESULTS.md)")
+    dtype: ModelDtype = Field(
+        "fp16",
+        description="GPU autocast dtype; fp16 measured within 0.15% AbsRel of fp32, bf16 1.8% (bench/RESULTS.md)",
+    )
     input_size: int = 518
     compile: bool = False
-    allow_random_weights: bool = Field(False, description="demos/benchmarks only: run without a checkpoint; every sample is flagged untrained")
+    allow_random_weights: bool = Field(
+        False, description="demos/benchmarks only: run without a checkpoint; every sample is flagged untrained"
+    )
     resources: StageResources = Field(default_factory=lambda: StageResources(num_gpus=1.0))
 
 
@@ -91,16 +108,35 @@ class AlignStageConfig(_Strict):
     model: Literal["disparity_affine", "depth_affine", "scale_only"] = "disparity_affine"
     per_frame: bool = False
     robust: Literal["huber", "tukey", "none"] = "tukey"
-    drop_on_qc: bool = Field(True, description="drop clips failing alignment QC (False: keep them, QC recorded in meta)")
-    megasam_command: str | None = Field(None, description="MegaSaM command template with {frames_dir} {out_npz} {clip_id} (one run per scene or segment; {clip_id} is the run id)")
+    drop_on_qc: bool = Field(
+        True, description="drop clips failing alignment QC (False: keep them, QC recorded in meta)"
+    )
+    megasam_command: str | None = Field(
+        None,
+        description="MegaSaM command template with {frames_dir} {out_npz} {clip_id} (one run per scene or segment; {clip_id} is the run id)",
+    )
     megasam_timeout_s: float = Field(3600.0, gt=0)
     megasam_retries: int = Field(1, ge=0)
-    megasam_num_gpus: float = Field(1.0, ge=0, description="GPUs requested per MegaSaM run whatever the cluster has at start (the assigned GPU is the command's CUDA_VISIBLE_DEVICES); 0: run it without one")
+    megasam_num_gpus: float = Field(
+        1.0,
+        ge=0,
+        description="GPUs requested per MegaSaM run whatever the cluster has at start (the assigned GPU is the command's CUDA_VISIBLE_DEVICES); 0: run it without one",
+    )
     megasam_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per MegaSaM run")
-    megasam_version: str = Field("", description="part of the MegaSaM cache key: change it when the MegaSaM installation or checkpoints change")
-    megasam_cache_max_side: int = Field(256, ge=0, description="cached MegaSaM depth is stored at most this many pixels on its long side (0: as MegaSaM wrote it)")
-    cache_dir: str | None = Field(None, description="MegaSaM result cache: a path or store URL (default OUT/cache/megasam)")
-    thresholds: AlignQCThresholds = Field(default_factory=AlignQCThresholds, description="keep/drop thresholds of alignment QC (docs/ALIGNMENT.md)")
+    megasam_version: str = Field(
+        "", description="part of the MegaSaM cache key: change it when the MegaSaM installation or checkpoints change"
+    )
+    megasam_cache_max_side: int = Field(
+        256,
+        ge=0,
+        description="cached MegaSaM depth is stored at most this many pixels on its long side (0: as MegaSaM wrote it)",
+    )
+    cache_dir: str | None = Field(
+        None, description="MegaSaM result cache: a path or store URL (default OUT/cache/megasam)"
+    )
+    thresholds: AlignQCThresholds = Field(
+        default_factory=AlignQCThresholds, description="keep/drop thresholds of alignment QC (docs/ALIGNMENT.md)"
+    )
 
 
 class TrackStageConfig(_Strict):
@@ -112,7 +148,10 @@ class TrackStageConfig(_Strict):
     query_frames: int = 3
     dtype: ModelDtype = "bf16"
     allow_random_weights: bool = False
-    max_rel_drift: float = Field(0.02, description="static scenes: a lifted track whose median drift exceeds this fraction of its camera distance is not kept")
+    max_rel_drift: float = Field(
+        0.02,
+        description="static scenes: a lifted track whose median drift exceeds this fraction of its camera distance is not kept",
+    )
     min_kept_fraction: float = Field(0.5, description="static scenes: drop a clip when fewer of its tracks stay put")
     drop_on_qc: bool = Field(True, description="drop clips failing track QC (False: keep them, QC recorded in meta)")
     resources: StageResources = Field(default_factory=lambda: StageResources(num_gpus=1.0))
@@ -126,28 +165,60 @@ class QCConfig(_Strict):
     max_step_rotation_deg: float = 60.0
     max_track_reprojection_px: float = 2.0
     min_valid_depth_fraction: float = 0.01
-    selfcheck: bool = Field(True, description="reproject ground-truth depth between frames with the clip's cameras and "
-                            "fail clips whose geometry disagrees with itself (stages/selfcheck.py)")
-    selfcheck_min_agreement: float = Field(0.78, ge=0, le=1, description="share of reprojected depth pixels that must "
-                                           "agree in depth and colour (docs/DATASETS.md, ground-truth self-check)")
-    selfcheck_min_overlap: float = Field(0.5, ge=0, le=1, description="share of a frame's depth pixels its neighbouring "
-                                         "frame must see under the clip's cameras")
+    selfcheck: bool = Field(
+        True,
+        description="reproject ground-truth depth between frames with the clip's cameras and "
+        "fail clips whose geometry disagrees with itself (stages/selfcheck.py)",
+    )
+    selfcheck_min_agreement: float = Field(
+        0.78,
+        ge=0,
+        le=1,
+        description="share of reprojected depth pixels that must "
+        "agree in depth and colour (docs/DATASETS.md, ground-truth self-check)",
+    )
+    selfcheck_min_overlap: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of a frame's depth pixels its neighbouring frame must see under the clip's cameras",
+    )
     selfcheck_pixels: int = Field(2048, ge=64, description="pixels sampled per frame (a regular grid)")
 
 
 class FaultConfig(_Strict):
     """Fault-injection hooks for tests and chaos runs. Never set these in production."""
 
-    worker_exit_on_clip: int | None = Field(None, description="the ingest worker of this planned clip ordinal os._exit()s once")
-    driver_exit_after_shards: int | None = Field(None, description="the driver os._exit()s after this many shards finish")
+    worker_exit_on_clip: int | None = Field(
+        None, description="the ingest worker of this planned clip ordinal os._exit()s once"
+    )
+    driver_exit_after_shards: int | None = Field(
+        None, description="the driver os._exit()s after this many shards finish"
+    )
     marker_dir: str | None = Field(None, description="where 'already crashed' markers live (default OUT/.faults)")
-    trace_dir: str | None = Field(None, description="every ingest attempt leaves an empty file `<clip ordinal>.<Ray node id>.<pid>` here (which node ran which clip), every model actor `actors/<stage>.<Ray node id>.<pid>`")
-    ingest_delay_s: float = Field(0.0, ge=0, description="every ingest attempt sleeps this long first (keeps work in flight while a fault is injected)")
-    hang_stage: Literal["ingest", "depth"] | None = Field(None, description="this stage hangs (once, marker in marker_dir) on the clip of ordinal hang_on_clip")
+    trace_dir: str | None = Field(
+        None,
+        description="every ingest attempt leaves an empty file `<clip ordinal>.<Ray node id>.<pid>` here (which node ran which clip), every model actor `actors/<stage>.<Ray node id>.<pid>`",
+    )
+    ingest_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="every ingest attempt sleeps this long first (keeps work in flight while a fault is injected)",
+    )
+    hang_stage: Literal["ingest", "depth"] | None = Field(
+        None, description="this stage hangs (once, marker in marker_dir) on the clip of ordinal hang_on_clip"
+    )
     hang_on_clip: int | None = Field(None, description="planned clip ordinal that hang_stage hangs on")
-    clock_skew_s: float = Field(0.0, description="the driver's wall clock (time.time) runs this many seconds off, as on a host without NTP")
-    driver_exit_in_compaction: bool = Field(False, description="the driver os._exit()s inside its first ledger compaction, after writing the output and before deleting the inputs")
-    gpus_are_simulated: bool = Field(False, description="the cluster's GPUs are simulated Ray resources: a model actor holding one runs on CPU")
+    clock_skew_s: float = Field(
+        0.0, description="the driver's wall clock (time.time) runs this many seconds off, as on a host without NTP"
+    )
+    driver_exit_in_compaction: bool = Field(
+        False,
+        description="the driver os._exit()s inside its first ledger compaction, after writing the output and before deleting the inputs",
+    )
+    gpus_are_simulated: bool = Field(
+        False, description="the cluster's GPUs are simulated Ray resources: a model actor holding one runs on CPU"
+    )
 
 
 class RayConfig(_Strict):
@@ -156,28 +227,47 @@ class RayConfig(_Strict):
     num_gpus: int | None = Field(None, description="GPUs of a local Ray")
     task_retries: int = Field(3, ge=0, description="Ray retries of a task whose worker died")
     actor_restarts: int = Field(3, ge=0, description="restarts of a model actor whose process died")
-    shard_retries: int = Field(2, ge=0, description="re-runs of a shard that failed transiently (worker or node lost, out of memory, timeout, storage unreachable) before it is left failed for resume")
-    retry_backoff_s: float = Field(30.0, ge=0, description="wait before the first re-run of such a shard; doubles with each re-run")
+    shard_retries: int = Field(
+        2,
+        ge=0,
+        description="re-runs of a shard that failed transiently (worker or node lost, out of memory, timeout, storage unreachable) before it is left failed for resume",
+    )
+    retry_backoff_s: float = Field(
+        30.0, ge=0, description="wait before the first re-run of such a shard; doubles with each re-run"
+    )
 
 
 class LeaseConfig(_Strict):
     """The driver's lease on the output (docs/CLUSTER.md): one driver per output at a time."""
 
-    ttl_s: float = Field(300.0, gt=0, description="a lease not renewed for this long (on the store's clock) may be taken over by another driver")
+    ttl_s: float = Field(
+        300.0,
+        gt=0,
+        description="a lease not renewed for this long (on the store's clock) may be taken over by another driver",
+    )
     heartbeat_s: float | None = Field(None, gt=0, description="renewal period (default ttl_s / 5)")
 
 
 class ScenePassConfig(_Strict):
     """Whole-scene passes of the depth model, MegaSaM and the alignment (docs/STAGES.md)."""
 
-    granularity: Literal["scene", "clip"] = Field("scene", description="'scene': the depth model, MegaSaM and the metric fit run once over every scene's frame sequence; 'clip': once per clip (the older path)")
-    max_frames: int = Field(512, ge=48, description="a longer scene sequence is cut into overlapping segments, joined like Video Depth Anything joins its windows")
+    granularity: Literal["scene", "clip"] = Field(
+        "scene",
+        description="'scene': the depth model, MegaSaM and the metric fit run once over every scene's frame sequence; 'clip': once per clip (the older path)",
+    )
+    max_frames: int = Field(
+        512,
+        ge=48,
+        description="a longer scene sequence is cut into overlapping segments, joined like Video Depth Anything joins its windows",
+    )
     overlap_frames: int = Field(32, ge=4, description="frames shared by consecutive segments")
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> "ScenePassConfig":
         if self.overlap_frames * 2 > self.max_frames:
-            raise ValueError(f"overlap_frames {self.overlap_frames} must be at most half of max_frames {self.max_frames}")
+            raise ValueError(
+                f"overlap_frames {self.overlap_frames} must be at most half of max_frames {self.max_frames}"
+            )
         return self
 
 
@@ -200,7 +290,11 @@ class BuildConfig(_Strict):
     shard_size: int = Field(8, ge=1, description="clips per shard")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of stored frames")
     max_inflight_shards: int = Field(4, ge=1, description="shard pipelines in flight at once (bounds memory)")
-    shard_deadline_s: float | None = Field(21600.0, gt=0, description="a shard pipeline none of whose tasks finishes for this long (a stage hangs) is cancelled and recorded failed; resume redoes it. Longer than any one stage (a MegaSaM run with its retries). None: no deadline")
+    shard_deadline_s: float | None = Field(
+        21600.0,
+        gt=0,
+        description="a shard pipeline none of whose tasks finishes for this long (a stage hangs) is cancelled and recorded failed; resume redoes it. Longer than any one stage (a MegaSaM run with its retries). None: no deadline",
+    )
     seed: int = 0
     stages: StagesConfig = Field(default_factory=StagesConfig)
     qc: QCConfig = Field(default_factory=QCConfig)
@@ -230,8 +324,17 @@ class BuildConfig(_Strict):
         out = self.model_copy(deep=True)
         for name, ds in out.datasets.items():
             d = adapter_class(name).defaults
-            for fld in ("clip_length", "frame_stride", "clip_stride", "repeat_weight", "loss_weights",
-                        "depth_source", "track_source", "min_depth_m", "max_depth_m"):
+            for fld in (
+                "clip_length",
+                "frame_stride",
+                "clip_stride",
+                "repeat_weight",
+                "loss_weights",
+                "depth_source",
+                "track_source",
+                "min_depth_m",
+                "max_depth_m",
+            ):
                 if getattr(ds, fld) is None:
                     setattr(ds, fld, getattr(d, fld))
             ds.options = adapter_class(name).validate_options(ds.options).model_dump(mode="json")
@@ -242,10 +345,22 @@ class BuildConfig(_Strict):
         from pipeline.stage_routes import whole_scene_shards
 
         res = self.resolved()
-        keys = {name: {**ds.model_dump(include={"enabled", "clip_length", "frame_stride", "clip_stride",
-                                                "max_scenes", "max_clips_per_scene"}),
-                       "whole_scene_shards": whole_scene_shards(res, name)}
-                for name, ds in sorted(self.datasets.items())}
+        keys = {
+            name: {
+                **ds.model_dump(
+                    include={
+                        "enabled",
+                        "clip_length",
+                        "frame_stride",
+                        "clip_stride",
+                        "max_scenes",
+                        "max_clips_per_scene",
+                    }
+                ),
+                "whole_scene_shards": whole_scene_shards(res, name),
+            }
+            for name, ds in sorted(self.datasets.items())
+        }
         blob = json.dumps({"datasets": keys, "shard_size": self.shard_size}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -278,8 +393,11 @@ class BuildConfig(_Strict):
         dotted paths) that differs; empty when none does. A moved dataset root, another output or
         other resources are not content, so they never show here."""
         a, b = _flatten(self.content_fields()), _flatten(other.content_fields())
-        return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
-                for k in sorted(set(a) | set(b)) if a.get(k, _MISSING) != b.get(k, _MISSING)]
+        return [
+            f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+            for k in sorted(set(a) | set(b))
+            if a.get(k, _MISSING) != b.get(k, _MISSING)
+        ]
 
     def with_overrides(self, overrides: dict | None) -> "BuildConfig":
         """A copy with ``overrides`` merged in field by field (``{"ray": {"address": X}}`` changes
@@ -313,17 +431,25 @@ def _check_against_adapter(name: str, ds: DatasetConfig) -> None:
     depth, tracks = ds.depth_source or d.depth_source, ds.track_source or d.track_source
     if depth == "gt" and not caps.has_depth:
         usable = ["vda", "vda_metric", "megasam"] + (["sparse"] if caps.has_tracks else [])
-        raise FieldError(("datasets", name, "depth_source"), "'gt', but the dataset has no ground-truth depth; use "
-                         + " or ".join(repr(u) for u in usable))
+        raise FieldError(
+            ("datasets", name, "depth_source"),
+            "'gt', but the dataset has no ground-truth depth; use " + " or ".join(repr(u) for u in usable),
+        )
     if depth == "sparse" and not caps.has_tracks:
-        raise FieldError(("datasets", name, "depth_source"),
-                         "'sparse' aligns to the dataset's metric 3D tracks, and it has no metric 3D tracks")
+        raise FieldError(
+            ("datasets", name, "depth_source"),
+            "'sparse' aligns to the dataset's metric 3D tracks, and it has no metric 3D tracks",
+        )
     if tracks == "gt" and not caps.has_tracks:
-        raise FieldError(("datasets", name, "track_source"),
-                         "'gt', but the dataset has no ground-truth tracks; use 'cotracker', 'depth_static' or 'none'")
+        raise FieldError(
+            ("datasets", name, "track_source"),
+            "'gt', but the dataset has no ground-truth tracks; use 'cotracker', 'depth_static' or 'none'",
+        )
     if tracks == "depth_static" and caps.dynamic:
-        raise FieldError(("datasets", name, "track_source"),
-                         "'depth_static' is only exact for static scenes and the dataset is dynamic; use 'cotracker'")
+        raise FieldError(
+            ("datasets", name, "track_source"),
+            "'depth_static' is only exact for static scenes and the dataset is dynamic; use 'cotracker'",
+        )
 
 
 OUTPUT_CONFIG_NAME = "config.resolved.yaml"  # the resolved config, recorded in every output

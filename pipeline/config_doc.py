@@ -1,4 +1,5 @@
 """Render docs/CONFIG.md from the pydantic config models (``python -m pipeline.config_doc``)."""
+
 from __future__ import annotations
 
 import types
@@ -9,9 +10,20 @@ from pydantic import BaseModel
 from pipeline import config as c
 from pipeline.contracts_doc import md_cell
 
-MODELS = [c.BuildConfig, c.DatasetConfig, c.StagesConfig, c.DepthStageConfig, c.AlignStageConfig,
-          c.TrackStageConfig, c.ScenePassConfig, c.StageResources, c.QCConfig, c.RayConfig, c.LeaseConfig,
-          c.FaultConfig]
+MODELS = [
+    c.BuildConfig,
+    c.DatasetConfig,
+    c.StagesConfig,
+    c.DepthStageConfig,
+    c.AlignStageConfig,
+    c.TrackStageConfig,
+    c.ScenePassConfig,
+    c.StageResources,
+    c.QCConfig,
+    c.RayConfig,
+    c.LeaseConfig,
+    c.FaultConfig,
+]
 
 HEADER = """# Configuration reference
 
@@ -67,7 +79,9 @@ def _default(field) -> str:
 def _table(title: str, model: type[BaseModel], doc: str) -> list[str]:
     out = [f"## {title}\n\n{doc}\n\n| field | type | default | description |\n|---|---|---|---|"]
     for name, f in model.model_fields.items():
-        out.append(f"| `{name}` | {md_cell(type_name(f.annotation))} | {md_cell(_default(f))} | {md_cell(f.description or '')} |")
+        out.append(
+            f"| `{name}` | {md_cell(type_name(f.annotation))} | {md_cell(_default(f))} | {md_cell(f.description or '')} |"
+        )
     out.append("")
     return out
 
@@ -85,7 +99,9 @@ def render() -> str:
     for name in sorted(ADAPTERS):
         options = adapter_class(name).options_model
         if options is not AdapterOptions:
-            parts += _table(f"datasets.{name}.options", options, f"Options of the {name} adapter (docs/datasets/{name}.md).")
+            parts += _table(
+                f"datasets.{name}.options", options, f"Options of the {name} adapter (docs/datasets/{name}.md)."
+            )
     return "\n".join(parts) + "\n"
 
 

@@ -8,6 +8,7 @@ annotations (so the list can never drift from the model), with a "did you mean" 
 :mod:`difflib`. :class:`FieldError` lets a validator that checks several fields at once (an
 adapter's options, a routing that does not fit the dataset) report the exact path too.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -60,8 +61,11 @@ def _child(ann: Any, part: Any) -> Any:
         return typing.get_args(ann)[0 if part == "[key]" else 1]
     if origin in (list, tuple) and isinstance(part, int):
         args = typing.get_args(ann)
-        return args[0] if origin is list or (len(args) == 2 and args[1] is Ellipsis) else (
-            args[part] if part < len(args) else None)
+        return (
+            args[0]
+            if origin is list or (len(args) == 2 and args[1] is Ellipsis)
+            else (args[part] if part < len(args) else None)
+        )
     return None
 
 
@@ -97,8 +101,7 @@ def describe(err: dict, model: type[BaseModel]) -> tuple[tuple, str]:
         parent = _unwrap(annotation_at(model, loc[:-1]))
         if _is_model(parent):
             allowed = list(parent.model_fields)
-            return loc, (f"unknown field {loc[-1]!r}{_did_you_mean(loc[-1], allowed)}; "
-                         f"allowed: {', '.join(allowed)}")
+            return loc, (f"unknown field {loc[-1]!r}{_did_you_mean(loc[-1], allowed)}; allowed: {', '.join(allowed)}")
     if err["type"] == "literal_error":
         if loc and loc[-1] == "[key]":  # a mapping's key: loc is (..., mapping, bad key, "[key]")
             path, bad, what = loc[:-1], loc[-2], "key"
@@ -107,11 +110,13 @@ def describe(err: dict, model: type[BaseModel]) -> tuple[tuple, str]:
             path, bad, what = loc, err.get("input"), "value"
             choices = _choices(annotation_at(model, loc))
         if choices:
-            return path, (f"{what} {bad!r} is not allowed{_did_you_mean(bad, choices)}; "
-                          f"allowed: {', '.join(repr(c) for c in choices)}")
+            return path, (
+                f"{what} {bad!r} is not allowed{_did_you_mean(bad, choices)}; "
+                f"allowed: {', '.join(repr(c) for c in choices)}"
+            )
     msg = err["msg"]
     if err["type"] == "value_error" and msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     return loc, msg
 
 

@@ -3,13 +3,22 @@
 ``python -m pipeline.contracts_doc > docs/STAGES.md`` regenerates it; a test fails when the
 checked-in file differs, so the documentation cannot drift from the code.
 """
+
 from __future__ import annotations
 
 import importlib
 
-STAGE_MODULES = ["stages.ingest.stage", "stages.selfcheck", "stages.qc", "stages.depth.stage",
-                 "stages.align.megasam_stage", "stages.align.stage", "stages.tracks.stage", "stages.encode",
-                 "stages.write"]
+STAGE_MODULES = [
+    "stages.ingest.stage",
+    "stages.selfcheck",
+    "stages.qc",
+    "stages.depth.stage",
+    "stages.align.megasam_stage",
+    "stages.align.stage",
+    "stages.tracks.stage",
+    "stages.encode",
+    "stages.write",
+]
 
 HEADER = """# Stage contracts
 
@@ -75,7 +84,9 @@ def _routes_table() -> str:
     from pipeline.stage_routes import route
     from stages.ingest import ADAPTERS
 
-    cfg = BuildConfig.model_validate({"output": "<doc>", "datasets": {n: {"root": "<doc>"} for n in ADAPTERS}}).resolved()
+    cfg = BuildConfig.model_validate(
+        {"output": "<doc>", "datasets": {n: {"root": "<doc>"} for n in ADAPTERS}}
+    ).resolved()
     rows = ["| dataset | stages (granularity; GPUs requested per actor or run) |", "|---|---|"]
     for name in sorted(ADAPTERS):
         steps = []

@@ -33,6 +33,7 @@ that lose their calls on a replaced actor are re-run like other transient failur
 restarts whenever one of its tasks finishes, so a shard waiting for the cluster behind other
 shards is not cut, and no stage may take longer than the deadline.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -179,8 +180,10 @@ class _ModelActor:
             import torch
 
             if not torch.cuda.is_available():  # a broken GPU node: fail the actor (transient), never fall back
-                raise RuntimeError(f"{stage} actor was given GPUs {ray.get_gpu_ids()} but CUDA is not available "
-                                   f"on node {ray.get_runtime_context().get_node_id()}")
+                raise RuntimeError(
+                    f"{stage} actor was given GPUs {ray.get_gpu_ids()} but CUDA is not available "
+                    f"on node {ray.get_runtime_context().get_node_id()}"
+                )
         if stage == "depth":
             from stages.depth.stage import DepthModelStage
 
@@ -214,7 +217,7 @@ def _hang_once(cfg: BuildConfig, stage: str) -> None:
     marker = os.path.join(marker_dir, f"hang_{stage}_{cfg.fault.hang_on_clip}")
     if not os.path.exists(marker):
         open(marker, "w").close()
-        time.sleep(10 ** 6)
+        time.sleep(10**6)
 
 
 # ------------------------------------------------------------------------------------------
@@ -252,8 +255,12 @@ class ShardDAG:
         self.routes = {d: {s.name: s for s in route(cfg, d)} for d in datasets}
         self.needs_depth = {d for d in datasets if "depth" in self.routes[d]}
         self.needs_megasam = {d for d in datasets if "megasam" in self.routes[d]}
-        self.needs_track_model = {d for d in datasets if self.routes[d].get("tracks") and self.routes[d]["tracks"].runs_as == "actor"}
-        self.needs_static_tracks = {d for d in datasets if self.routes[d].get("tracks") and self.routes[d]["tracks"].runs_as == "task"}
+        self.needs_track_model = {
+            d for d in datasets if self.routes[d].get("tracks") and self.routes[d]["tracks"].runs_as == "actor"
+        }
+        self.needs_static_tracks = {
+            d for d in datasets if self.routes[d].get("tracks") and self.routes[d]["tracks"].runs_as == "task"
+        }
         self._preflight()
         ensure_ray(cfg)
         self._check_gpus()
@@ -269,16 +276,22 @@ class ShardDAG:
         """Refuse to start when a dataset needs a model that is not configured."""
         dcfg, tcfg = self.cfg.stages.depth, self.cfg.stages.tracks
         if self.needs_depth and not dcfg.checkpoint and not dcfg.allow_random_weights:
-            raise ConfigError(f"datasets {sorted(self.needs_depth)} need the depth model: set stages.depth.checkpoint "
-                              f"to a Video Depth Anything checkpoint (docs/MODELS.md)")
+            raise ConfigError(
+                f"datasets {sorted(self.needs_depth)} need the depth model: set stages.depth.checkpoint "
+                f"to a Video Depth Anything checkpoint (docs/MODELS.md)"
+            )
         if self.needs_track_model and not tcfg.checkpoint and not tcfg.allow_random_weights:
-            raise ConfigError(f"datasets {sorted(self.needs_track_model)} need the track model: set "
-                              f"stages.tracks.checkpoint to a CoTracker3 checkpoint (docs/MODELS.md)")
+            raise ConfigError(
+                f"datasets {sorted(self.needs_track_model)} need the track model: set "
+                f"stages.tracks.checkpoint to a CoTracker3 checkpoint (docs/MODELS.md)"
+            )
         for d in self.needs_depth:
             src = self.cfg.datasets[d].depth_source
             if src == "megasam" and not self.cfg.stages.align.megasam_command:
-                raise ConfigError(f"dataset {d} uses MegaSaM as its metric reference: set stages.align.megasam_command "
-                                  f"(docs/ALIGNMENT.md)")
+                raise ConfigError(
+                    f"dataset {d} uses MegaSaM as its metric reference: set stages.align.megasam_command "
+                    f"(docs/ALIGNMENT.md)"
+                )
             if src == "vda_metric" and not dcfg.metric:
                 raise ConfigError(f"dataset {d} wants metric VDA depth but stages.depth.metric is false")
         if self.needs_megasam:
@@ -290,15 +303,22 @@ class ShardDAG:
                 raise ConfigError(f"stages.align.megasam_command: {exc}") from None
         for d in self.needs_static_tracks:
             if adapter_class(d).capabilities.dynamic:
-                raise ConfigError(f"dataset {d} is dynamic: track_source 'depth_static' is only exact for static scenes")
+                raise ConfigError(
+                    f"dataset {d} is dynamic: track_source 'depth_static' is only exact for static scenes"
+                )
 
     def _step(self, stage: str, runs_as: str | None = None):
         """The declared step of ``stage`` (the same for every dataset that runs it)."""
-        return next(r[stage] for r in self.routes.values()
-                    if stage in r and (runs_as is None or r[stage].runs_as == runs_as))
+        return next(
+            r[stage] for r in self.routes.values() if stage in r and (runs_as is None or r[stage].runs_as == runs_as)
+        )
 
     def _actor_steps(self) -> list:
-        return [self._step(s, "actor") for s, need in (("depth", self.needs_depth), ("tracks", self.needs_track_model)) if need]
+        return [
+            self._step(s, "actor")
+            for s, need in (("depth", self.needs_depth), ("tracks", self.needs_track_model))
+            if need
+        ]
 
     def _check_gpus(self) -> None:
         """Every model stage requests its declared GPUs whatever the cluster has now: on a joined
@@ -316,20 +336,31 @@ class ShardDAG:
                 continue
             what = "MegaSaM" if st.name == "megasam" else f"the {st.name} model"
             if not joined:
-                raise ConfigError(f"{key} is {st.num_gpus:g} but this local Ray has {total:g} GPUs and cannot gain "
-                                  f"any: set {key}: 0 to run {what} on CPU (slow), or join a cluster with GPU nodes "
-                                  f"(--address)")
-            log.warning("%s: %d %s request %g GPU(s) each and the cluster has %g now: they start when GPU nodes join "
-                        "(an autoscaler adds them for this demand)", st.name, n,
-                        "run(s)" if st.name == "megasam" else "actor(s)", st.num_gpus, total)
+                raise ConfigError(
+                    f"{key} is {st.num_gpus:g} but this local Ray has {total:g} GPUs and cannot gain "
+                    f"any: set {key}: 0 to run {what} on CPU (slow), or join a cluster with GPU nodes "
+                    f"(--address)"
+                )
+            log.warning(
+                "%s: %d %s request %g GPU(s) each and the cluster has %g now: they start when GPU nodes join "
+                "(an autoscaler adds them for this demand)",
+                st.name,
+                n,
+                "run(s)" if st.name == "megasam" else "actor(s)",
+                st.num_gpus,
+                total,
+            )
         if not total:
             return
         actors = sum(st.num_gpus * st.actors for st in self._actor_steps())
         megasam = self._step("megasam").num_gpus if self.needs_megasam else 0.0
         if actors + megasam > total + 1e-9:
-            msg = (f"the model actors take {actors:g} GPUs" + (f" and a MegaSaM run {megasam:g}" if megasam else "")
-                   + f", but the cluster has {total:g}: lower stages.depth/tracks.resources.num_gpus (fractions share a "
-                   f"GPU) or stages.align.megasam_num_gpus, or add GPUs")
+            msg = (
+                f"the model actors take {actors:g} GPUs"
+                + (f" and a MegaSaM run {megasam:g}" if megasam else "")
+                + f", but the cluster has {total:g}: lower stages.depth/tracks.resources.num_gpus (fractions share a "
+                f"GPU) or stages.align.megasam_num_gpus, or add GPUs"
+            )
             if joined:
                 log.warning(msg)
             else:
@@ -349,8 +380,13 @@ class ShardDAG:
             # actors would starve the ingest tasks that feed them: share the CPUs instead.
             log.info("model actors share CPUs with tasks (%s CPUs for %s actors)", total_cpus, n_actors)
             cpus = 0
-        opts = dict(num_cpus=cpus, num_gpus=gpus, max_concurrency=2,
-                    max_restarts=self.cfg.ray.actor_restarts, max_task_retries=self.cfg.ray.task_retries)
+        opts = dict(
+            num_cpus=cpus,
+            num_gpus=gpus,
+            max_concurrency=2,
+            max_restarts=self.cfg.ray.actor_restarts,
+            max_task_retries=self.cfg.ray.task_retries,
+        )
         self._actor_opts = {**getattr(self, "_actor_opts", {}), stage: (opts, device)}
         return [ModelActor.options(**opts).remote(stage, self.cfg, device) for _ in range(st.actors)]
 
@@ -369,8 +405,10 @@ class ShardDAG:
         ids = [c["clip_id"] for c in clips]
         dataset = shard["dataset"]
         steps = self.routes.get(dataset, {})
-        refs = [ingest_task.options(max_retries=retries).remote(c, self.scene_refs[(c["dataset"], c["scene"])], cfg)
-                for c in clips]
+        refs = [
+            ingest_task.options(max_retries=retries).remote(c, self.scene_refs[(c["dataset"], c["scene"])], cfg)
+            for c in clips
+        ]
         rec.tasks += refs
         if clips and "depth" in steps:
             passes = _passes(clips, steps["depth"].granularity)
@@ -378,13 +416,15 @@ class ShardDAG:
             if "megasam" in steps:
                 for key, idx in passes.items():
                     megasam[key] = megasam_task.options(**self._megasam_options()).remote(
-                        [refs[i] for i in idx], key, [ids[i] for i in idx], cfg)
+                        [refs[i] for i in idx], key, [ids[i] for i in idx], cfg
+                    )
                     rec.tasks.append(megasam[key])
             refs = self._model_call("depth", refs, ids, rec, hang=self._hangs("depth", clips))
             aligned = list(refs)
             for key, idx in passes.items():
                 out = align_task.options(max_retries=retries, num_returns=len(idx)).remote(
-                    [refs[i] for i in idx], [ids[i] for i in idx], [megasam[key]] if key in megasam else [], cfg)
+                    [refs[i] for i in idx], [ids[i] for i in idx], [megasam[key]] if key in megasam else [], cfg
+                )
                 out = [out] if len(idx) == 1 else list(out)
                 rec.tasks += out
                 for i, r in zip(idx, out):
@@ -409,8 +449,9 @@ class ShardDAG:
         rec.actor_calls.append((stage, actor, out))
         return out
 
-    def run(self, shards: list[dict], clips_by_shard: dict[str, list[dict]]
-            ) -> Iterator[tuple[dict, dict | None, ShardFailure | None]]:
+    def run(
+        self, shards: list[dict], clips_by_shard: dict[str, list[dict]]
+    ) -> Iterator[tuple[dict, dict | None, ShardFailure | None]]:
         """Yield (shard, result, failure) as shards finish; at most max_inflight_shards at once.
 
         A shard that fails transiently is run again after ``ray.retry_backoff_s`` (doubling), up
@@ -430,8 +471,14 @@ class ShardDAG:
             """None when the shard is queued for a re-run, else the failure to yield."""
             if failure.transient and failure.attempts <= retries:
                 delay = backoff * 2 ** (failure.attempts - 1)
-                log.warning("shard %s failed transiently (%s); run %d of %d in %.1f s", sh["shard_id"],
-                            failure.message, failure.attempts + 1, retries + 1, delay)
+                log.warning(
+                    "shard %s failed transiently (%s); run %d of %d in %.1f s",
+                    sh["shard_id"],
+                    failure.message,
+                    failure.attempts + 1,
+                    retries + 1,
+                    delay,
+                )
                 heapq.heappush(waiting, (time.monotonic() + delay, next(tick), sh))
                 return None
             return failure
@@ -496,15 +543,29 @@ class ShardDAG:
                 if pending and self._replace_actor(stage, actor):
                     replaced.append((stage, actor, rec.shard["shard_id"]))
             self._cancel(rec)
-            yield rec.shard, ShardFailure(f"deadline: no task of the shard pipeline finished within shard_deadline_s = "
-                                          f"{deadline:g} s (a stage hangs); cancelled", transient=True), False
+            yield (
+                rec.shard,
+                ShardFailure(
+                    f"deadline: no task of the shard pipeline finished within shard_deadline_s = "
+                    f"{deadline:g} s (a stage hangs); cancelled",
+                    transient=True,
+                ),
+                False,
+            )
         for stage, actor, sid in replaced:
             for k, rec in list(inflight.items()):
                 if any(a is actor and ray.wait(r, num_returns=len(r), timeout=0)[1] for _, a, r in rec.actor_calls):
                     del inflight[k]
                     self._cancel(rec)
-                    yield rec.shard, ShardFailure(f"cancelled: its {stage} model actor was replaced after shard {sid} "
-                                                  f"exceeded shard_deadline_s", transient=True), True
+                    yield (
+                        rec.shard,
+                        ShardFailure(
+                            f"cancelled: its {stage} model actor was replaced after shard {sid} "
+                            f"exceeded shard_deadline_s",
+                            transient=True,
+                        ),
+                        True,
+                    )
 
     def _replace_actor(self, stage: str, actor) -> bool:
         pool = self.pools.get(stage, [])

@@ -16,6 +16,7 @@ storage protocol, nothing: fsspec's registry says which package implements each 
 The check runs where the command runs (the driver). On a cluster, the worker image must hold
 the same packages (docs/CLUSTER.md).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,23 +40,37 @@ NEEDS: dict[str, tuple[Requirement, ...]] = {
     # adapters (stages/ingest/<name>.py), by dataset
     "dataset:matrixcity": (Requirement("OpenEXR", "OpenEXR>=3.2", "MatrixCity depth maps are OpenEXR files"),),
     "dataset:spring": (Requirement("h5py", "h5py>=3.8", "Spring disparity files (.dsp5) are HDF5"),),
-    "dataset:kubric_movi_f": (Requirement("google.protobuf", "protobuf>=4",
-                                          "Kubric MOVi-F records are tf.train.Example protobufs"),),
-    "dataset:realestate10k": (Requirement("av", "av>=12", "RealEstate10K clip videos are decoded with PyAV "
-                                          "(when frames are not extracted as images)"),),
+    "dataset:kubric_movi_f": (
+        Requirement("google.protobuf", "protobuf>=4", "Kubric MOVi-F records are tf.train.Example protobufs"),
+    ),
+    "dataset:realestate10k": (
+        Requirement(
+            "av", "av>=12", "RealEstate10K clip videos are decoded with PyAV (when frames are not extracted as images)"
+        ),
+    ),
     "dataset:stereo4d": (Requirement("av", "av>=12", "Stereo4D frames are decoded from its rectified videos"),),
     # adapter options that pick an optional package (RealEstate10K / Stereo4D `decoder`)
-    "decoder:torchcodec": (Requirement("torchcodec", "torchcodec", "options.decoder: torchcodec (NVDEC video "
-                                       "decoding; match your torch build, README 'Video decoding')"),),
+    "decoder:torchcodec": (
+        Requirement(
+            "torchcodec",
+            "torchcodec",
+            "options.decoder: torchcodec (NVDEC video decoding; match your torch build, README 'Video decoding')",
+        ),
+    ),
     # model stages
     "stage:depth": (Requirement("torch", _TORCH, "runs Video Depth Anything (depth_source other than gt)"),),
     "stage:cotracker": (Requirement("torch", _TORCH, "runs CoTracker3 (track_source cotracker)"),),
     # the trainer and its optional features (training/config.py)
-    "train": (Requirement("torch", _TORCH, "the Diff4Splat model"),
-              Requirement("diffusers", "diffusers>=0.30", "the CogVideoX backbone and VAE"), _RAY),
+    "train": (
+        Requirement("torch", _TORCH, "the Diff4Splat model"),
+        Requirement("diffusers", "diffusers>=0.30", "the CogVideoX backbone and VAE"),
+        _RAY,
+    ),
     "train:gsplat": (Requirement("gsplat", "gsplat>=1.4", "runtime.renderer: gsplat (CUDA rasteriser)"),),
-    "train:lpips": (Requirement("lpips", "lpips", "loss.lpips_enabled (perceptual loss)"),
-                    Requirement("torchvision", "torchvision", "lpips imports it (match your torch build)")),
+    "train:lpips": (
+        Requirement("lpips", "lpips", "loss.lpips_enabled (perceptual loss)"),
+        Requirement("torchvision", "torchvision", "lpips imports it (match your torch build)"),
+    ),
 }
 
 # pip requirements for storage packages that pyproject.toml pins (others: the module's own name)

@@ -16,32 +16,76 @@ Classification walks the exception, the exception a Ray task error wraps, and it
 ``__cause__`` / ``__context__`` chain, by class name (Ray, torch and botocore need not be
 imported here) and, for ``OSError``, by errno and by the S3 error codes that mean "try later".
 """
+
 from __future__ import annotations
 
 import errno
 import re
 from dataclasses import dataclass
 
-TRANSIENT_NAMES = frozenset({
-    # Ray: lost workers, actors, nodes and objects; a full object store; a cancelled or timed-out wait
-    "WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "RayActorError", "ActorDiedError",
-    "ActorUnavailableError", "ActorUnschedulableError", "TaskUnschedulableError", "ObjectLostError",
-    "OwnerDiedError", "ObjectReconstructionFailedError", "ObjectReconstructionFailedMaxAttemptsExceededError",
-    "ObjectReconstructionFailedLineageEvictedError", "ObjectFetchTimedOutError", "ObjectStoreFullError",
-    "OutOfDiskError", "RaySystemError", "GetTimeoutError", "TaskCancelledError",
-    # memory: Ray's memory monitor, torch.cuda.OutOfMemoryError, the host
-    "OutOfMemoryError", "MemoryError",
-    # time and network, including botocore's and aiohttp's own classes
-    "TimeoutError", "TimeoutExpired", "ConnectionError", "EndpointConnectionError", "ConnectTimeoutError",
-    "ReadTimeoutError", "ConnectionClosedError", "ClientConnectionError", "ServerDisconnectedError",
-    # d4s: a shard that holds a transient clip failure
-    "TransientShardError",
-})
-TRANSIENT_ERRNOS = frozenset({errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
-                              errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE, errno.ESTALE,
-                              errno.EAGAIN})
-TRANSIENT_TEXT = ("SlowDown", "ServiceUnavailable", "RequestTimeout", "InternalError", "Throttl",
-                  "CUDA out of memory", "Connection refused", "Connection reset")
+TRANSIENT_NAMES = frozenset(
+    {
+        # Ray: lost workers, actors, nodes and objects; a full object store; a cancelled or timed-out wait
+        "WorkerCrashedError",
+        "NodeDiedError",
+        "LocalRayletDiedError",
+        "RayActorError",
+        "ActorDiedError",
+        "ActorUnavailableError",
+        "ActorUnschedulableError",
+        "TaskUnschedulableError",
+        "ObjectLostError",
+        "OwnerDiedError",
+        "ObjectReconstructionFailedError",
+        "ObjectReconstructionFailedMaxAttemptsExceededError",
+        "ObjectReconstructionFailedLineageEvictedError",
+        "ObjectFetchTimedOutError",
+        "ObjectStoreFullError",
+        "OutOfDiskError",
+        "RaySystemError",
+        "GetTimeoutError",
+        "TaskCancelledError",
+        # memory: Ray's memory monitor, torch.cuda.OutOfMemoryError, the host
+        "OutOfMemoryError",
+        "MemoryError",
+        # time and network, including botocore's and aiohttp's own classes
+        "TimeoutError",
+        "TimeoutExpired",
+        "ConnectionError",
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "ClientConnectionError",
+        "ServerDisconnectedError",
+        # d4s: a shard that holds a transient clip failure
+        "TransientShardError",
+    }
+)
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ETIMEDOUT,
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.ECONNABORTED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EPIPE,
+        errno.ESTALE,
+        errno.EAGAIN,
+    }
+)
+TRANSIENT_TEXT = (
+    "SlowDown",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "InternalError",
+    "Throttl",
+    "CUDA out of memory",
+    "Connection refused",
+    "Connection reset",
+)
 
 
 class TransientShardError(RuntimeError):

@@ -24,6 +24,7 @@ Samples are read by key with one seek each (:mod:`pipeline.shard_read`) and deco
 page, never a failed report. The strip is a JPEG (photographs; a fraction of a PNG's size), the
 top-down plot a PNG (lines), both base64 inline, so the page stays self-contained.
 """
+
 from __future__ import annotations
 
 import base64
@@ -140,14 +141,15 @@ def trails_at(uv: np.ndarray, frame: int, length: int = TRAIL_FRAMES) -> list[tu
     ``frame - length .. frame`` where it was seen, oldest first (the last one is where it is now)."""
     out = []
     for j in range(uv.shape[1]):
-        trail = uv[max(0, frame - length):frame + 1, j]
+        trail = uv[max(0, frame - length) : frame + 1, j]
         if np.isfinite(trail[-1]).all():
             out.append((j, trail[np.isfinite(trail).all(axis=1)]))
     return out
 
 
-def _strip_figure(clip, frames: list[int], tracks: np.ndarray | None, vis: np.ndarray | None,
-                  intr: np.ndarray, c2w: np.ndarray):
+def _strip_figure(
+    clip, frames: list[int], tracks: np.ndarray | None, vis: np.ndarray | None, intr: np.ndarray, c2w: np.ndarray
+):
     """RGB frames with track trails (row 1) and depth colour maps with a metric colour bar (row 2)."""
     from matplotlib.collections import LineCollection
     from matplotlib.colors import LogNorm, Normalize
@@ -158,8 +160,17 @@ def _strip_figure(clip, frames: list[int], tracks: np.ndarray | None, vis: np.nd
     rows = 2 if has_depth else 1
     thumb_h = THUMB_WIDTH_IN * h / w
     fig = _figure(THUMB_WIDTH_IN * k + (0.9 if has_depth else 0.0), thumb_h * rows + 0.35)
-    grid = fig.add_gridspec(rows, k + (1 if has_depth else 0), width_ratios=[1.0] * k + ([0.08] if has_depth else []),
-                            left=0.01, right=0.93 if has_depth else 0.99, bottom=0.02, top=0.9, wspace=0.04, hspace=0.08)
+    grid = fig.add_gridspec(
+        rows,
+        k + (1 if has_depth else 0),
+        width_ratios=[1.0] * k + ([0.08] if has_depth else []),
+        left=0.01,
+        right=0.93 if has_depth else 0.99,
+        bottom=0.02,
+        top=0.9,
+        wspace=0.04,
+        hspace=0.08,
+    )
     colours = uv = drawn = None
     if tracks is not None and vis is not None and vis.any():
         drawn = _tracks_drawn(vis)
@@ -192,7 +203,9 @@ def _strip_figure(clip, frames: list[int], tracks: np.ndarray | None, vis: np.nd
         for col in range(k):
             ax = fig.add_subplot(grid[1, col])
             d = np.where(clip.depth_valid[col], clip.depth[col], np.nan)
-            im = ax.imshow(np.ma.masked_invalid(d), cmap=cmap, norm=norm, interpolation="nearest" if w < 200 else "antialiased")
+            im = ax.imshow(
+                np.ma.masked_invalid(d), cmap=cmap, norm=norm, interpolation="nearest" if w < 200 else "antialiased"
+            )
             ax.set_axis_off()
         cax = fig.add_subplot(grid[1, k])
         cb = fig.colorbar(im, cax=cax)
@@ -226,8 +239,14 @@ def top_down_axes(c2w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return right, fwd, up
 
 
-def _top_down_figure(c2w: np.ndarray, intr: np.ndarray, width_px: float, frames: list[int],
-                     tracks: np.ndarray | None, vis: np.ndarray | None):
+def _top_down_figure(
+    c2w: np.ndarray,
+    intr: np.ndarray,
+    width_px: float,
+    frames: list[int],
+    tracks: np.ndarray | None,
+    vis: np.ndarray | None,
+):
     """Camera path (line, start marked), frustums of the strip's frames, tracks' points in grey."""
     import matplotlib
 
@@ -296,10 +315,20 @@ def flatten_qc(qc: dict, prefix: str = "") -> list[tuple[str, str]]:
         v, name = qc[k], f"{prefix}{k}"
         if isinstance(v, dict):
             rows.extend(flatten_qc(v, name + "."))
-        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        elif (
+            isinstance(v, (list, tuple))
+            and v
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        ):
             arr = np.asarray(v, dtype=np.float64)
-            rows.append((name, f"median {_fmt(float(np.nanmedian(arr)))}, max {_fmt(float(np.nanmax(arr)))} ({arr.size})"
-                         if np.isfinite(arr).any() else f"{arr.size} values, none finite"))
+            rows.append(
+                (
+                    name,
+                    f"median {_fmt(float(np.nanmedian(arr)))}, max {_fmt(float(np.nanmax(arr)))} ({arr.size})"
+                    if np.isfinite(arr).any()
+                    else f"{arr.size} values, none finite",
+                )
+            )
         elif isinstance(v, (list, tuple)):
             rows.append((name, "; ".join(_fmt(x) for x in v) if v else "-"))
         elif v is None:
@@ -310,8 +339,12 @@ def flatten_qc(qc: dict, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def _kv_table(rows: list[tuple[str, str, str]]) -> str:
-    body = "".join(f'<tr><td>{_esc(k)}</td><td class="{cls}">{_esc(v)}</td></tr>' if cls
-                   else f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v, cls in rows)
+    body = "".join(
+        f'<tr><td>{_esc(k)}</td><td class="{cls}">{_esc(v)}</td></tr>'
+        if cls
+        else f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>"
+        for k, v, cls in rows
+    )
     return f"<table><tbody>{body}</tbody></table>"
 
 
@@ -330,42 +363,69 @@ def _clip_card(loc: SampleLocation, sample: dict, n_card: int) -> str:
     strip = _strip_figure(clip, frames, tracks, vis, intr, c2w)
     top = _top_down_figure(c2w, intr, float(w), frames, tracks, vis)
     n_tracks = int(tracks.shape[1]) if tracks is not None else 0
-    info = [("dataset", meta.dataset, ""), ("scene", meta.scene, ""),
-            ("frames", f"{intr.shape[0]} (source frames {meta.frame_indices[0]}..{meta.frame_indices[-1]})"
-             if meta.frame_indices else str(intr.shape[0]), ""),
-            ("image", f"{w}x{h} px, fx {intr[0, 0]:.4g} fy {intr[0, 1]:.4g}", ""),
-            ("depth source", meta.depth_source, ""), ("track source", f"{meta.track_source} ({n_tracks} tracks)", ""),
-            ("dynamic / real", f"{str(meta.dynamic).lower()} / {str(meta.real).lower()}", ""),
-            ("sample bytes", f"{sum(len(v) for k, v in sample.items() if k != '__key__'):,}", ""),
-            ("shard", f"{loc.shard_id} @ byte {loc.offset}", "")]
+    info = [
+        ("dataset", meta.dataset, ""),
+        ("scene", meta.scene, ""),
+        (
+            "frames",
+            f"{intr.shape[0]} (source frames {meta.frame_indices[0]}..{meta.frame_indices[-1]})"
+            if meta.frame_indices
+            else str(intr.shape[0]),
+            "",
+        ),
+        ("image", f"{w}x{h} px, fx {intr[0, 0]:.4g} fy {intr[0, 1]:.4g}", ""),
+        ("depth source", meta.depth_source, ""),
+        ("track source", f"{meta.track_source} ({n_tracks} tracks)", ""),
+        ("dynamic / real", f"{str(meta.dynamic).lower()} / {str(meta.real).lower()}", ""),
+        ("sample bytes", f"{sum(len(v) for k, v in sample.items() if k != '__key__'):,}", ""),
+        ("shard", f"{loc.shard_id} @ byte {loc.offset}", ""),
+    ]
     if meta.untrained_models:
-        info.append(("untrained models", ", ".join(meta.untrained_models) + ": random weights, values meaningless", "warn"))
+        info.append(
+            ("untrained models", ", ".join(meta.untrained_models) + ": random weights, values meaningless", "warn")
+        )
     qc = flatten_qc(meta.qc)
     qc_rows = [(k, v, "bad" if k.endswith(".keep") and v == "false" else "") for k, v in qc[:MAX_QC_ROWS]]
     if len(qc) > MAX_QC_ROWS:
         qc_rows.append(("...", f"{len(qc) - MAX_QC_ROWS} more in meta.json", ""))
-    qc_html = (f"<div><b>QC</b>{_kv_table(qc_rows)}</div>" if qc_rows else '<div><p class="note">No QC values recorded.</p></div>')
-    alt = f"{loc.key}: {len(frames)} frames with track trails" + (", depth colour map" if clip.depth is not None else "")
-    return (f'<div class="clip-card" id="clip-{_esc(loc.key)}"><h4>{_esc(loc.key)}</h4>'
-            + _img_tag(strip, f"gallery-strip-{n_card}", alt, "jpeg")
-            + '<div class="clip-row">'
-            + _img_tag(top, f"gallery-path-{n_card}", f"{loc.key}: top-down camera path with frustums", "png")
-            + f"<div><b>clip</b>{_kv_table(info)}</div>{qc_html}</div></div>")
+    qc_html = (
+        f"<div><b>QC</b>{_kv_table(qc_rows)}</div>"
+        if qc_rows
+        else '<div><p class="note">No QC values recorded.</p></div>'
+    )
+    alt = f"{loc.key}: {len(frames)} frames with track trails" + (
+        ", depth colour map" if clip.depth is not None else ""
+    )
+    return (
+        f'<div class="clip-card" id="clip-{_esc(loc.key)}"><h4>{_esc(loc.key)}</h4>'
+        + _img_tag(strip, f"gallery-strip-{n_card}", alt, "jpeg")
+        + '<div class="clip-row">'
+        + _img_tag(top, f"gallery-path-{n_card}", f"{loc.key}: top-down camera path with frustums", "png")
+        + f"<div><b>clip</b>{_kv_table(info)}</div>{qc_html}</div></div>"
+    )
 
 
 def _failed_table(fails: list[dict]) -> str:
     shown = sorted(fails, key=lambda f: str(f.get("clip_id")))[:MAX_FAILED_SHOWN]
-    rows = "".join(f'<tr><td>{_esc(f.get("clip_id"))}</td><td>{_esc(f.get("stage"))}</td>'
-                   f'<td class="reason">{_esc(f.get("reason"))}</td><td class="path">{_esc(f.get("path") or "")}</td></tr>'
-                   for f in shown)
-    more = (f'<p class="note">{len(fails) - len(shown)} more failed clips in the Failures section.</p>'
-            if len(fails) > len(shown) else "")
-    return (f"<p>Failed clips ({len(fails)}): not in any shard.</p><table><thead><tr><th>clip</th><th>stage</th>"
-            f"<th>reason</th><th>path</th></tr></thead><tbody>{rows}</tbody></table>{more}")
+    rows = "".join(
+        f"<tr><td>{_esc(f.get('clip_id'))}</td><td>{_esc(f.get('stage'))}</td>"
+        f'<td class="reason">{_esc(f.get("reason"))}</td><td class="path">{_esc(f.get("path") or "")}</td></tr>'
+        for f in shown
+    )
+    more = (
+        f'<p class="note">{len(fails) - len(shown)} more failed clips in the Failures section.</p>'
+        if len(fails) > len(shown)
+        else ""
+    )
+    return (
+        f"<p>Failed clips ({len(fails)}): not in any shard.</p><table><thead><tr><th>clip</th><th>stage</th>"
+        f"<th>reason</th><th>path</th></tr></thead><tbody>{rows}</tbody></table>{more}"
+    )
 
 
-def render_gallery(store: Store, shards: list[dict], events: list[dict], failures: list[dict],
-                   per_dataset: int = GALLERY_CLIPS_DEFAULT) -> tuple[str, int]:
+def render_gallery(
+    store: Store, shards: list[dict], events: list[dict], failures: list[dict], per_dataset: int = GALLERY_CLIPS_DEFAULT
+) -> tuple[str, int]:
     """The gallery section's inner HTML and how many samples it read.
 
     ``shards``: the plan's shard rows; ``events``: the ledger's events (as the report read them);
@@ -384,10 +444,12 @@ def render_gallery(store: Store, shards: list[dict], events: list[dict], failure
         return '<p class="note">Gallery turned off (--gallery-clips 0).</p>', 0
     if not datasets:
         return '<p class="note">No clip written or failed yet: nothing to show.</p>', 0
-    intro = (f"<p>{per_dataset} clip(s) per dataset, spread evenly over its sorted clip keys: frames with "
-             f"their 3D tracks projected as trails (the last {TRAIL_FRAMES} frames' positions, one colour per "
-             "track), depth in metres, and the camera path seen from above (up = the cameras' mean up "
-             "direction). <code>d4s show OUT --clip KEY --rrd FILE</code> opens any clip in Rerun.</p>")
+    intro = (
+        f"<p>{per_dataset} clip(s) per dataset, spread evenly over its sorted clip keys: frames with "
+        f"their 3D tracks projected as trails (the last {TRAIL_FRAMES} frames' positions, one colour per "
+        "track), depth in metres, and the camera path seen from above (up = the cameras' mean up "
+        "direction). <code>d4s show OUT --clip KEY --rrd FILE</code> opens any clip in Rerun.</p>"
+    )
     parts = [f"<style>{CSS}</style>{intro}"]
     n_read = 0
     for ds in datasets:
@@ -401,8 +463,10 @@ def render_gallery(store: Store, shards: list[dict], events: list[dict], failure
                 n_read += 1
                 part.append(_clip_card(loc, sample, n_read))
             except (SampleReadError, KeyError, ValueError, OSError) as exc:
-                part.append(f'<div class="clip-card"><h4>{_esc(key)}</h4><p class="bad">could not read this '
-                            f"sample: {_esc(exc)}</p></div>")
+                part.append(
+                    f'<div class="clip-card"><h4>{_esc(key)}</h4><p class="bad">could not read this '
+                    f"sample: {_esc(exc)}</p></div>"
+                )
         if fails_by_ds.get(ds):
             part.append(_failed_table(fails_by_ds[ds]))
         part.append("</div>")

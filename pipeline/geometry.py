@@ -5,6 +5,7 @@ camera-to-world 4x4 (``c2w``), metres, pixel intrinsics ``(fx, fy, cx, cy)``
 for the stored image size. Adapters convert *into* this convention with the
 helpers below and nothing else; later stages and training only ever see it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,9 +16,7 @@ GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 
 # TartanAir/AirSim NED body axes (x forward, y right, z down). Columns map the
 # OpenCV axes into NED: x_cv = y_ned, y_cv = z_ned, z_cv = x_ned.
-NED_TO_CV = np.array(
-    [[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
-)
+NED_TO_CV = np.array([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
 
 # PyTorch3D camera (x left, y up, z forward) to OpenCV: flip x and y.
 P3D_TO_CV = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -30,9 +29,15 @@ def quat_xyzw_to_matrix(q: np.ndarray) -> np.ndarray:
     x, y, z, w = np.moveaxis(q, -1, 0)
     r = np.stack(
         [
-            1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
-            2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-            2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - z * w),
+            2 * (x * z + y * w),
+            2 * (x * y + z * w),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - x * w),
+            2 * (x * z - y * w),
+            2 * (y * z + x * w),
+            1 - 2 * (x * x + y * y),
         ],
         axis=-1,
     )
@@ -142,8 +147,9 @@ def unproject(depth: np.ndarray, fxfycxcy: np.ndarray, c2w: np.ndarray) -> np.nd
     return cam @ c2w[:3, :3].T + c2w[:3, 3]
 
 
-def unproject_pixels(u: np.ndarray, v: np.ndarray, depth: np.ndarray, fxfycxcy: np.ndarray,
-                     c2w: np.ndarray) -> np.ndarray:
+def unproject_pixels(
+    u: np.ndarray, v: np.ndarray, depth: np.ndarray, fxfycxcy: np.ndarray, c2w: np.ndarray
+) -> np.ndarray:
     """Pixel coordinates ``(N,)`` (d4s convention: centres at +0.5) with z-depth ``(N,)`` to world
     points ``(N, 3)``: :func:`unproject` for a sparse set of pixels."""
     fx, fy, cx, cy = np.asarray(fxfycxcy, dtype=np.float64)

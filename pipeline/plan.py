@@ -12,6 +12,7 @@ scene never splits, so a scene with more clips than ``shard_size`` fills a shard
 it with ``max_clips_per_scene``). Each scene pass then runs in exactly one shard pipeline, and
 a shard that is redone redoes only its own scenes.
 """
+
 from __future__ import annotations
 
 import re
@@ -72,16 +73,39 @@ def make_plan(cfg: BuildConfig) -> Plan:
             starts = clip_starts(sc.num_frames, ds.clip_length, ds.frame_stride, ds.clip_stride)
             if ds.max_clips_per_scene:
                 starts = starts[: ds.max_clips_per_scene]
-            note = "" if starts else f"only {sc.num_frames} frames, a clip needs {(ds.clip_length - 1) * ds.frame_stride + 1}"
-            scenes_out.append({"dataset": name, "scene": sc.scene, "num_frames": sc.num_frames,
-                               "num_clips": len(starts), "note": note})
+            note = (
+                ""
+                if starts
+                else f"only {sc.num_frames} frames, a clip needs {(ds.clip_length - 1) * ds.frame_stride + 1}"
+            )
+            scenes_out.append(
+                {
+                    "dataset": name,
+                    "scene": sc.scene,
+                    "num_frames": sc.num_frames,
+                    "num_clips": len(starts),
+                    "note": note,
+                }
+            )
             for s in starts:
                 cid = clip_id(name, sc.scene, s)
                 if cid in seen:
-                    raise ConfigError(f"dataset {name}: scenes {seen[cid]!r} and {sc.scene!r} map to the same clip id {cid}")
+                    raise ConfigError(
+                        f"dataset {name}: scenes {seen[cid]!r} and {sc.scene!r} map to the same clip id {cid}"
+                    )
                 seen[cid] = sc.scene
-            by_scene.append([{"clip_id": clip_id(name, sc.scene, s), "dataset": name, "scene": sc.scene, "start": s,
-                              "frames": [s + i * ds.frame_stride for i in range(ds.clip_length)]} for s in starts])
+            by_scene.append(
+                [
+                    {
+                        "clip_id": clip_id(name, sc.scene, s),
+                        "dataset": name,
+                        "scene": sc.scene,
+                        "start": s,
+                        "frames": [s + i * ds.frame_stride for i in range(ds.clip_length)],
+                    }
+                    for s in starts
+                ]
+            )
         for k, group in enumerate(shard_groups(by_scene, cfg.shard_size, whole_scene_shards(cfg, name))):
             sid = f"{name}-{k:06d}"
             for c in group:
@@ -89,8 +113,15 @@ def make_plan(cfg: BuildConfig) -> Plan:
                 c["ordinal"] = ordinal
                 ordinal += 1
                 clips_out.append(c)
-            shards_out.append({"shard_id": sid, "dataset": name, "path": f"shards/{name}/{sid}.tar",
-                               "num_clips": len(group), "clip_ids": [c["clip_id"] for c in group]})
+            shards_out.append(
+                {
+                    "shard_id": sid,
+                    "dataset": name,
+                    "path": f"shards/{name}/{sid}.tar",
+                    "num_clips": len(group),
+                    "clip_ids": [c["clip_id"] for c in group],
+                }
+            )
     return Plan(scenes_out, clips_out, shards_out, scene_refs)
 
 
@@ -100,7 +131,7 @@ def shard_groups(by_scene: list[list[dict]], shard_size: int, whole_scenes: bool
     scene alone)."""
     if not whole_scenes:
         flat = [c for sc in by_scene for c in sc]
-        return [flat[k: k + shard_size] for k in range(0, len(flat), shard_size)]
+        return [flat[k : k + shard_size] for k in range(0, len(flat), shard_size)]
     out: list[list[dict]] = []
     cur: list[dict] = []
     for sc in by_scene:

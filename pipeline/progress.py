@@ -1,4 +1,5 @@
 """Live build progress: shards and clips done, failures, clips/s and ETA (rich)."""
+
 from __future__ import annotations
 
 import sys
@@ -8,16 +9,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class BuildProgress:
-    def __init__(self, total_shards: int, total_clips: int, enabled: bool = True, already_shards: int = 0,
-                 already_clips: int = 0):
+    def __init__(
+        self, total_shards: int, total_clips: int, enabled: bool = True, already_shards: int = 0, already_clips: int = 0
+    ):
         self.enabled = enabled and sys.stderr.isatty() or enabled == "force"
         self.t0 = time.time()
         self.clips_done = 0
         self.clips_failed = 0
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            disable=not self.enabled, transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            disable=not self.enabled,
+            transient=False,
         )
         self._shards = self._progress.add_task("shards", total=total_shards, completed=already_shards, rate="")
         self._clips = self._progress.add_task("clips", total=total_clips, completed=already_clips, rate="")

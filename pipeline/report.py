@@ -10,6 +10,7 @@ drawn with matplotlib (Agg, no display needed) and embedded as base64 PNGs, the 
 and every string taken from the manifests is HTML-escaped, so the file can be mailed or opened
 from an object store as it is.
 """
+
 from __future__ import annotations
 
 import base64
@@ -131,13 +132,26 @@ def _builds(events: list[dict]) -> list[dict]:
         per.setdefault(e.get("build_id") or "?", []).append(e)
     out = []
     for bid, evs in per.items():
-        curve = sorted((e["finished_at"], (e.get("samples_written") or 0) + len(e.get("clips_failed") or []))
-                       for e in evs if e["state"] == "done" and _num(e.get("finished_at")))
+        curve = sorted(
+            (e["finished_at"], (e.get("samples_written") or 0) + len(e.get("clips_failed") or []))
+            for e in evs
+            if e["state"] == "done" and _num(e.get("finished_at"))
+        )
         start, end, clips = build_window(evs)
         secs = (end - start) if (start is not None and end is not None) else None
-        out.append({"build_id": bid, "start": start, "end": end, "shards_done": len(curve),
-                    "shards_failed": sum(1 for e in evs if e["state"] == "failed"), "clips": clips, "seconds": secs,
-                    "clips_per_s": clips / secs if secs and secs > 0 else None, "curve": curve})
+        out.append(
+            {
+                "build_id": bid,
+                "start": start,
+                "end": end,
+                "shards_done": len(curve),
+                "shards_failed": sum(1 for e in evs if e["state"] == "failed"),
+                "clips": clips,
+                "seconds": secs,
+                "clips_per_s": clips / secs if secs and secs > 0 else None,
+                "curve": curve,
+            }
+        )
     return out
 
 
@@ -200,8 +214,13 @@ class _Plots:
         else:
             bins = np.histogram_bin_edges(allv, bins=int(np.clip(np.sqrt(allv.size), 5, 40)))
         names = list(groups)
-        ax.hist([groups[d] for d in names], bins=bins, stacked=True, label=[_lbl(d) for d in names],
-                color=[self.color(d) for d in names])
+        ax.hist(
+            [groups[d] for d in names],
+            bins=bins,
+            stacked=True,
+            label=[_lbl(d) for d in names],
+            color=[self.color(d) for d in names],
+        )
         ax.set_ylabel("clips")
         self.integer_axis(ax.yaxis)
         if len(names) > 1:
@@ -209,7 +228,9 @@ class _Plots:
 
 
 # -- html pieces ----------------------------------------------------------------------------
-def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset(), classes: dict[int, str] | None = None) -> str:
+def _table(
+    header: list[str], rows: list[list], numeric: set[int] = frozenset(), classes: dict[int, str] | None = None
+) -> str:
     classes = classes or {}
     out = ["<table><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr></thead><tbody>"]
     for row in rows:
@@ -236,25 +257,53 @@ def _summary(st: dict, builds: list[dict]) -> str:
     tot = {k: sum(c[k] for c in ds.values()) for k in ("clips_done", "clips_failed", "clips_pending")}
     sh = st["shards"]
     tp = st["throughput"]
-    parts = [_table(["", "done", "failed", "pending"],
-                    [["shards", sh["done"], sh["failed"], sh["pending"]],
-                     ["clips", tot["clips_done"], tot["clips_failed"], tot["clips_pending"]]], numeric={1, 2, 3})]
+    parts = [
+        _table(
+            ["", "done", "failed", "pending"],
+            [
+                ["shards", sh["done"], sh["failed"], sh["pending"]],
+                ["clips", tot["clips_done"], tot["clips_failed"], tot["clips_pending"]],
+            ],
+            numeric={1, 2, 3},
+        )
+    ]
     if tp.get("clips_per_s"):
         eta = tp.get("eta_s")
-        parts.append(f"<p>Latest build <code>{_esc(tp['build_id'])}</code>: {tp['clips']} clips in "
-                     f"{_esc(_fmt_secs(tp['seconds']))} = <b>{tp['clips_per_s']:.3g} clips/s</b>; "
-                     + ("nothing left to do." if not eta else f"ETA {_esc(_fmt_secs(eta))} for what is pending.") + "</p>")
+        parts.append(
+            f"<p>Latest build <code>{_esc(tp['build_id'])}</code>: {tp['clips']} clips in "
+            f"{_esc(_fmt_secs(tp['seconds']))} = <b>{tp['clips_per_s']:.3g} clips/s</b>; "
+            + ("nothing left to do." if not eta else f"ETA {_esc(_fmt_secs(eta))} for what is pending.")
+            + "</p>"
+        )
     else:
         parts.append(_note("No finished shard in the latest build yet: no throughput."))
-    state = ('<span class="good">complete</span>' if sh["pending"] == 0 and sh["failed"] == 0
-             else '<span class="bad">incomplete</span>')
+    state = (
+        '<span class="good">complete</span>'
+        if sh["pending"] == 0 and sh["failed"] == 0
+        else '<span class="bad">incomplete</span>'
+    )
     parts.append(f"<p>Output state: {state} ({sh['done']} of {sum(sh.values())} shards done).</p>")
     if builds:
-        rows = [[b["build_id"], _utc(b["start"]), b["shards_done"], b["shards_failed"], b["clips"],
-                 _fmt_secs(b["seconds"]), f"{b['clips_per_s']:.3g}" if b["clips_per_s"] else "-"] for b in builds]
-        parts.append("<p>Builds (each <code>d4s build</code> / <code>d4s resume</code>):</p>"
-                     + _table(["build_id", "started", "shards done", "shards failed", "clips", "duration", "clips/s"],
-                              rows, numeric={2, 3, 4, 6}))
+        rows = [
+            [
+                b["build_id"],
+                _utc(b["start"]),
+                b["shards_done"],
+                b["shards_failed"],
+                b["clips"],
+                _fmt_secs(b["seconds"]),
+                f"{b['clips_per_s']:.3g}" if b["clips_per_s"] else "-",
+            ]
+            for b in builds
+        ]
+        parts.append(
+            "<p>Builds (each <code>d4s build</code> / <code>d4s resume</code>):</p>"
+            + _table(
+                ["build_id", "started", "shards done", "shards failed", "clips", "duration", "clips/s"],
+                rows,
+                numeric={2, 3, 4, 6},
+            )
+        )
     return _section("summary", "Summary", "".join(parts))
 
 
@@ -266,8 +315,11 @@ def _clips_per_dataset(st: dict, plots: _Plots) -> str:
     fig, (ax,) = plots.figure(8, max(2.2, 0.45 * len(names) + 1.2))
     y = np.arange(len(names))
     left = np.zeros(len(names))
-    for key, label, color in (("clips_done", "done", "#2e8b57"), ("clips_failed", "failed", "#c0392b"),
-                              ("clips_pending", "pending", "#bbbbbb")):
+    for key, label, color in (
+        ("clips_done", "done", "#2e8b57"),
+        ("clips_failed", "failed", "#c0392b"),
+        ("clips_pending", "pending", "#bbbbbb"),
+    ):
         vals = np.array([ds[d][key] for d in names], dtype=float)
         ax.barh(y, vals, left=left, color=color, label=label)
         left += vals
@@ -277,8 +329,9 @@ def _clips_per_dataset(st: dict, plots: _Plots) -> str:
     plots.integer_axis(ax.xaxis)
     ax.legend(fontsize=8, loc="lower right")
     rows = [[d, c["clips_done"], c["clips_failed"], c["clips_pending"]] for d, c in ds.items()]
-    body = (plots.img(fig, "fig-clips-per-dataset", "Clips per dataset: done, failed and pending")
-            + _table(["dataset", "done", "failed", "pending"], rows, numeric={1, 2, 3}))
+    body = plots.img(fig, "fig-clips-per-dataset", "Clips per dataset: done, failed and pending") + _table(
+        ["dataset", "done", "failed", "pending"], rows, numeric={1, 2, 3}
+    )
     return _section("clips-per-dataset", "Clips per dataset", body)
 
 
@@ -295,15 +348,18 @@ def _frames_bytes(records: list[dict], plots: _Plots) -> str:
         body.append(plots.img(fig, "fig-frames-per-clip", "Histogram of frames per clip"))
     if size:
         raw = np.concatenate(list(size.values()))
-        unit, div = next((u, d) for u, d in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0))
-                         if np.median(raw) >= d or d == 1.0)
+        unit, div = next(
+            (u, d) for u, d in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0)) if np.median(raw) >= d or d == 1.0
+        )
         scaled = {d: v / div for d, v in size.items()}
         fig, (ax,) = plots.figure(8, 3.2)
         plots.stacked_hist(ax, scaled, log_x=raw.min() > 0 and raw.max() / raw.min() > 50)
         ax.set_xlabel(f"bytes per clip ({unit})")
         body.append(plots.img(fig, "fig-bytes-per-clip", "Histogram of bytes per clip"))
-        body.append(f"<p>{raw.size} samples, {_esc(_fmt_bytes(float(raw.sum())))} in all; "
-                    f"median {_esc(_fmt_bytes(float(np.median(raw))))} per clip.</p>")
+        body.append(
+            f"<p>{raw.size} samples, {_esc(_fmt_bytes(float(raw.sum())))} in all; "
+            f"median {_esc(_fmt_bytes(float(np.median(raw))))} per clip.</p>"
+        )
     return _section("frames-bytes", "Frames and bytes per clip", "".join(body))
 
 
@@ -333,12 +389,20 @@ def _depth(records: list[dict], plots: _Plots) -> str:
         plots.log_x(ax2)
     rows = []
     for d in names:
-        rows.append([d, med[d].size,
-                     f"{np.median(p5[d]):.3g}" if d in p5 and p5[d].size else "-",
-                     f"{np.median(med[d]):.3g}",
-                     f"{np.median(p95[d]):.3g}" if d in p95 and p95[d].size else "-"])
-    body = (plots.img(fig, "fig-depth-range", "Depth range per dataset: histogram of per-clip median depth and p5-p95 ranges")
-            + _table(["dataset", "clips", "median p5 (m)", "median of medians (m)", "median p95 (m)"], rows, numeric={1, 2, 3, 4}))
+        rows.append(
+            [
+                d,
+                med[d].size,
+                f"{np.median(p5[d]):.3g}" if d in p5 and p5[d].size else "-",
+                f"{np.median(med[d]):.3g}",
+                f"{np.median(p95[d]):.3g}" if d in p95 and p95[d].size else "-",
+            ]
+        )
+    body = plots.img(
+        fig, "fig-depth-range", "Depth range per dataset: histogram of per-clip median depth and p5-p95 ranges"
+    ) + _table(
+        ["dataset", "clips", "median p5 (m)", "median of medians (m)", "median p95 (m)"], rows, numeric={1, 2, 3, 4}
+    )
     return _section("depth-range", "Depth range", body)
 
 
@@ -347,50 +411,84 @@ def _alignment(records: list[dict], st: dict, plots: _Plots) -> str:
     absrel = _by_dataset(records, "align", "abs_rel")
     body = []
     if not residual and not absrel:
-        body.append(_note("No aligned clips: every written sample has ground-truth (or no) depth, "
-                          "so there is no alignment residual to show."))
+        body.append(
+            _note(
+                "No aligned clips: every written sample has ground-truth (or no) depth, "
+                "so there is no alignment residual to show."
+            )
+        )
     else:
-        panels = [(g, label) for g, label in ((residual, "alignment residual"), (absrel, "AbsRel vs reference"))
-                  if g]
+        panels = [(g, label) for g, label in ((residual, "alignment residual"), (absrel, "AbsRel vs reference")) if g]
         fig, axes = plots.figure(5 * len(panels), 3.2, ncols=len(panels))
         for ax, (g, label) in zip(axes, panels):
             plots.stacked_hist(ax, g)
             ax.set_xlabel(label)
-        body.append(plots.img(fig, "fig-align-residual", "Histogram of the depth alignment residual"
-                              + (" and AbsRel" if absrel else "")))
+        body.append(
+            plots.img(
+                fig,
+                "fig-align-residual",
+                "Histogram of the depth alignment residual" + (" and AbsRel" if absrel else ""),
+            )
+        )
         n = sum(v.size for v in residual.values()) if residual else sum(v.size for v in absrel.values())
         body.append(f"<p>{n} aligned clips.</p>")
     qc_rows = []
     for d, rows in (st.get("qc") or {}).items():
         for label, r in rows.items():
-            qc_rows.append([d, label, r.get("n", ""),
-                            *[f"{r[k]:.3g}" if _num(r.get(k)) else "" for k in ("p5", "p50", "p95")]])
+            qc_rows.append(
+                [d, label, r.get("n", ""), *[f"{r[k]:.3g}" if _num(r.get(k)) else "" for k in ("p5", "p50", "p95")]]
+            )
     if qc_rows:
-        body.append("<p>QC distributions of the written samples (as in <code>d4s status</code>):</p>"
-                    + _table(["dataset", "measure", "n", "p5", "median", "p95"], qc_rows, numeric={2, 3, 4, 5}))
+        body.append(
+            "<p>QC distributions of the written samples (as in <code>d4s status</code>):</p>"
+            + _table(["dataset", "measure", "n", "p5", "median", "p95"], qc_rows, numeric={2, 3, 4, 5})
+        )
     return _section("alignment", "Alignment residual", "".join(body))
 
 
 def _selfcheck(records: list[dict], st: dict, plots: _Plots) -> str:
     """Ground-truth self-check (stages/selfcheck.py): agreement per dataset and its drops."""
     agree = _by_dataset(records, "selfcheck", "agreement")
-    dropped = {d: sum(n for c, n in cats.items() if "pose/depth convention mismatch" in c)
-               for d, cats in (st.get("drops") or {}).items()}
+    dropped = {
+        d: sum(n for c, n in cats.items() if "pose/depth convention mismatch" in c)
+        for d, cats in (st.get("drops") or {}).items()
+    }
     dropped = {d: n for d, n in dropped.items() if n}
     if not agree and not dropped:
-        return _section("selfcheck", "Ground-truth self-check",
-                        _note("No written sample has a self-check (no ground-truth depth, or the check is off)."))
+        return _section(
+            "selfcheck",
+            "Ground-truth self-check",
+            _note("No written sample has a self-check (no ground-truth depth, or the check is off)."),
+        )
     body = []
     if agree:
         fig, (ax,) = plots.figure(8, 3.2)
         plots.stacked_hist(ax, agree)
         ax.set_xlabel("share of reprojected depth pixels that agree between frames")
         body.append(plots.img(fig, "fig-selfcheck", "Histogram of the ground-truth self-check agreement per clip"))
-    rows = [[d, agree[d].size if d in agree else 0,
-             f"{np.min(agree[d]):.3f}" if d in agree else "-", f"{np.median(agree[d]):.3f}" if d in agree else "-",
-             dropped.get(d, 0)] for d in sorted(set(agree) | set(dropped))]
-    body.append(_table(["dataset", "clips judged", "min agreement", "median agreement",
-                        "clips dropped: pose/depth convention mismatch"], rows, numeric={1, 2, 3, 4}))
+    rows = [
+        [
+            d,
+            agree[d].size if d in agree else 0,
+            f"{np.min(agree[d]):.3f}" if d in agree else "-",
+            f"{np.median(agree[d]):.3f}" if d in agree else "-",
+            dropped.get(d, 0),
+        ]
+        for d in sorted(set(agree) | set(dropped))
+    ]
+    body.append(
+        _table(
+            [
+                "dataset",
+                "clips judged",
+                "min agreement",
+                "median agreement",
+                "clips dropped: pose/depth convention mismatch",
+            ],
+            rows,
+            numeric={1, 2, 3, 4},
+        )
+    )
     return _section("selfcheck", "Ground-truth self-check", "".join(body))
 
 
@@ -456,8 +554,10 @@ def _stage_times(done: list[dict], st: dict, plots: _Plots) -> str:
                 per[ds][k] += v
     if not per:
         return _section("stage-times", "Stage time breakdown", _note("No stage timings recorded yet."))
-    stages = sorted({k for t in per.values() for k in t},
-                    key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER), s))
+    stages = sorted(
+        {k for t in per.values() for k in t},
+        key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER), s),
+    )
     names = sorted(per)
     fig, (ax,) = plots.figure(8, max(2.2, 0.45 * len(names) + 1.4))
     import matplotlib
@@ -475,8 +575,9 @@ def _stage_times(done: list[dict], st: dict, plots: _Plots) -> str:
     ax.legend(fontsize=7, loc="lower right")
     totals = st.get("stage_seconds") or {}
     rows = [[s, f"{totals.get(s, sum(per[d].get(s, 0.0) for d in names)):.1f}"] for s in stages]
-    body = (plots.img(fig, "fig-stage-times", "Stage time per dataset, summed over clips")
-            + _table(["stage", "seconds"], rows, numeric={1}))
+    body = plots.img(fig, "fig-stage-times", "Stage time per dataset, summed over clips") + _table(
+        ["stage", "seconds"], rows, numeric={1}
+    )
     return _section("stage-times", "Stage time breakdown", body)
 
 
@@ -484,13 +585,24 @@ def _failures(st: dict) -> str:
     fails = st.get("failures") or []
     if not fails:
         return _section("failures", "Failures", _note("No failures."))
-    rows = [[f.get("dataset"), f.get("clip_id") or f"shard {f.get('shard_id')}", f.get("stage"), f.get("reason"),
-             f.get("path") or ""] for f in fails[:MAX_FAILURE_ROWS]]
-    body = [f"<p>{len(fails)} failures.</p>",
-            _table(["dataset", "clip", "stage", "reason", "path"], rows, classes={3: "reason", 4: "path"})]
+    rows = [
+        [
+            f.get("dataset"),
+            f.get("clip_id") or f"shard {f.get('shard_id')}",
+            f.get("stage"),
+            f.get("reason"),
+            f.get("path") or "",
+        ]
+        for f in fails[:MAX_FAILURE_ROWS]
+    ]
+    body = [
+        f"<p>{len(fails)} failures.</p>",
+        _table(["dataset", "clip", "stage", "reason", "path"], rows, classes={3: "reason", 4: "path"}),
+    ]
     if len(fails) > MAX_FAILURE_ROWS:
-        body.append(_note(f"Showing the first {MAX_FAILURE_ROWS} of {len(fails)} failures; "
-                          f"`d4s status --json` lists them all."))
+        body.append(
+            _note(f"Showing the first {MAX_FAILURE_ROWS} of {len(fails)} failures; `d4s status --json` lists them all.")
+        )
     return _section("failures", "Failures", "".join(body))
 
 
@@ -516,18 +628,30 @@ def render_report(st: dict, events: list[dict], display: str, gallery: str | Non
         _failures(st),
     ] + ([_section("gallery", "Gallery", gallery)] if gallery is not None else [])
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    nav = " | ".join(f'<a href="#{sid}">{_esc(t)}</a>' for sid, t in (
-        ("summary", "summary"), ("clips-per-dataset", "clips"), ("frames-bytes", "frames & bytes"),
-        ("depth-range", "depth"), ("alignment", "alignment"), ("selfcheck", "self-check"),
-        ("qc-drops", "drops"),
-        ("throughput", "throughput"), ("stage-times", "stage time"), ("failures", "failures"))
-        + ((("gallery", "gallery"),) if gallery is not None else ()))
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>d4s report: {_esc(display)}</title><style>{_CSS}</style></head>\n<body>"
-            f"<h1>d4s report</h1><p class=\"meta\">Output <code>{_esc(display)}</code>; generated {now} "
-            f"from the manifests{'' if gallery is not None else ' (no shard opened)'}; {plots.count} figures.</p><nav>{nav}</nav>\n"
-            + "\n".join(sections)
-            + f"\n<script>{_SCRIPT}</script>\n</body></html>\n")
+    nav = " | ".join(
+        f'<a href="#{sid}">{_esc(t)}</a>'
+        for sid, t in (
+            ("summary", "summary"),
+            ("clips-per-dataset", "clips"),
+            ("frames-bytes", "frames & bytes"),
+            ("depth-range", "depth"),
+            ("alignment", "alignment"),
+            ("selfcheck", "self-check"),
+            ("qc-drops", "drops"),
+            ("throughput", "throughput"),
+            ("stage-times", "stage time"),
+            ("failures", "failures"),
+        )
+        + ((("gallery", "gallery"),) if gallery is not None else ())
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>d4s report: {_esc(display)}</title><style>{_CSS}</style></head>\n<body>"
+        f'<h1>d4s report</h1><p class="meta">Output <code>{_esc(display)}</code>; generated {now} '
+        f"from the manifests{'' if gallery is not None else ' (no shard opened)'}; {plots.count} figures.</p><nav>{nav}</nav>\n"
+        + "\n".join(sections)
+        + f"\n<script>{_SCRIPT}</script>\n</body></html>\n"
+    )
 
 
 def write_report(output: str, gallery_clips: int = GALLERY_CLIPS_DEFAULT) -> str:
@@ -541,7 +665,9 @@ def write_report(output: str, gallery_clips: int = GALLERY_CLIPS_DEFAULT) -> str
         raise FileNotFoundError(f"{output} is not a d4s output (no config.resolved.yaml); run `d4s build` first")
     events = ms.ledger_events()  # the one ledger read of the command
     st = collect_status(output, events)
-    gallery = render_gallery(store, ms.shards(), events, st["failures"], gallery_clips)[0] if gallery_clips > 0 else None
+    gallery = (
+        render_gallery(store, ms.shards(), events, st["failures"], gallery_clips)[0] if gallery_clips > 0 else None
+    )
     page = render_report(st, events, store.display(), gallery)
     store.write_bytes_atomic(REPORT_NAME, page.encode("utf-8"))
     return store.display(REPORT_NAME)

@@ -21,6 +21,7 @@ index). Colours per track are the gallery's (:func:`pipeline.gallery.track_colou
 track looks the same in the report and in the viewer. :func:`send_clip_properties` puts the
 clip's metadata and every scalar QC value into the recording's properties.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,8 +41,9 @@ def import_rerun():
     try:
         import rerun as rr
     except ImportError as exc:
-        raise RerunMissing("Rerun export needs the rerun-sdk package: pip install 'd4s[viz]' "
-                           "(or pip install rerun-sdk)") from exc
+        raise RerunMissing(
+            "Rerun export needs the rerun-sdk package: pip install 'd4s[viz]' (or pip install rerun-sdk)"
+        ) from exc
     return rr
 
 
@@ -69,7 +71,11 @@ def qc_properties(qc: dict, prefix: str = "") -> dict:
             out.update(qc_properties(v, name + "."))
         elif isinstance(v, (bool, int, float, str)):
             out[name] = v
-        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        elif (
+            isinstance(v, (list, tuple))
+            and v
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        ):
             out[name] = np.asarray(v, dtype=np.float64)
         elif isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v):
             out[name] = "; ".join(v)
@@ -80,12 +86,24 @@ def send_clip_properties(rec, clip: Clip) -> None:
     """The clip's identity and provenance (``clip``) and its QC values (``qc``) as recording properties."""
     rr = import_rerun()
     m = clip.meta
-    rec.send_property("clip", rr.AnyValues(
-        clip_id=m.clip_id, dataset=m.dataset, scene=m.scene, num_frames=clip.num_frames,
-        first_source_frame=int(m.frame_indices[0]) if m.frame_indices else -1,
-        depth_source=m.depth_source, track_source=m.track_source, dynamic=bool(m.dynamic), real=bool(m.real),
-        untrained_models=", ".join(m.untrained_models) or "none", config_hash=m.config_hash or "-",
-        adapter_version=m.adapter_version, d4s_version=m.d4s_version or "-"))
+    rec.send_property(
+        "clip",
+        rr.AnyValues(
+            clip_id=m.clip_id,
+            dataset=m.dataset,
+            scene=m.scene,
+            num_frames=clip.num_frames,
+            first_source_frame=int(m.frame_indices[0]) if m.frame_indices else -1,
+            depth_source=m.depth_source,
+            track_source=m.track_source,
+            dynamic=bool(m.dynamic),
+            real=bool(m.real),
+            untrained_models=", ".join(m.untrained_models) or "none",
+            config_hash=m.config_hash or "-",
+            adapter_version=m.adapter_version,
+            d4s_version=m.d4s_version or "-",
+        ),
+    )
     qc = qc_properties(m.qc)
     if qc:
         rec.send_property("qc", rr.AnyValues(**qc))
@@ -128,8 +146,12 @@ def log_clip(rec, clip: Clip, prefix: str = "gt", rgb_jpeg: list[bytes] | None =
             rec.set_time("source_frame", sequence=int(clip.meta.frame_indices[t]))
         fx, fy, cx, cy = (float(v) for v in clip.intrinsics[t])
         rec.log(f"{prefix}/camera", rr.Transform3D(translation=c2w[t, :3, 3], mat3x3=c2w[t, :3, :3]))
-        rec.log(f"{prefix}/camera/image", rr.Pinhole(focal_length=[fx, fy], principal_point=[cx, cy],
-                                                     resolution=[w, h], camera_xyz=rr.ViewCoordinates.RDF))
+        rec.log(
+            f"{prefix}/camera/image",
+            rr.Pinhole(
+                focal_length=[fx, fy], principal_point=[cx, cy], resolution=[w, h], camera_xyz=rr.ViewCoordinates.RDF
+            ),
+        )
         if rgb_jpeg is not None:
             rec.log(f"{prefix}/camera/image/rgb", rr.EncodedImage(contents=rgb_jpeg[t], media_type="image/jpeg"))
         else:
@@ -140,17 +162,22 @@ def log_clip(rec, clip: Clip, prefix: str = "gt", rgb_jpeg: list[bytes] | None =
         if tracks is not None:
             ids = np.flatnonzero(vis[t])
             pts = tracks[t, ids]
-            rec.log(f"{prefix}/tracks", rr.Points3D(pts, colors=colours[ids], radii=rr.Radius.ui_points(3.0)),
-                    *_track_ids(rr, ids))
+            rec.log(
+                f"{prefix}/tracks",
+                rr.Points3D(pts, colors=colours[ids], radii=rr.Radius.ui_points(3.0)),
+                *_track_ids(rr, ids),
+            )
             uv, z = project(pts, clip.intrinsics[t], c2w[t])
             front = z > 0
-            rec.log(f"{prefix}/camera/image/tracks", rr.Points2D(uv[front], colors=colours[ids[front]],
-                                                                  radii=rr.Radius.ui_points(3.0)),
-                    *_track_ids(rr, ids[front]))
+            rec.log(
+                f"{prefix}/camera/image/tracks",
+                rr.Points2D(uv[front], colors=colours[ids[front]], radii=rr.Radius.ui_points(3.0)),
+                *_track_ids(rr, ids[front]),
+            )
             strips, strip_colours = [], []
             for j in ids:
-                past = tracks[max(0, t - TRAIL_FRAMES):t + 1, j]
-                past = past[vis[max(0, t - TRAIL_FRAMES):t + 1, j]]
+                past = tracks[max(0, t - TRAIL_FRAMES) : t + 1, j]
+                past = past[vis[max(0, t - TRAIL_FRAMES) : t + 1, j]]
                 if len(past) > 1:
                     strips.append(past)
                     strip_colours.append(colours[j])

@@ -29,6 +29,7 @@ Exactly-once, step by step:
    never publish a shard with a clip missing: the DAG re-runs the shard with backoff and, if the
    failure persists, it is recorded ``failed`` (``error_class: transient``) for resume.
 """
+
 from __future__ import annotations
 
 import logging
@@ -85,8 +86,10 @@ def _check_plan_unchanged(ms: ManifestStore, plan: Plan) -> None:
     new = {c["clip_id"]: c["shard_id"] for c in plan.clips}
     if old != new:
         gone, added = len(set(old) - set(new)), len(set(new) - set(old))
-        raise ConfigError(f"the inputs no longer give the recorded plan ({gone} clips gone, {added} new, "
-                          f"or shards reassigned); build into a new output")
+        raise ConfigError(
+            f"the inputs no longer give the recorded plan ({gone} clips gone, {added} new, "
+            f"or shards reassigned); build into a new output"
+        )
 
 
 def remove_stray_temporaries(store: Store, lease: Lease, rels: list[str] | None = None) -> int:
@@ -94,7 +97,7 @@ def remove_stray_temporaries(store: Store, lease: Lease, rels: list[str] | None 
     lease holder may: another driver's in-flight temporary would otherwise vanish before its
     rename."""
     n = 0
-    for rel in (store.walk_files("shards") if rels is None else rels):
+    for rel in store.walk_files("shards") if rels is None else rels:
         if ".tmp-" in rel:
             lease.check()
             store.remove(rel)
@@ -102,8 +105,9 @@ def remove_stray_temporaries(store: Store, lease: Lease, rels: list[str] | None 
     return n
 
 
-def settle_done_shards(store: Store, shards: list[dict], ledger: dict[str, dict], full_check: bool = False,
-                       workers: int = HASH_WORKERS) -> tuple[set[str], list[str]]:
+def settle_done_shards(
+    store: Store, shards: list[dict], ledger: dict[str, dict], full_check: bool = False, workers: int = HASH_WORKERS
+) -> tuple[set[str], list[str]]:
     """(ids of the shards that are done and intact, stray temporaries) from one listing of ``shards/``.
 
     A done shard whose stored object still has the fingerprint recorded at publication is
@@ -135,26 +139,51 @@ def settle_done_shards(store: Store, shards: list[dict], ledger: dict[str, dict]
     return done, [rel for rel in listing if ".tmp-" in rel]
 
 
-def _record_new_version(store: Store, ms: ManifestStore, recorded: BuildConfig, cfg: BuildConfig,
-                        plan: Plan, lease: Lease, build_id: str) -> None:
+def _record_new_version(
+    store: Store, ms: ManifestStore, recorded: BuildConfig, cfg: BuildConfig, plan: Plan, lease: Lease, build_id: str
+) -> None:
     """Start a new output version: the shards of every dataset whose content settings changed
     (``BuildConfig.content_hash(dataset)``: a global setting changes them all) back to pending
     first, then the old config into ``config.history/`` and the new one recorded (a crash in
     between leaves the old config with those shards pending, which a resume rebuilds
     consistently). Shards of datasets whose settings did not change stay done."""
-    changed = {d: cfg.content_hash(d) for d in cfg.datasets
-               if d not in recorded.datasets or recorded.content_hash(d) != cfg.content_hash(d)}
+    changed = {
+        d: cfg.content_hash(d)
+        for d in cfg.datasets
+        if d not in recorded.datasets or recorded.content_hash(d) != cfg.content_hash(d)
+    }
     lease.check()
-    ms.append_events([{"shard_id": sh["shard_id"], "state": "pending", "build_id": build_id, "host": host_name(),
-                       "error": f"content settings changed: new version {changed[sh['dataset']]}",
-                       "finished_at": time.time()} for sh in plan.shards if sh["dataset"] in changed])
-    store.write_bytes_atomic(f"{CONFIG_HISTORY}/{int(time.time())}-{recorded.content_hash()}.yaml",
-                             recorded.to_yaml().encode())
+    ms.append_events(
+        [
+            {
+                "shard_id": sh["shard_id"],
+                "state": "pending",
+                "build_id": build_id,
+                "host": host_name(),
+                "error": f"content settings changed: new version {changed[sh['dataset']]}",
+                "finished_at": time.time(),
+            }
+            for sh in plan.shards
+            if sh["dataset"] in changed
+        ]
+    )
+    store.write_bytes_atomic(
+        f"{CONFIG_HISTORY}/{int(time.time())}-{recorded.content_hash()}.yaml", recorded.to_yaml().encode()
+    )
     store.write_bytes_atomic(CONFIG_NAME, cfg.recorded().to_yaml().encode())
 
 
-def _check_recorded(store: Store, ms: ManifestStore, cfg: BuildConfig, run: BuildConfig, plan: Plan,
-                    resume: bool, new_version: bool, lease: Lease, build_id: str) -> None:
+def _check_recorded(
+    store: Store,
+    ms: ManifestStore,
+    cfg: BuildConfig,
+    run: BuildConfig,
+    plan: Plan,
+    resume: bool,
+    new_version: bool,
+    lease: Lease,
+    build_id: str,
+) -> None:
     """Refuse a different plan or (without ``new_version``) different content settings.
 
     The recorded config is never rewritten by a resume or by run-time overrides. A ``d4s build``
@@ -165,15 +194,18 @@ def _check_recorded(store: Store, ms: ManifestStore, cfg: BuildConfig, run: Buil
         raise ConfigError(f"{cfg.output} has a plan but no {CONFIG_NAME}; it was not written by d4s")
     recorded = load_output_config(run.output)
     if recorded.planning_hash() != run.planning_hash():
-        raise ConfigError(f"{cfg.output} already holds a build with a different plan; "
-                          f"use `d4s resume {cfg.output}` or a new output")
+        raise ConfigError(
+            f"{cfg.output} already holds a build with a different plan; use `d4s resume {cfg.output}` or a new output"
+        )
     _check_plan_unchanged(ms, plan)
     drift = recorded.content_diff(run)
     if drift and not new_version:
         raise ConfigDriftError(
             f"{cfg.output} was built with other content settings ({len(drift)} differ: {'; '.join(drift[:12])}"
-            + (" ..." if len(drift) > 12 else "") + "). Shards of both would be mixed: build into a new output, "
-            "or pass --new-version to rebuild the shards these settings change with the new settings")
+            + (" ..." if len(drift) > 12 else "")
+            + "). Shards of both would be mixed: build into a new output, "
+            "or pass --new-version to rebuild the shards these settings change with the new settings"
+        )
     if drift:
         log.warning("new output version for %s: %s", cfg.output, "; ".join(drift))
         _record_new_version(store, ms, recorded, cfg, plan, lease, build_id)
@@ -210,8 +242,14 @@ def _compaction_hook(run: BuildConfig):
     return _die_in_compaction if run.fault.driver_exit_in_compaction else None
 
 
-def build(cfg: BuildConfig, resume: bool = False, show_progress: bool = True, overrides: dict | None = None,
-          new_version: bool = False, full_check: bool = False) -> BuildSummary:
+def build(
+    cfg: BuildConfig,
+    resume: bool = False,
+    show_progress: bool = True,
+    overrides: dict | None = None,
+    new_version: bool = False,
+    full_check: bool = False,
+) -> BuildSummary:
     """Run (or continue) a build into ``cfg.output``. Safe to call again after any crash.
 
     ``overrides`` are run-time settings for this run only (merged field by field, never
@@ -227,8 +265,9 @@ def build(cfg: BuildConfig, resume: bool = False, show_progress: bool = True, ov
     with _SkewedClock(run.fault.clock_skew_s):
         store = Store(run.output)
         ms = ManifestStore(store)
-        lease = Lease(store, command="resume" if resume else "build", ttl_s=run.lease.ttl_s,
-                      heartbeat_s=run.lease.heartbeat_s)
+        lease = Lease(
+            store, command="resume" if resume else "build", ttl_s=run.lease.ttl_s, heartbeat_s=run.lease.heartbeat_s
+        )
         lease.acquire(min_epoch=ms.max_epoch())
         try:
             lease.start_heartbeat()
@@ -238,9 +277,18 @@ def build(cfg: BuildConfig, resume: bool = False, show_progress: bool = True, ov
             lease.release()
 
 
-def _build_holding_lease(cfg: BuildConfig, run: BuildConfig, store: Store, ms: ManifestStore, lease: Lease,
-                         resume: bool, show_progress: bool, new_version: bool, full_check: bool,
-                         t0: float) -> BuildSummary:
+def _build_holding_lease(
+    cfg: BuildConfig,
+    run: BuildConfig,
+    store: Store,
+    ms: ManifestStore,
+    lease: Lease,
+    resume: bool,
+    show_progress: bool,
+    new_version: bool,
+    full_check: bool,
+    t0: float,
+) -> BuildSummary:
     build_id = lease.owner
     plan = make_plan(run)
     if ms.has_plan():
@@ -269,17 +317,31 @@ def _build_holding_lease(cfg: BuildConfig, run: BuildConfig, store: Store, ms: M
     done = failed = failed_transient = written = clips_failed = 0
     failures: list[dict] = []
     stats: dict = {}
-    progress = BuildProgress(total_shards=len(plan.shards), total_clips=len(plan.clips), enabled=show_progress,
-                             already_shards=skipped,
-                             already_clips=len(plan.clips) - sum(len(clips_by_shard[s["shard_id"]]) for s in todo))
+    progress = BuildProgress(
+        total_shards=len(plan.shards),
+        total_clips=len(plan.clips),
+        enabled=show_progress,
+        already_shards=skipped,
+        already_clips=len(plan.clips) - sum(len(clips_by_shard[s["shard_id"]]) for s in todo),
+    )
     if todo:
         dag = ShardDAG(run, plan, [c for s in todo for c in clips_by_shard[s["shard_id"]]])
         with progress:
             lease.check()
             now = time.time()
-            ms.append_events([{"shard_id": sh["shard_id"], "state": "running", "build_id": build_id,
-                               "attempt": ledger.get(sh["shard_id"], {}).get("attempts", 0) + 1,
-                               "started_at": now, "host": host_name()} for sh in todo])
+            ms.append_events(
+                [
+                    {
+                        "shard_id": sh["shard_id"],
+                        "state": "running",
+                        "build_id": build_id,
+                        "attempt": ledger.get(sh["shard_id"], {}).get("attempts", 0) + 1,
+                        "started_at": now,
+                        "host": host_name(),
+                    }
+                    for sh in todo
+                ]
+            )
             for sh, result, error in dag.run(todo, clips_by_shard):
                 if error is None:
                     done += 1
@@ -288,23 +350,40 @@ def _build_holding_lease(cfg: BuildConfig, run: BuildConfig, store: Store, ms: M
                     failures.extend(result["clips_failed"])
                     for k, v in (result.get("stats") or {}).items():
                         stats[k] = stats.get(k, 0) + v
-                    event = {"shard_id": sh["shard_id"], "state": "done", "build_id": build_id,
-                             "content_hash": content_hash[sh["dataset"]], **result}
+                    event = {
+                        "shard_id": sh["shard_id"],
+                        "state": "done",
+                        "build_id": build_id,
+                        "content_hash": content_hash[sh["dataset"]],
+                        **result,
+                    }
                     if result.get("log"):
                         lease.check()
                         store.write_bytes_atomic(f"logs/{sh['shard_id']}.log", result["log"].encode())
                 else:
                     failed += 1
                     failed_transient += error.transient
-                    event = {"shard_id": sh["shard_id"], "state": "failed", "build_id": build_id,
-                             "error": error.message, "error_class": error.error_class, "attempt": error.attempts,
-                             "finished_at": time.time(), "host": host_name()}
+                    event = {
+                        "shard_id": sh["shard_id"],
+                        "state": "failed",
+                        "build_id": build_id,
+                        "error": error.message,
+                        "error_class": error.error_class,
+                        "attempt": error.attempts,
+                        "finished_at": time.time(),
+                        "host": host_name(),
+                    }
                 lease.check()
                 ms.append_events([event])
                 ms.maybe_compact(after_write=_compaction_hook(run))
-                progress.shard_finished(result["samples_written"] if error is None else 0,
-                                        len(result["clips_failed"]) if error is None else len(clips_by_shard[sh["shard_id"]]))
-                if run.fault.driver_exit_after_shards is not None and done + failed >= run.fault.driver_exit_after_shards:
+                progress.shard_finished(
+                    result["samples_written"] if error is None else 0,
+                    len(result["clips_failed"]) if error is None else len(clips_by_shard[sh["shard_id"]]),
+                )
+                if (
+                    run.fault.driver_exit_after_shards is not None
+                    and done + failed >= run.fault.driver_exit_after_shards
+                ):
                     os._exit(19)  # test hook: the driver dies between shards
         # A write attempt whose worker or node died mid-publish leaves its ``.tmp-`` file behind (the
         # retry publishes under a new one). Every shard of this run is settled now, so no attempt of
@@ -315,8 +394,19 @@ def _build_holding_lease(cfg: BuildConfig, run: BuildConfig, store: Store, ms: M
     lease.check()
     write_index(ms, plan, {name: ds.val_fraction for name, ds in run.datasets.items()})
     ms.compact(after_write=_compaction_hook(run))
-    return BuildSummary(run.output, len(plan.shards), done, failed, skipped, written, clips_failed,
-                        time.time() - t0, failures, stats, failed_transient)
+    return BuildSummary(
+        run.output,
+        len(plan.shards),
+        done,
+        failed,
+        skipped,
+        written,
+        clips_failed,
+        time.time() - t0,
+        failures,
+        stats,
+        failed_transient,
+    )
 
 
 def write_index(ms: ManifestStore, plan: Plan, val_fractions: dict[str, float] | None = None) -> None:
@@ -332,13 +422,27 @@ def write_index(ms: ManifestStore, plan: Plan, val_fractions: dict[str, float] |
         if not ev or ev["state"] != "done":
             continue
         for key, offset, num_frames, dynamic in ev["samples"]:
-            rows.append({"key": key, "dataset": sh["dataset"], "shard_id": sh["shard_id"], "shard_path": sh["path"],
-                         "shard_sha256": ev.get("sha256"), "offset": offset, "num_frames": num_frames, "dynamic": dynamic,
-                         "scene": scene.get(key, ""), "split": split.get(key, TRAIN)})
+            rows.append(
+                {
+                    "key": key,
+                    "dataset": sh["dataset"],
+                    "shard_id": sh["shard_id"],
+                    "shard_path": sh["path"],
+                    "shard_sha256": ev.get("sha256"),
+                    "offset": offset,
+                    "num_frames": num_frames,
+                    "dynamic": dynamic,
+                    "scene": scene.get(key, ""),
+                    "split": split.get(key, TRAIN),
+                }
+            )
     ms.write_index(rows)
 
 
-def resume(output: str, show_progress: bool = True, overrides: dict | None = None, full_check: bool = False) -> BuildSummary:
+def resume(
+    output: str, show_progress: bool = True, overrides: dict | None = None, full_check: bool = False
+) -> BuildSummary:
     """Continue ``output`` with its recorded config; ``overrides`` apply to this run only."""
-    return build(load_output_config(output), resume=True, show_progress=show_progress, overrides=overrides,
-                 full_check=full_check)
+    return build(
+        load_output_config(output), resume=True, show_progress=show_progress, overrides=overrides, full_check=full_check
+    )

@@ -16,6 +16,7 @@ Depth precision: log-depth quantised to 16 bits over [0.01 m, 2000 m]; the quant
 is ln(2e5)/65534 = 1.86e-4 in log space, so the relative error of any depth in range is at
 most half a step, 9.3e-5 (0.0093 %). Depth outside the range is stored as invalid.
 """
+
 from __future__ import annotations
 
 import io
@@ -115,5 +116,13 @@ def decode_sample(sample: dict, frames: list[int] | None = None) -> Clip:
         vis = _load_npy(sample["track_vis.npy"])[idx]
     if frames is not None:
         meta.frame_indices = [meta.frame_indices[i] for i in idx]
-    return Clip(meta=meta, rgb=rgb, intrinsics=intr[idx], c2w=c2w[idx], depth=depth, depth_valid=valid,
-                tracks=tracks, track_visible=vis)
+    return Clip(
+        meta=meta,
+        rgb=rgb,
+        intrinsics=intr[idx],
+        c2w=c2w[idx],
+        depth=depth,
+        depth_valid=valid,
+        tracks=tracks,
+        track_visible=vis,
+    )

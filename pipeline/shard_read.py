@@ -6,6 +6,7 @@ object store) and taking the members that carry its key, never by scanning the w
 bytes are decoded by :func:`pipeline.sample_format.decode_sample`, the one decoder of the format.
 Used by the report's gallery (:mod:`pipeline.gallery`) and by ``d4s show`` (:mod:`pipeline.show`).
 """
+
 from __future__ import annotations
 
 import io

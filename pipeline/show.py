@@ -8,6 +8,7 @@ recording's properties. ``--rrd`` writes a recording file (through
 half-written); ``--spawn`` starts the Rerun viewer (the ``rerun`` program that rerun-sdk installs)
 and streams the clip to it.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -40,13 +41,20 @@ def load_clip_sample(output: str, key: str) -> tuple[dict, object]:
     if loc is None:
         failed = failed_clips(events).get(key)
         if failed:
-            raise ShowError(f"clip {key} failed at {failed.get('stage')}: {failed.get('reason')}"
-                            + (f" [{failed['path']}]" if failed.get("path") else "") + "; it is in no shard")
+            raise ShowError(
+                f"clip {key} failed at {failed.get('stage')}: {failed.get('reason')}"
+                + (f" [{failed['path']}]" if failed.get("path") else "")
+                + "; it is in no shard"
+            )
         planned = {c for sh in ms.shards() for c in sh["clip_ids"]}
         if key in planned:
             raise ShowError(f"clip {key} is planned but its shard is not done yet (d4s status / d4s resume {output})")
         near = difflib.get_close_matches(key, list(written), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(near)}?" if near else f"; {len(written)} clips are written (d4s status {output})"
+        hint = (
+            f"; did you mean {', '.join(near)}?"
+            if near
+            else f"; {len(written)} clips are written (d4s status {output})"
+        )
         raise ShowError(f"no clip {key!r} in {output}{hint}")
     return read_sample(store, loc), loc
 
@@ -61,8 +69,10 @@ def show_clip(output: str, key: str, rrd: str | None = None, spawn: bool = False
         raise ShowError("give exactly one of --rrd FILE (write a recording) or --spawn (open the Rerun viewer)")
     rr = import_rerun()
     if spawn and shutil.which("rerun") is None:
-        raise ShowError("no Rerun viewer found (the `rerun` program on PATH; pip install rerun-sdk installs it); "
-                        "write a file with --rrd FILE and open it where a viewer runs")
+        raise ShowError(
+            "no Rerun viewer found (the `rerun` program on PATH; pip install rerun-sdk installs it); "
+            "write a file with --rrd FILE and open it where a viewer runs"
+        )
     sample, _loc = load_clip_sample(output, key)
     from pipeline.sample_format import decode_sample
 

@@ -14,6 +14,7 @@ The split is recorded per sample in ``index.parquet`` (``split``: ``train`` | ``
 ``scene``); the training loader reads only ``train`` samples, validation and ``d4s eval`` the ``val``
 ones (docs/MANIFESTS.md, docs/TRAINING.md). It changes no shard byte.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,7 @@ TRAIN, VAL = "train", "val"
 def scene_unit(dataset: str, scene: str) -> float:
     """A uniform-looking number in [0, 1) fixed by (dataset, scene)."""
     h = hashlib.sha256(f"d4s-split\0{dataset}\0{scene}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2.0 ** 64
+    return int.from_bytes(h[:8], "big") / 2.0**64
 
 
 def validation_scenes(dataset: str, scenes: list[str], fraction: float) -> set[str]:

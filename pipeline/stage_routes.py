@@ -19,6 +19,7 @@ encode/write  always                                 shard        CPU task
 
 .. [*] ``stages.scene.granularity: clip`` runs them once per clip instead (the older path).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,8 +74,9 @@ def route(cfg: "BuildConfig", dataset: str) -> tuple[StageStep, ...]:
         steps.append(StageStep("align", model_gran, "task", variant=str(d.depth_source)))
     if d.track_source == "cotracker":
         r = st.tracks.resources
-        steps.append(StageStep("tracks", "clip", "actor", r.num_cpus, r.num_gpus, max(1, r.actors), "cotracker",
-                               model=True))
+        steps.append(
+            StageStep("tracks", "clip", "actor", r.num_cpus, r.num_gpus, max(1, r.actors), "cotracker", model=True)
+        )
     elif d.track_source == "depth_static":
         steps.append(StageStep("tracks", "clip", "task", variant="depth_static"))
     steps += [StageStep("encode", "shard", "task"), StageStep("write", "shard", "task")]

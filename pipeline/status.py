@@ -8,6 +8,7 @@ residual, AbsRel, pose scale, consistency, depth range, static-track drift, grou
 self-check agreement, ground-truth track filters) per dataset from the ledger's per-sample
 records, and drops counted per dataset and reason category.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,8 +73,11 @@ def build_window(evs: list[dict]) -> tuple[float | None, float | None, int]:
     throughput, shared by ``d4s status`` and ``d4s report``."""
     starts = [e["started_at"] for e in evs if e["state"] == "running" and e.get("started_at")]
     ends = [e["finished_at"] for e in evs if e["state"] in ("done", "failed") and e.get("finished_at")]
-    clips = sum((e.get("samples_written") or 0) + len(e.get("clips_failed") or [])
-                for e in evs if e["state"] == "done" and e.get("finished_at"))
+    clips = sum(
+        (e.get("samples_written") or 0) + len(e.get("clips_failed") or [])
+        for e in evs
+        if e["state"] == "done" and e.get("finished_at")
+    )
     return (min(starts) if starts else None), (max(ends) if ends else None), clips
 
 
@@ -89,8 +93,13 @@ def _throughput(events: list[dict], clips_left: int) -> dict:
     secs = end - start
     rate = clips / secs if secs > 0 else None
     eta = (clips_left / rate) if rate else None
-    return {"build_id": latest, "clips": clips, "seconds": round(secs, 3), "clips_per_s": rate,
-            "eta_s": 0.0 if clips_left == 0 else eta}
+    return {
+        "build_id": latest,
+        "clips": clips,
+        "seconds": round(secs, 3),
+        "clips_per_s": rate,
+        "eta_s": 0.0 if clips_left == 0 else eta,
+    }
 
 
 def _counters(ev: dict, order: list[str], num_clips: int) -> dict[str, dict]:
@@ -141,24 +150,39 @@ def collect_status(output: str, events: list[dict] | None = None) -> dict:
                 timings[name] += c["seconds"]
             # clips recorded inside a done shard are permanent (bad input): a transient clip failure
             # keeps its shard from being published (pipeline/failures.py)
-            failures.extend({**f, "dataset": ds_name, "shard_id": sh["shard_id"], "class": "permanent"}
-                            for f in ev["clips_failed"])
+            failures.extend(
+                {**f, "dataset": ds_name, "shard_id": sh["shard_id"], "class": "permanent"} for f in ev["clips_failed"]
+            )
             qc_records.extend({**r, "dataset": r.get("dataset", ds_name)} for r in ev.get("clip_qc") or [])
         else:
             ds["clips_pending"] += sh["num_clips"]
             for name in order:
                 st[name]["pending"] += sh["num_clips"]
             if state == "failed":
-                failures.append({"clip_id": None, "stage": "shard", "reason": ev["error"], "path": None,
-                                 "dataset": ds_name, "shard_id": sh["shard_id"],
-                                 "class": ev.get("error_class") or "permanent"})
+                failures.append(
+                    {
+                        "clip_id": None,
+                        "stage": "shard",
+                        "reason": ev["error"],
+                        "path": None,
+                        "dataset": ds_name,
+                        "shard_id": sh["shard_id"],
+                        "class": ev.get("error_class") or "permanent",
+                    }
+                )
     clips_left = sum(c["clips_pending"] for c in datasets.values())
     return {
         "output": output,
-        "datasets": {d: {k: int(c.get(k, 0)) for k in ("clips_done", "clips_failed", "clips_pending")}
-                     for d, c in sorted(datasets.items())},
-        "stages": {d: {name: {k: int(c.get(k, 0)) for k in ("done", "failed", "pending", "skipped")}
-                       for name, c in per.items()} for d, per in sorted(stages.items())},
+        "datasets": {
+            d: {k: int(c.get(k, 0)) for k in ("clips_done", "clips_failed", "clips_pending")}
+            for d, c in sorted(datasets.items())
+        },
+        "stages": {
+            d: {
+                name: {k: int(c.get(k, 0)) for k in ("done", "failed", "pending", "skipped")} for name, c in per.items()
+            }
+            for d, per in sorted(stages.items())
+        },
         "shards": {k: int(shards.get(k, 0)) for k in ("done", "failed", "pending")},
         "stage_seconds": {k: round(v, 3) for k, v in sorted(timings.items())},
         "throughput": _throughput(events, clips_left),

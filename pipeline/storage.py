@@ -21,6 +21,7 @@ under an ``flock`` on a sibling ``.lock`` file (works on local disks and on NFS,
 fsspec: there the two calls check first and then write, and a race between two writers within the
 same second is not excluded (``conditional_writes`` is False; docs/CLUSTER.md).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -262,8 +263,11 @@ class Store:
         base = self.path(rel)
         if not self.fs.exists(base):
             return {}
-        return {posixpath.relpath(p, self.root): info for p, info in self.fs.find(base, detail=True).items()
-                if info.get("type", "file") != "directory"}
+        return {
+            posixpath.relpath(p, self.root): info
+            for p, info in self.fs.find(base, detail=True).items()
+            if info.get("type", "file") != "directory"
+        }
 
     @staticmethod
     def fingerprint(info: dict) -> str:

@@ -7,6 +7,7 @@ a clip none of whose tracks was visible twice, a loss that diverged) is written 
 instead, and numpy scalars and arrays become plain numbers and lists. Finite data serialises
 exactly as :func:`json.dumps` would, so shards stay byte-reproducible.
 """
+
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ ledger; its tar parses; its sample keys are exactly the shard's planned clips mi
 recorded as failed, in plan order, each with the required entries. Across shards: no key
 twice, no file under ``shards/`` that the plan does not name, and the index agrees.
 """
+
 from __future__ import annotations
 
 import io

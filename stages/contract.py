@@ -4,6 +4,7 @@ The runner assembles the DAG from these declarations (``pipeline/dag.py``), and
 docs/STAGES.md is generated from the same table, so the documentation cannot drift from the
 code.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Encode stage: a finished Clip -> one WebDataset sample (format in docs/FORMAT.md)."""
+
 from __future__ import annotations
 
 from pipeline.clip import Clip, ClipFailure

@@ -13,6 +13,7 @@ A model stage (Video Depth Anything, CoTracker3, ...) receives a shard's clips (
 6. leaves counters (``aux['stats']``: e.g. frames through the model) on the first clip of each
    pass (carried on by the clip's failure if it fails later), for the shard's write result.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -5,6 +5,7 @@ between consecutive frames, nearly empty depth, 3D tracks that do not land in th
 disagree with the depth map. Thresholds come from :class:`pipeline.config.QCConfig`; a failed
 check raises :class:`ClipError` whose reason is recorded in the manifest.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,13 +34,19 @@ def geometric_qc(clip: Clip, cfg: QCConfig, metric_poses: bool = True) -> dict:
     step_t = np.linalg.norm(rel[:, :3, 3], axis=-1)
     cos = np.clip((np.trace(rel[:, :3, :3], axis1=-2, axis2=-1) - 1) / 2, -1, 1)
     step_r = np.degrees(np.arccos(cos))
-    qc = {"rotation_error": rot_err,
-          "max_step_m": float(step_t.max()) if len(step_t) else 0.0,
-          "max_step_deg": float(step_r.max()) if len(step_r) else 0.0}
+    qc = {
+        "rotation_error": rot_err,
+        "max_step_m": float(step_t.max()) if len(step_t) else 0.0,
+        "max_step_deg": float(step_r.max()) if len(step_r) else 0.0,
+    }
     if metric_poses and qc["max_step_m"] > cfg.max_step_translation_m:
-        raise ClipError(f"qc: camera moves {qc['max_step_m']:.2f} m between frames (> {cfg.max_step_translation_m})", where)
+        raise ClipError(
+            f"qc: camera moves {qc['max_step_m']:.2f} m between frames (> {cfg.max_step_translation_m})", where
+        )
     if qc["max_step_deg"] > cfg.max_step_rotation_deg:
-        raise ClipError(f"qc: camera turns {qc['max_step_deg']:.1f} deg between frames (> {cfg.max_step_rotation_deg})", where)
+        raise ClipError(
+            f"qc: camera turns {qc['max_step_deg']:.1f} deg between frames (> {cfg.max_step_rotation_deg})", where
+        )
     if clip.depth is not None:
         frac = float(clip.depth_valid.mean())
         qc["valid_depth_fraction"] = frac
@@ -72,12 +79,20 @@ def track_qc(clip: Clip, cfg: QCConfig, where: str) -> dict:
             dm = clip.depth[i, px[:, 1], px[:, 0]]
             ok = clip.depth_valid[i, px[:, 1], px[:, 0]]
             depth_err.extend((np.abs(dm[ok] - z[inside][ok]) / z[inside][ok]).tolist())
-    out = {"tracks_visible_fraction": float(clip.track_visible.mean()), "tracks_off_image_fraction": off / max(total, 1)}
+    out = {
+        "tracks_visible_fraction": float(clip.track_visible.mean()),
+        "tracks_off_image_fraction": off / max(total, 1),
+    }
     if out["tracks_off_image_fraction"] > 0.01:
-        raise ClipError(f"qc: {out['tracks_off_image_fraction']:.1%} of visible track points project outside the image", where)
+        raise ClipError(
+            f"qc: {out['tracks_off_image_fraction']:.1%} of visible track points project outside the image", where
+        )
     if depth_err:
         out["tracks_depth_rel_error_median"] = float(np.median(depth_err))
         if out["tracks_depth_rel_error_median"] > 0.05:
-            raise ClipError(f"qc: visible track points disagree with the depth map (median rel. error "
-                            f"{out['tracks_depth_rel_error_median']:.1%})", where)
+            raise ClipError(
+                f"qc: visible track points disagree with the depth map (median rel. error "
+                f"{out['tracks_depth_rel_error_median']:.1%})",
+                where,
+            )
     return out

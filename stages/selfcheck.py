@@ -37,6 +37,7 @@ bench/selfcheck_calibration.py); the reason also names which common convention e
 explain the clip (:data:`ALTERNATIVES`), when one does. A clip with too few comparable points
 is recorded as not judged; a clip whose camera does not move passes (nothing can tell).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -69,8 +70,10 @@ ALTERNATIVES: dict[str, Hypothesis] = {
     "the poses were inverted, world-to-camera read as camera-to-world": lambda c2w, d: (geo.invert_pose(c2w), d),
     "the camera y and z axes were flipped, an OpenGL camera read as OpenCV": lambda c2w, d: (c2w @ geo.GL_TO_CV, d),
     "the rotations were transposed": lambda c2w, d: (_transpose_rotations(c2w), d),
-    "the poses were inverted with y and z flipped, OpenGL camera-to-world read as OpenCV world-to-camera":
-        lambda c2w, d: (geo.invert_pose(c2w) @ geo.GL_TO_CV, d),
+    "the poses were inverted with y and z flipped, OpenGL camera-to-world read as OpenCV world-to-camera": lambda c2w, d: (
+        geo.invert_pose(c2w) @ geo.GL_TO_CV,
+        d,
+    ),
     "the depth were in millimetres": lambda c2w, d: (c2w, d / 1000.0),
     "the depth were in centimetres": lambda c2w, d: (c2w, d / 100.0),
     "the depth were 100x larger than given, metres read as centimetres": lambda c2w, d: (c2w, d * 100.0),
@@ -123,8 +126,17 @@ def _neighbours(u: np.ndarray, v: np.ndarray, h: int, w: int) -> tuple[np.ndarra
     return np.stack([y0, y0, y1, y1], axis=1), np.stack([x0, x1, x0, x1], axis=1)
 
 
-def pair_counts(src: int, dst: int, rgb: np.ndarray, depth: np.ndarray, valid: np.ndarray, intrinsics: np.ndarray,
-                c2w: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def pair_counts(
+    src: int,
+    dst: int,
+    rgb: np.ndarray,
+    depth: np.ndarray,
+    valid: np.ndarray,
+    intrinsics: np.ndarray,
+    c2w: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+) -> np.ndarray:
     """``[sampled, seen, occluded, agree]`` for the grid pixels of frame ``src`` reprojected into ``dst``."""
     h, w = depth.shape[1:3]
     ok = valid[src, rows, cols]
@@ -161,8 +173,9 @@ def _pooled(pairs, rgb, depth, valid, intrinsics, c2w, rows, cols) -> np.ndarray
     return total
 
 
-def agreement(rgb: np.ndarray, depth: np.ndarray, valid: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray,
-              pixels: int) -> dict:
+def agreement(
+    rgb: np.ndarray, depth: np.ndarray, valid: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, pixels: int
+) -> dict:
     """The self-check's measures of one clip (no verdict).
 
     ``overlap``: share of neighbouring frames' depth pixels that the other frame sees, not behind
@@ -184,18 +197,26 @@ def agreement(rgb: np.ndarray, depth: np.ndarray, valid: np.ndarray, intrinsics:
         basis, counts = "neighbouring frames", near
     _, seen, occluded, agree = (int(x) for x in counts)
     compared = seen - occluded
-    return {"agreement": agree / compared if compared >= MIN_JUDGED else None, "compared": compared,
-            "overlap": float((near[1] - near[2]) / near[0]) if near[0] >= MIN_JUDGED else None, "basis": basis}
+    return {
+        "agreement": agree / compared if compared >= MIN_JUDGED else None,
+        "compared": compared,
+        "overlap": float((near[1] - near[2]) / near[0]) if near[0] >= MIN_JUDGED else None,
+        "basis": basis,
+    }
 
 
 def verdict(res: dict, cfg: QCConfig) -> str | None:
     """Why the measures say the conventions are wrong, or None (also when there is too little to judge)."""
     if res["overlap"] is not None and res["overlap"] < cfg.selfcheck_min_overlap:
-        return (f"neighbouring frames see {res['overlap']:.0%} of each other's depth pixels unoccluded under "
-                f"the clip's cameras, < {cfg.selfcheck_min_overlap:.0%}")
+        return (
+            f"neighbouring frames see {res['overlap']:.0%} of each other's depth pixels unoccluded under "
+            f"the clip's cameras, < {cfg.selfcheck_min_overlap:.0%}"
+        )
     if res["agreement"] is not None and res["agreement"] < cfg.selfcheck_min_agreement:
-        return (f"{res['agreement']:.0%} of {res['compared']} depth pixels reprojected between {res['basis']} "
-                f"agree, < {cfg.selfcheck_min_agreement:.0%}")
+        return (
+            f"{res['agreement']:.0%} of {res['compared']} depth pixels reprojected between {res['basis']} "
+            f"agree, < {cfg.selfcheck_min_agreement:.0%}"
+        )
     return None
 
 
@@ -203,7 +224,13 @@ def gt_self_check(clip: Clip, cfg: QCConfig) -> dict:
     """The self-check of one clip with ground-truth depth: its QC record, or :class:`ClipError`."""
     where = f"{clip.meta.dataset}/{clip.meta.scene}/{clip.meta.clip_id}"
     if float(geo.rotation_error(clip.c2w[:, :3, :3]).max()) > cfg.max_rotation_error:
-        return {"agreement": None, "compared": 0, "overlap": None, "basis": "rotations not orthonormal", "judged": False}
+        return {
+            "agreement": None,
+            "compared": 0,
+            "overlap": None,
+            "basis": "rotations not orthonormal",
+            "judged": False,
+        }
     res = agreement(clip.rgb, clip.depth, clip.depth_valid, clip.intrinsics, clip.c2w, cfg.selfcheck_pixels)
     why = verdict(res, cfg)
     res["judged"] = res["agreement"] is not None

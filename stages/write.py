@@ -5,6 +5,7 @@ two builds of the same inputs produce byte-identical shards and a retried write 
 bytes as the first attempt. Publication goes through :meth:`Store.atomic_writer`: readers see
 the whole shard or none; the ledger commit that follows is what makes it count.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,7 @@ CONTRACT = StageContract(
     runs_as="task (CPU)",
     acts_when="always (a shard whose clips all failed is written empty)",
     errors="storage errors fail the shard (retried by resume), never a clip; a clip that failed transiently "
-           "(pipeline/failures.py) fails the shard too, which is re-run, never published without it",
+    "(pipeline/failures.py) fails the shard too, which is re-run, never published without it",
 )
 
 
@@ -65,9 +66,12 @@ def software_stack() -> str:
         blas = f"{blas.get('name')} {blas.get('version')}"
     except Exception:  # noqa: BLE001 - older numpy: no build record
         blas = "unknown"
-    parts = [f"python {platform.python_version()}", f"numpy {np.__version__} ({blas})",
-             f"Pillow {PIL.__version__} (zlib {features.version('zlib')}, libjpeg-turbo {features.version('libjpeg_turbo')})",
-             f"cpu {platform.machine()}"]
+    parts = [
+        f"python {platform.python_version()}",
+        f"numpy {np.__version__} ({blas})",
+        f"Pillow {PIL.__version__} (zlib {features.version('zlib')}, libjpeg-turbo {features.version('libjpeg_turbo')})",
+        f"cpu {platform.machine()}",
+    ]
     import sys
 
     if "torch" in sys.modules:
@@ -106,8 +110,9 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
         from pipeline.failures import TransientShardError
 
         f = transient[0]
-        raise TransientShardError(f"{len(transient)} clip(s) failed transiently; first {f['clip_id']} at "
-                                  f"{f['stage']}: {f['reason']}")
+        raise TransientShardError(
+            f"{len(transient)} clip(s) failed transiently; first {f['clip_id']} at {f['stage']}: {f['reason']}"
+        )
     t1 = time.time()
     timings["encode"] = t1 - t0
     data, offsets = shard_bytes(samples)
@@ -119,17 +124,29 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
     from pipeline.plan import stages_for
 
     counts = stage_counts(stages_for(cfg, shard["dataset"]), len(clips), failures, timings)
-    log_lines = [f"shard {shard['shard_id']}: {len(samples)} samples, {len(failures)} failed clips, {len(data)} bytes",
-                 f"  written on {socket.gethostname()} with {software_stack()}"]
+    log_lines = [
+        f"shard {shard['shard_id']}: {len(samples)} samples, {len(failures)} failed clips, {len(data)} bytes",
+        f"  written on {socket.gethostname()} with {software_stack()}",
+    ]
     log_lines += [f"  stage {k}: {v:.3f} s" for k, v in sorted(timings.items())]
     log_lines += [f"  {k}: {v:g}" for k, v in sorted(stats.items())]
-    log_lines += [f"  FAILED {f['clip_id']} at {f['stage']}: {f['reason']}" + (f" ({f['path']})" if f.get("path") else "")
-                  for f in failures]
+    log_lines += [
+        f"  FAILED {f['clip_id']} at {f['stage']}: {f['reason']}" + (f" ({f['path']})" if f.get("path") else "")
+        for f in failures
+    ]
     return {
-        "samples_written": len(samples), "clips_failed": failures, "bytes": len(data), "sha256": sha,
+        "samples_written": len(samples),
+        "clips_failed": failures,
+        "bytes": len(data),
+        "sha256": sha,
         "fingerprint": fingerprint,
-        "samples": [[k, off, *meta_rows[k]] for k, off in offsets], "clip_qc": qc_rows, "timings": timings,
+        "samples": [[k, off, *meta_rows[k]] for k, off in offsets],
+        "clip_qc": qc_rows,
+        "timings": timings,
         "stage_counts": counts,
         "stats": stats,
-        "started_at": t0, "finished_at": time.time(), "host": socket.gethostname(), "log": "\n".join(log_lines) + "\n",
+        "started_at": t0,
+        "finished_at": time.time(),
+        "host": socket.gethostname(),
+        "log": "\n".join(log_lines) + "\n",
     }

@@ -1,4 +1,5 @@
 """Shared fixtures: a local Ray for the session and miniature TartanAir datasets."""
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,9 @@ def write_tartanair(root: Path, n_scenes: int = 2, frames: int = 10, seed: int =
 
     out = []
     for i in range(n_scenes):
-        r = render(random_scene(f"s{i}", seed=seed + i, dynamic=False, num_frames=frames, height=24, width=32, num_tracks=16))
+        r = render(
+            random_scene(f"s{i}", seed=seed + i, dynamic=False, num_frames=frames, height=24, width=32, num_tracks=16)
+        )
         out.append((r, w.write(r, root, w.default_scene_id(i))))
     return out
 

@@ -1,4 +1,5 @@
 """Dynamic Replica adapter: round trip through the fixture writer, and malformed inputs."""
+
 from __future__ import annotations
 
 import gzip
@@ -46,7 +47,7 @@ def test_round_trip(rendered, tmp_path):
     assert np.abs(clip.intrinsics - rendered.intrinsics).max() < 1e-6
     assert np.array_equal(clip.rgb, rendered.rgb)
     # float16 storage: |error| <= 2^-11 relative (round to nearest, 10 mantissa bits).
-    assert np.all(np.abs(clip.depth - rendered.depth) <= rendered.depth * 2.0 ** -11 + 1e-7)
+    assert np.all(np.abs(clip.depth - rendered.depth) <= rendered.depth * 2.0**-11 + 1e-7)
     assert clip.depth_valid.all()
     # Tracks equal the rendered truth in the dataset world.
     assert np.abs(clip.tracks - ws.expected_points(rendered.tracks_world)).max() < 1e-5

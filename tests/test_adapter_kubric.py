@@ -1,4 +1,5 @@
 """Kubric MOVi-F adapter: TFRecord/Example round trip through the fixture writer, malformed inputs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,17 +59,26 @@ def test_round_trip_two_records_in_one_shard(rendered, tmp_path):
 def test_record_is_an_example_with_release_keys(rendered, tmp_path):
     writer.write(rendered[0], tmp_path, f"{SHARD}/00000")
     with open(tmp_path / SHARD, "rb") as f:
-        (off, length), = iter_record_offsets(f, "x")
+        ((off, length),) = iter_record_offsets(f, "x")
         f.seek(off)
         ex = parse_example(f.read(length), "x")
-    for key in ("video", "depth", "camera/focal_length", "camera/sensor_width", "camera/positions",
-                "camera/quaternions", "metadata/depth_range", "metadata/num_frames"):
+    for key in (
+        "video",
+        "depth",
+        "camera/focal_length",
+        "camera/sensor_width",
+        "camera/positions",
+        "camera/quaternions",
+        "metadata/depth_range",
+        "metadata/num_frames",
+    ):
         assert key in ex
     q = np.asarray(ex["camera/quaternions"]).reshape(-1, 4)
     assert np.allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
 
 
 # -- malformed -------------------------------------------------------------------------------------
+
 
 def _rewrite(tmp_path, sc, mutate):
     """Write one record whose feature dict was altered by ``mutate``."""

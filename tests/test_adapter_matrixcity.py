@@ -1,4 +1,5 @@
 """MatrixCity adapter: round trip through the fixture writer, and malformed inputs."""
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,7 @@ def _check(clip, ws, sc, frames):
     assert np.array_equal(clip.rgb, sc.rgb[frames])
     # half-float centimetres: |error| <= 2^-11 relative.
     truth = sc.depth[frames]
-    assert np.all(np.abs(clip.depth - truth) <= truth * 2.0 ** -11 + 1e-6)
+    assert np.all(np.abs(clip.depth - truth) <= truth * 2.0**-11 + 1e-6)
     assert clip.depth_valid.all()
 
 
@@ -82,6 +83,7 @@ def test_sky_sentinel_is_invalid(rendered, tmp_path):
 
 
 # -- malformed inputs ----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def block(rendered, tmp_path):
@@ -157,7 +159,7 @@ def test_missing_openexr_is_a_clear_error(block, tmp_path, monkeypatch):
 
 def test_bad_transforms_json(block, tmp_path):
     _, bdir, _ = block
-    (bdir / "transforms.json").write_text("{\"frames\": [")
+    (bdir / "transforms.json").write_text('{"frames": [')
     with pytest.raises(ClipError) as err:
         get_adapter("matrixcity", str(tmp_path)).discover()
     assert "transforms.json" in err.value.path and "not a MatrixCity transforms.json" in err.value.reason

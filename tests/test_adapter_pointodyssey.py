@@ -1,4 +1,5 @@
 """PointOdyssey adapter: render -> official layout -> adapter, plus malformed inputs."""
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,16 @@ def written(tmp_path_factory, rendered):
 
 
 def _meta(scene, frames):
-    return ClipMeta(dataset="pointodyssey", scene=scene, clip_id=f"{scene}:{frames[0]}", frame_indices=list(frames),
-                    dynamic=True, real=False, depth_source="gt", track_source="gt")
+    return ClipMeta(
+        dataset="pointodyssey",
+        scene=scene,
+        clip_id=f"{scene}:{frames[0]}",
+        frame_indices=list(frames),
+        dynamic=True,
+        real=False,
+        depth_source="gt",
+        track_source="gt",
+    )
 
 
 def _load(root, frames, options=None):
@@ -57,6 +66,7 @@ def _rewrite_anno(scene_dir, **changes):
 
 
 # -- round trip ---------------------------------------------------------------------------------
+
 
 def test_discover_splits(tmp_path, rendered):
     for i in range(3):
@@ -131,6 +141,7 @@ def test_nonfinite_track_points_become_invisible(written, tmp_path):
 
 # -- ground-truth hygiene (the filters of the authors' loaders) -------------------------------
 
+
 def test_tracks_with_impossible_jumps_are_dropped_and_counted(written, tmp_path):
     root, scene_dir = _copy(written, tmp_path)
     with np.load(scene_dir / "anno.npz") as z:
@@ -151,8 +162,9 @@ def test_tracks_with_impossible_jumps_are_dropped_and_counted(written, tmp_path)
     assert _load(root, [4, 8], {"max_track_jump_m": 0.5}).meta.qc["gt_tracks"]["dropped_jumps"] == 1
 
 
-@pytest.mark.parametrize("empty", [np.array([None], dtype=object), np.zeros((16, 0, 3), np.float32)],
-                         ids=["None-placeholder", "no-points"])
+@pytest.mark.parametrize(
+    "empty", [np.array([None], dtype=object), np.zeros((16, 0, 3), np.float32)], ids=["None-placeholder", "no-points"]
+)
 def test_scene_with_empty_3d_tracks_loads_without_tracks(written, tmp_path, empty):
     root, scene_dir = _copy(written, tmp_path)
     changes = {"trajs_3d": empty}
@@ -171,6 +183,7 @@ def test_object_track_array_with_content_is_still_refused(written, tmp_path):
 
 
 # -- malformed inputs -----------------------------------------------------------------------
+
 
 def _expect(root, frames, *needles):
     with pytest.raises(ClipError) as info:

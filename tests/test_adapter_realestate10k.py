@@ -1,5 +1,6 @@
 """RealEstate10K adapter: render -> official layout (camera .txt + extracted frames) -> adapter,
 malformed inputs, the real sample camera file, and ``inspect_camera_file``."""
+
 from __future__ import annotations
 
 import shutil
@@ -38,8 +39,16 @@ def written(tmp_path_factory, rendered):
 
 
 def _meta(scene, frames):
-    return ClipMeta(dataset="realestate10k", scene=scene, clip_id=f"{scene}:{frames[0]}", frame_indices=list(frames),
-                    dynamic=False, real=True, depth_source="none", track_source="none")
+    return ClipMeta(
+        dataset="realestate10k",
+        scene=scene,
+        clip_id=f"{scene}:{frames[0]}",
+        frame_indices=list(frames),
+        dynamic=False,
+        real=True,
+        depth_source="none",
+        track_source="none",
+    )
 
 
 def _load(root, frames, scene_id=SCENE):
@@ -109,7 +118,9 @@ def test_round_trip_subset_and_geometry(written, rendered):
     vis = rendered.tracks_visible[frames[1]]
     pts = ws.expected_points(rendered.tracks_world[frames[1]][vis])
     uv, z = geo.project(pts, clip.intrinsics[1], clip.c2w[1])
-    uv_true, z_true = geo.project(rendered.tracks_world[frames[1]][vis], rendered.intrinsics[1], rendered.c2w[frames[1]])
+    uv_true, z_true = geo.project(
+        rendered.tracks_world[frames[1]][vis], rendered.intrinsics[1], rendered.c2w[frames[1]]
+    )
     np.testing.assert_allclose(uv, uv_true, atol=1e-4)
     np.testing.assert_allclose(z, z_true * writer.POSE_SCALE, rtol=1e-5)
 
@@ -163,15 +174,21 @@ def test_frame_size_mismatch(written, tmp_path):
     assert exc.value.path.endswith(f"{ws.frame_ids[1]}.png") and "expected 64x36" in exc.value.reason
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda ls: ls[:3] + [" ".join(ls[3].split()[:18])] + ls[4:], "line 4: expected 19 values, found 18"),
-    (lambda ls: ls[:2] + [ls[2].replace(ls[2].split()[10], "nan", 1)] + ls[3:], "line 3: NaN/inf"),
-    (lambda ls: ls[:2] + [ls[1]] + ls[3:], "line 3: timestamp"),
-    (lambda ls: ls[:4] + [ls[4].replace(ls[4].split()[8], "0.500000000", 1)] + ls[5:], "line 5: rotation is not orthonormal"),
-    (lambda ls: ls[:2] + [" ".join(ls[2].split()[:5] + ["0.1"] + ls[2].split()[6:])] + ls[3:], "distortion"),
-    (lambda ls: ls[1:], "line 1 should be the video URL"),
-    (lambda ls: ls[:2] + ["12 abc" + " 0" * 17] + ls[3:], "line 3: not a number"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda ls: ls[:3] + [" ".join(ls[3].split()[:18])] + ls[4:], "line 4: expected 19 values, found 18"),
+        (lambda ls: ls[:2] + [ls[2].replace(ls[2].split()[10], "nan", 1)] + ls[3:], "line 3: NaN/inf"),
+        (lambda ls: ls[:2] + [ls[1]] + ls[3:], "line 3: timestamp"),
+        (
+            lambda ls: ls[:4] + [ls[4].replace(ls[4].split()[8], "0.500000000", 1)] + ls[5:],
+            "line 5: rotation is not orthonormal",
+        ),
+        (lambda ls: ls[:2] + [" ".join(ls[2].split()[:5] + ["0.1"] + ls[2].split()[6:])] + ls[3:], "distortion"),
+        (lambda ls: ls[1:], "line 1 should be the video URL"),
+        (lambda ls: ls[:2] + ["12 abc" + " 0" * 17] + ls[3:], "line 3: not a number"),
+    ],
+)
 def test_bad_camera_lines(written, tmp_path, edit, needle):
     root, txt, folder, ws = _copy(written, tmp_path)
     adapter = get_adapter("realestate10k", str(root))
@@ -336,8 +353,9 @@ def test_options_are_typed(written):
     bad = f"output: /tmp/x\ndatasets:\n  realestate10k: {{root: {root}, options: {{video_patern: x}}}}\n"
     with pytest.raises(ConfigError, match="video_patern"):
         load_config(bad, is_text=True)
-    assert get_adapter("realestate10k", str(root), {"video_pattern": "v/{video_id}.mp4"}).opts.video_pattern == \
-        ["v/{video_id}.mp4"]
+    assert get_adapter("realestate10k", str(root), {"video_pattern": "v/{video_id}.mp4"}).opts.video_pattern == [
+        "v/{video_id}.mp4"
+    ]
 
 
 def test_video_shorter_than_its_camera_file(youtube, tmp_path):
@@ -365,8 +383,10 @@ def test_truncated_and_variable_rate_youtube_video(youtube, tmp_path, rendered):
         _load(dst, [0])
     # Variable frame rate: the same frames, with a 20 ms hiccup halfway through the sequence.
     period = writer.FRAME_PERIOD_US / 1e6
-    times = [k * period + (0.02 if k >= writer.FIRST_FRAME + 9 else 0.0)
-             for k in range(len(writer.youtube_frames(rendered.rgb, 2)))]
+    times = [
+        k * period + (0.02 if k >= writer.FIRST_FRAME + 9 else 0.0)
+        for k in range(len(writer.youtube_frames(rendered.rgb, 2)))
+    ]
     writer.write_youtube_video(rendered.rgb, video, 2, frame_times_s=times)
     with pytest.raises(ClipError, match="variable frame rate"):
         _load(dst, list(range(10)))
@@ -443,8 +463,9 @@ def test_chunk_bad_inputs(chunk, tmp_path):
     torch.save([{"key": "abc", "payload": np.arange(3)}], dst / "train" / "000001.torch")
     scenes = {s.scene: s for s in get_adapter("realestate10k", str(dst)).discover()}
     with pytest.raises(ClipError, match="refused to load.*weights_only=True"):
-        get_adapter("realestate10k", str(dst)).load_clip(scenes["train/chunk-000001"], [0],
-                                                         _meta("train/chunk-000001", [0]))
+        get_adapter("realestate10k", str(dst)).load_clip(
+            scenes["train/chunk-000001"], [0], _meta("train/chunk-000001", [0])
+        )
 
 
 def test_same_sequence_in_two_places(chunk, tmp_path, rendered):
@@ -496,7 +517,16 @@ def test_ingest_stage_passes_list_options(written):
     from stages.ingest.stage import adapter_for
 
     root, _ = written
-    cfg = BuildConfig.model_validate({"output": "/tmp/unused", "datasets": {"realestate10k": {
-        "root": str(root), "options": {"video_pattern": ["dl/{video_id}.mp4"], "frames": "video"}}}})
+    cfg = BuildConfig.model_validate(
+        {
+            "output": "/tmp/unused",
+            "datasets": {
+                "realestate10k": {
+                    "root": str(root),
+                    "options": {"video_pattern": ["dl/{video_id}.mp4"], "frames": "video"},
+                }
+            },
+        }
+    )
     adapter = adapter_for(cfg.resolved(), "realestate10k")
     assert adapter.opts.video_pattern == ["dl/{video_id}.mp4"] and adapter.opts.frames == "video"

@@ -1,4 +1,5 @@
 """Spring adapter: render -> official layout (2x disparity in HDF5) -> adapter, plus malformed inputs."""
+
 from __future__ import annotations
 
 import shutil
@@ -30,8 +31,16 @@ def written(tmp_path_factory, rendered):
 
 
 def _meta(scene, frames):
-    return ClipMeta(dataset="spring", scene=scene, clip_id=f"{scene}:{frames[0]}", frame_indices=list(frames),
-                    dynamic=True, real=False, depth_source="gt", track_source="none")
+    return ClipMeta(
+        dataset="spring",
+        scene=scene,
+        clip_id=f"{scene}:{frames[0]}",
+        frame_indices=list(frames),
+        dynamic=True,
+        real=False,
+        depth_source="gt",
+        track_source="none",
+    )
 
 
 def _load(root, frames, options=None):
@@ -52,6 +61,7 @@ def _edit_lines(path, fn):
 
 
 # -- round trip ---------------------------------------------------------------------------------
+
 
 def test_discover(tmp_path, rendered):
     scene, hires = rendered
@@ -128,6 +138,7 @@ def test_sky_and_nan_disparity_invalid(written, tmp_path):
 
 # -- malformed inputs -----------------------------------------------------------------------
 
+
 def _expect(root, frames, *needles, options=None):
     with pytest.raises(ClipError) as info:
         _load(root, frames, options)
@@ -190,6 +201,7 @@ def test_not_a_rigid_pose(written, tmp_path):
         v[1] = str(float(v[1]) + 0.3)
         lines[2] = " ".join(v)
         return lines
+
     _edit_lines(sdir / "cam_data" / "extrinsics.txt", shear)
     _expect(root, [2], "extrinsics.txt", "orthonormal")
 

@@ -1,5 +1,6 @@
 """Stereo4D adapter: render -> released npz + rectified left mp4 -> adapter, malformed inputs,
 and the shared video reader (stages/ingest/video.py)."""
+
 from __future__ import annotations
 
 import shutil
@@ -34,8 +35,16 @@ def written(tmp_path_factory, rendered):
 
 
 def _meta(scene, frames):
-    return ClipMeta(dataset="stereo4d", scene=scene, clip_id=f"{scene}:{frames[0]}", frame_indices=list(frames),
-                    dynamic=True, real=True, depth_source="none", track_source="gt")
+    return ClipMeta(
+        dataset="stereo4d",
+        scene=scene,
+        clip_id=f"{scene}:{frames[0]}",
+        frame_indices=list(frames),
+        dynamic=True,
+        real=True,
+        depth_source="none",
+        track_source="gt",
+    )
 
 
 def _load(root, frames, scene_id=SCENE, options=None):
@@ -174,11 +183,14 @@ def test_missing_video(written, tmp_path):
     assert exc.value.path.endswith(f"{CLIP}-left_rectified.mp4") and "missing" in exc.value.reason
 
 
-@pytest.mark.parametrize("damage, needle", [
-    (lambda b: b[: len(b) // 2], "truncated"),
-    (lambda b: b[:64], "truncated"),
-    (lambda b: bytes(np.random.default_rng(0).integers(0, 256, len(b), dtype=np.uint8)), "unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda b: b[: len(b) // 2], "truncated"),
+        (lambda b: b[:64], "truncated"),
+        (lambda b: bytes(np.random.default_rng(0).integers(0, 256, len(b), dtype=np.uint8)), "unreadable"),
+    ],
+)
 def test_truncated_or_corrupt_video(written, tmp_path, damage, needle):
     root, npz, mp4, ws = _copy(written, tmp_path)
     mp4.write_bytes(damage(mp4.read_bytes()))
@@ -201,7 +213,7 @@ def test_corrupt_video_payload(written, tmp_path):
     with av.open(str(mp4)) as c:
         packets = [(p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size]
     pos, size = packets[5]
-    data[pos + 4: pos + size] = np.random.default_rng(1).integers(0, 256, size - 4, dtype=np.uint8).tobytes()
+    data[pos + 4 : pos + size] = np.random.default_rng(1).integers(0, 256, size - 4, dtype=np.uint8).tobytes()
     mp4.write_bytes(bytes(data))
     with pytest.raises(ClipError) as exc:
         _load(root, [0])
@@ -216,13 +228,16 @@ def test_video_frame_count_mismatch(written, tmp_path, rendered):
     assert exc.value.path.endswith(".mp4") and "video has 9 frames, expected 10" in exc.value.reason
 
 
-@pytest.mark.parametrize("change, needle", [
-    (dict(camera2world=None), "missing keys ['camera2world']"),
-    (dict(track_indices=np.zeros(3, np.int64)), "track arrays disagree"),
-    (dict(camera2world=np.zeros((10, 4), np.float32)), "'camera2world' must be (T,3,4)"),
-    (dict(camera2world=np.zeros((9, 3, 4), np.float32)), "9 poses for 10 timestamps"),
-    (dict(timestamps=np.arange(10)[::-1].copy()), "strictly increasing"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(camera2world=None), "missing keys ['camera2world']"),
+        (dict(track_indices=np.zeros(3, np.int64)), "track arrays disagree"),
+        (dict(camera2world=np.zeros((10, 4), np.float32)), "'camera2world' must be (T,3,4)"),
+        (dict(camera2world=np.zeros((9, 3, 4), np.float32)), "9 poses for 10 timestamps"),
+        (dict(timestamps=np.arange(10)[::-1].copy()), "strictly increasing"),
+    ],
+)
 def test_bad_annotations(written, tmp_path, change, needle):
     root, npz, mp4, ws = _copy(written, tmp_path)
     _rewrite_npz(npz, **change)
@@ -331,15 +346,23 @@ def test_round_trip_raw_vr180(raw, rendered):
     # shift of the render by a pixel or two matches better; an eye of 768 pixels brings the
     # per-pixel error from ~13-20 down to ~4.5).
     with np.load(root / f"{ws.scene_id}.npz") as z:
-        spec = RectifySpec((EYE, EYE), tuple(z["rectified2rig"][0].astype(float).reshape(-1)),
-                           tuple(z["fov_bounds"].astype(float)), 48, 60.0)
+        spec = RectifySpec(
+            (EYE, EYE),
+            tuple(z["rectified2rig"][0].astype(float).reshape(-1)),
+            tuple(z["fov_bounds"].astype(float)),
+            48,
+            60.0,
+        )
     direct = rectify_left_eye(writer.equirect_sbs(rendered, EYE), spec, "cpu")
     assert np.abs(_luma(clip.rgb) - _luma(direct)).mean() < 3.0
     got, want = _luma(clip.rgb), _luma(rendered.rgb)
     box = lambda x: x.reshape(10, 12, 4, 12, 4).mean(axis=(2, 4))  # noqa: E731
     assert np.abs(box(got) - box(want)).mean() < 8.0
-    shifts = {(dy, dx): np.abs(got - np.roll(want, (dy, dx), axis=(1, 2)))[:, 4:-4, 4:-4].mean()
-              for dy in range(-2, 3) for dx in range(-2, 3)}
+    shifts = {
+        (dy, dx): np.abs(got - np.roll(want, (dy, dx), axis=(1, 2)))[:, 4:-4, 4:-4].mean()
+        for dy in range(-2, 3)
+        for dx in range(-2, 3)
+    }
     assert min(shifts, key=shifts.get) == (0, 0)
     for t in range(10):  # and each is its own frame, not a neighbour
         errs = [np.abs(_luma(clip.rgb[t]) - _luma(direct[s])).mean() for s in range(10)]

@@ -1,4 +1,5 @@
 """Virtual KITTI 2 adapter: render -> official layout -> adapter, plus malformed inputs."""
+
 from __future__ import annotations
 
 import shutil
@@ -29,8 +30,16 @@ def written(tmp_path_factory, rendered):
 
 
 def _meta(scene, frames):
-    return ClipMeta(dataset="vkitti2", scene=scene, clip_id=f"{scene}:{frames[0]}", frame_indices=list(frames),
-                    dynamic=True, real=False, depth_source="gt", track_source="none")
+    return ClipMeta(
+        dataset="vkitti2",
+        scene=scene,
+        clip_id=f"{scene}:{frames[0]}",
+        frame_indices=list(frames),
+        dynamic=True,
+        real=False,
+        depth_source="gt",
+        track_source="none",
+    )
 
 
 def _scenes(root, options=None):
@@ -58,17 +67,26 @@ def _edit_lines(path, fn):
 
 # -- round trip ---------------------------------------------------------------------------------
 
+
 def test_discover_default_camera_0_and_options(tmp_path, rendered):
     writer.write(rendered, tmp_path, "Scene01/clone/Camera_0")
     writer.write(rendered, tmp_path, "Scene01/fog/Camera_0", cameras=(0,))
     writer.write(rendered, tmp_path, "Scene20/30-deg-left/Camera_0")
     _, scenes = _scenes(tmp_path)
-    assert [s.scene for s in scenes] == ["Scene01/clone/Camera_0", "Scene01/fog/Camera_0",
-                                         "Scene20/30-deg-left/Camera_0"]
+    assert [s.scene for s in scenes] == [
+        "Scene01/clone/Camera_0",
+        "Scene01/fog/Camera_0",
+        "Scene20/30-deg-left/Camera_0",
+    ]
     assert all(s.num_frames == rendered.spec.num_frames for s in scenes)
     _, both = _scenes(tmp_path, {"cameras": [0, 1]})
-    assert [s.scene for s in both] == ["Scene01/clone/Camera_0", "Scene01/clone/Camera_1", "Scene01/fog/Camera_0",
-                                       "Scene20/30-deg-left/Camera_0", "Scene20/30-deg-left/Camera_1"]
+    assert [s.scene for s in both] == [
+        "Scene01/clone/Camera_0",
+        "Scene01/clone/Camera_1",
+        "Scene01/fog/Camera_0",
+        "Scene20/30-deg-left/Camera_0",
+        "Scene20/30-deg-left/Camera_1",
+    ]
     _, some = _scenes(tmp_path, {"variations": ["fog"]})
     assert [s.scene for s in some] == ["Scene01/fog/Camera_0"]
 
@@ -140,6 +158,7 @@ def test_sky_and_zero_depth_invalid(written, tmp_path):
 
 # -- malformed inputs -----------------------------------------------------------------------
 
+
 def _expect(root, frames, *needles, options=None):
     with pytest.raises(ClipError) as info:
         _load(root, frames, options)
@@ -182,6 +201,7 @@ def test_nan_in_extrinsic(written, tmp_path):
         parts[5] = "nan"
         lines[3] = " ".join(parts)
         return lines
+
     _edit_lines(var / "extrinsic.txt", poison)
     _expect(root, [1], "extrinsic.txt", "NaN/inf")
     _load(root, [0, 2])  # other frames still load
@@ -204,6 +224,7 @@ def test_not_a_rotation(written, tmp_path):
         parts[2] = str(2 * float(parts[2]))
         lines[1] = " ".join(parts)
         return lines
+
     _edit_lines(var / "extrinsic.txt", scale)
     _expect(root, [0], "extrinsic.txt", "orthonormal")
 

@@ -1,4 +1,5 @@
 """align_clip end to end per reference kind, the references, and the QC decision."""
+
 from __future__ import annotations
 
 import functools
@@ -25,16 +26,16 @@ K_SFM = 0.37  # RealEstate10K-like poses: metric translations times an unknown f
 
 @functools.lru_cache(maxsize=None)
 def scene():
-    return render(random_scene("align_clip", seed=5, dynamic=False, num_frames=8, height=48, width=64,
-                               num_tracks=300))
+    return render(random_scene("align_clip", seed=5, dynamic=False, num_frames=8, height=48, width=64, num_tracks=300))
 
 
 def make_clip(dataset="realestate10k", k=K_SFM, with_tracks=False):
     r = scene()
     c2w = r.c2w.copy()
     c2w[:, :3, 3] *= k
-    meta = ClipMeta(dataset=dataset, scene="s", clip_id=f"{dataset}/s/0", frame_indices=list(range(8)),
-                    dynamic=False, real=True)
+    meta = ClipMeta(
+        dataset=dataset, scene="s", clip_id=f"{dataset}/s/0", frame_indices=list(range(8)), dynamic=False, real=True
+    )
     clip = Clip(meta=meta, rgb=r.rgb, intrinsics=r.intrinsics.copy(), c2w=c2w)
     if with_tracks:
         clip.tracks = r.tracks_world.astype(np.float32)
@@ -133,12 +134,18 @@ def test_stereo4d_sparse_track_reference():
 def test_reference_from_tracks_geometry():
     k = np.array([[10.0, 10.0, 5.0, 5.0]])
     c2w = np.eye(4)[None]
-    pts = np.array([[[0.0, 0.0, 2.0],      # centre pixel (5,5), z=2
-                     [0.0, 0.0, 1.0],      # same pixel, nearer: wins
-                     [0.0, 0.0, -1.0],     # behind the camera
-                     [100.0, 0.0, 1.0],    # outside the image
-                     [np.nan, 0.0, 1.0],   # untracked
-                     [-0.45, -0.45, 1.0]]])  # u = 0.5 -> pixel (0, 0)
+    pts = np.array(
+        [
+            [
+                [0.0, 0.0, 2.0],  # centre pixel (5,5), z=2
+                [0.0, 0.0, 1.0],  # same pixel, nearer: wins
+                [0.0, 0.0, -1.0],  # behind the camera
+                [100.0, 0.0, 1.0],  # outside the image
+                [np.nan, 0.0, 1.0],  # untracked
+                [-0.45, -0.45, 1.0],
+            ]
+        ]
+    )  # u = 0.5 -> pixel (0, 0)
     ref = reference_from_tracks(pts, k, c2w, 10, 10)
     assert ref.valid.sum() == 2
     assert ref.depth[0, 5, 5] == 1.0 and ref.depth[0, 0, 0] == 1.0
@@ -188,18 +195,29 @@ STEREO_DISPARITY_SIGMA = 0.5 / (300.0 * 0.063)  # 0.5 px on a f=300 px, 6.3 cm b
 @functools.lru_cache(maxsize=None)
 def long_scene():
     """A 12 x 24 m hall seen from one end: depth 2.4-22 m."""
-    spec = random_scene("stereo_hall", seed=1, dynamic=False, num_frames=8, height=48, width=64,
-                        num_tracks=3000, num_boxes=5)
+    spec = random_scene(
+        "stereo_hall", seed=1, dynamic=False, num_frames=8, height=48, width=64, num_tracks=3000, num_boxes=5
+    )
     spec.room_half = (6.0, 2.0, 12.0)
-    spec.camera_path = np.stack([geo.look_at_c2w(np.array([0.1 * t - 0.4, -0.3, -10.5 + 0.05 * t]),
-                                                 np.array([0.0, 0.3, 5.0])) for t in range(8)])
+    spec.camera_path = np.stack(
+        [
+            geo.look_at_c2w(np.array([0.1 * t - 0.4, -0.3, -10.5 + 0.05 * t]), np.array([0.0, 0.3, 5.0]))
+            for t in range(8)
+        ]
+    )
     return render(spec)
 
 
 def stereo_clip_and_reference(seed=0, max_depth=20.0):
     r = long_scene()
-    meta = ClipMeta(dataset="stereo4d", scene="hall", clip_id="stereo4d/hall/0", frame_indices=list(range(8)),
-                    dynamic=False, real=True)
+    meta = ClipMeta(
+        dataset="stereo4d",
+        scene="hall",
+        clip_id="stereo4d/hall/0",
+        frame_indices=list(range(8)),
+        dynamic=False,
+        real=True,
+    )
     clip = Clip(meta=meta, rgb=r.rgb, intrinsics=r.intrinsics.copy(), c2w=r.c2w.copy()).validate()
     tracks = r.tracks_world.copy()
     tracks[~r.tracks_visible] = np.nan
@@ -216,7 +234,7 @@ def stereo_clip_and_reference(seed=0, max_depth=20.0):
 def hall_disparity(seed=0, power=1.0):
     d = long_scene().depth.astype(np.float64)
     rng = np.random.default_rng(seed)
-    return (2.5 / d ** power + 0.3) * (1 + 0.005 * rng.standard_normal(d.shape))
+    return (2.5 / d**power + 0.3) * (1 + 0.005 * rng.standard_normal(d.shape))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -239,6 +257,7 @@ def test_stereo_reference_still_catches_a_prediction_that_is_not_affine():
 
 # ------------------------------------------------------------------------------------------------
 # MegaSaM's own focal length (issue #20 item 5)
+
 
 def megasam_with_focal(tmp_path, focal_ratio):
     """MegaSaM's solution for a camera it believes has focal ``focal_ratio`` x the true one: its

@@ -1,5 +1,6 @@
 """Depth limits reach the fit (issue #20 item 3): per-dataset min/max depth, MegaSaM's saturated
 far field, and the far-field rule that keeps sky from becoming valid depth."""
+
 from __future__ import annotations
 
 import functools
@@ -43,8 +44,15 @@ def sky_prediction(depth, sky_offset=0.004, seed=0):
 
 def clip_of(dataset, tracks=False):
     r = scene()
-    meta = ClipMeta(dataset=dataset, scene="s", clip_id=f"{dataset}/s/0", frame_indices=list(range(8)),
-                    dynamic=False, real=True, extra={"metric_poses": True})
+    meta = ClipMeta(
+        dataset=dataset,
+        scene="s",
+        clip_id=f"{dataset}/s/0",
+        frame_indices=list(range(8)),
+        dynamic=False,
+        real=True,
+        extra={"metric_poses": True},
+    )
     clip = Clip(meta=meta, rgb=r.rgb, intrinsics=r.intrinsics.copy(), c2w=r.c2w.copy())
     if tracks:
         clip.tracks = r.tracks_world.astype(np.float32)
@@ -56,8 +64,13 @@ def megasam_npz(tmp_path, depth):
     """MegaSaM's output as cvd_opt.py writes it: depth clipped to [1e-3, 100] (sky saturates)."""
     r = scene()
     path = tmp_path / "s_sgd_cvd_hr.npz"
-    np.savez(path, images=r.rgb, depths=np.clip(depth, 1e-3, MEGASAM_MAX_DEPTH).astype(np.float16),
-             intrinsic=geo.intrinsics_matrix(r.intrinsics[0]), cam_c2w=r.c2w)
+    np.savez(
+        path,
+        images=r.rgb,
+        depths=np.clip(depth, 1e-3, MEGASAM_MAX_DEPTH).astype(np.float16),
+        intrinsic=geo.intrinsics_matrix(r.intrinsics[0]),
+        cam_c2w=r.c2w,
+    )
     return path
 
 
@@ -90,8 +103,9 @@ def test_far_field_rule_without_any_dataset_limit():
 
 
 def config(tmp_path, dataset, **ds):
-    return BuildConfig.model_validate({"output": str(tmp_path / "out"),
-                                       "datasets": {dataset: {"root": str(tmp_path), **ds}}}).resolved()
+    return BuildConfig.model_validate(
+        {"output": str(tmp_path / "out"), "datasets": {dataset: {"root": str(tmp_path), **ds}}}
+    ).resolved()
 
 
 def test_dataset_depth_limits_reach_reference_and_output(tmp_path):
@@ -113,7 +127,7 @@ def test_dataset_depth_limits_reach_reference_and_output(tmp_path):
     clip.aux["relative_depth"] = 2.5 / truth + 0.3
     fit = fit_alignment(clip.aux["relative_depth"], ref.depth, ref.valid, options=opts.fit)
     within = int((ref.valid & (ref.depth <= 20.0)).sum())  # exact data: the same points, but for the
-    assert abs(fit.n_points - within) <= 0.01 * within      # few whose pixel straddles 20 m
+    assert abs(fit.n_points - within) <= 0.01 * within  # few whose pixel straddles 20 m
     out = align_pass([clip], cfg)[clip.key]
     assert out.depth_valid.any() and out.depth[out.depth_valid].max() <= 20.0
     assert (truth > 20.5).any() and not np.any(out.depth_valid & (truth > 20.5))

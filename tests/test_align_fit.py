@@ -1,4 +1,5 @@
 """Robust scale+shift alignment (stages/align/fit.py) on rendered truth with known distortions."""
+
 from __future__ import annotations
 
 import functools
@@ -137,13 +138,16 @@ def test_sparse_reference():
     assert res.valid.mean() > 0.99  # dense output from a sparse reference
 
 
-@pytest.mark.parametrize("case,match", [
-    ("few", "too few valid points"),
-    ("constant", "near-constant prediction"),
-    ("negative", "non-positive scale"),
-    ("nan", "too few valid points"),
-    ("frame_few", "in frame 3"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("few", "too few valid points"),
+        ("constant", "near-constant prediction"),
+        ("negative", "non-positive scale"),
+        ("nan", "too few valid points"),
+        ("frame_few", "in frame 3"),
+    ],
+)
 def test_degenerate_inputs_rejected(case, match):
     d, x, ref, _ = corrupted(outliers=0.0)
     opts = FitOptions()

@@ -1,5 +1,6 @@
 """MegaSaMRunner end to end with a stand-in program (no MegaSaM needed); the cache in the output
 store is tested in tests/test_scene_passes.py and tests/test_s3.py."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ from stages.align.fit import AlignmentError
 from stages.align.megasam import MegaSaMConfigError, MegaSaMRunner, load_megasam_npz, resize_nearest
 from stages.align.references import reference_from_megasam
 
-STAND_IN = textwrap.dedent('''
+STAND_IN = textwrap.dedent("""
     import argparse, os, sys, time
     import numpy as np
     from PIL import Image
@@ -38,7 +39,7 @@ STAND_IN = textwrap.dedent('''
     k = np.array([[w2 * 0.8, 0, w2 / 2], [0, w2 * 0.8, h2 / 2], [0, 0, 1.0]])
     c2w = np.tile(np.eye(4), (t, 1, 1)); c2w[:, 0, 3] = 0.1 * np.arange(t)
     np.savez(a.out, images=imgs[:, ::2, ::2], depths=depths, intrinsic=k, cam_c2w=c2w)
-''')
+""")
 
 
 @pytest.fixture()
@@ -46,8 +47,10 @@ def stand_in(tmp_path):
     script = tmp_path / "megasam_stand_in.py"
     script.write_text(STAND_IN)
     counter = tmp_path / "invocations.txt"
-    template = (f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} --frames {{frames_dir}} "
-                f"--out {{out_npz}} --clip {{clip_id}} --count {shlex.quote(str(counter))}")
+    template = (
+        f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} --frames {{frames_dir}} "
+        f"--out {{out_npz}} --clip {{clip_id}} --count {shlex.quote(str(counter))}"
+    )
     return template, counter
 
 
@@ -86,7 +89,9 @@ def test_end_to_end_and_cache(stand_in, tmp_path):
 
 def test_failure_and_timeout_reported_per_run(stand_in, tmp_path):
     template, counter = stand_in
-    runner = MegaSaMRunner(template, tmp_path / "work", timeout_s=4.0, retries=1)  # a loaded machine starts Python slowly
+    runner = MegaSaMRunner(
+        template, tmp_path / "work", timeout_s=4.0, retries=1
+    )  # a loaded machine starts Python slowly
     assert not isinstance(runner.run("good_clip", frames()), Exception)
     with pytest.raises(AlignmentError) as fail:
         runner.run("fail_clip", frames())
@@ -126,16 +131,26 @@ def test_option_like_clip_id_refused(stand_in, tmp_path):
 
 def test_bad_npz_rejected(tmp_path):
     p = tmp_path / "bad.npz"
-    np.savez(p, images=np.zeros((2, 4, 4, 3), np.uint8), depths=np.ones((3, 4, 4), np.float32),
-             intrinsic=np.eye(3), cam_c2w=np.tile(np.eye(4), (2, 1, 1)))
+    np.savez(
+        p,
+        images=np.zeros((2, 4, 4, 3), np.uint8),
+        depths=np.ones((3, 4, 4), np.float32),
+        intrinsic=np.eye(3),
+        cam_c2w=np.tile(np.eye(4), (2, 1, 1)),
+    )
     with pytest.raises(AlignmentError, match="images"):
         load_megasam_npz(p)
     np.savez(p, depths=np.ones((2, 4, 4), np.float32))
     with pytest.raises(AlignmentError, match="lacks"):
         load_megasam_npz(p)
     obj = tmp_path / "pickle.npz"
-    np.savez(obj, images=np.array([{"a": 1}], dtype=object), depths=np.ones((1, 4, 4)), intrinsic=np.eye(3),
-             cam_c2w=np.eye(4)[None])
+    np.savez(
+        obj,
+        images=np.array([{"a": 1}], dtype=object),
+        depths=np.ones((1, 4, 4)),
+        intrinsic=np.eye(3),
+        cam_c2w=np.eye(4)[None],
+    )
     with pytest.raises(AlignmentError, match="cannot read"):
         load_megasam_npz(obj)
 

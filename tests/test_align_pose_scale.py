@@ -1,4 +1,5 @@
 """Pose scale (trajectory / Umeyama / depth-based) and the depth-pose consistency check."""
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,7 @@ K_UNKNOWN = 0.37  # the dataset's SfM units: metric translations times this
 
 @functools.lru_cache(maxsize=None)
 def scene():
-    return render(random_scene("align_pose", seed=3, dynamic=False, num_frames=10, height=48, width=64,
-                               num_tracks=200))
+    return render(random_scene("align_pose", seed=3, dynamic=False, num_frames=10, height=48, width=64, num_tracks=200))
 
 
 def world_change():
@@ -77,8 +77,9 @@ def test_similarity_from_centres_when_orientations_disagree():
     res = estimate_pose_scale(src, ref, similarity=True)
     assert res.method == "umeyama" and res.extra["rotation_from"] == "centres"
     assert abs(res.scale * K_UNKNOWN - 1) < 1e-6
-    np.testing.assert_allclose(apply_similarity(src, res.scale, res.rotation, res.translation)[:, :3, 3],
-                               r.c2w[:, :3, 3], atol=1e-9)
+    np.testing.assert_allclose(
+        apply_similarity(src, res.scale, res.rotation, res.translation)[:, :3, 3], r.c2w[:, :3, 3], atol=1e-9
+    )
 
 
 def test_similarity_on_straight_line_uses_orientations():
@@ -151,8 +152,9 @@ def test_consistency_passes_correct_and_flags_wrong_scale():
 def test_track_drift_and_track_depth():
     r = scene()
     valid = r.depth > 0
-    res = check_consistency(r.depth, valid, r.intrinsics, r.c2w, rgb=r.rgb, tracks=r.tracks_world,
-                            track_visible=r.tracks_visible)
+    res = check_consistency(
+        r.depth, valid, r.intrinsics, r.c2w, rgb=r.rgb, tracks=r.tracks_world, track_visible=r.tracks_visible
+    )
     assert res.track_drift_m < 1e-9 and res.track_depth_error < 1e-3
     drifting = r.tracks_world + np.arange(10)[:, None, None] * np.array([0.02, 0.0, 0.0])
     assert track_drift(drifting, r.tracks_visible)["track_drift_m"] > 0.02
@@ -160,6 +162,7 @@ def test_track_drift_and_track_depth():
 
 # ------------------------------------------------------------------------------------------------
 # Jittered reference trajectories (issue #20 items 2 and 6)
+
 
 def short_path(rng, length_m, frames=16, rotate=True):
     """A gently curved camera path of ``length_m`` metres with orientations that turn a little."""
@@ -189,8 +192,9 @@ def test_pose_scale_unbiased_on_short_jittered_paths(length_m, max_bias):
     errs = []
     for _ in range(300):
         truth = short_path(rng, length_m)
-        res = estimate_pose_scale(sfm_version(truth), jittered(truth, rng, 0.01), min_baseline_m=0.0,
-                                  max_scale_uncertainty=np.inf)
+        res = estimate_pose_scale(
+            sfm_version(truth), jittered(truth, rng, 0.01), min_baseline_m=0.0, max_scale_uncertainty=np.inf
+        )
         errs.append(res.scale * K_UNKNOWN - 1)
     assert abs(np.mean(errs)) < max_bias, f"mean pose-scale error {np.mean(errs):+.2%} on a {length_m} m path"
 

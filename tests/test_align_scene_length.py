@@ -1,5 +1,6 @@
 """Alignment functions on scene-length inputs (hundreds of frames): the fit subsamples pixels and
 works in frame chunks, so memory stays a small multiple of the input (issue #20, with #14)."""
+
 from __future__ import annotations
 
 import tracemalloc
@@ -64,8 +65,18 @@ def test_depth_based_pose_scale_of_a_long_walk():
     frames = 40
     eyes = np.stack([np.zeros(frames), np.zeros(frames), np.linspace(-6, 6, frames)], axis=-1)
     c2w = np.stack([geo.look_at_c2w(e, e + np.array([1.0, 0.1, 0.3])) for e in eyes])
-    r = render(SceneSpec(name="corridor", num_frames=frames, height=24, width=32, room_half=(1.5, 1.5, 9.0),
-                         camera_path=c2w, num_tracks=1, seed=4))
+    r = render(
+        SceneSpec(
+            name="corridor",
+            num_frames=frames,
+            height=24,
+            width=32,
+            room_half=(1.5, 1.5, 9.0),
+            camera_path=c2w,
+            num_tracks=1,
+            seed=4,
+        )
+    )
     k_sfm = 0.37
     sfm = c2w.copy()
     sfm[:, :3, 3] *= k_sfm

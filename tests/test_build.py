@@ -1,4 +1,5 @@
 """End-to-end builds on local Ray: exactly-once, determinism, faults, resume, verify, bad input."""
+
 from __future__ import annotations
 
 import os
@@ -113,8 +114,9 @@ def test_worker_crash_is_retried_every_clip_exactly_once(tmp_path, tartan_data, 
 
 def _run_cli(*args, cwd=None):
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
 
 
 def test_driver_killed_between_shards_then_resume_matches_clean_build(tmp_path, tartan_data, ray_local):
@@ -172,9 +174,15 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path, ray_local):
     reasons = {f["clip_id"]: f for f in s.failures}
     assert len(reasons) == 3 and s.clips_written == 6
     by_scene = {f["clip_id"].split("__")[1]: f for f in s.failures}
-    assert "truncated" in by_scene["demoenv0-Easy-P000"]["reason"] and by_scene["demoenv0-Easy-P000"]["path"].endswith("000001_left.png")
-    assert "NaN" in by_scene["demoenv0-Hard-P001"]["reason"] and by_scene["demoenv0-Hard-P001"]["path"].endswith("pose_left.txt")
-    assert "missing" in by_scene["demoenv1-Easy-P002"]["reason"] and by_scene["demoenv1-Easy-P002"]["path"].endswith("000008_left_depth.npy")
+    assert "truncated" in by_scene["demoenv0-Easy-P000"]["reason"] and by_scene["demoenv0-Easy-P000"]["path"].endswith(
+        "000001_left.png"
+    )
+    assert "NaN" in by_scene["demoenv0-Hard-P001"]["reason"] and by_scene["demoenv0-Hard-P001"]["path"].endswith(
+        "pose_left.txt"
+    )
+    assert "missing" in by_scene["demoenv1-Easy-P002"]["reason"] and by_scene["demoenv1-Easy-P002"]["path"].endswith(
+        "000008_left_depth.npy"
+    )
     keys = set(all_keys(out))
     assert not keys & set(reasons) and len(keys) == 6
     st = collect_status(str(out))

@@ -1,4 +1,5 @@
 """The capacity model behind `d4s plan` (pipeline/capacity/, its costs file pipeline/capacity/costs.yaml)."""
+
 from __future__ import annotations
 
 import json
@@ -137,8 +138,11 @@ def test_unreadable_first_clip_falls_back_to_nominal_with_the_reason(demo, monke
     import stages.ingest.stage as ingest_stage
     from pipeline.clip import ClipFailure
 
-    monkeypatch.setattr(ingest_stage, "ingest_clip",
-                        lambda spec, scene, cfg: ClipFailure(spec["clip_id"], "ingest", "truncated image", "x/000.png"))
+    monkeypatch.setattr(
+        ingest_stage,
+        "ingest_clip",
+        lambda spec, scene, cfg: ClipFailure(spec["clip_id"], "ingest", "truncated image", "x/000.png"),
+    )
     rep = capacity_report(with_datasets(demo[1], spring={}))
     r = rep["datasets"][0]
     assert r["image_hw_source"].startswith("nominal") and "truncated image" in r["image_hw_source"]
@@ -207,7 +211,8 @@ def test_depth_cost_follows_the_network_size_and_tracks_ignore_image_size():
     c = costs_raw()
     pts = c["depth"]["resolution_points"]
     k = math.log(pts[0]["frames_per_s"] / pts[1]["frames_per_s"]) / math.log(
-        (pts[1]["hw"][0] * pts[1]["hw"][1]) / (pts[0]["hw"][0] * pts[0]["hw"][1]))
+        (pts[1]["hw"][0] * pts[1]["hw"][1]) / (pts[0]["hw"][0] * pts[0]["hw"][1])
+    )
 
     def hours(hw):
         rep = projection_from_counts([{"dataset": "realestate10k", "scenes": 100, "frames_per_scene": 200, "hw": hw}])
@@ -218,17 +223,24 @@ def test_depth_cost_follows_the_network_size_and_tracks_ignore_image_size():
     assert network_size(360, 640) == network_size(720, 1280)
     assert a["gpu_hours"]["depth"] == pytest.approx(b["gpu_hours"]["depth"])
     na, nw = network_size(360, 640), network_size(512, 1024)
-    assert wide["gpu_hours"]["depth"] / a["gpu_hours"]["depth"] == pytest.approx(((nw[0] * nw[1]) / (na[0] * na[1])) ** k)
+    assert wide["gpu_hours"]["depth"] / a["gpu_hours"]["depth"] == pytest.approx(
+        ((nw[0] * nw[1]) / (na[0] * na[1])) ** k
+    )
     # CoTracker resizes every clip to its fixed input: the image size does not change its cost
-    assert a["gpu_hours"]["tracks"] == pytest.approx(b["gpu_hours"]["tracks"]) == pytest.approx(wide["gpu_hours"]["tracks"])
+    assert (
+        a["gpu_hours"]["tracks"]
+        == pytest.approx(b["gpu_hours"]["tracks"])
+        == pytest.approx(wide["gpu_hours"]["tracks"])
+    )
     # bytes and CPU grow with the stored pixels
     assert b["output_bytes"] > a["output_bytes"] and b["cpu_core_hours"]["ingest"] > a["cpu_core_hours"]["ingest"]
 
 
 def test_track_cost_is_proportional_to_point_frames():
     def tracks(**stage):
-        cfg = BuildConfig.model_validate({"output": "x", "datasets": {"kubric_movi_f": {"root": "x"}},
-                                          "stages": {"tracks": stage}})
+        cfg = BuildConfig.model_validate(
+            {"output": "x", "datasets": {"kubric_movi_f": {"root": "x"}}, "stages": {"tracks": stage}}
+        )
         rep = projection_from_counts([{"dataset": "kubric_movi_f", "scenes": 10, "frames_per_scene": 24}], cfg=cfg)
         return rep["datasets"][0]["gpu_hours"]["tracks"]
 
@@ -272,21 +284,33 @@ def _write(tmp_path, raw) -> Path:
     return p
 
 
-@pytest.mark.parametrize("edit, field, what", [
-    (lambda c: c["depth"].pop("frames_per_s"), "depth.frames_per_s", "missing"),
-    (lambda c: c["tracks"]["point_frames_per_s"]["offline"].__setitem__("bf16", "fast"),
-     "tracks.point_frames_per_s.offline.bf16", "positive number"),
-    (lambda c: c["megasam"].__setitem__("gpu_s_per_frame", -1.0), "megasam.gpu_s_per_frame", "positive number"),
-    (lambda c: c["depth"].__setitem__("reference_hw", [518]), "depth.reference_hw", "[height, width]"),
-    (lambda c: c["output"]["rgb_bytes_per_pixel"].__setitem__(0, 3), "output.rgb_bytes_per_pixel.0", "[pixels, bytes_per_pixel]"),
-])
+@pytest.mark.parametrize(
+    "edit, field, what",
+    [
+        (lambda c: c["depth"].pop("frames_per_s"), "depth.frames_per_s", "missing"),
+        (
+            lambda c: c["tracks"]["point_frames_per_s"]["offline"].__setitem__("bf16", "fast"),
+            "tracks.point_frames_per_s.offline.bf16",
+            "positive number",
+        ),
+        (lambda c: c["megasam"].__setitem__("gpu_s_per_frame", -1.0), "megasam.gpu_s_per_frame", "positive number"),
+        (lambda c: c["depth"].__setitem__("reference_hw", [518]), "depth.reference_hw", "[height, width]"),
+        (
+            lambda c: c["output"]["rgb_bytes_per_pixel"].__setitem__(0, 3),
+            "output.rgb_bytes_per_pixel.0",
+            "[pixels, bytes_per_pixel]",
+        ),
+    ],
+)
 def test_bad_costs_file_names_the_field(tmp_path, edit, field, what):
     raw = costs_raw()
     edit(raw)
     path = _write(tmp_path, raw)
     cfg = BuildConfig.model_validate({"output": "x", "datasets": {"realestate10k": {"root": "x"}}})
     with pytest.raises(CostsError) as exc:
-        projection_from_counts([{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 120}], cfg=cfg, costs=path)
+        projection_from_counts(
+            [{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 120}], cfg=cfg, costs=path
+        )
     msg = str(exc.value)
     assert field in msg and what in msg and str(path) in msg
     assert isinstance(exc.value, ConfigError)  # the CLI prints ConfigErrors as one line
@@ -295,10 +319,13 @@ def test_bad_costs_file_names_the_field(tmp_path, edit, field, what):
 def test_costs_missing_entry_for_the_configured_model(tmp_path, demo):
     raw = costs_raw()
     del raw["depth"]["frames_per_s"]["vitl"]
-    cfg = BuildConfig.model_validate({"output": "x", "datasets": {"realestate10k": {"root": "x"}}})  # default encoder vitl
+    cfg = BuildConfig.model_validate(
+        {"output": "x", "datasets": {"realestate10k": {"root": "x"}}}
+    )  # default encoder vitl
     with pytest.raises(CostsError, match=r"depth\.frames_per_s\.vitl\.fp16' is missing"):
-        projection_from_counts([{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 120}], cfg=cfg,
-                               costs=_write(tmp_path, raw))
+        projection_from_counts(
+            [{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 120}], cfg=cfg, costs=_write(tmp_path, raw)
+        )
     with pytest.raises(CostsError, match="costs file not found"):
         capacity_report(demo[1], costs=tmp_path / "nope.yaml")
     (tmp_path / "bad.yaml").write_text("depth: [unclosed\n")
@@ -327,8 +354,9 @@ def test_full_build_counts_total_130k_and_docs_table_is_current():
     doc = (ROOT / "docs" / "CLUSTER.md").read_text()
     section = doc.split("## Capacity planning (`d4s plan`)", 1)
     assert len(section) == 2, "docs/CLUSTER.md lacks its capacity planning section"
-    assert full_build_markdown() in section[1], \
+    assert full_build_markdown() in section[1], (
         "docs/CLUSTER.md full-build table is stale: regenerate with d4s plan --full-build --markdown"
+    )
 
 
 def test_plan_full_build_and_counts_from_the_d4s_command(tmp_path):
@@ -343,12 +371,19 @@ def test_plan_full_build_and_counts_from_the_d4s_command(tmp_path):
     counts = tmp_path / "counts.yaml"
     counts.write_text(yaml.safe_dump([{"dataset": "kubric_movi_f", "scenes": 10, "frames_per_scene": 24}]))
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"output": "x", "datasets": {"kubric_movi_f": {"root": "/not/read"}},
-                                   "stages": {"tracks": {"grid_size": 8}}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "output": "x",
+                "datasets": {"kubric_movi_f": {"root": "/not/read"}},
+                "stages": {"tracks": {"grid_size": 8}},
+            }
+        )
+    )
     res = runner.invoke(app, ["plan", str(cfg), "--counts", str(counts), "--json"])
     assert res.exit_code == 0, res.output
     (row,) = json.loads(res.stdout)["datasets"]
-    assert row["clips"] == 10 and row["tracks_per_clip"] == 3 * 8 ** 2  # the config's grid, 3 query frames
+    assert row["clips"] == 10 and row["tracks_per_clip"] == 3 * 8**2  # the config's grid, 3 query frames
     counts.write_text("- {dataset: kubric_movi_f}\n")
     res = runner.invoke(app, ["plan", "--counts", str(counts)])
     assert res.exit_code == 2 and "expected a list of {dataset, scenes, frames_per_scene} rows" in res.output
@@ -358,12 +393,18 @@ def test_costs_file_typos_and_unknown_datasets_fail_at_load(tmp_path):
     raw = costs_raw()
     raw["depth"]["frames_per_s"]["vitll"] = raw["depth"]["frames_per_s"].pop("vitl")
     with pytest.raises(CostsError, match=r"depth\.frames_per_s\.vitll.*not allowed.*did you mean 'vitl'"):
-        projection_from_counts([{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 40}], costs=_write(tmp_path, raw))
+        projection_from_counts(
+            [{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 40}], costs=_write(tmp_path, raw)
+        )
     raw = costs_raw()
     raw["cpu"]["ms_per_frame"]["ingset"] = raw["cpu"]["ms_per_frame"].pop("ingest")
     with pytest.raises(CostsError, match=r"cpu\.ms_per_frame\.(ingset|ingest)"):
-        projection_from_counts([{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 40}], costs=_write(tmp_path, raw))
+        projection_from_counts(
+            [{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 40}], costs=_write(tmp_path, raw)
+        )
     raw = costs_raw()
     raw["datasets"]["vkitti"] = raw["datasets"]["vkitti2"]
     with pytest.raises(CostsError, match=r"field 'datasets'.*vkitti"):
-        projection_from_counts([{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 40}], costs=_write(tmp_path, raw))
+        projection_from_counts(
+            [{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 40}], costs=_write(tmp_path, raw)
+        )

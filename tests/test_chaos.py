@@ -4,6 +4,7 @@ byte-identical to a clean build, nothing lost or twice.
 
 More trials: ``python -m pytest -q -m slow tests/test_chaos.py`` or ``python bench/chaos.py --trials N``.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,8 +31,11 @@ def _check(s: dict, trials: int) -> None:
         assert t["failed_as_reference"]
         assert t["lost"] == 0 and t["duplicated"] == 0 and t["ledger_rows_twice"] == 0
         assert t["hangs"] == 0
-        assert all(f.get("outcome") in ("refused", "ran after the first ended") for f in t["faults"]
-                   if f["kind"] == "second_driver")
+        assert all(
+            f.get("outcome") in ("refused", "ran after the first ended")
+            for f in t["faults"]
+            if f["kind"] == "second_driver"
+        )
     assert s["clips_lost"] == 0 and s["clips_duplicated"] == 0
 
 
@@ -61,7 +65,22 @@ def test_chaos_on_a_cluster_with_the_output_on_s3(tmp_path):
     """Node kills, S3 outages, second drivers, clock skew and compaction kills, drivers joining one
     multi-node cluster and writing to the S3 server."""
     pytest.importorskip("moto.server")
-    s = _chaos().main(["--trials", "3", "--seed", "6", "--datasets", "tartanair,pointodyssey", "--nodes", "2",
-                       "--num-cpus", "1", "--s3", "--out", str(tmp_path)])
+    s = _chaos().main(
+        [
+            "--trials",
+            "3",
+            "--seed",
+            "6",
+            "--datasets",
+            "tartanair,pointodyssey",
+            "--nodes",
+            "2",
+            "--num-cpus",
+            "1",
+            "--s3",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     _check(s, 3)
     assert s["ledger_rows_twice"] == 0

@@ -1,4 +1,5 @@
 """The d4s command line: config errors, status --json, inspect."""
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,7 @@ def test_status_json_and_verify_after_build(tmp_path, ray_local):
 
 def test_inspect_reports_scene_and_problems(tmp_path):
     data = tmp_path / "data"
-    (r, ws), = write_tartanair(data, n_scenes=1, frames=6)
+    ((r, ws),) = write_tartanair(data, n_scenes=1, frames=6)
     scene = data / ws.scene_id
     res = runner.invoke(app, ["inspect", "tartanair", str(scene), "--json"])
     assert res.exit_code == 0, res.output

@@ -1,4 +1,5 @@
 """ray_cluster.yaml is checked against Ray's own launcher schema, and has the node types d4s needs."""
+
 from pathlib import Path
 
 import yaml

@@ -1,5 +1,6 @@
 """The typed build config: every routing field, threshold and adapter option is checked at load, and a
 typo fails with the field's path and what is allowed (pipeline/config.py, pipeline/config_errors.py)."""
+
 from __future__ import annotations
 
 import types
@@ -28,16 +29,21 @@ def error_of(**raw) -> str:
 # enumerations
 
 
-@pytest.mark.parametrize("field, bad, good", [
-    ("depth_source", "megasm", "'megasam'"),
-    ("track_source", "cotraker", "'cotracker'"),
-])
+@pytest.mark.parametrize(
+    "field, bad, good",
+    [
+        ("depth_source", "megasm", "'megasam'"),
+        ("track_source", "cotraker", "'cotracker'"),
+    ],
+)
 def test_misspelt_routing_fails_at_load_with_path_and_allowed_values(field, bad, good):
     msg = error_of(datasets={"realestate10k": {"root": "/r", field: bad}})
     assert f"datasets.realestate10k.{field}" in msg
     assert f"did you mean {good}" in msg
-    allowed = {"depth_source": ("'gt'", "'vda'", "'vda_metric'", "'megasam'", "'sparse'"),
-               "track_source": ("'gt'", "'cotracker'", "'depth_static'", "'none'")}[field]
+    allowed = {
+        "depth_source": ("'gt'", "'vda'", "'vda_metric'", "'megasam'", "'sparse'"),
+        "track_source": ("'gt'", "'cotracker'", "'depth_static'", "'none'"),
+    }[field]
     assert all(a in msg for a in allowed), msg
 
 
@@ -59,8 +65,17 @@ def test_every_string_field_is_free_text_or_typed():
     paths, URLs, addresses and command templates."""
     from pipeline import config_doc
 
-    free_text = {"root", "output", "checkpoint", "megasam_command", "cache_dir", "marker_dir", "trace_dir",
-                 "address", "megasam_version"}  # megasam_version: the user's label of their MegaSaM install
+    free_text = {
+        "root",
+        "output",
+        "checkpoint",
+        "megasam_command",
+        "cache_dir",
+        "marker_dir",
+        "trace_dir",
+        "address",
+        "megasam_version",
+    }  # megasam_version: the user's label of their MegaSaM install
     for model in config_doc.MODELS:
         for name, f in model.model_fields.items():
             ann = f.annotation
@@ -73,12 +88,15 @@ def test_every_string_field_is_free_text_or_typed():
 # routing that cannot work for the dataset
 
 
-@pytest.mark.parametrize("dataset, field, value, why", [
-    ("realestate10k", "depth_source", "gt", "no ground-truth depth"),
-    ("tartanair", "track_source", "gt", "no ground-truth tracks"),
-    ("tartanair", "depth_source", "sparse", "no metric 3D tracks"),
-    ("pointodyssey", "track_source", "depth_static", "dynamic"),
-])
+@pytest.mark.parametrize(
+    "dataset, field, value, why",
+    [
+        ("realestate10k", "depth_source", "gt", "no ground-truth depth"),
+        ("tartanair", "track_source", "gt", "no ground-truth tracks"),
+        ("tartanair", "depth_source", "sparse", "no metric 3D tracks"),
+        ("pointodyssey", "track_source", "depth_static", "dynamic"),
+    ],
+)
 def test_routing_the_dataset_cannot_serve_fails_at_load(dataset, field, value, why):
     msg = error_of(datasets={dataset: {"root": "/d", field: value}})
     assert f"datasets.{dataset}.{field}" in msg and why in msg, msg
@@ -148,8 +166,10 @@ def test_adapter_options_are_documented_in_config_md():
 
 
 def _cfg(**over) -> BuildConfig:
-    raw = {"output": "/out/a", "datasets": {"tartanair": {"root": "/data/a/tartanair"},
-                                            "realestate10k": {"root": "s3://bucket/re10k"}}}
+    raw = {
+        "output": "/out/a",
+        "datasets": {"tartanair": {"root": "/data/a/tartanair"}, "realestate10k": {"root": "s3://bucket/re10k"}},
+    }
     for k, v in over.items():
         raw[k] = v
     return BuildConfig.model_validate(raw).resolved()
@@ -157,31 +177,53 @@ def _cfg(**over) -> BuildConfig:
 
 def test_content_hash_ignores_where_inputs_and_output_live():
     base = _cfg()
-    moved = _cfg(output="s3://other/bucket", datasets={"tartanair": {"root": "/mnt/elsewhere/t"},
-                                                        "realestate10k": {"root": "/local/re10k"}},
-                 stages={"align": {"cache_dir": "/scratch/megasam"}, "depth": {"resources": {"actors": 8}}},
-                 ray={"address": "ray://head:10001"}, max_inflight_shards=32, fault={"ingest_delay_s": 1.0})
+    moved = _cfg(
+        output="s3://other/bucket",
+        datasets={"tartanair": {"root": "/mnt/elsewhere/t"}, "realestate10k": {"root": "/local/re10k"}},
+        stages={"align": {"cache_dir": "/scratch/megasam"}, "depth": {"resources": {"actors": 8}}},
+        ray={"address": "ray://head:10001"},
+        max_inflight_shards=32,
+        fault={"ingest_delay_s": 1.0},
+    )
     assert moved.content_hash() == base.content_hash()
     assert moved.content_fields() == base.content_fields()
     assert moved.planning_hash() == base.planning_hash()
     assert "/data/a" not in str(base.content_fields()) and "/out/a" not in str(base.content_fields())
 
 
-@pytest.mark.parametrize("over", [
-    {"jpeg_quality": 90},
-    {"shard_size": 4},
-    {"datasets": {"tartanair": {"root": "/data/a/tartanair", "clip_length": 8}, "realestate10k": {"root": "s3://bucket/re10k"}}},
-    {"datasets": {"tartanair": {"root": "/data/a/tartanair"}, "realestate10k": {"root": "s3://bucket/re10k", "depth_source": "vda_metric"}}},
-    {"stages": {"align": {"thresholds": {"max_abs_rel": 0.1}}}},
-    {"stages": {"tracks": {"grid_size": 8}}},
-])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"jpeg_quality": 90},
+        {"shard_size": 4},
+        {
+            "datasets": {
+                "tartanair": {"root": "/data/a/tartanair", "clip_length": 8},
+                "realestate10k": {"root": "s3://bucket/re10k"},
+            }
+        },
+        {
+            "datasets": {
+                "tartanair": {"root": "/data/a/tartanair"},
+                "realestate10k": {"root": "s3://bucket/re10k", "depth_source": "vda_metric"},
+            }
+        },
+        {"stages": {"align": {"thresholds": {"max_abs_rel": 0.1}}}},
+        {"stages": {"tracks": {"grid_size": 8}}},
+    ],
+)
 def test_content_hash_follows_what_decides_the_bytes(over):
     assert _cfg(**over).content_hash() != _cfg().content_hash()
 
 
 def test_a_datasets_hash_depends_on_its_own_entry_only():
     base = _cfg()
-    other = _cfg(datasets={"tartanair": {"root": "/x"}, "realestate10k": {"root": "/y", "clip_length": 4},
-                           "vkitti2": {"root": "/z"}})
+    other = _cfg(
+        datasets={
+            "tartanair": {"root": "/x"},
+            "realestate10k": {"root": "/y", "clip_length": 4},
+            "vkitti2": {"root": "/z"},
+        }
+    )
     assert other.content_hash("tartanair") == base.content_hash("tartanair")
     assert other.content_hash("realestate10k") != base.content_hash("realestate10k")

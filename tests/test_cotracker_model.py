@@ -1,4 +1,5 @@
 """CoTracker3 model, checkpoint loading, predictor schedule and runner (small, CPU)."""
+
 from __future__ import annotations
 
 import json
@@ -41,11 +42,18 @@ def test_key_mapping_examples():
     assert official_key("encoder.stages.1.first.proj.bias") == "fnet.layer2.0.downsample.0.bias"
     assert official_key("encoder.stages.3.second.conv2.weight") == "fnet.layer4.1.conv2.weight"
     assert official_key("transformer.virtual_tracks") == "updateformer.virual_tracks"
-    assert (official_key("transformer.points_from_virtual.2.norm_ctx.weight")
-            == "updateformer.space_point2virtual_blocks.2.norm_context.weight")
-    assert (official_key("transformer.virtual_from_points.0.attn.to_kv.bias")
-            == "updateformer.space_virtual2point_blocks.0.cross_attn.to_kv.bias")
-    assert official_key("transformer.virtual_self.1.mlp.fc1.weight") == "updateformer.space_virtual_blocks.1.mlp.fc1.weight"
+    assert (
+        official_key("transformer.points_from_virtual.2.norm_ctx.weight")
+        == "updateformer.space_point2virtual_blocks.2.norm_context.weight"
+    )
+    assert (
+        official_key("transformer.virtual_from_points.0.attn.to_kv.bias")
+        == "updateformer.space_virtual2point_blocks.0.cross_attn.to_kv.bias"
+    )
+    assert (
+        official_key("transformer.virtual_self.1.mlp.fc1.weight")
+        == "updateformer.space_virtual_blocks.1.mlp.fc1.weight"
+    )
 
 
 def test_load_errors_list_every_problem(offline_sd):
@@ -114,12 +122,12 @@ def _demo_schedule(num_frames: int, step: int = 8) -> list[tuple[int, int]]:
     i = -1
     for i in range(num_frames):
         if i % step == 0 and i != 0:
-            chunk = window[-2 * step:]
+            chunk = window[-2 * step :]
             if not first:
                 calls.append((chunk[0], chunk[-1] + 1))
             first = False
         window.append(i)
-    chunk = window[-(i % step) - step - 1:]
+    chunk = window[-(i % step) - step - 1 :]
     if not first:
         calls.append((chunk[0], chunk[-1] + 1))
     return calls
@@ -175,13 +183,25 @@ def test_resolve_query_frames():
 
 @pytest.mark.parametrize("variant", ["offline", "online"])
 def test_runner_tracks_batches_of_clips(variant):
-    runner = CoTrackerRunner(variant, None, "cpu", "fp32", grid_size=3, query_frames=[0, 4],
-                             allow_random_weights=True, max_batch=2, iters=1, model_resolution=(64, 96))
+    runner = CoTrackerRunner(
+        variant,
+        None,
+        "cpu",
+        "fp32",
+        grid_size=3,
+        query_frames=[0, 4],
+        allow_random_weights=True,
+        max_batch=2,
+        iters=1,
+        model_resolution=(64, 96),
+    )
     assert runner.untrained
     rng = np.random.default_rng(0)
-    clips = [rng.integers(0, 255, (10, 40, 50, 3), dtype=np.uint8),
-             rng.integers(0, 255, (7, 30, 44, 3), dtype=np.uint8),
-             rng.integers(0, 255, (10, 48, 64, 3), dtype=np.uint8)]
+    clips = [
+        rng.integers(0, 255, (10, 40, 50, 3), dtype=np.uint8),
+        rng.integers(0, 255, (7, 30, 44, 3), dtype=np.uint8),
+        rng.integers(0, 255, (10, 48, 64, 3), dtype=np.uint8),
+    ]
     out = runner.track(clips)
     assert len(out) == 3
     for clip, (tr, vis), qf in zip(clips, out, runner.last_query_frames):
@@ -199,7 +219,16 @@ def test_runner_tracks_batches_of_clips(variant):
 
 
 def test_runner_bf16_autocast_cpu():
-    runner = CoTrackerRunner("offline", None, "cpu", "bf16", grid_size=2, query_frames=1,
-                             allow_random_weights=True, iters=1, model_resolution=(64, 96))
-    (tr, vis), = runner.track([np.zeros((5, 32, 32, 3), dtype=np.uint8)])
+    runner = CoTrackerRunner(
+        "offline",
+        None,
+        "cpu",
+        "bf16",
+        grid_size=2,
+        query_frames=1,
+        allow_random_weights=True,
+        iters=1,
+        model_resolution=(64, 96),
+    )
+    ((tr, vis),) = runner.track([np.zeros((5, 32, 32, 3), dtype=np.uint8)])
     assert tr.shape == (5, 4, 2) and tr.dtype == np.float32

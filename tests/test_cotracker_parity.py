@@ -1,4 +1,5 @@
 """CoTracker3 parity against outputs recorded from the official implementation."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,9 @@ from stages.tracks.cotracker.parity import GROUPS, format_report, run_parity
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "parity" / "cotracker3"
 
-pytestmark = pytest.mark.skipif(not (FIXTURE / "video.npy").is_file(), reason=f"CoTracker3 parity fixture not found at {FIXTURE}")
+pytestmark = pytest.mark.skipif(
+    not (FIXTURE / "video.npy").is_file(), reason=f"CoTracker3 parity fixture not found at {FIXTURE}"
+)
 
 
 @pytest.fixture(scope="module")

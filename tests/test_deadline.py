@@ -1,5 +1,6 @@
 """The per-shard deadline: a shard pipeline with a stage that hangs is cancelled and recorded failed
 with the reason; the rest of the build goes on; ``resume`` redoes it (the hang happens once)."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,12 @@ def _failed(out) -> dict[str, str]:
 
 def test_hung_ingest_task_is_cancelled_at_the_deadline_and_resume_redoes_it(tmp_path, tartan_data, ray_local):
     data, _ = tartan_data
-    cfg = tartanair_config(tmp_path, data, shard_deadline_s=8.0,
-                           fault={"hang_stage": "ingest", "hang_on_clip": 0, "marker_dir": str(tmp_path / "faults")})
+    cfg = tartanair_config(
+        tmp_path,
+        data,
+        shard_deadline_s=8.0,
+        fault={"hang_stage": "ingest", "hang_on_clip": 0, "marker_dir": str(tmp_path / "faults")},
+    )
     s = build(cfg, show_progress=False)
     out = tmp_path / "out"
     failed = _failed(out)
@@ -42,16 +47,37 @@ def test_hung_model_actor_is_replaced_and_its_shards_redone(tmp_path, ray_local)
     data = tmp_path / "data"
     for i in range(3):
         w.write(render(w.demo_spec(i, seed=40 + i)), data, w.default_scene_id(i))
-    cfg = BuildConfig.model_validate({
-        "output": str(tmp_path / "out"), "shard_size": 2, "shard_deadline_s": 25.0, "max_inflight_shards": 3,
-        "datasets": {"realestate10k": {"root": str(data), "clip_length": 8, "clip_stride": 2, "frame_stride": 1,
-                                       "depth_source": "vda_metric", "track_source": "none"}},
-        "stages": {"depth": {"encoder": "vits", "metric": True, "input_size": 56, "dtype": "fp32",
-                             "allow_random_weights": True, "resources": {"num_gpus": 0, "actors": 1}},
-                   "align": {"drop_on_qc": False}},
-        "fault": {"hang_stage": "depth", "hang_on_clip": 0, "marker_dir": str(tmp_path / "faults")},
-        "ray": {"num_cpus": 2},
-    })
+    cfg = BuildConfig.model_validate(
+        {
+            "output": str(tmp_path / "out"),
+            "shard_size": 2,
+            "shard_deadline_s": 25.0,
+            "max_inflight_shards": 3,
+            "datasets": {
+                "realestate10k": {
+                    "root": str(data),
+                    "clip_length": 8,
+                    "clip_stride": 2,
+                    "frame_stride": 1,
+                    "depth_source": "vda_metric",
+                    "track_source": "none",
+                }
+            },
+            "stages": {
+                "depth": {
+                    "encoder": "vits",
+                    "metric": True,
+                    "input_size": 56,
+                    "dtype": "fp32",
+                    "allow_random_weights": True,
+                    "resources": {"num_gpus": 0, "actors": 1},
+                },
+                "align": {"drop_on_qc": False},
+            },
+            "fault": {"hang_stage": "depth", "hang_on_clip": 0, "marker_dir": str(tmp_path / "faults")},
+            "ray": {"num_cpus": 2},
+        }
+    )
     s = build(cfg, show_progress=False)
     failed = _failed(tmp_path / "out")
     assert "deadline" in failed["realestate10k-000000"]

@@ -1,5 +1,6 @@
 """Declared packages (pipeline/deps.py): a missing one stops `d4s build`, `d4s plan` and `d4s train`
 before any work, with every missing package listed and how to install it."""
+
 from __future__ import annotations
 
 import re
@@ -22,8 +23,12 @@ def simulate_missing(monkeypatch, *modules: str) -> None:
 
 
 def _cfg(tmp_path, **datasets) -> BuildConfig:
-    return BuildConfig.model_validate({"output": str(tmp_path / "out"),
-                                       "datasets": {n: {"root": str(tmp_path / n), **o} for n, o in datasets.items()}})
+    return BuildConfig.model_validate(
+        {
+            "output": str(tmp_path / "out"),
+            "datasets": {n: {"root": str(tmp_path / n), **o} for n, o in datasets.items()},
+        }
+    )
 
 
 def test_build_stops_before_planning_and_lists_every_missing_package(tmp_path, monkeypatch):
@@ -33,8 +38,13 @@ def test_build_stops_before_planning_and_lists_every_missing_package(tmp_path, m
     started = []
     monkeypatch.setattr(runner, "make_plan", lambda cfg: started.append("plan"))
     monkeypatch.setattr(runner, "ShardDAG", lambda *a: started.append("ray"))
-    cfg = _cfg(tmp_path, matrixcity={}, stereo4d={}, realestate10k={"depth_source": "vda_metric"},
-               tartanair={"track_source": "none"})
+    cfg = _cfg(
+        tmp_path,
+        matrixcity={},
+        stereo4d={},
+        realestate10k={"depth_source": "vda_metric"},
+        tartanair={"track_source": "none"},
+    )
     with pytest.raises(MissingPackages) as exc:
         runner.build(cfg, show_progress=False)
     msg = str(exc.value)
@@ -54,8 +64,9 @@ def test_only_what_the_config_uses_is_required(tmp_path, monkeypatch):
 
 def test_object_store_roots_and_outputs_need_their_filesystem(tmp_path, monkeypatch):
     simulate_missing(monkeypatch, "s3fs", "gcsfs")
-    cfg = BuildConfig.model_validate({"output": "s3://bucket/out",
-                                      "datasets": {"tartanair": {"root": "gs://b/tartanair", "track_source": "none"}}})
+    cfg = BuildConfig.model_validate(
+        {"output": "s3://bucket/out", "datasets": {"tartanair": {"root": "gs://b/tartanair", "track_source": "none"}}}
+    )
     with pytest.raises(MissingPackages) as exc:
         check(build_needs(cfg), "d4s build")
     msg = str(exc.value)
@@ -81,8 +92,13 @@ def test_trainer_lists_missing_packages_before_training(tmp_path, monkeypatch, c
 
     simulate_missing(monkeypatch, "gsplat", "lpips")
     monkeypatch.setattr(training.trainer, "train", lambda cfg: pytest.fail("training started"))
-    cfg = make_config("tiny", data={"root": str(tmp_path)}, workdir=str(tmp_path / "w"),
-                      runtime={"renderer": "gsplat"}, loss={"lpips_enabled": True})
+    cfg = make_config(
+        "tiny",
+        data={"root": str(tmp_path)},
+        workdir=str(tmp_path / "w"),
+        runtime={"renderer": "gsplat"},
+        loss={"lpips_enabled": True},
+    )
     p = tmp_path / "train.yaml"
     import yaml
 

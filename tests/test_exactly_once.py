@@ -3,6 +3,7 @@ config is refused unless a new output version is asked for, run-time overrides n
 recorded config, transient failures are retried and left for resume (never recorded as lost
 clips), and a resume trusts the ledger's checksums, hashing only the shards whose stored object
 changed."""
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,13 @@ def test_second_driver_is_refused_while_a_build_runs(tmp_path, tartan_data, ray_
     assert "held by another driver" in str(err.value) and f"pid {os.getpid()}" in str(err.value)
     assert inflight.exists()  # the refused driver did not sweep the other one's temporaries
     # the CLI says the same in one line, with its own exit status
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "resume", str(out), "--no-progress"],
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_DISABLE_USAGE_STATS": "1"})
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "resume", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_DISABLE_USAGE_STATS": "1"},
+    )
     assert r.returncode == 3 and "held by another driver" in r.stderr, r.stderr[-2000:]
     t.join(120)
     s = first["summary"]
@@ -72,8 +78,11 @@ def test_changed_content_settings_are_refused_unless_a_new_version(tmp_path, tar
     assert s.shards_done == 3 and s.shards_skipped == 0
     assert all(before[k] != v for k, v in shard_files(out).items())
     assert verify(str(out)).ok
-    metas = [s["meta.json"] for p in sorted((out / "shards").rglob("*.tar"))
-             for s in wds.WebDataset(str(p), shardshuffle=False, empty_check=False)]
+    metas = [
+        s["meta.json"]
+        for p in sorted((out / "shards").rglob("*.tar"))
+        for s in wds.WebDataset(str(p), shardshuffle=False, empty_check=False)
+    ]
     assert {__import__("json").loads(m)["config_hash"] for m in metas} == {q60.resolved().content_hash("tartanair")}
     assert "jpeg_quality: 60" in (out / CONFIG_NAME).read_text()
     assert any(p.read_bytes() == recorded for p in (out / "config.history").iterdir())
@@ -82,8 +91,9 @@ def test_changed_content_settings_are_refused_unless_a_new_version(tmp_path, tar
 def test_run_time_overrides_never_rewrite_the_recorded_config(tmp_path, tartan_data, ray_local):
     data, _ = tartan_data
     out = tmp_path / "out"
-    cfg = tartanair_config(tmp_path, data, ray={"num_cpus": 2, "task_retries": 1, "actor_restarts": 0},
-                           fault={"ingest_delay_s": 0.01})
+    cfg = tartanair_config(
+        tmp_path, data, ray={"num_cpus": 2, "task_retries": 1, "actor_restarts": 0}, fault={"ingest_delay_s": 0.01}
+    )
     build(cfg, show_progress=False)
     text = (out / CONFIG_NAME).read_text()
     assert "ingest_delay_s: 0.01" not in text  # fault hooks belong to one run, never to the output
@@ -115,8 +125,13 @@ def test_transient_failure_is_retried_then_left_for_resume(tmp_path, tartan_data
     assert verify(str(tmp_path / "a")).ok
     # with a shard retry the build itself recovers, after a backoff
     crash["marker_dir"] = str(tmp_path / "marks-b")
-    cfg = tartanair_config(tmp_path, data, "b", fault=crash,
-                           ray={"num_cpus": 2, "task_retries": 0, "shard_retries": 1, "retry_backoff_s": 0.2})
+    cfg = tartanair_config(
+        tmp_path,
+        data,
+        "b",
+        fault=crash,
+        ray={"num_cpus": 2, "task_retries": 0, "shard_retries": 1, "retry_backoff_s": 0.2},
+    )
     s = build(cfg, show_progress=False)
     assert s.ok and s.clips_written == 6 and (tmp_path / "marks-b" / "worker_exit_3").exists()
     assert ManifestStore(Store(str(tmp_path / "b"))).ledger()["tartanair-000001"]["attempts"] == 1
@@ -164,7 +179,8 @@ def test_config_recorded_before_explicit_gpu_placement_still_loads(tmp_path):
     (out / CONFIG_NAME).write_text(
         "output: %s\nshard_size: 2\ndatasets:\n  tartanair: {root: /data}\nstages:\n"
         "  depth: {resources: {num_cpus: 1.0, num_gpus: 0.0, actors: 1, auto_gpu: true}}\n"
-        "  tracks: {resources: {num_cpus: 1.0, num_gpus: 1.0, actors: 2, auto_gpu: true}}\n" % out)
+        "  tracks: {resources: {num_cpus: 1.0, num_gpus: 1.0, actors: 2, auto_gpu: true}}\n" % out
+    )
     cfg = load_output_config(str(out))
     assert cfg.stages.depth.resources.num_gpus == 0 and cfg.stages.tracks.resources.num_gpus == 1
     with pytest.raises(ConfigError, match="auto_gpu was removed"):  # in a new config it is an error

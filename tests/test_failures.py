@@ -1,5 +1,6 @@
 """Failure classes (pipeline/failures.py): what is retried (transient) and what is recorded once
 (permanent), and that a shard holding a transient clip failure is never published."""
+
 from __future__ import annotations
 
 import errno
@@ -19,22 +20,39 @@ def _wrapped(cause: BaseException) -> BaseException:
     return rex.RayTaskError("write_task", "Traceback ...", cause).as_instanceof_cause()
 
 
-@pytest.mark.parametrize("exc", [
-    rex.WorkerCrashedError(), rex.NodeDiedError("node gone"), rex.OutOfMemoryError("killed by the memory monitor"),
-    rex.ObjectLostError("0" * 56, "owner", "call site"), rex.ActorDiedError(),
-    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError(),
-    TimeoutError("read timed out"), ConnectionResetError(), OSError(errno.ECONNREFUSED, "Connection refused"),
-    OSError("An error occurred (SlowDown) when calling the PutObject operation"),
-    _wrapped(TimeoutError("slow")), _wrapped(TransientShardError("1 clip failed transiently")),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        rex.WorkerCrashedError(),
+        rex.NodeDiedError("node gone"),
+        rex.OutOfMemoryError("killed by the memory monitor"),
+        rex.ObjectLostError("0" * 56, "owner", "call site"),
+        rex.ActorDiedError(),
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        MemoryError(),
+        TimeoutError("read timed out"),
+        ConnectionResetError(),
+        OSError(errno.ECONNREFUSED, "Connection refused"),
+        OSError("An error occurred (SlowDown) when calling the PutObject operation"),
+        _wrapped(TimeoutError("slow")),
+        _wrapped(TransientShardError("1 clip failed transiently")),
+    ],
+)
 def test_transient(exc):
     assert is_transient(exc)
 
 
-@pytest.mark.parametrize("exc", [
-    ClipError("truncated PNG", "/data/x.png"), ValueError("NaN pose"), FileNotFoundError("/data/missing.npy"),
-    UnidentifiedImageError("cannot identify image file"), KeyError("depth"), _wrapped(ValueError("bug")),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ClipError("truncated PNG", "/data/x.png"),
+        ValueError("NaN pose"),
+        FileNotFoundError("/data/missing.npy"),
+        UnidentifiedImageError("cannot identify image file"),
+        KeyError("depth"),
+        _wrapped(ValueError("bug")),
+    ],
+)
 def test_permanent(exc):
     assert not is_transient(exc)
 
@@ -58,7 +76,10 @@ def test_shard_with_a_transient_clip_failure_is_not_published(tmp_path):
 
     cfg = tartanair_config(tmp_path, tmp_path / "data")
     shard = {"shard_id": "tartanair-000000", "dataset": "tartanair", "path": "shards/tartanair/tartanair-000000.tar"}
-    clips = [ClipFailure("a", "ingest", "truncated PNG"), ClipFailure("b", "depth", "OutOfMemoryError: CUDA", transient=True)]
+    clips = [
+        ClipFailure("a", "ingest", "truncated PNG"),
+        ClipFailure("b", "depth", "OutOfMemoryError: CUDA", transient=True),
+    ]
     with pytest.raises(TransientShardError, match="b at depth"):
         write_shard(shard, clips, cfg)
     assert not (tmp_path / "out").exists()

@@ -1,5 +1,6 @@
 """The report's gallery: clips read back from the shards, tracks projected where they belong, the
 camera path seen from above the right way up, failed clips with their reasons, bad shards as notes."""
+
 from __future__ import annotations
 
 import base64
@@ -26,8 +27,12 @@ def _gallery(out: dict, per_dataset: int = 2) -> tuple[str, int]:
 
     ms = ManifestStore(Store(out["output"]))
     events = ms.ledger_events()
-    failures = [{**f, "dataset": e["shard_id"].rsplit("-", 1)[0]} for e in events if e["state"] == "done"
-                for f in e["clips_failed"]]
+    failures = [
+        {**f, "dataset": e["shard_id"].rsplit("-", 1)[0]}
+        for e in events
+        if e["state"] == "done"
+        for f in e["clips_failed"]
+    ]
     return render_gallery(Store(out["output"]), ms.shards(), events, failures, per_dataset)
 
 
@@ -65,7 +70,7 @@ def test_gallery_cards_images_qc_and_failures(output):
     assert "align.residual" in html and "0.0123" in html and '<td class="bad">false</td>' in html
     assert "cotracker3: random weights, values meaningless" in html
     # the failed clip beside the spring clips, its reason and path escaped
-    spring = html[html.index('id="gallery-spring"'):]
+    spring = html[html.index('id="gallery-spring"') :]
     assert "spring__s1__000000" in spring and "Failed clips (1)" in spring
     assert FAILED_REASON not in html and "&lt;b&gt;&amp;&quot;x&quot;" in html and "/data/&lt;s1&gt;/cam.txt" in html
 
@@ -121,7 +126,7 @@ def test_unreadable_shard_is_a_note_not_a_failed_report(tmp_path):
     (tmp_path / "out" / "shards" / "spring" / "spring-000000.tar").unlink()
     html, n_read = _gallery(out)
     assert n_read == 1  # only the first pointodyssey clip could be read
-    notes = re.findall(r'could not read this sample: ([^<]*)</p>', html)
+    notes = re.findall(r"could not read this sample: ([^<]*)</p>", html)
     assert len(notes) == 2
     assert any("pointodyssey-000001.tar" in n and "unreadable" in n for n in notes), notes
     assert any("spring-000000.tar" in n and "missing" in n for n in notes), notes

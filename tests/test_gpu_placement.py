@@ -10,6 +10,7 @@ carry ground-truth depth, so the actor is called for every shard but runs no for
 test is about placement, and CPU inference would take a minute here.) A local Ray, which cannot
 grow, is refused up front instead of silently running the model on CPU.
 """
+
 from __future__ import annotations
 
 import threading
@@ -25,8 +26,14 @@ from pipeline.runner import build
 from pipeline.storage import Store
 from pipeline.verify import verify
 
-DEPTH = {"encoder": "vits", "metric": True, "input_size": 56, "dtype": "fp32", "allow_random_weights": True,
-         "resources": {"num_gpus": 1, "actors": 1}}
+DEPTH = {
+    "encoder": "vits",
+    "metric": True,
+    "input_size": 56,
+    "dtype": "fp32",
+    "allow_random_weights": True,
+    "resources": {"num_gpus": 1, "actors": 1},
+}
 
 
 def _config(tmp: Path, data: Path, name: str, **over):
@@ -54,8 +61,13 @@ def test_model_actor_waits_for_a_gpu_node_that_joins_after_the_start(tmp_path, t
     try:
         ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
         trace = tmp_path / "trace"
-        cfg = _config(tmp_path, data, "out", ray={"address": cluster.address},
-                      fault={"trace_dir": str(trace), "gpus_are_simulated": True})
+        cfg = _config(
+            tmp_path,
+            data,
+            "out",
+            ray={"address": cluster.address},
+            fault={"trace_dir": str(trace), "gpus_are_simulated": True},
+        )
         result: dict = {}
         t = threading.Thread(target=lambda: result.setdefault("summary", build(cfg, show_progress=False)), daemon=True)
         t.start()

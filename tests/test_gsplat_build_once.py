@@ -1,6 +1,7 @@
 """gsplat JIT-builds its CUDA extension at first import and deletes an unfinished build directory, so ranks
 of a node importing it at once break each other's build (seen on 2 H200s). One builder per node imports it
 first; the other ranks load it only after a barrier that the builder reaches once its import finished."""
+
 import threading
 import time
 
@@ -28,6 +29,7 @@ def _run_ranks(n_ranks: int, build_s: float):
                 built.set()
             with lock:
                 events.append(("import-done", rank))
+
         return imp
 
     errors = []

@@ -5,6 +5,7 @@ for its TTL, judged on the store's clock, so a host with a wrong clock cannot ta
 taken over with a larger epoch; a holder that lost its lease finds out before it writes again; a
 lease whose driver died on this host is taken at once; of many drivers racing, exactly one wins.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """The shard ledger under concurrency: order by the driver's sequence (not wall clocks), compactions
 that never lose or duplicate an event (two at once, one killed half-way), and readers that keep
 working while a compaction folds and deletes the files they listed."""
+
 from __future__ import annotations
 
 import subprocess
@@ -199,15 +200,40 @@ def test_a_ledger_from_before_driver_sequences_is_continued_and_compacted(tmp_pa
     import pyarrow.parquet as pq
 
     store = Store(str(tmp_path))
-    old_schema = pa.schema([("seq", pa.int64()), ("shard_id", pa.string()), ("state", pa.string()),
-                            ("attempt", pa.int64()), ("error", pa.string()), ("sha256", pa.string()),
-                            ("clips_failed", pa.string()), ("timings", pa.string()), ("samples", pa.string()),
-                            ("host", pa.string()), ("build_id", pa.string())])
+    old_schema = pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("shard_id", pa.string()),
+            ("state", pa.string()),
+            ("attempt", pa.int64()),
+            ("error", pa.string()),
+            ("sha256", pa.string()),
+            ("clips_failed", pa.string()),
+            ("timings", pa.string()),
+            ("samples", pa.string()),
+            ("host", pa.string()),
+            ("build_id", pa.string()),
+        ]
+    )
     ahead = time.time_ns() + 86_400 * 10**9
-    for i, (state, name) in enumerate([("running", "events-{:024d}-abcdef12.parquet"),
-                                       ("failed", "events-{:024d}-compact.parquet")]):
-        rows = [{"seq": ahead + i, "shard_id": "s0", "state": state, "attempt": 1, "error": "boom" if i else None,
-                 "sha256": None, "clips_failed": "[]", "timings": "{}", "samples": "[]", "host": "h", "build_id": "old"}]
+    for i, (state, name) in enumerate(
+        [("running", "events-{:024d}-abcdef12.parquet"), ("failed", "events-{:024d}-compact.parquet")]
+    ):
+        rows = [
+            {
+                "seq": ahead + i,
+                "shard_id": "s0",
+                "state": state,
+                "attempt": 1,
+                "error": "boom" if i else None,
+                "sha256": None,
+                "clips_failed": "[]",
+                "timings": "{}",
+                "samples": "[]",
+                "host": "h",
+                "build_id": "old",
+            }
+        ]
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows, old_schema), buf)
         store.write_bytes_atomic(f"manifests/ledger/{name.format(ahead + i)}", buf.getvalue())

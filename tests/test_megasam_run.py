@@ -7,6 +7,7 @@ needs, logs its call, and writes what the real one writes where it writes it; cv
 is a depth on MegaSaM's cropped working grid whose values encode the original pixel position, so
 the wrapper's conversion back to the frames' grid can be checked exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ from stages.align.references import reference_from_megasam
 
 H0, W0, T, F0 = 90, 160, 3, 100.0  # frames and the true focal length (pixels)
 
-COMMON = textwrap.dedent('''
+COMMON = textwrap.dedent("""
     import argparse, glob, json, os, sys
     import numpy as np
     def log(name, args):
@@ -45,10 +46,10 @@ COMMON = textwrap.dedent('''
         f = np.sqrt(384 * 512 / (h0 * w0))
         h1, w1 = int(h0 * f), int(w0 * f)
         return h0, w0, h1, w1, h1 - h1 % 8, w1 - w1 % 8
-''')
+""")
 
 SCRIPTS = {
-    "Depth-Anything/run_videos.py": '''
+    "Depth-Anything/run_videos.py": """
         p = argparse.ArgumentParser(); p.add_argument("--img-path"); p.add_argument("--outdir")
         p.add_argument("--encoder"); p.add_argument("--load-from", required=True); p.add_argument("--localhub", action="store_true")
         a = p.parse_args(); log("depth_anything", a)
@@ -56,16 +57,16 @@ SCRIPTS = {
         os.makedirs(a.outdir, exist_ok=True)
         for f in frames(a.img_path):
             np.save(os.path.join(a.outdir, os.path.basename(f)[:-4] + ".npy"), np.ones((4, 4), np.float32))
-    ''',
-    "UniDepth/scripts/demo_mega-sam.py": '''
+    """,
+    "UniDepth/scripts/demo_mega-sam.py": """
         p = argparse.ArgumentParser(); p.add_argument("--img-path"); p.add_argument("--outdir"); p.add_argument("--scene-name")
         a = p.parse_args(); log("unidepth", a)
         assert any(q.endswith("UniDepth") and os.path.isdir(q) for q in os.environ["PYTHONPATH"].split(os.pathsep))
         os.makedirs(os.path.join(a.outdir, a.scene_name), exist_ok=True)
         for f in frames(a.img_path):
             np.savez(os.path.join(a.outdir, a.scene_name, os.path.basename(f)[:-4] + ".npz"), depth=np.ones((4, 4)), fov=60.0)
-    ''',
-    "camera_tracking_scripts/test_demo.py": '''
+    """,
+    "camera_tracking_scripts/test_demo.py": """
         sys.path.append("base/droid_slam")
         assert os.path.isdir("base/droid_slam"), "run from the MegaSaM root"
         p = argparse.ArgumentParser(); p.add_argument("--datapath"); p.add_argument("--weights")
@@ -85,8 +86,9 @@ SCRIPTS = {
             np.save(os.path.join(d, name + ".npy"), np.zeros(n))
         os.makedirs("outputs", exist_ok=True)
         np.savez(os.path.join("outputs", a.scene_name + "_droid.npz"), depths=np.zeros(1))
-    ''' % {"F0": F0},
-    "cvd_opt/preprocess_flow.py": '''
+    """
+    % {"F0": F0},
+    "cvd_opt/preprocess_flow.py": """
         sys.path.append("cvd_opt/core")
         assert os.path.isdir("cvd_opt/core"), "run from the MegaSaM root"
         p = argparse.ArgumentParser(); p.add_argument("--datapath"); p.add_argument("--model"); p.add_argument("--scene_name")
@@ -96,8 +98,8 @@ SCRIPTS = {
         d = os.path.join("./cache_flow", a.scene_name); os.makedirs(d, exist_ok=True)
         for name in ("flows", "flows_masks", "ii-jj"):
             np.save(os.path.join(d, name + ".npy"), np.zeros(1))
-    ''',
-    "cvd_opt/cvd_opt.py": '''
+    """,
+    "cvd_opt/cvd_opt.py": """
         p = argparse.ArgumentParser(); p.add_argument("--w_grad", type=float); p.add_argument("--w_normal", type=float)
         p.add_argument("--output_dir", default="outputs_cvd"); p.add_argument("--scene_name")
         a = p.parse_args(); log("cvd", a)
@@ -118,7 +120,8 @@ SCRIPTS = {
         os.makedirs(a.output_dir, exist_ok=True)
         np.savez("%%s/%%s_sgd_cvd_hr.npz" %% (a.output_dir, a.scene_name), images=images.transpose(0, 2, 3, 1),
                  depths=np.clip(np.float16(depth), 1e-3, 1e2), intrinsic=K, cam_c2w=c2w)
-    ''' % {"F0": F0},
+    """
+    % {"F0": F0},
 }
 
 
@@ -131,8 +134,11 @@ def fake_megasam(tmp_path, monkeypatch):
         path.write_text(COMMON + textwrap.dedent(body))
     for rel in ("base/droid_slam", "cvd_opt/core", "UniDepth/unidepth"):
         (root / rel).mkdir(parents=True, exist_ok=True)
-    for rel in ("Depth-Anything/checkpoints/depth_anything_vitl14.pth", "cvd_opt/raft-things.pth",
-                "checkpoints/megasam_final.pth"):
+    for rel in (
+        "Depth-Anything/checkpoints/depth_anything_vitl14.pth",
+        "cvd_opt/raft-things.pth",
+        "checkpoints/megasam_final.pth",
+    ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"weights")
     log = tmp_path / "calls.jsonl"
@@ -182,7 +188,9 @@ def test_wrapper_runs_megasams_steps_and_converts_to_the_frame_grid(tmp_path, fa
         err = np.abs(res.depths[t] - expect)[has[t]]
         # nearest working-grid pixel: within half of its size (W0/w1 px), plus float16 rounding
         assert err.max() < 0.5 * (W0 / w1) / 100 + 0.5 * (H0 / h1) / 50 + 4e-3 * expect.max(), err.max()
-    ref = reference_from_megasam(out, H0, W0, expected_frames=T, clip_intrinsics=np.tile([F0, F0, W0 / 2, H0 / 2], (T, 1)))
+    ref = reference_from_megasam(
+        out, H0, W0, expected_frames=T, clip_intrinsics=np.tile([F0, F0, W0 / 2, H0 / 2], (T, 1))
+    )
     assert abs(ref.meta["focal_ratio"] - 1) < 1e-9
 
 

@@ -5,6 +5,7 @@ worker nodes of one CPU each, so every task runs on a worker node. ``fault.trace
 ingest attempt leave a ``<clip ordinal>.<node id>.<pid>`` file: that shows where the work ran, and
 that the clips of a node lost mid-build were run again on another node.
 """
+
 from __future__ import annotations
 
 import threading
@@ -34,8 +35,10 @@ def cluster():
     was_running = ray.is_initialized()
     if was_running:
         ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                       "_system_config": SYSTEM_CONFIG})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": SYSTEM_CONFIG},
+    )
     for _ in range(2):
         c.add_node(num_cpus=1)
     c.wait_for_nodes()
@@ -58,8 +61,15 @@ def data16(tmp_path_factory):
 
 
 def _config(tmp: Path, data: Path, name: str, cluster, shard_size: int = 2, **fault):
-    return tartanair_config(tmp, data, name, ray={"address": cluster.address}, max_inflight_shards=3, shard_size=shard_size,
-                            fault={"trace_dir": str(tmp / f"trace-{name}"), **fault})
+    return tartanair_config(
+        tmp,
+        data,
+        name,
+        ray={"address": cluster.address},
+        max_inflight_shards=3,
+        shard_size=shard_size,
+        fault={"trace_dir": str(tmp / f"trace-{name}"), **fault},
+    )
 
 
 def _traces(trace_dir: Path) -> list[tuple[int, str, float]]:
@@ -103,12 +113,15 @@ def test_work_spreads_over_nodes_and_survives_losing_a_worker_node(tmp_path, dat
     assert s.ok and s.shards_done == 8 and s.shards_failed == 0 and s.clips_failed == 0 and s.clips_written == 16
     _exactly_once(tmp_path / "lossy")
     assert shard_files(tmp_path / "lossy") == shard_files(tmp_path / "clean")  # byte-identical to the clean build
-    print(f"node loss: {len(loss['ran_on_victim'])} clips had started on the lost node, {sorted(loss['retried'])} ran "
-          f"again elsewhere; build {s.seconds:.1f} s; clean build {clean.seconds:.1f} s")
+    print(
+        f"node loss: {len(loss['ran_on_victim'])} clips had started on the lost node, {sorted(loss['retried'])} ran "
+        f"again elsewhere; build {s.seconds:.1f} s; clean build {clean.seconds:.1f} s"
+    )
 
 
-def _build_losing_a_node(tmp: Path, data: Path, name: str, cluster, delay_s: float = 0.6, shard_size: int = 2,
-                         min_done: int = 2):
+def _build_losing_a_node(
+    tmp: Path, data: Path, name: str, cluster, delay_s: float = 0.6, shard_size: int = 2, min_done: int = 2
+):
     """Build in a thread; once ``min_done`` shards are published, SIGKILL the raylet and workers of a node
     that started an ingest attempt under 0.25 s ago (still sleeping ``delay_s``), add a fresh node,
     and let the build finish. Returns the summary and what happened on the lost node."""
@@ -152,8 +165,11 @@ def _build_losing_a_node(tmp: Path, data: Path, name: str, cluster, delay_s: flo
     # clips whose attempt on the lost node had *finished* before it died, and that ran again after
     finished_there = {o for o, n, ts in attempts if n == victim.node_id and ts < killed_at - delay_s - 0.1}
     rerun = {o for o, n, ts in attempts if n != victim.node_id and ts > killed_at}
-    return result["summary"], {"ran_on_victim": ran_on_victim, "retried": retried,
-                               "reconstructed": finished_there & rerun}
+    return result["summary"], {
+        "ran_on_victim": ran_on_victim,
+        "retried": retried,
+        "reconstructed": finished_there & rerun,
+    }
 
 
 @pytest.mark.slow
@@ -176,8 +192,10 @@ def test_losing_a_node_that_holds_finished_clips_in_its_object_store(tmp_path, c
     assert s.ok and s.shards_done == 4 and s.clips_failed == 0 and s.clips_written == 16
     _exactly_once(tmp_path / "lossy")
     assert shard_files(tmp_path / "lossy") == shard_files(tmp_path / "clean")
-    print(f"node loss (object-store clips): {len(loss['ran_on_victim'])} clips had started on the lost node, "
-          f"{sorted(loss['retried'])} ran again elsewhere, {sorted(loss['reconstructed'])} of them finished before")
+    print(
+        f"node loss (object-store clips): {len(loss['ran_on_victim'])} clips had started on the lost node, "
+        f"{sorted(loss['retried'])} ran again elsewhere, {sorted(loss['reconstructed'])} of them finished before"
+    )
 
 
 def test_temporary_left_by_a_write_attempt_lost_mid_publish_is_removed(tmp_path, data16, cluster):
@@ -189,8 +207,11 @@ def test_temporary_left_by_a_write_attempt_lost_mid_publish_is_removed(tmp_path,
     out = tmp_path / "tmp"
     deadline = time.time() + 60
     # the build removes old temporaries before it marks shards running: drop ours after that
-    while time.time() < deadline and not (ManifestStore(Store(str(out))).has_plan() and (out / "manifests" / "ledger").exists()
-                                          and any((out / "manifests" / "ledger").iterdir())):
+    while time.time() < deadline and not (
+        ManifestStore(Store(str(out))).has_plan()
+        and (out / "manifests" / "ledger").exists()
+        and any((out / "manifests" / "ledger").iterdir())
+    ):
         time.sleep(0.05)
     partial = out / "shards" / "tartanair" / "tartanair-000007.tar.tmp-0123456789abcdef"
     partial.parent.mkdir(parents=True, exist_ok=True)

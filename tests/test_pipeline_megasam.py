@@ -11,6 +11,7 @@ scene's clips, with the reason; the clips of the good scene carry one scale (``q
 ``extra.pose_scale``) and MegaSaM-scaled metric poses; status counts drops by reason; a resume
 reuses the MegaSaM cache in the output store instead of re-running it.
 """
+
 from __future__ import annotations
 
 import tarfile
@@ -48,22 +49,44 @@ def re10k(tmp_path_factory):
 def config(base, data, truth, fail: str, hang: str, out: str = "out", jitter: float = 0.0) -> BuildConfig:
     log = base / f"{out}-megasam-calls.txt"
     template = command_template(truth, log=log, fail=fail, hang=hang, scale_jitter=jitter)
-    return BuildConfig.model_validate({
-        "output": str(base / out),
-        "shard_size": 2,
-        "datasets": {"realestate10k": {"root": str(data), "clip_length": 8, "frame_stride": 1, "clip_stride": 2,
-                                       "depth_source": "megasam", "track_source": "none"}},
-        "stages": {
-            # metric head + scale-only fit: a positive prediction always gets a positive scale, so
-            # even random weights align (badly; QC records it) and the poses can be checked
-            "depth": {"encoder": "vits", "metric": True, "input_size": 56, "dtype": "fp32", "allow_random_weights": True,
-                      "resources": {"num_gpus": 0, "actors": 1}},
-            # random-weight relative depth fails depth QC; keep the clips so poses can be checked
-            "align": {"model": "scale_only", "megasam_command": template, "megasam_timeout_s": 4.0, "megasam_retries": 0,
-                      "drop_on_qc": False, "megasam_num_gpus": 0},  # the stand-in needs no GPU
-        },
-        "ray": {"num_cpus": 2},
-    }), log
+    return BuildConfig.model_validate(
+        {
+            "output": str(base / out),
+            "shard_size": 2,
+            "datasets": {
+                "realestate10k": {
+                    "root": str(data),
+                    "clip_length": 8,
+                    "frame_stride": 1,
+                    "clip_stride": 2,
+                    "depth_source": "megasam",
+                    "track_source": "none",
+                }
+            },
+            "stages": {
+                # metric head + scale-only fit: a positive prediction always gets a positive scale, so
+                # even random weights align (badly; QC records it) and the poses can be checked
+                "depth": {
+                    "encoder": "vits",
+                    "metric": True,
+                    "input_size": 56,
+                    "dtype": "fp32",
+                    "allow_random_weights": True,
+                    "resources": {"num_gpus": 0, "actors": 1},
+                },
+                # random-weight relative depth fails depth QC; keep the clips so poses can be checked
+                "align": {
+                    "model": "scale_only",
+                    "megasam_command": template,
+                    "megasam_timeout_s": 4.0,
+                    "megasam_retries": 0,
+                    "drop_on_qc": False,
+                    "megasam_num_gpus": 0,
+                },  # the stand-in needs no GPU
+            },
+            "ray": {"num_cpus": 2},
+        }
+    ), log
 
 
 def read_samples(out) -> dict[str, dict]:
@@ -103,15 +126,19 @@ def test_megasam_scene_passes_end_to_end(re10k, ray_local):
     for key, raw in samples.items():
         clip = decode_sample(raw)
         start = int(key.split("__")[2])
-        true_c = rendered.c2w[start:start + 8, :3, 3]
+        true_c = rendered.c2w[start : start + 8, :3, 3]
         got_c = clip.c2w[:, :3, 3]
         qc = clip.meta.qc["align"]
         assert qc["reference"] == "megasam" and clip.meta.depth_source == "aligned"
         assert qc["scene"]["clips"] == 2 and qc["scene"]["frames"] == n_frames
         run_scale = qc["pose_scale"] * writer.POSE_SCALE  # the stand-in's scale error for this run
         assert run_scale != pytest.approx(1.0, abs=1e-4)
-        np.testing.assert_allclose(np.linalg.norm(got_c - got_c[0], axis=-1),
-                                   run_scale * np.linalg.norm(true_c - true_c[0], axis=-1), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            np.linalg.norm(got_c - got_c[0], axis=-1),
+            run_scale * np.linalg.norm(true_c - true_c[0], axis=-1),
+            rtol=1e-3,
+            atol=1e-4,
+        )
         metas.append(clip.meta)
     assert metas[0].qc["align"]["scale"] == metas[1].qc["align"]["scale"]
     assert metas[0].extra["pose_scale"] == metas[1].extra["pose_scale"]
@@ -131,8 +158,12 @@ def test_megasam_scene_passes_end_to_end(re10k, ray_local):
     before = good_shard.read_bytes()
     good_shard.unlink()
     r = resume(str(base / "out"), show_progress=False)
-    assert r.shards_done == 1 and r.clips_written == 2 and r.stats["megasam.cached"] == 1 and "megasam.runs" not in {
-        k for k, v in r.stats.items() if v}
+    assert (
+        r.shards_done == 1
+        and r.clips_written == 2
+        and r.stats["megasam.cached"] == 1
+        and "megasam.runs" not in {k for k, v in r.stats.items() if v}
+    )
     assert log.read_text().splitlines() == calls_before
     assert good_shard.read_bytes() == before
     assert verify(str(base / "out")).ok

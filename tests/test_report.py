@@ -1,4 +1,5 @@
 """``d4s report``: the HTML report of a small build (one bad input), its plots, and a headless browser."""
+
 from __future__ import annotations
 
 import base64
@@ -18,8 +19,18 @@ from pipeline.cli import app
 runner = CliRunner()
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
 IMG_RE = re.compile(r'<img id="([^"]+)" alt="([^"]+)" src="data:image/(?:png|jpeg);base64,([A-Za-z0-9+/=]+)">')
-SECTIONS = ("Summary", "Clips per dataset", "Frames and bytes per clip", "Depth range", "Alignment residual",
-            "QC drops by reason", "Throughput over time", "Stage time breakdown", "Failures", "Gallery")
+SECTIONS = (
+    "Summary",
+    "Clips per dataset",
+    "Frames and bytes per clip",
+    "Depth range",
+    "Alignment residual",
+    "QC drops by reason",
+    "Throughput over time",
+    "Stage time breakdown",
+    "Failures",
+    "Gallery",
+)
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -59,8 +70,15 @@ def test_report_html_sections_images_and_escaping(built, report):
     imgs = IMG_RE.findall(page)
     assert len(imgs) == page.count("<img") and len(imgs) >= 6
     ids = {i for i, _, _ in imgs}
-    assert {"fig-clips-per-dataset", "fig-frames-per-clip", "fig-bytes-per-clip", "fig-depth-range",
-            "fig-qc-drops", "fig-throughput", "fig-stage-times"} <= ids
+    assert {
+        "fig-clips-per-dataset",
+        "fig-frames-per-clip",
+        "fig-bytes-per-clip",
+        "fig-depth-range",
+        "fig-qc-drops",
+        "fig-throughput",
+        "fig-stage-times",
+    } <= ids
     for img_id, alt, b64 in imgs:
         raw = base64.b64decode(b64)
         assert (raw.startswith(b"\xff\xd8") if img_id.startswith("gallery-strip") else raw.startswith(PNG_SIG)) and alt
@@ -86,21 +104,53 @@ def test_report_synthetic_aligned_clips_and_hostile_strings(tmp_path):
     from pipeline.report import render_report
 
     evil = '<script>alert("x")</script> $\\alpha$ & co'
-    recs = [{"key": f"re__s__{i}", "dataset": "realestate10k", "frames": 16, "bytes": 2_000_000 + i * 1000,
-             "depth_p5_m": 1.0 + i * 0.01, "depth_median_m": 3.0 + i * 0.05, "depth_p95_m": 9.0,
-             "align": {"residual": 0.02 + 0.001 * i, "abs_rel": 0.05 + 0.002 * i, "scale": 1.3, "keep": True}}
-            for i in range(20)]
-    events = [{"shard_id": "realestate10k-000000", "state": "running", "build_id": "b1", "started_at": 100.0},
-              {"shard_id": "realestate10k-000000", "state": "done", "build_id": "b1", "started_at": 100.0,
-               "finished_at": 160.0, "samples_written": 20, "clips_failed": [{"clip_id": "c1"}],
-               "timings": {"ingest": 3.0, "depth": 20.0, "align": 5.0, "encode": 1.0, "write": 0.5}, "clip_qc": recs}]
-    st = {"output": "s3://b/o", "datasets": {"realestate10k": {"clips_done": 20, "clips_failed": 1, "clips_pending": 0}},
-          "stages": {}, "shards": {"done": 1, "failed": 0, "pending": 0},
-          "stage_seconds": {"ingest": 3.0, "depth": 20.0, "align": 5.0, "encode": 1.0, "write": 0.5},
-          "throughput": {"build_id": "b1", "clips": 21, "seconds": 60.0, "clips_per_s": 0.35, "eta_s": 0.0},
-          "qc": {}, "drops": {"realestate10k": {f"align: {evil}": 1}},
-          "failures": [{"dataset": "realestate10k", "clip_id": "c1", "stage": "align", "reason": evil,
-                        "path": "/d/<x>.txt", "shard_id": "realestate10k-000000"}]}
+    recs = [
+        {
+            "key": f"re__s__{i}",
+            "dataset": "realestate10k",
+            "frames": 16,
+            "bytes": 2_000_000 + i * 1000,
+            "depth_p5_m": 1.0 + i * 0.01,
+            "depth_median_m": 3.0 + i * 0.05,
+            "depth_p95_m": 9.0,
+            "align": {"residual": 0.02 + 0.001 * i, "abs_rel": 0.05 + 0.002 * i, "scale": 1.3, "keep": True},
+        }
+        for i in range(20)
+    ]
+    events = [
+        {"shard_id": "realestate10k-000000", "state": "running", "build_id": "b1", "started_at": 100.0},
+        {
+            "shard_id": "realestate10k-000000",
+            "state": "done",
+            "build_id": "b1",
+            "started_at": 100.0,
+            "finished_at": 160.0,
+            "samples_written": 20,
+            "clips_failed": [{"clip_id": "c1"}],
+            "timings": {"ingest": 3.0, "depth": 20.0, "align": 5.0, "encode": 1.0, "write": 0.5},
+            "clip_qc": recs,
+        },
+    ]
+    st = {
+        "output": "s3://b/o",
+        "datasets": {"realestate10k": {"clips_done": 20, "clips_failed": 1, "clips_pending": 0}},
+        "stages": {},
+        "shards": {"done": 1, "failed": 0, "pending": 0},
+        "stage_seconds": {"ingest": 3.0, "depth": 20.0, "align": 5.0, "encode": 1.0, "write": 0.5},
+        "throughput": {"build_id": "b1", "clips": 21, "seconds": 60.0, "clips_per_s": 0.35, "eta_s": 0.0},
+        "qc": {},
+        "drops": {"realestate10k": {f"align: {evil}": 1}},
+        "failures": [
+            {
+                "dataset": "realestate10k",
+                "clip_id": "c1",
+                "stage": "align",
+                "reason": evil,
+                "path": "/d/<x>.txt",
+                "shard_id": "realestate10k-000000",
+            }
+        ],
+    }
     page = render_report(st, events, "s3://b/o")
     ids = {i for i, _, _ in IMG_RE.findall(page)}
     assert "fig-align-residual" in ids and "No aligned clips" not in page
@@ -120,15 +170,26 @@ def test_report_on_non_output_is_a_clear_error(tmp_path):
 
 
 def _chromium(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--no-first-run", "--hide-scrollbars", f"--user-data-dir={tmp / 'profile'}", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp / 'profile'}",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp)
 
 
 def test_report_renders_in_headless_chromium(report, tmp_path):
     if not Path(CHROMIUM).exists() or not shutil.which(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium package (`apt-get install chromium`; "
-                    ".ci/run does) to run the browser check")
+        pytest.skip(
+            f"{CHROMIUM} not found: install Debian's chromium package (`apt-get install chromium`; "
+            ".ci/run does) to run the browser check"
+        )
     _, path = report
     n_imgs = path.read_text(encoding="utf-8").count("<img")
     url = path.resolve().as_uri()

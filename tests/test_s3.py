@@ -4,6 +4,7 @@ A dataset root uploaded to S3, a build into ``s3://``, verify, damage + resume, 
 local build of the same inputs, no credentials anywhere in the output, the trainer's loader reading
 the shards back, and atomic publication (an exception mid-write leaves no object behind).
 """
+
 from __future__ import annotations
 
 import io
@@ -61,13 +62,15 @@ def s3(s3_server):
 def _config(output: str, root: str, **over):
     from pipeline.config import BuildConfig
 
-    return BuildConfig.model_validate({
-        "output": output,
-        "shard_size": 2,
-        "datasets": {"tartanair": {"root": root, "clip_length": 4, "clip_stride": 3, "track_source": "none"}},
-        "ray": {"num_cpus": 2},
-        **over,
-    })
+    return BuildConfig.model_validate(
+        {
+            "output": output,
+            "shard_size": 2,
+            "datasets": {"tartanair": {"root": root, "clip_length": 4, "clip_stride": 3, "track_source": "none"}},
+            "ray": {"num_cpus": 2},
+            **over,
+        }
+    )
 
 
 def _members(data: bytes) -> dict[str, bytes]:
@@ -121,7 +124,7 @@ def _local_shards(out) -> dict[str, bytes]:
 
 
 def _remote_shards(s3) -> dict[str, bytes]:
-    return {k[len("out/"):]: s3.get(k) for k in s3.objects("out/shards/")}
+    return {k[len("out/") :]: s3.get(k) for k in s3.objects("out/shards/")}
 
 
 def test_atomic_writer_publishes_whole_object_or_nothing(s3):
@@ -180,13 +183,23 @@ def test_cli_verify_and_status_on_s3_url(s3, builds):
     import sys
 
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", builds["url"], "--json"], capture_output=True,
-                       text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "status", builds["url"], "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     st = json.loads(r.stdout)
     assert st["datasets"]["tartanair"]["clips_done"] == 6
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", builds["url"]], capture_output=True, text=True,
-                       env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "verify", builds["url"]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
 
@@ -197,8 +210,16 @@ def test_training_loader_reads_shards_from_s3(s3, builds):
     from training.data import iter_tar, make_loader, resolve_shards
 
     index = ManifestStore(Store(builds["url"])).index()
-    stage = dict(name="static", steps=2, resolution=16, num_frames=3, scenes="any", max_frame_stride=1,
-                 frozen=["deformation"], losses=["fm", "photo", "geo"])
+    stage = dict(
+        name="static",
+        steps=2,
+        resolution=16,
+        num_frames=3,
+        scenes="any",
+        max_frame_stride=1,
+        frozen=["deformation"],
+        losses=["fm", "photo", "geo"],
+    )
     cfg = make_config("tiny", data={"root": builds["url"], "shuffle_buffer": 1}, stages=[stage])
     by_ds, counts, keys = resolve_shards(cfg.data)
     assert counts == {"tartanair": 6} and keys == {r["key"]: "tartanair" for r in index}
@@ -222,10 +243,23 @@ def test_training_checkpoints_and_resumes_in_s3_workdir(s3, builds, capsys):
     from training.cli import train_main
     from training.trainer import latest_checkpoint, load_checkpoint
 
-    cfg = {"preset": "tiny", "data": {"root": builds["url"], "shuffle_buffer": 1},
-           "stages": [dict(name="static", steps=2, resolution=16, num_frames=3, scenes="any", max_frame_stride=1,
-                           frozen=["deformation"], losses=["fm", "photo", "geo"])],
-           "runtime": {"launcher": "local", "num_workers": 1, "ckpt_every": 1, "tensorboard": False}}
+    cfg = {
+        "preset": "tiny",
+        "data": {"root": builds["url"], "shuffle_buffer": 1},
+        "stages": [
+            dict(
+                name="static",
+                steps=2,
+                resolution=16,
+                num_frames=3,
+                scenes="any",
+                max_frame_stride=1,
+                frozen=["deformation"],
+                losses=["fm", "photo", "geo"],
+            )
+        ],
+        "runtime": {"launcher": "local", "num_workers": 1, "ckpt_every": 1, "tensorboard": False},
+    }
     path = builds["local_out"].parent / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
     wd = s3.url("train")
@@ -233,7 +267,9 @@ def test_training_checkpoints_and_resumes_in_s3_workdir(s3, builds, capsys):
     assert train_main(str(path), None, 2, wd) == 0
     out = capsys.readouterr().out
     assert "resumed from checkpoint s3://" in out and "(step 1)" in out
-    assert latest_checkpoint(wd) == f"{wd}/ckpt/step-00000002.pt" and load_checkpoint(latest_checkpoint(wd))["step"] == 2
+    assert (
+        latest_checkpoint(wd) == f"{wd}/ckpt/step-00000002.pt" and load_checkpoint(latest_checkpoint(wd))["step"] == 2
+    )
     rows = [json.loads(line) for line in s3.get("train/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert not [k for k in s3.objects("train/") if ".tmp" in k]
@@ -246,10 +282,22 @@ def test_ray_train_two_ranks_checkpoint_and_resume_in_s3_workdir(s3, builds):
     from training.trainer import latest_checkpoint, load_checkpoint, ray_storage_path, train
 
     wd = s3.url("train_ray")
-    stage = dict(name="static", steps=3, resolution=16, num_frames=3, scenes="any", max_frame_stride=1,
-                 frozen=["deformation"], losses=["fm", "photo", "geo"])
-    base = dict(data={"root": builds["url"], "shuffle_buffer": 1}, workdir=wd, stages=[stage],
-                runtime={"launcher": "ray", "num_workers": 2, "ckpt_every": 1, "tensorboard": False})
+    stage = dict(
+        name="static",
+        steps=3,
+        resolution=16,
+        num_frames=3,
+        scenes="any",
+        max_frame_stride=1,
+        frozen=["deformation"],
+        losses=["fm", "photo", "geo"],
+    )
+    base = dict(
+        data={"root": builds["url"], "shuffle_buffer": 1},
+        workdir=wd,
+        stages=[stage],
+        runtime={"launcher": "ray", "num_workers": 2, "ckpt_every": 1, "tensorboard": False},
+    )
     train(make_config("tiny", max_steps=1, **base))
     assert load_checkpoint(latest_checkpoint(wd))["step"] == 1
     train(make_config("tiny", max_steps=3, **base))
@@ -293,7 +341,8 @@ def test_megasam_cache_in_s3_is_reused_by_another_runner(s3, tmp_path):
         f"open({str(calls)!r}, 'a').write(run + '\\n')\n"
         "t = len(os.listdir(frames))\n"
         "np.savez(out, images=np.zeros((t, 8, 8, 3), np.uint8), depths=np.full((t, 8, 8), 3.0, np.float32),\n"
-        "         intrinsic=np.array([[8.0, 0, 4], [0, 8, 4], [0, 0, 1]]), cam_c2w=np.tile(np.eye(4), (t, 1, 1)))\n")
+        "         intrinsic=np.array([[8.0, 0, 4], [0, 8, 4], [0, 0, 1]]), cam_c2w=np.tile(np.eye(4), (t, 1, 1)))\n"
+    )
     cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} {{frames_dir}} {{out_npz}} {{clip_id}}"
     frames = np.random.default_rng(1).integers(0, 255, (4, 8, 8, 3), np.uint8)
     url = s3.url("out/cache/megasam")
@@ -355,16 +404,22 @@ def test_driver_killed_mid_build_then_resume_on_s3(s3, builds, tmp_path):
     path = tmp_path / "crashy.yaml"
     path.write_text(cfg.to_yaml())
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1", "RAY_ADDRESS": "local"}  # its own local Ray
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "build", str(path), "--no-progress"], capture_output=True,
-                       text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "build", str(path), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 19, r.stderr[-2000:]
     st = collect_status(url)
     assert st["shards"]["done"] == 1 and st["shards"]["pending"] == 2
     s = resume(url, show_progress=False, overrides={"fault": {}})
     assert s.ok and s.shards_skipped == 1 and s.shards_done == 2
     assert verify(url).ok
-    crashy = {k[len("crashy/"):]: s3.get(k) for k in s3.objects("crashy/shards/")}
+    crashy = {k[len("crashy/") :]: s3.get(k) for k in s3.objects("crashy/shards/")}
     assert crashy == _local_shards(builds["local_out"])
+
 
 def test_no_credentials_in_any_output_object(s3, builds):
     """Last, after every build, resume, CLI call and training run: no object in the bucket (outputs,

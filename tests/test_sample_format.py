@@ -11,12 +11,28 @@ def _clip(t=3, h=20, w=24, tracks=True):
     valid = rng.random((t, h, w)) > 0.1
     tr = rng.standard_normal((t, 7, 3)).astype(np.float32) if tracks else None
     vis = rng.random((t, 7)) > 0.3 if tracks else None
-    meta = ClipMeta("tartanair", "a/b", "tartanair__a-b__000003", [3, 4, 5], False, False, depth_source="gt",
-                    track_source="gt" if tracks else "none")
+    meta = ClipMeta(
+        "tartanair",
+        "a/b",
+        "tartanair__a-b__000003",
+        [3, 4, 5],
+        False,
+        False,
+        depth_source="gt",
+        track_source="gt" if tracks else "none",
+    )
     c2w = np.tile(np.eye(4), (t, 1, 1))
     c2w[:, :3, 3] = rng.standard_normal((t, 3))
-    return Clip(meta, rng.integers(0, 255, (t, h, w, 3), dtype=np.uint8), np.tile([20.0, 21.0, 12.0, 10.0], (t, 1)),
-                c2w, depth, valid, tr, vis)
+    return Clip(
+        meta,
+        rng.integers(0, 255, (t, h, w, 3), dtype=np.uint8),
+        np.tile([20.0, 21.0, 12.0, 10.0], (t, 1)),
+        c2w,
+        depth,
+        valid,
+        tr,
+        vis,
+    )
 
 
 def test_depth_codec_precision_over_0p1m_to_1km():

@@ -1,6 +1,7 @@
 """Scene passes without Ray: stage declarations, whole-scene shards, a scene's frame sequence,
 segments and their joins, the model-stage loop (each frame through the model once, per-pass
 fallback), and the MegaSaM cache (content key, compact bytes, reuse, a damaged entry redone)."""
+
 from __future__ import annotations
 
 import shlex
@@ -28,8 +29,14 @@ def test_routes_state_stages_granularity_and_resources_per_dataset():
     cfg = cfg_for(realestate10k={}, stereo4d={}, tartanair={}, spring={})
     re = {s.name: s for s in route(cfg, "realestate10k")}
     assert list(re) == ["ingest", "depth", "megasam", "align", "tracks", "encode", "write"]
-    assert [re[k].granularity for k in ("ingest", "depth", "megasam", "align", "tracks", "write")] == \
-        ["clip", "scene", "scene", "scene", "clip", "shard"]
+    assert [re[k].granularity for k in ("ingest", "depth", "megasam", "align", "tracks", "write")] == [
+        "clip",
+        "scene",
+        "scene",
+        "scene",
+        "clip",
+        "shard",
+    ]
     assert re["megasam"].num_gpus == 1.0 and re["megasam"].runs_as == "task" and re["depth"].runs_as == "actor"
     assert [s.name for s in route(cfg, "stereo4d")] == ["ingest", "depth", "align", "encode", "write"]
     assert {s.name: s.variant for s in route(cfg, "stereo4d")}["align"] == "sparse"
@@ -66,8 +73,9 @@ def clip(scene: str, frames: list[int], h=6, w=8, dataset="realestate10k") -> Cl
     """A clip whose pixels encode the source frame index (so a test can see which frame went where)."""
     rgb = np.stack([np.full((h, w, 3), f % 256, np.uint8) for f in frames])
     meta = ClipMeta(dataset, scene, f"{dataset}__{scene}__{frames[0]:06d}", list(frames), False, True)
-    return Clip(meta, rgb, np.tile([10.0, 10.0, w / 2, h / 2], (len(frames), 1)),
-                np.tile(np.eye(4), (len(frames), 1, 1)))
+    return Clip(
+        meta, rgb, np.tile([10.0, 10.0, w / 2, h / 2], (len(frames), 1)), np.tile(np.eye(4), (len(frames), 1, 1))
+    )
 
 
 def test_sequence_is_the_union_of_clip_frames_and_cuts_back():
@@ -159,9 +167,13 @@ class CountingRunner:
 def depth_stage(granularity="scene", max_frames=512, overlap=32, runner=None):
     from stages.depth.stage import DepthModelStage
 
-    cfg = BuildConfig.model_validate({"output": "/tmp/x", "datasets": {"realestate10k": {"root": "/tmp/none"}},
-                                      "stages": {"scene": {"granularity": granularity, "max_frames": max_frames,
-                                                           "overlap_frames": overlap}}})
+    cfg = BuildConfig.model_validate(
+        {
+            "output": "/tmp/x",
+            "datasets": {"realestate10k": {"root": "/tmp/none"}},
+            "stages": {"scene": {"granularity": granularity, "max_frames": max_frames, "overlap_frames": overlap}},
+        }
+    )
     return DepthModelStage(cfg, "cpu", runner=runner or CountingRunner())
 
 
@@ -173,8 +185,12 @@ def test_each_source_frame_goes_through_the_depth_model_once_per_scene():
     for _c, o in zip(clips, out):
         np.testing.assert_array_equal(o.aux["relative_depth"][:, 0, 0], np.array(o.meta.frame_indices) + 1)
         assert o.meta.untrained_models == ["vda"]
-    assert out[0].aux["stats"] == {"depth.passes": 1, "depth.source_frames": 8, "depth.model_frames": 8,
-                                   "depth.clip_frames": 12}
+    assert out[0].aux["stats"] == {
+        "depth.passes": 1,
+        "depth.source_frames": 8,
+        "depth.model_frames": 8,
+        "depth.clip_frames": 12,
+    }
     assert "stats" not in out[1].aux  # counted once per pass
     per_clip = depth_stage("clip")
     per_clip.process([clip("s", [0, 1, 2, 3]), clip("s", [2, 3, 4, 5])])
@@ -228,8 +244,10 @@ def megasam_cmd(tmp_path):
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)
     counter = tmp_path / "calls.txt"
-    return (f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} --frames {{frames_dir}} --out {{out_npz}} "
-            f"--clip {{clip_id}} --count {shlex.quote(str(counter))}"), counter
+    return (
+        f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} --frames {{frames_dir}} --out {{out_npz}} "
+        f"--clip {{clip_id}} --count {shlex.quote(str(counter))}"
+    ), counter
 
 
 def test_megasam_cache_is_keyed_by_content_compact_and_reused(megasam_cmd, tmp_path):
@@ -239,13 +257,16 @@ def test_megasam_cache_is_keyed_by_content_compact_and_reused(megasam_cmd, tmp_p
     runner = MegaSaMRunner(cmd, tmp_path / "work", timeout_s=60, retries=0)
     cache = MegaSaMCache(str(tmp_path / "cache"), max_side=20)
     frames = np.random.default_rng(0).integers(0, 255, (5, 30, 40, 3), np.uint8)
-    first = run_cached(runner, cache, "ds__scene__000010", frames, frame_ids=[10, 12, 14, 16, 18], env={"CUDA_VISIBLE_DEVICES": "3"})
+    first = run_cached(
+        runner, cache, "ds__scene__000010", frames, frame_ids=[10, 12, 14, 16, 18], env={"CUDA_VISIBLE_DEVICES": "3"}
+    )
     assert not first.cached and first.output.depths.shape == (5, 15, 20)  # long side capped at 20
     assert 0 < first.bytes <= cache_entry_bytes(5, 30, 40, 20)
     assert first.output.intrinsic[0, 0] == pytest.approx(15.0)  # K follows the smaller grid
     np.testing.assert_allclose(first.output.depths[:, 0, 0], 2.0 + 0.1 * np.array([10, 12, 14, 16, 18]), rtol=1e-4)
-    again = run_cached(MegaSaMRunner(cmd, tmp_path / "work2"), MegaSaMCache(str(tmp_path / "cache"), 20),
-                       "another_run_id", frames)
+    again = run_cached(
+        MegaSaMRunner(cmd, tmp_path / "work2"), MegaSaMCache(str(tmp_path / "cache"), 20), "another_run_id", frames
+    )
     assert again.cached and again.key == first.key
     np.testing.assert_array_equal(again.output.depths, first.output.depths)  # a hit gives the same bytes
     np.testing.assert_array_equal(again.output.cam_c2w, first.output.cam_c2w)
@@ -268,8 +289,12 @@ def test_megasam_failure_names_the_run_and_a_log_in_the_store(tmp_path):
     exe.chmod(0o755)
     cache = MegaSaMCache(str(tmp_path / "cache"))
     with pytest.raises(AlignmentError) as e:
-        run_cached(MegaSaMRunner(f"{exe} {{frames_dir}} {{out_npz}}", tmp_path / "w", retries=1), cache, "ds__s__000000",
-                   np.zeros((3, 8, 8, 3), np.uint8))
+        run_cached(
+            MegaSaMRunner(f"{exe} {{frames_dir}} {{out_npz}}", tmp_path / "w", retries=1),
+            cache,
+            "ds__s__000000",
+            np.zeros((3, 8, 8, 3), np.uint8),
+        )
     assert "run ds__s__000000" in e.value.reason and "exit code 7 (attempt 2/2)" in e.value.reason
     assert e.value.path.startswith(str(tmp_path / "cache" / "logs")) and "simulated crash" in open(e.value.path).read()
     assert not list((tmp_path / "cache").glob("*/*.npz"))
@@ -282,7 +307,12 @@ def test_gpu_demand_beyond_a_local_cluster_is_refused(monkeypatch):
 
     cfg = cfg_for(realestate10k={})
     d = dag.ShardDAG.__new__(dag.ShardDAG)
-    d.cfg, d.needs_depth, d.needs_track_model, d.needs_megasam = cfg, {"realestate10k"}, {"realestate10k"}, {"realestate10k"}
+    d.cfg, d.needs_depth, d.needs_track_model, d.needs_megasam = (
+        cfg,
+        {"realestate10k"},
+        {"realestate10k"},
+        {"realestate10k"},
+    )
     d.routes = {"realestate10k": {s.name: s for s in route(cfg, "realestate10k")}}
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(dag.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
@@ -290,9 +320,16 @@ def test_gpu_demand_beyond_a_local_cluster_is_refused(monkeypatch):
         d._check_gpus()
     monkeypatch.setattr(dag.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 3.0})
     d._check_gpus()
-    shared = BuildConfig.model_validate({**cfg.model_dump(), "stages": {
-        "depth": {"resources": {"num_gpus": 0.4}}, "tracks": {"resources": {"num_gpus": 0.4}},
-        "align": {"megasam_num_gpus": 0.2}}})
+    shared = BuildConfig.model_validate(
+        {
+            **cfg.model_dump(),
+            "stages": {
+                "depth": {"resources": {"num_gpus": 0.4}},
+                "tracks": {"resources": {"num_gpus": 0.4}},
+                "align": {"megasam_num_gpus": 0.2},
+            },
+        }
+    )
     d.cfg = shared
     d.routes = {"realestate10k": {s.name: s for s in route(shared.resolved(), "realestate10k")}}
     monkeypatch.setattr(dag.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
@@ -301,8 +338,12 @@ def test_gpu_demand_beyond_a_local_cluster_is_refused(monkeypatch):
     monkeypatch.setattr(dag.ray, "cluster_resources", lambda: {"CPU": 16.0})
     with pytest.raises(ConfigError, match="stages.depth.resources.num_gpus: 0"):
         d._check_gpus()
-    cpu = BuildConfig.model_validate({**cfg.model_dump(), "stages": {
-        "depth": {"resources": {"num_gpus": 0}}, "tracks": {"resources": {"num_gpus": 0}}}})
+    cpu = BuildConfig.model_validate(
+        {
+            **cfg.model_dump(),
+            "stages": {"depth": {"resources": {"num_gpus": 0}}, "tracks": {"resources": {"num_gpus": 0}}},
+        }
+    )
     d.cfg = cpu
     d.routes = {"realestate10k": {s.name: s for s in route(cpu.resolved(), "realestate10k")}}
     with pytest.raises(ConfigError, match="stages.align.megasam_num_gpus: 0"):
@@ -330,15 +371,38 @@ def _rendered_clips(starts=(0, 2), length=8):
     root = Path(tempfile.mkdtemp())
     rendered = render(w.demo_spec(0, seed=5))
     ws = w.write(rendered, root, w.default_scene_id(0))
-    cfg = BuildConfig.model_validate({"output": str(root / "out"), "datasets": {"realestate10k": {
-        "root": str(root), "clip_length": length, "frame_stride": 1, "clip_stride": 2, "depth_source": "vda_metric"}},
-        "stages": {"depth": {"metric": True}, "align": {"drop_on_qc": False}}}).resolved()
+    cfg = BuildConfig.model_validate(
+        {
+            "output": str(root / "out"),
+            "datasets": {
+                "realestate10k": {
+                    "root": str(root),
+                    "clip_length": length,
+                    "frame_stride": 1,
+                    "clip_stride": 2,
+                    "depth_source": "vda_metric",
+                }
+            },
+            "stages": {"depth": {"metric": True}, "align": {"drop_on_qc": False}},
+        }
+    ).resolved()
     from stages.ingest import get_adapter
 
     (sc,) = get_adapter("realestate10k", str(root)).discover()
-    clips = [ingest_clip({"clip_id": clip_id("realestate10k", ws.scene_id, s), "dataset": "realestate10k",
-                          "scene": ws.scene_id, "frames": list(range(s, s + length)), "ordinal": -1}, sc, cfg)
-             for s in starts]
+    clips = [
+        ingest_clip(
+            {
+                "clip_id": clip_id("realestate10k", ws.scene_id, s),
+                "dataset": "realestate10k",
+                "scene": ws.scene_id,
+                "frames": list(range(s, s + length)),
+                "ordinal": -1,
+            },
+            sc,
+            cfg,
+        )
+        for s in starts
+    ]
     return cfg, clips, rendered
 
 
@@ -358,8 +422,9 @@ def test_a_scene_is_aligned_once_and_every_clip_carries_its_scale():
     assert qa["scene"]["clips"] == 2 and qa["scene"]["frames"] == 10 and qa["scene"] == qb["scene"]
     assert qa["scale"] == pytest.approx(1.0, abs=0.02)  # metric VDA is its own reference
     # qc.align is the scene's fit (the same in both clips); qc.align.clip each clip's own checks
-    assert {k: v for k, v in qa.items() if k not in ("clip", "keep", "reason", "reasons")} == \
-        {k: v for k, v in qb.items() if k not in ("clip", "keep", "reason", "reasons")}
+    assert {k: v for k, v in qa.items() if k not in ("clip", "keep", "reason", "reasons")} == {
+        k: v for k, v in qb.items() if k not in ("clip", "keep", "reason", "reasons")
+    }
     assert qa["clip"]["frames"] == qb["clip"]["frames"] == 8
     assert len({qa["clip"]["consistency_error"], qb["clip"]["consistency_error"], qa["consistency_error"]}) == 3
     assert qa["keep"] == (qa["scene"]["keep"] and qa["clip"]["keep"])
@@ -404,7 +469,9 @@ def test_track_stage_runs_on_the_same_loop_per_clip_with_fallback():
                 raise RuntimeError("tracker broke on this clip")
             return [(np.zeros((len(v), 2, 2), np.float32), np.zeros((len(v), 2), bool)) for v in videos]
 
-    cfg = BuildConfig.model_validate({**cfg_for(realestate10k={}).model_dump(), "stages": {"tracks": {"drop_on_qc": False}}})
+    cfg = BuildConfig.model_validate(
+        {**cfg_for(realestate10k={}).model_dump(), "stages": {"tracks": {"drop_on_qc": False}}}
+    )
     st = TrackModelStage(cfg, "cpu", runner=FakeTracker())
     a, bad = clip("s", [0, 1, 2]), clip("t", [100, 101, 102])
     for c in (a, bad):
@@ -412,7 +479,11 @@ def test_track_stage_runs_on_the_same_loop_per_clip_with_fallback():
         c.depth_valid = np.ones(c.rgb.shape[:3], bool)
     out = st.process([a, bad])
     assert st.runner.batches == [2, 1, 1]  # the batch, then each clip alone
-    assert isinstance(out[0], Clip) and out[0].meta.track_source == "cotracker" and out[0].meta.untrained_models == ["cotracker3"]
+    assert (
+        isinstance(out[0], Clip)
+        and out[0].meta.track_source == "cotracker"
+        and out[0].meta.untrained_models == ["cotracker3"]
+    )
     assert isinstance(out[1], ClipFailure) and out[1].stage == "tracks" and "tracker broke" in out[1].reason
 
 
@@ -423,27 +494,40 @@ def test_megasam_pass_runs_once_per_scene_with_dataset_scene_frame_run_ids(megas
 
     cmd, counter = megasam_cmd
     clips = [clip("s", [0, 2, 4, 6]), clip("s", [4, 6, 8, 10])]
-    for gran, want in (("scene", ["realestate10k__s__000000"]),
-                       ("clip", ["realestate10k__s__000000", "realestate10k__s__000004"])):
+    for gran, want in (
+        ("scene", ["realestate10k__s__000000"]),
+        ("clip", ["realestate10k__s__000000", "realestate10k__s__000004"]),
+    ):
         counter.unlink(missing_ok=True)
-        cfg = BuildConfig.model_validate({"output": str(tmp_path / gran), "datasets": {"realestate10k": {"root": "/x"}},
-                                          "stages": {"align": {"megasam_command": cmd}, "scene": {"granularity": gran}}})
+        cfg = BuildConfig.model_validate(
+            {
+                "output": str(tmp_path / gran),
+                "datasets": {"realestate10k": {"root": "/x"}},
+                "stages": {"align": {"megasam_command": cmd}, "scene": {"granularity": gran}},
+            }
+        )
         groups = [clips] if gran == "scene" else [[c] for c in clips]
         refs = [megasam_pass(g, g[0].key, cfg, gpu_ids=[0]) for g in groups]
         assert [line.split()[0] for line in counter.read_text().splitlines()] == want
         assert all(isinstance(r, SceneReference) for r in refs)
         assert refs[0].frames.tolist() == ([0, 2, 4, 6, 8, 10] if gran == "scene" else [0, 2, 4, 6])
         assert refs[0].stats["megasam.runs"] == 1 and refs[0].output.depths.shape[0] == len(refs[0].frames)
-    bad = BuildConfig.model_validate({"output": str(tmp_path / "bad"), "datasets": {"realestate10k": {"root": "/x"}},
-                                      "stages": {"align": {"megasam_command": "/bin/false {out_npz}", "megasam_retries": 0}}})
+    bad = BuildConfig.model_validate(
+        {
+            "output": str(tmp_path / "bad"),
+            "datasets": {"realestate10k": {"root": "/x"}},
+            "stages": {"align": {"megasam_command": "/bin/false {out_npz}", "megasam_retries": 0}},
+        }
+    )
     fail = megasam_pass(clips, "realestate10k__s", bad)
     assert isinstance(fail, PassFailure) and fail.stage == "megasam" and "exit code 1" in fail.reason
 
 
 def test_content_hash_ignores_where_and_on_what_megasam_runs():
     base = cfg_for(realestate10k={})
-    other = BuildConfig.model_validate({**base.model_dump(), "stages": {"align": {
-        "cache_dir": "s3://elsewhere/cache", "megasam_num_gpus": 0.5}}}).resolved()
+    other = BuildConfig.model_validate(
+        {**base.model_dump(), "stages": {"align": {"cache_dir": "s3://elsewhere/cache", "megasam_num_gpus": 0.5}}}
+    ).resolved()
     assert base.content_hash() == other.content_hash()
     versioned = BuildConfig.model_validate({**base.model_dump(), "stages": {"align": {"megasam_version": "v2"}}})
     assert versioned.content_hash() != base.content_hash()
@@ -453,8 +537,15 @@ def test_clip_and_scene_checks_both_decide_and_are_named_in_the_reason():
     from stages.align.stage import align
 
     cfg, clips, rendered = _rendered_clips()
-    cfg = BuildConfig.model_validate({**cfg.model_dump(), "stages": {**cfg.model_dump()["stages"], "align": {
-        "drop_on_qc": True, "thresholds": {"max_consistency_error": 1e-9}}}}).resolved()
+    cfg = BuildConfig.model_validate(
+        {
+            **cfg.model_dump(),
+            "stages": {
+                **cfg.model_dump()["stages"],
+                "align": {"drop_on_qc": True, "thresholds": {"max_consistency_error": 1e-9}},
+            },
+        }
+    ).resolved()
     for c in clips:
         c.aux["relative_depth"] = rendered.depth[c.meta.frame_indices].astype(np.float32) * 1.3
         c.aux["relative_kind"] = "metric_depth"

@@ -1,4 +1,5 @@
 """Ground-truth self-check: clips read from good fixtures pass; each convention error is caught."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,9 @@ SYNTHETIC = ["tartanair", "matrixcity", "pointodyssey", "dynamic_replica", "spri
 BREAKAGES = {
     "inverted pose": lambda c: setattr(c, "c2w", geo.invert_pose(c.c2w)),
     "flipped y/z": lambda c: setattr(c, "c2w", c.c2w @ geo.GL_TO_CV),
-    "transposed rotation": lambda c: c.c2w.__setitem__((slice(None), slice(0, 3), slice(0, 3)),
-                                                       np.swapaxes(c.c2w[:, :3, :3], 1, 2).copy()),
+    "transposed rotation": lambda c: c.c2w.__setitem__(
+        (slice(None), slice(0, 3), slice(0, 3)), np.swapaxes(c.c2w[:, :3, :3], 1, 2).copy()
+    ),
     "depth in millimetres": lambda c: setattr(c, "depth", c.depth * 1000.0),
     "depth in kilometres": lambda c: setattr(c, "depth", c.depth / 1000.0),
 }
@@ -60,9 +62,14 @@ def test_each_convention_error_is_flagged(clips, dataset, breakage):
         gt_self_check(clip, QCConfig())
 
 
-@pytest.mark.parametrize("breakage, hint", [("inverted pose", "poses were inverted"),
-                                            ("flipped y/z", "y and z axes were flipped"),
-                                            ("depth in millimetres", "depth were in millimetres")])
+@pytest.mark.parametrize(
+    "breakage, hint",
+    [
+        ("inverted pose", "poses were inverted"),
+        ("flipped y/z", "y and z axes were flipped"),
+        ("depth in millimetres", "depth were in millimetres"),
+    ],
+)
 def test_reason_names_the_error_that_explains_the_clip(clips, breakage, hint):
     import copy
 
@@ -87,8 +94,14 @@ def test_static_camera_is_not_failed():
     """Without camera motion no convention can be told from another: the clip passes."""
     r = render(writer_module("tartanair").demo_spec(0, seed=5))
     c2w = np.repeat(r.c2w[:1], len(r.c2w), axis=0)
-    res = agreement(r.rgb[:1].repeat(4, 0), r.depth[:1].repeat(4, 0), np.ones((4, *r.depth.shape[1:]), bool),
-                    r.intrinsics[:4], geo.invert_pose(c2w[:4]), 2048)
+    res = agreement(
+        r.rgb[:1].repeat(4, 0),
+        r.depth[:1].repeat(4, 0),
+        np.ones((4, *r.depth.shape[1:]), bool),
+        r.intrinsics[:4],
+        geo.invert_pose(c2w[:4]),
+        2048,
+    )
     assert res["agreement"] == pytest.approx(1.0)
 
 
@@ -117,20 +130,29 @@ def _write_spring_with(root, transform):
 def _ingest_spring(root, qc=None):
     from stages.ingest.stage import ingest_clip
 
-    cfg = BuildConfig.model_validate({"output": str(root / "out"), "qc": qc or {},
-                                      "datasets": {"spring": {"root": str(root), "track_source": "none"}}}).resolved()
+    cfg = BuildConfig.model_validate(
+        {
+            "output": str(root / "out"),
+            "qc": qc or {},
+            "datasets": {"spring": {"root": str(root), "track_source": "none"}},
+        }
+    ).resolved()
     adapter = get_adapter("spring", str(root))
     scene = adapter.discover()[0]
     spec = {"dataset": "spring", "scene": scene.scene, "clip_id": "spring__c0", "frames": list(range(8)), "ordinal": 0}
     return ingest_clip(spec, scene, cfg)
 
 
-@pytest.mark.parametrize("transform, hint", [
-    (lambda w2c: w2c, None),  # as the writer wrote it: world-to-camera, OpenCV axes
-    (geo.invert_pose, "poses were inverted"),  # camera-to-world written
-    (lambda w2c: geo.GL_TO_CV @ w2c, "y and z axes were flipped"),  # OpenGL camera axes
-    (lambda w2c: geo.invert_pose(geo.GL_TO_CV @ w2c), "inverted with y and z flipped"),  # OpenGL camera-to-world
-], ids=["as-documented", "camera-to-world", "opengl-axes", "both"])
+@pytest.mark.parametrize(
+    "transform, hint",
+    [
+        (lambda w2c: w2c, None),  # as the writer wrote it: world-to-camera, OpenCV axes
+        (geo.invert_pose, "poses were inverted"),  # camera-to-world written
+        (lambda w2c: geo.GL_TO_CV @ w2c, "y and z axes were flipped"),  # OpenGL camera axes
+        (lambda w2c: geo.invert_pose(geo.GL_TO_CV @ w2c), "inverted with y and z flipped"),  # OpenGL camera-to-world
+    ],
+    ids=["as-documented", "camera-to-world", "opengl-axes", "both"],
+)
 def test_spring_extrinsics_conventions_at_ingest(tmp_path, transform, hint):
     _write_spring_with(tmp_path, transform)
     out = _ingest_spring(tmp_path)
@@ -159,10 +181,17 @@ def test_selfcheck_reaches_the_sample_records_status_and_report(tmp_path):
     assert dist["GT self-check agreement"]["n"] == 1
     category = failure_categories(bad.stage, bad.reason, bad.clip_id)
     assert category == ["ingest: pose/depth convention mismatch"]
-    st = {"output": "o", "datasets": {"spring": {"clips_done": 1, "clips_failed": 1, "clips_pending": 0}},
-          "stages": {}, "shards": {"done": 1, "failed": 0, "pending": 0}, "stage_seconds": {},
-          "throughput": {"build_id": None, "clips": 0, "seconds": 0.0, "clips_per_s": None, "eta_s": None},
-          "qc": {"spring": dist}, "drops": {"spring": {category[0]: 1}}, "failures": []}
+    st = {
+        "output": "o",
+        "datasets": {"spring": {"clips_done": 1, "clips_failed": 1, "clips_pending": 0}},
+        "stages": {},
+        "shards": {"done": 1, "failed": 0, "pending": 0},
+        "stage_seconds": {},
+        "throughput": {"build_id": None, "clips": 0, "seconds": 0.0, "clips_per_s": None, "eta_s": None},
+        "qc": {"spring": dist},
+        "drops": {"spring": {category[0]: 1}},
+        "failures": [],
+    }
     events = [{"shard_id": "spring-000000", "state": "done", "build_id": "b", "clip_qc": [rec]}]
     page = render_report(st, events, "o")
     assert 'id="selfcheck"' in page and 'id="fig-selfcheck"' in page
@@ -187,10 +216,16 @@ def test_build_with_inverted_spring_poses_writes_nothing_and_says_why(tmp_path, 
     from pipeline.status import collect_status
 
     _write_spring_with(tmp_path / "data", geo.invert_pose)
-    cfg = BuildConfig.model_validate({"output": str(tmp_path / "out"), "shard_size": 2,
-                                      "datasets": {"spring": {"root": str(tmp_path / "data"), "track_source": "none",
-                                                              "clip_length": 4, "clip_stride": 2}},
-                                      "ray": {"num_cpus": 2}})
+    cfg = BuildConfig.model_validate(
+        {
+            "output": str(tmp_path / "out"),
+            "shard_size": 2,
+            "datasets": {
+                "spring": {"root": str(tmp_path / "data"), "track_source": "none", "clip_length": 4, "clip_stride": 2}
+            },
+            "ray": {"num_cpus": 2},
+        }
+    )
     summary = build(cfg, show_progress=False)
     assert summary.clips_written == 0 and len(summary.failures) > 0
     st = collect_status(str(tmp_path / "out"))

@@ -1,4 +1,5 @@
 """``d4s show``: one clip from its shard into a Rerun recording, read back with Rerun's dataframe API."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,17 @@ rr = pytest.importorskip("rerun", reason="d4s show needs rerun-sdk (pip install 
 pytest.importorskip("datafusion", reason="reading a recording back needs rerun-sdk[catalog] (in the dev extra)")
 runner = CliRunner()
 KEY = "pointodyssey__scene1__000000"
-ENTITIES = {"/gt", "/gt/camera_path", "/gt/camera", "/gt/camera/image", "/gt/camera/image/rgb",
-            "/gt/camera/image/depth", "/gt/camera/image/tracks", "/gt/tracks", "/gt/tracks/trails"}
+ENTITIES = {
+    "/gt",
+    "/gt/camera_path",
+    "/gt/camera",
+    "/gt/camera/image",
+    "/gt/camera/image/rgb",
+    "/gt/camera/image/depth",
+    "/gt/camera/image/tracks",
+    "/gt/tracks",
+    "/gt/tracks/trails",
+}
 
 
 @pytest.fixture(scope="module")

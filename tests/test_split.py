@@ -1,4 +1,5 @@
 """The validation split: by scene, deterministic, recorded in index.parquet, never read by training."""
+
 import itertools
 
 import pyarrow as pa
@@ -29,8 +30,10 @@ def test_small_datasets_hold_out_one_scene_but_never_their_only_one():
 
 
 def test_every_clip_of_a_held_out_scene_is_validation():
-    clips = [{"clip_id": f"{ds}__{sc}__{k}", "dataset": ds, "scene": sc}
-             for ds, sc, k in itertools.product(["tartanair", "vkitti2"], [f"s{i}" for i in range(40)], range(3))]
+    clips = [
+        {"clip_id": f"{ds}__{sc}__{k}", "dataset": ds, "scene": sc}
+        for ds, sc, k in itertools.product(["tartanair", "vkitti2"], [f"s{i}" for i in range(40)], range(3))
+    ]
     split = split_of_clips(clips, {"tartanair": 0.25})
     by_scene: dict = {}
     for c in clips:
@@ -45,17 +48,28 @@ def test_index_rows_carry_scene_and_split_in_the_schema():
     from pipeline.plan import Plan
     from pipeline.runner import write_index
 
-    clips = [{"clip_id": f"tartanair__s{i}__0", "dataset": "tartanair", "scene": f"s{i}", "shard_id": "tartanair-000000"}
-             for i in range(6)]
-    plan = Plan(scenes=[], clips=clips, shards=[{"shard_id": "tartanair-000000", "dataset": "tartanair",
-                                                 "path": "shards/tartanair/tartanair-000000.tar"}])
+    clips = [
+        {"clip_id": f"tartanair__s{i}__0", "dataset": "tartanair", "scene": f"s{i}", "shard_id": "tartanair-000000"}
+        for i in range(6)
+    ]
+    plan = Plan(
+        scenes=[],
+        clips=clips,
+        shards=[
+            {"shard_id": "tartanair-000000", "dataset": "tartanair", "path": "shards/tartanair/tartanair-000000.tar"}
+        ],
+    )
 
     class FakeManifests:
         rows = None
 
         def ledger(self):
-            return {"tartanair-000000": {"state": "done", "samples": [[c["clip_id"], 512 * i, 4, False]
-                                                                      for i, c in enumerate(clips)]}}
+            return {
+                "tartanair-000000": {
+                    "state": "done",
+                    "samples": [[c["clip_id"], 512 * i, 4, False] for i, c in enumerate(clips)],
+                }
+            }
 
         def write_index(self, rows):
             FakeManifests.rows = rows
@@ -64,8 +78,9 @@ def test_index_rows_carry_scene_and_split_in_the_schema():
     table = pa.Table.from_pylist(FakeManifests.rows, INDEX_SCHEMA)  # fits the schema
     rows = table.to_pylist()
     want = split_of_clips(clips, {"tartanair": 0.3})
-    assert [(r["key"], r["scene"], r["split"]) for r in rows] == [(c["clip_id"], c["scene"], want[c["clip_id"]])
-                                                                 for c in clips]
+    assert [(r["key"], r["scene"], r["split"]) for r in rows] == [
+        (c["clip_id"], c["scene"], want[c["clip_id"]]) for c in clips
+    ]
     assert {r["split"] for r in rows} == {TRAIN, VAL}
 
 
@@ -86,7 +101,9 @@ def test_training_never_reads_held_out_scenes(tmp_path):
     from training.data import ShardStream, resolve_catalog
     from training.synthetic import write_shards
 
-    write_shards(str(tmp_path), n_clips=6, per_shard=3, t=5, size=16, datasets=("synth",), val=lambda ds, i: i in (1, 4))
+    write_shards(
+        str(tmp_path), n_clips=6, per_shard=3, t=5, size=16, datasets=("synth",), val=lambda ds, i: i in (1, 4)
+    )
     val = resolve_catalog(DataConfig(root=str(tmp_path)), split="val")
     assert sorted(val.keys) == ["synth__s1__0", "synth__s4__0"]
     stage = StageConfig(name="s", steps=1, resolution=16, num_frames=5, max_frame_stride=1)

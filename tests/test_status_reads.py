@@ -1,5 +1,6 @@
 """`d4s status`, `report` and `verify` only read: the ledger once per command, Ray never imported, and
 the per-stage counts come from the counters the write stage records in the ledger."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ def _clip(key: str):
     t, h, w = 2, 8, 8
     meta = ClipMeta("realestate10k", "s", key, [0, 1], False, True, depth_source="aligned", track_source="none")
     depth = np.full((t, h, w), 2.0, np.float32)
-    clip = Clip(meta, np.zeros((t, h, w, 3), np.uint8), np.tile([8.0, 8.0, 4.0, 4.0], (t, 1)),
-                np.tile(np.eye(4), (t, 1, 1)), depth, np.ones((t, h, w), bool))
+    clip = Clip(
+        meta,
+        np.zeros((t, h, w, 3), np.uint8),
+        np.tile([8.0, 8.0, 4.0, 4.0], (t, 1)),
+        np.tile(np.eye(4), (t, 1, 1)),
+        depth,
+        np.ones((t, h, w), bool),
+    )
     clip.aux["timings"] = {"ingest": 0.5, "depth": 2.0, "align": 1.0}
     return clip
 
@@ -30,10 +37,14 @@ def _clip(key: str):
 def _config(out: Path):
     from pipeline.config import BuildConfig
 
-    return BuildConfig.model_validate({
-        "output": str(out), "shard_size": 5,
-        "datasets": {"realestate10k": {"root": "/not/read", "depth_source": "vda_metric", "track_source": "none"}},
-        "stages": {"depth": {"metric": True}}}).resolved()
+    return BuildConfig.model_validate(
+        {
+            "output": str(out),
+            "shard_size": 5,
+            "datasets": {"realestate10k": {"root": "/not/read", "depth_source": "vda_metric", "track_source": "none"}},
+            "stages": {"depth": {"metric": True}},
+        }
+    ).resolved()
 
 
 def _write_shard(out: Path):
@@ -43,10 +54,20 @@ def _write_shard(out: Path):
 
     cfg = _config(out)
     ids = [f"realestate10k__s__{i:06d}" for i in range(5)]
-    clips = [_clip(ids[0]), ClipFailure(ids[1], "ingest", "file is missing", "/d/x.png"), _clip(ids[2]),
-             ClipFailure(ids[3], "align", "align QC: abs_rel 0.900 > 0.25; residual 0.400 > 0.15"), _clip(ids[4])]
-    shard = {"shard_id": "realestate10k-000000", "dataset": "realestate10k",
-             "path": "shards/realestate10k/realestate10k-000000.tar", "num_clips": 5, "clip_ids": ids}
+    clips = [
+        _clip(ids[0]),
+        ClipFailure(ids[1], "ingest", "file is missing", "/d/x.png"),
+        _clip(ids[2]),
+        ClipFailure(ids[3], "align", "align QC: abs_rel 0.900 > 0.25; residual 0.400 > 0.15"),
+        _clip(ids[4]),
+    ]
+    shard = {
+        "shard_id": "realestate10k-000000",
+        "dataset": "realestate10k",
+        "path": "shards/realestate10k/realestate10k-000000.tar",
+        "num_clips": 5,
+        "clip_ids": ids,
+    }
     return cfg, shard, ids, write_shard(shard, clips, cfg)
 
 
@@ -72,14 +93,39 @@ def _output(tmp_path: Path) -> Path:
     store = Store(str(out))
     store.write_bytes_atomic(OUTPUT_CONFIG_NAME, cfg.to_yaml().encode())
     ms = ManifestStore(store)
-    ms.write_plan([{"dataset": "realestate10k", "scene": "s", "num_frames": 10, "num_clips": 5, "note": ""}],
-                  [{"clip_id": c, "ordinal": i, "dataset": "realestate10k", "scene": "s", "start": i,
-                    "frames": [i, i + 1], "shard_id": shard["shard_id"]} for i, c in enumerate(ids)], [shard])
+    ms.write_plan(
+        [{"dataset": "realestate10k", "scene": "s", "num_frames": 10, "num_clips": 5, "note": ""}],
+        [
+            {
+                "clip_id": c,
+                "ordinal": i,
+                "dataset": "realestate10k",
+                "scene": "s",
+                "start": i,
+                "frames": [i, i + 1],
+                "shard_id": shard["shard_id"],
+            }
+            for i, c in enumerate(ids)
+        ],
+        [shard],
+    )
     ms.append_events([{"shard_id": shard["shard_id"], "state": "running", "build_id": "b", "started_at": 1.0}])
     result.pop("log")
     ms.append_events([{"shard_id": shard["shard_id"], "state": "done", "build_id": "b", **result}])
-    ms.write_index([{"key": k, "dataset": "realestate10k", "shard_id": shard["shard_id"], "shard_path": shard["path"],
-                     "offset": off, "num_frames": n, "dynamic": d} for k, off, n, d in result["samples"]])
+    ms.write_index(
+        [
+            {
+                "key": k,
+                "dataset": "realestate10k",
+                "shard_id": shard["shard_id"],
+                "shard_path": shard["path"],
+                "offset": off,
+                "num_frames": n,
+                "dynamic": d,
+            }
+            for k, off, n, d in result["samples"]
+        ]
+    )
     return out
 
 
@@ -90,7 +136,11 @@ def test_status_reports_the_recorded_counters(tmp_path):
     assert st["stages"]["realestate10k"]["ingest"] == {"done": 4, "failed": 1, "pending": 0, "skipped": 0}
     assert st["stages"]["realestate10k"]["align"] == {"done": 3, "failed": 1, "pending": 0, "skipped": 1}
     assert st["stages"]["realestate10k"]["write"] == {"done": 3, "failed": 0, "pending": 0, "skipped": 2}
-    assert st["drops"]["realestate10k"] == {"align QC: abs_rel": 1, "align QC: residual": 1, "ingest: file is missing": 1}
+    assert st["drops"]["realestate10k"] == {
+        "align QC: abs_rel": 1,
+        "align QC: residual": 1,
+        "ingest: file is missing": 1,
+    }
     assert st["stage_seconds"]["depth"] == 6.0
     assert st["datasets"]["realestate10k"] == {"clips_done": 3, "clips_failed": 2, "clips_pending": 0}
 
@@ -119,8 +169,7 @@ print(json.dumps({"reads": counts, "ray": sorted(m for m in sys.modules if m == 
 
 def test_read_only_commands_read_the_ledger_once_and_never_import_ray(tmp_path):
     out = _output(tmp_path)
-    r = subprocess.run([sys.executable, "-c", _PROBE, str(out)], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-c", _PROBE, str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     probe = json.loads(r.stdout.strip().splitlines()[-1])
     assert probe["reads"] == {"status --json": 1, "status": 1, "report": 1, "verify": 1}

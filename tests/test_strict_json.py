@@ -1,5 +1,6 @@
 """Every JSON d4s writes is strict (RFC 8259): no NaN/Infinity tokens, which strict parsers reject.
 A number that could not be computed is written as null (docs/FORMAT.md, docs/MANIFESTS.md)."""
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from pipeline.storage import Store
 def strict_loads(text):
     def reject(token):
         raise ValueError(f"non-standard JSON token {token}")
+
     return json.loads(text, parse_constant=reject)
 
 
@@ -39,9 +41,17 @@ def test_meta_json_of_a_clip_without_kept_tracks_is_strict():
 
 def test_ledger_json_columns_are_strict(tmp_path):
     ms = ManifestStore(Store(str(tmp_path)))
-    ms.append_events([{"shard_id": "s-0", "state": "done", "timings": {"ingest": float("nan")},
-                       "clip_qc": [{"key": "k", "tracks": {"median_drift_m": float("nan")}}],
-                       "clips_failed": [{"clip_id": "c", "stage": "align", "reason": "r", "path": None}]}])
+    ms.append_events(
+        [
+            {
+                "shard_id": "s-0",
+                "state": "done",
+                "timings": {"ingest": float("nan")},
+                "clip_qc": [{"key": "k", "tracks": {"median_drift_m": float("nan")}}],
+                "clips_failed": [{"clip_id": "c", "stage": "align", "reason": "r", "path": None}],
+            }
+        ]
+    )
     import pyarrow.parquet as pq
 
     (name,) = [p for p in (tmp_path / "manifests" / "ledger").iterdir()]

@@ -1,4 +1,5 @@
 """Lifting 2D tracks to 3D on an analytically rendered scene (a wall behind a box)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,16 +53,24 @@ def scene():
         inside = (p[:, 0] >= 0) & (p[:, 0] <= W) & (p[:, 1] >= 0) & (p[:, 1] <= H)
         uvs.append(p)
         gt_vis.append(inside & (np.abs(t_hit - z) < 1e-6))
-    return dict(c2w=c2w, intr=intr, depth=depth, valid=np.ones_like(depth, dtype=bool), pts=pts,
-                uv=np.stack(uvs), gt_vis=np.stack(gt_vis))
+    return dict(
+        c2w=c2w,
+        intr=intr,
+        depth=depth,
+        valid=np.ones_like(depth, dtype=bool),
+        pts=pts,
+        uv=np.stack(uvs),
+        gt_vis=np.stack(gt_vis),
+    )
 
 
 def _lift(scene, visible=None, valid=None):
     uv = scene["uv"]
     if visible is None:  # a 2D tracker that missed every occlusion: visible wherever in the image
         visible = (uv[..., 0] >= 0) & (uv[..., 0] <= W) & (uv[..., 1] >= 0) & (uv[..., 1] <= H)
-    return lift_tracks(uv, visible, scene["depth"], scene["valid"] if valid is None else valid,
-                       scene["intr"], scene["c2w"])
+    return lift_tracks(
+        uv, visible, scene["depth"], scene["valid"] if valid is None else valid, scene["intr"], scene["c2w"]
+    )
 
 
 def test_scene_has_occlusions(scene):
@@ -123,7 +132,9 @@ def test_static_drift_is_zero(scene):
 
 
 def test_tracks_from_depth_static(scene):
-    world, vis = tracks_from_depth_static(scene["depth"], scene["valid"], scene["intr"], scene["c2w"], grid=12, query_frames=0)
+    world, vis = tracks_from_depth_static(
+        scene["depth"], scene["valid"], scene["intr"], scene["c2w"], grid=12, query_frames=0
+    )
     t, n, _ = world.shape
     assert t == T and n > 100
     assert np.allclose(world[0], world[-1])
@@ -141,13 +152,22 @@ def test_tracks_from_depth_static(scene):
         assert not np.any(vis[f] & ~gt), f"frame {f}: occluded point marked visible"
         assert (vis[f] & gt).sum() >= 0.85 * gt.sum()
     # multiple query frames
-    world2, vis2 = tracks_from_depth_static(scene["depth"], scene["valid"], scene["intr"], scene["c2w"], grid=6, query_frames=[0, 7])
+    world2, vis2 = tracks_from_depth_static(
+        scene["depth"], scene["valid"], scene["intr"], scene["c2w"], grid=6, query_frames=[0, 7]
+    )
     assert vis2[0].sum() > 0 and vis2[7].sum() > 0 and world2.shape[1] > 36
 
 
 def test_shape_errors(scene):
     with pytest.raises(ValueError):
-        lift_tracks(scene["uv"][:3], np.ones((3, scene["uv"].shape[1]), bool), scene["depth"], scene["valid"], scene["intr"], scene["c2w"])
+        lift_tracks(
+            scene["uv"][:3],
+            np.ones((3, scene["uv"].shape[1]), bool),
+            scene["depth"],
+            scene["valid"],
+            scene["intr"],
+            scene["c2w"],
+        )
 
 
 # ------------------------------------------------------------------------------------------------

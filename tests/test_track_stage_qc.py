@@ -1,4 +1,5 @@
 """Track-stage QC in the pipeline: static scenes' tracks must stay put; QC goes into meta."""
+
 import numpy as np
 import pytest
 
@@ -9,8 +10,13 @@ from stages.tracks.stage import apply_static_track_qc, tracks_from_depth
 
 
 def _cfg(**tracks):
-    return BuildConfig.model_validate({"output": "/tmp/x", "datasets": {"tartanair": {"root": "/tmp"}},
-                                       "stages": {"tracks": {"grid_size": 6, **tracks}}})
+    return BuildConfig.model_validate(
+        {
+            "output": "/tmp/x",
+            "datasets": {"tartanair": {"root": "/tmp"}},
+            "stages": {"tracks": {"grid_size": 6, **tracks}},
+        }
+    )
 
 
 def _static_clip():

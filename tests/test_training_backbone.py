@@ -4,6 +4,7 @@
 Each layout is a tiny model saved with ``save_pretrained`` (``vae/``, ``transformer/``) and loaded through
 ``backbone.pretrained_dir``, as a released checkpoint would be.
 """
+
 import pytest
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
@@ -15,20 +16,39 @@ LATENT = 4
 LAYOUTS = {  # name -> transformer kwargs that differ between the released checkpoints
     "2b_t2v": dict(in_channels=LATENT, use_rotary_positional_embeddings=False, use_learned_positional_embeddings=False),
     "5b_t2v": dict(in_channels=LATENT, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False),
-    "5b_i2v": dict(in_channels=2 * LATENT, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True),
+    "5b_i2v": dict(
+        in_channels=2 * LATENT, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True
+    ),
 }
 NATIVE = (6, 8, 5)  # the tiny transformer's sample_height, sample_width (latent units) and sample_frames
 
 
 def _save(root, layout):
     torch.manual_seed(0)
-    AutoencoderKLCogVideoX(block_out_channels=(8, 8), down_block_types=("CogVideoXDownBlock3D",) * 2,
-                           up_block_types=("CogVideoXUpBlock3D",) * 2, latent_channels=LATENT, layers_per_block=1,
-                           norm_num_groups=4, temporal_compression_ratio=2).save_pretrained(root / "vae")
-    tf = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, out_channels=LATENT, time_embed_dim=16,
-                                     text_embed_dim=16, num_layers=1, patch_size=1, max_text_seq_length=4,
-                                     sample_height=NATIVE[0], sample_width=NATIVE[1], sample_frames=NATIVE[2],
-                                     temporal_compression_ratio=2, **LAYOUTS[layout])
+    AutoencoderKLCogVideoX(
+        block_out_channels=(8, 8),
+        down_block_types=("CogVideoXDownBlock3D",) * 2,
+        up_block_types=("CogVideoXUpBlock3D",) * 2,
+        latent_channels=LATENT,
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=2,
+    ).save_pretrained(root / "vae")
+    tf = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        out_channels=LATENT,
+        time_embed_dim=16,
+        text_embed_dim=16,
+        num_layers=1,
+        patch_size=1,
+        max_text_seq_length=4,
+        sample_height=NATIVE[0],
+        sample_width=NATIVE[1],
+        sample_frames=NATIVE[2],
+        temporal_compression_ratio=2,
+        **LAYOUTS[layout],
+    )
     if layout == "5b_i2v":  # a trained learned embedding is not the sin-cos it starts from: make it distinct
         with torch.no_grad():
             tf.patch_embed.pos_embedding.normal_()

@@ -3,6 +3,7 @@
 A zombie write attempt (a Ray retry while the first attempt still runs) can publish after the
 ledger committed ``done``; ``verify`` and ``resume`` catch the checksum mismatch, and so must the
 trainer, before it reads a single sample of that shard."""
+
 from __future__ import annotations
 
 import pyarrow.parquet as pq

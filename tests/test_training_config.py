@@ -1,4 +1,5 @@
 """Training config checks and the presets' model sizes (built on the meta device: no memory, no init cost)."""
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -34,8 +35,10 @@ def test_ranks_sharing_a_gpu_need_gloo():
     cfg = make_config("tiny", runtime={"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5, "backend": "gloo"})
     assert cfg.runtime.gpus_per_worker == 0.5
     with pytest.raises(ValidationError, match="use ddp"):
-        make_config("tiny", runtime={"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5, "backend": "gloo",
-                                     "strategy": "fsdp"})
+        make_config(
+            "tiny",
+            runtime={"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5, "backend": "gloo", "strategy": "fsdp"},
+        )
     with pytest.raises(ValidationError):
         make_config("tiny", runtime={"gpus_per_worker": 0})
 
@@ -43,10 +46,22 @@ def test_ranks_sharing_a_gpu_need_gloo():
 def test_bench_case_spec():
     from bench.bench_train import parse_case
 
-    assert parse_case("full:256:fsdp+gc:1") == {"preset": "full", "resolution": 256, "strategy": "fsdp",
-                                                "grad_ckpt": True, "workers": 1, "shared_gpu": False}
-    assert parse_case("mid:512:ddp:2/share") == {"preset": "mid", "resolution": 512, "strategy": "ddp",
-                                                 "grad_ckpt": False, "workers": 2, "shared_gpu": True}
+    assert parse_case("full:256:fsdp+gc:1") == {
+        "preset": "full",
+        "resolution": 256,
+        "strategy": "fsdp",
+        "grad_ckpt": True,
+        "workers": 1,
+        "shared_gpu": False,
+    }
+    assert parse_case("mid:512:ddp:2/share") == {
+        "preset": "mid",
+        "resolution": 512,
+        "strategy": "ddp",
+        "grad_ckpt": False,
+        "workers": 2,
+        "shared_gpu": True,
+    }
 
 
 def test_relative_local_paths_made_absolute_for_the_ranks(tmp_path, monkeypatch):
@@ -55,8 +70,13 @@ def test_relative_local_paths_made_absolute_for_the_ranks(tmp_path, monkeypatch)
     from training.trainer import absolute_local_paths
 
     monkeypatch.chdir(tmp_path)
-    cfg = make_config("tiny", workdir="runs/w", data={"root": "out", "shards": ["a/*.tar", "s3://b/c/*.tar"]},
-                      loss={"lpips_torch_home": "weights"}, backbone={"text_encoder_dir": "t5"})
+    cfg = make_config(
+        "tiny",
+        workdir="runs/w",
+        data={"root": "out", "shards": ["a/*.tar", "s3://b/c/*.tar"]},
+        loss={"lpips_torch_home": "weights"},
+        backbone={"text_encoder_dir": "t5"},
+    )
     fixed = absolute_local_paths(cfg)
     assert fixed.workdir == str(tmp_path / "runs" / "w")
     assert fixed.data.root == str(tmp_path / "out")

@@ -1,4 +1,5 @@
 """The shard stream: decode, resize + intrinsics, determinism, resume position, rank split, mixtures."""
+
 import numpy as np
 import pytest
 import torch
@@ -56,9 +57,18 @@ def test_deterministic_resumable_and_split(shards):
     assert torch.allclose(b1["c2w"][0, 0], torch.eye(4), atol=1e-6)  # world = first camera
     # split by node: within an epoch the parts' samples are disjoint and cover the dataset
     by_ds, _, keys = resolve_shards(cfg.data)
-    for n_parts, shards_ in ((2, by_ds["synth_static"]), (2, by_ds["synth_static"][:1] * 1), (4, by_ds["synth_static"])):
-        parts = [[s["__key__"] for s in DatasetStream("synth_static", shards_, p, n_parts, 0, 4, lambda s: True,
-                                                       keys)._epoch(0)] for p in range(n_parts)]
+    for n_parts, shards_ in (
+        (2, by_ds["synth_static"]),
+        (2, by_ds["synth_static"][:1] * 1),
+        (4, by_ds["synth_static"]),
+    ):
+        parts = [
+            [
+                s["__key__"]
+                for s in DatasetStream("synth_static", shards_, p, n_parts, 0, 4, lambda s: True, keys)._epoch(0)
+            ]
+            for p in range(n_parts)
+        ]
         flat = [k for p in parts for k in p]
         assert len(flat) == len(set(flat))
         assert set(flat) == {k for u in shards_ for k in (s["__key__"] for s in iter_tar(u))}
@@ -96,15 +106,17 @@ def test_reads_a_real_build_output(tmp_path, ray_local):
 def _mixed(tmp):
     """synth_mixed: 3 clips, only clip 0 static (one shard each); synth_static: 2 static clips (one shard)."""
     out = str(tmp)
-    write_shards(out, n_clips=3, per_shard=1, t=5, size=24, datasets=("synth_mixed",),
-                 dynamic=lambda ds, i: i != 0)
+    write_shards(out, n_clips=3, per_shard=1, t=5, size=24, datasets=("synth_mixed",), dynamic=lambda ds, i: i != 0)
     write_shards(out + "/b", n_clips=2, per_shard=2, t=5, size=24, datasets=("synth_static",))
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     a, b = pq.read_table(out + "/index.parquet"), pq.read_table(out + "/b/index.parquet")
-    b = b.set_column(b.schema.get_field_index("shard_path"), "shard_path",
-                     pa.array(["b/" + p for p in b.column("shard_path").to_pylist()]))
+    b = b.set_column(
+        b.schema.get_field_index("shard_path"),
+        "shard_path",
+        pa.array(["b/" + p for p in b.column("shard_path").to_pylist()]),
+    )
     pq.write_table(pa.concat_tables([a, b]), out + "/index.parquet")
     return out
 

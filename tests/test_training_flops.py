@@ -1,5 +1,6 @@
 """The stated FLOP formula (training/flops.py) equals what torch.utils.flop_counter counts on the real
 modules (run on the "meta" device: shapes only), component by component."""
+
 import pytest
 
 from training import flops

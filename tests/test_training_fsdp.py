@@ -6,6 +6,7 @@ stage 2: step 2, stage 3: steps 3-4), then a local 1-process run resumes from th
 does step 5. The slow tests check the sharding itself in two plain gloo processes, and resume FSDP and DDP
 from the local run's checkpoint and compare their losses.
 """
+
 import json
 import os
 import shutil
@@ -28,10 +29,22 @@ def _metrics(workdir):
 
 def _cfg(shards, workdir, launcher, strategy="ddp", max_steps=None):
     stages = [s.model_copy(update={"steps": n}).model_dump() for s, n in zip(make_config("tiny").stages, STEPS)]
-    return make_config("tiny", data={"root": shards}, workdir=workdir, stages=stages, max_steps=max_steps,
-                       optim={"grad_accum": 2, "lr": LR, "warmup_steps": 0},
-                       runtime={"launcher": launcher, "num_workers": 2 if launcher == "ray" else 1,
-                                "strategy": strategy, "ckpt_every": 1, "keep_ckpts": 100, "tensorboard": False})
+    return make_config(
+        "tiny",
+        data={"root": shards},
+        workdir=workdir,
+        stages=stages,
+        max_steps=max_steps,
+        optim={"grad_accum": 2, "lr": LR, "warmup_steps": 0},
+        runtime={
+            "launcher": launcher,
+            "num_workers": 2 if launcher == "ray" else 1,
+            "strategy": strategy,
+            "ckpt_every": 1,
+            "keep_ckpts": 100,
+            "tensorboard": False,
+        },
+    )
 
 
 def _ckpt(workdir, step):
@@ -67,8 +80,9 @@ def test_fsdp_curriculum_resume_and_freezing(chain):
     for s in range(1, 5):
         assert list(ck[s]["model"]) == list(loc["model"])
         assert all(ck[s]["model"][k].shape == v.shape for k, v in loc["model"].items())
-        assert [g["params"] for g in ck[s]["optim"]["param_groups"]] == \
-               [g["params"] for g in loc["optim"]["param_groups"]]
+        assert [g["params"] for g in ck[s]["optim"]["param_groups"]] == [
+            g["params"] for g in loc["optim"]["param_groups"]
+        ]
         st = ck[s]["optim"]["state"]
         assert set(st) <= set(loc["optim"]["state"])
         assert all(v["exp_avg"].shape == loc["optim"]["state"][i]["exp_avg"].shape for i, v in st.items())

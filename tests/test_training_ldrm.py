@@ -1,5 +1,6 @@
 """The LDRM knows where each token is (its rays and its grid position) and keeps its Gaussian and
 deformation maps in float32 under bf16 autocast."""
+
 import pytest
 import torch
 
@@ -33,10 +34,11 @@ def _swap_latent_patch(x, f, a, b, size):
     """Swap the (size x size) blocks at grid cells a and b of latent frame f (last two dims)."""
     x = x.clone()
     (ya, xa), (yb, xb) = a, b
-    pa = x[:, f, ..., ya * size:(ya + 1) * size, xa * size:(xa + 1) * size].clone()
-    x[:, f, ..., ya * size:(ya + 1) * size, xa * size:(xa + 1) * size] = \
-        x[:, f, ..., yb * size:(yb + 1) * size, xb * size:(xb + 1) * size]
-    x[:, f, ..., yb * size:(yb + 1) * size, xb * size:(xb + 1) * size] = pa
+    pa = x[:, f, ..., ya * size : (ya + 1) * size, xa * size : (xa + 1) * size].clone()
+    x[:, f, ..., ya * size : (ya + 1) * size, xa * size : (xa + 1) * size] = x[
+        :, f, ..., yb * size : (yb + 1) * size, xb * size : (xb + 1) * size
+    ]
+    x[:, f, ..., yb * size : (yb + 1) * size, xb * size : (xb + 1) * size] = pa
     return x
 
 
@@ -76,6 +78,7 @@ def test_maps_float32_under_bf16_autocast():
     def hook(name):
         def f(mod, args, out):
             seen[name] = (args[0], out)
+
         return f
 
     ldrm.deconv.register_forward_hook(hook("deconv"))
@@ -116,6 +119,7 @@ def test_ldrm_decodes_the_known_first_latent(clean_first):
     def keep(name):
         def hook(module, args):
             seen.setdefault(name, args[0])  # returns None: the inputs are left as they are
+
         return hook
 
     model.backbone.transformer.register_forward_pre_hook(keep("x"))
@@ -124,5 +128,5 @@ def test_ldrm_decodes_the_known_first_latent(clean_first):
     with torch.no_grad():
         model(batch, stage=cfg.stages[0], rasterize=rasterize)
     c = model.backbone.latent_channels
-    first = seen["x"][:, 0, c:2 * c]  # the transformer's first-frame conditioning channels = z0[:, 0]
+    first = seen["x"][:, 0, c : 2 * c]  # the transformer's first-frame conditioning channels = z0[:, 0]
     assert torch.equal(seen["z"][:, 0], first) == clean_first

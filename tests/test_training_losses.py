@@ -1,4 +1,5 @@
 """Loss and geometry unit tests for training/ (CPU, fast)."""
+
 import numpy as np
 import torch
 
@@ -38,8 +39,17 @@ def _maps(seed=0, t=3, h=6, w=8, deform=True):
     depth = torch.rand(1, s, h, w, generator=g) * 2 + 2
     quat = torch.nn.functional.normalize(torch.randn(1, s, h, w, 4, generator=g), dim=-1)
     raw = torch.randn(1, s, h, w, t, 10, generator=g) * 0.1 if deform else None
-    return GaussianMaps(depth, torch.full((1, s, h, w, 3), 0.05), quat, torch.full((1, s, h, w), 0.9),
-                        torch.rand(1, s, h, w, 3, generator=g), raw, births, intr, c2w)
+    return GaussianMaps(
+        depth,
+        torch.full((1, s, h, w, 3), 0.05),
+        quat,
+        torch.full((1, s, h, w), 0.9),
+        torch.rand(1, s, h, w, 3, generator=g),
+        raw,
+        births,
+        intr,
+        c2w,
+    )
 
 
 def test_motion_loss_zero_when_deformations_match_tracks():
@@ -48,16 +58,23 @@ def test_motion_loss_zero_when_deformations_match_tracks():
     means = maps.means[0]  # (S,H,W,3)
     # tracks = the deformed centres of birth-frame-0 Gaussians at some pixels, visible from frame 0
     pix = [(1, 2), (3, 5), (4, 0), (5, 7)]
-    tr = torch.stack([torch.stack([means[0, i, j] + maps.deform[0, 0, i, j, tau, :3] - maps.deform[0, 0, i, j, 0, :3]
-                                   for (i, j) in pix]) for tau in range(t)])
+    tr = torch.stack(
+        [
+            torch.stack(
+                [means[0, i, j] + maps.deform[0, 0, i, j, tau, :3] - maps.deform[0, 0, i, j, 0, :3] for (i, j) in pix]
+            )
+            for tau in range(t)
+        ]
+    )
     vis = torch.ones(t, len(pix), dtype=torch.bool)
     pred, mask = track_positions(maps, 0, tr, vis)
     assert bool(mask.all())
     assert float(L.motion_loss(pred, tr, mask)) < 1e-4
     assert float(L.motion_loss(pred, tr + 0.1, mask)) > 0.1
     # tracks first visible at frame 2 (a birth frame) use birth frame 2's maps
-    tr2 = torch.stack([means[1, 2, 3] + maps.deform[0, 1, 2, 3, tau, :3] - maps.deform[0, 1, 2, 3, 2, :3]
-                       for tau in range(t)])[:, None]
+    tr2 = torch.stack(
+        [means[1, 2, 3] + maps.deform[0, 1, 2, 3, tau, :3] - maps.deform[0, 1, 2, 3, 2, :3] for tau in range(t)]
+    )[:, None]
     vis2 = torch.tensor([[False], [True], [True]])
     pred2, mask2 = track_positions(maps, 0, tr2, vis2)
     # frame 1 is no birth frame, so the track is assigned at birth frame 2 and compared wherever visible
@@ -99,6 +116,7 @@ def test_rays_match_pipeline_geometry():
 def test_lpips_disabled_or_clear_error():
     try:
         import torchvision  # noqa: F401
+
         return  # an environment with torchvision: nothing to check here
     except Exception:
         pass

@@ -1,5 +1,6 @@
 """Logged metrics are rank-safe: every rank reduces the same fixed key set, with counts, so a term that
 only some ranks' batches have (motion: tracks) is averaged over the samples that have it."""
+
 import json
 import os
 import socket

@@ -1,6 +1,7 @@
 """Training from a pretrained CogVideoX backbone (``backbone.pretrained_dir``): tiny T2V and I2V models saved
 with diffusers' ``save_pretrained`` load with their weights, the patch embedding widened with zero input
 channels, train a step, checkpoint and resume."""
+
 import json
 
 import pytest
@@ -10,8 +11,16 @@ from test_training_backbone import LATENT, _save
 from training.config import make_config
 from training.synthetic import write_shards
 
-STAGE = dict(name="s", steps=4, resolution=16, num_frames=5, scenes="any", losses=["fm", "photo", "geo"],
-             frozen=["deformation"], max_frame_stride=1)
+STAGE = dict(
+    name="s",
+    steps=4,
+    resolution=16,
+    num_frames=5,
+    scenes="any",
+    losses=["fm", "photo", "geo"],
+    frozen=["deformation"],
+    max_frame_stride=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +31,16 @@ def shards(tmp_path_factory):
 
 
 def _cfg(pretrained, shards, workdir, **over):
-    return make_config("tiny", backbone={"pretrained_dir": str(pretrained)}, data={"root": shards},
-                       workdir=str(workdir), stages=[STAGE], validation={"every": 0},
-                       runtime={"launcher": "local", "num_workers": 1, "ckpt_every": 1, "tensorboard": False}, **over)
+    return make_config(
+        "tiny",
+        backbone={"pretrained_dir": str(pretrained)},
+        data={"root": shards},
+        workdir=str(workdir),
+        stages=[STAGE],
+        validation={"every": 0},
+        runtime={"launcher": "local", "num_workers": 1, "ckpt_every": 1, "tensorboard": False},
+        **over,
+    )
 
 
 @pytest.mark.parametrize("layout", ["2b_t2v", "5b_i2v"])
@@ -67,7 +83,16 @@ def test_config_that_does_not_describe_the_pretrained_vae_is_refused(shards, tmp
 
     pre = _save(tmp_path / "pre", "5b_t2v")
     cfg = _cfg(pre, shards, tmp_path / "w", max_steps=1)
-    wrong = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"vae": cfg.backbone.vae.model_copy(
-        update={"temporal_compression_ratio": 4, "block_out_channels": [8, 8, 8]})})})
+    wrong = cfg.model_copy(
+        update={
+            "backbone": cfg.backbone.model_copy(
+                update={
+                    "vae": cfg.backbone.vae.model_copy(
+                        update={"temporal_compression_ratio": 4, "block_out_channels": [8, 8, 8]}
+                    )
+                }
+            )
+        }
+    )
     with pytest.raises(ValueError, match="compresses space by 2 and time by 2"):
         Diff4Splat(wrong)

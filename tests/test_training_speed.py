@@ -1,5 +1,6 @@
 """Training speed switches (training/speed.py, docs/TRAINING.md "Speed") keep the losses: each is run with
 and without on the tiny model on CPU; and the training step reads nothing back from the device."""
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +115,7 @@ def test_selective_checkpointing_recomputes_only_chosen_blocks_and_keeps_gradien
         def run(*a, **k):
             calls[i] = calls.get(i, 0) + 1
             return forward(*a, **k)
+
         return run
 
     for i, b in enumerate(speed.transformer_blocks(model)):
@@ -219,8 +221,9 @@ def test_training_step_reads_nothing_back_from_the_device(setup):
     assert "motion" in stage.losses and "geo" in stage.losses  # every loss term runs
     mode = _Syncs()
     with mode:
-        agg, norm = train_step(model, model, opt, sched, iter([batch]), stage, cfg, torch.device("cpu"),
-                               rasterize=render)
+        agg, norm = train_step(
+            model, model, opt, sched, iter([batch]), stage, cfg, torch.device("cpu"), rasterize=render
+        )
     assert not mode.seen, "".join(f"\n{op}:\n" + "".join(stack) for op, stack in mode.seen[:3])
     assert torch.is_tensor(norm) and all(torch.is_tensor(s) for s, _ in agg.values())
     assert agg["motion"][1] == 1 and float(agg["motion"][0]) > 0  # the motion term ran (synthetic tracks)
@@ -238,7 +241,12 @@ def test_loader_frames_travel_as_uint8_and_arrive_as_the_same_floats(tmp_path):
     stage = make_config("tiny").stages[-1]
     batch = next(iter(make_loader(DataConfig(root=str(tmp_path), shuffle_buffer=1), stage, 0, 16, 1, 0, 1)))
     assert batch["video"].dtype == torch.uint8
-    ref = process(DECODE(next(iter_tar(str(next(tmp_path.glob("shards/*.tar")))))), None, stage.resolution, 16,
-                  np.random.default_rng(0))["video"]
+    ref = process(
+        DECODE(next(iter_tar(str(next(tmp_path.glob("shards/*.tar")))))),
+        None,
+        stage.resolution,
+        16,
+        np.random.default_rng(0),
+    )["video"]
     got = _to_device(batch, torch.device("cpu"))["video"][0]  # all T frames of a T-frame clip (stride 1)
     assert got.dtype == torch.float32 and torch.equal(got, ref)

@@ -1,5 +1,6 @@
 """Optional text prompt: a T5 encoder from a local directory (CogVideoX's layout), captions from the
 sample's ``meta.json``, the learned empty prompt otherwise; each distinct caption encoded once."""
+
 import json
 import os
 
@@ -21,14 +22,25 @@ def save_tiny_t5(root) -> str:
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).save_pretrained(
-        os.path.join(root, "text_encoder"))
+    T5EncoderModel(
+        T5Config(
+            vocab_size=len(WORDS),
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).save_pretrained(os.path.join(root, "text_encoder"))
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>") \
-        .save_pretrained(os.path.join(root, "tokenizer"))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(os.path.join(root, "tokenizer"))
     return str(root)
 
 
@@ -50,8 +62,9 @@ def test_encoder_pads_to_the_prompt_length_and_encodes_each_caption_once(t5_dir)
     assert calls == [2]  # two distinct captions, encoded once, in one call; the rest from the cache
     assert torch.equal(e2[0], e1[1])
     # truncation to max_length (4 tokens with </s>) and the same ids as the tokenizer gives
-    ids = enc.tokenizer(["a red car drives down the street"], padding="max_length", max_length=4, truncation=True,
-                        return_tensors="pt").input_ids
+    ids = enc.tokenizer(
+        ["a red car drives down the street"], padding="max_length", max_length=4, truncation=True, return_tensors="pt"
+    ).input_ids
     assert ids.shape == (1, 4)
     with pytest.raises(ValueError, match="text_embed_dim"):
         TextEncoder(t5_dir, max_length=4, device=torch.device("cpu"), expect_dim=32)
@@ -80,8 +93,14 @@ def test_training_with_captions(t5_dir, tmp_path):
     from training.trainer import train
 
     shards = str(tmp_path / "shards")
-    write_shards(shards, n_clips=2, per_shard=1, t=5, size=24,
-                 caption=lambda ds, i: "a red car drives down the street" if i % 2 == 0 else None)
+    write_shards(
+        shards,
+        n_clips=2,
+        per_shard=1,
+        t=5,
+        size=24,
+        caption=lambda ds, i: "a red car drives down the street" if i % 2 == 0 else None,
+    )
     metas = []
     from training.data import iter_tar, resolve_shards
 
@@ -89,9 +108,14 @@ def test_training_with_captions(t5_dir, tmp_path):
         metas += [json.loads(s["meta.json"]) for u in urls for s in iter_tar(u)]
     assert sorted(m.get("caption", "") for m in metas) == ["", "a red car drives down the street"]
     stage = dict(name="s", steps=2, resolution=24, num_frames=5, max_frame_stride=1)
-    cfg = make_config("tiny", data={"root": shards}, workdir=str(tmp_path / "w"), stages=[stage],
-                      backbone={"text_encoder_dir": t5_dir, "caption_dropout": 0.0},
-                      runtime={"launcher": "local", "num_workers": 1, "tensorboard": False, "ckpt_every": 100})
+    cfg = make_config(
+        "tiny",
+        data={"root": shards},
+        workdir=str(tmp_path / "w"),
+        stages=[stage],
+        backbone={"text_encoder_dir": t5_dir, "caption_dropout": 0.0},
+        runtime={"launcher": "local", "num_workers": 1, "tensorboard": False, "ckpt_every": 100},
+    )
     train(cfg)
     rows = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)

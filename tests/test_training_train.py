@@ -1,4 +1,5 @@
 """End-to-end training on CPU: curriculum stages under Ray (gloo, 2 workers), overfitting, kill-and-resume, CLI."""
+
 import json
 import os
 
@@ -27,8 +28,13 @@ def _stages(n):
 
 
 def test_curriculum_stages_ray_two_workers(shards, tmp_path):
-    cfg = make_config("tiny", data={"root": shards}, workdir=str(tmp_path / "w"), stages=_stages(2),
-                      runtime={"launcher": "ray", "num_workers": 2, "ckpt_every": 100})
+    cfg = make_config(
+        "tiny",
+        data={"root": shards},
+        workdir=str(tmp_path / "w"),
+        stages=_stages(2),
+        runtime={"launcher": "ray", "num_workers": 2, "ckpt_every": 100},
+    )
     train(cfg)
     rows = _metrics(cfg.workdir)
     assert [r["stage"] for r in rows] == ["static"] * 2 + ["static_hi"] * 2 + ["dynamic"] * 2
@@ -48,12 +54,26 @@ def test_curriculum_stages_ray_two_workers(shards, tmp_path):
 def test_overfit_one_clip_photometric_loss_falls(tmp_path):
     out = tmp_path / "one"
     write_shards(str(out), n_clips=1, per_shard=1, t=5, size=24, datasets=("synth_static",))
-    stage = dict(name="overfit", steps=100, resolution=24, num_frames=5, scenes="any", frozen=["deformation"],
-                 losses=["photo"], max_frame_stride=1)
-    cfg = make_config("tiny", data={"root": str(out)}, workdir=str(tmp_path / "w"), stages=[stage],
-                      ldrm={"clean_latent_prob": 1.0, "dim": 64, "decoder_channels": 32},
-                      loss={"render_frames": 5}, optim={"lr": 5e-3},
-                      runtime={"launcher": "local", "num_workers": 1, "ckpt_every": 1000, "tensorboard": False})
+    stage = dict(
+        name="overfit",
+        steps=100,
+        resolution=24,
+        num_frames=5,
+        scenes="any",
+        frozen=["deformation"],
+        losses=["photo"],
+        max_frame_stride=1,
+    )
+    cfg = make_config(
+        "tiny",
+        data={"root": str(out)},
+        workdir=str(tmp_path / "w"),
+        stages=[stage],
+        ldrm={"clean_latent_prob": 1.0, "dim": 64, "decoder_channels": 32},
+        loss={"render_frames": 5},
+        optim={"lr": 5e-3},
+        runtime={"launcher": "local", "num_workers": 1, "ckpt_every": 1000, "tensorboard": False},
+    )
     train(cfg)
     photo = [r["photo"] for r in _metrics(cfg.workdir)]
     first, last = sum(photo[:5]) / 5, sum(photo[-5:]) / 5
@@ -61,12 +81,19 @@ def test_overfit_one_clip_photometric_loss_falls(tmp_path):
 
 
 def test_kill_and_resume_matches_uninterrupted(shards, tmp_path):
-    base = dict(data={"root": shards}, stages=_stages(3),
-                runtime={"launcher": "local", "num_workers": 1, "ckpt_every": 2, "tensorboard": False})
+    base = dict(
+        data={"root": shards},
+        stages=_stages(3),
+        runtime={"launcher": "local", "num_workers": 1, "ckpt_every": 2, "tensorboard": False},
+    )
     ref = make_config("tiny", workdir=str(tmp_path / "ref"), max_steps=7, **base)
     train(ref)
-    crash = make_config("tiny", workdir=str(tmp_path / "crash"), max_steps=7,
-                        **{**base, "runtime": {**base["runtime"], "crash_at_step": 5}})
+    crash = make_config(
+        "tiny",
+        workdir=str(tmp_path / "crash"),
+        max_steps=7,
+        **{**base, "runtime": {**base["runtime"], "crash_at_step": 5}},
+    )
     with pytest.raises(Exception, match="injected crash"):
         train(crash)
     assert latest_checkpoint(crash.workdir).endswith("step-00000004.pt")  # step 5 was lost with the crash
@@ -85,7 +112,8 @@ def test_cli_resume(shards, tmp_path, capsys):
     cfgfile = tmp_path / "c.yaml"
     cfgfile.write_text(
         f"preset: tiny\ndata: {{root: {shards}}}\n"
-        "runtime: {launcher: local, num_workers: 1, ckpt_every: 1, tensorboard: false}\n")
+        "runtime: {launcher: local, num_workers: 1, ckpt_every: 1, tensorboard: false}\n"
+    )
     wd = str(tmp_path / "w")
     assert train_main(str(cfgfile), None, 1, wd) == 0
     assert "starting" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Using a checkpoint: ``d4s eval`` (metrics.json, eval.html, a Rerun recording beside the ground truth),
 ``d4s generate`` (videos, 3DGS .ply files, timings), and the bad inputs each refuses clearly."""
+
 import json
 
 import numpy as np
@@ -25,8 +26,16 @@ def setup(tmp_path_factory):
     from training.synthetic import write_shards
 
     root = tmp_path_factory.mktemp("use")
-    write_shards(str(root / "data"), n_clips=3, per_shard=3, t=5, size=16, datasets=("synth",),
-                 dynamic=lambda ds, i: True, val=lambda ds, i: i in (1, 2))
+    write_shards(
+        str(root / "data"),
+        n_clips=3,
+        per_shard=3,
+        t=5,
+        size=16,
+        datasets=("synth",),
+        dynamic=lambda ds, i: True,
+        val=lambda ds, i: i in (1, 2),
+    )
     cfg = make_config("tiny", stages=[STAGE])
     torch.manual_seed(0)
     model = Diff4Splat(cfg)
@@ -47,8 +56,22 @@ def test_eval_metrics_page_and_recording_beside_ground_truth(setup, tmp_path):
 
     root, _, _ = setup
     rrd = tmp_path / "rec" / "eval.rrd"
-    r = runner.invoke(app, ["eval", str(root / "ckpt.pt"), str(root / "data"), "--out", str(tmp_path / "e"),
-                            "--sample-steps", "1", "--clips", "1", "--rrd", str(rrd)])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            str(root / "ckpt.pt"),
+            str(root / "data"),
+            "--out",
+            str(tmp_path / "e"),
+            "--sample-steps",
+            "1",
+            "--clips",
+            "1",
+            "--rrd",
+            str(rrd),
+        ],
+    )
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert REQUIRED <= set(m) and m["clips"] == 1 and m["step"] == 11 and m["split"] == "val"
@@ -62,9 +85,17 @@ def test_eval_metrics_page_and_recording_beside_ground_truth(setup, tmp_path):
     store = RrdReader(rrd).stream().collect()
     entities = {line.split()[0] for line in store.summary().splitlines()}
     key = "/synth__s1__0"
-    want = {f"{key}/gt/camera/image/rgb", f"{key}/gt/camera/image/depth", f"{key}/gt/tracks",
-            f"{key}/recon/camera/image/rgb", f"{key}/recon/camera/image/depth", f"{key}/recon/gaussians",
-            f"{key}/sample/camera/image/rgb", f"{key}/sample/gaussians", f"{key}/recon/tracks"}
+    want = {
+        f"{key}/gt/camera/image/rgb",
+        f"{key}/gt/camera/image/depth",
+        f"{key}/gt/tracks",
+        f"{key}/recon/camera/image/rgb",
+        f"{key}/recon/camera/image/depth",
+        f"{key}/recon/gaussians",
+        f"{key}/sample/camera/image/rgb",
+        f"{key}/sample/gaussians",
+        f"{key}/recon/tracks",
+    }
     assert want <= entities, want - entities
     frames = store.reader(index="frame").to_arrow_table()
     assert frames.column("frame").to_pylist() == list(range(5))
@@ -87,7 +118,10 @@ def test_eval_refuses_bad_checkpoints_and_data(setup, tmp_path):
     cases = [
         ([str(bad), str(root / "data")], "refused: it holds objects other than tensors"),
         ([str(mismatched), str(root / "data")], "weights do not fit its config"),
-        ([str(root / "ckpt.pt"), str(root / "data"), "--config", str(other_yaml)], "another model than the given config"),
+        (
+            [str(root / "ckpt.pt"), str(root / "data"), "--config", str(other_yaml)],
+            "another model than the given config",
+        ),
         ([str(tmp_path), str(root / "data")], "not a training workdir"),
         ([str(root / "ckpt.pt"), str(tmp_path)], "no index.parquet"),
         ([str(root / "ckpt.pt"), str(root / "data"), "--frames", "4"], "frames must be 1 + k*2"),
@@ -102,8 +136,21 @@ def test_generate_videos_ply_and_timings(setup, tmp_path):
     from plyfile import PlyData
 
     root, _, _ = setup
-    r = runner.invoke(app, ["generate", str(root / "ckpt.pt"), "--image", str(root / "img.png"), "--trajectory",
-                            "dolly:0.4", "--out", str(tmp_path / "g"), "--steps", "2"])
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            str(root / "ckpt.pt"),
+            "--image",
+            str(root / "img.png"),
+            "--trajectory",
+            "dolly:0.4",
+            "--out",
+            str(tmp_path / "g"),
+            "--steps",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     t = json.loads((tmp_path / "g" / "timings.json").read_text())
     assert t["frames"] == 5 and t["resolution"] == 16 and t["steps"] == 2
@@ -117,7 +164,9 @@ def test_generate_videos_ply_and_timings(setup, tmp_path):
     plys = sorted((tmp_path / "g" / "ply").iterdir())
     assert [p.name for p in plys] == [f"frame_{i:03d}.ply" for i in range(5)]
     v0, v4 = (PlyData.read(str(p))["vertex"] for p in (plys[0], plys[4]))
-    assert [p.name for p in v0.properties][:6] == ["x", "y", "z", "nx", "ny", "nz"] and len(v0) == t["gaussians_per_frame"]
+    assert [p.name for p in v0.properties][:6] == ["x", "y", "z", "nx", "ny", "nz"] and len(v0) == t[
+        "gaussians_per_frame"
+    ]
     assert not np.allclose(v0["x"], v4["x"])  # deformed to each frame's time
 
 
@@ -127,8 +176,11 @@ def test_generate_refuses_bad_image_and_trajectory(setup, tmp_path):
 
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "wide.png")
     traj = tmp_path / "bad.txt"
-    traj.write_text("https://youtu.be/x\n" + "1000 0.5 0.9 0.5 0.5 0 0 1 0 0 0 0 1 0 0 0 0 1 0\n"
-                    + "2000 0.5 0.9 0.5 0.5 0 0 1 0 0 0 0 1 0 0 0 0 1\n")  # line 3: a value short
+    traj.write_text(
+        "https://youtu.be/x\n"
+        + "1000 0.5 0.9 0.5 0.5 0 0 1 0 0 0 0 1 0 0 0 0 1 0\n"
+        + "2000 0.5 0.9 0.5 0.5 0 0 1 0 0 0 0 1 0 0 0 0 1\n"
+    )  # line 3: a value short
     cases = [
         (["--image", str(tmp_path / "wide.png"), "--trajectory", "orbit"], "the image is 30x20"),
         (["--image", str(root / "img.png"), "--trajectory", str(traj)], "line 3: expected 19 values"),
@@ -148,8 +200,13 @@ def test_ply_stores_the_3dgs_layout_with_activations_inverted(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(50, 4, generator=g), dim=-1)
-    gs = Gaussians(torch.randn(50, 3, generator=g), q, torch.rand(50, 3, generator=g) * 0.1 + 1e-3,
-                   torch.rand(50, generator=g) * 0.9 + 0.05, torch.rand(50, 3, generator=g))
+    gs = Gaussians(
+        torch.randn(50, 3, generator=g),
+        q,
+        torch.rand(50, 3, generator=g) * 0.1 + 1e-3,
+        torch.rand(50, generator=g) * 0.9 + 0.05,
+        torch.rand(50, 3, generator=g),
+    )
     (tmp_path / "a.ply").write_bytes(ply_bytes(gs))
     el = PlyData.read(str(tmp_path / "a.ply"))["vertex"]
     assert tuple(p.name for p in el.properties) == PROPERTIES and len(el) == 50
@@ -194,8 +251,24 @@ def test_generate_along_a_build_clips_cameras(setup, tmp_path):
     root, _, _ = setup
     built = write_output(tmp_path)
     key = "pointodyssey__scene1__000000"
-    r = runner.invoke(app, ["generate", str(root / "ckpt.pt"), "--image", str(root / "img.png"), "--trajectory",
-                            built["output"], "--clip", key, "--out", str(tmp_path / "g"), "--steps", "1", "--no-ply"])
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            str(root / "ckpt.pt"),
+            "--image",
+            str(root / "img.png"),
+            "--trajectory",
+            built["output"],
+            "--clip",
+            key,
+            "--out",
+            str(tmp_path / "g"),
+            "--steps",
+            "1",
+            "--no-ply",
+        ],
+    )
     assert r.exit_code == 0, r.output
     clip = built["clips"][key]
     idx = np.round(np.linspace(0, clip.num_frames - 1, 5)).astype(int)  # 8 cameras taken evenly for 5 frames
@@ -231,8 +304,20 @@ def test_depth_and_image_measures_on_known_values():
 
 def test_eval_of_shard_files_reads_every_sample(setup, tmp_path):
     root, _, _ = setup
-    r = runner.invoke(app, ["eval", str(root / "ckpt.pt"), str(root / "data" / "shards" / "*.tar"), "--out",
-                            str(tmp_path / "e"), "--sample-steps", "0", "--split", "val"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            str(root / "ckpt.pt"),
+            str(root / "data" / "shards" / "*.tar"),
+            "--out",
+            str(tmp_path / "e"),
+            "--sample-steps",
+            "0",
+            "--split",
+            "val",
+        ],
+    )
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert m["split"] == "all" and m["clips"] == 3 and m["sampled"] is None  # no index: training scenes too

@@ -1,5 +1,6 @@
 """Validation while training: held-out clips measured every N steps and at stage ends, logged, the best
 checkpoint kept, the report drawn; ranks split the clips and agree with one rank."""
+
 import json
 import os
 import socket
@@ -11,8 +12,16 @@ import torch
 from training.config import make_config
 from training.synthetic import write_shards
 
-STAGE = dict(name="static", steps=3, resolution=16, num_frames=5, scenes="any", frozen=["deformation"],
-             losses=["photo", "geo"], max_frame_stride=1)
+STAGE = dict(
+    name="static",
+    steps=3,
+    resolution=16,
+    num_frames=5,
+    scenes="any",
+    frozen=["deformation"],
+    losses=["photo", "geo"],
+    max_frame_stride=1,
+)
 VAL_KEYS = {"synth__s1__0", "synth__s4__0"}
 
 
@@ -24,9 +33,14 @@ def shards(tmp_path_factory):
 
 
 def _cfg(shards, workdir, **validation):
-    return make_config("tiny", data={"root": shards}, workdir=str(workdir), stages=[STAGE],
-                       validation={"every": 2, "clips": 2, "sample_steps": 1, "tracks": 8, **validation},
-                       runtime={"launcher": "local", "num_workers": 1, "ckpt_every": 100, "tensorboard": False})
+    return make_config(
+        "tiny",
+        data={"root": shards},
+        workdir=str(workdir),
+        stages=[STAGE],
+        validation={"every": 2, "clips": 2, "sample_steps": 1, "tracks": 8, **validation},
+        runtime={"launcher": "local", "num_workers": 1, "ckpt_every": 100, "tensorboard": False},
+    )
 
 
 def test_validation_rows_best_checkpoint_and_report(shards, tmp_path):
@@ -43,8 +57,15 @@ def test_validation_rows_best_checkpoint_and_report(shards, tmp_path):
     assert [r["step"] for r in rows if r.get("kind") != "val"] == [1, 2, 3]
     for r in val:
         assert r["clips"] == 1
-        for k in ("recon_psnr", "recon_ssim", "recon_depth_abs_rel", "recon_depth_delta_1_25", "recon_track_epe_m",
-                  "sample_psnr", "sample_ssim"):
+        for k in (
+            "recon_psnr",
+            "recon_ssim",
+            "recon_depth_abs_rel",
+            "recon_depth_delta_1_25",
+            "recon_track_epe_m",
+            "sample_psnr",
+            "sample_ssim",
+        ):
             assert k in r and r[k] == r[k], k  # present and finite
         assert "recon_lpips" not in r  # no LPIPS weights here
         assert 0 < r["recon_ssim"] <= 1 and 0 <= r["recon_depth_delta_1_25"] <= 1 and r["recon_depth_abs_rel"] > 0
@@ -88,8 +109,12 @@ def _validate(rank, world, port, shards, out, fsdp=False):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    cfg = make_config("tiny", data={"root": shards}, stages=[STAGE],
-                      validation={"every": 1, "clips": 3, "sample_steps": 1, "tracks": 8})
+    cfg = make_config(
+        "tiny",
+        data={"root": shards},
+        stages=[STAGE],
+        validation={"every": 1, "clips": 3, "sample_steps": 1, "tracks": 8},
+    )
     torch.manual_seed(0)
     model = Diff4Splat(cfg)
     if fsdp:  # every forward is a collective: ranks must run the same number (a stand-in pads rank 1)

@@ -1,4 +1,5 @@
 """Unit tests of the VDA port: key mapping, checkpoint loading, configs, batched inference."""
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,11 @@ def test_larger_configs_param_names_and_shapes(encoder, dim, depth, features, oc
         "head.scratch.output_conv2.0.weight": (32, features // 2, 3, 3),
         "head.motion_modules.0.temporal_transformer.proj_in.weight": (oc[2], oc[2]),
         "head.motion_modules.1.temporal_transformer.transformer_blocks.0.ff.net.0.proj.weight": (8 * oc[3], oc[3]),
-        "head.motion_modules.2.temporal_transformer.transformer_blocks.0.attention_blocks.1.pos_encoder.pe": (1, 32, features),
+        "head.motion_modules.2.temporal_transformer.transformer_blocks.0.attention_blocks.1.pos_encoder.pe": (
+            1,
+            32,
+            features,
+        ),
         "head.motion_modules.3.temporal_transformer.transformer_blocks.0.ff.net.2.weight": (features, 4 * features),
     }
     for k, shape in expect.items():
@@ -113,7 +118,9 @@ def test_weights_only_checkpoint_roundtrip(tmp_path, tiny_model):
     with fsspec.open("memory://vda-test/video_depth_anything_vits.pth", "wb") as f:
         f.write(path.read_bytes())
     m3 = load_checkpoint("memory://vda-test/video_depth_anything_vits.pth")
-    assert not m3.metric and torch.equal(m3.state_dict()["pretrained.pos_embed"], tiny_model.state_dict()["pretrained.pos_embed"])
+    assert not m3.metric and torch.equal(
+        m3.state_dict()["pretrained.pos_embed"], tiny_model.state_dict()["pretrained.pos_embed"]
+    )
     # weights_only refuses pickled code
     bad = tmp_path / "bad.pth"
     torch.save({"x": _Evil()}, bad)

@@ -1,4 +1,5 @@
 """Parity of the VDA port against the official recordings in ../shared/parity/vda."""
+
 from pathlib import Path
 
 import pytest

@@ -1,5 +1,6 @@
 """Frames of a long video at timestamps (stages/ingest/video_times.py): nearest displayed frame,
 frame-accurate through seeks, each needed frame decoded once, and every bad video a ClipError."""
+
 from __future__ import annotations
 
 from fractions import Fraction

@@ -5,6 +5,7 @@ side-by-side frame (pattern.py, bit-identical everywhere) with OpenCV 4 and with
 (make_reference.py says how; docs/datasets/stereo4d.md records the figures). d4s resamples
 with OpenCV 4's arithmetic; its maps are computed in float64 where theirs are float32.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,13 @@ import pattern  # noqa: E402
 def rectified():
     meta = json.loads((FIXTURE / "reference_opencv4.json").read_text())
     h = meta["height"]
-    spec = RectifySpec((h, h), tuple(np.asarray(meta["rectified2rig"][0], np.float64).reshape(-1)),
-                       tuple(meta["fov_bounds"]), meta["size"], meta["hfov_deg"])
+    spec = RectifySpec(
+        (h, h),
+        tuple(np.asarray(meta["rectified2rig"][0], np.float64).reshape(-1)),
+        tuple(meta["fov_bounds"]),
+        meta["size"],
+        meta["hfov_deg"],
+    )
     return rectify_left_eye(pattern.sbs_frame(h, meta["frame"])[None], spec, device="cpu")[0]
 
 

@@ -20,6 +20,7 @@ With ``pretrained_dir`` (a local CogVideoX checkpoint with ``vae/`` and ``transf
 are loaded and the transformer's patch embedding is widened with zero-initialised input channels for
 whatever the checkpoint lacks (first-frame latent for T2V checkpoints, camera channels always).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,8 +75,9 @@ class CameraEncoder(nn.Module):
     def __init__(self, fs: int, out_channels: int):
         super().__init__()
         self.fs = fs
-        self.proj = nn.Sequential(nn.Linear(6 * fs * fs, 4 * out_channels), nn.SiLU(),
-                                  nn.Linear(4 * out_channels, out_channels))
+        self.proj = nn.Sequential(
+            nn.Linear(6 * fs * fs, 4 * out_channels), nn.SiLU(), nn.Linear(4 * out_channels, out_channels)
+        )
 
     def forward(self, plucker_latent: torch.Tensor) -> torch.Tensor:
         """(B,F',6*fs*fs,h,w) -> (B,F',C,h,w)."""
@@ -91,22 +93,36 @@ class VideoBackbone(nn.Module):
         self.cfg = cfg
         if cfg.pretrained_dir:
             self.vae = AutoencoderKLCogVideoX.from_pretrained(os.path.join(cfg.pretrained_dir, "vae"))
-            self.transformer = CogVideoXTransformer3DModel.from_pretrained(os.path.join(cfg.pretrained_dir, "transformer"))
+            self.transformer = CogVideoXTransformer3DModel.from_pretrained(
+                os.path.join(cfg.pretrained_dir, "transformer")
+            )
         else:
             v = cfg.vae
             n = len(v.block_out_channels)
             self.vae = AutoencoderKLCogVideoX(
-                block_out_channels=tuple(v.block_out_channels), down_block_types=("CogVideoXDownBlock3D",) * n,
-                up_block_types=("CogVideoXUpBlock3D",) * n, latent_channels=v.latent_channels,
-                layers_per_block=v.layers_per_block, norm_num_groups=v.norm_num_groups,
-                temporal_compression_ratio=v.temporal_compression_ratio, scaling_factor=v.scaling_factor)
+                block_out_channels=tuple(v.block_out_channels),
+                down_block_types=("CogVideoXDownBlock3D",) * n,
+                up_block_types=("CogVideoXUpBlock3D",) * n,
+                latent_channels=v.latent_channels,
+                layers_per_block=v.layers_per_block,
+                norm_num_groups=v.norm_num_groups,
+                temporal_compression_ratio=v.temporal_compression_ratio,
+                scaling_factor=v.scaling_factor,
+            )
             t = cfg.transformer
             c = v.latent_channels
             self.transformer = CogVideoXTransformer3DModel(
-                num_attention_heads=t.num_attention_heads, attention_head_dim=t.attention_head_dim,
-                in_channels=2 * c + cfg.camera_channels, out_channels=c, time_embed_dim=t.time_embed_dim,
-                text_embed_dim=t.text_embed_dim, num_layers=t.num_layers, patch_size=t.patch_size,
-                max_text_seq_length=t.max_text_seq_length, temporal_compression_ratio=v.temporal_compression_ratio)
+                num_attention_heads=t.num_attention_heads,
+                attention_head_dim=t.attention_head_dim,
+                in_channels=2 * c + cfg.camera_channels,
+                out_channels=c,
+                time_embed_dim=t.time_embed_dim,
+                text_embed_dim=t.text_embed_dim,
+                num_layers=t.num_layers,
+                patch_size=t.patch_size,
+                max_text_seq_length=t.max_text_seq_length,
+                temporal_compression_ratio=v.temporal_compression_ratio,
+            )
         vc = self.vae.config
         self.latent_channels = vc.latent_channels
         self.fs = 2 ** (len(vc.block_out_channels) - 1)
@@ -144,8 +160,9 @@ class VideoBackbone(nn.Module):
             p = tc.patch_size
             grid = (h // p, w // p)
             crops = crop_region_for_grid(grid, tc.sample_width // p, tc.sample_height // p)
-            self._rope_cache[key] = get_3d_rotary_pos_embed(embed_dim=tc.attention_head_dim, crops_coords=crops,
-                                                            grid_size=grid, temporal_size=frames, device=device)
+            self._rope_cache[key] = get_3d_rotary_pos_embed(
+                embed_dim=tc.attention_head_dim, crops_coords=crops, grid_size=grid, temporal_size=frames, device=device
+            )
         return self._rope_cache[key]
 
     def learned_position_embedding(self, frames: int, h: int, w: int, device, dtype) -> torch.Tensor:
@@ -158,16 +175,23 @@ class VideoBackbone(nn.Module):
         f0 = (pe.sample_frames - 1) // pe.temporal_compression_ratio + 1
         gh, gw = h // p, w // p
         if frames > f0:
-            raise ValueError(f"the checkpoint's learned positional embedding covers {f0} latent frames "
-                             f"({pe.sample_frames} video frames); this clip has {frames} latent frames")
+            raise ValueError(
+                f"the checkpoint's learned positional embedding covers {f0} latent frames "
+                f"({pe.sample_frames} video frames); this clip has {frames} latent frames"
+            )
         key = (frames, gh, gw, str(device), dtype, stored.data_ptr(), stored._version)
         if key not in self._learned_cache:
             grid = stored[0, text:].reshape(f0, h0, w0, -1)[:frames]
             if (gh, gw) != (h0, w0):
                 (top, left), (bottom, right) = crop_region_for_grid((gh, gw), w0, h0)
                 g = grid[:, top:bottom, left:right].permute(0, 3, 1, 2).float()
-                grid = F.interpolate(g, size=(gh, gw), mode="bicubic", align_corners=False,
-                                     antialias=gh < g.shape[-2] or gw < g.shape[-1]).permute(0, 2, 3, 1)
+                grid = F.interpolate(
+                    g,
+                    size=(gh, gw),
+                    mode="bicubic",
+                    align_corners=False,
+                    antialias=gh < g.shape[-2] or gw < g.shape[-1],
+                ).permute(0, 2, 3, 1)
             emb = torch.cat([stored[0, :text].float(), grid.reshape(-1, grid.shape[-1]).float()])[None]
             self._learned_cache = {key: emb.to(device=device, dtype=dtype)}  # one grid at a time
         return self._learned_cache[key]
@@ -205,9 +229,15 @@ class VideoBackbone(nn.Module):
         z = DiagonalGaussianDistribution(moments.float()).sample()
         return (z * self.scaling).transpose(1, 2).float()
 
-    def velocity(self, z_t: torch.Tensor, t: torch.Tensor, first_latent: torch.Tensor,
-                 pooled_plucker: torch.Tensor, text: torch.Tensor | None = None,
-                 use_text: torch.Tensor | None = None) -> torch.Tensor:
+    def velocity(
+        self,
+        z_t: torch.Tensor,
+        t: torch.Tensor,
+        first_latent: torch.Tensor,
+        pooled_plucker: torch.Tensor,
+        text: torch.Tensor | None = None,
+        use_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Velocity prediction. z_t (B,F',C,h,w), t (B,) in [0,1], pooled Plücker (B,F',6,H,W); optional
         text embeddings (B,L,D) used where ``use_text`` (B,) is True, the learned empty prompt elsewhere."""
         cond = torch.zeros_like(z_t)
@@ -226,7 +256,7 @@ class VideoBackbone(nn.Module):
         if not on:
             self.transformer.disable_gradient_checkpointing()
             return
-        chosen = {id(b) for b, m in zip(self.transformer.transformer_blocks, mask or [True] * 10 ** 6) if m}
+        chosen = {id(b) for b, m in zip(self.transformer.transformer_blocks, mask or [True] * 10**6) if m}
 
         def selective(block, *args):  # diffusers calls this for every block when checkpointing is on
             if id(block) in chosen:
@@ -236,9 +266,16 @@ class VideoBackbone(nn.Module):
         self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=selective)
 
     @torch.no_grad()
-    def sample(self, first_latent: torch.Tensor, pooled_plucker: torch.Tensor, num_latent_frames: int,
-               steps: int = 25, generator: torch.Generator | None = None, text: torch.Tensor | None = None,
-               use_text: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        first_latent: torch.Tensor,
+        pooled_plucker: torch.Tensor,
+        num_latent_frames: int,
+        steps: int = 25,
+        generator: torch.Generator | None = None,
+        text: torch.Tensor | None = None,
+        use_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Euler integration of the flow from noise (t=1) to data (t=0); returns latents (B,F',C,h,w)."""
         b, _, c, h, w = first_latent.shape
         z = torch.randn(b, num_latent_frames, c, h, w, generator=generator, device=first_latent.device)

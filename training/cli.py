@@ -1,4 +1,5 @@
 """Entry point behind ``d4s train CONFIG.yaml`` and ``d4s train --demo OUT --max-steps N --workdir DIR``."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,9 @@ import traceback
 from training.config import TrainConfig, load_config, make_config
 
 
-def build_config(config_path: str | None, demo_out: str | None, max_steps: int | None,
-                 workdir: str | None) -> TrainConfig:
+def build_config(
+    config_path: str | None, demo_out: str | None, max_steps: int | None, workdir: str | None
+) -> TrainConfig:
     if config_path:
         cfg = load_config(config_path)
         if demo_out:
@@ -27,8 +29,12 @@ def build_config(config_path: str | None, demo_out: str | None, max_steps: int |
     return TrainConfig.model_validate({**cfg.model_dump(), **upd}) if upd else cfg
 
 
-def train_main(config_path: str | None = None, demo_out: str | None = None, max_steps: int | None = None,
-               workdir: str | None = None) -> int:
+def train_main(
+    config_path: str | None = None,
+    demo_out: str | None = None,
+    max_steps: int | None = None,
+    workdir: str | None = None,
+) -> int:
     """Train (or resume) and return a process exit code; prints what it resumed from."""
     from training.trainer import latest_checkpoint, load_checkpoint, train
 
@@ -52,9 +58,11 @@ def train_main(config_path: str | None = None, demo_out: str | None = None, max_
             print(f"d4s train: nothing to do, already at step {step}", flush=True)
             return 0
     else:
-        print(f"d4s train: starting in {cfg.workdir} ({cfg.runtime.launcher}, {cfg.runtime.num_workers} worker(s), "
-              f"{cfg.total_steps} curriculum steps{f', stopping at {cfg.max_steps}' if cfg.max_steps else ''})",
-              flush=True)
+        print(
+            f"d4s train: starting in {cfg.workdir} ({cfg.runtime.launcher}, {cfg.runtime.num_workers} worker(s), "
+            f"{cfg.total_steps} curriculum steps{f', stopping at {cfg.max_steps}' if cfg.max_steps else ''})",
+            flush=True,
+        )
     try:
         train(cfg)
     except Exception as e:

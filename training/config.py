@@ -4,6 +4,7 @@ Three presets: ``tiny`` (CPU tests and ``d4s train --demo``), ``mid`` (benchmark
 ``full`` (the Diff4Splat recipe: CogVideoX backbone, 16 LDRM blocks, 40k/40k/20k curriculum).
 A YAML file is a partial override of a preset: ``preset: full`` plus any fields below.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -153,9 +154,11 @@ class RuntimeConfig(_Strict):
     crash_at_step: int | None = None  # fault injection for tests: raise after this step, before checkpointing
 
 
-VALIDATION_MEASURES = tuple(f"{how}_{m}" for how in ("recon", "sample") for m in
-                            ("psnr", "ssim", "lpips", "depth_abs_rel", "depth_delta_1_25", "track_epe_m",
-                             "depth_abs_rel_scaled"))
+VALIDATION_MEASURES = tuple(
+    f"{how}_{m}"
+    for how in ("recon", "sample")
+    for m in ("psnr", "ssim", "lpips", "depth_abs_rel", "depth_delta_1_25", "track_epe_m", "depth_abs_rel_scaled")
+)
 
 
 class ValidationConfig(_Strict):
@@ -194,15 +197,20 @@ class TrainConfig(_Strict):
     def _check(self) -> "TrainConfig":
         rt = self.runtime
         if rt.use_gpu and rt.gpus_per_worker < 1 and rt.num_workers > 1 and rt.backend != "gloo":
-            raise ValueError("runtime.gpus_per_worker < 1 puts several ranks on one GPU, which NCCL refuses; "
-                             "set runtime.backend: gloo for such a run")
+            raise ValueError(
+                "runtime.gpus_per_worker < 1 puts several ranks on one GPU, which NCCL refuses; "
+                "set runtime.backend: gloo for such a run"
+            )
         if rt.use_gpu and rt.gpus_per_worker < 1 and rt.num_workers > 1 and rt.strategy == "fsdp":
-            raise ValueError("runtime.strategy fsdp with several ranks on one GPU is not possible: it needs "
-                             "NCCL, which refuses two ranks on one device, and gloo crashes on FSDP's CUDA "
-                             "collectives (seen with torch 2.11); use ddp for such a run")
+            raise ValueError(
+                "runtime.strategy fsdp with several ranks on one GPU is not possible: it needs "
+                "NCCL, which refuses two ranks on one device, and gloo crashes on FSDP's CUDA "
+                "collectives (seen with torch 2.11); use ddp for such a run"
+            )
         if self.ldrm.dim % 16:
-            raise ValueError(f"ldrm.dim must be a multiple of 16 (the LDRM's 3D sin-cos positional embedding), "
-                             f"got {self.ldrm.dim}")
+            raise ValueError(
+                f"ldrm.dim must be a multiple of 16 (the LDRM's 3D sin-cos positional embedding), got {self.ldrm.dim}"
+            )
         if self.ldrm.dim % self.ldrm.heads:
             raise ValueError(f"ldrm.dim {self.ldrm.dim} must be a multiple of ldrm.heads {self.ldrm.heads}")
         tf = self.backbone.vae.temporal_compression_ratio
@@ -221,59 +229,141 @@ class TrainConfig(_Strict):
 
 def _full_stages() -> list[dict]:
     return [
-        dict(name="static256", steps=40_000, resolution=256, num_frames=13, scenes="static",
-             frozen=["deformation"], losses=["photo", "geo"]),
-        dict(name="static512", steps=40_000, resolution=512, num_frames=13, scenes="static",
-             frozen=["deformation"], losses=["photo", "geo"]),
-        dict(name="dynamic", steps=20_000, resolution=512, num_frames=13, scenes="dynamic",
-             frozen=[], losses=["fm", "photo", "geo", "motion"]),
+        dict(
+            name="static256",
+            steps=40_000,
+            resolution=256,
+            num_frames=13,
+            scenes="static",
+            frozen=["deformation"],
+            losses=["photo", "geo"],
+        ),
+        dict(
+            name="static512",
+            steps=40_000,
+            resolution=512,
+            num_frames=13,
+            scenes="static",
+            frozen=["deformation"],
+            losses=["photo", "geo"],
+        ),
+        dict(
+            name="dynamic",
+            steps=20_000,
+            resolution=512,
+            num_frames=13,
+            scenes="dynamic",
+            frozen=[],
+            losses=["fm", "photo", "geo", "motion"],
+        ),
     ]
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # speed (docs/TRAINING.md "Speed"): the frozen VAE in bf16, cuDNN's fastest convolutions, 8 loader workers
     # per rank (measured to keep ahead of the model); runtime.compile stays opt-in
-    "full": dict(stages=_full_stages(), backbone=dict(vae_precision="bfloat16"), data=dict(num_workers=8),
-                 runtime=dict(cudnn_benchmark=True)),
+    "full": dict(
+        stages=_full_stages(),
+        backbone=dict(vae_precision="bfloat16"),
+        data=dict(num_workers=8),
+        runtime=dict(cudnn_benchmark=True),
+    ),
     "mid": dict(
         backbone=dict(
             vae=dict(block_out_channels=[32, 64, 64, 128], layers_per_block=1, latent_channels=16, norm_num_groups=16),
-            transformer=dict(num_attention_heads=8, attention_head_dim=64, num_layers=8, time_embed_dim=256,
-                             text_embed_dim=256, max_text_seq_length=16),
+            transformer=dict(
+                num_attention_heads=8,
+                attention_head_dim=64,
+                num_layers=8,
+                time_embed_dim=256,
+                text_embed_dim=256,
+                max_text_seq_length=16,
+            ),
         ),
         ldrm=dict(num_blocks=8, dim=512, heads=8, decoder_channels=32),
         loss=dict(lpips_enabled=False),
         stages=[
-            dict(name="static256", steps=1000, resolution=256, num_frames=9, scenes="any", frozen=["deformation"],
-                 losses=["photo", "geo"]),
-            dict(name="static512", steps=1000, resolution=512, num_frames=9, scenes="any", frozen=["deformation"],
-                 losses=["photo", "geo"]),
+            dict(
+                name="static256",
+                steps=1000,
+                resolution=256,
+                num_frames=9,
+                scenes="any",
+                frozen=["deformation"],
+                losses=["photo", "geo"],
+            ),
+            dict(
+                name="static512",
+                steps=1000,
+                resolution=512,
+                num_frames=9,
+                scenes="any",
+                frozen=["deformation"],
+                losses=["photo", "geo"],
+            ),
             dict(name="dynamic", steps=500, resolution=512, num_frames=9, scenes="any"),
         ],
         optim=dict(lr=1e-4, warmup_steps=20),
     ),
     "tiny": dict(
         backbone=dict(
-            vae=dict(block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                     temporal_compression_ratio=2),
-            transformer=dict(num_attention_heads=2, attention_head_dim=8, num_layers=1, time_embed_dim=16,
-                             text_embed_dim=16, max_text_seq_length=4, patch_size=1),
+            vae=dict(
+                block_out_channels=[8, 8],
+                layers_per_block=1,
+                latent_channels=4,
+                norm_num_groups=4,
+                temporal_compression_ratio=2,
+            ),
+            transformer=dict(
+                num_attention_heads=2,
+                attention_head_dim=8,
+                num_layers=1,
+                time_embed_dim=16,
+                text_embed_dim=16,
+                max_text_seq_length=4,
+                patch_size=1,
+            ),
             camera_channels=4,
         ),
-        ldrm=dict(num_blocks=2, dim=32, heads=2, decoder_channels=8, patch_size=2, birth_frame_stride=4,
-                  depth_max=20.0, deform_features=8),
+        ldrm=dict(
+            num_blocks=2,
+            dim=32,
+            heads=2,
+            decoder_channels=8,
+            patch_size=2,
+            birth_frame_stride=4,
+            depth_max=20.0,
+            deform_features=8,
+        ),
         loss=dict(lpips_enabled=False, render_frames=2, tracks_per_sample=32),
         stages=[
-            dict(name="static", steps=4, resolution=24, num_frames=5, scenes="any", frozen=["deformation"],
-                 losses=["photo", "geo"], max_frame_stride=2),
-            dict(name="static_hi", steps=4, resolution=32, num_frames=5, scenes="any", frozen=["deformation"],
-                 losses=["photo", "geo"], max_frame_stride=2),
+            dict(
+                name="static",
+                steps=4,
+                resolution=24,
+                num_frames=5,
+                scenes="any",
+                frozen=["deformation"],
+                losses=["photo", "geo"],
+                max_frame_stride=2,
+            ),
+            dict(
+                name="static_hi",
+                steps=4,
+                resolution=32,
+                num_frames=5,
+                scenes="any",
+                frozen=["deformation"],
+                losses=["photo", "geo"],
+                max_frame_stride=2,
+            ),
             dict(name="dynamic", steps=4, resolution=32, num_frames=5, scenes="any", max_frame_stride=2),
         ],
         data=dict(shuffle_buffer=8),
         optim=dict(lr=1e-3, warmup_steps=0),
-        runtime=dict(launcher="ray", num_workers=2, use_gpu=False, bf16=False, ckpt_every=4, log_every=1,
-                     tensorboard=True),
+        runtime=dict(
+            launcher="ray", num_workers=2, use_gpu=False, bf16=False, ckpt_every=4, log_every=1, tensorboard=True
+        ),
         validation=dict(clips=2, sample_steps=2, tracks=32),
     ),
 }

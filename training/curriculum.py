@@ -7,6 +7,7 @@ Diff4Splat's recipe (preset ``full``): 1) static scenes at 256², deformation fr
 The trainer applies a stage's freezing with :meth:`training.model.Diff4Splat.apply_stage`, rebuilds the
 DDP wrapper and the data stream at each stage boundary, and checkpoints at the end of every stage.
 """
+
 from __future__ import annotations
 
 from training.config import StageConfig, TrainConfig
@@ -26,6 +27,8 @@ def stage_position(cfg: TrainConfig, step: int) -> tuple[int, int]:
 
 
 def describe(stage: StageConfig) -> str:
-    return (f"'{stage.name}': {stage.steps} steps, {stage.resolution}px, {stage.num_frames} frames, "
-            f"scenes={stage.scenes}, losses={stage.losses}, frozen={stage.frozen or 'none'}, "
-            f"mixture={stage.mixture or 'by size'}")
+    return (
+        f"'{stage.name}': {stage.steps} steps, {stage.resolution}px, {stage.num_frames} frames, "
+        f"scenes={stage.scenes}, losses={stage.losses}, frozen={stage.frozen or 'none'}, "
+        f"mixture={stage.mixture or 'by size'}"
+    )

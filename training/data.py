@@ -43,6 +43,7 @@ worker i mod W; a resumed loader's worker w therefore plays the part of worker (
 so the resumed stream equals the uninterrupted one with any number of workers. Resuming replays the
 raw sample sequence without decoding (cost: reading the skipped bytes of the current stage).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,6 +71,7 @@ def _expand(pattern: str) -> list[str]:
         return sorted(glob.glob(pattern, recursive=True))
     if any(c in pattern for c in "*?["):
         import fsspec
+
         fs, _, paths = fsspec.get_fs_token_paths(pattern)
         proto = pattern.split("://", 1)[0]
         return sorted(f"{proto}://{p}" for p in paths)
@@ -107,9 +109,11 @@ def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
         root = cfg.root.rstrip("/")
         index = f"{root}/index.parquet"
         import fsspec
+
         fs, _, _ = fsspec.get_fs_token_paths(index)
         if fs.exists(index):
             import pyarrow.parquet as pq
+
             with fsspec.open(index, "rb") as f:
                 tab = pq.read_table(f).to_pylist()
             shards: dict[str, list[str]] = {}
@@ -128,7 +132,8 @@ def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
                     # go), but not in ``keys``, so no stream ever yields it
                     if samples is not None and r.get("offset") is not None:
                         samples.setdefault(url, []).append(
-                            SampleRef(r["key"], int(r["offset"]), int(r["num_frames"] or 0), bool(r["dynamic"])))
+                            SampleRef(r["key"], int(r["offset"]), int(r["num_frames"] or 0), bool(r["dynamic"]))
+                        )
                     continue
                 lst = shards.setdefault(r["dataset"], [])
                 if url not in lst:
@@ -137,7 +142,8 @@ def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
                 keys[r["key"]] = r["dataset"]
                 if samples is not None and all(r.get(c) is not None for c in ("offset", "num_frames", "dynamic")):
                     samples.setdefault(url, []).append(
-                        SampleRef(r["key"], int(r["offset"]), int(r["num_frames"]), bool(r["dynamic"])))
+                        SampleRef(r["key"], int(r["offset"]), int(r["num_frames"]), bool(r["dynamic"]))
+                    )
                 else:
                     samples = None  # an index without per-sample columns: read shards to learn
             if samples is not None:
@@ -186,8 +192,11 @@ def shard_checksums(cfg: DataConfig, catalog: Catalog | None = None) -> dict[str
         with fsspec.open(index, "rb") as f:
             tab = pq.read_table(f)
         if "shard_sha256" in tab.column_names:
-            return {url_of(r["shard_path"]): r["shard_sha256"]
-                    for r in tab.select(["shard_path", "shard_sha256"]).to_pylist() if r["shard_sha256"]}
+            return {
+                url_of(r["shard_path"]): r["shard_sha256"]
+                for r in tab.select(["shard_path", "shard_sha256"]).to_pylist()
+                if r["shard_sha256"]
+            }
     from manifests.store import ManifestStore
     from pipeline.storage import Store
 
@@ -195,8 +204,11 @@ def shard_checksums(cfg: DataConfig, catalog: Catalog | None = None) -> dict[str
     if not ms.has_plan():
         return {}
     ledger = ms.ledger()
-    return {url_of(sh["path"]): ledger[sh["shard_id"]]["sha256"] for sh in ms.shards()
-            if ledger.get(sh["shard_id"], {}).get("state") == "done" and ledger[sh["shard_id"]].get("sha256")}
+    return {
+        url_of(sh["path"]): ledger[sh["shard_id"]]["sha256"]
+        for sh in ms.shards()
+        if ledger.get(sh["shard_id"], {}).get("state") == "done" and ledger[sh["shard_id"]].get("sha256")
+    }
 
 
 SPOOL_IN_MEMORY = 512 << 20  # a checked shard is held in memory up to this size, beyond on local disk
@@ -218,8 +230,10 @@ def _checked_copy(url: str, expected_sha256: str):
             spool.write(chunk)
     if h.hexdigest() != expected_sha256:
         spool.close()
-        raise ShardChecksumError(f"{url}: sha256 {h.hexdigest()} is not the {expected_sha256} its build recorded "
-                                 f"(changed after publication); refusing it - run `d4s verify` and `d4s resume` on the output")
+        raise ShardChecksumError(
+            f"{url}: sha256 {h.hexdigest()} is not the {expected_sha256} its build recorded "
+            f"(changed after publication); refusing it - run `d4s verify` and `d4s resume` on the output"
+        )
     spool.seek(0)
     return spool
 
@@ -323,10 +337,20 @@ class DatasetStream:
     them) enable the index path: only accepted samples are read, by seeking to them.
     """
 
-    def __init__(self, name: str, shards: list[str], part: int, n_parts: int, seed: int, shuffle_buffer: int,
-                 accept: Callable[[dict], bool], keys: dict[str, str],
-                 samples: dict[str, list[SampleRef]] | None = None,
-                 accept_ref: Callable[[SampleRef], bool] | None = None, checksums: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        shards: list[str],
+        part: int,
+        n_parts: int,
+        seed: int,
+        shuffle_buffer: int,
+        accept: Callable[[dict], bool],
+        keys: dict[str, str],
+        samples: dict[str, list[SampleRef]] | None = None,
+        accept_ref: Callable[[SampleRef], bool] | None = None,
+        checksums: dict[str, str] | None = None,
+    ):
         self.name, self.shards, self.part, self.n_parts = name, shards, part, n_parts
         self.seed, self.buf_size, self.accept, self.keys = seed, shuffle_buffer, accept, keys
         self.samples, self.accept_ref = samples, accept_ref or (lambda r: True)
@@ -339,7 +363,7 @@ class DatasetStream:
             yield from self._epoch_indexed(shards)
             return
         by_shard = len(shards) >= self.n_parts
-        mine = shards[self.part::self.n_parts] if by_shard else shards
+        mine = shards[self.part :: self.n_parts] if by_shard else shards
         n = 0
         for url in mine:
             for s in iter_tar(url, self.checksums.get(url)):
@@ -354,11 +378,17 @@ class DatasetStream:
 
     def _epoch_indexed(self, shards: list[str]) -> Iterator[dict]:
         """This part's accepted samples of the epoch, read by seeking (module docs: how parts split)."""
-        wanted = {u: [(i, r) for i, r in enumerate(self.samples.get(u, []))
-                      if self.keys.get(r.key) == self.name and self.accept_ref(r)] for u in shards}
+        wanted = {
+            u: [
+                (i, r)
+                for i, r in enumerate(self.samples.get(u, []))
+                if self.keys.get(r.key) == self.name and self.accept_ref(r)
+            ]
+            for u in shards
+        }
         shards = [u for u in shards if wanted[u]]
         if len(shards) >= self.n_parts:
-            mine = [(u, wanted[u]) for u in shards[self.part::self.n_parts]]
+            mine = [(u, wanted[u]) for u in shards[self.part :: self.n_parts]]
         else:
             flat = [(u, ir) for u in shards for ir in wanted[u]]
             n = len(flat)
@@ -386,8 +416,10 @@ class DatasetStream:
             keys = {r.key for _, r in items}
             for s in iter_tar_runs(url, runs, self.checksums.get(url)):
                 if s["__key__"] not in keys:
-                    raise ValueError(f"{url}: sample {s['__key__']!r} at an offset index.parquet gives to "
-                                     f"another sample; the index does not match the shard")
+                    raise ValueError(
+                        f"{url}: sample {s['__key__']!r} at an offset index.parquet gives to "
+                        f"another sample; the index does not match the shard"
+                    )
                 yield s
 
     def __iter__(self) -> Iterator[dict]:
@@ -410,6 +442,7 @@ class DatasetStream:
 
 def scene_filter(scenes: str, min_frames: int = 1) -> Callable[[dict], bool]:
     """The stage's filter on a raw sample (reads ``meta.json``): scene kind and at least ``min_frames``."""
+
     def accept(s: dict) -> bool:
         meta = json.loads(s["meta.json"])
         if (len(meta.get("frame_indices", [])) or _num_frames(s)) < min_frames:
@@ -418,13 +451,16 @@ def scene_filter(scenes: str, min_frames: int = 1) -> Callable[[dict], bool]:
             return True
         dyn = bool(meta.get("dynamic", False))
         return dyn if scenes == "dynamic" else not dyn
+
     return accept
 
 
 def ref_filter(scenes: str, min_frames: int) -> Callable[[SampleRef], bool]:
     """The same filter on an index entry."""
+
     def accept(r: SampleRef) -> bool:
         return r.num_frames >= min_frames and (scenes == "any" or r.dynamic == (scenes == "dynamic"))
+
     return accept
 
 
@@ -448,8 +484,12 @@ def crop_resize(clip: Clip, res: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     intr[:, 2] -= x0
     intr[:, 3] -= y0
     intr *= sc
-    rgb = np.stack([np.asarray(Image.fromarray(f[y0:y0 + side, x0:x0 + side]).resize((res, res), Image.BILINEAR))
-                    for f in clip.rgb])
+    rgb = np.stack(
+        [
+            np.asarray(Image.fromarray(f[y0 : y0 + side, x0 : x0 + side]).resize((res, res), Image.BILINEAR))
+            for f in clip.rgb
+        ]
+    )
     depth = valid = None
     if clip.depth is not None:
         idx = np.clip(((np.arange(res) + 0.5) / sc - 0.5).round().astype(int), 0, side - 1)
@@ -458,8 +498,9 @@ def crop_resize(clip: Clip, res: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return rgb, intr, depth, valid
 
 
-def process(clip: Clip, frames: list[int] | None, res: int, n_tracks: int, rng: np.random.Generator,
-            video_uint8: bool = False) -> dict:
+def process(
+    clip: Clip, frames: list[int] | None, res: int, n_tracks: int, rng: np.random.Generator, video_uint8: bool = False
+) -> dict:
     """A decoded (already frame-subsampled) clip -> tensors for the model.
 
     ``video`` is (T,3,H,W) float in [0, 1], or with ``video_uint8`` the same frames as uint8 (the training
@@ -487,28 +528,40 @@ def process(clip: Clip, frames: list[int] | None, res: int, n_tracks: int, rng: 
         pick = np.sort(rng.choice(ok, size=min(n_tracks, len(ok)), replace=False)) if len(ok) else ok
         pts = np.nan_to_num(clip.tracks[:, pick].astype(np.float64))
         pts = pts @ w2c0[:3, :3].T + w2c0[:3, 3]
-        tracks[:, :len(pick)] = torch.from_numpy(pts).float()
-        vis[:, :len(pick)] = torch.from_numpy(tv[:, pick])
+        tracks[:, : len(pick)] = torch.from_numpy(pts).float()
+        vis[:, : len(pick)] = torch.from_numpy(tv[:, pick])
     out["tracks"], out["track_visible"] = tracks, vis
     out["has_tracks"] = torch.tensor(clip.tracks is not None and bool(vis.any()))
     lw = clip.meta.loss_weights or {}
-    out["weights"] = torch.tensor([lw.get("photo", 1.0), lw.get("depth", 1.0), lw.get("motion", 1.0)],
-                                  dtype=torch.float32)
+    out["weights"] = torch.tensor(
+        [lw.get("photo", 1.0), lw.get("depth", 1.0), lw.get("motion", 1.0)], dtype=torch.float32
+    )
     out["dynamic"] = torch.tensor(bool(clip.meta.dynamic))
     out["key"] = clip.key
     return out
 
 
 def collate(items: list[dict]) -> dict:
-    return {k: ([it[k] for it in items] if k in ("key", "caption") else torch.stack([it[k] for it in items]))
-            for k in items[0]}
+    return {
+        k: ([it[k] for it in items] if k in ("key", "caption") else torch.stack([it[k] for it in items]))
+        for k in items[0]
+    }
 
 
 class ShardStream(torch.utils.data.IterableDataset):
     """Batches for one rank of one curriculum stage, starting after ``start_batches`` consumed batches."""
 
-    def __init__(self, data: DataConfig, stage: StageConfig, stage_index: int, n_tracks: int, batch_size: int,
-                 rank: int = 0, world: int = 1, start_batches: int = 0):
+    def __init__(
+        self,
+        data: DataConfig,
+        stage: StageConfig,
+        stage_index: int,
+        n_tracks: int,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        start_batches: int = 0,
+    ):
         super().__init__()
         self.data, self.stage, self.stage_index, self.n_tracks = data, stage, stage_index, n_tracks
         self.batch_size, self.rank, self.world, self.start_batches = batch_size, rank, world, start_batches
@@ -521,8 +574,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Per dataset, the clips the stage accepts (from the index; None without one)."""
         if self.catalog.samples is None:
             return None
-        return {ds: sum(self.accept_ref(r) for u in urls for r in self.catalog.samples.get(u, [])
-                        if self.keys.get(r.key) == ds) for ds, urls in self.shards.items()}
+        return {
+            ds: sum(
+                self.accept_ref(r) for u in urls for r in self.catalog.samples.get(u, []) if self.keys.get(r.key) == ds
+            )
+            for ds, urls in self.shards.items()
+        }
 
     def weights(self) -> dict[str, float]:
         """Mixture weight per dataset (module docs); datasets with no accepted clip get 0."""
@@ -539,8 +596,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         if not any(v > 0 for v in out.values()):
             what = f"'{self.stage.scenes}' clips of at least {self.stage.num_frames} frames"
             if accepted is not None:
-                raise ValueError(f"stage {self.stage.name}: no dataset has {what} among those its mixture selects "
-                                 f"(accepted per dataset: {accepted}; mixture: {self.stage.mixture or 'by size'})")
+                raise ValueError(
+                    f"stage {self.stage.name}: no dataset has {what} among those its mixture selects "
+                    f"(accepted per dataset: {accepted}; mixture: {self.stage.mixture or 'by size'})"
+                )
             raise ValueError(f"stage {self.stage.name}: mixture selects no dataset among {list(self.shards)}")
         return {k: v for k, v in out.items() if v > 0}
 
@@ -556,9 +615,24 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed = self.data.seed * 1000 + self.stage_index
         accept = scene_filter(self.stage.scenes, self.stage.num_frames)
         weights = self.weights()
-        streams = {ds: iter(DatasetStream(ds, self.shards[ds], part, n_parts, seed, self.data.shuffle_buffer,
-                                          accept, self.keys, self.catalog.samples, self.accept_ref, self.checksums))
-                   for ds in weights}
+        streams = {
+            ds: iter(
+                DatasetStream(
+                    ds,
+                    self.shards[ds],
+                    part,
+                    n_parts,
+                    seed,
+                    self.data.shuffle_buffer,
+                    accept,
+                    self.keys,
+                    self.catalog.samples,
+                    self.accept_ref,
+                    self.checksums,
+                )
+            )
+            for ds in weights
+        }
         mix = _rng(seed, part, 11)
         names = sorted(weights)
         n = emitted = 0
@@ -577,8 +651,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             t_clip = len(meta.get("frame_indices", [])) or _num_frames(raw)
             frames = choose_frames(t_clip, self.stage.num_frames, self.stage.max_frame_stride, srng)
             if frames is None:  # the filters accept only clips long enough
-                raise RuntimeError(f"{raw.get('__url__')}: sample {raw['__key__']} has {t_clip} frames, fewer than "
-                                   f"stage {self.stage.name}'s {self.stage.num_frames}, yet passed the filter")
+                raise RuntimeError(
+                    f"{raw.get('__url__')}: sample {raw['__key__']} has {t_clip} frames, fewer than "
+                    f"stage {self.stage.name}'s {self.stage.num_frames}, yet passed the filter"
+                )
             emitted += 1
             if emitted <= skip:
                 continue
@@ -589,17 +665,28 @@ class ShardStream(torch.utils.data.IterableDataset):
             if len(batch) == self.batch_size:
                 yield collate(batch)
                 batch = []
-        raise RuntimeError(f"stage {self.stage.name}: no sample of the datasets {sorted(weights)} passes the "
-                           f"stage's filter ('{self.stage.scenes}' clips of at least {self.stage.num_frames} frames) "
-                           f"for rank {self.rank}, worker {wid}")
+        raise RuntimeError(
+            f"stage {self.stage.name}: no sample of the datasets {sorted(weights)} passes the "
+            f"stage's filter ('{self.stage.scenes}' clips of at least {self.stage.num_frames} frames) "
+            f"for rank {self.rank}, worker {wid}"
+        )
 
 
 def _num_frames(raw: dict) -> int:
     return int(np.load(io.BytesIO(raw["intrinsics.npy"])).shape[0])
 
 
-def make_loader(data: DataConfig, stage: StageConfig, stage_index: int, n_tracks: int, batch_size: int,
-                rank: int, world: int, start_batches: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def make_loader(
+    data: DataConfig,
+    stage: StageConfig,
+    stage_index: int,
+    n_tracks: int,
+    batch_size: int,
+    rank: int,
+    world: int,
+    start_batches: int = 0,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
     """``pin_memory`` (on a GPU): batches in page-locked memory, so their copy to the device is queued
     without the host waiting for it."""
     ds = ShardStream(data, stage, stage_index, n_tracks, batch_size, rank, world, start_batches)
@@ -607,5 +694,6 @@ def make_loader(data: DataConfig, stage: StageConfig, stage_index: int, n_tracks
     if data.num_workers > 0:
         kw.update(prefetch_factor=2, persistent_workers=False)
     # a private generator: creating the iterator must not consume the global torch RNG (resume determinism)
-    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=data.num_workers,
-                                       generator=torch.Generator().manual_seed(data.seed), **kw)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=data.num_workers, generator=torch.Generator().manual_seed(data.seed), **kw
+    )

@@ -22,6 +22,7 @@ and cameras (``sampled``; ``--sample-steps 0`` skips it). Writes, through
   (``KEY/recon/gaussians``, the most opaque ``rrd_gaussians``, 20000), on the same ``frame`` timeline;
   the clip's measures are the recording property ``KEY``.
 """
+
 from __future__ import annotations
 
 import html
@@ -63,7 +64,9 @@ def check_shape(cfg, resolution: int, frames: int) -> None:
     longest = max(s.num_frames for s in cfg.stages)
     if frames > longest:
         raise EvalError(f"frames {frames}: this model's deformation covers at most {longest} frames")
-    grid = 2 ** (len(cfg.backbone.vae.block_out_channels) - 1) * cfg.backbone.transformer.patch_size * cfg.ldrm.patch_size
+    grid = (
+        2 ** (len(cfg.backbone.vae.block_out_channels) - 1) * cfg.backbone.transformer.patch_size * cfg.ldrm.patch_size
+    )
     if resolution % grid:
         raise EvalError(f"resolution {resolution} is not a multiple of this model's latent patch grid ({grid} px)")
 
@@ -81,12 +84,19 @@ def data_clips(data: list[str], split: str, limit: int | None):
         root = data[0].rstrip("/")
         fs, _, _ = fsspec.get_fs_token_paths(f"{root}/index.parquet")
         if not fs.exists(f"{root}/index.parquet"):
-            raise EvalError(f"{root}: no index.parquet (not a d4s build output); give shard files to evaluate every sample")
+            raise EvalError(
+                f"{root}: no index.parquet (not a d4s build output); give shard files to evaluate every sample"
+            )
         clips = load_clips(DataConfig(root=root), split, limit)
         if not clips:
-            raise EvalError(f"{root}: no '{split}' clips in index.parquet"
-                            + (" (build with datasets.<name>.val_fraction > 0 to hold scenes out, or --split train)"
-                               if split == "val" else ""))
+            raise EvalError(
+                f"{root}: no '{split}' clips in index.parquet"
+                + (
+                    " (build with datasets.<name>.val_fraction > 0 to hold scenes out, or --split train)"
+                    if split == "val"
+                    else ""
+                )
+            )
         return clips, f"build {root}, split {split}", split
     try:
         clips = load_clips(DataConfig(shards=list(data)), "all", limit)
@@ -103,10 +113,22 @@ def _summary(rows: list[dict], prefix: str) -> dict:
     return out
 
 
-def evaluate(ckpt: str, data: list[str], out: str, split: str = "val", clips: int | None = None,
-             resolution: int | None = None, frames: int | None = None, sample_steps: int = 10,
-             lpips_torch_home: str | None = None, device: str = "auto", rrd: str | None = None,
-             rrd_gaussians: int = 20000, seed: int = 0, config: str | None = None) -> dict:
+def evaluate(
+    ckpt: str,
+    data: list[str],
+    out: str,
+    split: str = "val",
+    clips: int | None = None,
+    resolution: int | None = None,
+    frames: int | None = None,
+    sample_steps: int = 10,
+    lpips_torch_home: str | None = None,
+    device: str = "auto",
+    rrd: str | None = None,
+    rrd_gaussians: int = 20000,
+    seed: int = 0,
+    config: str | None = None,
+) -> dict:
     """Run the evaluation (module docs); returns what ``metrics.json`` holds."""
     from pipeline.storage import Store
     from training.config import load_config
@@ -138,20 +160,40 @@ def evaluate(ckpt: str, data: list[str], out: str, split: str = "val", clips: in
 
             batch["text"], batch["use_text"] = embed_captions(text_encoder, batch["caption"], 0.0)
         batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        vals, renders = measure(model, batch, rasterize, lpips_fn, sample_steps, seed * 100_003 + i, autocast,
-                                cfg.ldrm.prune_opacity, keep=True)
+        vals, renders = measure(
+            model,
+            batch,
+            rasterize,
+            lpips_fn,
+            sample_steps,
+            seed * 100_003 + i,
+            autocast,
+            cfg.ldrm.prune_opacity,
+            keep=True,
+        )
         rows.append({"key": raw.key, "dataset": raw.dataset, **vals})
         cards.append(_card(raw.key, batch, renders, vals))
         if rec is not None:
             log_eval_clip(rec, raw.key, raw.dataset, batch, renders, cfg.ldrm.prune_opacity, rrd_gaussians, vals)
     if not rows:
         raise EvalError(f"no clip of {what} has {nf} frames ({len(skipped)} skipped): give --frames")
-    result = {**_summary(rows, "recon"), "clips": len(rows),
-              "sampled": _summary(rows, "sample") if sample_steps > 0 else None,
-              "lpips_note": lpips_note, "checkpoint": info["checkpoint"], "step": info["step"], "data": what,
-              "split": split, "resolution": res, "frames": nf,
-              "sample_steps": sample_steps, "device": str(dev), "seconds": round(time.perf_counter() - t0, 3),
-              "per_clip": rows, "skipped": skipped}
+    result = {
+        **_summary(rows, "recon"),
+        "clips": len(rows),
+        "sampled": _summary(rows, "sample") if sample_steps > 0 else None,
+        "lpips_note": lpips_note,
+        "checkpoint": info["checkpoint"],
+        "step": info["step"],
+        "data": what,
+        "split": split,
+        "resolution": res,
+        "frames": nf,
+        "sample_steps": sample_steps,
+        "device": str(dev),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "per_clip": rows,
+        "skipped": skipped,
+    }
     store = Store(out)
     store.makedirs("")
     store.write_bytes_atomic("metrics.json", (json.dumps(result, indent=1, allow_nan=False) + "\n").encode())
@@ -183,7 +225,7 @@ def _small(img: np.ndarray) -> np.ndarray:
         return img
     n, h, w, c = img.shape
     h2, w2 = h // k, w // k
-    return img[:, :h2 * k, :w2 * k].reshape(n, h2, k, w2, k, c).mean((2, 4)).round().astype(np.uint8)
+    return img[:, : h2 * k, : w2 * k].reshape(n, h2, k, w2, k, c).mean((2, 4)).round().astype(np.uint8)
 
 
 def _card(key: str, batch: dict, renders: dict, vals: dict) -> str:
@@ -202,27 +244,41 @@ def _card(key: str, batch: dict, renders: dict, vals: dict) -> str:
     for tag, name in (("recon", "reconstruction depth"), ("sample", "sampled depth")):
         if tag in renders:
             rows.append((name, colourise_depth(renders[tag]["depth"].numpy()[cols], lo, hi)))
-    body = "".join(f"<tr><th>{html.escape(n)}</th><td><img src='{png_data_uri(strip(_small(img)))}'></td></tr>"
-                   for n, img in rows)
+    body = "".join(
+        f"<tr><th>{html.escape(n)}</th><td><img src='{png_data_uri(strip(_small(img)))}'></td></tr>" for n, img in rows
+    )
     line = " · ".join(f"{html.escape(k)} {_fmt(v)}" for k, v in vals.items())
-    return (f"<div class='card'><h3>{html.escape(key)}</h3><p class='m'>{line}</p><p class='m'>frames {cols}; depth "
-            f"colours log-scaled {lo:.3g}–{hi:.3g} m (near warm), black: no ground-truth depth</p><table>{body}</table></div>")
+    return (
+        f"<div class='card'><h3>{html.escape(key)}</h3><p class='m'>{line}</p><p class='m'>frames {cols}; depth "
+        f"colours log-scaled {lo:.3g}–{hi:.3g} m (near warm), black: no ground-truth depth</p><table>{body}</table></div>"
+    )
 
 
 def _page(result: dict, cards: list[str]) -> str:
     head = ["reconstruction"] + (["sampled"] if result["sampled"] else [])
-    rows = "".join(f"<tr><td>{m}</td><td>{_fmt(result[m])}</td>"
-                   + (f"<td>{_fmt(result['sampled'][m])}</td>" if result["sampled"] else "") + "</tr>" for m in MEASURES)
+    rows = "".join(
+        f"<tr><td>{m}</td><td>{_fmt(result[m])}</td>"
+        + (f"<td>{_fmt(result['sampled'][m])}</td>" if result["sampled"] else "")
+        + "</tr>"
+        for m in MEASURES
+    )
     note = f"<p class='m'>LPIPS: {html.escape(result['lpips_note'])}</p>" if result["lpips_note"] else ""
-    css = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #ddd;"
-           "padding:2px 6px;text-align:left;font-size:.85em}.card{margin:1.2em 0}.m{font-size:.8em;color:#444}"
-           ".card img{height:96px;image-rendering:pixelated}")
-    meta = html.escape(f"checkpoint {result['checkpoint']} (step {result['step']}); {result['data']}; "
-                       f"{result['clips']} clips at {result['resolution']}² × {result['frames']} frames; "
-                       f"{result['sample_steps']} sampling steps; {result['device']}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>d4s eval</title><style>{css}</style></head><body>"
-            f"<h1>d4s eval</h1><p class='m'>{meta}</p><table><tr><th>measure</th>"
-            + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{rows}</table>{note}{''.join(cards)}</body></html>")
+    css = (
+        "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{border:1px solid #ddd;"
+        "padding:2px 6px;text-align:left;font-size:.85em}.card{margin:1.2em 0}.m{font-size:.8em;color:#444}"
+        ".card img{height:96px;image-rendering:pixelated}"
+    )
+    meta = html.escape(
+        f"checkpoint {result['checkpoint']} (step {result['step']}); {result['data']}; "
+        f"{result['clips']} clips at {result['resolution']}² × {result['frames']} frames; "
+        f"{result['sample_steps']} sampling steps; {result['device']}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>d4s eval</title><style>{css}</style></head><body>"
+        f"<h1>d4s eval</h1><p class='m'>{meta}</p><table><tr><th>measure</th>"
+        + "".join(f"<th>{h}</th>" for h in head)
+        + f"</tr>{rows}</table>{note}{''.join(cards)}</body></html>"
+    )
 
 
 # --- Rerun --------------------------------------------------------------------------------------------------
@@ -254,8 +310,9 @@ def _save_recording(rec, tmp: str, rrd: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def log_eval_clip(rec, key: str, dataset: str, batch: dict, renders: dict, prune: float, max_gaussians: int,
-                  vals: dict | None = None) -> None:
+def log_eval_clip(
+    rec, key: str, dataset: str, batch: dict, renders: dict, prune: float, max_gaussians: int, vals: dict | None = None
+) -> None:
     """One evaluated clip into the recording: ground truth and renders side by side (module docs)."""
     from pipeline.clip import Clip, ClipMeta
     from pipeline.rerun_log import import_rerun, log_clip
@@ -269,27 +326,51 @@ def log_eval_clip(rec, key: str, dataset: str, batch: dict, renders: dict, prune
     vis = batch["track_visible"][0].cpu().numpy() if has_t else None
 
     def clip(rgb, depth, valid, tracks) -> Clip:
-        meta = ClipMeta(dataset=dataset, scene=key, clip_id=key, frame_indices=list(range(t)),
-                        dynamic=bool(batch["dynamic"][0]), real=False)
-        return Clip(meta=meta, rgb=rgb, intrinsics=intr, c2w=c2w, depth=depth, depth_valid=valid,
-                    tracks=tracks, track_visible=vis if tracks is not None else None)
+        meta = ClipMeta(
+            dataset=dataset,
+            scene=key,
+            clip_id=key,
+            frame_indices=list(range(t)),
+            dynamic=bool(batch["dynamic"][0]),
+            real=False,
+        )
+        return Clip(
+            meta=meta,
+            rgb=rgb,
+            intrinsics=intr,
+            c2w=c2w,
+            depth=depth,
+            depth_valid=valid,
+            tracks=tracks,
+            track_visible=vis if tracks is not None else None,
+        )
 
-    gt = clip(to_uint8(batch["video"][0].permute(0, 2, 3, 1)),
-              batch["depth"][0].cpu().numpy() if has_d else None,
-              batch["depth_valid"][0].cpu().numpy() if has_d else None,
-              batch["tracks"][0].cpu().numpy() if has_t else None)
+    gt = clip(
+        to_uint8(batch["video"][0].permute(0, 2, 3, 1)),
+        batch["depth"][0].cpu().numpy() if has_d else None,
+        batch["depth_valid"][0].cpu().numpy() if has_d else None,
+        batch["tracks"][0].cpu().numpy() if has_t else None,
+    )
     log_clip(rec, gt, prefix=f"{key}/gt")
     if vals:  # the clip's measures as a recording property named after it
         rec.send_property(key, rr.AnyValues(**{k: float(v) for k, v in vals.items()}))
     for tag, r in renders.items():
         tracks = r["tracks"].numpy() if (has_t and r["tracks"] is not None) else None
-        log_clip(rec, clip(to_uint8(r["rgb"]), r["depth"].numpy().astype(np.float32), r["alpha"].numpy() > 0.5, tracks),
-                 prefix=f"{key}/{tag}")
+        log_clip(
+            rec,
+            clip(to_uint8(r["rgb"]), r["depth"].numpy().astype(np.float32), r["alpha"].numpy() > 0.5, tracks),
+            prefix=f"{key}/{tag}",
+        )
         maps = r["maps"]
         for tau in range(t):
             g = gaussians_at(maps, 0, tau if maps.deform is not None else 0, prune)
             keep = torch.argsort(g.opacities, descending=True)[:max_gaussians]
             rec.set_time("frame", sequence=tau)
-            rec.log(f"{key}/{tag}/gaussians", rr.Points3D(
-                g.means[keep].float().cpu().numpy(), colors=to_uint8(g.colours[keep]),
-                radii=g.scales[keep].float().mean(-1).cpu().numpy()))
+            rec.log(
+                f"{key}/{tag}/gaussians",
+                rr.Points3D(
+                    g.means[keep].float().cpu().numpy(),
+                    colors=to_uint8(g.colours[keep]),
+                    radii=g.scales[keep].float().mean(-1).cpu().numpy(),
+                ),
+            )

@@ -28,6 +28,7 @@ F' = 1 + (T-1)/f_t on an R/f_s grid:
 ``torch.utils.flop_counter.FlopCounterMode`` — shapes only, no data, so even 49 x 512^2 counts in
 seconds on a CPU — and tests/test_training_flops.py checks the formula against it.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,7 @@ RENDER_FLOPS_PER_PX = 3 * 30.0  # ~30 FLOPs per Gaussian-pixel evaluation and bl
 
 
 def _conv3(ci: int, co: int, voxels: int, k: int = 3) -> float:
-    return 2.0 * ci * co * k ** 3 * voxels
+    return 2.0 * ci * co * k**3 * voxels
 
 
 def vae_chunks(frames: int, batch: int = 8) -> list[int]:
@@ -123,8 +124,9 @@ def ldrm_flops(cfg, frames: int, res: int, deformation: bool) -> float:
     c = cfg.backbone.vae.latent_channels
     f_lat, side = latent_grid(cfg, frames, res)
     fs = 2 ** (len(cfg.backbone.vae.block_out_channels) - 1)
-    ft = 2 ** min(round(math.log2(cfg.backbone.vae.temporal_compression_ratio)),
-                  len(cfg.backbone.vae.block_out_channels) - 1)
+    ft = 2 ** min(
+        round(math.log2(cfg.backbone.vae.temporal_compression_ratio)), len(cfg.backbone.vae.block_out_channels) - 1
+    )
     p, dim = lc.patch_size, lc.dim
     n = f_lat * (side // p) ** 2
     mlp = int(dim * lc.mlp_ratio)
@@ -159,9 +161,11 @@ def formula(cfg, stage, frames: int | None = None, res: int | None = None) -> di
     deformation = "deformation" not in stage.frozen and "ldrm" not in stage.frozen
     out = {
         "vae_encode": vae_encode_flops(cfg.backbone.vae, frames, res, res),
-        "backbone": backbone_train_flops(cfg, frames, res) if "backbone" not in stage.frozen
+        "backbone": backbone_train_flops(cfg, frames, res)
+        if "backbone" not in stage.frozen
         else backbone_flops(cfg, frames, res),
-        "ldrm": 3 * ldrm_flops(cfg, frames, res, deformation) if "ldrm" not in stage.frozen
+        "ldrm": 3 * ldrm_flops(cfg, frames, res, deformation)
+        if "ldrm" not in stage.frozen
         else ldrm_flops(cfg, frames, res, deformation),
         "render": render_flops(cfg, stage, frames, res),
     }

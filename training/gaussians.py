@@ -15,6 +15,7 @@ predicted pixel-aligned position at its own birth time. At time ``tau``:
 
 Pruning drops Gaussians with opacity below ``tau_prune`` (0.005) before rendering.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,23 +32,35 @@ def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Hamilton product of wxyz quaternions (..., 4)."""
     aw, ax, ay, az = a.unbind(-1)
     bw, bx, by, bz = b.unbind(-1)
-    return torch.stack([
-        aw * bw - ax * bx - ay * by - az * bz,
-        aw * bx + ax * bw + ay * bz - az * by,
-        aw * by - ax * bz + ay * bw + az * bx,
-        aw * bz + ax * by - ay * bx + az * bw,
-    ], dim=-1)
+    return torch.stack(
+        [
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        ],
+        dim=-1,
+    )
 
 
 def quat_to_matrix(q: torch.Tensor) -> torch.Tensor:
     """wxyz quaternions (..., 4) (normalised here) -> rotation matrices (..., 3, 3)."""
     q = F.normalize(q, dim=-1)
     w, x, y, z = q.unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ], dim=-1).reshape(q.shape[:-1] + (3, 3))
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - w * z),
+            2 * (x * z + w * y),
+            2 * (x * y + w * z),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - w * x),
+            2 * (x * z - w * y),
+            2 * (y * z + w * x),
+            1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    ).reshape(q.shape[:-1] + (3, 3))
 
 
 @dataclass
@@ -74,8 +87,12 @@ class GaussianMaps:
         """(B,S,H,W,3) pixel-aligned centres at birth time."""
         b, s, h, w = self.depth.shape
         births = self.birth.tolist()  # on the host: indexing by views uploads no index tensor (no sync)
-        o, d = camera_rays(torch.stack([self.intrinsics[:, i] for i in births], 1),
-                           torch.stack([self.c2w[:, i] for i in births], 1), h, w)
+        o, d = camera_rays(
+            torch.stack([self.intrinsics[:, i] for i in births], 1),
+            torch.stack([self.c2w[:, i] for i in births], 1),
+            h,
+            w,
+        )
         return o + self.depth[..., None] * d
 
 
@@ -116,8 +133,13 @@ def gaussians_at(maps: GaussianMaps, b: int, tau: int, prune_opacity: float = 0.
         # birth indices come from the host (GaussianMaps.birth stays on the CPU): no device read
         raw_birth = torch.stack([raw[i, :, :, int(s), :] for i, s in enumerate(maps.birth.tolist())])
         means, quats, scales = apply_deformation(means, quats, scales, raw_tau, raw_birth)
-    g = Gaussians(means.reshape(-1, 3), quats.reshape(-1, 4), scales.reshape(-1, 3),
-                  maps.opacity[b].reshape(-1), maps.colour[b].reshape(-1, 3))
+    g = Gaussians(
+        means.reshape(-1, 3),
+        quats.reshape(-1, 4),
+        scales.reshape(-1, 3),
+        maps.opacity[b].reshape(-1),
+        maps.colour[b].reshape(-1, 3),
+    )
     if drop:
         return prune(g, prune_opacity)
     opac = torch.where(g.opacities >= prune_opacity, g.opacities, torch.zeros_like(g.opacities))
@@ -142,8 +164,13 @@ def sample_maps_at_pixels(x: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     grid = torch.stack([uv[:, 0] / w * 2 - 1, uv[:, 1] / h * 2 - 1], dim=-1)  # align_corners=False
     # Sample in float32: under bf16 autocast the maps may be bf16 while track pixels stay float32,
     # and grid_sample needs one dtype (found on the GPU run, bench/RESULTS.md).
-    out = F.grid_sample(x.float().permute(2, 0, 1)[None], grid.float()[None, None], mode="bilinear", padding_mode="border",
-                        align_corners=False)
+    out = F.grid_sample(
+        x.float().permute(2, 0, 1)[None],
+        grid.float()[None, None],
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
     return out[0, :, 0].T
 
 
@@ -171,8 +198,14 @@ def track_positions(maps: GaussianMaps, b: int, tracks: torch.Tensor, visible: t
     z = cam[..., 2].clamp_min(1e-6)
     fx, fy, cx, cy = (intr[:, i, None] for i in range(4))
     uv = torch.stack([fx * cam[..., 0] / z + cx, fy * cam[..., 1] / z + cy], -1)  # (S,N,2)
-    ok = at_birth(visible) & (cam[..., 2] > 1e-3) & (uv[..., 0] >= 0) & (uv[..., 0] <= w) \
-        & (uv[..., 1] >= 0) & (uv[..., 1] <= h)  # (S,N)
+    ok = (
+        at_birth(visible)
+        & (cam[..., 2] > 1e-3)
+        & (uv[..., 0] >= 0)
+        & (uv[..., 0] <= w)
+        & (uv[..., 1] >= 0)
+        & (uv[..., 1] <= h)
+    )  # (S,N)
     assigned = ok.any(0)
     first = ok.to(torch.uint8).argmax(0)  # the first qualifying birth frame (0 where none)
     grid = torch.stack([uv[..., 0] / w * 2 - 1, uv[..., 1] / h * 2 - 1], -1).float()[:, None]  # (S,1,N,2)
@@ -186,15 +219,21 @@ def track_positions(maps: GaussianMaps, b: int, tracks: torch.Tensor, visible: t
 
     depth = pick(sample(maps.depth[b][:, None]))[0]  # (N,)
     uv_s, c2w_s, intr_s = pick(uv.transpose(1, 2)).T, c2w[first], intr[first]
-    ray = torch.stack([(uv_s[:, 0] - intr_s[:, 2]) / intr_s[:, 0], (uv_s[:, 1] - intr_s[:, 3]) / intr_s[:, 1],
-                       torch.ones_like(uv_s[:, 0])], -1)
+    ray = torch.stack(
+        [
+            (uv_s[:, 0] - intr_s[:, 2]) / intr_s[:, 0],
+            (uv_s[:, 1] - intr_s[:, 3]) / intr_s[:, 1],
+            torch.ones_like(uv_s[:, 0]),
+        ],
+        -1,
+    )
     mean = c2w_s[:, :3, 3] + ((ray * depth[:, None])[:, None, :] @ c2w_s[:, :3, :3].transpose(1, 2))[:, 0]
     if maps.deform is not None:
         raw = maps.deform[b]  # (S,H,W,T,K); a view of the LDRM's (S,T,K,H,W) output: sampled without a copy
         tt, kk = raw.shape[-2:]
         raw_s = sample(raw.permute(0, 3, 4, 1, 2).reshape(s_count, tt * kk, h, w)).reshape(s_count, tt, kk, n)
         # displacement from each birth frame's own time: raw[tau] - raw[s]
-        disp = torch.stack([raw_s[i, :, 0:3] - raw_s[i, s:s + 1, 0:3] for i, s in enumerate(birth)])  # (S,T,3,N)
+        disp = torch.stack([raw_s[i, :, 0:3] - raw_s[i, s : s + 1, 0:3] for i, s in enumerate(birth)])  # (S,T,3,N)
         pos = mean[:, None] + pick(disp).permute(2, 0, 1)  # (N,T,3)
     else:
         pos = mean[:, None].expand(n, t_count, 3)

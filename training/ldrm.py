@@ -19,6 +19,7 @@ T x K_d raw deformations at the birth frames. The transposed convolution, the ac
 deformation head run in float32 with autocast off: Gaussian parameters and the deformation difference
 ``raw[t] - raw[birth]`` are not rounded to bf16's 8-bit mantissa (a 1.5 % depth step at mid range).
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,8 +49,9 @@ def positional_embedding(dim: int, frames: int, gh: int, gw: int, device=None) -
     """
     from diffusers.models.embeddings import get_3d_sincos_pos_embed
 
-    emb = get_3d_sincos_pos_embed(dim, (gw, gh), frames, spatial_interpolation_scale=max(gh, gw) / POS_BASE_GRID,
-                                  device=device, output_type="pt")
+    emb = get_3d_sincos_pos_embed(
+        dim, (gw, gh), frames, spatial_interpolation_scale=max(gh, gw) / POS_BASE_GRID, device=device, output_type="pt"
+    )
     return emb.reshape(frames * gh * gw, dim).float()
 
 
@@ -104,8 +106,15 @@ class LDRM(nn.Module):
         x = torch.cat([zt, pt], 1).unflatten(0, (b, f)).permute(0, 1, 3, 4, 2).reshape(b, f * gh * gw, -1)
         return self.token_in(x) + self.position(f, gh, gw, x.device), (f, gh, gw)
 
-    def forward(self, z: torch.Tensor, pl_latent: torch.Tensor, intrinsics: torch.Tensor, c2w: torch.Tensor,
-                num_frames: int, with_deformation: bool) -> GaussianMaps:
+    def forward(
+        self,
+        z: torch.Tensor,
+        pl_latent: torch.Tensor,
+        intrinsics: torch.Tensor,
+        c2w: torch.Tensor,
+        num_frames: int,
+        with_deformation: bool,
+    ) -> GaussianMaps:
         x, (f, gh, gw) = self.tokens(z, pl_latent)
         for blk, ckpt in zip(self.blocks, self.checkpointed):
             x = checkpoint(blk, x, use_reentrant=False) if (ckpt and self.training) else blk(x)
@@ -115,12 +124,19 @@ class LDRM(nn.Module):
         births = birth_frames(num_frames, self.cfg.birth_frame_stride)
         # float32 maps (module docstring); "meta" tensors (FLOP counting, training/flops.py) have no autocast
         with torch.autocast(x.device.type if x.device.type in ("cuda", "cpu") else "cpu", enabled=False):
-            out = self.deconv(x.float())[:, :, self.ft - 1:self.ft - 1 + num_frames]  # (B, C, T, H, W)
+            out = self.deconv(x.float())[:, :, self.ft - 1 : self.ft - 1 + num_frames]  # (B, C, T, H, W)
             out = out[:, :, births].permute(0, 2, 3, 4, 1)  # (B, S, H, W, C)
             return self._maps(out, births, intrinsics, c2w, num_frames, with_deformation)
 
-    def _maps(self, out: torch.Tensor, births: list[int], intrinsics: torch.Tensor, c2w: torch.Tensor,
-              num_frames: int, with_deformation: bool) -> GaussianMaps:
+    def _maps(
+        self,
+        out: torch.Tensor,
+        births: list[int],
+        intrinsics: torch.Tensor,
+        c2w: torch.Tensor,
+        num_frames: int,
+        with_deformation: bool,
+    ) -> GaussianMaps:
         """Raw decoder channels (B,S,H,W,C) -> activated Gaussian maps (+ raw deformations)."""
         g, feat = out[..., :GAUSS_CH], out[..., GAUSS_CH:]
         cfg = self.cfg
@@ -136,5 +152,6 @@ class LDRM(nn.Module):
             d = self.deform_head(feat.reshape(bs * s, h, w, cf).permute(0, 3, 1, 2))  # (BS, Tmax*K, H, W)
             d = d.reshape(bs, s, self.max_frames, K_D, h, w)[:, :, :num_frames]
             deform = d.permute(0, 1, 4, 5, 2, 3)  # (B,S,H,W,T,K)
-        return GaussianMaps(depth, scale, quat, opacity, colour, deform,
-                            torch.tensor(births, dtype=torch.long), intrinsics, c2w)
+        return GaussianMaps(
+            depth, scale, quat, opacity, colour, deform, torch.tensor(births, dtype=torch.long), intrinsics, c2w
+        )

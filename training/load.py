@@ -13,6 +13,7 @@ one clear :class:`CheckpointError`:
 * a checkpoint trained from ``backbone.pretrained_dir`` when that directory is gone (the layout of a
   pretrained backbone is read from it; an ``expect`` config's ``pretrained_dir`` names another copy).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,19 @@ import torch
 from training.config import TrainConfig
 
 # Config fields that do not change the weights' shapes (a checkpoint is comparable across them).
-_NOT_SHAPING = {"backbone": {"pretrained_dir", "text_encoder_dir", "caption_dropout", "text_cache_size", "freeze_vae"},
-                "ldrm": {"clean_latent_prob", "clean_first_latent", "prune_opacity", "depth_min", "depth_max",
-                         "scale_min", "scale_max_rel", "birth_frame_stride"}}
+_NOT_SHAPING = {
+    "backbone": {"pretrained_dir", "text_encoder_dir", "caption_dropout", "text_cache_size", "freeze_vae"},
+    "ldrm": {
+        "clean_latent_prob",
+        "clean_first_latent",
+        "prune_opacity",
+        "depth_min",
+        "depth_max",
+        "scale_min",
+        "scale_max_rel",
+        "birth_frame_stride",
+    },
+}
 
 
 class _nothing:
@@ -53,8 +64,9 @@ def resolve_checkpoint(path: str) -> str:
             return best
         latest = latest_checkpoint(path)
         if latest is None:
-            raise CheckpointError(f"{path}: a directory without ckpt/best.pt or ckpt/latest: not a training workdir "
-                                  "with a checkpoint")
+            raise CheckpointError(
+                f"{path}: a directory without ckpt/best.pt or ckpt/latest: not a training workdir with a checkpoint"
+            )
         return latest
     return path
 
@@ -68,11 +80,14 @@ def read_checkpoint(path: str) -> dict:
     except pickle.UnpicklingError as exc:
         lines = [x.strip() for x in str(exc).splitlines() if "GLOBAL" in x or "Unsupported" in x]
         first = (lines[0] if lines else type(exc).__name__)[:200]
-        raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain values, and d4s loads "
-                              f"checkpoints with weights_only=True so that no code from a file runs ({first})") from None
+        raise CheckpointError(
+            f"{path}: refused: it holds objects other than tensors and plain values, and d4s loads "
+            f"checkpoints with weights_only=True so that no code from a file runs ({first})"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).strip()[:200]})") from None
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {str(exc).strip()[:200]})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         keys = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not a d4s training checkpoint (needs 'model' and 'config'; has {keys})")
@@ -110,15 +125,22 @@ def load_model(path: str, device: torch.device | str = "cpu", expect: TrainConfi
     if expect is not None:
         diff = shaping_differences(cfg, expect)
         if diff:
-            raise CheckpointError(f"{path}: a checkpoint of another model than the given config (checkpoint vs config: "
-                                  + "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "") + ")")
+            raise CheckpointError(
+                f"{path}: a checkpoint of another model than the given config (checkpoint vs config: "
+                + "; ".join(diff[:6])
+                + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+                + ")"
+            )
     if expect is not None and expect.backbone.pretrained_dir:  # the caller's copy of the pretrained backbone
-        cfg = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(
-            update={"pretrained_dir": expect.backbone.pretrained_dir})})
+        cfg = cfg.model_copy(
+            update={"backbone": cfg.backbone.model_copy(update={"pretrained_dir": expect.backbone.pretrained_dir})}
+        )
     pre = cfg.backbone.pretrained_dir
     if pre and "://" not in pre and not os.path.isdir(pre):
-        raise CheckpointError(f"{path}: trained from backbone.pretrained_dir {pre}, which is not here; the backbone's "
-                              "layout is read from it: give --config with backbone.pretrained_dir naming a copy")
+        raise CheckpointError(
+            f"{path}: trained from backbone.pretrained_dir {pre}, which is not here; the backbone's "
+            "layout is read from it: give --config with backbone.pretrained_dir naming a copy"
+        )
     torch.manual_seed(0)
     device = torch.device(device)
     # built on the target device when nothing is read from a pretrained directory: a 2B model initialises
@@ -128,14 +150,20 @@ def load_model(path: str, device: torch.device | str = "cpu", expect: TrainConfi
     own, saved = model.state_dict(), state["model"]
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
-    shapes = [f"{k}: {tuple(saved[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in own.items()
-              if k in saved and torch.is_tensor(saved[k]) and tuple(saved[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k}: {tuple(saved[k].shape)} in the file, {tuple(v.shape)} in the model"
+        for k, v in own.items()
+        if k in saved and torch.is_tensor(saved[k]) and tuple(saved[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
-        raise CheckpointError(f"{path}: its weights do not fit its config ({len(missing)} missing, {len(unexpected)} "
-                              f"unexpected, {len(shapes)} of another shape"
-                              + (f"; e.g. missing {missing[0]}" if missing else "")
-                              + (f"; e.g. unexpected {unexpected[0]}" if unexpected else "")
-                              + (f"; e.g. {shapes[0]}" if shapes else "") + ")")
+        raise CheckpointError(
+            f"{path}: its weights do not fit its config ({len(missing)} missing, {len(unexpected)} "
+            f"unexpected, {len(shapes)} of another shape"
+            + (f"; e.g. missing {missing[0]}" if missing else "")
+            + (f"; e.g. unexpected {unexpected[0]}" if unexpected else "")
+            + (f"; e.g. {shapes[0]}" if shapes else "")
+            + ")"
+        )
     model.load_state_dict(saved, strict=True)
     model = model.to(device).eval()
     return model, cfg, {"checkpoint": path, "step": int(state.get("step", 0))}

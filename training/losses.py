@@ -8,6 +8,7 @@
   :func:`training.gaussians.track_positions` for the correspondence).
 Per-sample weights (clip meta ``loss_weights``) scale each sample's photo / geo / motion terms.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,9 @@ def flow_matching_loss(v_pred: torch.Tensor, z0: torch.Tensor, noise: torch.Tens
     return F.mse_loss(v_pred.float(), (noise - z0).float())
 
 
-def pearson_depth_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
-                       eps: float = 1e-8) -> torch.Tensor:
+def pearson_depth_loss(
+    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None, eps: float = 1e-8
+) -> torch.Tensor:
     """1 - Pearson correlation of ``pred`` and ``target`` over ``valid`` (flattened). Zero for affine relations.
 
     The mask weights the sums instead of selecting elements, so the value is computed without reading
@@ -75,18 +77,23 @@ class LPIPSLoss(torch.nn.Module):
         except Exception as e:
             raise RuntimeError(
                 "LPIPS is enabled but torchvision cannot be imported (lpips needs it); install a torchvision "
-                "matching your torch, or set loss.lpips_enabled: false") from e
+                "matching your torch, or set loss.lpips_enabled: false"
+            ) from e
         try:
             import lpips
         except Exception as e:
-            raise RuntimeError("LPIPS is enabled but the 'lpips' package is missing: pip install lpips, "
-                               "or set loss.lpips_enabled: false") from e
+            raise RuntimeError(
+                "LPIPS is enabled but the 'lpips' package is missing: pip install lpips, "
+                "or set loss.lpips_enabled: false"
+            ) from e
         if torch_home:
             torch.hub.set_dir(os.path.join(torch_home, "hub"))
         ckpt = os.path.join(torch.hub.get_dir(), "checkpoints", _LPIPS_BACKBONE_FILES[net])
         if not os.path.exists(ckpt):
-            raise RuntimeError(f"LPIPS backbone weights not found at {ckpt}; place the torchvision '{net}' "
-                               "ImageNet checkpoint there (loss.lpips_torch_home) or set loss.lpips_enabled: false")
+            raise RuntimeError(
+                f"LPIPS backbone weights not found at {ckpt}; place the torchvision '{net}' "
+                "ImageNet checkpoint there (loss.lpips_torch_home) or set loss.lpips_enabled: false"
+            )
         self.net = lpips.LPIPS(net=net, pretrained=True, verbose=False).eval()
         for p in self.net.parameters():
             p.requires_grad_(False)

@@ -1,4 +1,5 @@
 """Pictures and videos of a model's output: colourised depth, PNG strips for HTML pages, mp4 files."""
+
 from __future__ import annotations
 
 import base64
@@ -50,7 +51,7 @@ def strip(frames: np.ndarray, gap: int = 2) -> np.ndarray:
     n, h, w, _ = frames.shape
     out = np.full((h, n * w + (n - 1) * gap, 3), 255, np.uint8)
     for i, f in enumerate(frames):
-        out[:, i * (w + gap):i * (w + gap) + w] = f
+        out[:, i * (w + gap) : i * (w + gap) + w] = f
     return out
 
 

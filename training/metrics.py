@@ -16,13 +16,21 @@
 * ``track_epe_m``: mean Euclidean distance in metres between the deformed Gaussians that correspond to
   the clip's 3D tracks (:func:`training.gaussians.track_positions`) and the tracks, over visible entries.
 """
+
 from __future__ import annotations
 
 import torch
 
 # Which way is better, per validation measure (best-checkpoint selection, report plots).
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "depth_abs_rel": False, "depth_abs_rel_scaled": False,
-                    "depth_delta_1_25": True, "track_epe_m": False}
+HIGHER_IS_BETTER = {
+    "psnr": True,
+    "ssim": True,
+    "lpips": False,
+    "depth_abs_rel": False,
+    "depth_abs_rel_scaled": False,
+    "depth_delta_1_25": True,
+    "track_epe_m": False,
+}
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -74,8 +82,10 @@ def load_lpips(net: str = "vgg", torch_home: str | None = None, device: torch.de
 
     for pkg in ("torchvision", "lpips"):
         if importlib.util.find_spec(pkg) is None:
-            return None, (f"LPIPS not measured: the {pkg} package is missing (pip install --no-deps lpips beside a "
-                          "torchvision built for your torch)")
+            return None, (
+                f"LPIPS not measured: the {pkg} package is missing (pip install --no-deps lpips beside a "
+                "torchvision built for your torch)"
+            )
     hub = os.path.join(torch_home, "hub") if torch_home else torch.hub.get_dir()
     ckpt = os.path.join(hub, "checkpoints", _LPIPS_BACKBONE_FILES[net])
     if not os.path.exists(ckpt):

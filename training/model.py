@@ -1,4 +1,5 @@
 """Diff4Splat: video diffusion backbone + LDRM + deformable Gaussians + renderer, and the training loss."""
+
 from __future__ import annotations
 
 import contextlib
@@ -53,9 +54,19 @@ class Diff4Splat(nn.Module):
         self.ldrm.checkpointed = checkpoint_mask(len(self.ldrm.blocks), fraction if on else 0.0)
 
     # --- forward ------------------------------------------------------------------------------
-    def forward(self, batch: dict, stage: StageConfig | None = None, rasterize=None, lpips_fn=None, render_frames=None,
-                autocast: bool = False, predict: str | None = None, sample_steps: int = 10,
-                seed: int = 0, timings: dict | None = None) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]] | GaussianMaps:
+    def forward(
+        self,
+        batch: dict,
+        stage: StageConfig | None = None,
+        rasterize=None,
+        lpips_fn=None,
+        render_frames=None,
+        autocast: bool = False,
+        predict: str | None = None,
+        sample_steps: int = 10,
+        seed: int = 0,
+        timings: dict | None = None,
+    ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]] | GaussianMaps:
         """-> (loss, {metric: (sum, count)} for every name in :data:`METRICS`). ``loss`` and ``fm`` count
         once per batch; ``photo``, ``geo``, ``motion`` and ``psnr`` once per sample that has the term;
         ``gaussians`` once per render.
@@ -72,8 +83,9 @@ class Diff4Splat(nn.Module):
         parameters the way it does for a training step (validation runs on the sharded model).
         """
         if predict is not None:
-            return self.predict_maps(batch, predict, sample_steps=sample_steps, seed=seed, autocast=autocast,
-                                     timings=timings)
+            return self.predict_maps(
+                batch, predict, sample_steps=sample_steps, seed=seed, autocast=autocast, timings=timings
+            )
         cfg, lc = self.cfg, self.cfg.loss
         video = batch["video"]  # (B,T,3,H,W) [0,1]
         intr, c2w = batch["intrinsics"], batch["c2w"]
@@ -130,8 +142,11 @@ class Diff4Splat(nn.Module):
                     for tau in frames:
                         g = gaussians_at(maps, bi, tau, tau_p, drop=False)
                         vm = torch.linalg.inv_ex(c2w[bi, tau])[0][None]
-                        rl.append(rasterize(g.means, g.quats, g.scales, g.opacities, g.colours, vm,
-                                            _kmat(intr[bi, tau][None]), w, h))
+                        rl.append(
+                            rasterize(
+                                g.means, g.quats, g.scales, g.opacities, g.colours, vm, _kmat(intr[bi, tau][None]), w, h
+                            )
+                        )
                         n_g.append(kept(g, tau_p))
                     rgb, dep, alp = (torch.cat(x) for x in zip(*rl))
             with record_function("d4s/losses"):
@@ -154,8 +169,11 @@ class Diff4Splat(nn.Module):
                 if "motion" in use and has_tracks[bi] and maps.deform is not None:
                     pred, mask = track_positions(maps, bi, batch["tracks"][bi], batch["track_visible"][bi])
                     mot_terms.append(w_motion[bi] * L.motion_loss(pred, batch["tracks"][bi], mask))
-        for name, terms, lam in (("photo", photo_terms, lc.lambda_photo), ("geo", geo_terms, lc.lambda_geo),
-                                 ("motion", mot_terms, lc.lambda_motion)):
+        for name, terms, lam in (
+            ("photo", photo_terms, lc.lambda_photo),
+            ("geo", geo_terms, lc.lambda_geo),
+            ("motion", mot_terms, lc.lambda_motion),
+        ):
             if terms:
                 val = torch.stack(terms).sum()
                 total = total + lam * val / b  # per-sample mean; a sample without the term adds 0
@@ -169,10 +187,16 @@ class Diff4Splat(nn.Module):
         total = total + 0.0 * v.sum() + 0.0 * maps.depth.sum()
         return total, metrics
 
-
     @torch.no_grad()
-    def predict_maps(self, batch: dict, how: str, sample_steps: int = 10, seed: int = 0,
-                     autocast: bool = False, timings: dict | None = None) -> GaussianMaps:
+    def predict_maps(
+        self,
+        batch: dict,
+        how: str,
+        sample_steps: int = 10,
+        seed: int = 0,
+        autocast: bool = False,
+        timings: dict | None = None,
+    ) -> GaussianMaps:
         """Deformable Gaussian maps for the batch's cameras (inference, deformation head applied).
 
         ``how="reconstruct"``: from the clip's own latents z0 (the VAE encoding of all of ``video``).
@@ -201,8 +225,15 @@ class Diff4Splat(nn.Module):
             n_latent = len(latent_frame_groups(t, self.backbone.ft))
             gen = torch.Generator(device=video.device).manual_seed(int(seed))
             with ac, clock("sample"):
-                z = self.backbone.sample(first, pooled, n_latent, steps=sample_steps, generator=gen,
-                                         text=batch.get("text"), use_text=batch.get("use_text")).float()
+                z = self.backbone.sample(
+                    first,
+                    pooled,
+                    n_latent,
+                    steps=sample_steps,
+                    generator=gen,
+                    text=batch.get("text"),
+                    use_text=batch.get("use_text"),
+                ).float()
             if self.cfg.ldrm.clean_first_latent:
                 z = torch.cat([first, z[:, 1:]], 1)
         else:
@@ -227,7 +258,8 @@ def _check_pretrained_layout(cfg: TrainConfig, backbone: VideoBackbone) -> None:
             f"{got[1]} and its transformer patch is {got[2]}, but the config's backbone.vae / backbone.transformer say "
             f"{fs}, {ft}, {cfg.backbone.transformer.patch_size}: set backbone.vae.block_out_channels (length "
             f"{int(math.log2(got[0])) + 1}), backbone.vae.temporal_compression_ratio ({got[1]}) and "
-            f"backbone.transformer.patch_size ({got[2]}) to match (they decide the resolutions and frame counts accepted)")
+            f"backbone.transformer.patch_size ({got[2]}) to match (they decide the resolutions and frame counts accepted)"
+        )
 
 
 class _Clock:

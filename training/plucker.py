@@ -2,14 +2,18 @@
 
 Pixel (i, j) has its centre at u = j + 0.5, v = i + 0.5 (:func:`pipeline.geometry.pixel_grid`).
 """
+
 from __future__ import annotations
 
 import torch
 
 
 def pixel_centres(h: int, w: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    v, u = torch.meshgrid(torch.arange(h, device=device, dtype=dtype) + 0.5,
-                          torch.arange(w, device=device, dtype=dtype) + 0.5, indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(h, device=device, dtype=dtype) + 0.5,
+        torch.arange(w, device=device, dtype=dtype) + 0.5,
+        indexing="ij",
+    )
     return u, v
 
 

@@ -12,6 +12,7 @@ OpenCV axes (x right, y down, z forward).
 The writer is a header plus one numpy record array (no third-party dependency, so it runs wherever
 d4s runs); the tests read the files back with the ``plyfile`` package.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,25 @@ import numpy as np
 from training.gaussians import Gaussians
 
 SH_C0 = 0.28209479177387814
-PROPERTIES = ("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
-              "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3")
+PROPERTIES = (
+    "x",
+    "y",
+    "z",
+    "nx",
+    "ny",
+    "nz",
+    "f_dc_0",
+    "f_dc_1",
+    "f_dc_2",
+    "opacity",
+    "scale_0",
+    "scale_1",
+    "scale_2",
+    "rot_0",
+    "rot_1",
+    "rot_2",
+    "rot_3",
+)
 
 
 def ply_bytes(g: Gaussians) -> bytes:
@@ -31,7 +49,8 @@ def ply_bytes(g: Gaussians) -> bytes:
         ("x", "y", "z"): g.means,
         ("f_dc_0", "f_dc_1", "f_dc_2"): (g.colours.float() - 0.5) / SH_C0,
         ("scale_0", "scale_1", "scale_2"): g.scales.float().clamp_min(1e-12).log(),
-        ("rot_0", "rot_1", "rot_2", "rot_3"): g.quats.float() / g.quats.float().norm(dim=-1, keepdim=True).clamp_min(1e-12),
+        ("rot_0", "rot_1", "rot_2", "rot_3"): g.quats.float()
+        / g.quats.float().norm(dim=-1, keepdim=True).clamp_min(1e-12),
     }
     for names, values in cols.items():
         v = values.detach().float().cpu().numpy()
@@ -39,6 +58,8 @@ def ply_bytes(g: Gaussians) -> bytes:
             rec[name] = v[:, i]
     o = g.opacities.detach().float().cpu().numpy().clip(1e-6, 1 - 1e-6)
     rec["opacity"] = np.log(o / (1 - o))
-    header = ("ply\nformat binary_little_endian 1.0\n"
-              f"element vertex {n}\n" + "".join(f"property float {p}\n" for p in PROPERTIES) + "end_header\n")
+    header = (
+        "ply\nformat binary_little_endian 1.0\n"
+        f"element vertex {n}\n" + "".join(f"property float {p}\n" for p in PROPERTIES) + "end_header\n"
+    )
     return header.encode("ascii") + rec.tobytes()

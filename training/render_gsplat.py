@@ -1,5 +1,6 @@
 """gsplat (CUDA) rasteriser with the same signature as :func:`training.render_torch.rasterize`,
 the renderer dispatch used by the model, and a gsplat-vs-reference comparison."""
+
 from __future__ import annotations
 
 import time
@@ -18,8 +19,21 @@ def gsplat_available() -> bool:
     return torch.cuda.is_available()
 
 
-def rasterize(means, quats, scales, opacities, colours, viewmats, Ks, width: int, height: int,
-              background=None, eps2d: float = 0.3, near: float = 0.01, **_):
+def rasterize(
+    means,
+    quats,
+    scales,
+    opacities,
+    colours,
+    viewmats,
+    Ks,
+    width: int,
+    height: int,
+    background=None,
+    eps2d: float = 0.3,
+    near: float = 0.01,
+    **_,
+):
     """gsplat.rasterization in "RGB+D" mode -> rgb (C,H,W,3), accumulated depth (C,H,W), alpha (C,H,W)."""
     try:
         from gsplat import rasterization
@@ -31,9 +45,20 @@ def rasterize(means, quats, scales, opacities, colours, viewmats, Ks, width: int
     # gsplat needs the colour and depth of a Gaussian in one float32 tensor
     colours_in = colours.float()
     out, alphas, _ = rasterization(
-        means.float(), quats.float(), scales.float(), opacities.float(), colours_in,
-        viewmats.float(), Ks.float(), width, height, near_plane=near, eps2d=eps2d,
-        render_mode="RGB+D", backgrounds=bg, packed=False,
+        means.float(),
+        quats.float(),
+        scales.float(),
+        opacities.float(),
+        colours_in,
+        viewmats.float(),
+        Ks.float(),
+        width,
+        height,
+        near_plane=near,
+        eps2d=eps2d,
+        render_mode="RGB+D",
+        backgrounds=bg,
+        packed=False,
     )
     return out[..., :3], out[..., 3], alphas[..., 0]
 

@@ -14,6 +14,7 @@ transmittance 1e-4, no Jacobian clamping for Gaussians far outside the frustum â
 on-screen content (measured by ``bench/bench_train.py``). Cost is O(cameras x Gaussians x pixels): meant
 for images up to ~64x64; pixels are processed in chunks to bound memory.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,10 +35,13 @@ def project_gaussians(means, quats, scales, viewmat, K, eps2d: float = 0.3, near
     m = rot * scales[:, None, :]
     cov3 = m @ m.transpose(1, 2)
     zero = torch.zeros_like(zs)
-    j = torch.stack([
-        torch.stack([fx / zs, zero, -fx * x / zs ** 2], -1),
-        torch.stack([zero, fy / zs, -fy * y / zs ** 2], -1),
-    ], dim=1)  # (N,2,3)
+    j = torch.stack(
+        [
+            torch.stack([fx / zs, zero, -fx * x / zs**2], -1),
+            torch.stack([zero, fy / zs, -fy * y / zs**2], -1),
+        ],
+        dim=1,
+    )  # (N,2,3)
     jw = j @ r
     cov2 = jw @ cov3 @ jw.transpose(1, 2) + eps2d * torch.eye(2, dtype=means.dtype, device=means.device)
     a, b, c = cov2[:, 0, 0], cov2[:, 0, 1], cov2[:, 1, 1]
@@ -46,17 +50,30 @@ def project_gaussians(means, quats, scales, viewmat, K, eps2d: float = 0.3, near
     return mean2d, conic, z, valid
 
 
-def rasterize(means, quats, scales, opacities, colours, viewmats, Ks, width: int, height: int,
-              background: torch.Tensor | None = None, eps2d: float = 0.3, near: float = 0.01,
-              chunk_elems: int = 1 << 22):
+def rasterize(
+    means,
+    quats,
+    scales,
+    opacities,
+    colours,
+    viewmats,
+    Ks,
+    width: int,
+    height: int,
+    background: torch.Tensor | None = None,
+    eps2d: float = 0.3,
+    near: float = 0.01,
+    chunk_elems: int = 1 << 22,
+):
     """Render C cameras. viewmats (C,4,4) world-to-camera, Ks (C,3,3).
 
     Returns rgb (C,H,W,3), accumulated depth (C,H,W), alpha (C,H,W).
     """
     dev, dt = means.device, means.dtype
     bg = torch.zeros(3, device=dev, dtype=dt) if background is None else background.to(dev, dt)
-    v, u = torch.meshgrid(torch.arange(height, device=dev, dtype=dt) + 0.5,
-                          torch.arange(width, device=dev, dtype=dt) + 0.5, indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(height, device=dev, dtype=dt) + 0.5, torch.arange(width, device=dev, dtype=dt) + 0.5, indexing="ij"
+    )
     pix = torch.stack([u.reshape(-1), v.reshape(-1)], -1)  # (P,2)
     out_rgb, out_d, out_a = [], [], []
     for ci in range(viewmats.shape[0]):
@@ -69,15 +86,17 @@ def rasterize(means, quats, scales, opacities, colours, viewmats, Ks, width: int
         rgbs, ds, als = [], [], []
         step = max(1, chunk_elems // max(n, 1))
         for p0 in range(0, pix.shape[0], step):
-            p = pix[p0:p0 + step]
+            p = pix[p0 : p0 + step]
             if n == 0:
                 rgbs.append(bg.expand(p.shape[0], 3))
                 ds.append(p.new_zeros(p.shape[0]))
                 als.append(p.new_zeros(p.shape[0]))
                 continue
             d = p[None, :, :] - m2[:, None, :]  # (N,P,2)
-            sigma = 0.5 * (cn[:, None, 0, 0] * d[..., 0] ** 2 + cn[:, None, 1, 1] * d[..., 1] ** 2) \
+            sigma = (
+                0.5 * (cn[:, None, 0, 0] * d[..., 0] ** 2 + cn[:, None, 1, 1] * d[..., 1] ** 2)
                 + cn[:, None, 0, 1] * d[..., 0] * d[..., 1]
+            )
             alpha = (op[:, None] * torch.exp(-sigma)).clamp(max=0.999)
             alpha = torch.where((sigma >= 0) & (alpha >= 1.0 / 255.0), alpha, torch.zeros_like(alpha))
             trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:1]), 1 - alpha], 0), 0)  # (N+1,P)

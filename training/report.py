@@ -8,6 +8,7 @@ appends rows for steps it repeats: the last row of a step wins, as in the traine
 Rewritten by rank 0 after every validation (``validation.report``); ``d4s train-report WORKDIR`` draws it
 on demand.
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,8 +18,14 @@ import itertools
 import json
 
 TRAIN_TERMS = ("loss", "fm", "photo", "geo", "motion")
-VAL_FAMILIES = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS"), ("depth_abs_rel", "depth AbsRel"),
-                ("depth_delta_1_25", "depth δ<1.25"), ("track_epe_m", "track EPE (m)"))
+VAL_FAMILIES = (
+    ("psnr", "PSNR (dB)"),
+    ("ssim", "SSIM"),
+    ("lpips", "LPIPS"),
+    ("depth_abs_rel", "depth AbsRel"),
+    ("depth_delta_1_25", "depth δ<1.25"),
+    ("track_epe_m", "track EPE (m)"),
+)
 
 
 def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
@@ -99,7 +106,9 @@ def figures(train: list[dict], val: list[dict]) -> list[tuple[str, object]]:
                 ax.legend(fontsize=7)
             else:
                 ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="#888")
-        fig.suptitle("validation (held-out clips): recon = own latents, sample = latents sampled from frame 0 + cameras")
+        fig.suptitle(
+            "validation (held-out clips): recon = own latents, sample = latents sampled from frame 0 + cameras"
+        )
         fig.tight_layout()
         out.append(("validation", fig))
     return out
@@ -115,22 +124,34 @@ def render(workdir: str) -> str:
         with fs.open(path, "rb") as f:
             best = json.loads(f.read())
     esc = html.escape
-    parts = [f"<h1>Training: {esc(workdir)}</h1>",
-             f"<p>{len(train)} steps logged" + (f", last step {train[-1]['step']} (stage {esc(str(train[-1].get('stage')))})"
-                                                if train else "") + f"; {len(val)} validations.</p>"]
+    parts = [
+        f"<h1>Training: {esc(workdir)}</h1>",
+        f"<p>{len(train)} steps logged"
+        + (f", last step {train[-1]['step']} (stage {esc(str(train[-1].get('stage')))})" if train else "")
+        + f"; {len(val)} validations.</p>",
+    ]
     parts += plots(train, val)
     if val:
         last = val[-1]
-        rows = "".join(f"<tr><td>{esc(k)}</td><td>{v:.4g}</td></tr>" for k, v in last.items()
-                       if isinstance(v, float) and k != "time")
+        rows = "".join(
+            f"<tr><td>{esc(k)}</td><td>{v:.4g}</td></tr>"
+            for k, v in last.items()
+            if isinstance(v, float) and k != "time"
+        )
         parts.append(f"<h2>Last validation (step {last['step']}, {last.get('clips')} clips)</h2><table>{rows}</table>")
     if best:
-        parts.append(f"<p>Best checkpoint: <code>ckpt/best.pt</code>, step {best['step']}, "
-                     f"{esc(best['metric'])} = {best['value']:.4g}.</p>")
-    style = ("body{font-family:sans-serif;margin:1.5em;max-width:1300px}img{max-width:100%}"
-             "table{border-collapse:collapse}td{border:1px solid #ccc;padding:2px 8px}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>d4s training</title><style>{style}</style>"
-            f"</head><body>{''.join(parts)}</body></html>")
+        parts.append(
+            f"<p>Best checkpoint: <code>ckpt/best.pt</code>, step {best['step']}, "
+            f"{esc(best['metric'])} = {best['value']:.4g}.</p>"
+        )
+    style = (
+        "body{font-family:sans-serif;margin:1.5em;max-width:1300px}img{max-width:100%}"
+        "table{border-collapse:collapse}td{border:1px solid #ccc;padding:2px 8px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>d4s training</title><style>{style}</style>"
+        f"</head><body>{''.join(parts)}</body></html>"
+    )
 
 
 def write_training_report(workdir: str) -> str:

@@ -6,6 +6,7 @@ through these functions, so the benchmark measures what training runs. Those tha
 :meth:`training.backbone.VideoBackbone.encode`) are tested on CPU to give the same losses with and
 without them (tests/test_training_speed.py); the GPU check is ``bench/bench_speed.py``.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ cameras and tracks are mutually consistent. Shards are written with ``webdataset
 sample format of :mod:`pipeline.sample_format` (via :data:`training.data.ENCODE`), plus
 ``index.parquet`` (key, shard, dataset) like a build's OUT.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,13 +19,22 @@ from pipeline.clip import Clip, ClipMeta
 from training.render_torch import rasterize
 
 
-def make_clip(seed: int, t: int = 9, size: int = 64, dynamic: bool = False, dataset: str = "synth",
-              n_fg: int = 12, device: str = "cpu") -> Clip:
+def make_clip(
+    seed: int,
+    t: int = 9,
+    size: int = 64,
+    dynamic: bool = False,
+    dataset: str = "synth",
+    n_fg: int = 12,
+    device: str = "cpu",
+) -> Clip:
     """One synthetic clip (module docs); ``device`` only says where it is rendered (same clip anywhere)."""
     g = torch.Generator().manual_seed(seed)
     gx, gy = torch.meshgrid(torch.linspace(-3, 3, 24), torch.linspace(-3, 3, 24), indexing="ij")
     wall = torch.stack([gx.reshape(-1), gy.reshape(-1), torch.full((576,), 5.0)], -1)
-    wall_col = 0.5 + 0.4 * torch.stack([torch.sin(gx * 1.3), torch.cos(gy * 1.1), torch.sin(gx + gy)], -1).reshape(-1, 3)
+    wall_col = 0.5 + 0.4 * torch.stack([torch.sin(gx * 1.3), torch.cos(gy * 1.1), torch.sin(gx + gy)], -1).reshape(
+        -1, 3
+    )
     fg = torch.rand(n_fg, 3, generator=g) * torch.tensor([2.4, 2.4, 1.5]) + torch.tensor([-1.2, -1.2, 2.0])
     fg_col = torch.rand(n_fg, 3, generator=g)
     vel = (torch.rand(n_fg, 3, generator=g) - 0.5) * 0.1 if dynamic else torch.zeros(n_fg, 3)
@@ -44,8 +54,9 @@ def make_clip(seed: int, t: int = 9, size: int = 64, dynamic: bool = False, data
         opac = torch.cat([torch.full((576,), 0.99), torch.full((n_fg,), 0.95)])
         cols = torch.cat([wall_col, fg_col])
         vm = torch.linalg.inv(torch.tensor(c2w[i], dtype=torch.float32))[None]
-        rgb, dep, alp = (x.cpu() for x in rasterize(*(a.to(device) for a in (means, quats, scales, opac, cols, vm, K)),
-                                                     size, size))
+        rgb, dep, alp = (
+            x.cpu() for x in rasterize(*(a.to(device) for a in (means, quats, scales, opac, cols, vm, K)), size, size)
+        )
         rgbs.append((rgb[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy())
         ed = (dep[0] / alp[0].clamp_min(1e-4)).numpy().astype(np.float32)
         valids.append(alp[0].numpy() > 0.9)
@@ -55,17 +66,41 @@ def make_clip(seed: int, t: int = 9, size: int = 64, dynamic: bool = False, data
         u = f * cam[:, 0] / cam[:, 2] + size / 2
         v = f * cam[:, 1] / cam[:, 2] + size / 2
         vis.append((u >= 0) & (u < size) & (v >= 0) & (v < size))
-    meta = ClipMeta(dataset=dataset, scene=f"s{seed}", clip_id=f"{dataset}__s{seed}__0", frame_indices=list(range(t)),
-                    dynamic=dynamic, real=False, depth_source="gt", track_source="gt")
-    return Clip(meta=meta, rgb=np.stack(rgbs), intrinsics=intr, c2w=c2w, depth=np.stack(depths),
-                depth_valid=np.stack(valids), tracks=np.stack(tracks), track_visible=np.stack(vis)).validate()
+    meta = ClipMeta(
+        dataset=dataset,
+        scene=f"s{seed}",
+        clip_id=f"{dataset}__s{seed}__0",
+        frame_indices=list(range(t)),
+        dynamic=dynamic,
+        real=False,
+        depth_source="gt",
+        track_source="gt",
+    )
+    return Clip(
+        meta=meta,
+        rgb=np.stack(rgbs),
+        intrinsics=intr,
+        c2w=c2w,
+        depth=np.stack(depths),
+        depth_valid=np.stack(valids),
+        tracks=np.stack(tracks),
+        track_visible=np.stack(vis),
+    ).validate()
 
 
-def write_shards(out: str, n_clips: int = 8, per_shard: int = 2, t: int = 9, size: int = 64,
-                 datasets: tuple[str, ...] = ("synth_static", "synth_dynamic"),
-                 dynamic: Callable[[str, int], bool] | None = None,
-                 caption: Callable[[str, int], str | None] | None = None, device: str = "cpu",
-                 val: Callable[[str, int], bool] | None = None, seed_offset: int = 0) -> list[str]:
+def write_shards(
+    out: str,
+    n_clips: int = 8,
+    per_shard: int = 2,
+    t: int = 9,
+    size: int = 64,
+    datasets: tuple[str, ...] = ("synth_static", "synth_dynamic"),
+    dynamic: Callable[[str, int], bool] | None = None,
+    caption: Callable[[str, int], str | None] | None = None,
+    device: str = "cpu",
+    val: Callable[[str, int], bool] | None = None,
+    seed_offset: int = 0,
+) -> list[str]:
     """Write ``out/shards/shard-XXXXXX.tar`` and ``out/index.parquet``; returns shard paths.
 
     Clip ``i`` goes to dataset ``datasets[i % len(datasets)]``; it is dynamic when ``dynamic(ds, i)``
@@ -94,7 +129,7 @@ def write_shards(out: str, n_clips: int = 8, per_shard: int = 2, t: int = 9, siz
             shard_no += 1
             written = []
             with wds.TarWriter(path) as sink:
-                for i in ids[s0:s0 + per_shard]:
+                for i in ids[s0 : s0 + per_shard]:
                     clip = make_clip(seed_offset + i, t=t, size=size, dynamic=dynamic(ds, i), dataset=ds, device=device)
                     sample = ENCODE(clip)
                     text = caption(ds, i) if caption else None
@@ -109,10 +144,18 @@ def write_shards(out: str, n_clips: int = 8, per_shard: int = 2, t: int = 9, siz
                 for m in tar.getmembers():
                     offsets.setdefault(m.name.split(".", 1)[0], m.offset)
             for i, clip in written:
-                rows.append({"key": clip.key, "dataset": ds, "shard_path": os.path.relpath(path, out),
-                             "offset": offsets[clip.key], "num_frames": clip.rgb.shape[0],
-                             "dynamic": bool(clip.meta.dynamic), "scene": clip.meta.scene,
-                             "split": "val" if val is not None and val(ds, i) else "train"})
+                rows.append(
+                    {
+                        "key": clip.key,
+                        "dataset": ds,
+                        "shard_path": os.path.relpath(path, out),
+                        "offset": offsets[clip.key],
+                        "num_frames": clip.rgb.shape[0],
+                        "dynamic": bool(clip.meta.dynamic),
+                        "scene": clip.meta.scene,
+                        "split": "val" if val is not None and val(ds, i) else "train",
+                    }
+                )
             paths.append(path)
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(out, "index.parquet"))
     return paths

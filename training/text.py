@@ -13,6 +13,7 @@ Samples without a caption (or with it dropped, ``backbone.caption_dropout``, so 
 prompt is also the unconditional prompt of classifier-free guidance) use the backbone's learned empty
 prompt.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,13 +23,21 @@ import torch
 
 
 class TextEncoder:
-    def __init__(self, path: str, max_length: int, device: torch.device, dtype: torch.dtype | None = None,
-                 cache_size: int = 1024, expect_dim: int | None = None):
+    def __init__(
+        self,
+        path: str,
+        max_length: int,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+        cache_size: int = 1024,
+        expect_dim: int | None = None,
+    ):
         try:
             from transformers import AutoTokenizer, T5EncoderModel
         except ImportError as e:  # pragma: no cover - depends on the install
-            raise RuntimeError("backbone.text_encoder_dir is set but 'transformers' is not installed: "
-                               "pip install 'd4s[text]'") from e
+            raise RuntimeError(
+                "backbone.text_encoder_dir is set but 'transformers' is not installed: pip install 'd4s[text]'"
+            ) from e
 
         def sub(name: str) -> str:
             d = os.path.join(path, name)
@@ -41,8 +50,10 @@ class TextEncoder:
         self.model = T5EncoderModel.from_pretrained(sub("text_encoder"), local_files_only=True)
         self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         if expect_dim is not None and self.model.config.d_model != expect_dim:
-            raise ValueError(f"the text encoder in {path} gives {self.model.config.d_model}-dim embeddings; "
-                             f"the transformer's text_embed_dim is {expect_dim}")
+            raise ValueError(
+                f"the text encoder in {path} gives {self.model.config.d_model}-dim embeddings; "
+                f"the transformer's text_embed_dim is {expect_dim}"
+            )
         self.max_length, self.device, self.cache_size = max_length, device, cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
@@ -51,8 +62,14 @@ class TextEncoder:
         """Captions -> (B, max_length, D) float32 on the encoder's device."""
         new = [c for c in dict.fromkeys(captions) if c not in self._cache]
         if new:
-            ids = self.tokenizer(new, padding="max_length", max_length=self.max_length, truncation=True,
-                                 add_special_tokens=True, return_tensors="pt").input_ids
+            ids = self.tokenizer(
+                new,
+                padding="max_length",
+                max_length=self.max_length,
+                truncation=True,
+                add_special_tokens=True,
+                return_tensors="pt",
+            ).input_ids
             emb = self.model(ids.to(self.device))[0]
             for c, e in zip(new, emb):
                 self._cache[c] = e.cpu()
@@ -65,8 +82,9 @@ class TextEncoder:
         return torch.stack(got).to(self.device, torch.float32)
 
 
-def embed_captions(encoder: TextEncoder | None, captions: list[str], dropout: float,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def embed_captions(
+    encoder: TextEncoder | None, captions: list[str], dropout: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """-> (embeddings (B, L, D), use (B,) bool), or (None, None) without an encoder.
 
     ``use`` is False for an empty caption and, with probability ``dropout``, for any other one; those

@@ -16,6 +16,7 @@ CogVideoX transformer block and every LDRM block is its own shard group, the roo
 the frozen VAE is left out (``ignored_params``, replicated). Its checkpoints are gathered into the same
 full, unsharded state dicts as the DDP / local path, so either kind of run resumes from the other's.
 """
+
 from __future__ import annotations
 
 import io
@@ -86,8 +87,9 @@ def save_checkpoint(workdir: str, state: dict, keep: int) -> str:
     write_atomic(_join(workdir, "ckpt", name), buf.getvalue())
     write_atomic(_join(workdir, "ckpt", "latest"), name.encode())
     fs, path = _fs(_join(workdir, "ckpt"))
-    olds = sorted(p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith("step-")
-                  and p.endswith(".pt"))
+    olds = sorted(
+        p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith("step-") and p.endswith(".pt")
+    )
     for p in olds[:-keep] if keep > 0 else []:
         fs.rm(p)
     return _join(workdir, "ckpt", name)
@@ -96,8 +98,11 @@ def save_checkpoint(workdir: str, state: dict, keep: int) -> str:
 # --- RNG ------------------------------------------------------------------------------------------
 def rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    s = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-         "python": random.getstate()}
+    s = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state()
     return s
@@ -159,17 +164,24 @@ def train_loop_per_worker(config: dict) -> None:
         from training.text import TextEncoder
 
         tc = model.backbone.transformer.config
-        text_encoder = TextEncoder(cfg.backbone.text_encoder_dir, tc.max_text_seq_length, device,
-                                   cache_size=cfg.backbone.text_cache_size, expect_dim=tc.text_embed_dim)
+        text_encoder = TextEncoder(
+            cfg.backbone.text_encoder_dir,
+            tc.max_text_seq_length,
+            device,
+            cache_size=cfg.backbone.text_cache_size,
+            expect_dim=tc.text_embed_dim,
+        )
 
     fsdp = rt.strategy == "fsdp" and distributed
     if rank == 0:
         n_all = sum(p.numel() for p in model.parameters())
         n_vae = sum(p.numel() for p in model.backbone.vae.parameters())
         how = ("FSDP2" if fsdp else "DDP") if distributed else "single process"
-        print(f"[train] {world} rank(s) on {device.type}, {how}, {n_all / 1e6:.1f}M parameters "
-              f"({n_vae / 1e6:.1f}M in the frozen VAE), grad checkpointing {'on' if rt.grad_checkpointing else 'off'}",
-              flush=True)
+        print(
+            f"[train] {world} rank(s) on {device.type}, {how}, {n_all / 1e6:.1f}M parameters "
+            f"({n_vae / 1e6:.1f}M in the frozen VAE), grad checkpointing {'on' if rt.grad_checkpointing else 'off'}",
+            flush=True,
+        )
     if fsdp:
         _shard_fsdp(model, device)  # in place: ``model`` is now an FSDPModule with DTensor parameters
     params = [p for n, p in model.named_parameters() if ".vae." not in f".{n}"]
@@ -189,8 +201,11 @@ def train_loop_per_worker(config: dict) -> None:
         rngs = st.get("rng", [])
         rng_to_restore = rngs[rank] if rank < len(rngs) else None
         if rank == 0:
-            print(f"[train] resumed from {resumed_from} at step {step} "
-                  f"(stage {st['stage_index']}, {st['batches_in_stage']} batches into it)", flush=True)
+            print(
+                f"[train] resumed from {resumed_from} at step {step} "
+                f"(stage {st['stage_index']}, {st['batches_in_stage']} batches into it)",
+                flush=True,
+            )
     if rng_to_restore is not None:
         set_rng_state(rng_to_restore)
 
@@ -218,9 +233,17 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             rngs = [rng_state()]
         if rank == 0:
-            state = {"model": model_sd, "optim": optim_sd, "sched": sched.state_dict(), "step": step,
-                     "stage_index": stage_index, "batches_in_stage": in_stage, "rng": rngs,
-                     "config": cfg.model_dump(mode="json"), "world": world}
+            state = {
+                "model": model_sd,
+                "optim": optim_sd,
+                "sched": sched.state_dict(),
+                "step": step,
+                "stage_index": stage_index,
+                "batches_in_stage": in_stage,
+                "rng": rngs,
+                "config": cfg.model_dump(mode="json"),
+                "world": world,
+            }
             path = save_checkpoint(cfg.workdir, state, rt.keep_ckpts)
             print(f"[train] checkpoint {path}", flush=True)
         if distributed:
@@ -260,14 +283,24 @@ def train_loop_per_worker(config: dict) -> None:
             if writer is not None:
                 for k, v in res.items():
                     writer.add_scalar(f"val/{k}", v, step)
-            print(f"[train] validation at step {step} ({res['clips']} clips): "
-                  + " ".join(f"{k} {v:.4g}" for k, v in res.items() if k != "clips"), flush=True)
+            print(
+                f"[train] validation at step {step} ({res['clips']} clips): "
+                + " ".join(f"{k} {v:.4g}" for k, v in res.items() if k != "clips"),
+                flush=True,
+            )
         if best is not None and best.improves(res):
             # a collective under FSDP (every rank takes this branch alike); otherwise only rank 0 copies the weights
             model_sd = _model_state(model, fsdp) if (fsdp or rank == 0) else None
             if rank == 0:
-                path = best.save({"model": model_sd, "config": cfg.model_dump(mode="json"), "step": step,
-                                  "stage_index": stage_index}, res[best.metric])
+                path = best.save(
+                    {
+                        "model": model_sd,
+                        "config": cfg.model_dump(mode="json"),
+                        "step": step,
+                        "stage_index": stage_index,
+                    },
+                    res[best.metric],
+                )
                 print(f"[train] best {best.metric} {res[best.metric]:.4g}: {path}", flush=True)
         if rank == 0 and cfg.validation.report:
             _write_report(cfg.workdir)
@@ -283,26 +316,57 @@ def train_loop_per_worker(config: dict) -> None:
             ddp = model
         elif distributed:
             ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if use_cuda else None, find_unused_parameters=False)
+                model, device_ids=[device.index] if use_cuda else None, find_unused_parameters=False
+            )
         else:
             ddp = model
         ddp.train()
         model.backbone.vae.eval()
-        loader = make_loader(cfg.data, stage, stage_index, cfg.loss.tracks_per_sample, rt.batch_size, rank, world,
-                             start_batches=in_stage * accum, pin_memory=use_cuda)
+        loader = make_loader(
+            cfg.data,
+            stage,
+            stage_index,
+            cfg.loss.tracks_per_sample,
+            rt.batch_size,
+            rank,
+            world,
+            start_batches=in_stage * accum,
+            pin_memory=use_cuda,
+        )
         it = iter(loader)
         if rank == 0:
             print(f"[train] stage {stage_index} {describe(stage)}", flush=True)
         while in_stage < stage.steps and step < max_steps:
-            agg, grad_norm = train_step(ddp, model, opt, sched, it, stage, cfg, device, rasterize=rasterize,
-                                        lpips_fn=lpips_fn, text_encoder=text_encoder, fsdp=fsdp,
-                                        distributed=distributed, autocast=use_cuda and rt.bf16)
+            agg, grad_norm = train_step(
+                ddp,
+                model,
+                opt,
+                sched,
+                it,
+                stage,
+                cfg,
+                device,
+                rasterize=rasterize,
+                lpips_fn=lpips_fn,
+                text_encoder=text_encoder,
+                fsdp=fsdp,
+                distributed=distributed,
+                autocast=use_cuda and rt.bf16,
+            )
             step += 1
             in_stage += 1
             # kept on the device until log time: reading a metric back every step would stall the GPU
-            pending.append({"step": step, "stage": stage.name, "lr": sched.get_last_lr()[0], "time": time.time(),
-                            "agg": agg, "grad_norm": grad_norm,
-                            **({"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30} if use_cuda else {})})
+            pending.append(
+                {
+                    "step": step,
+                    "stage": stage.name,
+                    "lr": sched.get_last_lr()[0],
+                    "time": time.time(),
+                    "agg": agg,
+                    "grad_norm": grad_norm,
+                    **({"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if use_cuda else {}),
+                }
+            )
             end_of_stage = in_stage >= stage.steps
             crash = rt.crash_at_step is not None and step == rt.crash_at_step
             ckpt_due = step % rt.ckpt_every == 0 or (rt.checkpoint_at_end and (step == max_steps or end_of_stage))
@@ -312,10 +376,14 @@ def train_loop_per_worker(config: dict) -> None:
                     now = time.perf_counter()
                     its = (step - step_last) / max(now - t_last, 1e-9)
                     t_last, step_last = now, step
-                    parts = " ".join(f"{k} {mean[k]:.4g}" for k in ("loss", "fm", "photo", "geo", "motion", "psnr")
-                                     if k in mean)
-                    print(f"[train] step {step}/{max_steps} stage {stage.name} {parts} | {its:.2f} it/s "
-                          f"{its * samples_per_step:.2f} samples/s", flush=True)
+                    parts = " ".join(
+                        f"{k} {mean[k]:.4g}" for k in ("loss", "fm", "photo", "geo", "motion", "psnr") if k in mean
+                    )
+                    print(
+                        f"[train] step {step}/{max_steps} stage {stage.name} {parts} | {its:.2f} it/s "
+                        f"{its * samples_per_step:.2f} samples/s",
+                        flush=True,
+                    )
             if crash:
                 raise RuntimeError(f"injected crash after step {step}")
             if validator.due(step, end_of_stage, step == max_steps):
@@ -347,8 +415,11 @@ def _validation_setup(cfg: TrainConfig, rank: int, world: int, device, lpips_fn,
         lpips_fn = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_torch_home, device)[0]
     validator = Validator(cfg, rank, world, device, lpips_fn, text_encoder)
     if rank == 0 and cfg.validation.every > 0 and not validator.enabled:
-        print("[train] validation skipped: no held-out clips (build with datasets.<name>.val_fraction > 0, "
-              "or set validation.root / validation.shards)", flush=True)
+        print(
+            "[train] validation skipped: no held-out clips (build with datasets.<name>.val_fraction > 0, "
+            "or set validation.root / validation.shards)",
+            flush=True,
+        )
     keep = validator.enabled and cfg.validation.keep_best
     return validator, (BestCheckpoint(cfg.workdir, cfg.validation.best_metric) if keep else None)
 
@@ -363,9 +434,23 @@ def _write_report(workdir: str) -> None:
         print(f"[train] could not write the training report: {type(exc).__name__}: {exc}", flush=True)
 
 
-def train_step(ddp, model, opt, sched, it, stage, cfg: TrainConfig, device: torch.device, *, rasterize,
-               lpips_fn=None, text_encoder=None, fsdp: bool = False, distributed: bool = False,
-               autocast: bool = False) -> tuple[dict[str, list], torch.Tensor | None]:
+def train_step(
+    ddp,
+    model,
+    opt,
+    sched,
+    it,
+    stage,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    rasterize,
+    lpips_fn=None,
+    text_encoder=None,
+    fsdp: bool = False,
+    distributed: bool = False,
+    autocast: bool = False,
+) -> tuple[dict[str, list], torch.Tensor | None]:
     """One optimiser step over ``optim.grad_accum`` micro-batches drawn from ``it``.
 
     -> ({metric: [sum, count]} over the micro-steps, sums as device tensors; the pre-clip global gradient
@@ -383,8 +468,9 @@ def train_step(ddp, model, opt, sched, it, stage, cfg: TrainConfig, device: torc
         for micro in range(accum):
             with record_function("d4s/loader"):
                 batch = next(it)
-            batch["text"], batch["use_text"] = embed_captions(text_encoder, batch["caption"],
-                                                              cfg.backbone.caption_dropout)
+            batch["text"], batch["use_text"] = embed_captions(
+                text_encoder, batch["caption"], cfg.backbone.caption_dropout
+            )
             batch = _to_device(batch, device)
             sync = micro == accum - 1 or not distributed
             if fsdp:  # FSDP2 has no no_sync(): keep unsharded grads locally until the last micro-step
@@ -404,8 +490,9 @@ def train_step(ddp, model, opt, sched, it, stage, cfg: TrainConfig, device: torc
     with record_function("d4s/optimizer"):
         if cfg.optim.grad_clip > 0:
             # Under FSDP2 the grads are DTensor shards: the norm is reduced over ranks (a collective).
-            norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                                  cfg.optim.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.grad is not None], cfg.optim.grad_clip
+            )
             grad_norm = _full_tensor(norm).detach()  # pre-clip global norm, the same on every rank
         opt.step()
         sched.step()
@@ -462,8 +549,10 @@ HOST_KEYS = ("has_depth", "has_tracks")
 def _to_device(batch: dict, device) -> dict:
     """The batch on ``device``, flags in :data:`HOST_KEYS` left on the host; uint8 video (the loader's) is
     made float in [0, 1] there, after the copy (a quarter of the bytes moved)."""
-    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_KEYS else v)
-           for k, v in batch.items()}
+    out = {
+        k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_KEYS else v)
+        for k, v in batch.items()
+    }
     if out["video"].dtype == torch.uint8:
         out["video"] = out["video"].float() / 255.0
     return out
@@ -531,8 +620,10 @@ def _optim_state(model, opt, fsdp: bool) -> dict:
         if not osd:  # ranks other than 0
             return {}
         index = {n: i for i, n in enumerate(_optim_fqns(model, opt))}
-        return {"state": {index[n]: v for n, v in osd["state"].items()},
-                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]}
+        return {
+            "state": {index[n]: v for n, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]],
+        }
     return opt.state_dict()
 
 
@@ -550,8 +641,10 @@ def _load_optim(model, opt, sd: dict, fsdp: bool) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         fqns = _optim_fqns(model, opt)
-        named = {"state": {fqns[i]: v for i, v in sd["state"].items()},
-                 "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in sd["param_groups"]]}
+        named = {
+            "state": {fqns[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in sd["param_groups"]],
+        }
         # strict=False: parameters frozen so far (the deformation head before stage 3) have no saved state.
         set_optimizer_state_dict(model, opt, named, options=StateDictOptions(full_state_dict=True, strict=False))
         # The helper first runs a zero-lr step to create state for every trainable parameter; drop it where
@@ -599,10 +692,18 @@ def run_ray(cfg: TrainConfig) -> None:
         address = rt.ray_address or os.environ.get("RAY_ADDRESS")
         # address="local": start our own Ray; never join one that another process left running (that
         # one would reject num_cpus, or worse, run this job among somebody else's).
-        kw = dict(address=address) if address else dict(
-            address="local", num_cpus=max(rt.num_workers, os.cpu_count() or 1), include_dashboard=False)
-        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), _repo_root(),
-                                                                       os.environ.get("PYTHONPATH", "")] if p)}}
+        kw = (
+            dict(address=address)
+            if address
+            else dict(address="local", num_cpus=max(rt.num_workers, os.cpu_count() or 1), include_dashboard=False)
+        )
+        env = {
+            "env_vars": {
+                "PYTHONPATH": os.pathsep.join(
+                    p for p in [os.getcwd(), _repo_root(), os.environ.get("PYTHONPATH", "")] if p
+                )
+            }
+        }
         ray.init(runtime_env=env, logging_level="ERROR", **kw)
         started = True
     backend = rt.backend if rt.backend != "auto" else ("nccl" if rt.use_gpu else "gloo")
@@ -610,8 +711,11 @@ def run_ray(cfg: TrainConfig) -> None:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "_ray": True},
-        scaling_config=ScalingConfig(num_workers=rt.num_workers, use_gpu=rt.use_gpu,
-                                     resources_per_worker={"CPU": 1, **({"GPU": rt.gpus_per_worker} if rt.use_gpu else {})}),
+        scaling_config=ScalingConfig(
+            num_workers=rt.num_workers,
+            use_gpu=rt.use_gpu,
+            resources_per_worker={"CPU": 1, **({"GPU": rt.gpus_per_worker} if rt.use_gpu else {})},
+        ),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(storage_path=storage, name="d4s"),
     )
@@ -632,18 +736,28 @@ def absolute_local_paths(cfg: TrainConfig) -> TrainConfig:
     Ray Train ranks run in other working directories (and on other machines), where a relative
     ``data.root`` or ``workdir`` would name nothing or the wrong thing. URLs are left alone.
     """
+
     def fix(p: str | None) -> str | None:
         return p if p is None or "://" in p or os.path.isabs(p) else os.path.abspath(p)
 
-    return cfg.model_copy(update={
-        "workdir": fix(cfg.workdir),
-        "data": cfg.data.model_copy(update={"root": fix(cfg.data.root), "shards": [fix(p) for p in cfg.data.shards]}),
-        "backbone": cfg.backbone.model_copy(update={"pretrained_dir": fix(cfg.backbone.pretrained_dir),
-                                                     "text_encoder_dir": fix(cfg.backbone.text_encoder_dir)}),
-        "loss": cfg.loss.model_copy(update={"lpips_torch_home": fix(cfg.loss.lpips_torch_home)}),
-        "validation": cfg.validation.model_copy(update={"root": fix(cfg.validation.root),
-                                                         "shards": [fix(p) for p in cfg.validation.shards]}),
-    })
+    return cfg.model_copy(
+        update={
+            "workdir": fix(cfg.workdir),
+            "data": cfg.data.model_copy(
+                update={"root": fix(cfg.data.root), "shards": [fix(p) for p in cfg.data.shards]}
+            ),
+            "backbone": cfg.backbone.model_copy(
+                update={
+                    "pretrained_dir": fix(cfg.backbone.pretrained_dir),
+                    "text_encoder_dir": fix(cfg.backbone.text_encoder_dir),
+                }
+            ),
+            "loss": cfg.loss.model_copy(update={"lpips_torch_home": fix(cfg.loss.lpips_torch_home)}),
+            "validation": cfg.validation.model_copy(
+                update={"root": fix(cfg.validation.root), "shards": [fix(p) for p in cfg.validation.shards]}
+            ),
+        }
+    )
 
 
 def train(cfg: TrainConfig) -> None:

@@ -20,6 +20,7 @@ A path with more cameras than the frames to generate is subsampled evenly (first
 is an error. Rows with non-finite numbers, non-positive focal lengths or rotations that are not
 rotations are errors naming the row (the line, for a RealEstate10K file).
 """
+
 from __future__ import annotations
 
 import json
@@ -83,11 +84,14 @@ def _check_rows(c2w: np.ndarray, intr: np.ndarray | None, where: str) -> None:
         if not np.allclose(c2w[i, 3], [0, 0, 0, 1]):
             raise TrajectoryError(f"{where}: camera {i}: the last row of a 4x4 pose must be 0 0 0 1")
         if intr is not None and (not np.all(np.isfinite(intr[i])) or np.any(intr[i, :2] <= 0)):
-            raise TrajectoryError(f"{where}: camera {i}: intrinsics {intr[i].tolist()} are not finite with positive focal lengths")
+            raise TrajectoryError(
+                f"{where}: camera {i}: intrinsics {intr[i].tolist()} are not finite with positive focal lengths"
+            )
 
 
-def from_arrays(c2w, intr, size: tuple[int, int] | None, image_size: tuple[int, int], where: str,
-                fov_deg: float) -> Trajectory:
+def from_arrays(
+    c2w, intr, size: tuple[int, int] | None, image_size: tuple[int, int], where: str, fov_deg: float
+) -> Trajectory:
     """Arrays (pixel intrinsics for ``size``, normalised when ``size`` is None) -> a Trajectory for the image."""
     try:
         c2w = np.asarray(c2w, dtype=np.float64)
@@ -110,8 +114,9 @@ def from_arrays(c2w, intr, size: tuple[int, int] | None, image_size: tuple[int, 
     return Trajectory(intr, c2w, (w, h), where)
 
 
-def load(spec: str, frames: int, image_size: tuple[int, int], out_size: int, fov_deg: float = 60.0,
-         clip: str | None = None) -> Trajectory:
+def load(
+    spec: str, frames: int, image_size: tuple[int, int], out_size: int, fov_deg: float = 60.0, clip: str | None = None
+) -> Trajectory:
     """Any source (module docs) -> a Trajectory of ``frames`` cameras relative to the first.
 
     ``image_size``: the (width, height) of the input image, which file intrinsics refer to; presets are
@@ -132,7 +137,9 @@ def load(spec: str, frames: int, image_size: tuple[int, int], out_size: int, fov
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise TrajectoryError(f"{spec}: not JSON ({exc})") from None
         if not isinstance(d, dict) or "c2w" not in d:
-            raise TrajectoryError(f"{spec}: expected an object with 'c2w' (and optionally 'intrinsics', 'width', 'height')")
+            raise TrajectoryError(
+                f"{spec}: expected an object with 'c2w' (and optionally 'intrinsics', 'width', 'height')"
+            )
         size = (int(d["width"]), int(d["height"])) if "width" in d and "height" in d else None
         traj = from_arrays(d["c2w"], d.get("intrinsics"), size, image_size, spec, fov_deg)
     elif spec.endswith(".npz"):
@@ -143,8 +150,14 @@ def load(spec: str, frames: int, image_size: tuple[int, int], out_size: int, fov
             raise TrajectoryError(f"{spec}: not a readable npz of plain arrays ({exc})") from None
         if "c2w" not in arrays:
             raise TrajectoryError(f"{spec}: no 'c2w' array (has {sorted(arrays)})")
-        traj = from_arrays(arrays["c2w"], arrays.get("intrinsics"), image_size if "intrinsics" in arrays else None,
-                           image_size, spec, fov_deg)
+        traj = from_arrays(
+            arrays["c2w"],
+            arrays.get("intrinsics"),
+            image_size if "intrinsics" in arrays else None,
+            image_size,
+            spec,
+            fov_deg,
+        )
     else:
         raise TrajectoryError(f"{spec}: unknown trajectory file type (.txt RealEstate10K, .json, .npz)")
     return relative(traj, frames)
@@ -181,8 +194,9 @@ def relative(traj: Trajectory, frames: int) -> Trajectory:
     """``frames`` cameras evenly taken from the path (first and last kept), in the first camera's frame."""
     n = len(traj.c2w)
     if n < frames:
-        raise TrajectoryError(f"{traj.source}: {n} cameras, fewer than the {frames} frames to generate "
-                              f"(give --frames of at most {n})")
+        raise TrajectoryError(
+            f"{traj.source}: {n} cameras, fewer than the {frames} frames to generate (give --frames of at most {n})"
+        )
     idx = np.round(np.linspace(0, n - 1, frames)).astype(int)
     c2w = np.linalg.inv(traj.c2w[idx[0]])[None] @ traj.c2w[idx]
     return Trajectory(traj.intrinsics[idx], c2w, traj.size, traj.source)

@@ -22,6 +22,7 @@ counts, as training metrics are reduced. Every rank runs the same number of forw
 clips repeats one and discards it), because under FSDP each forward is a collective. The RNG is forked
 and seeded per clip, so a validation neither depends on nor disturbs the training stream.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -87,7 +88,9 @@ def load_clips(source: DataConfig, split: str, limit: int | None) -> list[RawCli
             url, ref = where[key]
             (s,) = list(iter_tar_runs(url, [(ref.offset, 1)], sums.get(url)))
         else:  # an index without offsets: scan the dataset's shards
-            s = next(x for url in cat.shards[cat.keys[key]] for x in iter_tar(url, sums.get(url)) if x["__key__"] == key)
+            s = next(
+                x for url in cat.shards[cat.keys[key]] for x in iter_tar(url, sums.get(url)) if x["__key__"] == key
+            )
         if s["__key__"] != key:
             raise ValueError(f"{s.get('__url__')}: found sample {s['__key__']!r} where index.parquet puts {key!r}")
         meta = json.loads(s["meta.json"])
@@ -121,8 +124,17 @@ def prepare(raw: RawClip, resolution: int, num_frames: int, n_tracks: int, seed:
     return collate([item])
 
 
-def render_maps(maps: GaussianMaps, b: int, rasterize, intrinsics: torch.Tensor, c2w: torch.Tensor, width: int,
-                height: int, times: list[int], prune: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def render_maps(
+    maps: GaussianMaps,
+    b: int,
+    rasterize,
+    intrinsics: torch.Tensor,
+    c2w: torch.Tensor,
+    width: int,
+    height: int,
+    times: list[int],
+    prune: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Render sample ``b``'s Gaussians deformed to ``times[i]`` from camera i: (T,H,W,3), depth, alpha."""
     from training.model import _kmat
 
@@ -130,15 +142,25 @@ def render_maps(maps: GaussianMaps, b: int, rasterize, intrinsics: torch.Tensor,
     for i, tau in enumerate(times):
         g = gaussians_at(maps, b, tau if maps.deform is not None else 0, prune)
         vm = torch.linalg.inv(c2w[i])[None]
-        out.append(rasterize(g.means, g.quats, g.scales, g.opacities, g.colours, vm, _kmat(intrinsics[i][None]),
-                             width, height))
+        out.append(
+            rasterize(g.means, g.quats, g.scales, g.opacities, g.colours, vm, _kmat(intrinsics[i][None]), width, height)
+        )
     rgb, dep, alp = (torch.cat(x) for x in zip(*out))
     return rgb.clamp(0, 1), dep, alp
 
 
 @torch.no_grad()
-def measure(model, batch: dict, rasterize, lpips_fn, sample_steps: int, seed: int, autocast: bool,
-            prune: float, keep: bool = False) -> tuple[dict[str, float], dict]:
+def measure(
+    model,
+    batch: dict,
+    rasterize,
+    lpips_fn,
+    sample_steps: int,
+    seed: int,
+    autocast: bool,
+    prune: float,
+    keep: bool = False,
+) -> tuple[dict[str, float], dict]:
     """Measures of one clip (a batch of one) -> ({measure: value}, renders when ``keep``).
 
     Measures absent for this clip (no depth, no tracks, no LPIPS, no sampling) are not in the dict.
@@ -177,8 +199,13 @@ def measure(model, batch: dict, rasterize, lpips_fn, sample_steps: int, seed: in
             if n:
                 out[f"{tag}_track_epe_m"] = epe
         if keep:
-            renders[tag] = {"rgb": rgb.float().cpu(), "depth": exp_depth.float().cpu(), "alpha": alp.float().cpu(),
-                            "maps": maps, "tracks": None if pred_tracks is None else pred_tracks.float().cpu()}
+            renders[tag] = {
+                "rgb": rgb.float().cpu(),
+                "depth": exp_depth.float().cpu(),
+                "alpha": alp.float().cpu(),
+                "maps": maps,
+                "tracks": None if pred_tracks is None else pred_tracks.float().cpu(),
+            }
     return out, renders
 
 
@@ -186,8 +213,7 @@ class Validator:
     """Validation during training for one rank (module docs). ``clips`` is empty when there is nothing
     held out; then :meth:`run` is never due and the trainer says so once."""
 
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, device: torch.device, lpips_fn=None,
-                 text_encoder=None):
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, device: torch.device, lpips_fn=None, text_encoder=None):
         self.cfg, self.v, self.rank, self.world, self.device = cfg, cfg.validation, rank, world, device
         self.lpips_fn, self.text_encoder = lpips_fn, text_encoder
         self.clips: list[RawClip] = []
@@ -223,8 +249,16 @@ class Validator:
                 if self.text_encoder is not None:
                     batch["text"], batch["use_text"] = embed_captions(self.text_encoder, batch["caption"], 0.0)
                 batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-                vals, _ = measure(model, batch, rasterize, self.lpips_fn, self.v.sample_steps,
-                                  self.v.seed * 100_003 + idx, autocast, self.cfg.ldrm.prune_opacity)
+                vals, _ = measure(
+                    model,
+                    batch,
+                    rasterize,
+                    self.lpips_fn,
+                    self.v.sample_steps,
+                    self.v.seed * 100_003 + idx,
+                    autocast,
+                    self.cfg.ldrm.prune_opacity,
+                )
                 if real:
                     n_mine += 1
                     for k, val in vals.items():
@@ -293,7 +327,9 @@ class BestCheckpoint:
         buf = io.BytesIO()
         torch.save({**state, "metric": self.metric, "value": value}, buf)
         write_atomic(_join(self.workdir, "ckpt", "best.pt"), buf.getvalue())
-        write_atomic(_join(self.workdir, "ckpt", "best.json"),
-                     json.dumps({"metric": self.metric, "value": value, "step": state["step"]}).encode())
+        write_atomic(
+            _join(self.workdir, "ckpt", "best.json"),
+            json.dumps({"metric": self.metric, "value": value, "step": state["step"]}).encode(),
+        )
         self.value, self.step = value, state["step"]
         return _join(self.workdir, "ckpt", "best.pt")

@@ -41,10 +41,20 @@ How each cost is modelled (docs/CLUSTER.md, "Capacity planning", has the derivat
   log-log, constant beyond the largest measured size), plus tracks (13 bytes per point-frame),
   cameras, meta and tar headers.
 """
+
 from pipeline.capacity.costs import COSTS_PATH, Costs, CostsError, load_costs
 from pipeline.capacity.from_config import capacity_report
 from pipeline.capacity.from_counts import FULL_BUILD_COUNTS, full_build_markdown, projection_from_counts
 from pipeline.capacity.text import format_capacity
 
-__all__ = ["COSTS_PATH", "Costs", "CostsError", "load_costs", "capacity_report", "FULL_BUILD_COUNTS",
-           "full_build_markdown", "projection_from_counts", "format_capacity"]
+__all__ = [
+    "COSTS_PATH",
+    "Costs",
+    "CostsError",
+    "load_costs",
+    "capacity_report",
+    "FULL_BUILD_COUNTS",
+    "full_build_markdown",
+    "projection_from_counts",
+    "format_capacity",
+]

@@ -6,6 +6,7 @@ Every figure in the file names the benchmark it comes from. A figure written as
 ``{value: X, assumed: "why"}`` is not a measurement: reading it through :meth:`Costs.figure`
 records the note, and the report lists every assumption it used (and only those).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,22 +44,35 @@ def _figure(zero_ok: bool):
             if "value" not in v or set(v) - {"value", "assumed"}:
                 raise ValueError(f"must be a number or {{value: number, assumed: why}}, got {v!r}")
             note, v = v.get("assumed"), v["value"]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not math.isfinite(v)
+            or v < 0
+            or (v == 0 and not zero_ok)
+        ):
             raise ValueError(f"must be a {'non-negative' if zero_ok else 'positive'} number, got {v!r}")
         return Figure(value=float(v), assumed=note)
+
     return parse
 
 
 def _hw(v: Any) -> Any:
-    if not (isinstance(v, (list, tuple)) and len(v) == 2
-            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)):
+    if not (
+        isinstance(v, (list, tuple))
+        and len(v) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+    ):
         raise ValueError(f"must be [height, width] in pixels, got {v!r}")
     return tuple(v)
 
 
 def _point(v: Any) -> Any:
-    if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v)):
+    if not (
+        isinstance(v, (list, tuple))
+        and len(v) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v)
+    ):
         raise ValueError(f"must be [pixels, bytes_per_pixel] (positive numbers), got {v!r}")
     return (float(v[0]), float(v[1]))
 
@@ -211,8 +225,10 @@ class Costs:
         """(image size, ground-truth tracks per clip, source) of a release, when its data is not read."""
         entry = self.file.datasets.get(dataset)
         if entry is None:
-            raise CostsError(f"costs file {self.source}: field 'datasets.{dataset}' is missing (needed when the data "
-                             f"cannot be read or for a projection from counts)")
+            raise CostsError(
+                f"costs file {self.source}: field 'datasets.{dataset}' is missing (needed when the data "
+                f"cannot be read or for a projection from counts)"
+            )
         if entry.assumed:
             self.note(f"datasets.{dataset}: {entry.assumed} (an assumption, not read from data)")
         return entry.hw, int(self.figure(f"datasets.{dataset}.gt_tracks")), entry.source

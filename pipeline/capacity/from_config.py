@@ -3,6 +3,7 @@
 The counts are exactly what ``d4s build`` would plan (:func:`pipeline.plan.make_plan`); the first
 planned clip of every dataset is read to learn its image size and ground-truth track count.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -65,11 +66,24 @@ def capacity_report(cfg: BuildConfig, costs: str | Path | dict | None = None, pr
         if hw is None:
             nhw, nn, src = c.nominal(name)
             hw, n_gt, source = nhw, nn, f"nominal ({why})"
-            notes.append(f"{name}: image size {nhw[1]}x{nhw[0]} and {nn} ground-truth tracks per clip taken from the "
-                         f"costs file ({src or 'nominal release figures'}) because the data was not read: {why}")
+            notes.append(
+                f"{name}: image size {nhw[1]}x{nhw[0]} and {nn} ground-truth tracks per clip taken from the "
+                f"costs file ({src or 'nominal release figures'}) because the data was not read: {why}"
+            )
         else:
             source = why
-        rows.append(dataset_row(name, rcfg, c, scenes=scenes, clips=clips, shards=shards, image_hw=hw,
-                                gt_tracks=n_gt or 0, hw_source=source,
-                                passes=pass_frames(rcfg, name, list(scene_clips.get(name, {}).values()))))
+        rows.append(
+            dataset_row(
+                name,
+                rcfg,
+                c,
+                scenes=scenes,
+                clips=clips,
+                shards=shards,
+                image_hw=hw,
+                gt_tracks=n_gt or 0,
+                hw_source=source,
+                passes=pass_frames(rcfg, name, list(scene_clips.get(name, {}).values())),
+            )
+        )
     return assemble_report(rcfg, c, rows, notes, mode="plan")

@@ -1,6 +1,7 @@
 """``d4s plan --full-build`` / ``--counts FILE``: the capacity model applied to a table of scene
 and frame counts instead of data on disk (the full-build figures in docs/CLUSTER.md come from
 :data:`FULL_BUILD_COUNTS`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,34 +17,82 @@ from pipeline.config import BuildConfig, ConfigError
 #: ``frames_per_scene`` is a release's frame count divided by its scene count (a mean: scenes of
 #: unequal length give a few more or fewer clips). These are ESTIMATES, not counts of real data.
 FULL_BUILD_COUNTS: list[dict] = [
-    {"dataset": "tartanair", "scenes": 370, "frames_per_scene": 2700,
-     "source": "~370 trajectories, ~1M frames per camera (docs/datasets/tartanair.md)"},
-    {"dataset": "matrixcity", "label": "matrixcity (aerial)", "scenes": 32, "frames_per_scene": 2100, "hw": [1080, 1920],
-     "source": "~67k aerial images; ~32 block folders (small city 10+10 test, big city 6+6 test) (docs/datasets/matrixcity.md)"},
-    {"dataset": "matrixcity", "label": "matrixcity (street)", "scenes": 20, "frames_per_scene": 22600, "hw": [1000, 1000],
-     "source": "~452k street images; ~20 road/area folders over the splits (docs/datasets/matrixcity.md)"},
-    {"dataset": "pointodyssey", "scenes": 105, "frames_per_scene": 1550,
-     "source": "105 videos, ~163k frames (docs/datasets/pointodyssey.md)"},
-    {"dataset": "dynamic_replica", "scenes": 524, "frames_per_scene": 277,
-     "source": "524 videos, 145,200 stereo frames; left view only (docs/datasets/dynamic_replica.md)"},
-    {"dataset": "spring", "scenes": 37, "frames_per_scene": 135,
-     "source": "37 train sequences, 5,000 frames per camera (docs/datasets/spring.md)"},
-    {"dataset": "vkitti2", "scenes": 50, "frames_per_scene": 425,
-     "source": "5 scenes x 10 variations, Camera_0, 21,260 frames (docs/datasets/vkitti2.md)"},
-    {"dataset": "kubric_movi_f", "scenes": 6000, "frames_per_scene": 24,
-     "source": "about 6k videos of 24 frames at 512x512 (docs/datasets/kubric_movi_f.md)"},
-    {"dataset": "realestate10k", "scenes": 67000, "frames_per_scene": 135,
-     "source": "~67k train sequences, ~10M frames over ~74k sequences (docs/datasets/realestate10k.md)"},
-    {"dataset": "stereo4d", "scenes": 55862, "frames_per_scene": 128,
-     "source": "remainder to 130,000 of ~100k released clips; 128 frames per clip assumed (not documented here)"},
+    {
+        "dataset": "tartanair",
+        "scenes": 370,
+        "frames_per_scene": 2700,
+        "source": "~370 trajectories, ~1M frames per camera (docs/datasets/tartanair.md)",
+    },
+    {
+        "dataset": "matrixcity",
+        "label": "matrixcity (aerial)",
+        "scenes": 32,
+        "frames_per_scene": 2100,
+        "hw": [1080, 1920],
+        "source": "~67k aerial images; ~32 block folders (small city 10+10 test, big city 6+6 test) (docs/datasets/matrixcity.md)",
+    },
+    {
+        "dataset": "matrixcity",
+        "label": "matrixcity (street)",
+        "scenes": 20,
+        "frames_per_scene": 22600,
+        "hw": [1000, 1000],
+        "source": "~452k street images; ~20 road/area folders over the splits (docs/datasets/matrixcity.md)",
+    },
+    {
+        "dataset": "pointodyssey",
+        "scenes": 105,
+        "frames_per_scene": 1550,
+        "source": "105 videos, ~163k frames (docs/datasets/pointodyssey.md)",
+    },
+    {
+        "dataset": "dynamic_replica",
+        "scenes": 524,
+        "frames_per_scene": 277,
+        "source": "524 videos, 145,200 stereo frames; left view only (docs/datasets/dynamic_replica.md)",
+    },
+    {
+        "dataset": "spring",
+        "scenes": 37,
+        "frames_per_scene": 135,
+        "source": "37 train sequences, 5,000 frames per camera (docs/datasets/spring.md)",
+    },
+    {
+        "dataset": "vkitti2",
+        "scenes": 50,
+        "frames_per_scene": 425,
+        "source": "5 scenes x 10 variations, Camera_0, 21,260 frames (docs/datasets/vkitti2.md)",
+    },
+    {
+        "dataset": "kubric_movi_f",
+        "scenes": 6000,
+        "frames_per_scene": 24,
+        "source": "about 6k videos of 24 frames at 512x512 (docs/datasets/kubric_movi_f.md)",
+    },
+    {
+        "dataset": "realestate10k",
+        "scenes": 67000,
+        "frames_per_scene": 135,
+        "source": "~67k train sequences, ~10M frames over ~74k sequences (docs/datasets/realestate10k.md)",
+    },
+    {
+        "dataset": "stereo4d",
+        "scenes": 55862,
+        "frames_per_scene": 128,
+        "source": "remainder to 130,000 of ~100k released clips; 128 frames per clip assumed (not documented here)",
+    },
 ]
 
 
 def _default_cfg(names: list[str]) -> BuildConfig:
-    return BuildConfig.model_validate({"output": "<projection>", "datasets": {n: {"root": "<not read>"} for n in names}})
+    return BuildConfig.model_validate(
+        {"output": "<projection>", "datasets": {n: {"root": "<not read>"} for n in names}}
+    )
 
 
-def projection_from_counts(counts: list[dict], cfg: BuildConfig | None = None, costs: str | Path | dict | None = None) -> dict:
+def projection_from_counts(
+    counts: list[dict], cfg: BuildConfig | None = None, costs: str | Path | dict | None = None
+) -> dict:
     """The capacity report for a table of counts instead of data on disk.
 
     Each row: ``dataset``, ``scenes``, ``frames_per_scene``, optional ``label``, ``hw`` ([H, W];
@@ -81,21 +130,40 @@ def projection_from_counts(counts: list[dict], cfg: BuildConfig | None = None, c
         shards = -(-clips // cfg.shard_size)
         if whole_scene_shards(cfg, name) and per_scene:  # whole scenes per shard (pipeline/plan.py)
             shards = -(-n_scenes // max(1, cfg.shard_size // per_scene))
-        rows.append(dataset_row(name, cfg, c, scenes=n_scenes, clips=clips, shards=shards,
-                                image_hw=hw, gt_tracks=int(r.get("gt_tracks", nn)),
-                                hw_source="counts table" if r.get("hw") else "nominal (counts table)",
-                                label=r.get("label"), passes=pass_frames(cfg, name, [one_scene] * n_scenes)))
-    notes = ["Counts are a table of estimates, not read from data: " +
-             "; ".join(f"{r.get('label', r['dataset'])}: {r['scenes']:,} scenes x {r['frames_per_scene']:,} frames"
-                       + (f" ({r['source']})" if r.get("source") else "") for r in counts)]
+        rows.append(
+            dataset_row(
+                name,
+                cfg,
+                c,
+                scenes=n_scenes,
+                clips=clips,
+                shards=shards,
+                image_hw=hw,
+                gt_tracks=int(r.get("gt_tracks", nn)),
+                hw_source="counts table" if r.get("hw") else "nominal (counts table)",
+                label=r.get("label"),
+                passes=pass_frames(cfg, name, [one_scene] * n_scenes),
+            )
+        )
+    notes = [
+        "Counts are a table of estimates, not read from data: "
+        + "; ".join(
+            f"{r.get('label', r['dataset'])}: {r['scenes']:,} scenes x {r['frames_per_scene']:,} frames"
+            + (f" ({r['source']})" if r.get("source") else "")
+            for r in counts
+        )
+    ]
     return assemble_report(cfg, c, rows, notes, mode="projection")
 
 
 def full_build_markdown(costs: str | Path | dict | None = None) -> str:
     """The docs/CLUSTER.md table of the ~130k-scene projection (``d4s plan --full-build --markdown``)."""
     rep = projection_from_counts(FULL_BUILD_COUNTS, costs=costs)
-    lines = ["| dataset | scenes | frames/scene | image | clips | frames | output | depth GPU-h | tracks GPU-h "
-             "| MegaSaM GPU-h | MegaSaM cache | CPU core-h |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dataset | scenes | frames/scene | image | clips | frames | output | depth GPU-h | tracks GPU-h "
+        "| MegaSaM GPU-h | MegaSaM cache | CPU core-h |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     fps = {r.get("label", r["dataset"]): r["frames_per_scene"] for r in FULL_BUILD_COUNTS}
 
     def num(x):
@@ -105,15 +173,19 @@ def full_build_markdown(costs: str | Path | dict | None = None) -> str:
         return num(r["gpu_hours"][k]) if k in r["model_stages"] else "-"
 
     for r in rep["datasets"]:
-        lines.append(f"| {r['label']} | {r['scenes']:,} | {fps[r['label']]:,} | {r['image_hw'][1]}x{r['image_hw'][0]} "
-                     f"| {r['clips']:,} | {r['frames']:,} | {human_bytes(r['output_bytes'])} | {h(r, 'depth')} "
-                     f"| {h(r, 'tracks')} | {h(r, 'megasam')} "
-                     f"| {human_bytes(r['megasam_cache_bytes']) if r['megasam_cache_bytes'] else '-'} "
-                     f"| {num(r['cpu_core_hours']['total'])} |")
+        lines.append(
+            f"| {r['label']} | {r['scenes']:,} | {fps[r['label']]:,} | {r['image_hw'][1]}x{r['image_hw'][0]} "
+            f"| {r['clips']:,} | {r['frames']:,} | {human_bytes(r['output_bytes'])} | {h(r, 'depth')} "
+            f"| {h(r, 'tracks')} | {h(r, 'megasam')} "
+            f"| {human_bytes(r['megasam_cache_bytes']) if r['megasam_cache_bytes'] else '-'} "
+            f"| {num(r['cpu_core_hours']['total'])} |"
+        )
     t = rep["totals"]
     g = t["gpu_hours"]
-    lines.append(f"| **total** | **{t['scenes']:,}** | | | **{t['clips']:,}** | **{t['frames']:,}** "
-                 f"| **{human_bytes(t['output_bytes'])}** | **{num(g['depth'])}** | **{num(g['tracks'])}** "
-                 f"| **{num(g['megasam'])}** | **{human_bytes(t['megasam_cache_bytes'])}** "
-                 f"| **{num(t['cpu_core_hours']['total'])}** |")
+    lines.append(
+        f"| **total** | **{t['scenes']:,}** | | | **{t['clips']:,}** | **{t['frames']:,}** "
+        f"| **{human_bytes(t['output_bytes'])}** | **{num(g['depth'])}** | **{num(g['tracks'])}** "
+        f"| **{num(g['megasam'])}** | **{human_bytes(t['megasam_cache_bytes'])}** "
+        f"| **{num(t['cpu_core_hours']['total'])}** |"
+    )
     return "\n".join(lines)

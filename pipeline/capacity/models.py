@@ -3,6 +3,7 @@
 How each is derived is in the package docstring (``pipeline/capacity/__init__.py``) and in
 docs/CLUSTER.md, "Capacity planning".
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,10 @@ def vda_seconds_per_clip(num_frames: int, image_hw: tuple[int, int], depth_cfg, 
     if depth_cfg.compile:
         fps = costs.figure(f"depth.frames_per_s_compiled.{enc}.{dt}", required=False)
         if fps is None:
-            costs.note(f"no torch.compile figure for {enc}/{dt} in the costs file: the uncompiled figure is used "
-                       f"(conservative)")
+            costs.note(
+                f"no torch.compile figure for {enc}/{dt} in the costs file: the uncompiled figure is used "
+                f"(conservative)"
+            )
     if fps is None:
         fps = costs.figure(f"depth.frames_per_s.{enc}.{dt}")
     ws = "depth.window_split."
@@ -40,8 +43,10 @@ def vda_seconds_per_clip(num_frames: int, image_hw: tuple[int, int], depth_cfg, 
 def vda_pixel_exponent(costs: Costs) -> float:
     """Exponent of VDA time vs network pixels, fitted through the two most distant measured sizes."""
     n = len(costs.file.depth.resolution_points)
-    pts = sorted((costs.file.depth.resolution_points[i].hw, costs.figure(f"depth.resolution_points.{i}.frames_per_s"))
-                 for i in range(n))
+    pts = sorted(
+        (costs.file.depth.resolution_points[i].hw, costs.figure(f"depth.resolution_points.{i}.frames_per_s"))
+        for i in range(n)
+    )
     (h0, w0), f0 = pts[0]
     (h1, w1), f1 = pts[-1]
     return math.log(f0 / f1) / math.log((h1 * w1) / (h0 * w0))
@@ -52,8 +57,10 @@ def cotracker_seconds_per_clip(num_frames: int, track_cfg, costs: Costs) -> tupl
     from stages.tracks.cotracker.runner import resolve_query_frames
 
     qf = resolve_query_frames(track_cfg.query_frames, num_frames)
-    points = len(qf) * track_cfg.grid_size ** 2
-    passes = 2 if (track_cfg.variant == "offline" and max(qf) > 0) else 1  # offline: backward pass for later query frames
+    points = len(qf) * track_cfg.grid_size**2
+    passes = (
+        2 if (track_cfg.variant == "offline" and max(qf) > 0) else 1
+    )  # offline: backward pass for later query frames
     rate = costs.figure(f"tracks.point_frames_per_s.{track_cfg.variant}.{track_cfg.dtype}")
     return passes * points * num_frames / rate, points
 
@@ -72,7 +79,9 @@ def bytes_per_pixel(curve: list[tuple[float, float]], pixels: float) -> float:
     return curve[-1][1]  # pragma: no cover
 
 
-def clip_bytes(num_frames: int, image_hw: tuple[int, int], num_tracks: int, costs: Costs, with_depth: bool = True) -> float:
+def clip_bytes(
+    num_frames: int, image_hw: tuple[int, int], num_tracks: int, costs: Costs, with_depth: bool = True
+) -> float:
     """Projected bytes of one shard sample (docs/FORMAT.md entries, tar headers included)."""
     px = float(image_hw[0] * image_hw[1])
     o = costs.file.output
@@ -82,7 +91,9 @@ def clip_bytes(num_frames: int, image_hw: tuple[int, int], num_tracks: int, cost
         per_frame += bytes_per_pixel(o.depth_bytes_per_pixel, px) * px
         entries += num_frames
     npy_header = 128
-    fixed = (npy_header + 32 * num_frames) + (npy_header + 128 * num_frames) + costs.figure("output.meta_bytes_per_clip")
+    fixed = (
+        (npy_header + 32 * num_frames) + (npy_header + 128 * num_frames) + costs.figure("output.meta_bytes_per_clip")
+    )
     tracks = 0.0
     if num_tracks:
         tracks = num_tracks * num_frames * costs.figure("output.track_bytes_per_point_frame") + 2 * npy_header

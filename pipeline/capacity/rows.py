@@ -3,6 +3,7 @@
 Both ``d4s plan`` modes (a config's data, a table of counts) end here, so they model costs the
 same way.
 """
+
 from __future__ import annotations
 
 from pipeline.capacity.costs import Costs
@@ -38,9 +39,20 @@ def _segment_lengths(n: int, cfg: BuildConfig) -> list[int]:
     return [b - a for a, b in plan_segments(n, sc.max_frames, sc.overlap_frames)]
 
 
-def dataset_row(name: str, cfg: BuildConfig, costs: Costs, *, scenes: int, clips: int, shards: int,
-                image_hw: tuple[int, int], gt_tracks: int, hw_source: str, label: str | None = None,
-                passes: list[int] | None = None) -> dict:
+def dataset_row(
+    name: str,
+    cfg: BuildConfig,
+    costs: Costs,
+    *,
+    scenes: int,
+    clips: int,
+    shards: int,
+    image_hw: tuple[int, int],
+    gt_tracks: int,
+    hw_source: str,
+    label: str | None = None,
+    passes: list[int] | None = None,
+) -> dict:
     """Projected costs of ``clips`` clips of dataset ``name`` (cfg must be resolved). ``passes``: the
     frames of each depth/MegaSaM pass (:func:`pass_frames`; default one pass per clip)."""
     from stages.align.megasam import cache_entry_bytes
@@ -64,24 +76,36 @@ def dataset_row(name: str, cfg: BuildConfig, costs: Costs, *, scenes: int, clips
         sec, tracks = cotracker_seconds_per_clip(t, cfg.stages.tracks, costs)
         gpu["tracks"] = clips * sec / 3600.0
     elif ds.track_source == "depth_static":
-        tracks = cfg.stages.tracks.grid_size ** 2
+        tracks = cfg.stages.tracks.grid_size**2
     elif ds.track_source == "gt":
         tracks = gt_tracks
     else:
         tracks = 0
     ref_h, ref_w = costs.file.cpu.reference_hw
     pix_scale = image_hw[0] * image_hw[1] / (ref_h * ref_w)
-    cpu = {k: frames * costs.figure(f"cpu.ms_per_frame.{k}") * pix_scale / 1000.0 / 3600.0
-           for k in ("ingest", "encode", "write")}
+    cpu = {
+        k: frames * costs.figure(f"cpu.ms_per_frame.{k}") * pix_scale / 1000.0 / 3600.0
+        for k in ("ingest", "encode", "write")
+    }
     cpu["align"] = frames * costs.figure("cpu.align_ms_per_frame") / 1000.0 / 3600.0 if "depth" in stages else 0.0
     out_bytes = clips * clip_bytes(t, image_hw, tracks, costs) + shards * costs.figure("output.tar_bytes_per_shard")
     return {
-        "dataset": name, "label": label or name, "scenes": int(scenes), "clips": int(clips), "frames": int(frames),
-        "shards": int(shards), "clip_length": t, "image_hw": [int(image_hw[0]), int(image_hw[1])], "image_hw_source": hw_source,
-        "depth_source": ds.depth_source, "track_source": ds.track_source, "model_stages": stages,
+        "dataset": name,
+        "label": label or name,
+        "scenes": int(scenes),
+        "clips": int(clips),
+        "frames": int(frames),
+        "shards": int(shards),
+        "clip_length": t,
+        "image_hw": [int(image_hw[0]), int(image_hw[1])],
+        "image_hw_source": hw_source,
+        "depth_source": ds.depth_source,
+        "track_source": ds.track_source,
+        "model_stages": stages,
         "model_passes": len(passes) if "depth" in stages else 0,
         "model_frames": sum(segments) if "depth" in stages else 0,
-        "tracks_per_clip": int(tracks), "output_bytes": int(round(out_bytes)),
+        "tracks_per_clip": int(tracks),
+        "output_bytes": int(round(out_bytes)),
         "megasam_cache_bytes": int(cache_bytes),
         "gpu_hours": {**gpu, "total": sum(gpu.values())},
         "cpu_core_hours": {**cpu, "total": sum(cpu.values())},
@@ -89,8 +113,10 @@ def dataset_row(name: str, cfg: BuildConfig, costs: Costs, *, scenes: int, clips
 
 
 def _totals(rows: list[dict]) -> dict:
-    tot = {k: sum(r[k] for r in rows) for k in ("scenes", "clips", "frames", "shards", "output_bytes",
-                                                 "model_frames", "megasam_cache_bytes")}
+    tot = {
+        k: sum(r[k] for r in rows)
+        for k in ("scenes", "clips", "frames", "shards", "output_bytes", "model_frames", "megasam_cache_bytes")
+    }
     tot["gpu_hours"] = {k: sum(r["gpu_hours"][k] for r in rows) for k in (*GPU_STAGES, "total")}
     tot["cpu_core_hours"] = {k: sum(r["cpu_core_hours"][k] for r in rows) for k in (*CPU_STAGES, "total")}
     return tot
@@ -115,16 +141,24 @@ def _general_assumptions(cfg: BuildConfig, costs: Costs, rows: list[dict]) -> li
     ]
     measured_q = costs.file.output.jpeg_quality
     if int(cfg.jpeg_quality) != measured_q:
-        out.append(f"jpeg_quality is {cfg.jpeg_quality} but the byte figures were measured at "
-                   f"{measured_q}: output bytes are not adjusted for it.")
+        out.append(
+            f"jpeg_quality is {cfg.jpeg_quality} but the byte figures were measured at "
+            f"{measured_q}: output bytes are not adjusted for it."
+        )
     if any(r["track_source"] == "depth_static" for r in rows):
-        out.append("Static-scene tracks from depth (track_source depth_static) run on the CPU and are not measured: "
-                   "not counted.")
+        out.append(
+            "Static-scene tracks from depth (track_source depth_static) run on the CPU and are not measured: "
+            "not counted."
+        )
     if any("megasam" in r["model_stages"] for r in rows):
-        out.append("MegaSaM GPU time has no measurement in this project: megasam.gpu_s_per_frame in the costs file "
-                   "is a placeholder to replace with your own figure.")
+        out.append(
+            "MegaSaM GPU time has no measurement in this project: megasam.gpu_s_per_frame in the costs file "
+            "is a placeholder to replace with your own figure."
+        )
     if any(r["image_hw_source"].startswith("nominal") for r in rows):
-        out.append("Some image sizes are the dataset's nominal release size, not read from the data (see image_hw_source).")
+        out.append(
+            "Some image sizes are the dataset's nominal release size, not read from the data (see image_hw_source)."
+        )
     return out
 
 

@@ -8,6 +8,7 @@ Stereo4D scenes give two overlapping clips each, so their scene passes (one dept
 metric fit per scene) show in ``meta.json``: ``qc.align.scale`` (and RealEstate10K's
 ``extra.pose_scale``) are equal over the clips of a scene.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,8 +34,9 @@ def available_demo_datasets() -> list[str]:
     return out
 
 
-def write_demo_data(root: Path, datasets: list[str], scenes: int = DEMO_SCENES_PER_DATASET, seed: int = 0,
-                    truth_dir: Path | None = None) -> None:
+def write_demo_data(
+    root: Path, datasets: list[str], scenes: int = DEMO_SCENES_PER_DATASET, seed: int = 0, truth_dir: Path | None = None
+) -> None:
     """Render and write each dataset's scenes once; a marker makes re-runs skip finished ones.
 
     ``truth_dir``: also keep each RealEstate10K scene's rendered truth there, where the MegaSaM
@@ -63,8 +65,13 @@ def write_demo_data(root: Path, datasets: list[str], scenes: int = DEMO_SCENES_P
             (truth_dir / f".{name}-complete").write_text("ok\n")
 
 
-def demo_config(out: str, datasets: list[str] | None = None, scenes: int = DEMO_SCENES_PER_DATASET,
-                megasam_stand_in: bool = False, megasam_delay_s: float = 0.0) -> BuildConfig:
+def demo_config(
+    out: str,
+    datasets: list[str] | None = None,
+    scenes: int = DEMO_SCENES_PER_DATASET,
+    megasam_stand_in: bool = False,
+    megasam_delay_s: float = 0.0,
+) -> BuildConfig:
     """The demo's config. ``megasam_stand_in``: RealEstate10K takes MegaSaM as its reference, played
     by the stand-in program answering the rendered truth (for chaos runs and benchmarks), each
     run taking ``megasam_delay_s``."""
@@ -78,22 +85,39 @@ def demo_config(out: str, datasets: list[str] | None = None, scenes: int = DEMO_
         "shard_size": 2,
         "jpeg_quality": 95,
         "max_inflight_shards": 4,
-        "datasets": {name: {"root": str(data_root / name), "clip_length": 8, "frame_stride": 1,
-                            # the two real datasets plan two overlapping clips per scene, so the demo shows
-                            # one scene pass (one metric scale) shared by the clips of a scene
-                            "clip_stride": 2 if name in SCENE_PASS_DEMOS else 4,
-                            # No MegaSaM in the demo: RealEstate10K takes the metric VDA prediction as its reference.
-                            **({"depth_source": "vda_metric"} if name == "realestate10k" else {}),
-                            "options": dict(getattr(writer_module(name), "DEMO_OPTIONS", {}))}
-                     for name in datasets},
+        "datasets": {
+            name: {
+                "root": str(data_root / name),
+                "clip_length": 8,
+                "frame_stride": 1,
+                # the two real datasets plan two overlapping clips per scene, so the demo shows
+                # one scene pass (one metric scale) shared by the clips of a scene
+                "clip_stride": 2 if name in SCENE_PASS_DEMOS else 4,
+                # No MegaSaM in the demo: RealEstate10K takes the metric VDA prediction as its reference.
+                **({"depth_source": "vda_metric"} if name == "realestate10k" else {}),
+                "options": dict(getattr(writer_module(name), "DEMO_OPTIONS", {})),
+            }
+            for name in datasets
+        },
         "stages": {
-            "depth": {"encoder": "vits", "metric": True, "input_size": 112, "dtype": "fp32", "allow_random_weights": True,
-                      "resources": {"num_gpus": 0, "actors": 1}},
+            "depth": {
+                "encoder": "vits",
+                "metric": True,
+                "input_size": 112,
+                "dtype": "fp32",
+                "allow_random_weights": True,
+                "resources": {"num_gpus": 0, "actors": 1},
+            },
             # Random-weight models give meaningless depth: keep such clips (flagged untrained, QC
             # recorded in meta) instead of dropping them, so the demo shows every layout end to end.
             "align": {"drop_on_qc": False},
-            "tracks": {"grid_size": 4, "dtype": "fp32", "allow_random_weights": True, "drop_on_qc": False,
-                       "resources": {"num_gpus": 0, "actors": 1}},
+            "tracks": {
+                "grid_size": 4,
+                "dtype": "fp32",
+                "allow_random_weights": True,
+                "drop_on_qc": False,
+                "resources": {"num_gpus": 0, "actors": 1},
+            },
         },
     }
     if megasam_stand_in:
@@ -101,6 +125,7 @@ def demo_config(out: str, datasets: list[str] | None = None, scenes: int = DEMO_
 
         if "realestate10k" in raw["datasets"]:
             raw["datasets"]["realestate10k"]["depth_source"] = "megasam"
-        raw["stages"]["align"].update(megasam_command=command_template(truth, delay_s=megasam_delay_s),
-                                    megasam_retries=1, megasam_num_gpus=0.0)
+        raw["stages"]["align"].update(
+            megasam_command=command_template(truth, delay_s=megasam_delay_s), megasam_retries=1, megasam_num_gpus=0.0
+        )
     return BuildConfig.model_validate(raw)

@@ -12,6 +12,7 @@ real config names the real MegaSaM command in ``stages.align.megasam_command``.
 
     python -m pipeline.demo.megasam_stand_in --frames DIR --out OUT.npz --clip RUN_ID --truth DIR
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,29 @@ def save_truth(truth_dir, scene_key: str, rendered) -> None:
     """Keep a rendered scene's truth where the stand-in finds it (``scene_key``: the key-safe
     scene id that appears in clip ids)."""
     os.makedirs(truth_dir, exist_ok=True)
-    np.savez(os.path.join(truth_dir, f"{scene_key}.npz"), rgb=rendered.rgb, depth=rendered.depth,
-             intrinsics=rendered.intrinsics, c2w=rendered.c2w)
+    np.savez(
+        os.path.join(truth_dir, f"{scene_key}.npz"),
+        rgb=rendered.rgb,
+        depth=rendered.depth,
+        intrinsics=rendered.intrinsics,
+        c2w=rendered.c2w,
+    )
 
 
-def command_template(truth_dir, log=None, fail: str = "-", hang: str = "-", noise: float = 0.0,
-                     scale_jitter: float = 0.0, delay_s: float = 0.0) -> str:
+def command_template(
+    truth_dir,
+    log=None,
+    fail: str = "-",
+    hang: str = "-",
+    noise: float = 0.0,
+    scale_jitter: float = 0.0,
+    delay_s: float = 0.0,
+) -> str:
     """The ``stages.align.megasam_command`` that runs this stand-in."""
-    cmd = (f"{shlex.quote(sys.executable)} -m pipeline.demo.megasam_stand_in --frames {{frames_dir}} "
-           f"--out {{out_npz}} --clip {{clip_id}} --truth {shlex.quote(str(truth_dir))} --fail {fail} --hang {hang}")
+    cmd = (
+        f"{shlex.quote(sys.executable)} -m pipeline.demo.megasam_stand_in --frames {{frames_dir}} "
+        f"--out {{out_npz}} --clip {{clip_id}} --truth {shlex.quote(str(truth_dir))} --fail {fail} --hang {hang}"
+    )
     if noise or scale_jitter:
         cmd += f" --noise {noise:g} --scale-jitter {scale_jitter:g}"
     if delay_s:

@@ -7,6 +7,7 @@ d4s convention (OpenCV camera, c2w, metres, pixel centres at +0.5). Per-dataset 
 (``pipeline/demo/writers/``) encode a :class:`RenderedScene` in each dataset's raw layout, and
 the adapters must read it back: that round trip is how adapters are tested.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -95,8 +96,16 @@ def default_camera_path(spec: SceneSpec) -> np.ndarray:
     return np.stack(poses)
 
 
-def random_scene(name: str, seed: int, dynamic: bool, num_frames: int = 12, height: int = 48,
-                 width: int = 64, num_boxes: int = 3, num_tracks: int = 64) -> SceneSpec:
+def random_scene(
+    name: str,
+    seed: int,
+    dynamic: bool,
+    num_frames: int = 12,
+    height: int = 48,
+    width: int = 64,
+    num_boxes: int = 3,
+    num_tracks: int = 64,
+) -> SceneSpec:
     """A room with ``num_boxes`` boxes on the floor; with ``dynamic`` the first one or two move."""
     rng = np.random.default_rng(seed)
     boxes = []
@@ -109,10 +118,18 @@ def random_scene(name: str, seed: int, dynamic: bool, num_frames: int = 12, heig
         if dynamic and k < 2:
             vel = tuple(float(v) for v in rng.uniform(-0.03, 0.03, size=3) * np.array([1, 0, 1]))
             spin = float(rng.uniform(-0.05, 0.05))
-        boxes.append(BoxSpec(center=tuple(float(c) for c in center), half_size=tuple(float(h) for h in hs),
-                             seed=int(rng.integers(1 << 30)), velocity=vel, spin=spin))
-    return SceneSpec(name=name, num_frames=num_frames, height=height, width=width, boxes=boxes,
-                     num_tracks=num_tracks, seed=seed)
+        boxes.append(
+            BoxSpec(
+                center=tuple(float(c) for c in center),
+                half_size=tuple(float(h) for h in hs),
+                seed=int(rng.integers(1 << 30)),
+                velocity=vel,
+                spin=spin,
+            )
+        )
+    return SceneSpec(
+        name=name, num_frames=num_frames, height=height, width=width, boxes=boxes, num_tracks=num_tracks, seed=seed
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,9 +222,17 @@ def render(spec: SceneSpec) -> RenderedScene:
         shade = 0.75 + 0.25 * np.clip(-dirs_cam[..., 1] / np.linalg.norm(dirs_cam, axis=-1) + 0.5, 0, 1)
         rgb[t] = np.round(255 * np.clip(col * shade[..., None], 0, 1)).astype(np.uint8)
     tracks, vis, tobj = _tracks(spec, c2w, k)
-    return RenderedScene(spec=spec, rgb=rgb, depth=depth, object_id=obj,
-                         intrinsics=np.tile(k, (spec.num_frames, 1)), c2w=c2w,
-                         tracks_world=tracks, tracks_visible=vis, tracks_object=tobj)
+    return RenderedScene(
+        spec=spec,
+        rgb=rgb,
+        depth=depth,
+        object_id=obj,
+        intrinsics=np.tile(k, (spec.num_frames, 1)),
+        c2w=c2w,
+        tracks_world=tracks,
+        tracks_visible=vis,
+        tracks_object=tobj,
+    )
 
 
 def _tracks(spec: SceneSpec, c2w: np.ndarray, k: np.ndarray):

@@ -16,6 +16,7 @@ Failures of the fit or of the pose scale raise :class:`AlignmentError` (a ClipEr
 records it against the clip). A clip that aligns but fails QC is returned with
 ``qc['align']['keep'] = False`` unless ``options.raise_on_drop``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -68,12 +69,18 @@ def poses_up_to_scale(clip: Clip, options: AlignClipOptions) -> bool:
     return clip.meta.dataset.lower() in UP_TO_SCALE_DATASETS
 
 
-def _pose_scale(clip: Clip, depth, valid, reference: MetricReference, exclude, opts: AlignClipOptions) -> PoseScaleResult:
+def _pose_scale(
+    clip: Clip, depth, valid, reference: MetricReference, exclude, opts: AlignClipOptions
+) -> PoseScaleResult:
     fallback_note = None
     if opts.pose_scale_method in ("auto", "trajectory") and reference.c2w is not None:
         try:
-            return estimate_pose_scale(clip.c2w, reference.c2w, min_baseline_m=opts.min_baseline_m,
-                                       max_scale_uncertainty=opts.max_pose_scale_uncertainty)
+            return estimate_pose_scale(
+                clip.c2w,
+                reference.c2w,
+                min_baseline_m=opts.min_baseline_m,
+                max_scale_uncertainty=opts.max_pose_scale_uncertainty,
+            )
         except StaticTrajectoryError as e:
             fallback_note = e.reason
     elif opts.pose_scale_method == "trajectory":
@@ -82,18 +89,27 @@ def _pose_scale(clip: Clip, depth, valid, reference: MetricReference, exclude, o
     if clip.tracks is not None:
         points, vis = clip.tracks, clip.track_visible
     try:
-        res = scale_from_depth(depth, valid, clip.intrinsics, clip.c2w, rgb=clip.rgb, points=points,
-                               points_visible=vis, exclude=exclude)
+        res = scale_from_depth(
+            depth, valid, clip.intrinsics, clip.c2w, rgb=clip.rgb, points=points, points_visible=vis, exclude=exclude
+        )
     except StaticTrajectoryError as e:
-        raise StaticTrajectoryError(e.reason + (f" (reference trajectory: {fallback_note})" if fallback_note else "")) from e
+        raise StaticTrajectoryError(
+            e.reason + (f" (reference trajectory: {fallback_note})" if fallback_note else "")
+        ) from e
     if fallback_note:
         res.extra["fallback_from_trajectory"] = fallback_note
     return res
 
 
-def align_clip(clip: Clip, relative_depth: np.ndarray, reference: MetricReference,
-               options: AlignClipOptions | None = None, *, exclude: np.ndarray | None = None,
-               prediction_valid: np.ndarray | None = None) -> Clip:
+def align_clip(
+    clip: Clip,
+    relative_depth: np.ndarray,
+    reference: MetricReference,
+    options: AlignClipOptions | None = None,
+    *,
+    exclude: np.ndarray | None = None,
+    prediction_valid: np.ndarray | None = None,
+) -> Clip:
     """A new clip with metric depth aligned to ``reference`` (and metric poses); see module doc.
 
     ``relative_depth`` (T,H,W) is a relative disparity or depth (``options.prediction_kind``);
@@ -110,9 +126,16 @@ def align_clip(clip: Clip, relative_depth: np.ndarray, reference: MetricReferenc
     if exclude is not None and np.shape(exclude) != (t, h, w):
         raise AlignmentError(f"exclude mask {np.shape(exclude)} does not match the clip ({t},{h},{w})", clip.key)
 
-    fit = fit_alignment(pred, reference.depth, reference.valid, prediction_kind=opts.prediction_kind,
-                        prediction_valid=prediction_valid, exclude=exclude, weights=reference.weights,
-                        options=opts.fit)
+    fit = fit_alignment(
+        pred,
+        reference.depth,
+        reference.valid,
+        prediction_kind=opts.prediction_kind,
+        prediction_valid=prediction_valid,
+        exclude=exclude,
+        weights=reference.weights,
+        options=opts.fit,
+    )
 
     c2w, tracks = clip.c2w, clip.tracks
     pose_res: PoseScaleResult | None = None
@@ -130,10 +153,18 @@ def align_clip(clip: Clip, relative_depth: np.ndarray, reference: MetricReferenc
     cons = None
     if opts.consistency and t > 1:
         th = opts.thresholds
-        cons = check_consistency(fit.depth, fit.valid, clip.intrinsics, c2w, dynamic_mask=exclude, rgb=clip.rgb,
-                                 max_depth_error=th.max_consistency_error, max_pixel_error=th.max_pixel_error,
-                                 max_scale_factor=th.max_scale_factor,
-                                 max_points=opts.consistency_max_points)
+        cons = check_consistency(
+            fit.depth,
+            fit.valid,
+            clip.intrinsics,
+            c2w,
+            dynamic_mask=exclude,
+            rgb=clip.rgb,
+            max_depth_error=th.max_consistency_error,
+            max_pixel_error=th.max_pixel_error,
+            max_scale_factor=th.max_scale_factor,
+            max_points=opts.consistency_max_points,
+        )
     qc = align_qc(fit, pose_scale=pose_res, consistency=cons, thresholds=opts.thresholds)
     qc["reference"] = reference.kind
     if "focal_ratio" in reference.meta:

@@ -14,6 +14,7 @@ Medians over all pairs and points are reported (occlusions and moving objects ar
 barely moves cannot be checked this way (``coverage``/``baseline_ratio`` say so).
 For 3D tracks (T,N,3) the drift of static points and their depth agreement are reported.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,8 +46,12 @@ def sample_bilinear(img: np.ndarray, u: np.ndarray, v: np.ndarray, valid: np.nda
     im = np.asarray(img, np.float64)
     if im.ndim == 3:
         fx, fy = fx[..., None], fy[..., None]
-    val = (im[y0, x0] * (1 - fx) * (1 - fy) + im[y0, x1] * fx * (1 - fy)
-           + im[y1, x0] * (1 - fx) * fy + im[y1, x1] * fx * fy)
+    val = (
+        im[y0, x0] * (1 - fx) * (1 - fy)
+        + im[y0, x1] * fx * (1 - fy)
+        + im[y1, x0] * (1 - fx) * fy
+        + im[y1, x1] * fx * fy
+    )
     if valid is not None:
         vm = np.asarray(valid, bool)
         ok &= vm[y0, x0] & vm[y0, x1] & vm[y1, x0] & vm[y1, x1]
@@ -112,9 +117,24 @@ class ReprojectionCost:
     motion parallel to a plane; the photometric term can.
     """
 
-    def __init__(self, depth, valid, intrinsics, c2w, *, rgb=None, exclude=None, pairs=None, max_points=1000,
-                 depth_trunc=0.2, photo_trunc=0.15, photo_weight=3.0, seed=0, landed_only=True,
-                 min_landed=0.25):
+    def __init__(
+        self,
+        depth,
+        valid,
+        intrinsics,
+        c2w,
+        *,
+        rgb=None,
+        exclude=None,
+        pairs=None,
+        max_points=1000,
+        depth_trunc=0.2,
+        photo_trunc=0.15,
+        photo_weight=3.0,
+        seed=0,
+        landed_only=True,
+        min_landed=0.25,
+    ):
         self.depth = np.asarray(depth, np.float64)
         t = self.depth.shape[0]
         self.use = np.asarray(valid, bool) if exclude is None else np.asarray(valid, bool) & ~np.asarray(exclude, bool)
@@ -124,7 +144,7 @@ class ReprojectionCost:
         self.landed_only, self.min_landed = landed_only, min_landed
         rng = np.random.default_rng(seed)
         self.items = []
-        for i0, j0 in (default_pairs(t) if pairs is None else pairs):
+        for i0, j0 in default_pairs(t) if pairs is None else pairs:
             for i, j in ((i0, j0), (j0, i0)):
                 rows, cols = sample_pixels(self.use[i], max_points, rng)
                 if rows.size == 0:
@@ -146,11 +166,17 @@ class ReprojectionCost:
             ok &= zj > 0
             landed += int(ok.sum())
             with np.errstate(divide="ignore", invalid="ignore"):
-                rd = np.where(ok, np.minimum(np.abs(zj - dj) / dj, self.depth_trunc), 0.0 if self.landed_only else self.depth_trunc)
+                rd = np.where(
+                    ok,
+                    np.minimum(np.abs(zj - dj) / dj, self.depth_trunc),
+                    0.0 if self.landed_only else self.depth_trunc,
+                )
             total += rd.sum() / self.depth_trunc
             if col is not None:
                 ij, _ = sample_bilinear(self.img[j], uj, vj)
-                rp = np.where(ok, np.minimum(np.abs(ij - col), self.photo_trunc), 0.0 if self.landed_only else self.photo_trunc)
+                rp = np.where(
+                    ok, np.minimum(np.abs(ij - col), self.photo_trunc), 0.0 if self.landed_only else self.photo_trunc
+                )
                 total += self.photo_weight * rp.sum() / self.photo_trunc
         if not self.landed_only:
             return float(total / self.n_points)
@@ -185,13 +211,23 @@ class ReprojectionCost:
         return s, best, k in (0, grid - 1)
 
 
-def depth_reprojection_error(depth: np.ndarray, valid: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, *,
-                             dynamic_mask: np.ndarray | None = None, pairs: list[tuple[int, int]] | None = None,
-                             max_points: int = 4000, seed: int = 0) -> dict:
+def depth_reprojection_error(
+    depth: np.ndarray,
+    valid: np.ndarray,
+    intrinsics: np.ndarray,
+    c2w: np.ndarray,
+    *,
+    dynamic_mask: np.ndarray | None = None,
+    pairs: list[tuple[int, int]] | None = None,
+    max_points: int = 4000,
+    seed: int = 0,
+) -> dict:
     """Median relative depth and round-trip pixel reprojection errors over frame pairs (both ways)."""
     t, h, w = depth.shape
     rng = np.random.default_rng(seed)
-    static = np.asarray(valid, bool) if dynamic_mask is None else np.asarray(valid, bool) & ~np.asarray(dynamic_mask, bool)
+    static = (
+        np.asarray(valid, bool) if dynamic_mask is None else np.asarray(valid, bool) & ~np.asarray(dynamic_mask, bool)
+    )
     pairs = default_pairs(t) if pairs is None else pairs
     rel_all, px_all, per_pair = [], [], []
     n_sampled = 0
@@ -221,16 +257,33 @@ def depth_reprojection_error(depth: np.ndarray, valid: np.ndarray, intrinsics: n
             px_all.append(px)
             base = np.linalg.norm(c2w[i, :3, 3] - c2w[j, :3, 3])
             baseline_ratio.append(base / float(np.median(z)))
-            per_pair.append({"pair": [int(i), int(j)], "n": int(ok.sum()), "depth_error": float(np.median(rel)),
-                             "pixel_error": float(np.median(px))})
+            per_pair.append(
+                {
+                    "pair": [int(i), int(j)],
+                    "n": int(ok.sum()),
+                    "depth_error": float(np.median(rel)),
+                    "pixel_error": float(np.median(px)),
+                }
+            )
     if not rel_all:
-        return {"depth_error": float("nan"), "pixel_error": float("nan"), "n_points": 0, "coverage": 0.0,
-                "baseline_ratio": 0.0, "per_pair": per_pair}
+        return {
+            "depth_error": float("nan"),
+            "pixel_error": float("nan"),
+            "n_points": 0,
+            "coverage": 0.0,
+            "baseline_ratio": 0.0,
+            "per_pair": per_pair,
+        }
     rel = np.concatenate(rel_all)
     px = np.concatenate(px_all)
-    return {"depth_error": float(np.median(rel)), "pixel_error": float(np.median(px)), "n_points": int(rel.size),
-            "coverage": float(rel.size / max(n_sampled, 1)), "baseline_ratio": float(np.max(baseline_ratio)),
-            "per_pair": per_pair}
+    return {
+        "depth_error": float(np.median(rel)),
+        "pixel_error": float(np.median(px)),
+        "n_points": int(rel.size),
+        "coverage": float(rel.size / max(n_sampled, 1)),
+        "baseline_ratio": float(np.max(baseline_ratio)),
+        "per_pair": per_pair,
+    }
 
 
 def track_drift(tracks: np.ndarray, visible: np.ndarray, static: np.ndarray | None = None) -> dict:
@@ -250,8 +303,14 @@ def track_drift(tracks: np.ndarray, visible: np.ndarray, static: np.ndarray | No
     return {"track_drift_m": float(np.median(per_track)), "n_tracks": int(use.sum())}
 
 
-def track_depth_error(tracks: np.ndarray, visible: np.ndarray, depth: np.ndarray, valid: np.ndarray,
-                      intrinsics: np.ndarray, c2w: np.ndarray) -> dict:
+def track_depth_error(
+    tracks: np.ndarray,
+    visible: np.ndarray,
+    depth: np.ndarray,
+    valid: np.ndarray,
+    intrinsics: np.ndarray,
+    c2w: np.ndarray,
+) -> dict:
     """Median relative disagreement between tracked points' camera depth and the depth map."""
     tr = np.asarray(tracks, np.float64)
     errs = []
@@ -286,21 +345,42 @@ class ConsistencyResult:
     per_pair: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
-        return {"depth_error": self.depth_error, "pixel_error": self.pixel_error, "n_points": self.n_points,
-                "coverage": self.coverage, "baseline_ratio": self.baseline_ratio,
-                "track_drift_m": self.track_drift_m, "track_depth_error": self.track_depth_error,
-                "scale_factor": self.scale_factor, "scale_observability": self.scale_observability,
-                "flagged": self.flagged, "reasons": list(self.reasons)}
+        return {
+            "depth_error": self.depth_error,
+            "pixel_error": self.pixel_error,
+            "n_points": self.n_points,
+            "coverage": self.coverage,
+            "baseline_ratio": self.baseline_ratio,
+            "track_drift_m": self.track_drift_m,
+            "track_depth_error": self.track_depth_error,
+            "scale_factor": self.scale_factor,
+            "scale_observability": self.scale_observability,
+            "flagged": self.flagged,
+            "reasons": list(self.reasons),
+        }
 
 
-def check_consistency(depth: np.ndarray, valid: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, *,
-                      dynamic_mask: np.ndarray | None = None, tracks: np.ndarray | None = None,
-                      track_visible: np.ndarray | None = None, static_tracks: np.ndarray | None = None,
-                      max_depth_error: float = 0.05, max_pixel_error: float = 2.0,
-                      max_track_depth_error: float = 0.1, pairs: list[tuple[int, int]] | None = None,
-                      rgb: np.ndarray | None = None, scale_check: bool = True, max_scale_factor: float = 1.1,
-                      min_observability: float = 0.05, max_points: int = 4000,
-                      seed: int = 0) -> ConsistencyResult:
+def check_consistency(
+    depth: np.ndarray,
+    valid: np.ndarray,
+    intrinsics: np.ndarray,
+    c2w: np.ndarray,
+    *,
+    dynamic_mask: np.ndarray | None = None,
+    tracks: np.ndarray | None = None,
+    track_visible: np.ndarray | None = None,
+    static_tracks: np.ndarray | None = None,
+    max_depth_error: float = 0.05,
+    max_pixel_error: float = 2.0,
+    max_track_depth_error: float = 0.1,
+    pairs: list[tuple[int, int]] | None = None,
+    rgb: np.ndarray | None = None,
+    scale_check: bool = True,
+    max_scale_factor: float = 1.1,
+    min_observability: float = 0.05,
+    max_points: int = 4000,
+    seed: int = 0,
+) -> ConsistencyResult:
     """Reprojection consistency of a clip; ``flagged`` with reasons where a threshold is exceeded.
 
     Besides the median errors, with ``scale_check`` the translation multiplier ``k`` in [1/4, 4]
@@ -309,10 +389,17 @@ def check_consistency(depth: np.ndarray, valid: np.ndarray, intrinsics: np.ndarr
     Depth-only residuals are blind to motion parallel to planar surfaces, so pass ``rgb``.
     The check is skipped (not flagged) when the cost barely depends on ``k`` (tiny baseline).
     """
-    r = depth_reprojection_error(depth, valid, intrinsics, c2w, dynamic_mask=dynamic_mask, pairs=pairs,
-                                 max_points=max_points, seed=seed)
-    out = ConsistencyResult(depth_error=r["depth_error"], pixel_error=r["pixel_error"], n_points=r["n_points"],
-                            coverage=r["coverage"], baseline_ratio=r["baseline_ratio"], per_pair=r["per_pair"])
+    r = depth_reprojection_error(
+        depth, valid, intrinsics, c2w, dynamic_mask=dynamic_mask, pairs=pairs, max_points=max_points, seed=seed
+    )
+    out = ConsistencyResult(
+        depth_error=r["depth_error"],
+        pixel_error=r["pixel_error"],
+        n_points=r["n_points"],
+        coverage=r["coverage"],
+        baseline_ratio=r["baseline_ratio"],
+        per_pair=r["per_pair"],
+    )
     if r["n_points"] == 0:
         out.reasons.append("no reprojected point landed on valid depth")
     else:
@@ -321,9 +408,17 @@ def check_consistency(depth: np.ndarray, valid: np.ndarray, intrinsics: np.ndarr
         if r["pixel_error"] > max_pixel_error:
             out.reasons.append(f"pixel reprojection error {r['pixel_error']:.2f} px > {max_pixel_error}")
     if scale_check and r["n_points"] > 0:
-        cost = ReprojectionCost(depth, valid, intrinsics, c2w, rgb=rgb, exclude=dynamic_mask,
-                                pairs=default_pairs(depth.shape[0], 8) if pairs is None else pairs,
-                                max_points=min(max_points, 800), seed=seed)
+        cost = ReprojectionCost(
+            depth,
+            valid,
+            intrinsics,
+            c2w,
+            rgb=rgb,
+            exclude=dynamic_mask,
+            pairs=default_pairs(depth.shape[0], 8) if pairs is None else pairs,
+            max_points=min(max_points, 800),
+            seed=seed,
+        )
         k, best, _ = cost.search(0.25, 4.0, grid=29, tol=1e-3)
         zero = cost(0.0)
         obs = float((zero - best) / max(zero, 1e-12))
@@ -331,8 +426,9 @@ def check_consistency(depth: np.ndarray, valid: np.ndarray, intrinsics: np.ndarr
         if obs >= min_observability:
             out.scale_factor = k
             if max(k, 1.0 / k) > max_scale_factor:
-                out.reasons.append(f"poses and depth disagree in scale: translations fit best x{k:.3f} "
-                                   f"(> x{max_scale_factor} off)")
+                out.reasons.append(
+                    f"poses and depth disagree in scale: translations fit best x{k:.3f} (> x{max_scale_factor} off)"
+                )
     if tracks is not None and track_visible is not None:
         out.track_drift_m = track_drift(tracks, track_visible, static_tracks)["track_drift_m"]
         e = track_depth_error(tracks, track_visible, depth, valid, intrinsics, c2w)["track_depth_error"]

@@ -35,6 +35,7 @@ Degenerate inputs raise :class:`AlignmentError` (a :class:`pipeline.clip.ClipErr
 reason: too few valid points, a near-constant prediction, a singular system, a non-positive or
 non-finite scale.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -139,18 +140,30 @@ class AlignResult:
 
     def summary(self) -> dict:
         """JSON-serialisable numbers (no arrays of pixels)."""
+
         def num(v):
             a = np.asarray(v, dtype=np.float64)
             return float(a) if a.ndim == 0 else [float(x) for x in a]
+
         return {
-            "scale": num(self.scale), "shift": num(self.shift), "space": self.space,
-            "per_frame": self.per_frame, "inlier_ratio": float(self.inlier_ratio),
-            "residual": float(self.residual), "scatter": float(self.scatter), "abs_rel": float(self.abs_rel),
-            "noise_abs_rel": float(self.noise_abs_rel), "excess_abs_rel": float(self.excess_abs_rel),
-            "noise_delta_1_25": float(self.noise_delta_1_25), "correlation": float(self.correlation),
-            "delta_1_25": float(self.delta_1_25), "n_points": int(self.n_points),
-            "valid_ratio": float(self.valid_ratio), "iterations": int(self.iterations),
-            "far_limit_m": float(self.far_limit_m), "far_field_ratio": float(self.far_field_ratio),
+            "scale": num(self.scale),
+            "shift": num(self.shift),
+            "space": self.space,
+            "per_frame": self.per_frame,
+            "inlier_ratio": float(self.inlier_ratio),
+            "residual": float(self.residual),
+            "scatter": float(self.scatter),
+            "abs_rel": float(self.abs_rel),
+            "noise_abs_rel": float(self.noise_abs_rel),
+            "excess_abs_rel": float(self.excess_abs_rel),
+            "noise_delta_1_25": float(self.noise_delta_1_25),
+            "correlation": float(self.correlation),
+            "delta_1_25": float(self.delta_1_25),
+            "n_points": int(self.n_points),
+            "valid_ratio": float(self.valid_ratio),
+            "iterations": int(self.iterations),
+            "far_limit_m": float(self.far_limit_m),
+            "far_field_ratio": float(self.far_field_ratio),
         }
 
 
@@ -321,23 +334,25 @@ def _robust_fit(x, y, wb, m, opts: FitOptions, rng):
     groups = x.shape[0]
     # Degeneracy: the prediction must vary (scale+shift) and be non-zero (scale only).
     mx = _masked_median(np.abs(x), m)
-    spread = np.sqrt(np.nanmean(np.where(m, (x - np.nanmean(np.where(m, x, np.nan), axis=1)[:, None]) ** 2,
-                                         np.nan), axis=1))
+    spread = np.sqrt(
+        np.nanmean(np.where(m, (x - np.nanmean(np.where(m, x, np.nan), axis=1)[:, None]) ** 2, np.nan), axis=1)
+    )
     for g in range(groups):
         if not mx[g] > 0:
             raise AlignmentError(f"prediction is zero on all valid points{_where(g, opts.per_frame)}")
         if not opts.scale_only and spread[g] < opts.min_rel_spread * mx[g]:
-            raise AlignmentError(f"near-constant prediction{_where(g, opts.per_frame)}: relative spread "
-                                 f"{spread[g] / mx[g]:.2e} < {opts.min_rel_spread}; scale and shift are not identifiable")
+            raise AlignmentError(
+                f"near-constant prediction{_where(g, opts.per_frame)}: relative spread "
+                f"{spread[g] / mx[g]:.2e} < {opts.min_rel_spread}; scale and shift are not identifiable"
+            )
 
     y_abs = np.abs(y)
     rnorm = np.where(m, 1.0 / np.maximum(y_abs, 1e-12), 0.0) if opts.relative else np.ones_like(y)
     floor = opts.sigma_floor * (1.0 if opts.relative else _masked_median(y_abs, m))
     floor = np.broadcast_to(floor, (groups,))
 
-
     def step(weight_rows):
-        s_, b_, sxx_ = _solve(x, y, weight_rows * wb * rnorm ** 2, opts.scale_only)
+        s_, b_, sxx_ = _solve(x, y, weight_rows * wb * rnorm**2, opts.scale_only)
         r_ = (s_[:, None] * x + b_[:, None] - y) * rnorm
         sig_ = np.maximum(_MAD * _masked_median(np.abs(r_), m), floor)
         return s_, b_, sxx_, r_, sig_
@@ -350,7 +365,9 @@ def _robust_fit(x, y, wb, m, opts: FitOptions, rng):
     if opts.robust == "huber":
         schedule = [("huber", opts.huber_c)] * opts.iters
     elif opts.robust == "tukey":
-        schedule = ([] if use_ransac else [("huber", opts.huber_c)] * opts.iters) + [("tukey", opts.tukey_c)] * opts.iters
+        schedule = ([] if use_ransac else [("huber", opts.huber_c)] * opts.iters) + [
+            ("tukey", opts.tukey_c)
+        ] * opts.iters
     wt = (_ransac_init(x, y, m, opts, rng) if use_ransac else m).astype(np.float64)
     s, b, sxx, r, sig = step(wt)
     it_done = 0
@@ -376,8 +393,10 @@ def _robust_fit(x, y, wb, m, opts: FitOptions, rng):
         if not sxx[g] > 0:
             raise AlignmentError(f"singular alignment system{_where(g, opts.per_frame)}")
         if s[g] <= 0:
-            raise AlignmentError(f"non-positive scale {s[g]:.3g}{_where(g, opts.per_frame)}: the prediction is "
-                                 f"anti-correlated with the reference (wrong disparity/depth flag?)")
+            raise AlignmentError(
+                f"non-positive scale {s[g]:.3g}{_where(g, opts.per_frame)}: the prediction is "
+                f"anti-correlated with the reference (wrong disparity/depth flag?)"
+            )
 
     return s, b, sxx, r, sig, it_done, mx
 
@@ -455,8 +474,9 @@ def fit_alignment(
     counts = fit_ok.reshape(groups, -1).sum(axis=1)
     for g in range(groups):
         if counts[g] < opts.min_points:
-            raise AlignmentError(f"too few valid points{_where(g, opts.per_frame)}: "
-                                 f"{int(counts[g])} < {opts.min_points}")
+            raise AlignmentError(
+                f"too few valid points{_where(g, opts.per_frame)}: {int(counts[g])} < {opts.min_points}"
+            )
     per_group_cap = max(opts.min_points, opts.max_total_points // groups)
     n_max = int(min(counts.max(), opts.max_fit_points, per_group_cap))
     x = np.zeros((groups, n_max))
@@ -501,10 +521,14 @@ def fit_alignment(
     # and get no depth are "far field" and do not count against valid_ratio.
     y_inl = y[inl]
     ref_depth_inl = 1.0 / y_inl if opts.space == "disparity" else y_inl
-    far_limit = float(min(opts.max_depth, opts.far_factor * np.percentile(ref_depth_inl, 99))) if y_inl.size else opts.max_depth
+    far_limit = (
+        float(min(opts.max_depth, opts.far_factor * np.percentile(ref_depth_inl, 99))) if y_inl.size else opts.max_depth
+    )
     x_inl = x[inl]
     far_is_low_x = opts.space == "disparity"
-    x_edge = float(np.percentile(x_inl, 1 if far_is_low_x else 99)) if x_inl.size else (-np.inf if far_is_low_x else np.inf)
+    x_edge = (
+        float(np.percentile(x_inl, 1 if far_is_low_x else 99)) if x_inl.size else (-np.inf if far_is_low_x else np.inf)
+    )
 
     # Apply to every pixel, frame chunk by frame chunk.
     frames_per_group = t // groups
@@ -573,13 +597,30 @@ def fit_alignment(
         scale_out, shift_out, sigma_out = s.copy(), b.copy(), sig.copy()
     else:
         scale_out, shift_out, sigma_out = float(s[0]), float(b[0]), float(sig[0])
-    return AlignResult(scale=scale_out, shift=shift_out, inlier_ratio=inlier_ratio, residual=residual, scatter=scatter,
-                       abs_rel=abs_rel, delta_1_25=delta, n_points=n_points, depth=depth, valid=valid,
-                       space=opts.space, per_frame=opts.per_frame, sigma=sigma_out, valid_ratio=valid_ratio,
-                       abs_rel_per_frame=abs_rel_t, iterations=it_done, far_limit_m=far_limit,
-                       noise_abs_rel=noise_abs_rel, excess_abs_rel=excess_abs_rel, noise_delta_1_25=noise_delta,
-                       correlation=correlation,
-                       far_field_ratio=far_field_ratio)
+    return AlignResult(
+        scale=scale_out,
+        shift=shift_out,
+        inlier_ratio=inlier_ratio,
+        residual=residual,
+        scatter=scatter,
+        abs_rel=abs_rel,
+        delta_1_25=delta,
+        n_points=n_points,
+        depth=depth,
+        valid=valid,
+        space=opts.space,
+        per_frame=opts.per_frame,
+        sigma=sigma_out,
+        valid_ratio=valid_ratio,
+        abs_rel_per_frame=abs_rel_t,
+        iterations=it_done,
+        far_limit_m=far_limit,
+        noise_abs_rel=noise_abs_rel,
+        excess_abs_rel=excess_abs_rel,
+        noise_delta_1_25=noise_delta,
+        correlation=correlation,
+        far_field_ratio=far_field_ratio,
+    )
 
 
 def depth_metrics(depth: np.ndarray, valid: np.ndarray, ref: np.ndarray, ref_valid: np.ndarray) -> dict:
@@ -589,5 +630,8 @@ def depth_metrics(depth: np.ndarray, valid: np.ndarray, ref: np.ndarray, ref_val
         return {"abs_rel": float("nan"), "delta_1_25": float("nan"), "n": 0}
     d = np.asarray(depth, np.float64)[cmp]
     r = np.asarray(ref, np.float64)[cmp]
-    return {"abs_rel": float(np.mean(np.abs(d - r) / r)),
-            "delta_1_25": float(np.mean(np.maximum(d / r, r / d) < 1.25)), "n": int(cmp.sum())}
+    return {
+        "abs_rel": float(np.mean(np.abs(d - r) / r)),
+        "delta_1_25": float(np.mean(np.maximum(d / r, r / d) < 1.25)),
+        "n": int(cmp.sum()),
+    }

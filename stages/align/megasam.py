@@ -27,6 +27,7 @@ Errors: a missing executable or a bad template is a configuration error
 clip). A failing command, a timeout or an unreadable output is an :class:`AlignmentError`
 naming the run, the exit code and the log file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -128,9 +129,16 @@ def load_megasam_npz(path: str | os.PathLike, expected_frames: int | None = None
         raise AlignmentError(f"{where}MegaSaM returned {t} frames for {expected_frames}", str(path))
     if images.shape[1:3] != depths.shape[1:3]:
         # K belongs to the depth grid; FORMATS.md has both at one size. Refuse rather than guess.
-        raise AlignmentError(f"{where}MegaSaM images {images.shape[1:3]} and depths {depths.shape[1:3]} differ", str(path))
-    return MegaSaMOutput(images=images.astype(np.uint8, copy=False), depths=depths.astype(np.float32, copy=False),
-                         intrinsic=intr.astype(np.float64), cam_c2w=c2w.astype(np.float64), path=str(path))
+        raise AlignmentError(
+            f"{where}MegaSaM images {images.shape[1:3]} and depths {depths.shape[1:3]} differ", str(path)
+        )
+    return MegaSaMOutput(
+        images=images.astype(np.uint8, copy=False),
+        depths=depths.astype(np.float32, copy=False),
+        intrinsic=intr.astype(np.float64),
+        cam_c2w=c2w.astype(np.float64),
+        path=str(path),
+    )
 
 
 def _safe_name(clip_id: str) -> str:
@@ -146,8 +154,13 @@ class MegaSaMRunner:
     attempt; ``retries`` extra attempts follow a failure or a timeout.
     """
 
-    def __init__(self, command_template: str, work_dir: str | os.PathLike | None = None, timeout_s: float = 3600.0,
-                 retries: int = 1):
+    def __init__(
+        self,
+        command_template: str,
+        work_dir: str | os.PathLike | None = None,
+        timeout_s: float = 3600.0,
+        retries: int = 1,
+    ):
         if timeout_s <= 0 or retries < 0:
             raise MegaSaMConfigError(f"timeout_s must be > 0 and retries >= 0, got {timeout_s}, {retries}")
         self.command_template = command_template
@@ -163,8 +176,10 @@ class MegaSaMRunner:
         for arg in self._argv_template:
             for _, name, _, _ in string.Formatter().parse(arg):
                 if name is not None and name not in PLACEHOLDERS:
-                    raise MegaSaMConfigError(f"unknown placeholder {{{name}}} in MegaSaM template; "
-                                             f"allowed: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}")
+                    raise MegaSaMConfigError(
+                        f"unknown placeholder {{{name}}} in MegaSaM template; "
+                        f"allowed: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}"
+                    )
         if "{out_npz}" not in command_template:
             raise MegaSaMConfigError("MegaSaM template must contain {out_npz} (where the command writes its npz)")
         self.executable = self._resolve_executable()
@@ -176,8 +191,9 @@ class MegaSaMRunner:
             raise MegaSaMConfigError(f"the executable {exe!r} must not depend on a placeholder")
         found = shutil.which(exe)
         if found is None:
-            raise MegaSaMConfigError(f"MegaSaM executable {exe!r} not found or not executable "
-                                     f"(command template {self.command_template!r})")
+            raise MegaSaMConfigError(
+                f"MegaSaM executable {exe!r} not found or not executable (command template {self.command_template!r})"
+            )
         return found
 
     def log_path(self, run_id: str) -> Path:
@@ -188,8 +204,15 @@ class MegaSaMRunner:
         values = {"frames_dir": str(frames_dir), "out_npz": str(out_npz), "clip_id": run_id}
         return [self.executable] + [a.format(**values) for a in self._argv_template[1:]]
 
-    def run(self, run_id: str, frames: np.ndarray, *, frame_ids=None, env: dict | None = None,
-            log: str | os.PathLike | None = None) -> MegaSaMOutput:
+    def run(
+        self,
+        run_id: str,
+        frames: np.ndarray,
+        *,
+        frame_ids=None,
+        env: dict | None = None,
+        log: str | os.PathLike | None = None,
+    ) -> MegaSaMOutput:
         """MegaSaM's result for ``frames`` (T,H,W,3) uint8 (``frame_ids``: their source indices,
         the frame files' names). ``env``: the command's environment (default: this process's)."""
         if not run_id or run_id.startswith("-"):
@@ -231,18 +254,22 @@ class MegaSaMRunner:
                     continue
         raise AlignmentError(f"MegaSaM failed (run {run_id}): {last}; log: {log}", str(log))
 
-    def _run_once(self, argv: list[str], log: Path, attempt: int, attempts: int,
-                  env: dict | None) -> tuple[int | None, bool]:
+    def _run_once(
+        self, argv: list[str], log: Path, attempt: int, attempts: int, env: dict | None
+    ) -> tuple[int | None, bool]:
         self.invocations += 1
         with open(log, "ab") as lf:
-            lf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt}/{attempts}: "
-                     f"{shlex.join(argv)}\n".encode())
+            lf.write(
+                f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt}/{attempts}: "
+                f"{shlex.join(argv)}\n".encode()
+            )
             if env is not None and "CUDA_VISIBLE_DEVICES" in env:
                 lf.write(f"=== CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}\n".encode())
             lf.flush()
             try:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
-                                        start_new_session=True, env=env)
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True, env=env
+                )
             except (FileNotFoundError, PermissionError) as e:
                 raise MegaSaMConfigError(f"cannot start MegaSaM executable {argv[0]!r}: {e}") from e
             try:
@@ -297,9 +324,14 @@ def compact(out: MegaSaMOutput, max_side: int) -> MegaSaMOutput:
     depth = np.asarray(depth, np.float32)
     code = encode_depth(depth, np.isfinite(depth) & (depth > 0))
     dec, ok = decode_depth(code)
-    return MegaSaMOutput(images=None, depths=np.where(ok, dec, 0.0).astype(np.float32),
-                         intrinsic=geo.intrinsics_matrix(k[0]), cam_c2w=np.asarray(out.cam_c2w, np.float64),
-                         path=out.path, cached=out.cached)
+    return MegaSaMOutput(
+        images=None,
+        depths=np.where(ok, dec, 0.0).astype(np.float32),
+        intrinsic=geo.intrinsics_matrix(k[0]),
+        cam_c2w=np.asarray(out.cam_c2w, np.float64),
+        path=out.path,
+        cached=out.cached,
+    )
 
 
 class MegaSaMCache:
@@ -342,8 +374,14 @@ class MegaSaMCache:
         except Exception:  # noqa: BLE001 - a damaged entry is recomputed, never trusted
             self.store.remove(rel)
             return None
-        return MegaSaMOutput(images=None, depths=np.where(ok, dec, 0.0).astype(np.float32), intrinsic=k,
-                             cam_c2w=c2w, path=self.store.display(rel), cached=True)
+        return MegaSaMOutput(
+            images=None,
+            depths=np.where(ok, dec, 0.0).astype(np.float32),
+            intrinsic=k,
+            cam_c2w=c2w,
+            path=self.store.display(rel),
+            cached=True,
+        )
 
     def put(self, key: str, out: MegaSaMOutput) -> int:
         """Store a compact result (atomically); returns its bytes."""
@@ -351,8 +389,9 @@ class MegaSaMCache:
 
         buf = io.BytesIO()
         d = out.depths
-        np.savez_compressed(buf, depth_code=encode_depth(d, np.isfinite(d) & (d > 0)), intrinsic=out.intrinsic,
-                            cam_c2w=out.cam_c2w)
+        np.savez_compressed(
+            buf, depth_code=encode_depth(d, np.isfinite(d) & (d > 0)), intrinsic=out.intrinsic, cam_c2w=out.cam_c2w
+        )
         data = buf.getvalue()
         self.store.write_bytes_atomic(self.rel(key), data)
         return len(data)
@@ -366,8 +405,16 @@ class CachedRun:
     bytes: int = 0
 
 
-def run_cached(runner: MegaSaMRunner, cache: MegaSaMCache, run_id: str, frames: np.ndarray, *, frame_ids=None,
-               version: str = "", env: dict | None = None) -> CachedRun:
+def run_cached(
+    runner: MegaSaMRunner,
+    cache: MegaSaMCache,
+    run_id: str,
+    frames: np.ndarray,
+    *,
+    frame_ids=None,
+    version: str = "",
+    env: dict | None = None,
+) -> CachedRun:
     """The cached result for ``frames``, else run MegaSaM, store the compact result and return it.
 
     The run's log goes to the cache store (``logs/``) whether it succeeded or not, so the reason

@@ -45,6 +45,7 @@ weights with ``from_pretrained`` from the Hugging Face hub and Depth-Anything bu
 through ``torch.hub``: on machines without internet point ``--hf-home``/``--torch-home`` at
 caches that hold them (``--offline`` sets ``HF_HUB_OFFLINE=1``), or use ``--localhub``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,14 +76,22 @@ class MegaSaMRunError(RuntimeError):
     """A MegaSaM step failed or its output is not what this wrapper expects."""
 
 
-def command_template(megasam_root: str, python: str = "python", *, depth_anything_ckpt: str | None = None,
-                     raft_ckpt: str | None = None, megasam_ckpt: str | None = None,
-                     extra: list[str] | None = None) -> str:
+def command_template(
+    megasam_root: str,
+    python: str = "python",
+    *,
+    depth_anything_ckpt: str | None = None,
+    raft_ckpt: str | None = None,
+    megasam_ckpt: str | None = None,
+    extra: list[str] | None = None,
+) -> str:
     """A ``stages.align.megasam_command`` running this wrapper with the current interpreter."""
-    args = [sys.executable, "-m", "stages.align.megasam_run", "--megasam-root", str(megasam_root),
-            "--python", python]
-    for flag, value in (("--depth-anything-ckpt", depth_anything_ckpt), ("--raft-ckpt", raft_ckpt),
-                        ("--megasam-ckpt", megasam_ckpt)):
+    args = [sys.executable, "-m", "stages.align.megasam_run", "--megasam-root", str(megasam_root), "--python", python]
+    for flag, value in (
+        ("--depth-anything-ckpt", depth_anything_ckpt),
+        ("--raft-ckpt", raft_ckpt),
+        ("--megasam-ckpt", megasam_ckpt),
+    ):
         if value:
             args += [flag, str(value)]
     args += list(extra or [])
@@ -98,7 +107,9 @@ def frame_files(frames_dir: str) -> list[str]:
     if jpg and png:
         raise MegaSaMRunError(f"{frames_dir}: both .jpg and .png frames; MegaSaM's scripts order them differently")
     if len(jpg) + len(png) < 2:
-        raise MegaSaMRunError(f"{frames_dir}: MegaSaM needs at least 2 frames (.png or .jpg), found {len(jpg) + len(png)}")
+        raise MegaSaMRunError(
+            f"{frames_dir}: MegaSaM needs at least 2 frames (.png or .jpg), found {len(jpg) + len(png)}"
+        )
     return jpg or png
 
 
@@ -113,8 +124,10 @@ def to_frame_grid(depths: np.ndarray, intrinsic: np.ndarray, h0: int, w0: int) -
     """MegaSaM's (T,hc,wc) depth and 3x3 K on its cropped working grid -> the (h0,w0) frame grid."""
     h1, w1, hc, wc = working_size(h0, w0)
     if depths.shape[1:] != (hc, wc):
-        raise MegaSaMRunError(f"MegaSaM depth is {depths.shape[1:]}, expected {(hc, wc)} for {h0}x{w0} frames "
-                              f"(resized to {h1}x{w1}, cropped to multiples of 8)")
+        raise MegaSaMRunError(
+            f"MegaSaM depth is {depths.shape[1:]}, expected {(hc, wc)} for {h0}x{w0} frames "
+            f"(resized to {h1}x{w1}, cropped to multiples of 8)"
+        )
     rows = np.floor((np.arange(h0) + 0.5) * h1 / h0).astype(int)
     cols = np.floor((np.arange(w0) + 0.5) * w1 / w0).astype(int)
     nr, nc = int((rows < hc).sum()), int((cols < wc).sum())  # rows/cols increase: the rest were cropped
@@ -150,11 +163,24 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def run(frames_dir: str, out_npz: str, *, megasam_root: str, python: str = "python",
-        depth_anything_ckpt: str | None = None, raft_ckpt: str | None = None, megasam_ckpt: str | None = None,
-        w_grad: float = 2.0, w_normal: float = 5.0, localhub: bool = False, hf_home: str | None = None,
-        torch_home: str | None = None, offline: bool = False, workdir: str | None = None,
-        keep_workdir: bool = False) -> None:
+def run(
+    frames_dir: str,
+    out_npz: str,
+    *,
+    megasam_root: str,
+    python: str = "python",
+    depth_anything_ckpt: str | None = None,
+    raft_ckpt: str | None = None,
+    megasam_ckpt: str | None = None,
+    w_grad: float = 2.0,
+    w_normal: float = 5.0,
+    localhub: bool = False,
+    hf_home: str | None = None,
+    torch_home: str | None = None,
+    offline: bool = False,
+    workdir: str | None = None,
+    keep_workdir: bool = False,
+) -> None:
     """MegaSaM's four steps on ``frames_dir``, then its result on the frames' grid at ``out_npz``."""
     root = _require(Path(megasam_root).resolve(), "MegaSaM root")
     exe = shutil.which(python)
@@ -181,19 +207,83 @@ def run(frames_dir: str, out_npz: str, *, megasam_root: str, python: str = "pyth
     try:
         _link_checkout(root, work)
         mono, uni, cvd_out = work / "mono_depth", work / "metric_depth", work / "outputs_cvd"
-        da = [exe, str(root / "Depth-Anything/run_videos.py"), "--encoder", "vitl", "--load-from", str(da_ckpt),
-              "--img-path", frames_dir, "--outdir", str(mono / SCENE)] + (["--localhub"] if localhub else [])
+        da = [
+            exe,
+            str(root / "Depth-Anything/run_videos.py"),
+            "--encoder",
+            "vitl",
+            "--load-from",
+            str(da_ckpt),
+            "--img-path",
+            frames_dir,
+            "--outdir",
+            str(mono / SCENE),
+        ] + (["--localhub"] if localhub else [])
         _run("mono depth (Depth-Anything)", da, work, env)
-        _run("metric depth (UniDepth)", [exe, str(root / "UniDepth/scripts/demo_mega-sam.py"), "--scene-name", SCENE,
-                                         "--img-path", frames_dir, "--outdir", str(uni)], work, env)
-        _run("camera tracking", [exe, str(root / "camera_tracking_scripts/test_demo.py"), f"--datapath={frames_dir}",
-                                 f"--weights={ms_ckpt}", "--scene_name", SCENE, "--mono_depth_path", str(mono),
-                                 "--metric_depth_path", str(uni), "--disable_vis"], work, env)
-        _run("optical flow", [exe, str(root / "cvd_opt/preprocess_flow.py"), f"--datapath={frames_dir}",
-                              f"--model={raft}", "--scene_name", SCENE, "--mixed_precision"], work, env)
-        _run("consistent video depth", [exe, str(root / "cvd_opt/cvd_opt.py"), "--scene_name", SCENE,
-                                        "--w_grad", f"{w_grad:g}", "--w_normal", f"{w_normal:g}",
-                                        "--output_dir", str(cvd_out)], work, env)
+        _run(
+            "metric depth (UniDepth)",
+            [
+                exe,
+                str(root / "UniDepth/scripts/demo_mega-sam.py"),
+                "--scene-name",
+                SCENE,
+                "--img-path",
+                frames_dir,
+                "--outdir",
+                str(uni),
+            ],
+            work,
+            env,
+        )
+        _run(
+            "camera tracking",
+            [
+                exe,
+                str(root / "camera_tracking_scripts/test_demo.py"),
+                f"--datapath={frames_dir}",
+                f"--weights={ms_ckpt}",
+                "--scene_name",
+                SCENE,
+                "--mono_depth_path",
+                str(mono),
+                "--metric_depth_path",
+                str(uni),
+                "--disable_vis",
+            ],
+            work,
+            env,
+        )
+        _run(
+            "optical flow",
+            [
+                exe,
+                str(root / "cvd_opt/preprocess_flow.py"),
+                f"--datapath={frames_dir}",
+                f"--model={raft}",
+                "--scene_name",
+                SCENE,
+                "--mixed_precision",
+            ],
+            work,
+            env,
+        )
+        _run(
+            "consistent video depth",
+            [
+                exe,
+                str(root / "cvd_opt/cvd_opt.py"),
+                "--scene_name",
+                SCENE,
+                "--w_grad",
+                f"{w_grad:g}",
+                "--w_normal",
+                f"{w_normal:g}",
+                "--output_dir",
+                str(cvd_out),
+            ],
+            work,
+            env,
+        )
         result = cvd_out / f"{SCENE}_sgd_cvd_hr.npz"
         convert(result, frames, out_npz)
     finally:
@@ -212,7 +302,9 @@ def convert(result_npz: str | os.PathLike, frames: list[str], out_npz: str | os.
         depths, intrinsic, c2w = (np.asarray(z[k]) for k in ("depths", "intrinsic", "cam_c2w"))
     images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in frames])
     if depths.shape[0] != len(frames) or c2w.shape != (len(frames), 4, 4):
-        raise MegaSaMRunError(f"MegaSaM returned {depths.shape[0]} depths / {c2w.shape[0]} poses for {len(frames)} frames")
+        raise MegaSaMRunError(
+            f"MegaSaM returned {depths.shape[0]} depths / {c2w.shape[0]} poses for {len(frames)} frames"
+        )
     h0, w0 = images.shape[1:3]
     depth, k = to_frame_grid(depths.astype(np.float32), intrinsic, h0, w0)
     out = Path(out_npz)
@@ -225,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("frames_dir", help="folder of the video's frames (.png or .jpg, in name order)")
     p.add_argument("out_npz", help="where to write the result (d4s's {out_npz})")
-    p.add_argument("--megasam-root", required=True, help="a checkout of github.com/mega-sam/mega-sam, set up per its README")
+    p.add_argument(
+        "--megasam-root", required=True, help="a checkout of github.com/mega-sam/mega-sam, set up per its README"
+    )
     p.add_argument("--python", default="python", help="the interpreter of MegaSaM's environment")
     p.add_argument("--depth-anything-ckpt", help=f"default: ROOT/{DEFAULT_DEPTH_ANYTHING_CKPT}")
     p.add_argument("--raft-ckpt", help=f"default: ROOT/{DEFAULT_RAFT_CKPT}")
@@ -240,10 +334,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-workdir", action="store_true")
     a = p.parse_args(argv)
     try:
-        run(a.frames_dir, a.out_npz, megasam_root=a.megasam_root, python=a.python,
-            depth_anything_ckpt=a.depth_anything_ckpt, raft_ckpt=a.raft_ckpt, megasam_ckpt=a.megasam_ckpt,
-            w_grad=a.w_grad, w_normal=a.w_normal, localhub=a.localhub, hf_home=a.hf_home, torch_home=a.torch_home,
-            offline=a.offline, workdir=a.workdir, keep_workdir=a.keep_workdir)
+        run(
+            a.frames_dir,
+            a.out_npz,
+            megasam_root=a.megasam_root,
+            python=a.python,
+            depth_anything_ckpt=a.depth_anything_ckpt,
+            raft_ckpt=a.raft_ckpt,
+            megasam_ckpt=a.megasam_ckpt,
+            w_grad=a.w_grad,
+            w_normal=a.w_normal,
+            localhub=a.localhub,
+            hf_home=a.hf_home,
+            torch_home=a.torch_home,
+            offline=a.offline,
+            workdir=a.workdir,
+            keep_workdir=a.keep_workdir,
+        )
     except MegaSaMRunError as e:
         print(f"[megasam_run] error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ the align stage fails the scene's clips with its reason (transiently when the ca
 cache store that did not answer; a MegaSaM run that fails or times out after its own retries is
 permanent, pipeline/failures.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,7 @@ CONTRACT = StageContract(
     inputs=("rgb (all clips of a scene)",),
     outputs=("metric reference of the scene: depth, cameras",),
     runs_as="task requesting GPUs (stages.align.megasam_num_gpus), the MegaSaM command once per scene "
-            "or segment; results cached in the output store",
+    "or segment; results cached in the output store",
     acts_when="the dataset's depth_source is 'megasam'",
     errors="command crash, timeout or bad output (fails the scene's clips)",
 )
@@ -51,8 +52,14 @@ class SceneReference:
     def for_frames(self, frames: np.ndarray, positions: np.ndarray) -> MegaSaMOutput:
         """The result restricted to sequence positions ``positions`` (of the frames ``frames``)."""
         o = self.output
-        return MegaSaMOutput(images=None, depths=o.depths[positions], intrinsic=o.intrinsic,
-                             cam_c2w=o.cam_c2w[positions], path=o.path, cached=o.cached)
+        return MegaSaMOutput(
+            images=None,
+            depths=o.depths[positions],
+            intrinsic=o.intrinsic,
+            cam_c2w=o.cam_c2w[positions],
+            path=o.path,
+            cached=o.cached,
+        )
 
 
 @dataclass
@@ -84,19 +91,38 @@ def megasam_pass(clips: list, key: str, cfg: BuildConfig, gpu_ids=()) -> SceneRe
     try:
         seq = SceneSequence.from_clips(key, members)
         rgb = seq.rgb()
-        runner = MegaSaMRunner(a.megasam_command, os.path.join(tempfile.gettempdir(), "d4s-megasam"),
-                               timeout_s=a.megasam_timeout_s, retries=a.megasam_retries)
+        runner = MegaSaMRunner(
+            a.megasam_command,
+            os.path.join(tempfile.gettempdir(), "d4s-megasam"),
+            timeout_s=a.megasam_timeout_s,
+            retries=a.megasam_retries,
+        )
         cache = MegaSaMCache(cache_url(cfg), a.megasam_cache_max_side)
         env = dict(os.environ)
         if gpu_ids:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
         segs = plan_segments(seq.num_frames, sc.max_frames, sc.overlap_frames)
         scene_part = members[0].key.rsplit("__", 1)[0]  # run ids: dataset__scene__<first frame>
-        parts, stats = [], {"megasam.passes": 1, "megasam.runs": 0, "megasam.cached": 0, "megasam.cache_bytes": 0,
-                            "megasam.frames": 0}
+        parts, stats = (
+            [],
+            {
+                "megasam.passes": 1,
+                "megasam.runs": 0,
+                "megasam.cached": 0,
+                "megasam.cache_bytes": 0,
+                "megasam.frames": 0,
+            },
+        )
         for s, e in segs:
-            run = run_cached(runner, cache, f"{scene_part}__{int(seq.frames[s]):06d}", rgb[s:e], frame_ids=seq.frames[s:e],
-                             version=a.megasam_version, env=env)
+            run = run_cached(
+                runner,
+                cache,
+                f"{scene_part}__{int(seq.frames[s]):06d}",
+                rgb[s:e],
+                frame_ids=seq.frames[s:e],
+                version=a.megasam_version,
+                env=env,
+            )
             parts.append(run.output)
             stats["megasam.cached" if run.cached else "megasam.runs"] += 1
             stats["megasam.cache_bytes"] += run.bytes
@@ -114,5 +140,11 @@ def megasam_pass(clips: list, key: str, cfg: BuildConfig, gpu_ids=()) -> SceneRe
 def _join(parts: list[MegaSaMOutput], segs: list[tuple[int, int]]) -> MegaSaMOutput:
     depth, coeffs = join_maps([p.depths for p in parts], segs, "scale")
     c2w = join_trajectories([p.cam_c2w for p in parts], segs, [s for s, _ in coeffs])
-    return MegaSaMOutput(images=None, depths=depth, intrinsic=parts[0].intrinsic, cam_c2w=c2w,
-                         path=parts[0].path, cached=all(p.cached for p in parts))
+    return MegaSaMOutput(
+        images=None,
+        depths=depth,
+        intrinsic=parts[0].intrinsic,
+        cam_c2w=c2w,
+        path=parts[0].path,
+        cached=all(p.cached for p in parts),
+    )

@@ -20,6 +20,7 @@ The align stage receives the clips of one pass (a scene, or a clip with
    clip of the scene), ``qc.align.scene`` its size and verdict, ``qc.align.clip`` the clip's own
    checks; a clip is kept only when both pass. A scene whose fit fails fails its clips.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,8 +45,14 @@ from stages.model_stage import add_stats
 from stages.scene.sequence import SceneSequence, group_key
 
 #: a clip's own numbers (``qc.align.clip``); the rest of ``qc.align`` is its scene's fit and QC
-CLIP_QC_FIELDS = ("abs_rel", "delta_1_25", "valid_ratio", "consistency_error", "pixel_error",
-                  "consistency_scale_factor")
+CLIP_QC_FIELDS = (
+    "abs_rel",
+    "delta_1_25",
+    "valid_ratio",
+    "consistency_error",
+    "pixel_error",
+    "consistency_scale_factor",
+)
 
 
 def depth_limits(cfg: BuildConfig, dataset: str) -> tuple[float, float]:
@@ -64,14 +71,15 @@ def options_for(cfg: BuildConfig, relative_kind: str, *, dataset: str | None = N
     a = cfg.stages.align
     space = "depth" if a.model == "depth_affine" else "disparity"
     limits = {} if dataset is None else dict(zip(("min_depth", "max_depth"), depth_limits(cfg, dataset)))
-    fit = FitOptions(space=space, per_frame=a.per_frame, scale_only=a.model == "scale_only", robust=a.robust,
-                     **limits)
-    return AlignClipOptions(prediction_kind="depth" if relative_kind == "metric_depth" else "disparity", fit=fit,
-                            thresholds=a.thresholds)
+    fit = FitOptions(space=space, per_frame=a.per_frame, scale_only=a.model == "scale_only", robust=a.robust, **limits)
+    return AlignClipOptions(
+        prediction_kind="depth" if relative_kind == "metric_depth" else "disparity", fit=fit, thresholds=a.thresholds
+    )
 
 
-def reference_for(seq: SceneSequence, members: list[Clip], relative: np.ndarray, cfg: BuildConfig,
-                  megasam=None) -> MetricReference:
+def reference_for(
+    seq: SceneSequence, members: list[Clip], relative: np.ndarray, cfg: BuildConfig, megasam=None
+) -> MetricReference:
     """The scene's metric reference (see the module docstring)."""
     src = cfg.datasets[seq.dataset].depth_source
     t, h, w = relative.shape
@@ -82,19 +90,22 @@ def reference_for(seq: SceneSequence, members: list[Clip], relative: np.ndarray,
         if megasam is None:
             raise AlignmentError("depth_source 'megasam' but the MegaSaM stage gave no result", seq.key)
         out = megasam.for_frames(seq.frames, seq.subset_positions(megasam.frames))
-        return reference_from_megasam(out, h, w, expected_frames=t, min_depth=lo,
-                                      clip_intrinsics=seq.gather(lambda c: c.intrinsics))
+        return reference_from_megasam(
+            out, h, w, expected_frames=t, min_depth=lo, clip_intrinsics=seq.gather(lambda c: c.intrinsics)
+        )
     if src == "sparse":
         refs = {}
         for c in members:
             if c.tracks is None:
-                raise AlignmentError("depth_source 'sparse' needs the dataset's metric 3D tracks; this clip has none", c.key)
-            refs[c.key] = reference_from_tracks(c.tracks, c.intrinsics, c.c2w, h, w, visible=c.track_visible,
-                                                min_depth=lo)
+                raise AlignmentError(
+                    "depth_source 'sparse' needs the dataset's metric 3D tracks; this clip has none", c.key
+                )
+            refs[c.key] = reference_from_tracks(
+                c.tracks, c.intrinsics, c.c2w, h, w, visible=c.track_visible, min_depth=lo
+            )
         depth = seq.gather(lambda c: refs[c.key].depth)
         valid = seq.gather(lambda c: refs[c.key].valid)
-        return MetricReference(depth=depth, valid=valid, kind="tracks",
-                               meta={"n_projected": int(valid.sum())})
+        return MetricReference(depth=depth, valid=valid, kind="tracks", meta={"n_projected": int(valid.sum())})
     if src == "vda_metric":
         if members[0].aux.get("relative_kind") != "metric_depth":
             raise ConfigError("depth_source 'vda_metric' needs stages.depth.metric: true")
@@ -105,11 +116,20 @@ def reference_for(seq: SceneSequence, members: list[Clip], relative: np.ndarray,
 def scene_clip(seq: SceneSequence, members: list[Clip]) -> Clip:
     """The scene as one clip (its frames, cameras), for :func:`align_clip`."""
     m0 = members[0].meta
-    meta = ClipMeta(dataset=m0.dataset, scene=m0.scene, clip_id=seq.key, frame_indices=seq.frames.tolist(),
-                    dynamic=m0.dynamic, real=m0.real, depth_source="none", track_source="none",
-                    extra={k: m0.extra[k] for k in ("metric_poses",) if k in m0.extra})
-    return Clip(meta=meta, rgb=seq.rgb(), intrinsics=seq.gather(lambda c: c.intrinsics),
-                c2w=seq.gather(lambda c: c.c2w))
+    meta = ClipMeta(
+        dataset=m0.dataset,
+        scene=m0.scene,
+        clip_id=seq.key,
+        frame_indices=seq.frames.tolist(),
+        dynamic=m0.dynamic,
+        real=m0.real,
+        depth_source="none",
+        track_source="none",
+        extra={k: m0.extra[k] for k in ("metric_poses",) if k in m0.extra},
+    )
+    return Clip(
+        meta=meta, rgb=seq.rgb(), intrinsics=seq.gather(lambda c: c.intrinsics), c2w=seq.gather(lambda c: c.c2w)
+    )
 
 
 def align_pass(members: list[Clip], cfg: BuildConfig, megasam=None) -> dict[str, Clip | ClipFailure]:
@@ -137,8 +157,12 @@ def _single(c: Clip, relative: np.ndarray, ref: MetricReference, opts: AlignClip
     out = align_clip(c, relative, ref, opts)
     qc = out.meta.qc["align"]
     qc["scene"] = {"frames": c.num_frames, "clips": 1}
-    qc["clip"] = {"frames": c.num_frames, **{k: qc.get(k) for k in CLIP_QC_FIELDS}, "keep": qc["keep"],
-                  "reasons": list(qc.get("reasons", []))}
+    qc["clip"] = {
+        "frames": c.num_frames,
+        **{k: qc.get(k) for k in CLIP_QC_FIELDS},
+        "keep": qc["keep"],
+        "reasons": list(qc.get("reasons", [])),
+    }
     out.aux.pop("relative_depth", None)
     out.validate()
     if not qc["keep"] and cfg.stages.align.drop_on_qc:
@@ -146,8 +170,18 @@ def _single(c: Clip, relative: np.ndarray, ref: MetricReference, opts: AlignClip
     return out
 
 
-def _cut(c: Clip, seq: SceneSequence, scene: Clip, ref: MetricReference, relative: np.ndarray, sq: dict,
-         pose_scale, cfg: BuildConfig, opts: AlignClipOptions, n_clips: int) -> Clip:
+def _cut(
+    c: Clip,
+    seq: SceneSequence,
+    scene: Clip,
+    ref: MetricReference,
+    relative: np.ndarray,
+    sq: dict,
+    pose_scale,
+    cfg: BuildConfig,
+    opts: AlignClipOptions,
+    n_clips: int,
+) -> Clip:
     pos = seq.positions[c.key]
     depth, valid, c2w = scene.depth[pos], scene.depth_valid[pos], scene.c2w[pos]
     tracks = c.tracks
@@ -155,9 +189,14 @@ def _cut(c: Clip, seq: SceneSequence, scene: Clip, ref: MetricReference, relativ
         tracks = (tracks.astype(np.float64) * float(pose_scale)).astype(c.tracks.dtype)
     own = clip_qc(c, depth, valid, c2w, ref.depth[pos], ref.valid[pos], relative[pos], opts.thresholds)
     reasons = own["reasons"] + [f"scene {r}" for r in sq.get("reasons", [])]
-    qc = {**copy.deepcopy(sq), "scene": {"frames": seq.num_frames, "clips": n_clips, "keep": sq.get("keep"),
-                                         "reason": sq.get("reason")},
-          "clip": own, "keep": not reasons, "reason": "; ".join(reasons) if reasons else None, "reasons": reasons}
+    qc = {
+        **copy.deepcopy(sq),
+        "scene": {"frames": seq.num_frames, "clips": n_clips, "keep": sq.get("keep"), "reason": sq.get("reason")},
+        "clip": own,
+        "keep": not reasons,
+        "reason": "; ".join(reasons) if reasons else None,
+        "reasons": reasons,
+    }
     meta = copy.deepcopy(c.meta)
     meta.depth_source = "aligned"
     meta.qc = {**meta.qc, "align": qc}
@@ -179,16 +218,30 @@ def clip_qc(c: Clip, depth, valid, c2w, ref_depth, ref_valid, relative, threshol
     th = thresholds
     m = depth_metrics(depth, valid, ref_depth, ref_valid)
     usable = int((np.isfinite(relative) & (relative > 0)).sum())
-    out = {"frames": int(depth.shape[0]), "abs_rel": m["abs_rel"], "delta_1_25": m["delta_1_25"],
-           "valid_ratio": float(valid.sum()) / max(usable, 1), "consistency_error": None, "pixel_error": None,
-           "consistency_scale_factor": None}
+    out = {
+        "frames": int(depth.shape[0]),
+        "abs_rel": m["abs_rel"],
+        "delta_1_25": m["delta_1_25"],
+        "valid_ratio": float(valid.sum()) / max(usable, 1),
+        "consistency_error": None,
+        "pixel_error": None,
+        "consistency_scale_factor": None,
+    }
     reasons = []
     if not out["valid_ratio"] >= th.min_valid_ratio:
         reasons.append(f"clip valid_ratio {out['valid_ratio']:.3f} < {th.min_valid_ratio}")
     if depth.shape[0] > 1:
-        cons = check_consistency(depth, valid, c.intrinsics, c2w, rgb=c.rgb, max_depth_error=th.max_consistency_error,
-                                 max_pixel_error=th.max_pixel_error, max_scale_factor=th.max_scale_factor,
-                                 max_points=AlignClipOptions().consistency_max_points)
+        cons = check_consistency(
+            depth,
+            valid,
+            c.intrinsics,
+            c2w,
+            rgb=c.rgb,
+            max_depth_error=th.max_consistency_error,
+            max_pixel_error=th.max_pixel_error,
+            max_scale_factor=th.max_scale_factor,
+            max_points=AlignClipOptions().consistency_max_points,
+        )
         ce, pe, k = cons.depth_error, cons.pixel_error, cons.scale_factor
         out.update(consistency_error=float(ce), pixel_error=float(pe), consistency_scale_factor=k)
         if cons.n_points == 0 or math.isnan(ce):
@@ -212,8 +265,12 @@ def align_group(clips: list, cfg: BuildConfig, megasam=None) -> list:
     if not members:
         return clips
     if isinstance(megasam, PassFailure):
-        res = {c.key: ClipFailure(c.key, megasam.stage, megasam.reason, megasam.path,
-                                  transient=megasam.transient).carrying(c) for c in members}
+        res = {
+            c.key: ClipFailure(
+                c.key, megasam.stage, megasam.reason, megasam.path, transient=megasam.transient
+            ).carrying(c)
+            for c in members
+        }
     else:
         try:
             res = align_pass(members, cfg, megasam)

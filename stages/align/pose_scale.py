@@ -25,6 +25,7 @@ Two sources of metric scale:
 A trajectory that barely moves has no observable scale: :class:`StaticTrajectoryError` (an
 :class:`AlignmentError`) says so, and callers may fall back (pose reference -> depth) or drop.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -56,9 +57,14 @@ class PoseScaleResult:
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        return {"pose_scale": float(self.scale), "pose_scale_method": self.method, "pose_scale_n": int(self.n),
-                "pose_scale_residual": float(self.residual), "baseline_m": float(self.baseline_m),
-                **({"rotation_error_deg": float(self.rotation_error_deg)} if self.rotation_error_deg is not None else {})}
+        return {
+            "pose_scale": float(self.scale),
+            "pose_scale_method": self.method,
+            "pose_scale_n": int(self.n),
+            "pose_scale_residual": float(self.residual),
+            "baseline_m": float(self.baseline_m),
+            **({"rotation_error_deg": float(self.rotation_error_deg)} if self.rotation_error_deg is not None else {}),
+        }
 
 
 def camera_centres(c2w: np.ndarray) -> np.ndarray:
@@ -132,10 +138,16 @@ def _rotation_angles_deg(r: np.ndarray, src_rot: np.ndarray, ref_rot: np.ndarray
     return np.degrees(2 * np.arcsin(np.clip(chord, 0, 1)))
 
 
-def estimate_pose_scale(c2w: np.ndarray, ref_c2w: np.ndarray, *, similarity: bool = False,
-                        min_baseline_m: float = 0.05, outlier_k: float = 3.0,
-                        max_scale_uncertainty: float = 0.03,
-                        max_rotation_disagreement_deg: float = 5.0) -> PoseScaleResult:
+def estimate_pose_scale(
+    c2w: np.ndarray,
+    ref_c2w: np.ndarray,
+    *,
+    similarity: bool = False,
+    min_baseline_m: float = 0.05,
+    outlier_k: float = 3.0,
+    max_scale_uncertainty: float = 0.03,
+    max_rotation_disagreement_deg: float = 5.0,
+) -> PoseScaleResult:
     """Scale (and optionally similarity) taking trajectory ``c2w`` (T,4,4, up to scale) onto the
     metric ``ref_c2w`` (T,4,4, any world frame); any number of frames.
 
@@ -194,25 +206,41 @@ def estimate_pose_scale(c2w: np.ndarray, ref_c2w: np.ndarray, *, similarity: boo
     se_rel = sigma / (abs(s) * spread) if s != 0 and spread > 0 else float("inf")
     extent_m = s * base_src
     if not (np.isfinite(s) and s > 0):
-        raise StaticTrajectoryError(f"near-static trajectory: the reference path does not follow the dataset's "
-                                    f"(fitted scale {s:.3g}); its scale is not observable")
+        raise StaticTrajectoryError(
+            f"near-static trajectory: the reference path does not follow the dataset's "
+            f"(fitted scale {s:.3g}); its scale is not observable"
+        )
     if extent_m < min_baseline_m:
-        raise StaticTrajectoryError(f"near-static trajectory: the camera moves {extent_m:.3g} m "
-                                    f"< {min_baseline_m} m; its scale is not observable")
+        raise StaticTrajectoryError(
+            f"near-static trajectory: the camera moves {extent_m:.3g} m "
+            f"< {min_baseline_m} m; its scale is not observable"
+        )
     if not se_rel <= max_scale_uncertainty:
         raise StaticTrajectoryError(
             f"near-static trajectory: pose scale uncertain by {se_rel:.1%} > {max_scale_uncertainty:.1%} "
-            f"(reference jitter {sigma:.3g} m against a {extent_m:.3g} m path)")
+            f"(reference jitter {sigma:.3g} m against a {extent_m:.3g} m path)"
+        )
     residual = float(np.sqrt(np.mean(err[use] ** 2)) / max(extent_m, 1e-12))
     angles = _rotation_angles_deg(r, c2w[:, :3, :3], ref_c2w[:, :3, :3])
     method = "trajectory"
     if similarity:
         method = "orientation+lsq" if from_orientations else "umeyama"
-    res = PoseScaleResult(scale=s, method=method, n=int(use.sum()), residual=residual, baseline_m=extent_m,
-                          rotation=r, translation=t, rotation_error_deg=float(np.median(angles)),
-                          extra={"rotation_from": "orientations" if from_orientations else "centres",
-                                 "scale_uncertainty": se_rel, "jitter_m": sigma,
-                                 "orientation_disagreement_deg": rot_dis})
+    res = PoseScaleResult(
+        scale=s,
+        method=method,
+        n=int(use.sum()),
+        residual=residual,
+        baseline_m=extent_m,
+        rotation=r,
+        translation=t,
+        rotation_error_deg=float(np.median(angles)),
+        extra={
+            "rotation_from": "orientations" if from_orientations else "centres",
+            "scale_uncertainty": se_rel,
+            "jitter_m": sigma,
+            "orientation_disagreement_deg": rot_dis,
+        },
+    )
     if not similarity:
         res.rotation = res.translation = res.rotation_error_deg = None
     return res
@@ -246,12 +274,25 @@ def _scale_from_points(points, points_visible, depth, valid, intrinsics, c2w) ->
     return PoseScaleResult(scale=s, method="points", n=int(r.size), residual=spread)
 
 
-def scale_from_depth(depth: np.ndarray, valid: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, *,
-                     rgb: np.ndarray | None = None, points: np.ndarray | None = None,
-                     points_visible: np.ndarray | None = None, exclude: np.ndarray | None = None,
-                     pairs: list[tuple[int, int]] | None = None, max_points: int = 1000,
-                     depth_trunc: float = 0.2, photo_trunc: float = 0.15, photo_weight: float = 3.0,
-                     min_observability: float = 0.05, grid: int = 41, seed: int = 0) -> PoseScaleResult:
+def scale_from_depth(
+    depth: np.ndarray,
+    valid: np.ndarray,
+    intrinsics: np.ndarray,
+    c2w: np.ndarray,
+    *,
+    rgb: np.ndarray | None = None,
+    points: np.ndarray | None = None,
+    points_visible: np.ndarray | None = None,
+    exclude: np.ndarray | None = None,
+    pairs: list[tuple[int, int]] | None = None,
+    max_points: int = 1000,
+    depth_trunc: float = 0.2,
+    photo_trunc: float = 0.15,
+    photo_weight: float = 3.0,
+    min_observability: float = 0.05,
+    grid: int = 41,
+    seed: int = 0,
+) -> PoseScaleResult:
     """Scale for the up-to-scale poses ``c2w`` that makes them agree with metric ``depth``.
 
     ``points`` (N,3) or (T,N,3) in the dataset's world: sparse-point ratio method. Otherwise the
@@ -279,9 +320,20 @@ def scale_from_depth(depth: np.ndarray, valid: np.ndarray, intrinsics: np.ndarra
     med_depth = float(np.median(depth[use])) if np.any(use) else float("nan")
     if not np.isfinite(med_depth):
         raise AlignmentError("no valid metric depth to scale the poses with")
-    cost = ReprojectionCost(depth, valid, intrinsics, c2w, rgb=rgb, exclude=exclude, pairs=pairs,
-                            max_points=max_points, depth_trunc=depth_trunc, photo_trunc=photo_trunc,
-                            photo_weight=photo_weight, seed=seed)
+    cost = ReprojectionCost(
+        depth,
+        valid,
+        intrinsics,
+        c2w,
+        rgb=rgb,
+        exclude=exclude,
+        pairs=pairs,
+        max_points=max_points,
+        depth_trunc=depth_trunc,
+        photo_trunc=photo_trunc,
+        photo_weight=photo_weight,
+        seed=seed,
+    )
     # Plausible: the longest compared pair at least 1e-3 median depths, the shortest at most 2.
     # The grid keeps its density per decade (``grid`` points over the 3.3 decades of a clip whose
     # pairs' baselines are alike).
@@ -291,11 +343,20 @@ def scale_from_depth(depth: np.ndarray, valid: np.ndarray, intrinsics: np.ndarra
     zero = cost(0.0)
     observability = float((zero - best) / max(zero, 1e-12))
     if observability < min_observability:
-        raise StaticTrajectoryError(f"near-static trajectory: translation changes the reprojection cost by only "
-                                    f"{observability:.3f} < {min_observability} of its value; scale not observable")
+        raise StaticTrajectoryError(
+            f"near-static trajectory: translation changes the reprojection cost by only "
+            f"{observability:.3f} < {min_observability} of its value; scale not observable"
+        )
     if edge:
-        raise AlignmentError(f"depth-based pose scale hit the edge of its search range (metric baselines "
-                             f"{s * base_min:.3g}-{s * base_max:.3g} m vs median depth {med_depth:.3g} m)")
-    return PoseScaleResult(scale=s, method="reprojection" + ("+photo" if rgb is not None else ""), n=cost.n_points,
-                           residual=float(best), baseline_m=s * _extent(cs),
-                           extra={"observability": observability, "cost_at_zero": float(zero)})
+        raise AlignmentError(
+            f"depth-based pose scale hit the edge of its search range (metric baselines "
+            f"{s * base_min:.3g}-{s * base_max:.3g} m vs median depth {med_depth:.3g} m)"
+        )
+    return PoseScaleResult(
+        scale=s,
+        method="reprojection" + ("+photo" if rgb is not None else ""),
+        n=cost.n_points,
+        residual=float(best),
+        baseline_m=s * _extent(cs),
+        extra={"observability": observability, "cost_at_zero": float(zero)},
+    )

@@ -1,4 +1,5 @@
 """Per-clip QC of metric alignment: the numbers and a keep/drop decision with its reason."""
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,13 @@ def _f(v):
         return [float(x) for x in v]
 
 
-def align_qc(result: AlignResult, *, pose_scale: PoseScaleResult | float | None = None,
-             consistency: ConsistencyResult | None = None, thresholds: AlignQCThresholds | None = None) -> dict:
+def align_qc(
+    result: AlignResult,
+    *,
+    pose_scale: PoseScaleResult | float | None = None,
+    consistency: ConsistencyResult | None = None,
+    thresholds: AlignQCThresholds | None = None,
+) -> dict:
     """The per-clip QC dict (JSON-serialisable) with ``keep`` and ``reason`` (None when kept).
 
     Keys: scale, shift, inlier_ratio, residual, scatter, abs_rel, delta_1_25, n_points, valid_ratio,
@@ -60,8 +66,28 @@ def align_qc(result: AlignResult, *, pose_scale: PoseScaleResult | float | None 
     """
     th = thresholds or AlignQCThresholds()
     s = result.summary()
-    qc = {k: s[k] for k in ("scale", "shift", "space", "per_frame", "inlier_ratio", "residual", "scatter", "abs_rel", "noise_abs_rel", "excess_abs_rel", "noise_delta_1_25", "correlation",
-                            "delta_1_25", "n_points", "valid_ratio", "far_limit_m", "far_field_ratio")}
+    qc = {
+        k: s[k]
+        for k in (
+            "scale",
+            "shift",
+            "space",
+            "per_frame",
+            "inlier_ratio",
+            "residual",
+            "scatter",
+            "abs_rel",
+            "noise_abs_rel",
+            "excess_abs_rel",
+            "noise_delta_1_25",
+            "correlation",
+            "delta_1_25",
+            "n_points",
+            "valid_ratio",
+            "far_limit_m",
+            "far_field_ratio",
+        )
+    }
     reasons: list[str] = []
 
     def check(bad: bool, text: str):
@@ -69,37 +95,56 @@ def align_qc(result: AlignResult, *, pose_scale: PoseScaleResult | float | None 
             reasons.append(text)
 
     check(qc["n_points"] < th.min_points, f"n_points {qc['n_points']} < {th.min_points}")
-    check(not qc["inlier_ratio"] >= th.min_inlier_ratio, f"inlier_ratio {qc['inlier_ratio']:.3f} < {th.min_inlier_ratio}")
+    check(
+        not qc["inlier_ratio"] >= th.min_inlier_ratio, f"inlier_ratio {qc['inlier_ratio']:.3f} < {th.min_inlier_ratio}"
+    )
     check(not qc["residual"] <= th.max_residual, f"residual {qc['residual']:.3f} > {th.max_residual}")
-    check(not qc["excess_abs_rel"] <= th.max_abs_rel,
-          f"abs_rel beyond the reference's noise {qc['excess_abs_rel']:.3f} > {th.max_abs_rel}")
-    check(not qc["noise_delta_1_25"] >= th.min_delta_1_25,
-          f"delta_1_25 (or within the reference's noise) {qc['noise_delta_1_25']:.3f} < {th.min_delta_1_25}")
-    check(not qc["correlation"] >= th.min_correlation,
-          f"prediction explains little of the reference: correlation {qc['correlation']:.2f} < {th.min_correlation}")
+    check(
+        not qc["excess_abs_rel"] <= th.max_abs_rel,
+        f"abs_rel beyond the reference's noise {qc['excess_abs_rel']:.3f} > {th.max_abs_rel}",
+    )
+    check(
+        not qc["noise_delta_1_25"] >= th.min_delta_1_25,
+        f"delta_1_25 (or within the reference's noise) {qc['noise_delta_1_25']:.3f} < {th.min_delta_1_25}",
+    )
+    check(
+        not qc["correlation"] >= th.min_correlation,
+        f"prediction explains little of the reference: correlation {qc['correlation']:.2f} < {th.min_correlation}",
+    )
     check(not qc["valid_ratio"] >= th.min_valid_ratio, f"valid_ratio {qc['valid_ratio']:.3f} < {th.min_valid_ratio}")
 
     qc.update(pose_scale=None, pose_scale_method=None, pose_scale_residual=None)
     if isinstance(pose_scale, PoseScaleResult):
-        qc.update(pose_scale=float(pose_scale.scale), pose_scale_method=pose_scale.method,
-                  pose_scale_residual=float(pose_scale.residual))
+        qc.update(
+            pose_scale=float(pose_scale.scale),
+            pose_scale_method=pose_scale.method,
+            pose_scale_residual=float(pose_scale.residual),
+        )
         if pose_scale.method in ("trajectory", "umeyama", "orientation+lsq", "points"):
             # The reprojection method's residual is a cost, not a relative error; the consistency
             # check covers it.
-            check(not pose_scale.residual <= th.max_pose_scale_residual,
-                  f"pose scale residual {pose_scale.residual:.3f} > {th.max_pose_scale_residual}")
+            check(
+                not pose_scale.residual <= th.max_pose_scale_residual,
+                f"pose scale residual {pose_scale.residual:.3f} > {th.max_pose_scale_residual}",
+            )
     elif pose_scale is not None:
         qc.update(pose_scale=float(pose_scale), pose_scale_method="given")
     if qc["pose_scale"] is not None:
         ps = qc["pose_scale"]
-        check(not (th.min_pose_scale <= ps <= th.max_pose_scale),
-              f"pose scale {ps:.3g} outside [{th.min_pose_scale}, {th.max_pose_scale}]")
+        check(
+            not (th.min_pose_scale <= ps <= th.max_pose_scale),
+            f"pose scale {ps:.3g} outside [{th.min_pose_scale}, {th.max_pose_scale}]",
+        )
 
     qc.update(consistency_error=None, pixel_error=None, consistency_scale_factor=None)
     if consistency is not None:
-        qc.update(consistency_error=_f(consistency.depth_error), pixel_error=_f(consistency.pixel_error),
-                  consistency_scale_factor=_f(consistency.scale_factor),
-                  track_depth_error=_f(consistency.track_depth_error), track_drift_m=_f(consistency.track_drift_m))
+        qc.update(
+            consistency_error=_f(consistency.depth_error),
+            pixel_error=_f(consistency.pixel_error),
+            consistency_scale_factor=_f(consistency.scale_factor),
+            track_depth_error=_f(consistency.track_depth_error),
+            track_drift_m=_f(consistency.track_drift_m),
+        )
         ce, pe, k = consistency.depth_error, consistency.pixel_error, consistency.scale_factor
         if consistency.n_points == 0 or math.isnan(ce):
             reasons.append("consistency: no reprojected point landed on valid depth")
@@ -107,8 +152,10 @@ def align_qc(result: AlignResult, *, pose_scale: PoseScaleResult | float | None 
             check(ce > th.max_consistency_error, f"consistency_error {ce:.3f} > {th.max_consistency_error}")
             check(pe > th.max_pixel_error, f"pixel_error {pe:.2f} > {th.max_pixel_error}")
         if k is not None:
-            check(max(k, 1 / k) > th.max_scale_factor,
-                  f"poses and depth disagree in scale: translations fit best x{k:.3f}")
+            check(
+                max(k, 1 / k) > th.max_scale_factor,
+                f"poses and depth disagree in scale: translations fit best x{k:.3f}",
+            )
     qc["keep"] = not reasons
     qc["reason"] = "; ".join(reasons) if reasons else None
     qc["reasons"] = reasons

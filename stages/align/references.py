@@ -10,6 +10,7 @@ step uses. Builders:
   where untracked) projected into each frame with the clip's metric intrinsics and c2w;
 * :func:`reference_from_megasam` — a MegaSaM npz (depth resized to the clip's size, poses kept).
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,10 @@ class MetricReference:
         if self.kind not in REFERENCE_KINDS:
             raise AlignmentError(f"unknown reference kind {self.kind!r}")
         if tuple(self.depth.shape) != tuple(shape) or self.valid.shape != self.depth.shape:
-            raise AlignmentError(f"{self.kind} reference depth {self.depth.shape} / valid {self.valid.shape} "
-                                 f"does not match the clip {tuple(shape)}")
+            raise AlignmentError(
+                f"{self.kind} reference depth {self.depth.shape} / valid {self.valid.shape} "
+                f"does not match the clip {tuple(shape)}"
+            )
         if self.c2w is not None and self.c2w.shape != (shape[0], 4, 4):
             raise AlignmentError(f"{self.kind} reference poses {self.c2w.shape} do not match {shape[0]} frames")
         return self
@@ -73,25 +76,40 @@ def _clean(depth: np.ndarray, valid: np.ndarray | None, min_depth: float, max_de
     return np.where(ok, d, 0.0).astype(np.float32), ok
 
 
-def reference_from_gt(depth: np.ndarray, valid: np.ndarray | None = None, *, min_depth: float = 1e-3,
-                      max_depth: float = 1e3) -> MetricReference:
+def reference_from_gt(
+    depth: np.ndarray, valid: np.ndarray | None = None, *, min_depth: float = 1e-3, max_depth: float = 1e3
+) -> MetricReference:
     """Ground-truth depth (synthetic data); values beyond ``max_depth`` (sky) are invalid."""
     d, ok = _clean(depth, valid, min_depth, max_depth)
     return MetricReference(depth=d, valid=ok, kind="gt")
 
 
-def reference_from_metric_depth(depth: np.ndarray, valid: np.ndarray | None = None, *, kind: str = "vda_metric",
-                                min_depth: float = 1e-3, max_depth: float = 80.0,
-                                confidence: np.ndarray | None = None) -> MetricReference:
+def reference_from_metric_depth(
+    depth: np.ndarray,
+    valid: np.ndarray | None = None,
+    *,
+    kind: str = "vda_metric",
+    min_depth: float = 1e-3,
+    max_depth: float = 80.0,
+    confidence: np.ndarray | None = None,
+) -> MetricReference:
     """A dense metric depth prediction (metric VDA). ``max_depth`` cuts sky/far, where metric
     predictors are least reliable."""
     d, ok = _clean(depth, valid, min_depth, max_depth)
     return MetricReference(depth=d, valid=ok, kind=kind, weights=confidence)
 
 
-def reference_from_tracks(tracks: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, height: int, width: int,
-                          *, visible: np.ndarray | None = None, min_depth: float = 1e-3,
-                          max_depth: float = 1e3) -> MetricReference:
+def reference_from_tracks(
+    tracks: np.ndarray,
+    intrinsics: np.ndarray,
+    c2w: np.ndarray,
+    height: int,
+    width: int,
+    *,
+    visible: np.ndarray | None = None,
+    min_depth: float = 1e-3,
+    max_depth: float = 1e3,
+) -> MetricReference:
     """Sparse metric depth from world points ``tracks`` (T,N,3) (NaN = untracked).
 
     Each frame's tracked points are projected with that frame's intrinsics and metric c2w; a
@@ -104,8 +122,9 @@ def reference_from_tracks(tracks: np.ndarray, intrinsics: np.ndarray, c2w: np.nd
     if tr.ndim != 3 or tr.shape[2] != 3:
         raise AlignmentError(f"tracks must be (T,N,3), got {tr.shape}")
     if np.shape(intrinsics) != (t, 4) or np.shape(c2w) != (t, 4, 4):
-        raise AlignmentError(f"tracks need ({t},4) intrinsics and ({t},4,4) c2w, got "
-                             f"{np.shape(intrinsics)} {np.shape(c2w)}")
+        raise AlignmentError(
+            f"tracks need ({t},4) intrinsics and ({t},4,4) c2w, got {np.shape(intrinsics)} {np.shape(c2w)}"
+        )
     depth = np.full((t, height, width), np.inf)
     n_proj = 0
     for f in range(t):
@@ -126,8 +145,9 @@ def reference_from_tracks(tracks: np.ndarray, intrinsics: np.ndarray, c2w: np.nd
         np.minimum.at(depth[f], (i, j), z)
         n_proj += int(z.size)
     valid = np.isfinite(depth)
-    return MetricReference(depth=np.where(valid, depth, 0.0).astype(np.float32), valid=valid, kind="tracks",
-                           meta={"n_projected": n_proj})
+    return MetricReference(
+        depth=np.where(valid, depth, 0.0).astype(np.float32), valid=valid, kind="tracks", meta={"n_projected": n_proj}
+    )
 
 
 # MegaSaM's consistent-video-depth step writes ``np.clip(depth, 1e-3, 1e2)`` (cvd_opt/cvd_opt.py,
@@ -136,12 +156,18 @@ def reference_from_tracks(tracks: np.ndarray, intrinsics: np.ndarray, c2w: np.nd
 MEGASAM_DEPTH_CEILING_M = 100.0
 
 
-def reference_from_megasam(source: str | os.PathLike | MegaSaMOutput, height: int, width: int, *,
-                           expected_frames: int | None = None, min_depth: float = 1e-3,
-                           max_depth: float = 1e3,
-                           saturation_m: float | None = MEGASAM_DEPTH_CEILING_M,
-                           clip_intrinsics: np.ndarray | None = None,
-                           max_focal_mismatch: float = 0.15) -> MetricReference:
+def reference_from_megasam(
+    source: str | os.PathLike | MegaSaMOutput,
+    height: int,
+    width: int,
+    *,
+    expected_frames: int | None = None,
+    min_depth: float = 1e-3,
+    max_depth: float = 1e3,
+    saturation_m: float | None = MEGASAM_DEPTH_CEILING_M,
+    clip_intrinsics: np.ndarray | None = None,
+    max_focal_mismatch: float = 0.15,
+) -> MetricReference:
     """A MegaSaM result (path to its npz or a loaded :class:`MegaSaMOutput`) at the clip's size.
 
     The depth is resized by nearest neighbour at pixel centres when MegaSaM ran at another
@@ -171,9 +197,12 @@ def reference_from_megasam(source: str | os.PathLike | MegaSaMOutput, height: in
         meta.update(focal_ratio=rho, principal_point_offset_px=offset)
         if not abs(rho - 1.0) <= max_focal_mismatch:
             fm, fc = float(np.median(k[:, 0])), float(np.median(np.asarray(clip_intrinsics)[:, 0]))
-            raise AlignmentError(f"MegaSaM's focal length fx={fm:.1f} px differs from the clip's fx={fc:.1f} px by "
-                                 f"{rho - 1:+.1%} (more than {max_focal_mismatch:.0%}): its depth and poses do not "
-                                 f"describe this camera", out.path)
+            raise AlignmentError(
+                f"MegaSaM's focal length fx={fm:.1f} px differs from the clip's fx={fc:.1f} px by "
+                f"{rho - 1:+.1%} (more than {max_focal_mismatch:.0%}): its depth and poses do not "
+                f"describe this camera",
+                out.path,
+            )
         c2w[:, :3, 3] *= rho
     return MetricReference(depth=d, valid=ok, kind="megasam", c2w=c2w, intrinsics=k, meta=meta)
 

@@ -1,4 +1,5 @@
 """Align stage: make the depth stage's relative prediction metric, one fit per scene (docs/ALIGNMENT.md)."""
+
 from __future__ import annotations
 
 from pipeline.config import BuildConfig
@@ -6,8 +7,12 @@ from stages.contract import StageContract
 
 CONTRACT = StageContract(
     name="align",
-    inputs=("aux.relative_depth (all clips of a scene)", "c2w", "intrinsics",
-            "reference: megasam, vda_metric or sparse tracks"),
+    inputs=(
+        "aux.relative_depth (all clips of a scene)",
+        "c2w",
+        "intrinsics",
+        "reference: megasam, vda_metric or sparse tracks",
+    ),
     outputs=("depth", "depth_valid", "c2w (rescaled where poses are up to scale)", "meta.qc.align (clip and scene)"),
     runs_as="task (CPU), one per scene (or per clip)",
     acts_when="the clip carries a relative depth prediction",

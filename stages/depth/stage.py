@@ -13,6 +13,7 @@ The output is not yet metric: it is stored in ``clip.aux['relative_depth']`` (wi
 ``aux['relative_kind']``: 'disparity' for the relative model, 'metric_depth' for the metric one)
 for the align stage, which makes it metric.
 """
+
 from __future__ import annotations
 
 from pipeline.clip import Clip
@@ -45,9 +46,16 @@ class DepthModelStage(ModelStage):
         if runner is None:
             from stages.depth.vda.runner import VDARunner
 
-            runner = VDARunner(encoder=d.encoder, checkpoint=d.checkpoint, metric=d.metric, device=device,
-                               dtype=d.dtype if device != "cpu" else "fp32", input_size=d.input_size,
-                               compile=d.compile, allow_random_weights=d.allow_random_weights)
+            runner = VDARunner(
+                encoder=d.encoder,
+                checkpoint=d.checkpoint,
+                metric=d.metric,
+                device=device,
+                dtype=d.dtype if device != "cpu" else "fp32",
+                input_size=d.input_size,
+                compile=d.compile,
+                allow_random_weights=d.allow_random_weights,
+            )
         self.runner = runner
 
     @property
@@ -77,7 +85,7 @@ class DepthModelStage(ModelStage):
         preds = self.runner.predict(videos) if videos else []
         out: list = list(seqs)
         for i, first, segs in spans:
-            parts = preds[first:first + len(segs)]
+            parts = preds[first : first + len(segs)]
             depth = parts[0] if len(parts) == 1 else join_maps(parts, segs, "scale" if self.metric else "affine")[0]
             out[i] = (seqs[i], depth, segs)
         return out
@@ -90,6 +98,9 @@ class DepthModelStage(ModelStage):
 
     def stats(self, members: list[Clip], result) -> dict[str, float]:
         seq, _, segs = result
-        return {"depth.passes": 1, "depth.source_frames": seq.num_frames,
-                "depth.model_frames": sum(b - a for a, b in segs),
-                "depth.clip_frames": sum(c.num_frames for c in members)}
+        return {
+            "depth.passes": 1,
+            "depth.source_frames": seq.num_frames,
+            "depth.model_frames": sum(b - a for a, b in segs),
+            "depth.clip_frames": sum(c.num_frames for c in members),
+        }

@@ -3,6 +3,7 @@
 Modules are imported lazily so that one adapter's optional dependency (h5py for Spring, a
 video decoder for the real datasets) never breaks the others.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,8 +36,9 @@ def adapter_class(name: str) -> type[DatasetAdapter]:
     return getattr(mod, cls)
 
 
-def get_adapter(name: str, root: str, options: dict | None = None,
-                depth_range: tuple[float | None, float | None] = (None, None)) -> DatasetAdapter:
+def get_adapter(
+    name: str, root: str, options: dict | None = None, depth_range: tuple[float | None, float | None] = (None, None)
+) -> DatasetAdapter:
     return adapter_class(name)(root, options, depth_range=depth_range)
 
 

@@ -6,6 +6,7 @@ d4s convention (``load_clip``). Everything else — planning, stages, shards —
 Adapters raise :class:`ClipError` naming the offending file for any bad input; the runner
 records that against the clip and moves on.
 """
+
 from __future__ import annotations
 
 import io
@@ -76,15 +77,22 @@ class DatasetAdapter(ABC):
     defaults: ClassVar[AdapterDefaults] = AdapterDefaults()
     options_model: ClassVar[type[AdapterOptions]] = AdapterOptions
 
-    def __init__(self, root: str, options: dict[str, Any] | AdapterOptions | None = None, *,
-                 depth_range: tuple[float | None, float | None] = (None, None)):
+    def __init__(
+        self,
+        root: str,
+        options: dict[str, Any] | AdapterOptions | None = None,
+        *,
+        depth_range: tuple[float | None, float | None] = (None, None),
+    ):
         self.store = Store(root)
         self.opts = self.validate_options(options)
         self.options = self.opts.model_dump()  # the same values as a plain dict, defaults filled in
         lo, hi = depth_range
         # metres of valid depth: the dataset config's min/max_depth_m, else the adapter's defaults
-        self.depth_range = (self.defaults.min_depth_m if lo is None else float(lo),
-                            self.defaults.max_depth_m if hi is None else float(hi))
+        self.depth_range = (
+            self.defaults.min_depth_m if lo is None else float(lo),
+            self.defaults.max_depth_m if hi is None else float(hi),
+        )
 
     @classmethod
     def validate_options(cls, options: dict[str, Any] | AdapterOptions | None) -> AdapterOptions:
@@ -124,7 +132,9 @@ class DatasetAdapter(ABC):
         except Exception as exc:  # PIL raises several types for corrupt data
             raise ClipError(f"unreadable or truncated image ({type(exc).__name__}: {exc})", self.where(rel)) from None
         if expect_hw is not None and arr.shape[:2] != tuple(expect_hw):
-            raise ClipError(f"image is {arr.shape[1]}x{arr.shape[0]}, expected {expect_hw[1]}x{expect_hw[0]}", self.where(rel))
+            raise ClipError(
+                f"image is {arr.shape[1]}x{arr.shape[0]}, expected {expect_hw[1]}x{expect_hw[0]}", self.where(rel)
+            )
         return arr
 
     def read_png16(self, rel: str) -> np.ndarray:

@@ -34,6 +34,7 @@ The world frame is the dataset's own; only the camera axes are converted. Scenes
 ``<split>/<seq>_source_left`` (the left view carries the tracks; pass ``options={"views":
 ["left", "right"]}`` to also get right-view scenes).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -56,8 +57,12 @@ class DynamicReplicaOptions(AdapterOptions):
     """``datasets.dynamic_replica.options`` (docs/CONFIG.md)."""
 
     splits: list[str] | None = Field(None, description="split folders to read; None: all but 'real' (no ground truth)")
-    views: list[Literal["left", "right"]] = Field(["left"], description="views to read as scenes (the left one has the trajectories)")
+    views: list[Literal["left", "right"]] = Field(
+        ["left"], description="views to read as scenes (the left one has the trajectories)"
+    )
     tracks: bool = Field(True, description="read the ground-truth trajectories")
+
+
 def in_view(points: np.ndarray, intrinsics: np.ndarray, c2w: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """(T,N) points ``(T,N,3)`` that project in front of frame t's camera and inside its image
     (the image area [0, W] x [0, H], pixel centres at +0.5)."""
@@ -75,8 +80,16 @@ class DynamicReplicaAdapter(DatasetAdapter):
     version = "2"  # 2: visible only inside the image and in front of the camera
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=True, real=False)
     options_model = DynamicReplicaOptions
-    defaults = AdapterDefaults(clip_length=49, frame_stride=1, clip_stride=49, repeat_weight=1.0,
-                               depth_source="gt", track_source="gt", min_depth_m=0.01, max_depth_m=100.0)
+    defaults = AdapterDefaults(
+        clip_length=49,
+        frame_stride=1,
+        clip_stride=49,
+        repeat_weight=1.0,
+        depth_source="gt",
+        track_source="gt",
+        min_depth_m=0.01,
+        max_depth_m=100.0,
+    )
 
     def __init__(self, root, options=None, **kw):
         super().__init__(root, options, **kw)
@@ -109,7 +122,9 @@ class DynamicReplicaAdapter(DatasetAdapter):
         try:
             entries = json.loads(gzip.decompress(raw).decode("utf-8"))
         except Exception as exc:
-            raise ClipError(f"unreadable gzip JSON annotations ({type(exc).__name__}: {exc})", self.where(rel)) from None
+            raise ClipError(
+                f"unreadable gzip JSON annotations ({type(exc).__name__}: {exc})", self.where(rel)
+            ) from None
         if not isinstance(entries, list):
             raise ClipError("annotations must be a JSON list of frame entries", self.where(rel))
         seqs: dict[tuple[str, str], list[dict]] = {}
@@ -139,8 +154,9 @@ class DynamicReplicaAdapter(DatasetAdapter):
         for split in self._splits():
             for (seq, view), entries in self._annotations(split).items():
                 if view in views:
-                    scenes.append(SceneRef(self.name, self._scene_id(split, seq, view), len(entries),
-                                           extra=(split, seq, view)))
+                    scenes.append(
+                        SceneRef(self.name, self._scene_id(split, seq, view), len(entries), extra=(split, seq, view))
+                    )
         return sorted(scenes, key=lambda s: s.scene)
 
     def _entries(self, scene: SceneRef) -> tuple[str, list[dict], str]:
@@ -208,19 +224,26 @@ class DynamicReplicaAdapter(DatasetAdapter):
             # Dicts of tensors load without executing pickle code; anything needing more is refused.
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ClipError(f"unreadable trajectory file ({type(exc).__name__}: {str(exc)[:200]})", self.where(rel)) from None
+            raise ClipError(
+                f"unreadable trajectory file ({type(exc).__name__}: {str(exc)[:200]})", self.where(rel)
+            ) from None
         if not isinstance(obj, dict) or "traj_3d_world" not in obj or "verts_inds_vis" not in obj:
             keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
             raise ClipError(f"trajectory file needs traj_3d_world and verts_inds_vis, has {keys}", self.where(rel))
         try:
-            pts = np.asarray(obj["traj_3d_world"].numpy() if hasattr(obj["traj_3d_world"], "numpy")
-                             else obj["traj_3d_world"], dtype=np.float64)
-            vis = np.asarray(obj["verts_inds_vis"].numpy() if hasattr(obj["verts_inds_vis"], "numpy")
-                             else obj["verts_inds_vis"]).astype(bool)
+            pts = np.asarray(
+                obj["traj_3d_world"].numpy() if hasattr(obj["traj_3d_world"], "numpy") else obj["traj_3d_world"],
+                dtype=np.float64,
+            )
+            vis = np.asarray(
+                obj["verts_inds_vis"].numpy() if hasattr(obj["verts_inds_vis"], "numpy") else obj["verts_inds_vis"]
+            ).astype(bool)
         except Exception as exc:
             raise ClipError(f"trajectory arrays unreadable ({type(exc).__name__})", self.where(rel)) from None
         if pts.ndim != 2 or pts.shape[1] != 3 or vis.shape != (pts.shape[0],):
-            raise ClipError(f"traj_3d_world {pts.shape} / verts_inds_vis {vis.shape} are not (N,3)/(N,)", self.where(rel))
+            raise ClipError(
+                f"traj_3d_world {pts.shape} / verts_inds_vis {vis.shape} are not (N,3)/(N,)", self.where(rel)
+            )
         if not np.all(np.isfinite(pts[vis])):
             raise ClipError("traj_3d_world contains NaN/inf at visible points", self.where(rel))
         return pts, vis
@@ -238,10 +261,14 @@ class DynamicReplicaAdapter(DatasetAdapter):
             hw = img.shape[:2]
             size = e["image"].get("size")
             if size is not None and tuple(int(v) for v in size) != hw:
-                raise ClipError(f"image is {hw[1]}x{hw[0]} but annotated size (H,W) is {tuple(size)}", self.where(img_rel))
+                raise ClipError(
+                    f"image is {hw[1]}x{hw[0]} but annotated size (H,W) is {tuple(size)}", self.where(img_rel)
+                )
             d_ann = e.get("depth")
             if not isinstance(d_ann, dict) or "path" not in d_ann:
-                raise ClipError(f"frame {e['frame_number']} of {e['sequence_name']} has no depth path", self.where(ann_rel))
+                raise ClipError(
+                    f"frame {e['frame_number']} of {e['sequence_name']} has no depth path", self.where(ann_rel)
+                )
             scale = float(d_ann.get("scale_adjustment") or 1.0)
             depth.append(self._depth(posixpath.join(split, d_ann["path"]), scale, hw))
             k, c2w = self._camera(e, hw, ann_rel)
@@ -253,7 +280,9 @@ class DynamicReplicaAdapter(DatasetAdapter):
                 t_rel = posixpath.join(split, traj["path"])
                 p, v = self._tracks(t_rel, hw)
                 if tracks and p.shape != tracks[0].shape:
-                    raise ClipError(f"{p.shape[0]} tracked points, earlier frames have {tracks[0].shape[0]}", self.where(t_rel))
+                    raise ClipError(
+                        f"{p.shape[0]} tracked points, earlier frames have {tracks[0].shape[0]}", self.where(t_rel)
+                    )
                 tracks.append(p)
                 vis.append(v)
         if tracks and len(tracks) != len(frames):
@@ -266,6 +295,14 @@ class DynamicReplicaAdapter(DatasetAdapter):
             seen = in_view(points, ks, c2ws, rgb[0].shape[:2])
             meta.qc["gt_tracks"] = {"hidden_off_image": int((flagged & ~seen).sum())}
             points, visible = points.astype(np.float32), flagged & seen
-        clip = Clip(meta=meta, rgb=np.stack(rgb), intrinsics=ks, c2w=c2ws, depth=depth,
-                    depth_valid=self.depth_validity(depth), tracks=points, track_visible=visible)
+        clip = Clip(
+            meta=meta,
+            rgb=np.stack(rgb),
+            intrinsics=ks,
+            c2w=c2ws,
+            depth=depth,
+            depth_valid=self.depth_validity(depth),
+            tracks=points,
+            track_visible=visible,
+        )
         return clip.validate()

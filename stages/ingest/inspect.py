@@ -5,6 +5,7 @@ whose adapter supports it, e.g. RealEstate10K) a single camera file, or a RealEs
 pixelSplat chunk (then the result is a list with one report per example). The scene is read in
 chunks; a chunk that fails is re-read frame by frame so each problem names its frame and file.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,8 +64,9 @@ def inspect_scene(adapter: DatasetAdapter, scene: SceneRef) -> dict:
     agreements: list[float] = []
 
     def load(frames):
-        meta = ClipMeta(adapter.name, scene.scene, "inspect", list(frames), adapter.capabilities.dynamic,
-                        adapter.capabilities.real)
+        meta = ClipMeta(
+            adapter.name, scene.scene, "inspect", list(frames), adapter.capabilities.dynamic, adapter.capabilities.real
+        )
         return adapter.load_clip(scene, list(frames), meta)
 
     for s in range(0, scene.num_frames, CHUNK):
@@ -96,20 +98,31 @@ def inspect_scene(adapter: DatasetAdapter, scene: SceneRef) -> dict:
         from pipeline.clip import Clip
 
         poses = np.stack([c2w[i] for i in order])
-        dummy = Clip(ClipMeta(adapter.name, scene.scene, "inspect", order, False, False),
-                     np.zeros((len(order), 1, 1, 3), np.uint8), np.stack([intr[i] for i in order]), poses)
+        dummy = Clip(
+            ClipMeta(adapter.name, scene.scene, "inspect", order, False, False),
+            np.zeros((len(order), 1, 1, 3), np.uint8),
+            np.stack([intr[i] for i in order]),
+            poses,
+        )
         try:
             geometric_qc(dummy, QCConfig(), metric_poses=adapter.capabilities.metric_poses)
         except ClipError as exc:
             problems.append(exc.reason)
     steps = [float(np.linalg.norm(c2w[b][:3, 3] - c2w[a][:3, 3])) for a, b in zip(order, order[1:])]
     return {
-        "dataset": adapter.name, "scene": scene.scene, "num_frames": scene.num_frames,
-        "frames_read": len(order), "image_size": size,
-        "intrinsics": [list(map(float, intr[i])) for i in order], "intrinsics_normalized": False,
+        "dataset": adapter.name,
+        "scene": scene.scene,
+        "num_frames": scene.num_frames,
+        "frames_read": len(order),
+        "image_size": size,
+        "intrinsics": [list(map(float, intr[i])) for i in order],
+        "intrinsics_normalized": False,
         "c2w": [np.asarray(c2w[i]).tolist() for i in order],
-        "path_length": float(sum(steps)), "has_depth": has_depth, "has_tracks": has_tracks,
+        "path_length": float(sum(steps)),
+        "has_depth": has_depth,
+        "has_tracks": has_tracks,
         "selfcheck_min_agreement": min(agreements) if agreements else None,
-        "problems": problems, "root": adapter.store.display(""),
+        "problems": problems,
+        "root": adapter.store.display(""),
         "scene_path": posixpath.join(adapter.store.display(""), scene.scene),
     }

@@ -9,6 +9,7 @@ known, otherwise normalised (fx/W, fy/H, cx/W, cy/H) with ``intrinsics_normalize
 A pixelSplat chunk: one report of the same shape per example (``scene`` = the example's key,
 ``image_size`` from its JPEGs, every image decoded to find corrupt ones), as a list.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -102,8 +103,9 @@ def inspect_camera_file(path: str) -> dict:
     scene = f"{split}/{stem}" if split in ("train", "test") else stem
     image_size = None
     if cam.num_frames:
-        image_size = (_frames_beside(store, stem, cam.timestamps, problems)
-                      or _downloaded_video(store, split, stem, cam.url, cam.timestamps, problems))
+        image_size = _frames_beside(store, stem, cam.timestamps, problems) or _downloaded_video(
+            store, split, stem, cam.url, cam.timestamps, problems
+        )
     return camera_report(cam, scene, image_size, problems, store.display(name))
 
 
@@ -116,8 +118,10 @@ def camera_report(cam, scene: str, image_size, problems: list[str], scene_path: 
         # Square pixels: fx/W * W == fy/H * H.
         ratio = intr[:, 0] / intr[:, 1]
         if cam.num_frames and np.any(np.abs(ratio - 1.0) > 0.02):
-            problems.append(f"fx/fy = {float(np.median(ratio)):.3f} for {image_size[0]}x{image_size[1]} frames: "
-                            "frames do not have the aspect the camera file implies")
+            problems.append(
+                f"fx/fy = {float(np.median(ratio)):.3f} for {image_size[0]}x{image_size[1]} frames: "
+                "frames do not have the aspect the camera file implies"
+            )
     else:
         intr = cam.intrinsics_norm
         aspect = None
@@ -125,8 +129,10 @@ def camera_report(cam, scene: str, image_size, problems: list[str], scene_path: 
     if len(steps) >= 3:
         med = float(np.median(steps))
         for j in np.flatnonzero(steps > JUMP_FACTOR * max(med, 1e-9)):
-            problems.append(f"line {cam.line_numbers[j + 1]}: camera jumps {steps[j]:.3g} units "
-                            f"({steps[j] / max(med, 1e-12):.0f}x the median step)")
+            problems.append(
+                f"line {cam.line_numbers[j + 1]}: camera jumps {steps[j]:.3g} units "
+                f"({steps[j] / max(med, 1e-12):.0f}x the median step)"
+            )
     implied = (cam.intrinsics_norm[:, 1] / cam.intrinsics_norm[:, 0]) if cam.num_frames else np.zeros(0)
     return {
         "dataset": "realestate10k",
@@ -163,12 +169,24 @@ def inspect_chunk(path: str) -> list[dict]:
         problem = example_problem(ex, i)
         if problem:
             key = ex.get("key") if isinstance(ex, dict) and isinstance(ex.get("key"), str) else f"example{i:04d}"
-            reports.append({"dataset": "realestate10k", "scene": key, "num_frames": 0, "problems": [problem],
-                            "scene_path": f"{where}[{i}]", "image_size": None})
+            reports.append(
+                {
+                    "dataset": "realestate10k",
+                    "scene": key,
+                    "num_frames": 0,
+                    "problems": [problem],
+                    "scene_path": f"{where}[{i}]",
+                    "image_size": None,
+                }
+            )
             continue
         key = ex["key"]
-        cam = cameras_from_rows(ex["url"], ex["timestamps"].numpy(), ex["cameras"].double().numpy(),
-                                label=lambda j, key=key: f"{key} camera {j}")
+        cam = cameras_from_rows(
+            ex["url"],
+            ex["timestamps"].numpy(),
+            ex["cameras"].double().numpy(),
+            label=lambda j, key=key: f"{key} camera {j}",
+        )
         problems = [reason for _, reason in cam.problems]
         sizes: dict[tuple, list[int]] = {}
         for j, data in enumerate(ex["images"]):
@@ -178,8 +196,10 @@ def inspect_chunk(path: str) -> list[dict]:
             except ClipError as exc:
                 problems.append(exc.reason)
         if len(sizes) > 1:
-            problems.append("images have different sizes: " + ", ".join(f"{w}x{h} ({len(v)} images, e.g. {v[0]})"
-                                                                        for (w, h), v in sizes.items()))
+            problems.append(
+                "images have different sizes: "
+                + ", ".join(f"{w}x{h} ({len(v)} images, e.g. {v[0]})" for (w, h), v in sizes.items())
+            )
         if index is not None and index.get(key) != name:
             problems.append(f"index.json maps {key} to {index.get(key)!r}, not {name}")
         size = list(max(sizes, key=lambda s: len(sizes[s]))) if sizes else None

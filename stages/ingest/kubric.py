@@ -27,6 +27,7 @@ MOVi-F contains no point tracks (kubric's point-tracking challenge computes them
 object coordinates, depth and segmentations), so this adapter returns none; the default
 track_source is ``cotracker``.
 """
+
 from __future__ import annotations
 
 import io
@@ -42,6 +43,7 @@ from pipeline.clip import Clip, ClipError, ClipMeta
 from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
 
 # -- CRC32C (Castagnoli) ---------------------------------------------------------------------------
+
 
 def _crc_table() -> list[int]:
     table = []
@@ -120,6 +122,7 @@ def read_record(f, offset: int, length: int, where: str, verify: bool = True) ->
 
 # -- minimal tf.train.Example ---------------------------------------------------------------------
 
+
 def _example_classes():
     """Example / Features / Feature message classes from a hand-built descriptor (no TF)."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -147,9 +150,15 @@ def _example_classes():
     msg("BytesList", [("value", 1, F.TYPE_BYTES, rep, None, None)])
     msg("FloatList", [("value", 1, F.TYPE_FLOAT, rep, None, None)])
     msg("Int64List", [("value", 1, F.TYPE_INT64, rep, None, None)])
-    msg("Feature", [("bytes_list", 1, F.TYPE_MESSAGE, opt, ".tensorflow.BytesList", 0),
-                    ("float_list", 2, F.TYPE_MESSAGE, opt, ".tensorflow.FloatList", 0),
-                    ("int64_list", 3, F.TYPE_MESSAGE, opt, ".tensorflow.Int64List", 0)], oneofs=("kind",))
+    msg(
+        "Feature",
+        [
+            ("bytes_list", 1, F.TYPE_MESSAGE, opt, ".tensorflow.BytesList", 0),
+            ("float_list", 2, F.TYPE_MESSAGE, opt, ".tensorflow.FloatList", 0),
+            ("int64_list", 3, F.TYPE_MESSAGE, opt, ".tensorflow.Int64List", 0),
+        ],
+        oneofs=("kind",),
+    )
     entry = descriptor_pb2.DescriptorProto(name="FeatureEntry")
     entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=opt)
     entry.field.add(name="value", number=2, type=F.TYPE_MESSAGE, label=opt, type_name=".tensorflow.Feature")
@@ -159,8 +168,10 @@ def _example_classes():
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     get = message_factory.GetMessageClass
-    return (get(pool.FindMessageTypeByName("tensorflow.Example")),
-            get(pool.FindMessageTypeByName("tensorflow.Feature")))
+    return (
+        get(pool.FindMessageTypeByName("tensorflow.Example")),
+        get(pool.FindMessageTypeByName("tensorflow.Feature")),
+    )
 
 
 _CLASSES = None
@@ -199,6 +210,7 @@ def build_example(features: dict[str, tuple[str, list]]) -> bytes:
 
 # -- adapter ----------------------------------------------------------------------------------------
 
+
 class KubricMoviFOptions(AdapterOptions):
     """``datasets.kubric_movi_f.options`` (docs/CONFIG.md)."""
 
@@ -210,8 +222,16 @@ class KubricMoviFAdapter(DatasetAdapter):
     version = "1"
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=False, real=False)
     options_model = KubricMoviFOptions
-    defaults = AdapterDefaults(clip_length=24, frame_stride=1, clip_stride=24, repeat_weight=1.0,
-                               depth_source="gt", track_source="cotracker", min_depth_m=0.01, max_depth_m=1000.0)
+    defaults = AdapterDefaults(
+        clip_length=24,
+        frame_stride=1,
+        clip_stride=24,
+        repeat_weight=1.0,
+        depth_source="gt",
+        track_source="cotracker",
+        min_depth_m=0.01,
+        max_depth_m=1000.0,
+    )
 
     def _shards(self) -> list[str]:
         found = set()
@@ -289,8 +309,11 @@ class KubricMoviFAdapter(DatasetAdapter):
         n = self._num_frames(ex, where)
         video, depth_png = ex.get("video", []), ex.get("depth", [])
         if n != scene.num_frames or len(video) != n or len(depth_png) != n:
-            raise ClipError(f"frame counts disagree: num_frames {n}, video {len(video)}, depth {len(depth_png)}, "
-                            f"planned {scene.num_frames}", where)
+            raise ClipError(
+                f"frame counts disagree: num_frames {n}, video {len(video)}, depth {len(depth_png)}, "
+                f"planned {scene.num_frames}",
+                where,
+            )
         focal = float(self._floats(ex, "camera/focal_length", (1,), where)[0])
         sensor = float(self._floats(ex, "camera/sensor_width", (1,), where)[0])
         pos = self._floats(ex, "camera/positions", (n, 3), where)
@@ -308,12 +331,16 @@ class KubricMoviFAdapter(DatasetAdapter):
         for i in frames:
             img = self._png(video[i], f"video frame {i}", where, sixteen=False)
             if rgb and img.shape != rgb[0].shape:
-                raise ClipError(f"video frame {i} is {img.shape[1]}x{img.shape[0]}, frame {frames[0]} is "
-                                f"{rgb[0].shape[1]}x{rgb[0].shape[0]}", where)
+                raise ClipError(
+                    f"video frame {i} is {img.shape[1]}x{img.shape[0]}, frame {frames[0]} is "
+                    f"{rgb[0].shape[1]}x{rgb[0].shape[0]}",
+                    where,
+                )
             v = self._png(depth_png[i], f"depth frame {i}", where, sixteen=True)
             if v.shape != img.shape[:2]:
-                raise ClipError(f"depth frame {i} is {v.shape[1]}x{v.shape[0]}, video is {img.shape[1]}x{img.shape[0]}",
-                                where)
+                raise ClipError(
+                    f"depth frame {i} is {v.shape[1]}x{v.shape[0]}, video is {img.shape[1]}x{img.shape[0]}", where
+                )
             rgb.append(img)
             depth.append(v)
         h, w = rgb[0].shape[:2]
@@ -323,5 +350,11 @@ class KubricMoviFAdapter(DatasetAdapter):
         u, v = geo.pixel_grid(h, w)
         ray_norm = np.sqrt(((u - k[2]) / k[0]) ** 2 + ((v - k[3]) / k[1]) ** 2 + 1.0)
         z = (dist / ray_norm).astype(np.float32)
-        return Clip(meta=meta, rgb=np.stack(rgb), intrinsics=np.tile(k, (len(frames), 1)), c2w=c2w, depth=z,
-                    depth_valid=self.depth_validity(z)).validate()
+        return Clip(
+            meta=meta,
+            rgb=np.stack(rgb),
+            intrinsics=np.tile(k, (len(frames), 1)),
+            c2w=c2w,
+            depth=z,
+            depth_valid=self.depth_validity(z),
+        ).validate()

@@ -23,6 +23,7 @@ Conversions:
 
 World frame: the dataset's own (Blender import of the UE world, z up, metres).
 """
+
 from __future__ import annotations
 
 import io
@@ -46,7 +47,9 @@ def read_exr_depth(data: bytes, where: str) -> np.ndarray:
     try:
         import OpenEXR
     except ImportError:
-        raise ClipError("reading MatrixCity depth (.exr) needs the OpenEXR package: pip install OpenEXR", where) from None
+        raise ClipError(
+            "reading MatrixCity depth (.exr) needs the OpenEXR package: pip install OpenEXR", where
+        ) from None
     try:
         with OpenEXR.File(io.BytesIO(data), separate_channels=True) as f:
             chans = {k: v.pixels for k, v in f.channels().items()}
@@ -75,8 +78,16 @@ class MatrixCityAdapter(DatasetAdapter):
     capabilities = Capabilities(dynamic=False, has_depth=True, has_tracks=False, real=False)
     options_model = MatrixCityOptions
     # float16 centimetres top out at 655.04 m: farther (and sky) pixels are invalid.
-    defaults = AdapterDefaults(clip_length=49, frame_stride=1, clip_stride=49, repeat_weight=1.0,
-                               depth_source="gt", track_source="depth_static", min_depth_m=0.05, max_depth_m=655.0)
+    defaults = AdapterDefaults(
+        clip_length=49,
+        frame_stride=1,
+        clip_stride=49,
+        repeat_weight=1.0,
+        depth_source="gt",
+        track_source="depth_static",
+        min_depth_m=0.05,
+        max_depth_m=655.0,
+    )
 
     def discover(self) -> list[SceneRef]:
         scenes = []
@@ -99,7 +110,9 @@ class MatrixCityAdapter(DatasetAdapter):
         except ClipError:
             raise
         except Exception as exc:
-            raise ClipError(f"not a MatrixCity transforms.json ({type(exc).__name__}: {exc})", self.where(rel)) from None
+            raise ClipError(
+                f"not a MatrixCity transforms.json ({type(exc).__name__}: {exc})", self.where(rel)
+            ) from None
         if not np.isfinite(angle) or not 0.0 < angle < np.pi:
             raise ClipError(f"camera_angle_x {angle} is not an angle in (0, pi)", self.where(rel))
         return angle, frames, rel
@@ -137,8 +150,10 @@ class MatrixCityAdapter(DatasetAdapter):
     def _pose(self, frame: dict, rel: str) -> np.ndarray:
         tag = f"frame_index {frame.get('frame_index')}"
         if "rot_mat" not in frame:
-            raise ClipError(f"{tag}: no rot_mat (derived pose/ files with transform_matrix in 100 m units are not read)",
-                            self.where(rel))
+            raise ClipError(
+                f"{tag}: no rot_mat (derived pose/ files with transform_matrix in 100 m units are not read)",
+                self.where(rel),
+            )
         try:
             m = np.asarray(frame["rot_mat"], dtype=np.float64)
         except (TypeError, ValueError):
@@ -183,8 +198,10 @@ class MatrixCityAdapter(DatasetAdapter):
                 d_rel = posixpath.join(depth_dir, self._frame_name(idx, "exr"))
                 cm = read_exr_depth(self.read(d_rel), self.where(d_rel))
                 if cm.shape != img.shape[:2]:
-                    raise ClipError(f"depth is {cm.shape[1]}x{cm.shape[0]}, image is {img.shape[1]}x{img.shape[0]}",
-                                    self.where(d_rel))
+                    raise ClipError(
+                        f"depth is {cm.shape[1]}x{cm.shape[0]}, image is {img.shape[1]}x{img.shape[0]}",
+                        self.where(d_rel),
+                    )
                 m = cm / np.float32(100.0)
                 m[cm >= FLOAT16_MAX] = 0.0  # float16-max sentinel: sky / beyond range -> invalid
                 depth.append(m)
@@ -192,5 +209,11 @@ class MatrixCityAdapter(DatasetAdapter):
         f = 0.5 * w / np.tan(0.5 * angle)
         k = np.tile([f, f, w / 2.0, h / 2.0], (len(frames), 1))
         d = np.stack(depth) if depth else None
-        return Clip(meta=meta, rgb=np.stack(rgb), intrinsics=k, c2w=np.stack(c2w), depth=d,
-                    depth_valid=self.depth_validity(d) if d is not None else None).validate()
+        return Clip(
+            meta=meta,
+            rgb=np.stack(rgb),
+            intrinsics=k,
+            c2w=np.stack(c2w),
+            depth=d,
+            depth_valid=self.depth_validity(d) if d is not None else None,
+        ).validate()

@@ -22,6 +22,7 @@ The world frame is PointOdyssey's own; c2w = inverse(extrinsics). The annotation
 hundreds of MB, so the per-frame rows of each array are read straight out of the (uncompressed)
 npz member when possible instead of loading the whole file for every clip.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -92,8 +93,12 @@ class PointOdysseyOptions(AdapterOptions):
     """``datasets.pointodyssey.options`` (docs/CONFIG.md)."""
 
     max_tracks: int | None = Field(None, ge=1, description="keep this many evenly spaced trajectories; None: all")
-    max_track_jump_m: float = Field(MAX_TRACK_JUMP_M, gt=0, description="drop a track moving further than this "
-                                    "per source frame between valid frames (glitched ground truth)")
+    max_track_jump_m: float = Field(
+        MAX_TRACK_JUMP_M,
+        gt=0,
+        description="drop a track moving further than this "
+        "per source frame between valid frames (glitched ground truth)",
+    )
 
 
 class PointOdysseyAdapter(DatasetAdapter):
@@ -101,9 +106,17 @@ class PointOdysseyAdapter(DatasetAdapter):
     version = "2"  # 2: glitched-track filter, empty trajs_3d loads without tracks
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=True, real=False)
     options_model = PointOdysseyOptions
-    defaults = AdapterDefaults(clip_length=49, frame_stride=2, clip_stride=128, repeat_weight=1.0,
-                               loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
-                               depth_source="gt", track_source="gt", min_depth_m=0.01, max_depth_m=1000.0)
+    defaults = AdapterDefaults(
+        clip_length=49,
+        frame_stride=2,
+        clip_stride=128,
+        repeat_weight=1.0,
+        loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
+        depth_source="gt",
+        track_source="gt",
+        min_depth_m=0.01,
+        max_depth_m=1000.0,
+    )
 
     # -- discovery ---------------------------------------------------------------------------
     def discover(self) -> list[SceneRef]:
@@ -201,8 +214,9 @@ class PointOdysseyAdapter(DatasetAdapter):
         return t, row_shape, row_bytes
 
     # -- tracks ------------------------------------------------------------------------------
-    def _tracks(self, anno: dict[str, np.ndarray], anno_rel: str, frames: list[int],
-                meta: ClipMeta) -> tuple[np.ndarray, np.ndarray]:
+    def _tracks(
+        self, anno: dict[str, np.ndarray], anno_rel: str, frames: list[int], meta: ClipMeta
+    ) -> tuple[np.ndarray, np.ndarray]:
         """World tracks (T,N,3) float32 and visibility (T,N) of the clip, after the filters."""
         tracks = anno["trajs_3d"]
         t = len(frames)
@@ -232,8 +246,9 @@ class PointOdysseyAdapter(DatasetAdapter):
         self.frame_window(scene, frames)
         names = self._frame_names(scene.scene)
         if len(names) != scene.num_frames:
-            raise ClipError(f"{len(names)} rgb frames, expected {scene.num_frames}",
-                            self.where(posixpath.join(scene.scene, "rgbs")))
+            raise ClipError(
+                f"{len(names)} rgb frames, expected {scene.num_frames}", self.where(posixpath.join(scene.scene, "rgbs"))
+            )
         anno_rel = posixpath.join(scene.scene, "anno.npz")
         anno, t_anno = self._anno_rows(anno_rel, frames)
         if t_anno != scene.num_frames:
@@ -264,19 +279,29 @@ class PointOdysseyAdapter(DatasetAdapter):
         for i in frames:
             img_rel = posixpath.join(scene.scene, "rgbs", f"rgb_{i:05d}.jpg")
             if names[i] != f"rgb_{i:05d}.jpg":
-                raise ClipError(f"frame {i} is named {names[i]}; numbering must be contiguous from 00000",
-                                self.where(img_rel))
+                raise ClipError(
+                    f"frame {i} is named {names[i]}; numbering must be contiguous from 00000", self.where(img_rel)
+                )
             img = self.read_image(img_rel, expect_hw=rgb[0].shape[:2] if rgb else None)
             d_rel = posixpath.join(scene.scene, "depths", f"depth_{i:05d}.png")
             raw = self.read_png16(d_rel)
             if raw.shape != img.shape[:2]:
-                raise ClipError(f"depth is {raw.shape[1]}x{raw.shape[0]}, image is {img.shape[1]}x{img.shape[0]}",
-                                self.where(d_rel))
+                raise ClipError(
+                    f"depth is {raw.shape[1]}x{raw.shape[0]}, image is {img.shape[1]}x{img.shape[0]}", self.where(d_rel)
+                )
             d = raw.astype(np.float32) * np.float32(DEPTH_SCALE_M)
             rgb.append(img)
             depth.append(d)
             depth_ok.append((raw > 0) & (raw < DEPTH_CLIPPED))
         depth = np.stack(depth)
         valid = np.stack(depth_ok) & self.depth_validity(depth)
-        return Clip(meta=meta, rgb=np.stack(rgb), intrinsics=intr, c2w=c2w, depth=depth, depth_valid=valid,
-                    tracks=tracks, track_visible=visible).validate()
+        return Clip(
+            meta=meta,
+            rgb=np.stack(rgb),
+            intrinsics=intr,
+            c2w=c2w,
+            depth=depth,
+            depth_valid=valid,
+            tracks=tracks,
+            track_visible=visible,
+        ).validate()

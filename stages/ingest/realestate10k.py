@@ -25,6 +25,7 @@ Chunks (``<split>/*.torch``, ``realestate10k_chunks``) hold camera rows and JPEG
 their examples are scenes ``<split>/<key>`` like camera files. Option ``form`` picks camera files,
 chunks, or (``auto``) both; a sequence found in both forms, or in two chunks, fails with the reason.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -108,8 +109,14 @@ def parse_camera_text(text: str) -> CameraFile:
     return cam
 
 
-def cameras_from_rows(url: str, timestamps: np.ndarray, rows18: np.ndarray, problems: list | None = None,
-                      line_numbers: list[int] | None = None, label=lambda i: f"camera {i}") -> CameraFile:
+def cameras_from_rows(
+    url: str,
+    timestamps: np.ndarray,
+    rows18: np.ndarray,
+    problems: list | None = None,
+    line_numbers: list[int] | None = None,
+    label=lambda i: f"camera {i}",
+) -> CameraFile:
     """A CameraFile from timestamps and the 18 numbers after each (a camera line, a chunk row),
     with every content problem recorded as (number, reason); ``label(i)`` names row ``i``."""
     problems = [] if problems is None else problems
@@ -118,8 +125,15 @@ def cameras_from_rows(url: str, timestamps: np.ndarray, rows18: np.ndarray, prob
     numbers = line_numbers if line_numbers is not None else list(range(len(ts)))
     w2c = np.tile(np.eye(4), (len(ts), 1, 1))
     w2c[:, :3, :] = rows18[:, 6:].reshape(-1, 3, 4)
-    cam = CameraFile(url=url, timestamps=ts, line_numbers=list(numbers), intrinsics_norm=rows18[:, :4].copy(),
-                     distortion=rows18[:, 4:6].copy(), w2c=w2c, problems=problems)
+    cam = CameraFile(
+        url=url,
+        timestamps=ts,
+        line_numbers=list(numbers),
+        intrinsics_norm=rows18[:, :4].copy(),
+        distortion=rows18[:, 4:6].copy(),
+        w2c=w2c,
+        problems=problems,
+    )
     for i in range(len(ts)):
         where, num = label(i), numbers[i]
         if not np.all(np.isfinite(rows18[i])):
@@ -131,8 +145,13 @@ def cameras_from_rows(url: str, timestamps: np.ndarray, rows18: np.ndarray, prob
         if np.any(cam.intrinsics_norm[i, :2] <= 0):
             problems.append((num, f"{where}: non-positive focal length {cam.intrinsics_norm[i, :2].tolist()}"))
         if np.any(cam.distortion[i] != 0):
-            problems.append((num, f"{where}: distortion k1 k2 = {cam.distortion[i].tolist()} (the format "
-                                  "defines them as 0; undistortion is not supported)"))
+            problems.append(
+                (
+                    num,
+                    f"{where}: distortion k1 k2 = {cam.distortion[i].tolist()} (the format "
+                    "defines them as 0; undistortion is not supported)",
+                )
+            )
         err = float(geo.rotation_error(w2c[i, :3, :3]))
         if err > ROTATION_TOL:
             problems.append((num, f"{where}: rotation is not orthonormal (error {err:.2e})"))
@@ -148,16 +167,25 @@ class RealEstate10KOptions(AdapterOptions):
     """``datasets.realestate10k.options`` (docs/CONFIG.md)."""
 
     form: Literal["auto", "camera_files", "chunks"] = Field(
-        "auto", description="camera files (<split>/<id>.txt), pixelSplat chunks (<split>/*.torch), or both")
+        "auto", description="camera files (<split>/<id>.txt), pixelSplat chunks (<split>/*.torch), or both"
+    )
     frames: Literal["auto", "images", "clip_video", "video"] = Field(
-        "auto", description="where a camera file's frames come from; auto: the first of these that exists")
-    video_pattern: list[str] = Field(list(DEFAULT_PATTERNS), description="where a YouTube id's video is, tried "
-                                     "in order, relative to video_root; {video_id} {split} {sequence}")
-    video_map: str | None = Field(None, description="CSV 'video_id,path' or JSON {video_id: path}; relative to "
-                                  "the dataset root, or absolute; replaces video_pattern")
+        "auto", description="where a camera file's frames come from; auto: the first of these that exists"
+    )
+    video_pattern: list[str] = Field(
+        list(DEFAULT_PATTERNS),
+        description="where a YouTube id's video is, tried "
+        "in order, relative to video_root; {video_id} {split} {sequence}",
+    )
+    video_map: str | None = Field(
+        None,
+        description="CSV 'video_id,path' or JSON {video_id: path}; relative to "
+        "the dataset root, or absolute; replaces video_pattern",
+    )
     video_root: str | None = Field(None, description="folder the video paths are relative to (default: root)")
-    timestamp_tolerance_us: float | None = Field(None, gt=0, description="largest |frame time - timestamp| "
-                                                 "accepted (default: a quarter of the frame period)")
+    timestamp_tolerance_us: float | None = Field(
+        None, gt=0, description="largest |frame time - timestamp| accepted (default: a quarter of the frame period)"
+    )
     decoder: Literal["auto", "pyav", "torchcodec"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -176,10 +204,17 @@ class RealEstate10KAdapter(DatasetAdapter):
     # walkthrough motion, hence a stride of 2; 49-frame clips (1 + 4k, what the trainer consumes)
     # span 97 camera lines; consecutive clips share half of them (stride 48): the scene passes
     # run each frame once however many clips use it. Pseudo-depth gets a lower weight than GT.
-    defaults = AdapterDefaults(clip_length=49, frame_stride=2, clip_stride=48, repeat_weight=1.0,
-                               loss_weights={"depth": 0.5, "motion": 0.5, "photo": 1.0},
-                               depth_source="megasam", track_source="cotracker",
-                               min_depth_m=0.05, max_depth_m=100.0)
+    defaults = AdapterDefaults(
+        clip_length=49,
+        frame_stride=2,
+        clip_stride=48,
+        repeat_weight=1.0,
+        loss_weights={"depth": 0.5, "motion": 0.5, "photo": 1.0},
+        depth_source="megasam",
+        track_source="cotracker",
+        min_depth_m=0.05,
+        max_depth_m=100.0,
+    )
     options_model = RealEstate10KOptions
     opts: RealEstate10KOptions
 
@@ -246,8 +281,10 @@ class RealEstate10KAdapter(DatasetAdapter):
             more = f" (+{len(cam.problems) - 1} more problems)" if len(cam.problems) > 1 else ""
             raise ClipError(cam.problems[0][1] + more, self.where(rel))
         if cam.num_frames != scene.num_frames:
-            raise ClipError(f"{cam.num_frames} camera lines, expected {scene.num_frames} (file changed since "
-                            "discovery?)", self.where(rel))
+            raise ClipError(
+                f"{cam.num_frames} camera lines, expected {scene.num_frames} (file changed since discovery?)",
+                self.where(rel),
+            )
         return cam
 
     def _frame_files(self, scene: SceneRef, cam: CameraFile, frames: list[int]) -> list[str]:
@@ -263,9 +300,11 @@ class RealEstate10KAdapter(DatasetAdapter):
             out.append(posixpath.join(folder, name or f"{ts}.png"))
         if missing:
             listed = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise ClipError(f"{len(missing)} of {len(frames)} frames of this clip are missing (no .png/.jpg/.jpeg "
-                            f"named by the timestamp): {listed}",
-                            self.where(posixpath.join(folder, missing[0])))
+            raise ClipError(
+                f"{len(missing)} of {len(frames)} frames of this clip are missing (no .png/.jpg/.jpeg "
+                f"named by the timestamp): {listed}",
+                self.where(posixpath.join(folder, missing[0])),
+            )
         return out
 
     def frames_source(self, scene: SceneRef, cam: CameraFile) -> tuple[str, str | None]:
@@ -279,22 +318,25 @@ class RealEstate10KAdapter(DatasetAdapter):
         if want in ("auto", "video"):
             vid = youtube_id(cam.url)
             if vid is None:
-                raise ClipError(f"line 1: no YouTube video id in the URL {cam.url[:80]!r}, so its video cannot be "
-                                "found", self.where(scene.scene + ".txt"))
+                raise ClipError(
+                    f"line 1: no YouTube video id in the URL {cam.url[:80]!r}, so its video cannot be found",
+                    self.where(scene.scene + ".txt"),
+                )
             split, seq = posixpath.split(scene.scene)
             rel, tried = self._videos().locate(vid, split, seq)
             if rel is not None:
                 return "video", rel
-        looked = {"images": f"the folder {posixpath.basename(scene.scene)}/ of images named <timestamp_us>.png|jpg",
-                  "clip_video": f"a clip video {posixpath.basename(scene.scene)}.mp4",
-                  "video": "the downloaded video (" + ", ".join(tried[:4]) + ")"}
+        looked = {
+            "images": f"the folder {posixpath.basename(scene.scene)}/ of images named <timestamp_us>.png|jpg",
+            "clip_video": f"a clip video {posixpath.basename(scene.scene)}.mp4",
+            "video": "the downloaded video (" + ", ".join(tried[:4]) + ")",
+        }
         kinds = [k for k in looked if want in ("auto", k)]
         raise ClipError("no frames: found none of " + "; ".join(looked[k] for k in kinds), self.where(scene.scene))
 
     def _videos(self) -> VideoLocator:
         if not hasattr(self, "_locator"):
-            self._locator = VideoLocator(self.store, self.opts.video_root, self.opts.video_map,
-                                         self.opts.video_pattern)
+            self._locator = VideoLocator(self.store, self.opts.video_root, self.opts.video_map, self.opts.video_pattern)
         return self._locator
 
     def _video_frames(self, rel: str, cam: CameraFile, frames: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -308,8 +350,9 @@ class RealEstate10KAdapter(DatasetAdapter):
         try:
             with open_decoder(source, where, backend=self.opts.decoder, device=self.opts.device) as dec:
                 check_covers(dec.info, cam.timestamps[-1], where, "its camera file", self.opts.timestamp_tolerance_us)
-                got = frames_at_times(dec, cam.timestamps[frames], tolerance_us=self.opts.timestamp_tolerance_us,
-                                      what="the camera file")
+                got = frames_at_times(
+                    dec, cam.timestamps[frames], tolerance_us=self.opts.timestamp_tolerance_us, what="the camera file"
+                )
         finally:
             if not isinstance(source, str):
                 source.close()
@@ -321,16 +364,20 @@ class RealEstate10KAdapter(DatasetAdapter):
         where = self.where(rel)
         chunk = load_chunk(self.store, rel)
         if index >= len(chunk):
-            raise ClipError(f"chunk has {len(chunk)} examples, expected example {index} (changed since discovery?)",
-                            where)
+            raise ClipError(
+                f"chunk has {len(chunk)} examples, expected example {index} (changed since discovery?)", where
+            )
         ex = chunk[index]
         problem = example_problem(ex, index)
         if problem:
             raise ClipError(problem, where)
         key = ex["key"]
         if f"{posixpath.dirname(rel)}/{key}" != scene.scene:
-            raise ClipError(f"example {index} is {key!r}, expected {posixpath.basename(scene.scene)!r} (chunk changed "
-                            "since discovery?)", where)
+            raise ClipError(
+                f"example {index} is {key!r}, expected {posixpath.basename(scene.scene)!r} (chunk changed "
+                "since discovery?)",
+                where,
+            )
         ts = ex["timestamps"].numpy().astype(np.int64)
         if len(ts) != scene.num_frames:
             raise ClipError(f"example {key!r} has {len(ts)} timestamps, expected {scene.num_frames}", where)
@@ -342,8 +389,11 @@ class RealEstate10KAdapter(DatasetAdapter):
         for i in frames:
             img = decode_image(ex["images"][i], where, f"example {key!r} image {i} (timestamp {ts[i]} us)")
             if rgb and img.shape != rgb[0].shape:
-                raise ClipError(f"example {key!r} image {i} is {img.shape[1]}x{img.shape[0]}, earlier images "
-                                f"{rgb[0].shape[1]}x{rgb[0].shape[0]}", where)
+                raise ClipError(
+                    f"example {key!r} image {i} is {img.shape[1]}x{img.shape[0]}, earlier images "
+                    f"{rgb[0].shape[1]}x{rgb[0].shape[0]}",
+                    where,
+                )
             rgb.append(img)
         return cam, np.stack(rgb)
 
@@ -355,9 +405,11 @@ class RealEstate10KAdapter(DatasetAdapter):
         if kind == ("bad",):
             raise ClipError(scene.extra[2], self.where(scene.extra[1]))
         if kind == ("dup",):
-            raise ClipError(f"sequence {posixpath.basename(scene.scene)} appears more than once: "
-                            f"{', '.join(scene.extra[1:])}; keep one, or choose with options.form",
-                            self.where(scene.scene))
+            raise ClipError(
+                f"sequence {posixpath.basename(scene.scene)} appears more than once: "
+                f"{', '.join(scene.extra[1:])}; keep one, or choose with options.form",
+                self.where(scene.scene),
+            )
         self.frame_window(scene, frames)
         extra = {}
         if kind == ("chunk",):
@@ -375,8 +427,14 @@ class RealEstate10KAdapter(DatasetAdapter):
             elif source == "clip_video":
                 from stages.ingest.video import read_video
 
-                rgb = read_video(self.read(rel), self.where(rel), frames=frames, expect_frames=cam.num_frames,
-                                 decoder=self.opts.decoder, device=self.opts.device)
+                rgb = read_video(
+                    self.read(rel),
+                    self.where(rel),
+                    frames=frames,
+                    expect_frames=cam.num_frames,
+                    decoder=self.opts.decoder,
+                    device=self.opts.device,
+                )
             else:
                 rgb, times = self._video_frames(rel, cam, frames)
                 extra["frame_times_us"] = [int(round(t)) for t in times]

@@ -20,6 +20,7 @@ Listing reads only the pickled structure (tensors as shapes, under FakeTensorMod
 a 100 MB chunk); loading a local chunk maps it (``mmap=True``) so only the JPEGs that are decoded
 are read; a remote chunk is read whole, and the last two are kept per process.
 """
+
 from __future__ import annotations
 
 import io
@@ -62,8 +63,11 @@ def _load(store: Store, rel: str, meta_only: bool):
         raise ClipError("chunk file is missing", where) from None
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ClipError("refused to load: the chunk holds objects other than tensors, lists, dicts, strings and "
-                        f"numbers, and d4s loads chunks with torch.load(weights_only=True) ({first})", where) from None
+        raise ClipError(
+            "refused to load: the chunk holds objects other than tensors, lists, dicts, strings and "
+            f"numbers, and d4s loads chunks with torch.load(weights_only=True) ({first})",
+            where,
+        ) from None
     except Exception as exc:  # zip/EOF/runtime errors of a truncated or foreign file
         raise ClipError(f"unreadable or truncated chunk ({type(exc).__name__}: {str(exc)[:200]})", where) from None
 

@@ -7,6 +7,7 @@ trying ``video_pattern`` templates in order (placeholders ``{video_id}``, ``{spl
 ``{sequence}``). Paths are relative to ``video_root`` (default: the dataset root) and may not
 leave it (``..`` and absolute paths are refused, as everywhere in d4s).
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,8 +21,12 @@ from urllib.parse import parse_qs, urlparse
 from pipeline.clip import ClipError
 from pipeline.storage import PathEscapeError, Store
 
-DEFAULT_PATTERNS = ("videos/{video_id}.mp4", "videos/{video_id}.mkv", "videos/{video_id}.webm",
-                    "{split}/videos/{video_id}.mp4")
+DEFAULT_PATTERNS = (
+    "videos/{video_id}.mp4",
+    "videos/{video_id}.mkv",
+    "videos/{video_id}.webm",
+    "{split}/videos/{video_id}.mp4",
+)
 YOUTUBE_ID = re.compile(r"[A-Za-z0-9_-]{11}")
 
 

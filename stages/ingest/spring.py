@@ -22,6 +22,7 @@ other (edge) pixels invalid.
 
 Only the left camera is read (its poses are the ones given); the world frame is Spring's own.
 """
+
 from __future__ import annotations
 
 import io
@@ -55,7 +56,9 @@ class SpringOptions(AdapterOptions):
     """``datasets.spring.options`` (docs/CONFIG.md)."""
 
     disparity_downsample: Literal["block_mean", "subsample"] = Field(
-        "block_mean", description="2x disparity grid to image pixels: planar 2x2 blocks averaged, or the official [::2, ::2]")
+        "block_mean",
+        description="2x disparity grid to image pixels: planar 2x2 blocks averaged, or the official [::2, ::2]",
+    )
 
 
 class SpringAdapter(DatasetAdapter):
@@ -64,9 +67,17 @@ class SpringAdapter(DatasetAdapter):
     capabilities = Capabilities(dynamic=True, has_depth=True, has_tracks=False, real=False)
     options_model = SpringOptions
     # Small (37 train sequences, ~5k frames) and high quality: overlapping clips.
-    defaults = AdapterDefaults(clip_length=49, frame_stride=1, clip_stride=24, repeat_weight=1.0,
-                               loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
-                               depth_source="gt", track_source="cotracker", min_depth_m=0.05, max_depth_m=1000.0)
+    defaults = AdapterDefaults(
+        clip_length=49,
+        frame_stride=1,
+        clip_stride=24,
+        repeat_weight=1.0,
+        loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
+        depth_source="gt",
+        track_source="cotracker",
+        min_depth_m=0.05,
+        max_depth_m=1000.0,
+    )
 
     # -- discovery ---------------------------------------------------------------------------
     def discover(self) -> list[SceneRef]:
@@ -97,7 +108,9 @@ class SpringAdapter(DatasetAdapter):
         try:
             with h5py.File(io.BytesIO(data), "r") as f:
                 if DSP5_KEY not in f:
-                    raise ClipError(f"no {DSP5_KEY!r} dataset in the HDF5 file (has {sorted(f.keys())})", self.where(rel))
+                    raise ClipError(
+                        f"no {DSP5_KEY!r} dataset in the HDF5 file (has {sorted(f.keys())})", self.where(rel)
+                    )
                 disp = np.asarray(f[DSP5_KEY][()])
         except ClipError:
             raise
@@ -128,8 +141,10 @@ class SpringAdapter(DatasetAdapter):
         self.frame_window(scene, frames)
         names = self._frame_names(scene.scene)
         if len(names) != scene.num_frames:
-            raise ClipError(f"{len(names)} frames, expected {scene.num_frames}",
-                            self.where(posixpath.join(scene.scene, "frame_left")))
+            raise ClipError(
+                f"{len(names)} frames, expected {scene.num_frames}",
+                self.where(posixpath.join(scene.scene, "frame_left")),
+            )
         ext_rel = posixpath.join(scene.scene, "cam_data", "extrinsics.txt")
         int_rel = posixpath.join(scene.scene, "cam_data", "intrinsics.txt")
         ext = self._table(ext_rel, 16, scene.num_frames)[frames]
@@ -151,15 +166,18 @@ class SpringAdapter(DatasetAdapter):
             num = i + 1  # files are numbered from 0001
             img_rel = posixpath.join(scene.scene, "frame_left", f"frame_left_{num:04d}.png")
             if names[i] != f"frame_left_{num:04d}.png":
-                raise ClipError(f"frame {i} is named {names[i]}; numbering must be contiguous from 0001",
-                                self.where(img_rel))
+                raise ClipError(
+                    f"frame {i} is named {names[i]}; numbering must be contiguous from 0001", self.where(img_rel)
+                )
             img = self.read_image(img_rel, expect_hw=rgb[0].shape[:2] if rgb else None)
             d_rel = posixpath.join(scene.scene, "disp1_left", f"disp1_left_{num:04d}.dsp5")
             disp = self.read_dsp5(d_rel)
             h, w = img.shape[:2]
             if disp.shape != (2 * h, 2 * w):
-                raise ClipError(f"disparity is {disp.shape[1]}x{disp.shape[0]}, expected {2 * w}x{2 * h} "
-                                f"(twice the {w}x{h} image)", self.where(d_rel))
+                raise ClipError(
+                    f"disparity is {disp.shape[1]}x{disp.shape[0]}, expected {2 * w}x{2 * h} (twice the {w}x{h} image)",
+                    self.where(d_rel),
+                )
             d, ok = self._downsample(disp)
             with np.errstate(divide="ignore"):
                 z = np.where(ok, intr[k, 0] * BASELINE_M / np.where(ok, d, 1.0), 0.0).astype(np.float32)
@@ -168,5 +186,6 @@ class SpringAdapter(DatasetAdapter):
             depth_ok.append(ok)
         depth = np.stack(depth)
         valid = np.stack(depth_ok) & self.depth_validity(depth)
-        return Clip(meta=meta, rgb=np.stack(rgb), intrinsics=intr.astype(np.float64), c2w=c2w, depth=depth,
-                    depth_valid=valid).validate()
+        return Clip(
+            meta=meta, rgb=np.stack(rgb), intrinsics=intr.astype(np.float64), c2w=c2w, depth=depth, depth_valid=valid
+        ).validate()

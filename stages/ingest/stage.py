@@ -1,4 +1,5 @@
 """Ingest stage: one planned clip spec -> a validated, QC-checked Clip (or a ClipFailure)."""
+
 from __future__ import annotations
 
 import os
@@ -43,10 +44,16 @@ def ingest_clip(spec: dict, scene: SceneRef, cfg: BuildConfig) -> Clip | ClipFai
     try:
         adapter = adapter_for(cfg, spec["dataset"])
         meta = ClipMeta(
-            dataset=spec["dataset"], scene=spec["scene"], clip_id=spec["clip_id"], frame_indices=list(spec["frames"]),
-            dynamic=adapter.capabilities.dynamic, real=adapter.capabilities.real,
-            loss_weights=dict(ds.loss_weights), adapter_version=f"{adapter.name}/{adapter.version}",
-            config_hash=cfg.content_hash(spec["dataset"]), d4s_version=__version__,
+            dataset=spec["dataset"],
+            scene=spec["scene"],
+            clip_id=spec["clip_id"],
+            frame_indices=list(spec["frames"]),
+            dynamic=adapter.capabilities.dynamic,
+            real=adapter.capabilities.real,
+            loss_weights=dict(ds.loss_weights),
+            adapter_version=f"{adapter.name}/{adapter.version}",
+            config_hash=cfg.content_hash(spec["dataset"]),
+            d4s_version=__version__,
         )
         clip = adapter.load_clip(scene, list(spec["frames"]), meta)
         clip.meta.depth_source = "gt" if clip.depth is not None else "none"
@@ -81,7 +88,7 @@ def _maybe_inject_fault(spec: dict, cfg: BuildConfig) -> None:
         os.makedirs(os.path.dirname(marker), exist_ok=True)
         if not os.path.exists(marker):
             open(marker, "w").close()
-            time.sleep(10 ** 6)  # hangs once: the shard deadline must cancel it
+            time.sleep(10**6)  # hangs once: the shard deadline must cancel it
     k = fault.worker_exit_on_clip
     if k is None or spec["ordinal"] != k:
         return

@@ -32,6 +32,7 @@ depth, so ``track_visible`` = present; absent entries are NaN in ``clip.tracks``
 with at least one point in the clip's frames are returned. There is no dense depth: a later
 stage projects the tracks for sparse metric depth (``depth_source = "sparse"``).
 """
+
 from __future__ import annotations
 
 import io
@@ -56,16 +57,23 @@ class Stereo4DOptions(AdapterOptions):
     """``datasets.stereo4d.options`` (docs/CONFIG.md)."""
 
     source: Literal["auto", "rectified", "raw"] = Field(
-        "auto", description="the authors' rectified left video, or the raw VR180 video rectified by d4s")
-    video_pattern: str | None = Field(None, description="rectified video template ({split}, {clip}), relative "
-                                      "to the root; default: the rectify.py output places")
-    raw_video_pattern: list[str] = Field(["raw/{video_id}.mp4", "{split}/raw/{video_id}.mp4"],
-                                         description="raw VR180 video templates ({video_id}, {split}, {clip})")
+        "auto", description="the authors' rectified left video, or the raw VR180 video rectified by d4s"
+    )
+    video_pattern: str | None = Field(
+        None,
+        description="rectified video template ({split}, {clip}), relative "
+        "to the root; default: the rectify.py output places",
+    )
+    raw_video_pattern: list[str] = Field(
+        ["raw/{video_id}.mp4", "{split}/raw/{video_id}.mp4"],
+        description="raw VR180 video templates ({video_id}, {split}, {clip})",
+    )
     hfov_deg: float = Field(HFOV_DEG, gt=0, lt=180, description="horizontal FOV of the rectified view")
     output_size: int = Field(512, ge=8, le=4096, description="rectified view size (S x S) made from raw videos")
     min_vr180_height: int = Field(1920, ge=0, description="refuse raw videos lower than this (as rectify.py)")
-    timestamp_tolerance_us: float | None = Field(None, gt=0, description="largest |frame time - timestamp| "
-                                                 "accepted (default: a quarter of the frame period)")
+    timestamp_tolerance_us: float | None = Field(
+        None, gt=0, description="largest |frame time - timestamp| accepted (default: a quarter of the frame period)"
+    )
     decoder: Literal["auto", "pyav", "torchcodec"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -90,9 +98,17 @@ class Stereo4DAdapter(DatasetAdapter):
     # (utils.Track3d valid_depth_max=20): beyond that the 63 mm baseline gives < 1.5 px disparity.
     # 49-frame clips (1 + 4k, what the trainer consumes), overlapping by 9 (stride 40): the depth
     # model and the metric fit run once per scene however many clips use a frame.
-    defaults = AdapterDefaults(clip_length=49, frame_stride=1, clip_stride=40, repeat_weight=1.0,
-                               loss_weights={"depth": 0.5, "motion": 1.0, "photo": 1.0},
-                               depth_source="sparse", track_source="gt", min_depth_m=0.05, max_depth_m=20.0)
+    defaults = AdapterDefaults(
+        clip_length=49,
+        frame_stride=1,
+        clip_stride=40,
+        repeat_weight=1.0,
+        loss_weights={"depth": 0.5, "motion": 1.0, "photo": 1.0},
+        depth_source="sparse",
+        track_source="gt",
+        min_depth_m=0.05,
+        max_depth_m=20.0,
+    )
     options_model = Stereo4DOptions
     opts: Stereo4DOptions
 
@@ -197,16 +213,20 @@ class Stereo4DAdapter(DatasetAdapter):
             idx = get("track_indices").reshape(-1)
             coords = get("track_coordinates")
             if not (np.issubdtype(lengths.dtype, np.integer) and np.issubdtype(idx.dtype, np.integer)):
-                raise ClipError(f"'track_lengths'/'track_indices' must be integers, got {lengths.dtype}/{idx.dtype}",
-                                where)
+                raise ClipError(
+                    f"'track_lengths'/'track_indices' must be integers, got {lengths.dtype}/{idx.dtype}", where
+                )
             if np.any(lengths < 0):
                 raise ClipError("'track_lengths' has negative entries", where)
             total = int(lengths.sum())
             if coords.ndim != 2 or coords.shape[1] != 3:
                 raise ClipError(f"'track_coordinates' must be (M,3), got {coords.shape}", where)
             if len(idx) != total or len(coords) != total:
-                raise ClipError(f"track arrays disagree: sum(track_lengths) = {total}, {len(idx)} track_indices, "
-                                f"{len(coords)} track_coordinates", where)
+                raise ClipError(
+                    f"track arrays disagree: sum(track_lengths) = {total}, {len(idx)} track_indices, "
+                    f"{len(coords)} track_coordinates",
+                    where,
+                )
             if total and (idx.min() < 0 or idx.max() >= t):
                 raise ClipError(f"'track_indices' outside 0..{t - 1} (min {idx.min()}, max {idx.max()})", where)
             if not np.all(np.isfinite(coords)):
@@ -224,8 +244,12 @@ class Stereo4DAdapter(DatasetAdapter):
             if np.any(partial) or np.any(np.isinf(tracks)):
                 raise ClipError("'track3d' has inf or partly-NaN points", where)
             rows, frames_ = np.nonzero(present)
-            out.update(track_rows=rows, track_frames=frames_.astype(np.int64), track_xyz=tracks[rows, frames_],
-                       num_tracks=tracks.shape[0])
+            out.update(
+                track_rows=rows,
+                track_frames=frames_.astype(np.int64),
+                track_xyz=tracks[rows, frames_],
+                num_tracks=tracks.shape[0],
+            )
         return out
 
     # -- frames ----------------------------------------------------------------------------------
@@ -244,8 +268,14 @@ class Stereo4DAdapter(DatasetAdapter):
             if rel is not None:
                 from stages.ingest.video import read_video
 
-                rgb = read_video(self.read(rel), self.where(rel), frames=frames, expect_frames=scene.num_frames,
-                                 decoder=self.opts.decoder, device=self.opts.device)
+                rgb = read_video(
+                    self.read(rel),
+                    self.where(rel),
+                    frames=frames,
+                    expect_frames=scene.num_frames,
+                    decoder=self.opts.decoder,
+                    device=self.opts.device,
+                )
                 h, w = rgb.shape[1:3]
                 return rgb, np.tile(stereo4d_intrinsics(w, h, self.opts.hfov_deg), (len(frames), 1)), "rectified"
             tried += cands
@@ -257,10 +287,16 @@ class Stereo4DAdapter(DatasetAdapter):
                 s = self.opts.output_size
                 return rgb, np.tile(stereo4d_intrinsics(s, s, self.opts.hfov_deg), (len(frames), 1)), "raw"
             tried += cands
-        what = {"auto": "rectified left video or raw VR180 video", "rectified": "rectified left video",
-                "raw": "raw VR180 video"}[want]
-        raise ClipError(f"{what} is missing (looked for {', '.join(tried)}; make the rectified one with the authors' "
-                        "rectify.py, or put the YouTube VR180 video where raw_video_pattern points)", self.where(tried[0]))
+        what = {
+            "auto": "rectified left video or raw VR180 video",
+            "rectified": "rectified left video",
+            "raw": "raw VR180 video",
+        }[want]
+        raise ClipError(
+            f"{what} is missing (looked for {', '.join(tried)}; make the rectified one with the authors' "
+            "rectify.py, or put the YouTube VR180 video where raw_video_pattern points)",
+            self.where(tried[0]),
+        )
 
     def _rectify_raw(self, scene: SceneRef, ann: dict, frames: list[int], rel: str) -> np.ndarray:
         """Rectified left-eye views from the raw side-by-side VR180 video (see vr180.py)."""
@@ -270,25 +306,39 @@ class Stereo4DAdapter(DatasetAdapter):
 
         npz_where = self.where(scene.scene + ".npz")
         if "rectified2rig" not in ann or "fov_bounds" not in ann:
-            raise ClipError("the npz lacks 'rectified2rig'/'fov_bounds', which rectifying a raw VR180 video needs",
-                            npz_where)
+            raise ClipError(
+                "the npz lacks 'rectified2rig'/'fov_bounds', which rectifying a raw VR180 video needs", npz_where
+            )
         check_calibration(ann["rectified2rig"], ann["fov_bounds"], npz_where)
         where = self.where(rel)
         source = self.store.path(rel) if self.store.is_local else self.store.open(rel)
         try:
             with open_decoder(source, where, backend=self.opts.decoder, device=self.opts.device) as dec:
                 eye_h, eye_w = check_layout(dec.info.width, dec.info.height, where, self.opts.min_vr180_height)
-                spec = RectifySpec(eye_hw=(eye_h, eye_w),
-                                   rectified2rig=tuple(np.asarray(ann["rectified2rig"][0], np.float64).reshape(-1)),
-                                   fov_bounds=tuple(np.asarray(ann["fov_bounds"], np.float64).reshape(-1)),
-                                   size=self.opts.output_size, hfov_deg=self.opts.hfov_deg)
+                spec = RectifySpec(
+                    eye_hw=(eye_h, eye_w),
+                    rectified2rig=tuple(np.asarray(ann["rectified2rig"][0], np.float64).reshape(-1)),
+                    fov_bounds=tuple(np.asarray(ann["fov_bounds"], np.float64).reshape(-1)),
+                    size=self.opts.output_size,
+                    hfov_deg=self.opts.hfov_deg,
+                )
                 on_gpu = dec.info.device == "cuda" and dec.info.backend == "torchcodec"
                 rect = rectifier(spec, "cuda" if on_gpu else self.opts.device)
-                check_covers(dec.info, float(ann["timestamps"][-1]), where, "the npz timestamps",
-                             self.opts.timestamp_tolerance_us)
-                got = frames_at_times(dec, ann["timestamps"][frames], tolerance_us=self.opts.timestamp_tolerance_us,
-                                      as_tensor=on_gpu, transform=lambda f: rect(f[None])[0],
-                                      what="the npz timestamps")
+                check_covers(
+                    dec.info,
+                    float(ann["timestamps"][-1]),
+                    where,
+                    "the npz timestamps",
+                    self.opts.timestamp_tolerance_us,
+                )
+                got = frames_at_times(
+                    dec,
+                    ann["timestamps"][frames],
+                    tolerance_us=self.opts.timestamp_tolerance_us,
+                    as_tensor=on_gpu,
+                    transform=lambda f: rect(f[None])[0],
+                    what="the npz timestamps",
+                )
         finally:
             if not isinstance(source, str):
                 source.close()

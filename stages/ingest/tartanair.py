@@ -9,6 +9,7 @@ size (fx = fy = W/2, cx = W/2, cy = H/2), which gives exactly the official numbe
 and stays right for downscaled copies. The world frame is kept as the dataset's NED world;
 only the camera axes are converted to OpenCV.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -25,8 +26,14 @@ class TartanAirAdapter(DatasetAdapter):
     version = "1"
     capabilities = Capabilities(dynamic=False, has_depth=True, has_tracks=False, real=False)
     # 49 = 1 + 4*12 frames, what CogVideoX-based trainers consume; trajectories have thousands.
-    defaults = AdapterDefaults(clip_length=49, frame_stride=1, clip_stride=49, depth_source="gt",
-                               track_source="depth_static", max_depth_m=1000.0)
+    defaults = AdapterDefaults(
+        clip_length=49,
+        frame_stride=1,
+        clip_stride=49,
+        depth_source="gt",
+        track_source="depth_static",
+        max_depth_m=1000.0,
+    )
 
     def discover(self) -> list[SceneRef]:
         scenes = []
@@ -37,7 +44,11 @@ class TartanAirAdapter(DatasetAdapter):
                 difficulty = rel.split("/")[-2]
                 if difficulty not in ("Easy", "Hard"):
                     continue
-                n = sum(1 for line in self.store.read_text(posixpath.join(rel, "pose_left.txt")).splitlines() if line.strip())
+                n = sum(
+                    1
+                    for line in self.store.read_text(posixpath.join(rel, "pose_left.txt")).splitlines()
+                    if line.strip()
+                )
                 scenes.append(SceneRef(self.name, rel, n))
         return sorted(set(scenes), key=lambda s: s.scene)
 
@@ -67,5 +78,6 @@ class TartanAirAdapter(DatasetAdapter):
         h, w = rgb[0].shape[:2]
         k = np.tile([w / 2.0, w / 2.0, w / 2.0, h / 2.0], (len(frames), 1))
         depth = np.stack(depth)
-        return Clip(meta=meta, rgb=np.stack(rgb), intrinsics=k, c2w=c2w, depth=depth,
-                    depth_valid=self.depth_validity(depth)).validate()
+        return Clip(
+            meta=meta, rgb=np.stack(rgb), intrinsics=k, c2w=c2w, depth=depth, depth_valid=self.depth_validity(depth)
+        ).validate()

@@ -11,6 +11,7 @@ by timestamps (a downloaded YouTube video, a raw VR180 video) are read with
 
 Package: ``av`` (PyAV, bundles FFmpeg with libx264; ``pip install av``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,15 @@ class VideoInfo:
     fps: float
 
 
-def read_video(source, where: str, frames: Sequence[int] | None = None, expect_frames: int | None = None,
-               strict: bool = True, decoder: str = "auto", device: str = "auto") -> np.ndarray:
+def read_video(
+    source,
+    where: str,
+    frames: Sequence[int] | None = None,
+    expect_frames: int | None = None,
+    strict: bool = True,
+    decoder: str = "auto",
+    device: str = "auto",
+) -> np.ndarray:
     """Decode ``frames`` (all when None) of a video into (T, H, W, 3) uint8 RGB.
 
     ``source`` is bytes, a local path or a seekable binary file; ``where`` names the file in
@@ -57,8 +65,9 @@ def read_video(source, where: str, frames: Sequence[int] | None = None, expect_f
                 if shape is None:
                     shape = got[n].shape
                 elif got[n].shape != shape:
-                    raise ClipError(f"frame {n} is {got[n].shape[1]}x{got[n].shape[0]}, earlier frames "
-                                    f"{shape[1]}x{shape[0]}", where)
+                    raise ClipError(
+                        f"frame {n} is {got[n].shape[1]}x{got[n].shape[0]}, earlier frames {shape[1]}x{shape[0]}", where
+                    )
             n += 1
     if n == 0:
         raise ClipError("video has no decodable frames (truncated or corrupt)", where)
@@ -86,8 +95,15 @@ def probe_video(source, where: str, strict: bool = True) -> VideoInfo:
     return VideoInfo(num_frames=n, height=hw[0], width=hw[1], declared_frames=info.declared_frames, fps=info.fps)
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: float | Fraction = 30, crf: int = 18,
-              codec: str = "libx264", gop: int | None = None, frame_times_s: Sequence[float] | None = None) -> None:
+def write_mp4(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: float | Fraction = 30,
+    crf: int = 18,
+    codec: str = "libx264",
+    gop: int | None = None,
+    frame_times_s: Sequence[float] | None = None,
+) -> None:
     """Write (T, H, W, 3) uint8 RGB as an H.264 yuv420p mp4 (what ffmpeg/mediapy produce).
 
     Used by fixture writers. H and W must be even (4:2:0 chroma). Lossy: readers get the frames

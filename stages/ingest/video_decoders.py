@@ -15,6 +15,7 @@ concealed frame); torchcodec exposes no such switch. ``decoder="torchcodec"`` fo
 ``decoder="pyav"`` forces PyAV (with ``device="cuda"`` it asks FFmpeg for NVDEC and gets frames
 back in host memory). Install notes for torchcodec are in README.md ("Video decoding").
 """
+
 from __future__ import annotations
 
 import io
@@ -102,8 +103,9 @@ class PyAVDecoder(FrameDecoder):
             from av.codec.hwaccel import HWAccel
 
             try:  # NVDEC through FFmpeg's CUDA hwaccel; frames come back in host memory
-                self.container = av.open(source, mode="r",
-                                         hwaccel=HWAccel(device_type="cuda", allow_software_fallback=True))
+                self.container = av.open(
+                    source, mode="r", hwaccel=HWAccel(device_type="cuda", allow_software_fallback=True)
+                )
             except Exception:  # no usable CUDA device here (or the file is bad: the CPU open below says)
                 if hasattr(source, "seek"):
                     source.seek(0)
@@ -129,10 +131,16 @@ class PyAVDecoder(FrameDecoder):
             duration = float(self.container.duration)  # AV_TIME_BASE = microseconds
         else:
             duration = None
-        self.info = StreamInfo(width=int(s.codec_context.width), height=int(s.codec_context.height),
-                               fps=float(rate) if rate else 0.0, duration_us=duration,
-                               declared_frames=int(s.frames or 0), codec=s.codec_context.name, backend="pyav",
-                               device=device)
+        self.info = StreamInfo(
+            width=int(s.codec_context.width),
+            height=int(s.codec_context.height),
+            fps=float(rate) if rate else 0.0,
+            duration_us=duration,
+            declared_frames=int(s.frames or 0),
+            codec=s.codec_context.name,
+            backend="pyav",
+            device=device,
+        )
 
     def frames(self, start_us: float, seek: bool) -> Iterator[tuple[float, Any]]:
         if seek:
@@ -140,8 +148,9 @@ class PyAVDecoder(FrameDecoder):
             try:
                 self.container.seek(target, stream=self.stream, backward=True)
             except Exception as exc:
-                raise ClipError(f"cannot seek to {start_us / 1e6:.3f} s ({type(exc).__name__}: {exc})",
-                                self.where) from None
+                raise ClipError(
+                    f"cannot seek to {start_us / 1e6:.3f} s ({type(exc).__name__}: {exc})", self.where
+                ) from None
         t = None
         decoded = self.container.decode(self.stream)
         while True:
@@ -151,12 +160,15 @@ class PyAVDecoder(FrameDecoder):
                 return
             except Exception as exc:
                 at = f"after {t / 1e6:.3f} s" if t is not None else "at its first frame"
-                raise ClipError(f"corrupt video: decoding failed {at} ({type(exc).__name__}: {exc})",
-                                self.where) from None
+                raise ClipError(
+                    f"corrupt video: decoding failed {at} ({type(exc).__name__}: {exc})", self.where
+                ) from None
             pts = frame.pts if frame.pts is not None else frame.dts
             if pts is None:
-                raise ClipError("frames carry no timestamps (a raw elementary stream?); remux it into a container "
-                                "such as mp4", self.where)
+                raise ClipError(
+                    "frames carry no timestamps (a raw elementary stream?); remux it into a container such as mp4",
+                    self.where,
+                )
             t = float((pts - self.start) * self.tb) * 1e6
             yield t, frame
 
@@ -176,18 +188,25 @@ class TorchCodecDecoder(FrameDecoder):
             raise ClipError("video file is empty", where)
         try:
             # approximate: no whole-file scan; every chosen frame's real timestamp is checked anyway
-            self.dec = VideoDecoder(source, seek_mode="approximate", device=device, dimension_order="NHWC",
-                                    num_ffmpeg_threads=0)
+            self.dec = VideoDecoder(
+                source, seek_mode="approximate", device=device, dimension_order="NHWC", num_ffmpeg_threads=0
+            )
         except Exception as exc:
             raise ClipError(f"unreadable or truncated video ({type(exc).__name__}: {exc})", where) from None
         md = self.dec.metadata
         self.begin = float(md.begin_stream_seconds_from_header or 0.0)
         fps = float(md.average_fps or 0.0)
         dur = md.duration_seconds_from_header or md.duration_seconds
-        self.info = StreamInfo(width=int(md.width), height=int(md.height), fps=fps,
-                               duration_us=float(dur) * 1e6 if dur else None,
-                               declared_frames=int(md.num_frames_from_header or 0), codec=str(md.codec),
-                               backend="torchcodec", device=device)
+        self.info = StreamInfo(
+            width=int(md.width),
+            height=int(md.height),
+            fps=fps,
+            duration_us=float(dur) * 1e6 if dur else None,
+            declared_frames=int(md.num_frames_from_header or 0),
+            codec=str(md.codec),
+            backend="torchcodec",
+            device=device,
+        )
 
     def frames(self, start_us: float, seek: bool) -> Iterator[tuple[float, Any]]:
         # By index, in batches: consecutive index ranges continue decoding where the last one
@@ -202,8 +221,11 @@ class TorchCodecDecoder(FrameDecoder):
             try:
                 batch = self.dec.get_frames_in_range(i, j)
             except Exception as exc:
-                raise ClipError(f"corrupt or truncated video: decoding frames {i}-{j - 1} failed "
-                                f"({type(exc).__name__}: {str(exc)[:200]})", self.where) from None
+                raise ClipError(
+                    f"corrupt or truncated video: decoding frames {i}-{j - 1} failed "
+                    f"({type(exc).__name__}: {str(exc)[:200]})",
+                    self.where,
+                ) from None
             for k in range(int(batch.data.shape[0])):
                 yield (float(batch.pts_seconds[k]) - self.begin) * 1e6, batch.data[k]
             i = j
@@ -246,13 +268,16 @@ def resolve(backend: Backend = "auto", device: Device = "auto") -> tuple[str, st
         if backend == "pyav":  # PyAV's NVDEC lost to PyAV on the CPU at every size (bench/RESULTS.md §6)
             dev = "cpu"
     elif backend == "torchcodec" and torchcodec_problem() is not None:
-        raise RuntimeError(f"decoder 'torchcodec' was asked for but does not import: {torchcodec_problem()} "
-                           "(README.md, 'Video decoding', says what to install)")
+        raise RuntimeError(
+            f"decoder 'torchcodec' was asked for but does not import: {torchcodec_problem()} "
+            "(README.md, 'Video decoding', says what to install)"
+        )
     return backend, dev
 
 
-def open_decoder(source, where: str, backend: Backend = "auto", device: Device = "auto",
-                 strict: bool = True) -> FrameDecoder:
+def open_decoder(
+    source, where: str, backend: Backend = "auto", device: Device = "auto", strict: bool = True
+) -> FrameDecoder:
     """Open ``source`` (a local path, bytes, or a seekable binary file object)."""
     name, dev = resolve(backend, device)
     if name == "torchcodec":

@@ -22,6 +22,7 @@ container's duration, before decoding); a timestamp beyond the last decodable fr
 cut short: reported with the duration the container claims); a timestamp with no frame within
 tolerance; corrupt data (the decoder's error).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -66,8 +67,7 @@ def _decode_from(dec: FrameDecoder, start_us: float, seek_gap: float):
     return itertools.chain([first], gen)
 
 
-def check_covers(info: StreamInfo, last_us: float, where: str, what: str,
-                 tolerance_us: float | None = None) -> None:
+def check_covers(info: StreamInfo, last_us: float, where: str, what: str, tolerance_us: float | None = None) -> None:
     """A per-scene check before any decoding: the container's duration must reach ``last_us``."""
     if not (info.duration_us and info.fps):
         return
@@ -75,13 +75,23 @@ def check_covers(info: StreamInfo, last_us: float, where: str, what: str,
     tol = TOLERANCE_FRACTION * period if tolerance_us is None else float(tolerance_us)
     last_frame = info.duration_us - period
     if last_us > last_frame + tol:
-        raise ClipError(f"video is shorter than {what}: it lasts {info.duration_us / 1e6:.3f} s (last frame near "
-                        f"{max(last_frame, 0) / 1e6:.3f} s) but {what} runs to {last_us / 1e6:.3f} s", where)
+        raise ClipError(
+            f"video is shorter than {what}: it lasts {info.duration_us / 1e6:.3f} s (last frame near "
+            f"{max(last_frame, 0) / 1e6:.3f} s) but {what} runs to {last_us / 1e6:.3f} s",
+            where,
+        )
 
 
-def frames_at_times(dec: FrameDecoder, times_us, *, tolerance_us: float | None = None,
-                    seek_gap_s: float = SEEK_GAP_S, as_tensor: bool = False, transform=None,
-                    what: str = "the timestamps") -> TimedFrames:
+def frames_at_times(
+    dec: FrameDecoder,
+    times_us,
+    *,
+    tolerance_us: float | None = None,
+    seek_gap_s: float = SEEK_GAP_S,
+    as_tensor: bool = False,
+    transform=None,
+    what: str = "the timestamps",
+) -> TimedFrames:
     """The nearest displayed frame of ``dec`` for each time in ``times_us`` (see module doc).
 
     ``what`` names where the times come from in errors ("the camera file", "the npz").
@@ -94,8 +104,7 @@ def frames_at_times(dec: FrameDecoder, times_us, *, tolerance_us: float | None =
         raise ValueError("no timestamps asked for")
     info = dec.info
     if not info.fps or info.fps <= 0:
-        raise ClipError("the video does not state a frame rate, so its frames cannot be matched to timestamps",
-                        where)
+        raise ClipError("the video does not state a frame rate, so its frames cannot be matched to timestamps", where)
     period = 1e6 / info.fps
     tol = TOLERANCE_FRACTION * period if tolerance_us is None else float(tolerance_us)
     want = np.unique(times)
@@ -123,13 +132,15 @@ def frames_at_times(dec: FrameDecoder, times_us, *, tolerance_us: float | None =
             if prev is not None:
                 dt = t - prev[0]
                 if dt <= 0:
-                    raise ClipError(f"frame times do not increase ({prev[0] / 1e6:.6f} s then {t / 1e6:.6f} s)",
-                                    where)
+                    raise ClipError(f"frame times do not increase ({prev[0] / 1e6:.6f} s then {t / 1e6:.6f} s)", where)
                 if abs(dt - period) > VFR_FRACTION * period:
-                    raise ClipError(f"variable frame rate: frames at {prev[0] / 1e6:.3f} s and {t / 1e6:.3f} s are "
-                                    f"{_ms(dt)} apart, but the stream's rate is {info.fps:.3f} fps ({_ms(period)}); "
-                                    "timestamps can only be matched on a constant-rate video (re-download it, or "
-                                    "re-encode it at its original constant rate)", where)
+                    raise ClipError(
+                        f"variable frame rate: frames at {prev[0] / 1e6:.3f} s and {t / 1e6:.3f} s are "
+                        f"{_ms(dt)} apart, but the stream's rate is {info.fps:.3f} fps ({_ms(period)}); "
+                        "timestamps can only be matched on a constant-rate video (re-download it, or "
+                        "re-encode it at its original constant rate)",
+                        where,
+                    )
             while pending and t >= pending[0]:
                 target = pending.pop(0)
                 if prev is not None and target - prev[0] < t - target:
@@ -146,8 +157,11 @@ def frames_at_times(dec: FrameDecoder, times_us, *, tolerance_us: float | None =
             if prev is None:
                 claim = info.duration_us
                 if claim and group[0] <= claim:
-                    raise ClipError(f"truncated or corrupt video: nothing decodes near {group[0] / 1e6:.3f} s, but the "
-                                    f"container declares {claim / 1e6:.3f} s", where)
+                    raise ClipError(
+                        f"truncated or corrupt video: nothing decodes near {group[0] / 1e6:.3f} s, but the "
+                        f"container declares {claim / 1e6:.3f} s",
+                        where,
+                    )
                 raise ClipError("video has no decodable frames (truncated or corrupt)", where)
             for target in pending:
                 chosen[target] = (prev[0], convert(*prev))
@@ -159,12 +173,25 @@ def frames_at_times(dec: FrameDecoder, times_us, *, tolerance_us: float | None =
         if target > t:  # nothing after the last decodable frame
             claim = info.duration_us
             if claim and target <= claim - period + tol:
-                raise ClipError(f"truncated or corrupt video: decoding ends at {t / 1e6:.3f} s but the container "
-                                f"declares {claim / 1e6:.3f} s ({what} need a frame at {target / 1e6:.3f} s)", where)
-            raise ClipError(f"timestamp {int(target)} us ({target / 1e6:.3f} s) is beyond the video's end (last frame "
-                            f"at {t / 1e6:.3f} s)", where)
-        raise ClipError(f"no frame within {_ms(tol)} of timestamp {int(target)} us: the nearest is at "
-                        f"{t / 1e6:.6f} s ({(t - target) / 1000:+.1f} ms); the video ({info.fps:.3f} fps) does not "
-                        f"match {what} (another frame rate, a cut or an offset?)", where)
-    return TimedFrames(frames=[chosen[float(x)][1] for x in times],
-                       frame_times_us=np.array([chosen[float(x)][0] for x in times]), info=info, decoded=decoded)
+                raise ClipError(
+                    f"truncated or corrupt video: decoding ends at {t / 1e6:.3f} s but the container "
+                    f"declares {claim / 1e6:.3f} s ({what} need a frame at {target / 1e6:.3f} s)",
+                    where,
+                )
+            raise ClipError(
+                f"timestamp {int(target)} us ({target / 1e6:.3f} s) is beyond the video's end (last frame "
+                f"at {t / 1e6:.3f} s)",
+                where,
+            )
+        raise ClipError(
+            f"no frame within {_ms(tol)} of timestamp {int(target)} us: the nearest is at "
+            f"{t / 1e6:.6f} s ({(t - target) / 1000:+.1f} ms); the video ({info.fps:.3f} fps) does not "
+            f"match {what} (another frame rate, a cut or an offset?)",
+            where,
+        )
+    return TimedFrames(
+        frames=[chosen[float(x)][1] for x in times],
+        frame_times_us=np.array([chosen[float(x)][0] for x in times]),
+        info=info,
+        decoded=decoded,
+    )

@@ -22,6 +22,7 @@ the same scene, so by default only Camera_0 is used; ``options["cameras"] = [0, 
 right camera as separate scenes ``Scene<NN>/<variation>/Camera_1``. ``options["variations"]``
 restricts the variations (default: all). The world frame is the dataset's own.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -52,7 +53,9 @@ def _orthonormalize(r: np.ndarray) -> np.ndarray:
 class VKITTI2Options(AdapterOptions):
     """``datasets.vkitti2.options`` (docs/CONFIG.md)."""
 
-    cameras: list[Literal[0, 1]] = Field([0], description="cameras to read; Camera_1 scenes are added as separate scenes")
+    cameras: list[Literal[0, 1]] = Field(
+        [0], description="cameras to read; Camera_1 scenes are added as separate scenes"
+    )
     variations: list[str] | None = Field(None, description="variation folders to read (e.g. clone, fog); None: all")
 
 
@@ -63,9 +66,17 @@ class VKITTI2Adapter(DatasetAdapter):
     options_model = VKITTI2Options
     # Ten variations re-render the same geometry (weather, time of day, small camera rotations):
     # weight each below 1 so the five driving scenes are not over-sampled.
-    defaults = AdapterDefaults(clip_length=49, frame_stride=1, clip_stride=49, repeat_weight=0.5,
-                               loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
-                               depth_source="gt", track_source="cotracker", min_depth_m=0.05, max_depth_m=655.0)
+    defaults = AdapterDefaults(
+        clip_length=49,
+        frame_stride=1,
+        clip_stride=49,
+        repeat_weight=0.5,
+        loss_weights={"depth": 1.0, "motion": 1.0, "photo": 1.0},
+        depth_source="gt",
+        track_source="cotracker",
+        min_depth_m=0.05,
+        max_depth_m=655.0,
+    )
 
     # -- discovery ---------------------------------------------------------------------------
     def _cameras(self) -> list[int]:
@@ -84,7 +95,9 @@ class VKITTI2Adapter(DatasetAdapter):
         nested = [d for d in top if not _SCENE_RE.match(d)]
         bases = [""] + nested  # merged tree first, then side-by-side archive folders
         rgb_bases = [""] + [d for d in nested if "rgb" in d.lower()] + [d for d in nested if "rgb" not in d.lower()]
-        depth_bases = [""] + [d for d in nested if "depth" in d.lower()] + [d for d in nested if "depth" not in d.lower()]
+        depth_bases = (
+            [""] + [d for d in nested if "depth" in d.lower()] + [d for d in nested if "depth" not in d.lower()]
+        )
         wanted_vars = self.opts.variations
         found: dict[str, SceneRef] = {}
         for base in bases:
@@ -127,8 +140,11 @@ class VKITTI2Adapter(DatasetAdapter):
         rows = rows[np.argsort(frames, kind="stable")]
         frames = np.sort(frames)
         if len(frames) != num_frames or not np.array_equal(frames, np.arange(num_frames)):
-            raise ClipError(f"camera {cam}: {len(frames)} rows for frames {frames[:1].tolist()}..{frames[-1:].tolist()}, "
-                            f"expected frames 0..{num_frames - 1} (one per image)", self.where(rel))
+            raise ClipError(
+                f"camera {cam}: {len(frames)} rows for frames {frames[:1].tolist()}..{frames[-1:].tolist()}, "
+                f"expected frames 0..{num_frames - 1} (one per image)",
+                self.where(rel),
+            )
         return rows[:, 2:]
 
     # -- loading -----------------------------------------------------------------------------
@@ -160,8 +176,9 @@ class VKITTI2Adapter(DatasetAdapter):
             d_rel = posixpath.join(depth_dir, f"depth_{i:05d}.png")
             raw = self.read_png16(d_rel)
             if raw.shape != img.shape[:2]:
-                raise ClipError(f"depth is {raw.shape[1]}x{raw.shape[0]}, image is {img.shape[1]}x{img.shape[0]}",
-                                self.where(d_rel))
+                raise ClipError(
+                    f"depth is {raw.shape[1]}x{raw.shape[0]}, image is {img.shape[1]}x{img.shape[0]}", self.where(d_rel)
+                )
             rgb.append(img)
             depth.append(raw.astype(np.float32) * np.float32(DEPTH_SCALE_M))
             depth_ok.append((raw > 0) & (raw < DEPTH_SKY))

@@ -23,6 +23,7 @@ pass reads (a 60 degree view needs about a ninth of it), and the sampling maps a
 per clip. The resampling is plain integer gathers in torch, so it runs on a CUDA device when
 there is one and on the CPU otherwise.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,22 +64,32 @@ def check_calibration(rectified2rig: np.ndarray, fov_bounds: np.ndarray, where: 
         raise ClipError(f"'rectified2rig' is not a pair of rotations (orthonormality error {err.max():.2e})", where)
     b = np.asarray(fov_bounds, dtype=np.float64).reshape(-1)
     if b.shape != (4,) or not np.all(np.isfinite(b)):
-        raise ClipError(f"'fov_bounds' must be 4 finite numbers (start/end yaw, start/end tilt, degrees), got "
-                        f"{np.asarray(fov_bounds).tolist()}", where)
+        raise ClipError(
+            f"'fov_bounds' must be 4 finite numbers (start/end yaw, start/end tilt, degrees), got "
+            f"{np.asarray(fov_bounds).tolist()}",
+            where,
+        )
     if not (b[1] > b[0] and b[3] > b[2]) or b[1] - b[0] > 360 or b[3] - b[2] > 180:
-        raise ClipError(f"'fov_bounds' {b.tolist()} is not an increasing yaw range <= 360 and tilt range <= 180 "
-                        "degrees", where)
+        raise ClipError(
+            f"'fov_bounds' {b.tolist()} is not an increasing yaw range <= 360 and tilt range <= 180 degrees", where
+        )
 
 
 def check_layout(width: int, height: int, where: str, min_height: int = 0) -> tuple[int, int]:
     """A VR180 side-by-side frame is two square 180x180-degree eyes: width = 2 x height."""
     if width != 2 * height:
         shape = "top-bottom or monoscopic 360" if width <= height else "not two square eyes"
-        raise ClipError(f"video is {width}x{height}: not a side-by-side VR180 equirectangular layout (expected "
-                        f"width = 2 x height, two 180x180-degree eyes side by side; this looks {shape})", where)
+        raise ClipError(
+            f"video is {width}x{height}: not a side-by-side VR180 equirectangular layout (expected "
+            f"width = 2 x height, two 180x180-degree eyes side by side; this looks {shape})",
+            where,
+        )
     if height < min_height:
-        raise ClipError(f"VR180 video is only {height} pixels high (minimum {min_height}, as the authors' rectify.py "
-                        "requires; lower it with options.min_vr180_height)", where)
+        raise ClipError(
+            f"VR180 video is only {height} pixels high (minimum {min_height}, as the authors' rectify.py "
+            "requires; lower it with options.min_vr180_height)",
+            where,
+        )
     return height, width // 2
 
 
@@ -120,8 +131,12 @@ class _Pass:
 def _make_pass(x0, y0, fx, fy, src_hw) -> _Pass:
     h, w = src_hw
     idx, wts = [], []
-    for dy, dx, wgt in ((0, 0, (SUBPIXEL - fx) * (SUBPIXEL - fy)), (0, 1, fx * (SUBPIXEL - fy)),
-                        (1, 0, (SUBPIXEL - fx) * fy), (1, 1, fx * fy)):
+    for dy, dx, wgt in (
+        (0, 0, (SUBPIXEL - fx) * (SUBPIXEL - fy)),
+        (0, 1, fx * (SUBPIXEL - fy)),
+        (1, 0, (SUBPIXEL - fx) * fy),
+        (1, 1, fx * fy),
+    ):
         xx, yy = x0 + dx, y0 + dy
         inside = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
         idx.append((np.clip(yy, 0, h - 1) * w + np.clip(xx, 0, w - 1)).reshape(-1))
@@ -192,9 +207,13 @@ class Rectifier:
         self.spec = spec
         self.device = _device(device)
         maps = _maps(spec)
-        self.passes = [(torch.as_tensor(p.index, device=self.device),
-                        torch.as_tensor(p.weight, dtype=torch.int32, device=self.device))
-                       for p in (maps.first, maps.second)]
+        self.passes = [
+            (
+                torch.as_tensor(p.index, device=self.device),
+                torch.as_tensor(p.weight, dtype=torch.int32, device=self.device),
+            )
+            for p in (maps.first, maps.second)
+        ]
 
     def __call__(self, frames, batch: int = 8) -> np.ndarray:
         """(N, H, 2H, 3) uint8 side-by-side frames (numpy, or a torch tensor on any device) ->
@@ -205,7 +224,7 @@ class Rectifier:
         size = self.spec.size
         out = []
         for s in range(0, len(frames), batch):
-            chunk = torch.as_tensor(frames[s: s + batch]).to(self.device)
+            chunk = torch.as_tensor(frames[s : s + batch]).to(self.device)
             if chunk.ndim != 4 or chunk.shape[1] != h or chunk.shape[2] != 2 * w or chunk.shape[3] != 3:
                 raise ValueError(f"frames must be (N,{h},{2 * w},3), got {tuple(chunk.shape)}")
             left = chunk[:, :, :w, :].reshape(chunk.shape[0], h * w, 3).to(torch.int32)

@@ -19,6 +19,7 @@ shared frame and blends all of them.
   frames) that puts its shared cameras onto the joined ones; the joined poses keep the earlier
   segment's value on shared frames (poses are not blended).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,7 +53,9 @@ def _fit(new: np.ndarray, old: np.ndarray, fit: str) -> tuple[float, float]:
     return float(s), float(t)
 
 
-def join_maps(parts: list[np.ndarray], segments: list[tuple[int, int]], fit: str) -> tuple[np.ndarray, list[tuple[float, float]]]:
+def join_maps(
+    parts: list[np.ndarray], segments: list[tuple[int, int]], fit: str
+) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """One ``(T, H, W)`` map from per-segment maps; returns it and each segment's ``(scale, shift)``."""
     if len(parts) != len(segments):
         raise ValueError(f"{len(parts)} results for {len(segments)} segments")

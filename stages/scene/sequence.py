@@ -8,6 +8,7 @@ clip frame to its place in the sequence, so a per-frame result of the scene cuts
 clips by indexing. With ``clip_stride`` a multiple of ``frame_stride`` (every default) the
 sequence is the scene at its frame stride; otherwise clips interleave and the steps vary.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -57,8 +58,11 @@ class SceneSequence:
             if c.meta.scene != seq.scene:
                 raise ValueError(f"{key}: clip {c.key} is of scene {c.meta.scene!r}, not {seq.scene!r}")
             if c.rgb.shape[1:3] != hw:
-                raise ClipError(f"frames of {c.rgb.shape[2]}x{c.rgb.shape[1]} in a scene of {hw[1]}x{hw[0]} (clip "
-                                f"{clips[0].key}): a scene pass needs one image size", f"{seq.dataset}/{seq.scene}")
+                raise ClipError(
+                    f"frames of {c.rgb.shape[2]}x{c.rgb.shape[1]} in a scene of {hw[1]}x{hw[0]} (clip "
+                    f"{clips[0].key}): a scene pass needs one image size",
+                    f"{seq.dataset}/{seq.scene}",
+                )
             pos = np.searchsorted(frames, np.asarray(c.meta.frame_indices, np.int64))
             seq.positions[c.key] = pos
             for fi, p in enumerate(pos):

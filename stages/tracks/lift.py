@@ -30,6 +30,7 @@ Positions at non-visible frames are filled by linear interpolation in time betwe
 frames of the same track (held constant before the first / after the last); tracks never
 visible are 0. Consumers must use the mask.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -90,8 +91,7 @@ def _cell_edge_deviation(q: np.ndarray, y0, x0, y1, x1, fx, fy) -> np.ndarray:
     return dev
 
 
-def _sample_inverse_depth(depth: np.ndarray, valid: np.ndarray, uv: np.ndarray, rel_tol: float,
-                          noise: float = 0.0):
+def _sample_inverse_depth(depth: np.ndarray, valid: np.ndarray, uv: np.ndarray, rel_tol: float, noise: float = 0.0):
     """Bilinear inverse-depth sample of one frame. uv (N, 2) d4s pixels -> (z (N,), ok (N,)).
 
     ``ok`` is False where a used corner is invalid or the cell holds a depth edge: an

@@ -8,6 +8,7 @@ Two routes, chosen per dataset by ``track_source``:
 * ``cotracker``: CoTracker3 2D tracks from a model actor, lifted to world metres with the
   clip's (aligned) metric depth and c2w, with an occlusion test (stages/tracks/lift.py).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,9 @@ def tracks_from_depth(clip, cfg: BuildConfig):
     try:
         if clip.depth is None:
             raise ValueError("track_source 'depth_static' needs metric depth, and this clip has none")
-        tracks, vis = tracks_from_depth_static(clip.depth, clip.depth_valid, clip.intrinsics, clip.c2w,
-                                               grid=cfg.stages.tracks.grid_size)
+        tracks, vis = tracks_from_depth_static(
+            clip.depth, clip.depth_valid, clip.intrinsics, clip.c2w, grid=cfg.stages.tracks.grid_size
+        )
         clip.tracks, clip.track_visible = np.asarray(tracks, np.float32), np.asarray(vis, bool)
         clip.meta.track_source = "depth_static"
         apply_static_track_qc(clip, cfg)
@@ -60,8 +62,10 @@ def apply_static_track_qc(clip: Clip, cfg: BuildConfig) -> None:
     qc = static_drift_qc(clip.tracks, clip.track_visible, clip.c2w, max_rel_drift=t.max_rel_drift)
     clip.meta.qc["tracks"] = qc
     if t.drop_on_qc and qc["kept_fraction"] < t.min_kept_fraction:
-        raise ValueError(f"track QC: only {qc['kept_fraction']:.0%} of lifted tracks stay put in this static scene "
-                         f"(median drift {qc['median_drift_m']:.3f} m, {qc['median_drift_rel']:.1%} of depth)")
+        raise ValueError(
+            f"track QC: only {qc['kept_fraction']:.0%} of lifted tracks stay put in this static scene "
+            f"(median drift {qc['median_drift_m']:.3f} m, {qc['median_drift_rel']:.1%} of depth)"
+        )
 
 
 class TrackModelStage(ModelStage):
@@ -76,9 +80,15 @@ class TrackModelStage(ModelStage):
         if runner is None:
             from stages.tracks.cotracker.runner import CoTrackerRunner
 
-            runner = CoTrackerRunner(variant=t.variant, checkpoint=t.checkpoint, device=device,
-                                     dtype=t.dtype if device != "cpu" else "fp32", grid_size=t.grid_size,
-                                     query_frames=t.query_frames, allow_random_weights=t.allow_random_weights)
+            runner = CoTrackerRunner(
+                variant=t.variant,
+                checkpoint=t.checkpoint,
+                device=device,
+                dtype=t.dtype if device != "cpu" else "fp32",
+                grid_size=t.grid_size,
+                query_frames=t.query_frames,
+                allow_random_weights=t.allow_random_weights,
+            )
         self.runner = runner
 
     @property

@@ -1,4 +1,5 @@
 """What every fixture writer returns, so round-trip tests can compare against the render."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -17,6 +17,7 @@ authors' loaders clear it for points outside the image: co-tracker ``dr_dataset.
 dataset's demo notebook): a point in front of the camera but outside the image is flagged
 visible, so every demo build exercises the adapter's in-view rule.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -90,24 +91,30 @@ def write(scene: RenderedScene, root: Path, scene_id: str | None = None) -> Writ
             "instances": torch.from_numpy(scene.tracks_object.astype(np.float32) * moving[scene.tracks_object]),
         }
         torch.save(traj, split_dir / traj_rel)
-        entries.append({
-            "sequence_name": seq,
-            "frame_number": t,
-            "frame_timestamp": t / FPS,
-            "image": {"path": img_rel, "size": [h, w]},
-            "depth": {"path": depth_rel, "scale_adjustment": 1.0, "mask_path": None},
-            "mask": {"path": mask_rel, "mass": float(scene.dynamic_mask[t].sum())},
-            "viewpoint": _viewpoint(scene.intrinsics[t], c2w, h, w),
-            "meta": None,
-            "camera_name": "left",
-            "trajectories": {"path": traj_rel},
-        })
+        entries.append(
+            {
+                "sequence_name": seq,
+                "frame_number": t,
+                "frame_timestamp": t / FPS,
+                "image": {"path": img_rel, "size": [h, w]},
+                "depth": {"path": depth_rel, "scale_adjustment": 1.0, "mask_path": None},
+                "mask": {"path": mask_rel, "mass": float(scene.dynamic_mask[t].sum())},
+                "viewpoint": _viewpoint(scene.intrinsics[t], c2w, h, w),
+                "meta": None,
+                "camera_name": "left",
+                "trajectories": {"path": traj_rel},
+            }
+        )
     ann = split_dir / f"frame_annotations_{split}.jgz"
     existing = json.loads(gzip.decompress(ann.read_bytes()).decode("utf-8")) if ann.exists() else []
     existing = [e for e in existing if not (e["sequence_name"] == seq and e.get("camera_name") == "left")]
     ann.write_bytes(gzip.compress(json.dumps(existing + entries).encode("utf-8")))
-    return WrittenScene(dataset="dynamic_replica", scene_id=scene_id, world_from_render=WORLD_FROM_RENDER,
-                        frame_ids=list(range(t_count)))
+    return WrittenScene(
+        dataset="dynamic_replica",
+        scene_id=scene_id,
+        world_from_render=WORLD_FROM_RENDER,
+        frame_ids=list(range(t_count)),
+    )
 
 
 def demo_spec(index: int, seed: int):

@@ -10,6 +10,7 @@ width,height,num_frames,num_instances,depth_range,motion_blur}``, ``background``
 flow, normals, object coordinates, instances and events of the release are not written (d4s
 does not read them).
 """
+
 from __future__ import annotations
 
 import io
@@ -24,9 +25,7 @@ from pipeline.demo.writers.common import WrittenScene
 from stages.ingest.kubric import build_example, frame_record, iter_record_offsets
 
 # Renderer world (y down) -> kubric's z-up world.
-WORLD_FROM_RENDER = np.array(
-    [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
-)
+WORLD_FROM_RENDER = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
 SENSOR_WIDTH_MM = 32.0  # kubric's default camera sensor width
 
 
@@ -86,8 +85,12 @@ def write(scene: RenderedScene, root: Path, scene_id: str | None = None) -> Writ
     with open(shard, "ab") as f:
         f.write(frame_record(encode_example(scene, video_name=f"{scene.spec.name}")))
     # Kubric's camera positions are stored as float32: poses are exact to ~1e-7 relative.
-    return WrittenScene(dataset="kubric_movi_f", scene_id=scene_id, world_from_render=WORLD_FROM_RENDER,
-                        frame_ids=list(range(scene.spec.num_frames)))
+    return WrittenScene(
+        dataset="kubric_movi_f",
+        scene_id=scene_id,
+        world_from_render=WORLD_FROM_RENDER,
+        frame_ids=list(range(scene.spec.num_frames)),
+    )
 
 
 def demo_spec(index: int, seed: int):

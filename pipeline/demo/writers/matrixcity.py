@@ -10,6 +10,7 @@ Writes one block::
 whose translation is in metres, as the release's Blender export writes it. Depth values at or
 beyond the float16 range are written as 65504, the release's invalid marker.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,12 @@ def write(scene: RenderedScene, root: Path, scene_id: str | None = None) -> Writ
     tj = {"camera_angle_x": float(2.0 * np.arctan(0.5 * w / k[0])), "frames": frames}
     (out / "transforms.json").write_text(json.dumps(tj, indent=2))
     (out / "transforms_origin.json").write_text(json.dumps(tj, indent=2))
-    return WrittenScene(dataset="matrixcity", scene_id=scene_id, world_from_render=WORLD_FROM_RENDER,
-                        frame_ids=list(range(scene.spec.num_frames)))
+    return WrittenScene(
+        dataset="matrixcity",
+        scene_id=scene_id,
+        world_from_render=WORLD_FROM_RENDER,
+        frame_ids=list(range(scene.spec.num_frames)),
+    )
 
 
 def demo_spec(index: int, seed: int):

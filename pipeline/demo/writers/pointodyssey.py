@@ -7,6 +7,7 @@ compressed: trajs_2d, trajs_3d, valids, visibs, intrinsics, extrinsics world-to-
 ``info.npz`` (the shape of every annotation array, as some loaders read it). Normals are not
 written (d4s does not read them).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,9 +60,13 @@ def write(scene: RenderedScene, root: Path, scene_id: str | None = None) -> Writ
     }
     np.savez(out / "anno.npz", **anno)
     np.savez(out / "info.npz", **{key: np.asarray(v.shape, dtype=np.int64) for key, v in anno.items()})
-    return WrittenScene(dataset="pointodyssey", scene_id=scene_id, world_from_render=WORLD_FROM_RENDER,
-                        frame_ids=list(range(t_count)),
-                        notes="anno arrays are float32; extrinsics world-to-camera (OpenCV axes)")
+    return WrittenScene(
+        dataset="pointodyssey",
+        scene_id=scene_id,
+        world_from_render=WORLD_FROM_RENDER,
+        frame_ids=list(range(t_count)),
+        notes="anno arrays are float32; extrinsics world-to-camera (OpenCV axes)",
+    )
 
 
 def demo_spec(index: int, seed: int):
@@ -71,8 +76,9 @@ def demo_spec(index: int, seed: int):
     """
     from pipeline.demo.render import random_scene
 
-    spec = random_scene(f"pointodyssey_{index}", seed=seed, dynamic=True, num_frames=16, height=36, width=64,
-                        num_tracks=96)
+    spec = random_scene(
+        f"pointodyssey_{index}", seed=seed, dynamic=True, num_frames=16, height=36, width=64, num_tracks=96
+    )
     spec.fov_x_deg = 70.0
     return spec
 

@@ -20,6 +20,7 @@ dcharatan/real_estate_10k_tools' convert.py makes them) and merges its keys into
 RealEstate10K poses are up to scale and in an arbitrary SLAM world; the fixture mimics that
 with a world whose origin is the first camera and a translation scale ``POSE_SCALE`` units/m.
 """
+
 from __future__ import annotations
 
 import io
@@ -62,9 +63,17 @@ def camera_rows(scene: RenderedScene, world_from_render: np.ndarray) -> np.ndarr
     return np.asarray(rows)
 
 
-def write(scene: RenderedScene, root: Path, scene_id: str | None = None, image_ext: str = ".png",
-          jpeg_quality: int = 95, with_frames: bool = True, with_video: bool = False,
-          with_youtube_video: bool = False, video_step: int = 1) -> WrittenScene:
+def write(
+    scene: RenderedScene,
+    root: Path,
+    scene_id: str | None = None,
+    image_ext: str = ".png",
+    jpeg_quality: int = 95,
+    with_frames: bool = True,
+    with_video: bool = False,
+    with_youtube_video: bool = False,
+    video_step: int = 1,
+) -> WrittenScene:
     scene_id = scene_id or default_scene_id(0)
     t_count, h, w = scene.rgb.shape[:3]
     root = Path(root)
@@ -92,9 +101,14 @@ def write(scene: RenderedScene, root: Path, scene_id: str | None = None, image_e
         write_mp4(root / f"{scene_id}.mp4", scene.rgb, fps=30)
     if with_youtube_video:
         write_youtube_video(scene.rgb, root / "videos" / f"{_video_id(seq)}.mp4", video_step)
-    return WrittenScene(dataset="realestate10k", scene_id=scene_id, world_from_render=world_from_render,
-                        frame_ids=stamps, pose_scale=POSE_SCALE,
-                        notes="poses up to scale (POSE_SCALE units per metre); world = first camera")
+    return WrittenScene(
+        dataset="realestate10k",
+        scene_id=scene_id,
+        world_from_render=world_from_render,
+        frame_ids=stamps,
+        pose_scale=POSE_SCALE,
+        notes="poses up to scale (POSE_SCALE units per metre); world = first camera",
+    )
 
 
 def youtube_frames(rgb: np.ndarray, step: int = 1) -> np.ndarray:
@@ -117,8 +131,9 @@ def write_youtube_video(rgb: np.ndarray, path: Path, step: int = 1, frame_times_
     write_mp4(path, youtube_frames(rgb, step), fps=VIDEO_RATE, gop=GOP, frame_times_s=frame_times_s)
 
 
-def write_chunk(scenes: list[tuple[RenderedScene, str]], root: Path, chunk_index: int = 0,
-                jpeg_quality: int = 95) -> list[WrittenScene]:
+def write_chunk(
+    scenes: list[tuple[RenderedScene, str]], root: Path, chunk_index: int = 0, jpeg_quality: int = 95
+) -> list[WrittenScene]:
     """Scenes (all of one split) as one pixelSplat chunk ``<split>/<chunk_index:06d>.torch``."""
     import torch
 
@@ -138,11 +153,25 @@ def write_chunk(scenes: list[tuple[RenderedScene, str]], root: Path, chunk_index
             buf = io.BytesIO()
             Image.fromarray(frame).save(buf, format="JPEG", quality=jpeg_quality)
             images.append(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8))
-        examples.append({"url": youtube_url(seq), "timestamps": torch.tensor(stamps, dtype=torch.int64),
-                         "cameras": torch.tensor(camera_rows(scene, world_from_render), dtype=torch.float32),
-                         "images": images, "key": seq})
-        written.append(WrittenScene(dataset="realestate10k", scene_id=sid, world_from_render=world_from_render,
-                                    frame_ids=stamps, pose_scale=POSE_SCALE, notes=f"chunk {split}/{name}"))
+        examples.append(
+            {
+                "url": youtube_url(seq),
+                "timestamps": torch.tensor(stamps, dtype=torch.int64),
+                "cameras": torch.tensor(camera_rows(scene, world_from_render), dtype=torch.float32),
+                "images": images,
+                "key": seq,
+            }
+        )
+        written.append(
+            WrittenScene(
+                dataset="realestate10k",
+                scene_id=sid,
+                world_from_render=world_from_render,
+                frame_ids=stamps,
+                pose_scale=POSE_SCALE,
+                notes=f"chunk {split}/{name}",
+            )
+        )
     (root / split).mkdir(parents=True, exist_ok=True)
     torch.save(examples, root / split / name)
     index_path = root / split / "index.json"

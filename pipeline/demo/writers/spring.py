@@ -8,6 +8,7 @@ per frame), ``cam_data/extrinsics.txt`` (16 numbers per frame, world-to-camera, 
 ``cam_data/focaldistance.txt`` (one metric focus distance per frame; not read by d4s). Right
 camera, flow and scene-flow files are not written (d4s does not read them).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,13 +29,15 @@ WORLD_FROM_RENDER = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 
 
 def render_2x(scene: RenderedScene) -> RenderedScene:
     """The same views at twice the resolution per axis (the ground-truth grid of the release)."""
-    spec = dataclasses.replace(scene.spec, height=2 * scene.spec.height, width=2 * scene.spec.width,
-                               camera_path=scene.c2w)
+    spec = dataclasses.replace(
+        scene.spec, height=2 * scene.spec.height, width=2 * scene.spec.width, camera_path=scene.c2w
+    )
     return render(spec)
 
 
-def write(scene: RenderedScene, root: Path, scene_id: str | None = None, hires: RenderedScene | None = None
-          ) -> WrittenScene:
+def write(
+    scene: RenderedScene, root: Path, scene_id: str | None = None, hires: RenderedScene | None = None
+) -> WrittenScene:
     scene_id = scene_id or default_scene_id(0)
     out = Path(root) / scene_id
     for sub in ("frame_left", "disp1_left", "cam_data"):
@@ -59,9 +62,13 @@ def write(scene: RenderedScene, root: Path, scene_id: str | None = None, hires: 
     (out / "cam_data" / "intrinsics.txt").write_text("\n".join(intr_lines) + "\n")
     (out / "cam_data" / "extrinsics.txt").write_text("\n".join(ext_lines) + "\n")
     (out / "cam_data" / "focaldistance.txt").write_text("\n".join(focus_lines) + "\n")
-    return WrittenScene(dataset="spring", scene_id=scene_id, world_from_render=WORLD_FROM_RENDER,
-                        frame_ids=list(range(1, t_count + 1)),
-                        notes="disparity rendered at 2x resolution; values relative to the image resolution")
+    return WrittenScene(
+        dataset="spring",
+        scene_id=scene_id,
+        world_from_render=WORLD_FROM_RENDER,
+        frame_ids=list(range(1, t_count + 1)),
+        notes="disparity rendered at 2x resolution; values relative to the image resolution",
+    )
 
 
 def demo_spec(index: int, seed: int):

@@ -18,6 +18,7 @@ The world is metric and, as for a bundle-adjusted clip, anchored at the first ca
 Tracks are stored only where the rendered point is visible (as the release keeps only points
 that passed the authors' visibility/depth filtering); tracks never visible are dropped.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -35,12 +36,21 @@ FIRST_TIMESTAMP_US = 130_030_030
 FRAME_PERIOD_US = 1e6 * 1001 / 30000
 
 
-def write(scene: RenderedScene, root: Path, scene_id: str | None = None, video_layout: str = "beside",
-          with_video: bool = True, crf: int = 18) -> WrittenScene:
+def write(
+    scene: RenderedScene,
+    root: Path,
+    scene_id: str | None = None,
+    video_layout: str = "beside",
+    with_video: bool = True,
+    crf: int = 18,
+) -> WrittenScene:
     t_count, h, w = scene.rgb.shape[:3]
     f = geo.fov_to_focal(np.deg2rad(HFOV_DEG), w)
-    if not (np.allclose(scene.intrinsics[:, 0], f) and np.allclose(scene.intrinsics[:, 1], f)
-            and np.allclose(scene.intrinsics[:, 2:], [w / 2.0, h / 2.0])):
+    if not (
+        np.allclose(scene.intrinsics[:, 0], f)
+        and np.allclose(scene.intrinsics[:, 1], f)
+        and np.allclose(scene.intrinsics[:, 2:], [w / 2.0, h / 2.0])
+    ):
         raise ValueError("Stereo4D fixtures need a 60-degree horizontal FOV, square pixels, centred principal point")
     if scene_id is None:
         scene_id = f"train/{_video_id(scene.spec.name)}_{FIRST_TIMESTAMP_US}"
@@ -53,8 +63,9 @@ def write(scene: RenderedScene, root: Path, scene_id: str | None = None, video_l
     root = Path(root)
     (root / split).mkdir(parents=True, exist_ok=True)
 
-    world_from_render = _write_npz(scene, root, split, clip, video_id, stamps, DEFAULT_RECTIFIED2RIG,
-                                   DEFAULT_FOV_BOUNDS)
+    world_from_render = _write_npz(
+        scene, root, split, clip, video_id, stamps, DEFAULT_RECTIFIED2RIG, DEFAULT_FOV_BOUNDS
+    )
     if with_video:
         from stages.ingest.video import write_mp4
 
@@ -65,9 +76,14 @@ def write(scene: RenderedScene, root: Path, scene_id: str | None = None, video_l
         else:
             raise ValueError(f"unknown video_layout {video_layout!r}")
         write_mp4(path, scene.rgb, fps=30, crf=crf)
-    return WrittenScene(dataset="stereo4d", scene_id=scene_id, world_from_render=world_from_render,
-                        frame_ids=stamps.tolist(), pose_scale=1.0,
-                        notes=f"tracks kept (render track ids, file order): {kept_tracks(scene).tolist()}")
+    return WrittenScene(
+        dataset="stereo4d",
+        scene_id=scene_id,
+        world_from_render=world_from_render,
+        frame_ids=stamps.tolist(),
+        pose_scale=1.0,
+        notes=f"tracks kept (render track ids, file order): {kept_tracks(scene).tolist()}",
+    )
 
 
 def _write_npz(scene, root, split, clip, video_id, stamps, rectified2rig, fov_bounds) -> np.ndarray:
@@ -118,8 +134,12 @@ DEFAULT_RECTIFIED2RIG = np.stack([rig_rotation(3.0, -2.0, 1.0), rig_rotation(-1.
 DEFAULT_FOV_BOUNDS = np.array([-90.0, 90.0, -90.0, 90.0])
 
 
-def equirect_sbs(scene: RenderedScene, eye_size: int, rectified2rig: np.ndarray = DEFAULT_RECTIFIED2RIG,
-                 fov_bounds: np.ndarray = DEFAULT_FOV_BOUNDS) -> np.ndarray:
+def equirect_sbs(
+    scene: RenderedScene,
+    eye_size: int,
+    rectified2rig: np.ndarray = DEFAULT_RECTIFIED2RIG,
+    fov_bounds: np.ndarray = DEFAULT_FOV_BOUNDS,
+) -> np.ndarray:
     """(T, eye, 2 eye, 3) uint8: each eye's equirect, ray-cast like render() does the pinhole view.
 
     Pixel (row j, col i) looks along yaw ``y0 + i (y1 - y0) / (W - 1)``, tilt likewise (rectify.py's
@@ -143,13 +163,21 @@ def equirect_sbs(scene: RenderedScene, eye_size: int, rectified2rig: np.ndarray 
             dist, _, col = _cast(scene.spec, t, np.broadcast_to(origin, dirs.shape), dirs)
             shade = 0.75 + 0.25 * np.clip(-rect[..., 1] + 0.5, 0, 1)
             img = np.round(255 * np.clip(col * shade[..., None], 0, 1)).astype(np.uint8)
-            out[t, :, eye * eye_size:(eye + 1) * eye_size] = np.where(np.isfinite(dist)[..., None], img, 0)
+            out[t, :, eye * eye_size : (eye + 1) * eye_size] = np.where(np.isfinite(dist)[..., None], img, 0)
     return out
 
 
-def write_raw(scene: RenderedScene, root: Path, video_id: str | None = None, split: str = "train",
-              eye_size: int = 192, crf: int = 14, rectified2rig: np.ndarray = DEFAULT_RECTIFIED2RIG,
-              fov_bounds: np.ndarray = DEFAULT_FOV_BOUNDS, first_frame: int = RAW_FIRST_FRAME) -> WrittenScene:
+def write_raw(
+    scene: RenderedScene,
+    root: Path,
+    video_id: str | None = None,
+    split: str = "train",
+    eye_size: int = 192,
+    crf: int = 14,
+    rectified2rig: np.ndarray = DEFAULT_RECTIFIED2RIG,
+    fov_bounds: np.ndarray = DEFAULT_FOV_BOUNDS,
+    first_frame: int = RAW_FIRST_FRAME,
+) -> WrittenScene:
     """The release npz ``<split>/<video_id>_<first timestamp>.npz`` plus the raw side-by-side
     VR180 video ``raw/<video_id>.mp4``; the scene id is in the returned WrittenScene."""
     from stages.ingest.video import write_mp4
@@ -164,11 +192,16 @@ def write_raw(scene: RenderedScene, root: Path, video_id: str | None = None, spl
     world_from_render = _write_npz(scene, root, split, clip, video_id, stamps, rectified2rig, fov_bounds)
     sbs = equirect_sbs(scene, eye_size, rectified2rig, fov_bounds)
     video = np.full((first_frame + t_count + 8, eye_size, 2 * eye_size, 3), 96, np.uint8)
-    video[first_frame: first_frame + t_count] = sbs
+    video[first_frame : first_frame + t_count] = sbs
     write_mp4(root / "raw" / f"{video_id}.mp4", video, fps=VIDEO_RATE, crf=crf, gop=30)
-    return WrittenScene(dataset="stereo4d", scene_id=f"{split}/{clip}", world_from_render=world_from_render,
-                        frame_ids=stamps.tolist(), pose_scale=1.0,
-                        notes=f"raw VR180 {2 * eye_size}x{eye_size}; tracks kept: {kept_tracks(scene).tolist()}")
+    return WrittenScene(
+        dataset="stereo4d",
+        scene_id=f"{split}/{clip}",
+        world_from_render=world_from_render,
+        frame_ids=stamps.tolist(),
+        pose_scale=1.0,
+        notes=f"raw VR180 {2 * eye_size}x{eye_size}; tracks kept: {kept_tracks(scene).tolist()}",
+    )
 
 
 def kept_tracks(scene: RenderedScene) -> np.ndarray:

@@ -1,4 +1,5 @@
 """Encode a rendered scene in TartanAir v1's raw layout (see stages/ingest/tartanair.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,12 @@ def write(scene: RenderedScene, root: Path, scene_id: str = "demoenv/Easy/P000")
         tx, ty, tz = c2w_ned[:3, 3]
         lines.append(" ".join(f"{v:.9e}" for v in (tx, ty, tz, *q)))
     (out / "pose_left.txt").write_text("\n".join(lines) + "\n")
-    return WrittenScene(dataset="tartanair", scene_id=scene_id, world_from_render=WORLD_FROM_RENDER,
-                        frame_ids=list(range(scene.spec.num_frames)))
+    return WrittenScene(
+        dataset="tartanair",
+        scene_id=scene_id,
+        world_from_render=WORLD_FROM_RENDER,
+        frame_ids=list(range(scene.spec.num_frames)),
+    )
 
 
 def demo_spec(index: int, seed: int):

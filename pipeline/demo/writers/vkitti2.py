@@ -10,6 +10,7 @@ x axis, rendered separately. With ``archives=True`` the modalities go into side-
 next to each other. Segmentation, flow, pose.txt and bbox.txt are not written (d4s does not read
 them).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,10 +30,21 @@ JPEG_QUALITY = 95  # 4:4:4 chroma: tiny high-contrast fixtures lose too much at 
 _A = np.deg2rad(40.0)
 WORLD_FROM_RENDER = geo.make_pose(
     np.array([[np.cos(_A), 0.0, np.sin(_A)], [0.0, 1.0, 0.0], [-np.sin(_A), 0.0, np.cos(_A)]]),
-    np.array([12.5, -1.0, 30.0]))
+    np.array([12.5, -1.0, 30.0]),
+)
 SCENES = ("Scene01", "Scene02", "Scene06", "Scene18", "Scene20")
-VARIATIONS = ("clone", "fog", "morning", "overcast", "rain", "sunset",
-              "15-deg-left", "15-deg-right", "30-deg-left", "30-deg-right")
+VARIATIONS = (
+    "clone",
+    "fog",
+    "morning",
+    "overcast",
+    "rain",
+    "sunset",
+    "15-deg-left",
+    "15-deg-right",
+    "30-deg-left",
+    "30-deg-right",
+)
 
 
 def _right_camera(scene: RenderedScene) -> RenderedScene:
@@ -41,8 +53,9 @@ def _right_camera(scene: RenderedScene) -> RenderedScene:
     return render(spec)
 
 
-def write(scene: RenderedScene, root: Path, scene_id: str | None = None, cameras=(0, 1),
-          archives: bool = False) -> WrittenScene:
+def write(
+    scene: RenderedScene, root: Path, scene_id: str | None = None, cameras=(0, 1), archives: bool = False
+) -> WrittenScene:
     scene_id = scene_id or default_scene_id(0)
     variation_dir = re.sub(r"/Camera_\d+$", "", scene_id)
     root = Path(root)
@@ -75,9 +88,13 @@ def write(scene: RenderedScene, root: Path, scene_id: str | None = None, cameras
     text_dir.mkdir(parents=True, exist_ok=True)
     (text_dir / "intrinsic.txt").write_text("\n".join(int_lines) + "\n")
     (text_dir / "extrinsic.txt").write_text("\n".join(ext_lines) + "\n")
-    return WrittenScene(dataset="vkitti2", scene_id=f"{variation_dir}/Camera_0", world_from_render=WORLD_FROM_RENDER,
-                        frame_ids=list(range(t_count)),
-                        notes="Camera_1 is rendered BASELINE_M to the right of Camera_0")
+    return WrittenScene(
+        dataset="vkitti2",
+        scene_id=f"{variation_dir}/Camera_0",
+        world_from_render=WORLD_FROM_RENDER,
+        frame_ids=list(range(t_count)),
+        notes="Camera_1 is rendered BASELINE_M to the right of Camera_0",
+    )
 
 
 def driving_path(num_frames: int, seed: int) -> np.ndarray:

@@ -4,6 +4,7 @@
 * :mod:`.infer` - whole-video inference (batched windows; official-style baseline),
 * :mod:`.runner` - :class:`VDARunner` for the depth stage, :mod:`.parity` - fixture parity.
 """
+
 from .infer import infer_video_depth, infer_video_depth_official_style, infer_videos, network_size
 from .load import CheckpointMismatchError, load_checkpoint, load_official_state_dict, read_state_dict
 from .model import VideoDepthAnything, build_vda, randomize_

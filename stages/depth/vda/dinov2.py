@@ -6,6 +6,7 @@ tokens. :meth:`DinoV2Encoder.intermediate` returns the final-norm patch tokens o
 blocks; parameter names follow the official checkpoints (``patch_embed.proj``, ``blocks.N.attn.qkv``,
 ``blocks.N.ls1.gamma`` ...), so the official state_dict loads without renaming.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

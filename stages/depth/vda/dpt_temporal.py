@@ -10,6 +10,7 @@ Layout note: the motion modules keep tokens as ``(B*h*w, T, C)`` between the gro
 output projection (every op in between is per-token or per-sequence), so the reshuffle between
 image and sequence layout happens once per module, not once per attention block.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v)
     return torch.cat(
         [
-            F.scaled_dot_product_attention(q[i : i + SDPA_MAX_BATCH], k[i : i + SDPA_MAX_BATCH], v[i : i + SDPA_MAX_BATCH])
+            F.scaled_dot_product_attention(
+                q[i : i + SDPA_MAX_BATCH], k[i : i + SDPA_MAX_BATCH], v[i : i + SDPA_MAX_BATCH]
+            )
             for i in range(0, q.shape[0], SDPA_MAX_BATCH)
         ]
     )

@@ -20,6 +20,7 @@ independent reference in tests.
 Outputs are ``(T, H, W)`` float32 at the input frames' resolution: relative *disparity* for the
 relative model, metric depth (metres) for the metric model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -182,7 +183,7 @@ def stitch_windows(
         blended = tail * w_pre + post * w_post
         new = (d[OVERLAP:] * s + t).clamp_min_(0)
         ref1 = new[KEYFRAMES[1] - OVERLAP]
-        flush(torch.cat([blended, new[: -INTERP_LEN]]))
+        flush(torch.cat([blended, new[:-INTERP_LEN]]))
         tail = new[-INTERP_LEN:]
     flush(tail)
     return out

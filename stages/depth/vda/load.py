@@ -5,6 +5,7 @@ are plain state_dicts whose keys equal :class:`~stages.depth.vda.model.VideoDept
 the mapping is the identity; what this module adds is a strict check with a readable error and
 safe (``weights_only``) loading from local paths or fsspec URLs.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -41,7 +42,7 @@ def _strip_wrappers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sd = dict(sd)
     for pre in _PREFIXES:
         if sd and all(k.startswith(pre) for k in sd):
-            sd = {k[len(pre):]: v for k, v in sd.items()}
+            sd = {k[len(pre) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -101,9 +102,7 @@ def infer_encoder(state_dict: Mapping[str, torch.Tensor]) -> str:
     raise ValueError(f"state_dict has an unknown encoder (dim {dim}, depth {depth})")
 
 
-def load_checkpoint(
-    path: str | Path, encoder: str | None = None, metric: bool | None = None
-) -> VideoDepthAnything:
+def load_checkpoint(path: str | Path, encoder: str | None = None, metric: bool | None = None) -> VideoDepthAnything:
     """Build the model that fits the checkpoint at ``path`` and load it (eval mode, CPU).
 
     ``encoder`` defaults to what the weights say; ``metric`` defaults to whether the file name

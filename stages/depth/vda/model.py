@@ -10,6 +10,7 @@ Output of :meth:`VideoDepthAnything.forward`: ``(B, T, H, W)`` float32, non-nega
 relative model this is affine-invariant *disparity* (larger = nearer); for the metric model it is
 depth in metres.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -12,6 +12,7 @@ Tolerances (fixture README): max abs error <= 1e-4 and mean abs error <= 1e-5 (f
 ``max_rel`` is reported, not gated: near-zero outputs make it meaningless (the official code's own
 thread-count noise reaches 1.6e-3 there); it is measured where |ref| >= 1% of the output range.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -75,8 +76,18 @@ def reference_model(fixture_dir: str | Path, salt: str = "", metric: bool = Fals
 
 def _compare(name: str, ours: np.ndarray, ref: np.ndarray, where, seconds: float) -> ParityCase:
     if ours.shape != ref.shape:
-        return ParityCase(name, float("inf"), float("inf"), float("inf"), TOL_ABS, None, TOL_MEAN_ABS, False,
-                          f"shape {ours.shape} != reference {ref.shape}", seconds)
+        return ParityCase(
+            name,
+            float("inf"),
+            float("inf"),
+            float("inf"),
+            TOL_ABS,
+            None,
+            TOL_MEAN_ABS,
+            False,
+            f"shape {ours.shape} != reference {ref.shape}",
+            seconds,
+        )
     err = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
     max_abs, mean_abs = float(err.max()), float(err.mean())
     scale = float(ref.max() - ref.min()) or 1.0

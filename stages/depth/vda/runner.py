@@ -9,6 +9,7 @@ Outputs of :meth:`VDARunner.predict`:
 
 Both are ``(T, H, W)`` float32 at the clip's resolution, non-negative.
 """
+
 from __future__ import annotations
 
 import logging

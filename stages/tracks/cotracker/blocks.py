@@ -16,6 +16,7 @@ d4s's own (the loader maps them).
   through a small set of learned virtual tracks, ending in a (dx, dy, visibility, confidence)
   head.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 The official state_dict names differ from d4s's module names; :func:`official_key` is the
 one exact mapping (d4s name -> official name) and both directions are derived from it.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,10 +30,16 @@ _RULES: list[tuple[str, str]] = [
     (r"^transformer\.time_blocks\.", "updateformer.time_blocks."),
     (r"^transformer\.virtual_self\.", "updateformer.space_virtual_blocks."),
     (r"^transformer\.virtual_from_points\.(\d+)\.attn\.", "updateformer.space_virtual2point_blocks.{0}.cross_attn."),
-    (r"^transformer\.virtual_from_points\.(\d+)\.norm_ctx\.", "updateformer.space_virtual2point_blocks.{0}.norm_context."),
+    (
+        r"^transformer\.virtual_from_points\.(\d+)\.norm_ctx\.",
+        "updateformer.space_virtual2point_blocks.{0}.norm_context.",
+    ),
     (r"^transformer\.virtual_from_points\.", "updateformer.space_virtual2point_blocks."),
     (r"^transformer\.points_from_virtual\.(\d+)\.attn\.", "updateformer.space_point2virtual_blocks.{0}.cross_attn."),
-    (r"^transformer\.points_from_virtual\.(\d+)\.norm_ctx\.", "updateformer.space_point2virtual_blocks.{0}.norm_context."),
+    (
+        r"^transformer\.points_from_virtual\.(\d+)\.norm_ctx\.",
+        "updateformer.space_point2virtual_blocks.{0}.norm_context.",
+    ),
     (r"^transformer\.points_from_virtual\.", "updateformer.space_point2virtual_blocks."),
     (r"^transformer\.flow_head\.", "updateformer.flow_head."),
     (r"^transformer\.vis_conf_head\.", "updateformer.vis_conf_head."),
@@ -68,7 +75,7 @@ def official_key(name: str) -> str:
                 rep = rep.replace("{s}", str(int(groups[0]) + 1))
             elif groups:
                 rep = rep.format(*groups)
-            return rep + name[m.end():]
+            return rep + name[m.end() :]
     raise KeyError(f"no official name for d4s key {name!r}")
 
 
@@ -128,7 +135,7 @@ def read_checkpoint(path: str | Path) -> dict:
         sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     else:
         if path.startswith("file://"):
-            path = path[len("file://"):]
+            path = path[len("file://") :]
         sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path}: checkpoint is a {type(sd).__name__}, expected a state_dict")

@@ -15,6 +15,7 @@ Pipeline of one refinement step, for every track and frame of the window:
    displacement to the previous and next frame (84)] = 1110 channels, plus a temporal embedding.
 4. The transformer predicts (dx, dy, dvisibility, dconfidence); coordinates and logits add up.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -194,9 +195,7 @@ class CoTracker3(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Iterate the update. coords (B, S, N, 2) stride-4 units; vis, conf (B, S, N, 1) logits."""
         b, s, n, _ = coords.shape
-        scale = torch.tensor(
-            [self.model_resolution[1], self.model_resolution[0]], device=coords.device
-        ) / self.stride
+        scale = torch.tensor([self.model_resolution[1], self.model_resolution[0]], device=coords.device) / self.stride
         time_emb = self.time_embedding(s)
         for _ in range(iters):
             coords = coords.detach()

@@ -15,6 +15,7 @@ Cases (one :class:`ParityCase` per recorded output):
 Tolerances (fixture README): tracks max abs error <= 1e-2 px and mean <= 1e-3 px; thresholded
 visibilities must agree exactly; raw visibility/confidence probabilities within 1e-3.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -68,15 +69,33 @@ def reference_model(fixture_dir: str | Path, variant: str, salt: str = ""):
     return model.eval()
 
 
-def _compare_float(name: str, ours: np.ndarray, ref: np.ndarray, tol_max: float, tol_mean: float, axes: str) -> ParityCase:
+def _compare_float(
+    name: str, ours: np.ndarray, ref: np.ndarray, tol_max: float, tol_mean: float, axes: str
+) -> ParityCase:
     if ours.shape != ref.shape:
-        return ParityCase(name, float("inf"), float("inf"), float("inf"), tol_max, tol_mean, False,
-                          f"shape {ours.shape} vs reference {ref.shape}")
+        return ParityCase(
+            name,
+            float("inf"),
+            float("inf"),
+            float("inf"),
+            tol_max,
+            tol_mean,
+            False,
+            f"shape {ours.shape} vs reference {ref.shape}",
+        )
     err = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
     if not np.all(np.isfinite(err)):
         bad = np.argwhere(~np.isfinite(err))[0]
-        return ParityCase(name, float("inf"), float("inf"), float("inf"), tol_max, tol_mean, False,
-                          f"non-finite output at {_where(bad, axes)}")
+        return ParityCase(
+            name,
+            float("inf"),
+            float("inf"),
+            float("inf"),
+            tol_max,
+            tol_mean,
+            False,
+            f"non-finite output at {_where(bad, axes)}",
+        )
     max_abs, mean_abs = float(err.max()), float(err.mean())
     max_rel = max_abs / max(float(np.abs(ref).max()), 1e-12)
     ok = max_abs <= tol_max and mean_abs <= tol_mean
@@ -91,8 +110,16 @@ def _compare_float(name: str, ours: np.ndarray, ref: np.ndarray, tol_max: float,
 
 def _compare_bool(name: str, ours: np.ndarray, ref: np.ndarray, axes: str) -> ParityCase:
     if ours.shape != ref.shape:
-        return ParityCase(name, float("inf"), float("inf"), float("inf"), 0.0, 0.0, False,
-                          f"shape {ours.shape} vs reference {ref.shape}")
+        return ParityCase(
+            name,
+            float("inf"),
+            float("inf"),
+            float("inf"),
+            0.0,
+            0.0,
+            False,
+            f"shape {ours.shape} vs reference {ref.shape}",
+        )
     mism = ours.astype(bool) != ref.astype(bool)
     n = int(mism.sum())
     frac = n / max(mism.size, 1)
@@ -118,6 +145,7 @@ def run_parity(fixture_dir: str | Path, salt: str = "", cases: list[str] | None 
     fixture_dir = Path(fixture_dir)
     if not (fixture_dir / "video.npy").is_file():
         raise FileNotFoundError(f"{fixture_dir}: no video.npy (not a CoTracker3 parity fixture)")
+
     def _selected(g: str, c: str) -> bool:  # exact group, an output of it, or its case letter
         return g == c or c.startswith(g + ".") or g.split(".")[0] == c
 
@@ -159,14 +187,20 @@ def run_parity(fixture_dir: str | Path, salt: str = "", cases: list[str] | None 
                     q = torch.from_numpy(load("caseC.queries"))[None]
                     coords, vis, conf = model(None, q, iters=6, fmaps=fmaps)
                     res = [
-                        _compare_float("caseC.coords", coords.numpy(), load("caseC.coords"), TRACK_MAX_ABS, TRACK_MEAN_ABS, "btnc"),
+                        _compare_float(
+                            "caseC.coords", coords.numpy(), load("caseC.coords"), TRACK_MAX_ABS, TRACK_MEAN_ABS, "btnc"
+                        ),
                         _compare_float("caseC.vis", vis.numpy(), load("caseC.vis"), PROB_MAX_ABS, PROB_MAX_ABS, "btn"),
-                        _compare_float("caseC.conf", conf.numpy(), load("caseC.conf"), PROB_MAX_ABS, PROB_MAX_ABS, "btn"),
+                        _compare_float(
+                            "caseC.conf", conf.numpy(), load("caseC.conf"), PROB_MAX_ABS, PROB_MAX_ABS, "btn"
+                        ),
                     ]
                 else:
                     tracks, visible = pred(video, fmaps=fmaps, **calls[g])
                     res = [
-                        _compare_float(f"{g}.tracks", tracks.numpy(), load(f"{g}.tracks"), TRACK_MAX_ABS, TRACK_MEAN_ABS, "btnc"),
+                        _compare_float(
+                            f"{g}.tracks", tracks.numpy(), load(f"{g}.tracks"), TRACK_MAX_ABS, TRACK_MEAN_ABS, "btnc"
+                        ),
                         _compare_bool(f"{g}.visibility", visible.numpy(), load(f"{g}.visibility"), "btn"),
                     ]
                 finish(g, res, t0)
@@ -175,7 +209,14 @@ def run_parity(fixture_dir: str | Path, salt: str = "", cases: list[str] | None 
             model = reference_model(fixture_dir, "online", salt)
             tracks, visible = OnlinePredictor(model)(video, grid_size=4, grid_query_frame=0)
             res = [
-                _compare_float("caseB.grid4.tracks", tracks.numpy(), load("caseB.grid4.tracks"), TRACK_MAX_ABS, TRACK_MEAN_ABS, "btnc"),
+                _compare_float(
+                    "caseB.grid4.tracks",
+                    tracks.numpy(),
+                    load("caseB.grid4.tracks"),
+                    TRACK_MAX_ABS,
+                    TRACK_MEAN_ABS,
+                    "btnc",
+                ),
                 _compare_bool("caseB.grid4.visibility", visible.numpy(), load("caseB.grid4.visibility"), "btn"),
             ]
             finish("caseB.grid4", res, t0)

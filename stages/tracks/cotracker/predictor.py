@@ -17,6 +17,7 @@ visibility x confidence > 0.6.
 All coordinates here are in the tracker's pixel convention (x = 0 at the centre of the first
 column). :mod:`stages.tracks.cotracker.runner` converts to d4s pixels.
 """
+
 from __future__ import annotations
 
 import torch

@@ -17,6 +17,7 @@ Clips with the same number of frames are batched together (up to ``max_batch``),
 resized to the model resolution; ``dtype`` 'bf16'/'fp16' runs the network under autocast with
 coordinates kept in float32.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -115,7 +116,9 @@ class CoTrackerRunner:
             model = load_model(checkpoint, variant, attn_impl=attn_impl)
         if tuple(model_resolution) != tuple(model.model_resolution):
             state = model.state_dict()
-            model = CoTracker3(window_len=model.window_len, model_resolution=tuple(model_resolution), attn_impl=attn_impl)
+            model = CoTracker3(
+                window_len=model.window_len, model_resolution=tuple(model_resolution), attn_impl=attn_impl
+            )
             model.load_state_dict(state)
         self.model: CoTracker3 = model.to(self.device).eval()
         self.last_query_frames: list[np.ndarray] = []
