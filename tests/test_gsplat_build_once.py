@@ -1,6 +1,8 @@
-"""gsplat JIT-builds its CUDA extension at first import and deletes an unfinished build directory, so ranks
-of a node importing it at once break each other's build (seen on 2 H200s). One builder per node imports it
-first; the other ranks load it only after a barrier that the builder reaches once its import finished."""
+"""gsplat JIT-builds its CUDA extension at first import and deletes an unfinished build directory, so
+processes importing it at once into one cache break each other's build (seen on 2 H200s: every rank
+failed). The cache is per node (~/.cache/torch_extensions), or one for all nodes when home is shared:
+rank 0 builds first, then the first rank of each other node (its own cache, or loads the shared one),
+then everyone else; each step after a barrier."""
 
 import threading
 import time
@@ -8,39 +10,47 @@ import time
 import pytest
 
 
-def _run_ranks(n_ranks: int, build_s: float):
+def _run(ranks: list[tuple[int, int]], shared_cache: bool, build_s: float = 0.15):
+    """ranks: (rank, local_rank) per process; caches keyed by node (or one shared)."""
     from training.render_gsplat import build_backend_once
 
     events: list[tuple[str, int]] = []
     lock = threading.Lock()
-    building = threading.Event()
-    built = threading.Event()
-    barrier = threading.Barrier(n_ranks)
+    caches: dict[str, dict[str, threading.Event]] = {}
+    barrier = threading.Barrier(len(ranks))
+    node_of = {}
+    node = -1
+    for rank, local in ranks:
+        node += local == 0
+        node_of[rank] = node
 
     def fake_import(rank):
+        key = "shared" if shared_cache else f"node{node_of[rank]}"
+
         def imp():
             with lock:
-                events.append(("import-start", rank))
-            if not built.is_set():
-                if building.is_set():  # a second process entering the JIT build while one runs: the race
+                c = caches.setdefault(key, {"building": threading.Event(), "built": threading.Event()})
+                events.append(("start", rank))
+            if not c["built"].is_set():
+                if c["building"].is_set():  # a second process in the JIT build of the same cache: the race
                     raise ImportError(f"rank {rank}: gsplat_cuda.so: cannot open shared object file")
-                building.set()
+                c["building"].set()
                 time.sleep(build_s)
-                built.set()
+                c["built"].set()
             with lock:
-                events.append(("import-done", rank))
+                events.append(("done", rank))
 
         return imp
 
     errors = []
 
-    def rank_main(rank):
+    def main(rank, local):
         try:
-            build_backend_once(rank == 0, barrier.wait, import_backend=fake_import(rank))
+            build_backend_once(rank, local, barrier.wait, import_backend=fake_import(rank))
         except Exception as e:  # noqa: BLE001 - collected for the assertion
             errors.append(e)
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(n_ranks)]
+    threads = [threading.Thread(target=main, args=rl) for rl in ranks]
     for t in threads:
         t.start()
     for t in threads:
@@ -48,12 +58,15 @@ def _run_ranks(n_ranks: int, build_s: float):
     return events, errors
 
 
-@pytest.mark.parametrize("n_ranks", [2, 4])
-def test_one_builder_per_node_then_the_others(n_ranks):
-    events, errors = _run_ranks(n_ranks, build_s=0.2)
+@pytest.mark.parametrize("shared_cache", [False, True])
+@pytest.mark.parametrize(
+    "layout", [[(0, 0), (1, 1)], [(0, 0), (1, 1), (2, 0), (3, 1)], [(0, 0), (1, 1), (2, 2), (3, 3)]]
+)
+def test_every_rank_loads_without_racing_the_build(layout, shared_cache):
+    events, errors = _run(layout, shared_cache)
     assert errors == []
-    assert events[:2] == [("import-start", 0), ("import-done", 0)], events
-    assert sorted(r for kind, r in events if kind == "import-done") == list(range(n_ranks))
+    assert events[:2] == [("start", 0), ("done", 0)], events  # rank 0 alone first
+    assert sorted(r for kind, r in events if kind == "done") == [r for r, _ in layout]
 
 
 def test_the_builder_failing_fails_before_the_barrier():
@@ -65,5 +78,5 @@ def test_the_builder_failing_fails_before_the_barrier():
         raise ImportError("no CUDA toolkit")
 
     with pytest.raises(ImportError, match="no CUDA toolkit"):
-        build_backend_once(True, lambda: calls.append("barrier"), import_backend=bad_import)
-    assert calls == []  # the error surfaces on the builder; the others stop at the barrier's timeout
+        build_backend_once(0, 0, lambda: calls.append("barrier"), import_backend=bad_import)
+    assert calls == []  # the error surfaces on rank 0; the others stop at the barrier's timeout

@@ -67,19 +67,24 @@ def _import_backend() -> None:
     from gsplat.cuda._backend import _C  # noqa: F401 - importing it is what builds/loads the extension
 
 
-def build_backend_once(is_builder: bool, barrier: Callable[[], None], import_backend=_import_backend) -> None:
-    """Build gsplat's CUDA extension in one process per node before the others load it.
+def build_backend_once(rank: int, local_rank: int, barrier: Callable[[], None], import_backend=_import_backend) -> None:
+    """Build gsplat's CUDA extension once per cache before any other process loads it.
 
     gsplat JIT-compiles its extension on first import, and when no finished ``gsplat_cuda.so`` is in
-    the build directory its loader deletes that directory and starts over: ranks of one fresh node
-    importing it at once delete each other's build (2 H200s, bench/RESULTS.md §4c: every rank failed
-    with ``ImportError: .../gsplat_cuda.so: cannot open shared object file``). So the node's builder
-    (local rank 0) imports first; everyone meets at ``barrier``; then the others load the finished .so.
+    the build directory its loader deletes that directory and starts over: processes importing it at
+    once into one cache delete each other's build (2 H200s, bench/RESULTS.md §4c: every rank failed
+    with ``ImportError: .../gsplat_cuda.so: cannot open shared object file``). The cache is per node
+    (``~/.cache/torch_extensions``), or one for every node when home directories are shared. So: rank 0
+    imports first; then the first rank of every other node (it builds its node's cache, or loads the
+    shared one that rank 0 built); then everyone else. Each step starts after a barrier.
     """
-    if is_builder:
+    if rank == 0:
         import_backend()
     barrier()
-    if not is_builder:
+    if local_rank == 0 and rank != 0:
+        import_backend()
+    barrier()
+    if local_rank != 0:
         import_backend()
 
 

@@ -157,7 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
         compile_blocks(model)
     rasterize = get_rasterizer(rt.renderer if use_cuda else "torch")
     if distributed and rasterize is rasterize_gsplat:
-        build_backend_once(int(os.environ.get("LOCAL_RANK", rank)) == 0, dist.barrier)
+        build_backend_once(rank, int(os.environ.get("LOCAL_RANK", rank)), dist.barrier)
     lpips_fn = LPIPSLoss(cfg.loss.lpips_net, cfg.loss.lpips_torch_home).to(device) if cfg.loss.lpips_enabled else None
     text_encoder = None
     if cfg.backbone.text_encoder_dir:  # frozen, beside the model (not in DDP/FSDP, optimiser or checkpoints)
