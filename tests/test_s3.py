@@ -73,6 +73,20 @@ def _config(output: str, root: str, **over):
     )
 
 
+def _static_stage(steps: int) -> dict:
+    """A tiny first curriculum stage (16 px, 3 frames) for training from the S3 builds."""
+    return dict(
+        name="static",
+        steps=steps,
+        resolution=16,
+        num_frames=3,
+        scenes="any",
+        max_frame_stride=1,
+        frozen=["deformation"],
+        losses=["fm", "photo", "geo"],
+    )
+
+
 def _members(data: bytes) -> dict[str, bytes]:
     """Tar members, with the provenance hash of the config (it names the dataset root) left out."""
     out = {}
@@ -210,16 +224,7 @@ def test_training_loader_reads_shards_from_s3(s3, builds):
     from training.data import iter_tar, make_loader, resolve_shards
 
     index = ManifestStore(Store(builds["url"])).index()
-    stage = dict(
-        name="static",
-        steps=2,
-        resolution=16,
-        num_frames=3,
-        scenes="any",
-        max_frame_stride=1,
-        frozen=["deformation"],
-        losses=["fm", "photo", "geo"],
-    )
+    stage = _static_stage(2)
     cfg = make_config("tiny", data={"root": builds["url"], "shuffle_buffer": 1}, stages=[stage])
     by_ds, counts, keys = resolve_shards(cfg.data)
     assert counts == {"tartanair": 6} and keys == {r["key"]: "tartanair" for r in index}
@@ -246,18 +251,7 @@ def test_training_checkpoints_and_resumes_in_s3_workdir(s3, builds, capsys):
     cfg = {
         "preset": "tiny",
         "data": {"root": builds["url"], "shuffle_buffer": 1},
-        "stages": [
-            dict(
-                name="static",
-                steps=2,
-                resolution=16,
-                num_frames=3,
-                scenes="any",
-                max_frame_stride=1,
-                frozen=["deformation"],
-                losses=["fm", "photo", "geo"],
-            )
-        ],
+        "stages": [_static_stage(2)],
         "runtime": {"launcher": "local", "num_workers": 1, "ckpt_every": 1, "tensorboard": False},
     }
     path = builds["local_out"].parent / "train.yaml"
@@ -282,16 +276,7 @@ def test_ray_train_two_ranks_checkpoint_and_resume_in_s3_workdir(s3, builds):
     from training.trainer import latest_checkpoint, load_checkpoint, ray_storage_path, train
 
     wd = s3.url("train_ray")
-    stage = dict(
-        name="static",
-        steps=3,
-        resolution=16,
-        num_frames=3,
-        scenes="any",
-        max_frame_stride=1,
-        frozen=["deformation"],
-        losses=["fm", "photo", "geo"],
-    )
+    stage = _static_stage(3)
     base = dict(
         data={"root": builds["url"], "shuffle_buffer": 1},
         workdir=wd,

@@ -79,25 +79,10 @@ def novel_path(frames: int, centre_depth: float, intr: np.ndarray) -> tuple[np.n
 
 
 def generate(
-    ckpt: str,
-    image: str,
-    trajectory: str,
-    out: str,
-    prompt: str | None = None,
-    steps: int = 25,
-    seed: int = 0,
-    frames: int | None = None,
-    resolution: int | None = None,
-    resize: bool = False,
-    fov_deg: float = 60.0,
-    clip: str | None = None,
-    device: str = "auto",
-    text_encoder: str | None = None,
-    write_ply: bool = True,
-    fps: int = 8,
-    config: str | None = None,
+    ckpt: str, image: str, trajectory: str, out: str, device: str = "auto", config: str | None = None, **options
 ) -> dict:
-    """Generate (module docs); returns what ``timings.json`` holds."""
+    """Generate (module docs): load the checkpoint, then :func:`run_generation` with ``options`` (its
+    keyword arguments: prompt, steps, seed, frames, resolution, ...); returns what ``timings.json`` holds."""
     from training.config import load_config
     from training.evaluate import pick_device
     from training.load import load_model
@@ -105,26 +90,7 @@ def generate(
     t_start = time.perf_counter()
     dev = pick_device(device)
     model, cfg, info = load_model(ckpt, dev, load_config(config) if config else None)
-    return run_generation(
-        model,
-        cfg,
-        info,
-        image,
-        trajectory,
-        out,
-        prompt=prompt,
-        steps=steps,
-        seed=seed,
-        frames=frames,
-        resolution=resolution,
-        resize=resize,
-        fov_deg=fov_deg,
-        clip=clip,
-        text_encoder=text_encoder,
-        write_ply=write_ply,
-        fps=fps,
-        load_s=time.perf_counter() - t_start,
-    )
+    return run_generation(model, cfg, info, image, trajectory, out, **options, load_s=time.perf_counter() - t_start)
 
 
 def run_generation(
