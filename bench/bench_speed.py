@@ -291,32 +291,37 @@ class Case:
         self.rasterize = get_rasterizer("auto" if self.device.type == "cuda" else "torch")
         self.n = 0
 
+    def _train_step(self, batch: dict, autocast: bool) -> dict:
+        """One optimiser step of the model on ``batch`` (the trainer's own step); its aggregated losses."""
+        from training.trainer import train_step
+
+        agg, _ = train_step(
+            self.model,
+            self.model,
+            self.opt,
+            self.sched,
+            iter([batch]),
+            self.stage,
+            self.cfg,
+            self.device,
+            rasterize=self.rasterize,
+            autocast=autocast,
+        )
+        return agg
+
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
     def steps(self, k: int) -> tuple[float, list[float]]:
         """``k`` steps timed together (host and GPU overlap as in training) -> (s/step, their losses)."""
-        from training.trainer import train_step
-
         self._sync()
         t = time.perf_counter()
         losses = []
         for _ in range(k):
             torch.manual_seed(1000 + self.n)  # the same draws (t, noise, frames) in every case at step n
             batch = copy.copy(self.batches[self.n % len(self.batches)])
-            agg, _ = train_step(
-                self.model,
-                self.model,
-                self.opt,
-                self.sched,
-                iter([batch]),
-                self.stage,
-                self.cfg,
-                self.device,
-                rasterize=self.rasterize,
-                autocast=self.device.type == "cuda",
-            )
+            agg = self._train_step(batch, autocast=self.device.type == "cuda")
             losses.append(agg["loss"][0].detach())
             self.n += 1
         self._sync()
@@ -353,26 +358,13 @@ class Case:
         """Host-device syncs in one step, by CUDA's sync debug mode, with the lines that cause them."""
         if self.device.type != "cuda":
             return {"skipped": "no CUDA"}
-        from training.trainer import train_step
-
         self._sync()
         batch = copy.copy(self.batches[self.n % len(self.batches)])
         with warnings.catch_warnings(record=True) as got:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_step(
-                    self.model,
-                    self.model,
-                    self.opt,
-                    self.sched,
-                    iter([batch]),
-                    self.stage,
-                    self.cfg,
-                    self.device,
-                    rasterize=self.rasterize,
-                    autocast=True,
-                )
+                self._train_step(batch, autocast=True)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         self.n += 1
