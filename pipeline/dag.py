@@ -192,6 +192,8 @@ class _ModelActor:
             from stages.tracks.stage import TrackModelStage
 
             self.impl = TrackModelStage(cfg, device)
+        if device != "cpu":
+            self.impl.warm_up()
 
     def process(self, refs: list, clip_ids: list[str], hang: bool = False):
         clips = _resolve(refs, self.stage, clip_ids)

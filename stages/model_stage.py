@@ -37,6 +37,13 @@ class ModelStage(ABC):
     def wants(self, clip: Clip) -> bool:
         """Whether this clip needs the stage (e.g. has no depth yet)."""
 
+    def warm_up(self) -> None:
+        """Run the model once on made-up input. The model actor calls it at start on a GPU, so the
+        one-time costs of a first forward (CUDA context, loading the CUDA libraries' kernels,
+        allocator growth: seconds on a fresh node) fall in the actor's start-up instead of in the
+        first shard's time and deadline. Default: nothing."""
+        return None
+
     def group_of(self, clip: Clip) -> str:
         """The pass a clip belongs to; default: each clip is its own pass."""
         return clip.key

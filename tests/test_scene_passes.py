@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -185,7 +186,9 @@ def test_each_source_frame_goes_through_the_depth_model_once_per_scene():
     for _c, o in zip(clips, out):
         np.testing.assert_array_equal(o.aux["relative_depth"][:, 0, 0], np.array(o.meta.frame_indices) + 1)
         assert o.meta.untrained_models == ["vda"]
-    assert out[0].aux["stats"] == {
+    stats = dict(out[0].aux["stats"])
+    assert stats.pop("depth.model_s") >= 0
+    assert stats == {
         "depth.passes": 1,
         "depth.source_frames": 8,
         "depth.model_frames": 8,
@@ -195,6 +198,34 @@ def test_each_source_frame_goes_through_the_depth_model_once_per_scene():
     per_clip = depth_stage("clip")
     per_clip.process([clip("s", [0, 1, 2, 3]), clip("s", [2, 3, 4, 5])])
     assert sorted(per_clip.runner.seen) == [0, 1, 2, 2, 3, 3, 4, 5]
+
+
+def test_model_seconds_are_counted_per_pass_by_its_frames():
+    """``depth.model_s``: the seconds inside the model call, split over the passes of the call by
+    their model frames, so a shard's sum is the model's time (what the scene-pass bench compares
+    with standalone VDA), apart from assembling and cutting the scenes around it."""
+
+    class SlowRunner(CountingRunner):
+        def predict(self, videos):
+            time.sleep(0.2)
+            return super().predict(videos)
+
+    st = depth_stage(runner=SlowRunner())
+    out = st.process([clip("s", list(range(6))), clip("t", [0, 1]), clip("t", [1, 2])])
+    s, t = out[0].aux["stats"]["depth.model_s"], out[1].aux["stats"]["depth.model_s"]
+    assert s + t >= 0.2 and s == pytest.approx(2 * t)  # 6 frames vs 3
+
+
+def test_warm_up_runs_one_blank_window_and_counts_nothing():
+    """The actor runs the depth model once at start (CUDA context, libraries, kernels), so a one-time
+    cost falls in the actor's start-up, not in the first shard's time or deadline."""
+    from stages.depth.vda.infer import INFER_LEN
+
+    st = depth_stage()
+    st.warm_up()
+    assert st.runner.calls == 1 and st.runner.seen == [0] * INFER_LEN
+    out = st.process([clip("s", [0, 1, 2])])
+    assert out[0].aux["stats"]["depth.model_frames"] == 3 and st.runner.calls == 2
 
 
 def test_long_scene_runs_in_segments_and_is_joined():

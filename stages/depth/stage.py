@@ -16,6 +16,10 @@ for the align stage, which makes it metric.
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
+
 from pipeline.clip import Clip
 from pipeline.config import BuildConfig
 from stages.contract import StageContract
@@ -42,6 +46,7 @@ class DepthModelStage(ModelStage):
         self.metric = d.metric
         self.granularity = cfg.stages.scene.granularity
         self.max_frames = cfg.stages.scene.max_frames
+        self.input_size = d.input_size
         self.overlap = cfg.stages.scene.overlap_frames
         if runner is None:
             from stages.depth.vda.runner import VDARunner
@@ -65,6 +70,12 @@ class DepthModelStage(ModelStage):
     def wants(self, clip: Clip) -> bool:
         return clip.depth is None
 
+    def warm_up(self) -> None:
+        """One window of blank frames at the network's input size through the model."""
+        from stages.depth.vda.infer import INFER_LEN
+
+        self.runner.predict([np.zeros((INFER_LEN, self.input_size, self.input_size, 3), np.uint8)])
+
     def group_of(self, clip: Clip) -> str:
         return group_key(clip, self.granularity)
 
@@ -82,25 +93,30 @@ class DepthModelStage(ModelStage):
             spans.append((len(seqs), len(videos), segs))
             seqs.append(seq)
             videos += [rgb[a:b] for a, b in segs]
+        t0 = time.perf_counter()
         preds = self.runner.predict(videos) if videos else []
+        model_s = time.perf_counter() - t0
+        total = max(1, sum(len(v) for v in videos))
         out: list = list(seqs)
         for i, first, segs in spans:
             parts = preds[first : first + len(segs)]
             depth = parts[0] if len(parts) == 1 else join_maps(parts, segs, "scale" if self.metric else "affine")[0]
-            out[i] = (seqs[i], depth, segs)
+            share = model_s * sum(b - a for a, b in segs) / total  # the call's seconds, by model frames
+            out[i] = (seqs[i], depth, segs, share)
         return out
 
     def finish(self, clip: Clip, result, members: list[Clip]) -> Clip:
-        seq, depth, _ = result
+        seq, depth, *_ = result
         clip.aux["relative_depth"] = seq.cut(clip.key, depth)
         clip.aux["relative_kind"] = "metric_depth" if self.metric else "disparity"
         return clip
 
     def stats(self, members: list[Clip], result) -> dict[str, float]:
-        seq, _, segs = result
+        seq, _, segs, model_s = result
         return {
             "depth.passes": 1,
             "depth.source_frames": seq.num_frames,
             "depth.model_frames": sum(b - a for a, b in segs),
             "depth.clip_frames": sum(c.num_frames for c in members),
+            "depth.model_s": model_s,
         }
