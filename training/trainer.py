@@ -124,7 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
     from training.model import Diff4Splat
     from training.render_gsplat import build_backend_once, get_rasterizer
     from training.render_gsplat import rasterize as rasterize_gsplat
-    from training.speed import compile_blocks, make_optimizer
+    from training.speed import compile_blocks, compile_vae_encoder, make_optimizer
 
     cfg = TrainConfig.model_validate(config["cfg"])
     rt = cfg.runtime
@@ -155,6 +155,8 @@ def train_loop_per_worker(config: dict) -> None:
     model.set_gradient_checkpointing(rt.grad_checkpointing, rt.checkpoint_fraction)
     if rt.compile:  # before sharding: FSDP2's hooks stay outside the compiled forwards
         compile_blocks(model)
+    if rt.compile_vae:
+        compile_vae_encoder(model.backbone)
     rasterize = get_rasterizer(rt.renderer if use_cuda else "torch")
     if distributed and rasterize is rasterize_gsplat:
         build_backend_once(rank, int(os.environ.get("LOCAL_RANK", rank)), dist.barrier)
