@@ -92,6 +92,25 @@ def test_inductor_compiled_blocks_same_losses(setup):
     _close(ref, _loss_and_grads(model, cfg, batch), 1e-4)
 
 
+def test_compiled_vae_encoder_same_latents_and_losses(setup):
+    """``runtime.compile_vae``: the frozen encoder's forward compiled in place (its GroupNorms, SiLUs,
+    casts and residual adds fuse: 2.5x faster on an H200, bench/RESULTS.md §4e), same latents (same
+    noise), same losses, parameter names unchanged; "aot_eager" traces like inductor on the CPU."""
+    cfg, batch = setup
+    video = batch["video"] * 2 - 1
+    model = _model(cfg)
+    names = list(model.state_dict())
+    torch.manual_seed(3)
+    ref_lat = model.backbone.encode(video)
+    ref = _loss_and_grads(model, cfg, batch)
+    speed.compile_vae_encoder(model.backbone, backend="aot_eager")
+    assert list(model.state_dict()) == names
+    assert "forward" in model.backbone.vae.encoder.__dict__  # compiled in place, module unchanged
+    torch.manual_seed(3)
+    torch.testing.assert_close(model.backbone.encode(video), ref_lat, rtol=1e-5, atol=1e-5)
+    _close(ref, _loss_and_grads(model, cfg, batch), 1e-5)
+
+
 def test_checkpoint_mask_spreads_the_chosen_blocks():
     assert speed.checkpoint_mask(30, 1.0) == [True] * 30
     assert speed.checkpoint_mask(30, 0.0) == [False] * 30
@@ -227,6 +246,70 @@ def test_training_step_reads_nothing_back_from_the_device(setup):
     assert not mode.seen, "".join(f"\n{op}:\n" + "".join(stack) for op, stack in mode.seen[:3])
     assert torch.is_tensor(norm) and all(torch.is_tensor(s) for s, _ in agg.values())
     assert agg["motion"][1] == 1 and float(agg["motion"][0]) > 0  # the motion term ran (synthetic tracks)
+
+
+class _BigOutputs(TorchDispatchMode):
+    """Records the aten ops that write a new tensor of exactly ``numel`` elements (views left out)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.numel() == self.numel and not func.is_view:
+            self.ops.append(func.overloadpacket.__name__)
+        return out
+
+
+def test_backward_writes_the_deformation_gradient_a_few_times_not_per_rendered_frame(setup):
+    """The per-pixel deformation (B,S,H,W,T,K) is the largest tensor of the step (~7 GB at 49 x 512²).
+    Slicing it per rendered frame and per birth frame made the backward write a zero tensor of its full
+    size for every slice and add them up: on an H200, 96 ms of fills and 261 ms of float adds per step
+    at 49 x 512² (bench/RESULTS.md §4e). Taken apart once per sample (``unbind``), its gradient is
+    written a few times whatever the number of rendered frames; the gradients are the same."""
+    from training.render_torch import rasterize
+
+    cfg, batch = setup
+    model = _model(cfg)
+    seen = {}
+    model.ldrm.register_forward_hook(lambda m, i, o: seen.__setitem__("numel", o.deform.numel()))
+    writes = {}
+    for frames in ([0], list(range(T))):
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        loss, _ = model(batch, stage=cfg.stages[-1], rasterize=rasterize, render_frames=frames)
+        mode = _BigOutputs(seen["numel"])
+        with mode:
+            loss.backward()
+        writes[len(frames)] = mode.ops
+    # per sample: its slice of the batch, the unbind, the track term's sampling; none per rendered frame
+    # (before: 38 writes for 5 rendered frames, 4 per frame on top of the rest)
+    assert len(writes[T]) == len(writes[1]) <= 6, writes
+
+
+def test_maps_sliced_once_give_the_same_gaussians_and_gradients(setup):
+    from training.gaussians import gaussians_at, sample_maps
+
+    cfg, batch = setup
+    model = _model(cfg)
+    seen = {}
+    model.ldrm.register_forward_hook(lambda m, i, o: seen.__setitem__("maps", o))
+    torch.manual_seed(1)
+    model(batch, stage=cfg.stages[-1], rasterize=rasterize, render_frames=[0])
+    maps = seen["maps"]
+    assert maps.deform is not None
+    leaves = [maps.deform, maps.depth, maps.quat, maps.scale]
+    grads = []
+    for shared in (False, True):
+        sm = sample_maps(maps, 0) if shared else None
+        total = 0
+        for tau in range(T):
+            g = gaussians_at(maps, 0, tau, 0.0, drop=False, sample=sm)
+            total = total + (g.means * 1.3).sum() + (g.quats * 0.7).sum() + g.scales.sum()
+        grads.append(torch.autograd.grad(total, leaves, retain_graph=True))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_loader_frames_travel_as_uint8_and_arrive_as_the_same_floats(tmp_path):

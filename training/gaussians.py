@@ -117,28 +117,61 @@ def apply_deformation(means, quats, scales, raw_tau, raw_birth):
     return means + d[..., 0:3], F.normalize(quat_multiply(dq, quats), dim=-1), scales * torch.exp(d[..., 7:10])
 
 
-def gaussians_at(maps: GaussianMaps, b: int, tau: int, prune_opacity: float = 0.005, drop: bool = True) -> Gaussians:
+@dataclass
+class SampleMaps:
+    """One sample's maps, taken out of the batch once (:func:`sample_maps`) for all its rendered frames."""
+
+    means: torch.Tensor  # (S,H,W,3)
+    quat: torch.Tensor  # (S,H,W,4)
+    scale: torch.Tensor  # (S,H,W,3)
+    opacity: torch.Tensor  # (S,H,W)
+    colour: torch.Tensor  # (S,H,W,3)
+    by_time: tuple[torch.Tensor, ...] | None  # T x (S,H,W,K_D) raw deformation at each time, or None
+    raw_birth: torch.Tensor | None  # (S,H,W,K_D) raw deformation of each birth frame at its own time
+
+
+def sample_maps(maps: GaussianMaps, b: int) -> SampleMaps:
+    """Sample ``b``'s maps, sliced once.
+
+    Why once: every slice of an autograd tensor costs, in the backward, a zero tensor of the sliced
+    tensor's full size plus an add into its gradient. The deformation (S,H,W,T,K_D) is the step's largest
+    tensor (~7 GB at 49 x 512²); sliced per rendered frame and per birth frame it made the backward write
+    it ~16 times per rendered frame (96 ms of fills and 261 ms of adds per step on an H200). ``unbind``
+    hands out all its time slices at once and its backward writes the full gradient once."""
+    by_time = raw_birth = None
+    if maps.deform is not None:
+        by_time = maps.deform[b].unbind(-2)
+        # birth indices come from the host (GaussianMaps.birth stays on the CPU): no device read
+        raw_birth = torch.stack([by_time[int(s)][i] for i, s in enumerate(maps.birth.tolist())])
+    return SampleMaps(maps.means[b], maps.quat[b], maps.scale[b], maps.opacity[b], maps.colour[b], by_time, raw_birth)
+
+
+def gaussians_at(
+    maps: GaussianMaps,
+    b: int,
+    tau: int,
+    prune_opacity: float = 0.005,
+    drop: bool = True,
+    sample: SampleMaps | None = None,
+) -> Gaussians:
     """Sample ``b``'s Gaussians (all birth frames) deformed to time ``tau`` and pruned.
 
     ``drop=False`` (training) keeps every Gaussian and sets the opacity of the pruned ones to 0 instead of
     removing them: renders and gradients are the same (a zero-opacity Gaussian contributes nothing, and
     gsplat culls opacities below 1/255 before tiling), but no host-device sync is needed to learn how
-    many remain (:func:`prune` does one).
+    many remain (:func:`prune` does one). ``sample``: ``sample_maps(maps, b)``, made once by a caller that
+    renders several frames of the sample (training: see :func:`sample_maps` for why).
     """
-    means = maps.means[b]  # (S,H,W,3)
-    quats, scales = maps.quat[b], maps.scale[b]
-    if maps.deform is not None:
-        raw = maps.deform[b]  # (S,H,W,T,K)
-        raw_tau = raw[..., tau, :]
-        # birth indices come from the host (GaussianMaps.birth stays on the CPU): no device read
-        raw_birth = torch.stack([raw[i, :, :, int(s), :] for i, s in enumerate(maps.birth.tolist())])
-        means, quats, scales = apply_deformation(means, quats, scales, raw_tau, raw_birth)
+    sm = sample if sample is not None else sample_maps(maps, b)
+    means, quats, scales = sm.means, sm.quat, sm.scale
+    if sm.by_time is not None:
+        means, quats, scales = apply_deformation(means, quats, scales, sm.by_time[tau], sm.raw_birth)
     g = Gaussians(
         means.reshape(-1, 3),
         quats.reshape(-1, 4),
         scales.reshape(-1, 3),
-        maps.opacity[b].reshape(-1),
-        maps.colour[b].reshape(-1, 3),
+        sm.opacity.reshape(-1),
+        sm.colour.reshape(-1, 3),
     )
     if drop:
         return prune(g, prune_opacity)

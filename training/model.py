@@ -11,7 +11,7 @@ from torch.profiler import record_function
 from training import losses as L
 from training.backbone import VideoBackbone, latent_frame_groups
 from training.config import StageConfig, TrainConfig
-from training.gaussians import GaussianMaps, gaussians_at, kept, track_positions
+from training.gaussians import GaussianMaps, gaussians_at, kept, sample_maps, track_positions
 from training.ldrm import LDRM
 
 # The metrics every forward returns, always all of them and in this order, each as (sum, count): the
@@ -131,8 +131,9 @@ class Diff4Splat(nn.Module):
         tau_p = cfg.ldrm.prune_opacity
         for bi in range(b):
             with record_function("d4s/render"):
+                sm = sample_maps(maps, bi)  # sliced once for all rendered frames (cheap backward)
                 if maps.deform is None:
-                    g = gaussians_at(maps, bi, 0, tau_p, drop=False)
+                    g = gaussians_at(maps, bi, 0, tau_p, drop=False, sample=sm)
                     vm = torch.linalg.inv_ex(take(c2w[bi]))[0]  # inv_ex: no error check (a device read)
                     ks = _kmat(take(intr[bi]))
                     rgb, dep, alp = rasterize(g.means, g.quats, g.scales, g.opacities, g.colours, vm, ks, w, h)
@@ -140,7 +141,7 @@ class Diff4Splat(nn.Module):
                 else:
                     rl = []
                     for tau in frames:
-                        g = gaussians_at(maps, bi, tau, tau_p, drop=False)
+                        g = gaussians_at(maps, bi, tau, tau_p, drop=False, sample=sm)
                         vm = torch.linalg.inv_ex(c2w[bi, tau])[0][None]
                         rl.append(
                             rasterize(
