@@ -190,8 +190,11 @@ def vae_variants(vae, video, device, iters: int) -> dict:
     for name, how in variants:
         m, inp = vae16, x
         try:
-            if how == "cl":
-                m = copy.deepcopy(vae16).to(memory_format=torch.channels_last_3d)
+            if how == "cl":  # Module.to(memory_format=...) refuses the non-5D parameters: convert the 5D ones
+                m = copy.deepcopy(vae16)
+                for p in m.parameters():
+                    if p.dim() == 5:
+                        p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
                 inp = x.contiguous(memory_format=torch.channels_last_3d)
             elif how == "compile":
                 m = copy.deepcopy(vae16)
