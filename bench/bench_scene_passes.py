@@ -10,8 +10,9 @@ fp16) and the MegaSaM stand-in (``pipeline/demo/megasam_stand_in.py``: the rende
 * ``clip``, ``scene``: the build with ``stages.scene.granularity: clip`` (the per-clip path)
   and ``scene``, tracks off so the GPU runs Video Depth Anything alone. Per build: wall time,
   clips/s, VDA frames/s inside the build (distinct source frames / the depth actor's busy
-  seconds from the ledger; and over its model calls alone, ``depth.model_s``, which leaves out
-  assembling and cutting the scenes), VDA model input frames and VDA window slots (32 per window) per
+  seconds from the ledger; over the seconds it held the GPU, ``depth.model_held_s``, the actor's
+  throughput when it is kept busy, since assembling and cutting scenes overlap the other call's hold;
+  and over its model calls alone, ``depth.model_s``), VDA model input frames and VDA window slots (32 per window) per
   source frame, MegaSaM calls per scene, GPU utilisation over the steady state (nvidia-smi every
   0.5 s, mean between the first and the last sample above 5 %), and the spread of
   ``qc.align.scale`` and ``extra.pose_scale`` over the clips of each scene.
@@ -244,6 +245,10 @@ def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
         "depth_busy_s": round(depth_s, 2),
         "vda_frames_per_s_in_build": pf["distinct_frames"] / depth_s if depth_s else None,
         "depth_model_s": round(s.stats.get("depth.model_s", 0.0), 2),
+        "depth_held_s": round(s.stats.get("depth.model_held_s", 0.0), 2),
+        "vda_frames_per_s_gpu_held": (
+            pf["distinct_frames"] / s.stats["depth.model_held_s"] if s.stats.get("depth.model_held_s") else None
+        ),
         "vda_frames_per_s_model_call": (
             pf["distinct_frames"] / s.stats["depth.model_s"] if s.stats.get("depth.model_s") else None
         ),
@@ -387,9 +392,10 @@ def markdown(res: dict) -> str:
         f"scenes {res['setup']['scenes']} of {res['setup']['frames']} frames at {res['setup']['size']}, "
         f"clips {CLIP_LENGTH} frames at stride {FRAME_STRIDE}, clip stride {CLIP_STRIDE}; {res['setup']['encoder']}",
         "",
-        "| build | clips | wall s | clips/s | VDA frames/s in build | in its model calls | model frames / source frame | "
-        "window slots / source frame | MegaSaM calls / scene | GPU util steady | scale spread max | pose-scale spread max |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| build | clips | wall s | clips/s | VDA frames/s in build | while holding the GPU | in its model calls | "
+        "model frames / source frame | window slots / source frame | MegaSaM calls / scene | GPU util steady | "
+        "scale spread max | pose-scale spread max |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k in ("clip", "scene", "full", "scene2"):
         r = res.get(k)
@@ -398,7 +404,8 @@ def markdown(res: dict) -> str:
         f = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"
         lines.append(
             f"| {k} | {r['clips_written']} | {r['build_s']} | {f(r['clips_per_s'])} | "
-            f"{f(r['vda_frames_per_s_in_build'], 1)} | {f(r.get('vda_frames_per_s_model_call'), 1)} | "
+            f"{f(r['vda_frames_per_s_in_build'], 1)} | {f(r.get('vda_frames_per_s_gpu_held'), 1)} | "
+            f"{f(r.get('vda_frames_per_s_model_call'), 1)} | "
             f"{f(r['vda_model_frames_per_source_frame'])} | "
             f"{f(r['vda_window_slots_per_source_frame'])} | {f(r['megasam_calls_per_scene'])} | "
             f"{f(r['gpu_util_steady'], 0)} % | {f(r['scale_spread_max'], 4)} | {f(r['pose_scale_spread_max'], 4)} |"
@@ -408,10 +415,12 @@ def markdown(res: dict) -> str:
         sc = res.get("scene") or {}
         ratio = sc["vda_frames_per_s_in_build"] / sa["frames_per_s"] if sc.get("vda_frames_per_s_in_build") else None
         call = sc["vda_frames_per_s_model_call"] / sa["frames_per_s"] if sc.get("vda_frames_per_s_model_call") else None
+        held = sc["vda_frames_per_s_gpu_held"] / sa["frames_per_s"] if sc.get("vda_frames_per_s_gpu_held") else None
         lines += [
             "",
             f"standalone whole-video VDA: {sa['frames_per_s']:.1f} frames/s over {sa['frames']} frames; "
             f"scene build / standalone = {ratio:.1%} (the depth stage's busy time)"
+            + (f", {held:.1%} (while it holds the GPU)" if held else "")
             + (f", {call:.1%} (its model calls alone)" if call else "")
             if ratio
             else "",

@@ -66,8 +66,14 @@ default; `clip` runs them per clip):
   `qc.align.clip` holds the clip's own checks (valid ratio, consistency, agreement with the
   reference); a clip is kept when both pass. A scene whose MegaSaM run or fit fails fails its
   clips with the reason (ledger, `d4s status`, `d4s report`).
-* Counters of the passes (frames through the depth model, MegaSaM runs and cache hits) are
-  summed per shard into the write result and the per-shard log, and per build into
+* **The depth actor keeps its GPU busy**: it loads and warms its model up once at start (the
+  first forward's one-time CUDA costs fall outside any shard's time), takes two shard calls at
+  once, and holds its model (a lock) only for the model calls (`stages/model_stage.py`):
+  putting a scene's frames together and cutting the result back into clips overlap the other
+  call's model time.
+* Counters of the passes (frames through the depth model, MegaSaM runs and cache hits; the
+  seconds inside the model calls, `depth.model_s`, and holding the model, `depth.model_held_s`)
+  are summed per shard into the write result and the per-shard log, and per build into
   `BuildSummary.stats`.
 * **Deadline:** a shard pipeline none of whose tasks finishes for `shard_deadline_s` (a stage
   hangs) is cancelled and recorded failed (transient) with the reason; `resume` redoes it. A

@@ -5,17 +5,24 @@ A model stage (Video Depth Anything, CoTracker3, ...) receives a shard's clips (
 
 1. selects the clips that need work (:meth:`wants`); the others pass through untouched;
 2. groups them into passes (:meth:`group_of`): a scene for scene passes, else the clip itself;
-3. runs the model once over all passes (:meth:`infer`, batched as the stage likes); when that
-   batch fails, every pass is retried alone, so one bad input cannot fail its neighbours;
-4. hands each clip its part of its pass's result (:meth:`finish`); an exception there fails
-   that clip only, an exception of its pass fails the pass's clips, each with the reason;
-5. marks clips whose model ran with random weights (``meta.untrained_models``);
-6. leaves counters (``aux['stats']``: e.g. frames through the model) on the first clip of each
-   pass (carried on by the clip's failure if it fails later), for the shard's write result.
+3. prepares each pass's model input on the host (:meth:`prepare`: e.g. a scene's frames put
+   together from its clips) *outside* ``model_lock``, so a model actor taking two calls at once
+   assembles one while the other holds the GPU; a pass whose preparation raises fails alone;
+4. runs the model once over all prepared passes (:meth:`infer`, batched as the stage likes) while
+   holding ``model_lock``; when that batch fails, every pass is retried alone, so one bad input
+   cannot fail its neighbours;
+5. hands each clip its part of its pass's result (:meth:`finish`, outside the lock); an exception
+   there fails that clip only, an exception of its pass fails the pass's clips, each with the reason;
+6. marks clips whose model ran with random weights (``meta.untrained_models``);
+7. leaves counters (``aux['stats']``: e.g. frames through the model, and ``<stage>.model_held_s``,
+   the seconds the call held the model) on the first clip of each pass (carried on by the clip's
+   failure if it fails later), for the shard's write result.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -48,10 +55,16 @@ class ModelStage(ABC):
         """The pass a clip belongs to; default: each clip is its own pass."""
         return clip.key
 
+    def prepare(self, members: list[Clip]) -> Any:
+        """One pass's model input, made on the host outside the model lock; raising fails the pass.
+        Default: the pass's clips as they are."""
+        return members
+
     @abstractmethod
-    def infer(self, passes: list[list[Clip]]) -> list[Any]:
-        """One result per pass (same order); may batch across passes. Raising fails the batch (then
-        each pass is retried alone); an exception *returned* for a pass fails that pass only."""
+    def infer(self, passes: list[Any]) -> list[Any]:
+        """One result per prepared pass (:meth:`prepare`'s outputs, same order); may batch across
+        passes. Raising fails the batch (then each pass is retried alone); an exception *returned* for
+        a pass fails that pass only."""
 
     @abstractmethod
     def finish(self, clip: Clip, result: Any, members: list[Clip]) -> Clip:
@@ -62,7 +75,8 @@ class ModelStage(ABC):
         return {}
 
     # -- the loop --------------------------------------------------------------------------------
-    def process(self, clips: list) -> list:
+    def process(self, clips: list, model_lock=None) -> list:
+        """``model_lock``: held around the model calls only (the actor's lock over its one model)."""
         todo = [c for c in clips if isinstance(c, Clip) and self.wants(c)]
         if not todo:
             return clips
@@ -70,16 +84,32 @@ class ModelStage(ABC):
         for c in todo:
             passes.setdefault(self.group_of(c), []).append(c)
         groups = list(passes.values())
-        try:
-            results: list | None = self.infer(groups)
-            if len(results) != len(groups):
-                raise RuntimeError(f"{self.name}: {len(results)} results for {len(groups)} passes")
-        except Exception:  # noqa: BLE001 - retried pass by pass below, so the bad input is isolated
-            results = None
+        prepared: list = []
+        for members in groups:
+            try:
+                prepared.append(self.prepare(members))
+            except Exception as exc:  # noqa: BLE001 - this pass fails, the others run
+                prepared.append(exc)
+        live = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
+        results: dict[int, Any] = {}
+        with model_lock if model_lock is not None else contextlib.nullcontext():
+            t_held = time.perf_counter()
+            try:
+                got = self.infer([prepared[i] for i in live]) if live else []
+                if len(got) != len(live):
+                    raise RuntimeError(f"{self.name}: {len(got)} results for {len(live)} passes")
+                results = dict(zip(live, got))
+            except Exception:  # noqa: BLE001 - retried pass by pass, so the bad input is isolated
+                for i in live:
+                    try:
+                        results[i] = self.infer([prepared[i]])[0]
+                    except Exception as exc:  # noqa: BLE001 - the pass's failure, raised below
+                        results[i] = exc
+            held_s = time.perf_counter() - t_held
         out: dict[str, Clip | ClipFailure] = {}
         for i, members in enumerate(groups):
             try:
-                res = results[i] if results is not None else self.infer([members])[0]
+                res = results[i] if i in results else prepared[i]
                 if isinstance(res, BaseException):
                     raise res
             except Exception as exc:  # noqa: BLE001 - the pass's failure is each of its clips' failure
@@ -94,7 +124,11 @@ class ModelStage(ABC):
                     out[c.key] = done
                 except Exception as exc:  # noqa: BLE001 - this clip's failure only
                     out[c.key] = ClipFailure.from_exception(c.key, self.name, exc).carrying(c)
-            add_stats(out[members[0].key], self.stats(members, res))
+            # seconds this call held the model (the GPU), shared by its passes: what a GPU-bound actor's
+            # throughput is made of (``prepare`` and ``finish`` overlap the other call's hold)
+            add_stats(
+                out[members[0].key], self.stats(members, res) | {f"{self.name}.model_held_s": held_s / len(groups)}
+            )
         return [out.get(c.key, c) if isinstance(c, Clip) else c for c in clips]
 
 

@@ -79,30 +79,28 @@ class DepthModelStage(ModelStage):
     def group_of(self, clip: Clip) -> str:
         return group_key(clip, self.granularity)
 
-    def infer(self, passes: list[list[Clip]]) -> list:
+    def prepare(self, members: list[Clip]):
+        """The pass's frame sequence, put together from its clips, and its segments (host work, done
+        outside the model lock)."""
+        seq = SceneSequence.from_clips(group_key(members[0], self.granularity), members)
+        rgb = seq.rgb()
+        segs = plan_segments(seq.num_frames, self.max_frames, self.overlap)
+        return seq, segs, [rgb[a:b] for a, b in segs]
+
+    def infer(self, passes: list) -> list:
         """Every segment of every pass through the model in one call; joined per pass."""
-        seqs, videos, spans = [], [], []
-        for members in passes:
-            try:
-                seq = SceneSequence.from_clips(group_key(members[0], self.granularity), members)
-            except Exception as exc:  # noqa: BLE001 - this pass fails, the others run
-                seqs.append(exc)
-                continue
-            rgb = seq.rgb()
-            segs = plan_segments(seq.num_frames, self.max_frames, self.overlap)
-            spans.append((len(seqs), len(videos), segs))
-            seqs.append(seq)
-            videos += [rgb[a:b] for a, b in segs]
+        videos = [v for _, _, vs in passes for v in vs]
         t0 = time.perf_counter()
         preds = self.runner.predict(videos) if videos else []
         model_s = time.perf_counter() - t0
         total = max(1, sum(len(v) for v in videos))
-        out: list = list(seqs)
-        for i, first, segs in spans:
+        out, first = [], 0
+        for seq, segs, _ in passes:
             parts = preds[first : first + len(segs)]
+            first += len(segs)
             depth = parts[0] if len(parts) == 1 else join_maps(parts, segs, "scale" if self.metric else "affine")[0]
             share = model_s * sum(b - a for a, b in segs) / total  # the call's seconds, by model frames
-            out[i] = (seqs[i], depth, segs, share)
+            out.append((seq, depth, segs, share))
         return out
 
     def finish(self, clip: Clip, result, members: list[Clip]) -> Clip:

@@ -98,7 +98,7 @@ class TrackModelStage(ModelStage):
     def wants(self, clip: Clip) -> bool:
         return clip.tracks is None
 
-    def infer(self, passes: list[list[Clip]]) -> list:
+    def infer(self, passes: list[list[Clip]]) -> list:  # prepared passes: the clips (default prepare)
         return self.runner.track([members[0].rgb for members in passes])
 
     def finish(self, clip: Clip, result, members: list[Clip]) -> Clip:
