@@ -150,9 +150,17 @@ class CountingRunner:
         self.seen: list[int] = []
         self.calls = 0
         self.fail_when = fail_when
+        self.warmed: list[tuple] = []  # frame sizes warm_for was given, in order
+        self.events: list[str] = []
+
+    def warm_for(self, videos) -> float:
+        self.warmed += [tuple(v.shape[1:3]) for v in videos]
+        self.events.append("warm")
+        return 0.0
 
     def predict(self, videos):
         self.calls += 1
+        self.events.append("predict")
         if self.fail_when is not None and any(self.fail_when(v) for v in videos) and len(videos) > 1:
             raise RuntimeError("batch failed")
         out = []
@@ -215,6 +223,27 @@ def test_model_seconds_are_counted_per_pass_by_its_frames():
     out = st.process([clip("s", list(range(6))), clip("t", [0, 1]), clip("t", [1, 2])])
     s, t = out[0].aux["stats"]["depth.model_s"], out[1].aux["stats"]["depth.model_s"]
     assert s + t >= 0.2 and s == pytest.approx(2 * t)  # 6 frames vs 3
+
+
+def test_warm_up_for_the_passes_frame_sizes_is_not_model_time():
+    """Before its model call, the stage has the runner run every shape of the passes' frame sizes once
+    (``VDARunner.warm_for``: first-use plan building, paid once per actor and network size). Those seconds
+    are counted as ``depth.warmup_s``, not as ``depth.model_s``, the model's throughput."""
+    import time
+
+    class WarmingRunner(CountingRunner):
+        def warm_for(self, videos):
+            super().warm_for(videos)
+            time.sleep(0.3)
+            return 0.3
+
+    st = depth_stage(runner=WarmingRunner())
+    out = st.process([clip("s", [0, 1, 2]), clip("t", [0, 1])])
+    assert st.runner.events == ["warm", "predict"] and len(st.runner.warmed) == 2
+    stats = [out[0].aux["stats"], out[1].aux["stats"]]
+    assert sum(s["depth.warmup_s"] for s in stats) == pytest.approx(0.3)
+    assert sum(s["depth.model_s"] for s in stats) < 0.2
+    assert sum(s["depth.model_held_s"] for s in stats) >= 0.3  # it still held the GPU
 
 
 def test_warm_up_runs_one_blank_window_and_counts_nothing():

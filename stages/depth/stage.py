@@ -88,8 +88,10 @@ class DepthModelStage(ModelStage):
         return seq, segs, [rgb[a:b] for a, b in segs]
 
     def infer(self, passes: list) -> list:
-        """Every segment of every pass through the model in one call; joined per pass."""
+        """Every segment of every pass through the model in one call; joined per pass. A frame size
+        the runner has not met yet is warmed up first (``depth.warmup_s``, not model time)."""
         videos = [v for _, _, vs in passes for v in vs]
+        warm_s = self.runner.warm_for(videos) if videos else 0.0
         t0 = time.perf_counter()
         preds = self.runner.predict(videos) if videos else []
         model_s = time.perf_counter() - t0
@@ -99,8 +101,8 @@ class DepthModelStage(ModelStage):
             parts = preds[first : first + len(segs)]
             first += len(segs)
             depth = parts[0] if len(parts) == 1 else join_maps(parts, segs, "scale" if self.metric else "affine")[0]
-            share = model_s * sum(b - a for a, b in segs) / total  # the call's seconds, by model frames
-            out.append((seq, depth, segs, share))
+            frames = sum(b - a for a, b in segs)  # the call's seconds are shared by model frames
+            out.append((seq, depth, segs, model_s * frames / total, warm_s * frames / total))
         return out
 
     def finish(self, clip: Clip, result, members: list[Clip]) -> Clip:
@@ -110,11 +112,12 @@ class DepthModelStage(ModelStage):
         return clip
 
     def stats(self, members: list[Clip], result) -> dict[str, float]:
-        seq, _, segs, model_s = result
+        seq, _, segs, model_s, warm_s = result
         return {
             "depth.passes": 1,
             "depth.source_frames": seq.num_frames,
             "depth.model_frames": sum(b - a for a, b in segs),
             "depth.clip_frames": sum(c.num_frames for c in members),
             "depth.model_s": model_s,
+            "depth.warmup_s": warm_s,
         }

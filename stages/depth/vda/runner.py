@@ -13,12 +13,13 @@ Both are ``(T, H, W)`` float32 at the clip's resolution, non-negative.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .infer import DTYPES, infer_videos
+from .infer import DTYPES, INFER_LEN, forward_windows, infer_videos, network_size
 from .load import load_checkpoint
 from .model import ENCODER_NAMES, build_vda, randomize_
 
@@ -72,10 +73,44 @@ class VDARunner:
         self.model = model
         self._forward = torch.compile(model, dynamic=False) if compile else model
         self.windows_per_batch = windows_per_batch or (4 if self.device.type == "cuda" else 1)
+        self._warm_sizes: set[tuple[int, int]] = set()  # network sizes warm_for has run
 
     @property
     def output_kind(self) -> str:
         return "metric_depth_m" if self.metric else "relative_disparity"
+
+    def warm_for(self, videos: Sequence) -> float:
+        """Run, once per network input size, every window count a forward of :meth:`predict` can
+        have (1..``windows_per_batch``) on videos of these frame sizes; returns the seconds spent (0.0
+        when every size is warm already).
+
+        Why: on a GPU, the first cuDNN convolution or attention call at a new shape builds an
+        execution plan. A new window count costs ~0.35 s that way (the temporal stage's every layer),
+        and whole-video inference meets each of them with the first video lengths and mixes of scenes
+        in a call (bench/RESULTS.md §7). The per-frame stage's shapes follow the number of distinct
+        frames in a forward instead, up to ~100 values at ~0.05 s each, once: not warmed, since
+        bounding them (power-of-two frame chunks) cost 4 % of the steady-state speed. Also warms the
+        host path (pinned buffers, resizing, stitching) at the frame size.
+        """
+        todo: dict[tuple[int, int], tuple[int, int]] = {}
+        for v in videos:
+            h, w = int(v.shape[1]), int(v.shape[2])
+            net = network_size(h, w, self.input_size)
+            if net not in self._warm_sizes:
+                todo.setdefault(net, (h, w))
+        if not todo:
+            return 0.0
+        t0 = time.perf_counter()
+        for net, (h, w) in todo.items():
+            self.predict([np.zeros((1, h, w, 3), np.uint8)])  # the host path at the frame size
+            for b in range(1, self.windows_per_batch + 1):  # one frame is enough for the per-frame stage
+                frames = torch.zeros((1, 3) + net, device=self.device)
+                index = torch.zeros((b, INFER_LEN), dtype=torch.long, device=self.device)
+                forward_windows(self._forward, frames, index, self.dtype)
+            self._warm_sizes.add(net)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     def predict(self, clips: Sequence[np.ndarray]) -> list[np.ndarray]:
         """``clips``: list of ``(T, H, W, 3)`` uint8 RGB -> list of ``(T, H, W)`` float32
