@@ -70,7 +70,7 @@ default; `clip` runs them per clip):
   first forward's one-time CUDA costs fall outside any shard's time), takes two shard calls at
   once, and holds its model (a lock) only for the model calls (`stages/model_stage.py`):
   putting a scene's frames together and cutting the result back into clips overlap the other
-  call's model time. The first call at a new frame size first runs every window count a
+  call's model time. On a GPU, the first call at a new frame size first runs every window count a
   forward can have (`VDARunner.warm_for`, once per actor and network size), so cuDNN's plan
   building for new shapes (~0.35 s per window count) is paid once, not in the first scenes.
 * Counters of the passes (frames through the depth model, MegaSaM runs and cache hits; the

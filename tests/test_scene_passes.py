@@ -226,9 +226,9 @@ def test_model_seconds_are_counted_per_pass_by_its_frames():
 
 
 def test_warm_up_for_the_passes_frame_sizes_is_not_model_time():
-    """Before its model call, the stage has the runner run every shape of the passes' frame sizes once
-    (``VDARunner.warm_for``: first-use plan building, paid once per actor and network size). Those seconds
-    are counted as ``depth.warmup_s``, not as ``depth.model_s``, the model's throughput."""
+    """Before its model call on a GPU, the stage has the runner run every shape of the passes' frame sizes
+    once (``VDARunner.warm_for``: first-use plan building, paid once per actor and network size). Those
+    seconds are counted as ``depth.warmup_s``, not as ``depth.model_s``, the model's throughput."""
     import time
 
     class WarmingRunner(CountingRunner):
@@ -238,6 +238,10 @@ def test_warm_up_for_the_passes_frame_sizes_is_not_model_time():
             return 0.3
 
     st = depth_stage(runner=WarmingRunner())
+    st.process([clip("s", [0, 1, 2])])
+    assert st.runner.events == ["predict"]  # on the CPU (no cuDNN plans to build) nothing is warmed
+    st = depth_stage(runner=WarmingRunner())
+    st.warm_per_size = True  # what a GPU actor has
     out = st.process([clip("s", [0, 1, 2]), clip("t", [0, 1])])
     assert st.runner.events == ["warm", "predict"] and len(st.runner.warmed) == 2
     stats = [out[0].aux["stats"], out[1].aux["stats"]]

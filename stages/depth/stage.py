@@ -62,6 +62,9 @@ class DepthModelStage(ModelStage):
                 allow_random_weights=d.allow_random_weights,
             )
         self.runner = runner
+        # warm every shape of a new frame size before the model call (VDARunner.warm_for): first-use
+        # plan building is a GPU (cuDNN) cost; on the CPU a warm-up would only repeat work
+        self.warm_per_size = device != "cpu"
 
     @property
     def untrained(self) -> bool:
@@ -91,7 +94,7 @@ class DepthModelStage(ModelStage):
         """Every segment of every pass through the model in one call; joined per pass. A frame size
         the runner has not met yet is warmed up first (``depth.warmup_s``, not model time)."""
         videos = [v for _, _, vs in passes for v in vs]
-        warm_s = self.runner.warm_for(videos) if videos else 0.0
+        warm_s = self.runner.warm_for(videos) if videos and self.warm_per_size else 0.0
         t0 = time.perf_counter()
         preds = self.runner.predict(videos) if videos else []
         model_s = time.perf_counter() - t0
