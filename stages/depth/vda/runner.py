@@ -102,8 +102,8 @@ class VDARunner:
             return 0.0
         t0 = time.perf_counter()
         for net, (h, w) in todo.items():
-            self.predict([np.zeros((1, h, w, 3), np.uint8)])  # the host path at the frame size
-            for b in range(1, self.windows_per_batch + 1):  # one frame is enough for the per-frame stage
+            self.predict([np.zeros((1, h, w, 3), np.uint8)])  # the host path and a 1-window forward
+            for b in range(2, self.windows_per_batch + 1):  # one frame is enough for the per-frame stage
                 frames = torch.zeros((1, 3) + net, device=self.device)
                 index = torch.zeros((b, INFER_LEN), dtype=torch.long, device=self.device)
                 forward_windows(self._forward, frames, index, self.dtype)
