@@ -13,9 +13,11 @@ fp16) and the MegaSaM stand-in (``pipeline/demo/megasam_stand_in.py``: the rende
   seconds from the ledger; over the seconds it held the GPU, ``depth.model_held_s``, the actor's
   throughput when it is kept busy, since assembling and cutting scenes overlap the other call's hold;
   and over its model calls alone, ``depth.model_s``), VDA model input frames and VDA window slots (32 per window) per
-  source frame, MegaSaM calls per scene, GPU utilisation over the steady state (nvidia-smi every
-  0.5 s, mean between the first and the last sample above 5 %), and the spread of
-  ``qc.align.scale`` and ``extra.pose_scale`` over the clips of each scene.
+  source frame, MegaSaM calls per scene, GPU utilisation (nvidia-smi every 0.5 s) between the
+  first and the last sample above 5 % and over the steady state (:func:`hold_util`: from the end of
+  the depth warm-up to the depth actor's last model call, read from its holds on the model, which
+  ``fault.trace_dir`` records), and the spread of ``qc.align.scale`` and ``extra.pose_scale`` over
+  the clips of each scene.
 * ``standalone``: whole-video VDA (``VDARunner.predict``) on every scene's frame sequence (the
   frames the scene pass runs on), on the same GPU: frames/s; the ratio to the scene build's.
 * ``full``: the scene-pass build with CoTracker3 too (RealEstate10K's whole chain): clips/s and
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -210,6 +213,39 @@ def steady_util(samples: list) -> dict:
     }
 
 
+def hold_util(samples: list, holds: list, warmup_s: float) -> dict:
+    """GPU utilisation over the depth actor's steady state: from the end of its warm-up for the frame
+    size (the start of its first hold on the model plus ``depth.warmup_s``) to the end of its last
+    hold; also the share of that span the actor held the model, and the utilisation while it held it.
+
+    ``samples``: (time, gpu, util %, MiB) from :class:`GpuSampler`; a sample at ``t`` is the
+    utilisation over the period before ``t``, so it belongs to an interval ``(a, b]`` when
+    ``a < t <= b``. ``holds``: (start, end) wall-clock times (``fault.trace_dir``'s ``holds/``)."""
+    none = {"gpu_util_after_warmup": None, "gpu_util_while_held": None, "depth_held_fraction": None}
+    if not holds:
+        return none | {"gpu_steady_span_s": None}
+    holds = sorted(holds)
+    start, end = holds[0][0] + warmup_s, holds[-1][1]
+    span = max(0.0, end - start)
+    window = [s for s in samples if start < s[0] <= end]
+    held = [s for s in window if any(a < s[0] <= b for a, b in holds)]
+    held_s = sum(max(0.0, min(b, end) - max(a, start)) for a, b in holds)
+    return {
+        "gpu_util_after_warmup": float(np.mean([s[2] for s in window])) if window else None,
+        "gpu_util_while_held": float(np.mean([s[2] for s in held])) if held else None,
+        "depth_held_fraction": held_s / span if span else None,
+        "gpu_steady_span_s": span,
+    }
+
+
+def read_holds(trace: Path, stage: str = "depth") -> list[tuple[float, float]]:
+    """The (start, end) of every hold of ``stage``'s model actors (``fault.trace_dir``/holds)."""
+    spans = []
+    for f in sorted((trace / "holds").glob(f"{stage}.*")):
+        spans += [tuple(map(float, line.split())) for line in f.read_text().splitlines() if line.strip()]
+    return spans
+
+
 def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
     import ray
 
@@ -219,6 +255,9 @@ def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
     out = a.out / name
     log = a.out / f"{name}-megasam-calls.txt"
     cfg = build_config(a, out, granularity, gpus, tracks, log)
+    trace = a.out / f"{name}-trace"  # the depth actor's holds on its model (hold_util)
+    shutil.rmtree(trace, ignore_errors=True)
+    cfg.fault.trace_dir = str(trace)
     pf = plan_frames(cfg)
     if ray.is_initialized():
         ray.shutdown()
@@ -260,6 +299,7 @@ def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
         "megasam_calls_per_scene": len(calls) / pf["scenes"],
         "stage_busy_s": st["stage_seconds"],
         **steady_util(sampler.samples),
+        **hold_util(sampler.samples, read_holds(trace), s.stats.get("depth.warmup_s", 0.0)),
         **scale_spread(out),
         "failures": s.failures[:3],
     }
@@ -411,6 +451,17 @@ def markdown(res: dict) -> str:
             f"{f(r['vda_window_slots_per_source_frame'])} | {f(r['megasam_calls_per_scene'])} | "
             f"{f(r['gpu_util_steady'], 0)} % | {f(r['scale_spread_max'], 4)} | {f(r['pose_scale_spread_max'], 4)} |"
         )
+    for k in ("clip", "scene", "full", "scene2"):
+        r = res.get(k) or {}
+        if r.get("gpu_util_after_warmup") is not None:
+            held = r["gpu_util_while_held"]
+            lines += [
+                "",
+                f"{k}: GPU util from the end of the depth warm-up to its last model call "
+                f"({r['gpu_steady_span_s']:.1f} s): {r['gpu_util_after_warmup']:.0f} %; the depth actor held the GPU "
+                f"{r['depth_held_fraction']:.0%} of that span"
+                + (f", util while it held it {held:.0f} %" if held is not None else ""),
+            ]
     if res.get("standalone"):
         sa = res["standalone"]
         sc = res.get("scene") or {}

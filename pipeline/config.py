@@ -198,7 +198,7 @@ class FaultConfig(_Strict):
     marker_dir: str | None = Field(None, description="where 'already crashed' markers live (default OUT/.faults)")
     trace_dir: str | None = Field(
         None,
-        description="every ingest attempt leaves an empty file `<clip ordinal>.<Ray node id>.<pid>` here (which node ran which clip), every model actor `actors/<stage>.<Ray node id>.<pid>`",
+        description="every ingest attempt leaves an empty file `<clip ordinal>.<Ray node id>.<pid>` here (which node ran which clip), every model actor `actors/<stage>.<Ray node id>.<pid>` and, per call, the wall-clock start and end of its hold on the model in `holds/<stage>.<pid>`",
     )
     ingest_delay_s: float = Field(
         0.0,

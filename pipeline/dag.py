@@ -160,18 +160,22 @@ def write_task(shard: dict, clip_ids: list[str], refs: list, cfg: BuildConfig) -
 
 
 class _TimedLock:
-    """One call's hold on the actor's model lock; ``waited``: the seconds it waited to get it."""
+    """One call's hold on the actor's model lock; ``waited``: the seconds it waited to get it;
+    ``holds``: (acquired, released) wall-clock times of each hold."""
 
     def __init__(self, lock):
-        self.lock, self.waited = lock, 0.0
+        self.lock, self.waited, self.holds = lock, 0.0, []
 
     def __enter__(self):
         t0 = time.time()
         self.lock.acquire()
-        self.waited += time.time() - t0
+        t1 = time.time()
+        self.waited += t1 - t0
+        self.holds.append([t1, t1])
         return self
 
     def __exit__(self, *exc):
+        self.holds[-1][1] = time.time()
         self.lock.release()
 
 
@@ -221,6 +225,11 @@ class _ModelActor:
         t0 = time.time()
         out = self.impl.process(clips, model_lock=held)
         per = (time.time() - t0 - held.waited) / max(1, len(out))
+        if self.cfg.fault.trace_dir and held.holds:  # bench hook: when the model (the GPU) was held
+            where = os.path.join(self.cfg.fault.trace_dir, "holds")
+            os.makedirs(where, exist_ok=True)
+            with open(os.path.join(where, f"{self.stage}.{os.getpid()}"), "a") as f:
+                f.write("".join(f"{a:.6f} {b:.6f}\n" for a, b in held.holds))
         for c in out:
             if isinstance(c, Clip):
                 c.aux.setdefault("timings", {})[self.stage] = per

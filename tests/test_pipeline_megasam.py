@@ -103,8 +103,15 @@ def test_megasam_scene_passes_end_to_end(re10k, ray_local):
     base, data, truth, scenes = re10k
     (good, rendered), (bad, _), (slow, _) = scenes
     cfg, log = config(base, data, truth, fail=bad, hang=slow, jitter=0.05)
+    cfg.fault.trace_dir = str(base / "trace")
     s = build(cfg, show_progress=False)
     assert s.shards_failed == 0  # a MegaSaM failure fails clips, never the run
+    # the depth actor's holds on its model, as wall-clock intervals (the scene bench's GPU steady state)
+    [holds] = list((base / "trace" / "holds").iterdir())
+    spans = sorted(tuple(map(float, line.split())) for line in holds.read_text().splitlines())
+    assert holds.name.startswith("depth.") and spans and all(a <= b for a, b in spans)
+    assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))  # one model, one hold at a time
+    assert sum(b - a for a, b in spans) == pytest.approx(s.stats["depth.model_held_s"], rel=0.05, abs=0.05)
     # scene passes: every source frame through the depth model once, one MegaSaM call per scene
     n_frames = rendered.rgb.shape[0]
     assert s.stats["depth.passes"] == N_SCENES and s.stats["depth.model_frames"] == N_SCENES * n_frames
