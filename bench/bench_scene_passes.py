@@ -213,10 +213,23 @@ def steady_util(samples: list) -> dict:
     }
 
 
-def hold_util(samples: list, holds: list, warmup_s: float) -> dict:
-    """GPU utilisation over the depth actor's steady state: from the end of its warm-up for the frame
-    size (the start of its first hold on the model plus ``depth.warmup_s``) to the end of its last
-    hold; also the share of that span the actor held the model, and the utilisation while it held it.
+def merge_spans(spans: list) -> list[tuple[float, float]]:
+    """Overlapping or touching (start, end) intervals joined: two GPU actors' holds can overlap."""
+    out: list[list[float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def hold_util(samples: list, holds: list, warmup_s: float, warm_holds: list | None = None) -> dict:
+    """GPU utilisation over the GPU actors' steady state: from the end of the depth actor's warm-up
+    for the frame size (the start of its first hold on the model, in ``warm_holds``, by default
+    ``holds``, plus ``depth.warmup_s``) to the end of the last hold in ``holds``; also the share of
+    that span some actor held its model (overlapping holds of two actors count once), and the
+    utilisation while one did.
 
     ``samples``: (time, gpu, util %, MiB) from :class:`GpuSampler`; a sample at ``t`` is the
     utilisation over the period before ``t``, so it belongs to an interval ``(a, b]`` when
@@ -224,8 +237,8 @@ def hold_util(samples: list, holds: list, warmup_s: float) -> dict:
     none = {"gpu_util_after_warmup": None, "gpu_util_while_held": None, "depth_held_fraction": None}
     if not holds:
         return none | {"gpu_steady_span_s": None}
-    holds = sorted(holds)
-    start, end = holds[0][0] + warmup_s, holds[-1][1]
+    holds = merge_spans(holds)
+    start, end = min(warm_holds or holds)[0] + warmup_s, holds[-1][1]
     span = max(0.0, end - start)
     window = [s for s in samples if start < s[0] <= end]
     held = [s for s in window if any(a < s[0] <= b for a, b in holds)]
@@ -300,6 +313,20 @@ def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
         "stage_busy_s": st["stage_seconds"],
         **steady_util(sampler.samples),
         **hold_util(sampler.samples, read_holds(trace), s.stats.get("depth.warmup_s", 0.0)),
+        # with tracks: the same window to the last hold of either GPU actor, held when either held
+        **(
+            {
+                f"all_gpu_{k}": v
+                for k, v in hold_util(
+                    sampler.samples,
+                    read_holds(trace) + read_holds(trace, "tracks"),
+                    s.stats.get("depth.warmup_s", 0.0),
+                    warm_holds=read_holds(trace),
+                ).items()
+            }
+            if tracks
+            else {}
+        ),
         **scale_spread(out),
         "failures": s.failures[:3],
     }
@@ -461,6 +488,15 @@ def markdown(res: dict) -> str:
                 f"({r['gpu_steady_span_s']:.1f} s): {r['gpu_util_after_warmup']:.0f} %; the depth actor held the GPU "
                 f"{r['depth_held_fraction']:.0%} of that span"
                 + (f", util while it held it {held:.0f} %" if held is not None else ""),
+            ]
+        if r.get("all_gpu_gpu_util_after_warmup") is not None:
+            held = r["all_gpu_gpu_util_while_held"]
+            lines += [
+                "",
+                f"{k}: GPU util from the end of the depth warm-up to the last model call of the depth or the "
+                f"track actor ({r['all_gpu_gpu_steady_span_s']:.1f} s): {r['all_gpu_gpu_util_after_warmup']:.0f} %; "
+                f"one of them held the GPU {r['all_gpu_depth_held_fraction']:.0%} of that span"
+                + (f", util while one did {held:.0f} %" if held is not None else ""),
             ]
     if res.get("standalone"):
         sa = res["standalone"]

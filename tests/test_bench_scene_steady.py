@@ -7,7 +7,7 @@ that is most of the window (bench/RESULTS.md §7)."""
 
 import pytest
 
-from bench.bench_scene_passes import hold_util
+from bench.bench_scene_passes import hold_util, merge_spans
 
 
 def samples(utils, t0=100.0, period=0.5):
@@ -33,3 +33,23 @@ def test_no_holds_no_figures():
         "depth_held_fraction": None,
         "gpu_steady_span_s": None,
     }
+
+
+def test_two_actors_overlapping_holds_count_once_and_the_window_starts_at_the_depth_warm_up():
+    # depth holds 103-106 s (its first second the warm-up); the track actor 105-107 s, overlapping it;
+    # nothing held 107-108 s, then the track actor 108-109 s
+    s = samples([0] * 7 + [50, 50] + [100] * 6 + [0, 0] + [100, 100])
+    depth = [(103.0, 106.0)]
+    got = hold_util(s, holds=depth + [(105.0, 107.0), (108.0, 109.0)], warmup_s=1.0, warm_holds=depth)
+    assert got["gpu_steady_span_s"] == pytest.approx(5.0)  # 104-109 s
+    assert got["depth_held_fraction"] == pytest.approx(4.0 / 5.0)  # 104-107 and 108-109, the overlap once
+    assert got["gpu_util_after_warmup"] == pytest.approx(800 / 10)
+    assert got["gpu_util_while_held"] == pytest.approx(100.0)
+
+
+def test_merge_spans_joins_overlapping_and_touching_intervals_only():
+    assert merge_spans([(3.0, 4.0), (1.0, 2.0), (1.5, 2.5), (2.5, 2.7), (5.0, 6.0)]) == [
+        (1.0, 2.7),
+        (3.0, 4.0),
+        (5.0, 6.0),
+    ]
