@@ -21,7 +21,12 @@ fp16) and the MegaSaM stand-in (``pipeline/demo/megasam_stand_in.py``: the rende
 * ``standalone``: whole-video VDA (``VDARunner.predict``) on every scene's frame sequence (the
   frames the scene pass runs on), on the same GPU: frames/s; the ratio to the scene build's.
 * ``full``: the scene-pass build with CoTracker3 too (RealEstate10K's whole chain): clips/s and
-  GPU utilisation.
+  GPU utilisation, also from the end of the depth warm-up to the last hold of either GPU actor.
+
+``--megasam-gpus`` (default 0.1) is ``stages.align.megasam_num_gpus``: 0.1 schedules the stand-in as a
+GPU task like real MegaSaM (one run at a time beside two 0.45-GPU actors) although it does no GPU
+work, so the GPU waits for it; 0 runs it on the CPUs, and the GPU figures show what the DAG feeds
+the model actors (bench/RESULTS.md §7, session 8).
 * ``accuracy`` (CPU, no Ray, not in the default parts; the align and MegaSaM stages' own code,
   one process per scene; run it at a small size): with a relative
   prediction made from the truth (disparity ``2.5/d + 0.3`` with 1 % noise) instead of
@@ -136,7 +141,7 @@ def build_config(a, out: Path, granularity: str, gpus: int, tracks: bool, log: P
                 "align": {
                     "drop_on_qc": False,
                     "model": "scale_only",
-                    "megasam_num_gpus": 0.1 if gpu else 0.0,
+                    "megasam_num_gpus": a.megasam_gpus if gpu else 0.0,
                     "megasam_command": command_template(a.truth, log=log, noise=NOISE, scale_jitter=SCALE_JITTER),
                 },
                 "tracks": {
@@ -550,6 +555,14 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder", default="vitl")
     ap.add_argument("--input-size", type=int, default=518)
     ap.add_argument("--cpus", type=int, default=os.cpu_count())
+    ap.add_argument(
+        "--megasam-gpus",
+        type=float,
+        default=0.1,
+        help="stages.align.megasam_num_gpus of the GPU builds. 0.1 schedules the stand-in as real MegaSaM is "
+        "scheduled (a GPU task: one run at a time beside two 0.45-GPU actors), although it does no GPU work; "
+        "0 lets it run on the CPUs in parallel, so the GPU figures show what the DAG feeds the model actors",
+    )
     ap.add_argument("--gpus", type=int, default=None, help="GPUs for the 1-GPU builds (default: 1 if CUDA else 0)")
     ap.add_argument(
         "--parts",
@@ -574,7 +587,7 @@ def main(argv=None) -> int:
             "cpus": a.cpus,
             "gpus_seen": n_gpus,
             "gpu": torch.cuda.get_device_name(0) if n_gpus else None,
-            "megasam": f"stand-in, noise {NOISE}, scale jitter {SCALE_JITTER}",
+            "megasam": f"stand-in, noise {NOISE}, scale jitter {SCALE_JITTER}, {a.megasam_gpus:g} GPU per run",
         }
     }
 
