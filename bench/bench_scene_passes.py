@@ -83,24 +83,45 @@ def _render_chunk(job):
     return i, a, r.rgb, r.depth, r.intrinsics, r.c2w
 
 
-def render_scenes(a, frames: list[int]) -> None:
+def variant(scene, copy: int):
+    """Copy ``copy`` (>= 1) of a rendered scene with its frames ``3 * copy`` % darker: the same depth
+    and cameras, other pixels, so its MegaSaM cache key (the frames' content) differs and the copy
+    costs a build what a new scene would, for a fraction of the rendering (``--unique``)."""
+    from types import SimpleNamespace
+
+    rgb = np.clip(np.round(scene.rgb * (1.0 - 0.03 * copy)), 0, 255).astype(np.uint8)
+    return SimpleNamespace(rgb=rgb, depth=scene.depth, intrinsics=scene.intrinsics, c2w=scene.c2w)
+
+
+def render_scenes(a, frames: list[int], unique: int = 0) -> None:
+    """Render the scenes of ``frames`` (their frame counts) into ``a.data`` and their truth into
+    ``a.truth``; with ``unique`` > 0 only the first ``unique`` are rendered and scene ``i`` is
+    :func:`variant` ``i // unique`` of scene ``i % unique`` (``frames`` must repeat likewise)."""
     from types import SimpleNamespace
 
     from pipeline.demo.megasam_stand_in import save_truth
     from pipeline.demo.writers import realestate10k as w
     from pipeline.plan import key_safe
 
-    jobs = [(i, n, a.height, a.width, s, min(s + 20, n)) for i, n in enumerate(frames) for s in range(0, n, 20)]
+    unique = unique or len(frames)
+    jobs = [
+        (i, n, a.height, a.width, s, min(s + 20, n)) for i, n in enumerate(frames[:unique]) for s in range(0, n, 20)
+    ]
     with ProcessPoolExecutor(max_workers=max(1, a.cpus)) as ex:
         parts = sorted(ex.map(_render_chunk, jobs), key=lambda p: (p[0], p[1]))
-    for i, _n in enumerate(frames):
+    rendered = []
+    for i in range(unique):
         mine = [p for p in parts if p[0] == i]
-        scene = SimpleNamespace(
-            **{
-                k: np.concatenate([p[j] for p in mine])
-                for j, k in ((2, "rgb"), (3, "depth"), (4, "intrinsics"), (5, "c2w"))
-            }
+        rendered.append(
+            SimpleNamespace(
+                **{
+                    k: np.concatenate([p[j] for p in mine])
+                    for j, k in ((2, "rgb"), (3, "depth"), (4, "intrinsics"), (5, "c2w"))
+                }
+            )
         )
+    for i in range(len(frames)):
+        scene = rendered[i % unique] if i < unique else variant(rendered[i % unique], i // unique)
         ws = w.write(scene, Path(a.data), w.default_scene_id(i))
         save_truth(a.truth, key_safe(ws.scene_id), scene)
 
@@ -205,7 +226,15 @@ def scale_spread(out: Path) -> dict:
     }
 
 
+def used_gpu_samples(samples: list) -> list:
+    """The samples of the GPUs the build used (some sample above 5 %): a 1-GPU build on a host with
+    more GPUs must not average in the idle ones."""
+    used = {s[1] for s in samples if s[2] > 5}
+    return [s for s in samples if s[1] in used]
+
+
 def steady_util(samples: list) -> dict:
+    samples = used_gpu_samples(samples)
     busy = [i for i, s in enumerate(samples) if s[2] > 5]
     if not busy:
         return {"gpu_util_steady": None, "gpu_util_mean": None, "gpu_mem_max_mib": None}
@@ -230,11 +259,14 @@ def merge_spans(spans: list) -> list[tuple[float, float]]:
 
 
 def hold_util(samples: list, holds: list, warmup_s: float, warm_holds: list | None = None) -> dict:
-    """GPU utilisation over the GPU actors' steady state: from the end of the depth actor's warm-up
-    for the frame size (the start of its first hold on the model, in ``warm_holds``, by default
-    ``holds``, plus ``depth.warmup_s``) to the end of the last hold in ``holds``; also the share of
-    that span some actor held its model (overlapping holds of two actors count once), and the
-    utilisation while one did.
+    """GPU utilisation over the GPU actors' steady state: from the end of the depth actors' warm-up
+    for the frame size to the end of the last hold in ``holds``; also the share of that span some
+    actor held its model (overlapping holds of two actors count once), and the utilisation while
+    one did. Only the GPUs the build used count (:func:`used_gpu_samples`).
+
+    ``warm_holds``: each depth actor's holds (default: ``holds``, one actor). Each actor warms up at
+    the start of its first hold, and ``warmup_s`` (``depth.warmup_s``) is summed over the actors, so
+    the warm-up ends ``warmup_s / actors`` after the last actor's first hold began.
 
     ``samples``: (time, gpu, util %, MiB) from :class:`GpuSampler`; a sample at ``t`` is the
     utilisation over the period before ``t``, so it belongs to an interval ``(a, b]`` when
@@ -242,8 +274,9 @@ def hold_util(samples: list, holds: list, warmup_s: float, warm_holds: list | No
     none = {"gpu_util_after_warmup": None, "gpu_util_while_held": None, "depth_held_fraction": None}
     if not holds:
         return none | {"gpu_steady_span_s": None}
-    holds = merge_spans(holds)
-    start, end = min(warm_holds or holds)[0] + warmup_s, holds[-1][1]
+    actors = [sorted(h) for h in (warm_holds or [holds]) if h]
+    samples, holds = used_gpu_samples(samples), merge_spans(holds)
+    start, end = max(h[0][0] for h in actors) + warmup_s / len(actors), holds[-1][1]
     span = max(0.0, end - start)
     window = [s for s in samples if start < s[0] <= end]
     held = [s for s in window if any(a < s[0] <= b for a, b in holds)]
@@ -256,12 +289,18 @@ def hold_util(samples: list, holds: list, warmup_s: float, warm_holds: list | No
     }
 
 
+def read_holds_by_actor(trace: Path, stage: str = "depth") -> list[list[tuple[float, float]]]:
+    """The (start, end) of every hold of each of ``stage``'s model actors (``fault.trace_dir``/holds,
+    one file per actor process)."""
+    return [
+        [tuple(map(float, line.split())) for line in f.read_text().splitlines() if line.strip()]
+        for f in sorted((trace / "holds").glob(f"{stage}.*"))
+    ]
+
+
 def read_holds(trace: Path, stage: str = "depth") -> list[tuple[float, float]]:
-    """The (start, end) of every hold of ``stage``'s model actors (``fault.trace_dir``/holds)."""
-    spans = []
-    for f in sorted((trace / "holds").glob(f"{stage}.*")):
-        spans += [tuple(map(float, line.split())) for line in f.read_text().splitlines() if line.strip()]
-    return spans
+    """The (start, end) of every hold of ``stage``'s model actors, all actors together."""
+    return [span for actor in read_holds_by_actor(trace, stage) for span in actor]
 
 
 def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
@@ -317,7 +356,12 @@ def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
         "megasam_calls_per_scene": len(calls) / pf["scenes"],
         "stage_busy_s": st["stage_seconds"],
         **steady_util(sampler.samples),
-        **hold_util(sampler.samples, read_holds(trace), s.stats.get("depth.warmup_s", 0.0)),
+        **hold_util(
+            sampler.samples,
+            read_holds(trace),
+            s.stats.get("depth.warmup_s", 0.0),
+            warm_holds=read_holds_by_actor(trace),
+        ),
         # with tracks: the same window to the last hold of either GPU actor, held when either held
         **(
             {
@@ -326,7 +370,7 @@ def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
                     sampler.samples,
                     read_holds(trace) + read_holds(trace, "tracks"),
                     s.stats.get("depth.warmup_s", 0.0),
-                    warm_holds=read_holds(trace),
+                    warm_holds=read_holds_by_actor(trace),
                 ).items()
             }
             if tracks
@@ -548,6 +592,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--scenes", type=int, default=8)
+    ap.add_argument(
+        "--unique",
+        type=int,
+        default=0,
+        help="render only this many scenes and make the others darker copies of them (new content, same "
+        "geometry): longer builds for a fraction of the rendering; 0: every scene rendered",
+    )
     ap.add_argument("--min-frames", type=int, default=150)
     ap.add_argument("--max-frames", type=int, default=300)
     ap.add_argument("--height", type=int, default=360)
@@ -577,10 +628,13 @@ def main(argv=None) -> int:
     a.out = a.out.resolve()
     a.data, a.truth = a.out / "data" / "realestate10k", a.out / "data" / "truth"
     parts = [p for p in a.parts.split(",") if p]
-    frames = np.linspace(a.min_frames, a.max_frames, a.scenes).round().astype(int).tolist()
+    unique = a.unique if 0 < a.unique < a.scenes else a.scenes
+    frames = np.linspace(a.min_frames, a.max_frames, unique).round().astype(int).tolist()
+    frames = [frames[i % unique] for i in range(a.scenes)]
     res = {
         "setup": {
             "scenes": a.scenes,
+            "unique_scenes": unique,
             "frames": f"{min(frames)}-{max(frames)}",
             "size": f"{a.height}x{a.width}",
             "encoder": f"VDA {a.encoder} input {a.input_size} random weights",
@@ -597,7 +651,7 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     if not (a.data / ".rendered").exists():
-        render_scenes(a, frames)
+        render_scenes(a, frames, unique)
         (a.data / ".rendered").write_text("ok\n")
     res["setup"]["render_s"] = round(time.time() - t0, 1)
     save()

@@ -7,7 +7,7 @@ that is most of the window (bench/RESULTS.md §7)."""
 
 import pytest
 
-from bench.bench_scene_passes import hold_util, merge_spans
+from bench.bench_scene_passes import hold_util, merge_spans, steady_util, used_gpu_samples
 
 
 def samples(utils, t0=100.0, period=0.5):
@@ -40,7 +40,7 @@ def test_two_actors_overlapping_holds_count_once_and_the_window_starts_at_the_de
     # nothing held 107-108 s, then the track actor 108-109 s
     s = samples([0] * 7 + [50, 50] + [100] * 6 + [0, 0] + [100, 100])
     depth = [(103.0, 106.0)]
-    got = hold_util(s, holds=depth + [(105.0, 107.0), (108.0, 109.0)], warmup_s=1.0, warm_holds=depth)
+    got = hold_util(s, holds=depth + [(105.0, 107.0), (108.0, 109.0)], warmup_s=1.0, warm_holds=[depth])
     assert got["gpu_steady_span_s"] == pytest.approx(5.0)  # 104-109 s
     assert got["depth_held_fraction"] == pytest.approx(4.0 / 5.0)  # 104-107 and 108-109, the overlap once
     assert got["gpu_util_after_warmup"] == pytest.approx(800 / 10)
@@ -53,3 +53,56 @@ def test_merge_spans_joins_overlapping_and_touching_intervals_only():
         (3.0, 4.0),
         (5.0, 6.0),
     ]
+
+
+def two_gpu_samples(used, idle_gpu=1, t0=100.0, period=0.5):
+    """nvidia-smi rows of a 2-GPU host where the build used one GPU: one row per GPU per tick."""
+    rows = []
+    for i, u in enumerate(used):
+        for g in (0, 1):
+            rows.append((t0 + i * period, g, 0.0 if g == idle_gpu else u, 1000.0))
+    return rows
+
+
+def test_a_gpu_the_build_never_used_is_left_out_of_every_figure():
+    # a 1-GPU build on a 2-GPU host (bench/RESULTS.md §7, session 8): averaging in the idle GPU halved
+    # every figure. The build used GPU 1 here; GPU 0 stayed idle.
+    utils = [0, 0, 50, 90, 90, 90, 90, 0]
+    s = two_gpu_samples(utils, idle_gpu=0)
+    got = hold_util(s, holds=[(100.5, 103.0)], warmup_s=0.5)
+    assert got == hold_util(samples(utils), holds=[(100.5, 103.0)], warmup_s=0.5)
+    assert got["gpu_util_after_warmup"] == pytest.approx(90.0)
+    one = steady_util(samples(utils))
+    assert steady_util(s)["gpu_util_steady"] == pytest.approx(one["gpu_util_steady"]) == pytest.approx(410 / 5)
+    assert used_gpu_samples(s) == [r for r in s if r[1] == 1]
+
+
+def test_with_two_depth_actors_the_window_starts_when_the_later_one_has_warmed_up():
+    # actor A's first hold starts at 101 s, actor B's at 102.5 s; depth.warmup_s is summed over both
+    # (1 s each): the steady state starts at 103.5 s, not at 101 + 2 s nor at 101 + 1 s
+    a, b = [(101.0, 104.0)], [(102.5, 105.0)]
+    s = samples([0, 0, 0, 50, 50, 50, 50, 100, 100, 100, 100])
+    got = hold_util(s, holds=a + b, warmup_s=2.0, warm_holds=[a, b])
+    assert got["gpu_steady_span_s"] == pytest.approx(1.5)  # 103.5-105 s
+    assert got["gpu_util_after_warmup"] == pytest.approx(100.0)
+    assert got["depth_held_fraction"] == pytest.approx(1.0)
+
+
+def test_a_scene_copy_has_other_pixels_and_the_same_geometry():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from bench.bench_scene_passes import variant
+
+    rng = np.random.default_rng(0)
+    scene = SimpleNamespace(
+        rgb=rng.integers(0, 256, (3, 4, 5, 3), dtype=np.uint8),
+        depth=rng.random((3, 4, 5)).astype(np.float32),
+        intrinsics=np.eye(3),
+        c2w=np.tile(np.eye(4), (3, 1, 1)),
+    )
+    one, two = variant(scene, 1), variant(scene, 2)
+    assert one.rgb.dtype == np.uint8 and one.rgb.shape == scene.rgb.shape
+    assert not np.array_equal(one.rgb, scene.rgb) and not np.array_equal(one.rgb, two.rgb)
+    assert one.depth is scene.depth and one.c2w is scene.c2w and one.intrinsics is scene.intrinsics
