@@ -289,7 +289,12 @@ class BuildConfig(_Strict):
     datasets: dict[str, DatasetConfig]
     shard_size: int = Field(8, ge=1, description="clips per shard")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of stored frames")
-    max_inflight_shards: int = Field(4, ge=1, description="shard pipelines in flight at once (bounds memory)")
+    max_inflight_shards: int = Field(
+        4,
+        ge=1,
+        description="shard pipelines in flight at once (bounds memory); to keep the GPUs busy at least 2 per model "
+        "actor and enough for the MegaSaM runs the GPUs fit (docs/CLUSTER.md; the build warns when it is fewer)",
+    )
     shard_deadline_s: float | None = Field(
         21600.0,
         gt=0,

@@ -50,6 +50,7 @@ import ray
 from pipeline.clip import Clip, ClipFailure
 from pipeline.config import BuildConfig, ConfigError
 from pipeline.failures import ShardFailure, describe, is_transient
+from pipeline.feed import feed_for
 from pipeline.plan import Plan
 from pipeline.stage_routes import route
 from stages.ingest import adapter_class
@@ -395,6 +396,14 @@ class ShardDAG:
             else:
                 raise ConfigError(msg)
 
+    def check_feed(self, clips_by_shard: dict[str, list[dict]]) -> str | None:
+        """Warn when ``max_inflight_shards`` is too small to keep the GPUs busy (pipeline/feed.py);
+        the warning, if any, is also returned."""
+        warning = feed_for(self.cfg, ray.cluster_resources().get("GPU", 0.0), clips_by_shard).warning()
+        if warning:
+            log.warning(warning)
+        return warning
+
     def _pool(self, stage: str) -> list:
         """The stage's actors. They request the declared GPUs each from Ray, whatever the cluster
         has right now (``_check_gpus``): on an autoscaling cluster that demand brings GPU nodes up."""
@@ -488,6 +497,7 @@ class ShardDAG:
         yielded at once. Other shards keep flowing while one waits for its re-run. A shard past
         ``shard_deadline_s`` is cancelled and yielded failed at once (see :meth:`_expire`).
         """
+        self.check_feed({sh["shard_id"]: clips_by_shard[sh["shard_id"]] for sh in shards})
         queue = deque(shards)
         inflight: dict = {}
         deadline = self.cfg.shard_deadline_s

@@ -1,0 +1,93 @@
+"""Whether ``max_inflight_shards`` can keep a build's GPUs busy, said at the start of the build.
+
+The driver keeps at most ``max_inflight_shards`` shard pipelines in flight (that bounds memory),
+so only their scenes can be in MegaSaM and only their clips can reach the model actors:
+
+* a model actor takes two calls at once (one holds the GPU while the other prepares its inputs
+  on the host), so it waits unless about two shards are at its stage: 2 shards per actor;
+* a MegaSaM run needs a scene pass of its own, and a shard brings its scenes' passes: the GPUs
+  fit ``(GPUs - the actors' GPUs) / megasam_num_gpus`` runs at once, so the build needs that many
+  passes in flight, ``runs / passes per shard`` shards.
+
+Below either figure some GPUs the cluster has sit idle (bench/RESULTS.md §7, session 8: a
+MegaSaM queue left the GPU idle for most of a build). The check cannot know a cluster that an
+autoscaler has yet to grow; it sizes against the GPUs present at the start.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pipeline.stage_routes import route
+
+if TYPE_CHECKING:
+    from pipeline.config import BuildConfig
+
+
+@dataclass(frozen=True)
+class Feed:
+    """What keeps the GPUs fed: shards in flight, model actors, MegaSaM runs that fit the GPUs
+    beside the actors (0 when MegaSaM uses no GPU or none is there yet), and MegaSaM passes per
+    shard (the mean over the shards that run MegaSaM)."""
+
+    inflight: int
+    actors: int
+    megasam_slots: int
+    scenes_per_shard: float
+
+    def needed(self) -> int:
+        """The fewest shards in flight that keep every model actor and every MegaSaM slot busy."""
+        megasam = math.ceil(self.megasam_slots / self.scenes_per_shard) if self.megasam_slots else 0
+        return max(2 * self.actors, megasam, 1)
+
+    def warning(self) -> str | None:
+        need = self.needed()
+        if self.inflight >= need:
+            return None
+        why = []
+        if 2 * self.actors > self.inflight:
+            why.append(f"{self.actors} model actors take 2 shards each")
+        if self.megasam_slots and math.ceil(self.megasam_slots / self.scenes_per_shard) > self.inflight:
+            why.append(
+                f"the GPUs fit {self.megasam_slots} MegaSaM runs and a shard brings "
+                f"{self.scenes_per_shard:.3g} scene passes (at most "
+                f"{self.inflight * self.scenes_per_shard:.0f} runs at once now)"
+            )
+        return (
+            f"max_inflight_shards is {self.inflight}, too few to keep the GPUs busy: "
+            + "; ".join(why)
+            + f". Set max_inflight_shards to at least {need} (each shard in flight holds its clips in the "
+            "object store: size it against the nodes' memory)"
+        )
+
+
+def feed_for(cfg: "BuildConfig", total_gpus: float, clips_by_shard: dict[str, list[dict]]) -> Feed:
+    """The :class:`Feed` of a build of ``clips_by_shard`` (the plan's clips per shard) on a cluster
+    of ``total_gpus`` GPUs, read from the stage declarations (``cfg`` resolved)."""
+    present = {c["dataset"] for clips in clips_by_shard.values() for c in clips} & set(cfg.datasets)
+    routes = {d: {s.name: s for s in route(cfg, d)} for d in sorted(present)}
+    actors: dict[str, int] = {}
+    actor_gpus = 0.0
+    for steps in routes.values():
+        for s in steps.values():
+            if s.runs_as == "actor" and s.name not in actors:
+                actors[s.name] = s.actors
+                actor_gpus += s.actors * s.num_gpus
+    megasam = next((r["megasam"] for r in routes.values() if "megasam" in r), None)
+    slots = 0
+    if megasam is not None and megasam.num_gpus > 0 and total_gpus > actor_gpus:
+        slots = int((total_gpus - actor_gpus) / megasam.num_gpus + 1e-9)
+    passes = []
+    for clips in clips_by_shard.values():
+        mine = [c for c in clips if "megasam" in routes.get(c["dataset"], {})]
+        if mine:
+            per_scene = megasam is not None and megasam.granularity == "scene"
+            passes.append(len({c["scene"] for c in mine}) if per_scene else len(mine))
+    return Feed(
+        inflight=cfg.max_inflight_shards,
+        actors=sum(actors.values()),
+        megasam_slots=slots if passes else 0,
+        scenes_per_shard=sum(passes) / len(passes) if passes else 1.0,
+    )
