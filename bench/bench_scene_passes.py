@@ -527,25 +527,21 @@ def markdown(res: dict) -> str:
             f"{f(r['vda_window_slots_per_source_frame'])} | {f(r['megasam_calls_per_scene'])} | "
             f"{f(r['gpu_util_steady'], 0)} % | {f(r['scale_spread_max'], 4)} | {f(r['pose_scale_spread_max'], 4)} |"
         )
+    spans = (
+        ("", "its last model call", "the depth actor held", "while it held it"),
+        ("all_gpu_", "the last model call of the depth or the track actor", "one of them held", "while one did"),
+    )
     for k in ("clip", "scene", "full", "scene2"):
         r = res.get(k) or {}
-        if r.get("gpu_util_after_warmup") is not None:
-            held = r["gpu_util_while_held"]
+        for pre, until, who, held_by in spans:
+            if r.get(f"{pre}gpu_util_after_warmup") is None:
+                continue
+            held = r[f"{pre}gpu_util_while_held"]
             lines += [
                 "",
-                f"{k}: GPU util from the end of the depth warm-up to its last model call "
-                f"({r['gpu_steady_span_s']:.1f} s): {r['gpu_util_after_warmup']:.0f} %; the depth actor held the GPU "
-                f"{r['depth_held_fraction']:.0%} of that span"
-                + (f", util while it held it {held:.0f} %" if held is not None else ""),
-            ]
-        if r.get("all_gpu_gpu_util_after_warmup") is not None:
-            held = r["all_gpu_gpu_util_while_held"]
-            lines += [
-                "",
-                f"{k}: GPU util from the end of the depth warm-up to the last model call of the depth or the "
-                f"track actor ({r['all_gpu_gpu_steady_span_s']:.1f} s): {r['all_gpu_gpu_util_after_warmup']:.0f} %; "
-                f"one of them held the GPU {r['all_gpu_depth_held_fraction']:.0%} of that span"
-                + (f", util while one did {held:.0f} %" if held is not None else ""),
+                f"{k}: GPU util from the end of the depth warm-up to {until} ({r[f'{pre}gpu_steady_span_s']:.1f} s): "
+                f"{r[f'{pre}gpu_util_after_warmup']:.0f} %; {who} the GPU {r[f'{pre}depth_held_fraction']:.0%} of that "
+                "span" + (f", util {held_by} {held:.0f} %" if held is not None else ""),
             ]
     if res.get("standalone"):
         sa = res["standalone"]
