@@ -22,11 +22,6 @@ fp16) and the MegaSaM stand-in (``pipeline/demo/megasam_stand_in.py``: the rende
   frames the scene pass runs on), on the same GPU: frames/s; the ratio to the scene build's.
 * ``full``: the scene-pass build with CoTracker3 too (RealEstate10K's whole chain): clips/s and
   GPU utilisation, also from the end of the depth warm-up to the last hold of either GPU actor.
-
-``--megasam-gpus`` (default 0.1) is ``stages.align.megasam_num_gpus``: 0.1 schedules the stand-in as a
-GPU task like real MegaSaM (one run at a time beside two 0.45-GPU actors) although it does no GPU
-work, so the GPU waits for it; 0 runs it on the CPUs, and the GPU figures show what the DAG feeds
-the model actors (bench/RESULTS.md §7, session 8).
 * ``accuracy`` (CPU, no Ray, not in the default parts; the align and MegaSaM stages' own code,
   one process per scene; run it at a small size): with a relative
   prediction made from the truth (disparity ``2.5/d + 0.3`` with 1 % noise) instead of
@@ -34,6 +29,12 @@ the model actors (bench/RESULTS.md §7, session 8).
   scene and AbsRel of the aligned depth against the rendered truth.
 * ``scene2``: with two or more GPUs, the scene-pass build on 2 GPUs (two depth actors) and its
   scaling against ``scene``.
+
+``--megasam-gpus`` (default 0) is ``stages.align.megasam_num_gpus`` of the GPU builds. The stand-in does
+no GPU work, so by default it runs on the CPUs and the GPU figures show what the DAG feeds the model
+actors; 0.1 schedules it as a GPU task like real MegaSaM (one run at a time beside two 0.45-GPU
+actors), and then the GPU waits for a queue of CPU work (bench/RESULTS.md §7, session 8). ``--unique N``
+renders N scenes and makes the others copies with other pixels, for longer builds.
 
 Usage (repo root, kit sourced, PYTHONPATH=$PWD):
     python bench/bench_scene_passes.py --out DIR [--scenes 8] [--parts clip,scene,standalone,full,scene2]
@@ -624,10 +625,10 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--megasam-gpus",
         type=float,
-        default=0.1,
-        help="stages.align.megasam_num_gpus of the GPU builds. 0.1 schedules the stand-in as real MegaSaM is "
-        "scheduled (a GPU task: one run at a time beside two 0.45-GPU actors), although it does no GPU work; "
-        "0 lets it run on the CPUs in parallel, so the GPU figures show what the DAG feeds the model actors",
+        default=0.0,
+        help="stages.align.megasam_num_gpus of the GPU builds. 0: the stand-in (no GPU work) runs on the CPUs "
+        "in parallel, so the GPU figures show what the DAG feeds the model actors; 0.1 schedules it as real "
+        "MegaSaM is scheduled (a GPU task: one run at a time beside two 0.45-GPU actors), and the GPU waits for it",
     )
     ap.add_argument("--gpus", type=int, default=None, help="GPUs for the 1-GPU builds (default: 1 if CUDA else 0)")
     ap.add_argument(
