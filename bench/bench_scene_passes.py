@@ -349,6 +349,8 @@ def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
     st = collect_status(cfg.output)
     depth_s = st["stage_seconds"].get("depth", 0.0)
     calls = log.read_text().split() if log.exists() else []
+    depth_actors = read_holds_by_actor(trace)  # each depth actor's holds on its model
+    depth_holds = [span for actor in depth_actors for span in actor]
     res = {
         "granularity": granularity,
         "gpus": gpus,
@@ -376,21 +378,16 @@ def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
         "megasam_calls_per_scene": len(calls) / pf["scenes"],
         "stage_busy_s": st["stage_seconds"],
         **steady_util(sampler.samples),
-        **hold_util(
-            sampler.samples,
-            read_holds(trace),
-            s.stats.get("depth.warmup_s", 0.0),
-            warm_holds=read_holds_by_actor(trace),
-        ),
+        **hold_util(sampler.samples, depth_holds, s.stats.get("depth.warmup_s", 0.0), warm_holds=depth_actors),
         # with tracks: the same window to the last hold of either GPU actor, held when either held
         **(
             {
                 f"all_gpu_{k}": v
                 for k, v in hold_util(
                     sampler.samples,
-                    read_holds(trace) + read_holds(trace, "tracks"),
+                    depth_holds + read_holds(trace, "tracks"),
                     s.stats.get("depth.warmup_s", 0.0),
-                    warm_holds=read_holds_by_actor(trace),
+                    warm_holds=depth_actors,
                 ).items()
             }
             if tracks

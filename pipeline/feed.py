@@ -37,10 +37,14 @@ class Feed:
     megasam_slots: int
     scenes_per_shard: float
 
+    @property
+    def megasam_shards(self) -> int:
+        """The shards in flight whose scene passes fill every MegaSaM slot."""
+        return math.ceil(self.megasam_slots / self.scenes_per_shard) if self.megasam_slots else 0
+
     def needed(self) -> int:
         """The fewest shards in flight that keep every model actor and every MegaSaM slot busy."""
-        megasam = math.ceil(self.megasam_slots / self.scenes_per_shard) if self.megasam_slots else 0
-        return max(2 * self.actors, megasam, 1)
+        return max(2 * self.actors, self.megasam_shards, 1)
 
     def warning(self) -> str | None:
         need = self.needed()
@@ -49,7 +53,7 @@ class Feed:
         why = []
         if 2 * self.actors > self.inflight:
             why.append(f"{self.actors} model actors take 2 shards each")
-        if self.megasam_slots and math.ceil(self.megasam_slots / self.scenes_per_shard) > self.inflight:
+        if self.megasam_shards > self.inflight:
             why.append(
                 f"the GPUs fit {self.megasam_slots} MegaSaM runs and a shard brings "
                 f"{self.scenes_per_shard:.3g} scene passes (at most "
