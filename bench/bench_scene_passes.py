@@ -246,6 +246,27 @@ def scale_spread(out: Path) -> dict:
     }
 
 
+def steady_throughput(events: list[dict]) -> dict:
+    """Clips/s of a build between its first and its last shard completion (ledger events): the clips
+    of every shard done after the first, over that span. A whole build's clips/s includes a head
+    (the actors' start-up, the first shards' ingest, the warm-up, the first shard's pipeline) and
+    a tail that more GPUs do not shorten; this rate is what a build of the full dataset runs at
+    for hours. A shard counts once, at its latest ``done`` event."""
+    done: dict[str, tuple[float, int]] = {}
+    for e in events:
+        if e.get("state") == "done" and e.get("finished_at") is not None:
+            done[e["shard_id"]] = (float(e["finished_at"]), int(e.get("samples_written") or 0))
+    times = sorted(done.values())
+    if len(times) < 2:
+        return {"steady_clips_per_s": None, "steady_span_s": None, "shards_done": len(times)}
+    span = times[-1][0] - times[0][0]
+    return {
+        "steady_clips_per_s": sum(n for _, n in times[1:]) / span if span > 0 else None,
+        "steady_span_s": span,
+        "shards_done": len(times),
+    }
+
+
 def used_gpu_samples(samples: list) -> list:
     """The samples of the GPUs the build used (some sample above 5 %): a 1-GPU build on a host with
     more GPUs must not average in the idle ones."""
@@ -318,6 +339,33 @@ def read_holds_by_actor(trace: Path, stage: str = "depth") -> list[list[tuple[fl
     ]
 
 
+def build_timeline(t0: float, trace: Path, holds: list[tuple[float, float]], events: list[dict]) -> dict:
+    """Seconds from the build's start to: the first model actor process up, the last one's model
+    built and warmed up (``fault.trace_dir``/startup), the first and the end of the last depth hold,
+    the first and the last shard done (ledger). What lies before the first hold and after the last
+    is the head and the tail that more GPUs do not shorten."""
+    ups = [
+        tuple(map(float, line.split()))
+        for f in sorted((trace / "startup").glob("*"))
+        for line in f.read_text().splitlines()
+        if line.strip()
+    ]
+    done = [float(e["finished_at"]) for e in events if e.get("state") == "done" and e.get("finished_at")]
+
+    def rel(t):
+        return round(t - t0, 2) if t is not None else None
+
+    return {
+        "actor_up_s": rel(min((u[0] for u in ups), default=None)),
+        "actors_built_s": rel(max((u[1] for u in ups), default=None)),
+        "actors_ready_s": rel(max((u[2] for u in ups), default=None)),
+        "first_hold_s": rel(min((h[0] for h in holds), default=None)),
+        "last_hold_end_s": rel(max((h[1] for h in holds), default=None)),
+        "first_shard_done_s": rel(min(done, default=None)),
+        "last_shard_done_s": rel(max(done, default=None)),
+    }
+
+
 def read_holds(trace: Path, stage: str = "depth") -> list[tuple[float, float]]:
     """The (start, end) of every hold of ``stage``'s model actors, all actors together."""
     return [span for actor in read_holds_by_actor(trace, stage) for span in actor]
@@ -326,14 +374,18 @@ def read_holds(trace: Path, stage: str = "depth") -> list[tuple[float, float]]:
 def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
     import ray
 
+    from manifests.store import ManifestStore
     from pipeline.runner import build
     from pipeline.status import collect_status
+    from pipeline.storage import Store
 
-    out = a.out / name
+    out = a.work / name
     log = a.out / f"{name}-megasam-calls.txt"
     cfg = build_config(a, out, granularity, gpus, tracks, log)
     trace = a.out / f"{name}-trace"  # the depth actor's holds on its model (hold_util)
     shutil.rmtree(trace, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # a build left by an earlier run would only be resumed
+    log.unlink(missing_ok=True)  # the stand-in appends a line per call
     cfg.fault.trace_dir = str(trace)
     pf = plan_frames(cfg)
     if ray.is_initialized():
@@ -349,6 +401,7 @@ def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
     st = collect_status(cfg.output)
     depth_s = st["stage_seconds"].get("depth", 0.0)
     calls = log.read_text().split() if log.exists() else []
+    events = ManifestStore(Store(str(out))).ledger_events()
     depth_actors = read_holds_by_actor(trace)  # each depth actor's holds on its model
     depth_holds = [span for actor in depth_actors for span in actor]
     res = {
@@ -394,6 +447,8 @@ def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
             else {}
         ),
         **scale_spread(out),
+        **steady_throughput(events),
+        "timeline": build_timeline(t0, trace, depth_holds, events),
         "failures": s.failures[:3],
     }
     return res
@@ -406,7 +461,7 @@ def standalone_vda(a) -> dict:
     from pipeline.plan import key_safe, make_plan
     from stages.depth.vda.runner import VDARunner
 
-    cfg = build_config(a, a.out / "standalone-plan", "scene", 1, False, a.out / "unused.txt")
+    cfg = build_config(a, a.work / "standalone-plan", "scene", 1, False, a.out / "unused.txt")
     plan = make_plan(cfg)
     frames: dict[str, set] = {}
     for c in plan.clips:
@@ -492,10 +547,10 @@ def _accuracy_scene(job) -> dict:
 def accuracy(a) -> dict:
     from pipeline.plan import make_plan
 
-    cfg = build_config(a, a.out / "accuracy", "scene", 0, False, a.out / "accuracy-megasam-calls.txt")
+    cfg = build_config(a, a.work / "accuracy", "scene", 0, False, a.out / "accuracy-megasam-calls.txt")
     cfg_raw = cfg.model_dump(mode="json")
     cfg_raw["stages"]["align"]["model"] = "disparity_affine"  # the default fit, for a relative prediction
-    cfg_raw["stages"]["align"]["cache_dir"] = str(a.out / "accuracy-cache")
+    cfg_raw["stages"]["align"]["cache_dir"] = str(a.work / "accuracy-cache")
     plan = make_plan(cfg)
     by_scene: dict[str, list] = {}
     for c in plan.clips:
@@ -586,7 +641,16 @@ def markdown(res: dict) -> str:
                 "of standalone",
             ]
     if res.get("scene2") and res.get("scene"):
-        lines += ["", f"2 GPUs: {res['scene2']['clips_per_s'] / res['scene']['clips_per_s']:.2f}x the clips/s of 1 GPU"]
+        one, two = res["scene"], res["scene2"]
+        for k in ("scene", "scene2"):
+            lines.append(f"{k} timeline (s from the build's start): " + json.dumps(res[k].get("timeline", {})))
+        lines += ["", f"2 GPUs: {two['clips_per_s'] / one['clips_per_s']:.2f}x the clips/s of 1 GPU (whole build)"]
+        if one.get("steady_clips_per_s") and two.get("steady_clips_per_s"):
+            lines.append(
+                f"2 GPUs, first to last shard done: {two['steady_clips_per_s'] / one['steady_clips_per_s']:.2f}x "
+                f"({two['steady_clips_per_s']:.2f} vs {one['steady_clips_per_s']:.2f} clips/s over "
+                f"{two['steady_span_s']:.1f} vs {one['steady_span_s']:.1f} s, {one['shards_done']} shards)"
+            )
     if res.get("accuracy"):
         lines += [
             "",
@@ -603,7 +667,15 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path, help="results (JSON, markdown), logs and traces")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="the rendered scenes and the builds' outputs (default: --out); tens of GB for long builds, so "
+        "on the device machine a folder outside $OUT. Scenes rendered there before with the same settings "
+        "are reused",
+    )
     ap.add_argument("--scenes", type=int, default=8)
     ap.add_argument(
         "--unique",
@@ -639,7 +711,9 @@ def main(argv=None) -> int:
     n_gpus = torch.cuda.device_count()
     a.gpus = (1 if n_gpus else 0) if a.gpus is None else a.gpus
     a.out = a.out.resolve()
-    a.data, a.truth = a.out / "data" / "realestate10k", a.out / "data" / "truth"
+    a.work = (a.work or a.out).resolve()
+    a.out.mkdir(parents=True, exist_ok=True)
+    a.data, a.truth = a.work / "data" / "realestate10k", a.work / "data" / "truth"
     parts = [p for p in a.parts.split(",") if p]
     unique = a.unique if 0 < a.unique < a.scenes else a.scenes
     frames = np.linspace(a.min_frames, a.max_frames, unique).round().astype(int).tolist()
@@ -663,9 +737,12 @@ def main(argv=None) -> int:
         (a.out / "bench_scene_passes.md").write_text(markdown(res))
 
     t0 = time.time()
-    if not (a.data / ".rendered").exists():
+    rendered = json.dumps({"frames": frames, "unique": unique, "size": [a.height, a.width]})
+    marker = a.data / ".rendered"
+    if not marker.exists() or marker.read_text() != rendered:
+        shutil.rmtree(a.work / "data", ignore_errors=True)
         render_scenes(a, frames, unique)
-        (a.data / ".rendered").write_text("ok\n")
+        marker.write_text(rendered)
     res["setup"]["render_s"] = round(time.time() - t0, 1)
     save()
     print(f"rendered {a.scenes} scenes in {res['setup']['render_s']} s", flush=True)

@@ -192,6 +192,7 @@ class _ModelActor:
     def __init__(self, stage: str, cfg: BuildConfig, device: str):
         import threading
 
+        started = time.time()
         self.stage = stage
         self.cfg = cfg
         self.lock = threading.Lock()
@@ -215,8 +216,14 @@ class _ModelActor:
             from stages.tracks.stage import TrackModelStage
 
             self.impl = TrackModelStage(cfg, device)
+        built = time.time()
         if device != "cpu":
             self.impl.warm_up()
+        if cfg.fault.trace_dir:  # bench hook: the actor's start-up (process up, model built, warmed up)
+            where = os.path.join(cfg.fault.trace_dir, "startup")
+            os.makedirs(where, exist_ok=True)
+            with open(os.path.join(where, f"{stage}.{os.getpid()}"), "a") as f:
+                f.write(f"{started:.6f} {built:.6f} {time.time():.6f}\n")
 
     def process(self, refs: list, clip_ids: list[str], hang: bool = False):
         clips = _resolve(refs, self.stage, clip_ids)

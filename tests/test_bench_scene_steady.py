@@ -7,7 +7,7 @@ that is most of the window (bench/RESULTS.md §7)."""
 
 import pytest
 
-from bench.bench_scene_passes import hold_util, merge_spans, steady_util, used_gpu_samples
+from bench.bench_scene_passes import hold_util, merge_spans, steady_throughput, steady_util, used_gpu_samples
 
 
 def samples(utils, t0=100.0, period=0.5):
@@ -106,3 +106,31 @@ def test_a_scene_copy_has_other_pixels_and_the_same_geometry():
     assert one.rgb.dtype == np.uint8 and one.rgb.shape == scene.rgb.shape
     assert not np.array_equal(one.rgb, scene.rgb) and not np.array_equal(one.rgb, two.rgb)
     assert one.depth is scene.depth and one.c2w is scene.c2w and one.intrinsics is scene.intrinsics
+
+
+def test_steady_throughput_counts_the_shards_done_after_the_first_over_the_span_to_the_last():
+    # three shards done at 10, 12 and 14 s with 5, 6 and 4 clips; the first shard's completion marks
+    # the end of the head (start-up, first ingest, warm-up), so its clips are not in the rate
+    events = [
+        {"shard_id": "a", "state": "running", "finished_at": None, "samples_written": None},
+        {"shard_id": "a", "state": "done", "finished_at": 10.0, "samples_written": 5},
+        {"shard_id": "c", "state": "done", "finished_at": 14.0, "samples_written": 4},
+        {"shard_id": "b", "state": "done", "finished_at": 12.0, "samples_written": 6},
+    ]
+    got = steady_throughput(events)
+    assert got["steady_span_s"] == pytest.approx(4.0)
+    assert got["steady_clips_per_s"] == pytest.approx(10 / 4)
+    assert got["shards_done"] == 3
+
+
+def test_steady_throughput_needs_two_completions_and_counts_a_retried_shard_once():
+    one = [{"shard_id": "a", "state": "done", "finished_at": 10.0, "samples_written": 5}]
+    assert steady_throughput(one)["steady_clips_per_s"] is None
+    # a shard that failed once and was done on its retry counts once, at its completion
+    retried = one + [
+        {"shard_id": "b", "state": "failed", "finished_at": 11.0, "samples_written": None},
+        {"shard_id": "b", "state": "done", "finished_at": 13.0, "samples_written": 6},
+    ]
+    got = steady_throughput(retried)
+    assert got["shards_done"] == 2
+    assert got["steady_clips_per_s"] == pytest.approx(6 / 3)

@@ -14,6 +14,7 @@ import torch
 from stages.depth.vda import (
     CheckpointMismatchError,
     build_vda,
+    build_vda_empty,
     infer_video_depth_official_style,
     infer_videos,
     load_checkpoint,
@@ -187,3 +188,20 @@ def test_runner_predicts_several_clips(tmp_path, tiny_model):
     torch.save(tiny_model.state_dict(), path)
     r2 = VDARunner("vits", str(path), True, "cpu", "fp32", 28, False, False)
     assert not r2.untrained and r2.metric and r2.output_kind == "metric_depth_m"
+
+
+def test_a_model_built_without_default_init_then_filled_is_the_same_model(tmp_path, tiny_model):
+    # the runner builds the network without its default initialisation (seconds of CPU per actor
+    # start for vitl) because every weight is overwritten anyway: by the checkpoint or randomize_.
+    # Nothing may stay unfilled: the state and the forward must equal the default-built model's.
+    empty = randomize_(build_vda_empty("vits"), seed=1)
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(empty.state_dict()[k], v), k
+    path = tmp_path / "video_depth_anything_vits.pth"
+    torch.save(tiny_model.state_dict(), path)
+    loaded = load_checkpoint(path)
+    x = torch.rand(1, 2, 3, 28, 42)
+    with torch.no_grad():
+        want = tiny_model(x)
+        assert torch.equal(empty(x), want)
+        assert torch.equal(loaded(x), want)

@@ -7,12 +7,13 @@
 
 from .infer import infer_video_depth, infer_video_depth_official_style, infer_videos, network_size
 from .load import CheckpointMismatchError, load_checkpoint, load_official_state_dict, read_state_dict
-from .model import VideoDepthAnything, build_vda, randomize_
+from .model import VideoDepthAnything, build_vda, build_vda_empty, randomize_
 
 __all__ = [
     "CheckpointMismatchError",
     "VideoDepthAnything",
     "build_vda",
+    "build_vda_empty",
     "infer_video_depth",
     "infer_video_depth_official_style",
     "infer_videos",

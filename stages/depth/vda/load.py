@@ -8,12 +8,13 @@ safe (``weights_only``) loading from local paths or fsspec URLs.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from .model import VideoDepthAnything, build_vda
+from .model import VideoDepthAnything, build_vda_empty
 
 _PREFIXES = ("module.", "model.")  # wrappers some tools add around a state_dict
 
@@ -83,7 +84,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         with fsspec.open(p, "rb") as f:
             obj = torch.load(f, map_location="cpu", weights_only=True)
     else:
-        obj = torch.load(p.removeprefix("file://"), map_location="cpu", weights_only=True)
+        # mmap: the tensors are read from the file as they are copied into the model, not first
+        # into a second 1.3 GB copy (vitl); files in torch's legacy format cannot be mapped
+        local = p.removeprefix("file://")
+        obj = torch.load(local, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(local))
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -112,5 +116,6 @@ def load_checkpoint(path: str | Path, encoder: str | None = None, metric: bool |
     enc = encoder or infer_encoder(sd)
     if metric is None:
         metric = Path(str(path).rstrip("/")).name.startswith("metric")
-    model = build_vda(enc, metric=metric)
-    return load_official_state_dict(model, sd)
+    # every weight comes from the file (load_official_state_dict refuses missing keys), so the
+    # default initialisation would only be overwritten
+    return load_official_state_dict(build_vda_empty(enc, metric=metric), sd)

@@ -92,6 +92,16 @@ def build_vda(encoder: str = "vits", metric: bool = False) -> VideoDepthAnything
     return VideoDepthAnything(encoder, metric).eval()
 
 
+def build_vda_empty(encoder: str = "vits", metric: bool = False) -> VideoDepthAnything:
+    """The network for ``encoder`` with its weights allocated on the CPU but not initialised, for a
+    caller that overwrites every entry of the state_dict (a checkpoint load, :func:`randomize_`).
+    The default initialisation of vitl's 380M weights costs seconds of CPU in every model actor
+    start (one thread under Ray), on the path that keeps a GPU waiting when an actor restarts."""
+    with torch.device("meta"):
+        model = VideoDepthAnything(encoder, metric)
+    return model.to_empty(device="cpu").eval()
+
+
 @torch.no_grad()
 def randomize_(model: VideoDepthAnything, seed: int = 0) -> VideoDepthAnything:
     """Fill every weight with a seeded, scale-aware random value (benchmarks and tests without a

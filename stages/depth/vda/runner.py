@@ -21,7 +21,7 @@ import torch
 
 from .infer import DTYPES, INFER_LEN, forward_windows, infer_videos, network_size
 from .load import load_checkpoint
-from .model import ENCODER_NAMES, build_vda, randomize_
+from .model import ENCODER_NAMES, build_vda_empty, randomize_
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class VDARunner:
         self.untrained = checkpoint is None
         if checkpoint is None:
             log.warning("VDARunner(%s): RANDOM weights, outputs are meaningless", encoder)
-            model = randomize_(build_vda(encoder, metric=metric), seed=0)
+            model = randomize_(build_vda_empty(encoder, metric=metric), seed=0)
         else:
             model = load_checkpoint(checkpoint, encoder=encoder, metric=metric)
         model = model.to(self.device).eval()
