@@ -156,7 +156,7 @@ def build_config(a, out: Path, granularity: str, gpus: int, tracks: bool, log: P
         {
             "output": str(out),
             "shard_size": 8,
-            "max_inflight_shards": 8,
+            "max_inflight_shards": a.inflight,
             "shard_deadline_s": 1800,
             "datasets": {
                 "realestate10k": {
@@ -418,6 +418,7 @@ def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
         "depth_model_s": round(s.stats.get("depth.model_s", 0.0), 2),
         "depth_held_s": round(s.stats.get("depth.model_held_s", 0.0), 2),
         "depth_warmup_s": round(s.stats.get("depth.warmup_s", 0.0), 2),
+        "depth_idle_s": round(s.stats.get("depth.model_idle_s", 0.0), 2),  # between calls, all actors
         "vda_frames_per_s_gpu_held": (
             pf["distinct_frames"] / s.stats["depth.model_held_s"] if s.stats.get("depth.model_held_s") else None
         ),
@@ -643,7 +644,14 @@ def markdown(res: dict) -> str:
     if res.get("scene2") and res.get("scene"):
         one, two = res["scene"], res["scene2"]
         for k in ("scene", "scene2"):
-            lines.append(f"{k} timeline (s from the build's start): " + json.dumps(res[k].get("timeline", {})))
+            r = res[k]
+            lines.append(f"{k} timeline (s from the build's start): " + json.dumps(r.get("timeline", {})))
+            if r.get("depth_held_s"):
+                idle = r.get("depth_idle_s", 0.0)
+                lines.append(
+                    f"{k}: depth models held {r['depth_held_s']:.1f} s, waited between calls {idle:.1f} s "
+                    f"({idle / (idle + r['depth_held_s']):.0%})"
+                )
         lines += ["", f"2 GPUs: {two['clips_per_s'] / one['clips_per_s']:.2f}x the clips/s of 1 GPU (whole build)"]
         if one.get("steady_clips_per_s") and two.get("steady_clips_per_s"):
             lines.append(
@@ -699,6 +707,13 @@ def main(argv=None) -> int:
         "in parallel, so the GPU figures show what the DAG feeds the model actors; 0.1 schedules it as real "
         "MegaSaM is scheduled (a GPU task: one run at a time beside two 0.45-GPU actors), and the GPU waits for it",
     )
+    ap.add_argument(
+        "--inflight",
+        type=int,
+        default=16,
+        help="max_inflight_shards of the builds: the shards in flight must cover a shard's time in the CPU "
+        "stages around the model actors (8 left two depth actors waiting ~20 %% of the time, session 9)",
+    )
     ap.add_argument("--gpus", type=int, default=None, help="GPUs for the 1-GPU builds (default: 1 if CUDA else 0)")
     ap.add_argument(
         "--parts",
@@ -728,6 +743,7 @@ def main(argv=None) -> int:
             "cpus": a.cpus,
             "gpus_seen": n_gpus,
             "gpu": torch.cuda.get_device_name(0) if n_gpus else None,
+            "max_inflight_shards": a.inflight,
             "megasam": f"stand-in, noise {NOISE}, scale jitter {SCALE_JITTER}, {a.megasam_gpus:g} GPU per run",
         }
     }

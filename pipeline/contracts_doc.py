@@ -75,9 +75,12 @@ default; `clip` runs them per clip):
   building for new shapes (~0.35 s per window count) is paid once, not in the first scenes.
 * Counters of the passes (frames through the depth model, MegaSaM runs and cache hits; the
   seconds inside the model calls, `depth.model_s`, warming up for new frame sizes,
-  `depth.warmup_s`, and holding the model, `depth.model_held_s`)
-  are summed per shard into the write result and the per-shard log, and per build into
-  `BuildSummary.stats`.
+  `depth.warmup_s`, holding the model, `depth.model_held_s`, and the model waiting between
+  calls, `<stage>.model_idle_s` for each model stage) are summed per shard into the write result
+  and the per-shard log, and per build into `BuildSummary.stats`. Once the pipeline has been full,
+  the build warns when a model waited more than 10 % of its time while shards were queued, with
+  the `max_inflight_shards` that would have fed it (`pipeline/feed.py`: the start-up check cannot
+  know how long a shard spends in the CPU stages around the models).
 * **Deadline:** a shard pipeline none of whose tasks finishes for `shard_deadline_s` (a stage
   hangs) is cancelled and recorded failed (transient) with the reason; `resume` redoes it. A
   model actor it still occupies is replaced; shards with calls queued on it are cancelled too and

@@ -54,6 +54,7 @@ from pipeline.feed import feed_for
 from pipeline.plan import Plan
 from pipeline.stage_routes import route
 from stages.ingest import adapter_class
+from stages.model_stage import add_stats
 
 log = logging.getLogger("d4s")
 
@@ -160,23 +161,33 @@ def write_task(shard: dict, clip_ids: list[str], refs: list, cfg: BuildConfig) -
     return write_shard(shard, clips, cfg)
 
 
+class _ModelClock:
+    """When the actor's model was last released (None before its first call)."""
+
+    released: float | None = None
+
+
 class _TimedLock:
     """One call's hold on the actor's model lock; ``waited``: the seconds it waited to get it;
-    ``holds``: (acquired, released) wall-clock times of each hold."""
+    ``holds``: (acquired, released) wall-clock times of each hold; ``idle``: the seconds the model
+    had been free (no call holding it) when this call took it, since the last release on ``clock``:
+    the model waiting for work, which is the GPU waiting when shards reach the actor too slowly."""
 
-    def __init__(self, lock):
-        self.lock, self.waited, self.holds = lock, 0.0, []
+    def __init__(self, lock, clock: _ModelClock | None = None):
+        self.lock, self.clock, self.waited, self.holds, self.idle = lock, clock or _ModelClock(), 0.0, [], 0.0
 
     def __enter__(self):
         t0 = time.time()
         self.lock.acquire()
         t1 = time.time()
         self.waited += t1 - t0
+        if self.clock.released is not None:
+            self.idle += max(0.0, t1 - self.clock.released)
         self.holds.append([t1, t1])
         return self
 
     def __exit__(self, *exc):
-        self.holds[-1][1] = time.time()
+        self.holds[-1][1] = self.clock.released = time.time()
         self.lock.release()
 
 
@@ -196,6 +207,7 @@ class _ModelActor:
         self.stage = stage
         self.cfg = cfg
         self.lock = threading.Lock()
+        self.clock = _ModelClock()  # the model's last release: its idle time between calls
         if cfg.fault.trace_dir:  # test hook: which node each model actor landed on
             where = os.path.join(cfg.fault.trace_dir, "actors")
             os.makedirs(where, exist_ok=True)
@@ -229,9 +241,11 @@ class _ModelActor:
         clips = _resolve(refs, self.stage, clip_ids)
         if hang:
             _hang_once(self.cfg, self.stage)
-        held = _TimedLock(self.lock)
+        held = _TimedLock(self.lock, self.clock)
         t0 = time.time()
         out = self.impl.process(clips, model_lock=held)
+        if out and held.holds:  # summed per shard like the stage's own counters
+            add_stats(out[0], {f"{self.stage}.model_idle_s": held.idle})
         per = (time.time() - t0 - held.waited) / max(1, len(out))
         if self.cfg.fault.trace_dir and held.holds:  # bench hook: when the model (the GPU) was held
             where = os.path.join(self.cfg.fault.trace_dir, "holds")

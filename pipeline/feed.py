@@ -12,6 +12,13 @@ so only their scenes can be in MegaSaM and only their clips can reach the model 
 Below either figure some GPUs the cluster has sit idle (bench/RESULTS.md §7, session 8: a
 MegaSaM queue left the GPU idle for most of a build). The check cannot know a cluster that an
 autoscaler has yet to grow; it sizes against the GPUs present at the start.
+
+Nor can it know how long a shard spends in the CPU stages around the model actors (ingest before,
+alignment and encoding after): by Little's law the shards in flight must cover that time too, and
+it depends on the data and the nodes. So :class:`FeedMonitor` judges during the build, from what
+the actors measure (``<stage>.model_idle_s``, the seconds their model waited between calls), and
+says once when they wait for shards while shards are queued (bench/RESULTS.md §7, session 9: 8
+shards in flight kept one depth actor busy, two only ~80 %).
 """
 
 from __future__ import annotations
@@ -95,3 +102,53 @@ def feed_for(cfg: "BuildConfig", total_gpus: float, clips_by_shard: dict[str, li
         megasam_slots=slots if passes else 0,
         scenes_per_shard=sum(passes) / len(passes) if passes else 1.0,
     )
+
+
+IDLE_WARN = 0.10  # share of a model's time waiting between calls that is worth a warning
+
+
+class FeedMonitor:
+    """Judges, once the pipeline has been full, whether the model actors wait for shards.
+
+    ``observe`` takes each finished shard's stats (``<stage>.model_held_s`` and
+    ``<stage>.model_idle_s`` of the calls that served it) and how many shards are still queued.
+    The first ``inflight`` shards fill the pipeline (the actors wait for the first ingest) and are
+    not judged; the next ``inflight`` are. When a model stage's idle share over them exceeds
+    :data:`IDLE_WARN` while shards were queued, the warning (returned once) gives the share and
+    ``inflight / (1 - share)``: the shards in flight that would have fed it, since a starved
+    actor's throughput grows with the shards in flight.
+    """
+
+    def __init__(self, inflight: int, stages: tuple[str, ...] | list[str]):
+        self.inflight, self.stages = inflight, tuple(stages)
+        self.seen = 0
+        self.held = dict.fromkeys(self.stages, 0.0)
+        self.idle = dict.fromkeys(self.stages, 0.0)
+        self.starved = True  # shards were queued at every judged completion
+        self.said = False
+
+    def observe(self, stats: dict, queued: int) -> str | None:
+        self.seen += 1
+        if self.said or not self.stages or self.seen <= self.inflight:
+            return None
+        self.starved &= queued > 0
+        for st in self.stages:
+            self.held[st] += float(stats.get(f"{st}.model_held_s", 0.0))
+            self.idle[st] += float(stats.get(f"{st}.model_idle_s", 0.0))
+        if self.seen < 2 * self.inflight:
+            return None
+        self.said = True
+        share = {
+            st: self.idle[st] / (self.held[st] + self.idle[st]) for st in self.stages if self.held[st] + self.idle[st]
+        }
+        worst = max(share, key=share.get, default=None)
+        if worst is None or share[worst] <= IDLE_WARN or not self.starved:
+            return None
+        need = math.ceil(self.inflight / (1.0 - share[worst]) - 1e-9) if share[worst] < 1 else 2 * self.inflight
+        return (
+            f"the {worst} model waited for shards {share[worst]:.0%} of its time over the last "
+            f"{self.seen - self.inflight} shards while shards were queued: max_inflight_shards is "
+            f"{self.inflight}, too few to cover a shard's time in the stages around the model. Set it "
+            f"to at least {need} for this data and cluster (each shard in flight holds its clips in the "
+            "object store), or give the CPU stages more cores if they are short of them"
+        )

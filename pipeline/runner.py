@@ -45,6 +45,7 @@ from pipeline.config import BuildConfig, ConfigError, load_output_config
 from pipeline.dag import ShardDAG
 from pipeline.deps import build_needs
 from pipeline.deps import check as check_packages
+from pipeline.feed import FeedMonitor
 from pipeline.plan import Plan, make_plan
 from pipeline.progress import BuildProgress
 from pipeline.split import TRAIN, split_of_clips
@@ -326,6 +327,7 @@ def _build_holding_lease(
     )
     if todo:
         dag = ShardDAG(run, plan, [c for s in todo for c in clips_by_shard[s["shard_id"]]])
+        feed = FeedMonitor(run.max_inflight_shards, sorted(dag.pools))  # do the model actors wait?
         with progress:
             lease.check()
             now = time.time()
@@ -350,6 +352,9 @@ def _build_holding_lease(
                     failures.extend(result["clips_failed"])
                     for k, v in (result.get("stats") or {}).items():
                         stats[k] = stats.get(k, 0) + v
+                    queued = len(todo) - (done + failed) - run.max_inflight_shards
+                    if (warning := feed.observe(result.get("stats") or {}, queued=max(0, queued))) is not None:
+                        log.warning(warning)
                     event = {
                         "shard_id": sh["shard_id"],
                         "state": "done",

@@ -112,6 +112,9 @@ def test_megasam_scene_passes_end_to_end(re10k, ray_local):
     assert holds.name.startswith("depth.") and spans and all(a <= b for a, b in spans)
     assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))  # one model, one hold at a time
     assert sum(b - a for a, b in spans) == pytest.approx(s.stats["depth.model_held_s"], rel=0.05, abs=0.05)
+    # the seconds the model waited between its calls: the gaps between the holds
+    gaps = sum(a2 - b1 for (_, b1), (a2, _) in zip(spans, spans[1:]))
+    assert s.stats["depth.model_idle_s"] == pytest.approx(gaps, abs=0.05)
     # scene passes: every source frame through the depth model once, one MegaSaM call per scene
     n_frames = rendered.rgb.shape[0]
     assert s.stats["depth.passes"] == N_SCENES and s.stats["depth.model_frames"] == N_SCENES * n_frames
