@@ -177,7 +177,7 @@ def build_config(a, out: Path, granularity: str, gpus: int, tracks: bool, log: P
                     "input_size": a.input_size,
                     "dtype": "fp16" if gpu else "fp32",
                     "allow_random_weights": True,
-                    "resources": {"num_gpus": share, "actors": max(1, gpus)},
+                    "resources": {"num_gpus": share, "actors": max(1, gpus), "num_cpus": a.actor_cpus},
                 },
                 "align": {
                     "drop_on_qc": False,
@@ -714,6 +714,7 @@ def main(argv=None) -> int:
         help="max_inflight_shards of the builds: the shards in flight must cover a shard's time in the CPU "
         "stages around the model actors (8 left two depth actors waiting ~20 %% of the time, session 9)",
     )
+    ap.add_argument("--actor-cpus", type=float, default=1.0, help="stages.depth.resources.num_cpus")
     ap.add_argument("--gpus", type=int, default=None, help="GPUs for the 1-GPU builds (default: 1 if CUDA else 0)")
     ap.add_argument(
         "--parts",
