@@ -290,10 +290,12 @@ class BuildConfig(_Strict):
     shard_size: int = Field(8, ge=1, description="clips per shard")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of stored frames")
     max_inflight_shards: int = Field(
-        4,
+        8,
         ge=1,
-        description="shard pipelines in flight at once (bounds memory); to keep the GPUs busy at least 2 per model "
-        "actor and enough for the MegaSaM runs the GPUs fit (docs/CLUSTER.md; the build warns when it is fewer)",
+        description="shard pipelines in flight at once (bounds memory); they must cover a shard's time in the CPU "
+        "stages around the model actors, about 4-5 per GPU model actor on the bench host, and the MegaSaM runs the "
+        "GPUs fit (docs/CLUSTER.md; the build warns at its start and, once it has measured its models waiting, "
+        "during the run)",
     )
     shard_deadline_s: float | None = Field(
         21600.0,
