@@ -78,9 +78,9 @@ default; `clip` runs them per clip):
   `depth.warmup_s`, holding the model, `depth.model_held_s`, and the model waiting between
   calls, `<stage>.model_idle_s` for each model stage) are summed per shard into the write result
   and the per-shard log, and per build into `BuildSummary.stats`. Once the pipeline has been full,
-  the build warns when a model waited more than 10 % of its time while shards were queued, with
-  the `max_inflight_shards` that would have fed it (`pipeline/feed.py`: the start-up check cannot
-  know how long a shard spends in the CPU stages around the models).
+  the build warns when a model waited more than 10 % of its time while shards were queued and
+  CPUs were free, with the `max_inflight_shards` that would have fed it (`pipeline/feed.py`: the
+  start-up check cannot know how long a shard spends in the CPU stages around the models).
 * **Deadline:** a shard pipeline none of whose tasks finishes for `shard_deadline_s` (a stage
   hangs) is cancelled and recorded failed (transient) with the reason; `resume` redoes it. A
   model actor it still occupies is replaced; shards with calls queued on it are cancelled too and

@@ -425,6 +425,12 @@ class ShardDAG:
             log.warning(warning)
         return warning
 
+    @staticmethod
+    def spare_cpus() -> float:
+        """CPUs of the cluster no task or actor holds now (pipeline/feed.py: whether the stages
+        around the models are short of cores)."""
+        return float(ray.available_resources().get("CPU", 0.0))
+
     def _pool(self, stage: str) -> list:
         """The stage's actors. They request the declared GPUs each from Ray, whatever the cluster
         has right now (``_check_gpus``): on an autoscaling cluster that demand brings GPU nodes up."""

@@ -17,8 +17,8 @@ Nor can it know how long a shard spends in the CPU stages around the model actor
 alignment and encoding after): by Little's law the shards in flight must cover that time too, and
 it depends on the data and the nodes. So :class:`FeedMonitor` judges during the build, from what
 the actors measure (``<stage>.model_idle_s``, the seconds their model waited between calls), and
-says once when they wait for shards while shards are queued (bench/RESULTS.md §7, session 9: 8
-shards in flight kept one depth actor busy, two only ~80 %).
+says once when they wait for shards while shards are queued and CPUs are free (bench/RESULTS.md
+§7, session 9: 8 shards in flight kept one depth actor busy, two only ~80 %).
 """
 
 from __future__ import annotations
@@ -105,18 +105,25 @@ def feed_for(cfg: "BuildConfig", total_gpus: float, clips_by_shard: dict[str, li
 
 
 IDLE_WARN = 0.10  # share of a model's time waiting between calls that is worth a warning
+MAX_ASK = 4  # the setting the warning asks for is at most this many times the current one
+FREE_CPUS = 2.0  # CPUs free at a shard's completion: more than the one its last task just released
 
 
 class FeedMonitor:
     """Judges, once the pipeline has been full, whether the model actors wait for shards.
 
     ``observe`` takes each finished shard's stats (``<stage>.model_held_s`` and
-    ``<stage>.model_idle_s`` of the calls that served it) and how many shards are still queued.
-    The first ``inflight`` shards fill the pipeline (the actors wait for the first ingest) and are
-    not judged; the next ``inflight`` are. When a model stage's idle share over them exceeds
-    :data:`IDLE_WARN` while shards were queued, the warning (returned once) gives the share and
-    ``inflight / (1 - share)``: the shards in flight that would have fed it, since a starved
-    actor's throughput grows with the shards in flight.
+    ``<stage>.model_idle_s`` of the calls that served it), how many shards are still queued, and
+    a callable giving the cluster's unreserved CPUs (asked only while judging). The first
+    ``inflight`` shards fill the pipeline (the actors wait for the first ingest) and are not
+    judged; the next ``inflight`` are. The shards in flight are what limits the build when, at
+    those completions, shards were queued **and** CPUs were free (the tasks around the models
+    were not short of cores: a build short of them gains nothing from more shards). A model stage
+    is judged only when every judged shard went through it: where other datasets' shards need no
+    model, it waits while they flow, and more shards in flight would not change that (the demo).
+    Then, when a model stage's idle share over them exceeds :data:`IDLE_WARN`, the
+    warning (returned once) gives the share and ``inflight / (1 - share)`` (at most
+    :data:`MAX_ASK` times the setting): a starved actor's throughput grows with the shards in flight.
     """
 
     def __init__(self, inflight: int, stages: tuple[str, ...] | list[str]):
@@ -124,31 +131,41 @@ class FeedMonitor:
         self.seen = 0
         self.held = dict.fromkeys(self.stages, 0.0)
         self.idle = dict.fromkeys(self.stages, 0.0)
-        self.starved = True  # shards were queued at every judged completion
+        self.used = dict.fromkeys(self.stages, 0)  # judged shards that went through the model
+        self.queued = 0  # judged completions with shards queued
+        self.cpus_free = 0  # ... and with CPUs free
         self.said = False
 
-    def observe(self, stats: dict, queued: int) -> str | None:
+    def observe(self, stats: dict, queued: int, spare_cpus) -> str | None:
         self.seen += 1
         if self.said or not self.stages or self.seen <= self.inflight:
             return None
-        self.starved &= queued > 0
+        if queued > 0:
+            self.queued += 1
+            self.cpus_free += spare_cpus() >= FREE_CPUS
         for st in self.stages:
+            self.used[st] += float(stats.get(f"{st}.model_held_s", 0.0)) > 0
             self.held[st] += float(stats.get(f"{st}.model_held_s", 0.0))
             self.idle[st] += float(stats.get(f"{st}.model_idle_s", 0.0))
         if self.seen < 2 * self.inflight:
             return None
         self.said = True
+        judged = self.seen - self.inflight
         share = {
-            st: self.idle[st] / (self.held[st] + self.idle[st]) for st in self.stages if self.held[st] + self.idle[st]
+            st: self.idle[st] / (self.held[st] + self.idle[st])
+            for st in self.stages
+            if self.used[st] == judged and self.held[st] + self.idle[st]
         }
         worst = max(share, key=share.get, default=None)
-        if worst is None or share[worst] <= IDLE_WARN or not self.starved:
+        # shards queued at every judged completion, CPUs free at most of them
+        feed_bound = self.queued == judged and 2 * self.cpus_free > judged
+        if worst is None or share[worst] <= IDLE_WARN or not feed_bound:
             return None
-        need = math.ceil(self.inflight / (1.0 - share[worst]) - 1e-9) if share[worst] < 1 else 2 * self.inflight
+        cap = MAX_ASK * self.inflight
+        need = min(cap, math.ceil(self.inflight / (1.0 - share[worst]) - 1e-9)) if share[worst] < 1 else cap
         return (
-            f"the {worst} model waited for shards {share[worst]:.0%} of its time over the last "
-            f"{self.seen - self.inflight} shards while shards were queued: max_inflight_shards is "
-            f"{self.inflight}, too few to cover a shard's time in the stages around the model. Set it "
-            f"to at least {need} for this data and cluster (each shard in flight holds its clips in the "
-            "object store), or give the CPU stages more cores if they are short of them"
+            f"the {worst} model waited for shards {share[worst]:.0%} of its time over the last {judged} "
+            f"shards while shards were queued and CPUs were free: max_inflight_shards is {self.inflight}, "
+            f"too few to cover a shard's time in the stages around the model. Set it to at least {need} "
+            "for this data and cluster (each shard in flight holds its clips in the object store)"
         )

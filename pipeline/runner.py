@@ -353,7 +353,7 @@ def _build_holding_lease(
                     for k, v in (result.get("stats") or {}).items():
                         stats[k] = stats.get(k, 0) + v
                     queued = len(todo) - (done + failed) - run.max_inflight_shards
-                    if (warning := feed.observe(result.get("stats") or {}, queued=max(0, queued))) is not None:
+                    if (warning := feed.observe(result.get("stats") or {}, max(0, queued), dag.spare_cpus)) is not None:
                         log.warning(warning)
                     event = {
                         "shard_id": sh["shard_id"],

@@ -124,26 +124,68 @@ def shard(held, idle, stage="depth"):
 def test_actors_idle_while_shards_wait_is_told_once_with_a_larger_setting():
     mon = FeedMonitor(inflight=8, stages=("depth",))
     # the first 8 shards fill the pipeline (the actors wait for the first ingest): not judged
-    assert all(mon.observe(shard(1.0, 5.0), queued=100) is None for _ in range(8))
-    got = [mon.observe(shard(3.0, 1.0), queued=100) for _ in range(8)]
+    assert all(mon.observe(shard(1.0, 5.0), queued=100, spare_cpus=lambda: 4.0) is None for _ in range(8))
+    got = [mon.observe(shard(3.0, 1.0), queued=100, spare_cpus=lambda: 4.0) for _ in range(8)]
     assert got[:-1] == [None] * 7 and got[-1] is not None
     assert "depth" in got[-1] and "25%" in got[-1] and "max_inflight_shards is 8" in got[-1]
     assert "at least 11" in got[-1]  # 8 / (1 - 0.25), rounded up
-    assert mon.observe(shard(3.0, 1.0), queued=100) is None  # said once
+    assert mon.observe(shard(3.0, 1.0), queued=100, spare_cpus=lambda: 4.0) is None  # said once
 
 
 def test_busy_actors_or_an_empty_queue_say_nothing():
     busy = FeedMonitor(inflight=4, stages=("depth", "tracks"))
     for _ in range(12):
-        assert busy.observe(shard(3.0, 0.1) | shard(2.0, 0.1, "tracks"), queued=50) is None
+        assert busy.observe(shard(3.0, 0.1) | shard(2.0, 0.1, "tracks"), queued=50, spare_cpus=lambda: 4.0) is None
     tail = FeedMonitor(inflight=4, stages=("depth",))
     for _ in range(12):  # the last shards of a build: nothing left to feed them
-        assert tail.observe(shard(1.0, 3.0), queued=0) is None
+        assert tail.observe(shard(1.0, 3.0), queued=0, spare_cpus=lambda: 4.0) is None
 
 
 def test_the_idlest_model_stage_is_named():
     mon = FeedMonitor(inflight=2, stages=("depth", "tracks"))
     for _ in range(2):
-        mon.observe(shard(1.0, 1.0) | shard(1.0, 1.0, "tracks"), queued=9)
-    got = [mon.observe(shard(3.0, 0.0) | shard(1.0, 3.0, "tracks"), queued=9) for _ in range(2)]
+        mon.observe(shard(1.0, 1.0) | shard(1.0, 1.0, "tracks"), queued=9, spare_cpus=lambda: 4.0)
+    got = [mon.observe(shard(3.0, 0.0) | shard(1.0, 3.0, "tracks"), queued=9, spare_cpus=lambda: 4.0) for _ in range(2)]
     assert got[0] is None and "tracks" in got[1] and "75%" in got[1]
+
+
+def test_a_build_short_of_cpus_is_not_told_to_add_shards():
+    # the demo on a 2-core machine: the depth model waits most of the time because every CPU is busy
+    # with the other datasets' shards and the stages around it; more shards in flight would only
+    # queue more tasks (it said "at least 136" before this check)
+    mon = FeedMonitor(inflight=4, stages=("depth",))
+    got = [mon.observe(shard(0.1, 3.0), queued=7, spare_cpus=lambda: 0.0) for _ in range(8)]
+    assert got == [None] * 8
+
+
+def test_free_cpus_are_looked_up_only_while_judging():
+    calls = []
+
+    def spare():
+        calls.append(1)
+        return 4.0
+
+    mon = FeedMonitor(inflight=3, stages=("depth",))
+    for _ in range(10):
+        mon.observe(shard(1.0, 1.0), queued=5, spare_cpus=spare)
+    assert len(calls) == 3  # shards 4-6: one cluster query per judged completion
+
+
+def test_the_setting_asked_for_is_bounded():
+    mon = FeedMonitor(inflight=4, stages=("depth",))
+    got = [mon.observe(shard(0.1, 3.0), queued=7, spare_cpus=lambda: 8.0) for _ in range(8)]
+    assert "97%" in got[-1] and "at least 16" in got[-1]  # 4 x the setting, not 4 / 0.03
+
+
+def test_a_model_that_only_some_shards_need_is_not_judged():
+    # the demo: most shards are of datasets with depth of their own; the depth model waits while they
+    # flow, and more shards in flight would not change that (it was told "at least 16")
+    mon = FeedMonitor(inflight=2, stages=("depth",))
+    mixed = [shard(0.5, 3.0), {}, {}, shard(0.5, 3.0)]
+    assert [mon.observe(st, queued=7, spare_cpus=lambda: 8.0) for st in mixed] == [None] * 4
+
+
+def test_the_cpu_a_finishing_shard_just_released_does_not_count_as_free():
+    mon = FeedMonitor(inflight=2, stages=("depth",))
+    got = [mon.observe(shard(1.0, 3.0), queued=7, spare_cpus=lambda: 1.0) for _ in range(4)]
+    assert got == [None] * 4
