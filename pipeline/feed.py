@@ -144,8 +144,9 @@ class FeedMonitor:
             self.queued += 1
             self.cpus_free += spare_cpus() >= FREE_CPUS
         for st in self.stages:
-            self.used[st] += float(stats.get(f"{st}.model_held_s", 0.0)) > 0
-            self.held[st] += float(stats.get(f"{st}.model_held_s", 0.0))
+            held = float(stats.get(f"{st}.model_held_s", 0.0))
+            self.used[st] += held > 0
+            self.held[st] += held
             self.idle[st] += float(stats.get(f"{st}.model_idle_s", 0.0))
         if self.seen < 2 * self.inflight:
             return None
