@@ -398,10 +398,10 @@ def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
     wall = time.time() - t0
     sampler.stop()
     ray.shutdown()
-    st = collect_status(cfg.output)
+    events = ManifestStore(Store(str(out))).ledger_events()  # read once: status, steady rate, timeline
+    st = collect_status(cfg.output, events)
     depth_s = st["stage_seconds"].get("depth", 0.0)
     calls = log.read_text().split() if log.exists() else []
-    events = ManifestStore(Store(str(out))).ledger_events()
     depth_actors = read_holds_by_actor(trace)  # each depth actor's holds on its model
     depth_holds = [span for actor in depth_actors for span in actor]
     res = {
