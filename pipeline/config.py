@@ -198,12 +198,17 @@ class FaultConfig(_Strict):
     marker_dir: str | None = Field(None, description="where 'already crashed' markers live (default OUT/.faults)")
     trace_dir: str | None = Field(
         None,
-        description="every ingest attempt leaves an empty file `<clip ordinal>.<Ray node id>.<pid>` here (which node ran which clip), every model actor `actors/<stage>.<Ray node id>.<pid>` and, per call, the wall-clock start and end of its hold on the model in `holds/<stage>.<pid>`",
+        description="every ingest attempt leaves an empty file `<clip ordinal>.<Ray node id>.<pid>` here (which node ran which clip), every model actor `actors/<stage>.<Ray node id>.<pid>` and its start-up (started, model built, ready: wall-clock seconds) in `startup/<stage>.<pid>`, and, per call, the wall-clock start and end of its hold on the model in `holds/<stage>.<pid>`",
     )
     ingest_delay_s: float = Field(
         0.0,
         ge=0,
         description="every ingest attempt sleeps this long first (keeps work in flight while a fault is injected)",
+    )
+    actor_start_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="every model actor sleeps this long before building its model (a slow start-up, as a GPU node's)",
     )
     hang_stage: Literal["ingest", "depth"] | None = Field(
         None, description="this stage hangs (once, marker in marker_dir) on the clip of ordinal hang_on_clip"

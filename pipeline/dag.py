@@ -212,6 +212,8 @@ class _ModelActor:
             where = os.path.join(cfg.fault.trace_dir, "actors")
             os.makedirs(where, exist_ok=True)
             open(os.path.join(where, f"{stage}.{ray.get_runtime_context().get_node_id()}.{os.getpid()}"), "w").close()
+        if cfg.fault.actor_start_delay_s:  # test hook: a slow start-up
+            time.sleep(cfg.fault.actor_start_delay_s)
         if device == "cuda":
             import torch
 
@@ -275,6 +277,44 @@ def _hang_once(cfg: BuildConfig, stage: str) -> None:
 # The per-shard DAG
 
 
+def _model_frames(clips: list[dict], granularity: str) -> int:
+    """The frames a model call on these clips runs on: each frame of a scene once in scene
+    passes, every clip's frames in clip passes."""
+    if granularity == "scene":
+        return len({(c["scene"], f) for c in clips for f in c["frames"]})
+    return sum(len(c["frames"]) for c in clips)
+
+
+class _ActorLoad:
+    """The frames each actor of a pool has been sent and not yet returned.
+
+    A shard's call goes to the actor with the fewest (:meth:`pick`). Round robin would give each
+    actor the same number of calls, but shards hold whole scenes of unequal length and actors may
+    run at unequal speed, so one GPU would idle at the end of a build while another still has a
+    queue. A call counts until its first output is ready (all its outputs come together)."""
+
+    def __init__(self, n: int):
+        self.calls: list[list[tuple]] = [[] for _ in range(n)]  # per actor: (a ref of the call, frames)
+
+    def outstanding(self) -> list[int]:
+        for calls in self.calls:
+            if calls:
+                done = set(ray.wait([r for r, _ in calls], num_returns=len(calls), timeout=0)[0])
+                calls[:] = [(r, n) for r, n in calls if r not in done]
+        return [sum(n for _, n in calls) for calls in self.calls]
+
+    def pick(self) -> int:
+        loads = self.outstanding()
+        return loads.index(min(loads))
+
+    def add(self, i: int, ref, frames: int) -> None:
+        self.calls[i].append((ref, frames))
+
+    def reset(self, i: int) -> None:
+        """Actor ``i`` was replaced: its calls ended with the old one."""
+        self.calls[i] = []
+
+
 @dataclass
 class _Inflight:
     """One submitted shard pipeline: its progress, and what to cancel when it stalls."""
@@ -321,7 +361,10 @@ class ShardDAG:
             self.pools["depth"] = self._pool("depth")
         if self.needs_track_model:
             self.pools["tracks"] = self._pool("tracks")
-        self._rr = {k: 0 for k in self.pools}
+        self.loads = {k: _ActorLoad(len(p)) for k, p in self.pools.items()}
+        # the model actors not yet up (their constructor still running): see _admit_limit
+        self._starting = [a.__ray_ready__.remote() for p in self.pools.values() for a in p]
+        self._n_actors = len(self._starting)
 
     def _preflight(self) -> None:
         """Refuse to start when a dataset needs a model that is not configured."""
@@ -455,10 +498,29 @@ class ShardDAG:
         self._actor_opts = {**getattr(self, "_actor_opts", {}), stage: (opts, device)}
         return [ModelActor.options(**opts).remote(stage, self.cfg, device) for _ in range(st.actors)]
 
-    def _actor(self, stage: str):
-        pool = self.pools[stage]
-        self._rr[stage] = (self._rr[stage] + 1) % len(pool)
-        return pool[self._rr[stage]]
+    def _admit_limit(self) -> int:
+        """Shards to keep in flight: ``max_inflight_shards`` once the model actors are up; while
+        they start, one shard per actor, plus the share of the rest that the actors already up
+        can take. A full pipeline's ingest would take every core from the actors building their
+        models (session 9: the first model call 16-32 s into a build) while there is no model to
+        feed; the first shards are ingested meanwhile."""
+        cap = self.cfg.max_inflight_shards
+        if not self._starting:
+            return cap
+        n = self._n_actors
+        up = n - len(self._starting)
+        return max(1, min(cap, n + (cap - n) * up // n))
+
+    def _actors_up(self, ready: list) -> None:
+        """Forget the start-up refs that are ready (an actor that failed to start counts as up:
+        its calls fail and are handled like any other failure)."""
+        done = set(ready)
+        self._starting = [r for r in self._starting if r not in done]
+
+    def _actor(self, stage: str) -> tuple[int, object]:
+        """The stage's actor with the fewest frames outstanding, and its place in the pool."""
+        i = self.loads[stage].pick()
+        return i, self.pools[stage][i]
 
     def _megasam_options(self) -> dict:
         st = self._step("megasam")  # its declared GPUs, whatever the cluster has now (see _check_gpus)
@@ -484,7 +546,8 @@ class ShardDAG:
                         [refs[i] for i in idx], key, [ids[i] for i in idx], cfg
                     )
                     rec.tasks.append(megasam[key])
-            refs = self._model_call("depth", refs, ids, rec, hang=self._hangs("depth", clips))
+            frames = _model_frames(clips, steps["depth"].granularity)
+            refs = self._model_call("depth", refs, ids, rec, frames, hang=self._hangs("depth", clips))
             aligned = list(refs)
             for key, idx in passes.items():
                 out = align_task.options(max_retries=retries, num_returns=len(idx)).remote(
@@ -496,7 +559,7 @@ class ShardDAG:
                     aligned[i] = r
             refs = aligned
         if clips and dataset in self.needs_track_model:
-            refs = self._model_call("tracks", refs, ids, rec)
+            refs = self._model_call("tracks", refs, ids, rec, _model_frames(clips, "clip"))
         elif clips and dataset in self.needs_static_tracks:
             refs = [static_tracks_task.options(max_retries=retries).remote([r], cid, cfg) for r, cid in zip(refs, ids)]
             rec.tasks += refs
@@ -507,10 +570,13 @@ class ShardDAG:
         f = self.cfg.fault
         return f.hang_stage == stage and any(c.get("ordinal") == f.hang_on_clip for c in clips)
 
-    def _model_call(self, stage: str, refs: list, ids: list[str], rec: _Inflight, hang: bool = False) -> list:
-        actor = self._actor(stage)
+    def _model_call(
+        self, stage: str, refs: list, ids: list[str], rec: _Inflight, frames: int, hang: bool = False
+    ) -> list:
+        i, actor = self._actor(stage)
         out = actor.process.options(num_returns=len(refs)).remote(refs, ids, hang)
         out = [out] if len(refs) == 1 else list(out)
+        self.loads[stage].add(i, out[0], frames)
         rec.actor_calls.append((stage, actor, out))
         return out
 
@@ -553,7 +619,9 @@ class ShardDAG:
             now = time.monotonic()
             while waiting and waiting[0][0] <= now:
                 queue.appendleft(heapq.heappop(waiting)[2])
-            while queue and len(inflight) < self.cfg.max_inflight_shards:
+            if self._starting:
+                self._actors_up(ray.wait(self._starting, num_returns=len(self._starting), timeout=0)[0])
+            while queue and len(inflight) < self._admit_limit():
                 sh = queue.popleft()
                 rec = self.submit(sh, clips_by_shard[sh["shard_id"]])
                 inflight[rec.tasks[-1]] = rec
@@ -567,7 +635,15 @@ class ShardDAG:
                     r.check(now)
                 left = max(0.0, min(r.progressed for r in inflight.values()) + deadline - now)
                 timeout = left if timeout is None else min(timeout, left)
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=timeout)
+            if self._starting and len(inflight) < self.cfg.max_inflight_shards and queue:
+                # wake up when an actor is up, too: then more shards are admitted
+                woke, _ = ray.wait(list(inflight) + self._starting, num_returns=1, timeout=timeout)
+                if woke and woke[0] not in inflight:
+                    self._actors_up(woke)
+                    continue
+                ready = woke
+            else:
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=timeout)
             if not ready:
                 if deadline is not None:
                     for sh, failure, rerun in self._expire(inflight, deadline):
@@ -640,6 +716,7 @@ class ShardDAG:
                 ray.kill(actor, no_restart=True)
                 opts, device = self._actor_opts[stage]
                 pool[i] = ModelActor.options(**opts).remote(stage, self.cfg, device)
+                self.loads[stage].reset(i)
                 log.warning("replaced a %s model actor held by a shard past its deadline", stage)
                 return True
         return False
