@@ -24,13 +24,30 @@ import numpy as np
 from pipeline import geometry as geo
 
 
-def sample_bilinear(img: np.ndarray, u: np.ndarray, v: np.ndarray, valid: np.ndarray | None = None):
+def grey(rgb: np.ndarray) -> np.ndarray:
+    """Grey level in [0, 1] of colour values (..., 3): the channels' mean / 255, in float64."""
+    return np.asarray(rgb, np.float64).mean(-1) / 255.0
+
+
+def sample_bilinear(
+    img: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    valid: np.ndarray | None = None,
+    *,
+    frame: np.ndarray | None = None,
+):
     """Bilinear samples of ``img`` (H,W) or (H,W,C) at pixel coordinates ``u, v`` (centres at +0.5).
 
     Returns ``(values, ok)``; ``ok`` is False outside the image or where any of the four
-    neighbours is not ``valid``.
+    neighbours is not ``valid``. With ``frame`` (one index per point), ``img`` and ``valid`` are stacks of
+    frames (T,H,W[,C]) and each point is sampled in its own frame: many frames' points in one call.
+    The four neighbours are gathered from ``img`` as it is and only they are widened to float64:
+    the same values as sampling a float64 copy, without converting the whole frame for a few
+    hundred points (the alignment's scale search samples thousands of times).
     """
-    h, w = img.shape[:2]
+    lead = () if frame is None else (np.asarray(frame, np.int64),)
+    h, w = img.shape[len(lead) : len(lead) + 2]
     x = np.asarray(u, np.float64) - 0.5
     y = np.asarray(v, np.float64) - 0.5
     with np.errstate(invalid="ignore"):
@@ -43,18 +60,17 @@ def sample_bilinear(img: np.ndarray, u: np.ndarray, v: np.ndarray, valid: np.nda
     y1 = np.minimum(y0 + 1, h - 1)
     fx = xs - x0
     fy = ys - y0
-    im = np.asarray(img, np.float64)
-    if im.ndim == 3:
+    im = np.asarray(img)
+
+    def at(yy, xx):
+        return im[lead + (yy, xx)].astype(np.float64)
+
+    if im.ndim == 3 + len(lead):
         fx, fy = fx[..., None], fy[..., None]
-    val = (
-        im[y0, x0] * (1 - fx) * (1 - fy)
-        + im[y0, x1] * fx * (1 - fy)
-        + im[y1, x0] * (1 - fx) * fy
-        + im[y1, x1] * fx * fy
-    )
+    val = at(y0, x0) * (1 - fx) * (1 - fy) + at(y0, x1) * fx * (1 - fy) + at(y1, x0) * (1 - fx) * fy + at(y1, x1) * fx * fy
     if valid is not None:
         vm = np.asarray(valid, bool)
-        ok &= vm[y0, x0] & vm[y0, x1] & vm[y1, x0] & vm[y1, x1]
+        ok &= vm[lead + (y0, x0)] & vm[lead + (y0, x1)] & vm[lead + (y1, x0)] & vm[lead + (y1, x1)]
     return val, ok
 
 
@@ -135,49 +151,61 @@ class ReprojectionCost:
         landed_only=True,
         min_landed=0.25,
     ):
-        self.depth = np.asarray(depth, np.float64)
+        # kept as given (float32 depth, uint8 colour): only the sampled points are widened to float64
+        self.depth = np.asarray(depth)
         t = self.depth.shape[0]
         self.use = np.asarray(valid, bool) if exclude is None else np.asarray(valid, bool) & ~np.asarray(exclude, bool)
         self.intrinsics = np.asarray(intrinsics, np.float64)
-        self.img = None if rgb is None else np.asarray(rgb, np.float64).mean(-1) / 255.0
+        self.img = None if rgb is None else np.asarray(rgb)
         self.depth_trunc, self.photo_trunc, self.photo_weight = depth_trunc, photo_trunc, photo_weight
         self.landed_only, self.min_landed = landed_only, min_landed
         rng = np.random.default_rng(seed)
-        self.items = []
+        # every directed pair's points in one set of arrays: a cost evaluation is a few array
+        # operations over all of them (the scale search evaluates it ~50 times per check)
+        js, rots, moves, cols_ = [], [], [], []
         for i0, j0 in default_pairs(t) if pairs is None else pairs:
             for i, j in ((i0, j0), (j0, i0)):
                 rows, cols = sample_pixels(self.use[i], max_points, rng)
                 if rows.size == 0:
                     continue
                 r_ji, t_ji = relative_pose(c2w[i], c2w[j])
-                a = lift(cols + 0.5, rows + 0.5, self.depth[i, rows, cols], self.intrinsics[i]) @ r_ji.T
-                col = None if self.img is None else self.img[i, rows, cols]
-                self.items.append((j, a, t_ji, col))
-        self.n_points = int(sum(it[1].shape[0] for it in self.items))
+                z = self.depth[i, rows, cols].astype(np.float64)
+                js.append(np.full(rows.size, j, np.int64))
+                rots.append(lift(cols + 0.5, rows + 0.5, z, self.intrinsics[i]) @ r_ji.T)
+                moves.append(np.broadcast_to(t_ji, (rows.size, 3)))
+                if self.img is not None:
+                    cols_.append(grey(self.img[i, rows, cols]))
+        self.n_points = int(sum(j.size for j in js))
+        if self.n_points:
+            lands, self.j = np.unique(np.concatenate(js), return_inverse=True)  # per point: its frame j
+            self.a = np.concatenate(rots)  # the point in frame j's axes before the translation
+            self.t = np.concatenate(moves)  # frame j's translation, multiplied by s
+            self.k = self.intrinsics[lands][self.j].T  # frame j's fx, fy, cx, cy per point
+            self.col = np.concatenate(cols_) if self.img is not None else None
+            # the frames points land in (a few of a scene), their grey levels computed once
+            self.depth_j, self.use_j = self.depth[lands], self.use[lands]
+            self.grey_j = None if self.img is None else grey(self.img[lands])
 
     def __call__(self, s: float) -> float:
         if self.n_points == 0:
             return float("nan")
-        total = 0.0
-        landed = 0
-        for j, a, t_ji, col in self.items:
-            uj, vj, zj = to_pixels(a + s * t_ji, self.intrinsics[j])
-            dj, ok = sample_bilinear(self.depth[j], uj, vj, self.use[j])
-            ok &= zj > 0
-            landed += int(ok.sum())
-            with np.errstate(divide="ignore", invalid="ignore"):
-                rd = np.where(
-                    ok,
-                    np.minimum(np.abs(zj - dj) / dj, self.depth_trunc),
-                    0.0 if self.landed_only else self.depth_trunc,
-                )
-            total += rd.sum() / self.depth_trunc
-            if col is not None:
-                ij, _ = sample_bilinear(self.img[j], uj, vj)
-                rp = np.where(
-                    ok, np.minimum(np.abs(ij - col), self.photo_trunc), 0.0 if self.landed_only else self.photo_trunc
-                )
-                total += self.photo_weight * rp.sum() / self.photo_trunc
+        uj, vj, zj = to_pixels(self.a + s * self.t, self.k)
+        dj, ok = sample_bilinear(self.depth_j, uj, vj, self.use_j, frame=self.j)
+        ok &= zj > 0
+        landed = int(ok.sum())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rd = np.where(
+                ok,
+                np.minimum(np.abs(zj - dj) / dj, self.depth_trunc),
+                0.0 if self.landed_only else self.depth_trunc,
+            )
+        total = rd.sum() / self.depth_trunc
+        if self.col is not None:
+            ij, _ = sample_bilinear(self.grey_j, uj, vj, frame=self.j)
+            rp = np.where(
+                ok, np.minimum(np.abs(ij - self.col), self.photo_trunc), 0.0 if self.landed_only else self.photo_trunc
+            )
+            total += self.photo_weight * rp.sum() / self.photo_trunc
         if not self.landed_only:
             return float(total / self.n_points)
         worst = 1.0 + (self.photo_weight if self.img is not None else 0.0)
