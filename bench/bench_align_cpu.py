@@ -56,7 +56,9 @@ def scene_clips(a):
     plan = make_plan(cfg)
     specs = [{**c, "ordinal": -1} for c in plan.clips]
     scene = specs[0]["scene"]
-    sc = next(s for s in get_adapter("realestate10k", cfg.datasets["realestate10k"].root).discover() if s.scene == scene)
+    sc = next(
+        s for s in get_adapter("realestate10k", cfg.datasets["realestate10k"].root).discover() if s.scene == scene
+    )
     with np.load(ns.truth / f"{key_safe(scene)}.npz", allow_pickle=False) as z:
         true_depth = z["depth"]
     rng = np.random.default_rng(0)

@@ -67,7 +67,12 @@ def sample_bilinear(
 
     if im.ndim == 3 + len(lead):
         fx, fy = fx[..., None], fy[..., None]
-    val = at(y0, x0) * (1 - fx) * (1 - fy) + at(y0, x1) * fx * (1 - fy) + at(y1, x0) * (1 - fx) * fy + at(y1, x1) * fx * fy
+    val = (
+        at(y0, x0) * (1 - fx) * (1 - fy)
+        + at(y0, x1) * fx * (1 - fy)
+        + at(y1, x0) * (1 - fx) * fy
+        + at(y1, x1) * fx * fy
+    )
     if valid is not None:
         vm = np.asarray(valid, bool)
         ok &= vm[lead + (y0, x0)] & vm[lead + (y0, x1)] & vm[lead + (y1, x0)] & vm[lead + (y1, x1)]
