@@ -34,7 +34,7 @@ from stages.depth.vda.infer import (  # noqa: E402
     num_windows,
     preprocess_frame_cpu,
 )
-from stages.depth.vda.model import build_vda, randomize_  # noqa: E402
+from stages.depth.vda.model import build_vda_empty, randomize_  # noqa: E402
 
 
 def synthetic_video(t: int, h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
 
     for enc in args.encoders.split(","):
-        model = randomize_(build_vda(enc), seed=0).to(dev).eval()
+        model = randomize_(build_vda_empty(enc, device=dev), seed=0)  # as the build's VDARunner does
         if dev.type == "cuda":
             model.head_chunk = 64
         outs = {}

@@ -22,6 +22,7 @@ from stages.depth.vda import (
     network_size,
     randomize_,
 )
+from stages.depth.vda.dpt_temporal import sinusoid_table
 from stages.depth.vda.infer import num_windows, window_frame_indices
 from stages.depth.vda.runner import VDARunner
 
@@ -205,3 +206,21 @@ def test_a_model_built_without_default_init_then_filled_is_the_same_model(tmp_pa
         want = tiny_model(x)
         assert torch.equal(empty(x), want)
         assert torch.equal(loaded(x), want)
+
+
+def test_the_position_table_is_computed_on_the_cpu_even_under_the_meta_device():
+    # build_vda_empty builds under torch.device("meta"); a first meta operation costs seconds of
+    # one-off set-up in a fresh process (every model actor's start), for a table then discarded
+    want = sinusoid_table(32, 16)
+    with torch.device("meta"):
+        got = sinusoid_table(32, 16)
+    assert got.device.type == "cpu" and torch.equal(got, want)
+    empty = build_vda_empty("vits")
+    assert {p.device.type for p in empty.state_dict().values()} == {"cpu"}
+
+
+def test_the_empty_model_is_allocated_on_the_device_asked_for():
+    # the build's runner allocates it on its GPU and draws random weights there (randomize_ takes
+    # the model's device): no CPU fill of 380M numbers per actor start
+    meta = build_vda_empty("vits", device="meta")
+    assert {p.device.type for p in meta.state_dict().values()} == {"meta"}

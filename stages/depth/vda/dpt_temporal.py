@@ -30,10 +30,16 @@ SDPA_MAX_BATCH = 32768  # sequences per attention call (keeps CUDA grid dims in 
 
 
 def sinusoid_table(length: int, dim: int) -> torch.Tensor:
-    """Default content of the ``pe`` buffer (the checkpoint's stored table replaces it on load)."""
-    pos = torch.arange(length, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(1, length, dim)
+    """Default content of the ``pe`` buffer (the checkpoint's stored table replaces it on load).
+
+    Always computed on the CPU, whatever the default device: under ``torch.device("meta")``
+    (:func:`~stages.depth.vda.model.build_vda_empty`) the first meta operations cost seconds
+    of one-off set-up in every fresh process (a model actor's start), for a table that is
+    discarded anyway."""
+    cpu = torch.device("cpu")
+    pos = torch.arange(length, dtype=torch.float32, device=cpu)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=cpu) * (-math.log(10000.0) / dim))
+    table = torch.zeros(1, length, dim, device=cpu)
     table[0, :, 0::2] = torch.sin(pos * freq)
     table[0, :, 1::2] = torch.cos(pos * freq)
     return table

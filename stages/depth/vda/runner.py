@@ -63,7 +63,8 @@ class VDARunner:
         self.untrained = checkpoint is None
         if checkpoint is None:
             log.warning("VDARunner(%s): RANDOM weights, outputs are meaningless", encoder)
-            model = randomize_(build_vda_empty(encoder, metric=metric), seed=0)
+            # built and filled on its device: no CPU draws of 380M numbers per actor start
+            model = randomize_(build_vda_empty(encoder, metric=metric, device=self.device), seed=0)
         else:
             model = load_checkpoint(checkpoint, encoder=encoder, metric=metric)
         model = model.to(self.device).eval()
