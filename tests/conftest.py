@@ -33,6 +33,19 @@ def write_tartanair(root: Path, n_scenes: int = 2, frames: int = 10, seed: int =
     return out
 
 
+def tiny_vda(num_gpus: float = 0, actors: int = 1) -> dict:
+    """``stages.depth`` for tests: the smallest VDA (vits, metric head, input 56, fp32) with random
+    weights, ``actors`` actors of ``num_gpus`` GPUs each (0: on the CPU)."""
+    return {
+        "encoder": "vits",
+        "metric": True,
+        "input_size": 56,
+        "dtype": "fp32",
+        "allow_random_weights": True,
+        "resources": {"num_gpus": num_gpus, "actors": actors},
+    }
+
+
 def tartanair_config(tmp: Path, data: Path, out_name: str = "out", **over):
     from pipeline.config import BuildConfig
 

@@ -4,7 +4,7 @@ with the reason; the rest of the build goes on; ``resume`` redoes it (the hang h
 from __future__ import annotations
 
 import pytest
-from conftest import tartanair_config
+from conftest import tartanair_config, tiny_vda
 
 from manifests.store import ManifestStore
 from pipeline.config import BuildConfig
@@ -64,14 +64,7 @@ def test_hung_model_actor_is_replaced_and_its_shards_redone(tmp_path, ray_local)
                 }
             },
             "stages": {
-                "depth": {
-                    "encoder": "vits",
-                    "metric": True,
-                    "input_size": 56,
-                    "dtype": "fp32",
-                    "allow_random_weights": True,
-                    "resources": {"num_gpus": 0, "actors": 1},
-                },
+                "depth": tiny_vda(),
                 "align": {"drop_on_qc": False},
             },
             "fault": {"hang_stage": "depth", "hang_on_clip": 0, "marker_dir": str(tmp_path / "faults")},

@@ -15,20 +15,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conftest import tartanair_config
+from conftest import tartanair_config, tiny_vda
 
 from pipeline.dag import _ActorLoad, _model_frames
 from pipeline.runner import build
 from pipeline.verify import verify
 
-DEPTH = {
-    "encoder": "vits",
-    "metric": True,
-    "input_size": 56,
-    "dtype": "fp32",
-    "allow_random_weights": True,
-    "resources": {"num_gpus": 0, "actors": 1},
-}
+DEPTH = tiny_vda()
 
 
 def _ingest_starts(trace: Path) -> list[float]:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tartanair_config
+from conftest import tartanair_config, tiny_vda
 
 from manifests.store import ManifestStore
 from pipeline.config import ConfigError
@@ -26,14 +26,7 @@ from pipeline.runner import build
 from pipeline.storage import Store
 from pipeline.verify import verify
 
-DEPTH = {
-    "encoder": "vits",
-    "metric": True,
-    "input_size": 56,
-    "dtype": "fp32",
-    "allow_random_weights": True,
-    "resources": {"num_gpus": 1, "actors": 1},
-}
+DEPTH = tiny_vda(num_gpus=1)
 
 
 def _config(tmp: Path, data: Path, name: str, **over):

@@ -18,6 +18,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import tiny_vda
 
 from pipeline.config import BuildConfig
 from pipeline.demo.megasam_stand_in import command_template, save_truth
@@ -66,14 +67,7 @@ def config(base, data, truth, fail: str, hang: str, out: str = "out", jitter: fl
             "stages": {
                 # metric head + scale-only fit: a positive prediction always gets a positive scale, so
                 # even random weights align (badly; QC records it) and the poses can be checked
-                "depth": {
-                    "encoder": "vits",
-                    "metric": True,
-                    "input_size": 56,
-                    "dtype": "fp32",
-                    "allow_random_weights": True,
-                    "resources": {"num_gpus": 0, "actors": 1},
-                },
+                "depth": tiny_vda(),
                 # random-weight relative depth fails depth QC; keep the clips so poses can be checked
                 "align": {
                     "model": "scale_only",
