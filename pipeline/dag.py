@@ -154,6 +154,15 @@ def static_tracks_task(refs: list, clip_id: str, cfg: BuildConfig):
 
 
 @ray.remote
+def encode_task(refs: list, clip_id: str, cfg: BuildConfig):
+    """One clip's sample bytes, encoded as soon as the clip is done (stages/encode.py)."""
+    from stages.encode import encode_for_shard
+
+    (clip,) = _resolve(refs, "encode", [clip_id])
+    return encode_for_shard(clip, cfg.jpeg_quality)
+
+
+@ray.remote
 def write_task(shard: dict, clip_ids: list[str], refs: list, cfg: BuildConfig) -> dict:
     from stages.write import write_shard
 
@@ -563,6 +572,8 @@ class ShardDAG:
         elif clips and dataset in self.needs_static_tracks:
             refs = [static_tracks_task.options(max_retries=retries).remote([r], cid, cfg) for r, cid in zip(refs, ids)]
             rec.tasks += refs
+        refs = [encode_task.options(max_retries=retries).remote([r], cid, cfg) for r, cid in zip(refs, ids)]
+        rec.tasks += refs
         rec.tasks.append(write_task.options(max_retries=retries).remote(shard, ids, refs, cfg))
         return rec
 

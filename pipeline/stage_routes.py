@@ -14,7 +14,8 @@ megasam       ``depth_source`` is ``megasam``        scene [*]_   GPU task runni
 align         ``depth_source`` is not ``gt``         scene [*]_   CPU task (one metric fit per scene)
 tracks        ``track_source`` ``cotracker``         clip         model actor (its declared GPUs)
 tracks        ``track_source`` ``depth_static``      clip         CPU task
-encode/write  always                                 shard        CPU task
+encode        always                                 clip         CPU task
+write         always                                 shard        CPU task
 ============  =====================================  ===========  ==================================
 
 .. [*] ``stages.scene.granularity: clip`` runs them once per clip instead (the older path).
@@ -79,7 +80,7 @@ def route(cfg: "BuildConfig", dataset: str) -> tuple[StageStep, ...]:
         )
     elif d.track_source == "depth_static":
         steps.append(StageStep("tracks", "clip", "task", variant="depth_static"))
-    steps += [StageStep("encode", "shard", "task"), StageStep("write", "shard", "task")]
+    steps += [StageStep("encode", "clip", "task"), StageStep("write", "shard", "task")]
     return tuple(steps)
 
 

@@ -81,30 +81,31 @@ def software_stack() -> str:
 
 
 def write_shard(shard: dict, clips: list, cfg) -> dict:
-    """Encode the shard's clips in plan order, publish the tar, and report for the ledger."""
+    """Publish the shard's samples in plan order as one tar and report for the ledger.
+
+    ``clips`` are the encode stage's results (:class:`~stages.encode.EncodedClip` or
+    ``ClipFailure``, in plan order); a ``Clip`` is encoded here first (the same function)."""
     import socket
     import time
 
     from pipeline.clip import Clip, ClipFailure
-    from stages.encode import encode
+    from stages.encode import encode_for_shard
 
     t0 = time.time()
-    from manifests.clip_qc import sample_qc
-
     samples, failures, timings, meta_rows, qc_rows, stats = [], [], {}, {}, [], {}
-    for clip in clips:
-        if isinstance(clip, Clip):
-            for k, v in clip.aux.get("timings", {}).items():
-                timings[k] = timings.get(k, 0.0) + v
-        for k, v in (clip.aux.get("stats", {}) if isinstance(clip, Clip) else getattr(clip, "stats", {})).items():
+    for item in clips:
+        if isinstance(item, Clip):
+            item = encode_for_shard(item, cfg.jpeg_quality)
+        for k, v in item.stats.items():
             stats[k] = stats.get(k, 0) + v
-        enc = encode(clip, cfg.jpeg_quality)
-        if isinstance(enc, ClipFailure):
-            failures.append(enc.to_json())
-        else:
-            samples.append(enc)
-            meta_rows[clip.key] = (clip.num_frames, bool(clip.meta.dynamic))
-            qc_rows.append(sample_qc(clip, enc))
+        if isinstance(item, ClipFailure):
+            failures.append(item.to_json())
+            continue
+        for k, v in item.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+        samples.append(item.sample)
+        meta_rows[item.key] = (item.num_frames, item.dynamic)
+        qc_rows.append(item.qc)
     transient = [f for f in failures if f.get("transient")]
     if transient:  # publish the shard whole later (a re-run, or resume), never without these clips
         from pipeline.failures import TransientShardError
@@ -114,7 +115,6 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
             f"{len(transient)} clip(s) failed transiently; first {f['clip_id']} at {f['stage']}: {f['reason']}"
         )
     t1 = time.time()
-    timings["encode"] = t1 - t0
     data, offsets = shard_bytes(samples)
     store = Store(cfg.output)
     sha = publish_shard(store, shard["path"], data)
