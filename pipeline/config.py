@@ -294,6 +294,14 @@ class BuildConfig(_Strict):
     datasets: dict[str, DatasetConfig]
     shard_size: int = Field(8, ge=1, description="clips per shard")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of stored frames")
+    depth_png_level: int = Field(
+        6,
+        ge=0,
+        le=9,
+        description="zlib level of the depth PNGs (lossless at every level): the encode stage's largest CPU cost. "
+        "Level 1 takes ~1/3 of level 6's time for 16-47 % more depth bytes on smooth rendered depth and ~3 % on "
+        "noisy aligned depth (bench/RESULTS.md, session 10); for GPU nodes short of cores",
+    )
     max_inflight_shards: int = Field(
         8,
         ge=1,

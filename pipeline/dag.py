@@ -159,7 +159,7 @@ def encode_task(refs: list, clip_id: str, cfg: BuildConfig):
     from stages.encode import encode_for_shard
 
     (clip,) = _resolve(refs, "encode", [clip_id])
-    return encode_for_shard(clip, cfg.jpeg_quality)
+    return encode_for_shard(clip, cfg.jpeg_quality, cfg.depth_png_level)
 
 
 @ray.remote

@@ -55,9 +55,9 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _png16(arr: np.ndarray) -> bytes:
+def _png16(arr: np.ndarray, level: int = 6) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(arr.astype(np.uint16)).save(buf, format="PNG", compress_level=6)
+    Image.fromarray(arr.astype(np.uint16)).save(buf, format="PNG", compress_level=level)
     return buf.getvalue()
 
 
@@ -67,8 +67,9 @@ def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def encode_clip(clip: Clip, jpeg_quality: int = 95) -> dict[str, bytes]:
-    """Clip -> ordered {entry name: bytes} including ``__key__`` (a str)."""
+def encode_clip(clip: Clip, jpeg_quality: int = 95, depth_png_level: int = 6) -> dict[str, bytes]:
+    """Clip -> ordered {entry name: bytes} including ``__key__`` (a str). ``depth_png_level`` is
+    the zlib level of the depth PNGs: it changes their size and encoding time, never a value."""
     clip.validate()
     if "." in clip.key:
         raise ClipError(f"sample key {clip.key!r} must not contain dots")
@@ -78,7 +79,7 @@ def encode_clip(clip: Clip, jpeg_quality: int = 95) -> dict[str, bytes]:
         sample[f"rgb.{i:03d}.jpg"] = _jpeg(clip.rgb[i], jpeg_quality)
     if clip.depth is not None:
         for i in range(t):
-            sample[f"depth.{i:03d}.png"] = _png16(encode_depth(clip.depth[i], clip.depth_valid[i]))
+            sample[f"depth.{i:03d}.png"] = _png16(encode_depth(clip.depth[i], clip.depth_valid[i]), depth_png_level)
     sample["intrinsics.npy"] = _npy(clip.intrinsics.astype(np.float64))
     sample["c2w.npy"] = _npy(clip.c2w.astype(np.float64))
     if clip.tracks is not None:

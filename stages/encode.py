@@ -39,16 +39,18 @@ class EncodedClip:
     stats: dict = field(default_factory=dict)
 
 
-def encode(clip: Clip | ClipFailure, jpeg_quality: int) -> dict | ClipFailure:
+def encode(clip: Clip | ClipFailure, jpeg_quality: int, depth_png_level: int = 6) -> dict | ClipFailure:
     if isinstance(clip, ClipFailure):
         return clip
     try:
-        return encode_clip(clip, jpeg_quality)
+        return encode_clip(clip, jpeg_quality, depth_png_level)
     except Exception as exc:
         return ClipFailure.from_exception(clip.key, "encode", exc)
 
 
-def encode_for_shard(clip: Clip | ClipFailure, jpeg_quality: int) -> EncodedClip | ClipFailure:
+def encode_for_shard(
+    clip: Clip | ClipFailure, jpeg_quality: int, depth_png_level: int = 6
+) -> EncodedClip | ClipFailure:
     """The encode stage on one clip: its sample and QC row, with ``encode`` added to its stage
     seconds; a failure passes through (one at encoding keeps the counters the clip had)."""
     from manifests.clip_qc import sample_qc
@@ -56,7 +58,7 @@ def encode_for_shard(clip: Clip | ClipFailure, jpeg_quality: int) -> EncodedClip
     if isinstance(clip, ClipFailure):
         return clip
     t0 = time.time()
-    enc = encode(clip, jpeg_quality)
+    enc = encode(clip, jpeg_quality, depth_png_level)
     if isinstance(enc, ClipFailure):
         return enc.carrying(clip)
     qc = sample_qc(clip, enc)

@@ -95,7 +95,7 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
     samples, failures, timings, meta_rows, qc_rows, stats = [], [], {}, {}, [], {}
     for item in clips:
         if isinstance(item, Clip):
-            item = encode_for_shard(item, cfg.jpeg_quality)
+            item = encode_for_shard(item, cfg.jpeg_quality, cfg.depth_png_level)
         for k, v in item.stats.items():
             stats[k] = stats.get(k, 0) + v
         if isinstance(item, ClipFailure):

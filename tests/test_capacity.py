@@ -408,3 +408,16 @@ def test_costs_file_typos_and_unknown_datasets_fail_at_load(tmp_path):
         projection_from_counts(
             [{"dataset": "realestate10k", "scenes": 1, "frames_per_scene": 40}], costs=_write(tmp_path, raw)
         )
+
+
+def test_a_depth_png_level_other_than_the_measured_one_is_named_in_the_assumptions(demo):
+    _, cfg = demo
+    one = with_datasets(cfg, tartanair={})
+    same = capacity_report(one)["assumptions"]
+    assert not any("depth_png_level" in a for a in same)
+    fast = BuildConfig.model_validate({**one.model_dump(mode="json"), "depth_png_level": 1})
+    notes = [a for a in capacity_report(fast)["assumptions"] if "depth_png_level" in a]
+    assert notes == [
+        "depth_png_level is 1 but the depth byte figures (and the encode CPU figure) were measured at 6: "
+        "neither is adjusted for it."
+    ]

@@ -77,3 +77,20 @@ def test_a_clip_that_cannot_be_encoded_fails_with_the_reason_and_keeps_its_count
     result = write_shard(SHARD, [out], _config(tmp_path / "out"))
     assert result["samples_written"] == 0 and result["clips_failed"][0]["stage"] == "encode"
     assert result["stats"] == {"depth.passes": 1}
+
+
+def test_the_depth_png_level_changes_the_bytes_never_a_value():
+    from pipeline.demo.render import random_scene, render
+    from pipeline.sample_format import decode_sample, encode_clip
+
+    r = render(random_scene("lvl", seed=3, dynamic=False, num_frames=3, height=48, width=64))
+    clip = _clip("realestate10k__s__000000")
+    clip.rgb, clip.intrinsics, clip.c2w = r.rgb, r.intrinsics, r.c2w
+    clip.depth, clip.depth_valid = r.depth.astype(np.float32), np.isfinite(r.depth)
+    clip.meta.frame_indices = [0, 1, 2]
+    fast, small = encode_clip(clip, 95, 1), encode_clip(clip, 95, 9)
+    depth_bytes = [sum(len(v) for k, v in s.items() if k.startswith("depth.")) for s in (fast, small)]
+    assert depth_bytes[0] > depth_bytes[1]  # level 1 compresses less
+    a, b = decode_sample(fast), decode_sample(small)
+    np.testing.assert_array_equal(a.depth, b.depth)
+    np.testing.assert_array_equal(a.depth_valid, b.depth_valid)

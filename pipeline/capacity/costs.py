@@ -140,6 +140,7 @@ class CpuCosts(_Strict):
 
 class OutputCosts(_Strict):
     jpeg_quality: int = Field(ge=1, le=100)
+    depth_png_level: int = Field(ge=0, le=9)
     rgb_bytes_per_pixel: list[CurvePoint] = Field(min_length=1)
     depth_bytes_per_pixel: list[CurvePoint] = Field(min_length=1)
     track_bytes_per_point_frame: NonNegative

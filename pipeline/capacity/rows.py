@@ -145,6 +145,11 @@ def _general_assumptions(cfg: BuildConfig, costs: Costs, rows: list[dict]) -> li
             f"jpeg_quality is {cfg.jpeg_quality} but the byte figures were measured at "
             f"{measured_q}: output bytes are not adjusted for it."
         )
+    if int(cfg.depth_png_level) != costs.file.output.depth_png_level:
+        out.append(
+            f"depth_png_level is {cfg.depth_png_level} but the depth byte figures (and the encode CPU figure) were "
+            f"measured at {costs.file.output.depth_png_level}: neither is adjusted for it."
+        )
     if any(r["track_source"] == "depth_static" for r in rows):
         out.append(
             "Static-scene tracks from depth (track_source depth_static) run on the CPU and are not measured: "
