@@ -232,3 +232,18 @@ def test_runner_bf16_autocast_cpu():
     )
     ((tr, vis),) = runner.track([np.zeros((5, 32, 32, 3), dtype=np.uint8)])
     assert tr.shape == (5, 4, 2) and tr.dtype == np.float32
+
+
+def test_a_read_only_video_from_the_object_store_becomes_a_tensor_without_a_warning():
+    import warnings
+
+    from stages.tracks.cotracker.runner import video_tensor
+
+    video = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)
+    video.flags.writeable = False  # as ray.get returns numpy arrays
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = video_tensor(video)
+    assert torch.equal(t, torch.from_numpy(video.copy()))
+    writable = video.copy()
+    assert video_tensor(writable).data_ptr() == writable.ctypes.data  # no copy when it may be shared

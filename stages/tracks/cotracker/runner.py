@@ -33,6 +33,14 @@ from .predictor import force_query_points, from_model_xy, grid_queries, offline_
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def video_tensor(video: np.ndarray) -> torch.Tensor:
+    """A (T,H,W,3) video as a tensor. Frames that come from Ray's object store are read-only
+    arrays, which torch warns about on every build (it cannot guarantee not to write them): such a
+    video is copied first (tens of MB, once per clip; the model's own float copy follows anyway)."""
+    arr = np.ascontiguousarray(video)
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+
+
 def resolve_query_frames(query_frames: list[int] | int, num_frames: int) -> list[int]:
     """Query frame indices for a clip of ``num_frames``.
 
@@ -164,7 +172,7 @@ class CoTrackerRunner:
         t = clips[0].shape[0]
         frames = []
         for v in clips:
-            x = torch.from_numpy(np.ascontiguousarray(v)).to(self.device).permute(0, 3, 1, 2).float()[None]
+            x = video_tensor(v).to(self.device).permute(0, 3, 1, 2).float()[None]
             frames.append(resize_video(x, ms))
         video = torch.cat(frames)
         b = video.shape[0]
