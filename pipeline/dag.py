@@ -303,25 +303,29 @@ class _ActorLoad:
     queue. A call counts until its first output is ready (all its outputs come together)."""
 
     def __init__(self, n: int):
-        self.calls: list[list[tuple]] = [[] for _ in range(n)]  # per actor: (a ref of the call, frames)
+        self.n = n
+        self.calls: dict = {}  # a ref of each call not seen returned -> (actor index, frames)
 
     def outstanding(self) -> list[int]:
-        for calls in self.calls:
-            if calls:
-                done = set(ray.wait([r for r, _ in calls], num_returns=len(calls), timeout=0)[0])
-                calls[:] = [(r, n) for r, n in calls if r not in done]
-        return [sum(n for _, n in calls) for calls in self.calls]
+        if self.calls:  # one wait over the whole pool's calls (a pool may have a hundred actors)
+            refs = list(self.calls)
+            for r in ray.wait(refs, num_returns=len(refs), timeout=0)[0]:
+                del self.calls[r]
+        loads = [0] * self.n
+        for i, frames in self.calls.values():
+            loads[i] += frames
+        return loads
 
     def pick(self) -> int:
         loads = self.outstanding()
         return loads.index(min(loads))
 
     def add(self, i: int, ref, frames: int) -> None:
-        self.calls[i].append((ref, frames))
+        self.calls[ref] = (i, frames)
 
     def reset(self, i: int) -> None:
         """Actor ``i`` was replaced: its calls ended with the old one."""
-        self.calls[i] = []
+        self.calls = {r: v for r, v in self.calls.items() if v[0] != i}
 
 
 @dataclass

@@ -103,13 +103,14 @@ def test_a_replaced_actor_starts_with_nothing_outstanding(tmp_path, ray_local):
         return 0
 
     load = _ActorLoad(2)
-    ref = never.remote()
-    load.add(0, ref, 100)
-    load.add(1, ref, 50)
+    refs = [never.remote(), never.remote()]
+    load.add(0, refs[0], 100)
+    load.add(1, refs[1], 50)
     assert load.pick() == 1
     load.reset(0)  # its calls were cancelled with the old actor
-    assert load.pick() == 0
-    ray.cancel(ref, force=True)
+    assert load.pick() == 0 and load.outstanding() == [0, 50]
+    for r in refs:
+        ray.cancel(r, force=True)
 
 
 def test_the_frames_of_a_call_count_each_scene_frame_once_in_scene_passes():
