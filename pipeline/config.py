@@ -299,8 +299,8 @@ class BuildConfig(_Strict):
         ge=0,
         le=9,
         description="zlib level of the depth PNGs (lossless at every level): the encode stage's largest CPU cost. "
-        "Level 1 takes 1/3 of level 6's time or less, for 47-61 % more depth bytes on smooth rendered depth and 3 % "
-        "on noisy aligned depth (bench/bench_depth_png.py; bench/RESULTS.md, session 10); for GPU nodes short of cores",
+        "Level 1 takes 1/3 of level 6's time or less, for 47-61 % more depth bytes on smooth depth (ground truth, a "
+        "trained model's) (bench/bench_depth_png.py; bench/RESULTS.md, session 10); for GPU nodes short of cores",
     )
     max_inflight_shards: int = Field(
         8,
