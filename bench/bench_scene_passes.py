@@ -246,23 +246,33 @@ def scale_spread(out: Path) -> dict:
     }
 
 
-def steady_throughput(events: list[dict]) -> dict:
+def steady_throughput(events: list[dict], full_after: int = 0) -> dict:
     """Clips/s of a build between its first and its last shard completion (ledger events): the clips
     of every shard done after the first, over that span. A whole build's clips/s includes a head
     (the actors' start-up, the first shards' ingest, the warm-up, the first shard's pipeline) and
     a tail that more GPUs do not shorten; this rate is what a build of the full dataset runs at
-    for hours. A shard counts once, at its latest ``done`` event."""
+    for hours. A shard counts once, at its latest ``done`` event.
+
+    How much work is already done behind the first completion depends on how the build admitted
+    its first shards (all at once, or one per model actor while the actors start), which moves
+    that figure. With ``full_after`` = k (the shards in flight), ``full_clips_per_s`` is the same
+    rate from the k-th completion on, when the pipeline has been full whatever the admission."""
     done: dict[str, tuple[float, int]] = {}
     for e in events:
         if e.get("state") == "done" and e.get("finished_at") is not None:
             done[e["shard_id"]] = (float(e["finished_at"]), int(e.get("samples_written") or 0))
     times = sorted(done.values())
     if len(times) < 2:
-        return {"steady_clips_per_s": None, "steady_span_s": None, "shards_done": len(times)}
+        return {"steady_clips_per_s": None, "steady_span_s": None, "full_clips_per_s": None, "shards_done": len(times)}
     span = times[-1][0] - times[0][0]
+    full = None
+    if full_after >= 1 and len(times) > full_after + 1:
+        full_span = times[-1][0] - times[full_after - 1][0]
+        full = sum(n for _, n in times[full_after:]) / full_span if full_span > 0 else None
     return {
         "steady_clips_per_s": sum(n for _, n in times[1:]) / span if span > 0 else None,
         "steady_span_s": span,
+        "full_clips_per_s": full,
         "shards_done": len(times),
     }
 
@@ -448,7 +458,7 @@ def run_build(a, name: str, granularity: str, gpus: int, tracks: bool) -> dict:
             else {}
         ),
         **scale_spread(out),
-        **steady_throughput(events),
+        **steady_throughput(events, full_after=a.inflight),
         "timeline": build_timeline(t0, trace, depth_holds, events),
         "failures": s.failures[:3],
     }
@@ -658,6 +668,12 @@ def markdown(res: dict) -> str:
                 f"2 GPUs, first to last shard done: {two['steady_clips_per_s'] / one['steady_clips_per_s']:.2f}x "
                 f"({two['steady_clips_per_s']:.2f} vs {one['steady_clips_per_s']:.2f} clips/s over "
                 f"{two['steady_span_s']:.1f} vs {one['steady_span_s']:.1f} s, {one['shards_done']} shards)"
+            )
+        if one.get("full_clips_per_s") and two.get("full_clips_per_s"):
+            lines.append(
+                f"2 GPUs, from the completion that fills the pipeline to the last: "
+                f"{two['full_clips_per_s'] / one['full_clips_per_s']:.2f}x "
+                f"({two['full_clips_per_s']:.2f} vs {one['full_clips_per_s']:.2f} clips/s)"
             )
     if res.get("accuracy"):
         lines += [

@@ -134,3 +134,17 @@ def test_steady_throughput_needs_two_completions_and_counts_a_retried_shard_once
     got = steady_throughput(retried)
     assert got["shards_done"] == 2
     assert got["steady_clips_per_s"] == pytest.approx(6 / 3)
+
+
+def test_the_full_pipeline_rate_starts_at_the_completion_that_fills_it():
+    # five shards of 4 clips done at 10, 11, 13, 16 and 18 s; with 2 in flight the rate runs from
+    # the 2nd completion (11 s) to the last: the 3 shards after it, 12 clips over 7 s
+    events = [
+        {"shard_id": s, "state": "done", "finished_at": t, "samples_written": 4}
+        for s, t in zip("abcde", (10.0, 11.0, 13.0, 16.0, 18.0))
+    ]
+    got = steady_throughput(events, full_after=2)
+    assert got["full_clips_per_s"] == pytest.approx(12 / 7)
+    assert got["steady_clips_per_s"] == pytest.approx(16 / 8)  # unchanged by it
+    assert steady_throughput(events)["full_clips_per_s"] is None  # not asked for
+    assert steady_throughput(events, full_after=4)["full_clips_per_s"] is None  # too few completions after it
