@@ -43,6 +43,7 @@ def cluster():
         c.add_node(num_cpus=1)
     c.wait_for_nodes()
     ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
+    _warm_workers(c)
     try:
         yield c
     finally:
@@ -50,6 +51,28 @@ def cluster():
         c.shutdown()
         if was_running:
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+def _warm_workers(cluster) -> None:
+    """Start a worker process on every worker node before a build. A node's first worker takes
+    seconds to start on a loaded 2-core machine, and a build of a few seconds could otherwise run
+    every clip on the node whose worker came up first (the spread below would then be luck)."""
+    import os
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=1)
+    def pid() -> int:
+        return os.getpid()
+
+    ray.get(
+        [
+            pid.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote()
+            for n in cluster.worker_nodes
+        ],
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
