@@ -33,6 +33,7 @@ DEPTH_MAX_M = 2000.0
 _LOG_MIN = np.log(DEPTH_MIN_M)
 _LOG_SPAN = np.log(DEPTH_MAX_M) - _LOG_MIN
 DEPTH_REL_ERROR_BOUND = float(np.expm1(0.5 * _LOG_SPAN / 65534))  # stated precision bound
+DEPTH_PNG_LEVEL = 6  # zlib level of the depth PNGs unless the config says otherwise (depth_png_level)
 
 
 def encode_depth(depth: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -55,7 +56,7 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _png16(arr: np.ndarray, level: int = 6) -> bytes:
+def _png16(arr: np.ndarray, level: int = DEPTH_PNG_LEVEL) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr.astype(np.uint16)).save(buf, format="PNG", compress_level=level)
     return buf.getvalue()
@@ -67,7 +68,7 @@ def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def encode_clip(clip: Clip, jpeg_quality: int = 95, depth_png_level: int = 6) -> dict[str, bytes]:
+def encode_clip(clip: Clip, jpeg_quality: int = 95, depth_png_level: int = DEPTH_PNG_LEVEL) -> dict[str, bytes]:
     """Clip -> ordered {entry name: bytes} including ``__key__`` (a str). ``depth_png_level`` is
     the zlib level of the depth PNGs: it changes their size and encoding time, never a value."""
     clip.validate()

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline.clip import Clip, ClipFailure
-from pipeline.sample_format import encode_clip
+from pipeline.sample_format import DEPTH_PNG_LEVEL, encode_clip
 from stages.contract import StageContract
 
 CONTRACT = StageContract(
@@ -39,7 +39,7 @@ class EncodedClip:
     stats: dict = field(default_factory=dict)
 
 
-def encode(clip: Clip | ClipFailure, jpeg_quality: int, depth_png_level: int = 6) -> dict | ClipFailure:
+def encode(clip: Clip | ClipFailure, jpeg_quality: int, depth_png_level: int = DEPTH_PNG_LEVEL) -> dict | ClipFailure:
     if isinstance(clip, ClipFailure):
         return clip
     try:
@@ -49,7 +49,7 @@ def encode(clip: Clip | ClipFailure, jpeg_quality: int, depth_png_level: int = 6
 
 
 def encode_for_shard(
-    clip: Clip | ClipFailure, jpeg_quality: int, depth_png_level: int = 6
+    clip: Clip | ClipFailure, jpeg_quality: int, depth_png_level: int = DEPTH_PNG_LEVEL
 ) -> EncodedClip | ClipFailure:
     """The encode stage on one clip: its sample and QC row, with ``encode`` added to its stage
     seconds; a failure passes through (one at encoding keeps the counters the clip had)."""
