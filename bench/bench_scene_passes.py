@@ -151,7 +151,9 @@ def build_config(a, out: Path, granularity: str, gpus: int, tracks: bool, log: P
     from pipeline.demo.megasam_stand_in import command_template
 
     gpu = gpus > 0
-    share = (0.45 if tracks else 0.9) if gpu else 0.0
+    per_gpu = max(1, getattr(a, "actors_per_gpu", 1))  # model actors sharing each GPU
+    share = ((0.45 if tracks else 0.9) / per_gpu) if gpu else 0.0
+    actors = max(1, gpus) * per_gpu
     return BuildConfig.model_validate(
         {
             "output": str(out),
@@ -177,7 +179,7 @@ def build_config(a, out: Path, granularity: str, gpus: int, tracks: bool, log: P
                     "input_size": a.input_size,
                     "dtype": "fp16" if gpu else "fp32",
                     "allow_random_weights": True,
-                    "resources": {"num_gpus": share, "actors": max(1, gpus), "num_cpus": a.actor_cpus},
+                    "resources": {"num_gpus": share, "actors": actors, "num_cpus": a.actor_cpus},
                 },
                 "align": {
                     "drop_on_qc": False,
@@ -189,7 +191,7 @@ def build_config(a, out: Path, granularity: str, gpus: int, tracks: bool, log: P
                     "dtype": "bf16" if gpu else "fp32",
                     "allow_random_weights": True,
                     "drop_on_qc": False,
-                    "resources": {"num_gpus": share, "actors": max(1, gpus)},
+                    "resources": {"num_gpus": share, "actors": actors},
                 },
                 "scene": {"granularity": granularity},
             },
@@ -731,6 +733,13 @@ def main(argv=None) -> int:
         "stages around the model actors (8 left two depth actors waiting ~20 %% of the time, session 9)",
     )
     ap.add_argument("--actor-cpus", type=float, default=1.0, help="stages.depth.resources.num_cpus")
+    ap.add_argument(
+        "--actors-per-gpu",
+        type=int,
+        default=1,
+        help="model actors per GPU, each with its share of it: a second actor's call can fill the GPU while "
+        "the first one's host work (window stitching, copies back) runs",
+    )
     ap.add_argument("--gpus", type=int, default=None, help="GPUs for the 1-GPU builds (default: 1 if CUDA else 0)")
     ap.add_argument(
         "--parts",
@@ -761,6 +770,7 @@ def main(argv=None) -> int:
             "gpus_seen": n_gpus,
             "gpu": torch.cuda.get_device_name(0) if n_gpus else None,
             "max_inflight_shards": a.inflight,
+            "actors_per_gpu": a.actors_per_gpu,
             "megasam": f"stand-in, noise {NOISE}, scale jitter {SCALE_JITTER}, {a.megasam_gpus:g} GPU per run",
         }
     }
