@@ -29,15 +29,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def scene_clips(a):
-    """The scene's ingested clips with a relative disparity each, its config and its MegaSaM result."""
+def scene_setup(a):
+    """The rendered scene (cached in --work), its build config, its clip specs and its SceneRef."""
     from bench_scene_passes import build_config, render_scenes
 
     from pipeline.config import BuildConfig
-    from pipeline.plan import key_safe, make_plan
-    from stages.align.megasam_stage import megasam_pass
+    from pipeline.plan import make_plan
     from stages.ingest import get_adapter
-    from stages.ingest.stage import ingest_clip
 
     ns = SimpleNamespace(
         work=a.work, data=a.work / "data" / "realestate10k", truth=a.work / "data" / "truth", height=a.height,
@@ -53,12 +51,22 @@ def scene_clips(a):
     raw["stages"]["align"]["model"] = "disparity_affine"
     raw["stages"]["align"]["cache_dir"] = str(a.work / "cache")
     cfg = BuildConfig.model_validate(raw).resolved()
-    plan = make_plan(cfg)
-    specs = [{**c, "ordinal": -1} for c in plan.clips]
+    specs = [{**c, "ordinal": -1} for c in make_plan(cfg).clips]
     scene = specs[0]["scene"]
     sc = next(
         s for s in get_adapter("realestate10k", cfg.datasets["realestate10k"].root).discover() if s.scene == scene
     )
+    return ns, cfg, specs, sc
+
+
+def scene_clips(a):
+    """The scene's ingested clips with a relative disparity each, its config and its MegaSaM result."""
+    from pipeline.plan import key_safe
+    from stages.align.megasam_stage import megasam_pass
+    from stages.ingest.stage import ingest_clip
+
+    ns, cfg, specs, sc = scene_setup(a)
+    scene = sc.scene
     with np.load(ns.truth / f"{key_safe(scene)}.npz", allow_pickle=False) as z:
         true_depth = z["depth"]
     rng = np.random.default_rng(0)

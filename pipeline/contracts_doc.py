@@ -45,8 +45,13 @@ default; `clip` runs them per clip):
   `shard_size` gets a shard of its own; `max_clips_per_scene` caps it). Each scene pass therefore
   runs in exactly one shard pipeline, and `resume`, which redoes whole shards, redoes only its
   own scenes. Shard bytes stay deterministic: a scene's results depend only on its frames.
-* **Clips are ingested one by one** as for every dataset (bad input still fails only its clip);
-  the depth actor and the MegaSaM task assemble the scene's sequence from the ingested clips:
+* **A scene's clips are read together** where the adapter can cut clips from one read of their
+  frames (`DatasetAdapter.union_extras`; RealEstate10K): one ingest task per scene reads each
+  frame its clips share once (RealEstate10K's default clips share half their frames) and gives
+  each clip exactly what reading it alone gives; if that read fails, each clip is read alone, so
+  bad input still fails only the clips that use it. Other adapters (Stereo4D, whose tracks are
+  chosen per clip) read clip by clip. `ingest.frames_read` in a build's stats counts the frames read.
+  The depth actor and the MegaSaM task assemble the scene's sequence from the ingested clips:
   the sorted union of their source frames (`stages/scene/sequence.py`), i.e. the scene at the
   dataset's frame stride, **each source frame once**. Clips get their rows of the results.
 * **Long scenes** (more than `stages.scene.max_frames`) run as segments that overlap by at least

@@ -95,9 +95,11 @@ def _resolve(refs: list, stage: str, clip_ids: list[str]) -> list[Clip | ClipFai
     return out
 
 
-def _timed(clip, stage: str, t0: float):
+def _timed(clip, stage: str, t0: float, share: int = 1):
+    """Add the seconds since ``t0`` (split over ``share`` clips done together) to the clip's stage time."""
     if isinstance(clip, Clip):
-        clip.aux.setdefault("timings", {})[stage] = clip.aux.get("timings", {}).get(stage, 0.0) + time.time() - t0
+        spent = (time.time() - t0) / share
+        clip.aux.setdefault("timings", {})[stage] = clip.aux.get("timings", {}).get(stage, 0.0) + spent
     return clip
 
 
@@ -107,6 +109,16 @@ def ingest_task(spec: dict, scene, cfg: BuildConfig):
 
     t0 = time.time()
     return _timed(ingest_clip(spec, scene, cfg), "ingest", t0)
+
+
+@ray.remote
+def ingest_scene_task(specs: list[dict], scene, cfg: BuildConfig):
+    """A scene pass's clips read together, each shared frame once (route: ingest per scene)."""
+    from stages.ingest.stage import ingest_scene
+
+    t0 = time.time()
+    out = ingest_scene(specs, scene, cfg)
+    return _returns([_timed(c, "ingest", t0, len(out)) for c in out])
 
 
 def _returns(out: list):
@@ -545,10 +557,7 @@ class ShardDAG:
         ids = [c["clip_id"] for c in clips]
         dataset = shard["dataset"]
         steps = self.routes.get(dataset, {})
-        refs = [
-            ingest_task.options(max_retries=retries).remote(c, self.scene_refs[(c["dataset"], c["scene"])], cfg)
-            for c in clips
-        ]
+        refs = self._ingest(clips, steps["ingest"].granularity if "ingest" in steps else "clip")
         rec.tasks += refs
         if clips and "depth" in steps:
             passes = _passes(clips, steps["depth"].granularity)
@@ -580,6 +589,24 @@ class ShardDAG:
         rec.tasks += refs
         rec.tasks.append(write_task.options(max_retries=retries).remote(shard, ids, refs, cfg))
         return rec
+
+    def _ingest(self, clips: list[dict], granularity: str) -> list:
+        """One ref per clip: a task per clip, or per scene where the route reads a scene's clips together."""
+        cfg, retries = self.cfg_ref, self.cfg.ray.task_retries
+        if granularity != "scene":
+            return [
+                ingest_task.options(max_retries=retries).remote(c, self.scene_refs[(c["dataset"], c["scene"])], cfg)
+                for c in clips
+            ]
+        refs: list = [None] * len(clips)
+        for idx in _passes(clips, "scene").values():
+            first = clips[idx[0]]
+            out = ingest_scene_task.options(max_retries=retries, num_returns=len(idx)).remote(
+                [clips[i] for i in idx], self.scene_refs[(first["dataset"], first["scene"])], cfg
+            )
+            for i, r in zip(idx, [out] if len(idx) == 1 else list(out)):
+                refs[i] = r
+        return refs
 
     def _hangs(self, stage: str, clips: list[dict]) -> bool:
         f = self.cfg.fault

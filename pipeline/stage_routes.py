@@ -8,7 +8,7 @@ and ``pipeline/capacity.py`` costs its GPU stages. The rules, from a dataset's r
 ============  =====================================  ===========  ==================================
 stage         runs when                              granularity  runs as
 ============  =====================================  ===========  ==================================
-ingest        always                                 clip         CPU task
+ingest        always                                 clip [+]_    CPU task
 depth         ``depth_source`` is not ``gt``         scene [*]_   model actor (its declared GPUs)
 megasam       ``depth_source`` is ``megasam``        scene [*]_   GPU task running the MegaSaM command
 align         ``depth_source`` is not ``gt``         scene [*]_   CPU task (one metric fit per scene)
@@ -19,6 +19,9 @@ write         always                                 shard        CPU task
 ============  =====================================  ===========  ==================================
 
 .. [*] ``stages.scene.granularity: clip`` runs them once per clip instead (the older path).
+.. [+] scene where the depth model runs per scene and the dataset's adapter cuts a scene's clips
+   from one read of their frames (``DatasetAdapter.union_extras``: RealEstate10K): one task reads
+   the scene's clips, each shared frame once; others read clip by clip, in parallel.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ def route(cfg: "BuildConfig", dataset: str) -> tuple[StageStep, ...]:
     d = cfg.datasets[dataset]
     st = cfg.stages
     model_gran: Granularity = "scene" if st.scene.granularity == "scene" else "clip"
-    steps = [StageStep("ingest", "clip", "task")]
+    steps = [
+        StageStep("ingest", _ingest_granularity(dataset, model_gran if d.depth_source != "gt" else "clip"), "task")
+    ]
     if d.depth_source != "gt":
         r = st.depth.resources
         steps.append(StageStep("depth", model_gran, "actor", r.num_cpus, r.num_gpus, max(1, r.actors), model=True))
@@ -82,6 +87,12 @@ def route(cfg: "BuildConfig", dataset: str) -> tuple[StageStep, ...]:
         steps.append(StageStep("tracks", "clip", "task", variant="depth_static"))
     steps += [StageStep("encode", "clip", "task"), StageStep("write", "shard", "task")]
     return tuple(steps)
+
+
+def _ingest_granularity(dataset: str, model_gran: Granularity) -> Granularity:
+    from stages.ingest import adapter_class
+
+    return "scene" if model_gran == "scene" and adapter_class(dataset).union_extras is not None else "clip"
 
 
 def stage_names(cfg: "BuildConfig", dataset: str) -> list[str]:

@@ -421,3 +421,17 @@ def test_a_depth_png_level_other_than_the_measured_one_is_named_in_the_assumptio
         "depth_png_level is 1 but the depth byte figures (and the encode CPU figure) were measured at 6: "
         "neither is adjusted for it."
     ]
+
+
+def test_ingest_cpu_counts_the_frames_read_once_per_scene_where_clips_are_read_together(demo):
+    """RealEstate10K's clips of a scene are read together (tests/test_scene_ingest.py), each shared
+    frame once: the plan's ingest CPU follows the scene's distinct frames, encode the clips' frames."""
+    _, cfg = demo
+    together = capacity_report(with_datasets(cfg, realestate10k={}))["datasets"][0]
+    assert together["model_frames"] < together["frames"], "premise: the demo clips share frames"
+    raw = with_datasets(cfg, realestate10k={}).model_dump(mode="json")
+    raw["stages"]["scene"]["granularity"] = "clip"
+    alone = capacity_report(BuildConfig.model_validate(raw))["datasets"][0]
+    cpu_t, cpu_a = together["cpu_core_hours"], alone["cpu_core_hours"]
+    assert cpu_t["ingest"] == pytest.approx(cpu_a["ingest"] * together["model_frames"] / together["frames"], rel=1e-12)
+    assert cpu_t["encode"] == pytest.approx(cpu_a["encode"], rel=1e-12)

@@ -31,7 +31,7 @@ def test_routes_state_stages_granularity_and_resources_per_dataset():
     re = {s.name: s for s in route(cfg, "realestate10k")}
     assert list(re) == ["ingest", "depth", "megasam", "align", "tracks", "encode", "write"]
     assert [re[k].granularity for k in ("ingest", "depth", "megasam", "align", "tracks", "write")] == [
-        "clip",
+        "scene",  # its clips are read together (tests/test_scene_ingest.py)
         "scene",
         "scene",
         "scene",

@@ -32,6 +32,12 @@ def pass_frames(cfg: BuildConfig, name: str, scene_clip_frames: list[list[list[i
     return [len(f) for clips in scene_clip_frames for f in clips]
 
 
+def _ingests_per_scene(cfg: BuildConfig, name: str) -> bool:
+    from pipeline.stage_routes import step
+
+    return step(cfg, name, "ingest").granularity == "scene"
+
+
 def _segment_lengths(n: int, cfg: BuildConfig) -> list[int]:
     from stages.scene.segments import plan_segments
 
@@ -83,8 +89,10 @@ def dataset_row(
         tracks = 0
     ref_h, ref_w = costs.file.cpu.reference_hw
     pix_scale = image_hw[0] * image_hw[1] / (ref_h * ref_w)
+    # ingest reads each frame a scene's clips share once where it reads them together (the route)
+    read = sum(passes) if _ingests_per_scene(cfg, name) else frames
     cpu = {
-        k: frames * costs.figure(f"cpu.ms_per_frame.{k}") * pix_scale / 1000.0 / 3600.0
+        k: (read if k == "ingest" else frames) * costs.figure(f"cpu.ms_per_frame.{k}") * pix_scale / 1000.0 / 3600.0
         for k in ("ingest", "encode", "write")
     }
     cpu["align"] = frames * costs.figure("cpu.align_ms_per_frame") / 1000.0 / 3600.0 if "depth" in stages else 0.0
@@ -134,7 +142,9 @@ def _general_assumptions(cfg: BuildConfig, costs: Costs, rows: list[dict]) -> li
         "Tracks (CoTracker3): cost proportional to point-frames (query frames x grid_size^2 points x T, x2 "
         "for the offline backward pass); the model input is always 384x512, so image size does not enter.",
         "CPU core-hours: ingest/encode/write per frame measured at 288x512 and scaled linearly with the "
-        "stored pixels; align per frame as measured (it included a MegaSaM stand-in start-up per clip).",
+        "stored pixels (ingest per frame read: once per scene for the frames its clips share where they are "
+        "read together, RealEstate10K); align per frame as measured (it included a MegaSaM stand-in start-up "
+        "per clip).",
         "Output bytes: JPEG and depth-PNG bytes per pixel measured on rendered scenes at several sizes "
         "(real footage with sensor noise and fine texture compresses worse); tracks 13 bytes per point-frame; "
         "every clip stores dense depth.",

@@ -9,6 +9,8 @@ records that against the clip and moves on.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -70,12 +72,27 @@ class SceneRef:
     extra: tuple = ()  # adapter-private, hashable (e.g. timestamps)
 
 
+@dataclass
+class ClipsRead:
+    """What :meth:`DatasetAdapter.load_clips` read: per requested clip its Clip or the exception
+    that failed it, and the frames read to make them (each distinct frame once when the clips
+    were cut from one read of their union)."""
+
+    clips: list
+    frames_read: int
+
+
 class DatasetAdapter(ABC):
     name: ClassVar[str]
     version: ClassVar[str] = "1"
     capabilities: ClassVar[Capabilities]
     defaults: ClassVar[AdapterDefaults] = AdapterDefaults()
     options_model: ClassVar[type[AdapterOptions]] = AdapterOptions
+    #: An adapter whose clips are the scene's per-frame arrays (frames, cameras, depth; nothing
+    #: chosen per clip, such as Stereo4D's tracks) names here the ``meta.extra`` keys that hold one
+    #: value per frame. :meth:`load_clips` then reads the union of a scene's clips once and cuts
+    #: each clip from it. None: every clip is read on its own.
+    union_extras: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(
         self,
@@ -109,6 +126,53 @@ class DatasetAdapter(ABC):
     @abstractmethod
     def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
         """Read frames (positions in the scene's frame list) into a validated Clip."""
+
+    def load_clips(self, scene: SceneRef, frame_lists: list[list[int]], metas: list[ClipMeta]) -> ClipsRead:
+        """Several clips of one scene (a scene pass's): with ``union_extras`` declared, the union of
+        their frames is read once (overlapping clips share half their frames) and each clip cut from
+        it, the same arrays and meta as :meth:`load_clip` gives it alone; should the union fail, each
+        clip is read alone, so a bad frame fails only the clips that use it, each with its reason."""
+        if self.union_extras is not None and len(frame_lists) > 1:
+            union = sorted(set().union(*map(set, frame_lists)))
+            scratch = dataclasses.replace(metas[0], frame_indices=union, extra={}, qc={})
+            try:
+                whole = self.load_clip(scene, union, scratch)
+            except Exception:  # noqa: BLE001 - found again, per clip, below
+                whole = None
+            if whole is not None:
+                return ClipsRead(self._cut(whole, union, frame_lists, metas), len(union))
+        out: list = []
+        for frames, meta in zip(frame_lists, metas):
+            try:
+                out.append(self.load_clip(scene, list(frames), meta))
+            except Exception as exc:  # noqa: BLE001 - this clip's failure, as data
+                out.append(exc)
+        return ClipsRead(out, sum(len(f) for f in frame_lists))
+
+    def _cut(self, whole: Clip, union: list[int], frame_lists: list[list[int]], metas: list[ClipMeta]) -> list:
+        if whole.tracks is not None or whole.aux:
+            raise TypeError(f"{self.name}: clips with tracks or aux arrays are chosen per clip; unset union_extras")
+        at = {f: i for i, f in enumerate(union)}
+        out: list = []
+        for frames, meta in zip(frame_lists, metas):
+            pos = [at[f] for f in frames]
+            for key, value in whole.meta.extra.items():  # in the adapter's order: meta.json's bytes
+                meta.extra.setdefault(
+                    key, [value[i] for i in pos] if key in self.union_extras else copy.deepcopy(value)
+                )
+            idx: slice | np.ndarray = np.array(pos)
+            if pos == list(range(pos[0], pos[0] + len(pos))):
+                # a run of the union (a strided clip always is): views, not a copy of its pixels;
+                # Ray stores each returned clip's own bytes
+                idx = slice(pos[0], pos[0] + len(pos))
+            part = Clip(meta=meta, rgb=whole.rgb[idx], intrinsics=whole.intrinsics[idx], c2w=whole.c2w[idx])
+            if whole.depth is not None:
+                part.depth, part.depth_valid = whole.depth[idx], whole.depth_valid[idx]
+            try:
+                out.append(part.validate())
+            except Exception as exc:  # noqa: BLE001 - this clip's failure, as data
+                out.append(exc)
+        return out
 
     # -- shared helpers --------------------------------------------------------------------
     def where(self, rel: str) -> str:

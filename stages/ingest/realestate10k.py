@@ -217,6 +217,8 @@ class RealEstate10KAdapter(DatasetAdapter):
     )
     options_model = RealEstate10KOptions
     opts: RealEstate10KOptions
+    # a scene pass's clips are read as one (load_clips): each shared frame decoded once
+    union_extras = ("timestamps_us", "frame_times_us")
 
     # -- discovery ---------------------------------------------------------------------------
     def discover(self) -> list[SceneRef]:
