@@ -37,7 +37,7 @@ Fault kinds (``--kinds``; default: every kind the setting supports):
   compacted file and before deleting the files it folded;
 * ``s3_outage``: with ``--s3``, stop the S3 server for 2-8 s and start it again;
 * ``megasam``: with ``--megasam``, SIGKILL a running MegaSaM command (the stand-in process itself);
-* ``scene``: with ``--megasam``, SIGKILL a busy worker of a scene pass (the depth actor, a MegaSaM
+* ``scene``: with ``--megasam``, SIGKILL a busy worker of a scene pass (a scene ingest, the depth actor, a MegaSaM
   task, an align task).
 
 Timed kills are aimed relative to the run's own first busy Ray worker, at random fractions of
@@ -87,7 +87,7 @@ FAULT_KINDS = (
 )
 RUN_FAULTS = ("clock_skew", "compaction")  # given to the driver as --fault for the whole run
 SCENE_FAULTS = ("megasam", "scene")  # kills aimed at the scene passes (--megasam)
-SCENE_PASS_WORKERS = ("ray::_ModelActor", "ray::megasam_task", "ray::align_task")
+SCENE_PASS_WORKERS = ("ray::ingest_scene_task", "ray::_ModelActor", "ray::megasam_task", "ray::align_task")
 MEGASAM_COMMAND = "pipeline.demo.megasam_stand_in"
 
 

@@ -187,10 +187,15 @@ def test_route_ingests_per_scene_where_the_depth_model_runs_per_scene(tmp_path):
     assert {s.name: s.granularity for s in route(per_clip, "realestate10k")}["ingest"] == "clip"
 
 
-def test_a_build_reads_each_source_frame_once_per_scene(tmp_path, ray_local):
-    """Through the DAG: the build's ingest.frames_read is the scenes' distinct frames."""
+@pytest.mark.parametrize("crash", [False, True], ids=["clean", "worker_dies_in_scene_ingest"])
+def test_a_build_reads_each_source_frame_once_per_scene(tmp_path, ray_local, crash):
+    """Through the DAG: the build's ingest.frames_read is the scenes' distinct frames; a worker
+    that dies inside a scene ingest (at its second clip) is retried, every clip once."""
+    from test_build import all_keys, planned_ids
+
     from pipeline.plan import make_plan
     from pipeline.runner import build
+    from pipeline.verify import verify
 
     for i in range(2):
         writer.write(render(writer.demo_spec(i, seed=3 + i)), tmp_path / "data", writer.default_scene_id(i))
@@ -209,6 +214,7 @@ def test_a_build_reads_each_source_frame_once_per_scene(tmp_path, ray_local):
         },
         "stages": {"depth": tiny_vda(), "align": {"drop_on_qc": False}},
         "ray": {"num_cpus": 2},
+        "fault": {"worker_exit_on_clip": 1, "marker_dir": str(tmp_path / "marks")} if crash else {},
     }
     cfg = BuildConfig.model_validate(raw).resolved()
     plan = make_plan(cfg)
@@ -217,3 +223,7 @@ def test_a_build_reads_each_source_frame_once_per_scene(tmp_path, ray_local):
     s = build(cfg, show_progress=False)
     assert s.clips_failed == 0 and s.clips_written == len(plan.clips)
     assert s.stats["ingest.frames_read"] == distinct
+    assert (tmp_path / "marks" / "worker_exit_1").exists() == crash  # the crash really happened
+    out = tmp_path / "out"
+    keys = all_keys(out)
+    assert sorted(keys) == sorted(planned_ids(out)) and len(keys) == len(set(keys)) and verify(str(out)).ok
