@@ -43,6 +43,11 @@ def _print_summary(s) -> None:
         highlight=False,
     )
     st = getattr(s, "stats", {}) or {}
+    if st.get("ingest.frames_read", 0) < st.get("ingest.clip_frames", 0):  # a scene's clips read together
+        console.print(
+            f"  ingest: {st['ingest.frames_read']:g} frames read for {st['ingest.clip_frames']:g} clip frames",
+            highlight=False,
+        )
     if st.get("depth.passes"):
         console.print(
             f"  depth model: {st['depth.passes']:g} passes over {st.get('depth.source_frames', 0):g} source frames "

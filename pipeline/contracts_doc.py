@@ -50,7 +50,8 @@ default; `clip` runs them per clip):
   frame its clips share once (RealEstate10K's default clips share half their frames) and gives
   each clip exactly what reading it alone gives; if that read fails, each clip is read alone, so
   bad input still fails only the clips that use it. Other adapters (Stereo4D, whose tracks are
-  chosen per clip) read clip by clip. `ingest.frames_read` in a build's stats counts the frames read.
+  chosen per clip) read clip by clip. A build's stats count `ingest.frames_read` against
+  `ingest.clip_frames`, and its summary prints both where they differ.
   The depth actor and the MegaSaM task assemble the scene's sequence from the ingested clips:
   the sorted union of their source frames (`stages/scene/sequence.py`), i.e. the scene at the
   dataset's frame stride, **each source frame once**. Clips get their rows of the results.

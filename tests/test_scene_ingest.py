@@ -223,7 +223,24 @@ def test_a_build_reads_each_source_frame_once_per_scene(tmp_path, ray_local, cra
     s = build(cfg, show_progress=False)
     assert s.clips_failed == 0 and s.clips_written == len(plan.clips)
     assert s.stats["ingest.frames_read"] == distinct
+    assert s.stats["ingest.clip_frames"] == sum(len(c["frames"]) for c in plan.clips)
     assert (tmp_path / "marks" / "worker_exit_1").exists() == crash  # the crash really happened
     out = tmp_path / "out"
     keys = all_keys(out)
     assert sorted(keys) == sorted(planned_ids(out)) and len(keys) == len(set(keys)) and verify(str(out)).ok
+
+
+def test_the_build_summary_says_how_many_frames_were_read(capsys):
+    from types import SimpleNamespace
+
+    from pipeline.cli import _print_summary
+
+    s = SimpleNamespace(
+        output="out", clips_written=4, clips_failed=0, shards_done=2, shards_skipped=0, shards_failed=0,
+        shards_failed_transient=0, seconds=1.0, failures=[], stats={"ingest.frames_read": 40, "ingest.clip_frames": 64},
+    )  # fmt: skip
+    _print_summary(s)
+    assert "ingest: 40 frames read for 64 clip frames" in capsys.readouterr().err
+    s.stats = {"ingest.frames_read": 64, "ingest.clip_frames": 64}  # every clip read alone: nothing to say
+    _print_summary(s)
+    assert "frames read" not in capsys.readouterr().err

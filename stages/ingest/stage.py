@@ -45,16 +45,18 @@ def ingest_clip(spec: dict, scene: SceneRef, cfg: BuildConfig) -> Clip | ClipFai
     try:
         adapter = adapter_for(cfg, spec["dataset"])
         clip = adapter.load_clip(scene, list(spec["frames"]), _meta(spec, adapter, cfg))
-        return _count(_checked(clip, adapter, cfg), len(spec["frames"]))
+        return _count(_checked(clip, adapter, cfg), len(spec["frames"]), len(spec["frames"]))
     except Exception as exc:  # every failure is data about this clip, never a crash of the shard
-        return _count(ClipFailure.from_exception(spec["clip_id"], "ingest", exc), len(spec["frames"]))
+        n = len(spec["frames"])
+        return _count(ClipFailure.from_exception(spec["clip_id"], "ingest", exc), n, n)
 
 
 def ingest_scene(specs: list[dict], scene: SceneRef, cfg: BuildConfig) -> list[Clip | ClipFailure]:
     """The clips of one scene pass, read together (``DatasetAdapter.load_clips``: each frame the
     clips share is read once where the adapter can cut clips from their union), then checked one
     by one exactly as :func:`ingest_clip` checks a clip; one result per spec, in order.
-    ``ingest.frames_read`` (the frames read for them all) is counted on the first result."""
+    ``ingest.frames_read`` (the frames read for them all) and ``ingest.clip_frames`` are counted
+    on the first result."""
     for spec in specs:
         _maybe_inject_fault(spec, cfg)
     try:
@@ -72,7 +74,7 @@ def ingest_scene(specs: list[dict], scene: SceneRef, cfg: BuildConfig) -> list[C
         except Exception as exc:  # this clip's failure only
             out.append(ClipFailure.from_exception(spec["clip_id"], "ingest", exc))
     if out:
-        _count(out[0], read.frames_read)
+        _count(out[0], read.frames_read, sum(len(spec["frames"]) for spec in specs))
     return out
 
 
@@ -104,9 +106,10 @@ def _checked(clip: Clip, adapter: DatasetAdapter, cfg: BuildConfig) -> Clip:
     return clip.validate()
 
 
-def _count(item: Clip | ClipFailure, frames_read: int) -> Clip | ClipFailure:
-    """``ingest.frames_read``: how many frames the adapter read (decoded) for the clip(s)."""
-    add_stats(item, {"ingest.frames_read": frames_read})
+def _count(item: Clip | ClipFailure, frames_read: int, clip_frames: int) -> Clip | ClipFailure:
+    """``ingest.frames_read``: the frames the adapter read (decoded) for the clip(s);
+    ``ingest.clip_frames``: the frames of those clips (more where clips share frames)."""
+    add_stats(item, {"ingest.frames_read": frames_read, "ingest.clip_frames": clip_frames})
     return item
 
 
