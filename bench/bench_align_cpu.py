@@ -79,18 +79,29 @@ def scene_clips(a):
     return clips, cfg, megasam_pass(clips, key, cfg)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def scene_args(doc: str, repeat: int) -> argparse.ArgumentParser:
+    """The options of the benches on this scene (its work folder, size, and repeats)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--work", required=True, type=Path)
     ap.add_argument("--frames", type=int, default=175)
     ap.add_argument("--height", type=int, default=360)
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--cpus", type=int, default=os.cpu_count())
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--profile", action="store_true", help="print the 25 costliest functions of one run")
+    ap.add_argument("--repeat", type=int, default=repeat)
+    return ap
+
+
+def parsed(ap: argparse.ArgumentParser, argv) -> argparse.Namespace:
     a = ap.parse_args(argv)
     a.work = a.work.resolve()
     a.work.mkdir(parents=True, exist_ok=True)
+    return a
+
+
+def main(argv=None) -> int:
+    ap = scene_args(__doc__, repeat=3)
+    ap.add_argument("--profile", action="store_true", help="print the 25 costliest functions of one run")
+    a = parsed(ap, argv)
     import copy
 
     from pipeline.clip import Clip

@@ -12,9 +12,7 @@ both in turn, single-threaded, ``--repeat`` times each (alternating; min and med
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -24,20 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv=None) -> int:
-    from bench_align_cpu import scene_setup
+    from bench_align_cpu import parsed, scene_args, scene_setup
 
     from stages.ingest.stage import ingest_clip, ingest_scene
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", required=True, type=Path)
-    ap.add_argument("--frames", type=int, default=175)
-    ap.add_argument("--height", type=int, default=360)
-    ap.add_argument("--width", type=int, default=640)
-    ap.add_argument("--cpus", type=int, default=os.cpu_count())
-    ap.add_argument("--repeat", type=int, default=12)
-    a = ap.parse_args(argv)
-    a.work = a.work.resolve()
-    a.work.mkdir(parents=True, exist_ok=True)
+    a = parsed(scene_args(__doc__, repeat=12), argv)
     _, cfg, specs, scene = scene_setup(a)
     alone = [ingest_clip(s, scene, cfg) for s in specs]  # also warms the page cache and the adapter
     together = ingest_scene(specs, scene, cfg)
