@@ -198,7 +198,7 @@ class FaultConfig(_Strict):
     marker_dir: str | None = Field(None, description="where 'already crashed' markers live (default OUT/.faults)")
     trace_dir: str | None = Field(
         None,
-        description="every ingest attempt leaves an empty file `<clip ordinal>.<Ray node id>.<pid>` here (which node ran which clip), every model actor `actors/<stage>.<Ray node id>.<pid>` and its start-up (started, model built, ready: wall-clock seconds) in `startup/<stage>.<pid>`, and, per call, the wall-clock start and end of its hold on the model in `holds/<stage>.<pid>`",
+        description="every ingest attempt leaves an empty file `<clip ordinal>.<Ray node id>.<pid>` here (which node ran which clip), every model actor `actors/<stage>.<Ray node id>.<pid>` and its start-up (started, model built, ready: wall-clock seconds) in `startup/<stage>.<pid>`, per call, the wall-clock start and end of its hold on the model in `holds/<stage>.<pid>`, and, per stage task or model call, `start end clip_id...` of its body in `tasks/<stage>.<pid>`",
     )
     ingest_delay_s: float = Field(
         0.0,

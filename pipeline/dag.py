@@ -10,9 +10,15 @@ Shape of the work, per shard of N clips in S scene passes (S = N with
         -> tracks (1 model-actor call, or N CPU tasks) -> write (1 CPU task)
 
 Every stage call returns one object ref per clip (``num_returns``) and receives the previous
-refs wrapped in a list, so it resolves them one by one: a clip whose worker died even after
-Ray's retries becomes a :class:`ClipFailure` instead of failing the shard. Stages whose data a
-dataset already has (e.g. ground-truth depth) are not called at all for its shards.
+stage's refs as task arguments, so Ray starts it once they exist, on a node that holds them. (A
+task handed refs inside a list started at once and waited in ``ray.get``, holding a worker
+process while Ray started more for the work meanwhile: 44 at once on a 16-CPU GPU node, 14 on the
+2-CPU demo; bench/RESULTS.md.) A stage's failure on a clip is a :class:`ClipFailure` value that
+flows on to the write task (``_or_failures`` catches what escapes a stage); only a worker or node
+lost even after Ray's retries is an error, which reaches the write task and fails the shard
+transiently, as a clip failed transiently does (the shard is run again, then left for resume).
+Stages whose data a dataset already has (e.g. ground-truth depth) are not called at all for its
+shards.
 
 Memory is bounded by ``max_inflight_shards``: the driver submits a new shard pipeline only
 when one finishes, so at most that many shards' clips exist in the object store.
@@ -85,14 +91,24 @@ def _joined_cluster(cfg: BuildConfig) -> bool:
 # Stage tasks (module-level so Ray can ship them)
 
 
-def _resolve(refs: list, stage: str, clip_ids: list[str]) -> list[Clip | ClipFailure]:
-    out = []
-    for ref, cid in zip(refs, clip_ids):
-        try:
-            out.append(ray.get(ref))
-        except Exception as exc:  # worker or node lost after Ray's retries (transient), or a bug (permanent)
-            out.append(ClipFailure(cid, stage, f"worker failed: {describe(exc, 300)}", transient=is_transient(exc)))
-    return out
+def _or_failures(stage: str, clip_ids: list[str], work):
+    """``work()``, or, when it raises, one :class:`ClipFailure` per clip (a list). The stages turn
+    their own failures into clip failures; this is the backstop for what escapes them (a bug): an
+    exception out of a task would fail every task after it and so the whole shard."""
+    try:
+        return work()
+    except Exception as exc:  # noqa: BLE001 - the clips' failure, with the reason
+        return [ClipFailure(cid, stage, describe(exc, 300), transient=is_transient(exc)) for cid in clip_ids]
+
+
+def _trace_task(cfg: BuildConfig, stage: str, clip_ids: list[str], started: float) -> None:
+    """Test hook (``fault.trace_dir``): when a task body of ``stage`` on these clips began and ended,
+    appended as ``start end clip_id...`` to ``tasks/<stage>.<pid>``."""
+    if cfg.fault.trace_dir:
+        where = os.path.join(cfg.fault.trace_dir, "tasks")
+        os.makedirs(where, exist_ok=True)
+        with open(os.path.join(where, f"{stage}.{os.getpid()}"), "a") as f:
+            f.write(f"{started:.6f} {time.time():.6f} {' '.join(clip_ids)}\n")
 
 
 def _timed(clip, stage: str, t0: float, share: int = 1):
@@ -108,7 +124,9 @@ def ingest_task(spec: dict, scene, cfg: BuildConfig):
     from stages.ingest.stage import ingest_clip
 
     t0 = time.time()
-    return _timed(ingest_clip(spec, scene, cfg), "ingest", t0)
+    (out,) = _or_failures("ingest", [spec["clip_id"]], lambda: [ingest_clip(spec, scene, cfg)])
+    _trace_task(cfg, "ingest", [spec["clip_id"]], t0)
+    return _timed(out, "ingest", t0)
 
 
 @ray.remote
@@ -117,7 +135,9 @@ def ingest_scene_task(specs: list[dict], scene, cfg: BuildConfig):
     from stages.ingest.stage import ingest_scene
 
     t0 = time.time()
-    out = ingest_scene(specs, scene, cfg)
+    ids = [s["clip_id"] for s in specs]
+    out = _or_failures("ingest", ids, lambda: ingest_scene(specs, scene, cfg))
+    _trace_task(cfg, "ingest", ids, t0)
     return _returns([_timed(c, "ingest", t0, len(out)) for c in out])
 
 
@@ -126,60 +146,66 @@ def _returns(out: list):
 
 
 @ray.remote
-def megasam_task(refs: list, key: str, clip_ids: list[str], cfg: BuildConfig):
+def megasam_task(key: str, clip_ids: list[str], cfg: BuildConfig, *clips):
     """MegaSaM for one scene pass, on the GPU Ray reserved for it (stages/align/megasam_stage.py)."""
-    from stages.align.megasam_stage import megasam_pass
+    from stages.align.megasam_stage import PassFailure, megasam_pass
 
-    clips = _resolve(refs, "megasam", clip_ids)
-    return megasam_pass(clips, key, cfg, gpu_ids=ray.get_gpu_ids())
+    t0 = time.time()
+    try:
+        out = megasam_pass(list(clips), key, cfg, gpu_ids=ray.get_gpu_ids())
+    except Exception as exc:  # noqa: BLE001 - the pass's failure, its clips fail with it in align
+        out = PassFailure("megasam", describe(exc, 300), transient=is_transient(exc))
+    _trace_task(cfg, "megasam", clip_ids, t0)
+    return out
 
 
 @ray.remote
-def align_task(refs: list, clip_ids: list[str], megasam_refs: list, cfg: BuildConfig):
-    """One metric alignment over a pass's clips (a scene, or one clip); one return per clip."""
-    from stages.align.megasam_stage import PassFailure
+def align_task(clip_ids: list[str], megasam, cfg: BuildConfig, *clips):
+    """One metric alignment over a pass's clips (a scene, or one clip); one return per clip.
+    ``megasam``: the pass's MegaSaM result (or its failure), None where the route has none."""
     from stages.align.stage import align
 
-    clips = _resolve(refs, "align", clip_ids)
-    megasam = None
-    if megasam_refs:
-        try:
-            megasam = ray.get(megasam_refs[0])
-        except Exception as exc:  # the MegaSaM task's worker or node died even after retries
-            megasam = PassFailure("megasam", f"worker failed: {describe(exc, 300)}", transient=is_transient(exc))
     t0 = time.time()
-    out = align(clips, cfg, megasam)
+    out = _or_failures("align", clip_ids, lambda: align(list(clips), cfg, megasam))
     per = (time.time() - t0) / max(1, len(out))
     for c in out:
         if isinstance(c, Clip):
             c.aux.setdefault("timings", {})["align"] = c.aux.get("timings", {}).get("align", 0.0) + per
+    _trace_task(cfg, "align", clip_ids, t0)
     return _returns(out)
 
 
 @ray.remote
-def static_tracks_task(refs: list, clip_id: str, cfg: BuildConfig):
+def static_tracks_task(clip, clip_id: str, cfg: BuildConfig):
     from stages.tracks.stage import tracks_from_depth
 
-    (clip,) = _resolve(refs, "tracks", [clip_id])
     t0 = time.time()
-    return _timed(tracks_from_depth(clip, cfg), "tracks", t0)
+    (out,) = _or_failures("tracks", [clip_id], lambda: [tracks_from_depth(clip, cfg)])
+    _trace_task(cfg, "tracks", [clip_id], t0)
+    return _timed(out, "tracks", t0)
 
 
 @ray.remote
-def encode_task(refs: list, clip_id: str, cfg: BuildConfig):
+def encode_task(clip, clip_id: str, cfg: BuildConfig):
     """One clip's sample bytes, encoded as soon as the clip is done (stages/encode.py)."""
     from stages.encode import encode_for_shard
 
-    (clip,) = _resolve(refs, "encode", [clip_id])
-    return encode_for_shard(clip, cfg.jpeg_quality, cfg.depth_png_level)
+    t0 = time.time()
+    (out,) = _or_failures("encode", [clip_id], lambda: [encode_for_shard(clip, cfg.jpeg_quality, cfg.depth_png_level)])
+    _trace_task(cfg, "encode", [clip_id], t0)
+    return out
 
 
 @ray.remote
-def write_task(shard: dict, clip_ids: list[str], refs: list, cfg: BuildConfig) -> dict:
+def write_task(shard: dict, clip_ids: list[str], cfg: BuildConfig, *clips) -> dict:
+    """The shard's tar from its clips' encoded samples; a storage error fails the shard."""
     from stages.write import write_shard
 
-    clips = _resolve(refs, "write", clip_ids)
-    return write_shard(shard, clips, cfg)
+    t0 = time.time()
+    try:
+        return write_shard(shard, list(clips), cfg)
+    finally:
+        _trace_task(cfg, "write", clip_ids, t0)
 
 
 class _ModelClock:
@@ -260,13 +286,14 @@ class _ModelActor:
             with open(os.path.join(where, f"{stage}.{os.getpid()}"), "a") as f:
                 f.write(f"{started:.6f} {built:.6f} {time.time():.6f}\n")
 
-    def process(self, refs: list, clip_ids: list[str], hang: bool = False):
-        clips = _resolve(refs, self.stage, clip_ids)
+    def process(self, clip_ids: list[str], hang: bool, *clips):
+        """One shard's clips through the model; Ray calls it once they all exist (task arguments)."""
+        started = time.time()
         if hang:
             _hang_once(self.cfg, self.stage)
         held = _TimedLock(self.lock, self.clock)
         t0 = time.time()
-        out = self.impl.process(clips, model_lock=held)
+        out = _or_failures(self.stage, clip_ids, lambda: self.impl.process(list(clips), model_lock=held))
         if out and held.holds:  # summed per shard like the stage's own counters
             add_stats(out[0], {f"{self.stage}.model_idle_s": held.idle})
         per = (time.time() - t0 - held.waited) / max(1, len(out))
@@ -278,6 +305,7 @@ class _ModelActor:
         for c in out:
             if isinstance(c, Clip):
                 c.aux.setdefault("timings", {})[self.stage] = per
+        _trace_task(self.cfg, self.stage, clip_ids, started)
         return _returns(out)
 
 
@@ -565,7 +593,7 @@ class ShardDAG:
             if "megasam" in steps:
                 for key, idx in passes.items():
                     megasam[key] = megasam_task.options(**self._megasam_options()).remote(
-                        [refs[i] for i in idx], key, [ids[i] for i in idx], cfg
+                        key, [ids[i] for i in idx], cfg, *[refs[i] for i in idx]
                     )
                     rec.tasks.append(megasam[key])
             frames = _model_frames(clips, steps["depth"].granularity)
@@ -573,7 +601,7 @@ class ShardDAG:
             aligned = list(refs)
             for key, idx in passes.items():
                 out = align_task.options(max_retries=retries, num_returns=len(idx)).remote(
-                    [refs[i] for i in idx], [ids[i] for i in idx], [megasam[key]] if key in megasam else [], cfg
+                    [ids[i] for i in idx], megasam.get(key), cfg, *[refs[i] for i in idx]
                 )
                 out = [out] if len(idx) == 1 else list(out)
                 rec.tasks += out
@@ -583,11 +611,11 @@ class ShardDAG:
         if clips and dataset in self.needs_track_model:
             refs = self._model_call("tracks", refs, ids, rec, _model_frames(clips, "clip"))
         elif clips and dataset in self.needs_static_tracks:
-            refs = [static_tracks_task.options(max_retries=retries).remote([r], cid, cfg) for r, cid in zip(refs, ids)]
+            refs = [static_tracks_task.options(max_retries=retries).remote(r, cid, cfg) for r, cid in zip(refs, ids)]
             rec.tasks += refs
-        refs = [encode_task.options(max_retries=retries).remote([r], cid, cfg) for r, cid in zip(refs, ids)]
+        refs = [encode_task.options(max_retries=retries).remote(r, cid, cfg) for r, cid in zip(refs, ids)]
         rec.tasks += refs
-        rec.tasks.append(write_task.options(max_retries=retries).remote(shard, ids, refs, cfg))
+        rec.tasks.append(write_task.options(max_retries=retries).remote(shard, ids, cfg, *refs))
         return rec
 
     def _ingest(self, clips: list[dict], granularity: str) -> list:
@@ -616,7 +644,7 @@ class ShardDAG:
         self, stage: str, refs: list, ids: list[str], rec: _Inflight, frames: int, hang: bool = False
     ) -> list:
         i, actor = self._actor(stage)
-        out = actor.process.options(num_returns=len(refs)).remote(refs, ids, hang)
+        out = actor.process.options(num_returns=len(refs)).remote(ids, hang, *refs)
         out = [out] if len(refs) == 1 else list(out)
         self.loads[stage].add(i, out[0], frames)
         rec.actor_calls.append((stage, actor, out))

@@ -54,9 +54,11 @@ def cluster():
 
 
 def _warm_workers(cluster) -> None:
-    """Start a worker process on every worker node before a build. A node's first worker takes
-    seconds to start on a loaded 2-core machine, and a build of a few seconds could otherwise run
-    every clip on the node whose worker came up first (the spread below would then be luck)."""
+    """Start a worker process on every worker node, with the stages' modules imported, before a
+    build. A node's first worker takes seconds to start on a loaded 2-core machine and its first
+    task seconds more to import the stages (torch among them: 3-4 s here); a build of a few seconds
+    could otherwise run nearly every clip on the node that was ready first (CI once: 15 clips to 1),
+    and the spread below would be luck."""
     import os
 
     import ray
@@ -64,6 +66,13 @@ def _warm_workers(cluster) -> None:
 
     @ray.remote(num_cpus=1)
     def pid() -> int:
+        import stages.align.megasam_stage  # noqa: F401  the modules the build's tasks import
+        import stages.align.stage  # noqa: F401
+        import stages.encode  # noqa: F401
+        import stages.ingest.stage  # noqa: F401
+        import stages.tracks.stage  # noqa: F401
+        import stages.write  # noqa: F401
+
         return os.getpid()
 
     ray.get(
@@ -96,9 +105,9 @@ def _config(tmp: Path, data: Path, name: str, cluster, shard_size: int = 2, **fa
 
 
 def _traces(trace_dir: Path) -> list[tuple[int, str, float]]:
-    """(clip ordinal, node id, file time) per ingest attempt."""
+    """(clip ordinal, node id, file time) per ingest attempt (the files; folders hold other traces)."""
     out = []
-    for p in trace_dir.iterdir():
+    for p in (p for p in trace_dir.iterdir() if p.is_file()):
         ordinal, node, _pid = p.name.split(".")
         out.append((int(ordinal), node, p.stat().st_mtime))
     return out

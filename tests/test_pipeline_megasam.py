@@ -19,6 +19,7 @@ import tarfile
 import numpy as np
 import pytest
 from conftest import tiny_vda
+from test_task_dependencies import early_starts, task_spans
 
 from pipeline.config import BuildConfig
 from pipeline.demo.megasam_stand_in import command_template, save_truth
@@ -100,6 +101,11 @@ def test_megasam_scene_passes_end_to_end(re10k, ray_local):
     cfg.fault.trace_dir = str(base / "trace")
     s = build(cfg, show_progress=False)
     assert s.shards_failed == 0  # a MegaSaM failure fails clips, never the run
+    # every stage (depth actor, MegaSaM, align, encode, write) began once its inputs existed
+    assert {"ingest", "depth", "megasam", "align", "encode", "write"} <= {
+        st for v in task_spans(base / "trace").values() for st in v
+    }
+    assert early_starts(base / "trace") == []
     # the depth actor's holds on its model, as wall-clock intervals (the scene bench's GPU steady state)
     [holds] = list((base / "trace" / "holds").iterdir())
     spans = sorted(tuple(map(float, line.split())) for line in holds.read_text().splitlines())
