@@ -46,11 +46,12 @@ default; `clip` runs them per clip):
   runs in exactly one shard pipeline, and `resume`, which redoes whole shards, redoes only its
   own scenes. Shard bytes stay deterministic: a scene's results depend only on its frames.
 * **A scene's clips are read together** where the adapter can cut clips from one read of their
-  frames (`DatasetAdapter.union_extras`; RealEstate10K): one ingest task per scene reads each
-  frame its clips share once (RealEstate10K's default clips share half their frames) and gives
-  each clip exactly what reading it alone gives; if that read fails, each clip is read alone, so
-  bad input still fails only the clips that use it. Other adapters (Stereo4D, whose tracks are
-  chosen per clip) read clip by clip. A build's stats count `ingest.frames_read` against
+  frames (`DatasetAdapter.reads_scene_union`; RealEstate10K, Stereo4D): one ingest task per scene
+  reads each frame its clips share once (RealEstate10K's default clips share half their frames,
+  Stereo4D's 9 of 49, decoded and, from a raw VR180 video, rectified once) and gives each clip
+  exactly what reading it alone gives (Stereo4D: its tracks chosen for its own frames); if that
+  read fails, each clip is read alone, so bad input still fails only the clips that use it. Other
+  adapters read clip by clip. A build's stats count `ingest.frames_read` against
   `ingest.clip_frames`, and its summary prints both where they differ.
   The depth actor and the MegaSaM task assemble the scene's sequence from the ingested clips:
   the sorted union of their source frames (`stages/scene/sequence.py`), i.e. the scene at the

@@ -13,7 +13,8 @@ Every stage call returns one object ref per clip (``num_returns``) and receives 
 stage's refs as task arguments, so Ray starts it once they exist, on a node that holds them. (A
 task handed refs inside a list started at once and waited in ``ray.get``, holding a worker
 process while Ray started more for the work meanwhile: 44 at once on a 16-CPU GPU node, 14 on the
-2-CPU demo; bench/RESULTS.md.) A stage's failure on a clip is a :class:`ClipFailure` value that
+2-CPU demo; bench/RESULTS.md. A waiting task keeps its GPUs: MegaSaM held one while its scene was
+still being read.) A stage's failure on a clip is a :class:`ClipFailure` value that
 flows on to the write task (``_or_failures`` catches what escapes a stage); only a worker or node
 lost even after Ray's retries is an error, which reaches the write task and fails the shard
 transiently, as a clip failed transiently does (the shard is run again, then left for resume).

@@ -20,7 +20,7 @@ write         always                                 shard        CPU task
 
 .. [*] ``stages.scene.granularity: clip`` runs them once per clip instead (the older path).
 .. [+] scene where the depth model runs per scene and the dataset's adapter cuts a scene's clips
-   from one read of their frames (``DatasetAdapter.union_extras``: RealEstate10K): one task reads
+   from one read of their frames (``DatasetAdapter.reads_scene_union``: RealEstate10K, Stereo4D): one task reads
    the scene's clips, each shared frame once; others read clip by clip, in parallel.
 """
 
@@ -92,7 +92,7 @@ def route(cfg: "BuildConfig", dataset: str) -> tuple[StageStep, ...]:
 def _ingest_granularity(dataset: str, model_gran: Granularity) -> Granularity:
     from stages.ingest import adapter_class
 
-    return "scene" if model_gran == "scene" and adapter_class(dataset).union_extras is not None else "clip"
+    return "scene" if model_gran == "scene" and adapter_class(dataset).reads_scene_union() else "clip"
 
 
 def stage_names(cfg: "BuildConfig", dataset: str) -> list[str]:

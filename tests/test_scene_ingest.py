@@ -105,12 +105,13 @@ def test_a_bad_frame_fails_only_the_clips_that_use_it(rendered, tmp_path):
     _same(first, adapter.load_clip(scene, CLIPS[0], _meta(scene.scene, CLIPS[0], 0)))
 
 
-def test_an_adapter_without_union_extras_reads_clip_by_clip(rendered, tmp_path):
-    """Adapters whose clips carry per-clip selections (Stereo4D's tracks) read each clip alone;
-    frames_read then counts every clip's frames. So does a single clip."""
+def test_an_adapter_without_union_extras_reads_clip_by_clip(rendered, tmp_path, monkeypatch):
+    """An adapter that declares no per-frame extras (and cuts no clips itself) reads each clip
+    alone; frames_read then counts every clip's frames. So does a single clip."""
     writer.write(rendered, tmp_path, SCENE)
     adapter, scene = _adapter_scene(tmp_path)
-    adapter.union_extras = None
+    monkeypatch.setattr(type(adapter), "union_extras", None)  # a class's capability
+    assert not adapter.reads_scene_union()
     read = adapter.load_clips(scene, CLIPS, [_meta(scene.scene, f, i) for i, f in enumerate(CLIPS)])
     assert read.frames_read == sum(len(f) for f in CLIPS)
     for got, f, i in zip(read.clips, CLIPS, range(3)):

@@ -82,6 +82,15 @@ class ClipsRead:
     frames_read: int
 
 
+def union_index(pos: list[int]) -> slice | np.ndarray:
+    """Index of a clip's frames in its scene's union read: a slice where they are a run of it (a
+    strided clip always is), so the clip's arrays are views, not a copy of its pixels (Ray stores
+    each returned clip's own bytes); else the positions."""
+    if pos == list(range(pos[0], pos[0] + len(pos))):
+        return slice(pos[0], pos[0] + len(pos))
+    return np.array(pos)
+
+
 class DatasetAdapter(ABC):
     name: ClassVar[str]
     version: ClassVar[str] = "1"
@@ -91,7 +100,8 @@ class DatasetAdapter(ABC):
     #: An adapter whose clips are the scene's per-frame arrays (frames, cameras, depth; nothing
     #: chosen per clip, such as Stereo4D's tracks) names here the ``meta.extra`` keys that hold one
     #: value per frame. :meth:`load_clips` then reads the union of a scene's clips once and cuts
-    #: each clip from it. None: every clip is read on its own.
+    #: each clip from it. None: every clip is read on its own, unless the adapter cuts its clips
+    #: itself (:meth:`reads_scene_union`, :meth:`read_union`, :meth:`cut_union`).
     union_extras: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(
@@ -127,20 +137,25 @@ class DatasetAdapter(ABC):
     def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
         """Read frames (positions in the scene's frame list) into a validated Clip."""
 
+    @classmethod
+    def reads_scene_union(cls) -> bool:
+        """Whether :meth:`load_clips` reads a scene's clips from one read of their frames' union
+        (the build then ingests a scene pass's clips in one task)."""
+        return cls.union_extras is not None
+
     def load_clips(self, scene: SceneRef, frame_lists: list[list[int]], metas: list[ClipMeta]) -> ClipsRead:
-        """Several clips of one scene (a scene pass's): with ``union_extras`` declared, the union of
-        their frames is read once (overlapping clips share half their frames) and each clip cut from
-        it, the same arrays and meta as :meth:`load_clip` gives it alone; should the union fail, each
-        clip is read alone, so a bad frame fails only the clips that use it, each with its reason."""
-        if self.union_extras is not None and len(frame_lists) > 1:
+        """Several clips of one scene (a scene pass's): where :meth:`reads_scene_union`, the union
+        of their frames is read once (overlapping clips share frames) and each clip cut from it, the
+        same arrays and meta as :meth:`load_clip` gives it alone; should the union fail, each clip is
+        read alone, so a bad frame fails only the clips that use it, each with its reason."""
+        if self.reads_scene_union() and len(frame_lists) > 1:
             union = sorted(set().union(*map(set, frame_lists)))
-            scratch = dataclasses.replace(metas[0], frame_indices=union, extra={}, qc={})
             try:
-                whole = self.load_clip(scene, union, scratch)
+                whole = self.read_union(scene, union, metas[0])
             except Exception:  # noqa: BLE001 - found again, per clip, below
                 whole = None
             if whole is not None:
-                return ClipsRead(self._cut(whole, union, frame_lists, metas), len(union))
+                return ClipsRead(self.cut_union(whole, union, frame_lists, metas), len(union))
         out: list = []
         for frames, meta in zip(frame_lists, metas):
             try:
@@ -149,7 +164,13 @@ class DatasetAdapter(ABC):
                 out.append(exc)
         return ClipsRead(out, sum(len(f) for f in frame_lists))
 
-    def _cut(self, whole: Clip, union: list[int], frame_lists: list[list[int]], metas: list[ClipMeta]) -> list:
+    def read_union(self, scene: SceneRef, union: list[int], meta: ClipMeta):
+        """One read of the frames ``union`` (sorted), for :meth:`cut_union`; by default the clip of
+        those frames (:meth:`load_clip`), its per-frame extras named in ``union_extras``."""
+        return self.load_clip(scene, union, dataclasses.replace(meta, frame_indices=union, extra={}, qc={}))
+
+    def cut_union(self, whole, union: list[int], frame_lists: list[list[int]], metas: list[ClipMeta]) -> list:
+        """Each clip (or the exception that fails it) cut from :meth:`read_union`'s result."""
         if whole.tracks is not None or whole.aux:
             raise TypeError(f"{self.name}: clips with tracks or aux arrays are chosen per clip; unset union_extras")
         at = {f: i for i, f in enumerate(union)}
@@ -160,11 +181,7 @@ class DatasetAdapter(ABC):
                 meta.extra.setdefault(
                     key, [value[i] for i in pos] if key in self.union_extras else copy.deepcopy(value)
                 )
-            idx: slice | np.ndarray = np.array(pos)
-            if pos == list(range(pos[0], pos[0] + len(pos))):
-                # a run of the union (a strided clip always is): views, not a copy of its pixels;
-                # Ray stores each returned clip's own bytes
-                idx = slice(pos[0], pos[0] + len(pos))
+            idx = union_index(pos)
             part = Clip(meta=meta, rgb=whole.rgb[idx], intrinsics=whole.intrinsics[idx], c2w=whole.c2w[idx])
             if whole.depth is not None:
                 part.depth, part.depth_valid = whole.depth[idx], whole.depth_valid[idx]

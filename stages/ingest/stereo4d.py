@@ -44,7 +44,14 @@ from pydantic import Field, field_validator
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import (
+    AdapterDefaults,
+    AdapterOptions,
+    Capabilities,
+    DatasetAdapter,
+    SceneRef,
+    union_index,
+)
 
 HFOV_DEG = 60.0  # rectify.py NewCropFlags.output_hfov / --output_hfov default
 VIDEO_SUFFIX = "-left_rectified.mp4"
@@ -346,17 +353,44 @@ class Stereo4DAdapter(DatasetAdapter):
 
     # -- clip ----------------------------------------------------------------------------------
     def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
+        ann, rgb, k, source = self.read_union(scene, frames, meta)
+        return self._clip(ann, frames, rgb, k, source, meta)
+
+    @classmethod
+    def reads_scene_union(cls) -> bool:
+        """A scene's clips overlap (by 9 of 49 frames at the defaults): their frames are decoded
+        (and, from the raw VR180 video, rectified) once; each clip's tracks are then chosen from the
+        scene's annotations for its own frames, as when it is read alone."""
+        return True
+
+    def read_union(self, scene: SceneRef, union: list[int], meta: ClipMeta):
+        """(annotations, rgb, intrinsics, source) of the frames ``union``."""
         if scene.extra == ("unreadable",):
             self.read_annotations(scene)  # raises with the reason
-        self.frame_window(scene, frames)
+        self.frame_window(scene, union)
         ann = self.read_annotations(scene)
-        t = scene.num_frames
-        rgb, k, source = self._frames(scene, ann, frames)
+        return (ann, *self._frames(scene, ann, union))
+
+    def cut_union(self, whole, union: list[int], frame_lists: list[list[int]], metas: list[ClipMeta]) -> list:
+        ann, rgb, k, source = whole
+        at = {f: i for i, f in enumerate(union)}
+        out: list = []
+        for frames, meta in zip(frame_lists, metas):
+            idx = union_index([at[f] for f in frames])
+            try:
+                out.append(self._clip(ann, list(frames), rgb[idx], k[idx], source, meta))
+            except Exception as exc:  # noqa: BLE001 - this clip's failure, as data
+                out.append(exc)
+        return out
+
+    def _clip(self, ann: dict, frames: list[int], rgb: np.ndarray, k: np.ndarray, source: str, meta: ClipMeta) -> Clip:
+        """The clip of these scene frames from their decoded views: cameras, and the tracks of the
+        scene's annotations that are seen in them."""
         meta.extra.setdefault("frames_from", source)
         c2w = ann["c2w"][frames]
 
         # Tracks of the clip's frames: column j of the clip is scene frame frames[j].
-        col = np.full(t, -1, dtype=np.int64)
+        col = np.full(len(ann["timestamps"]), -1, dtype=np.int64)
         col[np.asarray(frames)] = np.arange(len(frames))
         sel = col[ann["track_frames"]] >= 0
         rows, cols, xyz = ann["track_rows"][sel], col[ann["track_frames"][sel]], ann["track_xyz"][sel]
