@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_adapter_stereo4d import EYE, RAW_OPTIONS
+from test_adapter_stereo4d import EYE, RAW_OPTIONS, _meta
 
-from pipeline.clip import Clip, ClipError, ClipMeta
+from pipeline.clip import Clip, ClipError
 from pipeline.config import BuildConfig
 from pipeline.demo.render import render
 from pipeline.demo.writers import stereo4d as writer
@@ -39,19 +39,6 @@ def layout(request, tmp_path_factory, rendered):
     return request.param, root, ws.scene_id, RAW_OPTIONS if request.param == "raw" else None
 
 
-def _meta(scene: str, frames: list[int], i: int) -> ClipMeta:
-    return ClipMeta(
-        dataset="stereo4d",
-        scene=scene,
-        clip_id=f"c{i}",
-        frame_indices=list(frames),
-        dynamic=True,
-        real=True,
-        depth_source="none",
-        track_source="gt",
-    )
-
-
 def _adapter_scene(root, scene_id, options):
     adapter = get_adapter("stereo4d", str(root), options)
     (scene,) = [s for s in adapter.discover() if s.scene == scene_id]
@@ -70,8 +57,8 @@ def _same(a: Clip, b: Clip) -> None:
 def test_clips_read_together_are_the_clips_read_alone(layout, clips):
     _, root, scene_id, options = layout
     adapter, scene = _adapter_scene(root, scene_id, options)
-    alone = [adapter.load_clip(scene, f, _meta(scene.scene, f, i)) for i, f in enumerate(clips)]
-    read = adapter.load_clips(scene, clips, [_meta(scene.scene, f, i) for i, f in enumerate(clips)])
+    alone = [adapter.load_clip(scene, f, _meta(scene.scene, f)) for f in clips]
+    read = adapter.load_clips(scene, clips, [_meta(scene.scene, f) for f in clips])
     assert read.frames_read == len(set().union(*clips))
     for got, want in zip(read.clips, alone):
         assert isinstance(got, Clip)
@@ -90,7 +77,7 @@ def test_the_video_is_decoded_once_for_the_union(layout, monkeypatch):
     real = video.read_video
     monkeypatch.setattr(video, "read_video", lambda *a, **kw: asked.append(list(kw["frames"])) or real(*a, **kw))
     adapter, scene = _adapter_scene(root, scene_id, options)
-    adapter.load_clips(scene, CLIPS, [_meta(scene.scene, f, i) for i, f in enumerate(CLIPS)])
+    adapter.load_clips(scene, CLIPS, [_meta(scene.scene, f) for f in CLIPS])
     assert asked == [sorted(set().union(*CLIPS))]
 
 
@@ -101,9 +88,9 @@ def test_a_clip_past_the_scene_fails_alone(layout):
     adapter, scene = _adapter_scene(root, scene_id, options)
     past = [scene.num_frames - 2, scene.num_frames - 1, scene.num_frames]
     clips = [CLIPS[0], past]
-    read = adapter.load_clips(scene, clips, [_meta(scene.scene, f, i) for i, f in enumerate(clips)])
+    read = adapter.load_clips(scene, clips, [_meta(scene.scene, f) for f in clips])
     first, second = read.clips
-    _same(first, adapter.load_clip(scene, CLIPS[0], _meta(scene.scene, CLIPS[0], 0)))
+    _same(first, adapter.load_clip(scene, CLIPS[0], _meta(scene.scene, CLIPS[0])))
     assert isinstance(second, ClipError) and str(scene.num_frames) in str(second)
 
 
