@@ -673,7 +673,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def _num_frames(raw: dict) -> int:
-    return int(np.load(io.BytesIO(raw["intrinsics.npy"])).shape[0])
+    return int(np.load(io.BytesIO(raw["intrinsics.npy"]), allow_pickle=False).shape[0])
 
 
 def make_loader(

@@ -165,8 +165,9 @@ class DatasetAdapter(ABC):
         return ClipsRead(out, sum(len(f) for f in frame_lists))
 
     def read_union(self, scene: SceneRef, union: list[int], meta: ClipMeta):
-        """One read of the frames ``union`` (sorted), for :meth:`cut_union`; by default the clip of
-        those frames (:meth:`load_clip`), its per-frame extras named in ``union_extras``."""
+        """One read of the frames ``union``, in the order given (the scene pass gives them sorted;
+        an adapter's own ``load_clip`` may give a clip's order), for :meth:`cut_union`; by default
+        the clip of those frames (:meth:`load_clip`), its per-frame extras named in ``union_extras``."""
         return self.load_clip(scene, union, dataclasses.replace(meta, frame_indices=union, extra={}, qc={}))
 
     def cut_union(self, whole, union: list[int], frame_lists: list[list[int]], metas: list[ClipMeta]) -> list:

@@ -135,15 +135,15 @@ def run_parity(fixture_dir: str | Path, salt: str = "", cases: list[str] | None 
     for name in wanted:
         t0 = time.perf_counter()
         if name == "caseA":
-            x = torch.from_numpy(np.load(fixture_dir / "caseA.input.npy"))
-            ref = np.load(fixture_dir / "caseA.vits.output.npy")
+            x = torch.from_numpy(np.load(fixture_dir / "caseA.input.npy", allow_pickle=False))
+            ref = np.load(fixture_dir / "caseA.vits.output.npy", allow_pickle=False)
             with torch.inference_mode():
                 ours = model(False)(x).numpy()
             where = lambda at: f"window {int(at[0])}, frame {int(at[1])}, y {int(at[2])}, x {int(at[3])}"  # noqa: E731
         else:
             metric = name == "caseB_metric"
-            frames = np.load(fixture_dir / "caseB.frames.npy")
-            ref = np.load(fixture_dir / f"caseB.{'metric_vits' if metric else 'vits'}.depth.npy")
+            frames = np.load(fixture_dir / "caseB.frames.npy", allow_pickle=False)
+            ref = np.load(fixture_dir / f"caseB.{'metric_vits' if metric else 'vits'}.depth.npy", allow_pickle=False)
             ours = infer_video_depth(
                 model(metric), frames, CASEB_INPUT_SIZE, windows_per_batch=num_windows(len(frames)), device="cpu"
             )

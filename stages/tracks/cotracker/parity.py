@@ -156,7 +156,7 @@ def run_parity(fixture_dir: str | Path, salt: str = "", cases: list[str] | None 
     from .predictor import OfflinePredictor, OnlinePredictor, resize_video
 
     def load(name):
-        return np.load(fixture_dir / f"{name}.npy")
+        return np.load(fixture_dir / f"{name}.npy", allow_pickle=False)
 
     video = torch.from_numpy(load("video")).float().permute(0, 3, 1, 2)[None]  # 1 T 3 H W
     out: list[ParityCase] = []
