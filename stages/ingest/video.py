@@ -110,6 +110,11 @@ def write_mp4(
     back only approximately. ``fps`` may be a Fraction (30000/1001 for NTSC video); ``gop`` sets
     the keyframe interval; ``frame_times_s`` gives each frame its own presentation time (to
     make variable-frame-rate fixtures).
+
+    Each frame is converted to yuv420p here, by a converter of its own: left to the encoder's
+    cached converter (PyAV's), the same frames gave different files (up to 8 in 60 encodes of a
+    demo scene; decoded frames up to 33 levels apart), and the demo's shards must be the same bytes
+    in every build.
     """
     av = _av()
     frames = np.asarray(frames)
@@ -132,7 +137,7 @@ def write_mp4(
         tb = Fraction(1, 90000) if frame_times_s is not None else 1 / rate
         stream.codec_context.time_base = tb
         for i in range(t):
-            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24").reformat(format="yuv420p")
             frame.pts = round(Fraction(frame_times_s[i]) / tb) if frame_times_s is not None else i
             frame.time_base = tb
             for packet in stream.encode(frame):
