@@ -108,7 +108,7 @@ def write(scene: RenderedScene, root: Path, scene_id: str | None = None) -> Writ
     ann = split_dir / f"frame_annotations_{split}.jgz"
     existing = json.loads(gzip.decompress(ann.read_bytes()).decode("utf-8")) if ann.exists() else []
     existing = [e for e in existing if not (e["sequence_name"] == seq and e.get("camera_name") == "left")]
-    ann.write_bytes(gzip.compress(json.dumps(existing + entries).encode("utf-8")))
+    ann.write_bytes(gzip.compress(json.dumps(existing + entries).encode("utf-8"), mtime=0))
     return WrittenScene(
         dataset="dynamic_replica",
         scene_id=scene_id,
