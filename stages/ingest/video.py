@@ -111,10 +111,11 @@ def write_mp4(
     the keyframe interval; ``frame_times_s`` gives each frame its own presentation time (to
     make variable-frame-rate fixtures).
 
-    Each frame is converted to yuv420p here, by a converter of its own: left to the encoder's
-    cached converter (PyAV's), the same frames gave different files (up to 8 in 60 encodes of a
-    demo scene; decoded frames up to 33 levels apart), and the demo's shards must be the same bytes
-    in every build.
+    The same frames give the same file (the demo renders its data under each output folder, and
+    two demo builds must be the same bytes): x264's MB-tree rate control is off. With it, frames of
+    64x64 or smaller came out in up to eight different files from the same frames, changing with
+    what else the process had allocated (decoded frames up to 33 levels apart); 80x80 and larger
+    did not vary, nor did any size without MB-tree (bench/RESULTS.md, "Fixture videos").
     """
     av = _av()
     frames = np.asarray(frames)
@@ -129,7 +130,7 @@ def write_mp4(
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
-        opts = {"crf": str(crf)}
+        opts = {"crf": str(crf), **({"x264-params": "mbtree=0"} if codec == "libx264" else {})}
         if gop:
             opts["g"] = str(gop)
             opts["keyint_min"] = str(gop)
@@ -137,7 +138,7 @@ def write_mp4(
         tb = Fraction(1, 90000) if frame_times_s is not None else 1 / rate
         stream.codec_context.time_base = tb
         for i in range(t):
-            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24").reformat(format="yuv420p")
+            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
             frame.pts = round(Fraction(frame_times_s[i]) / tb) if frame_times_s is not None else i
             frame.time_base = tb
             for packet in stream.encode(frame):
