@@ -137,6 +137,57 @@ def test_join_recovers_a_segment_that_is_off_by_an_affine_and_a_similarity():
     np.testing.assert_allclose(got, c2w, atol=1e-9)
 
 
+@pytest.mark.parametrize("scale2, sky_rows", [(1.25, 6), (0.8, 14)])
+def test_megasam_ceiling_is_no_depth_when_segments_are_joined(scale2, sky_rows):
+    """MegaSaM writes the far field at its 100 m ceiling: a marker, not a distance. Joining a
+    later run (its own metric scale) must neither fit on those pixels (a sky covering much of the
+    shared frames pulled the scale towards 1: 20 % off at 60 % sky) nor scale them off the
+    ceiling (they then passed the reference's ceiling test as depths of 80-99 m)."""
+    from stages.align.megasam import MegaSaMOutput
+    from stages.align.megasam_stage import _join
+    from stages.align.references import MEGASAM_DEPTH_CEILING_M, reference_from_megasam
+    from stages.scene.segments import plan_segments
+
+    rng = np.random.default_rng(3)
+    n, h, w = 100, 24, 32
+    segs = plan_segments(n, 60, 20)
+    truth = rng.uniform(2, 30, (n, h, w))
+    sky = np.zeros((n, h, w), bool)
+    sky[:, :sky_rows] = True
+    c2w = np.tile(np.eye(4), (n, 1, 1))
+    c2w[:, 0, 3] = np.linspace(0, 3, n)
+    k = np.array([[30.0, 0, 16], [0, 30.0, 12], [0, 0, 1]])
+    parts = []
+    for i, (a, b) in enumerate(segs):
+        s = 1.0 if i == 0 else scale2
+        d = np.where(sky[a:b], MEGASAM_DEPTH_CEILING_M, np.clip(truth[a:b] * s, 1e-3, 100.0))
+        cams = c2w[a:b].copy()
+        cams[:, :3, 3] *= s
+        parts.append(MegaSaMOutput(images=None, depths=d.astype(np.float32), intrinsic=k, cam_c2w=cams))
+    ref = reference_from_megasam(_join(parts, segs), h, w)
+    assert not (ref.valid & sky).any()
+    np.testing.assert_allclose(ref.depth[~sky], truth[~sky], rtol=1e-5)
+    assert ref.c2w[-1, 0, 3] == pytest.approx(3.0, rel=1e-6)
+
+
+def test_zero_disparity_stays_zero_when_relative_segments_are_joined():
+    """Zero relative disparity (sky, no depth) in a later segment stays 0 after the affine join,
+    as in the first segment, instead of becoming the fitted shift (a false far depth that can pass
+    the alignment's far-field cut)."""
+    from stages.scene.segments import join_maps, plan_segments
+
+    rng = np.random.default_rng(4)
+    segs = plan_segments(100, 60, 20)
+    truth = (1.0 / rng.uniform(3, 23, (100, 6, 8)) + 0.01).astype(np.float32)
+    truth[:, :2] = 0.0
+    parts = [truth[a:b].copy() for a, b in segs]
+    parts[1] = np.where(parts[1] > 0, (parts[1] - 0.05) / 1.5, 0.0).astype(np.float32)
+    joined, coeffs = join_maps(parts, segs, "affine")
+    assert coeffs[1] == pytest.approx((1.5, 0.05), rel=1e-4)
+    assert (joined[:, :2] == 0).all()
+    np.testing.assert_allclose(joined, truth, rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------
 # The model-stage loop
 

@@ -25,6 +25,7 @@ import numpy as np
 from pipeline.clip import Clip, ClipError
 from pipeline.config import BuildConfig
 from stages.align.megasam import MegaSaMCache, MegaSaMOutput, MegaSaMRunner, run_cached
+from stages.align.references import MEGASAM_DEPTH_CEILING_M
 from stages.contract import StageContract
 from stages.scene.segments import join_maps, join_trajectories, plan_segments
 from stages.scene.sequence import SceneSequence
@@ -138,7 +139,7 @@ def megasam_pass(clips: list, key: str, cfg: BuildConfig, gpu_ids=()) -> SceneRe
 
 
 def _join(parts: list[MegaSaMOutput], segs: list[tuple[int, int]]) -> MegaSaMOutput:
-    depth, coeffs = join_maps([p.depths for p in parts], segs, "scale")
+    depth, coeffs = join_maps([p.depths for p in parts], segs, "scale", ceiling=MEGASAM_DEPTH_CEILING_M)
     c2w = join_trajectories([p.cam_c2w for p in parts], segs, [s for s, _ in coeffs])
     return MegaSaMOutput(
         images=None,

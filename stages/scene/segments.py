@@ -14,6 +14,11 @@ shared frame and blends all of them.
 * relative disparity (the relative depth model): scale and shift (``fit="affine"``);
 * metric depth (the metric model, MegaSaM): scale only (``fit="scale"``), because each MegaSaM
   run picks its own metric scale;
+* values that are no measurement stay out of the fit and keep their value: 0 (no depth, or
+  relative disparity 0: the sky) and, with ``ceiling``, values at it (MegaSaM writes the far field
+  at 100 m: a marker meaning "that far or farther", which scaling would turn into a false depth
+  and which, over a large sky, would pull the fitted scale towards 1). On shared frames a pixel
+  measured in only one of the two results takes that one's value;
 * MegaSaM cameras: each run has its own world frame too; the next segment's poses are mapped by
   the similarity (scale from the depth fit, rotation and translation averaged over the shared
   frames) that puts its shared cameras onto the joined ones; the joined poses keep the earlier
@@ -38,8 +43,17 @@ def plan_segments(num_frames: int, max_frames: int, overlap: int) -> list[tuple[
     return [(a, a + max_frames) for a in starts]
 
 
-def _fit(new: np.ndarray, old: np.ndarray, fit: str) -> tuple[float, float]:
-    ok = np.isfinite(new) & np.isfinite(old) & (new > 0) & (old > 0)
+def _measured(x: np.ndarray, ceiling: float | None) -> np.ndarray:
+    """Where ``x`` holds a measurement: finite, positive and (with a ceiling) below it by more
+    than 0.1 % (the tolerance the MegaSaM reference reads its ceiling with)."""
+    ok = np.isfinite(x) & (x > 0)
+    if ceiling is not None:
+        ok &= x < ceiling * (1 - 1e-3)
+    return ok
+
+
+def _fit(new: np.ndarray, old: np.ndarray, fit: str, ceiling: float | None = None) -> tuple[float, float]:
+    ok = _measured(new, ceiling) & _measured(old, ceiling)
     if ok.sum() < 16:
         raise ValueError(f"segments share only {int(ok.sum())} valid pixels: cannot join them")
     x, y = new[ok].astype(np.float64), old[ok].astype(np.float64)
@@ -54,9 +68,11 @@ def _fit(new: np.ndarray, old: np.ndarray, fit: str) -> tuple[float, float]:
 
 
 def join_maps(
-    parts: list[np.ndarray], segments: list[tuple[int, int]], fit: str
+    parts: list[np.ndarray], segments: list[tuple[int, int]], fit: str, ceiling: float | None = None
 ) -> tuple[np.ndarray, list[tuple[float, float]]]:
-    """One ``(T, H, W)`` map from per-segment maps; returns it and each segment's ``(scale, shift)``."""
+    """One ``(T, H, W)`` map from per-segment maps; returns it and each segment's ``(scale, shift)``.
+
+    ``ceiling``: the value that marks "this far or farther" (MegaSaM's), kept as it is (module doc)."""
     if len(parts) != len(segments):
         raise ValueError(f"{len(parts)} results for {len(segments)} segments")
     if fit not in ("affine", "scale"):
@@ -68,10 +84,15 @@ def join_maps(
     done, coeffs = b0, [(1.0, 0.0)]
     for part, (a, b) in zip(parts[1:], segments[1:]):
         n_ov = done - a
-        s, t = _fit(part[:n_ov], out[a:done], fit)
-        new = np.maximum(part.astype(np.float32) * np.float32(s) + np.float32(t), 0.0)
+        s, t = _fit(part[:n_ov], out[a:done], fit, ceiling)
+        raw = part.astype(np.float32)
+        measured = _measured(raw, ceiling)
+        new = np.where(measured, np.maximum(raw * np.float32(s) + np.float32(t), 0.0), raw)
         w = np.linspace(0.0, 1.0, n_ov + 2, dtype=np.float32)[1:-1].reshape((-1,) + (1,) * (part.ndim - 1))
-        out[a:done] = out[a:done] * (1.0 - w) + new[:n_ov] * w
+        old = out[a:done]
+        blend = old * (1.0 - w) + new[:n_ov] * w
+        old_measured = _measured(old, ceiling)
+        out[a:done] = np.where(old_measured & measured[:n_ov], blend, np.where(measured[:n_ov], new[:n_ov], old))
         out[done:b] = new[n_ov:]
         done = b
         coeffs.append((s, t))
