@@ -5,7 +5,9 @@ Conventions (:mod:`pipeline.geometry`): OpenCV cameras, c2w (T, 4, 4), metres, i
 
 Depth sampling is bilinear in *inverse* depth over the four pixel centres around (u, v): for
 any planar surface 1/z is affine in (u, v), so planes are recovered exactly, and it equals
-ordinary bilinear depth interpolation to first order elsewhere.
+ordinary bilinear depth interpolation to first order elsewhere. Within half a pixel of the
+image edge (beyond the outer pixel centres) the border cell's weights extrapolate, so planes
+stay exact there too.
 
 A lifted point is marked not visible when
   * it was not visible in 2D, or falls outside the image (beyond the outer pixel centres by
@@ -80,12 +82,12 @@ def _cell_edge_deviation(q: np.ndarray, y0, x0, y1, x1, fx, fy) -> np.ndarray:
         return np.where(inside, q[np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)], np.nan)
 
     dev = np.zeros(len(x0))
-    use_x = fx > 1e-9
-    use_y = fy > 1e-9
-    for row, used in ((y0, (1 - fy) > 1e-9), (y1, use_y)):
+    use_x = np.abs(fx) > 1e-9  # fx < 0 or > 1: extrapolating at the border, both corners used
+    use_y = np.abs(fy) > 1e-9
+    for row, used in ((y0, np.abs(1 - fy) > 1e-9), (y1, use_y)):
         d = line_dev(at(row, x0), at(row, x1), at(row, x0 - 1), at(row, x1 + 1))
         dev = np.where(use_x & used, np.fmax(dev, d), dev)
-    for col, used in ((x0, (1 - fx) > 1e-9), (x1, use_x)):
+    for col, used in ((x0, np.abs(1 - fx) > 1e-9), (x1, use_x)):
         d = line_dev(at(y0, col), at(y1, col), at(y0 - 1, col), at(y1 + 1, col))
         dev = np.where(use_y & used, np.fmax(dev, d), dev)
     return dev
@@ -104,14 +106,17 @@ def _sample_inverse_depth(depth: np.ndarray, valid: np.ndarray, uv: np.ndarray, 
     y = uv[:, 1] - 0.5
     finite = np.isfinite(x) & np.isfinite(y)
     inside = finite & (x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5)
-    x = np.clip(np.where(finite, x, 0.0), 0.0, w - 1.0)
-    y = np.clip(np.where(finite, y, 0.0), 0.0, h - 1.0)
+    # Between the outer pixel centres and the image edge (half a pixel) the border cell's
+    # weights extrapolate (fx in [-0.5, 0) or (1, 1.5]): exact on planes like the inside. A
+    # one-pixel-wide image has no cell: its single column (row) is used as it is.
+    x = np.clip(np.where(finite, x, 0.0), -0.5, w - 0.5)
+    y = np.clip(np.where(finite, y, 0.0), -0.5, h - 0.5)
     x0 = np.clip(np.floor(x).astype(np.int64), 0, max(w - 2, 0))
     y0 = np.clip(np.floor(y).astype(np.int64), 0, max(h - 2, 0))
     x1 = np.minimum(x0 + 1, w - 1)
     y1 = np.minimum(y0 + 1, h - 1)
-    fx = np.clip(x - x0, 0.0, 1.0)
-    fy = np.clip(y - y0, 0.0, 1.0)
+    fx = np.where(x1 > x0, x - x0, 0.0)
+    fy = np.where(y1 > y0, y - y0, 0.0)
     good_map = valid & np.isfinite(depth) & (depth > 0)
     q = np.where(good_map, 1.0 / np.where(good_map, depth, 1.0).astype(np.float64), np.nan)
     corners = [(y0, x0, (1 - fx) * (1 - fy)), (y0, x1, fx * (1 - fy)), (y1, x0, (1 - fx) * fy), (y1, x1, fx * fy)]
@@ -119,7 +124,7 @@ def _sample_inverse_depth(depth: np.ndarray, valid: np.ndarray, uv: np.ndarray, 
     ok = inside.copy()
     for yy, xx, wt in corners:
         qc = q[yy, xx]
-        used = wt > 1e-9
+        used = np.abs(wt) > 1e-9
         good = np.isfinite(qc)
         ok &= ~used | good
         inv += np.where(used & good, wt * np.where(good, qc, 0.0), 0.0)
