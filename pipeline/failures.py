@@ -15,6 +15,8 @@ MegaSaM run that still times out after its own ``stages.align.megasam_retries`` 
 Classification walks the exception, the exception a Ray task error wraps, and its
 ``__cause__`` / ``__context__`` chain, by class name (Ray, torch and botocore need not be
 imported here) and, for ``OSError``, by errno and by the S3 error codes that mean "try later".
+A ``MemoryError`` under a ``ClipError`` is permanent: the adapter was decoding the input, whose
+header declared an array too large to allocate; a store or network error under it is transient.
 """
 
 from __future__ import annotations
@@ -108,16 +110,21 @@ class ShardFailure:
         return self.message
 
 
-def is_transient(exc: BaseException | None, _depth: int = 0) -> bool:
+def is_transient(exc: BaseException | None, _depth: int = 0, _input_verdict: bool = False) -> bool:
     """True when running the failed work again could succeed (see the module docs)."""
     if exc is None or _depth > 10:
         return False
-    if {c.__name__ for c in type(exc).__mro__} & TRANSIENT_NAMES:
+    names = {c.__name__ for c in type(exc).__mro__}
+    # Under a ClipError (the input's verdict) a failed allocation is the file's: a header that
+    # declares an array too large to allocate fails the same way every time. Store and network
+    # errors under it still count (reading the input can succeed later).
+    if names & TRANSIENT_NAMES and not (_input_verdict and "MemoryError" in names):
         return True
     if isinstance(exc, OSError) and (exc.errno in TRANSIENT_ERRNOS or any(t in str(exc) for t in TRANSIENT_TEXT)):
         return True
+    verdict = _input_verdict or "ClipError" in names
     for nxt in (getattr(exc, "cause", None), exc.__cause__, exc.__context__):
-        if nxt is not None and nxt is not exc and is_transient(nxt, _depth + 1):
+        if nxt is not None and nxt is not exc and is_transient(nxt, _depth + 1, verdict):
             return True
     return False
 

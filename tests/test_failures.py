@@ -71,6 +71,35 @@ def test_cause_decides_and_failures_carry_their_class():
     assert describe(_wrapped(TimeoutError("slow\nmore"))) == "TimeoutError: slow"
 
 
+def test_a_header_declaring_an_array_too_large_to_allocate_is_the_files_fault(tmp_path):
+    """A corrupt .npy header that declares a 256 TiB array: allocating it fails every time, so the
+    clip fails permanently, naming the file, and its shard is published without it. (The
+    MemoryError under the adapter's ClipError made it transient: the shard was re-run, then left
+    failed, and every resume failed it again, losing the shard's good clips with it.)"""
+    import struct
+
+    from conftest import write_tartanair
+
+    from pipeline.clip import ClipMeta
+    from stages.ingest import get_adapter
+
+    write_tartanair(tmp_path / "data", n_scenes=1, frames=6)
+    (npy,) = (tmp_path / "data").rglob("000001_left_depth.npy")
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1048576, 1048576, 64), }"
+    header += " " * (118 - len(header) - 1) + "\n"
+    npy.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + bytes(4096))
+    adapter = get_adapter("tartanair", str(tmp_path / "data"))
+    (scene,) = adapter.discover()
+    meta = ClipMeta("tartanair", scene.scene, "c", [0, 1, 2], dynamic=False, real=False)
+    with pytest.raises(ClipError) as caught:
+        adapter.load_clip(scene, [0, 1, 2], meta)
+    failure = ClipFailure.from_exception("c", "ingest", caught.value)
+    assert "000001_left_depth.npy" in failure.path and "MemoryError" in failure.reason
+    assert not failure.transient
+    # a MemoryError that is no ClipError's (a stage's own allocation) stays transient
+    assert is_transient(MemoryError()) and ClipFailure.from_exception("c", "depth", MemoryError()).transient
+
+
 def test_shard_with_a_transient_clip_failure_is_not_published(tmp_path):
     from stages.write import write_shard
 
