@@ -476,13 +476,17 @@ OUTPUT_CONFIG_NAME = "config.resolved.yaml"  # the resolved config, recorded in 
 
 
 def load_output_config(output: str) -> BuildConfig:
-    """The config an output was built with (``OUT/config.resolved.yaml``; older recordings migrated)."""
+    """The config an output was built with (``OUT/config.resolved.yaml``; older recordings migrated),
+    with ``output`` set to where the output is now: a copied or moved output (``cp -a``, a bucket
+    synced to local disk) is resumed, checked and reported where it was given, never at the place
+    its recorded config names (``output`` is no content setting: no shard byte depends on it)."""
     from pipeline.storage import Store
 
     store = Store(output)
     if not store.exists(OUTPUT_CONFIG_NAME):
         raise ConfigError(f"{output} is not a d4s output (no {OUTPUT_CONFIG_NAME}); run `d4s build` first")
-    return load_config(_migrate_recorded(store.read_text(OUTPUT_CONFIG_NAME)), is_text=True)
+    recorded = load_config(_migrate_recorded(store.read_text(OUTPUT_CONFIG_NAME)), is_text=True)
+    return recorded.model_copy(update={"output": output})
 
 
 def _migrate_recorded(text: str) -> str:

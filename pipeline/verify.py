@@ -3,7 +3,8 @@
 Checks, per planned shard: the ledger says done; the file exists; its sha256 matches the
 ledger; its tar parses; its sample keys are exactly the shard's planned clips minus the clips
 recorded as failed, in plan order, each with the required entries. Across shards: no key
-twice, no file under ``shards/`` that the plan does not name, and the index agrees.
+twice, no file under ``shards/`` that the plan does not name, and the index agrees: the same
+keys, and each row's shard, sha256 and byte offset those the ledger records.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def verify(output: str) -> VerifyReport:
         return rep
     ledger = ms.ledger()
     seen: dict[str, str] = {}
+    indexed: dict[str, tuple] = {}  # key -> (shard path, sha256, offset) as the ledger records them
     planned_paths = set()
     for sh in ms.shards():
         sid, rel = sh["shard_id"], sh["path"]
@@ -57,6 +59,7 @@ def verify(output: str) -> VerifyReport:
         if hashlib.sha256(data).hexdigest() != ev["sha256"]:
             rep.problems.append(f"{rel}: sha256 mismatch (file altered or corrupt)")
             continue
+        indexed.update((key, (rel, ev["sha256"], int(offset))) for key, offset, *_ in ev["samples"])
         failed = {f["clip_id"] for f in ev["clips_failed"]}
         rep.clips_failed += len(failed)
         expected = [c for c in sh["clip_ids"] if c not in failed]
@@ -91,4 +94,15 @@ def verify(output: str) -> VerifyReport:
     index = ms.index()
     if {r["key"] for r in index} != set(seen):
         rep.problems.append(f"index.parquet lists {len(index)} samples, shards hold {len(seen)}")
+    stale = [
+        r["key"]
+        for r in index
+        if r["key"] in indexed and (r["shard_path"], r["shard_sha256"], int(r["offset"])) != indexed[r["key"]]
+    ]
+    if stale:
+        rep.problems.append(
+            f"index.parquet: {len(stale)} rows disagree with the ledger on their shard, sha256 or offset "
+            f"(e.g. {stale[0]}): the index is stale (a driver stopped before rewriting it); "
+            "`d4s resume` rewrites it"
+        )
     return rep

@@ -157,6 +157,34 @@ def test_verify_catches_flipped_byte_and_missing_shard_and_resume_repairs(tmp_pa
     assert verify(str(out)).ok
 
 
+def test_a_copied_output_is_resumed_where_it_is_and_a_stale_index_is_caught(tmp_path, tartan_data, ray_local):
+    """``d4s resume COPY`` repairs the copy, not the output its recorded config names (it used to
+    take that output's lease and leave the copy broken); ``verify`` compares the index with the
+    ledger (a driver that dies between the last shard and the index leaves a stale one, which
+    training then refuses while verify said OK)."""
+    data, _ = tartan_data
+    build(tartanair_config(tmp_path, data), show_progress=False)
+    out, copy = tmp_path / "out", tmp_path / "copy"
+    shutil.copytree(out, copy)
+    original = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    tars = sorted((copy / "shards").rglob("*.tar"))
+    tars[0].write_bytes(tars[0].read_bytes()[:1000])
+    s = resume(str(copy), show_progress=False)
+    assert s.shards_done == 1 and s.output == str(copy)
+    assert verify(str(copy)).ok
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == original
+
+    ms = ManifestStore(Store(str(copy)))
+    rows = ms.index()
+    rows[1] = {**rows[1], "shard_sha256": "0" * 64}
+    rows[2] = {**rows[2], "offset": rows[2]["offset"] + 512}
+    ms.write_index(rows)
+    rep = verify(str(copy))
+    assert not rep.ok and any("index.parquet" in p and "2 rows" in p for p in rep.problems), rep.problems
+    resume(str(copy), show_progress=False)
+    assert verify(str(copy)).ok
+
+
 def test_bad_inputs_are_reported_and_skipped(tmp_path, ray_local):
     data = tmp_path / "data"
     write_tartanair(data, n_scenes=3, frames=10)
