@@ -56,3 +56,26 @@ def test_checksums_come_from_the_ledger_when_the_index_predates_them(built):
     index = pq.read_table(built / "index.parquet")
     pq.write_table(index.drop(["shard_sha256"]), built / "index.parquet")
     assert shard_checksums(cfg.data) == expected
+
+
+def test_without_an_index_only_shards_the_ledger_records_done_are_read(built):
+    """An output whose driver stopped before writing the index: the loader takes the shards the
+    ledger records done (each checked against its sha256), not every tar under ``shards/``: a
+    shard whose rebuild is running (here: its bytes replaced by another shard's) was read
+    unchecked, duplicating that shard's clips."""
+    from manifests.store import ManifestStore
+    from pipeline.storage import Store
+
+    (built / "index.parquet").unlink()
+    ms = ManifestStore(Store(str(built)))
+    shards = ms.shards()
+    ms.append_events([{"shard_id": shards[1]["shard_id"], "dataset": shards[1]["dataset"], "state": "running"}])
+    (built / shards[1]["path"]).write_bytes((built / shards[0]["path"]).read_bytes())
+    cfg = make_config("tiny", data={"root": str(built)})
+    by_ds, _, _ = resolve_shards(cfg.data)
+    urls = [u for v in by_ds.values() for u in v]
+    assert sorted(u.rsplit("/", 1)[1] for u in urls) == sorted(
+        sh["path"].rsplit("/", 1)[1] for sh in (shards[0], shards[2])
+    )
+    sums = shard_checksums(cfg.data)
+    assert set(sums) == set(urls)

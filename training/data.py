@@ -2,7 +2,8 @@
 
 Shards are tar files (local paths or any fsspec URL). With ``data.root`` = a build's OUT, the shard
 list, each shard's dataset and every sample's byte offset, frame count and static/dynamic flag come
-from ``OUT/index.parquet``; otherwise ``data.shards`` (paths, URLs or globs) are read as one dataset
+from ``OUT/index.parquet`` (without one: the shards the ledger records done, as one dataset
+``all``); otherwise ``data.shards`` (paths, URLs or globs) are read as one dataset
 named ``all`` with nothing known before reading.
 
 A stage *accepts* a clip that passes its scene filter (static / dynamic / any) and has at least
@@ -149,11 +150,13 @@ def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
             if samples is not None:
                 samples = {u: sorted(v, key=lambda x: x.offset) for u, v in samples.items()}
             return Catalog({k: sorted(v) for k, v in sorted(shards.items())}, counts, keys, samples, sums)
-        found = _expand(f"{root}/shards/**/*.tar")
+        found = _done_shards(root)
+        if found is None:  # no plan recorded: a folder of shards, read as data.shards would be
+            found = _expand(f"{root}/shards/**/*.tar")
         if split != "train":
             return Catalog({}, {}, {}, None)
         if not found:
-            raise FileNotFoundError(f"no shards under {root}/shards and no {index}")
+            raise FileNotFoundError(f"no shards recorded done under {root}/shards and no {index}")
         return Catalog({"all": found}, {"all": len(found)}, {}, None)
     found = sorted({p for pat in cfg.shards for p in _expand(pat)})
     if split != "train":
@@ -161,6 +164,22 @@ def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
     if not found:
         raise FileNotFoundError(f"no shards match {cfg.shards}")
     return Catalog({"all": found}, {"all": len(found)}, {}, None)
+
+
+def _done_shards(root: str) -> list[str] | None:
+    """URLs of the shards the ledger of the output at ``root`` records done, in plan order (None
+    when no plan is recorded there). Without an index (its driver stopped before writing it) a
+    tar under ``shards/`` may be one whose build is still running or was never committed: only
+    done shards have a recorded sha256 to be checked against."""
+    from manifests.store import ManifestStore
+    from pipeline.storage import Store
+
+    ms = ManifestStore(Store(root))
+    if not ms.has_plan():
+        return None
+    ledger = ms.ledger()
+    url_of = lambda rel: rel if "://" in rel or os.path.isabs(rel) else f"{root}/{rel}"  # noqa: E731
+    return [url_of(sh["path"]) for sh in ms.shards() if ledger.get(sh["shard_id"], {}).get("state") == "done"]
 
 
 def resolve_shards(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, int], dict[str, str]]:
