@@ -61,6 +61,9 @@ default; `clip` runs them per clip):
   of the next segment on the shared frames (scale and shift for relative disparity, scale for
   metric depth and MegaSaM), then a linear blend across them; MegaSaM's cameras are mapped by
   the similarity that puts the shared cameras on the joined ones (`stages/scene/segments.py`).
+  Pixels without a measurement stay out of the fit and keep their value: 0 (no depth; relative
+  disparity 0, the sky) and MegaSaM's 100 m ceiling (its far field, which the alignment treats as
+  no reference); on shared frames a pixel measured in only one segment takes that one's value.
 * **MegaSaM** is a Ray task per scene (or segment) requesting `stages.align.megasam_num_gpus` GPUs
   whatever the cluster has at start, like the model actors (the assigned ids are the command's
   `CUDA_VISIBLE_DEVICES`; 0 runs it without a GPU), beside the depth stage; its results are cached in the output store
