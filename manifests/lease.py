@@ -18,8 +18,8 @@ command, epoch, when it was acquired and when it last renewed. A driver
 Staleness is judged on **the store's clock**, never a host's: the lease's age is the difference
 between the modification time of a probe object written now and that of the lease object, both
 stamped by the store. A host whose clock is hours off can neither take a live lease early nor
-keep a dead one. A lease held by a process of this very host (same host name and boot id) that
-no longer runs is stale at once: a killed driver can be resumed without waiting for its TTL.
+keep a dead one. A lease held by a process of this very host (same host name, boot id and pid
+namespace: containers on one kernel share the first two) that no longer runs is stale at once: a killed driver can be resumed without waiting for its TTL.
 
 The epoch grows by one with every acquisition (and is larger than every epoch already in the
 ledger, ``min_epoch``): the ledger numbers a driver's events in its epoch, so the events of a
@@ -70,6 +70,7 @@ class LeaseRecord:
     beats: int = 0
     released: bool = False
     extra: dict = field(default_factory=dict)
+    pid_ns: str = ""  # the holder's pid namespace ('' in records of older versions: unknown)
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -85,6 +86,16 @@ def _boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _pid_ns() -> str:
+    """This process's pid namespace ('pid:[inode]'; '' when unknown). Containers on one kernel
+    share the boot id and, with host networking, the hostname: only in the same pid namespace
+    does a pid name the same process."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
 
@@ -157,6 +168,8 @@ class Lease:
             and rec.host == socket.gethostname()
             and rec.boot_id
             and rec.boot_id == _boot_id()
+            and rec.pid_ns
+            and rec.pid_ns == _pid_ns()
             and rec.pid != os.getpid()
             and _process_gone(rec.pid, rec.pid_start)
         ):
@@ -176,6 +189,7 @@ class Lease:
             pid=os.getpid(),
             pid_start=_pid_start(os.getpid()),
             boot_id=_boot_id(),
+            pid_ns=_pid_ns(),
             command=self.command,
             ttl_s=self.ttl_s,
             acquired_at=now,

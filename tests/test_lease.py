@@ -109,6 +109,29 @@ def test_lease_of_a_dead_driver_on_this_host_is_taken_at_once(store):
     assert rec.epoch == 2
 
 
+def test_a_driver_in_another_pid_namespace_is_not_judged_by_this_ones_pids(tmp_path):
+    """Containers on one kernel share the boot id and, with host networking, the hostname, but not
+    their pids: a live driver in another pid namespace looked gone here and its lease was taken at
+    once, so two drivers wrote one output until the holder's next heartbeat. The shortcut now
+    needs the holder's pid namespace to be this one; otherwise the TTL decides."""
+    store = Store(str(tmp_path / "out"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    Lease(store, ttl_s=3600).acquire()
+    data, version = store.read_versioned(LEASE_PATH)
+    rec = json.loads(data)
+    assert rec["pid_ns"]  # recorded by the holder
+    rec["pid"], rec["pid_start"], rec["pid_ns"] = dead.pid, "", "pid:[1]"  # its pids are not ours
+    assert store.replace_if_version(LEASE_PATH, json.dumps(rec).encode(), version)
+    with pytest.raises(LeaseHeldError):
+        Lease(store, ttl_s=3600).acquire()
+    rec.pop("pid_ns")  # a record of an older d4s: its namespace is unknown, so no shortcut either
+    data, version = store.read_versioned(LEASE_PATH)
+    assert store.replace_if_version(LEASE_PATH, json.dumps(rec).encode(), version)
+    with pytest.raises(LeaseHeldError):
+        Lease(store, ttl_s=3600).acquire()
+
+
 def test_min_epoch_puts_the_lease_after_the_ledger(store):
     assert Lease(store).acquire(min_epoch=41).epoch == 42
 
