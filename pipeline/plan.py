@@ -18,9 +18,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from pipeline.clip import ClipError
 from pipeline.config import BuildConfig, ConfigError
 from pipeline.stage_routes import stage_names, whole_scene_shards
 from stages.ingest import adapter_for_dataset
+from stages.ingest.base import SceneRef
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -62,6 +64,8 @@ def make_plan(cfg: BuildConfig) -> Plan:
             scenes = adapter.discover()
         except FileNotFoundError as exc:
             raise ConfigError(f"dataset {name}: root {ds.root} not readable ({exc})") from None
+        except ClipError as exc:  # a file that lists the whole dataset: its one clip fails with it
+            scenes = [SceneRef(name, "unreadable", 0, problem=(exc.reason, exc.path or ds.root))]
         if not scenes:
             raise ConfigError(f"dataset {name}: no scenes found under {ds.root} (see docs/DATASETS.md for the layout)")
         if ds.max_scenes:
@@ -78,6 +82,8 @@ def make_plan(cfg: BuildConfig) -> Plan:
                 if starts
                 else f"only {sc.num_frames} frames, a clip needs {(ds.clip_length - 1) * ds.frame_stride + 1}"
             )
+            if sc.problem:  # unreadable at discovery: one clip, failed at ingest with the reason
+                starts, note = [0], f"unreadable: {sc.problem[0]} ({sc.problem[1]})"
             scenes_out.append(
                 {
                     "dataset": name,

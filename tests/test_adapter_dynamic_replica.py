@@ -185,8 +185,9 @@ def test_missing_frame_entry(rendered, tmp_path):
 def test_unreadable_annotations(rendered, tmp_path):
     _write(rendered, tmp_path)
     (tmp_path / "train" / "frame_annotations_train.jgz").write_bytes(b"not gzip")
+    (scene,) = get_adapter("dynamic_replica", str(tmp_path)).discover()  # listed, failing with the reason
     with pytest.raises(ClipError) as err:
-        get_adapter("dynamic_replica", str(tmp_path)).discover()
+        scene.refuse_if_unreadable()
     assert "frame_annotations_train.jgz" in err.value.path and "gzip JSON" in err.value.reason
 
 

@@ -146,8 +146,9 @@ def test_not_an_example(tmp_path):
     shard = tmp_path / SHARD
     shard.parent.mkdir(parents=True)
     shard.write_bytes(frame_record(b"\xff\xff\xff\xff garbage"))
+    (scene,) = get_adapter("kubric_movi_f", str(tmp_path)).discover()  # listed, failing with the reason
     with pytest.raises(ClipError) as err:
-        get_adapter("kubric_movi_f", str(tmp_path)).discover()
+        scene.refuse_if_unreadable()
     assert "tf.train.Example" in err.value.reason and SHARD.rsplit("/", 1)[1] in err.value.path
 
 

@@ -160,8 +160,9 @@ def test_missing_openexr_is_a_clear_error(block, tmp_path, monkeypatch):
 def test_bad_transforms_json(block, tmp_path):
     _, bdir, _ = block
     (bdir / "transforms.json").write_text('{"frames": [')
+    (scene,) = get_adapter("matrixcity", str(tmp_path)).discover()  # listed, failing with the reason
     with pytest.raises(ClipError) as err:
-        get_adapter("matrixcity", str(tmp_path)).discover()
+        scene.refuse_if_unreadable()
     assert "transforms.json" in err.value.path and "not a MatrixCity transforms.json" in err.value.reason
 
 

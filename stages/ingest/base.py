@@ -70,6 +70,14 @@ class SceneRef:
     scene: str
     num_frames: int
     extra: tuple = ()  # adapter-private, hashable (e.g. timestamps)
+    # (reason, path) when discovery could not read the scene: it is planned one clip, which
+    # fails at ingest with them (recorded like any bad input), and no other scene is held up
+    problem: tuple = ()
+
+    def refuse_if_unreadable(self) -> None:
+        """Raise the :class:`ClipError` that discovery found, if any (the ingest stage asks)."""
+        if self.problem:
+            raise ClipError(*self.problem)
 
 
 @dataclass
@@ -196,6 +204,13 @@ class DatasetAdapter(ABC):
     def where(self, rel: str) -> str:
         return self.store.display(rel)
 
+    def unreadable_scene(self, scene: str, exc: Exception, rel: str) -> SceneRef:
+        """A scene discovery could not read (``exc`` while reading ``rel``): planned, and failing
+        its clip with the reason (:attr:`SceneRef.problem`)."""
+        if isinstance(exc, ClipError):
+            return SceneRef(self.name, scene, 0, problem=(exc.reason, exc.path or self.where(rel)))
+        return SceneRef(self.name, scene, 0, problem=(f"{type(exc).__name__}: {exc}", self.where(rel)))
+
     def read(self, rel: str) -> bytes:
         try:
             return self.store.read_bytes(rel)
@@ -278,5 +293,8 @@ class DatasetAdapter(ABC):
         return np.isfinite(depth) & (depth >= lo) & (depth <= hi)
 
     def frame_window(self, scene: SceneRef, frames: list[int]) -> None:
+        """Every adapter's load starts here: a scene discovery could not read fails with what it
+        found (:attr:`SceneRef.problem`); frames outside the scene are refused."""
+        scene.refuse_if_unreadable()
         if not frames or min(frames) < 0 or max(frames) >= scene.num_frames:
             raise ClipError(f"frames {frames[:3]}... outside 0..{scene.num_frames - 1}", self.where(scene.scene))

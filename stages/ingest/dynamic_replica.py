@@ -152,7 +152,13 @@ class DynamicReplicaAdapter(DatasetAdapter):
         views = list(self.opts.views)
         scenes = []
         for split in self._splits():
-            for (seq, view), entries in self._annotations(split).items():
+            try:
+                sequences = self._annotations(split)
+            except ClipError as exc:  # bad content: this split fails with it, no other
+                rel = posixpath.join(split, ANNOTATION_TEMPLATE.format(split=split))
+                scenes.append(self.unreadable_scene(f"{split}/unreadable-annotations", exc, rel))
+                continue
+            for (seq, view), entries in sequences.items():
                 if view in views:
                     scenes.append(
                         SceneRef(self.name, self._scene_id(split, seq, view), len(entries), extra=(split, seq, view))

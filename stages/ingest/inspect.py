@@ -59,7 +59,7 @@ def inspect_path(dataset: str, path: str) -> dict | list[dict]:
 
 
 def inspect_scene(adapter: DatasetAdapter, scene: SceneRef) -> dict:
-    problems: list[str] = []
+    problems: list[str] = [f"{scene.problem[1]}: {scene.problem[0]}"] if scene.problem else []
     c2w, intr, size, has_depth, has_tracks = {}, {}, None, False, False
     agreements: list[float] = []
 

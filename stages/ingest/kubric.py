@@ -246,12 +246,16 @@ class KubricMoviFAdapter(DatasetAdapter):
         scenes = []
         for shard in self._shards():
             where = self.where(shard)
-            with self.store.open(shard) as f:
-                offsets = iter_record_offsets(f, where)
-                if not offsets:
-                    continue
-                first = parse_example(read_record(f, *offsets[0], where, verify=False), where)
-            n = self._num_frames(first, where)
+            try:
+                with self.store.open(shard) as f:
+                    offsets = iter_record_offsets(f, where)
+                    if not offsets:
+                        continue
+                    first = parse_example(read_record(f, *offsets[0], where, verify=False), where)
+                n = self._num_frames(first, where)
+            except ClipError as exc:  # bad content: this file's scenes fail with it, no other file's
+                scenes.append(self.unreadable_scene(f"{shard}/unreadable", exc, shard))
+                continue
             for k, (off, length) in enumerate(offsets):
                 scenes.append(SceneRef(self.name, f"{shard}/{k:05d}", n, extra=(shard, off, length)))
         return sorted(scenes, key=lambda s: s.scene)

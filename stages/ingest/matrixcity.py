@@ -96,7 +96,11 @@ class MatrixCityAdapter(DatasetAdapter):
             city, view, split, _block = rel.split("/")
             if city not in CITIES or view not in VIEWS or split == "pose":
                 continue
-            frames = self._frames(rel)
+            try:
+                frames = self._frames(rel)
+            except ClipError as exc:  # bad content: this block fails with it, no other
+                scenes.append(self.unreadable_scene(rel, exc, posixpath.join(rel, "transforms.json")))
+                continue
             scenes.append(SceneRef(self.name, rel, len(frames)))
         return sorted(scenes, key=lambda s: s.scene)
 

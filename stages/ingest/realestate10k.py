@@ -29,6 +29,7 @@ chunks, or (``auto``) both; a sequence found in both forms, or in two chunks, fa
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,6 +43,10 @@ from stages.ingest.realestate10k_chunks import decode_image, example_problem, li
 from stages.ingest.realestate10k_videos import DEFAULT_PATTERNS, VideoLocator, youtube_id
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+# RealEstate10K names a camera file after its sequence: 16 hex digits (as in the release and the
+# shared sample). Such a file without the URL line is a damaged camera file (a failing scene); any
+# other text file is skipped.
+CAMERA_FILE_NAME = re.compile(r"[0-9a-f]{16}\.txt")
 NUM_COLUMNS = 19
 ROTATION_TOL = 1e-3  # the files print 9 decimals; real rotations are orthonormal to ~1e-8
 
@@ -243,12 +248,16 @@ class RealEstate10KAdapter(DatasetAdapter):
         out = []
         for p in self.store.fs.glob(self.store.path("*/*.txt")):
             rel = posixpath.relpath(p, self.store.root)
-            try:
-                text = self.store.read_text(rel)
-            except (OSError, UnicodeDecodeError):
+            try:  # bad bytes are found when the scene is read (read_cameras names them)
+                text = self.read(rel).decode("utf-8", errors="replace")
+            except ClipError:
                 continue
             lines = text.splitlines()
-            if not lines or not lines[0].strip().lower().startswith("http"):
+            first = lines[0].strip() if lines else ""
+            if not first.lower().startswith("http"):
+                if CAMERA_FILE_NAME.fullmatch(posixpath.basename(rel)):  # a damaged camera file
+                    why = f"line 1 should be the video URL, found {first[:60]!r}"
+                    out.append(SceneRef(self.name, rel[: -len(".txt")], 0, problem=(why, self.where(rel))))
                 continue  # not a camera file (README etc.)
             n = sum(1 for line in lines[1:] if line.strip())
             out.append(SceneRef(self.name, rel[: -len(".txt")], n))
@@ -263,7 +272,7 @@ class RealEstate10KAdapter(DatasetAdapter):
                 examples = list_examples(self.store, rel)
             except ClipError as exc:  # the whole chunk is unreadable: one failing scene names it
                 stem = posixpath.basename(rel)[: -len(".torch")]
-                out.append(SceneRef(self.name, f"{split}/chunk-{stem}", 1, extra=("bad", rel, exc.reason)))
+                out.append(SceneRef(self.name, f"{split}/chunk-{stem}", 0, problem=(exc.reason, self.where(rel))))
                 continue
             for i, ex in enumerate(examples):
                 extra = ("chunk", rel, i) if not ex.problem else ("bad", rel, ex.problem)

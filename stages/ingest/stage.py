@@ -43,6 +43,7 @@ def ingest_clip(spec: dict, scene: SceneRef, cfg: BuildConfig) -> Clip | ClipFai
     """Read one clip with its dataset's adapter, self-check its ground truth and run geometric QC on it."""
     _maybe_inject_fault(spec, cfg)
     try:
+        scene.refuse_if_unreadable()
         adapter = adapter_for(cfg, spec["dataset"])
         clip = adapter.load_clip(scene, list(spec["frames"]), _meta(spec, adapter, cfg))
         return _count(_checked(clip, adapter, cfg), len(spec["frames"]), len(spec["frames"]))
@@ -60,6 +61,7 @@ def ingest_scene(specs: list[dict], scene: SceneRef, cfg: BuildConfig) -> list[C
     for spec in specs:
         _maybe_inject_fault(spec, cfg)
     try:
+        scene.refuse_if_unreadable()
         adapter = adapter_for(cfg, specs[0]["dataset"])
         metas = [_meta(spec, adapter, cfg) for spec in specs]
         read = adapter.load_clips(scene, [list(spec["frames"]) for spec in specs], metas)

@@ -129,13 +129,10 @@ class Stereo4DAdapter(DatasetAdapter):
                     if "timestamps" not in z.files:
                         continue  # not a Stereo4D annotation (e.g. a disparity npz)
                     n = int(np.asarray(z["timestamps"]).reshape(-1).shape[0])
-            except Exception:
-                # An unreadable npz is still listed so that loading it reports the problem.
-                n = 0
-            if n:
-                scenes.append(SceneRef(self.name, rel[: -len(".npz")], n))
-            else:
-                scenes.append(SceneRef(self.name, rel[: -len(".npz")], 1, extra=("unreadable",)))
+                problem = () if n else ("the npz has no timestamps", self.where(rel))
+            except Exception as exc:  # noqa: BLE001 - listed, so that its clip fails with the reason
+                problem = (f"unreadable .npz ({type(exc).__name__}: {exc})", self.where(rel))
+            scenes.append(SceneRef(self.name, rel[: -len(".npz")], n if not problem else 0, problem=problem))
         return sorted(set(scenes), key=lambda s: s.scene)
 
     def video_candidates(self, scene: SceneRef) -> list[str]:
@@ -365,8 +362,6 @@ class Stereo4DAdapter(DatasetAdapter):
 
     def read_union(self, scene: SceneRef, union: list[int], meta: ClipMeta):
         """(annotations, rgb, intrinsics, source) of the frames ``union``."""
-        if scene.extra == ("unreadable",):
-            self.read_annotations(scene)  # raises with the reason
         self.frame_window(scene, union)
         ann = self.read_annotations(scene)
         return (ann, *self._frames(scene, ann, union))

@@ -44,12 +44,13 @@ class TartanAirAdapter(DatasetAdapter):
                 difficulty = rel.split("/")[-2]
                 if difficulty not in ("Easy", "Hard"):
                     continue
-                n = sum(
-                    1
-                    for line in self.store.read_text(posixpath.join(rel, "pose_left.txt")).splitlines()
-                    if line.strip()
-                )
-                scenes.append(SceneRef(self.name, rel, n))
+                pose_rel = posixpath.join(rel, "pose_left.txt")
+                try:  # bad bytes still count as a line: loading the scene names it (read_table)
+                    text = self.read(pose_rel).decode("utf-8", errors="replace")
+                except ClipError as exc:  # bad content: this scene fails with it, no other
+                    scenes.append(self.unreadable_scene(rel, exc, pose_rel))
+                    continue
+                scenes.append(SceneRef(self.name, rel, sum(1 for line in text.splitlines() if line.strip())))
         return sorted(set(scenes), key=lambda s: s.scene)
 
     def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
