@@ -82,6 +82,16 @@ class LeaseRecord:
         return cls(**{k: v for k, v in raw.items() if k in names})
 
 
+def _record(store: Store, data: bytes) -> LeaseRecord:
+    try:
+        return LeaseRecord.from_bytes(data)
+    except (ValueError, TypeError) as exc:  # JSON damaged, or not a lease record
+        raise ConfigError(
+            f"{store.display(LEASE_PATH)}: not a readable lease ({type(exc).__name__}: {exc}); it was damaged "
+            "after it was written: if no driver works on this output, remove it"
+        ) from None
+
+
 def _boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -154,7 +164,7 @@ class Lease:
     # -- reading ---------------------------------------------------------------------------
     def holder(self) -> LeaseRecord | None:
         got = self.store.read_versioned(LEASE_PATH)
-        return LeaseRecord.from_bytes(got[0]) if got else None
+        return _record(self.store, got[0]) if got else None
 
     def _age_on_store_clock(self) -> float:
         return self.store.clock("manifests") - self.store.modified_time(LEASE_PATH)
@@ -205,7 +215,7 @@ class Lease:
                 if self.store.create_exclusive(LEASE_PATH, rec.to_bytes()):
                     return self._won(rec, "created")
                 continue
-            old = LeaseRecord.from_bytes(cur[0])
+            old = _record(self.store, cur[0])
             why, age = self._stale_reason(old)
             if why is None:
                 raise LeaseHeldError(self._held_message(old, age))
@@ -225,9 +235,9 @@ class Lease:
 
     def _won(self, rec: LeaseRecord, how: str) -> LeaseRecord:
         got = self.store.read_versioned(LEASE_PATH)
-        if got is None or LeaseRecord.from_bytes(got[0]).owner != self.owner:
+        if got is None or _record(self.store, got[0]).owner != self.owner:
             # only stores without conditional writes get here: two writers raced and the other won
-            holder = LeaseRecord.from_bytes(got[0]) if got else None
+            holder = _record(self.store, got[0]) if got else None
             raise LeaseHeldError(
                 self._held_message(holder) if holder else f"{self.store.display()}: lost the lease race"
             )
@@ -269,7 +279,7 @@ class Lease:
                 log.error(self._lost)
                 return False
             got = self.store.read_versioned(LEASE_PATH)
-            if got is None or LeaseRecord.from_bytes(got[0]).owner != self.owner:
+            if got is None or _record(self.store, got[0]).owner != self.owner:
                 self._lost = f"the lease on {self.store.display()} changed hands during renewal"
                 return False
             self.record, self._version, self._renewed_mono = nxt, got[1], t0
@@ -331,7 +341,7 @@ def lease_status(store: Store) -> dict | None:
     got = store.read_versioned(LEASE_PATH)
     if got is None:
         return None
-    rec = LeaseRecord.from_bytes(got[0])
+    rec = _record(store, got[0])
     return {
         "owner": rec.owner,
         "command": rec.command,

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from manifests.schemas import CLIP_SCHEMA, INDEX_SCHEMA, LEDGER_SCHEMA, SCENE_SCHEMA, SHARD_SCHEMA
 from pipeline import strict_json
+from pipeline.config import ConfigError
 from pipeline.storage import Store
 
 SHARD_STATES = ("pending", "running", "done", "failed")
@@ -65,17 +66,33 @@ def _to_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def _parse(data: bytes, columns: list[str] | None = None) -> pa.Table:
+class DamagedOutputError(ConfigError):
+    """A manifest object of an output cannot be read: it was damaged after it was written (every
+    object is published whole, so a build never leaves one half-written)."""
+
+
+def _parse(data: bytes, columns: list[str] | None = None, where: str = "a manifest object") -> pa.Table:
     # Parse on this thread (manifests are small). Arrow's reader threads (pq.read_table, or
     # use_threads) can drop the last reference to the Python-owned bytes after the read has
     # returned; one doing so while the interpreter exits cannot take the GIL, and the process
     # aborts ("terminate called without an active exception") after the command has finished.
-    with pq.ParquetFile(pa.BufferReader(data)) as f:
-        return f.read(columns=columns, use_threads=False)
+    try:
+        with pq.ParquetFile(pa.BufferReader(data)) as f:
+            return f.read(columns=columns, use_threads=False)
+    except (pa.ArrowException, OSError) as exc:
+        advice = (
+            "restore it, or remove it: `d4s resume` then rebuilds the shards whose events it held"
+            if f"/{LEDGER_DIR}/" in where
+            else "restore it from a copy"
+        )
+        raise DamagedOutputError(
+            f"{where}: not a readable Parquet object ({type(exc).__name__}: {exc}); it was damaged after "
+            f"it was written: {advice}"
+        ) from None
 
 
 def _read(store: Store, rel: str) -> pa.Table:
-    return _parse(store.read_bytes(rel))
+    return _parse(store.read_bytes(rel), where=store.display(rel))
 
 
 class ManifestStore:
@@ -119,12 +136,12 @@ class ManifestStore:
                 best = max(best, int(m.group(1)) >> EPOCH_SHIFT)
             else:
                 legacy.append(n)
-        for _rel, data in self.store.read_many([f"{LEDGER_DIR}/{n}" for n in legacy]).items():
+        for rel, data in self.store.read_many([f"{LEDGER_DIR}/{n}" for n in legacy]).items():
             if isinstance(data, FileNotFoundError):  # folded by a compaction meanwhile: read it all
                 return max([best] + [e["seq"] >> EPOCH_SHIFT for e in self.ledger_events()])
             if isinstance(data, BaseException):
                 raise data
-            seqs = _parse(data, columns=["seq"]).column("seq").to_pylist()
+            seqs = _parse(data, columns=["seq"], where=self.store.display(rel)).column("seq").to_pylist()
             best = max([best] + [q >> EPOCH_SHIFT for q in seqs if q is not None])
         return best
 
@@ -179,7 +196,7 @@ class ManifestStore:
                 elif isinstance(v, BaseException):
                     raise v
                 else:
-                    got[n] = _parse(v)
+                    got[n] = _parse(v, where=self.store.display(f"{LEDGER_DIR}/{n}"))
             if not vanished:
                 return got
         raise RuntimeError(f"{self.store.display(LEDGER_DIR)}: the ledger kept changing under {READ_ROUNDS} reads")
@@ -237,7 +254,7 @@ class ManifestStore:
                 continue  # folded by another compaction meanwhile: its events are in that one's output
             if isinstance(v, BaseException):
                 raise v
-            tables[n] = _parse(v)
+            tables[n] = _parse(v, where=self.store.display(f"{LEDGER_DIR}/{n}"))
         if len(tables) <= 1:
             return 0
         merged = _unique_events(pa.concat_tables(list(tables.values()), promote_options="default"))

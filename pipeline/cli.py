@@ -82,6 +82,21 @@ def _fault_overrides(fault: Optional[str]) -> dict:
     return {"fault": hooks}
 
 
+def _read_or_fail(fn, *args, **kwargs):
+    """Run a read-only command's work: not an output, a damaged manifest, a config of another
+    version, or a store that does not answer is one line naming the file (exit 2)."""
+    from pipeline.failures import describe, is_transient
+
+    try:
+        return fn(*args, **kwargs)
+    except (FileNotFoundError, ConfigError) as exc:
+        _fail(str(exc).strip("'\""))
+    except Exception as exc:
+        if is_transient(exc) or type(exc).__module__.startswith("botocore"):
+            _fail(f"the output store did not answer ({describe(exc)}); try again")
+        raise
+
+
 def _run_or_fail(fn, *args, **kwargs):
     """Run a build or resume; another driver's lease exits 3, a lease lost mid-run 4, a config error 2."""
     from manifests.lease import LeaseHeldError, LeaseLostError
@@ -159,10 +174,7 @@ def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False
     """Counts per dataset and state, shard states, and failures with their reasons."""
     from pipeline.status import collect_status
 
-    try:
-        st = collect_status(output)
-    except FileNotFoundError as exc:
-        _fail(str(exc))
+    st = _read_or_fail(collect_status, output)
     if as_json:
         out_console.print_json(strict_json.dumps(st))
         return
@@ -255,7 +267,7 @@ def verify(output: str = typer.Argument(...)):
     """Prove every planned clip is in exactly one intact shard (or recorded as failed)."""
     from pipeline.verify import verify as run_verify
 
-    rep = run_verify(output)
+    rep = _read_or_fail(run_verify, output)
     for p in rep.problems:
         out_console.print(f"[red]problem:[/red] {p}", highlight=False, soft_wrap=True)
     verdict = "OK" if rep.ok else "FAILED"
@@ -311,10 +323,7 @@ def report(
     """Write OUTPUT/report.html: a self-contained report with plots and a gallery, and print its path."""
     from pipeline.report import write_report
 
-    try:
-        path = write_report(output, gallery_clips=gallery_clips)
-    except FileNotFoundError as exc:
-        _fail(str(exc))
+    path = _read_or_fail(write_report, output, gallery_clips=gallery_clips)
     out_console.print(str(path), highlight=False)
 
 

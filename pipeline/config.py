@@ -485,7 +485,11 @@ def load_output_config(output: str) -> BuildConfig:
     store = Store(output)
     if not store.exists(OUTPUT_CONFIG_NAME):
         raise ConfigError(f"{output} is not a d4s output (no {OUTPUT_CONFIG_NAME}); run `d4s build` first")
-    recorded = load_config(_migrate_recorded(store.read_text(OUTPUT_CONFIG_NAME)), is_text=True)
+    try:
+        text = _migrate_recorded(store.read_text(OUTPUT_CONFIG_NAME))
+        recorded = load_config(text, is_text=True)
+    except (yaml.YAMLError, UnicodeDecodeError, ConfigError) as exc:
+        raise ConfigError(f"{store.display(OUTPUT_CONFIG_NAME)}: {exc}") from None
     return recorded.model_copy(update={"output": output})
 
 

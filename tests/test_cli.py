@@ -58,6 +58,7 @@ def test_status_json_and_verify_after_build(tmp_path, ray_local):
     assert r.exit_code == 0 and "clips/s" in r.stdout and "QC distributions" in r.stdout and "encode" in r.stdout
     r = runner.invoke(app, ["verify", str(tmp_path / "out")])
     assert r.exit_code == 0 and "verify OK" in r.stdout
+    _damaged_outputs_are_one_line_errors(tmp_path, tmp_path / "out")
 
 
 def test_inspect_reports_scene_and_problems(tmp_path):
@@ -74,3 +75,29 @@ def test_inspect_reports_scene_and_problems(tmp_path):
     rep = json.loads(res.stdout)
     assert res.exit_code == 1 and len(rep["problems"]) == 1 and "000003_left.png" in rep["problems"][0]
     assert rep["frames_read"] == 5
+
+
+def _damaged_outputs_are_one_line_errors(tmp_path, out):
+    """A damaged or foreign output: status, verify, report and resume say which file and why in
+    one line (exit 2), never a traceback (they raised pyarrow's, json's and yaml's errors)."""
+    import shutil
+
+    def damaged(name, rel, data):
+        copy = tmp_path / name
+        shutil.copytree(out, copy)
+        target = copy / rel if rel else sorted((copy / "manifests" / "ledger").glob("*.parquet"))[0]
+        target.write_bytes(data(target.read_bytes()))
+        return copy, target.name
+
+    cases = [
+        (damaged("ledger", None, lambda b: b[: len(b) // 2]), ("status", "verify", "report", "resume")),
+        (damaged("plan", "manifests/shards.parquet", lambda b: b"junk"), ("status", "verify", "report")),
+        (damaged("lease", "manifests/lease.json", lambda b: b"{oops"), ("status", "resume")),
+        (damaged("yaml", "config.resolved.yaml", lambda b: b"datasets: [a: b"), ("status", "resume")),
+        (damaged("newer", "config.resolved.yaml", lambda b: b + b"format_version: 99\n"), ("status", "resume")),
+    ]
+    for (copy, name), commands in cases:
+        for cmd in commands:
+            r = runner.invoke(app, [cmd, str(copy)] + (["--no-progress"] if cmd == "resume" else []))
+            assert r.exit_code == 2 and isinstance(r.exception, SystemExit), (cmd, name, r.output, r.exception)
+            assert "error:" in r.output and name in r.output.replace("\n", ""), (cmd, name, r.output)
