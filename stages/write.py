@@ -43,14 +43,25 @@ def shard_bytes(samples: list[dict]) -> tuple[bytes, list[tuple[str, int]]]:
     return data, [(s["__key__"], first[s["__key__"]]) for s in samples]
 
 
-def publish_shard(store: Store, rel: str, data: bytes) -> str:
-    """Write atomically, read back, and return the sha256 of what is actually stored."""
+def publish_shard(store: Store, rel: str, data: bytes) -> tuple[str, dict]:
+    """Write atomically, read back, and return the sha256 of what is actually stored with the
+    stored object's fingerprint. The fingerprint is taken before and after the read-back hash and
+    must not change in between, so the two describe one object: another attempt of the shard
+    publishing meanwhile is hashed again (and refused when its bytes differ), never recorded
+    with this attempt's sha256 (resume trusts an unchanged fingerprint without hashing)."""
     store.write_bytes_atomic(rel, data)
     digest = hashlib.sha256(data).hexdigest()
-    stored = store.sha256(rel)
+    for _ in range(5):
+        before = store.fingerprint_of(rel)
+        stored = store.sha256(rel)
+        after = store.fingerprint_of(rel)
+        if before == after:
+            break
+    else:
+        raise IOError(f"shard {rel}: the stored object kept changing while it was read back")
     if stored != digest:
         raise IOError(f"shard {rel}: stored bytes differ from written bytes (sha256 {stored} != {digest})")
-    return digest
+    return digest, after
 
 
 def software_stack() -> str:
@@ -117,8 +128,7 @@ def write_shard(shard: dict, clips: list, cfg) -> dict:
     t1 = time.time()
     data, offsets = shard_bytes(samples)
     store = Store(cfg.output)
-    sha = publish_shard(store, shard["path"], data)
-    fingerprint = store.fingerprint_of(shard["path"])
+    sha, fingerprint = publish_shard(store, shard["path"], data)
     timings["write"] = time.time() - t1
     from manifests.stage_counts import stage_counts
     from pipeline.plan import stages_for

@@ -187,3 +187,33 @@ def test_config_recorded_before_explicit_gpu_placement_still_loads(tmp_path):
         from pipeline.config import load_config
 
         load_config((out / CONFIG_NAME).read_text(), is_text=True)
+
+
+def test_the_recorded_fingerprint_is_of_the_object_that_was_hashed(tmp_path):
+    """A second write attempt of the shard (a zombie) that publishes other bytes between the
+    read-back hash and the fingerprint: the done event paired the first attempt's sha256 with the
+    zombie's fingerprint, and resume, trusting an unchanged fingerprint, kept the zombie's bytes.
+    The fingerprint is now taken around the hash; a change in between hashes again."""
+    from pipeline.storage import Store
+    from stages.write import publish_shard
+
+    store = Store(str(tmp_path / "out"))
+    real_sha256 = Store.sha256
+    zombie = []
+
+    def hash_then_zombie(self, rel):
+        digest = real_sha256(self, rel)
+        if not zombie:
+            zombie.append(rel)
+            self.write_bytes_atomic(rel, b"the zombie's other bytes")
+        return digest
+
+    Store.sha256 = hash_then_zombie
+    try:
+        with pytest.raises(IOError, match="stored bytes differ"):
+            publish_shard(store, "shards/x/x-000000.tar", b"this attempt's bytes")
+    finally:
+        Store.sha256 = real_sha256
+    assert zombie
+    digest, fingerprint = publish_shard(store, "shards/x/x-000001.tar", b"bytes")
+    assert fingerprint == store.fingerprint_of("shards/x/x-000001.tar") and len(digest) == 64
