@@ -148,6 +148,25 @@ def test_unknown_intrinsics_format(rendered, tmp_path):
     _expect_error(tmp_path, "frame_annotations_train.jgz", "intrinsics_format")
 
 
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        (("depth", "scale_adjustment"), 0, "scale_adjustment"),  # was read as 1.0
+        (("depth", "scale_adjustment"), -1.0, "scale_adjustment"),  # was a frame with no valid depth
+        (("depth", "scale_adjustment"), "abc", "scale_adjustment"),  # was a ValueError naming no file
+        (("viewpoint", "focal_length"), [0.0, 0.0], "focal_length"),  # was refused by Clip.validate, no file
+        (("viewpoint", "focal_length"), [-2.0, -2.0], "focal_length"),
+        (("image", "path"), 12345, "image.path"),  # was a TypeError naming no file
+        (("image", "size"), ["x", "y"], "image.size"),  # was a ValueError naming no file
+        (("image", "path"), "../../../../etc/passwd", "leaves the dataset root"),  # was PathEscapeError, no file
+    ],
+)
+def test_bad_annotation_values_name_the_annotation_file(rendered, tmp_path, field, value, needle):
+    ws, _ = _write(rendered, tmp_path)
+    _edit_annotations(tmp_path, lambda es: es[1][field[0]].__setitem__(field[1], value))
+    _expect_error(tmp_path, "frame_annotations_train.jgz", needle)
+
+
 def test_depth_size_mismatch(rendered, tmp_path):
     ws, _ = _write(rendered, tmp_path)
     p = _scene_dir(tmp_path, ws) / "depths" / f"{ws.scene_id.split('/')[1]}_0001.geometric.png"

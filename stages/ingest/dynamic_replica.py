@@ -205,6 +205,8 @@ class DynamicReplicaAdapter(DatasetAdapter):
         for arr, what in ((r, "R"), (t, "T"), (f, "focal_length"), (p, "principal_point")):
             if not np.all(np.isfinite(arr)):
                 raise ClipError(f"{tag}: viewpoint {what} contains NaN/inf", where)
+        if not np.all(f > 0):
+            raise ClipError(f"{tag}: viewpoint focal_length {f.tolist()} is not positive", where)
         if float(geo.rotation_error(r)) > 1e-4:
             raise ClipError(f"{tag}: viewpoint R is not a rotation (error {float(geo.rotation_error(r)):.2e})", where)
         f = np.broadcast_to(f, (2,))
@@ -254,6 +256,43 @@ class DynamicReplicaAdapter(DatasetAdapter):
             raise ClipError("traj_3d_world contains NaN/inf at visible points", self.where(rel))
         return pts, vis
 
+    def _annotated_path(self, value, split: str, ann_rel: str, e: dict, what: str) -> str:
+        """A file an entry names, relative to the split: a string that stays under the root."""
+        tag = f"frame {e.get('frame_number')} of {e.get('sequence_name')}"
+        if not isinstance(value, str) or not value:
+            raise ClipError(f"{tag}: {what} is not a path ({value!r})", self.where(ann_rel))
+        rel = posixpath.normpath(posixpath.join(split, value.replace("\\", "/")))
+        if value.startswith("/") or rel == ".." or rel.startswith("../"):
+            raise ClipError(f"{tag}: {what} {value!r} leaves the dataset root", self.where(ann_rel))
+        return rel
+
+    def _frame_fields(self, e: dict, split: str, ann_rel: str) -> tuple[str, tuple | None, str, float]:
+        """(image path, annotated (H, W) or None, depth path, depth scale) of one entry, checked:
+        a wrong type or value names the annotation file and the frame."""
+        tag = f"frame {e.get('frame_number')} of {e.get('sequence_name')}"
+        where = self.where(ann_rel)
+        img_rel = self._annotated_path(e["image"].get("path"), split, ann_rel, e, "image.path")
+        size = e["image"].get("size")
+        if size is not None:
+            try:
+                size = tuple(int(v) for v in size)
+            except (TypeError, ValueError):
+                size = ()
+            if len(size) != 2:
+                raise ClipError(f"{tag}: image.size {e['image'].get('size')!r} is not (H, W)", where)
+        d_ann = e.get("depth")
+        if not isinstance(d_ann, dict) or "path" not in d_ann:
+            raise ClipError(f"{tag} has no depth path", where)
+        depth_rel = self._annotated_path(d_ann["path"], split, ann_rel, e, "depth.path")
+        raw = d_ann.get("scale_adjustment")
+        try:
+            scale = 1.0 if raw is None else float(raw)  # absent or null: the depth as stored
+        except (TypeError, ValueError):
+            scale = float("nan")
+        if not (np.isfinite(scale) and scale > 0):
+            raise ClipError(f"{tag}: depth.scale_adjustment {raw!r} is not a positive number", where)
+        return img_rel, size, depth_rel, scale
+
     # -- clips -------------------------------------------------------------------------------
     def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
         self.frame_window(scene, frames)
@@ -262,28 +301,19 @@ class DynamicReplicaAdapter(DatasetAdapter):
         want_tracks = self.opts.tracks
         for i in frames:
             e = entries[i]
-            img_rel = posixpath.join(split, e["image"]["path"])
+            img_rel, size, depth_rel, scale = self._frame_fields(e, split, ann_rel)
             img = self.read_image(img_rel, expect_hw=rgb[0].shape[:2] if rgb else None)
             hw = img.shape[:2]
-            size = e["image"].get("size")
-            if size is not None and tuple(int(v) for v in size) != hw:
-                raise ClipError(
-                    f"image is {hw[1]}x{hw[0]} but annotated size (H,W) is {tuple(size)}", self.where(img_rel)
-                )
-            d_ann = e.get("depth")
-            if not isinstance(d_ann, dict) or "path" not in d_ann:
-                raise ClipError(
-                    f"frame {e['frame_number']} of {e['sequence_name']} has no depth path", self.where(ann_rel)
-                )
-            scale = float(d_ann.get("scale_adjustment") or 1.0)
-            depth.append(self._depth(posixpath.join(split, d_ann["path"]), scale, hw))
+            if size is not None and size != hw:
+                raise ClipError(f"image is {hw[1]}x{hw[0]} but annotated size (H,W) is {size}", self.where(img_rel))
+            depth.append(self._depth(depth_rel, scale, hw))
             k, c2w = self._camera(e, hw, ann_rel)
             rgb.append(img)
             ks.append(k)
             c2ws.append(c2w)
             traj = e.get("trajectories")
             if want_tracks and isinstance(traj, dict) and traj.get("path"):
-                t_rel = posixpath.join(split, traj["path"])
+                t_rel = self._annotated_path(traj["path"], split, ann_rel, e, "trajectories.path")
                 p, v = self._tracks(t_rel, hw)
                 if tracks and p.shape != tracks[0].shape:
                     raise ClipError(
