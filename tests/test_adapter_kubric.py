@@ -127,6 +127,14 @@ def test_nan_camera_position(rendered, tmp_path):
     _expect(tmp_path, "NaN")
 
 
+@pytest.mark.parametrize("drange", [[9.0, 2.0], [3.0, 3.0], [-1.0, 5.0]])
+def test_depth_range_that_is_no_range_is_refused(rendered, tmp_path, drange):
+    """Reversed, empty or negative: the depth decoded from it was garbage (or all one value)
+    and reached the shard when the self-check was off."""
+    _rewrite(tmp_path, rendered[0], lambda ex: ex.__setitem__("metadata/depth_range", drange))
+    _expect(tmp_path, "depth_range")
+
+
 def test_wrong_quaternion_count(rendered, tmp_path):
     _rewrite(tmp_path, rendered[0], lambda ex: ex.__setitem__("camera/quaternions", ex["camera/quaternions"][:-4]))
     _expect(tmp_path, "camera/quaternions")

@@ -210,6 +210,24 @@ def test_nan_in_extrinsics(written, tmp_path):
     _expect(root, [3, 4], "anno.npz", "extrinsics contains NaN/inf")
 
 
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda k: k[:, 0, 0].__setitem__(slice(None), 0.0), "focal"),  # was refused by Clip.validate, no file
+        (lambda k: k[:, 1, 1].__setitem__(slice(None), -500.0), "focal"),
+        (lambda k: k[:, 0, 1].__setitem__(slice(None), 300.0), "skew"),  # was dropped silently
+        (lambda k: k[:, 2].__setitem__(slice(None), [5.0, 5.0, 0.0]), "bottom row"),
+    ],
+)
+def test_intrinsics_that_are_no_pinhole_camera_name_the_annotations(written, tmp_path, edit, needle):
+    root, scene_dir = _copy(written, tmp_path)
+    with np.load(scene_dir / "anno.npz") as z:
+        k = z["intrinsics"].copy()
+    edit(k)
+    _rewrite_anno(scene_dir, intrinsics=k)
+    _expect(root, [3, 4], "anno.npz", needle)
+
+
 def test_annotation_frame_count_mismatch(written, tmp_path):
     root, scene_dir = _copy(written, tmp_path)
     with np.load(scene_dir / "anno.npz") as z:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline.clip import Clip, ClipError, ClipMeta
 from pipeline.config import DepthSource, TrackSource
-from pipeline.storage import Store
+from pipeline.storage import PathEscapeError, Store
 
 
 @dataclass(frozen=True)
@@ -214,6 +214,8 @@ class DatasetAdapter(ABC):
     def read(self, rel: str) -> bytes:
         try:
             return self.store.read_bytes(rel)
+        except PathEscapeError:  # a path from the dataset's metadata: never read
+            raise ClipError(f"path {rel!r} leaves the dataset root", self.where("")) from None
         except FileNotFoundError:
             raise ClipError("file is missing", self.where(rel)) from None
         except IsADirectoryError:

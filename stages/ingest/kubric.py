@@ -323,6 +323,8 @@ class KubricMoviFAdapter(DatasetAdapter):
         pos = self._floats(ex, "camera/positions", (n, 3), where)
         quat = self._floats(ex, "camera/quaternions", (n, 4), where)
         drange = self._floats(ex, "metadata/depth_range", (2,), where)
+        if not 0.0 <= drange[0] < drange[1]:
+            raise ClipError(f"metadata/depth_range {drange.tolist()} is not (min, max) with 0 <= min < max", where)
         qn = np.linalg.norm(quat[frames], axis=1)
         if np.any(np.abs(qn - 1.0) > 1e-3):
             raise ClipError(f"camera quaternion norm {qn.min():.4f}..{qn.max():.4f} is not 1", where)

@@ -259,6 +259,14 @@ class PointOdysseyAdapter(DatasetAdapter):
         if k.shape != (t, 3, 3):
             raise ClipError(f"intrinsics must be (T,3,3), got {k.shape[1:]} per frame", self.where(anno_rel))
         self.finite_or_fail(k, "intrinsics", anno_rel)
+        if not (np.all(k[:, 0, 0] > 0) and np.all(k[:, 1, 1] > 0)):
+            raise ClipError("intrinsics have a non-positive focal length", self.where(anno_rel))
+        if np.abs(k[:, 2] - [0.0, 0.0, 1.0]).max() > 1e-6:
+            raise ClipError("intrinsics bottom row is not [0 0 1]", self.where(anno_rel))
+        if np.abs(k[:, 0, 1]).max() > 1e-6 * np.abs(k[:, 0, 0]).max() or np.abs(k[:, 1, 0]).max() > 1e-6:
+            raise ClipError(
+                f"intrinsics have skew {np.abs(k[:, 0, 1]).max():g} (d4s cameras are fx fy cx cy)", self.where(anno_rel)
+            )
         w2c = anno["extrinsics"].astype(np.float64)
         if w2c.shape != (t, 4, 4):
             raise ClipError(f"extrinsics must be (T,4,4), got {w2c.shape[1:]} per frame", self.where(anno_rel))

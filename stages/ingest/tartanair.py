@@ -72,6 +72,8 @@ class TartanAirAdapter(DatasetAdapter):
             img = self.read_image(img_rel, expect_hw=rgb[0].shape[:2] if rgb else None)
             d_rel = posixpath.join(scene.scene, "depth_left", f"{i:06d}_left_depth.npy")
             d = self.read_npy(d_rel)
+            if not np.issubdtype(d.dtype, np.floating):  # the release's depth is float32 metres
+                raise ClipError(f"depth must be floating-point metres, got {d.dtype}", self.where(d_rel))
             if d.shape != img.shape[:2]:
                 raise ClipError(f"depth shape {d.shape} does not match image {img.shape[:2]}", self.where(d_rel))
             rgb.append(img)
