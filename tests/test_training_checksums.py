@@ -6,9 +6,11 @@ trainer, before it reads a single sample of that shard."""
 
 from __future__ import annotations
 
+import shutil
+
 import pyarrow.parquet as pq
 import pytest
-from conftest import tartanair_config
+from conftest import tartanair_config, write_tartanair
 
 import training.data as data_mod
 from pipeline.runner import build
@@ -16,10 +18,18 @@ from training.config import make_config
 from training.data import ShardChecksumError, ShardStream, iter_tar, resolve_shards, shard_checksums
 
 
+@pytest.fixture(scope="module")
+def built_once(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("checksums")
+    write_tartanair(tmp / "data")
+    build(tartanair_config(tmp, tmp / "data"), show_progress=False)
+    return tmp / "out"
+
+
 @pytest.fixture()
-def built(tmp_path, tartan_data, ray_local):
-    data, _ = tartan_data
-    build(tartanair_config(tmp_path, data), show_progress=False)
+def built(built_once, tmp_path):
+    """A copy of one build per test (each damages its own)."""
+    shutil.copytree(built_once, tmp_path / "out")
     return tmp_path / "out"
 
 
