@@ -233,7 +233,7 @@ def test_annotation_frame_count_mismatch(written, tmp_path):
     with np.load(scene_dir / "anno.npz") as z:
         anno = {k: z[k][:-1] for k in z.files}
     np.savez(scene_dir / "anno.npz", **anno)
-    _expect(root, [0, 1], "anno.npz", "annotations cover 15 frames but rgbs/ has 16")
+    _expect(root, [0, 1], "anno.npz", "annotations cover 15 frames but the images", "rgb_00015.jpg (16 frames)")
 
 
 def test_arrays_disagree_on_frames(written, tmp_path):
@@ -288,7 +288,7 @@ def test_depth_size_mismatch(written, tmp_path):
 def test_gap_in_frame_numbers(written, tmp_path):
     root, scene_dir = _copy(written, tmp_path)
     (scene_dir / "rgbs" / "rgb_00015.jpg").rename(scene_dir / "rgbs" / "rgb_00017.jpg")
-    _expect(root, [15], "rgb_00015.jpg", "contiguous")
+    _expect(root, [15], "anno.npz", "numbered up to rgb_00017.jpg")  # an image beyond the annotations
 
 
 def test_saturated_and_zero_depth_invalid(written, tmp_path):
@@ -323,3 +323,12 @@ def test_float16_annotations_load(written, tmp_path, rendered):
     clip = _load(root, [0, 5])
     assert np.all(geo.rotation_error(clip.c2w[:, :3, :3]) < 1e-9)  # projected back onto SO(3)
     np.testing.assert_allclose(clip.c2w, ws.expected_c2w(rendered.c2w[[0, 5]]), atol=1e-2)
+
+
+def test_a_missing_image_fails_only_the_clips_that_use_it(written, tmp_path):
+    """A deleted middle image: clips without that frame load; those with it fail naming the image
+    (the scene's frame count came from the images, so every clip failed on anno.npz)."""
+    root, scene_dir = _copy(written, tmp_path)
+    (scene_dir / "rgbs" / "rgb_00005.jpg").unlink()
+    assert _load(root, [0, 1, 2]).rgb.shape[0] == 3
+    _expect(root, [4, 5], "rgb_00005.jpg", "missing")

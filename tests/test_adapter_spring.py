@@ -210,10 +210,19 @@ def test_numbering_must_start_at_0001(written, tmp_path):
     root, sdir = _copy(written, tmp_path)
     fl = sdir / "frame_left"
     (fl / "frame_left_0010.png").rename(fl / "frame_left_0000.png")
-    _expect(root, [0], "frame_left_0001.png", "contiguous from 0001")
+    _expect(root, [0], "frame_left_0000.png", "numbering must start at 0001")
 
 
 def test_rgb_size_mismatch(written, tmp_path):
     root, sdir = _copy(written, tmp_path)
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(sdir / "frame_left" / "frame_left_0002.png")
     _expect(root, [0, 1], "frame_left_0002.png", "expected 64x36")
+
+
+def test_a_missing_image_fails_only_the_clips_that_use_it(written, tmp_path):
+    """A deleted middle image: clips without that frame load; those with it fail naming the image
+    (the scene's frame count came from the images, so every clip failed on the camera file)."""
+    root, sdir = _copy(written, tmp_path)
+    (sdir / "frame_left" / "frame_left_0006.png").unlink()
+    assert _load(root, [0, 1, 2]).rgb.shape[0] == 3
+    _expect(root, [4, 5], "frame_left_0006.png", "missing")

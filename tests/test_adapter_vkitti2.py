@@ -244,3 +244,12 @@ def test_image_count_differs_from_tables(written, tmp_path):
     root, var = _copy(written, tmp_path)
     (var / "frames" / "rgb" / "Camera_0" / "rgb_00009.jpg").unlink()
     _expect(root, [0], "extrinsic.txt", "expected frames 0..8")
+
+
+def test_a_missing_image_fails_only_the_clips_that_use_it(written, tmp_path):
+    """A deleted middle image: clips without that frame load; those with it fail naming the image
+    (the scene's frame count came from the images, so every clip failed on extrinsic.txt)."""
+    root, var = _copy(written, tmp_path)
+    (var / "frames" / "rgb" / "Camera_0" / "rgb_00005.jpg").unlink()
+    assert _load(root, [0, 1, 2]).rgb.shape[0] == 3
+    _expect(root, [4, 5], "rgb_00005.jpg", "missing")

@@ -62,6 +62,14 @@ class AdapterOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def numbered_frame_count(names: list[str], pattern, first: int = 0) -> int:
+    """A scene's frame count from its numbered image files (``pattern``'s group 1 is the number,
+    counted from ``first``): the highest + 1. An image missing below it is a missing file of the
+    clips that use that frame (each fails naming it), not a count that fails every clip."""
+    nums = [int(m.group(1)) for m in map(pattern.match, names) if m]
+    return max(nums) - first + 1 if nums else 0
+
+
 @dataclass(frozen=True)
 class SceneRef:
     """One scene of a dataset: ``scene`` is its id relative to the root ('/'-separated)."""

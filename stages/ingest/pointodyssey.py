@@ -35,7 +35,14 @@ from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import (
+    AdapterDefaults,
+    AdapterOptions,
+    Capabilities,
+    DatasetAdapter,
+    SceneRef,
+    numbered_frame_count,
+)
 
 DEPTH_SCALE_M = 1000.0 / 65535.0  # metres per depth unit
 DEPTH_CLIPPED = 65535  # the value written for depth >= 1000 m
@@ -123,7 +130,7 @@ class PointOdysseyAdapter(DatasetAdapter):
         scenes = []
         for p in self.store.fs.glob(self.store.path("*/*/anno.npz")):
             rel = posixpath.relpath(posixpath.dirname(p), self.store.root)
-            n = len(self._frame_names(rel))
+            n = numbered_frame_count(self._frame_names(rel), _RGB_RE)
             if n:
                 scenes.append(SceneRef(self.name, rel, n))
         return sorted(set(scenes), key=lambda s: s.scene)
@@ -244,15 +251,14 @@ class PointOdysseyAdapter(DatasetAdapter):
     # -- loading -----------------------------------------------------------------------------
     def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
         self.frame_window(scene, frames)
-        names = self._frame_names(scene.scene)
-        if len(names) != scene.num_frames:
-            raise ClipError(
-                f"{len(names)} rgb frames, expected {scene.num_frames}", self.where(posixpath.join(scene.scene, "rgbs"))
-            )
         anno_rel = posixpath.join(scene.scene, "anno.npz")
         anno, t_anno = self._anno_rows(anno_rel, frames)
         if t_anno != scene.num_frames:
-            raise ClipError(f"annotations cover {t_anno} frames but rgbs/ has {scene.num_frames}", self.where(anno_rel))
+            raise ClipError(
+                f"annotations cover {t_anno} frames but the images in rgbs/ are numbered up to "
+                f"rgb_{scene.num_frames - 1:05d}.jpg ({scene.num_frames} frames)",
+                self.where(anno_rel),
+            )
         t = len(frames)
 
         k = anno["intrinsics"].astype(np.float64)
@@ -286,10 +292,6 @@ class PointOdysseyAdapter(DatasetAdapter):
         rgb, depth, depth_ok = [], [], []
         for i in frames:
             img_rel = posixpath.join(scene.scene, "rgbs", f"rgb_{i:05d}.jpg")
-            if names[i] != f"rgb_{i:05d}.jpg":
-                raise ClipError(
-                    f"frame {i} is named {names[i]}; numbering must be contiguous from 00000", self.where(img_rel)
-                )
             img = self.read_image(img_rel, expect_hw=rgb[0].shape[:2] if rgb else None)
             d_rel = posixpath.join(scene.scene, "depths", f"depth_{i:05d}.png")
             raw = self.read_png16(d_rel)

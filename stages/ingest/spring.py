@@ -35,7 +35,14 @@ from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import (
+    AdapterDefaults,
+    AdapterOptions,
+    Capabilities,
+    DatasetAdapter,
+    SceneRef,
+    numbered_frame_count,
+)
 
 BASELINE_M = 0.065
 DSP5_KEY = "disparity"
@@ -86,7 +93,7 @@ class SpringAdapter(DatasetAdapter):
             rel = posixpath.relpath(posixpath.dirname(posixpath.dirname(p)), self.store.root)
             if not _SCENE_RE.match(posixpath.basename(rel)) or not self.store.isdir(posixpath.join(rel, "disp1_left")):
                 continue
-            n = len(self._frame_names(rel))
+            n = numbered_frame_count(self._frame_names(rel), _FRAME_RE, first=1)
             if n:
                 scenes.append(SceneRef(self.name, rel, n))
         return sorted(set(scenes), key=lambda s: s.scene)
@@ -139,11 +146,10 @@ class SpringAdapter(DatasetAdapter):
     # -- loading -----------------------------------------------------------------------------
     def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
         self.frame_window(scene, frames)
-        names = self._frame_names(scene.scene)
-        if len(names) != scene.num_frames:
+        below = [n for n in self._frame_names(scene.scene) if int(_FRAME_RE.match(n).group(1)) < 1]
+        if below:
             raise ClipError(
-                f"{len(names)} frames, expected {scene.num_frames}",
-                self.where(posixpath.join(scene.scene, "frame_left")),
+                "frame numbering must start at 0001", self.where(posixpath.join(scene.scene, "frame_left", below[0]))
             )
         ext_rel = posixpath.join(scene.scene, "cam_data", "extrinsics.txt")
         int_rel = posixpath.join(scene.scene, "cam_data", "intrinsics.txt")
@@ -165,10 +171,6 @@ class SpringAdapter(DatasetAdapter):
         for k, i in enumerate(frames):
             num = i + 1  # files are numbered from 0001
             img_rel = posixpath.join(scene.scene, "frame_left", f"frame_left_{num:04d}.png")
-            if names[i] != f"frame_left_{num:04d}.png":
-                raise ClipError(
-                    f"frame {i} is named {names[i]}; numbering must be contiguous from 0001", self.where(img_rel)
-                )
             img = self.read_image(img_rel, expect_hw=rgb[0].shape[:2] if rgb else None)
             d_rel = posixpath.join(scene.scene, "disp1_left", f"disp1_left_{num:04d}.dsp5")
             disp = self.read_dsp5(d_rel)

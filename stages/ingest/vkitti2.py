@@ -34,7 +34,14 @@ from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import (
+    AdapterDefaults,
+    AdapterOptions,
+    Capabilities,
+    DatasetAdapter,
+    SceneRef,
+    numbered_frame_count,
+)
 
 DEPTH_SCALE_M = 0.01  # metres per unit (centimetres)
 DEPTH_SKY = 65535
@@ -116,7 +123,7 @@ class VKITTI2Adapter(DatasetAdapter):
                         depth_dir = self._locate(depth_bases, scene, variation, "depth", cam)
                         if rgb_dir is None or depth_dir is None:
                             continue
-                        n = len([f for f in self.store.listdir(rgb_dir) if _RGB_RE.match(f)])
+                        n = numbered_frame_count(self.store.listdir(rgb_dir), _RGB_RE)
                         if n:
                             found[sid] = SceneRef(self.name, sid, n, extra=(text_dir, rgb_dir, depth_dir, cam))
         return [found[k] for k in sorted(found)]
