@@ -99,14 +99,21 @@ class ModelStage(ABC):
                 if len(got) != len(live):
                     raise RuntimeError(f"{self.name}: {len(got)} results for {len(live)} passes")
                 results = dict(zip(live, got))
-            except Exception:  # noqa: BLE001 - retried pass by pass, so the bad input is isolated
-                for i in live:
+            except Exception as exc:  # noqa: BLE001 - retried pass by pass, so the bad input is isolated
+                if len(live) == 1:  # one pass: it is the bad input (no second, doomed attempt)
+                    results[live[0]] = exc
+                for i in live if len(live) > 1 else []:
                     try:
                         results[i] = self.infer([prepared[i]])[0]
                     except Exception as exc:  # noqa: BLE001 - the pass's failure, raised below
                         results[i] = exc
             held_s = time.perf_counter() - t_held
         out: dict[str, Clip | ClipFailure] = {}
+        # seconds this call held the model (the GPU), shared by the passes that reached it: what a
+        # GPU-bound actor's throughput is made of (``prepare`` and ``finish`` overlap the other
+        # call's hold); a pass that failed in the model carries its share too, so a shard's sum is
+        # the whole hold
+        held_share = {f"{self.name}.model_held_s": held_s / len(live)} if live else {}
         for i, members in enumerate(groups):
             try:
                 res = results[i] if i in results else prepared[i]
@@ -115,6 +122,8 @@ class ModelStage(ABC):
             except Exception as exc:  # noqa: BLE001 - the pass's failure is each of its clips' failure
                 for c in members:
                     out[c.key] = ClipFailure.from_exception(c.key, self.name, exc).carrying(c)
+                if i in results:
+                    add_stats(out[members[0].key], held_share)
                 continue
             for c in members:
                 try:
@@ -124,11 +133,7 @@ class ModelStage(ABC):
                     out[c.key] = done
                 except Exception as exc:  # noqa: BLE001 - this clip's failure only
                     out[c.key] = ClipFailure.from_exception(c.key, self.name, exc).carrying(c)
-            # seconds this call held the model (the GPU), shared by its passes: what a GPU-bound actor's
-            # throughput is made of (``prepare`` and ``finish`` overlap the other call's hold)
-            add_stats(
-                out[members[0].key], self.stats(members, res) | {f"{self.name}.model_held_s": held_s / len(groups)}
-            )
+            add_stats(out[members[0].key], self.stats(members, res) | held_share)
         return [out.get(c.key, c) if isinstance(c, Clip) else c for c in clips]
 
 

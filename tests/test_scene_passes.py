@@ -276,6 +276,41 @@ def test_model_seconds_are_counted_per_pass_by_its_frames():
     assert s + t >= 0.2 and s == pytest.approx(2 * t)  # 6 frames vs 3
 
 
+def test_the_model_hold_is_counted_whole_when_a_pass_fails():
+    """``depth.model_held_s`` summed over a shard's results is the time the model was held, also
+    when a pass fails (in the model, or before it in ``prepare``): the failed passes' share went
+    nowhere, so the feed monitor saw the model idle longer than it was. A call of one pass that
+    fails is not run a second time (a doomed second GPU attempt)."""
+
+    class TimedLock:
+        held = 0.0
+
+        def __enter__(self):
+            self.t = time.perf_counter()
+
+        def __exit__(self, *exc):
+            TimedLock.held += time.perf_counter() - self.t
+
+    class SlowRunner(CountingRunner):
+        def predict(self, videos):
+            time.sleep(0.05 * len(videos))
+            return super().predict(videos)
+
+    def held(out):
+        return sum((o.aux.get("stats", {}) if hasattr(o, "aux") else o.stats).get("depth.model_held_s", 0) for o in out)
+
+    fails_t = SlowRunner(fail_when=lambda v: v.shape[0] == 3 and v[0, 0, 0, 0] == 100)
+    bad_size = clip("u", [7, 8], h=4)  # with a clip of another size its pass fails in prepare
+    clips = [clip("s", [0, 1, 2]), clip("t", [100, 101, 102]), clip("u", [5, 6]), bad_size, clip("v", [9, 10])]
+    TimedLock.held = 0.0
+    out = depth_stage(runner=fails_t).process(clips, model_lock=TimedLock())
+    assert [type(o).__name__ for o in out] == ["Clip", "ClipFailure", "ClipFailure", "ClipFailure", "Clip"]
+    assert held(out) == pytest.approx(TimedLock.held, rel=0.02)
+    lone = SlowRunner(fail_when=lambda v: True)
+    out = depth_stage(runner=lone).process([clip("s", [0, 1, 2])])
+    assert type(out[0]).__name__ == "ClipFailure" and lone.calls == 1
+
+
 def test_warm_up_for_the_passes_frame_sizes_is_not_model_time():
     """Before its model call on a GPU, the stage has the runner run every shape of the passes' frame sizes
     once (``VDARunner.warm_for``: first-use plan building, paid once per actor and network size). Those

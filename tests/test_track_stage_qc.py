@@ -40,3 +40,18 @@ def test_drifting_tracks_in_a_static_scene_are_dropped_with_reason():
         apply_static_track_qc(clip, _cfg())
     apply_static_track_qc(clip, _cfg(drop_on_qc=False))  # recorded, kept
     assert clip.meta.qc["tracks"]["kept_fraction"] < 0.5
+
+
+def test_a_clip_whose_tracks_cannot_be_checked_is_not_dropped_as_drifting():
+    """With no track visible in two frames (a 1-frame clip, which the config allows) drift cannot be
+    measured: the clip was dropped as "only 0 % of tracks stay put (median drift nan m)". QC now
+    records that it could not check, and keeps the clip."""
+    c = _static_clip()
+    one = Clip(c.meta, c.rgb[:1], c.intrinsics[:1], c.c2w[:1], c.depth[:1], c.depth_valid[:1])
+    one.meta.frame_indices = [0]
+    clip = tracks_from_depth(one, _cfg())
+    assert isinstance(clip, Clip), clip
+    assert clip.meta.qc["tracks"]["checked"] is False and clip.meta.qc["tracks"]["num_tracks"] == 0
+    clip.track_visible[:] = False  # tracked, but never seen twice: the same
+    apply_static_track_qc(clip, _cfg())
+    assert clip.meta.qc["tracks"]["checked"] is False

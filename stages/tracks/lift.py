@@ -228,13 +228,20 @@ def static_drift_qc(
     track's median position; relative drift divides by the distance to the camera centre of
     that frame (or by the median point's distance to the origin when ``c2w`` is None).
     Returns median_drift_m and median_drift_rel over all visible (frame, track) samples, and
-    kept_fraction: the share of those tracks whose median relative drift <= ``max_rel_drift``.
+    kept_fraction: the share of those tracks whose median relative drift <= ``max_rel_drift``;
+    ``checked`` False (and no figures) when no track is visible in two frames.
     """
     track_world = np.asarray(track_world, dtype=np.float64)
     visible = np.asarray(visible, dtype=bool)
     use = visible.sum(axis=0) >= 2
-    if not use.any():
-        return {"median_drift_m": float("nan"), "median_drift_rel": float("nan"), "kept_fraction": 0.0, "num_tracks": 0}
+    if not use.any():  # nothing to measure (e.g. a 1-frame clip): not "every track drifts"
+        return {
+            "median_drift_m": None,
+            "median_drift_rel": None,
+            "kept_fraction": None,
+            "num_tracks": 0,
+            "checked": False,
+        }
     pts = track_world[:, use]
     vis = visible[:, use]
     med = np.stack([np.median(pts[vis[:, j], j], axis=0) for j in range(pts.shape[1])])  # M 3
@@ -250,6 +257,7 @@ def static_drift_qc(
         "median_drift_rel": float(np.median(rel[vis])),
         "kept_fraction": float(np.mean(per_track <= max_rel_drift)),
         "num_tracks": int(use.sum()),
+        "checked": True,
     }
 
 

@@ -52,7 +52,8 @@ def apply_static_track_qc(clip: Clip, cfg: BuildConfig) -> None:
 
     Records median drift (metres and relative to the camera distance) and the share of tracks
     that stay within ``max_rel_drift`` in ``meta.qc['tracks']``; below ``min_kept_fraction`` the
-    clip is dropped with the reason (unless ``drop_on_qc`` is off).
+    clip is dropped with the reason (unless ``drop_on_qc`` is off). With no track visible in two
+    frames nothing can be measured: recorded as ``checked: false``, and the clip kept.
     """
     if clip.meta.dynamic:
         return
@@ -61,7 +62,7 @@ def apply_static_track_qc(clip: Clip, cfg: BuildConfig) -> None:
     t = cfg.stages.tracks
     qc = static_drift_qc(clip.tracks, clip.track_visible, clip.c2w, max_rel_drift=t.max_rel_drift)
     clip.meta.qc["tracks"] = qc
-    if t.drop_on_qc and qc["kept_fraction"] < t.min_kept_fraction:
+    if t.drop_on_qc and qc["checked"] and qc["kept_fraction"] < t.min_kept_fraction:
         raise ValueError(
             f"track QC: only {qc['kept_fraction']:.0%} of lifted tracks stay put in this static scene "
             f"(median drift {qc['median_drift_m']:.3f} m, {qc['median_drift_rel']:.1%} of depth)"
