@@ -247,3 +247,16 @@ def test_a_read_only_video_from_the_object_store_becomes_a_tensor_without_a_warn
     assert torch.equal(t, torch.from_numpy(video.copy()))
     writable = video.copy()
     assert video_tensor(writable).data_ptr() == writable.ctypes.data  # no copy when it may be shared
+
+
+def test_runner_refuses_frames_that_are_not_uint8():
+    """Frames are uint8 0..255 (as VDA's runner requires): float frames were read on the 0..255
+    scale whatever their range, and NaN gave non-finite tracks without an error."""
+    runner = CoTrackerRunner(
+        "offline", None, "cpu", "fp32", grid_size=2, allow_random_weights=True, iters=1, model_resolution=(32, 32)
+    )
+    frames = np.random.default_rng(0).random((3, 16, 16, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="uint8"):
+        runner.track([frames])
+    with pytest.raises(ValueError, match="uint8"):
+        runner.track([torch.from_numpy(frames)])

@@ -224,3 +224,13 @@ def test_the_empty_model_is_allocated_on_the_device_asked_for():
     # the model's device): no CPU fill of 380M numbers per actor start
     meta = build_vda_empty("vits", device="meta")
     assert {p.device.type for p in meta.state_dict().values()} == {"meta"}
+
+
+@pytest.mark.parametrize("hw", [(1, 200), (3, 400), (540, 4)])
+def test_frames_too_thin_for_the_depth_model_are_said_so(hw):
+    """At extreme aspect ratios the official rule reduces the input size to 0 pixels; the clip
+    failed with torch's 'Input and output sizes should be greater than 0'."""
+    from stages.depth.vda.infer import network_size
+
+    with pytest.raises(ValueError, match="too thin for the depth model"):
+        network_size(*hw)

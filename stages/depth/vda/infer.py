@@ -59,6 +59,11 @@ def network_size(height: int, width: int, input_size: int = 518) -> tuple[int, i
         y = int(np.round(x / 14) * 14)
         return y if y >= input_size else int(np.ceil(x / 14) * 14)
 
+    if input_size < 14:
+        raise ValueError(
+            f"frames of {height}x{width} are too thin for the depth model: at that aspect ratio "
+            f"({ratio:.0f}:1) its input size rounds to {input_size} pixels"
+        )
     return fit(scale * height), fit(scale * width)
 
 

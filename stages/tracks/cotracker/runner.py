@@ -152,6 +152,8 @@ class CoTrackerRunner:
                 raise ValueError(f"clip {i}: expected (T, H, W, 3) frames, got {v.shape}")
             if v.shape[1] < 2 or v.shape[2] < 2:
                 raise ValueError(f"clip {i}: frames of {v.shape[1:3]} are too small to track")
+            if str(v.dtype) not in ("uint8", "torch.uint8"):
+                raise ValueError(f"clip {i}: frames must be uint8 RGB 0..255, got {v.dtype}")
         results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(videos)
         qframes: list[np.ndarray | None] = [None] * len(videos)
         by_len: dict[int, list[int]] = defaultdict(list)
