@@ -108,3 +108,13 @@ def test_checkpoints_load_without_unpickling_code(tmp_path):
     bad = save_checkpoint(str(tmp_path / "w2"), {"step": 2, "obj": _Payload()}, keep=1)
     with pytest.raises(Exception, match="[Ww]eights only"):
         load_checkpoint(bad)
+
+
+def test_vae_precision_does_not_shape_the_weights():
+    """A speed switch: a full-preset checkpoint (bfloat16 VAE) is evaluated with a float32 config."""
+    from training.config import make_config
+    from training.load import shaping_differences
+
+    a = make_config("tiny")
+    b = make_config("tiny", backbone={"vae_precision": "bfloat16"})
+    assert a.backbone.vae_precision != b.backbone.vae_precision and shaping_differences(a, b) == []

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from training.config import make_config
 from training.synthetic import write_shards
@@ -132,3 +133,40 @@ def test_cli_demo_ray(shards, tmp_path, capsys):
     assert train_main(None, shards, 2, wd) == 0
     assert train_main(None, shards, 3, wd) == 0
     assert "resumed from checkpoint" in capsys.readouterr().out
+
+
+def test_logged_lr_is_the_steps_and_a_workdir_of_another_model_is_refused(shards, tmp_path):
+    """``metrics.jsonl``'s ``lr`` is the rate the step used (it was the next step's); resuming a
+    workdir whose checkpoint is of another model (weight-shaping fields differ) is refused naming
+    the fields (a changed head count resumed silently, re-splitting the weights; a changed width
+    was torch's size-mismatch traceback)."""
+    from training.load import CheckpointError
+
+    cfg = make_config(
+        "tiny",
+        workdir=str(tmp_path / "w"),
+        max_steps=3,
+        data={"root": shards},
+        stages=_stages(3),
+        optim={"lr": 1e-3, "warmup_steps": 4},
+        runtime={"launcher": "local", "num_workers": 1, "ckpt_every": 1, "tensorboard": False},
+    )
+    train(cfg)
+    assert [r["lr"] for r in _metrics(cfg.workdir)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])
+    other = cfg.model_copy(update={"ldrm": cfg.ldrm.model_copy(update={"heads": 2 * cfg.ldrm.heads}), "max_steps": 4})
+    with pytest.raises(CheckpointError, match="ldrm.heads"):
+        train(other)
+
+
+def test_validation_setup_leaves_the_random_state_alone(shards, monkeypatch):
+    """Building LPIPS for validation draws random numbers (its layers' initialisation). It runs after
+    a resume restored the random state, so a resumed run drew different numbers from the
+    uninterrupted one from there on; it now runs on a forked random state."""
+    import training.metrics as metrics
+    from training.trainer import _validation_setup
+
+    monkeypatch.setattr(metrics, "load_lpips", lambda *a, **k: (torch.nn.Linear(64, 64), None))
+    cfg = make_config("tiny", data={"root": shards}, validation={"every": 1000})
+    before = torch.get_rng_state()
+    _validation_setup(cfg, 0, 1, torch.device("cpu"), None, None)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -52,7 +52,16 @@ def train_main(
         return 2
     ck = latest_checkpoint(cfg.workdir)
     if ck:
-        step = load_checkpoint(ck)["step"]
+        from training.load import CheckpointError
+        from training.trainer import _refuse_another_model
+
+        state = load_checkpoint(ck)
+        try:  # before any worker starts: one line, not a worker's traceback
+            _refuse_another_model(cfg, state, ck)
+        except CheckpointError as e:
+            print(f"d4s train: {e}", file=sys.stderr)
+            return 2
+        step = state["step"]
         print(f"d4s train: resumed from checkpoint {ck} (step {step})", flush=True)
         if step >= min(cfg.total_steps, cfg.max_steps or cfg.total_steps):
             print(f"d4s train: nothing to do, already at step {step}", flush=True)

@@ -25,7 +25,14 @@ from training.config import TrainConfig
 
 # Config fields that do not change the weights' shapes (a checkpoint is comparable across them).
 _NOT_SHAPING = {
-    "backbone": {"pretrained_dir", "text_encoder_dir", "caption_dropout", "text_cache_size", "freeze_vae"},
+    "backbone": {
+        "pretrained_dir",
+        "text_encoder_dir",
+        "caption_dropout",
+        "text_cache_size",
+        "freeze_vae",
+        "vae_precision",
+    },
     "ldrm": {
         "clean_latent_prob",
         "clean_first_latent",

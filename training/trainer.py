@@ -196,6 +196,7 @@ def train_loop_per_worker(config: dict) -> None:
     rng_to_restore = None
     if resumed_from:
         st = load_checkpoint(resumed_from)
+        _refuse_another_model(cfg, st, resumed_from)
         _load_model(model, st["model"], fsdp)
         _load_optim(model, opt, st["optim"], fsdp)
         sched.load_state_dict(st["sched"])
@@ -339,6 +340,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[train] stage {stage_index} {describe(stage)}", flush=True)
         while in_stage < stage.steps and step < max_steps:
+            lr = sched.get_last_lr()[0]  # the rate this step's update uses (train_step steps the schedule)
             agg, grad_norm = train_step(
                 ddp,
                 model,
@@ -362,7 +364,7 @@ def train_loop_per_worker(config: dict) -> None:
                 {
                     "step": step,
                     "stage": stage.name,
-                    "lr": sched.get_last_lr()[0],
+                    "lr": lr,
                     "time": time.time(),
                     "agg": agg,
                     "grad_norm": grad_norm,
@@ -407,6 +409,23 @@ def train_loop_per_worker(config: dict) -> None:
         pass
 
 
+def _refuse_another_model(cfg: TrainConfig, state: dict, path: str) -> None:
+    """A workdir's checkpoint of another model (weight-shaping fields differ) is not resumed: its
+    weights would be re-split (another head count) or not fit (another width)."""
+    from training.load import CheckpointError, shaping_differences
+
+    try:
+        saved = TrainConfig.model_validate(state["config"])
+    except Exception as exc:  # noqa: BLE001 - a checkpoint written by another version of d4s
+        raise CheckpointError(f"{path}: its stored config is not a valid training config: {exc}") from None
+    diff = shaping_differences(saved, cfg)
+    if diff:
+        raise CheckpointError(
+            f"{cfg.workdir} holds a checkpoint of another model ({path}; checkpoint vs config: "
+            f"{'; '.join(diff)}): train in a new workdir, or with the checkpoint's settings"
+        )
+
+
 def _validation_setup(cfg: TrainConfig, rank: int, world: int, device, lpips_fn, text_encoder):
     """(Validator, BestCheckpoint or None); says once when there is nothing held out to validate on."""
     from training.validate import BestCheckpoint, Validator
@@ -414,7 +433,12 @@ def _validation_setup(cfg: TrainConfig, rank: int, world: int, device, lpips_fn,
     if lpips_fn is None and cfg.validation.every > 0:  # measured even when not a loss, if its weights are there
         from training.metrics import load_lpips
 
-        lpips_fn = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_torch_home, device)[0]
+        # Building LPIPS draws random numbers (its layers' initialisation), here after a resume
+        # restored the random state: on a forked state, so a resumed run draws what the
+        # uninterrupted one drew.
+        devices = [device] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            lpips_fn = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_torch_home, device)[0]
     validator = Validator(cfg, rank, world, device, lpips_fn, text_encoder)
     if rank == 0 and cfg.validation.every > 0 and not validator.enabled:
         print(
