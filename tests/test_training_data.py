@@ -213,3 +213,29 @@ def test_clips_shorter_than_the_stage_fail_clearly(tmp_path):
     glob = make_config("tiny", data={"shards": [out + "/shards/*.tar"]})  # no index: after one epoch
     with pytest.raises(RuntimeError, match="9 frames"):
         next(iter(ShardStream(glob.data, long, 0, 8, 1)))
+
+
+def test_fewer_samples_than_streams_each_clip_is_drawn_alike(tmp_path):
+    """One shard of 10 clips, 8 streams: each stream read a contiguous range of 1 or 2 samples,
+    the same every epoch, so the clips of the 1-sample ranges were drawn twice as often. The
+    ranges are now equally long and walk on each epoch: every clip is drawn alike."""
+    from collections import Counter
+
+    out = str(tmp_path)
+    write_shards(out, n_clips=10, per_shard=10, t=5, size=16, datasets=("synth_static",))
+    cfg = make_config("tiny", data={"root": out, "shuffle_buffer": 1})
+    stage = cfg.stages[0].model_copy(update={"num_frames": 5})
+    counts = Counter(k for r in range(8) for k in _keys(ShardStream(cfg.data, stage, 0, 8, 1, rank=r, world=8), 10))
+    assert len(counts) == 10 and max(counts.values()) - min(counts.values()) <= 1, counts
+
+
+def test_without_an_index_a_stage_filter_finds_clips_in_other_streams_shards(tmp_path):
+    """``data.shards`` (no index), 4 one-clip shards, only one clip static, 2 ranks: a rank whose
+    shards of an epoch held no static clip ended its stream, and the stage failed as if no clip
+    passed the filter anywhere. Such a rank now takes its share of the accepted clips of every shard."""
+    out = str(tmp_path)
+    write_shards(out, n_clips=4, per_shard=1, t=5, size=16, datasets=("synth",), dynamic=lambda ds, i: i != 0)
+    cfg = make_config("tiny", data={"shards": [out + "/shards/**/*.tar"], "shuffle_buffer": 1})
+    static = cfg.stages[0].model_copy(update={"scenes": "static", "num_frames": 5})
+    for r in range(2):
+        assert set(_keys(ShardStream(cfg.data, static, 0, 8, 1, rank=r, world=2), 6)) == {"synth__s0__0"}

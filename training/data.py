@@ -18,11 +18,14 @@ The stream of one *part* (= one DataLoader worker of one rank; ``n_parts = world
 
 * per dataset, an endless sequence of epochs. Epoch ``e`` permutes the dataset's shards with
   ``seed``; parts take every ``n_parts``-th shard (split by node, then by worker). When a dataset has
-  fewer shards (holding accepted clips) than parts, the accepted samples in epoch order are split
-  into ``n_parts`` contiguous ranges (part p reads only its range, seeking to the samples' byte
-  offsets; when there are fewer samples than parts, part p takes sample p mod N), so the dataset is
-  read about once per epoch in total, not once per part. Without an index that case falls back to
-  every part reading every shard and keeping every ``n_parts``-th sample. A shuffle buffer
+  fewer shards (holding accepted clips) than parts, the accepted samples in epoch order are cut
+  into ``n_parts`` ranges of ceil(N / n_parts) consecutive samples (wrapping around; part p reads
+  only its range, seeking to the samples' byte offsets), which walk on by all of them every epoch:
+  the dataset is read about once per epoch in total, not once per part, and every sample alike
+  over epochs (equally long ranges: every part emits at the same rate). Without an index that case
+  falls back to every part reading every shard and keeping every ``n_parts``-th sample; and a part
+  whose shards of an epoch hold no accepted sample takes every ``n_parts``-th accepted sample of
+  all shards (the first, when there are fewer), so its stream ends only when no shard has one. A shuffle buffer
   (``shuffle_buffer`` samples, seeded per part and epoch, drained at the epoch's end) reorders them;
 * a mixture: each output sample's dataset is drawn with probability proportional to
   ``stage.mixture[ds]`` (or the dataset's accepted-clip count when no mixture is set) x ``data.repeat[ds]``;
@@ -379,23 +382,44 @@ class DatasetStream:
         order = _rng(self.seed, _ds_id(self.name), e).permutation(len(self.shards))
         shards = [self.shards[i] for i in order]
         if self.samples is not None:
-            yield from self._epoch_indexed(shards)
+            yield from self._epoch_indexed(shards, e)
             return
         by_shard = len(shards) >= self.n_parts
         mine = shards[self.part :: self.n_parts] if by_shard else shards
-        n = 0
+        n = got = 0
         for url in mine:
-            for s in iter_tar(url, self.checksums.get(url)):
-                # with an index, only the samples it lists for this dataset and split (held-out ones are absent)
-                if self.keys and self.keys.get(s["__key__"]) != self.name:
-                    continue
+            for s in self._listed(url):
                 n += 1
                 if not by_shard and (n - 1) % self.n_parts != self.part:
                     continue
                 if self.accept(s):
+                    got += 1
                     yield s
+        if by_shard and not got:
+            # None of this part's shards of the epoch holds an accepted sample (a stage filter),
+            # others may: take every n_parts-th accepted sample of all shards (or the first, when
+            # there are fewer), so the stream ends only when no shard has one.
+            k, first = 0, None
+            for url in shards:
+                for s in self._listed(url):
+                    if not self.accept(s):
+                        continue
+                    first = s if first is None else first
+                    if k % self.n_parts == self.part:
+                        got += 1
+                        yield s
+                    k += 1
+            if not got and first is not None:
+                yield first
 
-    def _epoch_indexed(self, shards: list[str]) -> Iterator[dict]:
+    def _listed(self, url: str) -> Iterator[dict]:
+        """The shard's samples; with an index, only those it lists for this dataset and split."""
+        for s in iter_tar(url, self.checksums.get(url)):
+            if self.keys and self.keys.get(s["__key__"]) != self.name:
+                continue
+            yield s
+
+    def _epoch_indexed(self, shards: list[str], e: int = 0) -> Iterator[dict]:
         """This part's accepted samples of the epoch, read by seeking (module docs: how parts split)."""
         wanted = {
             u: [
@@ -413,11 +437,12 @@ class DatasetStream:
             n = len(flat)
             if n == 0:
                 return
-            if n >= self.n_parts:
-                lo, hi = self.part * n // self.n_parts, (self.part + 1) * n // self.n_parts
-                picked = flat[lo:hi]
-            else:
-                picked = [flat[self.part % n]]
+            # Equally long ranges (every part emits at the same rate, so a shorter range would
+            # draw its samples more often), ceil(n / parts) each, walking on by all of them every
+            # epoch: over epochs every sample is read alike (within one), whatever n and parts.
+            length = -(-n // self.n_parts)
+            start = (e * length * self.n_parts + self.part * length) % n
+            picked = [flat[(start + j) % n] for j in range(length)]
             mine = []
             for u, ir in picked:
                 if not mine or mine[-1][0] != u:
