@@ -239,3 +239,17 @@ def test_without_an_index_a_stage_filter_finds_clips_in_other_streams_shards(tmp
     static = cfg.stages[0].model_copy(update={"scenes": "static", "num_frames": 5})
     for r in range(2):
         assert set(_keys(ShardStream(cfg.data, static, 0, 8, 1, rank=r, world=2), 6)) == {"synth__s0__0"}
+
+
+def test_a_mixture_or_repeat_naming_no_dataset_of_the_data_is_refused(tmp_path):
+    """A typo in a stage's mixture (or in data.repeat) was ignored: that dataset silently got no
+    weight (or its repeat none)."""
+    out = _mixed(tmp_path)
+    cfg = make_config("tiny", data={"root": out, "shuffle_buffer": 1})
+    typo = cfg.stages[0].model_copy(update={"mixture": {"synth_mixed": 1.0, "synth_statc": 1.0}})
+    with pytest.raises(ValueError, match="synth_statc") as err:
+        ShardStream(cfg.data, typo, 0, 8, 1).weights()
+    assert "synth_static" in str(err.value)  # what the data holds
+    repeat = make_config("tiny", data={"root": out, "repeat": {"synth_mixd": 2.0}})
+    with pytest.raises(ValueError, match="synth_mixd"):
+        ShardStream(repeat.data, repeat.stages[0], 0, 8, 1).weights()

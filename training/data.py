@@ -627,6 +627,13 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def weights(self) -> dict[str, float]:
         """Mixture weight per dataset (module docs); datasets with no accepted clip get 0."""
+        for what, names in (("its mixture", self.stage.mixture or {}), ("data.repeat", self.data.repeat)):
+            unknown = sorted(set(names) - set(self.shards))
+            if unknown:  # a typo would silently weigh that dataset 0 (or 1)
+                raise ValueError(
+                    f"stage {self.stage.name}: {what} names datasets the data does not hold: {unknown} "
+                    f"(it holds {sorted(self.shards)})"
+                )
         accepted = self.accepted()
         out = {}
         for ds in self.shards:
