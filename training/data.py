@@ -395,9 +395,9 @@ class DatasetStream:
                 if self.accept(s):
                     got += 1
                     yield s
-        if by_shard and not got:
-            # None of this part's shards of the epoch holds an accepted sample (a stage filter),
-            # others may: take every n_parts-th accepted sample of all shards (or the first, when
+        if not got:
+            # None of this part's samples of the epoch is accepted (a stage filter), others may
+            # be: take every n_parts-th accepted sample of all shards (or the first, when
             # there are fewer), so the stream ends only when no shard has one.
             k, first = 0, None
             for url in shards:
