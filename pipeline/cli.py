@@ -410,16 +410,27 @@ def _counts_table(path: str) -> list[dict]:
     """The rows of a ``--counts`` file, or a one-line error naming the file."""
     import yaml
 
+    from pipeline.yaml_load import load_yaml, yaml_error_line
+    from stages.ingest import ADAPTERS
+
     try:
-        rows = yaml.safe_load(Path(path).read_text())
+        rows = load_yaml(Path(path).read_text())
     except FileNotFoundError:
         _fail(f"counts file not found: {path}")
     except yaml.YAMLError as exc:
-        _fail(f"counts file {path} is not valid YAML: {exc}")
+        _fail(f"counts file {path} is not valid YAML: {yaml_error_line(exc)}")
     if not isinstance(rows, list) or not all(
         isinstance(r, dict) and {"dataset", "scenes", "frames_per_scene"} <= set(r) for r in rows
     ):
         _fail(f"counts file {path}: expected a list of {{dataset, scenes, frames_per_scene}} rows")
+    for i, r in enumerate(rows, 1):
+        if r["dataset"] not in ADAPTERS:
+            _fail(
+                f"counts file {path}, row {i}: unknown dataset {r['dataset']!r}; known: {', '.join(sorted(ADAPTERS))}"
+            )
+        for k in ("scenes", "frames_per_scene"):
+            if not isinstance(r[k], int) or isinstance(r[k], bool) or r[k] < 1:
+                _fail(f"counts file {path}, row {i}: {k} must be a whole number >= 1, got {r[k]!r}")
     return rows
 
 
@@ -477,6 +488,7 @@ def eval_cmd(
     config: Optional[str] = typer.Option(None, "--config", help="Training config the checkpoint must match."),
 ):
     """Measure a checkpoint on held-out clips: PSNR, SSIM, LPIPS, depth AbsRel and delta, track EPE."""
+    from training.config import TrainConfigError
     from training.evaluate import EvalError, evaluate
     from training.load import CheckpointError
 
@@ -497,7 +509,7 @@ def eval_cmd(
             rrd=rrd,
             config=config,
         )
-    except (EvalError, CheckpointError, ConfigError, FileNotFoundError) as exc:
+    except (EvalError, CheckpointError, ConfigError, TrainConfigError, FileNotFoundError) as exc:
         _fail(str(exc))
     keys = ("psnr", "ssim", "lpips", "depth_abs_rel", "depth_delta_1_25", "track_epe_m")
     out_console.print(
@@ -533,6 +545,7 @@ def generate_cmd(
     config: Optional[str] = typer.Option(None, "--config", help="Training config the checkpoint must match."),
 ):
     """One image + a camera path -> deformable Gaussians rendered to videos (RGB, depth), novel views, .ply files."""
+    from training.config import TrainConfigError
     from training.evaluate import EvalError
     from training.generate import GenerateError, generate
     from training.load import CheckpointError
@@ -556,7 +569,7 @@ def generate_cmd(
             write_ply=ply,
             config=config,
         )
-    except (GenerateError, EvalError, CheckpointError, ConfigError, FileNotFoundError) as exc:
+    except (GenerateError, EvalError, CheckpointError, ConfigError, TrainConfigError, FileNotFoundError) as exc:
         _fail(str(exc))
     out_console.print(
         f"{res['frames']} frames at {res['resolution']}x{res['resolution']}: {res['scene_s']:.2f} s per scene "

@@ -67,7 +67,7 @@ class DatasetConfig(_Strict):
 class StageResources(_Strict):
     """Where a model stage runs: each actor requests `num_gpus` whatever the cluster has at start (an autoscaler adds GPU nodes for it); `num_gpus: 0` is the explicit choice of CPU (fp32, slow)."""
 
-    num_cpus: float = 1.0
+    num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(
         1.0, ge=0, description="GPUs per actor, requested from Ray (fractions share a GPU); 0: run on CPU"
     )
@@ -94,7 +94,7 @@ class DepthStageConfig(_Strict):
         "fp16",
         description="GPU autocast dtype; fp16 measured within 0.15% AbsRel of fp32, bf16 1.8% (bench/RESULTS.md)",
     )
-    input_size: int = 518
+    input_size: int = Field(518, ge=14)
     compile: bool = False
     allow_random_weights: bool = Field(
         False, description="demos/benchmarks only: run without a checkpoint; every sample is flagged untrained"
@@ -228,7 +228,7 @@ class FaultConfig(_Strict):
 
 class RayConfig(_Strict):
     address: str | None = Field(None, description="Ray address to join; None: RAY_ADDRESS if set, else a local Ray")
-    num_cpus: int | None = Field(None, description="CPUs of a local Ray (ignored when joining a cluster)")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (ignored when joining a cluster)")
     num_gpus: int | None = Field(None, description="GPUs of a local Ray")
     task_retries: int = Field(3, ge=0, description="Ray retries of a task whose worker died")
     actor_restarts: int = Field(3, ge=0, description="restarts of a model actor whose process died")
@@ -251,6 +251,16 @@ class LeaseConfig(_Strict):
         description="a lease not renewed for this long (on the store's clock) may be taken over by another driver",
     )
     heartbeat_s: float | None = Field(None, gt=0, description="renewal period (default ttl_s / 5)")
+
+    @model_validator(mode="after")
+    def _renewed_in_time(self) -> "LeaseConfig":
+        # the holder fences itself when not renewed for 80 % of the TTL (manifests/lease.py)
+        if self.heartbeat_s is not None and self.heartbeat_s >= 0.8 * self.ttl_s:
+            raise ValueError(
+                f"heartbeat_s {self.heartbeat_s:g} must be below 80 % of ttl_s {self.ttl_s:g}: the driver would "
+                "stop itself as 'lease lost' before its first renewal"
+            )
+        return self
 
 
 class ScenePassConfig(_Strict):
@@ -499,7 +509,7 @@ def _migrate_recorded(text: str) -> str:
     raw = yaml.safe_load(text)
     stages = raw.get("stages") if isinstance(raw, dict) else None
     changed = False
-    for st in (stages or {}).values():
+    for st in stages.values() if isinstance(stages, dict) else ():
         res = st.get("resources") if isinstance(st, dict) else None
         if isinstance(res, dict) and "auto_gpu" in res:
             res.pop("auto_gpu")
@@ -530,18 +540,20 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def load_config(path_or_text: str, is_text: bool = False) -> BuildConfig:
     """Parse and validate a YAML config; every problem becomes one :class:`ConfigError`."""
+    from pipeline.yaml_load import load_yaml, yaml_error_line
+
     try:
         if is_text:
-            raw = yaml.safe_load(path_or_text)
+            raw = load_yaml(path_or_text)
         else:
             import fsspec
 
             with fsspec.open(path_or_text, "r") as f:
-                raw = yaml.safe_load(f)
+                raw = load_yaml(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path_or_text}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config is not valid YAML: {exc}") from None
+        raise ConfigError(f"config is not valid YAML: {yaml_error_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError("config must be a YAML mapping")
     try:

@@ -74,7 +74,7 @@ def ensure_ray(cfg: BuildConfig) -> None:
     """Join ``cfg.ray.address`` / ``RAY_ADDRESS`` if given, else start a local Ray."""
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = _cluster_address(cfg)
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     if address:
         ray.init(address=address, **kwargs)
@@ -83,9 +83,16 @@ def ensure_ray(cfg: BuildConfig) -> None:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kwargs)
 
 
+def _cluster_address(cfg: BuildConfig) -> str | None:
+    """The cluster to join (``ray.address``, else ``RAY_ADDRESS``); None, or Ray's ``local``, for
+    a Ray of our own (with ``ray.num_cpus`` / ``num_gpus``)."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    return None if not address or address.strip().lower() == "local" else address
+
+
 def _joined_cluster(cfg: BuildConfig) -> bool:
     """Whether the driver joined a cluster (which may autoscale) rather than starting its own Ray."""
-    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    return _cluster_address(cfg) is not None
 
 
 # ------------------------------------------------------------------------------------------

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from pydantic import ValidationError
 
-from training.config import make_config
+from training.config import TrainConfigError, make_config
 from training.model import Diff4Splat
 
 
@@ -30,16 +29,16 @@ def test_full_preset_is_cogvideox_2b_shaped():
 
 
 def test_ranks_sharing_a_gpu_need_gloo():
-    with pytest.raises(ValidationError, match="NCCL refuses"):
+    with pytest.raises(TrainConfigError, match="NCCL refuses"):
         make_config("tiny", runtime={"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5})
     cfg = make_config("tiny", runtime={"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5, "backend": "gloo"})
     assert cfg.runtime.gpus_per_worker == 0.5
-    with pytest.raises(ValidationError, match="use ddp"):
+    with pytest.raises(TrainConfigError, match="use ddp"):
         make_config(
             "tiny",
             runtime={"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5, "backend": "gloo", "strategy": "fsdp"},
         )
-    with pytest.raises(ValidationError):
+    with pytest.raises(TrainConfigError):
         make_config("tiny", runtime={"gpus_per_worker": 0})
 
 

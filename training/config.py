@@ -24,7 +24,7 @@ class VAEConfig(_Strict):
     layers_per_block: int = 3
     latent_channels: int = 16
     norm_num_groups: int = 32
-    temporal_compression_ratio: int = 4
+    temporal_compression_ratio: int = Field(4, ge=1)
     scaling_factor: float = 1.15258426
 
 
@@ -59,9 +59,9 @@ class BackboneConfig(_Strict):
 class LDRMConfig(_Strict):
     num_blocks: int = 16
     dim: int = 1024
-    heads: int = 16
+    heads: int = Field(16, ge=1)
     mlp_ratio: float = 4.0
-    patch_size: int = 2  # latent patch per token
+    patch_size: int = Field(2, ge=1)  # latent patch per token
     decoder_channels: int = 64
     birth_frame_stride: int = 4  # Gaussians are born at the pixels of frames 0, s, 2s, ... (and T-1)
     depth_min: float = 0.05
@@ -194,7 +194,7 @@ class TrainConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     validation: ValidationConfig = ValidationConfig()
-    max_steps: int | None = None  # stop early (total step count), e.g. for smoke runs
+    max_steps: int | None = Field(None, ge=1)  # stop early (total step count), e.g. for smoke runs
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -379,19 +379,43 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class TrainConfigError(ValueError):
+    """Why a training config cannot be used, in one line naming the key."""
+
+
 def make_config(preset: str | None = "tiny", **overrides: Any) -> TrainConfig:
     """A preset with nested overrides, e.g. ``make_config("tiny", runtime={"num_workers": 1})``."""
+    from pydantic import ValidationError
+
+    from pipeline.config_errors import one_line
+
+    if preset and preset not in PRESETS:
+        raise TrainConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     base = dict(PRESETS[preset]) if preset else {}
     if preset:
         base["preset"] = preset
-    return TrainConfig.model_validate(_deep_merge(base, overrides))
+    try:
+        return TrainConfig.model_validate(_deep_merge(base, overrides))
+    except ValidationError as exc:
+        raise TrainConfigError(one_line(exc, TrainConfig, "training config")) from None
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    """YAML -> TrainConfig; a ``preset:`` key starts from that preset."""
+    """YAML -> TrainConfig; a ``preset:`` key starts from that preset. Every problem is one
+    :class:`TrainConfigError` line (a duplicate key too: YAML would keep only the last)."""
     import yaml
 
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    from pipeline.yaml_load import load_yaml, yaml_error_line
+
+    try:
+        with open(path) as f:
+            raw = load_yaml(f)
+    except yaml.YAMLError as exc:
+        raise TrainConfigError(f"{path}: not valid YAML: {yaml_error_line(exc)}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise TrainConfigError(f"{path}: a training config must be a YAML mapping of names to settings")
     preset = raw.pop("preset", None)
-    return make_config(preset, **raw) if preset else TrainConfig.model_validate(raw)
+    if preset is not None and not isinstance(preset, str):
+        raise TrainConfigError(f"{path}: preset must be a name, got {preset!r}")
+    return make_config(preset, **raw) if preset else make_config(None, **raw)
