@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import strict_json
@@ -27,8 +28,6 @@ out_console = Console()
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    from rich.markup import escape
-
     # escaped: reasons quote paths and "[...]", which rich would read as (broken) markup
     console.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -41,6 +40,7 @@ def _print_summary(s) -> None:
         f"{s.shards_done} shards built, {s.shards_skipped} already done, {s.shards_failed} shards failed"
         f"{transient} ({s.seconds:.1f} s)",
         highlight=False,
+        markup=False,
     )
     st = getattr(s, "stats", {}) or {}
     if st.get("ingest.frames_read", 0) < st.get("ingest.clip_frames", 0):  # a scene's clips read together
@@ -60,13 +60,14 @@ def _print_summary(s) -> None:
             highlight=False,
         )
     for f in s.failures[:20]:
-        console.print(
+        console.print(  # reasons and paths are data, not markup ('[/data/...]' reads as a closing tag)
             f"  failed {f['clip_id']} at {f['stage']}: {f['reason']}" + (f" [{f['path']}]" if f.get("path") else ""),
             highlight=False,
             soft_wrap=True,
+            markup=False,
         )
     if len(s.failures) > 20:
-        console.print(f"  ... and {len(s.failures) - 20} more (d4s status {s.output})")
+        console.print(f"  ... and {len(s.failures) - 20} more (d4s status {s.output})", markup=False)
 
 
 def _fault_overrides(fault: Optional[str]) -> dict:
@@ -133,7 +134,7 @@ def build(
         if demo:
             from pipeline.demo.build_demo import demo_config
 
-            console.print(f"generating demo data under {Path(demo).resolve() / 'demo_data'} ...")
+            console.print(f"generating demo data under {Path(demo).resolve() / 'demo_data'} ...", markup=False)
             cfg = demo_config(demo)
         elif config:
             cfg = load_config(config)
@@ -144,7 +145,7 @@ def build(
     overrides = {**({"ray": {"address": address}} if address else {}), **_fault_overrides(fault)}
     summary = _run_or_fail(run_build, cfg, show_progress=progress, overrides=overrides, new_version=new_version)
     _print_summary(summary)
-    console.print(f"next: d4s status {summary.output} | d4s verify {summary.output}")
+    console.print(f"next: d4s status {summary.output} | d4s verify {summary.output}", markup=False)
     raise typer.Exit(0 if summary.ok else 1)
 
 
@@ -193,6 +194,7 @@ def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False
             else f"lease: held by {who} since {when(lease['acquired_at'])}, last renewed "
             f"{when(lease['renewed_at'])} (its clock; TTL {lease['ttl_s']:g} s)",
             highlight=False,
+            markup=False,
         )
     tp = st["throughput"]
     if tp["clips_per_s"]:
@@ -217,6 +219,7 @@ def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False
             + (f" [{f['path']}]" if f.get("path") else ""),
             highlight=False,
             soft_wrap=True,
+            markup=False,
         )
     if len(st["failures"]) > 50:
         out_console.print(f"  ... and {len(st['failures']) - 50} more (d4s status --json)")
@@ -232,7 +235,7 @@ def _status_tables(st: dict):
     """Rich renderables: clips per dataset and stage, QC distributions, drops by reason."""
     from rich.console import Group
 
-    t = Table(title=f"d4s status: {st['output']}")
+    t = Table(title=f"d4s status: {escape(st['output'])}")
     for col in ("dataset", "stage", "done", "failed", "pending", "skipped"):
         t.add_column(col, justify="left" if col in ("dataset", "stage") else "right")
     for d, c in st["datasets"].items():
@@ -257,7 +260,7 @@ def _status_tables(st: dict):
             dr.add_column(col, justify="right" if col == "clips" else "left")
         for d, cats in st["drops"].items():
             for i, (cat, n) in enumerate(cats.items()):
-                dr.add_row(d if i == 0 else "", cat, str(n))
+                dr.add_row(d if i == 0 else "", escape(cat), str(n))
         parts.append(dr)
     return Group(*parts)
 
@@ -269,7 +272,7 @@ def verify(output: str = typer.Argument(...)):
 
     rep = _read_or_fail(run_verify, output)
     for p in rep.problems:
-        out_console.print(f"[red]problem:[/red] {p}", highlight=False, soft_wrap=True)
+        out_console.print(f"[red]problem:[/red] {escape(p)}", highlight=False, soft_wrap=True)
     verdict = "OK" if rep.ok else "FAILED"
     out_console.print(
         f"verify {verdict}: {rep.shards_checked} shards, {rep.samples} samples, "
@@ -302,14 +305,14 @@ def inspect(
         for r in reps:
             for k in ("dataset", "scene", "num_frames", "image_size", "path_length", "has_depth", "has_tracks"):
                 if k in r:
-                    out_console.print(f"{k}: {r[k]}", highlight=False)
+                    out_console.print(f"{k}: {r[k]}", highlight=False, markup=False)
             if r.get("intrinsics"):
                 out_console.print(
                     f"intrinsics[0]: {r['intrinsics'][0]}" + (" (normalised)" if r.get("intrinsics_normalized") else "")
                 )
             out_console.print(f"problems: {len(r['problems'])}")
             for p in r["problems"]:
-                out_console.print(f"  - {p}", highlight=False, soft_wrap=True)
+                out_console.print(f"  - {p}", highlight=False, soft_wrap=True, markup=False)
     raise typer.Exit(0 if not any(r["problems"] for r in reps) else 1)
 
 
@@ -516,7 +519,9 @@ def eval_cmd(
         f"{res['clips']} clips: " + ", ".join(f"{k} {res[k]:.4g}" if res[k] is not None else f"{k} -" for k in keys),
         highlight=False,
     )
-    out_console.print(f"{out}/metrics.json, {out}/eval.html" + (f", {rrd}" if rrd else ""), highlight=False)
+    out_console.print(
+        f"{out}/metrics.json, {out}/eval.html" + (f", {rrd}" if rrd else ""), highlight=False, markup=False
+    )
 
 
 @app.command("generate")

@@ -59,6 +59,7 @@ def test_status_json_and_verify_after_build(tmp_path, ray_local):
     r = runner.invoke(app, ["verify", str(tmp_path / "out")])
     assert r.exit_code == 0 and "verify OK" in r.stdout
     _damaged_outputs_are_one_line_errors(tmp_path, tmp_path / "out")
+    _failures_print_as_written(tmp_path / "out")
 
 
 def test_inspect_reports_scene_and_problems(tmp_path):
@@ -101,3 +102,23 @@ def _damaged_outputs_are_one_line_errors(tmp_path, out):
             r = runner.invoke(app, [cmd, str(copy)] + (["--no-progress"] if cmd == "resume" else []))
             assert r.exit_code == 2 and isinstance(r.exception, SystemExit), (cmd, name, r.output, r.exception)
             assert "error:" in r.output and name in r.output.replace("\n", ""), (cmd, name, r.output)
+
+
+def _failures_print_as_written(out):
+    """Failure reasons and paths are data, not Rich markup: a path starting with '/' read as a
+    closing tag crashed `d4s status` and the end of `d4s build` (MarkupError, exit 1) after the
+    build had finished, and no reason was shown."""
+    from manifests.store import ManifestStore
+    from pipeline.cli import _print_summary
+    from pipeline.runner import BuildSummary
+    from pipeline.storage import Store
+
+    failure = {"clip_id": "c1", "stage": "ingest", "reason": "bad [/bold] header", "path": "/data/x/depth.npy"}
+    ms = ManifestStore(Store(str(out)))
+    sh = ms.shards()[0]
+    done = ms.ledger()[sh["shard_id"]]
+    ms.append_events([{**done, "clips_failed": done["clips_failed"] + [failure]}])
+    r = runner.invoke(app, ["status", str(out)])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "bad [/bold] header" in r.output and "[/data/x/depth.npy]" in r.output
+    _print_summary(BuildSummary(str(out), 1, 1, 0, 0, 1, 1, 1.0, [failure]))  # raised MarkupError
