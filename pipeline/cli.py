@@ -180,6 +180,8 @@ def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False
         out_console.print_json(strict_json.dumps(st))
         return
     out_console.print(_status_tables(st))
+    for d, why in (st.get("no_clips") or {}).items():
+        out_console.print(f"{d}: no clips ({why})", highlight=False, soft_wrap=True, markup=False)
     s = st["shards"]
     out_console.print(f"shards: {s['done']} done, {s['failed']} failed, {s['pending']} pending")
     lease = st.get("lease")

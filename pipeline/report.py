@@ -332,6 +332,7 @@ def _clips_per_dataset(st: dict, plots: _Plots) -> str:
     body = plots.img(fig, "fig-clips-per-dataset", "Clips per dataset: done, failed and pending") + _table(
         ["dataset", "done", "failed", "pending"], rows, numeric={1, 2, 3}
     )
+    body += "".join(_note(f"{d}: no clips ({why})") for d, why in (st.get("no_clips") or {}).items())
     return _section("clips-per-dataset", "Clips per dataset", body)
 
 

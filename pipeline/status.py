@@ -171,6 +171,9 @@ def collect_status(output: str, events: list[dict] | None = None) -> dict:
                     }
                 )
     clips_left = sum(c["clips_pending"] for c in datasets.values())
+    no_clips = _datasets_without_clips(ms, set(datasets))
+    for d in no_clips:
+        datasets.setdefault(d, Counter())  # listed with zero counts: planned, but no scene gave a clip
     return {
         "output": output,
         "datasets": {
@@ -193,4 +196,19 @@ def collect_status(output: str, events: list[dict] | None = None) -> dict:
         # permanent: clips of bad input (and shards failing for a non-transient reason), recorded once
         "failure_classes": {c: sum(f["class"] == c for f in failures) for c in ("transient", "permanent")},
         "lease": lease_status(store),  # the driver that holds (or last held) the output
+        "no_clips": no_clips,  # dataset -> why none of its scenes gave a clip (scenes.parquet notes)
     }
+
+
+def _datasets_without_clips(ms: ManifestStore, with_shards: set[str]) -> dict[str, str]:
+    """Datasets that were planned (their scenes are in scenes.parquet) but hold no shard: each with
+    its scenes' notes, most frequent first (e.g. "2 scenes gave no clip: only 10 frames, ...")."""
+    notes: dict[str, Counter] = defaultdict(Counter)
+    for sc in ms.scenes():
+        if sc["dataset"] not in with_shards:
+            notes[sc["dataset"]][sc.get("note") or "no clip planned"] += 1
+    out = {}
+    for d, c in sorted(notes.items()):
+        n = sum(c.values())
+        out[d] = f"{n} scene{'s' if n != 1 else ''} gave no clip: " + "; ".join(k for k, _ in c.most_common(3))
+    return out

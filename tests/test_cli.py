@@ -60,6 +60,7 @@ def test_status_json_and_verify_after_build(tmp_path, ray_local):
     assert r.exit_code == 0 and "verify OK" in r.stdout
     _damaged_outputs_are_one_line_errors(tmp_path, tmp_path / "out")
     _failures_print_as_written(tmp_path / "out")
+    _a_dataset_without_clips_is_reported_with_why(tmp_path / "out")
 
 
 def test_inspect_reports_scene_and_problems(tmp_path):
@@ -122,3 +123,27 @@ def _failures_print_as_written(out):
     assert r.exit_code == 0, (r.output, r.exception)
     assert "bad [/bold] header" in r.output and "[/data/x/depth.npy]" in r.output
     _print_summary(BuildSummary(str(out), 1, 1, 0, 0, 1, 1, 1.0, [failure]))  # raised MarkupError
+
+
+def _a_dataset_without_clips_is_reported_with_why(out):
+    """A dataset whose scenes give no clip (all too short) vanished from status and the report
+    (which then said "No dataset planned." for a build of only such a dataset)."""
+    from manifests.store import ManifestStore
+    from pipeline.report import write_report
+    from pipeline.status import collect_status
+    from pipeline.storage import Store
+
+    ms = ManifestStore(Store(str(out)))
+    note = "only 10 frames, a clip needs 1000"
+    extra = [
+        {"dataset": "vkitti2", "scene": f"Scene0{i}/clone", "num_frames": 10, "num_clips": 0, "note": note}
+        for i in (1, 2)
+    ]
+    ms.write_plan(ms.scenes() + extra, ms.clips(), ms.shards())
+    st = collect_status(str(out))
+    assert st["datasets"]["vkitti2"] == {"clips_done": 0, "clips_failed": 0, "clips_pending": 0}
+    assert st["no_clips"]["vkitti2"] == f"2 scenes gave no clip: {note}"
+    r = runner.invoke(app, ["status", str(out)])
+    assert r.exit_code == 0 and "vkitti2" in r.output and note in r.output.replace("\n", " "), r.output
+    html = open(write_report(str(out), gallery_clips=0)).read()
+    assert "vkitti2" in html and note in html
