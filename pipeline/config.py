@@ -63,6 +63,15 @@ class DatasetConfig(_Strict):
         description="fraction of the scenes held out for validation, chosen by scene id (pipeline/split.py); recorded as split 'val' in index.parquet, never read by training",
     )
 
+    @model_validator(mode="after")
+    def _sensible_values(self) -> "DatasetConfig":
+        if self.min_depth_m is not None and self.max_depth_m is not None and self.min_depth_m >= self.max_depth_m:
+            raise ValueError(f"min_depth_m {self.min_depth_m:g} must be below max_depth_m {self.max_depth_m:g}")
+        bad = {k: v for k, v in (self.loss_weights or {}).items() if not v >= 0}
+        if bad:
+            raise ValueError(f"loss_weights must be >= 0, got {bad}")
+        return self
+
 
 class StageResources(_Strict):
     """Where a model stage runs: each actor requests `num_gpus` whatever the cluster has at start (an autoscaler adds GPU nodes for it); `num_gpus: 0` is the explicit choice of CPU (fp32, slow)."""
@@ -144,15 +153,16 @@ class TrackStageConfig(_Strict):
 
     checkpoint: str | None = None
     variant: TrackerVariant = "offline"
-    grid_size: int = 16
-    query_frames: int = 3
+    grid_size: int = Field(16, ge=1)
+    query_frames: int = Field(3, ge=1)
     dtype: ModelDtype = "bf16"
     allow_random_weights: bool = False
     max_rel_drift: float = Field(
         0.02,
+        gt=0,
         description="static scenes: a lifted track whose median drift exceeds this fraction of its camera distance is not kept",
     )
-    min_kept_fraction: float = Field(0.5, description="static scenes: drop a clip when fewer of its tracks stay put")
+    min_kept_fraction: float = Field(0.5, ge=0, le=1, description="static scenes: drop a clip when fewer of its tracks stay put")
     drop_on_qc: bool = Field(True, description="drop clips failing track QC (False: keep them, QC recorded in meta)")
     resources: StageResources = Field(default_factory=lambda: StageResources(num_gpus=1.0))
 
@@ -164,7 +174,7 @@ class QCConfig(_Strict):
     max_step_translation_m: float = Field(50.0, description="a camera moving further between frames is an outlier")
     max_step_rotation_deg: float = 60.0
     max_track_reprojection_px: float = 2.0
-    min_valid_depth_fraction: float = 0.01
+    min_valid_depth_fraction: float = Field(0.01, ge=0, le=1)
     selfcheck: bool = Field(
         True,
         description="reproject ground-truth depth between frames with the clip's cameras and "

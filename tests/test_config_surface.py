@@ -22,11 +22,16 @@ BASE = "output: /tmp/x\ndatasets:\n  tartanair: {root: /tmp}\n"
         ("ray: {num_cpus: -4}\n", "ray.num_cpus"),
         ("lease: {ttl_s: 1, heartbeat_s: 10}\n", "heartbeat_s"),  # the driver fenced itself
         ("shard_size: 8\n\tjpeg_quality: 90\n", "line 5"),  # a tab: was three lines
+        ("qc: {min_valid_depth_fraction: 2}\n", "qc.min_valid_depth_fraction"),
+        ("stages:\n  tracks: {min_kept_fraction: 2}\n", "stages.tracks.min_kept_fraction"),
+        ("stages:\n  tracks: {grid_size: 0}\n", "stages.tracks.grid_size"),
+        ("datasets:\n  tartanair: {root: /tmp, min_depth_m: 10, max_depth_m: 1}\n", "min_depth_m 10 must be below"),
+        ("datasets:\n  tartanair: {root: /tmp, loss_weights: {depth: -1}}\n", "loss_weights must be >= 0"),
     ],
 )
 def test_build_config_refuses_in_one_line(tmp_path, extra, needle):
     with pytest.raises(ConfigError) as err:
-        load_config(BASE + extra, is_text=True)
+        load_config(("output: /tmp/x\n" if extra.startswith("datasets:") else BASE) + extra, is_text=True)
     assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
@@ -41,6 +46,10 @@ def test_build_config_refuses_in_one_line(tmp_path, extra, needle):
         ("preset: tiny\nldrm: {patch_size: 0}\n", "ldrm.patch_size"),
         ("preset: tiny\nmax_steps: 0\n", "max_steps"),  # meant: the whole curriculum
         ("preset: tiny\nmax_steps: 2\nmax_steps: 3\n", "duplicate key 'max_steps'"),
+        ("preset: tiny\nruntime: {ckpt_every: 0}\n", "runtime.ckpt_every"),  # step % 0 in the trainer
+        ("preset: tiny\nruntime: {log_every: 0}\n", "runtime.log_every"),
+        ("preset: tiny\noptim: {lr: -1}\n", "optim.lr"),
+        ("preset: tiny\noptim: {grad_accum: 0}\n", "optim.grad_accum"),
     ],
 )
 def test_training_config_refuses_in_one_line(tmp_path, text, needle):

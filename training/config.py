@@ -91,39 +91,39 @@ class LossConfig(_Strict):
 
 class StageConfig(_Strict):
     name: str
-    steps: int
-    resolution: int
-    num_frames: int
+    steps: int = Field(..., ge=1)
+    resolution: int = Field(..., ge=1)
+    num_frames: int = Field(..., ge=1)
     scenes: Literal["static", "dynamic", "any"] = "any"
     mixture: dict[str, float] | None = None  # dataset -> weight; None: proportional to size
     frozen: list[Literal["backbone", "vae", "ldrm", "deformation"]] = []
     # active loss terms; the presets' static stages use ["photo", "geo"] (docs/TRAINING.md, curriculum)
     losses: list[Literal["fm", "photo", "geo", "motion"]] = ["fm", "photo", "geo", "motion"]
-    max_frame_stride: int = 4
+    max_frame_stride: int = Field(4, ge=1)
 
 
 class DataConfig(_Strict):
     shards: list[str] = []  # shard URLs/paths or globs (local or fsspec); or use ``root``
     root: str | None = None  # a build's OUT: reads OUT/index.parquet and OUT/shards/**.tar
     repeat: dict[str, float] = {}  # per-dataset repeat weight (multiplies the mixture weight)
-    shuffle_buffer: int = 64
-    num_workers: int = 0  # DataLoader workers per rank
+    shuffle_buffer: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0)  # DataLoader workers per rank
     seed: int = 0
 
 
 class OptimConfig(_Strict):
-    lr: float = 1e-5
+    lr: float = Field(1e-5, gt=0)
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 500
-    grad_clip: float = 1.0
-    grad_accum: int = 1
+    warmup_steps: int = Field(500, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    grad_accum: int = Field(1, ge=1)
     fused: bool = True  # AdamW's fused kernel (one launch for all parameters; same update to float rounding)
 
 
 class RuntimeConfig(_Strict):
     launcher: Literal["ray", "local"] = "ray"
-    num_workers: int = 1
+    num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     # GPUs per rank; below 1 packs ranks onto one GPU (a code-path check of the multi-rank GPU path on a
     # one-GPU machine, with backend gloo: NCCL refuses two ranks on one device). Not a scaling setup.
@@ -145,11 +145,11 @@ class RuntimeConfig(_Strict):
     # VAE's 3D convolutions, the LDRM's deconvolution); shapes are fixed within a stage
     cudnn_benchmark: bool = False
     renderer: Literal["auto", "torch", "gsplat"] = "auto"
-    batch_size: int = 1  # per rank, per micro-step
-    ckpt_every: int = 1000
-    keep_ckpts: int = 2
+    batch_size: int = Field(1, ge=1)  # per rank, per micro-step
+    ckpt_every: int = Field(1000, ge=1)
+    keep_ckpts: int = Field(2, ge=1)
     checkpoint_at_end: bool = True  # also at the end of every stage and of the run (benchmarks turn it off)
-    log_every: int = 10
+    log_every: int = Field(10, ge=1)
     tensorboard: bool = True
     seed: int = 0
     deterministic: bool = False
