@@ -162,7 +162,9 @@ class TrackStageConfig(_Strict):
         gt=0,
         description="static scenes: a lifted track whose median drift exceeds this fraction of its camera distance is not kept",
     )
-    min_kept_fraction: float = Field(0.5, ge=0, le=1, description="static scenes: drop a clip when fewer of its tracks stay put")
+    min_kept_fraction: float = Field(
+        0.5, ge=0, le=1, description="static scenes: drop a clip when fewer of its tracks stay put"
+    )
     drop_on_qc: bool = Field(True, description="drop clips failing track QC (False: keep them, QC recorded in meta)")
     resources: StageResources = Field(default_factory=lambda: StageResources(num_gpus=1.0))
 
