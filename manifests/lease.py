@@ -353,3 +353,15 @@ def lease_status(store: Store) -> dict | None:
         "ttl_s": rec.ttl_s,
         "released": rec.released,
     }
+
+
+def live_owner(store: Store) -> str | None:
+    """The owner (the build id) of the lease on an output when a driver holds it now: not released,
+    renewed within its TTL on the store's clock, and on this host not a driver known gone. None
+    otherwise. Read only (``d4s status`` tells a live build's shards from a dead driver's)."""
+    probe = Lease(store)
+    rec = probe.holder()
+    if rec is None:
+        return None
+    why, _ = probe._stale_reason(rec)
+    return None if why else rec.owner

@@ -183,7 +183,9 @@ def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False
     for d, why in (st.get("no_clips") or {}).items():
         out_console.print(f"{d}: no clips ({why})", highlight=False, soft_wrap=True, markup=False)
     s = st["shards"]
-    out_console.print(f"shards: {s['done']} done, {s['failed']} failed, {s['pending']} pending")
+    out_console.print(
+        f"shards: {s['done']} done, {s['failed']} failed, {s['running']} running (the live build's), {s['pending']} pending"
+    )
     lease = st.get("lease")
     if lease:
         from datetime import datetime, timezone

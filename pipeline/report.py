@@ -259,12 +259,12 @@ def _summary(st: dict, builds: list[dict]) -> str:
     tp = st["throughput"]
     parts = [
         _table(
-            ["", "done", "failed", "pending"],
+            ["", "done", "failed", "running", "pending"],
             [
-                ["shards", sh["done"], sh["failed"], sh["pending"]],
-                ["clips", tot["clips_done"], tot["clips_failed"], tot["clips_pending"]],
+                ["shards", sh["done"], sh["failed"], sh["running"], sh["pending"]],
+                ["clips", tot["clips_done"], tot["clips_failed"], "", tot["clips_pending"]],
             ],
-            numeric={1, 2, 3},
+            numeric={1, 2, 3, 4},
         )
     ]
     if tp.get("clips_per_s"):

@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from manifests.lease import lease_status
+from manifests.lease import lease_status, live_owner
 from manifests.stage_counts import stage_counts
 from manifests.store import ManifestStore, current_states
 from pipeline.storage import Store
@@ -129,13 +129,17 @@ def collect_status(output: str, events: list[dict] | None = None) -> dict:
     failures, qc_records = [], []
     drops: dict[str, Counter] = defaultdict(Counter)
     timings = Counter()
+    # a shard is running while the build that marked it so holds the output's lease (queued or at
+    # work in that build); one left "running" by a dead driver is pending work for `d4s resume`
+    live = live_owner(store) if any(ev["state"] == "running" for ev in ledger.values()) else None
     for sh in ms.shards():
         ds_name = sh["dataset"]
         order = stages_for(cfg, ds_name) if ds_name in cfg.datasets else ["ingest", "encode", "write"]
         ev = ledger.get(sh["shard_id"])
         state = ev["state"] if ev else "pending"
-        # a shard left "running" by a dead driver is pending work
-        shards["pending" if state == "running" else state] += 1
+        if state == "running" and (live is None or ev.get("build_id") != live):
+            state = "pending"
+        shards[state] += 1
         ds = datasets[ds_name]
         st = stages[ds_name]
         if state == "done":
@@ -186,7 +190,7 @@ def collect_status(output: str, events: list[dict] | None = None) -> dict:
             }
             for d, per in sorted(stages.items())
         },
-        "shards": {k: int(shards.get(k, 0)) for k in ("done", "failed", "pending")},
+        "shards": {k: int(shards.get(k, 0)) for k in ("done", "failed", "running", "pending")},
         "stage_seconds": {k: round(v, 3) for k, v in sorted(timings.items())},
         "throughput": _throughput(events, clips_left),
         "qc": qc_distributions(qc_records),

@@ -15,13 +15,13 @@ class _UniqueKeys(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen
+                seen.add(key)
             except TypeError:  # an unhashable key: SafeLoader says so below
-                duplicate = False
+                continue
             if duplicate:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (YAML would keep only the last)", key_node.start_mark
                 )
-            seen.add(key) if not isinstance(key, (list, dict)) else None
         return super().construct_mapping(node, deep)
 
 

@@ -201,6 +201,35 @@ def test_missing_frame_entry(rendered, tmp_path):
     assert "frame_annotations_train.jgz" in err.value.path and "annotated frames" in err.value.reason
 
 
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda es: es[3].__setitem__("frame_number", es[2]["frame_number"]), "duplicate frame numbers"),
+        # a copied entry naming another frame's files loaded as a duplicated frame of the clip
+        (lambda es: es[3]["image"].__setitem__("path", es[2]["image"]["path"]), "image"),
+        (lambda es: es[3]["depth"].__setitem__("path", es[2]["depth"]["path"]), "depth"),
+    ],
+)
+def test_a_sequence_with_repeated_frames_fails_alone(rendered, tmp_path, edit, needle):
+    """A sequence whose entries repeat a frame number or another frame's files fails its own
+    clips, naming the annotation file; it used to fail the whole split (number) or load the same
+    frame twice (files)."""
+    ws, _ = _write(rendered, tmp_path)
+    other = writer.write(rendered, tmp_path, writer.default_scene_id(2))
+    seq = ws.scene_id.split("/")[1].rsplit("_source_", 1)[0]
+
+    def edit_one(entries):
+        edit([e for e in entries if e["sequence_name"] == seq])
+
+    _edit_annotations(tmp_path, edit_one)
+    scenes = {s.scene: s for s in get_adapter("dynamic_replica", str(tmp_path)).discover()}
+    fresh = get_adapter("dynamic_replica", str(tmp_path))
+    assert _load(fresh, scenes[other.scene_id]).num_frames == 10  # the other sequence loads
+    with pytest.raises(ClipError) as err:
+        _load(fresh, scenes[ws.scene_id])
+    assert "frame_annotations_train.jgz" in err.value.path and needle in err.value.reason, str(err.value)
+
+
 def test_unreadable_annotations(rendered, tmp_path):
     _write(rendered, tmp_path)
     (tmp_path / "train" / "frame_annotations_train.jgz").write_bytes(b"not gzip")

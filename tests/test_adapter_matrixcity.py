@@ -133,6 +133,14 @@ def test_missing_pose_line(block, tmp_path):
     _expect(tmp_path, "transforms.json", "frames listed, expected 10", scene=scene)
 
 
+@pytest.mark.parametrize("bad", [1.9, True, "1", None])
+def test_frame_index_that_is_no_integer_is_refused(block, tmp_path, bad):
+    """1.9 was truncated to 1 (a frame read under another's name), true read as 1 and "1" parsed."""
+    _, bdir, _ = block
+    _edit_transforms(bdir, lambda tj: tj["frames"][2].__setitem__("frame_index", bad))
+    _expect(tmp_path, "transforms.json", "needs an integer frame_index")
+
+
 def test_truncated_exr(block, tmp_path):
     _, _, ddir = block
     p = ddir / "0006.exr"

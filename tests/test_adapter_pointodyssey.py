@@ -228,6 +228,18 @@ def test_intrinsics_that_are_no_pinhole_camera_name_the_annotations(written, tmp
     _expect(root, [3, 4], "anno.npz", needle)
 
 
+@pytest.mark.parametrize("key", ["intrinsics", "extrinsics", "trajs_3d"])
+@pytest.mark.parametrize("kind", ["U", "c"])
+def test_annotations_that_are_not_real_numbers_are_refused(written, tmp_path, key, kind):
+    """Text arrays were parsed as numbers by astype (an export that wrote strings was trusted) and
+    complex ones lost their imaginary part with a warning; both now name the array and the file."""
+    root, scene_dir = _copy(written, tmp_path)
+    with np.load(scene_dir / "anno.npz") as z:
+        arr = z[key]
+    _rewrite_anno(scene_dir, **{key: arr.astype(str) if kind == "U" else arr.astype(np.complex64)})
+    _expect(root, [3, 4], "anno.npz", key, "real numbers")
+
+
 def test_annotation_frame_count_mismatch(written, tmp_path):
     root, scene_dir = _copy(written, tmp_path)
     with np.load(scene_dir / "anno.npz") as z:

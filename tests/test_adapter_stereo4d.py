@@ -236,6 +236,9 @@ def test_video_frame_count_mismatch(written, tmp_path, rendered):
         (dict(camera2world=np.zeros((10, 4), np.float32)), "'camera2world' must be (T,3,4)"),
         (dict(camera2world=np.zeros((9, 3, 4), np.float32)), "9 poses for 10 timestamps"),
         (dict(timestamps=np.arange(10)[::-1].copy()), "strictly increasing"),
+        # text was parsed as numbers by astype; complex lost its imaginary part with a warning
+        (dict(camera2world=np.full((10, 3, 4), "0.5")), "'camera2world' must hold real numbers"),
+        (dict(timestamps=np.arange(10).astype(np.complex64)), "'timestamps' must hold real numbers"),
     ],
 )
 def test_bad_annotations(written, tmp_path, change, needle):

@@ -58,7 +58,7 @@ def test_build_roundtrip_equals_ground_truth(tmp_path, tartan_data, ray_local):
             assert clip.meta.depth_source == "gt" and clip.meta.adapter_version == "tartanair/1"
     st = collect_status(str(out))
     assert st["datasets"]["tartanair"] == {"clips_done": 6, "clips_failed": 0, "clips_pending": 0}
-    assert st["shards"] == {"done": 3, "failed": 0, "pending": 0}
+    assert st["shards"] == {"done": 3, "failed": 0, "running": 0, "pending": 0}
     index = ManifestStore(Store(str(out))).index()
     assert sorted(r["key"] for r in index) == sorted(planned_ids(out))
     # the index offsets point at each sample's first tar member

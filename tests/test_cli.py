@@ -47,7 +47,7 @@ def test_status_json_and_verify_after_build(tmp_path, ray_local):
     r = runner.invoke(app, ["status", str(tmp_path / "out"), "--json"])
     st = json.loads(r.stdout)
     assert st["datasets"]["tartanair"] == {"clips_done": 2, "clips_failed": 0, "clips_pending": 0}
-    assert st["shards"] == {"done": 1, "failed": 0, "pending": 0}
+    assert st["shards"] == {"done": 1, "failed": 0, "running": 0, "pending": 0}
     # tartanair with ground-truth depth and no tracks: no depth/align/tracks stages
     assert list(st["stages"]["tartanair"]) == ["ingest", "encode", "write"]
     assert st["stages"]["tartanair"]["write"] == {"done": 2, "failed": 0, "pending": 0, "skipped": 0}

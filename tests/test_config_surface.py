@@ -50,6 +50,18 @@ def test_build_config_refuses_in_one_line(tmp_path, extra, needle):
         ("preset: tiny\nruntime: {log_every: 0}\n", "runtime.log_every"),
         ("preset: tiny\noptim: {lr: -1}\n", "optim.lr"),
         ("preset: tiny\noptim: {grad_accum: 0}\n", "optim.grad_accum"),
+        # weights and ranges that were taken silently: a negative weight became a probability below 0
+        # (numpy refused mid-stage), depth_min above depth_max inverted the LDRM's depth squash
+        ("preset: tiny\nstages: [{name: a, steps: 1, resolution: 8, num_frames: 3, mixture: {x: -1}}]\n", "mixture"),
+        ("preset: tiny\ndata: {repeat: {x: -2}}\n", "data.repeat"),
+        ("preset: tiny\nldrm: {depth_min: 5, depth_max: 1}\n", "ldrm.depth_min 5.0 must be below"),
+        ("preset: tiny\nldrm: {depth_min: 0}\n", "ldrm.depth_min"),  # log(0) in the depth squash
+        ("preset: tiny\nldrm: {clean_latent_prob: 1.5}\n", "ldrm.clean_latent_prob"),
+        ("preset: tiny\nldrm: {prune_opacity: 1}\n", "ldrm.prune_opacity"),  # every Gaussian dropped
+        ("preset: tiny\nldrm: {scale_min: 0}\n", "ldrm.scale_min"),
+        ("preset: tiny\nloss: {lambda_geo: -1}\n", "loss.lambda_geo"),  # rewarded a worse geometry
+        ("preset: tiny\nloss: {render_frames: 0}\n", "loss.render_frames"),
+        ("preset: tiny\noptim: {betas: [0.9, 1.5]}\n", "optim.betas"),
     ],
 )
 def test_training_config_refuses_in_one_line(tmp_path, text, needle):

@@ -96,7 +96,7 @@ def test_report_html_sections_images_and_escaping(built, report):
     assert page.index(failure["clip_id"], page.index('id="gallery-tartanair"')) > 0
     # summary: 2 shards done; clips 3 done, 1 failed, 0 pending
     assert '<td>shards</td><td class="n">2</td><td class="n">0</td><td class="n">0</td>' in page
-    assert '<td>clips</td><td class="n">3</td><td class="n">1</td><td class="n">0</td>' in page
+    assert '<td>clips</td><td class="n">3</td><td class="n">1</td><td class="n"></td><td class="n">0</td>' in page
 
 
 def test_report_synthetic_aligned_clips_and_hostile_strings(tmp_path):
@@ -135,7 +135,7 @@ def test_report_synthetic_aligned_clips_and_hostile_strings(tmp_path):
         "output": "s3://b/o",
         "datasets": {"realestate10k": {"clips_done": 20, "clips_failed": 1, "clips_pending": 0}},
         "stages": {},
-        "shards": {"done": 1, "failed": 0, "pending": 0},
+        "shards": {"done": 1, "failed": 0, "running": 0, "pending": 0},
         "stage_seconds": {"ingest": 3.0, "depth": 20.0, "align": 5.0, "encode": 1.0, "write": 0.5},
         "throughput": {"build_id": "b1", "clips": 21, "seconds": 60.0, "clips_per_s": 0.35, "eta_s": 0.0},
         "qc": {},

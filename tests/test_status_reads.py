@@ -84,8 +84,9 @@ def test_write_result_carries_the_stage_counters(tmp_path):
     assert c["depth"]["seconds"] == 6.0 and c["ingest"]["seconds"] == 1.5  # summed over written clips
 
 
-def _output(tmp_path: Path) -> Path:
-    """A finished one-shard output (plan, recorded config, ledger) written without Ray."""
+def _output(tmp_path: Path, done: bool = True, build_id: str = "b") -> Path:
+    """A finished one-shard output (plan, recorded config, ledger) written without Ray; with
+    ``done=False`` its shard is left "running" by ``build_id``."""
     from pipeline.config import OUTPUT_CONFIG_NAME
 
     out = tmp_path / "out"
@@ -109,9 +110,11 @@ def _output(tmp_path: Path) -> Path:
         ],
         [shard],
     )
-    ms.append_events([{"shard_id": shard["shard_id"], "state": "running", "build_id": "b", "started_at": 1.0}])
+    ms.append_events([{"shard_id": shard["shard_id"], "state": "running", "build_id": build_id, "started_at": 1.0}])
+    if not done:
+        return out
     result.pop("log")
-    ms.append_events([{"shard_id": shard["shard_id"], "state": "done", "build_id": "b", **result}])
+    ms.append_events([{"shard_id": shard["shard_id"], "state": "done", "build_id": build_id, **result}])
     ms.write_index(
         [
             {
@@ -175,3 +178,23 @@ def test_read_only_commands_read_the_ledger_once_and_never_import_ray(tmp_path):
     assert probe["reads"] == {"status --json": 1, "status": 1, "report": 1, "verify": 1}
     assert probe["ray"] == []
     assert (out / "report.html").is_file()
+
+
+def test_status_shows_the_live_builds_shards_as_running(tmp_path):
+    """A live build's shards were shown as pending, as if no driver were at work on them. Running
+    means the ledger's "running" event is the build whose lease is live; a dead driver's is pending."""
+    from manifests.lease import Lease
+    from pipeline.status import collect_status
+
+    out = _output(tmp_path, done=False, build_id="b")
+    lease = Lease(Store(str(out)), owner="b", ttl_s=60)
+    lease.acquire()
+    st = collect_status(str(out))
+    assert st["shards"] == {"done": 0, "failed": 0, "running": 1, "pending": 0}
+    assert st["datasets"]["realestate10k"]["clips_pending"] == 5  # not done yet
+    lease.release()  # the driver ended without finishing it: pending work for `d4s resume`
+    assert collect_status(str(out))["shards"] == {"done": 0, "failed": 0, "running": 0, "pending": 1}
+    other = Lease(Store(str(out)), owner="c", ttl_s=60)
+    other.acquire()  # another build holds the output: "b"'s shard is not being worked on
+    assert collect_status(str(out))["shards"]["running"] == 0
+    other.release()

@@ -53,11 +53,11 @@ def train_main(
     ck = latest_checkpoint(cfg.workdir)
     if ck:
         from training.load import CheckpointError
-        from training.trainer import _refuse_another_model
+        from training.trainer import refuse_another_model
 
         state = load_checkpoint(ck)
         try:  # before any worker starts: one line, not a worker's traceback
-            _refuse_another_model(cfg, state, ck)
+            refuse_another_model(cfg, state, ck)
         except CheckpointError as e:
             print(f"d4s train: {e}", file=sys.stderr)
             return 2

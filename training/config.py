@@ -8,13 +8,17 @@ A YAML file is a partial override of a preset: ``preset: full`` plus any fields 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# a sampling weight: 0 leaves a dataset out; a negative one would be a probability below 0
+Weight = Annotated[float, Field(ge=0.0)]
 
 
 class VAEConfig(_Strict):
@@ -64,29 +68,37 @@ class LDRMConfig(_Strict):
     patch_size: int = Field(2, ge=1)  # latent patch per token
     decoder_channels: int = 64
     birth_frame_stride: int = 4  # Gaussians are born at the pixels of frames 0, s, 2s, ... (and T-1)
-    depth_min: float = 0.05
+    depth_min: float = Field(0.05, gt=0.0)  # the depth squash works in log depth
     depth_max: float = 100.0
-    scale_min: float = 1e-4
-    scale_max_rel: float = 0.05  # max Gaussian scale relative to depth
+    scale_min: float = Field(1e-4, gt=0.0)
+    scale_max_rel: float = Field(0.05, gt=0.0)  # max Gaussian scale relative to depth
     deform_features: int = 16  # decoder channels beside the Gaussian maps feeding the deformation head
-    clean_latent_prob: float = 0.0  # prob. of decoding the VAE latents instead of the FM x0-prediction
+    # prob. of decoding the VAE latents instead of the FM x0-prediction
+    clean_latent_prob: float = Field(0.0, ge=0.0, le=1.0)
     # latent frame 0 is the conditioning image's latent, known exactly at inference: decode it, not its
     # x0-prediction (docs/TRAINING.md, "the first latent")
     clean_first_latent: bool = True
-    prune_opacity: float = 0.005  # tau: Gaussians with opacity below are dropped (train and test)
+    # tau: Gaussians with opacity below are dropped (train and test)
+    prune_opacity: float = Field(0.005, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _depth_range(self) -> "LDRMConfig":
+        if self.depth_min >= self.depth_max:
+            raise ValueError(f"ldrm.depth_min {self.depth_min} must be below ldrm.depth_max {self.depth_max}")
+        return self
 
 
 class LossConfig(_Strict):
-    lambda_photo: float = 1.0
-    lambda_geo: float = 0.5
-    lambda_motion: float = 2.0
-    lpips_weight: float = 0.5
+    lambda_photo: float = Field(1.0, ge=0.0)
+    lambda_geo: float = Field(0.5, ge=0.0)
+    lambda_motion: float = Field(2.0, ge=0.0)
+    lpips_weight: float = Field(0.5, ge=0.0)
     lpips_enabled: bool = True
     lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
     lpips_torch_home: str | None = None  # dir holding hub/checkpoints/<backbone>.pth (no downloads)
-    tv_weight: float = 0.1
-    render_frames: int = 4  # frames rendered per sample per step (random subset, always incl. 0)
-    tracks_per_sample: int = 256
+    tv_weight: float = Field(0.1, ge=0.0)
+    render_frames: int = Field(4, ge=1)  # frames rendered per sample per step (random subset, always incl. 0)
+    tracks_per_sample: int = Field(256, ge=0)
 
 
 class StageConfig(_Strict):
@@ -95,7 +107,7 @@ class StageConfig(_Strict):
     resolution: int = Field(..., ge=1)
     num_frames: int = Field(..., ge=1)
     scenes: Literal["static", "dynamic", "any"] = "any"
-    mixture: dict[str, float] | None = None  # dataset -> weight; None: proportional to size
+    mixture: dict[str, Weight] | None = None  # dataset -> weight; None: proportional to size
     frozen: list[Literal["backbone", "vae", "ldrm", "deformation"]] = []
     # active loss terms; the presets' static stages use ["photo", "geo"] (docs/TRAINING.md, curriculum)
     losses: list[Literal["fm", "photo", "geo", "motion"]] = ["fm", "photo", "geo", "motion"]
@@ -105,7 +117,7 @@ class StageConfig(_Strict):
 class DataConfig(_Strict):
     shards: list[str] = []  # shard URLs/paths or globs (local or fsspec); or use ``root``
     root: str | None = None  # a build's OUT: reads OUT/index.parquet and OUT/shards/**.tar
-    repeat: dict[str, float] = {}  # per-dataset repeat weight (multiplies the mixture weight)
+    repeat: dict[str, Weight] = {}  # per-dataset repeat weight (multiplies the mixture weight)
     shuffle_buffer: int = Field(64, ge=1)
     num_workers: int = Field(0, ge=0)  # DataLoader workers per rank
     seed: int = 0
@@ -113,8 +125,8 @@ class DataConfig(_Strict):
 
 class OptimConfig(_Strict):
     lr: float = Field(1e-5, gt=0)
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0.0)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     warmup_steps: int = Field(500, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     grad_accum: int = Field(1, ge=1)

@@ -196,7 +196,7 @@ def train_loop_per_worker(config: dict) -> None:
     rng_to_restore = None
     if resumed_from:
         st = load_checkpoint(resumed_from)
-        _refuse_another_model(cfg, st, resumed_from)
+        refuse_another_model(cfg, st, resumed_from)
         _load_model(model, st["model"], fsdp)
         _load_optim(model, opt, st["optim"], fsdp)
         sched.load_state_dict(st["sched"])
@@ -409,7 +409,7 @@ def train_loop_per_worker(config: dict) -> None:
         pass
 
 
-def _refuse_another_model(cfg: TrainConfig, state: dict, path: str) -> None:
+def refuse_another_model(cfg: TrainConfig, state: dict, path: str) -> None:
     """A workdir's checkpoint of another model (weight-shaping fields differ) is not resumed: its
     weights would be re-split (another head count) or not fit (another width)."""
     from training.load import CheckpointError, shaping_differences

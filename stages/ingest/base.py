@@ -267,15 +267,6 @@ class DatasetAdapter(ABC):
         except Exception as exc:
             raise ClipError(f"unreadable .npy ({type(exc).__name__}: {exc})", self.where(rel)) from None
 
-    def read_npz(self, rel: str) -> dict[str, np.ndarray]:
-        try:
-            with np.load(io.BytesIO(self.read(rel)), allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except ClipError:
-            raise
-        except Exception as exc:
-            raise ClipError(f"unreadable .npz ({type(exc).__name__}: {exc})", self.where(rel)) from None
-
     def read_table(self, rel: str, ncols: int, skip_header: int = 0, comment: str = "#") -> np.ndarray:
         """Whitespace-separated numbers; wrong column counts or non-numbers name the line."""
         rows = []

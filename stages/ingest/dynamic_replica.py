@@ -94,6 +94,7 @@ class DynamicReplicaAdapter(DatasetAdapter):
     def __init__(self, root, options=None, **kw):
         super().__init__(root, options, **kw)
         self._ann_cache: dict[str, dict[tuple[str, str], list[dict]]] = {}
+        self._seq_problems: dict[str, dict[tuple[str, str], tuple[str, str]]] = {}
 
     # -- annotations -------------------------------------------------------------------------
     def _splits(self) -> list[str]:
@@ -136,12 +137,14 @@ class DynamicReplicaAdapter(DatasetAdapter):
             except (KeyError, TypeError, ValueError):
                 raise ClipError(f"entry {k} lacks sequence_name/frame_number/image.path", self.where(rel)) from None
             seqs.setdefault(key, []).append(e)
+        problems = {}
         for key, lst in seqs.items():
             lst.sort(key=lambda e: int(e["frame_number"]))
-            nums = [int(e["frame_number"]) for e in lst]
-            if len(set(nums)) != len(nums):
-                raise ClipError(f"sequence {key[0]} ({key[1]}) has duplicate frame numbers", self.where(rel))
+            problem = _repeated_frames(lst)
+            if problem:  # this sequence's clips fail with it; the split's other sequences go on
+                problems[key] = (f"sequence {key[0]} ({key[1]}) {problem}", self.where(rel))
         self._ann_cache[split] = seqs
+        self._seq_problems[split] = problems
         return seqs
 
     @staticmethod
@@ -160,8 +163,15 @@ class DynamicReplicaAdapter(DatasetAdapter):
                 continue
             for (seq, view), entries in sequences.items():
                 if view in views:
+                    problem = self._seq_problems[split].get((seq, view), ())
                     scenes.append(
-                        SceneRef(self.name, self._scene_id(split, seq, view), len(entries), extra=(split, seq, view))
+                        SceneRef(
+                            self.name,
+                            self._scene_id(split, seq, view),
+                            0 if problem else len(entries),
+                            extra=(split, seq, view),
+                            problem=problem,
+                        )
                     )
         return sorted(scenes, key=lambda s: s.scene)
 
@@ -342,3 +352,23 @@ class DynamicReplicaAdapter(DatasetAdapter):
             track_visible=visible,
         )
         return clip.validate()
+
+
+def _repeated_frames(entries: list[dict]) -> str:
+    """Why a sequence's entries (sorted by frame number) cannot be its frames, or '': a frame number
+    twice, or two entries naming one image/depth/trajectory file (a copied entry would load the
+    same frame twice)."""
+    nums = [int(e["frame_number"]) for e in entries]
+    if len(set(nums)) != len(nums):
+        return "has duplicate frame numbers"
+    for field in ("image", "depth", "trajectories"):
+        seen: dict[str, int] = {}
+        for num, e in zip(nums, entries):
+            ann = e.get(field)
+            path = ann.get("path") if isinstance(ann, dict) else None
+            if not isinstance(path, str):
+                continue  # a missing or malformed path is the frame's own error, at load
+            if path in seen:
+                return f"frames {seen[path]} and {num} name the same {field} file {path!r}"
+            seen[path] = num
+    return ""

@@ -124,10 +124,10 @@ class MatrixCityAdapter(DatasetAdapter):
     def _frames(self, scene: str) -> list[dict]:
         _, frames, rel = self._transforms(scene)
         try:
-            frames = sorted(frames, key=lambda f: int(f["frame_index"]))
+            frames = sorted(frames, key=_frame_index)
         except (KeyError, TypeError, ValueError):
             raise ClipError("every frame needs an integer frame_index", self.where(rel)) from None
-        idx = [int(f["frame_index"]) for f in frames]
+        idx = [_frame_index(f) for f in frames]
         if len(set(idx)) != len(idx):
             raise ClipError("duplicate frame_index values", self.where(rel))
         return frames
@@ -191,7 +191,7 @@ class MatrixCityAdapter(DatasetAdapter):
         rgb, depth, c2w = [], [], []
         for i in frames:
             fr = all_frames[i]
-            idx = int(fr["frame_index"])
+            idx = _frame_index(fr)
             c2w.append(self._pose(fr, tj_rel))
             img_rel = posixpath.join(img_dir, self._frame_name(idx, "png"))
             if not self.store.exists(img_rel) and self.store.exists(posixpath.join(img_dir, f"{idx}.png")):
@@ -221,3 +221,12 @@ class MatrixCityAdapter(DatasetAdapter):
             depth=d,
             depth_valid=self.depth_validity(d) if d is not None else None,
         ).validate()
+
+
+def _frame_index(frame: dict) -> int:
+    """A frame's ``frame_index``: a JSON integer (2.0 too); 1.9, true or "1" raise ValueError rather
+    than being read as another frame's number."""
+    v = frame["frame_index"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer():
+        raise ValueError(f"frame_index {v!r}")
+    return int(v)

@@ -211,6 +211,8 @@ class PointOdysseyAdapter(DatasetAdapter):
     def _check_header(self, shape, dtype, frames, rel, key):
         if dtype.hasobject:
             raise ClipError(f"{key} holds Python objects; refusing to unpickle", self.where(rel))
+        if dtype.kind not in "biuf":  # text would be parsed by astype, complex lose its imaginary part
+            raise ClipError(f"{key} must hold real numbers, got dtype {dtype}", self.where(rel))
         if not shape:
             raise ClipError(f"{key} is a scalar, expected a per-frame array", self.where(rel))
         t = int(shape[0])

@@ -161,9 +161,12 @@ class Stereo4DAdapter(DatasetAdapter):
 
         def get(key):
             try:
-                return np.asarray(z[key])
+                arr = np.asarray(z[key])
             except Exception as exc:
                 raise ClipError(f"unreadable array {key!r} ({type(exc).__name__}: {exc})", where) from None
+            if arr.dtype.kind not in "biuf":  # text would be parsed by astype, complex lose its imaginary part
+                raise ClipError(f"{key!r} must hold real numbers, got dtype {arr.dtype}", where)
+            return arr
 
         if set(RAW_KEYS) <= files:
             form = "raw"
