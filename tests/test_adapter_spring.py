@@ -226,3 +226,16 @@ def test_a_missing_image_fails_only_the_clips_that_use_it(written, tmp_path):
     (sdir / "frame_left" / "frame_left_0006.png").unlink()
     assert _load(root, [0, 1, 2]).rgb.shape[0] == 3
     _expect(root, [4, 5], "frame_left_0006.png", "missing")
+
+
+def test_a_missing_last_image_fails_only_the_clips_that_use_it(written, tmp_path):
+    """A deleted last image: the scene keeps its length (from its camera table), the clips without
+    that frame load and those with it fail naming the image (the count came from the images, one
+    short of the table, so every clip of the scene failed on the table)."""
+    root, sdir = _copy(written, tmp_path)
+    n = get_adapter("spring", str(root)).discover()[0].num_frames
+    last = sdir / "frame_left" / f"frame_left_{n:04d}.png"
+    last.unlink()
+    assert get_adapter("spring", str(root)).discover()[0].num_frames == n
+    assert _load(root, [0, 1, 2]).rgb.shape[0] == 3
+    _expect(root, [n - 2, n - 1], last.name, "missing")

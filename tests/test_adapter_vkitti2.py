@@ -241,9 +241,12 @@ def test_bad_depth_files(written, tmp_path):
 
 
 def test_image_count_differs_from_tables(written, tmp_path):
+    """More images than table rows: the table is short, every clip fails naming it (a missing last
+    image is the clips' own missing file, test below)."""
     root, var = _copy(written, tmp_path)
-    (var / "frames" / "rgb" / "Camera_0" / "rgb_00009.jpg").unlink()
-    _expect(root, [0], "extrinsic.txt", "expected frames 0..8")
+    rgb = var / "frames" / "rgb" / "Camera_0"
+    shutil.copy(rgb / "rgb_00009.jpg", rgb / "rgb_00010.jpg")
+    _expect(root, [0], "extrinsic.txt", "expected frames 0..10")
 
 
 def test_a_missing_image_fails_only_the_clips_that_use_it(written, tmp_path):
@@ -253,3 +256,16 @@ def test_a_missing_image_fails_only_the_clips_that_use_it(written, tmp_path):
     (var / "frames" / "rgb" / "Camera_0" / "rgb_00005.jpg").unlink()
     assert _load(root, [0, 1, 2]).rgb.shape[0] == 3
     _expect(root, [4, 5], "rgb_00005.jpg", "missing")
+
+
+def test_a_missing_last_image_fails_only_the_clips_that_use_it(written, tmp_path):
+    """A deleted last image: the scene keeps its length (from its camera table), the clips without
+    that frame load and those with it fail naming the image (the count came from the images, one
+    short of the table, so every clip of the scene failed on the table)."""
+    root, var = _copy(written, tmp_path)
+    n = _scenes(root)[1][0].num_frames
+    last = var / "frames" / "rgb" / "Camera_0" / f"rgb_{n - 1:05d}.jpg"
+    last.unlink()
+    assert _scenes(root)[1][0].num_frames == n
+    assert _load(root, [0, 1, 2]).rgb.shape[0] == 3
+    _expect(root, [n - 2, n - 1], last.name, "missing")

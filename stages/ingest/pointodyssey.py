@@ -132,8 +132,22 @@ class PointOdysseyAdapter(DatasetAdapter):
             rel = posixpath.relpath(posixpath.dirname(p), self.store.root)
             n = numbered_frame_count(self._frame_names(rel), _RGB_RE)
             if n:
+                # the annotations' frame count too: a missing last image is then a missing file
+                # of the clips that use it, not a scene one frame short of its annotations
+                n = max(n, self._anno_frame_count(posixpath.join(rel, "anno.npz")))
                 scenes.append(SceneRef(self.name, rel, n))
         return sorted(set(scenes), key=lambda s: s.scene)
+
+    def _anno_frame_count(self, rel: str) -> int:
+        """Frames the annotations hold, from the extrinsics' .npy header (0 when unreadable: the
+        load names its problem)."""
+        try:
+            with self.store.open(rel) as f, zipfile.ZipFile(f) as zf:
+                members = {posixpath.splitext(n)[0]: n for n in zf.namelist()}
+                shape, _ = self._member_header(zf, members["extrinsics"])
+            return int(shape[0]) if shape else 0
+        except Exception:  # noqa: BLE001 - a damaged file is reported by the load, naming it
+            return 0
 
     def _frame_names(self, scene_rel: str) -> list[str]:
         names = [n for n in self.store.listdir(posixpath.join(scene_rel, "rgbs")) if _RGB_RE.match(n)]

@@ -95,8 +95,18 @@ class SpringAdapter(DatasetAdapter):
                 continue
             n = numbered_frame_count(self._frame_names(rel), _FRAME_RE, first=1)
             if n:
+                # the camera table's lines count too: a missing last image is then a missing
+                # file of the clips that use it, not a scene one frame short of its table
+                n = max(n, self._table_lines(posixpath.relpath(p, self.store.root)))
                 scenes.append(SceneRef(self.name, rel, n))
         return sorted(set(scenes), key=lambda s: s.scene)
+
+    def _table_lines(self, rel: str) -> int:
+        """Frames a camera table lists (0 when unreadable: the load names its problem)."""
+        try:
+            return len(self.read_table(rel, ncols=16))
+        except ClipError:
+            return 0
 
     def _frame_names(self, scene_rel: str) -> list[str]:
         return sorted(n for n in self.store.listdir(posixpath.join(scene_rel, "frame_left")) if _FRAME_RE.match(n))

@@ -125,10 +125,23 @@ class VKITTI2Adapter(DatasetAdapter):
                             continue
                         n = numbered_frame_count(self.store.listdir(rgb_dir), _RGB_RE)
                         if n:
+                            # the camera table's rows count too: a missing last image is then a
+                            # missing file of the clips that use it, not a short scene
+                            n = max(n, self._table_frames(posixpath.join(text_dir, "extrinsic.txt"), cam))
                             found[sid] = SceneRef(self.name, sid, n, extra=(text_dir, rgb_dir, depth_dir, cam))
         return [found[k] for k in sorted(found)]
 
     # -- tables ------------------------------------------------------------------------------
+    def _table_frames(self, rel: str, cam: int) -> int:
+        """1 + the highest frame a camera table lists for ``cam`` (0 when unreadable: the load
+        names its problem)."""
+        try:
+            table = self.read_table(rel, ncols=18, skip_header=1)
+        except ClipError:
+            return 0
+        frames = table[table[:, 1] == cam, 0]
+        return int(frames.max()) + 1 if len(frames) and np.all(frames == np.round(frames)) else 0
+
     def _camera_table(self, rel: str, ncols: int, cam: int, num_frames: int) -> np.ndarray:
         """Rows of ``cam`` ordered by frame, checked to be exactly frames 0..num_frames-1."""
         text = self.read(rel).decode("utf-8", errors="replace").splitlines()
