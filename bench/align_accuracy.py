@@ -500,7 +500,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     res = run(a.trials, a.seed)
     os.makedirs(a.out, exist_ok=True)
-    command = f"python bench/align_accuracy.py --trials {a.trials} --seed {a.seed}"
+    command = f"python bench/align_accuracy.py --trials {a.trials} --seed {a.seed} --out {a.out}" + (
+        f" --doc {a.doc}" if a.doc else ""
+    )
     md = markdown(res, command)
     with open(os.path.join(a.out, "align_accuracy.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)

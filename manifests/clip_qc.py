@@ -28,7 +28,7 @@ ALIGN_FIELDS = (
     "pixel_error",
     "keep",
 )
-TRACK_FIELDS = ("kept_fraction", "median_drift_m", "median_drift_rel", "num_tracks")
+TRACK_FIELDS = ("kept_fraction", "median_drift_m", "median_drift_rel", "num_tracks", "checked")
 # From meta.qc['selfcheck'] (stages/selfcheck.py) and meta.qc['gt_tracks'] (the adapters' track filters).
 SELFCHECK_FIELDS = ("agreement", "overlap")
 GT_TRACK_FIELDS = ("dropped_jumps", "hidden_off_image")

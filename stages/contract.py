@@ -15,6 +15,6 @@ class StageContract:
     name: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    runs_as: str  # "task" (stateless CPU) or "actor" (model held in memory; GPU when present)
+    runs_as: str  # "task" (stateless CPU) or "actor" (model held in memory, with its stage's declared resources)
     acts_when: str  # when the stage changes a clip; otherwise the clip passes through unchanged
     errors: str  # what fails a clip here

@@ -55,3 +55,8 @@ def test_a_clip_whose_tracks_cannot_be_checked_is_not_dropped_as_drifting():
     clip.track_visible[:] = False  # tracked, but never seen twice: the same
     apply_static_track_qc(clip, _cfg())
     assert clip.meta.qc["tracks"]["checked"] is False
+    from manifests.clip_qc import sample_qc
+
+    # the ledger's QC record says so too (docs/MANIFESTS.md, clip_qc): it had the null figures only
+    assert sample_qc(clip, {})["tracks"]["checked"] is False
+    assert sample_qc(tracks_from_depth(_static_clip(), _cfg()), {})["tracks"]["checked"] is True

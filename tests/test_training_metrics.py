@@ -74,3 +74,20 @@ def test_two_gloo_ranks_whose_batches_differ_in_tracks(tmp_path):
     assert abs(mean["motion"] - r[0]["local"]["motion"][0]) < 1e-9
     assert abs(mean["loss"] - (r[0]["local"]["loss"][0] + r[1]["local"]["loss"][0]) / 2) < 1e-9
     assert abs(mean["photo"] - (r[0]["local"]["photo"][0] + r[1]["local"]["photo"][0]) / 2) < 1e-9
+
+
+def test_tensorboard_off_says_why(tmp_path, monkeypatch, capsys):
+    """runtime.tensorboard on, but no tb/ written (tensorboard not installed, or a remote workdir):
+    that was silent; the run now says why in one line, and writes the scalars when it can."""
+    import sys
+
+    from training.trainer import tensorboard_writer
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    assert tensorboard_writer(str(tmp_path)) is None
+    out = capsys.readouterr().out
+    assert "TensorBoard off" in out and "pip install" in out
+    monkeypatch.undo()
+    assert tensorboard_writer("s3://bucket/run") is None
+    out = capsys.readouterr().out
+    assert "TensorBoard off" in out and "s3://bucket/run" in out and "metrics.jsonl" in out

@@ -213,16 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
         set_rng_state(rng_to_restore)
 
     max_steps = min(cfg.total_steps, cfg.max_steps or cfg.total_steps)
-    writer = None
-    if rank == 0 and rt.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb_dir = _join(cfg.workdir, "tb")
-            if "://" not in tb_dir:
-                writer = SummaryWriter(tb_dir)
-        except Exception:
-            writer = None
+    writer = tensorboard_writer(cfg.workdir) if rank == 0 and rt.tensorboard else None
     metrics_url = _join(cfg.workdir, "metrics.jsonl")
     accum = cfg.optim.grad_accum
     samples_per_step = rt.batch_size * accum * world
@@ -407,6 +398,26 @@ def train_loop_per_worker(config: dict) -> None:
             ray_train.report({"step": step})
     except Exception:
         pass
+
+
+def tensorboard_writer(workdir: str):
+    """A SummaryWriter on WORKDIR/tb, or None with one line saying why (tensorboard not installed,
+    or a workdir that is not a local folder: SummaryWriter writes local files only)."""
+    tb_dir = _join(workdir, "tb")
+    why = None
+    if "://" in tb_dir:
+        why = f"the workdir {workdir} is not a local folder (metrics.jsonl has every scalar)"
+    else:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(tb_dir)
+        except ImportError:
+            why = "tensorboard is not installed (pip install 'd4s[train]'; metrics.jsonl has every scalar)"
+        except Exception as exc:  # noqa: BLE001 - logging must not stop training
+            why = f"{type(exc).__name__}: {exc} (metrics.jsonl has every scalar)"
+    print(f"[train] TensorBoard off: {why}", flush=True)
+    return None
 
 
 def refuse_another_model(cfg: TrainConfig, state: dict, path: str) -> None:

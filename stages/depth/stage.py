@@ -31,7 +31,8 @@ CONTRACT = StageContract(
     name="depth",
     inputs=("rgb (all clips of a scene)",),
     outputs=("aux.relative_depth", "aux.relative_kind", "meta.untrained_models"),
-    runs_as="actor pool (GPU per actor when present, else CPU); one pass per scene (or per clip)",
+    runs_as="actor pool, stages.depth.resources per actor (1 GPU by default; CPU only with num_gpus: 0); "
+    "one pass per scene (or per clip)",
     acts_when="the dataset's depth_source is not 'gt' and the clip has no depth",
     errors="model failure on the scene's frames (fails the scene's clips)",
 )

@@ -22,7 +22,8 @@ CONTRACT = StageContract(
     name="tracks",
     inputs=("rgb", "depth", "depth_valid", "intrinsics", "c2w"),
     outputs=("tracks", "track_visible", "meta.track_source", "meta.qc"),
-    runs_as="actor pool for cotracker (GPU when present), CPU task for depth_static",
+    runs_as="actor pool for cotracker, stages.tracks.resources per actor (1 GPU by default; CPU only with "
+    "num_gpus: 0), CPU task for depth_static",
     acts_when="the clip has no ground-truth tracks and the dataset's track_source is cotracker or depth_static",
     errors="no metric depth to lift with; model failure",
 )
