@@ -15,6 +15,12 @@ command, epoch, when it was acquired and when it last renewed. A driver
   :class:`LeaseLostError` (the holder fences itself before a taker may consider it stale);
 * **releases** it when it ends, so the next driver need not wait.
 
+A conditional write whose reply is lost (the client retries it, and the retry fails its own
+precondition: S3 answers 412 to a write it already applied) is told apart from a takeover by
+reading the lease back: a record with this driver's owner token and epoch is its own. Store
+errors during a renewal are hiccups the next beat retries; only a lease in another's hands, or
+no renewal for ``FENCE_FRACTION`` of the TTL, stops the driver.
+
 Staleness is judged on **the store's clock**, never a host's: the lease's age is the difference
 between the modification time of a probe object written now and that of the lease object, both
 stamped by the store. A host whose clock is hours off can neither take a live lease early nor
@@ -212,7 +218,7 @@ class Lease:
             cur = self.store.read_versioned(LEASE_PATH)
             if cur is None:
                 rec = self._new_record(max(0, min_epoch) + 1)
-                if self.store.create_exclusive(LEASE_PATH, rec.to_bytes()):
+                if self.store.create_exclusive(LEASE_PATH, rec.to_bytes()) or self._stored_is(rec):
                     return self._won(rec, "created")
                 continue
             old = _record(self.store, cur[0])
@@ -220,7 +226,7 @@ class Lease:
             if why is None:
                 raise LeaseHeldError(self._held_message(old, age))
             rec = self._new_record(max(old.epoch, min_epoch) + 1)
-            if self.store.replace_if_version(LEASE_PATH, rec.to_bytes(), cur[1]):
+            if self.store.replace_if_version(LEASE_PATH, rec.to_bytes(), cur[1]) or self._stored_is(rec):
                 if not old.released:
                     log.warning(
                         "took over the lease of %s from %s (pid %s, %s): %s",
@@ -232,6 +238,25 @@ class Lease:
                     )
                 return self._won(rec, f"taken over ({why})")
         raise LeaseHeldError(f"{self.store.display()}: other drivers keep changing the lease; try again")
+
+    def _stored_is(self, rec: LeaseRecord) -> bool:
+        """Whether the stored lease is exactly ``rec``: a conditional write this driver was told
+        failed may have been applied (its reply lost, the client's retry then failing its own
+        precondition: S3 answers 412). The record holds this driver's owner token and clock
+        reading, so no other writer stores the same bytes."""
+        got = self.store.read_versioned(LEASE_PATH)
+        return got is not None and got[0] == rec.to_bytes()
+
+    def _stored_mine(self) -> tuple[LeaseRecord, str] | None:
+        """(record, version) of the stored lease when it is still this driver's acquisition (its
+        owner and epoch, not released), else None. Only this driver writes such records, so one
+        at another version than ours is a write of ours whose reply or read-back was lost."""
+        got = self.store.read_versioned(LEASE_PATH)
+        if got is None:
+            return None
+        rec = _record(self.store, got[0])
+        mine = self.record is not None and rec.owner == self.owner and rec.epoch == self.record.epoch
+        return (rec, got[1]) if mine and not rec.released else None
 
     def _won(self, rec: LeaseRecord, how: str) -> LeaseRecord:
         got = self.store.read_versioned(LEASE_PATH)
@@ -260,30 +285,43 @@ class Lease:
 
     # -- holding ---------------------------------------------------------------------------
     def renew(self) -> bool:
-        """Extend the lease (compare-and-swap); False, and lost for good, when it is not ours any more."""
+        """Extend the lease (compare-and-swap); False, and lost for good, when it is not ours any
+        more. A store error anywhere in a renewal is a hiccup: the next beat tries again (the
+        holder fences itself if they go on for ``FENCE_FRACTION`` of the TTL)."""
         with self._lock:
             if self.record is None or self._lost:
                 return False
-            t0 = time.monotonic()
-            nxt = LeaseRecord(**{**asdict(self.record), "renewed_at": time.time(), "beats": self.record.beats + 1})
             try:
-                ok = self.store.replace_if_version(LEASE_PATH, nxt.to_bytes(), self._version)
+                return self._renew_locked(time.monotonic())
             except Exception as exc:  # noqa: BLE001 - a store hiccup: try again at the next beat
                 log.warning("could not renew the lease on %s: %s: %s", self.store.display(), type(exc).__name__, exc)
                 return True
-            if not ok:
+
+    def _renew_locked(self, t0: float) -> bool:
+        for _ in range(2):
+            nxt = LeaseRecord(**{**asdict(self.record), "renewed_at": time.time(), "beats": self.record.beats + 1})
+            if self.store.replace_if_version(LEASE_PATH, nxt.to_bytes(), self._version):
+                got = self.store.read_versioned(LEASE_PATH)
+                if got is None or _record(self.store, got[0]).owner != self.owner:
+                    self._lost = f"the lease on {self.store.display()} changed hands during renewal"
+                    return False
+                self.record, self._version, self._renewed_mono = nxt, got[1], t0
+                return True
+            mine = self._stored_mine()
+            if mine is None:
                 holder = self.holder()
                 self._lost = f"the lease on {self.store.display()} was taken over by " + (
                     f"{holder.owner} on {holder.host} (pid {holder.pid})" if holder else "another driver"
                 )
                 log.error(self._lost)
                 return False
-            got = self.store.read_versioned(LEASE_PATH)
-            if got is None or _record(self.store, got[0]).owner != self.owner:
-                self._lost = f"the lease on {self.store.display()} changed hands during renewal"
-                return False
-            self.record, self._version, self._renewed_mono = nxt, got[1], t0
-            return True
+            # still ours, at a version we did not see: a renewal applied whose reply (or read-back)
+            # was lost. Adopt it; when it is this very renewal, it is done, else write again
+            self.record, self._version = mine
+            if mine[0] == nxt:
+                self._renewed_mono = t0
+                return True
+        return True  # written twice, seen twice at another version of ours: the next beat goes on
 
     def check(self) -> None:
         """Raise :class:`LeaseLostError` unless this driver may still write the output."""
@@ -316,14 +354,24 @@ class Lease:
             self._thread = None
 
     def release(self) -> None:
-        """Give the lease up (a compare-and-swap to a released record: a taker needs no wait)."""
+        """Give the lease up (a compare-and-swap to a released record: a taker needs no wait). A
+        lease this driver fenced itself from is still released when the store shows it unchanged
+        in its hands; one taken over is left alone."""
         self.stop_heartbeat()
         with self._lock:
-            if self.record is None or self._lost:
+            if self.record is None:
                 return
-            done = LeaseRecord(**{**asdict(self.record), "renewed_at": time.time(), "released": True})
             try:
-                self.store.replace_if_version(LEASE_PATH, done.to_bytes(), self._version)
+                for _ in range(2):
+                    done = LeaseRecord(**{**asdict(self.record), "renewed_at": time.time(), "released": True})
+                    if self.store.replace_if_version(LEASE_PATH, done.to_bytes(), self._version) or self._stored_is(
+                        done
+                    ):
+                        break
+                    mine = self._stored_mine()  # a renewal of ours landed unseen: release that version
+                    if mine is None:
+                        break
+                    self.record, self._version = mine
             except Exception as exc:  # noqa: BLE001 - the TTL frees it anyway
                 log.warning("could not release the lease on %s: %s", self.store.display(), exc)
             self.record = None

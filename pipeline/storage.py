@@ -25,11 +25,13 @@ same second is not excluded (``conditional_writes`` is False; docs/CLUSTER.md).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import posixpath
 import shutil
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from typing import Iterator
@@ -207,15 +209,23 @@ class Store:
         """(bytes, version) of an object, or None when absent. The version changes whenever the
         object is rewritten (S3: its ETag; filesystem: a hash of the bytes)."""
         p = self.path(rel)
-        try:
-            if self.is_local or not self.conditional_writes:
-                with self.fs.open(p, "rb") as f:
-                    data = f.read()
-                return data, hashlib.sha256(data).hexdigest()
-            with self.fs.open(p, "rb") as f:  # s3fs reads with If-Match on the ETag it saw at open
-                return f.read(), str(f.details["ETag"])
-        except FileNotFoundError:
-            return None
+        for attempt in range(5):
+            try:
+                if self.is_local or not self.conditional_writes:
+                    with self.fs.open(p, "rb") as f:
+                        data = f.read()
+                    return data, hashlib.sha256(data).hexdigest()
+                with self.fs.open(p, "rb") as f:  # s3fs reads with If-Match on the ETag it saw at open
+                    return f.read(), str(f.details["ETag"])
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                # s3fs's FileExpired (EBUSY): the object was rewritten between the ETag and the
+                # read (a lease renewal landing); the next read sees the new version whole
+                if exc.errno != errno.EBUSY or attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def replace_if_version(self, rel: str, data: bytes, version: str) -> bool:
         """Overwrite ``rel`` with ``data`` only if it is still at ``version``; False otherwise."""

@@ -159,3 +159,29 @@ def test_resize_nearest_pixel_centres():
     a = np.arange(4, dtype=np.float32).reshape(1, 2, 2)
     up = resize_nearest(a, 4, 4)
     np.testing.assert_array_equal(up[0], [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+
+
+def test_a_failed_cache_read_keeps_the_entry(stand_in, tmp_path):
+    """A store error reading a cached result (S3 timeout, throttling) removed the entry as if it
+    were damaged, and MegaSaM ran again: GPU time lost on every throttled read. The error now
+    propagates (the scene pass marks it transient); only an entry that reads but does not decode
+    is removed."""
+    from stages.align.megasam import MegaSaMCache, run_cached
+
+    template, counter = stand_in
+    cache = MegaSaMCache(str(tmp_path / "cache"), max_side=0)
+    first = run_cached(MegaSaMRunner(template, tmp_path / "w"), cache, "c", frames())
+    rel = cache.rel(first.key)
+    real = cache.store.read_bytes
+
+    def timeout(r):
+        raise TimeoutError("read timed out")
+
+    cache.store.read_bytes = timeout
+    with pytest.raises(TimeoutError):
+        cache.get(first.key, 4)
+    cache.store.read_bytes = real
+    assert cache.store.exists(rel) and cache.get(first.key, 4) is not None
+    cache.store.write_bytes_atomic(rel, b"PK\x03\x04 not a whole npz")  # damaged: removed, recomputed
+    assert cache.get(first.key, 4) is None and not cache.store.exists(rel)
+    assert len(invocations(counter)) == 1

@@ -162,3 +162,74 @@ def test_racing_drivers_exactly_one_wins(store, stale):
     assert not errors, errors
     assert len(wins) == 1 and len(refusals) == 5
     assert Lease(store, same_host_shortcut=False).holder().owner == wins[0].owner
+
+
+def _lose_reply_once(store: Store, name: str) -> None:
+    """The store applies the next ``name`` write but the driver hears a failure, as when a PUT's
+    reply is lost and the client's retry of it fails its own precondition (S3 412)."""
+    real = getattr(store, name)
+
+    def applied_then_refused(*a, **kw):
+        setattr(store, name, real)
+        assert real(*a, **kw)
+        return False
+
+    setattr(store, name, applied_then_refused)
+
+
+def test_a_lost_reply_to_the_lease_writes_keeps_the_lease(store):
+    """A renewal (or the first create) that the store applied but whose reply was lost read as a
+    takeover "by" the driver itself: the build stopped with "lease lost" and never released."""
+    lease = Lease(store, ttl_s=60)
+    _lose_reply_once(store, "create_exclusive")
+    lease.acquire()  # was: LeaseHeldError naming itself
+    _lose_reply_once(store, "replace_if_version")
+    assert lease.renew() and lease.renew()
+    lease.check()
+    _lose_reply_once(store, "replace_if_version")
+    lease.release()
+    assert Lease(store).holder().released  # another driver need not wait for the TTL
+
+
+def test_a_failed_read_after_a_renewal_does_not_stop_the_heartbeat(store):
+    """The read-back after a renewal raised out of renew() and ended the heartbeat thread: the
+    driver fenced itself at 80 % of the TTL and its release used a stale version."""
+    lease = Lease(store, ttl_s=60)
+    lease.acquire()
+    real = store.read_versioned
+    calls = {"n": 0}
+
+    def fails_once(rel):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("simulated one-off store error")
+        return real(rel)
+
+    store.read_versioned = fails_once
+    assert lease.renew()  # the hiccup: try again at the next beat
+    store.read_versioned = real
+    assert lease.renew()
+    lease.check()
+    lease.release()
+    assert Lease(store).holder().released
+
+
+def test_a_lease_read_while_it_is_rewritten_is_read_again(tmp_path):
+    """s3fs raises FileExpired (EBUSY) when the object changes between its HEAD and GET (a
+    renewal landing): a second driver crashed with a traceback instead of being refused."""
+    import errno
+
+    store = Store(str(tmp_path / "out"))
+    Lease(store, ttl_s=60).acquire()
+    real = store.fs.open
+    calls = {"n": 0}
+
+    def expired_once(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EBUSY, "The remote file no longer exists (ETag changed)")
+        return real(*a, **kw)
+
+    store.fs.open = expired_once
+    with pytest.raises(LeaseHeldError):
+        Lease(store, ttl_s=60).acquire()

@@ -89,3 +89,25 @@ def test_without_an_index_only_shards_the_ledger_records_done_are_read(built):
     )
     sums = shard_checksums(cfg.data)
     assert set(sums) == set(urls)
+
+
+@pytest.mark.parametrize("where", ["../elsewhere/x.tar", "/etc/x.tar", "s3://other-bucket/x.tar"])
+def test_an_index_naming_a_shard_outside_the_output_is_refused(built, where):
+    """index.parquet's shard_path is relative to the output; one leaving it ('..', absolute, a URL)
+    was read as given, its checksum taken from the same index: an edited or foreign index made a
+    training job read files or buckets outside the output with the job's credentials."""
+    import pyarrow as pa
+
+    index = pq.read_table(built / "index.parquet")
+    paths = index.column("shard_path").to_pylist()
+    paths[0] = where
+    pq.write_table(
+        index.set_column(index.schema.get_field_index("shard_path"), "shard_path", pa.array(paths)),
+        built / "index.parquet",
+    )
+    cfg = make_config("tiny", data={"root": str(built)})
+    with pytest.raises(ValueError) as err:
+        resolve_shards(cfg.data)
+    assert "index.parquet" in str(err.value) and where in str(err.value) and "outside" in str(err.value)
+    with pytest.raises(ValueError):
+        shard_checksums(cfg.data)

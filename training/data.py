@@ -127,8 +127,7 @@ def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
             sums: dict[str, str] | None = {} if tab and "shard_sha256" in tab[0] else None
             for r in tab:
                 # index.parquet schema: manifests/schemas.py INDEX_SCHEMA (shard_path relative to the output)
-                rel = r["shard_path"]
-                url = rel if "://" in rel or os.path.isabs(rel) else f"{root}/{rel}"
+                url = shard_url(root, r["shard_path"], index)
                 if sums is not None and r.get("shard_sha256"):
                     sums[url] = r["shard_sha256"]
                 if (r.get("split") or "train") != split:
@@ -181,8 +180,24 @@ def _done_shards(root: str) -> list[str] | None:
     if not ms.has_plan():
         return None
     ledger = ms.ledger()
-    url_of = lambda rel: rel if "://" in rel or os.path.isabs(rel) else f"{root}/{rel}"  # noqa: E731
-    return [url_of(sh["path"]) for sh in ms.shards() if ledger.get(sh["shard_id"], {}).get("state") == "done"]
+    plan = f"{root}/manifests/shards.parquet"
+    return [
+        shard_url(root, sh["path"], plan) for sh in ms.shards() if ledger.get(sh["shard_id"], {}).get("state") == "done"
+    ]
+
+
+def shard_url(root: str, rel: str, source: str) -> str:
+    """A shard's URL from its path relative to the output, as the index and the plan record it.
+    A path leaving the output ('..', absolute, another URL) is refused naming ``source``: the
+    loader never reads outside the output it was pointed at, whatever a manifest says."""
+    from pipeline.storage import PathEscapeError, safe_join
+
+    try:
+        if not isinstance(rel, str) or "://" in rel:
+            raise PathEscapeError(rel)
+        return safe_join(root, rel)
+    except PathEscapeError:
+        raise ValueError(f"{source} lists shard_path {rel!r} outside the output {root}") from None
 
 
 def resolve_shards(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, int], dict[str, str]]:
@@ -207,8 +222,8 @@ def shard_checksums(cfg: DataConfig, catalog: Catalog | None = None) -> dict[str
     import pyarrow.parquet as pq
 
     root = cfg.root.rstrip("/")
-    url_of = lambda rel: rel if "://" in rel or os.path.isabs(rel) else f"{root}/{rel}"  # noqa: E731
     index = f"{root}/index.parquet"
+    url_of = lambda rel: shard_url(root, rel, index)  # noqa: E731
     fs, _, _ = fsspec.get_fs_token_paths(index)
     if fs.exists(index):
         with fsspec.open(index, "rb") as f:
@@ -226,8 +241,9 @@ def shard_checksums(cfg: DataConfig, catalog: Catalog | None = None) -> dict[str
     if not ms.has_plan():
         return {}
     ledger = ms.ledger()
+    plan = f"{root}/manifests/shards.parquet"
     return {
-        url_of(sh["path"]): ledger[sh["shard_id"]]["sha256"]
+        shard_url(root, sh["path"], plan): ledger[sh["shard_id"]]["sha256"]
         for sh in ms.shards()
         if ledger.get(sh["shard_id"], {}).get("state") == "done" and ledger[sh["shard_id"]].get("sha256")
     }

@@ -359,20 +359,24 @@ class MegaSaMCache:
         return f"logs/{_safe_name(run_id)}-{key[:12]}.log"
 
     def get(self, key: str, expected_frames: int) -> MegaSaMOutput | None:
-        """The cached result, or None (absent, or unreadable: then it is removed and recomputed)."""
+        """The cached result, or None (absent, or damaged: read whole but not a valid entry, then
+        it is removed and recomputed). A store error reading it propagates: the entry may well
+        be good, and the scene pass counts such errors transient (its shard is retried)."""
         from pipeline.sample_format import decode_depth
 
         rel = self.rel(key)
-        if not self.store.exists(rel):
+        try:
+            data = self.store.read_bytes(rel)
+        except FileNotFoundError:
             return None
         try:
-            with np.load(io.BytesIO(self.store.read_bytes(rel)), allow_pickle=False) as z:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 code, k, c2w = z["depth_code"], z["intrinsic"], z["cam_c2w"]
             if code.ndim != 3 or code.shape[0] != expected_frames or c2w.shape != (expected_frames, 4, 4):
                 raise ValueError(f"holds {code.shape[0]} frames, expected {expected_frames}")
             dec, ok = decode_depth(code)
         except Exception:  # noqa: BLE001 - a damaged entry is recomputed, never trusted
-            self.store.remove(rel)
+            self._remove_if_still(rel, data)
             return None
         return MegaSaMOutput(
             images=None,
@@ -382,6 +386,14 @@ class MegaSaMCache:
             path=self.store.display(rel),
             cached=True,
         )
+
+    def _remove_if_still(self, rel: str, damaged: bytes) -> None:
+        """Remove a damaged entry unless another worker has rewritten it since it was read."""
+        try:
+            if self.store.read_bytes(rel) == damaged:
+                self.store.remove(rel)
+        except FileNotFoundError:
+            pass
 
     def put(self, key: str, out: MegaSaMOutput) -> int:
         """Store a compact result (atomically); returns its bytes."""
