@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob as _glob
 import hashlib
 import os
 import posixpath
@@ -148,9 +149,29 @@ class Store:
                 shutil.rmtree(tmpdir, ignore_errors=True)
 
     def remove(self, rel: str) -> None:
+        """Delete a file or a folder with what is in it. The path is taken literally: fsspec's rm
+        expands a path with glob characters (a root named ``o*`` would match a sibling ``oo``)."""
         p = self.path(rel)
-        if self.fs.exists(p):
+        if self.is_local:
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            elif os.path.lexists(p):
+                os.remove(p)
+            return
+        if not self.fs.exists(p):
+            return
+        if not _glob.has_magic(p):
             self.fs.rm(p, recursive=True)
+        elif self.fs.isdir(p):
+            for f in self.fs.find(p):  # a listing, never a pattern
+                self.fs.rm_file(f)
+        else:
+            self.fs.rm_file(p)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Paths under the root matching ``pattern`` (relative, '/'-separated); the root itself is
+        matched literally, whatever characters its name holds."""
+        return sorted(self.fs.glob(posixpath.join(_glob.escape(self.root), pattern)))
 
     def sha256(self, rel: str) -> str:
         h = hashlib.sha256()
@@ -297,6 +318,14 @@ class Store:
         if not rels:
             return {}
         paths = {self.path(r): r for r in rels}
+        if any(_glob.has_magic(p) for p in paths):  # fsspec's cat would expand them as patterns
+            out: dict[str, bytes | Exception] = {}
+            for p, r in paths.items():
+                try:
+                    out[r] = self.fs.cat_file(p)
+                except Exception as exc:  # noqa: BLE001 - returned, as cat(on_error="return") does
+                    out[r] = exc
+            return out
         got = self.fs.cat(list(paths), on_error="return")
         return {paths[p]: v for p, v in got.items()}
 

@@ -357,3 +357,12 @@ def test_a_missing_last_image_fails_only_the_clips_that_use_it(written, tmp_path
     assert get_adapter("pointodyssey", str(root)).discover()[0].num_frames == n
     assert _load(root, [0, 1, 2]).rgb.shape[0] == 3
     _expect(root, [n - 2, n - 1], last.name, "missing")
+
+
+def test_a_root_named_with_glob_characters_is_read_literally(written, tmp_path):
+    """Discovery globbed under the root as a pattern: a root 'po[1]' found no scene (or a sibling's)."""
+    root, _ = written
+    shutil.copytree(root, tmp_path / "po[1]")
+    shutil.copytree(root, tmp_path / "po1")
+    (scene,) = get_adapter("pointodyssey", str(tmp_path / "po[1]")).discover()
+    assert _load(tmp_path / "po[1]", [0, 1]).rgb.shape[0] == 2 and scene.num_frames > 2

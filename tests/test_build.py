@@ -229,3 +229,15 @@ def test_two_demo_builds_in_different_folders_are_byte_identical(tmp_path, ray_l
         assert s.ok and s.clips_written > 0 and s.shards_done == s.shards_total
     a, b = shard_files(tmp_path / "a"), shard_files(tmp_path / "b")
     assert len(a) == summaries[0].shards_total and a == b
+
+
+def test_an_output_and_a_root_named_with_glob_characters(tmp_path, tartan_data, ray_local):
+    """`output: run[1]` built every shard, then crashed writing the index (fsspec read the ledger's
+    paths as patterns); status, verify and resume failed the same way."""
+    data, _ = tartan_data
+    shutil.copytree(data, tmp_path / "data[1]")
+    s = build(tartanair_config(tmp_path, tmp_path / "data[1]", "run[1]"), show_progress=False)
+    assert s.shards_done == 3 and (tmp_path / "run[1]" / "index.parquet").exists()
+    assert verify(str(tmp_path / "run[1]")).ok
+    assert collect_status(str(tmp_path / "run[1]"))["shards"]["done"] == 3
+    assert resume(str(tmp_path / "run[1]"), show_progress=False).shards_skipped == 3

@@ -236,7 +236,7 @@ class KubricMoviFAdapter(DatasetAdapter):
     def _shards(self) -> list[str]:
         found = set()
         for pattern in ("*.tfrecord-*", "*/*.tfrecord-*", "*/*/*.tfrecord-*", "*/*/*/*.tfrecord-*"):
-            for p in self.store.fs.glob(self.store.path(pattern)):
+            for p in self.store.glob(pattern):
                 rel = posixpath.relpath(p, self.store.root)
                 if posixpath.basename(rel).startswith("movi_f-"):
                     found.add(rel)

@@ -91,7 +91,7 @@ class MatrixCityAdapter(DatasetAdapter):
 
     def discover(self) -> list[SceneRef]:
         scenes = []
-        for p in self.store.fs.glob(self.store.path("*/*/*/*/transforms.json")):
+        for p in self.store.glob("*/*/*/*/transforms.json"):
             rel = posixpath.relpath(posixpath.dirname(p), self.store.root)
             city, view, split, _block = rel.split("/")
             if city not in CITIES or view not in VIEWS or split == "pose":

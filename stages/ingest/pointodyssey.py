@@ -128,7 +128,7 @@ class PointOdysseyAdapter(DatasetAdapter):
     # -- discovery ---------------------------------------------------------------------------
     def discover(self) -> list[SceneRef]:
         scenes = []
-        for p in self.store.fs.glob(self.store.path("*/*/anno.npz")):
+        for p in self.store.glob("*/*/anno.npz"):
             rel = posixpath.relpath(posixpath.dirname(p), self.store.root)
             n = numbered_frame_count(self._frame_names(rel), _RGB_RE)
             if n:

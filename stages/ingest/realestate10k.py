@@ -246,7 +246,7 @@ class RealEstate10KAdapter(DatasetAdapter):
 
     def _camera_scenes(self) -> list[SceneRef]:
         out = []
-        for p in self.store.fs.glob(self.store.path("*/*.txt")):
+        for p in self.store.glob("*/*.txt"):
             rel = posixpath.relpath(p, self.store.root)
             try:  # bad bytes are found when the scene is read (read_cameras names them)
                 text = self.read(rel).decode("utf-8", errors="replace")
@@ -265,7 +265,7 @@ class RealEstate10KAdapter(DatasetAdapter):
 
     def _chunk_scenes(self) -> list[SceneRef]:
         out = []
-        for p in sorted(self.store.fs.glob(self.store.path("*/*.torch"))):
+        for p in sorted(self.store.glob("*/*.torch")):
             rel = posixpath.relpath(p, self.store.root)
             split = posixpath.dirname(rel)
             try:

@@ -89,7 +89,7 @@ class SpringAdapter(DatasetAdapter):
     # -- discovery ---------------------------------------------------------------------------
     def discover(self) -> list[SceneRef]:
         scenes = []
-        for p in self.store.fs.glob(self.store.path("*/*/cam_data/extrinsics.txt")):
+        for p in self.store.glob("*/*/cam_data/extrinsics.txt"):
             rel = posixpath.relpath(posixpath.dirname(posixpath.dirname(p)), self.store.root)
             if not _SCENE_RE.match(posixpath.basename(rel)) or not self.store.isdir(posixpath.join(rel, "disp1_left")):
                 continue

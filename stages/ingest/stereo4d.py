@@ -122,7 +122,7 @@ class Stereo4DAdapter(DatasetAdapter):
     # -- discovery ---------------------------------------------------------------------------
     def discover(self) -> list[SceneRef]:
         scenes = []
-        for p in self.store.fs.glob(self.store.path("*/*.npz")):
+        for p in self.store.glob("*/*.npz"):
             rel = posixpath.relpath(p, self.store.root)
             try:
                 with self.store.open(rel) as f, np.load(f, allow_pickle=False) as z:

@@ -39,7 +39,7 @@ class TartanAirAdapter(DatasetAdapter):
         scenes = []
         # Releases unpack as <env>/<Easy|Hard>/P<NNN> or with the env folder doubled; search 3-4 deep.
         for pattern in ("*/*/*/pose_left.txt", "*/*/*/*/pose_left.txt"):
-            for p in self.store.fs.glob(self.store.path(pattern)):
+            for p in self.store.glob(pattern):
                 rel = posixpath.relpath(posixpath.dirname(p), self.store.root)
                 difficulty = rel.split("/")[-2]
                 if difficulty not in ("Easy", "Hard"):
