@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Literal
 
 import yaml
@@ -447,6 +448,22 @@ class BuildConfig(_Strict):
         if not overrides:
             return self.model_copy(deep=True)
         return BuildConfig.model_validate(_deep_merge(self.model_dump(mode="json"), overrides))
+
+    def with_absolute_locations(self) -> "BuildConfig":
+        """A copy whose local relative locations (the output, the dataset roots, the MegaSaM
+        cache folder) are absolute, taken against this working directory: the recorded config
+        then serves `d4s resume` from any folder. URLs and content settings (checkpoint paths,
+        commands: they are part of what the shards hold) are left as written."""
+
+        def absolute(p: str | None) -> str | None:
+            return p if p is None or "://" in p else os.path.abspath(os.path.expanduser(p))
+
+        out = self.model_copy(deep=True)
+        out.output = absolute(out.output)
+        for ds in out.datasets.values():
+            ds.root = absolute(ds.root)
+        out.stages.align.cache_dir = absolute(out.stages.align.cache_dir)
+        return out
 
     def recorded(self) -> "BuildConfig":
         """What ``config.resolved.yaml`` keeps: the config without fault-injection hooks, which

@@ -258,7 +258,7 @@ def build(
     ``full_check`` re-hashes every finished shard instead of trusting unchanged fingerprints.
     """
     t0 = time.time()
-    cfg = cfg.resolved()
+    cfg = cfg.resolved().with_absolute_locations()
     if resume:
         cfg = cfg.recorded()  # a fault hook recorded by an older d4s never comes back
     run = cfg.with_overrides(overrides)

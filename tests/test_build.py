@@ -241,3 +241,22 @@ def test_an_output_and_a_root_named_with_glob_characters(tmp_path, tartan_data, 
     assert verify(str(tmp_path / "run[1]")).ok
     assert collect_status(str(tmp_path / "run[1]"))["shards"]["done"] == 3
     assert resume(str(tmp_path / "run[1]"), show_progress=False).shards_skipped == 3
+
+
+def test_a_build_from_relative_paths_resumes_from_anywhere(tmp_path, tartan_data, ray_local, monkeypatch):
+    """Relative output and dataset roots were recorded as written: `d4s resume` from another folder
+    found no scenes ("no scenes found under tartanair_data"). They are recorded absolute."""
+    data, _ = tartan_data
+    (tmp_path / "a").mkdir()
+    shutil.copytree(data, tmp_path / "a" / "data")
+    monkeypatch.chdir(tmp_path / "a")
+    cfg = tartanair_config(Path("."), Path("data"), "out", fault={"driver_exit_after_shards": 1})
+    cfg_path = tmp_path / "a" / "rel.yaml"
+    cfg_path.write_text(cfg.to_yaml().replace(str(tmp_path / "a") + "/", ""))
+    assert "root: data" in cfg_path.read_text() and "output: out" in cfg_path.read_text()
+    assert _run_cli("build", str(cfg_path), "--no-progress").returncode == 19  # stopped after one shard
+    monkeypatch.chdir(tmp_path)
+    s = resume("a/out", show_progress=False)
+    assert s.shards_skipped == 1 and s.shards_done == 2
+    recorded = (tmp_path / "a" / "out" / "config.resolved.yaml").read_text()
+    assert f"root: {tmp_path / 'a' / 'data'}" in recorded and f"output: {tmp_path / 'a' / 'out'}" in recorded
