@@ -77,10 +77,33 @@ def ensure_ray(cfg: BuildConfig) -> None:
     address = _cluster_address(cfg)
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     if address:
+        check_cluster_address(cfg)
         ray.init(address=address, **kwargs)
     else:
         # address="local": always start our own Ray, never join one another process left running
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kwargs)
+
+
+def check_cluster_address(cfg: BuildConfig, timeout_s: float = 10.0) -> None:
+    """Refuse, in one line, a cluster address where nothing answers: ``ray.init`` retries such an
+    address without end (and does not stop on Ctrl-C). A TCP connection to its host and port,
+    with a deadline; ``auto`` and addresses without a port are left to Ray."""
+    import socket
+
+    address = _cluster_address(cfg)
+    if not address:
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"ray address {address}: nothing answers at {host}:{port} ({exc.strerror or exc}); "
+            "is the Ray head running there (`ray start --head`), and is the address its GCS address?"
+        ) from None
 
 
 def _cluster_address(cfg: BuildConfig) -> str | None:

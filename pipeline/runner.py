@@ -42,7 +42,7 @@ from manifests.lease import Lease
 from manifests.store import ManifestStore, host_name
 from pipeline.config import OUTPUT_CONFIG_NAME as CONFIG_NAME
 from pipeline.config import BuildConfig, ConfigError, load_output_config
-from pipeline.dag import ShardDAG
+from pipeline.dag import ShardDAG, check_cluster_address
 from pipeline.deps import build_needs
 from pipeline.deps import check as check_packages
 from pipeline.feed import FeedMonitor
@@ -263,6 +263,7 @@ def build(
         cfg = cfg.recorded()  # a fault hook recorded by an older d4s never comes back
     run = cfg.with_overrides(overrides)
     check_packages(build_needs(run), "d4s build")  # before the lease, planning reads data and Ray starts
+    check_cluster_address(run)  # a cluster address where nothing answers: one line, before the lease
     with _SkewedClock(run.fault.clock_skew_s):
         store = Store(run.output)
         ms = ManifestStore(store)

@@ -147,3 +147,26 @@ def _a_dataset_without_clips_is_reported_with_why(out):
     assert r.exit_code == 0 and "vkitti2" in r.output and note in r.output.replace("\n", " "), r.output
     html = open(write_report(str(out), gallery_clips=0)).read()
     assert "vkitti2" in html and note in html
+
+
+def test_an_address_where_no_ray_answers_is_one_line(tmp_path):
+    """`--address 127.0.0.1:1` (nothing listening) made ray.init retry forever, deaf to Ctrl-C, with
+    the lease held; it is now refused in one line before the lease is taken."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    write_tartanair(data)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(tartanair_config(tmp_path, data).to_yaml())
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "build", str(cfg), "--no-progress", "--address", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_DISABLE_USAGE_STATS": "1"},
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out" / "manifests" / "lease.json").exists()
