@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline import strict_json
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, read_text_file
 
 app = typer.Typer(
     add_completion=False,
@@ -421,11 +421,13 @@ def _counts_table(path: str) -> list[dict]:
     from stages.ingest import ADAPTERS
 
     try:
-        rows = load_yaml(Path(path).read_text())
-    except FileNotFoundError:
-        _fail(f"counts file not found: {path}")
+        rows = load_yaml(read_text_file(path, "counts file"))
+    except ConfigError as exc:
+        _fail(str(exc))
     except yaml.YAMLError as exc:
         _fail(f"counts file {path} is not valid YAML: {yaml_error_line(exc)}")
+    if isinstance(rows, list) and not rows:
+        _fail(f"counts file {path} has no rows: expected a list of {{dataset, scenes, frames_per_scene}} rows")
     if not isinstance(rows, list) or not all(
         isinstance(r, dict) and {"dataset", "scenes", "frames_per_scene"} <= set(r) for r in rows
     ):
@@ -438,6 +440,13 @@ def _counts_table(path: str) -> list[dict]:
         for k in ("scenes", "frames_per_scene"):
             if not isinstance(r[k], int) or isinstance(r[k], bool) or r[k] < 1:
                 _fail(f"counts file {path}, row {i}: {k} must be a whole number >= 1, got {r[k]!r}")
+        hw = r.get("hw")
+        if hw is not None and not (
+            isinstance(hw, list)
+            and len(hw) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in hw)
+        ):
+            _fail(f"counts file {path}, row {i}: hw must be [height, width] in pixels (whole numbers >= 1), got {hw!r}")
     return rows
 
 
@@ -465,11 +474,11 @@ def train(
 @app.command("train-report")
 def train_report(workdir: str = typer.Argument(..., help="A training workdir (metrics.jsonl).")):
     """Write WORKDIR/report.html: loss and validation curves, the best checkpoint; print its path."""
-    from training.report import write_training_report
+    from training.report import MetricsError, write_training_report
 
     try:
         out_console.print(write_training_report(workdir), highlight=False)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, MetricsError) as exc:
         _fail(str(exc))
 
 
@@ -594,7 +603,11 @@ def _parity(kind: str, fixture_dir: str, salt: str) -> None:
         from stages.depth.vda.parity import format_report, run_parity
     else:
         from stages.tracks.cotracker.parity import format_report, run_parity
-    cases = run_parity(fixture_dir, salt=salt)
+    try:
+        cases = run_parity(fixture_dir, salt=salt)
+    except (FileNotFoundError, json.JSONDecodeError) as exc:  # a fixture's file missing or not its JSON
+        why = f"missing {exc.filename}" if getattr(exc, "filename", None) else str(exc)
+        _fail(why if "parity fixture" in why else f"{fixture_dir}: not a {kind} parity fixture folder ({why})")
     out_console.print(format_report(cases), highlight=False, soft_wrap=True)
     raise typer.Exit(0 if cases and all(c.ok for c in cases) else 1)
 

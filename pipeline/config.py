@@ -567,24 +567,35 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def read_text_file(path: str, what: str) -> str:
+    """The text of a file a user named (local path or fsspec URL); a missing file, a folder, bytes
+    that are not UTF-8 or a read error become one :class:`ConfigError` naming it."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder, not a file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+
+
 def load_config(path_or_text: str, is_text: bool = False) -> BuildConfig:
     """Parse and validate a YAML config; every problem becomes one :class:`ConfigError`."""
     from pipeline.yaml_load import load_yaml, yaml_error_line
 
+    where = "config" if is_text else f"config {path_or_text}"
     try:
-        if is_text:
-            raw = load_yaml(path_or_text)
-        else:
-            import fsspec
-
-            with fsspec.open(path_or_text, "r") as f:
-                raw = load_yaml(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path_or_text}") from None
+        raw = load_yaml(path_or_text if is_text else read_text_file(path_or_text, "config file"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config is not valid YAML: {yaml_error_line(exc)}") from None
+        raise ConfigError(f"{where} is not valid YAML: {yaml_error_line(exc)}") from None
     if not isinstance(raw, dict):
-        raise ConfigError("config must be a YAML mapping")
+        raise ConfigError(f"{where} must be a YAML mapping of settings")
     try:
         return BuildConfig.model_validate(raw)
     except ValidationError as exc:

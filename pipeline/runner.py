@@ -266,6 +266,8 @@ def build(
     check_cluster_address(run)  # a cluster address where nothing answers: one line, before the lease
     with _SkewedClock(run.fault.clock_skew_s):
         store = Store(run.output)
+        if store.is_local and os.path.exists(store.root) and not os.path.isdir(store.root):
+            raise ConfigError(f"output {store.root} is not a folder (a file is there)")
         ms = ManifestStore(store)
         lease = Lease(
             store, command="resume" if resume else "build", ttl_s=run.lease.ttl_s, heartbeat_s=run.lease.heartbeat_s

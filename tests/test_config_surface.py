@@ -105,3 +105,55 @@ def test_a_damaged_recorded_config_and_bad_counts_are_one_line(tmp_path):
         (tmp_path / "counts.yaml").write_text(rows)
         r = runner.invoke(app, ["plan", "--counts", str(tmp_path / "counts.yaml")])
         assert r.exit_code == 2 and isinstance(r.exception, SystemExit) and needle in r.output, (rows, r.output)
+
+
+def _bad_files(tmp_path):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "bin.yaml").write_bytes(b"output: \xff\xfe\x00 /x\n")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    return {"a folder": tmp_path / "adir", "not UTF-8": tmp_path / "bin.yaml"}
+
+
+@pytest.mark.parametrize("cmd", [["build"], ["plan"]])
+def test_config_files_that_cannot_be_read_are_one_line_naming_them(tmp_path, cmd):
+    """A folder or a file that is not UTF-8 given as the config printed a traceback (exit 1); a
+    config that is not a mapping did not name its file."""
+    for what, path in _bad_files(tmp_path).items():
+        r = runner.invoke(app, [*cmd, str(path)])
+        assert r.exit_code == 2 and str(path) in r.output and "Traceback" not in r.output, (what, r.output)
+    r = runner.invoke(app, [*cmd, str(tmp_path / "list.yaml")])
+    assert r.exit_code == 2 and "list.yaml" in r.output and "mapping" in r.output, r.output
+
+
+@pytest.mark.parametrize(
+    "rows, needle",
+    [
+        ("- {dataset: tartanair, scenes: 2, frames_per_scene: 10, hw: foo}\n", "hw"),  # TypeError deep inside
+        ("- {dataset: tartanair, scenes: 2, frames_per_scene: 10, hw: [0, 0]}\n", "hw"),  # planned 0x0 images
+        ("[]\n", "no rows"),  # a pydantic traceback
+    ],
+)
+def test_counts_rows_are_checked(tmp_path, rows, needle):
+    p = tmp_path / "counts.yaml"
+    p.write_text(rows)
+    r = runner.invoke(app, ["plan", "--counts", str(p)])
+    assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
+
+
+def test_counts_and_costs_files_that_cannot_be_read_are_one_line(tmp_path):
+    for what, path in _bad_files(tmp_path).items():
+        for args in (["plan", "--counts", str(path)], ["plan", "--full-build", "--costs", str(path)]):
+            r = runner.invoke(app, args)
+            assert r.exit_code == 2 and str(path) in r.output, (what, args, r.output)
+
+
+def test_an_output_that_is_a_file_is_one_line(tmp_path):
+    """`d4s build --demo FILE` and a config whose output is a file printed NotADirectoryError tracebacks."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    r = runner.invoke(app, ["build", "--demo", str(f)])
+    assert r.exit_code == 2 and str(f) in r.output and "not a folder" in r.output, r.output
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output: {f}\ndatasets:\n  tartanair: {{root: {tmp_path}}}\n")
+    r = runner.invoke(app, ["build", str(cfg)])
+    assert r.exit_code == 2 and str(f) in r.output and "not a folder" in r.output, r.output

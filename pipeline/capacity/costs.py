@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.config import ConfigError, ModelDtype, TrackerVariant, VDAEncoder
+from pipeline.config import ConfigError, ModelDtype, TrackerVariant, VDAEncoder, read_text_file
 from pipeline.config_errors import describe, dotted
 
 COSTS_PATH = Path(__file__).with_name("costs.yaml")
@@ -240,10 +240,12 @@ def load_costs(costs: str | Path | dict | None = None) -> Costs:
     if isinstance(costs, dict):
         return Costs(costs, "<dict>")
     path = Path(costs) if costs is not None else COSTS_PATH
+    from pipeline.yaml_load import yaml_error_line
+
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise CostsError(f"costs file not found: {path}") from None
+        raw = yaml.safe_load(read_text_file(str(path), "costs file"))
+    except ConfigError as exc:
+        raise CostsError(str(exc)) from None
     except yaml.YAMLError as exc:
-        raise CostsError(f"costs file {path} is not valid YAML: {exc}") from None
+        raise CostsError(f"costs file {path} is not valid YAML: {yaml_error_line(exc)}") from None
     return Costs(raw, str(path))

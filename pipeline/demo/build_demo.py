@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from pipeline.config import BuildConfig
+from pipeline.config import BuildConfig, ConfigError
 from pipeline.demo.render import render
 from pipeline.demo.writers import WRITERS, writer_module
 
@@ -76,6 +76,8 @@ def demo_config(
     by the stand-in program answering the rendered truth (for chaos runs and benchmarks), each
     run taking ``megasam_delay_s``."""
     out_path = Path(out).resolve()
+    if out_path.exists() and not out_path.is_dir():
+        raise ConfigError(f"output {out_path} is not a folder (a file is there)")
     datasets = datasets or available_demo_datasets()
     data_root = out_path / "demo_data"
     truth = out_path / "demo_truth" if megasam_stand_in else None
