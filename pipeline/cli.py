@@ -275,6 +275,8 @@ def verify(output: str = typer.Argument(...)):
     from pipeline.verify import verify as run_verify
 
     rep = _read_or_fail(run_verify, output)
+    if rep.not_an_output:  # a usage error like status's and report's, not a failed verification
+        _fail(rep.problems[0])
     for p in rep.problems:
         out_console.print(f"[red]problem:[/red] {escape(p)}", highlight=False, soft_wrap=True)
     verdict = "OK" if rep.ok else "FAILED"
@@ -293,13 +295,25 @@ def inspect(
         ..., help="A scene folder, or a file: a RealEstate10K camera .txt or pixelSplat .torch chunk."
     ),
     as_json: bool = typer.Option(False, "--json"),
+    config: Optional[str] = typer.Option(
+        None, "--config", help="A build config: read with its datasets.<DATASET> options and depth range."
+    ),
+    max_scenes: int = typer.Option(50, "--max-scenes", min=1, help="Scenes to read when PATH holds several."),
 ):
-    """Read one scene with its adapter and report frames, cameras, modalities and problems."""
+    """Read the scenes at PATH with the dataset's adapter; report frames, cameras, modalities, problems."""
     from pipeline.clip import ClipError
     from stages.ingest.inspect import inspect_path
 
     try:
-        rep = inspect_path(dataset, path)
+        ds_cfg = None
+        if config:
+            cfg = load_config(config)
+            if dataset not in cfg.datasets:
+                _fail(f"{config} configures no dataset {dataset!r} (it has {', '.join(sorted(cfg.datasets))})")
+            ds_cfg = cfg.datasets[dataset]
+        rep = inspect_path(dataset, path, ds_cfg, max_scenes)
+    except ConfigError as exc:
+        _fail(str(exc))
     except (KeyError, NotImplementedError, FileNotFoundError, ClipError) as exc:
         _fail(str(exc).strip("'\""))
     reps = rep if isinstance(rep, list) else [rep]  # a RealEstate10K chunk: one report per example
@@ -317,6 +331,13 @@ def inspect(
             out_console.print(f"problems: {len(r['problems'])}")
             for p in r["problems"]:
                 out_console.print(f"  - {p}", highlight=False, soft_wrap=True, markup=False)
+            if r.get("not_inspected"):
+                n = len(r["not_inspected"])
+                out_console.print(
+                    f"{n} more scene{'s' if n > 1 else ''} not read (--max-scenes): {r['not_inspected'][0]} ...",
+                    highlight=False,
+                    markup=False,
+                )
     raise typer.Exit(0 if not any(r["problems"] for r in reps) else 1)
 
 

@@ -67,6 +67,10 @@ def show_clip(output: str, key: str, rrd: str | None = None, spawn: bool = False
     """Write clip ``key`` of ``output`` to the recording file ``rrd`` or a spawned viewer; return where."""
     if bool(rrd) == bool(spawn):
         raise ShowError("give exactly one of --rrd FILE (write a recording) or --spawn (open the Rerun viewer)")
+    if rrd and "://" not in rrd and os.path.isdir(rrd):
+        raise ShowError(
+            f"--rrd {rrd} is a folder; give the recording file to write, e.g. {os.path.join(rrd, 'clip.rrd')}"
+        )
     rr = import_rerun()
     if spawn and shutil.which("rerun") is None:
         raise ShowError(

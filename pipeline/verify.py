@@ -25,6 +25,7 @@ class VerifyReport:
     samples: int = 0
     clips_failed: int = 0
     problems: list[str] = field(default_factory=list)
+    not_an_output: bool = False  # no plan recorded: nothing was verified (the CLI exits 2, not 1)
 
     @property
     def ok(self) -> bool:
@@ -37,6 +38,7 @@ def verify(output: str) -> VerifyReport:
     rep = VerifyReport()
     if not ms.has_plan():
         rep.problems.append(f"{output}: no plan recorded (not a d4s output?)")
+        rep.not_an_output = True
         return rep
     ledger = ms.ledger()
     seen: dict[str, str] = {}

@@ -25,6 +25,9 @@ def test_config_errors_exit_nonzero_with_one_line(tmp_path):
     assert r.exit_code == 2 and "shard_size" in r.output
     r = runner.invoke(app, ["status", str(tmp_path / "nothing")])
     assert r.exit_code == 2 and "no plan recorded" in r.output
+    # verify exited 1, the code of a failed verification, on a folder that is no output at all
+    r = runner.invoke(app, ["verify", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "no plan recorded" in r.output
 
 
 def test_empty_root_is_a_config_error(tmp_path):
@@ -170,3 +173,28 @@ def test_an_address_where_no_ray_answers_is_one_line(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "out" / "manifests" / "lease.json").exists()
+
+
+def test_inspect_a_root_reads_every_scene_and_takes_the_configs_options(tmp_path):
+    """A dataset root holding several scenes was reported through its first scene only (exit 0 with
+    a damaged second scene); each scene now has its report. --config takes the dataset's adapter
+    options from a build config (the demo's Stereo4D data needed one the command could not pass)."""
+    data = tmp_path / "data"
+    written = write_tartanair(data, n_scenes=2, frames=6)
+    second = data / written[1][1].scene_id
+    (second / "image_left" / "000002_left.png").write_bytes(b"\x89PNG broken")
+    res = runner.invoke(app, ["inspect", "tartanair", str(data), "--json"])
+    reps = json.loads(res.stdout)
+    assert res.exit_code == 1 and [len(r["problems"]) for r in reps] == [0, 1], res.output
+    assert reps[1]["scene"] == written[1][1].scene_id and "000002_left.png" in reps[1]["problems"][0]
+    res = runner.invoke(app, ["inspect", "tartanair", str(data), "--max-scenes", "1"])
+    assert res.exit_code == 0 and "1 more scene" in res.output, res.output
+    assert reps[0]["valid_depth_fraction"] > 0.9
+    cfg = tmp_path / "c.yaml"  # the config's depth range reaches the adapter: no demo depth lies in 0.1-0.2 m
+    cfg.write_text(
+        f"output: {tmp_path}/o\ndatasets:\n  tartanair: {{root: {data}, min_depth_m: 0.1, max_depth_m: 0.2}}\n"
+    )
+    res = runner.invoke(
+        app, ["inspect", "tartanair", str(data / written[0][1].scene_id), "--config", str(cfg), "--json"]
+    )
+    assert json.loads(res.stdout)["valid_depth_fraction"] == 0.0, res.output

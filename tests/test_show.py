@@ -125,6 +125,7 @@ def test_show_errors_are_one_line(output, tmp_path, monkeypatch):
         (["show", out, "--clip", KEY + "x", "--rrd", str(tmp_path / "a.rrd")], f"did you mean {KEY}"),
         (["show", out, "--clip", output["failed"], "--rrd", str(tmp_path / "a.rrd")], "failed at align"),
         (["show", str(tmp_path), "--clip", KEY, "--rrd", str(tmp_path / "a.rrd")], "not a d4s output"),
+        (["show", out, "--clip", KEY, "--rrd", str(tmp_path)], "is a folder"),  # was an IsADirectoryError traceback
     ]
     for args, msg in cases:
         r = runner.invoke(app, args)

@@ -6,12 +6,14 @@ import os
 import sys
 import traceback
 
-from training.config import TrainConfig, load_config, make_config
+from training.config import TrainConfig, TrainConfigError, load_config, make_config
 
 
 def build_config(
     config_path: str | None, demo_out: str | None, max_steps: int | None, workdir: str | None
 ) -> TrainConfig:
+    if max_steps is not None and max_steps < 1:
+        raise TrainConfigError(f"--max-steps must be at least 1, got {max_steps}")
     if config_path:
         cfg = load_config(config_path)
         if demo_out:
@@ -26,7 +28,50 @@ def build_config(
         upd["workdir"] = workdir
     if max_steps is not None:
         upd["max_steps"] = max_steps
-    return TrainConfig.model_validate({**cfg.model_dump(), **upd}) if upd else cfg
+    if not upd:
+        return cfg
+    from pydantic import ValidationError
+
+    from pipeline.config_errors import one_line
+
+    try:
+        return TrainConfig.model_validate({**cfg.model_dump(), **upd})
+    except ValidationError as exc:
+        raise TrainConfigError(one_line(exc, TrainConfig, "training config")) from None
+
+
+def check_data(cfg: TrainConfig, config_path: str | None, demo_out: str | None) -> None:
+    """The training shards resolve (:func:`training.data.resolve_catalog`), checked before Ray or any
+    worker starts; otherwise one :class:`TrainConfigError` line naming ``--demo`` or the config's key."""
+    from training.data import resolve_catalog
+
+    d = cfg.data
+    if demo_out:
+        where = f"--demo {demo_out}"
+    elif d.root:
+        where = f"{config_path}: data.root {d.root}"
+    elif d.shards:
+        where = f"{config_path}: data.shards"
+    else:
+        raise TrainConfigError(f"{config_path}: no training data: set data.root (a build's output) or data.shards")
+    local_root = d.root if d.root and "://" not in d.root else None
+    if local_root and not os.path.isdir(local_root):
+        what = "a file, not" if os.path.exists(local_root) else "no such folder: not"
+        raise TrainConfigError(f"{where}: {what} a d4s build output")
+    try:
+        cat = resolve_catalog(d)
+    except FileNotFoundError as exc:
+        raise TrainConfigError(f"{where}: {'not a d4s build output: ' if d.root else ''}{exc}") from None
+    except (ValueError, OSError) as exc:  # a shard path leaving the output, an unreadable index
+        raise TrainConfigError(f"{where}: {type(exc).__name__}: {exc}") from None
+    urls = [u for lst in cat.shards.values() for u in lst]
+    if not urls:
+        raise TrainConfigError(f"{where}: index.parquet lists no training samples (every scene is held out)")
+    missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        fix = "; run `d4s verify` on the output" if d.root else ""
+        raise TrainConfigError(f"{where}: shard {missing[0]} is not there{more}{fix}")
 
 
 def train_main(
@@ -48,6 +93,11 @@ def train_main(
     try:
         check(train_needs(cfg), "d4s train")
     except MissingPackages as e:  # every missing package at once, before any work
+        print(f"d4s train: {e}", file=sys.stderr)
+        return 2
+    try:  # the data, before Ray and its workers start (a worker's traceback would say it)
+        check_data(cfg, config_path, demo_out)
+    except TrainConfigError as e:
         print(f"d4s train: {e}", file=sys.stderr)
         return 2
     ck = latest_checkpoint(cfg.workdir)

@@ -420,14 +420,21 @@ def load_config(path: str | Path) -> TrainConfig:
     from pipeline.yaml_load import load_yaml, yaml_error_line
 
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = load_yaml(f)
     except yaml.YAMLError as exc:
         raise TrainConfigError(f"{path}: not valid YAML: {yaml_error_line(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise TrainConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}): not a training config") from None
+    except OSError as exc:
+        raise TrainConfigError(f"{path}: cannot read the training config ({exc.strerror or exc})") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
         raise TrainConfigError(f"{path}: a training config must be a YAML mapping of names to settings")
     preset = raw.pop("preset", None)
     if preset is not None and not isinstance(preset, str):
         raise TrainConfigError(f"{path}: preset must be a name, got {preset!r}")
-    return make_config(preset, **raw) if preset else make_config(None, **raw)
+    try:
+        return make_config(preset, **raw) if preset else make_config(None, **raw)
+    except TrainConfigError as exc:
+        raise TrainConfigError(f"{path}: {exc}") from None

@@ -337,8 +337,22 @@ def iter_tar_runs(url: str, runs: list[tuple[int, int]], expected_sha256: str | 
                     break
 
 
+class ShardReadError(ValueError):
+    """A shard that is not a readable tar (damaged, cut short, another file); the message names it."""
+
+
 def _samples(f, url: str) -> Iterator[dict]:
-    """Samples from the current position of an open tar file (stream mode: reads forward only)."""
+    """Samples from the current position of an open tar file (stream mode: reads forward only); a
+    damaged or cut-short tar is a :class:`ShardReadError` naming the shard."""
+    import zlib
+
+    try:
+        yield from _tar_samples(f, url)
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise ShardReadError(f"{url}: not a readable tar shard ({type(exc).__name__}: {exc})") from None
+
+
+def _tar_samples(f, url: str) -> Iterator[dict]:
     with tarfile.open(fileobj=f, mode="r|*") as tar:
         cur: dict | None = None
         for m in tar:

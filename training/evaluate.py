@@ -51,13 +51,46 @@ class EvalError(ValueError):
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise EvalError(f"--device {device}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise EvalError(f"--device {device}: d4s runs on cpu or cuda (or auto)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise EvalError(f"--device {device}: no CUDA device here")
-    return torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise EvalError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def check_out(out: str) -> None:
+    """``--out`` is a folder or can become one; refused before any work when a file is in the way."""
+    if "://" in out and not out.startswith("file://"):
+        return  # an object store: no files in the way of a key prefix
+    p = os.path.abspath(out.removeprefix("file://"))
+    while True:
+        if os.path.exists(p):
+            if not os.path.isdir(p):
+                what = "is a file" if p == os.path.abspath(out.removeprefix("file://")) else f"is under the file {p}"
+                raise EvalError(f"--out {out}: {what}, not a folder to write into")
+            return
+        parent = os.path.dirname(p)
+        if parent == p:
+            return
+        p = parent
+
+
+def check_sizes(resolution: int | None, frames: int | None) -> None:
+    """``--resolution`` / ``--frames``: None is the checkpoint's last stage's; below 1 is refused."""
+    for name, v in (("resolution", resolution), ("frames", frames)):
+        if v is not None and v < 1:
+            raise EvalError(f"--{name} {v}: must be at least 1 (leave it out for the checkpoint's last stage's)")
 
 
 def check_shape(cfg, resolution: int, frames: int) -> None:
     """The resolution and frame count a checkpoint's model can take (the curriculum's own rules)."""
+    check_sizes(resolution, frames)
     tf = cfg.backbone.vae.temporal_compression_ratio
     if frames < 1 or (frames - 1) % tf:
         raise EvalError(f"frames must be 1 + k*{tf} for this model, got {frames}")
@@ -87,7 +120,11 @@ def data_clips(data: list[str], split: str, limit: int | None):
             raise EvalError(
                 f"{root}: no index.parquet (not a d4s build output); give shard files to evaluate every sample"
             )
-        clips = load_clips(DataConfig(root=root), split, limit)
+        try:
+            clips = load_clips(DataConfig(root=root), split, limit)
+        except (ValueError, OSError) as exc:  # a damaged or changed shard, an unreadable index: named
+            msg = str(exc)
+            raise EvalError(msg if root in msg else f"{root}: {type(exc).__name__}: {msg}") from None
         if not clips:
             raise EvalError(
                 f"{root}: no '{split}' clips in index.parquet"
@@ -100,7 +137,7 @@ def data_clips(data: list[str], split: str, limit: int | None):
         return clips, f"build {root}, split {split}", split
     try:
         clips = load_clips(DataConfig(shards=list(data)), "all", limit)
-    except FileNotFoundError as exc:
+    except (ValueError, OSError) as exc:
         raise EvalError(str(exc)) from None
     return clips, f"shards {', '.join(data)}", "all"
 
@@ -138,10 +175,13 @@ def evaluate(
     from training.validate import measure, prepare
 
     t0 = time.perf_counter()
+    check_out(out)  # before any work: a file in the way was found only when writing the results
+    check_sizes(resolution, frames)
     dev = pick_device(device)
     model, cfg, info = load_model(ckpt, dev, load_config(config) if config else None)
     last = cfg.stages[-1]
-    res, nf = resolution or last.resolution, frames or last.num_frames
+    res = last.resolution if resolution is None else resolution
+    nf = last.num_frames if frames is None else frames
     check_shape(cfg, res, nf)
     raws, what, split = data_clips(data, split, clips)
     lpips_fn, lpips_note = load_lpips(cfg.loss.lpips_net, lpips_torch_home or cfg.loss.lpips_torch_home, dev)

@@ -84,13 +84,27 @@ def generate(
     """Generate (module docs): load the checkpoint, then :func:`run_generation` with ``options`` (its
     keyword arguments: prompt, steps, seed, frames, resolution, ...); returns what ``timings.json`` holds."""
     from training.config import load_config
-    from training.evaluate import pick_device
+    from training.evaluate import check_out, pick_device
     from training.load import load_model
 
     t_start = time.perf_counter()
+    check_out(out)  # before any work: a file in the way was found only when writing the results
+    check_options(options.get("resolution"), options.get("frames"), options.get("fov_deg", 60.0))
     dev = pick_device(device)
     model, cfg, info = load_model(ckpt, dev, load_config(config) if config else None)
     return run_generation(model, cfg, info, image, trajectory, out, **options, load_s=time.perf_counter() - t_start)
+
+
+def check_options(resolution: int | None, frames: int | None, fov_deg: float) -> None:
+    """The sizes (None: the checkpoint's last stage's) and the field of view, before any work."""
+    from training.evaluate import EvalError, check_sizes
+
+    try:
+        check_sizes(resolution, frames)
+    except EvalError as exc:
+        raise GenerateError(str(exc)) from None
+    if not 0 < fov_deg < 180:  # NaN too
+        raise GenerateError(f"--fov {fov_deg:g}: the field of view must be between 0 and 180 degrees")
 
 
 def run_generation(
@@ -121,9 +135,11 @@ def run_generation(
     from training.validate import render_maps
 
     t_start = time.perf_counter()
+    check_options(resolution, frames, fov_deg)
     dev = next(model.parameters()).device
     last = cfg.stages[-1]
-    res, nf = resolution or last.resolution, frames or last.num_frames
+    res = last.resolution if resolution is None else resolution
+    nf = last.num_frames if frames is None else frames
     check_shape(cfg, res, nf)
     img, size = load_image(image, res, resize)
     try:

@@ -91,9 +91,9 @@ def read_checkpoint(path: str) -> dict:
             f"{path}: refused: it holds objects other than tensors and plain values, and d4s loads "
             f"checkpoints with weights_only=True so that no code from a file runs ({first})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch.load of a file of other bytes raises anything (KeyError, ...)
         raise CheckpointError(
-            f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {str(exc).strip()[:200]})"
+            f"{path}: not a d4s checkpoint: not a readable torch file ({type(exc).__name__}: {str(exc).strip()[:200]})"
         ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         keys = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__

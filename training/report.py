@@ -28,20 +28,46 @@ VAL_FAMILIES = (
 )
 
 
+class MetricsError(ValueError):
+    """A ``metrics.jsonl`` that cannot be read; the message names the file and the line."""
+
+
 def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
-    """(training rows, validation rows), each sorted by step, the last row of a repeated step kept."""
+    """(training rows, validation rows), each sorted by step, the last row of a repeated step kept.
+
+    A last line that is not a row (a run stopped while writing it) is skipped with a warning on
+    stderr; any other line that is not a row is a :class:`MetricsError` naming it."""
+    import sys
+
     from training.trainer import _fs, _join
 
-    fs, path = _fs(_join(workdir, "metrics.jsonl"))
+    url = _join(workdir, "metrics.jsonl")
+    fs, path = _fs(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"{workdir} has no metrics.jsonl: not a training workdir, or no step done yet")
     train: dict[int, dict] = {}
     val: dict[int, dict] = {}
     with fs.open(path, "rb") as f:
-        for line in f.read().decode().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                (val if row.get("kind") == "val" else train)[int(row["step"])] = row
+        data = f.read()
+    lines = [(n, line) for n, line in enumerate(data.split(b"\n"), 1) if line.strip()]
+    for n, line in lines:
+        try:
+            row = json.loads(line.decode())
+            step = int(row["step"]) if isinstance(row, dict) and not isinstance(row["step"], bool) else None
+        except (ValueError, KeyError, TypeError) as exc:  # JSON, UTF-8 (ValueError), no or no whole 'step'
+            why, step = f"{type(exc).__name__}: {exc}", None
+        else:
+            why = "not a row with a step" if step is None else ""
+        if step is None:
+            if n == lines[-1][0]:
+                print(
+                    f"warning: {url}: line {n}, the last, is not a whole row (a run stopped while writing "
+                    "it?); skipped",
+                    file=sys.stderr,
+                )
+                continue
+            raise MetricsError(f"{url}: line {n} is not a metrics row ({why[:200]})")
+        (val if row.get("kind") == "val" else train)[step] = row
     return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)]
 
 

@@ -97,7 +97,7 @@ def from_arrays(
         c2w = np.asarray(c2w, dtype=np.float64)
         intr = None if intr is None else np.asarray(intr, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise TrajectoryError(f"{where}: not numbers ({exc})") from None
+        raise TrajectoryError(f"{where}: c2w and intrinsics must be arrays of numbers ({exc})") from None
     if c2w.ndim != 3 or c2w.shape[1:] != (4, 4) or len(c2w) == 0:
         raise TrajectoryError(f"{where}: c2w must be T x 4 x 4, got shape {c2w.shape}")
     if intr is not None and intr.shape != (len(c2w), 4):
@@ -126,6 +126,11 @@ def load(
         traj = _from_build(spec, clip, image_size)
     elif PRESET.match(spec) or (not os.path.exists(spec) and spec.split(":")[0] in PRESET_DEFAULT_M):
         return relative(preset(spec, frames, out_size, fov_deg), frames)
+    elif os.path.isdir(spec):
+        raise TrajectoryError(
+            f"{spec}: a folder; to follow the cameras of a clip of a build output give --clip KEY "
+            "(else give a camera file or a preset: orbit[:R], dolly[:D], pan[:D])"
+        )
     elif not os.path.isfile(spec):
         raise TrajectoryError(f"{spec}: no such trajectory file, and not a preset (orbit[:R], dolly[:D], pan[:D])")
     elif spec.endswith(".txt"):
@@ -140,8 +145,7 @@ def load(
             raise TrajectoryError(
                 f"{spec}: expected an object with 'c2w' (and optionally 'intrinsics', 'width', 'height')"
             )
-        size = (int(d["width"]), int(d["height"])) if "width" in d and "height" in d else None
-        traj = from_arrays(d["c2w"], d.get("intrinsics"), size, image_size, spec, fov_deg)
+        traj = from_arrays(d["c2w"], d.get("intrinsics"), _json_size(d, spec), image_size, spec, fov_deg)
     elif spec.endswith(".npz"):
         try:
             with np.load(spec, allow_pickle=False) as z:
@@ -161,6 +165,19 @@ def load(
     else:
         raise TrajectoryError(f"{spec}: unknown trajectory file type (.txt RealEstate10K, .json, .npz)")
     return relative(traj, frames)
+
+
+def _json_size(d: dict, spec: str) -> tuple[int, int] | None:
+    """A JSON trajectory's (width, height), both positive whole numbers; None without either."""
+    if "width" not in d and "height" not in d:
+        return None
+    for k in ("width", "height"):
+        if k not in d:
+            raise TrajectoryError(f"{spec}: 'width' and 'height' go together (the image size of the intrinsics)")
+        v = d[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) or v < 1:
+            raise TrajectoryError(f"{spec}: '{k}' must be a whole number of pixels >= 1, got {v!r}")
+    return int(d["width"]), int(d["height"])
 
 
 def _from_re10k(path: str, image_size: tuple[int, int]) -> Trajectory:

@@ -59,7 +59,7 @@ def load_clips(source: DataConfig, split: str, limit: int | None) -> list[RawCli
     in turn and keys in order within each, read by seeking to them when the index gives offsets."""
     import json
 
-    from training.data import iter_tar, iter_tar_runs, resolve_catalog, shard_checksums
+    from training.data import ShardReadError, iter_tar, iter_tar_runs, resolve_catalog, shard_checksums
 
     if split == "all":
         out = []
@@ -86,7 +86,10 @@ def load_clips(source: DataConfig, split: str, limit: int | None) -> list[RawCli
     for key in order:
         if key in where:
             url, ref = where[key]
-            (s,) = list(iter_tar_runs(url, [(ref.offset, 1)], sums.get(url)))
+            got = list(iter_tar_runs(url, [(ref.offset, 1)], sums.get(url)))
+            if not got:
+                raise ShardReadError(f"{url}: no sample at byte {ref.offset}, where index.parquet puts {key!r}")
+            (s,) = got
         else:  # an index without offsets: scan the dataset's shards
             s = next(
                 x for url in cat.shards[cat.keys[key]] for x in iter_tar(url, sums.get(url)) if x["__key__"] == key

@@ -1,8 +1,10 @@
 """``d4s inspect DATASET PATH``: read one scene with its adapter and list every problem found.
 
-``PATH`` may be a scene folder, a dataset root holding one or more scenes, or (for datasets
-whose adapter supports it, e.g. RealEstate10K) a single camera file, or a RealEstate10K
-pixelSplat chunk (then the result is a list with one report per example). The scene is read in
+``PATH`` may be a scene folder, a dataset root holding one or more scenes (then the result is a
+list with one report per scene, up to ``max_scenes``), or (for datasets whose adapter supports
+it, e.g. RealEstate10K) a single camera file, or a RealEstate10K pixelSplat chunk (a list with
+one report per example). ``dataset_cfg`` (a build config's ``datasets.<name>``) gives the adapter
+the options and depth range the build would use. The scene is read in
 chunks; a chunk that fails is re-read frame by frame so each problem names its frame and file.
 """
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from pipeline.clip import ClipError, ClipMeta
 from pipeline.config import QCConfig
-from stages.ingest import adapter_class
+from stages.ingest import adapter_class, get_adapter
 from stages.ingest.base import DatasetAdapter, SceneRef
 from stages.qc import geometric_qc
 from stages.selfcheck import gt_self_check
@@ -23,13 +25,18 @@ from stages.selfcheck import gt_self_check
 CHUNK = 32
 
 
-def _find_scene(dataset: str, path: str) -> tuple[DatasetAdapter, list[SceneRef]]:
+def _find_scene(dataset: str, path: str, dataset_cfg=None) -> tuple[DatasetAdapter, list[SceneRef]]:
     """Discover from PATH itself, else from its parents, keeping the scenes under PATH."""
     cls = adapter_class(dataset)
     target = os.path.abspath(path)
     root = target
     for _ in range(5):
-        adapter = cls(root)
+        if dataset_cfg is None:
+            adapter = cls(root)
+        else:
+            adapter = get_adapter(
+                dataset, root, dataset_cfg.options, (dataset_cfg.min_depth_m, dataset_cfg.max_depth_m)
+            )
         scenes = adapter.discover()
         if root == target and scenes:
             return adapter, scenes
@@ -41,7 +48,7 @@ def _find_scene(dataset: str, path: str) -> tuple[DatasetAdapter, list[SceneRef]
     raise FileNotFoundError(f"no {dataset} scene found at {path} (see docs/DATASETS.md for the layout)")
 
 
-def inspect_path(dataset: str, path: str) -> dict | list[dict]:
+def inspect_path(dataset: str, path: str, dataset_cfg=None, max_scenes: int = 50) -> dict | list[dict]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
     if os.path.isfile(path):
@@ -54,13 +61,19 @@ def inspect_path(dataset: str, path: str) -> dict | list[dict]:
 
             return inspect_camera_file(path)
         raise FileNotFoundError(f"{dataset}: give a scene folder, not a file")
-    adapter, scenes = _find_scene(dataset, path)
-    return inspect_scene(adapter, scenes[0])
+    adapter, scenes = _find_scene(dataset, path, dataset_cfg)
+    if len(scenes) == 1:
+        return inspect_scene(adapter, scenes[0])
+    reps = [inspect_scene(adapter, s) for s in scenes[:max_scenes]]
+    if len(scenes) > max_scenes:
+        reps[-1]["not_inspected"] = [s.scene for s in scenes[max_scenes:]]
+    return reps
 
 
 def inspect_scene(adapter: DatasetAdapter, scene: SceneRef) -> dict:
     problems: list[str] = [f"{scene.problem[1]}: {scene.problem[0]}"] if scene.problem else []
     c2w, intr, size, has_depth, has_tracks = {}, {}, None, False, False
+    valid: list[float] = []
     agreements: list[float] = []
 
     def load(frames):
@@ -83,6 +96,8 @@ def inspect_scene(adapter: DatasetAdapter, scene: SceneRef) -> dict:
         for fr, clip in clips:
             size = list(clip.rgb.shape[1:3][::-1])
             has_depth |= clip.depth is not None
+            if clip.depth_valid is not None:
+                valid.append(float(clip.depth_valid.mean()))
             has_tracks |= clip.tracks is not None
             for j, i in enumerate(fr):
                 c2w[i], intr[i] = clip.c2w[j], clip.intrinsics[j]
@@ -120,6 +135,8 @@ def inspect_scene(adapter: DatasetAdapter, scene: SceneRef) -> dict:
         "c2w": [np.asarray(c2w[i]).tolist() for i in order],
         "path_length": float(sum(steps)),
         "has_depth": has_depth,
+        # share of pixels whose depth lies in the adapter's valid range (the config's, with --config)
+        "valid_depth_fraction": float(np.mean(valid)) if valid else None,
         "has_tracks": has_tracks,
         "selfcheck_min_agreement": min(agreements) if agreements else None,
         "problems": problems,
