@@ -91,3 +91,17 @@ def test_tensorboard_off_says_why(tmp_path, monkeypatch, capsys):
     assert tensorboard_writer("s3://bucket/run") is None
     out = capsys.readouterr().out
     assert "TensorBoard off" in out and "s3://bucket/run" in out and "metrics.jsonl" in out
+
+
+def test_a_metrics_line_cut_by_a_kill_is_dropped_before_the_next_append(tmp_path):
+    """A kill mid-write leaves a partial last line; the resumed run appended its next row onto it,
+    leaving a broken line in the middle of metrics.jsonl (train-report then refused the file)."""
+    import json
+
+    from training.trainer import _append_jsonl
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+    _append_jsonl(str(p), {"step": 2, "loss": 0.4})
+    _append_jsonl(str(p), {"step": 3, "loss": 0.3})
+    assert [json.loads(line)["step"] for line in p.read_text().splitlines()] == [1, 2, 3]

@@ -595,9 +595,31 @@ def _to_device(batch: dict, device) -> dict:
     return out
 
 
+_TAILS_CHECKED: set[str] = set()
+
+
+def _drop_partial_tail(fs, path: str) -> None:
+    """A line cut short by a kill mid-write is removed (once per file and process), so the next
+    row starts a line of its own instead of extending the broken one."""
+    size = fs.size(path)
+    if not size:
+        return
+    with fs.open(path, "rb") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+    data = fs.cat_file(path)
+    keep = data[: data.rfind(b"\n") + 1]
+    with fs.open(path, "wb") as f:
+        f.write(keep)
+
+
 def _append_jsonl(url: str, row: dict) -> None:
     fs, path = _fs(url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    if url not in _TAILS_CHECKED and fs.exists(path):
+        _drop_partial_tail(fs, path)
+    _TAILS_CHECKED.add(url)
     mode = "ab" if fs.exists(path) else "wb"
     try:
         with fs.open(path, mode) as f:
