@@ -34,6 +34,7 @@ driver that lost its lease sort before those of the one that took it over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -324,18 +325,19 @@ class Lease:
         return True  # written twice, seen twice at another version of ours: the next beat goes on
 
     def check(self) -> None:
-        """Raise :class:`LeaseLostError` unless this driver may still write the output."""
-        with self._lock:
-            if self.record is None:
-                raise LeaseLostError(f"no lease held on {self.store.display()}")
-            if self._lost:
-                raise LeaseLostError(self._lost)
-            idle = time.monotonic() - self._renewed_mono
-            if idle > FENCE_FRACTION * self.ttl_s:
-                raise LeaseLostError(
-                    f"the lease on {self.store.display()} was not renewed for {idle:.0f} s "
-                    f"(TTL {self.ttl_s:g} s): another driver may take it over"
-                )
+        """Raise :class:`LeaseLostError` unless this driver may still write the output. Never waits
+        for a renewal in progress (its store call may block): it reads what the last one left."""
+        record, lost, renewed = self.record, self._lost, self._renewed_mono
+        if record is None:
+            raise LeaseLostError(f"no lease held on {self.store.display()}")
+        if lost:
+            raise LeaseLostError(lost)
+        idle = time.monotonic() - renewed
+        if idle > FENCE_FRACTION * self.ttl_s:
+            raise LeaseLostError(
+                f"the lease on {self.store.display()} was not renewed for {idle:.0f} s "
+                f"(TTL {self.ttl_s:g} s): another driver may take it over"
+            )
 
     def start_heartbeat(self) -> None:
         self._stop.clear()
@@ -358,7 +360,11 @@ class Lease:
         lease this driver fenced itself from is still released when the store shows it unchanged
         in its hands; one taken over is left alone."""
         self.stop_heartbeat()
-        with self._lock:
+        if not self._lock.acquire(timeout=min(self.ttl_s, 60.0)):  # a renewal stuck in the store: TTL frees it
+            log.warning("could not release the lease on %s: a renewal is stuck", self.store.display())
+            return
+        with contextlib.ExitStack() as held:
+            held.callback(self._lock.release)
             if self.record is None:
                 return
             try:

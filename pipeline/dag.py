@@ -56,7 +56,7 @@ import ray
 
 from pipeline.clip import Clip, ClipFailure
 from pipeline.config import BuildConfig, ConfigError
-from pipeline.failures import ShardFailure, describe, is_transient
+from pipeline.failures import ShardFailure, describe, device_fault_text, is_transient
 from pipeline.feed import feed_for
 from pipeline.plan import Plan
 from pipeline.stage_routes import route
@@ -318,7 +318,13 @@ class _ModelActor:
                 f.write(f"{started:.6f} {built:.6f} {time.time():.6f}\n")
 
     def process(self, clip_ids: list[str], hang: bool, *clips):
-        """One shard's clips through the model; Ray calls it once they all exist (task arguments)."""
+        """One shard's clips through the model; Ray calls it once they all exist (task arguments).
+        After a GPU fault (pipeline/failures.py: every later call of this process would fail at
+        once) the next call ends the process: Ray restarts the actor with a new CUDA context (or,
+        its restarts spent, the driver replaces it), and the call's shard is re-run."""
+        if getattr(self, "device_fault", None):
+            log.error("%s actor (pid %d) ends after a GPU fault: %s", self.stage, os.getpid(), self.device_fault)
+            os._exit(3)
         started = time.time()
         if hang:
             _hang_once(self.cfg, self.stage)
@@ -336,6 +342,8 @@ class _ModelActor:
         for c in out:
             if isinstance(c, Clip):
                 c.aux.setdefault("timings", {})[self.stage] = per
+            elif isinstance(c, ClipFailure) and device_fault_text(c.reason):
+                self.device_fault = c.reason
         _trace_task(self.cfg, self.stage, clip_ids, started)
         return _returns(out)
 
@@ -404,14 +412,14 @@ class _Inflight:
     """One submitted shard pipeline: its progress, and what to cancel when it stalls."""
 
     shard: dict
-    submitted: float
+    submitted: float  # time.monotonic()
     tasks: list = field(default_factory=list)  # refs of its tasks
-    actor_calls: list = field(default_factory=list)  # (stage, actor handle, refs)
+    actor_calls: list = field(default_factory=list)  # (stage, actor handle, refs, its input refs)
     finished: int = 0  # refs of it seen finished
     progressed: float = 0.0  # when one last finished (or when it was submitted)
 
     def refs(self) -> list:
-        return self.tasks + [r for _, _, refs in self.actor_calls for r in refs]
+        return self.tasks + [r for _, _, refs, _ in self.actor_calls for r in refs]
 
     def check(self, now: float) -> None:
         """Note the time when more of its refs have finished than at the last check."""
@@ -612,7 +620,7 @@ class ShardDAG:
 
     def submit(self, shard: dict, clips: list[dict]) -> _Inflight:
         cfg, retries = self.cfg_ref, self.cfg.ray.task_retries
-        rec = _Inflight(shard, time.time())
+        rec = _Inflight(shard, time.monotonic())
         ids = [c["clip_id"] for c in clips]
         dataset = shard["dataset"]
         steps = self.routes.get(dataset, {})
@@ -678,7 +686,7 @@ class ShardDAG:
         out = actor.process.options(num_returns=len(refs)).remote(ids, hang, *refs)
         out = [out] if len(refs) == 1 else list(out)
         self.loads[stage].add(i, out[0], frames)
-        rec.actor_calls.append((stage, actor, out))
+        rec.actor_calls.append((stage, actor, out, refs))
         return out
 
     def run(
@@ -731,7 +739,7 @@ class ShardDAG:
                 continue
             timeout = max(0.0, waiting[0][0] - time.monotonic()) if waiting else None
             if deadline is not None:
-                now = time.time()
+                now = time.monotonic()  # a wall-clock step (NTP, a VM resumed) must not expire shards
                 for r in inflight.values():
                     r.check(now)
                 left = max(0.0, min(r.progressed for r in inflight.values()) + deadline - now)
@@ -761,6 +769,7 @@ class ShardDAG:
             try:
                 result = ray.get(ready[0])
             except Exception as exc:
+                self._replace_dead_actors(rec)
                 f = retry_or_fail(sh, ShardFailure(describe(exc), is_transient(exc), runs[sh["shard_id"]]))
                 if f is not None:
                     yield sh, None, f
@@ -773,17 +782,20 @@ class ShardDAG:
         never frees it). Shards with calls queued on a replaced actor lose them: they are
         cancelled too, with that reason. Yields (shard, failure, whether to re-run it in this
         build): the late shard is not (it may hang again; ``resume`` redoes it), the others are
-        re-run like any transient failure."""
-        now = time.time()
+        re-run like any transient failure. Elapsed time is the monotonic clock's."""
+        now = time.monotonic()
         for r in inflight.values():
             r.check(now)
         late = [k for k, r in inflight.items() if now - r.progressed >= deadline]
         replaced = []
         for k in late:
             rec = inflight.pop(k)
-            for stage, actor, refs in rec.actor_calls:
+            for stage, actor, refs, inputs in rec.actor_calls:
                 pending = ray.wait(refs, num_returns=len(refs), timeout=0)[1]
-                if pending and self._replace_actor(stage, actor):
+                # a call whose inputs are not all there has not reached its actor: the shard hangs
+                # upstream (a stuck read), and the actor, busy with other shards, is healthy
+                reached = not ray.wait(inputs, num_returns=len(inputs), timeout=0)[1] if inputs else True
+                if pending and reached and self._replace_actor(stage, actor):
                     replaced.append((stage, actor, rec.shard["shard_id"]))
             self._cancel(rec)
             yield (
@@ -797,7 +809,7 @@ class ShardDAG:
             )
         for stage, actor, sid in replaced:
             for k, rec in list(inflight.items()):
-                if any(a is actor and ray.wait(r, num_returns=len(r), timeout=0)[1] for _, a, r in rec.actor_calls):
+                if any(a is actor and ray.wait(r, num_returns=len(r), timeout=0)[1] for _, a, r, _ in rec.actor_calls):
                     del inflight[k]
                     self._cancel(rec)
                     yield (
@@ -810,7 +822,22 @@ class ShardDAG:
                         True,
                     )
 
-    def _replace_actor(self, stage: str, actor) -> bool:
+    def _replace_dead_actors(self, rec: _Inflight) -> None:
+        """Replace the model actors whose calls for this failed shard ended in the actor's death.
+        Ray restarts an actor ``actor_restarts`` times; after that it stays dead, and with nothing
+        outstanding it would win every :meth:`_ActorLoad.pick`, failing every shard sent to it
+        while the healthy actors idle (an actor that cannot start on a broken node is the same)."""
+        for stage, actor, refs, _ in rec.actor_calls:
+            for ref in ray.wait(refs, num_returns=len(refs), timeout=0)[0]:
+                try:
+                    ray.get(ref, timeout=0)
+                except ray.exceptions.RayActorError:
+                    self._replace_actor(stage, actor, "died (its restarts spent, or it could not start)")
+                    break
+                except Exception:  # noqa: BLE001 - the call's own failure: the actor lives
+                    pass
+
+    def _replace_actor(self, stage: str, actor, why: str = "held by a shard past its deadline") -> bool:
         pool = self.pools.get(stage, [])
         for i, a in enumerate(pool):
             if a is actor:
@@ -818,7 +845,7 @@ class ShardDAG:
                 opts, device = self._actor_opts[stage]
                 pool[i] = ModelActor.options(**opts).remote(stage, self.cfg, device)
                 self.loads[stage].reset(i)
-                log.warning("replaced a %s model actor held by a shard past its deadline", stage)
+                log.warning("replaced a %s model actor: %s", stage, why)
                 return True
         return False
 

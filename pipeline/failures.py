@@ -90,6 +90,38 @@ TRANSIENT_TEXT = (
 )
 
 
+# A GPU in a fault state (an Xid error: illegal access, launch failure, ECC, a library's internal
+# error) fails every later call of its process at once; its clips are not bad input. Transient: the
+# shard is re-run, and the model actor that saw it restarts (pipeline/dag.py) with a new CUDA context.
+DEVICE_FAULT_TEXT = (
+    "CUDA error",
+    "CUBLAS_STATUS_",
+    "CUDNN_STATUS_",
+    "cuDNN error",
+    "illegal memory access",
+    "unspecified launch failure",
+    "device-side assert",
+    "ECC error",
+)
+
+
+def device_fault_text(text: str) -> bool:
+    """Whether an error message is a GPU fault's (out of memory is not: the GPU is healthy)."""
+    return "out of memory" not in text and any(t in text for t in DEVICE_FAULT_TEXT)
+
+
+def is_device_fault(exc: BaseException | None, _depth: int = 0) -> bool:
+    """Whether ``exc`` (or what caused it) is a GPU fault, not a problem of the input."""
+    if exc is None or _depth > 10:
+        return False
+    if device_fault_text(str(exc)):
+        return True
+    return any(
+        nxt is not None and nxt is not exc and is_device_fault(nxt, _depth + 1)
+        for nxt in (getattr(exc, "cause", None), exc.__cause__, exc.__context__)
+    )
+
+
 class TransientShardError(RuntimeError):
     """A shard cannot be published whole now: one of its clips failed transiently."""
 
@@ -114,6 +146,8 @@ def is_transient(exc: BaseException | None, _depth: int = 0, _input_verdict: boo
     """True when running the failed work again could succeed (see the module docs)."""
     if exc is None or _depth > 10:
         return False
+    if is_device_fault(exc):
+        return True
     names = {c.__name__ for c in type(exc).__mro__}
     # Under a ClipError (the input's verdict) a failed allocation is the file's: a header that
     # declares an array too large to allocate fails the same way every time. Store and network

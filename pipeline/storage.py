@@ -374,13 +374,30 @@ def _fsync_dir(path: str) -> None:
 
 @contextmanager
 def _flocked(lock_path: str) -> Iterator[None]:
+    """An exclusive lock on ``lock_path``, waited for at most ``LOCK_TIMEOUT_S`` (a process stuck
+    holding it, or a lock left behind on NFS, must not freeze the caller: TimeoutError)."""
     import fcntl
 
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        give_up = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= give_up:
+                    raise TimeoutError(
+                        errno.ETIMEDOUT, f"another process holds {lock_path} for over {LOCK_TIMEOUT_S:g} s"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+LOCK_TIMEOUT_S = 30.0

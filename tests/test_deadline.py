@@ -79,3 +79,23 @@ def test_hung_model_actor_is_replaced_and_its_shards_redone(tmp_path, ray_local)
     r = resume(str(tmp_path / "out"), show_progress=False)
     assert r.ok and r.shards_done == len(failed)
     assert verify(str(tmp_path / "out")).ok
+
+
+def test_a_wall_clock_step_does_not_expire_shards(ray_local, monkeypatch):
+    """The deadline was measured on the wall clock: an NTP step or a resumed VM 7 h ahead cancelled
+    healthy in-flight shards (and killed the actors they waited on). It is the monotonic clock's."""
+    import time
+    from types import SimpleNamespace
+
+    import ray
+
+    from pipeline.dag import ShardDAG, _Inflight
+
+    cancelled = []
+    dag = SimpleNamespace(_cancel=cancelled.append, _replace_actor=lambda *a: False)
+    rec = _Inflight({"shard_id": "s-0"}, time.monotonic(), tasks=[ray.put(1)])
+    inflight = {"k": rec}
+    assert list(ShardDAG._expire(dag, inflight, 3600.0)) == []  # progress noted now
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 7 * 3600)
+    assert list(ShardDAG._expire(dag, inflight, 3600.0)) == [] and not cancelled and "k" in inflight

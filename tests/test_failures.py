@@ -115,3 +115,25 @@ def test_shard_with_a_transient_clip_failure_is_not_published(tmp_path):
     result = write_shard(shard, clips[:1], cfg)  # a permanent failure alone: published, recorded once
     assert result["samples_written"] == 0 and [f["clip_id"] for f in result["clips_failed"]] == ["a"]
     assert (tmp_path / "out" / shard["path"]).exists() and result["fingerprint"]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA error: an illegal memory access was encountered",
+        "CUDA error: unspecified launch failure",
+        "CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx`",
+        "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR",
+        "CUDA error: uncorrectable ECC error encountered",
+    ],
+)
+def test_a_gpu_fault_is_the_gpus_not_the_clips(message):
+    """A GPU in a sticky error state (an Xid: every later call fails at once) made its clips
+    permanent failures, recorded as bad input in a published shard that resume never redoes."""
+    from pipeline.failures import is_device_fault
+
+    exc = RuntimeError(message)
+    assert is_transient(exc) and is_device_fault(exc)
+    failure = ClipFailure.from_exception("c", "depth", exc)
+    assert failure.transient
+    assert not is_device_fault(RuntimeError("shape mismatch")) and not is_transient(RuntimeError("shape mismatch"))

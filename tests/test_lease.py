@@ -233,3 +233,32 @@ def test_a_lease_read_while_it_is_rewritten_is_read_again(tmp_path):
     store.fs.open = expired_once
     with pytest.raises(LeaseHeldError):
         Lease(store, ttl_s=60).acquire()
+
+
+def test_a_stuck_lock_neither_freezes_the_driver_nor_its_fence(tmp_path, monkeypatch):
+    """Another process holding lease.json.lock (a driver stuck in a takeover, a lock left on NFS)
+    blocked the renewal in flock without end, and check() and release() waited on it: the driver
+    froze, deaf to Ctrl-C, instead of fencing itself at 80 % of the TTL."""
+    import fcntl
+    import os
+
+    import pipeline.storage as storage
+
+    monkeypatch.setattr(storage, "LOCK_TIMEOUT_S", 0.3)
+    store = Store(str(tmp_path / "out"))
+    lease = Lease(store, ttl_s=2.0)
+    lease.acquire()
+    fd = os.open(store.path(LEASE_PATH) + ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another open file: conflicts with the store's own flock
+    try:
+        t0 = time.monotonic()
+        assert lease.renew()  # a hiccup: retried at the next beat
+        assert time.monotonic() - t0 < 2.0
+        time.sleep(1.7)  # past 0.8 x TTL without a renewal
+        with pytest.raises(LeaseLostError, match="not renewed"):
+            lease.check()
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    lease.release()
+    assert Lease(store).holder().released
