@@ -185,3 +185,24 @@ def test_a_failed_cache_read_keeps_the_entry(stand_in, tmp_path):
     cache.store.write_bytes_atomic(rel, b"PK\x03\x04 not a whole npz")  # damaged: removed, recomputed
     assert cache.get(first.key, 4) is None and not cache.store.exists(rel)
     assert len(invocations(counter)) == 1
+
+
+def test_killing_a_run_waits_for_it_with_a_deadline(caplog):
+    """After SIGKILL the runner waited without a timeout: a MegaSaM stuck in the GPU driver
+    (uninterruptible) would hold the task until the shard deadline, hours later."""
+    import subprocess
+
+    from stages.align.megasam import _kill_group
+
+    class Unkillable:
+        pid = 2**22 + 12345  # no such process group: killpg fails, kill() is called
+
+        def kill(self):
+            pass
+
+        def wait(self, timeout=None):
+            assert timeout is not None, "an unbounded wait"
+            raise subprocess.TimeoutExpired("megasam", timeout)
+
+    _kill_group(Unkillable())
+    assert "did not end" in caplog.text

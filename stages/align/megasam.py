@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 import shlex
@@ -49,6 +50,8 @@ from PIL import Image
 
 from pipeline import geometry as geo
 from stages.align.fit import AlignmentError
+
+log = logging.getLogger("d4s")
 
 PLACEHOLDERS = ("frames_dir", "out_npz", "clip_id")
 
@@ -288,7 +291,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         proc.kill()
-    proc.wait()
+    try:
+        proc.wait(timeout=KILL_WAIT_S)
+    except subprocess.TimeoutExpired:  # stuck in the kernel (a GPU driver call): not ours to wait for
+        log.error("MegaSaM process %d did not end %g s after SIGKILL; left to the OS", proc.pid, KILL_WAIT_S)
+
+
+KILL_WAIT_S = 30.0
 
 
 # ------------------------------------------------------------------------------------------
