@@ -205,6 +205,20 @@ def test_eval_text_file_as_checkpoint_is_not_a_d4s_checkpoint(use, tmp_path):
         _one_line(runner.invoke(app, [*cmd, "--out", str(tmp_path / "o")]), str(junk), "not a d4s")
 
 
+def test_random_bytes_as_checkpoint_are_not_called_objects(tmp_path):
+    """Random bytes read as "it holds objects other than tensors" (the weights_only refusal); they
+    are no torch file at all."""
+    import random
+
+    from training.load import CheckpointError, read_checkpoint
+
+    rand = tmp_path / "rand.pt"
+    rand.write_bytes(random.Random(0).randbytes(2000))
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(str(rand))
+    assert "not a d4s checkpoint" in str(err.value) and "objects other than tensors" not in str(err.value)
+
+
 def test_generate_trajectory_json_with_bad_field_types(use, tmp_path):
     from training import trajectory as tj
 

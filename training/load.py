@@ -85,8 +85,13 @@ def read_checkpoint(path: str) -> dict:
     try:
         state = load_checkpoint(path)
     except pickle.UnpicklingError as exc:
-        lines = [x.strip() for x in str(exc).splitlines() if "GLOBAL" in x or "Unsupported" in x]
-        first = (lines[0] if lines else type(exc).__name__)[:200]
+        lines = [x.strip() for x in str(exc).splitlines() if "GLOBAL" in x]
+        if not lines:  # not the weights_only refusal of an object: bytes that are no pickle at all
+            bad = [x.strip() for x in str(exc).splitlines() if "Unsupported" in x or "load key" in x]
+            raise CheckpointError(
+                f"{path}: not a d4s checkpoint: not a readable torch file ({(bad or [type(exc).__name__])[0][:200]})"
+            ) from None
+        first = lines[0][:200]
         raise CheckpointError(
             f"{path}: refused: it holds objects other than tensors and plain values, and d4s loads "
             f"checkpoints with weights_only=True so that no code from a file runs ({first})"
