@@ -185,7 +185,7 @@ def test_selfcheck_reaches_the_sample_records_status_and_report(tmp_path):
         "output": "o",
         "datasets": {"spring": {"clips_done": 1, "clips_failed": 1, "clips_pending": 0}},
         "stages": {},
-        "shards": {"done": 1, "failed": 0, "pending": 0},
+        "shards": {"done": 1, "failed": 0, "running": 0, "pending": 0},
         "stage_seconds": {},
         "throughput": {"build_id": None, "clips": 0, "seconds": 0.0, "clips_per_s": None, "eta_s": None},
         "qc": {"spring": dist},
