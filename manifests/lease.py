@@ -34,7 +34,6 @@ driver that lost its lease sort before those of the one that took it over.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -363,8 +362,7 @@ class Lease:
         if not self._lock.acquire(timeout=min(self.ttl_s, 60.0)):  # a renewal stuck in the store: TTL frees it
             log.warning("could not release the lease on %s: a renewal is stuck", self.store.display())
             return
-        with contextlib.ExitStack() as held:
-            held.callback(self._lock.release)
+        try:
             if self.record is None:
                 return
             try:
@@ -381,6 +379,8 @@ class Lease:
             except Exception as exc:  # noqa: BLE001 - the TTL frees it anyway
                 log.warning("could not release the lease on %s: %s", self.store.display(), exc)
             self.record = None
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> "Lease":
         return self
