@@ -224,6 +224,9 @@ class Lease:
             old = _record(self.store, cur[0])
             why, age = self._stale_reason(old)
             if why is None:
+                again = self.store.read_versioned(LEASE_PATH)
+                if again is None or again[1] != cur[1]:
+                    continue  # rewritten while its age was read: that age is the new record's
                 raise LeaseHeldError(self._held_message(old, age))
             rec = self._new_record(max(old.epoch, min_epoch) + 1)
             if self.store.replace_if_version(LEASE_PATH, rec.to_bytes(), cur[1]) or self._stored_is(rec):

@@ -262,3 +262,28 @@ def test_a_stuck_lock_neither_freezes_the_driver_nor_its_fence(tmp_path, monkeyp
         os.close(fd)
     lease.release()
     assert Lease(store).holder().released
+
+
+def test_a_takeover_between_the_reads_of_a_refusal_names_the_new_holder(tmp_path):
+    """The refusal read the record, then its age in a second request: a takeover landing in
+    between made it name the previous holder with the new record's age ("last renewed 0 s
+    ago" for a driver that was in fact dead). A record whose version moved is read again."""
+    store = Store(str(tmp_path / "out"))
+    old = Lease(store, command="build", ttl_s=60)
+    old.acquire()
+    new = Lease(store, command="resume", ttl_s=60)
+    real = store.modified_time
+
+    def takeover_lands_first(rel):
+        if rel.endswith("lease.json") and new.record is None:
+            got = store.read_versioned(LEASE_PATH)
+            rec = new._new_record(2)
+            assert store.replace_if_version(LEASE_PATH, rec.to_bytes(), got[1])
+            new.record = rec
+        return real(rel)
+
+    store.modified_time = takeover_lands_first
+    with pytest.raises(LeaseHeldError) as err:
+        Lease(store, command="verify", ttl_s=60).acquire()
+    msg = str(err.value)
+    assert new.owner in msg and "d4s resume" in msg and old.owner not in msg
