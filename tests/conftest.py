@@ -60,8 +60,76 @@ def tartanair_config(tmp: Path, data: Path, out_name: str = "out", **over):
     return BuildConfig.model_validate(raw)
 
 
+def realestate10k_vda_config(tmp: Path, n_scenes: int, **over):
+    """A RealEstate10K build of ``n_scenes`` rendered demo scenes with the tiny VDA as its depth
+    (8-frame clips, no tracks, alignment QC kept): the model-stage builds of the fault tests.
+    ``over`` sets or replaces top-level keys; ``depth`` (a dict) goes to ``tiny_vda``."""
+    from pipeline.config import BuildConfig
+    from pipeline.demo.render import render
+    from pipeline.demo.writers import realestate10k as w
+
+    data = tmp / "data"
+    for i in range(n_scenes):
+        w.write(render(w.demo_spec(i, seed=40 + i)), data, w.default_scene_id(i))
+    raw = {
+        "output": str(tmp / "out"),
+        "shard_size": 2,
+        "datasets": {
+            "realestate10k": {
+                "root": str(data),
+                "clip_length": 8,
+                "clip_stride": 2,
+                "frame_stride": 1,
+                "depth_source": "vda_metric",
+                "track_source": "none",
+            }
+        },
+        "stages": {"depth": tiny_vda(**over.pop("depth", {})), "align": {"drop_on_qc": False}},
+        "ray": {"num_cpus": 2},
+    }
+    raw.update(over)
+    return BuildConfig.model_validate(raw)
+
+
 @pytest.fixture()
 def tartan_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tartan")
     scenes = write_tartanair(root)
     return root, scenes
+
+
+TINY_STAGE = dict(name="dynamic", steps=2, resolution=16, num_frames=5, scenes="any", max_frame_stride=1)
+
+
+def write_tiny_use_inputs(root: Path, step: int, moving: bool = False):
+    """What `d4s eval`/`generate` read, at the smallest size: shards of 3 synthetic clips (1 and 2
+    held out, index.parquet), a tiny model's checkpoint at ``step`` and a 16x16 image. ``moving``
+    gives the deformation head weights that move things, so time shows in the renders.
+    Returns (config, model)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from training.config import make_config
+    from training.model import Diff4Splat
+    from training.synthetic import write_shards
+
+    write_shards(
+        str(root / "data"),
+        n_clips=3,
+        per_shard=3,
+        t=5,
+        size=16,
+        datasets=("synth",),
+        dynamic=lambda ds, i: True,
+        val=lambda ds, i: i in (1, 2),
+    )
+    cfg = make_config("tiny", stages=[TINY_STAGE])
+    torch.manual_seed(0)
+    model = Diff4Splat(cfg)
+    if moving:
+        with torch.no_grad():
+            model.ldrm.deform_head.weight.normal_(0, 0.05)
+    torch.save({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "step": step}, root / "ckpt.pt")
+    Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save(root / "img.png")
+    return cfg, model

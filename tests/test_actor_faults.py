@@ -10,11 +10,8 @@ import threading
 import time
 
 import pytest
-from conftest import tiny_vda
+from conftest import realestate10k_vda_config
 
-from pipeline.config import BuildConfig
-from pipeline.demo.render import render
-from pipeline.demo.writers import realestate10k as re10k
 from pipeline.runner import build
 from pipeline.verify import verify
 
@@ -22,28 +19,13 @@ pytestmark = pytest.mark.slow
 
 
 def _re10k(tmp_path, **ray):
-    data = tmp_path / "data"
-    for i in range(4):
-        re10k.write(render(re10k.demo_spec(i, seed=40 + i)), data, re10k.default_scene_id(i))
-    return BuildConfig.model_validate(
-        {
-            "output": str(tmp_path / "out"),
-            "shard_size": 2,
-            "max_inflight_shards": 2,
-            "datasets": {
-                "realestate10k": {
-                    "root": str(data),
-                    "clip_length": 8,
-                    "clip_stride": 2,
-                    "frame_stride": 1,
-                    "depth_source": "vda_metric",
-                    "track_source": "none",
-                }
-            },
-            "stages": {"depth": tiny_vda(actors=2), "align": {"drop_on_qc": False}},
-            "ray": {"num_cpus": 2, "shard_retries": 2, "retry_backoff_s": 1.0, **ray},
-            "fault": {"trace_dir": str(tmp_path / "trace")},
-        }
+    return realestate10k_vda_config(
+        tmp_path,
+        4,
+        depth={"actors": 2},
+        max_inflight_shards=2,
+        ray={"num_cpus": 2, "shard_retries": 2, "retry_backoff_s": 1.0, **ray},
+        fault={"trace_dir": str(tmp_path / "trace")},
     )
 
 

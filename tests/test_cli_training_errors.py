@@ -7,14 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+from conftest import TINY_STAGE, write_tiny_use_inputs
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from training.config import make_config
 
 runner = CliRunner()
-STAGE = dict(name="dynamic", steps=2, resolution=16, num_frames=5, scenes="any", max_frame_stride=1)
+STAGE = TINY_STAGE
 
 
 def _one_line(r, *parts: str) -> str:
@@ -30,28 +29,8 @@ def _one_line(r, *parts: str) -> str:
 @pytest.fixture(scope="module")
 def use(tmp_path_factory):
     """A tiny checkpoint, a build-like output (index.parquet; clips 1 and 2 held out) and a 16x16 image."""
-    from PIL import Image
-
-    from training.model import Diff4Splat
-    from training.synthetic import write_shards
-
     root = tmp_path_factory.mktemp("errs")
-    write_shards(
-        str(root / "data"),
-        n_clips=3,
-        per_shard=3,
-        t=5,
-        size=16,
-        datasets=("synth",),
-        dynamic=lambda ds, i: True,
-        val=lambda ds, i: i in (1, 2),
-    )
-    cfg = make_config("tiny", stages=[STAGE])
-    torch.manual_seed(0)
-    torch.save(
-        {"model": Diff4Splat(cfg).state_dict(), "config": cfg.model_dump(mode="json"), "step": 3}, root / "ckpt.pt"
-    )
-    Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save(root / "img.png")
+    write_tiny_use_inputs(root, step=3)
     return root
 
 

@@ -4,10 +4,9 @@ with the reason; the rest of the build goes on; ``resume`` redoes it (the hang h
 from __future__ import annotations
 
 import pytest
-from conftest import tartanair_config, tiny_vda
+from conftest import realestate10k_vda_config, tartanair_config
 
 from manifests.store import ManifestStore
-from pipeline.config import BuildConfig
 from pipeline.runner import build, resume
 from pipeline.storage import Store
 from pipeline.verify import verify
@@ -41,35 +40,12 @@ def test_hung_ingest_task_is_cancelled_at_the_deadline_and_resume_redoes_it(tmp_
 def test_hung_model_actor_is_replaced_and_its_shards_redone(tmp_path, ray_local):
     """A depth actor that never returns: its shard is cancelled, the actor replaced (a hung model
     never frees it), other shards waiting on it cancelled with that reason; resume completes."""
-    from pipeline.demo.render import render
-    from pipeline.demo.writers import realestate10k as w
-
-    data = tmp_path / "data"
-    for i in range(3):
-        w.write(render(w.demo_spec(i, seed=40 + i)), data, w.default_scene_id(i))
-    cfg = BuildConfig.model_validate(
-        {
-            "output": str(tmp_path / "out"),
-            "shard_size": 2,
-            "shard_deadline_s": 25.0,
-            "max_inflight_shards": 3,
-            "datasets": {
-                "realestate10k": {
-                    "root": str(data),
-                    "clip_length": 8,
-                    "clip_stride": 2,
-                    "frame_stride": 1,
-                    "depth_source": "vda_metric",
-                    "track_source": "none",
-                }
-            },
-            "stages": {
-                "depth": tiny_vda(),
-                "align": {"drop_on_qc": False},
-            },
-            "fault": {"hang_stage": "depth", "hang_on_clip": 0, "marker_dir": str(tmp_path / "faults")},
-            "ray": {"num_cpus": 2},
-        }
+    cfg = realestate10k_vda_config(
+        tmp_path,
+        3,
+        shard_deadline_s=25.0,
+        max_inflight_shards=3,
+        fault={"hang_stage": "depth", "hang_on_clip": 0, "marker_dir": str(tmp_path / "faults")},
     )
     s = build(cfg, show_progress=False)
     failed = _failed(tmp_path / "out")

@@ -6,13 +6,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_STAGE, write_tiny_use_inputs
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from training.config import make_config
 
 runner = CliRunner()
-STAGE = dict(name="dynamic", steps=2, resolution=16, num_frames=5, scenes="any", max_frame_stride=1)
+STAGE = TINY_STAGE
 REQUIRED = {"psnr", "ssim", "lpips", "depth_abs_rel", "depth_delta_1_25", "track_epe_m", "clips"}
 
 
@@ -22,30 +23,8 @@ class NotATensor:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from training.model import Diff4Splat
-    from training.synthetic import write_shards
-
     root = tmp_path_factory.mktemp("use")
-    write_shards(
-        str(root / "data"),
-        n_clips=3,
-        per_shard=3,
-        t=5,
-        size=16,
-        datasets=("synth",),
-        dynamic=lambda ds, i: True,
-        val=lambda ds, i: i in (1, 2),
-    )
-    cfg = make_config("tiny", stages=[STAGE])
-    torch.manual_seed(0)
-    model = Diff4Splat(cfg)
-    with torch.no_grad():  # a deformation head that moves things, so time matters in the renders
-        model.ldrm.deform_head.weight.normal_(0, 0.05)
-    ckpt = root / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "step": 11}, ckpt)
-    from PIL import Image
-
-    Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save(root / "img.png")
+    cfg, model = write_tiny_use_inputs(root, step=11, moving=True)
     return root, cfg, model
 
 
