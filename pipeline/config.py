@@ -345,6 +345,15 @@ class BuildConfig(_Strict):
     lease: LeaseConfig = Field(default_factory=LeaseConfig)
     fault: FaultConfig = Field(default_factory=FaultConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, raw: Any) -> Any:
+        from pipeline.url_credentials import ADVICE, find_credentials
+
+        for loc in find_credentials(raw):
+            raise FieldError(loc, ADVICE)
+        return raw
+
     @field_validator("datasets")
     @classmethod
     def _known(cls, v: dict[str, DatasetConfig]) -> dict[str, DatasetConfig]:

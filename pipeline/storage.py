@@ -60,6 +60,12 @@ class Store:
 
     def __init__(self, url: str, **storage_options):
         self.url = str(url)
+        from pipeline.url_credentials import ADVICE, has_credentials
+
+        if has_credentials(self.url):
+            from pipeline.config import ConfigError
+
+            raise ConfigError(f"refused a location: {ADVICE}")
         proto, _ = fsspec.core.split_protocol(self.url)
         if proto not in (None, "file", "local"):
             storage_options.setdefault("use_listings_cache", False)

@@ -208,6 +208,16 @@ class TrainConfig(_Strict):
     validation: ValidationConfig = ValidationConfig()
     max_steps: int | None = Field(None, ge=1)  # stop early (total step count), e.g. for smoke runs
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, raw: Any) -> Any:
+        from pipeline.config_errors import FieldError
+        from pipeline.url_credentials import ADVICE, find_credentials
+
+        for loc in find_credentials(raw):
+            raise FieldError(loc, ADVICE)
+        return raw
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         rt = self.runtime
