@@ -734,9 +734,10 @@ def ray_storage_path(workdir: str) -> str:
     if "://" not in workdir:
         return os.path.abspath(_join(workdir, "ray"))
     import hashlib
-    import tempfile
 
-    return os.path.join(tempfile.gettempdir(), "d4s-ray-train", hashlib.sha1(workdir.encode()).hexdigest()[:16])
+    from pipeline.private_tmp import private_temp_dir
+
+    return os.path.join(private_temp_dir("d4s-ray-train"), hashlib.sha1(workdir.encode()).hexdigest()[:16])
 
 
 def run_ray(cfg: TrainConfig) -> None:

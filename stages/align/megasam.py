@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import geometry as geo
+from pipeline.private_tmp import private_temp_dir
 from stages.align.fit import AlignmentError
 
 log = logging.getLogger("d4s")
@@ -167,7 +168,8 @@ class MegaSaMRunner:
         if timeout_s <= 0 or retries < 0:
             raise MegaSaMConfigError(f"timeout_s must be > 0 and retries >= 0, got {timeout_s}, {retries}")
         self.command_template = command_template
-        self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir()) / "d4s-megasam"
+        # default: this user's own 0700 folder (a fixed shared name could be planted by another user)
+        self.work_dir = Path(work_dir) if work_dir is not None else private_temp_dir("d4s-megasam")
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
         try:

@@ -17,7 +17,6 @@ permanent, pipeline/failures.py).
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,7 +93,7 @@ def megasam_pass(clips: list, key: str, cfg: BuildConfig, gpu_ids=()) -> SceneRe
         rgb = seq.rgb()
         runner = MegaSaMRunner(
             a.megasam_command,
-            os.path.join(tempfile.gettempdir(), "d4s-megasam"),
+            None,  # this user's private scratch folder on the node
             timeout_s=a.megasam_timeout_s,
             retries=a.megasam_retries,
         )
