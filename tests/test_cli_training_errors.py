@@ -90,6 +90,20 @@ def test_train_index_without_training_samples(tmp_path, no_ray):
     _one_line(r, "--demo", "no training samples")
 
 
+@pytest.mark.parametrize("latest, what", [("../../elsewhere.pt", "not a checkpoint name"), (None, "readable")])
+def test_train_resuming_a_workdir_with_a_bad_latest_checkpoint_is_one_line(use, tmp_path, no_ray, latest, what):
+    """A workdir whose ckpt/latest names a path out of ckpt/, or whose latest checkpoint is not a
+    torch file, printed a traceback before any worker started."""
+    wd = tmp_path / "wd"
+    (wd / "ckpt").mkdir(parents=True)
+    if latest is None:
+        (wd / "ckpt" / "step-00000002.pt").write_bytes(b"not a torch file")
+        latest = "step-00000002.pt"
+    (wd / "ckpt" / "latest").write_text(latest)
+    r = runner.invoke(app, ["train", "--demo", str(use / "data"), "--workdir", str(wd), "--max-steps", "1"])
+    _one_line(r, "latest" if "elsewhere" in latest else latest, what)
+
+
 def test_train_max_steps_below_one_names_the_option(tmp_path, no_ray):
     r = runner.invoke(app, ["train", "--demo", str(tmp_path), "--max-steps", "0", "--workdir", str(tmp_path / "w")])
     _one_line(r, "--max-steps", "0")

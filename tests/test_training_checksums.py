@@ -111,3 +111,21 @@ def test_an_index_naming_a_shard_outside_the_output_is_refused(built, where):
     assert "index.parquet" in str(err.value) and where in str(err.value) and "outside" in str(err.value)
     with pytest.raises(ValueError):
         shard_checksums(cfg.data)
+
+
+def test_a_latest_pointer_leaving_the_checkpoint_folder_is_refused(tmp_path):
+    """ckpt/latest names the checkpoint to resume or use; '../../elsewhere.pt' in it was followed
+    out of the workdir (a shared workdir is not trusted). Only a checkpoint name is accepted."""
+    from training.load import CheckpointError, resolve_checkpoint
+    from training.trainer import latest_checkpoint
+
+    (tmp_path / "outside.pt").write_bytes(b"x")
+    wd = tmp_path / "wd"
+    (wd / "ckpt").mkdir(parents=True)
+    for bad in ("../../outside.pt", "/etc/passwd", "sub/step-00000001.pt", "s3://b/step-00000001.pt"):
+        (wd / "ckpt" / "latest").write_text(bad)
+        with pytest.raises(CheckpointError, match="latest") as err:
+            resolve_checkpoint(str(wd))
+        assert "not a checkpoint name" in str(err.value)
+    (wd / "ckpt" / "latest").write_text("step-00000012.pt\n")
+    assert latest_checkpoint(str(wd)) == str(wd / "ckpt" / "step-00000012.pt")

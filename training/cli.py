@@ -81,7 +81,7 @@ def train_main(
     workdir: str | None = None,
 ) -> int:
     """Train (or resume) and return a process exit code; prints what it resumed from."""
-    from training.trainer import latest_checkpoint, load_checkpoint, train
+    from training.trainer import latest_checkpoint, train
 
     try:
         cfg = build_config(config_path, demo_out, max_steps, workdir)
@@ -100,17 +100,18 @@ def train_main(
     except TrainConfigError as e:
         print(f"d4s train: {e}", file=sys.stderr)
         return 2
-    ck = latest_checkpoint(cfg.workdir)
-    if ck:
-        from training.load import CheckpointError
-        from training.trainer import refuse_another_model
+    from training.load import CheckpointError, read_checkpoint
+    from training.trainer import refuse_another_model
 
-        state = load_checkpoint(ck)
-        try:  # before any worker starts: one line, not a worker's traceback
+    try:  # before any worker starts: one line, not a worker's traceback
+        ck = latest_checkpoint(cfg.workdir)
+        state = read_checkpoint(ck) if ck else None
+        if state is not None:
             refuse_another_model(cfg, state, ck)
-        except CheckpointError as e:
-            print(f"d4s train: {e}", file=sys.stderr)
-            return 2
+    except CheckpointError as e:
+        print(f"d4s train: {e}", file=sys.stderr)
+        return 2
+    if ck:
         step = state["step"]
         print(f"d4s train: resumed from checkpoint {ck} (step {step})", flush=True)
         if step >= min(cfg.total_steps, cfg.max_steps or cfg.total_steps):

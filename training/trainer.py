@@ -23,6 +23,7 @@ import io
 import itertools
 import os
 import random
+import re
 import sys
 import time
 
@@ -68,7 +69,14 @@ def latest_checkpoint(workdir: str) -> str | None:
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as f:
-        name = f.read().decode().strip()
+        name = f.read().decode(errors="replace").strip()
+    if not re.fullmatch(r"step-\d{8,}\.pt", name):  # what save_checkpoint writes; never a path out of ckpt/
+        from training.load import CheckpointError
+
+        raise CheckpointError(
+            f"{_join(workdir, 'ckpt', 'latest')}: holds {name[:80]!r}, not a checkpoint name (step-NNNNNNNN.pt); "
+            "fix or remove it to use this workdir"
+        )
     return _join(workdir, "ckpt", name)
 
 
