@@ -104,9 +104,19 @@ class ManifestStore:
 
     # -- plan ------------------------------------------------------------------------------
     def write_plan(self, scenes: list[dict], clips: list[dict], shards: list[dict]) -> None:
-        self.store.write_bytes_atomic("manifests/scenes.parquet", _to_bytes(pa.Table.from_pylist(scenes, SCENE_SCHEMA)))
-        self.store.write_bytes_atomic("manifests/clips.parquet", _to_bytes(pa.Table.from_pylist(clips, CLIP_SCHEMA)))
-        self.store.write_bytes_atomic("manifests/shards.parquet", _to_bytes(pa.Table.from_pylist(shards, SHARD_SCHEMA)))
+        # every table is made before any is written: a plan that cannot be recorded leaves none
+        try:
+            data = {
+                "scenes": _to_bytes(pa.Table.from_pylist(scenes, SCENE_SCHEMA)),
+                "clips": _to_bytes(pa.Table.from_pylist(clips, CLIP_SCHEMA)),
+                "shards": _to_bytes(pa.Table.from_pylist(shards, SHARD_SCHEMA)),
+            }
+        except UnicodeEncodeError as exc:  # planning escapes such names (pipeline/plan.py: recordable)
+            raise ConfigError(
+                f"the plan holds a name that is not UTF-8, which Parquet cannot hold: {exc.object!r}"
+            ) from None
+        for name, raw in data.items():
+            self.store.write_bytes_atomic(f"manifests/{name}.parquet", raw)
 
     def has_plan(self) -> bool:
         return self.store.exists("manifests/shards.parquet")

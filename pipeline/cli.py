@@ -99,7 +99,8 @@ def _read_or_fail(fn, *args, **kwargs):
 
 
 def _run_or_fail(fn, *args, **kwargs):
-    """Run a build or resume; another driver's lease exits 3, a lease lost mid-run 4, a config error 2."""
+    """Run a build or resume; another driver's lease exits 3, a lease lost mid-run 4, a config error 2,
+    a write the node refused (disk full, read-only) 5."""
     from manifests.lease import LeaseHeldError, LeaseLostError
 
     try:
@@ -110,6 +111,13 @@ def _run_or_fail(fn, *args, **kwargs):
         _fail(f"stopped: {exc}; nothing more was written by this driver (`d4s resume` continues)", code=4)
     except ConfigError as exc:
         _fail(str(exc))
+    except OSError as exc:  # the driver's own writes (ledger, index, lease) refused by the node
+        where = f" {exc.filename}" if exc.filename else ""
+        _fail(
+            f"stopped: cannot write{where}: {exc.strerror or exc}; what was published is kept: "
+            "fix it (free space, permissions) and run `d4s resume` on the output",
+            code=5,
+        )
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 *Transient*: the work could succeed if run again: a Ray worker, actor or node lost, an object
 lost with its node, out of memory (host or CUDA), a timeout, a store or network that did not
-answer. A shard with such a failure is never published with the clip missing: it is re-run
+answer, the node short of a resource (disk or quota full, read-only output, file size limit, no
+file descriptors left). A shard with such a failure is never published with the clip missing: it is re-run
 with backoff (``ray.shard_retries``, ``ray.retry_backoff_s``) and, if the failure persists, left
 ``failed`` with ``error_class: transient`` for ``d4s resume`` to rebuild.
 
@@ -76,6 +77,14 @@ TRANSIENT_ERRNOS = frozenset(
         errno.EPIPE,
         errno.ESTALE,
         errno.EAGAIN,
+        # the node's resources, never the input's: the disk or quota full, a read-only output, a
+        # file size limit, file descriptors exhausted; once fixed, running again succeeds
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EFBIG,
+        errno.EMFILE,
+        errno.ENFILE,
     }
 )
 TRANSIENT_TEXT = (

@@ -15,11 +15,13 @@ a shard that is redone redoes only its own scenes.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
 from pipeline.clip import ClipError
 from pipeline.config import BuildConfig, ConfigError
+from pipeline.failures import is_transient
 from pipeline.stage_routes import stage_names, whole_scene_shards
 from stages.ingest import adapter_for_dataset
 from stages.ingest.base import SceneRef
@@ -31,6 +33,36 @@ def key_safe(scene: str) -> str:
     """Scene id to a key fragment: no dots, no slashes (webdataset splits keys at dots)."""
     s = _UNSAFE.sub("-", scene.replace("/", "-")).strip("-")
     return s.replace("__", "_-")  # '__' separates key fields
+
+
+def utf8_text(text: str) -> str:
+    """``text`` as UTF-8 can hold it: the bytes of a file name that are not UTF-8 (which Python
+    keeps as lone surrogates) written as ``\\xNN``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name gives
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def recordable(sc: SceneRef, where) -> SceneRef:
+    """A scene that the manifests (Parquet: UTF-8 strings) can record. One whose id holds a file
+    name that is not UTF-8 is planned under its id with those bytes escaped (``demo\\xffenv/...``),
+    as a scene with the problem ``file name is not UTF-8``: its clip fails at ingest, recorded like
+    any unreadable scene (a UTF-8 name is the only one that is the same on every store and
+    reader). ``where(scene)``: the scene's location, for the record."""
+    try:
+        sc.scene.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            raw = sc.scene.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = sc.scene.encode("utf-8", "backslashreplace")
+        return SceneRef(
+            sc.dataset, utf8_text(sc.scene), 0, problem=(f"file name is not UTF-8: {raw!r}", utf8_text(where(sc.scene)))
+        )
+    if sc.problem:
+        return dataclasses.replace(sc, problem=tuple(utf8_text(str(p)) for p in sc.problem))
+    return sc
 
 
 def clip_id(dataset: str, scene: str, start: int) -> str:
@@ -66,6 +98,12 @@ def make_plan(cfg: BuildConfig) -> Plan:
             raise ConfigError(f"dataset {name}: root {ds.root} not readable ({exc})") from None
         except ClipError as exc:  # a file that lists the whole dataset: its one clip fails with it
             scenes = [SceneRef(name, "unreadable", 0, problem=(exc.reason, exc.path or ds.root))]
+        except OSError as exc:  # a folder or file not tied to one scene: the plan would miss scenes
+            if is_transient(exc):
+                raise
+            why = f"{type(exc).__name__}: {exc.strerror or exc}"
+            raise ConfigError(f"dataset {name}: discovery cannot read {exc.filename or ds.root} ({why})") from None
+        scenes = [recordable(sc, adapter.where) for sc in scenes]
         if not scenes:
             raise ConfigError(f"dataset {name}: no scenes found under {ds.root} (see docs/DATASETS.md for the layout)")
         if ds.max_scenes:

@@ -367,7 +367,10 @@ def _build_holding_lease(
                     }
                     if result.get("log"):
                         lease.check()
-                        store.write_bytes_atomic(f"logs/{sh['shard_id']}.log", result["log"].encode())
+                        try:  # information only: a log that cannot be written must not undo the shard
+                            store.write_bytes_atomic(f"logs/{sh['shard_id']}.log", result["log"].encode())
+                        except OSError as exc:
+                            log.warning("shard %s: its log was not written (%s)", sh["shard_id"], exc)
                 else:
                     failed += 1
                     failed_transient += error.transient

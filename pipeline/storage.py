@@ -47,6 +47,10 @@ class PathEscapeError(ValueError):
 CONDITIONAL_PROTOCOLS = ("file", "local", "s3", "s3a")
 
 
+# errnos of a write the node refused for want of a resource (pipeline/failures.py: transient)
+_NODE_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
 def safe_join(root: str, rel: str) -> str:
     """Join ``rel`` under ``root``; reject anything that would resolve outside it."""
     rel = rel.replace("\\", "/")
@@ -104,7 +108,13 @@ class Store:
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
-    def open(self, rel: str, mode: str = "rb"):
+    def open(self, rel: str, mode: str = "rb", block_size: int | None = None):
+        """A file object. ``block_size``: on an object store, the bytes fetched ahead of each read
+        that misses the buffer (s3fs's default is 50 MiB, so a reader that seeks and reads a few
+        bytes here and there, as discovery reading one small array of an npz or the 12-byte
+        headers of a TFRecord file, would download the whole file); ignored locally."""
+        if block_size is not None and not self.is_local:
+            return self.fs.open(self.path(rel), mode, block_size=int(block_size))
         return self.fs.open(self.path(rel), mode)
 
     def makedirs(self, rel: str) -> None:
@@ -115,10 +125,22 @@ class Store:
         """Readers see the old object or the whole new one, never a partial file."""
         if not self.is_local:
             # one PUT (or a multipart upload completed only after every part arrived)
-            self.fs.pipe_file(self.path(rel), bytes(data))
+            with self._naming(rel):
+                self.fs.pipe_file(self.path(rel), bytes(data))
             return
         with self.atomic_writer(rel) as f:
             f.write(data)
+
+    @contextmanager
+    def _naming(self, rel: str) -> Iterator[None]:
+        """A write the node refused (disk or quota full, read-only, file size limit) names the
+        object: the errno alone ("No space left on device") says neither where nor what."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in _NODE_WRITE_ERRNOS and exc.filename is None:
+                raise OSError(exc.errno, exc.strerror or str(exc), self.display(rel)) from exc
+            raise
 
     @contextmanager
     def atomic_writer(self, rel: str) -> Iterator:
@@ -132,15 +154,17 @@ class Store:
         """
         final = self.path(rel)
         if self.is_local:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
+            with self._naming(rel):
+                os.makedirs(os.path.dirname(final), exist_ok=True)
             tmp = f"{final}.tmp-{uuid.uuid4().hex}"
             try:
-                with open(tmp, "wb") as f:
-                    yield f
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)
-                _fsync_dir(os.path.dirname(final))
+                with self._naming(rel):  # the block's writes too: a full disk fails f.write
+                    with open(tmp, "wb") as f:
+                        yield f
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, final)
+                    _fsync_dir(os.path.dirname(final))
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
@@ -148,9 +172,10 @@ class Store:
             tmpdir = tempfile.mkdtemp(prefix="d4s-upload-")
             try:
                 tmp = os.path.join(tmpdir, "part")
-                with open(tmp, "wb") as f:
-                    yield f
-                self.fs.put_file(tmp, final)
+                with self._naming(rel):
+                    with open(tmp, "wb") as f:
+                        yield f
+                    self.fs.put_file(tmp, final)
             finally:
                 shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -174,10 +199,78 @@ class Store:
         else:
             self.fs.rm_file(p)
 
-    def glob(self, pattern: str) -> list[str]:
-        """Paths under the root matching ``pattern`` (relative, '/'-separated); the root itself is
-        matched literally, whatever characters its name holds."""
-        return sorted(self.fs.glob(posixpath.join(_glob.escape(self.root), pattern)))
+    def glob(self, pattern: str, errors: list | None = None) -> list[str]:
+        """Paths under the root matching ``pattern`` (relative, '/'-separated; each component a
+        name or an fnmatch pattern: ``*``, ``?``, ``[...]``, never across a '/'), sorted; the root
+        itself is taken literally, whatever characters its name holds.
+
+        Walked one folder level at a time: a folder is listed only where a pattern component has
+        to match its entries (a ``*`` component short of the last matches folders only), a literal
+        component is joined without a listing, and a literal last component is looked up (one
+        ``info``). ``*/*/*/pose_left.txt`` lists three levels and never a frame folder, where
+        fsspec's glob walked (and, locally, stat-ed) every file down to the pattern's depth.
+        Symbolic links to folders are followed.
+
+        A folder or file that is there but cannot be read (PermissionError, an I/O error) is never
+        left out in silence, as fsspec's walk does: with ``errors`` None it raises; else
+        ``(path relative to the root, exception)`` is appended to ``errors`` and the walk goes on.
+        A transient error (the network, a throttled store) always raises."""
+        import fnmatch
+
+        from pipeline.failures import is_transient
+
+        parts = [p for p in pattern.split("/") if p and p != "."]
+        if any("**" in p for p in parts):
+            raise ValueError(f"Store.glob matches one folder level per component: {pattern!r}")
+
+        def failed(path: str, exc: OSError) -> None:
+            if errors is None or is_transient(exc):
+                raise exc
+            errors.append((posixpath.relpath(path, self.root), exc))
+
+        def entries(folder: str, types: bool) -> list[tuple[str, bool]]:
+            try:
+                listing = self.fs.ls(folder, detail=types)
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            except OSError as exc:
+                failed(folder, exc)
+                return []
+            out = []
+            for e in listing:
+                path = (e["name"] if types else e).rstrip("/")
+                if path == folder.rstrip("/"):
+                    continue  # a file is listed as itself
+                is_dir = types and (e["type"] == "directory" or bool(e.get("islink") and self.fs.isdir(path)))
+                out.append((path, is_dir))
+            return out
+
+        level = [self.root]
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            found = []
+            for folder in level:
+                if _glob.has_magic(part):
+                    found += [
+                        path
+                        for path, is_dir in entries(folder, types=not last)
+                        if (last or is_dir) and fnmatch.fnmatchcase(posixpath.basename(path), part)
+                    ]
+                    continue
+                path = posixpath.join(folder, part)
+                if not last:
+                    found.append(path)  # listed at the next level; nothing there, nothing found
+                    continue
+                try:
+                    self.fs.info(path)
+                    found.append(path)
+                except (FileNotFoundError, NotADirectoryError):
+                    if self.is_local and os.path.islink(path):
+                        found.append(path)  # a dangling link: reading it names the file
+                except OSError as exc:
+                    failed(path, exc)
+            level = found
+        return sorted(level)
 
     def sha256(self, rel: str) -> str:
         h = hashlib.sha256()
@@ -296,13 +389,31 @@ class Store:
 
     def files_detail(self, rel: str = "") -> dict[str, dict]:
         """Every file under ``rel`` with its listing entry (size, mtime or ETag): one recursive
-        listing, a few requests per thousand objects on an object store."""
+        listing, a few requests per thousand objects on an object store. A folder that cannot be
+        listed (PermissionError, an I/O error) raises: fsspec's local walk would leave its files
+        out, as if they were missing."""
         base = self.path(rel)
         if not self.fs.exists(base):
             return {}
+        if self.is_local:
+            found, todo = {}, [base]
+            while todo:
+                folder = todo.pop()
+                try:
+                    listing = self.fs.ls(folder, detail=True)
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+                for info in listing:
+                    name = info["name"].rstrip("/")
+                    if info.get("type") == "directory" and name != folder:
+                        todo.append(name)
+                    elif info.get("type") != "directory":
+                        found[name] = info
+        else:  # a flat listing of the prefix (s3fs, gcsfs): its errors raise
+            found = self.fs.find(base, detail=True)
         return {
             posixpath.relpath(p, self.root): info
-            for p, info in self.fs.find(base, detail=True).items()
+            for p, info in found.items()
             if info.get("type", "file") != "directory"
         }
 
@@ -332,18 +443,15 @@ class Store:
                 except Exception as exc:  # noqa: BLE001 - returned, as cat(on_error="return") does
                     out[r] = exc
             return out
-        got = self.fs.cat(list(paths), on_error="return")
+        # s3fs asks each object's size first (a HEAD per object, to split big ones into ranges):
+        # one GET per object instead, all of them concurrent
+        extra = {"max_concurrency": 1} if self.protocol in ("s3", "s3a") else {}
+        got = self.fs.cat(list(paths), on_error="return", **extra)
         return {paths[p]: v for p, v in got.items()}
 
     def walk_files(self, rel: str = "") -> list[str]:
         """All files under ``rel``, as paths relative to the store root, sorted."""
-        base = self.path(rel)
-        if not self.fs.exists(base):
-            return []
-        out = []
-        for p in self.fs.find(base):
-            out.append(posixpath.relpath(p, self.root))
-        return sorted(out)
+        return sorted(self.files_detail(rel))  # a folder that cannot be listed raises
 
 
 def _precondition_failed(exc: OSError) -> bool:

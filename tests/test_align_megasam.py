@@ -187,6 +187,56 @@ def test_a_failed_cache_read_keeps_the_entry(stand_in, tmp_path):
     assert len(invocations(counter)) == 1
 
 
+def test_a_cache_that_cannot_be_written_does_not_fail_the_run(stand_in, tmp_path, caplog):
+    """A full cache store (ENOSPC) failed the scene's clips permanently after MegaSaM had run and
+    succeeded: the result was thrown away because the optional cache could not keep it, and the
+    clips were recorded failed inside published shards. Now the result is used, uncached, with a
+    warning; the next run stores it."""
+    import errno
+
+    from stages.align.megasam import MegaSaMCache, run_cached
+
+    template, counter = stand_in
+    cache = MegaSaMCache(str(tmp_path / "cache"), max_side=0)
+    real = cache.store.write_bytes_atomic
+
+    def full(rel, data):
+        if rel.endswith(".npz"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(rel, data)
+
+    cache.store.write_bytes_atomic = full
+    with caplog.at_level("WARNING"):
+        got = run_cached(MegaSaMRunner(template, tmp_path / "w"), cache, "c", frames())
+    assert not got.cached and got.bytes == 0 and got.output.num_frames == 4
+    assert "could not be cached" in caplog.text and "No space left" in caplog.text
+    assert not cache.store.exists(cache.rel(got.key))
+    cache.store.write_bytes_atomic = real
+    again = run_cached(MegaSaMRunner(template, tmp_path / "w"), cache, "c", frames())
+    assert not again.cached and again.bytes > 0 and cache.store.exists(cache.rel(again.key))
+    np.testing.assert_array_equal(again.output.depths, got.output.depths)  # the same (compact) result
+    assert len(invocations(counter)) == 2
+
+
+def test_a_full_scratch_disk_is_the_nodes_fault_and_named(stand_in, tmp_path, monkeypatch):
+    """Frames written to a full TMPDIR failed the scene's clips permanently with 'No space left on
+    device' and no path; now transient (resume redoes the shard) and naming the file."""
+    import errno
+
+    from PIL import Image
+
+    from pipeline.failures import is_transient
+
+    def full(self, fp, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    template, _ = stand_in
+    with pytest.raises(OSError) as err:
+        MegaSaMRunner(template, tmp_path / "w").run("c", frames())
+    assert is_transient(err.value) and str(tmp_path / "w") in str(err.value) and "000000.png" in str(err.value)
+
+
 def test_killing_a_run_waits_for_it_with_a_deadline(caplog):
     """After SIGKILL the runner waited without a timeout: a MegaSaM stuck in the GPU driver
     (uninterruptible) would hold the task until the shard deadline, hours later."""

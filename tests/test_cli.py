@@ -198,3 +198,46 @@ def test_inspect_a_root_reads_every_scene_and_takes_the_configs_options(tmp_path
         app, ["inspect", "tartanair", str(data / written[0][1].scene_id), "--config", str(cfg), "--json"]
     )
     assert json.loads(res.stdout)["valid_depth_fraction"] == 0.0, res.output
+
+
+def test_a_full_disk_under_the_driver_is_one_line_and_a_shard_log_does_not_stop_the_build(tmp_path, ray_local):
+    """A full disk when the driver wrote the ledger, the index or the lease ended in a ~50-line
+    traceback; writing a shard's log (information only) aborted the build before the shard was
+    recorded done, so the finished shard was built again. Now: one line naming the file, exit 5,
+    and a shard log that cannot be written is a warning."""
+    import errno
+
+    from pipeline.verify import verify
+
+    data = tmp_path / "data"
+    write_tartanair(data, n_scenes=1, frames=8)
+    cfg = tartanair_config(tmp_path, data)
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    import os
+
+    import pytest
+
+    real = os.replace
+    target = {"part": "/logs/"}
+
+    def full(src, dst, *a, **k):  # the publishing rename of an atomic write, in this (the driver's) process
+        if target["part"] in str(dst):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *a, **k)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(os, "replace", full)
+    try:
+        r = runner.invoke(app, ["build", str(tmp_path / "c.yaml"), "--no-progress"])
+        assert r.exit_code == 0, r.output
+        assert verify(str(tmp_path / "out")).ok
+        target["part"] = "/index.parquet"
+        r = runner.invoke(app, ["resume", str(tmp_path / "out"), "--no-progress"])
+    finally:
+        mp.undo()
+    text = r.output.strip()
+    assert r.exit_code == 5, r.output
+    assert "Traceback" not in text and "index.parquet" in text and "No space left" in text and "d4s resume" in text
+    r = runner.invoke(app, ["resume", str(tmp_path / "out"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert verify(str(tmp_path / "out")).ok

@@ -36,6 +36,15 @@ def _wrapped(cause: BaseException) -> BaseException:
         OSError("An error occurred (SlowDown) when calling the PutObject operation"),
         _wrapped(TimeoutError("slow")),
         _wrapped(TransientShardError("1 clip failed transiently")),
+        # the node's resources, never the input's fault: a full disk or quota, a read-only output, a
+        # file size limit, no file descriptors left (were permanent: clips lost in published shards)
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+        OSError(errno.EROFS, "Read-only file system"),
+        OSError(errno.EFBIG, "File too large"),
+        OSError(errno.EMFILE, "Too many open files"),
+        OSError(errno.ENFILE, "Too many open files in system"),
+        _wrapped(OSError(errno.ENOSPC, "No space left on device")),
     ],
 )
 def test_transient(exc):

@@ -237,7 +237,11 @@ class MegaSaMRunner:
             frames_dir = Path(tmp) / "frames"
             frames_dir.mkdir()
             for i, f in zip(ids, frames):
-                Image.fromarray(f).save(frames_dir / f"{i:06d}.png")
+                png = frames_dir / f"{i:06d}.png"
+                try:
+                    Image.fromarray(f).save(png)
+                except OSError as exc:  # a full scratch disk: name it (the node's fault, transient)
+                    raise OSError(exc.errno, exc.strerror or str(exc), str(png)) from exc
             partial = Path(tmp) / "out.npz"
             for attempt in range(1, attempts + 1):
                 partial.unlink(missing_ok=True)
@@ -456,8 +460,17 @@ def run_cached(
         where = _publish_log(cache, local_log, log_rel)
         raise AlignmentError(e.reason.split("; log: ")[0] + f"; log: {where}", where) from None
     _publish_log(cache, local_log, log_rel)
-    small = compact(out, cache.max_side)
-    n = cache.put(key, small)
+    small = compact(out, cache.max_side)  # what a later cache hit returns: the same bytes downstream
+    try:
+        n = cache.put(key, small)
+    except OSError as exc:  # the cache is optional: a full or read-only store must not waste the run
+        log.warning(
+            "MegaSaM result of %s could not be cached at %s (%s); used uncached, the next run stores it",
+            run_id,
+            cache.store.display(cache.rel(key)),
+            exc.strerror or exc,
+        )
+        n = 0
     small.path = cache.store.display(cache.rel(key))
     return CachedRun(small, False, key, n)
 

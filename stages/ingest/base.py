@@ -21,8 +21,14 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.clip import Clip, ClipError, ClipMeta
-from pipeline.config import DepthSource, TrackSource
+from pipeline.config import ConfigError, DepthSource, TrackSource
+from pipeline.failures import is_transient
 from pipeline.storage import PathEscapeError, Store
+
+#: Bytes fetched ahead of a read that misses the buffer, for discovery's reads of a few bytes here
+#: and there of big files on an object store (an npz's small array, TFRecord record headers):
+#: fsspec's default block (50 MiB on s3fs) would download the whole file (``Store.open``).
+DISCOVERY_BLOCK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -219,15 +225,60 @@ class DatasetAdapter(ABC):
             return SceneRef(self.name, scene, 0, problem=(exc.reason, exc.path or self.where(rel)))
         return SceneRef(self.name, scene, 0, problem=(f"{type(exc).__name__}: {exc}", self.where(rel)))
 
+    def listing_problems(self, scenes: list[SceneRef], errors: list, scene_of) -> list[SceneRef]:
+        """``scenes`` with what discovery could not list or look up (``Store.glob``'s ``errors``:
+        (path, exception)) added. ``scene_of(path)`` names the scene the path belongs to: that
+        scene is planned with the reason, and its clip fails at ingest naming the path; False:
+        the path could hold no scene of the dataset (ignored); None: it may hold several scenes,
+        which cannot be planned without it, so discovery fails, in one line naming the folder."""
+        have = {s.scene for s in scenes}
+        out = list(scenes)
+        for rel, exc in errors:
+            scene = scene_of(rel)
+            if scene is False or scene in have:
+                continue
+            why = f"{type(exc).__name__}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+            if scene is None:
+                raise ConfigError(
+                    f"dataset {self.name}: cannot list {self.where(rel)} ({why}): the scenes under it cannot "
+                    "be planned; make it readable, or move it out of the dataset root"
+                )
+            have.add(scene)
+            out.append(SceneRef(self.name, scene, 0, problem=(f"cannot list or read ({why})", self.where(rel))))
+        return out
+
     def read(self, rel: str) -> bytes:
         try:
             return self.store.read_bytes(rel)
         except PathEscapeError:  # a path from the dataset's metadata: never read
             raise ClipError(f"path {rel!r} leaves the dataset root", self.where("")) from None
-        except FileNotFoundError:
-            raise ClipError("file is missing", self.where(rel)) from None
-        except IsADirectoryError:
-            raise ClipError("expected a file, found a directory", self.where(rel)) from None
+        except OSError as exc:
+            raise self.read_error(exc, rel) from None
+
+    def read_error(self, exc: OSError, rel: str) -> ClipError:
+        """The ClipError for an OSError reading ``rel``, naming the file: missing, a directory,
+        unreadable (permission, I/O error, ...). A transient error (the network, a full disk) is
+        not the input's fault: it is raised as it is, for the retry."""
+        if isinstance(exc, FileNotFoundError):
+            return ClipError("file is missing", self.where(rel))
+        if isinstance(exc, IsADirectoryError):
+            return ClipError("expected a file, found a directory", self.where(rel))
+        if is_transient(exc):
+            raise exc
+        return ClipError(f"cannot read the file ({type(exc).__name__}: {exc.strerror or exc})", self.where(rel))
+
+    def read_all(self, rels: list[str], batch: int = 256) -> dict[str, bytes | ClipError]:
+        """Several files at once (concurrent requests on an object store, ``batch`` at a time): each
+        its bytes, or the ClipError :meth:`read` would raise (a transient error raises)."""
+        out: dict[str, bytes | ClipError] = {}
+        for k in range(0, len(rels), batch):
+            for rel, got in self.store.read_many(rels[k : k + batch]).items():
+                if isinstance(got, OSError):
+                    got = self.read_error(got, rel)
+                elif isinstance(got, Exception):
+                    raise got
+                out[rel] = got
+        return out
 
     def read_image(self, rel: str, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
         """RGB uint8 (H,W,3); a truncated or unreadable file is a ClipError naming it."""

@@ -40,7 +40,7 @@ from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
-from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
+from stages.ingest.base import DISCOVERY_BLOCK, AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
 
 # -- CRC32C (Castagnoli) ---------------------------------------------------------------------------
 
@@ -234,26 +234,28 @@ class KubricMoviFAdapter(DatasetAdapter):
     )
 
     def _shards(self) -> list[str]:
-        found = set()
+        found, errors = set(), []
         for pattern in ("*.tfrecord-*", "*/*.tfrecord-*", "*/*/*.tfrecord-*", "*/*/*/*.tfrecord-*"):
-            for p in self.store.glob(pattern):
+            for p in self.store.glob(pattern, errors):
                 rel = posixpath.relpath(p, self.store.root)
                 if posixpath.basename(rel).startswith("movi_f-"):
                     found.add(rel)
+        self.listing_problems([], errors, lambda rel: None)  # a folder that cannot be listed: ConfigError
         return sorted(found)
 
     def discover(self) -> list[SceneRef]:
         scenes = []
         for shard in self._shards():
             where = self.where(shard)
-            try:
-                with self.store.open(shard) as f:
+            try:  # a small block: the record headers are fetched, not the records between them
+                with self.store.open(shard, block_size=DISCOVERY_BLOCK) as f:
                     offsets = iter_record_offsets(f, where)
                     if not offsets:
                         continue
                     first = parse_example(read_record(f, *offsets[0], where, verify=False), where)
                 n = self._num_frames(first, where)
-            except ClipError as exc:  # bad content: this file's scenes fail with it, no other file's
+            except (ClipError, OSError) as exc:  # bad content: this file's scenes fail with it, no other file's
+                exc = self.read_error(exc, shard) if isinstance(exc, OSError) else exc  # (transient: raised)
                 scenes.append(self.unreadable_scene(f"{shard}/unreadable", exc, shard))
                 continue
             for k, (off, length) in enumerate(offsets):
@@ -273,13 +275,13 @@ class KubricMoviFAdapter(DatasetAdapter):
             shard, off, length = scene.extra
         else:
             shard, k = scene.scene.rsplit("/", 1)
-            with self.store.open(shard) as f:
+            with self.store.open(shard, block_size=DISCOVERY_BLOCK) as f:
                 offsets = iter_record_offsets(f, self.where(shard))
             if int(k) >= len(offsets):
                 raise ClipError(f"record {k} beyond the {len(offsets)} records of the shard", self.where(shard))
             off, length = offsets[int(k)]
         where = self.where(shard)
-        with self.store.open(shard) as f:
+        with self.store.open(shard, block_size=DISCOVERY_BLOCK) as f:  # the record, not 50 MiB past it
             payload = read_record(f, off, length, where, verify=self.opts.verify_crc)
         return parse_example(payload, where), shard
 

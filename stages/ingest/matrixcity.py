@@ -72,6 +72,15 @@ class MatrixCityOptions(AdapterOptions):
     depth: bool = Field(True, description="read the depth maps (false: RGB and poses only)")
 
 
+def _scene_of(rel: str) -> str | bool | None:
+    """The block a path that discovery could not read belongs to (None: a folder above the blocks;
+    False: a ``pose`` folder, which holds no block)."""
+    parts = rel.split("/")
+    if len(parts) == 5 and parts[-1] == "transforms.json":
+        return False if parts[2] == "pose" else "/".join(parts[:4])
+    return False if len(parts) >= 3 and parts[2] == "pose" else None
+
+
 class MatrixCityAdapter(DatasetAdapter):
     name = "matrixcity"
     version = "1"
@@ -90,11 +99,15 @@ class MatrixCityAdapter(DatasetAdapter):
     )
 
     def discover(self) -> list[SceneRef]:
-        scenes = []
-        for p in self.store.glob("*/*/*/*/transforms.json"):
+        scenes, errors, found = [], [], []
+        # one listing per folder level down to the blocks, each looked up for its transforms.json:
+        # never a block's image folder
+        for city in CITIES:
+            for view in VIEWS:
+                found += self.store.glob(f"{city}/{view}/*/*/transforms.json", errors)
+        for p in sorted(found):
             rel = posixpath.relpath(posixpath.dirname(p), self.store.root)
-            city, view, split, _block = rel.split("/")
-            if city not in CITIES or view not in VIEWS or split == "pose":
+            if rel.split("/")[2] == "pose":
                 continue
             try:
                 frames = self._frames(rel)
@@ -102,6 +115,7 @@ class MatrixCityAdapter(DatasetAdapter):
                 scenes.append(self.unreadable_scene(rel, exc, posixpath.join(rel, "transforms.json")))
                 continue
             scenes.append(SceneRef(self.name, rel, len(frames)))
+        scenes = self.listing_problems(scenes, errors, _scene_of)
         return sorted(scenes, key=lambda s: s.scene)
 
     # -- files -------------------------------------------------------------------------------

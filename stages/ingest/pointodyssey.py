@@ -36,6 +36,7 @@ from pydantic import Field
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
 from stages.ingest.base import (
+    DISCOVERY_BLOCK,
     AdapterDefaults,
     AdapterOptions,
     Capabilities,
@@ -127,22 +128,31 @@ class PointOdysseyAdapter(DatasetAdapter):
 
     # -- discovery ---------------------------------------------------------------------------
     def discover(self) -> list[SceneRef]:
-        scenes = []
-        for p in self.store.glob("*/*/anno.npz"):
+        scenes, errors = [], []
+        for p in self.store.glob("*/*/anno.npz", errors):
             rel = posixpath.relpath(posixpath.dirname(p), self.store.root)
-            n = numbered_frame_count(self._frame_names(rel), _RGB_RE)
+            try:
+                names = self._frame_names(rel)
+            except OSError as exc:  # the image folder cannot be listed: this scene fails with it
+                errors.append((posixpath.join(rel, "rgbs"), exc))
+                continue
+            n = numbered_frame_count(names, _RGB_RE)
             if n:
                 # the annotations' frame count too: a missing last image is then a missing file
                 # of the clips that use it, not a scene one frame short of its annotations
                 n = max(n, self._anno_frame_count(posixpath.join(rel, "anno.npz")))
                 scenes.append(SceneRef(self.name, rel, n))
+        # a path in a scene folder names its scene; a split folder holds many (discovery fails)
+        scenes = self.listing_problems(
+            scenes, errors, lambda rel: "/".join(rel.split("/")[:2]) if rel.count("/") >= 2 else None
+        )
         return sorted(set(scenes), key=lambda s: s.scene)
 
     def _anno_frame_count(self, rel: str) -> int:
         """Frames the annotations hold, from the extrinsics' .npy header (0 when unreadable: the
         load names its problem)."""
         try:
-            with self.store.open(rel) as f, zipfile.ZipFile(f) as zf:
+            with self.store.open(rel, block_size=DISCOVERY_BLOCK) as f, zipfile.ZipFile(f) as zf:
                 members = {posixpath.splitext(n)[0]: n for n in zf.namelist()}
                 shape, _ = self._member_header(zf, members["extrinsics"])
             return int(shape[0]) if shape else 0

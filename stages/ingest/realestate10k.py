@@ -245,13 +245,17 @@ class RealEstate10KAdapter(DatasetAdapter):
         return out
 
     def _camera_scenes(self) -> list[SceneRef]:
-        out = []
-        for p in self.store.glob("*/*.txt"):
-            rel = posixpath.relpath(p, self.store.root)
-            try:  # bad bytes are found when the scene is read (read_cameras names them)
-                text = self.read(rel).decode("utf-8", errors="replace")
-            except ClipError:
-                continue
+        out, errors = [], []
+        rels = [posixpath.relpath(p, self.store.root) for p in self.store.glob("*/*.txt", errors)]
+        self.listing_problems([], errors, lambda rel: None)  # a split folder that cannot be listed: ConfigError
+        data = self.read_all(rels)  # concurrent requests on an object store, not two per file in turn
+        for rel in rels:
+            got = data[rel]
+            if isinstance(got, ClipError):  # unreadable (permission, I/O): a camera file's scene fails with it
+                if got.reason != "file is missing" and CAMERA_FILE_NAME.fullmatch(posixpath.basename(rel)):
+                    out.append(SceneRef(self.name, rel[: -len(".txt")], 0, problem=(got.reason, got.path)))
+                continue  # removed since the listing, or not a camera file
+            text = got.decode("utf-8", errors="replace")  # bad bytes: read_cameras names them
             lines = text.splitlines()
             first = lines[0].strip() if lines else ""
             if not first.lower().startswith("http"):
@@ -264,8 +268,10 @@ class RealEstate10KAdapter(DatasetAdapter):
         return out
 
     def _chunk_scenes(self) -> list[SceneRef]:
-        out = []
-        for p in sorted(self.store.glob("*/*.torch")):
+        out, errors = [], []
+        found = self.store.glob("*/*.torch", errors)
+        self.listing_problems([], errors, lambda rel: None)  # a split folder that cannot be listed: ConfigError
+        for p in sorted(found):
             rel = posixpath.relpath(p, self.store.root)
             split = posixpath.dirname(rel)
             try:

@@ -50,6 +50,17 @@ PLANARITY_TOL = 0.01  # |d00 + d11 - d01 - d10| relative to the block mean
 SPREAD_TOL = 0.05  # (max - min) of a block relative to its mean
 _SCENE_RE = re.compile(r"^\d{4}$")
 _FRAME_RE = re.compile(r"^frame_left_(\d{4})\.png$")
+
+
+def _scene_of(rel: str) -> str | bool | None:
+    """The scene a path that discovery could not read belongs to (None: a folder above the scenes;
+    False: a folder not named like a scene)."""
+    parts = rel.split("/")
+    if len(parts) < 3:
+        return None
+    return "/".join(parts[:2]) if _SCENE_RE.match(parts[1]) else False
+
+
 _ROT_TOL = 1e-3
 
 
@@ -88,17 +99,25 @@ class SpringAdapter(DatasetAdapter):
 
     # -- discovery ---------------------------------------------------------------------------
     def discover(self) -> list[SceneRef]:
-        scenes = []
-        for p in self.store.glob("*/*/cam_data/extrinsics.txt"):
+        scenes, errors = [], []
+        # one listing per folder level down to the scenes, each looked up for its camera table:
+        # never a frame folder, but the scene's frame_left (its frame count)
+        for p in self.store.glob("*/*/cam_data/extrinsics.txt", errors):
             rel = posixpath.relpath(posixpath.dirname(posixpath.dirname(p)), self.store.root)
             if not _SCENE_RE.match(posixpath.basename(rel)) or not self.store.isdir(posixpath.join(rel, "disp1_left")):
                 continue
-            n = numbered_frame_count(self._frame_names(rel), _FRAME_RE, first=1)
+            try:
+                names = self._frame_names(rel)
+            except OSError as exc:  # the frame folder cannot be listed: this scene fails with it
+                errors.append((posixpath.join(rel, "frame_left"), exc))
+                continue
+            n = numbered_frame_count(names, _FRAME_RE, first=1)
             if n:
                 # the camera table's lines count too: a missing last image is then a missing
                 # file of the clips that use it, not a scene one frame short of its table
                 n = max(n, self._table_lines(posixpath.relpath(p, self.store.root)))
                 scenes.append(SceneRef(self.name, rel, n))
+        scenes = self.listing_problems(scenes, errors, _scene_of)
         return sorted(set(scenes), key=lambda s: s.scene)
 
     def _table_lines(self, rel: str) -> int:

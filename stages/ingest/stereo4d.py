@@ -45,6 +45,7 @@ from pydantic import Field, field_validator
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
 from stages.ingest.base import (
+    DISCOVERY_BLOCK,
     AdapterDefaults,
     AdapterOptions,
     Capabilities,
@@ -121,11 +122,11 @@ class Stereo4DAdapter(DatasetAdapter):
 
     # -- discovery ---------------------------------------------------------------------------
     def discover(self) -> list[SceneRef]:
-        scenes = []
-        for p in self.store.glob("*/*.npz"):
+        scenes, errors = [], []
+        for p in self.store.glob("*/*.npz", errors):
             rel = posixpath.relpath(p, self.store.root)
-            try:
-                with self.store.open(rel) as f, np.load(f, allow_pickle=False) as z:
+            try:  # a small block: only the timestamps and the zip directory are fetched, not the tracks
+                with self.store.open(rel, block_size=DISCOVERY_BLOCK) as f, np.load(f, allow_pickle=False) as z:
                     if "timestamps" not in z.files:
                         continue  # not a Stereo4D annotation (e.g. a disparity npz)
                     n = int(np.asarray(z["timestamps"]).reshape(-1).shape[0])
@@ -133,6 +134,7 @@ class Stereo4DAdapter(DatasetAdapter):
             except Exception as exc:  # noqa: BLE001 - listed, so that its clip fails with the reason
                 problem = (f"unreadable .npz ({type(exc).__name__}: {exc})", self.where(rel))
             scenes.append(SceneRef(self.name, rel[: -len(".npz")], n if not problem else 0, problem=problem))
+        scenes = self.listing_problems(scenes, errors, lambda rel: None)  # a split folder: many scenes
         return sorted(set(scenes), key=lambda s: s.scene)
 
     def video_candidates(self, scene: SceneRef) -> list[str]:

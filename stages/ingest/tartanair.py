@@ -20,6 +20,16 @@ from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
 from stages.ingest.base import AdapterDefaults, Capabilities, DatasetAdapter, SceneRef
 
+DIFFICULTIES = ("Easy", "Hard")
+
+
+def _scene_of(rel: str) -> str | None:
+    """The trajectory a path that discovery could not read belongs to (None: a folder above them)."""
+    parts = rel.split("/")
+    if parts[-1] == "pose_left.txt" and len(parts) >= 3 and parts[-3] in DIFFICULTIES:
+        return "/".join(parts[:-1])
+    return None
+
 
 class TartanAirAdapter(DatasetAdapter):
     name = "tartanair"
@@ -36,21 +46,22 @@ class TartanAirAdapter(DatasetAdapter):
     )
 
     def discover(self) -> list[SceneRef]:
-        scenes = []
-        # Releases unpack as <env>/<Easy|Hard>/P<NNN> or with the env folder doubled; search 3-4 deep.
-        for pattern in ("*/*/*/pose_left.txt", "*/*/*/*/pose_left.txt"):
-            for p in self.store.glob(pattern):
-                rel = posixpath.relpath(posixpath.dirname(p), self.store.root)
-                difficulty = rel.split("/")[-2]
-                if difficulty not in ("Easy", "Hard"):
-                    continue
-                pose_rel = posixpath.join(rel, "pose_left.txt")
-                try:  # bad bytes still count as a line: loading the scene names it (read_table)
-                    text = self.read(pose_rel).decode("utf-8", errors="replace")
-                except ClipError as exc:  # bad content: this scene fails with it, no other
-                    scenes.append(self.unreadable_scene(rel, exc, pose_rel))
-                    continue
-                scenes.append(SceneRef(self.name, rel, sum(1 for line in text.splitlines() if line.strip())))
+        scenes, errors = [], []
+        # Releases unpack as <env>/<Easy|Hard>/P<NNN> or with the env folder doubled. Listed one
+        # folder level at a time down to the trajectories, each looked up for its pose_left.txt:
+        # never a frame folder (a release holds millions of frame files).
+        for depth in ("*", "*/*"):
+            for difficulty in DIFFICULTIES:
+                for p in self.store.glob(f"{depth}/{difficulty}/*/pose_left.txt", errors):
+                    rel = posixpath.relpath(posixpath.dirname(p), self.store.root)
+                    pose_rel = posixpath.join(rel, "pose_left.txt")
+                    try:  # bad bytes still count as a line: loading the scene names it (read_table)
+                        text = self.read(pose_rel).decode("utf-8", errors="replace")
+                    except ClipError as exc:  # bad content: this scene fails with it, no other
+                        scenes.append(self.unreadable_scene(rel, exc, pose_rel))
+                        continue
+                    scenes.append(SceneRef(self.name, rel, sum(1 for line in text.splitlines() if line.strip())))
+        scenes = self.listing_problems(scenes, errors, _scene_of)
         return sorted(set(scenes), key=lambda s: s.scene)
 
     def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
