@@ -120,7 +120,7 @@ def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
 
             with fsspec.open(index, "rb") as f:
                 tab = pq.read_table(f).to_pylist()
-            shards: dict[str, list[str]] = {}
+            shards: dict[str, set[str]] = {}
             counts: dict[str, int] = {}
             keys = {}
             samples: dict[str, list[SampleRef]] | None = {}
@@ -138,9 +138,7 @@ def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
                             SampleRef(r["key"], int(r["offset"]), int(r["num_frames"] or 0), bool(r["dynamic"]))
                         )
                     continue
-                lst = shards.setdefault(r["dataset"], [])
-                if url not in lst:
-                    lst.append(url)
+                shards.setdefault(r["dataset"], set()).add(url)  # a set: a list's `in` made start-up quadratic
                 counts[r["dataset"]] = counts.get(r["dataset"], 0) + 1
                 keys[r["key"]] = r["dataset"]
                 if samples is not None and all(r.get(c) is not None for c in ("offset", "num_frames", "dynamic")):
