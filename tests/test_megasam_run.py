@@ -223,3 +223,15 @@ def test_failing_step_and_missing_checkpoint(tmp_path, fake_megasam, monkeypatch
     (root / "cvd_opt/raft-things.pth").unlink()
     assert main([str(fdir), str(tmp_path / "o.npz"), "--megasam-root", str(root), "--python", sys.executable]) == 2
     assert "RAFT checkpoint not found" in capsys.readouterr().err
+
+
+def test_frames_in_a_folder_named_like_a_pattern_are_found(tmp_path):
+    """The wrapper globbed '<frames_dir>/*.png' with the folder as a pattern: frames under
+    'job[42]/' were 'found 0'."""
+    from stages.align.megasam_run import frame_files
+
+    d = tmp_path / "job[42]" / "frames"
+    d.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(d / f"{i:06d}.png")
+    assert [Path(f).name for f in frame_files(str(d))] == ["000000.png", "000001.png", "000002.png"]

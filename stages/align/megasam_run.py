@@ -102,8 +102,9 @@ def frame_files(frames_dir: str) -> list[str]:
     """The frames in MegaSaM's order: its scripts glob ``*.jpg`` then ``*.png`` (test_demo.py,
     demo_mega-sam.py) or the reverse (run_videos.py, preprocess_flow.py), each sorted; mixing
     both would make them disagree, so it is refused."""
-    jpg = sorted(glob.glob(os.path.join(frames_dir, "*.jpg")))
-    png = sorted(glob.glob(os.path.join(frames_dir, "*.png")))
+    base = glob.escape(frames_dir)  # the folder taken literally: a name like job[42] is no pattern
+    jpg = sorted(glob.glob(os.path.join(base, "*.jpg")))
+    png = sorted(glob.glob(os.path.join(base, "*.png")))
     if jpg and png:
         raise MegaSaMRunError(f"{frames_dir}: both .jpg and .png frames; MegaSaM's scripts order them differently")
     if len(jpg) + len(png) < 2:
