@@ -373,6 +373,34 @@ def _model_frames(clips: list[dict], granularity: str) -> int:
     return sum(len(c["frames"]) for c in clips)
 
 
+def node_fit_problems(wanted: list[tuple[str, str, float, float]], nodes: list[dict]) -> list[str]:
+    """What no node can hold: each ``(setting, what, cpus, gpus)`` of ``wanted`` is placed on one
+    node, and one larger than every node of ``nodes`` (their resource dicts) waits for ever."""
+    out = []
+    for key, what, cpus, gpus in wanted:
+        if any(n.get("CPU", 0.0) + 1e-9 >= cpus and n.get("GPU", 0.0) + 1e-9 >= gpus for n in nodes):
+            continue
+        big_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+        big_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+        out.append(
+            f"{what} asks for {cpus:g} CPUs and {gpus:g} GPUs on one node ({key}), but no node has that much "
+            f"(largest: {big_cpu:g} CPUs, {big_gpu:g} GPUs)"
+        )
+    return out
+
+
+def cuda_shortfall(stage_gpus: float, ray_gpus: float, cuda_devices: int, simulated: bool) -> str | None:
+    """Why a local Ray's GPUs cannot run a model stage, or None: Ray counts ``ray.num_gpus`` GPUs
+    whatever CUDA has, and an actor placed on one it cannot open dies at start, again and again."""
+    if simulated or stage_gpus <= 0 or ray_gpus <= cuda_devices:
+        return None
+    return (
+        f"ray.num_gpus is {ray_gpus:g} but CUDA sees {cuda_devices} device(s) on this machine: the model "
+        f"actors given the others could not start. Set ray.num_gpus to at most {cuda_devices}"
+        + (" or the model stages' num_gpus to 0 (CPU)" if not cuda_devices else "")
+    )
+
+
 class _ActorLoad:
     """The frames each actor of a pool has been sent and not yet returned.
 
@@ -384,20 +412,37 @@ class _ActorLoad:
     def __init__(self, n: int):
         self.n = n
         self.calls: dict = {}  # a ref of each call not seen returned -> (actor index, frames)
+        self.ready: list = [None] * n  # each actor's start-up ref (``__ray_ready__``) until seen done
 
     def outstanding(self) -> list[int]:
         if self.calls:  # one wait over the whole pool's calls (a pool may have a hundred actors)
             refs = list(self.calls)
-            for r in ray.wait(refs, num_returns=len(refs), timeout=0)[0]:
+            for r in ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0]:
                 del self.calls[r]
         loads = [0] * self.n
         for i, frames in self.calls.values():
             loads[i] += frames
         return loads
 
+    def starting(self, i: int, ready_ref) -> None:
+        """Actor ``i`` is (re)starting; ``ready_ref`` resolves once it is placed and built."""
+        self.ready[i] = ready_ref
+
+    def up(self) -> list[int]:
+        """The actors seen up (one that failed to start counts: its calls fail, and it is replaced)."""
+        waiting = [r for r in self.ready if r is not None]
+        if waiting:
+            done = set(ray.wait(waiting, num_returns=len(waiting), timeout=0, fetch_local=False)[0])
+            self.ready = [None if r in done else r for r in self.ready]
+        return [i for i, r in enumerate(self.ready) if r is None]
+
     def pick(self) -> int:
+        """The least loaded actor that is up; of all of them while none is. An actor that cannot
+        be placed (its node never comes) would otherwise win every pick, having nothing
+        outstanding, and its shards would wait for their deadline while the others idle."""
         loads = self.outstanding()
-        return loads.index(min(loads))
+        candidates = self.up() or range(self.n)
+        return min(candidates, key=lambda i: (loads[i], i))
 
     def add(self, i: int, ref, frames: int) -> None:
         self.calls[ref] = (i, frames)
@@ -422,9 +467,12 @@ class _Inflight:
         return self.tasks + [r for _, _, refs, _ in self.actor_calls for r in refs]
 
     def check(self, now: float) -> None:
-        """Note the time when more of its refs have finished than at the last check."""
+        """Note the time when more of its refs have finished than at the last check. Without
+        fetching them: a default ``ray.wait`` counts an object on another node as finished only
+        once it has been copied here, so every clip's frames and depth of every shard in flight
+        flowed into the driver's node, and progress was seen one copy wave late."""
         refs = self.refs()
-        n = len(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+        n = len(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0])
         if n > self.finished or not self.progressed:
             self.finished, self.progressed = n, now
 
@@ -447,6 +495,7 @@ class ShardDAG:
         self._preflight()
         ensure_ray(cfg)
         self._check_gpus()
+        self._check_nodes()
         self.cfg_ref = ray.put(cfg)
         self.pools = {}
         if self.needs_depth:
@@ -455,7 +504,11 @@ class ShardDAG:
             self.pools["tracks"] = self._pool("tracks")
         self.loads = {k: _ActorLoad(len(p)) for k, p in self.pools.items()}
         # the model actors not yet up (their constructor still running): see _admit_limit
-        self._starting = [a.__ray_ready__.remote() for p in self.pools.values() for a in p]
+        self._starting = []
+        for stage, pool in self.pools.items():
+            for i, a in enumerate(pool):
+                self._starting.append(a.__ray_ready__.remote())
+                self.loads[stage].starting(i, self._starting[-1])
         self._n_actors = len(self._starting)
 
     def _preflight(self) -> None:
@@ -552,6 +605,44 @@ class ShardDAG:
             else:
                 raise ConfigError(msg)
 
+    def _check_nodes(self) -> None:
+        """Each model actor and each MegaSaM run must fit one node (``node_fit_problems``): a
+        local Ray is refused, a joined cluster warned (its autoscaler may add a larger node). A
+        local Ray counting GPUs CUDA does not have is refused (``cuda_shortfall``)."""
+        wanted = [
+            (f"stages.{st.name}.resources", f"the {st.name} model actor", self._actor_cpus(st), st.num_gpus)
+            for st in self._actor_steps()
+        ]
+        if self.needs_megasam:
+            st = self._step("megasam")
+            wanted.append(
+                ("stages.align.megasam_num_cpus / megasam_num_gpus", "a MegaSaM run", st.num_cpus, st.num_gpus)
+            )
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        joined = _joined_cluster(self.cfg)
+        for problem in node_fit_problems(wanted, nodes):
+            if not joined:
+                raise ConfigError(f"{problem}: this local Ray cannot gain nodes; lower the setting")
+            log.warning("%s: it waits until such a node joins (an autoscaler node type must be that large)", problem)
+        gpus = max((st.num_gpus for st in self._actor_steps()), default=0.0)
+        ray_gpus = ray.cluster_resources().get("GPU", 0.0)
+        if not joined and gpus > 0 and ray_gpus > 0 and not self.cfg.fault.gpus_are_simulated:
+            import torch
+
+            why = cuda_shortfall(gpus, ray_gpus, torch.cuda.device_count(), simulated=False)
+            if why:
+                raise ConfigError(why)
+
+    def _actor_cpus(self, st) -> float:
+        """The CPUs each actor of ``st`` reserves. On a small CPU-only cluster (a laptop) model
+        actors that reserved CPUs, idle most of the time, would starve the ingest tasks that feed
+        them: there they share the CPUs instead (0)."""
+        total_cpus = ray.cluster_resources().get("CPU", 0)
+        n_actors = sum(s.actors for s in self._actor_steps())
+        if not st.num_gpus and st.num_cpus * n_actors >= total_cpus:
+            return 0.0
+        return float(st.num_cpus)
+
     def check_feed(self, clips_by_shard: dict[str, list[dict]]) -> str | None:
         """Warn when ``max_inflight_shards`` is too small to keep the GPUs busy (pipeline/feed.py);
         the warning, if any, is also returned."""
@@ -572,14 +663,9 @@ class ShardDAG:
         st = self._step(stage, "actor")
         gpus = float(st.num_gpus)
         device = "cuda" if gpus > 0 and not self.cfg.fault.gpus_are_simulated else "cpu"
-        cpus = st.num_cpus
-        total_cpus = ray.cluster_resources().get("CPU", 0)
-        n_actors = sum(s.actors for s in self._actor_steps())
-        if not gpus and cpus * n_actors >= total_cpus:
-            # On a small CPU-only cluster (a laptop) reserving CPUs for idle-most-of-the-time model
-            # actors would starve the ingest tasks that feed them: share the CPUs instead.
-            log.info("model actors share CPUs with tasks (%s CPUs for %s actors)", total_cpus, n_actors)
-            cpus = 0
+        cpus = self._actor_cpus(st)
+        if cpus != st.num_cpus:
+            log.info("model actors share CPUs with tasks (%s CPUs in all)", ray.cluster_resources().get("CPU", 0))
         opts = dict(
             num_cpus=cpus,
             num_gpus=gpus,
@@ -729,7 +815,9 @@ class ShardDAG:
             while waiting and waiting[0][0] <= now:
                 queue.appendleft(heapq.heappop(waiting)[2])
             if self._starting:
-                self._actors_up(ray.wait(self._starting, num_returns=len(self._starting), timeout=0)[0])
+                self._actors_up(
+                    ray.wait(self._starting, num_returns=len(self._starting), timeout=0, fetch_local=False)[0]
+                )
             while queue and len(inflight) < self._admit_limit():
                 sh = queue.popleft()
                 rec = self.submit(sh, clips_by_shard[sh["shard_id"]])
@@ -742,8 +830,7 @@ class ShardDAG:
                 now = time.monotonic()  # a wall-clock step (NTP, a VM resumed) must not expire shards
                 for r in inflight.values():
                     r.check(now)
-                left = max(0.0, min(r.progressed for r in inflight.values()) + deadline - now)
-                timeout = left if timeout is None else min(timeout, left)
+                timeout = _deadline_wait(timeout, min(r.progressed for r in inflight.values()), deadline, now)
             if self._starting and len(inflight) < self.cfg.max_inflight_shards and queue:
                 # wake up when an actor is up, too: then more shards are admitted
                 woke, _ = ray.wait(list(inflight) + self._starting, num_returns=1, timeout=timeout)
@@ -791,10 +878,12 @@ class ShardDAG:
         for k in late:
             rec = inflight.pop(k)
             for stage, actor, refs, inputs in rec.actor_calls:
-                pending = ray.wait(refs, num_returns=len(refs), timeout=0)[1]
+                pending = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[1]
                 # a call whose inputs are not all there has not reached its actor: the shard hangs
                 # upstream (a stuck read), and the actor, busy with other shards, is healthy
-                reached = not ray.wait(inputs, num_returns=len(inputs), timeout=0)[1] if inputs else True
+                reached = (
+                    not ray.wait(inputs, num_returns=len(inputs), timeout=0, fetch_local=False)[1] if inputs else True
+                )
                 if pending and reached and self._replace_actor(stage, actor):
                     replaced.append((stage, actor, rec.shard["shard_id"]))
             self._cancel(rec)
@@ -809,7 +898,10 @@ class ShardDAG:
             )
         for stage, actor, sid in replaced:
             for k, rec in list(inflight.items()):
-                if any(a is actor and ray.wait(r, num_returns=len(r), timeout=0)[1] for _, a, r, _ in rec.actor_calls):
+                if any(
+                    a is actor and ray.wait(r, num_returns=len(r), timeout=0, fetch_local=False)[1]
+                    for _, a, r, _ in rec.actor_calls
+                ):
                     del inflight[k]
                     self._cancel(rec)
                     yield (
@@ -845,6 +937,7 @@ class ShardDAG:
                 opts, device = self._actor_opts[stage]
                 pool[i] = ModelActor.options(**opts).remote(stage, self.cfg, device)
                 self.loads[stage].reset(i)
+                self.loads[stage].starting(i, pool[i].__ray_ready__.remote())
                 log.warning("replaced a %s model actor: %s", stage, why)
                 return True
         return False
@@ -856,6 +949,15 @@ class ShardDAG:
                 ray.cancel(r, force=True)
             except Exception:  # noqa: BLE001 - finished, or an actor call (ended with its actor)
                 pass
+
+
+def _deadline_wait(timeout: float | None, progressed: float, deadline: float, now: float) -> float:
+    """How long the loop may wait for a shard to finish: until the stalest shard's deadline, and
+    never more than a tenth of the deadline (at most a minute). Progress is noted when the loop
+    looks, so a wait of a whole deadline let a stall run almost two deadlines before it was seen."""
+    left = max(0.0, progressed + deadline - now)
+    cap = min(deadline / 10.0, 60.0)
+    return min(left, cap) if timeout is None else min(timeout, left, cap)
 
 
 def _passes(clips: list[dict], granularity: str) -> dict[str, list[int]]:

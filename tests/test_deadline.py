@@ -75,3 +75,15 @@ def test_a_wall_clock_step_does_not_expire_shards(ray_local, monkeypatch):
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + 7 * 3600)
     assert list(ShardDAG._expire(dag, inflight, 3600.0)) == [] and not cancelled and "k" in inflight
+
+
+def test_the_loop_looks_at_progress_at_least_every_tenth_of_the_deadline():
+    """Progress is noted when the loop looks; it waited up to a whole deadline for a finished
+    shard, so a stall was seen only up to two deadlines after the last progress."""
+    from pipeline.dag import _deadline_wait
+
+    assert _deadline_wait(None, progressed=0.0, deadline=100.0, now=0.0) == 10.0
+    assert _deadline_wait(None, progressed=0.0, deadline=21600.0, now=0.0) == 60.0
+    assert _deadline_wait(None, progressed=0.0, deadline=100.0, now=95.0) == 5.0
+    assert _deadline_wait(2.0, progressed=0.0, deadline=100.0, now=0.0) == 2.0  # a retry due sooner
+    assert _deadline_wait(None, progressed=0.0, deadline=100.0, now=150.0) == 0.0

@@ -113,6 +113,34 @@ def test_a_replaced_actor_starts_with_nothing_outstanding(tmp_path, ray_local):
         ray.cancel(r, force=True)
 
 
+def test_calls_go_to_actors_that_are_up_while_another_cannot_be_placed(ray_local):
+    """Two 1-GPU depth actors on a cluster with one GPU: the second was never placed, yet with
+    nothing outstanding it won every other pick, and its shards met their deadline while the
+    placed actor idled. While some actor is up, calls go only to actors that are up."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Model:
+        def f(self) -> int:
+            return 1
+
+    placed = Model.remote()
+    unplaceable = Model.options(resources={"no-such-node": 1}).remote()
+    load = _ActorLoad(2)
+    load.starting(0, unplaceable.__ray_ready__.remote())
+    load.starting(1, placed.__ray_ready__.remote())
+    assert load.pick() == 0  # none up yet: any (the least loaded)
+    ray.get(placed.__ray_ready__.remote())
+    never = ray.put(None)
+    for _ in range(3):
+        i = load.pick()
+        assert i == 1
+        load.add(i, placed.f.remote() if i else never, 100)
+    load.starting(1, Model.options(resources={"no-such-node": 1}).remote().__ray_ready__.remote())
+    assert load.pick() == 0  # no actor up any more: back to the least loaded of all
+    ray.kill(unplaceable)
+
+
 def test_the_frames_of_a_call_count_each_scene_frame_once_in_scene_passes():
     clips = [
         {"scene": "a", "frames": [0, 2, 4, 6]},
