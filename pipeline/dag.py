@@ -80,7 +80,10 @@ def ensure_ray(cfg: BuildConfig) -> None:
         check_cluster_address(cfg)
         ray.init(address=address, **kwargs)
     else:
-        # address="local": always start our own Ray, never join one another process left running
+        # address="local": always start our own Ray, never join one another process left running.
+        # Ray >= 2.60 leaves CUDA_VISIBLE_DEVICES unset for a task given no GPU (it sees them all):
+        # its switch for the older "" is inherited by the workers this Ray starts (stages/gpus.py)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, **kwargs)
 
 

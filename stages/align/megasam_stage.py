@@ -2,7 +2,9 @@
 
 One Ray task per scene pass, requesting the GPUs of ``stages.align.megasam_num_gpus`` whatever
 the cluster has at start (an autoscaler adds GPU nodes for it; 0 runs it without a GPU, by
-explicit choice); the GPU ids Ray assigned are the command's ``CUDA_VISIBLE_DEVICES``. The
+explicit choice); the GPU ids Ray assigned are the command's ``CUDA_VISIBLE_DEVICES``, which is
+``""`` when Ray assigned none (Ray >= 2.60 leaves a task given no GPU seeing every GPU of its node,
+``stages/gpus.py``, and the command must not take one held by a model actor). The
 task assembles the scene's frame sequence from its ingested clips (``stages/scene/sequence.py``),
 runs the command once per segment (one segment unless the scene is longer than
 ``stages.scene.max_frames``), each through the cache in the output store
@@ -26,6 +28,7 @@ from pipeline.config import BuildConfig
 from stages.align.megasam import MegaSaMCache, MegaSaMOutput, MegaSaMRunner, run_cached
 from stages.align.references import MEGASAM_DEPTH_CEILING_M
 from stages.contract import StageContract
+from stages.gpus import cuda_visible_devices, ray_gpu_ids
 from stages.scene.segments import join_maps, join_trajectories, plan_segments
 from stages.scene.sequence import SceneSequence
 
@@ -82,8 +85,11 @@ def cache_url(cfg: BuildConfig) -> str:
     return cfg.output.rstrip("/") + "/cache/megasam"
 
 
-def megasam_pass(clips: list, key: str, cfg: BuildConfig, gpu_ids=()) -> SceneReference | PassFailure:
-    """MegaSaM for the frames of the ingested ``clips`` of pass ``key`` (failures are skipped)."""
+def megasam_pass(clips: list, key: str, cfg: BuildConfig, gpu_ids=None) -> SceneReference | PassFailure:
+    """MegaSaM for the frames of the ingested ``clips`` of pass ``key`` (failures are skipped).
+
+    ``gpu_ids``: the GPUs Ray assigned to this task (``[]``: none); None asks Ray, and outside a
+    Ray worker leaves the command this process's environment."""
     members = [c for c in clips if isinstance(c, Clip)]
     if not members:
         return PassFailure("megasam", "no clip of this scene was ingested")
@@ -98,9 +104,7 @@ def megasam_pass(clips: list, key: str, cfg: BuildConfig, gpu_ids=()) -> SceneRe
             retries=a.megasam_retries,
         )
         cache = MegaSaMCache(cache_url(cfg), a.megasam_cache_max_side)
-        env = dict(os.environ)
-        if gpu_ids:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+        env = command_env(gpu_ids)
         segs = plan_segments(seq.num_frames, sc.max_frames, sc.overlap_frames)
         scene_part = members[0].key.rsplit("__", 1)[0]  # run ids: dataset__scene__<first frame>
         parts, stats = (
@@ -135,6 +139,17 @@ def megasam_pass(clips: list, key: str, cfg: BuildConfig, gpu_ids=()) -> SceneRe
         from pipeline.failures import is_transient
 
         return PassFailure("megasam", f"{type(exc).__name__}: {exc}", transient=is_transient(exc))
+
+
+def command_env(gpu_ids=None) -> dict:
+    """The MegaSaM command's environment: this process's, with ``CUDA_VISIBLE_DEVICES`` set to the
+    GPUs Ray assigned (``""`` for none) inside a Ray worker, or to ``gpu_ids`` when given."""
+    if gpu_ids is None:
+        gpu_ids = ray_gpu_ids()
+    env = dict(os.environ)
+    if gpu_ids is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(gpu_ids)
+    return env
 
 
 def _join(parts: list[MegaSaMOutput], segs: list[tuple[int, int]]) -> MegaSaMOutput:

@@ -8,7 +8,7 @@ RealEstate10K and Stereo4D timestamps were taken on). ``video_times.frames_at_ti
 timestamp -> frame choice on top; ``video.read_video`` reads whole short videos.
 
 Choice (``open_decoder``): ``decoder="auto"`` takes torchcodec with CUDA when torchcodec imports
-and a CUDA device is visible, PyAV on the CPU otherwise (never PyAV's NVDEC: slower than PyAV on the
+and a CUDA device is usable (inside a Ray task: Ray assigned it a GPU; elsewhere: one is visible), PyAV on the CPU otherwise (never PyAV's NVDEC: slower than PyAV on the
 CPU cores for 360p, 720p and 4K on an H200 host, bench/RESULTS.md §6). On the CPU PyAV is the default because it can
 decode strictly (``err_detect=bitstream+explode``: a corrupt packet is an error, not a silently
 concealed frame); torchcodec exposes no such switch. ``decoder="torchcodec"`` forces it (CPU too),
@@ -29,6 +29,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 
 from pipeline.clip import ClipError
+from stages.gpus import ray_gpu_ids
 
 Backend = Literal["auto", "pyav", "torchcodec"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -248,8 +249,12 @@ def torchcodec_problem() -> str | None:
 
 
 def cuda_available() -> bool:
-    """A CUDA device is visible to this process (without importing torch on a machine with no
-    NVIDIA driver: CPU-only ingest workers would pay seconds for nothing)."""
+    """This process may use a CUDA device: inside a Ray task or actor, only when Ray assigned it a
+    GPU (Ray >= 2.60 lets a task given none see every GPU of its node, ``stages/gpus.py``);
+    elsewhere when one is visible. Without importing torch on a machine with no NVIDIA driver:
+    CPU-only ingest workers would pay seconds for nothing."""
+    if ray_gpu_ids() == []:
+        return False
     if "torch" not in sys.modules and not os.path.exists("/proc/driver/nvidia/version"):
         return False
     try:

@@ -181,10 +181,13 @@ def _maps(spec: RectifySpec) -> _Maps:
 
 
 def _device(device: str):
+    """``auto``: CUDA when this process may use it (inside a Ray task, only a GPU Ray assigned)."""
     import torch
 
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from stages.ingest.video_decoders import cuda_available
+
+        return torch.device("cuda" if cuda_available() else "cpu")
     return torch.device(device)
 
 
@@ -233,9 +236,14 @@ class Rectifier:
         return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
 
-@lru_cache(maxsize=4)
 def rectifier(spec: RectifySpec, device: str = "auto") -> Rectifier:
-    """A cached Rectifier: the maps of a clip are made once per process and device."""
+    """A cached Rectifier: the maps of a clip are made once per process and device. ``auto`` is
+    resolved first: a worker process runs tasks given a GPU and tasks given none in turn."""
+    return _rectifier(spec, str(_device(device)))
+
+
+@lru_cache(maxsize=4)
+def _rectifier(spec: RectifySpec, device: str) -> Rectifier:
     return Rectifier(spec, device)
 
 
