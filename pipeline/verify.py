@@ -10,8 +10,10 @@ keys, and each row's shard, sha256 and byte offset those the ledger records.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tarfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -20,6 +22,7 @@ from pipeline.storage import Store
 
 REQUIRED = ("intrinsics.npy", "c2w.npy", "meta.json", "rgb.000.jpg")
 VERIFY_WORKERS = 16  # shards read at once (object stores: one stream each)
+VERIFY_MEMORY = 2 << 30  # bytes of shards held at once by the reading threads
 
 
 @dataclass
@@ -35,62 +38,49 @@ class VerifyReport:
         return not self.problems
 
 
-class _HashingReader:
-    """A file read once, front to back, hashing every byte: what ``tarfile`` skips (the members'
-    data) is read through in large chunks rather than sought over, so one pass gives the sha256
-    of the whole shard and its headers, without holding the shard (hundreds of MB at full scale)
-    in memory. Only forward seeks exist: reading a tar's members in order needs no other."""
+class _ByteBudget:
+    """Bytes of shards held in memory at once, across the reading threads: a shard is read whole
+    (one request on an object store; hashing and reading release the GIL, so threads overlap),
+    and the budget bounds the memory whatever the shard size. A shard larger than the budget is
+    read alone."""
 
-    CHUNK = 1 << 20
+    def __init__(self, limit: int):
+        self.limit, self.used, self.cv = limit, 0, threading.Condition()
 
-    def __init__(self, f):
-        self.f, self.h, self.pos = f, hashlib.sha256(), 0
+    def take(self, n: int) -> int:
+        n = min(n, self.limit)
+        with self.cv:
+            self.cv.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        return n
 
-    def read(self, n: int = -1) -> bytes:
-        b = self.f.read(n)
-        self.h.update(b)
-        self.pos += len(b)
-        return b
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        if whence != 0 or pos < self.pos:
-            raise OSError(f"only forward seeks: from {self.pos} to {pos} (whence {whence})")
-        while self.pos < pos and self.read(min(self.CHUNK, pos - self.pos)):
-            pass
-        return self.pos
-
-    def drain(self) -> str:
-        while self.read(self.CHUNK):
-            pass
-        return self.h.hexdigest()
+    def give(self, n: int) -> None:
+        with self.cv:
+            self.used -= n
+            self.cv.notify_all()
 
 
 def _read_shard(store: Store, rel: str) -> tuple[str, list[tuple[str, set]] | None, str | None]:
     """(sha256, [(sample key, its entry extensions)] in tar order or None, why the tar is unreadable)."""
-    with store.open(rel, "rb", block_size=8 << 20) as f:
-        r = _HashingReader(f)
-        members: dict[str, set] = {}
-        why = None
-        try:
-            with tarfile.open(fileobj=r, mode="r:") as tar:  # 'r:': no compression probing (it seeks back)
-                for m in tar:
-                    key, _, ext = m.name.partition(".")
-                    members.setdefault(key, set()).add(ext)
-        except tarfile.TarError as exc:
-            why = str(exc)
-        sha = r.drain()
-    return sha, (None if why else list(members.items())), why
+    data = store.read_bytes(rel)
+    sha = hashlib.sha256(data).hexdigest()
+    members: dict[str, set] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                members.setdefault(key, set()).add(ext)
+    except tarfile.TarError as exc:
+        return sha, None, str(exc)
+    return sha, list(members.items()), None
 
 
 def verify(output: str, workers: int | None = None) -> VerifyReport:
-    """The checks of the module docs. Shards are read once each, streamed (hash and tar headers
-    together), ``workers`` at a time: at full scale (tens of thousands of shards, terabytes) a
-    serial pass took hours; problems are reported in plan order all the same. Default: on an
-    object store ``VERIFY_WORKERS`` streams (each is bound by its latency and bandwidth); on a
-    filesystem one per core (hashing is the work; more threads only contend)."""
+    """The checks of the module docs. Shards are read once each (one request), hashed and parsed
+    from memory, ``workers`` at a time within ``VERIFY_MEMORY`` bytes: at full scale (tens of
+    thousands of shards, terabytes) a serial pass took hours; problems are reported in plan order
+    all the same. Default: on an object store ``VERIFY_WORKERS`` streams (each is bound by its
+    latency and bandwidth); on a filesystem one per core (hashing is the work)."""
     store = Store(output)
     if workers is None:
         workers = (os.cpu_count() or 1) if store.is_local else VERIFY_WORKERS
@@ -117,8 +107,17 @@ def verify(output: str, workers: int | None = None) -> VerifyReport:
             rep.problems.append(f"{rel}: missing (ledger says done)")
             continue
         todo.append((sh, ev))
+    budget = _ByteBudget(VERIFY_MEMORY)
+
+    def check(sh: dict) -> tuple:
+        held = budget.take(int(listing[sh["path"]].get("size") or 0))
+        try:
+            return _read_shard(store, sh["path"])
+        finally:
+            budget.give(held)
+
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
-        read = pool.map(lambda t: _read_shard(store, t[0]["path"]), todo)
+        read = pool.map(lambda t: check(t[0]), todo)
         for (sh, ev), (sha, order, why) in zip(todo, read):
             rel = sh["path"]
             rep.shards_checked += 1
