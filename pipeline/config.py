@@ -348,11 +348,9 @@ class BuildConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _no_credentials(cls, raw: Any) -> Any:
-        from pipeline.url_credentials import ADVICE, find_credentials
+        from pipeline.url_credentials import refuse_credentials
 
-        for loc in find_credentials(raw):
-            raise FieldError(loc, ADVICE)
-        return raw
+        return refuse_credentials(raw)
 
     @field_validator("datasets")
     @classmethod

@@ -37,3 +37,13 @@ def find_credentials(raw: Any, loc: tuple = ()) -> Iterator[tuple]:
     elif isinstance(raw, (list, tuple)):
         for i, v in enumerate(raw):
             yield from find_credentials(v, (*loc, i))
+
+
+def refuse_credentials(raw: Any) -> Any:
+    """A config's raw input, unchanged, or a ``FieldError`` at the first location with credentials
+    (the "before" validator of the build and the training configs)."""
+    from pipeline.config_errors import FieldError
+
+    for loc in find_credentials(raw):
+        raise FieldError(loc, ADVICE)
+    return raw

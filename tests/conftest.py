@@ -11,6 +11,27 @@ os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+@pytest.fixture(scope="module")
+def s3_env():
+    """moto's S3 server with one bucket, its endpoint and fake credentials in this process's
+    environment for the module (restored after)."""
+    import logging
+
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from s3_server import LocalS3
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    srv = LocalS3().start()
+    try:
+        srv.create_bucket()
+        srv.apply_env()
+        yield srv
+    finally:
+        srv.restore_env()
+        srv.stop()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

@@ -12,7 +12,6 @@ per camera file.
 from __future__ import annotations
 
 import io
-import logging
 import os
 import shutil
 
@@ -89,25 +88,8 @@ def test_discovery_cost_does_not_grow_with_the_frame_files(tmp_path, dataset):
 # -- object storage: bytes fetched ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
-    from s3_server import LocalS3
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    srv = LocalS3().start()
-    try:
-        srv.create_bucket()
-        srv.apply_env()
-        yield srv
-    finally:
-        srv.restore_env()
-        srv.stop()
-
-
 @pytest.fixture
-def s3_traffic(s3_server, monkeypatch):
+def s3_traffic(s3_env, monkeypatch):
     """Requests made and object bytes fetched by s3fs in this process."""
     import s3fs.core as core
 
@@ -128,7 +110,7 @@ def s3_traffic(s3_server, monkeypatch):
     return stats
 
 
-def test_stereo4d_discovery_on_s3_fetches_the_timestamps_not_the_tracks(s3_server, s3_traffic):
+def test_stereo4d_discovery_on_s3_fetches_the_timestamps_not_the_tracks(s3_env, s3_traffic):
     rng = np.random.default_rng(0)
     big = rng.random((2 << 20) // 4, dtype=np.float32)  # 2 MiB before and after the timestamps
     buf = io.BytesIO()
@@ -136,8 +118,8 @@ def test_stereo4d_discovery_on_s3_fetches_the_timestamps_not_the_tracks(s3_serve
     body = buf.getvalue()
     source = 3 * len(body)
     for i in range(3):
-        s3_server.put(f"s4/train/vid{i:03d}_1000.npz", body)
-    adapter = get_adapter("stereo4d", s3_server.url("s4"))
+        s3_env.put(f"s4/train/vid{i:03d}_1000.npz", body)
+    adapter = get_adapter("stereo4d", s3_env.url("s4"))
     scenes = adapter.discover()
     assert [(s.scene, s.num_frames, s.problem) for s in scenes] == [
         (f"train/vid{i:03d}_1000", 128, ()) for i in range(3)
@@ -145,7 +127,7 @@ def test_stereo4d_discovery_on_s3_fetches_the_timestamps_not_the_tracks(s3_serve
     assert s3_traffic["bytes"] < 0.1 * source, (s3_traffic["bytes"], source)
 
 
-def test_kubric_discovery_on_s3_fetches_record_headers_not_records(s3_server, s3_traffic, tmp_path):
+def test_kubric_discovery_on_s3_fetches_record_headers_not_records(s3_env, s3_traffic, tmp_path):
     from pipeline.demo.render import render
     from pipeline.demo.writers import kubric_movi_f as writer
     from stages.ingest.kubric import frame_record, iter_record_offsets
@@ -156,8 +138,8 @@ def test_kubric_discovery_on_s3_fetches_record_headers_not_records(s3_server, s3
     assert len(iter_record_offsets(io.BytesIO(first), shard)) == 1
     pad = os.urandom(2 << 20)
     body = first + b"".join(frame_record(pad) for _ in range(4))  # 4 more records of 2 MiB
-    s3_server.put(f"ku/{shard}", body)
-    adapter = get_adapter("kubric_movi_f", s3_server.url("ku"))
+    s3_env.put(f"ku/{shard}", body)
+    adapter = get_adapter("kubric_movi_f", s3_env.url("ku"))
     scenes = adapter.discover()
     assert [s.scene for s in scenes] == [f"{shard}/{k:05d}" for k in range(5)]
     assert all(not s.problem for s in scenes)
@@ -166,13 +148,13 @@ def test_kubric_discovery_on_s3_fetches_record_headers_not_records(s3_server, s3
     assert s3_traffic["bytes"] < head + 0.1 * rest, (s3_traffic["bytes"], head, rest)
 
 
-def test_realestate10k_camera_files_on_s3_one_request_each(s3_server, s3_traffic):
+def test_realestate10k_camera_files_on_s3_one_request_each(s3_env, s3_traffic):
     n = 12
     for i in range(n):
         lines = [f"https://www.youtube.com/watch?v=vid{i:08d}"]
         lines += [f"{1000 + 33_366 * t} 0.5 0.9 0.5 0.5 0 0 1 0 0 0 0 1 0 0 0 0 1 0" for t in range(20)]
-        s3_server.put(f"re/train/{i:016x}.txt", ("\n".join(lines) + "\n").encode())
-    adapter = get_adapter("realestate10k", s3_server.url("re"))
+        s3_env.put(f"re/train/{i:016x}.txt", ("\n".join(lines) + "\n").encode())
+    adapter = get_adapter("realestate10k", s3_env.url("re"))
     s3_traffic["requests"] = 0
     scenes = adapter.discover()
     assert [(s.scene, s.num_frames) for s in scenes] == [(f"train/{i:016x}", 20) for i in range(n)]
@@ -181,17 +163,17 @@ def test_realestate10k_camera_files_on_s3_one_request_each(s3_server, s3_traffic
 
 
 @pytest.mark.parametrize("dataset", ["tartanair", "spring"])
-def test_folder_level_discovery_on_s3_finds_what_it_finds_locally(s3_server, s3_traffic, tmp_path, dataset):
+def test_folder_level_discovery_on_s3_finds_what_it_finds_locally(s3_env, s3_traffic, tmp_path, dataset):
     write_demo_data(tmp_path, [dataset], scenes=2)
     root = tmp_path / dataset
     if dataset == "tartanair":
         shutil.copytree(root / "demoenv0" / "Easy" / "P000", root / "demoenv7" / "demoenv7" / "Hard" / "P007")
     for p in sorted(root.rglob("*")):
         if p.is_file():
-            s3_server.put(f"{dataset}/{p.relative_to(root).as_posix()}", p.read_bytes())
+            s3_env.put(f"{dataset}/{p.relative_to(root).as_posix()}", p.read_bytes())
     local = get_adapter(dataset, str(root)).discover()
     s3_traffic["requests"] = 0
-    remote = get_adapter(dataset, s3_server.url(dataset)).discover()
+    remote = get_adapter(dataset, s3_env.url(dataset)).discover()
     assert [(s.scene, s.num_frames, s.problem) for s in remote] == [(s.scene, s.num_frames, s.problem) for s in local]
     assert len(local) == (3 if dataset == "tartanair" else 2) and not any(s.problem for s in local)
     assert s3_traffic["requests"] < 60, s3_traffic["requests"]

@@ -9,7 +9,6 @@ lease whose driver died on this host is taken at once; of many drivers racing, e
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 import threading
@@ -19,23 +18,6 @@ import pytest
 
 from manifests.lease import LEASE_PATH, Lease, LeaseHeldError, LeaseLostError
 from pipeline.storage import Store
-
-
-@pytest.fixture(scope="module")
-def s3_env():
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
-    from s3_server import LocalS3
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    srv = LocalS3().start()
-    srv.create_bucket()
-    srv.apply_env()
-    try:
-        yield srv
-    finally:
-        srv.restore_env()
-        srv.stop()
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -211,12 +211,9 @@ class TrainConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _no_credentials(cls, raw: Any) -> Any:
-        from pipeline.config_errors import FieldError
-        from pipeline.url_credentials import ADVICE, find_credentials
+        from pipeline.url_credentials import refuse_credentials
 
-        for loc in find_credentials(raw):
-            raise FieldError(loc, ADVICE)
-        return raw
+        return refuse_credentials(raw)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
