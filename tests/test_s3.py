@@ -269,6 +269,7 @@ def test_training_checkpoints_and_resumes_in_s3_workdir(s3, builds, capsys):
     assert not [k for k in s3.objects("train/") if ".tmp" in k]
 
 
+@pytest.mark.slow  # ~70 s; the S3 workdir itself is covered in-process above, Ray Train by test_training_train
 def test_ray_train_two_ranks_checkpoint_and_resume_in_s3_workdir(s3, builds):
     """Ray Train (2 gloo ranks) with an ``s3://`` workdir: checkpoints and metrics on the store, Ray
     Train's own bookkeeping on the node, and a second call resumes from the store's checkpoint."""
