@@ -25,7 +25,7 @@ import json
 import os
 import re
 import uuid
-from typing import Callable
+from typing import Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,6 +42,8 @@ COMPACT_EVERY = 256  # event files a driver adds before it folds them
 MAX_COMPACTED = 16  # a periodic compaction that would leave this many compacted files folds them all
 READ_ROUNDS = 20  # listings a reader retries while compactions delete what it listed
 _EVENT_IDENTITY = ("seq", "build_id", "shard_id", "state")
+# JSON-encoded columns, decoded on reading, with the value an event written without them means
+_JSON_COLUMNS = {"clips_failed": "[]", "timings": "{}", "samples": "[]", "clip_qc": "[]", "stage_counts": "{}"}
 _NAME_SEQ = re.compile(r"^(?:events|compacted)-(\d{20})-[0-9a-f]{8}\.parquet$")
 
 
@@ -76,8 +78,12 @@ def _parse(data: bytes, columns: list[str] | None = None, where: str = "a manife
     # use_threads) can drop the last reference to the Python-owned bytes after the read has
     # returned; one doing so while the interpreter exits cannot take the GIL, and the process
     # aborts ("terminate called without an active exception") after the command has finished.
+    # ``columns`` a file lacks (written before they existed) are left out, not an error
     try:
         with pq.ParquetFile(pa.BufferReader(data)) as f:
+            if columns is not None:
+                have = set(f.schema_arrow.names)
+                columns = [c for c in columns if c in have]
             return f.read(columns=columns, use_threads=False)
     except (pa.ArrowException, OSError) as exc:
         advice = (
@@ -186,8 +192,9 @@ class ManifestStore:
     def _event_files(self) -> list[str]:
         return [n for n in self.store.listdir(LEDGER_DIR) if n.endswith(".parquet") and ".tmp-" not in n]
 
-    def _read_event_files(self) -> dict[str, pa.Table]:
-        """Every event file, read while a compaction may fold and delete them.
+    def _read_event_files(self, columns: list[str] | None = None) -> dict[str, pa.Table]:
+        """Every event file (``columns`` of it, or all), read while a compaction may fold and
+        delete them.
 
         A compaction writes its output before it deletes its inputs, so a file that vanished
         between listing and reading has its events in a newer file: list again and read what is
@@ -206,28 +213,41 @@ class ManifestStore:
                 elif isinstance(v, BaseException):
                     raise v
                 else:
-                    got[n] = _parse(v, where=self.store.display(f"{LEDGER_DIR}/{n}"))
+                    got[n] = _parse(v, columns=columns, where=self.store.display(f"{LEDGER_DIR}/{n}"))
             if not vanished:
                 return got
         raise RuntimeError(f"{self.store.display(LEDGER_DIR)}: the ledger kept changing under {READ_ROUNDS} reads")
 
-    def ledger_events(self) -> list[dict]:
-        """Every event once, in sequence order."""
-        tables = list(self._read_event_files().values())
+    def ledger_events(self, columns: Iterable[str] | None = None) -> list[dict]:
+        """Every event once, in sequence order; the JSON columns decoded.
+
+        ``columns``: only these fields of each event (with its identity: seq, build_id, shard_id,
+        state), for readers that need a few. At the full dataset's scale the per-sample columns
+        (``clip_qc`` above all) are most of the ledger, and decoding them most of the time to read
+        it; resume, the index and the training loader never look at them. A column that an event
+        was written without reads as None (a JSON one as its empty value)."""
+        wanted = None
+        if columns is not None:
+            unknown = sorted(set(columns) - set(LEDGER_SCHEMA.names))
+            if unknown:
+                raise ValueError(f"not ledger columns: {', '.join(unknown)}")
+            wanted = list(dict.fromkeys([*_EVENT_IDENTITY, *columns]))
+        tables = list(self._read_event_files(wanted).values())
         if not tables:
             return []
         rows = _unique_events(pa.concat_tables(tables, promote_options="default")).to_pylist()
         for r in rows:
-            r["clips_failed"] = json.loads(r.get("clips_failed") or "[]")
-            r["timings"] = json.loads(r.get("timings") or "{}")
-            r["samples"] = json.loads(r.get("samples") or "[]")
-            r["clip_qc"] = json.loads(r.get("clip_qc") or "[]")
-            r["stage_counts"] = json.loads(r.get("stage_counts") or "{}")  # {}: written before the column existed
+            for c in wanted or LEDGER_SCHEMA.names:
+                if c in _JSON_COLUMNS:
+                    r[c] = json.loads(r.get(c) or _JSON_COLUMNS[c])
+                else:
+                    r.setdefault(c, None)
         return rows
 
-    def ledger(self, events: list[dict] | None = None) -> dict[str, dict]:
-        """Current state per shard_id: its latest event, with ``attempts`` counted over events."""
-        return current_states(self.ledger_events() if events is None else events)
+    def ledger(self, events: list[dict] | None = None, columns: Iterable[str] | None = None) -> dict[str, dict]:
+        """Current state per shard_id: its latest event, with ``attempts`` counted over events
+        (``columns``: as :meth:`ledger_events`)."""
+        return current_states(self.ledger_events(columns) if events is None else events)
 
     def maybe_compact(self, every: int = COMPACT_EVERY, after_write: Callable[[], None] | None = None) -> None:
         """Fold this writer's recent files once it has added ``every`` of them (cheap: the files

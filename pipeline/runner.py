@@ -306,7 +306,7 @@ def _build_holding_lease(
         store.write_bytes_atomic(CONFIG_NAME, cfg.recorded().to_yaml().encode())
         ms.write_plan(plan.scenes, plan.clips, plan.shards)
 
-    ledger = ms.ledger()
+    ledger = ms.ledger(columns=("sha256", "fingerprint", "bytes"))  # what settling done shards needs
     intact, strays = settle_done_shards(store, plan.shards, ledger, full_check=full_check)
     todo = [sh for sh in plan.shards if sh["shard_id"] not in intact]
     skipped = len(plan.shards) - len(todo)
@@ -424,7 +424,7 @@ def write_index(ms: ManifestStore, plan: Plan, val_fractions: dict[str, float] |
     """The training index: every written sample's key -> shard, the shard's sha256 and the sample's
     byte offset, from the ledger, with its scene and split (``train`` | ``val``, by scene:
     :mod:`pipeline.split`)."""
-    ledger = ms.ledger()
+    ledger = ms.ledger(columns=("samples", "sha256"))
     split = split_of_clips(plan.clips, val_fractions or {})
     scene = {c["clip_id"]: c["scene"] for c in plan.clips}
     rows = []

@@ -90,7 +90,7 @@ def verify(output: str, workers: int | None = None) -> VerifyReport:
         rep.problems.append(f"{output}: no plan recorded (not a d4s output?)")
         rep.not_an_output = True
         return rep
-    ledger = ms.ledger()
+    ledger = ms.ledger(columns=("sha256", "samples", "clips_failed"))
     listing = store.files_detail("shards")  # one listing, not a request per shard
     seen: dict[str, str] = {}
     indexed: dict[str, tuple] = {}  # key -> (shard path, sha256, offset) as the ledger records them

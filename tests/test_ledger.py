@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from manifests.store import ManifestStore
 from pipeline.storage import Store
 
@@ -268,3 +270,48 @@ def test_periodic_compaction_folds_recent_files_and_compacted_ones_only_when_the
     assert files() == (1, 0)  # the pile reached MAX_COMPACTED: everything folded into one
     events = ManifestStore(store).ledger_events()
     assert len(events) == 4 * MAX_COMPACTED and len(set(_ids(events))) == len(events)
+
+
+def test_readers_read_only_the_columns_they_need(tmp_path):
+    """A reader that names its columns gets those (and the event's identity) with the JSON ones
+    decoded, the same values as a full read, and nothing else: at the full dataset's scale the
+    per-sample QC records are most of the ledger, and resume, the index and the loader never use them."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = Store(str(tmp_path))
+    ms = ManifestStore(store)
+    qc = [{"key": "k0", "align": {"scale": 1.5}}]
+    ms.append_events([_event("s0", "running")])
+    ms.append_events(
+        [_event("s0", "done", sha256="ab" * 32, samples=[["k0", 0, 16, True]], clip_qc=qc, stage_counts={"a": {}})]
+    )
+    # an event file written before the stage_counts / clip_qc / fingerprint columns existed
+    old = pa.schema([("seq", pa.int64()), ("shard_id", pa.string()), ("state", pa.string()), ("build_id", pa.string())])
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"seq": 1, "shard_id": "s1", "state": "running", "build_id": "o"}], old), buf)
+    store.write_bytes_atomic("manifests/ledger/events-00000000000000000001-0123abcd.parquet", buf.getvalue())
+
+    full = ManifestStore(store).ledger()
+    some = ManifestStore(store).ledger(columns=("sha256", "samples", "stage_counts"))
+    assert set(some) == set(full) == {"s0", "s1"}
+    for sid in full:
+        assert set(some[sid]) == {
+            "seq",
+            "shard_id",
+            "state",
+            "build_id",
+            "sha256",
+            "samples",
+            "stage_counts",
+            "attempts",
+        }
+        for col in some[sid]:
+            assert some[sid][col] == full[sid][col], (sid, col)
+    assert some["s0"]["samples"] == [["k0", 0, 16, True]] and full["s0"]["clip_qc"] == qc
+    assert some["s1"]["stage_counts"] == {} and some["s1"]["sha256"] is None  # columns the old file lacks
+    assert some["s0"]["attempts"] == 1
+    with pytest.raises(ValueError, match="clip_qcc"):
+        ManifestStore(store).ledger(columns=("clip_qcc",))  # a typo is not an empty column

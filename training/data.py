@@ -177,7 +177,7 @@ def _done_shards(root: str) -> list[str] | None:
     ms = ManifestStore(Store(root))
     if not ms.has_plan():
         return None
-    ledger = ms.ledger()
+    ledger = ms.ledger(columns=("sha256",))
     plan = f"{root}/manifests/shards.parquet"
     return [
         shard_url(root, sh["path"], plan) for sh in ms.shards() if ledger.get(sh["shard_id"], {}).get("state") == "done"
@@ -238,7 +238,7 @@ def shard_checksums(cfg: DataConfig, catalog: Catalog | None = None) -> dict[str
     ms = ManifestStore(Store(root))
     if not ms.has_plan():
         return {}
-    ledger = ms.ledger()
+    ledger = ms.ledger(columns=("sha256",))
     plan = f"{root}/manifests/shards.parquet"
     return {
         shard_url(root, sh["path"], plan): ledger[sh["shard_id"]]["sha256"]
