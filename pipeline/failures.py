@@ -65,6 +65,9 @@ TRANSIENT_NAMES = frozenset(
         "TransientShardError",
     }
 )
+# the node's resources, never the input's: the disk or quota full, a read-only output, a file size
+# limit, file descriptors exhausted; once fixed, running again succeeds
+NODE_RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EMFILE, errno.ENFILE})
 TRANSIENT_ERRNOS = frozenset(
     {
         errno.ETIMEDOUT,
@@ -77,15 +80,8 @@ TRANSIENT_ERRNOS = frozenset(
         errno.EPIPE,
         errno.ESTALE,
         errno.EAGAIN,
-        # the node's resources, never the input's: the disk or quota full, a read-only output, a
-        # file size limit, file descriptors exhausted; once fixed, running again succeeds
-        errno.ENOSPC,
-        errno.EDQUOT,
-        errno.EROFS,
-        errno.EFBIG,
-        errno.EMFILE,
-        errno.ENFILE,
     }
+    | NODE_RESOURCE_ERRNOS
 )
 TRANSIENT_TEXT = (
     "SlowDown",

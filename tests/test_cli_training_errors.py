@@ -3,6 +3,7 @@ naming the file or option at fault and exit 2, before any work (no Ray, no model
 None of these tests starts Ray: ``training.trainer.train`` is replaced by one that fails the test."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -275,3 +276,51 @@ def test_train_report_bad_middle_line_names_file_and_line(tmp_path):
 def test_parity_on_a_folder_that_is_not_a_fixture(kind, tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     _one_line(runner.invoke(app, ["parity", kind, str(tmp_path)]), str(tmp_path), "parity fixture")
+
+
+def _workers_failed(exc: Exception) -> Exception:
+    """What Ray Train's fit() raises when rank 1 raised ``exc`` (Ray 2.60's WorkerGroupError)."""
+    from ray.train import WorkerGroupError
+
+    return WorkerGroupError("rank 1 failed:\nTraceback ...\n" + str(exc), {1: exc})
+
+
+@pytest.mark.parametrize("where", ["local", "ray"])
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT", "EROFS"])
+def test_train_whose_disk_refuses_a_write_is_one_line_naming_the_file(where, code, tmp_path, monkeypatch):
+    """A full disk or quota, a read-only workdir, in the local process or in a Ray Train rank: one
+    line naming the file and the reason, exit 5 (the build's code for it), not a worker's traceback."""
+    import errno
+
+    from conftest import write_tiny_use_inputs
+
+    write_tiny_use_inputs(tmp_path / "in", step=3)
+    target = str(tmp_path / "w" / "ckpt" / "step-00000004.pt")
+    refused = OSError(getattr(errno, code), os.strerror(getattr(errno, code)), target)
+
+    def fails(cfg):
+        raise refused if where == "local" else _workers_failed(refused)
+
+    monkeypatch.setattr("training.trainer.train", fails)
+    r = runner.invoke(app, ["train", "--demo", str(tmp_path / "in" / "data"), "--workdir", str(tmp_path / "w")])
+    lines = [ln for ln in r.output.strip().splitlines() if ln.startswith("d4s train: stopped")]
+    assert r.exit_code == 5, r.output
+    assert "Traceback" not in r.output and len(lines) == 1, r.output
+    assert target in lines[0] and os.strerror(getattr(errno, code)) in lines[0], lines[0]
+    assert ("rank 1" in lines[0]) == (where == "ray"), lines[0]
+
+
+def test_train_that_fails_otherwise_keeps_its_traceback(tmp_path, monkeypatch):
+    """A failure that is not the node refusing a write (a bug, a bad tensor) keeps the traceback
+    that says where it came from, exit 1."""
+    from conftest import write_tiny_use_inputs
+
+    write_tiny_use_inputs(tmp_path / "in", step=3)
+
+    def fails(cfg):
+        raise _workers_failed(ValueError("shape mismatch in the decoder"))
+
+    monkeypatch.setattr("training.trainer.train", fails)
+    r = runner.invoke(app, ["train", "--demo", str(tmp_path / "in" / "data"), "--workdir", str(tmp_path / "w")])
+    assert r.exit_code == 1, r.output
+    assert "Traceback" in r.output and "shape mismatch" in r.output

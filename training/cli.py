@@ -126,12 +126,50 @@ def train_main(
     try:
         train(cfg)
     except Exception as e:
+        refused = write_refused(e)
+        if refused is not None:  # the node's fault, not the code's: one line naming the file
+            rank, exc = refused
+            who = f"rank {rank} " if rank is not None else ""
+            where = f" {exc.filename}" if exc.filename else ""
+            print(
+                f"d4s train: stopped: {who}cannot write{where}: {exc.strerror or exc}; the checkpoints written are "
+                "kept: fix it (free space, quota, permissions) and run `d4s train` again to resume",
+                file=sys.stderr,
+            )
+            return 5
         traceback.print_exc()
         print(f"d4s train: failed: {e}", file=sys.stderr)
         return 1
     ck = latest_checkpoint(cfg.workdir)
     print(f"d4s train: done; last checkpoint {ck}", flush=True)
     return 0
+
+
+def write_refused(exc: BaseException, rank: int | None = None, depth: int = 0) -> tuple[int | None, OSError] | None:
+    """(rank or None, the OSError) when ``exc`` is, or wraps, a write the node refused (disk or
+    quota full, read-only, file size limit, no file descriptors left), in this process or in a Ray
+    Train rank (``WorkerGroupError.worker_failures``, ``ControllerError``, a Ray task's cause)."""
+    from pipeline.failures import NODE_RESOURCE_ERRNOS
+
+    if exc is None or depth > 8:
+        return None
+    if isinstance(exc, OSError) and exc.errno in NODE_RESOURCE_ERRNOS:
+        return rank, exc
+    for r, inner in sorted((getattr(exc, "worker_failures", None) or {}).items()):
+        found = write_refused(inner, r, depth + 1)
+        if found:
+            return found
+    for inner in (
+        getattr(exc, "controller_failure", None),
+        getattr(exc, "cause", None),
+        exc.__cause__,
+        exc.__context__,
+    ):
+        if isinstance(inner, BaseException):
+            found = write_refused(inner, rank, depth + 1)
+            if found:
+                return found
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:  # python -m training.cli
