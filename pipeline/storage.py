@@ -94,6 +94,16 @@ class Store:
     def isdir(self, rel: str) -> bool:
         return self.fs.isdir(self.path(rel))
 
+    def lookup(self, rel: str) -> dict | None:
+        """The listing entry of ``rel`` (``type`` file or directory, size, ...), or None when there
+        is nothing there. Unlike ``exists``/``isdir``, which answer False for a path they cannot
+        look at, a folder on the way that cannot be read (PermissionError, an I/O error) raises:
+        discovery must not take an unreadable scene for an absent one."""
+        try:
+            return self.fs.info(self.path(rel))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     def listdir(self, rel: str = "") -> list[str]:
         """Sorted child names (not paths) of a directory; empty if it does not exist."""
         p = self.path(rel)

@@ -323,3 +323,47 @@ def test_an_unreadable_realestate10k_camera_file_is_a_scene_with_its_problem(tmp
     assert [(s.scene, s.num_frames) for s in scenes] == [(f"train/{i:016x}", 1 if i != 1 else 0) for i in range(3)]
     assert "Permission denied" in scenes[1].problem[0] and scenes[1].problem[1] == str(bad)
     assert not scenes[0].problem and not scenes[2].problem
+
+
+@pytest.fixture(scope="module")
+def vkitti2_listed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vkitti2") / "out"
+    cfg = demo_config(str(out), ["vkitti2", "dynamic_replica"], scenes=2).resolved()
+    return cfg, make_plan(cfg), out / "demo_data"
+
+
+@pytest.mark.parametrize("part", ["variation", "frames", "rgb camera"])
+def test_an_unreadable_vkitti2_scene_folder_is_planned_with_its_problem(vkitti2_listed, deny, part):
+    """A variation folder (was: left out of the plan in silence, ``exists`` saying no), its frames
+    folder (the same) or its camera's image folder (was: the whole discovery failed) that cannot
+    be read: the scene is planned with the reason; the others are as before."""
+    cfg, good, data = vkitti2_listed
+    scene = sorted(s["scene"] for s in good.scenes if s["dataset"] == "vkitti2")[1]
+    sc, var, cam = scene.split("/")
+    (rgb,) = (data / "vkitti2").rglob(f"{sc}/{var}/frames/rgb/{cam}")
+    folder = {"variation": data / "vkitti2" / sc / var, "frames": rgb.parent.parent, "rgb camera": rgb}[part]
+    deny(folders=[folder])
+    plan = make_plan(cfg)
+    rows = {s["scene"]: s for s in plan.scenes if s["dataset"] == "vkitti2"}
+    assert scene in rows, "the unreadable scene was left out of the plan"
+    assert rows[scene]["num_clips"] == 1 and "Permission denied" in rows[scene]["note"], rows[scene]
+    (clip,) = [c for c in plan.clips if c["scene"] == scene and c["dataset"] == "vkitti2"]
+    got = ingest_clip(clip, plan.scene_refs[("vkitti2", scene)], cfg)
+    assert "Permission denied" in got.reason and got.path.startswith(str(folder)) and not got.transient
+    others = set(rows) - {scene}
+    assert others and _clips(plan, "vkitti2", others) == _clips(good, "vkitti2", others)
+    assert _clips(plan, "dynamic_replica") == _clips(good, "dynamic_replica")
+
+
+def test_an_unreadable_dynamic_replica_split_folder_fails_discovery_in_one_line(vkitti2_listed, deny):
+    """A split folder holds many sequences, which cannot be planned without it: one line naming it
+    (was: the split left out in silence, ``exists`` saying no)."""
+    from pipeline.config import ConfigError
+
+    cfg, good, data = vkitti2_listed
+    ann = sorted((data / "dynamic_replica").rglob("frame_annotations_*.jgz"))[0]
+    deny(folders=[ann.parent])
+    with pytest.raises(ConfigError) as err:
+        make_plan(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "dynamic_replica" in msg and str(ann.parent) in msg and "Permission denied" in msg

@@ -225,6 +225,12 @@ class DatasetAdapter(ABC):
             return SceneRef(self.name, scene, 0, problem=(exc.reason, exc.path or self.where(rel)))
         return SceneRef(self.name, scene, 0, problem=(f"{type(exc).__name__}: {exc}", self.where(rel)))
 
+    def unlistable_scene(self, scene: str, exc: OSError, where: str) -> SceneRef:
+        """A scene whose folder or file at ``where`` discovery could not list or look up: planned,
+        and failing its clip with the reason."""
+        why = f"{type(exc).__name__}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+        return SceneRef(self.name, scene, 0, problem=(f"cannot list or read ({why})", where))
+
     def listing_problems(self, scenes: list[SceneRef], errors: list, scene_of) -> list[SceneRef]:
         """``scenes`` with what discovery could not list or look up (``Store.glob``'s ``errors``:
         (path, exception)) added. ``scene_of(path)`` names the scene the path belongs to: that
@@ -244,7 +250,7 @@ class DatasetAdapter(ABC):
                     "be planned; make it readable, or move it out of the dataset root"
                 )
             have.add(scene)
-            out.append(SceneRef(self.name, scene, 0, problem=(f"cannot list or read ({why})", self.where(rel))))
+            out.append(self.unlistable_scene(scene, exc, self.where(rel)))
         return out
 
     def read(self, rel: str) -> bytes:

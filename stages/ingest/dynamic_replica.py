@@ -110,7 +110,9 @@ class DynamicReplicaAdapter(DatasetAdapter):
                 continue
             if wanted is None and name == "real":
                 continue
-            if self.store.exists(posixpath.join(name, ANNOTATION_TEMPLATE.format(split=name))):
+            # lookup, not exists: a split folder that cannot be read raises (its sequences cannot be
+            # planned without it; make_plan says so in one line) instead of reading as absent
+            if self.store.lookup(posixpath.join(name, ANNOTATION_TEMPLATE.format(split=name))) is not None:
                 out.append(name)
         return out
 

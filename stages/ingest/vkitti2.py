@@ -34,6 +34,7 @@ from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
+from pipeline.failures import is_transient
 from stages.ingest.base import (
     AdapterDefaults,
     AdapterOptions,
@@ -93,7 +94,8 @@ class VKITTI2Adapter(DatasetAdapter):
     def _locate(self, base_candidates: list[str], scene: str, variation: str, kind: str, cam: int) -> str | None:
         for base in base_candidates:
             rel = posixpath.join(base, scene, variation, "frames", kind, f"Camera_{cam}")
-            if self.store.isdir(rel):
+            info = self.store.lookup(rel)  # a folder on the way that cannot be read raises
+            if info is not None and info["type"] == "directory":
                 return rel
         return None
 
@@ -107,29 +109,51 @@ class VKITTI2Adapter(DatasetAdapter):
         )
         wanted_vars = self.opts.variations
         found: dict[str, SceneRef] = {}
+        # a scene some folder of which could not be read (a Scene folder that cannot be listed
+        # holds several scenes: that one raises, and discovery fails in one line naming it)
+        problems: dict[str, SceneRef] = {}
         for base in bases:
             for scene in (s for s in self.store.listdir(base) if _SCENE_RE.match(s)):
                 for variation in self.store.listdir(posixpath.join(base, scene)):
                     if wanted_vars is not None and variation not in wanted_vars:
                         continue
                     text_dir = posixpath.join(base, scene, variation)
-                    if not self.store.exists(posixpath.join(text_dir, "extrinsic.txt")):
+                    sids = {cam: f"{scene}/{variation}/Camera_{cam}" for cam in self._cameras()}
+                    ext = posixpath.join(text_dir, "extrinsic.txt")
+                    try:
+                        if self.store.lookup(ext) is None:
+                            continue
+                    except OSError as exc:
+                        self._unlistable(problems, list(sids.values()), exc, ext)
                         continue
-                    for cam in self._cameras():
-                        sid = f"{scene}/{variation}/Camera_{cam}"
+                    for cam, sid in sids.items():
                         if sid in found:
                             continue
-                        rgb_dir = self._locate(rgb_bases, scene, variation, "rgb", cam)
-                        depth_dir = self._locate(depth_bases, scene, variation, "depth", cam)
-                        if rgb_dir is None or depth_dir is None:
+                        try:
+                            rgb_dir = self._locate(rgb_bases, scene, variation, "rgb", cam)
+                            depth_dir = self._locate(depth_bases, scene, variation, "depth", cam)
+                            if rgb_dir is None or depth_dir is None:
+                                continue
+                            n = numbered_frame_count(self.store.listdir(rgb_dir), _RGB_RE)
+                        except OSError as exc:
+                            self._unlistable(problems, [sid], exc, posixpath.join(text_dir, "frames"))
                             continue
-                        n = numbered_frame_count(self.store.listdir(rgb_dir), _RGB_RE)
                         if n:
                             # the camera table's rows count too: a missing last image is then a
                             # missing file of the clips that use it, not a short scene
-                            n = max(n, self._table_frames(posixpath.join(text_dir, "extrinsic.txt"), cam))
+                            n = max(n, self._table_frames(ext, cam))
                             found[sid] = SceneRef(self.name, sid, n, extra=(text_dir, rgb_dir, depth_dir, cam))
+        for sid, ref in problems.items():
+            found.setdefault(sid, ref)  # found readable in another archive folder: that one
         return [found[k] for k in sorted(found)]
+
+    def _unlistable(self, problems: dict[str, SceneRef], sids: list[str], exc: OSError, rel: str) -> None:
+        """Record ``sids`` as scenes discovery could not read (``exc`` under ``rel``); a transient
+        error (the network) raises, for the retry."""
+        if is_transient(exc):
+            raise exc
+        for sid in sids:
+            problems.setdefault(sid, self.unlistable_scene(sid, exc, exc.filename or self.where(rel)))
 
     # -- tables ------------------------------------------------------------------------------
     def _table_frames(self, rel: str, cam: int) -> int:
