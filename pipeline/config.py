@@ -333,10 +333,10 @@ class BuildConfig(_Strict):
         "GPUs fit (docs/CLUSTER.md; the build warns at its start and, once it has measured its models waiting, "
         "during the run)",
     )
-    shard_deadline_s: float | None = Field(
+    shard_deadline_s: float = Field(
         21600.0,
         gt=0,
-        description="a shard pipeline none of whose tasks finishes for this long (a stage hangs) is cancelled and recorded failed; resume redoes it. Longer than any one stage (a MegaSaM run with its retries). None: no deadline",
+        description="seconds: a shard pipeline none of whose tasks finishes for this long (a stage hangs) is cancelled and recorded failed; resume redoes it. Longer than any one stage (a MegaSaM run with its retries); there is no switching it off",
     )
     seed: int = 0
     stages: StagesConfig = Field(default_factory=StagesConfig)
@@ -351,6 +351,16 @@ class BuildConfig(_Strict):
         from pipeline.url_credentials import refuse_credentials
 
         return refuse_credentials(raw)
+
+    @field_validator("shard_deadline_s", mode="before")
+    @classmethod
+    def _a_deadline(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError(
+                "a number of seconds: the deadline cannot be switched off (a hung stage would hold its shard, and "
+                "the build, for ever); for very long stages give a long one, e.g. 172800"
+            )
+        return v
 
     @field_validator("datasets")
     @classmethod

@@ -829,11 +829,10 @@ class ShardDAG:
                 time.sleep(max(0.0, min(1.0, waiting[0][0] - time.monotonic())))
                 continue
             timeout = max(0.0, waiting[0][0] - time.monotonic()) if waiting else None
-            if deadline is not None:
-                now = time.monotonic()  # a wall-clock step (NTP, a VM resumed) must not expire shards
-                for r in inflight.values():
-                    r.check(now)
-                timeout = _deadline_wait(timeout, min(r.progressed for r in inflight.values()), deadline, now)
+            now = time.monotonic()  # a wall-clock step (NTP, a VM resumed) must not expire shards
+            for r in inflight.values():
+                r.check(now)
+            timeout = _deadline_wait(timeout, min(r.progressed for r in inflight.values()), deadline, now)
             if self._starting and len(inflight) < self.cfg.max_inflight_shards and queue:
                 # wake up when an actor is up, too: then more shards are admitted
                 woke, _ = ray.wait(list(inflight) + self._starting, num_returns=1, timeout=timeout)
@@ -844,14 +843,13 @@ class ShardDAG:
             else:
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=timeout)
             if not ready:
-                if deadline is not None:
-                    for sh, failure, rerun in self._expire(inflight, deadline):
-                        runs[sh["shard_id"]] += 1
-                        failure.attempts = runs[sh["shard_id"]]
-                        if not rerun:  # it waited shard_deadline_s already: left for resume
-                            yield sh, None, failure
-                        elif (f := retry_or_fail(sh, failure)) is not None:
-                            yield sh, None, f
+                for sh, failure, rerun in self._expire(inflight, deadline):
+                    runs[sh["shard_id"]] += 1
+                    failure.attempts = runs[sh["shard_id"]]
+                    if not rerun:  # it waited shard_deadline_s already: left for resume
+                        yield sh, None, failure
+                    elif (f := retry_or_fail(sh, failure)) is not None:
+                        yield sh, None, f
                 continue
             rec = inflight.pop(ready[0])
             sh = rec.shard

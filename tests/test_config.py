@@ -227,3 +227,11 @@ def test_a_datasets_hash_depends_on_its_own_entry_only():
     )
     assert other.content_hash("tartanair") == base.content_hash("tartanair")
     assert other.content_hash("realestate10k") != base.content_hash("realestate10k")
+
+
+def test_shard_deadline_cannot_be_switched_off():
+    """Every wait has a deadline: ``shard_deadline_s: null`` (a hung stage then held its shard, and
+    the build, for ever) is refused at load naming the field; a long one is a number."""
+    msg = error_of(shard_deadline_s=None)
+    assert "shard_deadline_s" in msg and "seconds" in msg
+    assert load(shard_deadline_s=172800).shard_deadline_s == 172800
