@@ -105,11 +105,15 @@ class Store:
             return None
 
     def listdir(self, rel: str = "") -> list[str]:
-        """Sorted child names (not paths) of a directory; empty if it does not exist."""
+        """Sorted child names (not paths) of a directory; empty if it does not exist. A folder that
+        is there but cannot be read raises (``exists`` would say it is not there: a ledger folder
+        that cannot be read must not read as an empty ledger)."""
         p = self.path(rel)
-        if not self.fs.exists(p):
+        try:
+            listing = self.fs.ls(p, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(posixpath.basename(e.rstrip("/")) for e in self.fs.ls(p, detail=False))
+        return sorted(posixpath.basename(e.rstrip("/")) for e in listing if e.rstrip("/") != p.rstrip("/"))
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open(self.path(rel), "rb") as f:

@@ -367,3 +367,21 @@ def test_an_unreadable_dynamic_replica_split_folder_fails_discovery_in_one_line(
         make_plan(cfg)
     msg = str(err.value)
     assert "\n" not in msg and "dynamic_replica" in msg and str(ann.parent) in msg and "Permission denied" in msg
+
+
+def test_listdir_of_a_folder_that_cannot_be_read_raises(tmp_path, deny):
+    """Store.listdir said [] for a folder it could not look at (its ``exists`` check swallowed the
+    error): a ledger folder that cannot be read then read as an empty ledger, and a resume would
+    have taken every done shard for one never built. A folder that is not there is still []."""
+    from manifests.store import LEDGER_DIR, ManifestStore
+    from pipeline.storage import Store
+
+    ms = ManifestStore(Store(str(tmp_path)))
+    ms.append_events([{"shard_id": "s0", "state": "done", "build_id": "b", "sha256": "ab" * 32}])
+    assert Store(str(tmp_path)).listdir("nothing/here") == []
+    deny(folders=[tmp_path / "manifests"])
+    store = Store(str(tmp_path))
+    with pytest.raises(PermissionError):
+        store.listdir(LEDGER_DIR)
+    with pytest.raises(PermissionError):
+        ManifestStore(store).ledger()
