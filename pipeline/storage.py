@@ -89,7 +89,9 @@ class Store:
         return f"{proto}://{self.path(rel)}"
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        """Whether something is at ``rel``. A folder on the way that cannot be read raises (fsspec's
+        ``exists`` says False for any error: an unreadable manifests folder was "no plan")."""
+        return self.lookup(rel) is not None
 
     def isdir(self, rel: str) -> bool:
         return self.fs.isdir(self.path(rel))

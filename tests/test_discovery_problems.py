@@ -385,3 +385,19 @@ def test_listdir_of_a_folder_that_cannot_be_read_raises(tmp_path, deny):
         store.listdir(LEDGER_DIR)
     with pytest.raises(PermissionError):
         ManifestStore(store).ledger()
+
+
+def test_exists_under_a_folder_that_cannot_be_read_raises(tmp_path, deny):
+    """Store.exists said False for a path it could not look at: an output whose manifests folder
+    cannot be read was "not a d4s output" (resume: "no recorded plan; nothing to resume"), its
+    index absent. Now the error, naming the path; a path that is not there is still False."""
+    from manifests.store import ManifestStore
+    from pipeline.storage import Store
+
+    ManifestStore(Store(str(tmp_path))).write_plan([], [], [])
+    assert ManifestStore(Store(str(tmp_path))).has_plan() and not Store(str(tmp_path)).exists("nothing/here")
+    deny(folders=[tmp_path / "manifests"])
+    store = Store(str(tmp_path))
+    with pytest.raises(PermissionError, match="manifests"):
+        ManifestStore(store).has_plan()
+    assert store.exists("manifests")  # the folder itself can be looked at, as with chmod 000
