@@ -94,7 +94,9 @@ class Store:
         return self.lookup(rel) is not None
 
     def isdir(self, rel: str) -> bool:
-        return self.fs.isdir(self.path(rel))
+        """Whether ``rel`` is a folder; like :meth:`exists`, an unreadable folder on the way raises."""
+        info = self.lookup(rel)
+        return info is not None and info.get("type") == "directory"
 
     def lookup(self, rel: str) -> dict | None:
         """The listing entry of ``rel`` (``type`` file or directory, size, ...), or None when there

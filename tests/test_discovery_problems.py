@@ -400,4 +400,6 @@ def test_exists_under_a_folder_that_cannot_be_read_raises(tmp_path, deny):
     store = Store(str(tmp_path))
     with pytest.raises(PermissionError, match="manifests"):
         ManifestStore(store).has_plan()
-    assert store.exists("manifests")  # the folder itself can be looked at, as with chmod 000
+    with pytest.raises(PermissionError, match="manifests"):
+        store.isdir("manifests/ledger")
+    assert store.exists("manifests") and store.isdir("manifests")  # looked at from outside, as with chmod 000
