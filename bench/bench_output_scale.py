@@ -1,5 +1,6 @@
-"""Driver-side cost over a large finished output: ``d4s verify`` and the training loader's
-start-up (``training.data.resolve_catalog``) on a synthetic output of N shards.
+"""Driver-side cost over a large finished output: ``d4s verify``, the training loader's
+start-up (``training.data.resolve_catalog``), the ledger read of a resume's start-up and the
+index a build ends with (``write_index``) on a synthetic output of N shards.
 
 The output is written through the project's own manifest API (plan tables, ledger events,
 index.parquet) with real tar shards of ``--samples`` samples each (``--kib`` KiB of random bytes
@@ -89,6 +90,12 @@ def make_output(out: str, n: int, samples: int, kib: int, tars: bool = True) -> 
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "samples": offsets,
+                "clip_qc": [_qc_record(cid) for cid, *_ in offsets],  # as large as a real build's
+                "stage_counts": {
+                    st: {"in": samples, "out": samples, "dropped_by_reason": {}, "seconds": 1.5}
+                    for st in ("ingest", "depth", "align", "tracks", "encode", "write")
+                },
+                "timings": {st: 1.5 for st in ("ingest", "depth", "align", "tracks", "encode", "write")},
                 "build_id": "bench",
             }
         )
@@ -97,12 +104,58 @@ def make_output(out: str, n: int, samples: int, kib: int, tars: bool = True) -> 
     write_index(ms, Plan(scenes, clips, shards), {})
 
 
+def _qc_record(key: str) -> dict:
+    """A ledger QC record with every field a real sample's has (manifests/clip_qc.py)."""
+    from manifests.clip_qc import ALIGN_FIELDS, GT_TRACK_FIELDS, SELFCHECK_FIELDS, TRACK_FIELDS
+
+    return {
+        "key": key,
+        "dataset": "stereo4d",
+        "frames": 16,
+        "bytes": 1_234_567,
+        "depth_source": "model",
+        "depth_p5_m": 0.8123456789,
+        "depth_median_m": 3.123456789,
+        "depth_p95_m": 12.3456789,
+        "valid_depth_fraction": 0.987654321,
+        "align": {**{k: 0.123456789 for k in ALIGN_FIELDS}, "reference": "megasam"},
+        "tracks": {k: 0.123456789 for k in TRACK_FIELDS},
+        "selfcheck": {k: 0.987654321 for k in SELFCHECK_FIELDS},
+        "gt_tracks": {k: 3.0 for k in GT_TRACK_FIELDS},
+    }
+
+
+def time_ledger(out: str, n: int) -> None:
+    """The ledger as a resume reads it at start-up, and the index a build ends with."""
+    from manifests.store import ManifestStore
+    from pipeline.plan import Plan
+    from pipeline.runner import write_index
+    from pipeline.storage import Store
+
+    ms = ManifestStore(Store(out))
+    t = time.perf_counter()
+    ms.ledger()
+    print(f"ledger read, every column: {n} shards in {time.perf_counter() - t:.2f} s", flush=True)
+    try:
+        t = time.perf_counter()
+        ms.ledger(columns=("sha256", "fingerprint", "bytes"))
+        print(f"ledger read, a resume's columns: {n} shards in {time.perf_counter() - t:.2f} s", flush=True)
+    except TypeError:
+        print("ledger read, a resume's columns: (this checkout reads every column)", flush=True)
+    plan = Plan(ms.scenes(), ms.clips(), ms.shards())
+    t = time.perf_counter()
+    write_index(ms, plan, {})
+    print(f"write_index: {n} shards in {time.perf_counter() - t:.2f} s", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shards", type=int, nargs="+", default=[400])
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--kib", type=int, default=64, help="KiB per frame (16 frames per sample)")
-    p.add_argument("--catalog-only", action="store_true", help="no shard files: time only the loader's start-up")
+    p.add_argument(
+        "--catalog-only", action="store_true", help="no shard files: time the loader's start-up and the ledger only"
+    )
     p.add_argument("--work", default=None, help="folder for the synthetic outputs (default: a temporary one)")
     a = p.parse_args()
 
@@ -121,6 +174,7 @@ def main() -> None:
         cat = training.data.resolve_catalog(DataConfig(root=out))
         dt = time.perf_counter() - t
         print(f"resolve_catalog: {n} shards, {sum(cat.counts.values())} samples in {dt:.2f} s", flush=True)
+        time_ledger(out, n)
         if a.catalog_only:
             continue
         total = sum(
