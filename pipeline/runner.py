@@ -38,6 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from manifests.index_rows import LEDGER_COLUMNS, index_rows
 from manifests.lease import Lease
 from manifests.store import ManifestStore, host_name
 from pipeline.config import OUTPUT_CONFIG_NAME as CONFIG_NAME
@@ -48,7 +49,6 @@ from pipeline.deps import check as check_packages
 from pipeline.feed import FeedMonitor
 from pipeline.plan import Plan, make_plan
 from pipeline.progress import BuildProgress
-from pipeline.split import TRAIN, split_of_clips
 from pipeline.storage import Store
 
 log = logging.getLogger("d4s")
@@ -423,31 +423,9 @@ def _build_holding_lease(
 def write_index(ms: ManifestStore, plan: Plan, val_fractions: dict[str, float] | None = None) -> None:
     """The training index: every written sample's key -> shard, the shard's sha256 and the sample's
     byte offset, from the ledger, with its scene and split (``train`` | ``val``, by scene:
-    :mod:`pipeline.split`)."""
-    ledger = ms.ledger(columns=("samples", "sha256"))
-    split = split_of_clips(plan.clips, val_fractions or {})
-    scene = {c["clip_id"]: c["scene"] for c in plan.clips}
-    rows = []
-    for sh in plan.shards:
-        ev = ledger.get(sh["shard_id"])
-        if not ev or ev["state"] != "done":
-            continue
-        for key, offset, num_frames, dynamic in ev["samples"]:
-            rows.append(
-                {
-                    "key": key,
-                    "dataset": sh["dataset"],
-                    "shard_id": sh["shard_id"],
-                    "shard_path": sh["path"],
-                    "shard_sha256": ev.get("sha256"),
-                    "offset": offset,
-                    "num_frames": num_frames,
-                    "dynamic": dynamic,
-                    "scene": scene.get(key, ""),
-                    "split": split.get(key, TRAIN),
-                }
-            )
-    ms.write_index(rows)
+    :mod:`pipeline.split`); :mod:`manifests.index_rows`."""
+    ledger = ms.ledger(columns=LEDGER_COLUMNS)
+    ms.write_index(index_rows(ledger, plan.clips, plan.shards, val_fractions or {}))
 
 
 def resume(

@@ -91,19 +91,33 @@ def test_mixture_and_scene_filter(shards):
 
 
 def test_reads_a_real_build_output(tmp_path, ray_local):
-    """The trainer's reader on what `d4s build` actually writes (index schema, shard layout)."""
+    """The trainer's reader on what `d4s build` actually writes (index schema, shard layout); and on
+    the same output without its index (a driver stopped before writing it): the same catalog, from
+    the ledger and the plan. Without the index every done shard was read as training data, held-out
+    scenes with it, and validation had nothing."""
+    import os
+
     from conftest import tartanair_config, write_tartanair
 
     from pipeline.runner import build
     from pipeline.sample_format import decode_sample
+    from training.data import resolve_catalog
 
-    write_tartanair(tmp_path / "data", n_scenes=1, frames=7)
-    build(tartanair_config(tmp_path, tmp_path / "data"), show_progress=False)
-    by_ds, counts, keys = resolve_shards(make_config("tiny", data={"root": str(tmp_path / "out")}).data)
-    assert set(by_ds) == {"tartanair"} and counts == {"tartanair": 2}
+    write_tartanair(tmp_path / "data", n_scenes=4, frames=7)
+    ds = {"root": str(tmp_path / "data"), "clip_length": 4, "clip_stride": 3, "track_source": "none"}
+    build(tartanair_config(tmp_path, tmp_path / "data", datasets={"tartanair": {**ds, "val_fraction": 0.5}}), False)
+    data = make_config("tiny", data={"root": str(tmp_path / "out")}).data
+    by_ds, counts, keys = resolve_shards(data)
+    assert set(by_ds) == {"tartanair"} and counts == {"tartanair": len(keys)}
     sample = next(iter_tar(by_ds["tartanair"][0]))
     assert keys[sample["__key__"]] == "tartanair"
     assert decode_sample(sample).depth is not None
+    indexed = {split: resolve_catalog(data, split) for split in ("train", "val")}
+    assert indexed["val"].keys and not set(indexed["val"].keys) & set(indexed["train"].keys)
+    assert len(indexed["val"].keys) + len(indexed["train"].keys) == 8  # 4 scenes of 2 clips
+    os.remove(tmp_path / "out" / "index.parquet")
+    for split, cat in indexed.items():
+        assert resolve_catalog(data, split) == cat, split
 
 
 # --- mixtures follow the stage's filter; splitting; resume with workers; clips too short ---------------

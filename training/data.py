@@ -2,9 +2,9 @@
 
 Shards are tar files (local paths or any fsspec URL). With ``data.root`` = a build's OUT, the shard
 list, each shard's dataset and every sample's byte offset, frame count and static/dynamic flag come
-from ``OUT/index.parquet`` (without one: the shards the ledger records done, as one dataset
-``all``); otherwise ``data.shards`` (paths, URLs or globs) are read as one dataset
-named ``all`` with nothing known before reading.
+from ``OUT/index.parquet`` (without one: the same rows made from the ledger and the plan,
+``manifests/index_rows.py``); otherwise ``data.shards`` (paths, URLs or globs) are read as one
+dataset named ``all`` with nothing known before reading.
 
 A stage *accepts* a clip that passes its scene filter (static / dynamic / any) and has at least
 ``num_frames`` frames. With the index this is decided before any shard is opened: a dataset with no
@@ -107,7 +107,10 @@ def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
 
     ``split``: the index's ``split`` column selects ``train`` samples (for training: held-out scenes are
     never read) or ``val`` ones (validation, ``d4s eval``); an index without the column is all ``train``.
-    Without an index there is no split: every shard is ``train`` and ``val`` is empty.
+    A build output without an index (its driver stopped before writing it) gets the same rows from
+    its ledger and plan (:mod:`manifests.index_rows`), split by its recorded ``val_fraction``. A
+    folder of shards with no plan, or ``data.shards``, has no split: every shard is ``train`` and
+    ``val`` is empty.
     """
     if cfg.root:
         root = cfg.root.rstrip("/")
@@ -119,40 +122,13 @@ def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
             import pyarrow.parquet as pq
 
             with fsspec.open(index, "rb") as f:
-                tab = pq.read_table(f).to_pylist()
-            shards: dict[str, set[str]] = {}
-            counts: dict[str, int] = {}
-            keys = {}
-            samples: dict[str, list[SampleRef]] | None = {}
-            sums: dict[str, str] | None = {} if tab and "shard_sha256" in tab[0] else None
-            for r in tab:
-                # index.parquet schema: manifests/schemas.py INDEX_SCHEMA (shard_path relative to the output)
-                url = shard_url(root, r["shard_path"], index)
-                if sums is not None and r.get("shard_sha256"):
-                    sums[url] = r["shard_sha256"]
-                if (r.get("split") or "train") != split:
-                    # kept in ``samples`` (the shard's layout: runs of consecutive samples are read in one
-                    # go), but not in ``keys``, so no stream ever yields it
-                    if samples is not None and r.get("offset") is not None:
-                        samples.setdefault(url, []).append(
-                            SampleRef(r["key"], int(r["offset"]), int(r["num_frames"] or 0), bool(r["dynamic"]))
-                        )
-                    continue
-                shards.setdefault(r["dataset"], set()).add(url)  # a set: a list's `in` made start-up quadratic
-                counts[r["dataset"]] = counts.get(r["dataset"], 0) + 1
-                keys[r["key"]] = r["dataset"]
-                if samples is not None and all(r.get(c) is not None for c in ("offset", "num_frames", "dynamic")):
-                    samples.setdefault(url, []).append(
-                        SampleRef(r["key"], int(r["offset"]), int(r["num_frames"]), bool(r["dynamic"]))
-                    )
-                else:
-                    samples = None  # an index without per-sample columns: read shards to learn
-            if samples is not None:
-                samples = {u: sorted(v, key=lambda x: x.offset) for u, v in samples.items()}
-            return Catalog({k: sorted(v) for k, v in sorted(shards.items())}, counts, keys, samples, sums)
-        found = _done_shards(root)
-        if found is None:  # no plan recorded: a folder of shards, read as data.shards would be
-            found = _expand(f"{root}/shards/**/*.tar")
+                return _catalog_of_rows(pq.read_table(f).to_pylist(), root, index, split)
+        rows = _rows_of_output(root)
+        if rows is not None:
+            if not rows and split == "train":
+                raise FileNotFoundError(f"no shards recorded done under {root}/shards and no {index}")
+            return _catalog_of_rows(rows, root, f"{root}/manifests/shards.parquet", split)
+        found = _expand(f"{root}/shards/**/*.tar")  # no plan recorded: a folder of shards, read as data.shards
         if split != "train":
             return Catalog({}, {}, {}, None)
         if not found:
@@ -166,22 +142,54 @@ def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
     return Catalog({"all": found}, {"all": len(found)}, {}, None)
 
 
-def _done_shards(root: str) -> list[str] | None:
-    """URLs of the shards the ledger of the output at ``root`` records done, in plan order (None
-    when no plan is recorded there). Without an index (its driver stopped before writing it) a
-    tar under ``shards/`` may be one whose build is still running or was never committed: only
-    done shards have a recorded sha256 to be checked against."""
+def _catalog_of_rows(tab: list[dict], root: str, source: str, split: str) -> Catalog:
+    """The catalog of ``split`` from index rows (``manifests/schemas.py`` INDEX_SCHEMA, shard_path
+    relative to the output; ``source`` names where they come from in errors)."""
+    shards: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
+    keys = {}
+    samples: dict[str, list[SampleRef]] | None = {}
+    sums: dict[str, str] | None = {} if tab and "shard_sha256" in tab[0] else None
+    for r in tab:
+        url = shard_url(root, r["shard_path"], source)
+        if sums is not None and r.get("shard_sha256"):
+            sums[url] = r["shard_sha256"]
+        if (r.get("split") or "train") != split:
+            # kept in ``samples`` (the shard's layout: runs of consecutive samples are read in one
+            # go), but not in ``keys``, so no stream ever yields it
+            if samples is not None and r.get("offset") is not None:
+                samples.setdefault(url, []).append(
+                    SampleRef(r["key"], int(r["offset"]), int(r["num_frames"] or 0), bool(r["dynamic"]))
+                )
+            continue
+        shards.setdefault(r["dataset"], set()).add(url)  # a set: a list's `in` made start-up quadratic
+        counts[r["dataset"]] = counts.get(r["dataset"], 0) + 1
+        keys[r["key"]] = r["dataset"]
+        if samples is not None and all(r.get(c) is not None for c in ("offset", "num_frames", "dynamic")):
+            samples.setdefault(url, []).append(
+                SampleRef(r["key"], int(r["offset"]), int(r["num_frames"]), bool(r["dynamic"]))
+            )
+        else:
+            samples = None  # an index without per-sample columns: read shards to learn
+    if samples is not None:
+        samples = {u: sorted(v, key=lambda x: x.offset) for u, v in samples.items()}
+    return Catalog({k: sorted(v) for k, v in sorted(shards.items())}, counts, keys, samples, sums)
+
+
+def _rows_of_output(root: str) -> list[dict] | None:
+    """The index rows of the build output at ``root`` from its ledger and plan, split by its
+    recorded config's ``val_fraction`` (None when no plan is recorded there). Only done shards are
+    listed: a tar under ``shards/`` may be one whose build is still running or was never committed."""
+    from manifests.index_rows import output_index_rows
     from manifests.store import ManifestStore
+    from pipeline.config import load_output_config
     from pipeline.storage import Store
 
     ms = ManifestStore(Store(root))
     if not ms.has_plan():
         return None
-    ledger = ms.ledger(columns=("sha256",))
-    plan = f"{root}/manifests/shards.parquet"
-    return [
-        shard_url(root, sh["path"], plan) for sh in ms.shards() if ledger.get(sh["shard_id"], {}).get("state") == "done"
-    ]
+    recorded = load_output_config(root)
+    return output_index_rows(ms, {name: ds.val_fraction for name, ds in recorded.datasets.items()})
 
 
 def shard_url(root: str, rel: str, source: str) -> str:
