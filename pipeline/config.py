@@ -48,7 +48,11 @@ class DatasetConfig(_Strict):
     clip_stride: int | None = Field(None, ge=1)
     max_scenes: int | None = Field(None, ge=1)
     max_clips_per_scene: int | None = Field(None, ge=1)
-    repeat_weight: float | None = Field(None, gt=0)
+    repeat_weight: float | None = Field(
+        None,
+        gt=0,
+        description="how often training draws this dataset's clips: multiplies its mixture weight (training's data.repeat replaces it)",
+    )
     loss_weights: dict[LossTerm, float] | None = Field(None, description="per-sample loss weights (missing terms: 1)")
     depth_source: DepthSource | None = Field(None, description="where metric depth comes from (docs/ALIGNMENT.md)")
     track_source: TrackSource | None = Field(None, description="where 3D tracks come from (docs/MODELS.md)")

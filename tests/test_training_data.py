@@ -273,3 +273,27 @@ def test_a_mixture_or_repeat_naming_no_dataset_of_the_data_is_refused(tmp_path):
     repeat = make_config("tiny", data={"root": out, "repeat": {"synth_mixd": 2.0}})
     with pytest.raises(ValueError, match="synth_mixd"):
         ShardStream(repeat.data, repeat.stages[0], 0, 8, 1).weights()
+
+
+def test_a_builds_repeat_weight_scales_its_datasets_mixture_weight(tmp_path):
+    """``datasets.<name>.repeat_weight`` of the build (Virtual KITTI 2's default 0.5: its ten
+    variations re-render the same geometry) reached no one: training weighed every dataset by its
+    clip count alone. Now it multiplies the default weight; ``data.repeat[ds]`` replaces it."""
+    import yaml
+
+    out = str(tmp_path)
+    write_shards(out, n_clips=4, per_shard=2, t=5, size=16, datasets=("vkitti2", "spring"))
+    recorded = {
+        "output": out,
+        "datasets": {"vkitti2": {"root": str(tmp_path / "v")}, "spring": {"root": str(tmp_path / "s")}},
+    }
+    (tmp_path / "config.resolved.yaml").write_text(yaml.safe_dump(recorded))
+    cfg = make_config("tiny", data={"root": out, "shuffle_buffer": 1})
+    stage = cfg.stages[0].model_copy(update={"num_frames": 5})
+    counts = resolve_shards(cfg.data)[1]
+    assert counts["vkitti2"] == counts["spring"] == 2  # training clips (the rest held out)
+    assert ShardStream(cfg.data, stage, 0, 8, 1).weights() == {"vkitti2": 1.0, "spring": 2.0}
+    mixed = stage.model_copy(update={"mixture": {"vkitti2": 1.0, "spring": 1.0}})
+    assert ShardStream(cfg.data, mixed, 0, 8, 1).weights() == {"vkitti2": 0.5, "spring": 1.0}
+    over = make_config("tiny", data={"root": out, "shuffle_buffer": 1, "repeat": {"vkitti2": 3.0}})
+    assert ShardStream(over.data, stage, 0, 8, 1).weights() == {"vkitti2": 6.0, "spring": 2.0}

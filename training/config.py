@@ -117,7 +117,9 @@ class StageConfig(_Strict):
 class DataConfig(_Strict):
     shards: list[str] = []  # shard URLs/paths or globs (local or fsspec); or use ``root``
     root: str | None = None  # a build's OUT: reads OUT/index.parquet and OUT/shards/**.tar
-    repeat: dict[str, Weight] = {}  # per-dataset repeat weight (multiplies the mixture weight)
+    repeat: dict[
+        str, Weight
+    ] = {}  # per-dataset repeat weight (multiplies the mixture weight; replaces the build's repeat_weight)
     shuffle_buffer: int = Field(64, ge=1)
     num_workers: int = Field(0, ge=0)  # DataLoader workers per rank
     seed: int = 0

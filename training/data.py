@@ -28,7 +28,8 @@ The stream of one *part* (= one DataLoader worker of one rank; ``n_parts = world
   all shards (the first, when there are fewer), so its stream ends only when no shard has one. A shuffle buffer
   (``shuffle_buffer`` samples, seeded per part and epoch, drained at the epoch's end) reorders them;
 * a mixture: each output sample's dataset is drawn with probability proportional to
-  ``stage.mixture[ds]`` (or the dataset's accepted-clip count when no mixture is set) x ``data.repeat[ds]``;
+  ``stage.mixture[ds]`` (or the dataset's accepted-clip count when no mixture is set) x its repeat
+  weight: ``data.repeat[ds]``, else the build's ``datasets.<ds>.repeat_weight`` (its recorded config), else 1;
 * per sample: ``T`` frames at a random stride (<= ``max_frame_stride``) and start, decoded, centre-cropped
   to a square and resized to the stage resolution (intrinsics follow exactly), the world re-expressed
   in the first camera's frame, ``tracks_per_sample`` tracks drawn, the ``caption`` of ``meta.json``
@@ -100,6 +101,8 @@ class Catalog(NamedTuple):
     # shard URL -> the sha256 its build recorded (index.parquet's shard_sha256; None: the index has
     # no such column, or there is no index: see shard_checksums)
     checksums: dict[str, str] | None = None
+    # dataset -> the build's ``datasets.<name>.repeat_weight`` (its recorded config; empty without one)
+    repeat: dict[str, float] = {}
 
 
 def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
@@ -122,12 +125,14 @@ def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
             import pyarrow.parquet as pq
 
             with fsspec.open(index, "rb") as f:
-                return _catalog_of_rows(pq.read_table(f).to_pylist(), root, index, split)
+                cat = _catalog_of_rows(pq.read_table(f).to_pylist(), root, index, split)
+            return cat._replace(repeat=_repeat_weights(root))
         rows = _rows_of_output(root)
         if rows is not None:
             if not rows and split == "train":
                 raise FileNotFoundError(f"no shards recorded done under {root}/shards and no {index}")
-            return _catalog_of_rows(rows, root, f"{root}/manifests/shards.parquet", split)
+            cat = _catalog_of_rows(rows, root, f"{root}/manifests/shards.parquet", split)
+            return cat._replace(repeat=_repeat_weights(root))
         found = _expand(f"{root}/shards/**/*.tar")  # no plan recorded: a folder of shards, read as data.shards
         if split != "train":
             return Catalog({}, {}, {}, None)
@@ -174,6 +179,19 @@ def _catalog_of_rows(tab: list[dict], root: str, source: str, split: str) -> Cat
     if samples is not None:
         samples = {u: sorted(v, key=lambda x: x.offset) for u, v in samples.items()}
     return Catalog({k: sorted(v) for k, v in sorted(shards.items())}, counts, keys, samples, sums)
+
+
+def _repeat_weights(root: str) -> dict[str, float]:
+    """Each dataset's ``repeat_weight`` as the build at ``root`` resolved it (the adapter's default
+    when its config set none; docs/DATASETS.md says why per dataset); empty when the output has no
+    recorded config (a folder of shards written by other means)."""
+    from pipeline.config import OUTPUT_CONFIG_NAME, load_output_config
+    from pipeline.storage import Store
+
+    if not Store(root).exists(OUTPUT_CONFIG_NAME):
+        return {}
+    resolved = load_output_config(root).resolved()
+    return {name: float(ds.repeat_weight) for name, ds in resolved.datasets.items() if ds.repeat_weight is not None}
 
 
 def _rows_of_output(root: str) -> list[dict] | None:
@@ -679,7 +697,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 base = float(accepted[ds] if accepted is not None else self.counts[ds])
             if accepted is not None and accepted[ds] == 0:
                 base = 0.0
-            out[ds] = base * self.data.repeat.get(ds, 1.0)
+            # data.repeat[ds] replaces the build's repeat_weight of ds
+            out[ds] = base * self.data.repeat.get(ds, self.catalog.repeat.get(ds, 1.0))
         if not any(v > 0 for v in out.values()):
             what = f"'{self.stage.scenes}' clips of at least {self.stage.num_frames} frames"
             if accepted is not None:
