@@ -297,3 +297,29 @@ def test_a_builds_repeat_weight_scales_its_datasets_mixture_weight(tmp_path):
     assert ShardStream(cfg.data, mixed, 0, 8, 1).weights() == {"vkitti2": 0.5, "spring": 1.0}
     over = make_config("tiny", data={"root": out, "shuffle_buffer": 1, "repeat": {"vkitti2": 3.0}})
     assert ShardStream(over.data, stage, 0, 8, 1).weights() == {"vkitti2": 6.0, "spring": 2.0}
+
+
+def test_fewer_shards_than_parts_every_clip_is_drawn_alike_over_many_epochs(tmp_path):
+    """10 clips in 3 shards, 8 parts: the parts' ranges walked over the samples in each epoch's
+    shard order, which the epoch's permutation reshuffles, so the counts drifted apart like a
+    random walk (40 epochs: 59 to 69 reads for an expected 64). They walk over a fixed order now:
+    after any number of epochs every clip is read as often as every other, within one."""
+    from collections import Counter
+
+    from training.data import resolve_catalog
+
+    out = str(tmp_path)
+    write_shards(out, n_clips=10, per_shard=4, t=5, size=16, datasets=("synth_static",), val=lambda ds, i: False)
+    cfg = make_config("tiny", data={"root": out, "shuffle_buffer": 1})
+    cat = resolve_catalog(cfg.data)
+    (urls,) = cat.shards.values()
+    assert len(urls) == 3
+    streams = [
+        DatasetStream("synth_static", urls, p, 8, 0, 1, lambda s: True, cat.keys, cat.samples, None, {})
+        for p in range(8)
+    ]
+    counts: Counter = Counter()
+    for e in range(40):
+        for st in streams:
+            counts.update(s["__key__"] for s in st._epoch(e))
+        assert len(counts) == 10 and max(counts.values()) - min(counts.values()) <= 1, (e, counts)

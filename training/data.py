@@ -18,7 +18,7 @@ The stream of one *part* (= one DataLoader worker of one rank; ``n_parts = world
 
 * per dataset, an endless sequence of epochs. Epoch ``e`` permutes the dataset's shards with
   ``seed``; parts take every ``n_parts``-th shard (split by node, then by worker). When a dataset has
-  fewer shards (holding accepted clips) than parts, the accepted samples in epoch order are cut
+  fewer shards (holding accepted clips) than parts, the accepted samples in the catalog's order (the same every epoch) are cut
   into ``n_parts`` ranges of ceil(N / n_parts) consecutive samples (wrapping around; part p reads
   only its range, seeking to the samples' byte offsets), which walk on by all of them every epoch:
   the dataset is read about once per epoch in total, not once per part, and every sample alike
@@ -487,7 +487,10 @@ class DatasetStream:
         if len(shards) >= self.n_parts:
             mine = [(u, wanted[u]) for u in shards[self.part :: self.n_parts]]
         else:
-            flat = [(u, ir) for u in shards for ir in wanted[u]]
+            # the samples in the catalog's order, the same every epoch: a walk over the epoch's
+            # shard permutation instead read some samples more often than others, drifting apart
+            # like a random walk over epochs (the shuffle buffer does the mixing)
+            flat = [(u, ir) for u in self.shards if u in wanted for ir in wanted[u]]
             n = len(flat)
             if n == 0:
                 return
