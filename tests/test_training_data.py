@@ -323,3 +323,24 @@ def test_fewer_shards_than_parts_every_clip_is_drawn_alike_over_many_epochs(tmp_
         for st in streams:
             counts.update(s["__key__"] for s in st._epoch(e))
         assert len(counts) == 10 and max(counts.values()) - min(counts.values()) <= 1, (e, counts)
+
+
+@pytest.mark.parametrize("n_clips", [3, 10])
+def test_without_an_index_fewer_samples_than_parts_every_clip_is_drawn_alike(tmp_path, n_clips):
+    """``data.shards`` (no index), one shard, 8 parts: each part kept every 8th sample, so with 10
+    clips parts of one clip drew theirs twice as often as parts of two; with 3, five parts fell
+    back to the first clip (drawn 6 times as often as the others). The parts now cut equally long
+    ranges of the accepted clips, as with an index: every clip is read alike, within one."""
+    from collections import Counter
+
+    out = str(tmp_path)
+    write_shards(out, n_clips=n_clips, per_shard=n_clips, t=5, size=16, datasets=("s",), val=lambda ds, i: False)
+    cfg = make_config("tiny", data={"shards": [out + "/shards/**/*.tar"], "shuffle_buffer": 1})
+    (urls,) = resolve_shards(cfg.data)[0].values()
+    streams = [DatasetStream("all", urls, p, 8, 0, 1, lambda s: True, {}) for p in range(8)]
+    counts: Counter = Counter()
+    for e in range(12):
+        per_part = [[s["__key__"] for s in st._epoch(e)] for st in streams]
+        assert len({len(k) for k in per_part}) == 1, per_part  # every part emits at the same rate
+        counts.update(k for keys in per_part for k in keys)
+        assert len(counts) == n_clips and max(counts.values()) - min(counts.values()) <= 1, (e, counts)

@@ -23,9 +23,11 @@ The stream of one *part* (= one DataLoader worker of one rank; ``n_parts = world
   only its range, seeking to the samples' byte offsets), which walk on by all of them every epoch:
   the dataset is read about once per epoch in total, not once per part, and every sample alike
   over epochs (equally long ranges: every part emits at the same rate). Without an index that case
-  falls back to every part reading every shard and keeping every ``n_parts``-th sample; and a part
-  whose shards of an epoch hold no accepted sample takes every ``n_parts``-th accepted sample of
-  all shards (the first, when there are fewer), so its stream ends only when no shard has one. A shuffle buffer
+  cuts the same ranges, after one read of every shard to learn which samples the stage accepts
+  (``meta.json``); each epoch a part then reads the shards holding its range, up to its last
+  sample there. With as many shards as parts, a part whose shards of an epoch hold no accepted
+  sample (no index) takes every ``n_parts``-th accepted sample of all shards (the first, when
+  there are fewer), so its stream ends only when no shard has one. A shuffle buffer
   (``shuffle_buffer`` samples, seeded per part and epoch, drained at the epoch's end) reorders them;
 * a mixture: each output sample's dataset is drawn with probability proportional to
   ``stage.mixture[ds]`` (or the dataset's accepted-clip count when no mixture is set) x its repeat
@@ -431,6 +433,7 @@ class DatasetStream:
         self.seed, self.buf_size, self.accept, self.keys = seed, shuffle_buffer, accept, keys
         self.samples, self.accept_ref = samples, accept_ref or (lambda r: True)
         self.checksums = checksums or {}  # shard URL -> recorded sha256, checked before the shard is used
+        self._accepted: list[tuple[str, int]] | None = None  # no index: (shard, position) of accepted samples
 
     def _epoch(self, e: int) -> Iterator[dict]:
         order = _rng(self.seed, _ds_id(self.name), e).permutation(len(self.shards))
@@ -438,14 +441,12 @@ class DatasetStream:
         if self.samples is not None:
             yield from self._epoch_indexed(shards, e)
             return
-        by_shard = len(shards) >= self.n_parts
-        mine = shards[self.part :: self.n_parts] if by_shard else shards
-        n = got = 0
-        for url in mine:
+        if len(shards) < self.n_parts:
+            yield from self._epoch_ranged(e)
+            return
+        got = 0
+        for url in shards[self.part :: self.n_parts]:
             for s in self._listed(url):
-                n += 1
-                if not by_shard and (n - 1) % self.n_parts != self.part:
-                    continue
                 if self.accept(s):
                     got += 1
                     yield s
@@ -465,6 +466,28 @@ class DatasetStream:
                     k += 1
             if not got and first is not None:
                 yield first
+
+    def _epoch_ranged(self, e: int) -> Iterator[dict]:
+        """No index, fewer shards than parts: this part's range of the accepted samples, cut as
+        :meth:`_epoch_indexed` cuts them (equally long, walking on every epoch, over the same order
+        every epoch). Which samples are accepted is learnt once, reading every shard (``meta.json``);
+        each epoch then reads the shards that hold its range, up to its last sample there."""
+        if self._accepted is None:
+            self._accepted = [(u, i) for u in self.shards for i, s in enumerate(self._listed(u)) if self.accept(s)]
+        flat = self._accepted
+        n = len(flat)
+        if n == 0:
+            return  # nothing passes the stage's filter anywhere: the stream ends
+        length = -(-n // self.n_parts)
+        start = (e * length * self.n_parts + self.part * length) % n
+        picked = {flat[(start + j) % n] for j in range(length)}
+        for url in dict.fromkeys(u for u, _ in flat):
+            last = max((i for u, i in picked if u == url), default=-1)
+            for i, s in enumerate(self._listed(url)):
+                if i > last:
+                    break
+                if (url, i) in picked:
+                    yield s
 
     def _listed(self, url: str) -> Iterator[dict]:
         """The shard's samples; with an index, only those it lists for this dataset and split."""
