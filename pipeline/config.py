@@ -257,6 +257,11 @@ class RayConfig(_Strict):
     retry_backoff_s: float = Field(
         30.0, ge=0, description="wait before the first re-run of such a shard; doubles with each re-run"
     )
+    unplaceable_wait_s: float = Field(
+        1800.0,
+        gt=0,
+        description="on a joined cluster, how long a model actor or MegaSaM run that no node can hold waits for its autoscaler to add one before the build stops, naming the setting",
+    )
 
 
 class LeaseConfig(_Strict):

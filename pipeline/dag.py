@@ -392,6 +392,11 @@ def node_fit_problems(wanted: list[tuple[str, str, float, float]], nodes: list[d
     return out
 
 
+def _alive_node_resources() -> list[dict]:
+    """The resources of each node of the cluster that is alive now."""
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+
+
 def cuda_shortfall(stage_gpus: float, ray_gpus: float, cuda_devices: int, simulated: bool) -> str | None:
     """Why a local Ray's GPUs cannot run a model stage, or None: Ray counts ``ray.num_gpus`` GPUs
     whatever CUDA has, and an actor placed on one it cannot open dies at start, again and again."""
@@ -498,6 +503,9 @@ class ShardDAG:
         self._preflight()
         ensure_ray(cfg)
         self._check_gpus()
+        # (setting, what, cpus, gpus) that no node of a joined cluster holds yet: _watch_unfit
+        self._unfit: list[tuple[str, str, float, float]] = []
+        self._unfit_since = self._unfit_next_look = time.monotonic()
         self._check_nodes()
         self.cfg_ref = ray.put(cfg)
         self.pools = {}
@@ -621,12 +629,19 @@ class ShardDAG:
             wanted.append(
                 ("stages.align.megasam_num_cpus / megasam_num_gpus", "a MegaSaM run", st.num_cpus, st.num_gpus)
             )
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        nodes = _alive_node_resources()
         joined = _joined_cluster(self.cfg)
-        for problem in node_fit_problems(wanted, nodes):
-            if not joined:
-                raise ConfigError(f"{problem}: this local Ray cannot gain nodes; lower the setting")
-            log.warning("%s: it waits until such a node joins (an autoscaler node type must be that large)", problem)
+        for w in wanted:
+            for problem in node_fit_problems([w], nodes):
+                if not joined:
+                    raise ConfigError(f"{problem}: this local Ray cannot gain nodes; lower the setting")
+                log.warning(
+                    "%s: it waits up to ray.unplaceable_wait_s = %g s for such a node to join (an autoscaler "
+                    "node type must be that large)",
+                    problem,
+                    self.cfg.ray.unplaceable_wait_s,
+                )
+                self._unfit.append(w)
         gpus = max((st.num_gpus for st in self._actor_steps()), default=0.0)
         ray_gpus = ray.cluster_resources().get("GPU", 0.0)
         if not joined and gpus > 0 and ray_gpus > 0 and not self.cfg.fault.gpus_are_simulated:
@@ -635,6 +650,29 @@ class ShardDAG:
             why = cuda_shortfall(gpus, ray_gpus, torch.cuda.device_count(), simulated=False)
             if why:
                 raise ConfigError(why)
+
+    def _watch_unfit(self) -> None:
+        """On a joined cluster, what no node could hold at the start (``_check_nodes``) gets
+        ``ray.unplaceable_wait_s`` for a node that holds it to join (looked at every 10 s at most);
+        past that the build stops in one line. Waiting on, every shard in flight would meet its
+        deadline (6 h by default) and fail as transient, again on every resume."""
+        if not self._unfit:
+            return
+        now = time.monotonic()
+        if now < self._unfit_next_look:
+            return
+        self._unfit_next_look = now + 10.0
+        problems = node_fit_problems(self._unfit, _alive_node_resources())
+        if not problems:
+            log.info("a node that holds %s joined", ", ".join(w[1] for w in self._unfit))
+            self._unfit = []
+            return
+        wait = self.cfg.ray.unplaceable_wait_s
+        if now - self._unfit_since >= wait:
+            raise ConfigError(
+                f"{problems[0]}: no such node joined within ray.unplaceable_wait_s = {wait:g} s; lower the "
+                "setting or give the cluster a node type that large, then `d4s resume`"
+            )
 
     def _actor_cpus(self, st) -> float:
         """The CPUs each actor of ``st`` reserves. On a small CPU-only cluster (a laptop) model
@@ -814,6 +852,7 @@ class ShardDAG:
             return failure
 
         while queue or inflight or waiting:
+            self._watch_unfit()
             now = time.monotonic()
             while waiting and waiting[0][0] <= now:
                 queue.appendleft(heapq.heappop(waiting)[2])

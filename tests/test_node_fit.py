@@ -55,3 +55,27 @@ def test_a_local_build_whose_megasam_run_fits_no_node_is_refused_before_any_work
     msg = str(err.value)
     assert "megasam_num_cpus" in msg and "8 CPUs" in msg and "largest: 2 CPUs" in msg
     assert not (tmp_path / "out" / "shards").exists()
+
+
+def test_on_a_joined_cluster_a_stage_no_node_holds_stops_the_build_after_the_wait(tmp_path, ray_local, monkeypatch):
+    """A joined cluster's autoscaler may add a node large enough, so the build starts with a
+    warning; when none joins within ``ray.unplaceable_wait_s`` the build stops in one line naming
+    the setting (it used to wait until each shard in flight met its deadline, 6 h by default, and
+    fail it as transient, again on every resume). Here a local Ray plays the joined cluster."""
+    import time
+
+    import pipeline.dag
+
+    monkeypatch.setattr(pipeline.dag, "_joined_cluster", lambda cfg: True)
+    cfg = realestate10k_vda_config(tmp_path, 1, shard_deadline_s=100)  # the loop looks every 10 s
+    cfg.datasets["realestate10k"].depth_source = "megasam"
+    cfg.stages.align.megasam_command = "true {frames_dir} {out_npz}"
+    cfg.stages.align.megasam_num_gpus = 0
+    cfg.stages.align.megasam_num_cpus = 8
+    cfg.ray.unplaceable_wait_s = 3
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        build(cfg, show_progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "megasam_num_cpus" in msg and "unplaceable_wait_s = 3 s" in msg, msg
+    assert time.monotonic() - t0 < 120
