@@ -394,11 +394,14 @@ class Lease:
 
 def lease_status(store: Store) -> dict | None:
     """The lease record of an output for ``d4s status`` (read only; None when none was ever taken):
-    who holds it, since when, and whether it was released. Times are the holder's clock."""
+    who holds it, since when, whether it was released, and ``stale``: why a lease not released is
+    no longer held (its driver gone, not renewed within its TTL), None while a driver holds it.
+    Times are the holder's clock."""
     got = store.read_versioned(LEASE_PATH)
     if got is None:
         return None
     rec = _record(store, got[0])
+    stale = None if rec.released else Lease(store)._stale_reason(rec)[0]
     return {
         "owner": rec.owner,
         "command": rec.command,
@@ -409,6 +412,7 @@ def lease_status(store: Store) -> dict | None:
         "renewed_at": rec.renewed_at,
         "ttl_s": rec.ttl_s,
         "released": rec.released,
+        "stale": stale,
     }
 
 

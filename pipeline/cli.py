@@ -200,21 +200,25 @@ def status(output: str = typer.Argument(...), as_json: bool = typer.Option(False
 
         when = lambda t: datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")  # noqa: E731
         who = f"`d4s {lease['command']}` {lease['owner']} on {lease['host']} (pid {lease['pid']})"
-        out_console.print(
-            f"lease: released by {who} at {when(lease['renewed_at'])}"
-            if lease["released"]
-            else f"lease: held by {who} since {when(lease['acquired_at'])}, last renewed "
-            f"{when(lease['renewed_at'])} (its clock; TTL {lease['ttl_s']:g} s)",
-            highlight=False,
-            markup=False,
-        )
+        since = f"since {when(lease['acquired_at'])}, last renewed {when(lease['renewed_at'])}"
+        if lease["released"]:
+            text = f"lease: released by {who} at {when(lease['renewed_at'])}"
+        elif lease.get("stale"):
+            text = f"lease: left by {who} ({since}): {lease['stale']}; `d4s resume` takes it over"
+        else:
+            text = f"lease: held by {who} {since} (its clock; TTL {lease['ttl_s']:g} s)"
+        out_console.print(text, highlight=False, markup=False, soft_wrap=True)
     tp = st["throughput"]
     if tp["clips_per_s"]:
         eta = tp["eta_s"]
+        if tp.get("stopped"):
+            left = f"stopped with {tp['clips_left']} clips pending (`d4s resume` continues)"
+        else:
+            left = "nothing left" if not eta else f"ETA {_duration(eta)} for what is pending"
         out_console.print(
-            f"latest build: {tp['clips']} clips in {tp['seconds']:.0f} s = {tp['clips_per_s']:.2f} clips/s; "
-            + ("nothing left" if not eta else f"ETA {_duration(eta)} for what is pending"),
+            f"latest build: {tp['clips']} clips in {tp['seconds']:.0f} s = {tp['clips_per_s']:.2f} clips/s; " + left,
             highlight=False,
+            soft_wrap=True,
         )
     if st["stage_seconds"]:
         out_console.print("stage time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in st["stage_seconds"].items()))

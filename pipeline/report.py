@@ -272,7 +272,14 @@ def _summary(st: dict, builds: list[dict]) -> str:
         parts.append(
             f"<p>Latest build <code>{_esc(tp['build_id'])}</code>: {tp['clips']} clips in "
             f"{_esc(_fmt_secs(tp['seconds']))} = <b>{tp['clips_per_s']:.3g} clips/s</b>; "
-            + ("nothing left to do." if not eta else f"ETA {_esc(_fmt_secs(eta))} for what is pending.")
+            + (
+                f"stopped with {tp['clips_left']} clips pending (no driver holds the output: "
+                "<code>d4s resume</code> continues)."
+                if tp.get("stopped")
+                else "nothing left to do."
+                if not eta
+                else f"ETA {_esc(_fmt_secs(eta))} for what is pending."
+            )
             + "</p>"
         )
     else:

@@ -81,25 +81,23 @@ def build_window(evs: list[dict]) -> tuple[float | None, float | None, int]:
     return (min(starts) if starts else None), (max(ends) if ends else None), clips
 
 
-def _throughput(events: list[dict], clips_left: int) -> dict:
-    """Clips per second of the latest build (first submission to last finished shard) and ETA."""
+def _throughput(events: list[dict], clips_left: int, driving: bool = True) -> dict:
+    """Clips per second of the latest build (first submission to last finished shard) and ETA.
+    ``driving``: a driver holds the output now; without one, clips left are not being built:
+    ``stopped`` (with ``clips_left``) and no ETA (`d4s resume` continues)."""
+    stopped = bool(clips_left) and not driving
     builds = [e["build_id"] for e in events if e.get("build_id")]
     if not builds:
-        return {"build_id": None, "clips": 0, "seconds": 0.0, "clips_per_s": None, "eta_s": None}
+        return {"build_id": None, "clips": 0, "seconds": 0.0, "clips_per_s": None, "eta_s": None, "stopped": stopped}
     latest = builds[-1]
     start, end, clips = build_window([e for e in events if e.get("build_id") == latest])
+    base = {"build_id": latest, "clips": clips, "stopped": stopped, "clips_left": clips_left}
     if start is None or end is None:
-        return {"build_id": latest, "clips": clips, "seconds": 0.0, "clips_per_s": None, "eta_s": None}
+        return {**base, "seconds": 0.0, "clips_per_s": None, "eta_s": None}
     secs = end - start
     rate = clips / secs if secs > 0 else None
-    eta = (clips_left / rate) if rate else None
-    return {
-        "build_id": latest,
-        "clips": clips,
-        "seconds": round(secs, 3),
-        "clips_per_s": rate,
-        "eta_s": 0.0 if clips_left == 0 else eta,
-    }
+    eta = (clips_left / rate) if rate and not stopped else None
+    return {**base, "seconds": round(secs, 3), "clips_per_s": rate, "eta_s": 0.0 if clips_left == 0 else eta}
 
 
 def _counters(ev: dict, order: list[str], num_clips: int) -> dict[str, dict]:
@@ -131,7 +129,7 @@ def collect_status(output: str, events: list[dict] | None = None) -> dict:
     timings = Counter()
     # a shard is running while the build that marked it so holds the output's lease (queued or at
     # work in that build); one left "running" by a dead driver is pending work for `d4s resume`
-    live = live_owner(store) if any(ev["state"] == "running" for ev in ledger.values()) else None
+    live = live_owner(store)
     for sh in ms.shards():
         ds_name = sh["dataset"]
         order = stages_for(cfg, ds_name) if ds_name in cfg.datasets else ["ingest", "encode", "write"]
@@ -192,7 +190,7 @@ def collect_status(output: str, events: list[dict] | None = None) -> dict:
         },
         "shards": {k: int(shards.get(k, 0)) for k in ("done", "failed", "running", "pending")},
         "stage_seconds": {k: round(v, 3) for k, v in sorted(timings.items())},
-        "throughput": _throughput(events, clips_left),
+        "throughput": _throughput(events, clips_left, driving=live is not None),
         "qc": qc_distributions(qc_records),
         "drops": {d: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for d, c in sorted(drops.items())},
         "failures": failures,

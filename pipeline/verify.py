@@ -91,6 +91,9 @@ def verify(output: str, workers: int | None = None) -> VerifyReport:
         rep.not_an_output = True
         return rep
     ledger = ms.ledger(columns=("sha256", "samples", "clips_failed"))
+    from manifests.lease import live_owner
+
+    live = live_owner(store) if any(ev["state"] == "running" for ev in ledger.values()) else None
     listing = store.files_detail("shards")  # one listing, not a request per shard
     seen: dict[str, str] = {}
     indexed: dict[str, tuple] = {}  # key -> (shard path, sha256, offset) as the ledger records them
@@ -101,7 +104,10 @@ def verify(output: str, workers: int | None = None) -> VerifyReport:
         planned_paths.add(rel)
         ev = ledger.get(sid)
         if not ev or ev["state"] != "done":
-            rep.problems.append(f"{rel}: shard not done (state {ev['state'] if ev else 'pending'})")
+            state = ev["state"] if ev else "pending"
+            if state == "running" and ev.get("build_id") != live:  # its driver is gone
+                state = "running when its driver stopped; `d4s resume` redoes it"
+            rep.problems.append(f"{rel}: shard not done (state {state})")
             continue
         if rel not in listing:
             rep.problems.append(f"{rel}: missing (ledger says done)")

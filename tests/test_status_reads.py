@@ -156,9 +156,9 @@ from pipeline.cli import app
 
 reads = []
 real = ManifestStore.ledger_events
-def counted(self):
+def counted(self, *a, **k):
     reads.append(1)
-    return real(self)
+    return real(self, *a, **k)
 ManifestStore.ledger_events = counted
 out, counts = sys.argv[1], {}
 for cmd in (["status", out, "--json"], ["status", out], ["report", out], ["verify", out]):
@@ -198,3 +198,53 @@ def test_status_shows_the_live_builds_shards_as_running(tmp_path):
     other.acquire()  # another build holds the output: "b"'s shard is not being worked on
     assert collect_status(str(out))["shards"]["running"] == 0
     other.release()
+
+
+def test_status_and_report_of_an_output_whose_driver_died(tmp_path):
+    """A driver killed mid-build (SIGKILL) left its lease unreleased: status said the lease was
+    "held by" it and gave an ETA "for what is pending", report.html too, though nothing was at
+    work. Now the lease is named as left by a driver that is gone, and the build as stopped."""
+    from typer.testing import CliRunner
+
+    from manifests.lease import LEASE_PATH, Lease
+    from pipeline.cli import app
+
+    out = _output(tmp_path, build_id="b")  # one shard done by build "b"
+    store = Store(str(out))
+    ms = ManifestStore(store)
+    (shard,) = ms.shards()
+    extra = {**shard, "shard_id": "more-000001", "path": shard["path"].replace(".tar", "-1.tar")}
+    extra["clip_ids"] = [c + "x" for c in shard["clip_ids"]]
+    clips = ms.clips() + [{**c, "clip_id": c["clip_id"] + "x", "shard_id": "more-000001"} for c in ms.clips()]
+    ms.write_plan(ms.scenes(), clips, [shard, extra])  # a second shard, never started: pending clips
+    ms.append_events([{"shard_id": "more-000001", "state": "running", "build_id": "b", "started_at": 2.0}])
+    lease = Lease(store, owner="b", ttl_s=3600)
+    lease.acquire()
+    live = CliRunner().invoke(app, ["status", str(out)]).output
+    assert "lease: held by" in live and "ETA" in live, live
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    data, version = store.read_versioned(LEASE_PATH)
+    rec = json.loads(data)
+    rec["pid"], rec["pid_start"] = dead.pid, ""  # as if the driver holding it had been killed
+    assert store.replace_if_version(LEASE_PATH, json.dumps(rec).encode(), version)
+
+    r = CliRunner().invoke(app, ["status", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "held by" not in r.output and "ETA" not in r.output, r.output
+    (line,) = [ln for ln in r.output.splitlines() if ln.startswith("lease:")]
+    assert "left by" in line and "is gone" in line and "d4s resume" in line, line
+    assert "stopped" in r.output and "5 clips pending" in r.output, r.output
+    st = json.loads(CliRunner().invoke(app, ["status", str(out), "--json"]).output)
+    assert st["lease"]["stale"] and st["throughput"]["eta_s"] is None and st["throughput"]["stopped"]
+    r = CliRunner().invoke(app, ["report", str(out)])
+    html = (out / "report.html").read_text()
+    assert "ETA" not in html and "stopped" in html
+
+
+def test_verify_names_a_shard_left_running_by_a_driver_that_is_gone(tmp_path):
+    from pipeline.verify import verify
+
+    out = _output(tmp_path, done=False, build_id="b")  # no lease: no driver holds the output
+    (problem,) = verify(str(out)).problems
+    assert "shard not done" in problem and "driver stopped" in problem and "d4s resume" in problem, problem
