@@ -7,15 +7,38 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from pipeline import strict_json
 from pipeline.config import ConfigError, load_config, read_text_file
 
+
+class _OneLineGroup(TyperGroup):
+    """Runs every command (``d4s ...`` and CliRunner alike) so that an object store it could not
+    use (no credentials, no answer: :mod:`pipeline.store_errors`) is one line, exit 2, wherever in
+    the command it was met, instead of a traceback."""
+
+    def invoke(self, ctx):
+        from pipeline.store_errors import store_problem
+
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise  # a command's own exit (one line already said) or usage error
+        except Exception as exc:
+            msg = store_problem(exc)
+            if msg is None:
+                raise
+            _fail(msg)
+
+
 app = typer.Typer(
+    cls=_OneLineGroup,
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
@@ -87,12 +110,15 @@ def _read_or_fail(fn, *args, **kwargs):
     """Run a read-only command's work: not an output, a damaged manifest, a config of another
     version, or a store that does not answer is one line naming the file (exit 2)."""
     from pipeline.failures import describe, is_transient
+    from pipeline.store_errors import store_problem
 
     try:
         return fn(*args, **kwargs)
     except (FileNotFoundError, ConfigError) as exc:
         _fail(str(exc).strip("'\""))
     except Exception as exc:
+        if store_problem(exc):
+            _fail(store_problem(exc))
         if is_transient(exc) or type(exc).__module__.startswith("botocore"):
             _fail(f"the output store did not answer ({describe(exc)}); try again")
         raise
