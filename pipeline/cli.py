@@ -455,21 +455,26 @@ def plan(
             if markdown:
                 _fail("--markdown goes with --full-build")
             if demo:
-                import tempfile
+                from pipeline.demo import build_demo
 
-                from pipeline.demo.build_demo import demo_config
-
-                cfg = demo_config(tempfile.mkdtemp(prefix="d4s-plan-demo-"))
+                with _plan_demo_folder() as folder:  # the demo data, read by the report's probe
+                    rep = capacity.capacity_report(build_demo.demo_config(folder), costs=costs)
             elif config:
-                cfg = load_config(config)
+                rep = capacity.capacity_report(load_config(config), costs=costs)
             else:
                 _fail("give a CONFIG.yaml, --demo, --full-build or --counts FILE")
-            rep = capacity.capacity_report(cfg, costs=costs)
     except ConfigError as exc:
         _fail(str(exc))
     out_console.print_json(strict_json.dumps(rep)) if as_json else out_console.print(
         capacity.format_capacity(rep), highlight=False
     )
+
+
+def _plan_demo_folder():
+    """A temporary folder for `plan --demo`'s rendered data, removed when the report is made."""
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix="d4s-plan-demo-")
 
 
 def _counts_table(path: str) -> list[dict]:

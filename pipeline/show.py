@@ -71,6 +71,12 @@ def show_clip(output: str, key: str, rrd: str | None = None, spawn: bool = False
         raise ShowError(
             f"--rrd {rrd} is a folder; give the recording file to write, e.g. {os.path.join(rrd, 'clip.rrd')}"
         )
+    if rrd and "://" not in rrd:
+        parent = os.path.dirname(os.path.abspath(rrd))
+        while parent and not os.path.exists(parent) and os.path.dirname(parent) != parent:
+            parent = os.path.dirname(parent)
+        if os.path.exists(parent) and not os.path.isdir(parent):  # checked before any work
+            raise ShowError(f"--rrd {rrd}: {parent} is a file, not a folder to write the recording in")
     rr = import_rerun()
     if spawn and shutil.which("rerun") is None:
         raise ShowError(

@@ -126,7 +126,10 @@ def test_show_errors_are_one_line(output, tmp_path, monkeypatch):
         (["show", out, "--clip", output["failed"], "--rrd", str(tmp_path / "a.rrd")], "failed at align"),
         (["show", str(tmp_path), "--clip", KEY, "--rrd", str(tmp_path / "a.rrd")], "not a d4s output"),
         (["show", out, "--clip", KEY, "--rrd", str(tmp_path)], "is a folder"),  # was an IsADirectoryError traceback
+        # a file where a folder of the path should be: was a FileExistsError traceback
+        (["show", out, "--clip", KEY, "--rrd", str(tmp_path / "afile" / "c.rrd")], "afile is a file"),
     ]
+    (tmp_path / "afile").write_text("x")
     for args, msg in cases:
         r = runner.invoke(app, args)
         assert r.exit_code == 2 and msg in r.output, (args, r.output)
