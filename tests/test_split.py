@@ -63,7 +63,7 @@ def test_index_rows_carry_scene_and_split_in_the_schema():
     class FakeManifests:
         rows = None
 
-        def ledger(self):
+        def ledger(self, columns=None):
             return {
                 "tartanair-000000": {
                     "state": "done",
