@@ -84,3 +84,25 @@ def test_an_endpoint_where_nothing_answers_is_one_line(no_credentials, monkeypat
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     _one_line(CliRunner().invoke(app, ["resume", f"{U}/out"]), "did not answer")
+
+
+@pytest.mark.parametrize("cmd", ["generate", "eval", "eval --rrd"])
+def test_an_out_on_s3_without_credentials_is_refused_before_any_work(no_credentials, monkeypatch, cmd):
+    """``--out s3://...`` of generate and eval: the whole generation (or evaluation) ran first, and
+    the command failed only when it wrote its results."""
+    from conftest import write_tiny_use_inputs
+
+    def refuse(*a, **k):
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+
+    write_tiny_use_inputs(no_credentials, step=3)
+    monkeypatch.setattr("training.load.load_model", refuse)
+    ckpt = str(next(no_credentials.rglob("*.pt")))
+    args = {
+        "generate": ["generate", ckpt, "--image", str(next(no_credentials.rglob("*.png"))), "--trajectory", "orbit"],
+        "eval": ["eval", ckpt, str(no_credentials / "data"), "--split", "train", "--out", f"{U}/results"],
+        "eval --rrd": ["eval", ckpt, str(no_credentials / "data"), "--out", "e", "--rrd", f"{U}/e.rrd"],
+    }[cmd]
+    if cmd == "generate":
+        args += ["--out", f"{U}/results"]
+    _one_line(CliRunner().invoke(app, args), "credentials")

@@ -65,9 +65,14 @@ def pick_device(device: str) -> torch.device:
 
 
 def check_out(out: str) -> None:
-    """``--out`` is a folder or can become one; refused before any work when a file is in the way."""
+    """``--out`` is a folder or can become one; refused before any work when a file is in the way,
+    or, on an object store, when the store cannot be used (no credentials, no answer: one look at
+    the prefix raises, and the CLI says it in one line)."""
     if "://" in out and not out.startswith("file://"):
-        return  # an object store: no files in the way of a key prefix
+        from pipeline.storage import Store
+
+        Store(out).exists("")  # no files in the way of a key prefix; the store must answer
+        return
     p = os.path.abspath(out.removeprefix("file://"))
     while True:
         if os.path.exists(p):
@@ -176,6 +181,8 @@ def evaluate(
 
     t0 = time.perf_counter()
     check_out(out)  # before any work: a file in the way was found only when writing the results
+    if rrd:
+        check_out(posixpath.dirname(rrd.replace(os.sep, "/")) or ".")  # the recording's folder alike
     check_sizes(resolution, frames)
     dev = pick_device(device)
     model, cfg, info = load_model(ckpt, dev, load_config(config) if config else None)
