@@ -140,7 +140,7 @@ def _run_or_fail(fn, *args, **kwargs):
     except OSError as exc:  # the driver's own writes (ledger, index, lease) refused by the node
         where = f" {exc.filename}" if exc.filename else ""
         _fail(
-            f"stopped: cannot write{where}: {exc.strerror or exc}; what was published is kept: "
+            f"stopped: cannot read or write{where}: {exc.strerror or exc}; what was published is kept: "
             "fix it (free space, permissions) and run `d4s resume` on the output",
             code=5,
         )

@@ -1,10 +1,12 @@
-"""What to tell a user whose object store cannot be used: one line, not botocore's traceback.
+"""What to tell a user whose store cannot be used: one line, not a traceback.
 
 Two causes have nothing to do with the data or the code: no credentials were found (botocore looks
 in the environment, the shared files, the profile and the instance metadata; the store is never
 contacted, so trying again cannot help), and an endpoint where nothing answers. Any command that
 reaches an ``s3://`` location may meet either, on the driver; the CLI turns both into one line
-(``pipeline/cli.py``), naming what to set (docs/CLUSTER.md, "Object storage").
+(``pipeline/cli.py``), naming what to set (docs/CLUSTER.md, "Object storage"). So is a location
+the command may not read (a PermissionError on a local folder, an object store's access denied),
+named with its path.
 """
 
 from __future__ import annotations
@@ -39,5 +41,10 @@ def store_problem(exc: BaseException) -> str | None:
             return (
                 f"the object store did not answer ({type(e).__name__}: {first}); check its endpoint "
                 "(AWS_ENDPOINT_URL) and the network, then try again"
+            )
+        if isinstance(e, PermissionError):
+            where = f"{e.filename}: " if e.filename else ""
+            return (
+                f"permission denied: {where}{e.strerror or first}; give this user (or these credentials) access to it"
             )
     return None

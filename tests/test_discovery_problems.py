@@ -403,3 +403,24 @@ def test_exists_under_a_folder_that_cannot_be_read_raises(tmp_path, deny):
     with pytest.raises(PermissionError, match="manifests"):
         store.isdir("manifests/ledger")
     assert store.exists("manifests") and store.isdir("manifests")  # looked at from outside, as with chmod 000
+
+
+@pytest.mark.parametrize("cmd", ["status", "verify", "resume"])
+def test_a_command_on_an_output_it_cannot_read_says_so_in_one_line(tmp_path, deny, cmd):
+    """An output whose manifests folder cannot be read: a PermissionError traceback (and, before the
+    store stopped hiding it, "no plan recorded"); now one line naming the path, exit 2."""
+    from typer.testing import CliRunner
+
+    from manifests.store import ManifestStore
+    from pipeline.cli import app
+    from pipeline.storage import Store
+
+    ManifestStore(Store(str(tmp_path))).write_plan([], [], [])
+    recorded = {"output": str(tmp_path), "datasets": {"tartanair": {"root": str(tmp_path / "data")}}}
+    (tmp_path / "config.resolved.yaml").write_text(json.dumps(recorded))
+    deny(folders=[tmp_path / "manifests"])
+    r = CliRunner().invoke(app, [cmd, str(tmp_path)])
+    text = r.output.strip()
+    code = 5 if cmd == "resume" else 2  # a driver's store refused it: d4s resume's code for that
+    assert r.exit_code == code and len(text.splitlines()) == 1 and "Traceback" not in text, r.output[-2000:]
+    assert "ermission denied" in text and str(tmp_path / "manifests") in text, text
