@@ -19,9 +19,10 @@ from pipeline.config import ConfigError, load_config, read_text_file
 
 
 class _OneLineGroup(TyperGroup):
-    """Runs every command (``d4s ...`` and CliRunner alike) so that an object store it could not
-    use (no credentials, no answer: :mod:`pipeline.store_errors`) is one line, exit 2, wherever in
-    the command it was met, instead of a traceback."""
+    """Runs every command (``d4s ...`` and CliRunner alike) so that a store it could not use (an
+    object store without credentials or answer, a location it may not read:
+    :mod:`pipeline.store_errors`) is one line, exit 2, wherever in the command it was met, instead
+    of a traceback."""
 
     def invoke(self, ctx):
         from pipeline.store_errors import store_problem
