@@ -150,6 +150,7 @@ class Lease:
         heartbeat_s: float | None = None,
         owner: str | None = None,
         same_host_shortcut: bool = True,
+        read_only: bool = False,
     ):
         if ttl_s <= 0:
             raise ValueError(f"lease ttl_s must be > 0, got {ttl_s}")
@@ -159,6 +160,8 @@ class Lease:
         self.heartbeat_s = float(heartbeat_s) if heartbeat_s else self.ttl_s / 5
         self.owner = owner or uuid.uuid4().hex[:12]
         self.same_host_shortcut = same_host_shortcut
+        # a reader's view (status, report, verify): ages on this host's clock, nothing written
+        self.read_only = read_only
         self.record: LeaseRecord | None = None
         self._version: str | None = None
         self._renewed_mono = 0.0
@@ -173,7 +176,10 @@ class Lease:
         return _record(self.store, got[0]) if got else None
 
     def _age_on_store_clock(self) -> float:
-        return self.store.clock("manifests") - self.store.modified_time(LEASE_PATH)
+        """The lease object's age on the store's clock (a probe object written and removed); a
+        read-only view takes this host's clock instead, off by its skew, and writes nothing."""
+        now = time.time() if self.read_only else self.store.clock("manifests")
+        return now - self.store.modified_time(LEASE_PATH)
 
     def _stale_reason(self, rec: LeaseRecord) -> tuple[str | None, float | None]:
         """(why the lease is free to take, or None; its age on the store's clock when measured)."""
@@ -401,7 +407,7 @@ def lease_status(store: Store) -> dict | None:
     if got is None:
         return None
     rec = _record(store, got[0])
-    stale = None if rec.released else Lease(store)._stale_reason(rec)[0]
+    stale = None if rec.released else Lease(store, read_only=True)._stale_reason(rec)[0]
     return {
         "owner": rec.owner,
         "command": rec.command,
@@ -418,9 +424,10 @@ def lease_status(store: Store) -> dict | None:
 
 def live_owner(store: Store) -> str | None:
     """The owner (the build id) of the lease on an output when a driver holds it now: not released,
-    renewed within its TTL on the store's clock, and on this host not a driver known gone. None
-    otherwise. Read only (``d4s status`` tells a live build's shards from a dead driver's)."""
-    probe = Lease(store)
+    renewed within its TTL (on this host's clock: a reader writes no clock probe), and on this host
+    not a driver known gone. None otherwise. Read only (``d4s verify`` tells a live build's shards
+    from a dead driver's)."""
+    probe = Lease(store, read_only=True)
     rec = probe.holder()
     if rec is None:
         return None

@@ -118,8 +118,9 @@ def _read_or_fail(fn, *args, **kwargs):
     except (FileNotFoundError, ConfigError) as exc:
         _fail(str(exc).strip("'\""))
     except Exception as exc:
-        if store_problem(exc):
-            _fail(store_problem(exc))
+        problem = store_problem(exc)
+        if problem:
+            _fail(problem)
         if is_transient(exc) or type(exc).__module__.startswith("botocore"):
             _fail(f"the output store did not answer ({describe(exc)}); try again")
         raise

@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from manifests.lease import lease_status, live_owner
+from manifests.lease import lease_status
 from manifests.stage_counts import stage_counts
 from manifests.store import ManifestStore, current_states
 from pipeline.storage import Store
@@ -129,7 +129,8 @@ def collect_status(output: str, events: list[dict] | None = None) -> dict:
     timings = Counter()
     # a shard is running while the build that marked it so holds the output's lease (queued or at
     # work in that build); one left "running" by a dead driver is pending work for `d4s resume`
-    live = live_owner(store)
+    lease = lease_status(store)  # the driver that holds (or last held) the output: read once
+    live = lease["owner"] if lease and not lease["released"] and not lease["stale"] else None
     for sh in ms.shards():
         ds_name = sh["dataset"]
         order = stages_for(cfg, ds_name) if ds_name in cfg.datasets else ["ingest", "encode", "write"]
@@ -197,7 +198,7 @@ def collect_status(output: str, events: list[dict] | None = None) -> dict:
         # transient: shards left failed by a lost worker/node, OOM or timeout, rebuilt by `d4s resume`;
         # permanent: clips of bad input (and shards failing for a non-transient reason), recorded once
         "failure_classes": {c: sum(f["class"] == c for f in failures) for c in ("transient", "permanent")},
-        "lease": lease_status(store),  # the driver that holds (or last held) the output
+        "lease": lease,
         "no_clips": no_clips,  # dataset -> why none of its scenes gave a clip (scenes.parquet notes)
     }
 

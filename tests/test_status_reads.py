@@ -248,3 +248,31 @@ def test_verify_names_a_shard_left_running_by_a_driver_that_is_gone(tmp_path):
     out = _output(tmp_path, done=False, build_id="b")  # no lease: no driver holds the output
     (problem,) = verify(str(out)).problems
     assert "shard not done" in problem and "driver stopped" in problem and "d4s resume" in problem, problem
+
+
+def test_status_report_and_verify_write_nothing_into_the_output(tmp_path, monkeypatch):
+    """Judging whether a lease left unreleased is still held wrote a clock probe into the output
+    (the store's clock): on a read-only copy, or without write access, status of such an output
+    failed. The read-only commands now judge the lease's age on this host's clock, and write
+    nothing but the report they are asked for."""
+    from typer.testing import CliRunner
+
+    from manifests.lease import Lease
+    from pipeline.cli import app
+
+    out = _output(tmp_path, done=False, build_id="b")
+    Lease(Store(str(out)), owner="b", ttl_s=3600, same_host_shortcut=False).acquire()  # a live-looking lease
+    writes = []
+    real = Store.write_bytes_atomic
+
+    def refuse(self, rel, data):
+        if not rel.endswith("report.html"):
+            writes.append(rel)
+            raise PermissionError(13, "Permission denied", rel)
+        return real(self, rel, data)
+
+    monkeypatch.setattr(Store, "write_bytes_atomic", refuse)
+    for cmd in (["status", str(out)], ["status", str(out), "--json"], ["report", str(out)], ["verify", str(out)]):
+        r = CliRunner().invoke(app, cmd)
+        assert r.exit_code in (0, 1) and "ermission" not in r.output, (cmd, r.output[-2000:])
+    assert writes == []
