@@ -33,8 +33,11 @@ def test_second_driver_is_refused_while_a_build_runs(tmp_path, tartan_data, ray_
     first: dict = {}
     t = threading.Thread(target=lambda: first.setdefault("summary", build(cfg, show_progress=False)))
     t.start()
+    # wait for the holder's "running" events: they come after its own start-up sweep of stray
+    # temporaries, which (rightly) removes any it finds; the planted one must come after that
+    ledger_dir = out / "manifests" / "ledger"
     deadline = time.time() + 60
-    while not (out / "manifests" / "shards.parquet").exists() and time.time() < deadline:
+    while not (ledger_dir.is_dir() and any(ledger_dir.glob("events-*.parquet"))) and time.time() < deadline:
         time.sleep(0.05)
     inflight = out / "shards" / "tartanair" / "tartanair-000002.tar.tmp-0123456789abcdef"
     inflight.parent.mkdir(parents=True, exist_ok=True)
