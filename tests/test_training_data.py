@@ -102,6 +102,7 @@ def test_reads_a_real_build_output(tmp_path, ray_local):
     from pipeline.runner import build
     from pipeline.sample_format import decode_sample
     from training.data import resolve_catalog
+    from training.evaluate import data_clips
 
     write_tartanair(tmp_path / "data", n_scenes=4, frames=7)
     ds = {"root": str(tmp_path / "data"), "clip_length": 4, "clip_stride": 3, "track_source": "none"}
@@ -115,9 +116,13 @@ def test_reads_a_real_build_output(tmp_path, ray_local):
     indexed = {split: resolve_catalog(data, split) for split in ("train", "val")}
     assert indexed["val"].keys and not set(indexed["val"].keys) & set(indexed["train"].keys)
     assert len(indexed["val"].keys) + len(indexed["train"].keys) == 8  # 4 scenes of 2 clips
+    evaluated = {split: [c.key for c in data_clips([str(tmp_path / "out")], split, None)[0]] for split in indexed}
+    assert sorted(evaluated["val"]) == sorted(indexed["val"].keys)
     os.remove(tmp_path / "out" / "index.parquet")
     for split, cat in indexed.items():
         assert resolve_catalog(data, split) == cat, split
+        # `d4s eval` reads the same clips (it refused an output whose driver stopped before the index)
+        assert [c.key for c in data_clips([str(tmp_path / "out")], split, None)[0]] == evaluated[split], split
 
 
 # --- mixtures follow the stage's filter; splitting; resume with workers; clips too short ---------------

@@ -57,7 +57,7 @@ def test_overfit_one_clip_photometric_loss_falls(tmp_path):
     write_shards(str(out), n_clips=1, per_shard=1, t=5, size=24, datasets=("synth_static",))
     stage = dict(
         name="overfit",
-        steps=100,
+        steps=40,
         resolution=24,
         num_frames=5,
         scenes="any",
@@ -78,7 +78,7 @@ def test_overfit_one_clip_photometric_loss_falls(tmp_path):
     train(cfg)
     photo = [r["photo"] for r in _metrics(cfg.workdir)]
     first, last = sum(photo[:5]) / 5, sum(photo[-5:]) / 5
-    assert last < 0.7 * first, (first, last)  # measured: ~0.056 -> ~0.033 in 100 steps
+    assert last < 0.6 * first, (first, last)  # measured: the last 5 at ~0.33x the first 5 after 40 steps
 
 
 def test_kill_and_resume_matches_uninterrupted(shards, tmp_path):

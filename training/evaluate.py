@@ -121,9 +121,12 @@ def data_clips(data: list[str], split: str, limit: int | None):
     if len(data) == 1 and "*" not in data[0] and not data[0].endswith(".tar"):
         root = data[0].rstrip("/")
         fs, _, _ = fsspec.get_fs_token_paths(f"{root}/index.parquet")
-        if not fs.exists(f"{root}/index.parquet"):
+        # an output whose driver stopped before writing the index still has its plan and ledger,
+        # from which the loader makes the same rows (training/data.py)
+        if not fs.exists(f"{root}/index.parquet") and not fs.exists(f"{root}/manifests/shards.parquet"):
             raise EvalError(
-                f"{root}: no index.parquet (not a d4s build output); give shard files to evaluate every sample"
+                f"{root}: no index.parquet and no recorded plan (not a d4s build output); "
+                "give shard files to evaluate every sample"
             )
         try:
             clips = load_clips(DataConfig(root=root), split, limit)
@@ -132,7 +135,7 @@ def data_clips(data: list[str], split: str, limit: int | None):
             raise EvalError(msg if root in msg else f"{root}: {type(exc).__name__}: {msg}") from None
         if not clips:
             raise EvalError(
-                f"{root}: no '{split}' clips in index.parquet"
+                f"{root}: no '{split}' clips in its index"
                 + (
                     " (build with datasets.<name>.val_fraction > 0 to hold scenes out, or --split train)"
                     if split == "val"
