@@ -154,3 +154,25 @@ def write_tiny_use_inputs(root: Path, step: int, moving: bool = False):
     torch.save({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "step": step}, root / "ckpt.pt")
     Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save(root / "img.png")
     return cfg, model
+
+
+@pytest.fixture
+def s3_traffic(s3_env, monkeypatch):
+    """Requests made and object bytes fetched by s3fs in this process."""
+    import s3fs.core as core
+
+    stats = {"requests": 0, "bytes": 0}
+    call, fetch = core.S3FileSystem._call_s3, core.S3File._fetch_range
+
+    async def counting_call(self, method, *args, **kwargs):
+        stats["requests"] += 1
+        return await call(self, method, *args, **kwargs)
+
+    def counting_fetch(self, start, end):
+        out = fetch(self, start, end)
+        stats["bytes"] += len(out)
+        return out
+
+    monkeypatch.setattr(core.S3FileSystem, "_call_s3", counting_call)
+    monkeypatch.setattr(core.S3File, "_fetch_range", counting_fetch)
+    return stats

@@ -88,28 +88,6 @@ def test_discovery_cost_does_not_grow_with_the_frame_files(tmp_path, dataset):
 # -- object storage: bytes fetched ------------------------------------------------------------------
 
 
-@pytest.fixture
-def s3_traffic(s3_env, monkeypatch):
-    """Requests made and object bytes fetched by s3fs in this process."""
-    import s3fs.core as core
-
-    stats = {"requests": 0, "bytes": 0}
-    call, fetch = core.S3FileSystem._call_s3, core.S3File._fetch_range
-
-    async def counting_call(self, method, *args, **kwargs):
-        stats["requests"] += 1
-        return await call(self, method, *args, **kwargs)
-
-    def counting_fetch(self, start, end):
-        out = fetch(self, start, end)
-        stats["bytes"] += len(out)
-        return out
-
-    monkeypatch.setattr(core.S3FileSystem, "_call_s3", counting_call)
-    monkeypatch.setattr(core.S3File, "_fetch_range", counting_fetch)
-    return stats
-
-
 def test_stereo4d_discovery_on_s3_fetches_the_timestamps_not_the_tracks(s3_env, s3_traffic):
     rng = np.random.default_rng(0)
     big = rng.random((2 << 20) // 4, dtype=np.float32)  # 2 MiB before and after the timestamps

@@ -55,6 +55,22 @@ _RGB_RE = re.compile(r"^rgb_(\d{5})\.jpg$")
 _ROT_TOL = 1e-2
 
 
+ROW_GAP_BYTES = 1 << 20  # rows this close are read in one request: cheaper than another request
+
+
+def _row_runs(frames: list[int], row_bytes: int) -> list[tuple[int, int]]:
+    """The (first, last) row ranges that cover ``frames``, nearby rows merged: a clip's rows at a
+    frame stride are one read, not one request per frame."""
+    gap = max(1, ROW_GAP_BYTES // max(1, row_bytes))
+    runs: list[list[int]] = []
+    for i in sorted(set(frames)):
+        if runs and i - runs[-1][1] <= gap:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return [(a, b) for a, b in runs]
+
+
 def _npy_header(f):
     """(shape, fortran_order, dtype) of the .npy stream at ``f``'s position; None if not v1/v2."""
     version = np.lib.format.read_magic(f)
@@ -170,7 +186,9 @@ class PointOdysseyAdapter(DatasetAdapter):
         out: dict[str, np.ndarray] = {}
         lengths = {}
         try:
-            with self.store.open(rel, "rb") as f, zipfile.ZipFile(f) as zf:
+            # a small read-ahead: on an object store each read then fetches about what it asks for
+            # (s3fs's default, 50 MiB per miss, fetched most of the file for a clip's few rows)
+            with self.store.open(rel, "rb", block_size=DISCOVERY_BLOCK) as f, zipfile.ZipFile(f) as zf:
                 members = {posixpath.splitext(n)[0]: n for n in zf.namelist()}
                 keys = ANNO_KEYS
                 if "trajs_3d" in members and _is_empty(*self._member_header(zf, members["trajs_3d"])):
@@ -179,6 +197,9 @@ class PointOdysseyAdapter(DatasetAdapter):
                     if key not in members:
                         raise ClipError(f"anno.npz has no {key!r} array (has {sorted(members)})", self.where(rel))
                     arr, t = self._member_rows(f, zf, members[key], frames, rel, key)
+                    if arr is None:  # compressed: the member is read whole, with a large read-ahead
+                        with self.store.open(rel, "rb") as whole, zipfile.ZipFile(whole) as wz:
+                            arr, t = self._whole_member(wz, members[key], frames, rel, key)
                     out[key], lengths[key] = arr, t
         except ClipError:
             raise
@@ -201,6 +222,8 @@ class PointOdysseyAdapter(DatasetAdapter):
         return tuple(shape), dtype
 
     def _member_rows(self, f, zf: zipfile.ZipFile, member: str, frames: list[int], rel: str, key: str):
+        """Rows ``frames`` of a stored C-order member, read straight from the file (nearby rows in
+        one read), and its frame count; (None, 0) when the member cannot be read by rows."""
         info = zf.getinfo(member)
         if info.compress_type == zipfile.ZIP_STORED:
             # Stored member (np.savez): seek to each requested row in the raw file, no full read.
@@ -219,14 +242,20 @@ class PointOdysseyAdapter(DatasetAdapter):
                     start = f.tell()
                     if start - data_start + t * row_bytes > info.file_size:
                         raise ClipError(f"{key} is truncated", self.where(rel))
-                    rows = []
-                    for i in frames:
-                        f.seek(start + i * row_bytes)
-                        buf = f.read(row_bytes)
-                        if len(buf) != row_bytes:
+                    got: dict[int, np.ndarray] = {}
+                    for first, last in _row_runs(frames, row_bytes):
+                        f.seek(start + first * row_bytes)
+                        n = last - first + 1
+                        buf = f.read(n * row_bytes)
+                        if len(buf) != n * row_bytes:
                             raise ClipError(f"{key} is truncated", self.where(rel))
-                        rows.append(np.frombuffer(buf, dtype=dtype).reshape(row_shape))
-                    return np.stack(rows), t
+                        run = np.frombuffer(buf, dtype=dtype).reshape((n, *row_shape))
+                        got.update((i, run[i - first]) for i in range(first, last + 1))
+                    return np.stack([got[i] for i in frames]), t
+        return None, 0  # not readable by rows
+
+    def _whole_member(self, zf: zipfile.ZipFile, member: str, frames: list[int], rel: str, key: str):
+        """A member that cannot be read by rows (compressed, Fortran order): the whole array."""
         with zf.open(member) as m:
             arr = np.lib.format.read_array(m, allow_pickle=False)
         t, _, _ = self._check_header(arr.shape, arr.dtype, frames, rel, key)
