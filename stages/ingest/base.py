@@ -324,10 +324,13 @@ class DatasetAdapter(ABC):
         except Exception as exc:
             raise ClipError(f"unreadable .npy ({type(exc).__name__}: {exc})", self.where(rel)) from None
 
-    def read_table(self, rel: str, ncols: int, skip_header: int = 0, comment: str = "#") -> np.ndarray:
-        """Whitespace-separated numbers; wrong column counts or non-numbers name the line."""
+    def read_table(
+        self, rel: str, ncols: int, skip_header: int = 0, comment: str = "#", data: bytes | None = None
+    ) -> np.ndarray:
+        """Whitespace-separated numbers; wrong column counts or non-numbers name the line.
+        ``data``: the file's bytes when the caller has read them already (not fetched again)."""
         rows = []
-        text = self.read(rel).decode("utf-8", errors="replace")
+        text = (self.read(rel) if data is None else data).decode("utf-8", errors="replace")
         for lineno, line in enumerate(text.splitlines()[skip_header:], start=skip_header + 1):
             line = line.strip()
             if not line or line.startswith(comment):

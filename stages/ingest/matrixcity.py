@@ -135,8 +135,10 @@ class MatrixCityAdapter(DatasetAdapter):
             raise ClipError(f"camera_angle_x {angle} is not an angle in (0, pi)", self.where(rel))
         return angle, frames, rel
 
-    def _frames(self, scene: str) -> list[dict]:
-        _, frames, rel = self._transforms(scene)
+    def _frames(self, scene: str, transforms: tuple[float, list[dict], str] | None = None) -> list[dict]:
+        """The scene's frames ordered by frame_index (``transforms``: what :meth:`_transforms`
+        returned, when the caller read it already)."""
+        _, frames, rel = transforms or self._transforms(scene)
         try:
             frames = sorted(frames, key=_frame_index)
         except (KeyError, TypeError, ValueError):
@@ -196,8 +198,9 @@ class MatrixCityAdapter(DatasetAdapter):
     # -- clips -------------------------------------------------------------------------------
     def load_clip(self, scene: SceneRef, frames: list[int], meta: ClipMeta) -> Clip:
         self.frame_window(scene, frames)
-        angle, _, tj_rel = self._transforms(scene.scene)
-        all_frames = self._frames(scene.scene)
+        transforms = self._transforms(scene.scene)
+        angle, _, tj_rel = transforms
+        all_frames = self._frames(scene.scene, transforms)
         if len(all_frames) != scene.num_frames:
             raise ClipError(f"{len(all_frames)} frames listed, expected {scene.num_frames}", self.where(tj_rel))
         img_dir = self._image_dir(scene.scene)

@@ -358,21 +358,19 @@ class RealEstate10KAdapter(DatasetAdapter):
 
     def _video_frames(self, rel: str, cam: CameraFile, frames: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Frames at the camera lines' timestamps from the downloaded video (seeking)."""
-        from stages.ingest.video_decoders import open_decoder
+        from stages.ingest.video_decoders import open_decoder, stored_video
         from stages.ingest.video_times import check_covers, frames_at_times
 
         store = self._videos().store
         where = store.display(rel)
-        source = store.path(rel) if store.is_local else store.open(rel)
-        try:
-            with open_decoder(source, where, backend=self.opts.decoder, device=self.opts.device) as dec:
-                check_covers(dec.info, cam.timestamps[-1], where, "its camera file", self.opts.timestamp_tolerance_us)
-                got = frames_at_times(
-                    dec, cam.timestamps[frames], tolerance_us=self.opts.timestamp_tolerance_us, what="the camera file"
-                )
-        finally:
-            if not isinstance(source, str):
-                source.close()
+        with (
+            stored_video(store, rel) as source,
+            open_decoder(source, where, backend=self.opts.decoder, device=self.opts.device) as dec,
+        ):
+            check_covers(dec.info, cam.timestamps[-1], where, "its camera file", self.opts.timestamp_tolerance_us)
+            got = frames_at_times(
+                dec, cam.timestamps[frames], tolerance_us=self.opts.timestamp_tolerance_us, what="the camera file"
+            )
         return np.stack(got.frames), got.frame_times_us
 
     # -- chunks ----------------------------------------------------------------------------------

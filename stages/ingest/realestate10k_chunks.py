@@ -34,6 +34,7 @@ from PIL import Image
 
 from pipeline.clip import ClipError
 from pipeline.storage import Store
+from stages.ingest.base import DISCOVERY_BLOCK
 
 REQUIRED_KEYS = ("key", "url", "timestamps", "cameras", "images")
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")  # a key becomes part of scene ids and file names
@@ -54,7 +55,9 @@ def _load(store: Store, rel: str, meta_only: bool):
         if meta_only:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
-            with store.open(rel) as f, FakeTensorMode():
+            # a small read-ahead: the structure is read from a few places in the file (on an
+            # object store s3fs's 50 MiB default fetched 2.3x a 69 MB chunk to list it)
+            with store.open(rel, block_size=DISCOVERY_BLOCK) as f, FakeTensorMode():
                 return torch.load(f, weights_only=True)
         if store.is_local:
             return torch.load(store.path(rel), weights_only=True, mmap=True)

@@ -309,7 +309,7 @@ class Stereo4DAdapter(DatasetAdapter):
 
     def _rectify_raw(self, scene: SceneRef, ann: dict, frames: list[int], rel: str) -> np.ndarray:
         """Rectified left-eye views from the raw side-by-side VR180 video (see vr180.py)."""
-        from stages.ingest.video_decoders import open_decoder
+        from stages.ingest.video_decoders import open_decoder, stored_video
         from stages.ingest.video_times import check_covers, frames_at_times
         from stages.ingest.vr180 import RectifySpec, check_calibration, check_layout, rectifier
 
@@ -320,37 +320,35 @@ class Stereo4DAdapter(DatasetAdapter):
             )
         check_calibration(ann["rectified2rig"], ann["fov_bounds"], npz_where)
         where = self.where(rel)
-        source = self.store.path(rel) if self.store.is_local else self.store.open(rel)
-        try:
-            with open_decoder(source, where, backend=self.opts.decoder, device=self.opts.device) as dec:
-                eye_h, eye_w = check_layout(dec.info.width, dec.info.height, where, self.opts.min_vr180_height)
-                spec = RectifySpec(
-                    eye_hw=(eye_h, eye_w),
-                    rectified2rig=tuple(np.asarray(ann["rectified2rig"][0], np.float64).reshape(-1)),
-                    fov_bounds=tuple(np.asarray(ann["fov_bounds"], np.float64).reshape(-1)),
-                    size=self.opts.output_size,
-                    hfov_deg=self.opts.hfov_deg,
-                )
-                on_gpu = dec.info.device == "cuda" and dec.info.backend == "torchcodec"
-                rect = rectifier(spec, "cuda" if on_gpu else self.opts.device)
-                check_covers(
-                    dec.info,
-                    float(ann["timestamps"][-1]),
-                    where,
-                    "the npz timestamps",
-                    self.opts.timestamp_tolerance_us,
-                )
-                got = frames_at_times(
-                    dec,
-                    ann["timestamps"][frames],
-                    tolerance_us=self.opts.timestamp_tolerance_us,
-                    as_tensor=on_gpu,
-                    transform=lambda f: rect(f[None])[0],
-                    what="the npz timestamps",
-                )
-        finally:
-            if not isinstance(source, str):
-                source.close()
+        with (
+            stored_video(self.store, rel) as source,
+            open_decoder(source, where, backend=self.opts.decoder, device=self.opts.device) as dec,
+        ):
+            eye_h, eye_w = check_layout(dec.info.width, dec.info.height, where, self.opts.min_vr180_height)
+            spec = RectifySpec(
+                eye_hw=(eye_h, eye_w),
+                rectified2rig=tuple(np.asarray(ann["rectified2rig"][0], np.float64).reshape(-1)),
+                fov_bounds=tuple(np.asarray(ann["fov_bounds"], np.float64).reshape(-1)),
+                size=self.opts.output_size,
+                hfov_deg=self.opts.hfov_deg,
+            )
+            on_gpu = dec.info.device == "cuda" and dec.info.backend == "torchcodec"
+            rect = rectifier(spec, "cuda" if on_gpu else self.opts.device)
+            check_covers(
+                dec.info,
+                float(ann["timestamps"][-1]),
+                where,
+                "the npz timestamps",
+                self.opts.timestamp_tolerance_us,
+            )
+            got = frames_at_times(
+                dec,
+                ann["timestamps"][frames],
+                tolerance_us=self.opts.timestamp_tolerance_us,
+                as_tensor=on_gpu,
+                transform=lambda f: rect(f[None])[0],
+                what="the npz timestamps",
+            )
         return np.stack(got.frames)
 
     # -- clip ----------------------------------------------------------------------------------

@@ -168,10 +168,11 @@ class VKITTI2Adapter(DatasetAdapter):
 
     def _camera_table(self, rel: str, ncols: int, cam: int, num_frames: int) -> np.ndarray:
         """Rows of ``cam`` ordered by frame, checked to be exactly frames 0..num_frames-1."""
-        text = self.read(rel).decode("utf-8", errors="replace").splitlines()
+        data = self.read(rel)
+        text = data.decode("utf-8", errors="replace").splitlines()
         if not text or not text[0].strip().lower().startswith("frame"):
             raise ClipError("missing header line ('frame cameraID ...')", self.where(rel))
-        table = self.read_table(rel, ncols=ncols, skip_header=1)
+        table = self.read_table(rel, ncols=ncols, skip_header=1, data=data)
         ids = table[:, :2]
         if np.any(ids != np.round(ids)):
             raise ClipError("frame / cameraID columns must be integers", self.where(rel))
