@@ -48,6 +48,7 @@ from pydantic import Field
 
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
+from pipeline.storage import PathEscapeError
 from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
 
 ANNOTATION_TEMPLATE = "frame_annotations_{split}.jgz"
@@ -236,13 +237,30 @@ class DynamicReplicaAdapter(DatasetAdapter):
         c2w = geo.invert_pose(w2c_p3d) @ geo.P3D_TO_CV
         return k, c2w
 
-    def _tracks(self, rel: str, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def _trajectory_file(self, rel: str):
+        """The trajectory file's object. Dicts of tensors load without executing pickle code
+        (``weights_only``); anything needing more is refused. A local file is memory-mapped: the
+        release's files also carry the frame's image (``img``, 2.7 MB at 1280x720), which d4s never
+        reads; a legacy (not zip) file cannot be mapped and is read whole, as a remote one is."""
         import torch
 
-        data = self.read(rel)
+        if self.store.is_local:
+            try:
+                return torch.load(self.store.path(rel), map_location="cpu", weights_only=True, mmap=True)
+            except PathEscapeError:  # a path from the dataset's metadata: never read
+                raise ClipError(f"path {rel!r} leaves the dataset root", self.where("")) from None
+            except OSError as exc:
+                raise self.read_error(exc, rel) from None
+            except RuntimeError as exc:
+                if "mmap can only be used" not in str(exc):
+                    raise
+        return torch.load(io.BytesIO(self.read(rel)), map_location="cpu", weights_only=True)
+
+    def _tracks(self, rel: str, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         try:
-            # Dicts of tensors load without executing pickle code; anything needing more is refused.
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            obj = self._trajectory_file(rel)
+        except ClipError:
+            raise
         except Exception as exc:
             raise ClipError(
                 f"unreadable trajectory file ({type(exc).__name__}: {str(exc)[:200]})", self.where(rel)
