@@ -187,3 +187,15 @@ def test_listing_a_chunk_fetches_its_structure_not_its_images(s3_env, s3_traffic
     got = list_examples(Store(s3_env.url("chunks")), "train/000000.torch")
     assert [(e.key, e.num_frames, e.problem) for e in got] == [(f"{i:016x}", 12, "") for i in range(5)]
     assert s3_traffic["bytes"] < 0.1 * len(body), (s3_traffic["bytes"], len(body))
+
+
+def test_reading_a_stored_file_is_one_request(s3_env, s3_traffic):
+    """A whole-file read (every frame image, depth map and camera table of a clip) is one GET; it
+    was a HEAD then a GET, doubling the requests per clip."""
+    s3_env.put("one/a.bin", b"x" * 1000)
+    store = Store(s3_env.url("one"))
+    s3_traffic["requests"] = 0
+    assert store.read_bytes("a.bin") == b"x" * 1000
+    assert s3_traffic["requests"] == 1
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("missing.bin")
