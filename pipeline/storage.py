@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import glob as _glob
 import hashlib
 import os
@@ -58,17 +57,6 @@ def safe_join(root: str, rel: str) -> str:
     if rel.startswith("/") or any(part == ".." for part in rel.split("/")):
         raise PathEscapeError(f"path {rel!r} escapes its root {root!r}")
     return posixpath.join(root, rel) if rel else root
-
-
-@functools.lru_cache(maxsize=None)
-def _cat_takes_max_concurrency(fs_class: type) -> bool:
-    import inspect
-
-    fn = getattr(fs_class, "_cat_file", None) or getattr(fs_class, "cat_file", None)
-    try:
-        return fn is not None and "max_concurrency" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class Store:
@@ -137,11 +125,14 @@ class Store:
         if self.is_local:
             with self.fs.open(self.path(rel), "rb") as f:
                 return f.read()
-        if _cat_takes_max_concurrency(type(self.fs)):
-            # s3fs asks for the size first (a HEAD) to split a large file into concurrent ranges;
-            # one GET streams any file d4s reads whole fast enough and halves the requests
-            return self.fs.cat_file(self.path(rel), max_concurrency=1)
-        return self.fs.cat_file(self.path(rel))
+        return self.fs.cat_file(self.path(rel), **self._one_get)
+
+    @property
+    def _one_get(self) -> dict:
+        """cat arguments for one GET per object: s3fs asks each object's size first (a HEAD, to
+        split a large one into concurrent ranges); one GET streams any file d4s reads whole fast
+        enough and halves the requests."""
+        return {"max_concurrency": 1} if self.protocol in ("s3", "s3a") else {}
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
@@ -477,14 +468,11 @@ class Store:
             out: dict[str, bytes | Exception] = {}
             for p, r in paths.items():
                 try:
-                    out[r] = self.fs.cat_file(p)
+                    out[r] = self.fs.cat_file(p, **self._one_get)
                 except Exception as exc:  # noqa: BLE001 - returned, as cat(on_error="return") does
                     out[r] = exc
             return out
-        # s3fs asks each object's size first (a HEAD per object, to split big ones into ranges):
-        # one GET per object instead, all of them concurrent
-        extra = {"max_concurrency": 1} if self.protocol in ("s3", "s3a") else {}
-        got = self.fs.cat(list(paths), on_error="return", **extra)
+        got = self.fs.cat(list(paths), on_error="return", **self._one_get)  # all concurrent
         return {paths[p]: v for p, v in got.items()}
 
     def walk_files(self, rel: str = "") -> list[str]:
