@@ -458,6 +458,22 @@ class Store:
     def fingerprint_of(self, rel: str) -> str:
         return self.fingerprint(self.fs.info(self.path(rel)))
 
+    def read_ranges(self, rel: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Byte ranges ``[start, end)`` of one file (concurrent requests on an object store); a
+        range past the end comes back short."""
+        if not ranges:
+            return []
+        path = self.path(rel)
+        if self.is_local:
+            with self.fs.open(path, "rb") as f:
+                out = []
+                for start, end in ranges:
+                    f.seek(start)
+                    out.append(f.read(end - start))
+                return out
+        n = len(ranges)
+        return self.fs.cat_ranges([path] * n, [a for a, _ in ranges], [b for _, b in ranges], on_error="raise")
+
     def read_many(self, rels: list[str]) -> dict[str, bytes | Exception]:
         """Several objects at once (concurrent requests on object stores); a failed read is
         returned as its exception, e.g. FileNotFoundError for an object deleted meanwhile."""

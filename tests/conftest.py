@@ -158,21 +158,19 @@ def write_tiny_use_inputs(root: Path, step: int, moving: bool = False):
 
 @pytest.fixture
 def s3_traffic(s3_env, monkeypatch):
-    """Requests made and object bytes fetched by s3fs in this process."""
+    """Requests made and object bytes fetched (every GET's body, ranged or whole) by s3fs in this
+    process."""
     import s3fs.core as core
 
     stats = {"requests": 0, "bytes": 0}
-    call, fetch = core.S3FileSystem._call_s3, core.S3File._fetch_range
+    call = core.S3FileSystem._call_s3
 
     async def counting_call(self, method, *args, **kwargs):
         stats["requests"] += 1
-        return await call(self, method, *args, **kwargs)
-
-    def counting_fetch(self, start, end):
-        out = fetch(self, start, end)
-        stats["bytes"] += len(out)
+        out = await call(self, method, *args, **kwargs)
+        if (method if isinstance(method, str) else getattr(method, "__name__", "")) == "get_object":
+            stats["bytes"] += int(out.get("ContentLength") or 0)
         return out
 
     monkeypatch.setattr(core.S3FileSystem, "_call_s3", counting_call)
-    monkeypatch.setattr(core.S3File, "_fetch_range", counting_fetch)
     return stats

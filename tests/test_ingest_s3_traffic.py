@@ -199,3 +199,68 @@ def test_reading_a_stored_file_is_one_request(s3_env, s3_traffic):
     assert s3_traffic["requests"] == 1
     with pytest.raises(FileNotFoundError):
         store.read_bytes("missing.bin")
+
+
+def _noise_chunk(path: Path, examples: int = 5, frames: int = 12) -> None:
+    """A pixelSplat chunk of ``examples`` sequences whose frames are noise JPEGs (~90 kB each)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+
+    def jpeg() -> torch.Tensor:
+        b = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (160, 288, 3), dtype=np.uint8)).save(b, "JPEG", quality=90)
+        return torch.frombuffer(bytearray(b.getvalue()), dtype=torch.uint8)
+
+    row = [0.5, 0.9, 0.5, 0.5, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0]
+    chunk = [
+        {
+            "key": f"{i:016x}",
+            "url": f"https://www.youtube.com/watch?v=vid{i:08d}",
+            "timestamps": torch.arange(frames, dtype=torch.int64) * 33_366 + 1000,
+            "cameras": torch.tensor([row] * frames, dtype=torch.float32),
+            "images": [jpeg() for _ in range(frames)],
+        }
+        for i in range(examples)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(chunk, path)
+
+
+def test_a_clip_from_a_remote_chunk_fetches_its_frames_not_the_chunk(tmp_path, s3_env, s3_traffic):
+    """A remote chunk was read whole (~100 MB) by every process that loaded one of its examples;
+    now its structure (small, kept per process) and then only the clip's images and cameras."""
+    root = tmp_path / "re"
+    _noise_chunk(root / "train" / "000000.torch", examples=10, frames=24)
+    size = (root / "train" / "000000.torch").stat().st_size
+    frames = [2, 3, 4, 5]
+    local = get_adapter("realestate10k", str(root))
+    scene = next(s for s in local.discover() if s.scene.endswith(f"{3:016x}"))
+    want = local.load_clip(scene, frames, _meta("realestate10k", scene.scene, frames, real=True))
+    remote = get_adapter("realestate10k", _upload(s3_env, root, "re-chunk"))
+    rscene = next(s for s in remote.discover() if s.scene == scene.scene)
+    s3_traffic["bytes"] = 0
+    got = remote.load_clip(rscene, frames, _meta("realestate10k", rscene.scene, frames, real=True))
+    np.testing.assert_array_equal(got.rgb, want.rgb)
+    np.testing.assert_array_equal(got.c2w, want.c2w)
+    np.testing.assert_array_equal(got.intrinsics, want.intrinsics)
+    assert got.meta.extra == want.meta.extra
+    assert s3_traffic["bytes"] < 0.1 * size, (s3_traffic["bytes"], size)
+
+
+def test_a_remote_chunk_cut_short_fails_its_clips_naming_it(tmp_path, s3_env):
+    from pipeline.clip import ClipError
+
+    root = tmp_path / "re"
+    _noise_chunk(root / "train" / "000000.torch", examples=2, frames=6)
+    url = _upload(s3_env, root, "re-cut")
+    remote = get_adapter("realestate10k", url)
+    scene = remote.discover()[1]
+    body = (root / "train" / "000000.torch").read_bytes()
+    s3_env.put("re-cut/train/000000.torch", body[: len(body) // 2])  # rewritten after discovery
+    with pytest.raises(ClipError) as err:
+        remote.load_clip(scene, [0, 1], _meta("realestate10k", scene.scene, [0, 1], real=True))
+    assert "000000.torch" in str(err.value.path) and "truncated" in err.value.reason, str(err.value)

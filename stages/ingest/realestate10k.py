@@ -39,7 +39,7 @@ from pydantic import Field, field_validator
 from pipeline import geometry as geo
 from pipeline.clip import Clip, ClipError, ClipMeta
 from stages.ingest.base import AdapterDefaults, AdapterOptions, Capabilities, DatasetAdapter, SceneRef
-from stages.ingest.realestate10k_chunks import decode_image, example_problem, list_examples, load_chunk
+from stages.ingest.realestate10k_chunks import decode_image, example_problem, list_examples, load_example
 from stages.ingest.realestate10k_videos import DEFAULT_PATTERNS, VideoLocator, youtube_id
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -377,12 +377,9 @@ class RealEstate10KAdapter(DatasetAdapter):
     def _chunk_example(self, scene: SceneRef, frames: list[int]) -> tuple[CameraFile, np.ndarray]:
         _, rel, index = scene.extra
         where = self.where(rel)
-        chunk = load_chunk(self.store, rel)
-        if index >= len(chunk):
-            raise ClipError(
-                f"chunk has {len(chunk)} examples, expected example {index} (changed since discovery?)", where
-            )
-        ex = chunk[index]
+        n, ex = load_example(self.store, rel, index, frames)
+        if ex is None:
+            raise ClipError(f"chunk has {n} examples, expected example {index} (changed since discovery?)", where)
         problem = example_problem(ex, index)
         if problem:
             raise ClipError(problem, where)

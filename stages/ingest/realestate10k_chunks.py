@@ -18,7 +18,9 @@ Safety: chunks are loaded with ``torch.load(weights_only=True)``: tensors, lists
 and numbers only, no arbitrary unpickling. A chunk that needs more is refused with the reason.
 Listing reads only the pickled structure (tensors as shapes, under FakeTensorMode: about 0.3 MB of
 a 100 MB chunk); loading a local chunk maps it (``mmap=True``) so only the JPEGs that are decoded
-are read; a remote chunk is read whole, and the last two are kept per process.
+are read; from a remote chunk only the example's timestamps, cameras and wanted images are fetched,
+at the file offsets torch records for tensors loaded under FakeTensorMode (its structure, read once,
+is kept per process; a torch that records no offsets reads the chunk whole).
 """
 
 from __future__ import annotations
@@ -89,6 +91,70 @@ def load_chunk(store: Store, rel: str) -> list:
     if not isinstance(chunk, list):
         raise ClipError(f"a chunk is a list of examples, this file holds a {type(chunk).__name__}", store.display(rel))
     return chunk
+
+
+@lru_cache(maxsize=8)
+def _remote_structure(url: str, rel: str, fingerprint: str) -> list:
+    """A remote chunk's pickled structure (tensors as fake ones that know where their bytes lie in
+    the file): a fraction of a MB per chunk, so a process keeps several."""
+    chunk = _load(Store(url), rel, meta_only=True)
+    if not isinstance(chunk, list):
+        where = Store(url).display(rel)
+        raise ClipError(f"a chunk is a list of examples, this file holds a {type(chunk).__name__}", where)
+    return chunk
+
+
+def _file_range(t) -> tuple[int, int] | None:
+    """Where a tensor loaded under FakeTensorMode keeps its bytes in the chunk file, (start, end);
+    None when torch did not record it (then the chunk is read whole). torch.save stores each
+    storage uncompressed, its file offset in ``_checkpoint_offset``."""
+    offset = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+    if not isinstance(offset, int) or not t.is_contiguous():
+        return None
+    start = offset + t.storage_offset() * t.element_size()
+    return start, start + t.numel() * t.element_size()
+
+
+def load_example(store: Store, rel: str, index: int, frames: list[int]) -> tuple[int, dict | None]:
+    """(the chunk's example count, example ``index`` with the images of ``frames``; None when
+    ``index`` is beyond the chunk). A local chunk is memory-mapped; from a remote one only the
+    example's timestamps, cameras and those images are fetched (in one concurrent batch), after
+    its structure: it was read whole, ~100 MB, by every process that loaded one of its examples.
+    An example that is not a valid one is returned as it is, for :func:`example_problem`."""
+    import torch
+
+    if store.is_local:
+        chunk = load_chunk(store, rel)
+        return len(chunk), (chunk[index] if index < len(chunk) else None)
+    try:
+        fingerprint = store.fingerprint_of(rel)  # a rewritten chunk is not read by old offsets
+    except FileNotFoundError:
+        raise ClipError("chunk file is missing", store.display(rel)) from None
+    chunk = _remote_structure(store.url, rel, fingerprint)
+    if index >= len(chunk):
+        return len(chunk), None
+    ex = chunk[index]
+    if example_problem(ex, index):
+        return len(chunk), ex
+    wanted = {"timestamps": ex["timestamps"], "cameras": ex["cameras"]}
+    wanted.update({i: ex["images"][i] for i in sorted(set(frames)) if 0 <= i < len(ex["images"])})
+    ranges = {k: _file_range(t) for k, t in wanted.items()}
+    if any(r is None for r in ranges.values()):  # this torch does not say where tensors lie
+        whole = load_chunk(store, rel)
+        return len(whole), whole[index]
+    got = store.read_ranges(rel, list(ranges.values()))
+    real = {}
+    for (k, t), data in zip(wanted.items(), got):
+        start, end = ranges[k]
+        if len(data) != end - start:
+            raise ClipError(f"chunk is truncated (example {index}: {k!r})", store.display(rel))
+        real[k] = (
+            torch.frombuffer(bytearray(data), dtype=t.dtype).reshape(t.shape)
+            if data
+            else torch.empty(tuple(t.shape), dtype=t.dtype)
+        )
+    images = [real.get(i, im) for i, im in enumerate(ex["images"])]  # the others stay shapes only
+    return len(chunk), {**ex, "timestamps": real["timestamps"], "cameras": real["cameras"], "images": images}
 
 
 def list_examples(store: Store, rel: str) -> list[ExampleSummary]:
