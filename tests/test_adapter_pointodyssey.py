@@ -371,7 +371,7 @@ def test_a_root_named_with_glob_characters_is_read_literally(written, tmp_path):
 # -- on an object store ---------------------------------------------------------------------------
 
 
-def _bigger_scene(written, tmp_path, reps_t: int = 10, reps_n: int = 64, compressed: bool = False):
+def _bigger_scene(written, tmp_path, reps_t: int = 6, reps_n: int = 96, compressed: bool = False):
     """The demo scene with ``reps_t`` times its frames (images copied, annotations tiled in time) and
     ``reps_n`` times its tracks: an anno.npz of ~20 MB, of which a clip needs a few rows."""
     root, scene_dir = _copy(written, tmp_path)
