@@ -321,11 +321,17 @@ def _fingerprint(url: str) -> str | None:
 _VERIFIED: dict[str, str] = {}
 
 
+# What a read of a shard by seeking fetches beyond what it asks, on an object store: s3fs's default
+# (50 MiB) fetched 11.5x a 4.5 MB sample read at its offset in a 73 MB shard
+SEEK_READ_AHEAD = 1 << 20
+
+
 @contextlib.contextmanager
-def _open_shard(url: str, expected_sha256: str | None = None):
+def _open_shard(url: str, expected_sha256: str | None = None, seeking: bool = False):
     """An open shard. With ``expected_sha256``: checked before any sample is used, the first time
     this process reads it by reading it whole into a local spool (hashed on the way, then read
-    from the spool); later only its fingerprint is compared with the one it had when checked."""
+    from the spool); later only its fingerprint is compared with the one it had when checked.
+    ``seeking``: the reader jumps to samples' offsets, so a small read-ahead."""
     import fsspec
 
     if expected_sha256:
@@ -339,6 +345,11 @@ def _open_shard(url: str, expected_sha256: str | None = None):
             finally:
                 spool.close()
             return
+    if seeking:
+        fs, path = fsspec.core.url_to_fs(url)
+        with fs.open(path, "rb", block_size=SEEK_READ_AHEAD) as f:
+            yield f
+        return
     with fsspec.open(url, "rb") as f:
         yield f
 
@@ -354,7 +365,7 @@ def iter_tar_runs(url: str, runs: list[tuple[int, int]], expected_sha256: str | 
     """The samples of ``runs`` = [(byte offset of a sample's first member, number of consecutive samples)]
     of one tar, seeking to each run: only those samples' bytes are read (with ``expected_sha256``, the
     whole shard once per process, to check it: :func:`_open_shard`)."""
-    with _open_shard(url, expected_sha256) as f:
+    with _open_shard(url, expected_sha256, seeking=True) as f:
         for offset, n in runs:
             f.seek(offset)
             for i, s in enumerate(_samples(f, url)):
