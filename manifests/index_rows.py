@@ -1,7 +1,7 @@
 """The rows of ``index.parquet``: every written sample's key -> dataset, shard, the shard's sha256,
 the sample's byte offset, frame count, static/dynamic flag, scene and split.
 
-They follow from the ledger (each done shard's ``samples`` and ``sha256``) and the plan (each
+They follow from the ledger (each done shard's ``samples``, ``sha256`` and ``fingerprint``) and the plan (each
 clip's scene; the split by scene, :mod:`pipeline.split`). A build writes them when it ends; the
 training loader computes the same rows itself from an output that has none (its driver stopped
 before writing the index), so that held-out scenes stay held out either way.
@@ -13,7 +13,7 @@ from manifests.store import ManifestStore
 from pipeline.split import TRAIN, split_of_clips
 
 #: the ledger columns the rows are made from
-LEDGER_COLUMNS = ("samples", "sha256")
+LEDGER_COLUMNS = ("samples", "sha256", "fingerprint")
 
 
 def index_rows(
@@ -36,6 +36,7 @@ def index_rows(
                     "shard_id": sh["shard_id"],
                     "shard_path": sh["path"],
                     "shard_sha256": ev.get("sha256"),
+                    "shard_fingerprint": ev.get("fingerprint"),
                     "offset": offset,
                     "num_frames": num_frames,
                     "dynamic": dynamic,

@@ -69,6 +69,7 @@ INDEX_SCHEMA = pa.schema(
         ("shard_id", pa.string()),
         ("shard_path", pa.string()),
         ("shard_sha256", pa.string()),  # of the whole shard; the training loader checks it before use
+        ("shard_fingerprint", pa.string()),  # the stored object's identity when it was published
         ("offset", pa.int64()),  # byte offset of the sample's first tar member header
         ("num_frames", pa.int64()),
         ("dynamic", pa.bool_()),

@@ -129,3 +129,28 @@ def test_a_latest_pointer_leaving_the_checkpoint_folder_is_refused(tmp_path):
         assert "not a checkpoint name" in str(err.value)
     (wd / "ckpt" / "latest").write_text("step-00000012.pt\n")
     assert latest_checkpoint(str(wd)) == str(wd / "ckpt" / "step-00000012.pt")
+
+
+def test_a_shard_as_its_build_published_it_is_trusted_without_hashing(built_once, tmp_path):
+    """The index records each shard's fingerprint at publication (taken after it was hashed): a
+    shard whose stored object still shows it is read without downloading it to hash it again; a
+    copy of the output elsewhere (other inodes) or a rewritten shard is hashed before use."""
+    cfg = make_config("tiny", data={"root": str(built_once)})
+    cat = data_mod.resolve_catalog(cfg.data)
+    urls = cat.shards["tartanair"]
+    assert cat.fingerprints is not None and set(cat.fingerprints) == set(urls)
+    stage = cfg.stages[0].model_copy(update={"num_frames": 4})
+    hashed: list[str] = []
+    real = data_mod._checked_copy
+    data_mod._checked_copy = lambda url, sha: hashed.append(url) or real(url, sha)
+    for u in urls:
+        data_mod._VERIFIED.pop(u, None)
+    try:
+        assert sum(1 for _ in zip(range(6), ShardStream(cfg.data, stage, 0, 4, 1))) == 6 and hashed == []
+        copy = tmp_path / "copy"
+        shutil.copytree(built_once, copy)
+        moved = make_config("tiny", data={"root": str(copy)})
+        assert sum(1 for _ in zip(range(6), ShardStream(moved.data, stage, 0, 4, 1))) == 6
+        assert sorted(set(hashed)) == sorted(data_mod.resolve_catalog(moved.data).shards["tartanair"])
+    finally:
+        data_mod._checked_copy = real

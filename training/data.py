@@ -105,6 +105,9 @@ class Catalog(NamedTuple):
     checksums: dict[str, str] | None = None
     # dataset -> the build's ``datasets.<name>.repeat_weight`` (its recorded config; empty without one)
     repeat: dict[str, float] = {}
+    # shard URL -> the stored object's fingerprint when its build published it (index.parquet's
+    # shard_fingerprint; None: the index has no such column): a shard still showing it is trusted
+    fingerprints: dict[str, str] | None = None
 
 
 def resolve_catalog(cfg: DataConfig, split: str = "train") -> Catalog:
@@ -157,10 +160,13 @@ def _catalog_of_rows(tab: list[dict], root: str, source: str, split: str) -> Cat
     keys = {}
     samples: dict[str, list[SampleRef]] | None = {}
     sums: dict[str, str] | None = {} if tab and "shard_sha256" in tab[0] else None
+    prints: dict[str, str] | None = {} if tab and "shard_fingerprint" in tab[0] else None
     for r in tab:
         url = shard_url(root, r["shard_path"], source)
         if sums is not None and r.get("shard_sha256"):
             sums[url] = r["shard_sha256"]
+        if prints is not None and r.get("shard_fingerprint"):
+            prints[url] = r["shard_fingerprint"]
         if (r.get("split") or "train") != split:
             # kept in ``samples`` (the shard's layout: runs of consecutive samples are read in one
             # go), but not in ``keys``, so no stream ever yields it
@@ -180,7 +186,7 @@ def _catalog_of_rows(tab: list[dict], root: str, source: str, split: str) -> Cat
             samples = None  # an index without per-sample columns: read shards to learn
     if samples is not None:
         samples = {u: sorted(v, key=lambda x: x.offset) for u, v in samples.items()}
-    return Catalog({k: sorted(v) for k, v in sorted(shards.items())}, counts, keys, samples, sums)
+    return Catalog({k: sorted(v) for k, v in sorted(shards.items())}, counts, keys, samples, sums, {}, prints)
 
 
 def _repeat_weights(root: str) -> dict[str, float]:
@@ -327,15 +333,20 @@ SEEK_READ_AHEAD = 1 << 20
 
 
 @contextlib.contextmanager
-def _open_shard(url: str, expected_sha256: str | None = None, seeking: bool = False):
-    """An open shard. With ``expected_sha256``: checked before any sample is used, the first time
-    this process reads it by reading it whole into a local spool (hashed on the way, then read
-    from the spool); later only its fingerprint is compared with the one it had when checked.
-    ``seeking``: the reader jumps to samples' offsets, so a small read-ahead."""
+def _open_shard(url: str, expected_sha256: str | None = None, seeking: bool = False, published: str | None = None):
+    """An open shard. With ``expected_sha256``: checked before any sample is used. A shard whose
+    stored object still has the fingerprint ``published`` (the one its build recorded when it
+    published the shard, after hashing it) is trusted as ``d4s resume`` trusts it, one metadata
+    request; otherwise the first time this process reads it, it is read whole into a local spool
+    (hashed on the way, then read from the spool), and later only its fingerprint is compared
+    with the one it had when checked. ``seeking``: the reader jumps to samples' offsets, so a
+    small read-ahead."""
     import fsspec
 
     if expected_sha256:
         fp = _fingerprint(url)
+        if fp is not None and published is not None and fp == published:
+            _VERIFIED[url] = fp
         if fp is None or _VERIFIED.get(url) != fp:
             spool = _checked_copy(url, expected_sha256)
             try:
@@ -354,18 +365,22 @@ def _open_shard(url: str, expected_sha256: str | None = None, seeking: bool = Fa
         yield f
 
 
-def iter_tar(url: str, expected_sha256: str | None = None) -> Iterator[dict]:
+def iter_tar(url: str, expected_sha256: str | None = None, published: str | None = None) -> Iterator[dict]:
     """Raw WebDataset samples of one tar: consecutive members grouped by key (name up to the first dot).
-    With ``expected_sha256`` the shard is checked first (:func:`_open_shard`), and refused on a mismatch."""
-    with _open_shard(url, expected_sha256) as f:
+    With ``expected_sha256`` the shard is checked first (:func:`_open_shard`; ``published``: its
+    fingerprint at publication), and refused on a mismatch."""
+    with _open_shard(url, expected_sha256, published=published) as f:
         yield from _samples(f, url)
 
 
-def iter_tar_runs(url: str, runs: list[tuple[int, int]], expected_sha256: str | None = None) -> Iterator[dict]:
+def iter_tar_runs(
+    url: str, runs: list[tuple[int, int]], expected_sha256: str | None = None, published: str | None = None
+) -> Iterator[dict]:
     """The samples of ``runs`` = [(byte offset of a sample's first member, number of consecutive samples)]
     of one tar, seeking to each run: only those samples' bytes are read (with ``expected_sha256``, the
-    whole shard once per process, to check it: :func:`_open_shard`)."""
-    with _open_shard(url, expected_sha256, seeking=True) as f:
+    whole shard once per process, to check it, unless it is the object its build published:
+    :func:`_open_shard`)."""
+    with _open_shard(url, expected_sha256, seeking=True, published=published) as f:
         for offset, n in runs:
             f.seek(offset)
             for i, s in enumerate(_samples(f, url)):
@@ -439,11 +454,13 @@ class DatasetStream:
         samples: dict[str, list[SampleRef]] | None = None,
         accept_ref: Callable[[SampleRef], bool] | None = None,
         checksums: dict[str, str] | None = None,
+        fingerprints: dict[str, str] | None = None,
     ):
         self.name, self.shards, self.part, self.n_parts = name, shards, part, n_parts
         self.seed, self.buf_size, self.accept, self.keys = seed, shuffle_buffer, accept, keys
         self.samples, self.accept_ref = samples, accept_ref or (lambda r: True)
         self.checksums = checksums or {}  # shard URL -> recorded sha256, checked before the shard is used
+        self.fingerprints = fingerprints or {}  # shard URL -> the object's fingerprint when published
         self._accepted: list[tuple[str, int]] | None = None  # no index: (shard, position) of accepted samples
 
     def _epoch(self, e: int) -> Iterator[dict]:
@@ -502,7 +519,7 @@ class DatasetStream:
 
     def _listed(self, url: str) -> Iterator[dict]:
         """The shard's samples; with an index, only those it lists for this dataset and split."""
-        for s in iter_tar(url, self.checksums.get(url)):
+        for s in iter_tar(url, self.checksums.get(url), self.fingerprints.get(url)):
             if self.keys and self.keys.get(s["__key__"]) != self.name:
                 continue
             yield s
@@ -549,7 +566,7 @@ class DatasetStream:
                     runs.append((r.offset, 1))
                 prev = i
             keys = {r.key for _, r in items}
-            for s in iter_tar_runs(url, runs, self.checksums.get(url)):
+            for s in iter_tar_runs(url, runs, self.checksums.get(url), self.fingerprints.get(url)):
                 if s["__key__"] not in keys:
                     raise ValueError(
                         f"{url}: sample {s['__key__']!r} at an offset index.parquet gives to "
@@ -772,6 +789,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     self.catalog.samples,
                     self.accept_ref,
                     self.checksums,
+                    self.catalog.fingerprints,
                 )
             )
             for ds in weights

@@ -86,7 +86,7 @@ def load_clips(source: DataConfig, split: str, limit: int | None) -> list[RawCli
     for key in order:
         if key in where:
             url, ref = where[key]
-            got = list(iter_tar_runs(url, [(ref.offset, 1)], sums.get(url)))
+            got = list(iter_tar_runs(url, [(ref.offset, 1)], sums.get(url), (cat.fingerprints or {}).get(url)))
             if not got:
                 raise ShardReadError(f"{url}: no sample at byte {ref.offset}, where index.parquet puts {key!r}")
             (s,) = got
