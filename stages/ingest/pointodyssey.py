@@ -25,6 +25,7 @@ npz member when possible instead of loading the whole file for every clip.
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import re
 import struct
@@ -188,7 +189,12 @@ class PointOdysseyAdapter(DatasetAdapter):
         try:
             # a small read-ahead: on an object store each read then fetches about what it asks for
             # (s3fs's default, 50 MiB per miss, fetched most of the file for a clip's few rows)
-            with self.store.open(rel, "rb", block_size=DISCOVERY_BLOCK) as f, zipfile.ZipFile(f) as zf:
+            with (
+                contextlib.ExitStack() as later,
+                self.store.open(rel, "rb", block_size=DISCOVERY_BLOCK) as f,
+                zipfile.ZipFile(f) as zf,
+            ):
+                whole = None  # for members read whole: the file again, with the large read-ahead
                 members = {posixpath.splitext(n)[0]: n for n in zf.namelist()}
                 keys = ANNO_KEYS
                 if "trajs_3d" in members and _is_empty(*self._member_header(zf, members["trajs_3d"])):
@@ -198,8 +204,11 @@ class PointOdysseyAdapter(DatasetAdapter):
                         raise ClipError(f"anno.npz has no {key!r} array (has {sorted(members)})", self.where(rel))
                     arr, t = self._member_rows(f, zf, members[key], frames, rel, key)
                     if arr is None:  # compressed: the member is read whole, with a large read-ahead
-                        with self.store.open(rel, "rb") as whole, zipfile.ZipFile(whole) as wz:
-                            arr, t = self._whole_member(wz, members[key], frames, rel, key)
+                        if whole is None:
+                            whole = later.enter_context(
+                                zipfile.ZipFile(later.enter_context(self.store.open(rel, "rb")))
+                            )
+                        arr, t = self._whole_member(whole, members[key], frames, rel, key)
                     out[key], lengths[key] = arr, t
         except ClipError:
             raise
