@@ -113,6 +113,15 @@ class LocalS3:
     def put(self, key: str, data: bytes) -> None:
         self.client().put_object(Bucket=self.bucket, Key=key, Body=data)
 
+    def put_tree(self, root, prefix: str) -> str:
+        """Every file under the local folder ``root`` as ``prefix/<its path>``; the prefix's URL."""
+        from pathlib import Path
+
+        for p in sorted(Path(root).rglob("*")):
+            if p.is_file():
+                self.put(f"{prefix}/{p.relative_to(root).as_posix()}", p.read_bytes())
+        return self.url(prefix)
+
     def delete(self, key: str) -> None:
         self.client().delete_object(Bucket=self.bucket, Key=key)
 

@@ -390,10 +390,7 @@ def _bigger_scene(written, tmp_path, reps_t: int = 6, reps_n: int = 96, compress
 
 
 def _to_s3(s3_env, root, prefix):
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            s3_env.put(f"{prefix}/{p.relative_to(root).as_posix()}", p.read_bytes())
-    return get_adapter("pointodyssey", s3_env.url(prefix), {"max_tracks": 100_000})
+    return get_adapter("pointodyssey", s3_env.put_tree(root, prefix), {"max_tracks": 100_000})
 
 
 def _same_clip(a, b):

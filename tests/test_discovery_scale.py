@@ -146,12 +146,10 @@ def test_folder_level_discovery_on_s3_finds_what_it_finds_locally(s3_env, s3_tra
     root = tmp_path / dataset
     if dataset == "tartanair":
         shutil.copytree(root / "demoenv0" / "Easy" / "P000", root / "demoenv7" / "demoenv7" / "Hard" / "P007")
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            s3_env.put(f"{dataset}/{p.relative_to(root).as_posix()}", p.read_bytes())
+    url = s3_env.put_tree(root, dataset)
     local = get_adapter(dataset, str(root)).discover()
     s3_traffic["requests"] = 0
-    remote = get_adapter(dataset, s3_env.url(dataset)).discover()
+    remote = get_adapter(dataset, url).discover()
     assert [(s.scene, s.num_frames, s.problem) for s in remote] == [(s.scene, s.num_frames, s.problem) for s in local]
     assert len(local) == (3 if dataset == "tartanair" else 2) and not any(s.problem for s in local)
     assert s3_traffic["requests"] < 60, s3_traffic["requests"]

@@ -37,10 +37,7 @@ def _meta(dataset: str, scene: str, frames: list[int], real: bool = False) -> Cl
 
 
 def _upload(s3_env, root: Path, prefix: str) -> str:
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.name.startswith("."):
-            s3_env.put(f"{prefix}/{p.relative_to(root).as_posix()}", p.read_bytes())
-    return s3_env.url(prefix)
+    return s3_env.put_tree(root, prefix)
 
 
 def _reencode_with_filler(path: Path, keep: range, total: int, seed: int = 0) -> None:
